@@ -1,0 +1,134 @@
+"""Reference-counted paged KV blocks: fork shares, append copies on write, free returns.
+
+A beam's KV lives in fixed-size blocks listed in its BlockTable. Forking a beam shares every
+block (refcount + 1) and copies nothing. The only block a beam ever writes is the one holding
+its next position; if that block is shared (a fork happened after it was partly filled), it
+is copied first, and the (src, dst) pair is handed to the caller, who copies all such blocks
+in one batched kernel before the forward that writes them.
+"""
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+class OutOfBlocks(RuntimeError):
+    """Raised when an append needs more free blocks than there are; callers reserve first."""
+
+
+@dataclass
+class BlockTable:
+    """The blocks of one beam in one KV pool and how many token positions are filled."""
+
+    blocks: list[int] = field(default_factory=list)
+    num_tokens: int = 0
+
+
+class BlockManager:
+
+    def __init__(self, num_blocks: int, block_size: int = 16):
+        assert num_blocks > 0 and block_size > 0
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.refcount = [0] * num_blocks
+        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.peak_used = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_blocks)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self.free_blocks)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def new_table(self) -> BlockTable:
+        return BlockTable()
+
+    def _take(self) -> int:
+        if not self.free_blocks:
+            raise OutOfBlocks(f"all {self.num_blocks} KV blocks are in use")
+        block = self.free_blocks.popleft()
+        assert self.refcount[block] == 0
+        self.refcount[block] = 1
+        used = self.num_blocks - len(self.free_blocks)
+        if used > self.peak_used:
+            self.peak_used = used
+        return block
+
+    def _release(self, block: int):
+        assert self.refcount[block] > 0, f"block {block} released more often than taken"
+        self.refcount[block] -= 1
+        if self.refcount[block] == 0:
+            self.free_blocks.append(block)
+
+    def blocks_needed(self, table: BlockTable, num_new_tokens: int) -> int:
+        """Free blocks an append of num_new_tokens would take (new blocks plus a copy-on-write)."""
+        new_total = table.num_tokens + num_new_tokens
+        needed = self.blocks_for(new_total) - len(table.blocks)
+        if num_new_tokens > 0 and table.num_tokens % self.block_size != 0:
+            last = table.blocks[table.num_tokens // self.block_size]
+            if self.refcount[last] > 1:
+                needed += 1
+        return max(needed, 0)
+
+    def append(self, table: BlockTable, num_new_tokens: int) -> list[tuple[int, int]]:
+        """Make room for num_new_tokens more positions; returns copy-on-write (src, dst) pairs.
+
+        The caller must copy each src block to dst (all layers) before writing the new tokens.
+        """
+        if num_new_tokens <= 0:
+            return []
+        if self.blocks_needed(table, num_new_tokens) > self.num_free:
+            raise OutOfBlocks(
+                f"append of {num_new_tokens} tokens needs {self.blocks_needed(table, num_new_tokens)} "
+                f"blocks, {self.num_free} free")
+        copies = []
+        # Blocks past num_tokens may exist after a truncate; only the partly filled one is written.
+        first_written = table.num_tokens // self.block_size
+        if table.num_tokens % self.block_size != 0:
+            src = table.blocks[first_written]
+            if self.refcount[src] > 1:
+                dst = self._take()
+                self._release(src)
+                table.blocks[first_written] = dst
+                copies.append((src, dst))
+        table.num_tokens += num_new_tokens
+        while len(table.blocks) < self.blocks_for(table.num_tokens):
+            table.blocks.append(self._take())
+        return copies
+
+    def fork(self, table: BlockTable) -> BlockTable:
+        for block in table.blocks:
+            assert self.refcount[block] > 0
+            self.refcount[block] += 1
+        return BlockTable(list(table.blocks), table.num_tokens)
+
+    def truncate(self, table: BlockTable, num_tokens: int):
+        """Roll the table back to its first num_tokens positions, releasing blocks past them."""
+        assert 0 <= num_tokens <= table.num_tokens
+        keep = self.blocks_for(num_tokens)
+        for block in table.blocks[keep:]:
+            self._release(block)
+        del table.blocks[keep:]
+        table.num_tokens = num_tokens
+
+    def free(self, table: BlockTable):
+        for block in table.blocks:
+            self._release(block)
+        table.blocks.clear()
+        table.num_tokens = 0
+
+    def slots(self, table: BlockTable, start: int, end: int) -> list[int]:
+        """Cache slot of each position in [start, end) (positions must already be appended)."""
+        assert 0 <= start <= end <= table.num_tokens
+        bs = self.block_size
+        return [table.blocks[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def check_all_free(self):
+        """The end-of-request invariant: nothing is held, no count went negative."""
+        assert all(c == 0 for c in self.refcount), "KV blocks still referenced"
+        assert len(self.free_blocks) == self.num_blocks
+        assert len(set(self.free_blocks)) == self.num_blocks, "a block is on the free list twice"
