@@ -1,0 +1,64 @@
+"""Tiny random models with real (trained on the spot) BPE tokenizers, for fast engine tests."""
+
+import copy
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+CORPUS = [
+    "I really liked this movie, the acting was great and the plot was fun.",
+    "This film was a waste of time. The story made no sense at all!",
+    "The plot of this film is simple, but the characters are wonderful.",
+    "What a beautiful, moving and funny picture; I loved every minute.",
+    "Terrible dialogue, bad actors, boring scenes and an awful ending.",
+    "An emoji 🎬 and some CJK 电影 text, with  double  spaces and\nnew lines.",
+] * 4
+
+
+def make_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with <bos>/<eos>, trained on CORPUS (deterministic)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<bos>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    from tokenizers.processors import TemplateProcessing
+    tok.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>")
+
+
+def tiny_llama(vocab_size: int, seed: int, layers: int = 2, hidden: int = 64,
+               sliding_window: int | None = None):
+    torch.manual_seed(seed)
+    cfg = transformers.MistralConfig(
+        num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+        max_position_embeddings=512, sliding_window=sliding_window, bos_token_id=0,
+        eos_token_id=1, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    # Random init gives near-uniform logits; sharpen them so samples and rewards differ.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.generation_config.eos_token_id = 1
+    return model
+
+
+def clone(model):
+    twin = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), dtype=torch.float32).eval()
+    twin.load_state_dict(model.state_dict())
+    twin.generation_config = copy.deepcopy(model.generation_config)
+    return twin
+
+
+def tuned_from(model, seed: int, scale: float = 0.05):
+    """A 'tuned' twin: the same model with small random weight changes."""
+    twin = clone(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * p.std().clamp_min(1e-3))
+    return twin

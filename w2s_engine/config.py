@@ -1,0 +1,29 @@
+"""EngineConfig: memory, precision and batching settings of one Engine."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EngineConfig:
+    device: str | None = None           # None: cuda when available, else cpu
+    dtype: torch.dtype | None = None    # None: bfloat16 on cuda, float32 on cpu
+    block_size: int = 16                # CBS forks every few tokens: small pages waste little
+    num_kv_blocks: int | None = None    # blocks per KV pool; None: from the memory budget
+    kv_cache_memory_fraction: float = 0.85   # of free device memory after loading (cuda)
+    kv_cache_memory_bytes: int | None = None # explicit budget for all pools together
+    cpu_kv_cache_bytes: int = 2 << 30   # default budget on cpu
+    max_batch_tokens: int = 8192        # cap on new tokens in one prefill / scoring forward
+    max_waiting: int | None = None      # queue bound (the server answers 429 past it)
+    small_special_tokens: bool = False  # add BOS etc. to the small models' prompts
+    progress: bool = True               # tqdm bar for a list of prompts
+
+    def resolve(self) -> "EngineConfig":
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.dtype is None:
+            self.dtype = torch.bfloat16 if str(self.device).startswith("cuda") else torch.float32
+        assert self.block_size > 0 and self.block_size & (self.block_size - 1) == 0, \
+            "block_size must be a power of two"
+        return self

@@ -1,0 +1,495 @@
+"""Engine: loads the three models, owns their KV pools, and runs many searches at once.
+
+One step of the engine loop:
+1. admit waiting requests whose worst-case KV fits, prefill each prompt once per model, and
+   fork the root into W*K children;
+2. decode one token for every live beam of every request in one batched large-model forward
+   (EFT beams also step both small models), and sample all of them in one kernel call;
+3. score every chunk that just completed, all requests together, in one forward per small
+   model (search/scorer.py), then select survivors, free losers and fork the next chunk.
+"""
+
+import random
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from w2s_engine.cache.block_manager import BlockManager
+from w2s_engine.config import EngineConfig
+from w2s_engine.kernels.sampling import sample
+from w2s_engine.models.attention import ATTN_IMPLEMENTATION
+from w2s_engine.models.runner import ModelRunner, ModelShape
+from w2s_engine.outputs import SearchResult
+from w2s_engine.params import SearchParams
+from w2s_engine.search.prompts import SmallPrompt, encode, parse_templates
+from w2s_engine.search.request import KVSpace, SearchRequest
+from w2s_engine.search.scorer import SmallStream, StreamUpdate
+from w2s_engine.sequence import Beam, SmallState
+
+
+class SearchError(RuntimeError):
+    """A request failed while running; the engine and the other requests went on."""
+
+
+@dataclass
+class _Model:
+    model: object
+    tokenizer: object
+    spec: str
+
+
+def _load(spec, config: EngineConfig, role: str, cache: dict) -> _Model:
+    if isinstance(spec, tuple):
+        model, tokenizer = spec
+        return _Model(model.to(config.device), tokenizer, type(model).__name__)
+    if hasattr(spec, "model") and hasattr(spec, "tokenizer"):  # a LoadedModel
+        return _Model(spec.model.to(config.device), spec.tokenizer, getattr(spec, "spec", role))
+    if not isinstance(spec, str):
+        raise TypeError(f"{role}={spec!r}: pass a model spec string (bundled name, directory, "
+                        "GGUF file, LoRA adapter dir) or a (model, tokenizer) pair")
+    if spec not in cache:
+        from w2s_engine.models.loader import load_model
+        loaded = load_model(spec, dtype=config.dtype, device=config.device,
+                            attn_implementation=ATTN_IMPLEMENTATION)
+        cache[spec] = _Model(loaded.model, loaded.tokenizer, spec)
+    return cache[spec]
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    for value in (eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    return ids
+
+
+class Engine:
+
+    def __init__(self, large, tuned=None, untuned=None, templates: dict | None = None,
+                 chat: bool = False, config: EngineConfig | None = None, **overrides):
+        self.config = config = (config or EngineConfig(**overrides)).resolve()
+        loaded = {}
+        self.models = {"large": _load(large, config, "large", loaded)}
+        if (tuned is None) != (untuned is None):
+            raise ValueError("pass both tuned and untuned small models, or neither (base only)")
+        if tuned is not None:
+            self.models["tuned"] = _load(tuned, config, "tuned", loaded)
+            self.models["untuned"] = _load(untuned, config, "untuned", loaded)
+        self.templates = parse_templates(templates, chat)
+        self.has_small = tuned is not None
+
+        num_blocks = self._num_blocks()
+        self.runners = {role: ModelRunner(m.model, num_blocks, config.block_size)
+                        for role, m in self.models.items()}
+        self.large_tokenizer = self.models["large"].tokenizer
+        self.large_eos = _eos_ids(self.models["large"].model, self.large_tokenizer)
+        self.large_blocks = BlockManager(num_blocks, config.block_size)
+
+        # Small streams: one when both small models read the same tokens, else one each.
+        self.streams: list[SmallStream] = []
+        self.stream_roles: list[tuple[str, ...]] = []
+        if self.has_small:
+            t, u = self.models["tuned"], self.models["untuned"]
+            same = (t.tokenizer.get_vocab() == u.tokenizer.get_vocab()
+                    and self.templates["tuned"] == self.templates["untuned"])
+            groups = [("tuned", "untuned")] if same else [("tuned",), ("untuned",)]
+            for roles in groups:
+                tok = self.models[roles[0]].tokenizer
+                self.streams.append(SmallStream({r: self.runners[r] for r in roles},
+                                                BlockManager(num_blocks, config.block_size),
+                                                tok.eos_token_id))
+                self.stream_roles.append(roles)
+            large_vocab = self.large_tokenizer.get_vocab()
+            # Shared vocabulary: the sampled ids are scored as they are.
+            self.shared_vocab = all(self.models[r[0]].tokenizer.get_vocab() == large_vocab
+                                    for r in self.stream_roles)
+            self.eft_ok = (t.tokenizer.get_vocab() == u.tokenizer.get_vocab() == large_vocab)
+        else:
+            self.shared_vocab = self.eft_ok = False
+        self.kv = KVSpace(self.large_blocks, [s.blocks for s in self.streams])
+        self.reserved = {"large": 0, **{i: 0 for i in range(len(self.streams))}}
+
+        self.waiting: deque[SearchRequest] = deque()
+        self.running: list[SearchRequest] = []
+        self.next_request_id = 0
+        self.total = {"requests": 0, "failed": 0,
+                      "tokens": {role: 0 for role in self.runners}}
+
+    # ---- memory --------------------------------------------------------------------------
+
+    def _num_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        per_block = sum(ModelShape.of(m.model).kv_bytes_per_block(cfg.block_size, cfg.dtype)
+                        for m in self.models.values())
+        if cfg.kv_cache_memory_bytes is not None:
+            budget = cfg.kv_cache_memory_bytes
+        elif str(cfg.device).startswith("cuda"):
+            free, _ = torch.cuda.mem_get_info(torch.device(cfg.device))
+            budget = int(free * cfg.kv_cache_memory_fraction)
+        else:
+            budget = cfg.cpu_kv_cache_bytes
+        num_blocks = budget // per_block
+        if num_blocks < 4:
+            raise ValueError(f"a KV budget of {budget} bytes holds {num_blocks} blocks of "
+                             f"{per_block} bytes: raise kv_cache_memory_bytes or num_kv_blocks")
+        return num_blocks
+
+    def _reservation(self, req: SearchRequest) -> dict:
+        """Worst-case blocks per pool: the prompt once, plus every candidate's own response."""
+        p = req.params
+        bs = self.config.block_size
+        per_beam = -(-p.max_new_tokens // bs) + 1  # +1: copy of the shared partial prompt block
+        need = {"large": -(-len(req.large_prompt_ids) // bs) + p.w * p.k * per_beam}
+        for i, sp in enumerate(req.small_prompts):
+            # A re-tokenized response can be longer than the large model's tokens.
+            small_len = p.max_new_tokens if self.shared_vocab else 4 * p.max_new_tokens + 8
+            need[i] = -(-len(sp.ids) // bs) + 1 + p.w * p.k * (-(-small_len // bs) + 1)
+        return need
+
+    def _fits(self, need: dict) -> bool:
+        return all(self.reserved[k] + v <= self.large_blocks.num_blocks for k, v in need.items())
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def make_request(self, prompt: str, params: SearchParams) -> SearchRequest:
+        """Validate and tokenize one request (raises ValueError saying what to change)."""
+        params = params.copy()
+        params.validate()
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"prompt {prompt!r}: must be a non-empty string")
+        if params.uses_small_models and not self.has_small:
+            raise ValueError(f"method={params.method!r} needs tuned and untuned small models: "
+                             "pass them to Engine(...), or use SearchParams.base()")
+        if params.method == "eft" and not self.eft_ok:
+            raise ValueError("method='eft' needs the large, tuned and untuned models to share one "
+                             "vocabulary; these do not: use cbs or best_of_n")
+        large_text = self.templates["large"].apply(self.large_tokenizer, prompt)
+        large_ids = encode(self.large_tokenizer, large_text, special=not self.templates["large"].chat)
+        self._check_context("large", len(large_ids), params.max_new_tokens)
+        small_prompts = []
+        if params.uses_small_models:
+            for roles in self.stream_roles:
+                tok = self.models[roles[0]].tokenizer
+                sp = SmallPrompt.make(tok, self.templates[roles[0]], prompt,
+                                      self.config.small_special_tokens)
+                if not sp.ids:
+                    raise ValueError(f"the {roles[0]} model's templated prompt is empty: give the "
+                                     "small template some text or turn small_special_tokens on")
+                for r in roles:
+                    self._check_context(r, len(sp.ids), params.max_new_tokens)
+                small_prompts.append(sp)
+        seed = params.seed if params.seed is not None else random.getrandbits(62)
+        req = SearchRequest(self.next_request_id, prompt, params, seed, large_ids, small_prompts)
+        req.reserved = self._reservation(req)
+        capacity = self.large_blocks.num_blocks
+        if any(v > capacity for v in req.reserved.values()):
+            raise ValueError(
+                f"request needs up to {max(req.reserved.values())} KV blocks in one pool, which "
+                f"holds {capacity}: lower w*k ({params.w}*{params.k}) or max_new_tokens "
+                f"({params.max_new_tokens}), or give the engine more KV memory")
+        self.next_request_id += 1
+        return req
+
+    def _check_context(self, role: str, prompt_len: int, max_new: int):
+        limit = self.runners[role].shape.max_positions
+        if limit is not None and prompt_len + max_new > limit:
+            raise ValueError(f"the {role} model's context is {limit} tokens; the prompt has "
+                             f"{prompt_len} and max_new_tokens is {max_new}: shorten the prompt "
+                             "or lower max_new_tokens")
+
+    def add_request(self, prompt: str, params: SearchParams) -> SearchRequest:
+        req = self.make_request(prompt, params)
+        return self.enqueue(req)
+
+    def enqueue(self, req: SearchRequest) -> SearchRequest:
+        if self.config.max_waiting is not None and len(self.waiting) >= self.config.max_waiting:
+            raise OverflowError(f"the queue holds {len(self.waiting)} requests: try again later")
+        self.waiting.append(req)
+        self.total["requests"] += 1
+        return req
+
+    def cancel(self, req: SearchRequest):
+        """Drop a request wherever it is; its blocks return to the pools."""
+        if req in self.waiting:
+            self.waiting.remove(req)
+        elif req in self.running:
+            self._fail(req, "cancelled", count=False)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def step(self) -> list[SearchRequest]:
+        """One engine step; returns the requests that ended (done or failed) in it."""
+        ended = []
+        self._admit()
+        self._decode()
+        ready = [r for r in self.running if r.chunk_complete]
+        if ready:
+            self._score(ready)
+            for r in ready:
+                if r.status == "failed":
+                    continue
+                if r.select(self.kv):
+                    r.finish(self._decode_text)
+                    self._release(r)
+        for r in list(self.running):
+            if r.status in ("done", "failed"):
+                self.running.remove(r)
+                ended.append(r)
+        return ended
+
+    def _admit(self):
+        admitted, tokens = [], 0
+        while self.waiting:
+            req = self.waiting[0]
+            if not self._fits(req.reserved):
+                if not self.running and not admitted:  # cannot happen: make_request checked
+                    raise RuntimeError("an admitted-size request does not fit an empty engine")
+                break
+            n = len(req.large_prompt_ids)
+            if admitted and tokens + n > self.config.max_batch_tokens:
+                break
+            self.waiting.popleft()
+            for k, v in req.reserved.items():
+                self.reserved[k] += v
+            admitted.append(req)
+            tokens += n
+        if not admitted:
+            return
+        for req in admitted:
+            req.root = Beam(beam_id=req.new_beam_id(), large=self.large_blocks.new_table(),
+                            token_ids=[])
+            if req.params.uses_small_models:
+                req.root.small = [SmallState(s.blocks.new_table(), list(sp.ids), len(sp.ids), [], {})
+                                  for s, sp in zip(self.streams, req.small_prompts)]
+            self.running.append(req)
+        # The large model: one forward for all new prompts; keep each prompt's last logits.
+        items = [(r.root.large, r.large_prompt_ids) for r in admitted]
+        for table, ids in items:
+            self.large_blocks.append(table, len(ids))
+        runner = self.runners["large"]
+        hidden, cu = runner.run(items)
+        last = runner.compute_logits(hidden[(cu[1:] - 1).long()])
+        for i, r in enumerate(admitted):
+            r.root_logits = last[i]
+            r.stats.tokens_forwarded["large"] = len(r.large_prompt_ids)
+        for si, stream in enumerate(self.streams):
+            using = [r for r in admitted if r.params.uses_small_models]
+            if using:
+                stream.prefill([r.root.small[si] for r in using])
+                for r in using:
+                    for role in self.stream_roles[si]:
+                        r.stats.tokens_forwarded[role] = len(r.small_prompts[si].ids)
+        for r in admitted:
+            r.start(self.kv)
+
+    def _decode(self):
+        work = [(r, b) for r in self.running if r.status == "running" for b in r.generating]
+        if not work:
+            return
+        fed = [(r, b) for r, b in work if b.token_ids]
+        rows = []
+        if fed:
+            copies = []
+            for _, b in fed:
+                copies += self.large_blocks.append(b.large, 1)
+            runner = self.runners["large"]
+            runner.copy_blocks(copies)
+            hidden, _ = runner.run([(b.large, b.token_ids[-1:]) for _, b in fed])
+            logits = runner.compute_logits(hidden)
+            for r, _ in fed:
+                r.stats.tokens_forwarded["large"] += 1
+            eft = [i for i, (r, _) in enumerate(fed) if r.params.method == "eft"]
+            if eft:
+                logits = self._eft_logits(logits, [fed[i] for i in eft], eft)
+            rows.append(logits)
+        first = [(r, b) for r, b in work if not b.token_ids]
+        if first:
+            # Beams with no token yet sample from their root's prompt logits: no forward.
+            logits = torch.stack([r.root_logits for r, _ in first])
+            eft = [i for i, (r, _) in enumerate(first) if r.params.method == "eft"]
+            if eft:
+                logits = self._eft_logits(logits, [first[i] for i in eft], eft)
+            rows.append(logits)
+        order = fed + first
+        logits = torch.cat(rows) if len(rows) > 1 else rows[0]
+        dev = logits.device
+        params = [r.params for r, _ in order]
+        tokens = sample(
+            logits,
+            torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev),
+            torch.tensor([p.top_k for p in params], dtype=torch.int32, device=dev),
+            torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
+            torch.tensor([r.beam_seed(b) for r, b in order], dtype=torch.int64, device=dev),
+            torch.tensor([len(b.token_ids) for _, b in order], dtype=torch.int64, device=dev),
+        ).tolist()
+        for (r, b), tok in zip(order, tokens):
+            r.record_token(b, tok, self.large_eos, self._decode_text)
+
+    def _eft_logits(self, logits, items, rows):
+        """logits_large + beta * (logits_tuned - logits_untuned) for EFT beams (rows of logits)."""
+        raise NotImplementedError("eft")
+
+    def _score(self, ready: list[SearchRequest]):
+        scoring = [r for r in ready if r.params.uses_small_models and r.params.method != "eft"]
+        for r in ready:
+            # The moment of peak KV for a request: every candidate holds its full chunk.
+            self._record_peak(r)
+        if not scoring:
+            return
+        per_stream = [[] for _ in self.streams]
+        owners = []
+        for r in scoring:
+            try:
+                ups = []
+                for b in r.beams:
+                    if b.chunk_tokens == 0:
+                        continue  # a finished survivor carried from the last chunk
+                    for si, sp in enumerate(r.small_prompts):
+                        if self.shared_vocab:
+                            full, start = sp.ids + b.token_ids, len(sp.ids)
+                        else:
+                            text = self._decode_text(b.token_ids)
+                            if b.stop_text_len is not None:
+                                text = text[:b.stop_text_len]
+                            full, start = sp.full_ids(text)
+                            if start == 0:
+                                raise ValueError("the small tokenization of prompt + response "
+                                                 "changed the prompt's first token")
+                        ups.append((si, b, StreamUpdate(b.small[si], full, start,
+                                                        b.finish_reason == "stop")))
+            except Exception as e:  # a bad request fails alone
+                self._fail(r, f"{type(e).__name__}: {e}")
+                continue
+            for si, b, u in ups:
+                per_stream[si].append(u)
+                owners.append((r, b, si, u))
+        for stream, ups in zip(self.streams, per_stream):
+            if ups:
+                stream.update(ups)
+        touched = {}
+        for r, b, si, u in owners:
+            for role in self.stream_roles[si]:
+                r.stats.tokens_forwarded[role] = r.stats.tokens_forwarded.get(role, 0) + u.forwarded
+            r.stats.tokens_scored += u.scored
+            touched.setdefault(id(b), (b, []))[1].append(u)
+        for b, ups in touched.values():
+            b.eos_term = sum(u.eos_term for u in ups)
+            b.reward = sum(sum(s.terms) for s in b.small) + b.eos_term
+
+    def _record_peak(self, r: SearchRequest):
+        beams = r.beams
+        large = {blk for b in beams if b.large is not None for blk in b.large.blocks}
+        peak = r.stats.peak_kv_blocks
+        peak["large"] = max(peak.get("large", 0), len(large))
+        for si, roles in enumerate(self.stream_roles):
+            if r.params.uses_small_models:
+                n = len({blk for b in beams for blk in b.small[si].table.blocks})
+                for role in roles:
+                    peak[role] = max(peak.get(role, 0), n)
+
+    def _release(self, r: SearchRequest):
+        r.free_all(self.kv)
+        for k, v in r.reserved.items():
+            self.reserved[k] -= v
+        r.reserved = {}
+        for role, n in r.stats.tokens_forwarded.items():
+            self.total["tokens"][role] += n
+
+    def _fail(self, r: SearchRequest, message: str, count: bool = True):
+        r.status, r.error = "failed", message
+        self._release(r)
+        if r in self.running:
+            self.running.remove(r)
+        if count:
+            self.total["failed"] += 1
+
+    def _decode_text(self, ids: list[int]) -> str:
+        return self.large_tokenizer.decode(ids, skip_special_tokens=True)
+
+    # ---- the API ---------------------------------------------------------------------------
+
+    def search(self, prompts, params: SearchParams | None = None) -> list[SearchResult]:
+        """Run one search per prompt, all batched together; results in prompt order."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts is empty: pass at least one prompt")
+        params = params or SearchParams()
+        requests = []
+        for i, p in enumerate(prompts):
+            try:
+                requests.append(self.make_request(p, params))
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        for r in requests:
+            self.enqueue(r)
+        bar = tqdm(total=len(requests), desc=f"w2s {params.method}", unit="prompt",
+                   disable=not self.config.progress or len(requests) < 2)
+        pending = set(id(r) for r in requests)
+        try:
+            while pending:
+                for r in self.step():
+                    if id(r) in pending:
+                        pending.discard(id(r))
+                        bar.update(1)
+        except BaseException:
+            for r in requests:
+                self.cancel(r)
+            raise
+        finally:
+            bar.close()
+        failed = [(i, r) for i, r in enumerate(requests) if r.status == "failed"]
+        if failed:
+            i, r = failed[0]
+            raise SearchError(f"prompt {i} failed: {r.error}")
+        return [r.result for r in requests]
+
+    def score(self, prompts, responses, finished=True) -> list[float]:
+        """The implicit reward of given responses (texts, or the small models' token ids)."""
+        if not self.has_small:
+            raise ValueError("score() needs the tuned and untuned small models")
+        if isinstance(prompts, str):
+            prompts, responses = [prompts], [responses]
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        flags = finished if isinstance(finished, (list, tuple)) else [finished] * len(prompts)
+        rewards = []
+        for prompt, response, fin in zip(prompts, responses, flags):
+            total = 0.0
+            for stream, roles in zip(self.streams, self.stream_roles):
+                tok = self.models[roles[0]].tokenizer
+                sp = SmallPrompt.make(tok, self.templates[roles[0]], prompt,
+                                      self.config.small_special_tokens)
+                if isinstance(response, str):
+                    full, start = sp.full_ids(response)
+                else:
+                    full, start = sp.ids + list(response), len(sp.ids)
+                st = SmallState(stream.blocks.new_table(), list(sp.ids), len(sp.ids), [], {})
+                try:
+                    stream.prefill([st])
+                    u = StreamUpdate(st, full, start, bool(fin))
+                    stream.update([u])
+                    total += sum(st.terms) + u.eos_term
+                finally:
+                    stream.blocks.free(st.table)
+            rewards.append(total)
+        return rewards
+
+    def check_all_free(self):
+        """The invariant after every request: every block of every pool is free."""
+        self.large_blocks.check_all_free()
+        for s in self.streams:
+            s.blocks.check_all_free()

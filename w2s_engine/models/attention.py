@@ -1,0 +1,72 @@
+"""The engine's attention function, plugged into transformers models.
+
+transformers owns the model math; the engine owns the memory. We register one attention
+function under ATTN_IMPLEMENTATION; every layer of a model loaded with it calls this with
+q/k/v after RoPE. It writes k/v into the paged pool through the slot mapping and attends
+through the block tables. The batch description travels as the `w2s_batch` keyword of the
+model's forward call, which transformers hands to each attention call unchanged.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from w2s_engine.kernels.kv_cache import store_kv
+from w2s_engine.kernels.paged_attention import paged_decode_attention, paged_extend_attention
+
+ATTN_IMPLEMENTATION = "w2s_paged"
+
+
+@dataclass
+class ForwardBatch:
+    """A packed batch of B sequences, T new tokens in all (prefill, extend and decode mixed)."""
+
+    input_ids: torch.Tensor      # [T] int64
+    positions: torch.Tensor      # [T] int64, position of each new token in its sequence
+    slot_mapping: torch.Tensor   # [T] int64, cache slot each new token's k/v goes to
+    block_tables: torch.Tensor   # [B, max_blocks] int32
+    cu_seqlens_q: torch.Tensor   # [B + 1] int32, new tokens of sequence b: [cu[b], cu[b+1])
+    seq_lens: torch.Tensor       # [B] int32, tokens in cache after this forward
+    max_query_len: int
+    kv_pool: torch.Tensor | None = None  # [layers, 2, blocks, block_size, kv_heads, head_dim]
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_query_len == 1 and self.input_ids.numel() == self.seq_lens.numel()
+
+
+def paged_attention_forward(module, query, key, value, attention_mask, scaling=None,
+                            dropout=0.0, sliding_window=None, softcap=None, w2s_batch=None,
+                            **kwargs):
+    assert w2s_batch is not None, (
+        f"a model loaded with attn_implementation='{ATTN_IMPLEMENTATION}' must be run by the "
+        "engine's ModelRunner")
+    batch: ForwardBatch = w2s_batch
+    # query: [1, Hq, T, D]; key, value: [1, Hkv, T, D] -> [T, H, D]
+    q = query[0].transpose(0, 1)
+    k = key[0].transpose(0, 1)
+    v = value[0].transpose(0, 1)
+    layer = module.layer_idx
+    k_cache, v_cache = batch.kv_pool[layer, 0], batch.kv_pool[layer, 1]
+    store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+    if scaling is None:
+        scaling = q.shape[-1] ** -0.5
+    if batch.is_decode:
+        out, _ = paged_decode_attention(q.contiguous(), k_cache, v_cache, batch.block_tables,
+                                        batch.seq_lens, scaling, sliding_window, softcap)
+    else:
+        out = paged_extend_attention(q.contiguous(), k_cache, v_cache, batch.block_tables,
+                                     batch.cu_seqlens_q, batch.seq_lens, scaling,
+                                     sliding_window, softcap)
+    return out.unsqueeze(0), None  # [1, T, Hq, D], as transformers' own functions return
+
+
+def _no_mask(*args, **kwargs):
+    # Causality and windows come from positions and block tables, not from a dense mask.
+    return None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)

@@ -1,0 +1,40 @@
+"""What a search returns."""
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Hypothesis:
+    text: str
+    token_ids: list[int]          # large-model tokens (EOS excluded)
+    small_token_ids: list[int]    # the small models' response tokens that were scored
+    reward: float | None          # implicit reward log pi_tuned - log pi_untuned (None for base)
+    finished: bool                # ended by EOS or a stop string (not cut by max_new_tokens)
+    finish_reason: str            # "stop" or "length"
+
+
+@dataclass
+class SearchStats:
+    tokens_forwarded: dict[str, int] = field(default_factory=dict)  # per model role
+    tokens_scored: int = 0        # reward terms computed (chunk tokens + EOS terms)
+    tokens_sampled: int = 0       # large-model tokens sampled, over all candidates
+    peak_kv_blocks: dict[str, int] = field(default_factory=dict)    # per model role
+    chunks: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class SearchResult:
+    prompt: str
+    text: str
+    token_ids: list[int]
+    small_token_ids: list[int]
+    reward: float | None
+    finished: bool
+    finish_reason: str
+    hypotheses: list[Hypothesis]  # the W survivors, best first
+    stats: SearchStats
+    trace: list[dict] | None = None   # one entry per selection when SearchParams.trace
+
+    def to_dict(self) -> dict:
+        return asdict(self)

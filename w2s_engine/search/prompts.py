@@ -1,0 +1,79 @@
+"""Prompt templates and the tokenization rules shared by the search and the scorer.
+
+The rules follow the reference implementation, so that both score the same text alike:
+- the large model's templated prompt is tokenized with the tokenizer's special tokens;
+- each small model's templated prompt without them (an engine option turns them on);
+- a small model's response tokens are those of tokenize(templated prompt + response text)
+  from the first position where that differs from tokenize(templated prompt).
+"""
+
+from dataclasses import dataclass
+
+ROLES = ("large", "tuned", "untuned")
+
+
+@dataclass(frozen=True)
+class Template:
+    text: str = "{prompt}"
+    chat: bool = False  # use the tokenizer's chat template (one user turn) instead of `text`
+
+    def apply(self, tokenizer, prompt: str) -> str:
+        if self.chat:
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError(f"chat=True but the tokenizer of {tokenizer.name_or_path!r} has no "
+                                 "chat template: pass a template string with {prompt} instead")
+            return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                 tokenize=False, add_generation_prompt=True)
+        # replace, not format: prompts and templates may hold other braces
+        return self.text.replace("{prompt}", prompt)
+
+
+def parse_templates(templates: dict | None, chat: bool) -> dict[str, Template]:
+    """{'large': ..., 'small': ..., 'tuned': ..., 'untuned': ...} -> a Template per role."""
+    templates = dict(templates or {})
+    unknown = set(templates) - {"large", "small", "tuned", "untuned"}
+    if unknown:
+        raise ValueError(f"templates has unknown keys {sorted(unknown)}: use large, small, tuned, untuned")
+    out = {}
+    for role in ROLES:
+        text = templates.get(role, templates.get("small") if role != "large" else None)
+        if text is None:
+            text = "{prompt}"
+        if not isinstance(text, str) or "{prompt}" not in text:
+            raise ValueError(f"template for {role!r} is {text!r}: it must be a string containing "
+                             "'{prompt}' where the prompt goes")
+        out[role] = Template(text, chat)
+    return out
+
+
+def encode(tokenizer, text: str, special: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass
+class SmallPrompt:
+    """A small model's templated prompt and how response text becomes its tokens."""
+
+    tokenizer: object
+    text: str
+    ids: list[int]
+    special: bool
+
+    @classmethod
+    def make(cls, tokenizer, template: Template, prompt: str, special: bool) -> "SmallPrompt":
+        text = template.apply(tokenizer, prompt)
+        ids = encode(tokenizer, text, special and not template.chat)
+        return cls(tokenizer, text, ids, special and not template.chat)
+
+    def full_ids(self, response_text: str) -> tuple[list[int], int]:
+        """(tokenize(prompt + response), first position where it differs from the prompt's)."""
+        full = encode(self.tokenizer, self.text + response_text, self.special)
+        return full, common_prefix(full, self.ids)

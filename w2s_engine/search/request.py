@@ -1,0 +1,196 @@
+"""SearchRequest: the chunk-level beam search of one prompt, as a state machine.
+
+It owns its beams and their block tables but runs no model: the engine batches the forwards
+of all requests and calls back into here to fork children, record samples and select.
+
+CBS(W, K, L), as DESIGN.md specifies it:
+- the root (the prefilled prompt) is forked into W*K children;
+- every live child samples up to L tokens, then all candidates are scored;
+- the top W survive (ties: lower candidate index first); an unfinished survivor is forked into
+  K children, a finished one is carried once as a final hypothesis; losers are freed at once;
+- the search ends when every survivor is finished (EOS, stop string or max_new_tokens).
+"""
+
+import time
+from dataclasses import dataclass, field
+
+from w2s_engine.cache.block_manager import BlockManager
+from w2s_engine.outputs import Hypothesis, SearchResult, SearchStats
+from w2s_engine.params import SearchParams
+from w2s_engine.sequence import Beam
+
+MASK64 = (1 << 64) - 1
+
+
+def mix_seed(seed: int, beam_id: int) -> int:
+    """splitmix64 of (seed, beam): a beam's noise depends on nothing else."""
+    z = (seed * 0x9E3779B97F4A7C15 + beam_id + 1) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+@dataclass
+class KVSpace:
+    """The block managers a request's beams live in: the large pool and one per small stream."""
+
+    large: BlockManager | None
+    small: list[BlockManager]
+
+
+@dataclass
+class SearchRequest:
+    request_id: int
+    prompt: str
+    params: SearchParams
+    seed: int
+    large_prompt_ids: list[int]
+    small_prompts: list = field(default_factory=list)   # SmallPrompt per small stream
+    reserved: dict = field(default_factory=dict)        # pool name -> blocks reserved
+    status: str = "waiting"      # waiting -> running -> done | failed
+    error: str | None = None
+    root: Beam | None = None
+    root_logits: object = None   # [V] logits after the prompt, shared by the first children
+    beams: list[Beam] = field(default_factory=list)     # the current candidates
+    next_beam_id: int = 0
+    stats: SearchStats = field(default_factory=SearchStats)
+    trace: list[dict] = field(default_factory=list)
+    result: SearchResult | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    # ---- beams -------------------------------------------------------------------------
+
+    def new_beam_id(self) -> int:
+        self.next_beam_id += 1
+        return self.next_beam_id - 1
+
+    def beam_seed(self, beam: Beam) -> int:
+        return mix_seed(self.seed, beam.beam_id)
+
+    def _fork(self, parent: Beam, kv: KVSpace, take_over: bool) -> Beam:
+        """A child with the parent's history; `take_over` hands it the parent's own tables."""
+        if take_over:
+            large, small = parent.large, parent.small
+        else:
+            large = kv.large.fork(parent.large) if parent.large is not None else None
+            small = [s.fork(m) for s, m in zip(parent.small, kv.small)]
+        return Beam(beam_id=self.new_beam_id(), large=large, token_ids=list(parent.token_ids),
+                    small=small, reward=parent.reward, parent_id=parent.beam_id)
+
+    def start(self, kv: KVSpace):
+        """After the prefill: the root becomes W*K children (the root's tables go to the last)."""
+        p = self.params
+        n = p.w * p.k
+        self.beams = [self._fork(self.root, kv, take_over=(i == n - 1)) for i in range(n)]
+        self.status = "running"
+
+    @property
+    def generating(self) -> list[Beam]:
+        """Beams that still sample in this chunk."""
+        L = self.params.chunk_len
+        return [b for b in self.beams if not b.finished and b.chunk_tokens < L]
+
+    @property
+    def chunk_complete(self) -> bool:
+        return self.status == "running" and not self.generating
+
+    def record_token(self, beam: Beam, token: int, eos_ids: set[int], decode) -> None:
+        """Add a sampled token; mark the beam finished on EOS, a stop string or the length cap."""
+        p = self.params
+        beam.chunk_tokens += 1
+        self.stats.tokens_sampled += 1
+        if token in eos_ids and not p.ignore_eos:
+            beam.finished, beam.finish_reason = True, "stop"
+            return
+        beam.token_ids.append(token)
+        if p.stop:
+            text = decode(beam.token_ids)
+            longest = max(len(s) for s in p.stop)
+            tail_from = max(0, len(text) - longest - 16)
+            hits = [i for i in (text.find(s, tail_from) for s in p.stop) if i >= 0]
+            if hits:
+                beam.finished, beam.finish_reason = True, "stop"
+                beam.stop_text_len = min(hits)
+                return
+        if len(beam.token_ids) >= p.max_new_tokens:
+            beam.finished, beam.finish_reason = True, "length"
+
+    # ---- selection ---------------------------------------------------------------------
+
+    def select(self, kv: KVSpace) -> bool:
+        """Keep the top W candidates, free the losers, fork the next chunk. True when done."""
+        p = self.params
+        cands = self.beams
+        if p.method == "base":
+            order = list(range(len(cands)))  # no reward: every sample is a result
+            keep = len(cands)
+        else:
+            order = sorted(range(len(cands)), key=lambda i: (-cands[i].reward, i))
+            keep = p.w
+        survivors = [cands[i] for i in order[:keep]]
+        for i in order[keep:]:
+            self.free_beam(cands[i], kv)
+        self.stats.chunks += 1
+        if p.trace:
+            self.trace.append({
+                "chunk": self.stats.chunks,
+                "candidates": [{"beam_id": b.beam_id, "parent_id": b.parent_id,
+                                "reward": b.reward, "finished": b.finished,
+                                "finish_reason": b.finish_reason,
+                                "num_tokens": len(b.token_ids)} for b in cands],
+                "survivors": [b.beam_id for b in survivors],
+            })
+        if all(b.finished for b in survivors):
+            self.beams = survivors
+            return True
+        nxt = []
+        for b in survivors:
+            if b.finished:
+                nxt.append(b)  # a final hypothesis: carried once, never duplicated
+            else:
+                nxt += [self._fork(b, kv, take_over=(j == p.k - 1)) for j in range(p.k)]
+        for b in nxt:
+            b.chunk_tokens = 0
+        self.beams = nxt
+        return False
+
+    def free_beam(self, beam: Beam, kv: KVSpace):
+        if beam.large is not None and kv.large is not None:
+            kv.large.free(beam.large)
+        for s, m in zip(beam.small, kv.small):
+            m.free(s.table)
+
+    def free_all(self, kv: KVSpace):
+        for b in self.beams:
+            self.free_beam(b, kv)
+        self.beams = []
+        if self.root is not None and self.status == "waiting":
+            self.free_beam(self.root, kv)
+        self.root = None
+        self.root_logits = None
+
+    # ---- result ------------------------------------------------------------------------
+
+    def finish(self, decode) -> SearchResult:
+        scored = self.params.uses_small_models
+        hyps = []
+        for b in self.beams:
+            text = decode(b.token_ids)
+            if b.stop_text_len is not None:
+                text = text[:b.stop_text_len]
+            small_ids = b.small[0].ids[b.small[0].response_start:] if b.small else []
+            hyps.append(Hypothesis(text=text, token_ids=list(b.token_ids),
+                                   small_token_ids=list(small_ids),
+                                   reward=b.reward if scored else None, finished=b.finish_reason == "stop",
+                                   finish_reason=b.finish_reason or "length"))
+        if scored:
+            hyps.sort(key=lambda h: -h.reward)  # stable: ties keep candidate order
+        best = hyps[0]
+        self.stats.seconds = time.perf_counter() - self.started
+        self.result = SearchResult(
+            prompt=self.prompt, text=best.text, token_ids=best.token_ids,
+            small_token_ids=best.small_token_ids, reward=best.reward, finished=best.finished,
+            finish_reason=best.finish_reason, hypotheses=hyps, stats=self.stats,
+            trace=self.trace if self.params.trace else None)
+        self.status = "done"
+        return self.result

@@ -1,0 +1,178 @@
+"""Incremental implicit reward: r(y) = sum_t log pi_tuned(y_t | ...) - log pi_untuned(y_t | ...).
+
+A small stream is one token stream in one KV pool, scored by both small models when they see
+the same tokens (one tokenizer, one template: the usual case) or by one of them otherwise.
+Each update brings a beam's stream to a new full tokenization (prompt + response): the common
+prefix with what is cached stays, a changed tail is rolled back (its stored terms dropped),
+and only new tokens are forwarded, all beams of all requests in one forward per model.
+The logit for a stream's next token comes from the final hidden state of its last cached
+token, kept per beam, so a chunk of n tokens costs n forwarded tokens, and an EOS term costs
+none.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from w2s_engine.cache.block_manager import BlockManager
+from w2s_engine.kernels.chunk_reward import fused_lmhead_chunk_reward
+from w2s_engine.models.runner import ModelRunner
+from w2s_engine.search.prompts import common_prefix
+from w2s_engine.sequence import SmallState
+
+SIGN = {"tuned": 1.0, "untuned": -1.0}
+
+
+@dataclass
+class StreamUpdate:
+    state: SmallState
+    full_ids: list[int]       # tokenize(small prompt + response), the stream's new content
+    response_start: int       # full_ids[response_start:] are scored
+    finished: bool            # also score the small model's EOS after the response
+    forwarded: int = 0        # out: tokens this update forwarded (per model)
+    scored: int = 0           # out: reward terms computed
+    eos_term: float = 0.0     # out: the EOS term when finished
+
+
+class SmallStream:
+
+    def __init__(self, runners: dict[str, ModelRunner], blocks: BlockManager, eos_id: int):
+        assert set(runners) <= {"tuned", "untuned"} and runners
+        self.runners = runners
+        self.blocks = blocks
+        self.eos_id = eos_id
+
+    def prefill(self, states: list[SmallState]):
+        """Forward the prompt of fresh states (ids set, table empty); keeps their last hidden."""
+        for st in states:
+            assert st.table.num_tokens == 0 and st.ids, "a small prompt needs at least one token"
+            self._append([(st.table, len(st.ids))])
+        for role, runner in self.runners.items():
+            done = 0
+            for chunk in _batches([(st.table, st.ids) for st in states]):
+                hidden, cu = runner.run(chunk)
+                for end in cu[1:].tolist():
+                    states[done].last_hidden[role] = hidden[end - 1]
+                    done += 1
+
+    def update(self, updates: list[StreamUpdate]) -> None:
+        """Advance every state to its full_ids and recompute its terms (and EOS term)."""
+        feeds, copies = [], []
+        plans = []
+        for u in updates:
+            st = u.state
+            c = common_prefix(st.ids, u.full_ids)
+            if u.response_start < st.response_start:
+                c = min(c, u.response_start)  # terms before the old response start were never kept
+            if c == len(st.ids) and st.last_hidden:
+                feed_from = c                 # plain extension: the stored hidden predicts ids[c]
+            else:
+                if c == 0:
+                    raise ValueError("the small models' tokenization of the prompt changed at its "
+                                     "first token; add text before {prompt} in the small template")
+                feed_from = c - 1             # re-forward one kept token to get the hidden at c-1
+                self.blocks.truncate(st.table, feed_from)
+                st.last_hidden = {}
+            feed = u.full_ids[feed_from:]
+            if feed:
+                copies += self.blocks.append(st.table, len(feed))
+                feeds.append((st.table, feed))
+            plans.append((u, c, feed_from, len(feeds) - 1 if feed else None))
+        for runner in self.runners.values():
+            runner.copy_blocks(copies)
+
+        # One forward per model over every stream with new tokens.
+        hidden = {}
+        for role, runner in self.runners.items():
+            parts, offsets, base = [], [], 0
+            for chunk in _batches(feeds):
+                h, cu = runner.run(chunk)
+                parts.append(h)
+                offsets += [base + x for x in cu[:-1].tolist()]
+                base += h.shape[0]
+            hidden[role] = torch.cat(parts) if parts else None
+            hidden[role + "_offsets"] = offsets
+
+        # Rows to score: target position p is predicted by the hidden state at p - 1.
+        rows = {role: [] for role in self.runners}
+        targets, segments = [], []
+        for seg, (u, c, feed_from, fi) in enumerate(plans):
+            st = u.state
+            start = max(c, u.response_start)
+            positions = list(range(start, len(u.full_ids)))
+            for role in self.runners:
+                stored = st.last_hidden.get(role)
+                off = hidden[role + "_offsets"][fi] if fi is not None else None
+
+                def at(pos, role=role, stored=stored, off=off):
+                    if pos < feed_from:
+                        return stored  # only pos == feed_from - 1 happens: the plain extension
+                    return hidden[role][off + pos - feed_from]
+
+                rows[role] += [at(p - 1) for p in positions]
+                if u.finished:
+                    rows[role].append(at(len(u.full_ids) - 1))
+            targets += [u.full_ids[p] for p in positions]
+            if u.finished:
+                targets.append(self.eos_id)
+            segments += [seg] * (len(positions) + int(u.finished))
+            u.forwarded = len(u.full_ids) - feed_from
+            u.scored = len(positions) + int(u.finished)
+
+        terms = self._terms(rows, targets, segments, len(plans))
+
+        pos = 0
+        for u, c, feed_from, fi in plans:
+            st = u.state
+            start = max(c, u.response_start)
+            n_new = len(u.full_ids) - start
+            new_terms = terms[pos:pos + n_new]
+            eos_term = terms[pos + n_new] if u.finished else 0.0
+            pos += n_new + int(u.finished)
+            kept_lo, kept_hi = u.response_start - st.response_start, c - st.response_start
+            kept = st.terms[kept_lo:kept_hi] if c > u.response_start else []
+            st.terms = kept + new_terms
+            st.ids = list(u.full_ids)
+            st.response_start = u.response_start
+            if fi is not None:
+                for role in self.runners:
+                    off = hidden[role + "_offsets"][fi]
+                    st.last_hidden[role] = hidden[role][off + len(u.full_ids) - feed_from - 1]
+            u.eos_term = eos_term
+
+    def _terms(self, rows, targets, segments, num_segments) -> list[float]:
+        if not targets:
+            return []
+        dev = next(iter(self.runners.values())).device
+        tgt = torch.tensor(targets, dtype=torch.long, device=dev)
+        seg = torch.tensor(segments, dtype=torch.long, device=dev)
+        if len(self.runners) == 2:
+            t, u = self.runners["tuned"], self.runners["untuned"]
+            diff, _ = fused_lmhead_chunk_reward(
+                torch.stack(rows["tuned"]), t.lm_head_weight,
+                torch.stack(rows["untuned"]), u.lm_head_weight, tgt, seg, num_segments,
+                t.final_logit_softcap, u.final_logit_softcap)
+            return diff.tolist()
+        (role, runner), = self.runners.items()
+        logp = torch.log_softmax(runner.compute_logits(torch.stack(rows[role])), dim=-1)
+        return (SIGN[role] * logp.gather(1, tgt[:, None])[:, 0]).tolist()
+
+    def _append(self, items):
+        copies = []
+        for table, n in items:
+            copies += self.blocks.append(table, n)
+        for runner in self.runners.values():
+            runner.copy_blocks(copies)
+
+
+def _batches(items, max_tokens: int = 8192):
+    """Split a list of (table, ids) into forwards of at most max_tokens new tokens."""
+    batch, n = [], 0
+    for item in items:
+        if batch and n + len(item[1]) > max_tokens:
+            yield batch
+            batch, n = [], 0
+        batch.append(item)
+        n += len(item[1])
+    if batch:
+        yield batch

@@ -1,0 +1,42 @@
+"""Beam: one hypothesis of a search, with its block tables in every model's KV pool."""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from w2s_engine.cache.block_manager import BlockManager, BlockTable
+
+
+@dataclass
+class SmallState:
+    """A beam's token stream in one small-model KV pool (scored by one or both small models).
+
+    ids are exactly the tokens in `table`: the small prompt, then the response. Reward terms
+    are kept per response token so a cross-tokenizer re-tokenization can roll back a tail.
+    """
+
+    table: BlockTable
+    ids: list[int]
+    response_start: int                    # ids[response_start:] are response tokens
+    terms: list[float]                     # reward term of each response token
+    last_hidden: dict[str, torch.Tensor]   # role -> [H] final hidden state of ids[-1]
+
+    def fork(self, blocks: BlockManager) -> "SmallState":
+        # Hidden states are never written in place, so children share the tensors.
+        return SmallState(blocks.fork(self.table), list(self.ids), self.response_start,
+                          list(self.terms), dict(self.last_hidden))
+
+
+@dataclass
+class Beam:
+    beam_id: int                 # unique within its request; seeds its sampling noise
+    large: BlockTable | None     # None for a black-box large model
+    token_ids: list[int]         # sampled response tokens (large tokenizer), EOS excluded
+    small: list[SmallState] = field(default_factory=list)
+    reward: float = 0.0          # sum of terms of all small streams, plus the EOS term
+    eos_term: float = 0.0
+    finished: bool = False
+    finish_reason: str | None = None   # "stop" (EOS or stop string) or "length"
+    stop_text_len: int | None = None   # response text is cut here when a stop string matched
+    chunk_tokens: int = 0        # tokens sampled in the current chunk
+    parent_id: int | None = None
