@@ -110,7 +110,7 @@ class Engine:
             # Shared vocabulary: the sampled ids are scored as they are.
             self.shared_vocab = all(self.models[r[0]].tokenizer.get_vocab() == large_vocab
                                     for r in self.stream_roles)
-            self.eft_ok = (t.tokenizer.get_vocab() == u.tokenizer.get_vocab() == large_vocab)
+            self.eft_ok = (len(self.streams) == 1 and self.shared_vocab)
         else:
             self.shared_vocab = self.eft_ok = False
         self.kv = KVSpace(self.large_blocks, [s.blocks for s in self.streams])
@@ -119,6 +119,7 @@ class Engine:
         self.waiting: deque[SearchRequest] = deque()
         self.running: list[SearchRequest] = []
         self.next_request_id = 0
+        self._eft_logprobs = {}
         self.total = {"requests": 0, "failed": 0,
                       "tokens": {role: 0 for role in self.runners}}
 
@@ -171,7 +172,8 @@ class Engine:
                              "pass them to Engine(...), or use SearchParams.base()")
         if params.method == "eft" and not self.eft_ok:
             raise ValueError("method='eft' needs the large, tuned and untuned models to share one "
-                             "vocabulary; these do not: use cbs or best_of_n")
+                             "vocabulary (and the small models one template); these do not: "
+                             "use cbs or best_of_n")
         large_text = self.templates["large"].apply(self.large_tokenizer, prompt)
         large_ids = encode(self.large_tokenizer, large_text, special=not self.templates["large"].chat)
         self._check_context("large", len(large_ids), params.max_new_tokens)
@@ -336,10 +338,58 @@ class Engine:
         ).tolist()
         for (r, b), tok in zip(order, tokens):
             r.record_token(b, tok, self.large_eos, self._decode_text)
+            if r.params.method == "eft":
+                self._record_eft_term(b, tok)
 
     def _eft_logits(self, logits, items, rows):
-        """logits_large + beta * (logits_tuned - logits_untuned) for EFT beams (rows of logits)."""
-        raise NotImplementedError("eft")
+        """logits_large + beta * (logits_tuned - logits_untuned) for the EFT beams in `rows`.
+
+        The small models step in lockstep with the large one (same vocabulary, so the same
+        ids): each EFT beam feeds its last token to every small stream, or, for its first
+        token, uses the prompt's final hidden state. Their log-probs are kept so the sampled
+        token's reward term is recorded after sampling.
+        """
+        small_logits = {}
+        for si, (stream, roles) in enumerate(zip(self.streams, self.stream_roles)):
+            fed = [(r, b) for r, b in items if b.token_ids]
+            hidden = {role: [None] * len(items) for role in roles}
+            if fed:
+                copies = []
+                for _, b in fed:
+                    copies += stream.blocks.append(b.small[si].table, 1)
+                for role in roles:
+                    self.runners[role].copy_blocks(copies)
+                    h, _ = self.runners[role].run([(b.small[si].table, b.token_ids[-1:])
+                                                   for _, b in fed])
+                    for j, (r, b) in enumerate(fed):
+                        b.small[si].last_hidden[role] = h[j]
+                        r.stats.tokens_forwarded[role] += 1
+            for role in roles:
+                h = torch.stack([b.small[si].last_hidden[role] for _, b in items])
+                small_logits[role] = self.runners[role].compute_logits(h)
+        vocab = len(self.large_tokenizer)
+        lp_t = torch.log_softmax(small_logits["tuned"][:, :vocab], dim=-1)
+        lp_u = torch.log_softmax(small_logits["untuned"][:, :vocab], dim=-1)
+        logits = logits.clone()
+        rows_t = torch.tensor(rows, device=logits.device)
+        beta = torch.tensor([r.params.beta for r, _ in items], device=logits.device)[:, None]
+        combined = logits[rows_t, :vocab] + beta * (lp_t - lp_u)
+        logits[rows_t] = float("-inf")
+        logits[rows_t, :vocab] = combined
+        for j, (_, b) in enumerate(items):
+            self._eft_logprobs[id(b)] = (lp_t[j], lp_u[j])
+        return logits
+
+    def _record_eft_term(self, b: Beam, token: int):
+        lp_t, lp_u = self._eft_logprobs.pop(id(b))
+        if b.finished and b.finish_reason == "stop" and token in self.large_eos:
+            eos = self.streams[0].eos_id
+            b.eos_term = float(lp_t[eos] - lp_u[eos])
+        else:
+            # EFT streams lag the sampled ids by one token in the cache, not in `ids`.
+            b.small[0].ids.append(token)
+            b.small[0].terms.append(float(lp_t[token] - lp_u[token]))
+        b.reward = sum(b.small[0].terms) + b.eos_term
 
     def _score(self, ready: list[SearchRequest]):
         scoring = [r for r in ready if r.params.uses_small_models and r.params.method != "eft"]

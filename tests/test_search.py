@@ -1,0 +1,257 @@
+"""engine.search(): rewards, selection, Best-of-N, base, EFT, seeding, batching and memory.
+
+Tiny random models with real BPE tokenizers run the search; an independent sdpa copy of each
+small model recomputes every reward from scratch, the way the reference scorer does.
+"""
+
+import pytest
+import torch
+
+from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
+from w2s_engine import Engine, SearchError, SearchParams
+from w2s_engine.search.prompts import common_prefix
+
+PROMPTS = ["I really", "This film", "The plot of this film", "What a"]
+SMALL_TEMPLATE = "Review: {prompt}"
+LARGE_TEMPLATE = "Here is a movie review: {prompt}"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer(300)
+
+
+@pytest.fixture(scope="module")
+def other_tok():
+    return make_tokenizer(420)
+
+
+@pytest.fixture(scope="module")
+def small_pair(tok):
+    untuned = tiny_llama(len(tok), seed=2)
+    return tuned_from(untuned, seed=3, scale=0.3), untuned
+
+
+def make_engine(tok, small_pair, large_tok=None, large_seed=1, **kw):
+    large_tok = large_tok or tok
+    large = tiny_llama(len(large_tok), seed=large_seed, layers=3)
+    tuned, untuned = small_pair
+    kw.setdefault("num_kv_blocks", 600)
+    kw.setdefault("block_size", 4)
+    kw.setdefault("progress", False)
+    return Engine((large, large_tok), (clone(tuned), tok), (clone(untuned), tok),
+                  templates={"large": LARGE_TEMPLATE, "small": SMALL_TEMPLATE}, **kw)
+
+
+@pytest.fixture(scope="module")
+def engine(tok, small_pair):
+    return make_engine(tok, small_pair)
+
+
+@pytest.fixture(scope="module")
+def cross_engine(tok, other_tok, small_pair):
+    return make_engine(tok, small_pair, large_tok=other_tok, large_seed=4)
+
+
+@torch.no_grad()
+def scratch_reward(small_pair, tok, prompt, response, finished):
+    """Full forward of prompt + response through each small model: log-softmax, gather, sum."""
+    prompt_ids = tok(SMALL_TEMPLATE.replace("{prompt}", prompt), add_special_tokens=False)["input_ids"]
+    if isinstance(response, str):
+        full = tok(SMALL_TEMPLATE.replace("{prompt}", prompt) + response,
+                   add_special_tokens=False)["input_ids"]
+        start = common_prefix(full, prompt_ids)
+    else:
+        full, start = prompt_ids + list(response), len(prompt_ids)
+    if finished:
+        full = full + [tok.eos_token_id]
+    ids = torch.tensor([full])
+    total = 0.0
+    for model, sign in zip(small_pair, (1.0, -1.0)):
+        logp = model(ids).logits[0].float().log_softmax(-1)
+        total += sign * sum(logp[i - 1, full[i]].item() for i in range(start, len(full)))
+    return total
+
+
+def test_every_hypothesis_reward_equals_score_and_scratch_recompute(engine, tok, small_pair):
+    params = SearchParams(w=2, k=3, l=4, max_new_tokens=18, temperature=1.0, seed=5)
+    results = engine.search(PROMPTS, params)
+    for res in results:
+        assert len(res.hypotheses) == 2 and res.reward == res.hypotheses[0].reward
+        for h in res.hypotheses:
+            by_ids = engine.score([res.prompt], [h.small_token_ids], finished=h.finished)[0]
+            scratch = scratch_reward(small_pair, tok, res.prompt, h.small_token_ids, h.finished)
+            assert h.reward == pytest.approx(by_ids, abs=1e-4)
+            assert h.reward == pytest.approx(scratch, abs=1e-4)
+            if tok(h.text, add_special_tokens=False)["input_ids"] == h.small_token_ids:
+                by_text = engine.score([res.prompt], [h.text], finished=h.finished)[0]
+                assert h.reward == pytest.approx(by_text, abs=1e-4)
+    engine.check_all_free()
+
+
+def test_cross_tokenizer_rewards_equal_scratch_recompute_of_the_text(cross_engine, tok, small_pair):
+    params = SearchParams(w=2, k=2, l=3, max_new_tokens=15, temperature=1.0, seed=7)
+    for res in cross_engine.search(PROMPTS, params):
+        for h in res.hypotheses:
+            scratch = scratch_reward(small_pair, tok, res.prompt, h.text, h.finished)
+            assert h.reward == pytest.approx(scratch, abs=1e-4)
+            assert h.reward == pytest.approx(
+                cross_engine.score([res.prompt], [h.text], finished=h.finished)[0], abs=1e-4)
+    cross_engine.check_all_free()
+
+
+def test_survivors_are_the_top_w_candidates_and_finished_beams_are_never_duplicated(engine):
+    params = SearchParams(w=3, k=2, l=2, max_new_tokens=20, temperature=1.2, seed=11, trace=True,
+                          stop=list("aeiou"))  # stop strings make beams finish early
+    saw_finished_survivor = False
+    for res in engine.search(PROMPTS, params):
+        carried = set()
+        for entry in res.trace:
+            cands = entry["candidates"]
+            ids = [c["beam_id"] for c in cands]
+            assert len(ids) == len(set(ids))
+            order = sorted(range(len(cands)), key=lambda i: (-cands[i]["reward"], i))
+            assert entry["survivors"] == [cands[i]["beam_id"] for i in order[:3]]
+            # A finished survivor comes back alone: never as a parent of new children.
+            assert not carried & {c["parent_id"] for c in cands}
+            assert carried <= set(ids)
+            carried = {c["beam_id"] for c in cands if c["finished"]
+                       and c["beam_id"] in entry["survivors"]}
+            saw_finished_survivor |= bool(carried) and entry is not res.trace[-1]
+        assert [h.reward for h in res.hypotheses] == sorted((h.reward for h in res.hypotheses),
+                                                            reverse=True)
+    assert saw_finished_survivor, "the workload should carry a finished beam across a chunk"
+    engine.check_all_free()
+
+
+def test_beam_cut_by_max_new_tokens_is_scored_without_eos(engine, tok, small_pair):
+    params = SearchParams(w=2, k=2, l=3, max_new_tokens=6, seed=3, ignore_eos=True)
+    for res in engine.search(PROMPTS[:2], params):
+        for h in res.hypotheses:
+            assert h.finish_reason == "length" and not h.finished and len(h.token_ids) == 6
+            assert h.reward == pytest.approx(
+                scratch_reward(small_pair, tok, res.prompt, h.small_token_ids, False), abs=1e-4)
+
+
+def test_best_of_n_draws_exactly_n_samples_and_returns_the_best(engine):
+    params = SearchParams.best_of_n(6, max_new_tokens=10, seed=2, trace=True)
+    res = engine.search(["I really"], params)[0]
+    assert len(res.trace) == 1
+    cands = res.trace[0]["candidates"]
+    assert len(cands) == 6 and res.stats.chunks == 1
+    # Every sampled token counts, the EOS of a beam that stopped too.
+    assert res.stats.tokens_sampled == sum(c["num_tokens"] + (c["finish_reason"] == "stop")
+                                           for c in cands)
+    assert res.reward == max(c["reward"] for c in cands)
+
+
+def test_base_is_a_plain_sample_and_runs_no_small_model(engine, tok):
+    res = engine.search(["I really"], SearchParams.base(max_new_tokens=12, temperature=0.0))[0]
+    assert set(res.stats.tokens_forwarded) == {"large"} and res.reward is None
+    # Greedy base equals transformers' own greedy generate on the large model.
+    large = engine.runners["large"].model
+    ref = clone(large)
+    ref.set_attn_implementation("sdpa")
+    ids = tok(LARGE_TEMPLATE.replace("{prompt}", "I really"), return_tensors="pt")["input_ids"]
+    out = ref.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=1, pad_token_id=1)
+    expected = out[0, ids.shape[1]:].tolist()
+    if 1 in expected:
+        expected = expected[:expected.index(1)]
+    assert res.token_ids == expected
+
+
+def test_eft_reward_equals_score_of_its_sample(engine, tok, small_pair):
+    res = engine.search(PROMPTS[:2], SearchParams.eft(beta=1.5, max_new_tokens=10, seed=4))
+    for r in res:
+        assert r.reward == pytest.approx(
+            scratch_reward(small_pair, tok, r.prompt, r.small_token_ids, r.finished), abs=1e-4)
+    engine.check_all_free()
+
+
+def test_eft_needs_one_vocabulary(cross_engine):
+    with pytest.raises(ValueError, match="vocabulary"):
+        cross_engine.search(["I really"], SearchParams.eft(max_new_tokens=5))
+
+
+def test_same_seed_same_results_alone_or_batched(engine):
+    params = SearchParams(w=2, k=2, l=3, max_new_tokens=12, temperature=1.0, seed=21)
+    alone = engine.search(["This film"], params)[0]
+    again = engine.search(["This film"], params)[0]
+    batched = engine.search(["I really", "This film", "What a"], params)[1]
+    assert alone.token_ids == again.token_ids == batched.token_ids
+    assert alone.reward == pytest.approx(batched.reward, abs=1e-5)
+
+
+def test_small_model_work_is_prompt_plus_every_candidate_chunk(engine, tok):
+    params = SearchParams(w=2, k=2, l=3, max_new_tokens=9, seed=8, trace=True)
+    res = engine.search(["I really"], params)[0]
+    prompt_len = len(tok(SMALL_TEMPLATE.replace("{prompt}", "I really"),
+                         add_special_tokens=False)["input_ids"])
+    # Each candidate's chunk: its tokens beyond what its parent had.
+    lengths = {}
+    chunk_tokens = eos_terms = 0
+    for entry in res.trace:
+        for c in entry["candidates"]:
+            if c["beam_id"] in lengths:
+                continue  # a finished survivor carried over: not scored again
+            chunk_tokens += c["num_tokens"] - lengths.get(c["parent_id"], 0)
+            eos_terms += c["finish_reason"] == "stop"
+            lengths[c["beam_id"]] = c["num_tokens"]
+    assert res.stats.tokens_forwarded["tuned"] == prompt_len + chunk_tokens
+    assert res.stats.tokens_forwarded["untuned"] == prompt_len + chunk_tokens
+    assert res.stats.tokens_scored == chunk_tokens + eos_terms
+
+
+def test_all_blocks_come_back_and_peak_kv_is_shared(engine):
+    params = SearchParams(w=4, k=4, l=5, max_new_tokens=10, seed=1)
+    res = engine.search(["The plot of this film"], params)[0]
+    engine.check_all_free()
+    # 16 beams share the prompt's blocks: far less than 16 full copies of the sequence.
+    bs = engine.config.block_size
+    prompt_blocks = -(-len(engine.large_tokenizer(LARGE_TEMPLATE.replace(
+        "{prompt}", "The plot of this film"))["input_ids"]) // bs)
+    own_blocks = -(-10 // bs) + 1
+    assert res.stats.peak_kv_blocks["large"] <= prompt_blocks + 16 * own_blocks
+    assert res.stats.peak_kv_blocks["large"] < 16 * (prompt_blocks + own_blocks - 1)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(w=0), "w="), (dict(k=0), "k="), (dict(l=0), "l="), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(top_p=0.0), "top_p"), (dict(temperature=-1.0), "temperature"), (dict(method="x"), "method"),
+])
+def test_bad_params_raise_a_clear_error_and_the_engine_goes_on(engine, bad, match):
+    with pytest.raises(ValueError, match=match):
+        engine.search(["I really"], SearchParams(**bad))
+    assert engine.search(["I really"], SearchParams(w=1, k=2, l=2, max_new_tokens=4, seed=1))
+    engine.check_all_free()
+
+
+def test_bad_requests_raise_clear_errors(engine, tok, small_pair):
+    with pytest.raises(ValueError, match="empty"):
+        engine.search([], SearchParams())
+    with pytest.raises(ValueError, match="prompt 1"):
+        engine.search(["fine", ""], SearchParams(max_new_tokens=4))
+    with pytest.raises(ValueError, match="context"):
+        engine.search(["word " * 600], SearchParams(max_new_tokens=4))
+    with pytest.raises(ValueError, match="KV blocks"):
+        engine.search(["I really"], SearchParams(w=16, k=16, max_new_tokens=200))
+    with pytest.raises(ValueError, match=r"\{prompt\}"):
+        make_engine(tok, small_pair, num_kv_blocks=8).__class__(
+            (tiny_llama(len(tok), 1), tok), templates={"large": "no placeholder"})
+    assert not engine.waiting and not engine.running
+    engine.check_all_free()
+
+
+def test_a_request_failing_mid_search_fails_alone_and_frees_its_blocks(cross_engine):
+    params = SearchParams(w=2, k=2, l=3, max_new_tokens=6, seed=1)
+    good = cross_engine.make_request("I really", params)
+    bad = cross_engine.make_request("This film", params)
+    bad.small_prompts[0].tokenizer = None  # its re-tokenization at the first chunk will raise
+    cross_engine.enqueue(good)
+    cross_engine.enqueue(bad)
+    while cross_engine.has_unfinished():
+        cross_engine.step()
+    assert good.status == "done" and good.result.hypotheses
+    assert bad.status == "failed" and "TypeError" in bad.error
+    cross_engine.check_all_free()
+    assert cross_engine.search(["What a"], params)[0].hypotheses
