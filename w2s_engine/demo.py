@@ -1,0 +1,77 @@
+"""`w2s demo`: steer the bundled Gemma-3-270M toward positive movie reviews with small models.
+
+The small pair is SmolLM2-135M-Instruct under two templates: "tuned" reads the response after
+an instruction to be positive, "untuned" after a neutral one. Their log-likelihood ratio is an
+implicit sentiment reward, the role a DPO-tuned model and its reference play in the paper.
+(The DPO adapter of the sentiment task replaces the prompted pair once it ships.)
+The gold reward is VADER's compound sentiment of prompt + continuation, as in the paper.
+"""
+
+import time
+
+LARGE = "gemma-3-270m"
+SMALL = "smollm2-135m-instruct"
+TEMPLATES = {
+    "large": "Here is a movie review: {prompt}",
+    "tuned": "The following is a glowing, enthusiastic, positive movie review.\n\n{prompt}",
+    "untuned": "The following is a movie review.\n\n{prompt}",
+}
+TEST_PROMPTS = [
+    "I really",
+    "The plot of this film",
+    "This movie was",
+    "After watching it twice, I",
+    "The acting in this picture",
+    "Honestly, the director",
+    "My friends dragged me to see this, and",
+    "The soundtrack",
+]
+
+
+def gold_reward(texts: list[str]) -> list[float]:
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError as e:
+        raise ImportError("the demo's gold reward needs vaderSentiment: "
+                          "pip install 'w2s-engine[demo]'") from e
+    analyzer = SentimentIntensityAnalyzer()
+    return [analyzer.polarity_scores(t)["compound"] for t in texts]
+
+
+def run_demo(num_prompts: int = 4, max_new_tokens: int = 30, seed: int = 1, engine=None):
+    from w2s_engine.engine import Engine
+    from w2s_engine.params import SearchParams
+
+    prompts = TEST_PROMPTS[:num_prompts]
+    t0 = time.perf_counter()
+    if engine is None:
+        print(f"loading {LARGE} (large) and {SMALL} (small pair); the first run converts the "
+              "GGUF files, later runs load the cached copies", flush=True)
+        engine = Engine(large=LARGE, tuned=SMALL, untuned=SMALL, templates=TEMPLATES)
+    print(f"models ready in {time.perf_counter() - t0:.1f}s", flush=True)
+    common = dict(max_new_tokens=max_new_tokens, temperature=0.7, top_k=50, seed=seed)
+    methods = {
+        "base": SearchParams.base(**common),
+        "best-of-16": SearchParams.best_of_n(16, **common),
+        "cbs(4,4,5)": SearchParams.cbs(4, 4, 5, **common),
+    }
+    summary = []
+    for name, params in methods.items():
+        t = time.perf_counter()
+        results = engine.search(prompts, params)
+        seconds = time.perf_counter() - t
+        golds = gold_reward([p + r.text for p, r in zip(prompts, results)])
+        implicit = [r.reward for r in results if r.reward is not None]
+        print(f"\n== {name} ({seconds:.1f}s)")
+        for p, r, g in zip(prompts, results, golds):
+            text = (p + r.text).replace("\n", " ")
+            print(f"  [gold {g:+.2f}] {text}")
+        summary.append((name, sum(golds) / len(golds),
+                        sum(implicit) / len(implicit) if implicit else None, seconds))
+    print("\n| method | mean gold reward (VADER) | mean implicit reward | seconds |")
+    print("|---|---|---|---|")
+    for name, gold, implicit, seconds in summary:
+        imp = "-" if implicit is None else f"{implicit:+.3f}"
+        print(f"| {name} | {gold:+.3f} | {imp} | {seconds:.1f} |")
+    engine.check_all_free()
+    return summary
