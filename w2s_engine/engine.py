@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from w2s_engine.backends.openai_completions import CompletionJob, OpenAICompletions
 from w2s_engine.cache.block_manager import BlockManager
 from w2s_engine.config import EngineConfig
 from w2s_engine.kernels.sampling import sample
@@ -25,7 +26,7 @@ from w2s_engine.models.runner import ModelRunner, ModelShape
 from w2s_engine.outputs import SearchResult
 from w2s_engine.params import SearchParams
 from w2s_engine.search.prompts import SmallPrompt, encode, parse_templates
-from w2s_engine.search.request import KVSpace, SearchRequest
+from w2s_engine.search.request import KVSpace, SearchRequest, mix_seed
 from w2s_engine.search.scorer import SmallStream, StreamUpdate
 from w2s_engine.sequence import Beam, SmallState
 
@@ -76,7 +77,9 @@ class Engine:
                  chat: bool = False, config: EngineConfig | None = None, **overrides):
         self.config = config = (config or EngineConfig(**overrides)).resolve()
         loaded = {}
-        self.models = {"large": _load(large, config, "large", loaded)}
+        # A large model behind an HTTP API is a black box: text in, text out, no KV here.
+        self.remote = large if isinstance(large, OpenAICompletions) else None
+        self.models = {} if self.remote else {"large": _load(large, config, "large", loaded)}
         if (tuned is None) != (untuned is None):
             raise ValueError("pass both tuned and untuned small models, or neither (base only)")
         if tuned is not None:
@@ -84,13 +87,22 @@ class Engine:
             self.models["untuned"] = _load(untuned, config, "untuned", loaded)
         self.templates = parse_templates(templates, chat)
         self.has_small = tuned is not None
+        if self.remote and not self.has_small:
+            raise ValueError("a black-box large model needs the tuned and untuned small models")
+        if self.remote and chat:
+            raise ValueError("chat=True needs the large model's tokenizer; with a black-box large "
+                             "model pass a template string for 'large' instead")
 
         num_blocks = self._num_blocks()
         self.runners = {role: ModelRunner(m.model, num_blocks, config.block_size)
                         for role, m in self.models.items()}
-        self.large_tokenizer = self.models["large"].tokenizer
-        self.large_eos = _eos_ids(self.models["large"].model, self.large_tokenizer)
-        self.large_blocks = BlockManager(num_blocks, config.block_size)
+        if self.remote:
+            self.large_tokenizer, self.large_eos, self.large_blocks = None, set(), None
+        else:
+            self.large_tokenizer = self.models["large"].tokenizer
+            self.large_eos = _eos_ids(self.models["large"].model, self.large_tokenizer)
+            self.large_blocks = BlockManager(num_blocks, config.block_size)
+        self.num_blocks = num_blocks
 
         # Small streams: one when both small models read the same tokens, else one each.
         self.streams: list[SmallStream] = []
@@ -106,7 +118,7 @@ class Engine:
                                                 BlockManager(num_blocks, config.block_size),
                                                 tok.eos_token_id))
                 self.stream_roles.append(roles)
-            large_vocab = self.large_tokenizer.get_vocab()
+            large_vocab = None if self.remote else self.large_tokenizer.get_vocab()
             # Shared vocabulary: the sampled ids are scored as they are.
             self.shared_vocab = all(self.models[r[0]].tokenizer.get_vocab() == large_vocab
                                     for r in self.stream_roles)
@@ -114,7 +126,9 @@ class Engine:
         else:
             self.shared_vocab = self.eft_ok = False
         self.kv = KVSpace(self.large_blocks, [s.blocks for s in self.streams])
-        self.reserved = {"large": 0, **{i: 0 for i in range(len(self.streams))}}
+        self.reserved = {i: 0 for i in range(len(self.streams))}
+        if not self.remote:
+            self.reserved["large"] = 0
 
         self.waiting: deque[SearchRequest] = deque()
         self.running: list[SearchRequest] = []
@@ -149,7 +163,8 @@ class Engine:
         p = req.params
         bs = self.config.block_size
         per_beam = -(-p.max_new_tokens // bs) + 1  # +1: copy of the shared partial prompt block
-        need = {"large": -(-len(req.large_prompt_ids) // bs) + p.w * p.k * per_beam}
+        need = {} if self.remote else {
+            "large": -(-len(req.large_prompt_ids) // bs) + p.w * p.k * per_beam}
         for i, sp in enumerate(req.small_prompts):
             # A re-tokenized response can be longer than the large model's tokens.
             small_len = p.max_new_tokens if self.shared_vocab else 4 * p.max_new_tokens + 8
@@ -157,7 +172,7 @@ class Engine:
         return need
 
     def _fits(self, need: dict) -> bool:
-        return all(self.reserved[k] + v <= self.large_blocks.num_blocks for k, v in need.items())
+        return all(self.reserved[k] + v <= self.num_blocks for k, v in need.items())
 
     # ---- requests --------------------------------------------------------------------------
 
@@ -175,8 +190,12 @@ class Engine:
                              "vocabulary (and the small models one template); these do not: "
                              "use cbs or best_of_n")
         large_text = self.templates["large"].apply(self.large_tokenizer, prompt)
-        large_ids = encode(self.large_tokenizer, large_text, special=not self.templates["large"].chat)
-        self._check_context("large", len(large_ids), params.max_new_tokens)
+        if self.remote:
+            large_ids = []  # the server tokenizes, and checks its own context
+        else:
+            large_ids = encode(self.large_tokenizer, large_text,
+                               special=not self.templates["large"].chat)
+            self._check_context("large", len(large_ids), params.max_new_tokens)
         small_prompts = []
         if params.uses_small_models:
             for roles in self.stream_roles:
@@ -190,9 +209,10 @@ class Engine:
                     self._check_context(r, len(sp.ids), params.max_new_tokens)
                 small_prompts.append(sp)
         seed = params.seed if params.seed is not None else random.getrandbits(62)
-        req = SearchRequest(self.next_request_id, prompt, params, seed, large_ids, small_prompts)
+        req = SearchRequest(self.next_request_id, prompt, params, seed, large_ids, small_prompts,
+                            large_prompt_text=large_text)
         req.reserved = self._reservation(req)
-        capacity = self.large_blocks.num_blocks
+        capacity = self.num_blocks
         if any(v > capacity for v in req.reserved.values()):
             raise ValueError(
                 f"request needs up to {max(req.reserved.values())} KV blocks in one pool, which "
@@ -235,7 +255,10 @@ class Engine:
         """One engine step; returns the requests that ended (done or failed) in it."""
         ended = []
         self._admit()
-        self._decode()
+        if self.remote:
+            self._remote_chunks()
+        else:
+            self._decode()
         ready = [r for r in self.running if r.chunk_complete]
         if ready:
             self._score(ready)
@@ -243,7 +266,7 @@ class Engine:
                 if r.status == "failed":
                     continue
                 if r.select(self.kv):
-                    r.finish(self._decode_text)
+                    r.finish(self._response_text)
                     self._release(r)
         for r in list(self.running):
             if r.status in ("done", "failed"):
@@ -270,22 +293,23 @@ class Engine:
         if not admitted:
             return
         for req in admitted:
-            req.root = Beam(beam_id=req.new_beam_id(), large=self.large_blocks.new_table(),
-                            token_ids=[])
+            req.root = Beam(beam_id=req.new_beam_id(), token_ids=[],
+                            large=None if self.remote else self.large_blocks.new_table())
             if req.params.uses_small_models:
                 req.root.small = [SmallState(s.blocks.new_table(), list(sp.ids), len(sp.ids), [], {})
                                   for s, sp in zip(self.streams, req.small_prompts)]
             self.running.append(req)
-        # The large model: one forward for all new prompts; keep each prompt's last logits.
-        items = [(r.root.large, r.large_prompt_ids) for r in admitted]
-        for table, ids in items:
-            self.large_blocks.append(table, len(ids))
-        runner = self.runners["large"]
-        hidden, cu = runner.run(items)
-        last = runner.compute_logits(hidden[(cu[1:] - 1).long()])
-        for i, r in enumerate(admitted):
-            r.root_logits = last[i]
-            r.stats.tokens_forwarded["large"] = len(r.large_prompt_ids)
+        if not self.remote:
+            # The large model: one forward for all new prompts; keep each prompt's last logits.
+            items = [(r.root.large, r.large_prompt_ids) for r in admitted]
+            for table, ids in items:
+                self.large_blocks.append(table, len(ids))
+            runner = self.runners["large"]
+            hidden, cu = runner.run(items)
+            last = runner.compute_logits(hidden[(cu[1:] - 1).long()])
+            for i, r in enumerate(admitted):
+                r.root_logits = last[i]
+                r.stats.tokens_forwarded["large"] = len(r.large_prompt_ids)
         for si, stream in enumerate(self.streams):
             using = [r for r in admitted if r.params.uses_small_models]
             if using:
@@ -340,6 +364,45 @@ class Engine:
             r.record_token(b, tok, self.large_eos, self._decode_text)
             if r.params.method == "eft":
                 self._record_eft_term(b, tok)
+
+    def _remote_chunks(self):
+        """Ask the black-box large model for every pending chunk of this step at once.
+
+        Children of one parent share its text, so each family is one request for n=K
+        continuations (the backend tops up servers that return fewer choices).
+        """
+        families = {}
+        for r in self.running:
+            if r.status != "running":
+                continue
+            for b in r.generating:
+                families.setdefault((r.request_id, b.parent_id), (r, []))[1].append(b)
+        if not families:
+            return
+        jobs = []
+        for r, beams in families.values():
+            p, b = r.params, beams[0]
+            jobs.append(CompletionJob(
+                prompt=r.large_prompt_text + b.text, n=len(beams),
+                max_tokens=min(p.chunk_len, p.max_new_tokens - b.num_large_tokens),
+                temperature=p.temperature, top_p=p.top_p, stop=list(p.stop),
+                seed=mix_seed(r.seed, b.beam_id) if p.seed is not None else None))
+        answers = self.remote.complete_many(jobs)
+        for (r, beams), answer in zip(families.values(), answers):
+            if r.status != "running":
+                continue
+            if isinstance(answer, Exception):
+                self._fail(r, f"{type(answer).__name__}: {answer}")
+                continue
+            for b, choice in zip(beams, answer):
+                b.text += choice.text
+                b.num_large_tokens += choice.num_tokens
+                r.stats.tokens_sampled += choice.num_tokens
+                b.chunk_tokens = r.params.chunk_len  # one call is one whole chunk
+                if choice.finish_reason == "stop":
+                    b.finished, b.finish_reason = True, "stop"
+                elif b.num_large_tokens >= r.params.max_new_tokens:
+                    b.finished, b.finish_reason = True, "length"
 
     def _eft_logits(self, logits, items, rows):
         """logits_large + beta * (logits_tuned - logits_untuned) for the EFT beams in `rows`.
@@ -410,10 +473,7 @@ class Engine:
                         if self.shared_vocab:
                             full, start = sp.ids + b.token_ids, len(sp.ids)
                         else:
-                            text = self._decode_text(b.token_ids)
-                            if b.stop_text_len is not None:
-                                text = text[:b.stop_text_len]
-                            full, start = sp.full_ids(text)
+                            full, start = sp.full_ids(self._response_text(b))
                             if start == 0:
                                 raise ValueError("the small tokenization of prompt + response "
                                                  "changed the prompt's first token")
@@ -440,9 +500,10 @@ class Engine:
 
     def _record_peak(self, r: SearchRequest):
         beams = r.beams
-        large = {blk for b in beams if b.large is not None for blk in b.large.blocks}
         peak = r.stats.peak_kv_blocks
-        peak["large"] = max(peak.get("large", 0), len(large))
+        if not self.remote:
+            large = {blk for b in beams for blk in b.large.blocks}
+            peak["large"] = max(peak.get("large", 0), len(large))
         for si, roles in enumerate(self.stream_roles):
             if r.params.uses_small_models:
                 n = len({blk for b in beams for blk in b.small[si].table.blocks})
@@ -467,6 +528,13 @@ class Engine:
 
     def _decode_text(self, ids: list[int]) -> str:
         return self.large_tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _response_text(self, b: Beam) -> str:
+        """The response as text, cut before a matched stop string."""
+        if self.remote:
+            return b.text  # the server already cut its stop strings
+        text = self._decode_text(b.token_ids)
+        return text if b.stop_text_len is None else text[:b.stop_text_len]
 
     # ---- the API ---------------------------------------------------------------------------
 
@@ -540,6 +608,7 @@ class Engine:
 
     def check_all_free(self):
         """The invariant after every request: every block of every pool is free."""
-        self.large_blocks.check_all_free()
+        if self.large_blocks is not None:
+            self.large_blocks.check_all_free()
         for s in self.streams:
             s.blocks.check_all_free()

@@ -39,4 +39,6 @@ class Beam:
     finish_reason: str | None = None   # "stop" (EOS or stop string) or "length"
     stop_text_len: int | None = None   # response text is cut here when a stop string matched
     chunk_tokens: int = 0        # tokens sampled in the current chunk
+    text: str = ""               # black-box large model only: the response as text
+    num_large_tokens: int = 0    # black-box large model only: the server's token count
     parent_id: int | None = None

@@ -56,6 +56,7 @@ class SearchRequest:
     stats: SearchStats = field(default_factory=SearchStats)
     trace: list[dict] = field(default_factory=list)
     result: SearchResult | None = None
+    large_prompt_text: str = ""
     started: float = field(default_factory=time.perf_counter)
 
     # ---- beams -------------------------------------------------------------------------
@@ -75,7 +76,8 @@ class SearchRequest:
             large = kv.large.fork(parent.large) if parent.large is not None else None
             small = [s.fork(m) for s, m in zip(parent.small, kv.small)]
         return Beam(beam_id=self.new_beam_id(), large=large, token_ids=list(parent.token_ids),
-                    small=small, reward=parent.reward, parent_id=parent.beam_id)
+                    small=small, reward=parent.reward, parent_id=parent.beam_id,
+                    text=parent.text, num_large_tokens=parent.num_large_tokens)
 
     def start(self, kv: KVSpace):
         """After the prefill: the root becomes W*K children (the root's tables go to the last)."""
@@ -171,13 +173,11 @@ class SearchRequest:
 
     # ---- result ------------------------------------------------------------------------
 
-    def finish(self, decode) -> SearchResult:
+    def finish(self, response_text) -> SearchResult:
         scored = self.params.uses_small_models
         hyps = []
         for b in self.beams:
-            text = decode(b.token_ids)
-            if b.stop_text_len is not None:
-                text = text[:b.stop_text_len]
+            text = response_text(b)
             small_ids = b.small[0].ids[b.small[0].response_start:] if b.small else []
             hyps.append(Hypothesis(text=text, token_ids=list(b.token_ids),
                                    small_token_ids=list(small_ids),

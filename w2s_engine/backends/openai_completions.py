@@ -1,0 +1,124 @@
+"""A large model behind an OpenAI-compatible completions endpoint (vLLM, SGLang, llama.cpp).
+
+The engine asks it for K continuations of at most L tokens of prompt + response text and
+scores them locally with the small models. All chunks of one engine step go out at once, on
+an event loop owned by this backend (async HTTP, a bounded number of requests in flight);
+the openai client retries 429 / 5xx / connection errors with exponential backoff.
+"""
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+
+
+class RemoteModelError(RuntimeError):
+    """The server kept failing (after retries) or answered something unusable."""
+
+
+@dataclass
+class CompletionJob:
+    prompt: str                  # prompt + response text so far
+    n: int                       # continuations wanted
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class Choice:
+    text: str
+    finish_reason: str           # "stop" (EOS or stop string) or "length"
+    num_tokens: int              # the server's tokens in this continuation
+
+
+class OpenAICompletions:
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None,
+                 timeout: float = 120.0, max_retries: int = 4, max_in_flight: int = 32):
+        try:
+            import openai  # noqa: F401
+        except ImportError as e:
+            raise ImportError("the black-box backend needs the openai client: "
+                              "pip install openai") from e
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.api_key = api_key or "not-needed"
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.max_in_flight = max_in_flight
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="w2s-openai-backend")
+        self._thread.start()
+        self._client = self._run(self._make_client())
+        self._limit = self._run(self._make_semaphore())
+
+    def __repr__(self):
+        return f"OpenAICompletions({self.base_url!r}, model={self.model!r})"
+
+    async def _make_client(self):
+        import openai
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key,
+                                  timeout=self.timeout, max_retries=self.max_retries)
+
+    async def _make_semaphore(self):
+        return asyncio.Semaphore(self.max_in_flight)
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def complete_many(self, jobs: list[CompletionJob]) -> list[list[Choice] | Exception]:
+        """Run all jobs concurrently; each gives its choices or the exception that ended it."""
+        async def gather():
+            return await asyncio.gather(*(self._complete(j) for j in jobs), return_exceptions=True)
+        return self._run(gather())
+
+    async def _complete(self, job: CompletionJob) -> list[Choice]:
+        import openai
+        choices: list[Choice] = []
+        while len(choices) < job.n:
+            want = job.n - len(choices)
+            kwargs = dict(model=self.model, prompt=job.prompt, n=want, max_tokens=job.max_tokens,
+                          temperature=job.temperature, top_p=job.top_p, logprobs=0)
+            if job.stop:
+                kwargs["stop"] = job.stop
+            if job.seed is not None:
+                # Servers that ignore n answer one choice per request: vary the seed per try.
+                kwargs["seed"] = (job.seed + len(choices)) % (1 << 31)
+            try:
+                async with self._limit:
+                    resp = await self._client.completions.create(**kwargs)
+            except openai.APIError as e:
+                raise RemoteModelError(f"the large-model server at {self.base_url} failed "
+                                       f"(after {self.max_retries} retries): {e}") from e
+            if not resp.choices:
+                raise RemoteModelError(f"the large-model server at {self.base_url} returned no choices")
+            for c in resp.choices[:want]:
+                choices.append(Choice(c.text or "", _finish(c.finish_reason),
+                                      _num_tokens(c, resp, job)))
+        return choices
+
+    def close(self):
+        if self._loop.is_running():
+            self._run(self._client.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+
+
+def _finish(reason) -> str:
+    # "stop" covers EOS and stop strings; anything else ends the chunk by length.
+    return "stop" if reason == "stop" else "length"
+
+
+def _num_tokens(choice, resp, job: CompletionJob) -> int:
+    lp = getattr(choice, "logprobs", None)
+    tokens = getattr(lp, "tokens", None) if lp is not None else None
+    if tokens is not None:
+        return len(tokens)
+    usage = getattr(resp, "usage", None)
+    if usage is not None and len(resp.choices) == 1:
+        return usage.completion_tokens
+    # No per-choice count: a chunk cut by length used all its tokens.
+    return job.max_tokens if _finish(choice.finish_reason) == "length" else 1
