@@ -26,6 +26,7 @@ from w2s_engine.models.runner import ModelRunner, ModelShape
 from w2s_engine.outputs import SearchResult
 from w2s_engine.params import SearchParams
 from w2s_engine.search.prompts import SmallPrompt, encode, parse_templates
+from w2s_engine.search.bridge import Detokenizer, Tokenized
 from w2s_engine.search.request import KVSpace, SearchRequest, mix_seed
 from w2s_engine.search.scorer import SmallStream, StreamUpdate
 from w2s_engine.sequence import Beam, SmallState
@@ -100,6 +101,7 @@ class Engine:
             self.large_tokenizer, self.large_eos, self.large_blocks = None, set(), None
         else:
             self.large_tokenizer = self.models["large"].tokenizer
+            self.detokenizer = Detokenizer(self.large_tokenizer)
             self.large_eos = _eos_ids(self.models["large"].model, self.large_tokenizer)
             self.large_blocks = BlockManager(num_blocks, config.block_size)
         self.num_blocks = num_blocks
@@ -296,7 +298,8 @@ class Engine:
             req.root = Beam(beam_id=req.new_beam_id(), token_ids=[],
                             large=None if self.remote else self.large_blocks.new_table())
             if req.params.uses_small_models:
-                req.root.small = [SmallState(s.blocks.new_table(), list(sp.ids), len(sp.ids), [], {})
+                req.root.small = [SmallState(s.blocks.new_table(), list(sp.ids), len(sp.ids), [], {},
+                                             sp.text, list(sp.starts))
                                   for s, sp in zip(self.streams, req.small_prompts)]
             self.running.append(req)
         if not self.remote:
@@ -361,7 +364,7 @@ class Engine:
             torch.tensor([len(b.token_ids) for _, b in order], dtype=torch.int64, device=dev),
         ).tolist()
         for (r, b), tok in zip(order, tokens):
-            r.record_token(b, tok, self.large_eos, self._decode_text)
+            r.record_token(b, tok, self.large_eos, self._response_text)
             if r.params.method == "eft":
                 self._record_eft_term(b, tok)
 
@@ -470,15 +473,20 @@ class Engine:
                     if b.chunk_tokens == 0:
                         continue  # a finished survivor carried from the last chunk
                     for si, sp in enumerate(r.small_prompts):
+                        st = b.small[si]
                         if self.shared_vocab:
-                            full, start = sp.ids + b.token_ids, len(sp.ids)
+                            u = StreamUpdate(st, sp.ids + b.token_ids, len(sp.ids),
+                                             b.finish_reason == "stop")
                         else:
-                            full, start = sp.full_ids(self._response_text(b))
+                            # The bridge: text of the new tokens, a tail re-tokenized.
+                            new, start = sp.extend(Tokenized(st.text, st.ids, st.starts),
+                                                   self._response_text(b))
                             if start == 0:
                                 raise ValueError("the small tokenization of prompt + response "
                                                  "changed the prompt's first token")
-                        ups.append((si, b, StreamUpdate(b.small[si], full, start,
-                                                        b.finish_reason == "stop")))
+                            u = StreamUpdate(st, new.ids, start, b.finish_reason == "stop",
+                                             text=new.text, starts=new.starts)
+                        ups.append((si, b, u))
             except Exception as e:  # a bad request fails alone
                 self._fail(r, f"{type(e).__name__}: {e}")
                 continue
@@ -526,14 +534,11 @@ class Engine:
         if count:
             self.total["failed"] += 1
 
-    def _decode_text(self, ids: list[int]) -> str:
-        return self.large_tokenizer.decode(ids, skip_special_tokens=True)
-
     def _response_text(self, b: Beam) -> str:
-        """The response as text, cut before a matched stop string."""
+        """The response as text (incrementally decoded), cut before a matched stop string."""
         if self.remote:
             return b.text  # the server already cut its stop strings
-        text = self._decode_text(b.token_ids)
+        text = self.detokenizer.update(b.detok, b.token_ids, flush=b.finished)
         return text if b.stop_text_len is None else text[:b.stop_text_len]
 
     # ---- the API ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 import torch
 
 from w2s_engine.cache.block_manager import BlockManager, BlockTable
+from w2s_engine.search.bridge import DetokState
 
 
 @dataclass
@@ -20,11 +21,13 @@ class SmallState:
     response_start: int                    # ids[response_start:] are response tokens
     terms: list[float]                     # reward term of each response token
     last_hidden: dict[str, torch.Tensor]   # role -> [H] final hidden state of ids[-1]
+    text: str = ""                         # cross-tokenizer only: the text `ids` tokenize
+    starts: list[int] = field(default_factory=list)  # and where each token starts in it
 
     def fork(self, blocks: BlockManager) -> "SmallState":
         # Hidden states are never written in place, so children share the tensors.
         return SmallState(blocks.fork(self.table), list(self.ids), self.response_start,
-                          list(self.terms), dict(self.last_hidden))
+                          list(self.terms), dict(self.last_hidden), self.text, list(self.starts))
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Beam:
     finished: bool = False
     finish_reason: str | None = None   # "stop" (EOS or stop string) or "length"
     stop_text_len: int | None = None   # response text is cut here when a stop string matched
+    detok: DetokState = field(default_factory=DetokState)  # incremental text of token_ids
     chunk_tokens: int = 0        # tokens sampled in the current chunk
     text: str = ""               # black-box large model only: the response as text
     num_large_tokens: int = 0    # black-box large model only: the server's token count

@@ -9,6 +9,8 @@ The rules follow the reference implementation, so that both score the same text 
 
 from dataclasses import dataclass
 
+from w2s_engine.search.bridge import Tokenized, retokenize, tokenize
+
 ROLES = ("large", "tuned", "untuned")
 
 
@@ -65,15 +67,22 @@ class SmallPrompt:
     tokenizer: object
     text: str
     ids: list[int]
+    starts: list[int]   # character offset of each prompt token
     special: bool
 
     @classmethod
     def make(cls, tokenizer, template: Template, prompt: str, special: bool) -> "SmallPrompt":
         text = template.apply(tokenizer, prompt)
-        ids = encode(tokenizer, text, special and not template.chat)
-        return cls(tokenizer, text, ids, special and not template.chat)
+        special = special and not template.chat  # a rendered chat template has its own
+        tok = tokenize(tokenizer, text, special)
+        return cls(tokenizer, text, tok.ids, tok.starts, special)
 
     def full_ids(self, response_text: str) -> tuple[list[int], int]:
         """(tokenize(prompt + response), first position where it differs from the prompt's)."""
         full = encode(self.tokenizer, self.text + response_text, self.special)
         return full, common_prefix(full, self.ids)
+
+    def extend(self, old: Tokenized, response_text: str) -> tuple[Tokenized, int]:
+        """full_ids() computed incrementally from the stream's last tokenization `old`."""
+        new = retokenize(self.tokenizer, self.special, old, self.text + response_text)
+        return new, common_prefix(new.ids, self.ids)

@@ -77,7 +77,8 @@ class SearchRequest:
             small = [s.fork(m) for s, m in zip(parent.small, kv.small)]
         return Beam(beam_id=self.new_beam_id(), large=large, token_ids=list(parent.token_ids),
                     small=small, reward=parent.reward, parent_id=parent.beam_id,
-                    text=parent.text, num_large_tokens=parent.num_large_tokens)
+                    text=parent.text, num_large_tokens=parent.num_large_tokens,
+                    detok=parent.detok.copy())
 
     def start(self, kv: KVSpace):
         """After the prefill: the root becomes W*K children (the root's tables go to the last)."""
@@ -96,7 +97,7 @@ class SearchRequest:
     def chunk_complete(self) -> bool:
         return self.status == "running" and not self.generating
 
-    def record_token(self, beam: Beam, token: int, eos_ids: set[int], decode) -> None:
+    def record_token(self, beam: Beam, token: int, eos_ids: set[int], text_of) -> None:
         """Add a sampled token; mark the beam finished on EOS, a stop string or the length cap."""
         p = self.params
         beam.chunk_tokens += 1
@@ -106,7 +107,7 @@ class SearchRequest:
             return
         beam.token_ids.append(token)
         if p.stop:
-            text = decode(beam.token_ids)
+            text = text_of(beam)
             longest = max(len(s) for s in p.stop)
             tail_from = max(0, len(text) - longest - 16)
             hits = [i for i in (text.find(s, tail_from) for s in p.stop) if i >= 0]

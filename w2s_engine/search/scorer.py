@@ -32,6 +32,8 @@ class StreamUpdate:
     forwarded: int = 0        # out: tokens this update forwarded (per model)
     scored: int = 0           # out: reward terms computed
     eos_term: float = 0.0     # out: the EOS term when finished
+    text: str = ""            # cross-tokenizer: the text full_ids tokenize, and token starts
+    starts: list[int] | None = None
 
 
 class SmallStream:
@@ -134,6 +136,8 @@ class SmallStream:
             st.terms = kept + new_terms
             st.ids = list(u.full_ids)
             st.response_start = u.response_start
+            if u.starts is not None:
+                st.text, st.starts = u.text, u.starts
             if fi is not None:
                 for role in self.runners:
                     off = hidden[role + "_offsets"][fi]

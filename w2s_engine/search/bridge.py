@@ -1,0 +1,91 @@
+"""The cross-tokenizer bridge: large-model tokens -> text -> small-model tokens, incrementally.
+
+When the tokenizers differ, the small models score tokenize(small prompt + response text).
+Appending text can only change the tail of that tokenization (a word split at a chunk
+boundary, a multi-byte character completed), so:
+- Detokenizer turns new large-model tokens into text by decoding a short window of tokens
+  (never the whole response), holding back an incomplete UTF-8 character;
+- retokenize() re-tokenizes only a tail window of the small stream, anchored on a few
+  committed tokens before it that must come back unchanged (else the window widens), and
+  splices the result onto the committed prefix. The scorer then keeps the longest common
+  prefix in the KV cache and rolls back the rest.
+"""
+
+from dataclasses import dataclass
+
+REPLACEMENT = "\ufffd"  # what a decoder yields for an incomplete UTF-8 sequence
+
+
+@dataclass
+class DetokState:
+    text: str = ""
+    prefix_offset: int = 0   # first token of the decode window
+    read_offset: int = 0     # tokens before this are already in `text`
+
+    def copy(self) -> "DetokState":
+        return DetokState(self.text, self.prefix_offset, self.read_offset)
+
+
+class Detokenizer:
+    """Incremental decode: equal to tokenizer.decode(all ids) once flushed."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True,
+                                     clean_up_tokenization_spaces=False)
+
+    def update(self, state: DetokState, ids: list[int], flush: bool = False) -> str:
+        """Bring state.text up to ids; keeps a trailing partial character back unless flush."""
+        if state.read_offset >= len(ids):
+            return state.text
+        # Decoding from one token earlier keeps tokenizer-specific leading-space rules right.
+        prefix = self.decode(ids[state.prefix_offset:state.read_offset])
+        full = self.decode(ids[state.prefix_offset:])
+        if len(full) > len(prefix) and (flush or not full.endswith(REPLACEMENT)):
+            state.text += full[len(prefix):]
+            state.prefix_offset = state.read_offset
+            state.read_offset = len(ids)
+        return state.text
+
+
+@dataclass
+class Tokenized:
+    """A tokenization of `text` with the character offset where each token starts."""
+
+    text: str
+    ids: list[int]
+    starts: list[int]
+
+
+def tokenize(tokenizer, text: str, special: bool) -> Tokenized:
+    enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+    return Tokenized(text, list(enc["input_ids"]), [s for s, _ in enc["offset_mapping"]])
+
+
+def retokenize(tokenizer, special: bool, old: Tokenized, text: str, tail: int = 6,
+               anchor: int = 2) -> Tokenized:
+    """tokenize(text), computed from `old` by re-tokenizing a tail window only."""
+    # First character where the texts differ; tokens starting well before it are kept.
+    n = min(len(old.text), len(text))
+    d = 0
+    if old.text[:n] == text[:n]:
+        d = n
+    else:
+        while d < n and old.text[d] == text[d]:
+            d += 1
+    touched = sum(1 for s in old.starts if s < d)
+    while True:
+        keep = touched - tail                  # tokens kept as they are
+        first = keep - anchor                  # window start: anchor tokens, then the tail
+        if first <= 0 or (special and first <= 1):
+            return tokenize(tokenizer, text, special)
+        offset = old.starts[first]
+        enc = tokenizer(text[offset:], add_special_tokens=False, return_offsets_mapping=True)
+        ids, offs = enc["input_ids"], enc["offset_mapping"]
+        if (ids[:anchor] == old.ids[first:keep]
+                and [s + offset for s, _ in offs[:anchor]] == old.starts[first:keep]):
+            return Tokenized(text, old.ids[:keep] + list(ids[anchor:]),
+                             old.starts[:keep] + [s + offset for s, _ in offs[anchor:]])
+        tail *= 2  # the anchor moved: the change reaches further back
