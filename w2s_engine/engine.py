@@ -136,6 +136,7 @@ class Engine:
         self.running: list[SearchRequest] = []
         self.next_request_id = 0
         self._eft_logprobs = {}
+        self._ended: list[SearchRequest] = []   # requests that ended since the last step()
         self.total = {"requests": 0, "failed": 0,
                       "tokens": {role: 0 for role in self.runners}}
 
@@ -255,7 +256,6 @@ class Engine:
 
     def step(self) -> list[SearchRequest]:
         """One engine step; returns the requests that ended (done or failed) in it."""
-        ended = []
         self._admit()
         if self.remote:
             self._remote_chunks()
@@ -271,9 +271,10 @@ class Engine:
                     r.finish(self._response_text)
                     self._release(r)
         for r in list(self.running):
-            if r.status in ("done", "failed"):
+            if r.status == "done":
                 self.running.remove(r)
-                ended.append(r)
+                self._ended.append(r)
+        ended, self._ended = self._ended, []
         return ended
 
     def _admit(self):
@@ -531,6 +532,7 @@ class Engine:
         self._release(r)
         if r in self.running:
             self.running.remove(r)
+            self._ended.append(r)
         if count:
             self.total["failed"] += 1
 

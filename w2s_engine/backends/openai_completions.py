@@ -81,7 +81,7 @@ class OpenAICompletions:
         while len(choices) < job.n:
             want = job.n - len(choices)
             kwargs = dict(model=self.model, prompt=job.prompt, n=want, max_tokens=job.max_tokens,
-                          temperature=job.temperature, top_p=job.top_p, logprobs=0)
+                          temperature=job.temperature, top_p=job.top_p)
             if job.stop:
                 kwargs["stop"] = job.stop
             if job.seed is not None:
@@ -95,9 +95,7 @@ class OpenAICompletions:
                                        f"(after {self.max_retries} retries): {e}") from e
             if not resp.choices:
                 raise RemoteModelError(f"the large-model server at {self.base_url} returned no choices")
-            for c in resp.choices[:want]:
-                choices.append(Choice(c.text or "", _finish(c.finish_reason),
-                                      _num_tokens(c, resp, job)))
+            choices += _choices(resp, job, want)
         return choices
 
     def close(self):
@@ -112,13 +110,17 @@ def _finish(reason) -> str:
     return "stop" if reason == "stop" else "length"
 
 
-def _num_tokens(choice, resp, job: CompletionJob) -> int:
-    lp = getattr(choice, "logprobs", None)
-    tokens = getattr(lp, "tokens", None) if lp is not None else None
-    if tokens is not None:
-        return len(tokens)
+def _choices(resp, job: CompletionJob, want: int) -> list[Choice]:
+    """Per-choice token counts without asking for logprobs (which some servers make slow):
+    a continuation cut by length used max_tokens; the rest share what usage reports."""
+    got = resp.choices[:want]
+    reasons = [_finish(c.finish_reason) for c in got]
+    n_stop = reasons.count("stop")
     usage = getattr(resp, "usage", None)
-    if usage is not None and len(resp.choices) == 1:
-        return usage.completion_tokens
-    # No per-choice count: a chunk cut by length used all its tokens.
-    return job.max_tokens if _finish(choice.finish_reason) == "length" else 1
+    total = usage.completion_tokens if usage is not None and len(resp.choices) == len(got) else None
+    if total is not None and n_stop:
+        per_stop = max(1, (total - job.max_tokens * (len(got) - n_stop)) // n_stop)
+    else:
+        per_stop = 1
+    return [Choice(c.text or "", r, job.max_tokens if r == "length" else per_stop)
+            for c, r in zip(got, reasons)]
