@@ -140,7 +140,8 @@ class SearchRequest:
                 "candidates": [{"beam_id": b.beam_id, "parent_id": b.parent_id,
                                 "reward": b.reward, "finished": b.finished,
                                 "finish_reason": b.finish_reason,
-                                "num_tokens": len(b.token_ids)} for b in cands],
+                                "num_tokens": len(b.token_ids),
+                                "token_ids": list(b.token_ids)} for b in cands],
                 "survivors": [b.beam_id for b in survivors],
             })
         if all(b.finished for b in survivors):
