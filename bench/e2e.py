@@ -1,0 +1,257 @@
+"""End-to-end benchmark: the engine against the reference-style baseline and plain sampling.
+
+    python bench/e2e.py --preset cpu        # bundled models: Gemma-3-270M + SmolLM2 pair
+    python bench/e2e.py --preset cpu-shared # SmolLM2 steering itself (shared vocabulary)
+    python bench/e2e.py --preset gpu        # random-init Llama-3-8B + Llama-3.2-1B pair, bf16
+    python bench/e2e.py --preset gpu-cross  # random-init Qwen2.5-7B + Llama-3.2-1B pair
+
+Options pick the workload grid (prompt lengths, max_new_tokens, searches, concurrency). Each run
+appends a JSON line to bench/results/e2e-<preset>.jsonl (machine, versions, commit), and
+--table prints a markdown table of everything in that file.
+
+Per run: wall time, large-model tokens/s, per-request latency p50/p95, tokens forwarded per
+model, peak KV blocks per model (and bytes), and the ratios engine / baseline and
+CBS / plain sampling of the same W*K streams.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.baselines.reference_cbs import reference_cbs  # noqa: E402
+from w2s_engine import Engine, SearchParams  # noqa: E402
+from w2s_engine.models.runner import ModelShape  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+# Real configurations (from the models' published config.json), randomly initialised: weight
+# values do not change speed.
+LLAMA3_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                 max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5)
+LLAMA32_1B = dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                  num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                  max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                  tie_word_embeddings=True, head_dim=64)
+QWEN25_7B = dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                 num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                 max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6)
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    import platform
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=Path(__file__).parent).stdout.strip()
+
+
+def word_tokenizer(vocab_size: int):
+    """A whole-word tokenizer over 'w0 .. wN': stands in for a real vocabulary of that size
+    (no hub here); decode and re-tokenize are exact, so the cross-vocabulary path is real."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+def random_model(cfg: dict, dtype, device, seed):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = dict(cfg)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def prompt_of(tokenizer, n_tokens: int, seed: int) -> str:
+    """A prompt of about n_tokens tokens of the given tokenizer."""
+    g = torch.Generator().manual_seed(seed)
+    if hasattr(tokenizer, "vocab_size") and tokenizer.vocab_size > 1000 and \
+            "w3" in tokenizer.get_vocab():
+        return " ".join(f"w{int(i)}" for i in torch.randint(3, tokenizer.vocab_size, (n_tokens,),
+                                                            generator=g))
+    words = "the movie was a story of love and war with great acting and a slow plot".split()
+    text, i = "", 0
+    while len(tokenizer(text)["input_ids"]) < n_tokens:
+        text += " " + words[int(torch.randint(0, len(words), (1,), generator=g))]
+        i += 1
+    return text.strip()
+
+
+def build(preset: str):
+    """(engine, baseline models or None, description) for a preset."""
+    if preset in ("cpu", "cpu-shared"):
+        from w2s_engine.demo import TEMPLATES
+        large = "gemma-3-270m" if preset == "cpu" else "smollm2-135m-instruct"
+        small = "smollm2-135m-instruct"
+        engine = Engine(large=large, tuned=small, untuned=small, templates=TEMPLATES,
+                        progress=False)
+        return engine, {"large": large, "small": small}
+    assert torch.cuda.is_available(), f"preset {preset} needs a GPU"
+    dtype, dev = torch.bfloat16, "cuda"
+    large_cfg = LLAMA3_8B if preset == "gpu" else QWEN25_7B
+    large_tok = word_tokenizer(large_cfg["vocab_size"])
+    small_tok = word_tokenizer(LLAMA32_1B["vocab_size"])
+    large = random_model(large_cfg, dtype, dev, 0)
+    tuned = random_model(LLAMA32_1B, dtype, dev, 1)
+    untuned = random_model(LLAMA32_1B, dtype, dev, 2)
+    for m in (large, tuned, untuned):
+        m.generation_config.eos_token_id = 2
+    engine = Engine((large, large_tok), (tuned, small_tok), (untuned, small_tok),
+                    progress=False, kv_cache_memory_fraction=0.5)
+    return engine, {"large": "random " + ("Llama-3-8B" if preset == "gpu" else "Qwen2.5-7B"),
+                    "small": "random Llama-3.2-1B"}
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_engine(engine, prompts, params, reps: int):
+    """Median wall time over reps (after one warm-up); returns (seconds, results, latencies)."""
+    engine.search(prompts[:1], params.copy(max_new_tokens=min(8, params.max_new_tokens)))
+    times, results, latencies = [], None, []
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        results = engine.search(prompts, params)
+        sync()
+        times.append(time.perf_counter() - t)
+        latencies += [r.stats.seconds for r in results]
+    return statistics.median(times), results, latencies
+
+
+def kv_bytes(engine, role: str, blocks: int) -> int:
+    runner = engine.runners[role]
+    return blocks * ModelShape.of(runner.model).kv_bytes_per_block(engine.config.block_size,
+                                                                   runner.dtype)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="cpu", choices=["cpu", "cpu-shared", "gpu", "gpu-cross"])
+    ap.add_argument("--prompt-lens", default="128", help="comma list (grid: 128,512)")
+    ap.add_argument("--max-new", default="64", help="comma list (grid: 64,256,1024)")
+    ap.add_argument("--searches", default="cbs-4-4-8", help="comma list: cbs-W-K-L, bon-N")
+    ap.add_argument("--concurrency", default="1", help="comma list (grid: 1,8,32)")
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--baseline", action="store_true", help="also time the reference baseline")
+    ap.add_argument("--table", action="store_true", help="print the results file as a table")
+    args = ap.parse_args()
+    out = RESULTS / f"e2e-{args.preset}.jsonl"
+    if args.table:
+        print_table(out)
+        return
+    engine, names = build(args.preset)
+    for plen in map(int, args.prompt_lens.split(",")):
+        for max_new in map(int, args.max_new.split(",")):
+            for search in args.searches.split(","):
+                for conc in map(int, args.concurrency.split(",")):
+                    row = bench_one(engine, names, args, plen, max_new, search, conc)
+                    print(json.dumps(row), flush=True)
+                    with out.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+
+
+def parse_search(search: str, max_new: int) -> SearchParams:
+    kind, *nums = search.split("-")
+    common = dict(max_new_tokens=max_new, temperature=0.7, top_k=50, seed=1, ignore_eos=True)
+    if kind == "cbs":
+        w, k, l = map(int, nums)
+        return SearchParams.cbs(w, k, l, **common)
+    return SearchParams.best_of_n(int(nums[0]), **common)
+
+
+def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
+    params = parse_search(search, max_new)
+    tok = engine.large_tokenizer
+    prompts = [prompt_of(tok, plen, seed=i) for i in range(conc)]
+    seconds, results, lat = run_engine(engine, prompts, params, args.reps)
+    sampled = sum(r.stats.tokens_sampled for r in results)
+    # The floor: plain sampling of the same W*K streams, same engine, no small models.
+    base = SearchParams.base(n=params.w * params.k, max_new_tokens=max_new, temperature=0.7,
+                             top_k=50, seed=1, ignore_eos=True)
+    base_seconds, _, _ = run_engine(engine, prompts, base, args.reps)
+    forwarded, peak = {}, {}
+    for r in results:
+        for role, n in r.stats.tokens_forwarded.items():
+            forwarded[role] = forwarded.get(role, 0) + n
+        for role, n in r.stats.peak_kv_blocks.items():
+            peak[role] = max(peak.get(role, 0), n)
+    large_prompt = len(tok(prompts[0])["input_ids"])
+    ideal_tokens = large_prompt + params.w * params.k * max_new
+    row = {
+        "preset": args.preset, "large": names["large"], "small": names["small"],
+        "prompt_tokens": large_prompt, "max_new_tokens": max_new, "search": search,
+        "concurrency": conc, "seconds": round(seconds, 3),
+        "large_tokens_per_s": round(sampled / seconds, 1),
+        "latency_p50_s": round(statistics.median(lat), 3),
+        "latency_p95_s": round(sorted(lat)[min(len(lat) - 1, int(0.95 * len(lat)))], 3),
+        "tokens_forwarded": forwarded, "peak_kv_blocks": peak,
+        "peak_kv_bytes_large": kv_bytes(engine, "large", peak.get("large", 0)),
+        "peak_kv_vs_ideal_large": round(peak.get("large", 0) * engine.config.block_size
+                                        / ideal_tokens, 3),
+        "plain_sampling_seconds": round(base_seconds, 3),
+        "cbs_over_sampling": round(seconds / base_seconds, 3),
+        "device": machine(), "torch": torch.__version__, "commit": commit(),
+    }
+    if args.baseline and conc == 1 and search.startswith("cbs"):
+        row.update(bench_baseline(engine, prompts[0], params))
+        row["engine_speedup_vs_baseline"] = round(row["baseline_seconds"] / seconds, 2)
+    return row
+
+
+def bench_baseline(engine, prompt, params) -> dict:
+    m = {role: engine.runners[role].model for role in ("large", "tuned", "untuned")}
+    for model in m.values():
+        model.set_attn_implementation("sdpa")
+    try:
+        sync()
+        t = time.perf_counter()
+        _, _, stats = reference_cbs(
+            m["large"], engine.large_tokenizer, m["tuned"], m["untuned"],
+            engine.models["tuned"].tokenizer, prompt, params.w, params.k, params.l,
+            params.max_new_tokens, params.temperature, params.top_k, seed=1,
+            device=engine.config.device)
+        sync()
+        return {"baseline_seconds": round(time.perf_counter() - t, 3),
+                "baseline_tokens_forwarded": stats.tokens_forwarded,
+                "baseline_peak_kv_bytes_large": stats.peak_kv_bytes_large}
+    finally:
+        from w2s_engine.models.attention import ATTN_IMPLEMENTATION
+        for model in m.values():
+            model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+
+def print_table(path: Path):
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    cols = ["search", "prompt_tokens", "max_new_tokens", "concurrency", "seconds",
+            "large_tokens_per_s", "latency_p50_s", "latency_p95_s", "cbs_over_sampling",
+            "engine_speedup_vs_baseline", "peak_kv_vs_ideal_large", "device", "commit"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()
