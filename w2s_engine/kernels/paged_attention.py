@@ -1,0 +1,359 @@
+"""Paged attention over block tables: decode (split-K flash-decoding) and extend (causal chunk).
+
+Caches: k_cache, v_cache [num_blocks, block_size, Hkv, D]; a sequence's token p lives at
+block_tables[b, p // block_size], row p % block_size. New tokens' k/v are stored before the
+attention call, so both kernels read only the cache. Sliding window: key j is visible to
+the query at position i iff i - window < j <= i (transformers' sliding_window_overlay).
+Soft-cap: score = cap * tanh(score / cap), after scaling, before masking.
+"""
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+# ---- PyTorch references (the CPU path) ---------------------------------------------------------
+
+def _gather(cache, block_tables, max_len):
+    """[num_blocks, bs, Hkv, D] through [B, max_blocks] -> [B, max_len, Hkv, D]."""
+    bs = cache.shape[1]
+    nb = -(-max_len // bs)
+    blocks = block_tables[:, :nb].long().clamp_min(0)
+    return cache[blocks].reshape(blocks.shape[0], nb * bs, *cache.shape[2:])[:, :max_len]
+
+
+def _masked_softmax_attention(q, k, v, qpos, kv_len, scale, sliding_window, softcap):
+    """q [B, M, Hq, D], k/v [B, L, Hkv, D], qpos [B, M] -> (out [B, M, Hq, D], lse [B, M, Hq])."""
+    B, M, Hq, D = q.shape
+    L, Hkv = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    qf = q.float().view(B, M, Hkv, g, D)
+    s = torch.einsum("bmhgd,blhd->bhgml", qf, k.float()) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    kpos = torch.arange(L, device=q.device)
+    mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < kv_len[:, None, None])
+    if sliding_window:
+        mask &= kpos[None, None, :] > qpos[:, :, None] - sliding_window
+    s = s.masked_fill(~mask[:, None, None], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)                                    # [B, Hkv, g, M]
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    out = torch.einsum("bhgml,blhd->bmhgd", p, v.float()).reshape(B, M, Hq, D)
+    return out, lse.permute(0, 3, 1, 2).reshape(B, M, Hq)
+
+
+def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                               sliding_window=None, softcap=None, num_splits=None):
+    max_len = int(seq_lens.max())
+    k = _gather(k_cache, block_tables, max_len)
+    v = _gather(v_cache, block_tables, max_len)
+    qpos = (seq_lens.long() - 1)[:, None]
+    out, lse = _masked_softmax_attention(q[:, None], k, v, qpos, seq_lens.long(), scale,
+                                         sliding_window, softcap)
+    return out[:, 0].to(q.dtype), lse[:, 0]
+
+
+def paged_extend_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale,
+                               sliding_window=None, softcap=None):
+    cu = cu_seqlens_q.long()
+    qlens = cu[1:] - cu[:-1]
+    B, max_q = qlens.numel(), int(qlens.max()) if qlens.numel() else 0
+    out = torch.zeros_like(q)
+    if max_q == 0:
+        return out
+    # Pad the packed queries to [B, max_q] so all sequences run in one batched product.
+    idx = cu[:-1, None] + torch.arange(max_q, device=q.device)[None]          # [B, max_q]
+    valid = torch.arange(max_q, device=q.device)[None] < qlens[:, None]
+    qpad = q[idx.clamp_max(q.shape[0] - 1)] * valid[..., None, None]
+    qpos = seq_lens.long()[:, None] - qlens[:, None] + torch.arange(max_q, device=q.device)[None]
+    max_len = int(seq_lens.max())
+    k = _gather(k_cache, block_tables, max_len)
+    v = _gather(v_cache, block_tables, max_len)
+    o, _ = _masked_softmax_attention(qpad, k, v, qpos, seq_lens.long(), scale, sliding_window,
+                                     softcap)
+    out[idx[valid]] = o[valid].to(q.dtype)
+    return out
+
+
+# ---- Triton kernels (the CUDA path) --------------------------------------------------------------
+
+if triton is not None:
+    @triton.jit
+    def _decode_split_kernel(
+        q_ptr,                 # [B, Hq, D]
+        k_cache_ptr, v_cache_ptr,   # [num_blocks, BLOCK_SIZE, Hkv, D]
+        block_tables_ptr,      # [B, max_blocks] int32
+        seq_lens_ptr,          # [B] int32
+        part_out_ptr,          # [B, Hq, NUM_SPLITS, D] fp32
+        part_lse_ptr,          # [B, Hq, NUM_SPLITS] fp32
+        scale, softcap, window,
+        stride_qb, stride_qh,
+        stride_cb, stride_cs, stride_ch,     # cache strides: block, slot in block, kv head
+        stride_bt,
+        GROUP: tl.constexpr,        # Hq // Hkv query heads share one kv head
+        BLOCK_H: tl.constexpr,      # >= GROUP, >= 16 for tl.dot
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+        NUM_SPLITS: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ):
+        # grid: (B, Hkv, NUM_SPLITS). One program reads one split of one kv head's cache once
+        # for all GROUP query heads that share it.
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        seq_len = tl.load(seq_lens_ptr + b)
+        qpos = seq_len - 1
+        lo = 0
+        if HAS_WINDOW:
+            lo = tl.maximum(qpos - window + 1, 0)
+        span = tl.cdiv(seq_len - lo, NUM_SPLITS)
+        start = lo + split * span
+        end = tl.minimum(start + span, seq_len)
+
+        h = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        hmask = h < GROUP
+        dmask = d < HEAD_DIM
+        qh = kvh * GROUP + h
+        q = tl.load(q_ptr + b * stride_qb + qh[:, None] * stride_qh + d[None, :],
+                    mask=hmask[:, None] & dmask[None, :], other=0.0)
+
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            nmask = n < end
+            block = tl.load(block_tables_ptr + b * stride_bt + n // BLOCK_SIZE, mask=nmask, other=0)
+            row = block.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
+            k = tl.load(k_cache_ptr + row[:, None] + d[None, :],
+                        mask=nmask[:, None] & dmask[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale                      # [BLOCK_H, BLOCK_N]
+            if HAS_SOFTCAP:
+                s = softcap * (2 * tl.sigmoid(2 * s / softcap) - 1)  # tanh, from sigmoid
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_cache_ptr + row[:, None] + d[None, :],
+                        mask=nmask[:, None] & dmask[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
+        base = (b * (tl.num_programs(1) * GROUP) + qh) * NUM_SPLITS + split
+        tl.store(part_out_ptr + base[:, None] * HEAD_DIM + d[None, :], out,
+                 mask=hmask[:, None] & dmask[None, :])
+        tl.store(part_lse_ptr + base, lse, mask=hmask)
+
+    @triton.jit
+    def _decode_merge_kernel(
+        part_out_ptr, part_lse_ptr,   # [B * Hq, NUM_SPLITS, D], [B * Hq, NUM_SPLITS]
+        out_ptr, lse_ptr,             # [B, Hq, D] (rows contiguous), [B, Hq]
+        stride_ob, stride_oh, num_heads,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
+        # grid: (B, Hq): combine the splits by their log-sum-exp
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        row = b * num_heads + h
+        s = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, BLOCK_D)
+        smask = s < NUM_SPLITS
+        lse = tl.load(part_lse_ptr + row * NUM_SPLITS + s, mask=smask, other=float("-inf"))
+        m = tl.max(lse, 0)
+        w = tl.where(smask & (lse > float("-inf")), tl.exp(lse - m), 0.0)
+        total = tl.sum(w, 0)
+        part = tl.load(part_out_ptr + (row * NUM_SPLITS + s[:, None]) * HEAD_DIM + d[None, :],
+                       mask=smask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+        out = tl.sum(part * w[:, None], 0) / total
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + d,
+                 out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+        tl.store(lse_ptr + row, m + tl.log(total))
+
+    @triton.jit
+    def _extend_kernel(
+        q_ptr, out_ptr,            # [Nq, Hq, D]
+        k_cache_ptr, v_cache_ptr,  # [num_blocks, BLOCK_SIZE, Hkv, D]
+        block_tables_ptr, cu_seqlens_ptr, seq_lens_ptr,
+        scale, softcap, window,
+        stride_qn, stride_qh, stride_on, stride_oh,
+        stride_cb, stride_cs, stride_ch, stride_bt,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ):
+        # grid: (B, Hq, query tiles): a tile of one sequence's new queries over its whole
+        # paged context (prefix and the chunk itself), causal, online softmax.
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        tile = tl.program_id(2)
+        q_start = tl.load(cu_seqlens_ptr + b)
+        q_len = tl.load(cu_seqlens_ptr + b + 1) - q_start
+        if tile * BLOCK_M >= q_len:
+            return
+        seq_len = tl.load(seq_lens_ptr + b)
+        m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        mmask = m < q_len
+        qpos = seq_len - q_len + m                                   # absolute positions
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < HEAD_DIM
+        kvh = h // GROUP
+        q = tl.load(q_ptr + (q_start + m)[:, None] * stride_qn + h * stride_qh + d[None, :],
+                    mask=mmask[:, None] & dmask[None, :], other=0.0)
+
+        hi = tl.minimum(seq_len, seq_len - q_len + (tile + 1) * BLOCK_M)  # causal limit
+        lo = 0
+        if HAS_WINDOW:
+            lo = tl.maximum(seq_len - q_len + tile * BLOCK_M - window + 1, 0)
+            lo = (lo // BLOCK_N) * BLOCK_N
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            nmask = n < hi
+            block = tl.load(block_tables_ptr + b * stride_bt + n // BLOCK_SIZE, mask=nmask, other=0)
+            row = block.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
+            k = tl.load(k_cache_ptr + row[:, None] + d[None, :],
+                        mask=nmask[:, None] & dmask[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale
+            if HAS_SOFTCAP:
+                s = softcap * (2 * tl.sigmoid(2 * s / softcap) - 1)
+            visible = nmask[None, :] & (n[None, :] <= qpos[:, None])
+            if HAS_WINDOW:
+                visible = visible & (n[None, :] > qpos[:, None] - window)
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_cache_ptr + row[:, None] + d[None, :],
+                        mask=nmask[:, None] & dmask[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + (q_start + m)[:, None] * stride_on + h * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
+
+
+def _check(q, k_cache, v_cache, block_tables, seq_lens, name):
+    if not q.is_floating_point() or q.dim() != 3:
+        raise TypeError(f"{name}: q must be a floating-point [tokens, Hq, D] tensor; got "
+                        f"{q.dtype} {tuple(q.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"{name}: k_cache and v_cache must be [num_blocks, block_size, Hkv, D] "
+                         f"of one shape; got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"{name}: q, k_cache, v_cache must share a dtype; got {q.dtype}, "
+                        f"{k_cache.dtype}, {v_cache.dtype}")
+    hq, d = q.shape[1:]
+    hkv = k_cache.shape[2]
+    if k_cache.shape[3] != d:
+        raise ValueError(f"{name}: head_dim of q ({d}) and of the cache ({k_cache.shape[3]}) differ")
+    if hq % hkv:
+        raise ValueError(f"{name}: Hq={hq} is not a multiple of Hkv={hkv}")
+    if not (k_cache.stride(3) == 1 and v_cache.stride(3) == 1 and q.stride(2) == 1):
+        raise ValueError(f"{name}: q, k_cache and v_cache need a contiguous last dimension")
+    if k_cache.stride() != v_cache.stride():
+        raise ValueError(f"{name}: k_cache and v_cache must have the same strides")
+    if block_tables.dtype != torch.int32 or block_tables.dim() != 2:
+        raise TypeError(f"{name}: block_tables must be int32 [B, max_blocks]; got "
+                        f"{block_tables.dtype} {tuple(block_tables.shape)}")
+    if seq_lens.dtype != torch.int32 or seq_lens.shape != (block_tables.shape[0],):
+        raise TypeError(f"{name}: seq_lens must be int32 [B={block_tables.shape[0]}]; got "
+                        f"{seq_lens.dtype} {tuple(seq_lens.shape)}")
+    if block_tables.stride(1) != 1:
+        raise ValueError(f"{name}: block_tables must be contiguous in its last dimension")
+    bs = k_cache.shape[1]
+    if bs & (bs - 1):
+        raise ValueError(f"{name}: block_size {bs} must be a power of two")
+    return hq, hkv, d, bs
+
+
+def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                  sliding_window=None, softcap=None, num_splits=None):
+    hq, hkv, d, bs = _check(q, k_cache, v_cache, block_tables, seq_lens, "paged_decode_attention")
+    B = q.shape[0]
+    if q.shape[0] != block_tables.shape[0]:
+        raise ValueError(f"paged_decode_attention: q has {q.shape[0]} sequences, block_tables "
+                         f"{block_tables.shape[0]}")
+    group = hq // hkv
+    if num_splits is None:
+        # Enough programs to fill the GPU when the batch is small, one split when it is large.
+        max_len = block_tables.shape[1] * bs
+        want = max(1, 132 * 2 // max(1, B * hkv))
+        num_splits = max(1, min(want, triton.cdiv(max_len, 256), 16))
+    part_out = torch.empty(B, hq, num_splits, d, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(B, hq, num_splits, dtype=torch.float32, device=q.device)
+    block_n = 32 if d <= 128 else 16
+    _decode_split_kernel[(B, hkv, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse,
+        scale, softcap or 0.0, sliding_window or 0,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_SIZE=bs, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(softcap))
+    out = torch.empty_like(q)
+    lse = torch.empty(B, hq, dtype=torch.float32, device=q.device)
+    _decode_merge_kernel[(B, hq)](
+        part_out, part_lse, out, lse, out.stride(0), out.stride(1), hq,
+        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), NUM_SPLITS=num_splits,
+        BLOCK_S=triton.next_power_of_2(num_splits))
+    return out, lse
+
+
+def paged_extend_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
+                                  scale, sliding_window=None, softcap=None):
+    hq, hkv, d, bs = _check(q, k_cache, v_cache, block_tables, seq_lens, "paged_extend_attention")
+    B = block_tables.shape[0]
+    if cu_seqlens_q.dtype != torch.int32 or cu_seqlens_q.shape != (B + 1,):
+        raise TypeError(f"paged_extend_attention: cu_seqlens_q must be int32 [B + 1 = {B + 1}]")
+    out = torch.empty_like(q)
+    if q.shape[0] == 0:
+        return out
+    max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    block_m = 64 if d <= 128 else 32
+    block_m = min(block_m, max(16, triton.next_power_of_2(max_q)))
+    block_n = 32 if d <= 128 else 16
+    grid = (B, hq, triton.cdiv(max_q, block_m))
+    _extend_kernel[grid](
+        q, out, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
+        scale, softcap or 0.0, sliding_window or 0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_SIZE=bs,
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(softcap))
+    return out
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                           sliding_window=None, softcap=None, num_splits=None):
+    if q.is_cuda and triton is not None:
+        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                             sliding_window, softcap, num_splits)
+    return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                      sliding_window, softcap)
+
+
+def paged_extend_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale,
+                           sliding_window=None, softcap=None):
+    if q.is_cuda and triton is not None:
+        return paged_extend_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q,
+                                             seq_lens, scale, sliding_window, softcap)
+    return paged_extend_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
+                                      scale, sliding_window, softcap)
+
