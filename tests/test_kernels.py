@@ -1,0 +1,329 @@
+"""Every Triton kernel against its PyTorch reference, and each reference against plain torch.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) on tiny fp32/fp16 shapes;
+the `gpu` class repeats the comparisons at realistic bf16 shapes on CUDA.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from w2s_engine.kernels.chunk_reward import (chunk_reward_ref, chunk_reward_triton,
+                                             fused_lmhead_chunk_reward_ref,
+                                             fused_lmhead_chunk_reward_triton)
+from w2s_engine.kernels.kv_cache import (copy_blocks_ref, copy_blocks_triton, store_kv_ref,
+                                         store_kv_triton)
+from w2s_engine.kernels.paged_attention import (paged_decode_attention_ref,
+                                                paged_decode_attention_triton,
+                                                paged_extend_attention_ref,
+                                                paged_extend_attention_triton)
+from w2s_engine.kernels.sampling import gumbel_noise_ref, sample_ref, sample_triton
+
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def paged_setup(dtype, hq, hkv, block_size, seq_lens, head_dim=32, device="cpu", seed=0):
+    """A shuffled pool and block tables for the given sequence lengths."""
+    g = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 3
+    perm = torch.randperm(num_blocks, generator=g)   # tables not in order
+    tables, at = [], 0
+    width = max(blocks_per_seq)
+    for n in blocks_per_seq:
+        row = perm[at:at + n].tolist()
+        at += n
+        tables.append(row + [0] * (width - n))
+    k = torch.randn(num_blocks, block_size, hkv, head_dim, generator=g).to(dtype).to(device)
+    v = torch.randn(num_blocks, block_size, hkv, head_dim, generator=g).to(dtype).to(device)
+    bt = torch.tensor(tables, dtype=torch.int32, device=device)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    return k, v, bt, lens
+
+
+def contiguous_kv(cache, table, n):
+    bs = cache.shape[1]
+    pos = torch.arange(n)
+    return cache[table[pos // bs].long(), pos % bs]          # [n, Hkv, D]
+
+
+def sdpa_reference(q, k, v, qpos, scale, window, softcap):
+    """Plain attention over an unpaged K/V with an explicit mask: q [M, Hq, D], k/v [L, Hkv, D]."""
+    g = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(g, 1).float()
+    v = v.repeat_interleave(g, 1).float()
+    s = torch.einsum("mhd,lhd->hml", q.float(), k) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    kpos = torch.arange(k.shape[0])
+    mask = kpos[None, :] <= qpos[:, None]
+    if window:
+        mask &= kpos[None, :] > qpos[:, None] - window
+    if not softcap:
+        return F.scaled_dot_product_attention(q.float().transpose(0, 1), k.transpose(0, 1),
+                                              v.transpose(0, 1), attn_mask=mask,
+                                              scale=scale).transpose(0, 1)
+    return torch.einsum("hml,lhd->mhd", s.masked_fill(~mask, float("-inf")).softmax(-1), v)
+
+
+CASES = [  # (Hq, Hkv, block_size, sliding_window, softcap)
+    (4, 4, 16, None, None),
+    (8, 2, 8, 5, None),
+    (8, 1, 16, None, 30.0),
+    (16, 2, 4, 7, 20.0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hq, hkv, bs, window, softcap", CASES)
+def test_paged_decode_triton_matches_reference_with_lse(dtype, hq, hkv, bs, window, softcap):
+    lens = [1, 7, 33, 20]
+    k, v, bt, sl = paged_setup(dtype, hq, hkv, bs, lens)
+    q = torch.randn(len(lens), hq, 32).to(dtype)
+    out, lse = paged_decode_attention_triton(q, k, v, bt, sl, 0.2, window, softcap, num_splits=3)
+    ref, ref_lse = paged_decode_attention_ref(q, k, v, bt, sl, 0.2, window, softcap)
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hq, hkv, bs, window, softcap", CASES)
+def test_paged_extend_triton_matches_reference_for_mixed_query_lengths(dtype, hq, hkv, bs, window,
+                                                                       softcap):
+    lens = [3, 7, 33, 20]
+    qlens = [0, 1, 5, 20]   # nothing, a decode, a chunk after a prefix, a whole prefill
+    k, v, bt, sl = paged_setup(dtype, hq, hkv, bs, lens)
+    cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32)
+    q = torch.randn(sum(qlens), hq, 32).to(dtype)
+    out = paged_extend_attention_triton(q, k, v, bt, cu, sl, 0.2, window, softcap)
+    ref = paged_extend_attention_ref(q, k, v, bt, cu, sl, 0.2, window, softcap)
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("hq, hkv, bs, window, softcap", CASES)
+def test_attention_references_equal_plain_attention_on_contiguous_kv(hq, hkv, bs, window, softcap):
+    lens, qlens = [9, 25], [4, 25]
+    k, v, bt, sl = paged_setup(torch.float32, hq, hkv, bs, lens)
+    cu = torch.tensor([0, 4, 29], dtype=torch.int32)
+    q = torch.randn(29, hq, 32)
+    out = paged_extend_attention_ref(q, k, v, bt, cu, sl, 0.2, window, softcap)
+    dec, _ = paged_decode_attention_ref(q[[3, 28]], k, v, bt, sl, 0.2, window, softcap)
+    for b, (n, m) in enumerate(zip(lens, qlens)):
+        kk, vv = contiguous_kv(k, bt[b], n), contiguous_kv(v, bt[b], n)
+        qpos = torch.arange(n - m, n)
+        expected = sdpa_reference(q[cu[b]:cu[b + 1]], kk, vv, qpos, 0.2, window, softcap)
+        torch.testing.assert_close(out[cu[b]:cu[b + 1]], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dec[b], expected[-1], atol=1e-5, rtol=1e-5)
+
+
+def test_store_kv_triton_skips_padding_slots_and_accepts_strided_k():
+    kv = torch.randn(5, 4, 4)                    # [N, 2 * Hkv, D]: k and v as strided halves
+    k, v = kv[:, :2], kv[:, 2:4]
+    slots = torch.tensor([3, -1, 0, 15, 9])
+    caches = [torch.zeros(4, 4, 2, 4) for _ in range(4)]
+    store_kv_triton(k, v, caches[0], caches[1], slots)
+    store_kv_ref(k, v, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    assert torch.equal(caches[0].view(-1, 2, 4)[15], k[3])
+    assert caches[0].view(-1, 2, 4)[[1, 2, 4]].abs().sum() == 0
+
+
+def test_copy_blocks_triton_copies_every_layer_k_and_v_in_one_launch():
+    pool = torch.randn(3, 2, 10, 4, 2, 8, dtype=torch.float16)
+    expected = pool.clone()
+    src, dst = torch.tensor([1, 2, 1]), torch.tensor([5, 7, 9])
+    copy_blocks_triton(pool, src, dst)
+    copy_blocks_ref(expected, src, dst)
+    assert torch.equal(pool, expected)
+    assert torch.equal(pool[:, :, 9], pool[:, :, 1])
+
+
+def plain_reward(a, b, t, seg, n):
+    diff = (a.float().log_softmax(-1).gather(1, t[:, None]) -
+            b.float().log_softmax(-1).gather(1, t[:, None]))[:, 0]
+    return diff, torch.zeros(n).index_add_(0, seg, diff)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("vocab", [1000, 4099])
+def test_chunk_reward_triton_matches_reference_and_plain_torch(dtype, vocab):
+    g = torch.Generator().manual_seed(vocab)
+    a = (torch.randn(7, vocab, generator=g) * 3).to(dtype)
+    b = (torch.randn(7, vocab, generator=g) * 3).to(dtype)
+    t = torch.randint(0, vocab, (7,), generator=g)
+    seg = torch.tensor([0, 3, 0, 1, 3, 3, 0])     # segment 2 is empty, segments interleave
+    diff, sums = chunk_reward_triton(a, b, t, seg, 4)
+    rdiff, rsums = chunk_reward_ref(a, b, t, seg, 4)
+    pdiff, psums = plain_reward(a, b, t, seg, 4)
+    torch.testing.assert_close(diff, rdiff, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rdiff, pdiff, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sums, psums, atol=1e-4, rtol=1e-4)
+    assert sums[2] == 0
+
+
+def test_chunk_reward_triton_handles_a_32k_vocab_and_sliced_rows():
+    big = torch.randn(4, 32768 + 100)
+    a, b = big[:, :32000], torch.randn(4, 32000)    # a: row stride larger than V
+    t = torch.tensor([0, 31999, 5, 17])
+    seg = torch.tensor([0, 0, 1, 1])
+    torch.testing.assert_close(chunk_reward_triton(a, b, t, seg, 2)[0],
+                               plain_reward(a, b, t, seg, 2)[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("softcaps", [(None, None), (None, 5.0), (30.0, 30.0)])
+def test_fused_lmhead_reward_matches_logits_path_without_materialising(dtype, softcaps):
+    g = torch.Generator().manual_seed(1)
+    vocab, n = 1000, 5
+    w1 = (torch.randn(vocab, 48, generator=g) * 0.3).to(dtype)
+    w2 = (torch.randn(vocab, 32, generator=g) * 0.3).to(dtype)   # another hidden size
+    h1 = torch.randn(n, 48, generator=g).to(dtype)
+    h2 = torch.randn(n, 32, generator=g).to(dtype)
+    t = torch.randint(0, vocab, (n,), generator=g)
+    seg = torch.tensor([1, 0, 1, 1, 0])
+    diff, sums = fused_lmhead_chunk_reward_triton(h1, w1, h2, w2, t, seg, 2, *softcaps)
+    rdiff, _ = fused_lmhead_chunk_reward_ref(h1, w1, h2, w2, t, seg, 2, *softcaps)
+
+    def capped(x, c):
+        return c * torch.tanh(x / c) if c else x
+    pdiff, psums = plain_reward(capped((h1 @ w1.T).float(), softcaps[0]),
+                                capped((h2 @ w2.T).float(), softcaps[1]), t, seg, 2)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(diff, rdiff, atol=tol, rtol=tol)
+    torch.testing.assert_close(rdiff, pdiff, atol=tol, rtol=tol)
+    torch.testing.assert_close(sums, psums, atol=tol, rtol=tol)
+
+
+def sampling_rows(b=6, vocab=1000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, vocab, generator=g) * 3
+    temperature = torch.tensor([0.0, 1.0, 0.7, 1.0, 2.0, 1.0])[:b]
+    top_k = torch.tensor([0, 0, 50, 10, 0, 3], dtype=torch.int32)[:b]
+    top_p = torch.tensor([1.0, 0.9, 1.0, 0.5, 1.0, 0.95])[:b]
+    seeds = torch.tensor([1, 2, 3, 4, 2 ** 40 + 5, 6])[:b]
+    positions = torch.tensor([0, 5, 9, 100, 7, 3])[:b]
+    return logits, temperature, top_k, top_p, seeds, positions
+
+
+def test_sampling_triton_draws_the_references_tokens():
+    for seed in range(3):
+        args = sampling_rows(seed=seed)
+        assert sample_triton(*args).tolist() == sample_ref(*args).tolist()
+    args = sampling_rows()
+    assert sample_ref(*args)[0] == args[0][0].argmax()      # temperature 0 is greedy
+
+
+def test_sampled_token_depends_only_on_its_own_row():
+    logits, temperature, top_k, top_p, seeds, positions = sampling_rows()
+    batched = sample_ref(logits, temperature, top_k, top_p, seeds, positions)
+    for i in range(len(seeds)):
+        alone = sample_ref(logits[i:i + 1], temperature[i:i + 1], top_k[i:i + 1], top_p[i:i + 1],
+                           seeds[i:i + 1], positions[i:i + 1])
+        assert alone[0] == batched[i]
+    moved = sample_ref(logits, temperature, top_k, top_p, seeds, positions + 1)
+    assert not torch.equal(moved[1:], batched[1:])            # new position, new draw
+
+
+def test_gumbel_max_draws_follow_the_filtered_softmax():
+    vocab, draws = 12, 6000
+    logits = torch.linspace(-2, 2, vocab)[None].repeat(draws, 1)
+    t = torch.full((draws,), 0.8)
+    k = torch.full((draws,), 6, dtype=torch.int32)
+    p = torch.full((draws,), 0.9)
+    tokens = sample_ref(logits, t, k, p, torch.arange(draws) * 7919, torch.zeros(draws, dtype=torch.long))
+    probs = torch.softmax(logits[0] / 0.8, -1)
+    top6 = probs.topk(6).indices
+    kept = torch.zeros(vocab, dtype=torch.bool)
+    kept[top6] = True
+    ranked = probs[top6].sort(descending=True).values
+    n_keep = int(((ranked.cumsum(0) - ranked) < 0.9).sum())
+    allowed = probs.topk(n_keep).indices
+    expected = torch.zeros(vocab)
+    expected[allowed] = probs[allowed] / probs[allowed].sum()
+    freq = torch.bincount(tokens, minlength=vocab).float() / draws
+    assert set(tokens.unique().tolist()) <= set(allowed.tolist())
+    torch.testing.assert_close(freq, expected, atol=0.02, rtol=0)
+    noise = gumbel_noise_ref(torch.tensor([3]), torch.tensor([1]), 50000)
+    assert torch.isfinite(noise).all()
+
+
+@pytest.mark.parametrize("call, error", [
+    (lambda: paged_decode_attention_triton(torch.zeros(2, 4, 8, dtype=torch.int32),
+                                           *paged_setup(torch.float32, 4, 4, 16, [3, 4],
+                                                        head_dim=8), 0.1), TypeError),
+    (lambda: paged_decode_attention_triton(torch.zeros(2, 6, 8),
+                                           *paged_setup(torch.float32, 6, 4, 16, [3, 4],
+                                                        head_dim=8), 0.1), ValueError),
+    (lambda: paged_decode_attention_triton(torch.zeros(2, 4, 16),
+                                           *paged_setup(torch.float32, 4, 4, 16, [3, 4],
+                                                        head_dim=8), 0.1), ValueError),
+    (lambda: store_kv_triton(torch.zeros(3, 2, 4), torch.zeros(3, 2, 4),
+                             torch.zeros(4, 4, 2, 8)[..., :4], torch.zeros(4, 4, 2, 4),
+                             torch.tensor([0, 1, 2])), ValueError),
+    (lambda: chunk_reward_triton(torch.zeros(3, 10, dtype=torch.int64), torch.zeros(3, 10),
+                                 torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long),
+                                 1), TypeError),
+    (lambda: chunk_reward_triton(torch.zeros(3, 10), torch.zeros(3, 10),
+                                 torch.zeros(3), torch.zeros(3, dtype=torch.long), 1), TypeError),
+    (lambda: chunk_reward_triton(torch.zeros(3, 10), torch.zeros(3, 10),
+                                 torch.tensor([0, 1, 10]), torch.zeros(3, dtype=torch.long), 1),
+     ValueError),
+    (lambda: fused_lmhead_chunk_reward_triton(torch.zeros(2, 8), torch.zeros(10, 8),
+                                              torch.zeros(2, 8), torch.zeros(11, 8),
+                                              torch.zeros(2, dtype=torch.long),
+                                              torch.zeros(2, dtype=torch.long), 1), ValueError),
+    (lambda: sample_triton(torch.zeros(2, 10), torch.zeros(3), torch.zeros(2, dtype=torch.int32),
+                           torch.ones(2), torch.zeros(2, dtype=torch.long),
+                           torch.zeros(2, dtype=torch.long)), TypeError),
+])
+def test_wrappers_reject_bad_input_with_a_clear_error(call, error):
+    with pytest.raises(error):
+        call()
+
+
+@pytest.mark.gpu
+class TestOnGPU:
+    """The same comparisons on CUDA at realistic shapes, in bf16."""
+
+    def test_decode_32_sequences_up_to_4k_tokens(self):
+        lens = torch.randint(1000, 4096, (32,)).tolist()
+        k, v, bt, sl = paged_setup(torch.bfloat16, 32, 8, 16, lens, head_dim=128, device="cuda")
+        q = torch.randn(32, 32, 128, device="cuda", dtype=torch.bfloat16)
+        out, lse = paged_decode_attention_triton(q, k, v, bt, sl, 128 ** -0.5)
+        ref, ref_lse = paged_decode_attention_ref(q, k, v, bt, sl, 128 ** -0.5)
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-2, rtol=1e-3)
+
+    def test_extend_chunks_and_prefills(self):
+        lens = [600, 1500, 64, 2048]
+        qlens = [8, 8, 64, 512]
+        k, v, bt, sl = paged_setup(torch.bfloat16, 32, 8, 16, lens, head_dim=128, device="cuda")
+        cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32,
+                          device="cuda")
+        q = torch.randn(sum(qlens), 32, 128, device="cuda", dtype=torch.bfloat16)
+        for window in (None, 512):
+            out = paged_extend_attention_triton(q, k, v, bt, cu, sl, 128 ** -0.5, window)
+            ref = paged_extend_attention_ref(q, k, v, bt, cu, sl, 128 ** -0.5, window)
+            torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+    @pytest.mark.parametrize("vocab", [128256, 262144])
+    def test_chunk_reward_and_fused_lmhead_at_real_vocabularies(self, vocab):
+        a = torch.randn(256, vocab, device="cuda", dtype=torch.bfloat16) * 3
+        b = torch.randn(256, vocab, device="cuda", dtype=torch.bfloat16) * 3
+        t = torch.randint(0, vocab, (256,), device="cuda")
+        seg = torch.randint(0, 16, (256,), device="cuda")
+        torch.testing.assert_close(chunk_reward_triton(a, b, t, seg, 16)[0],
+                                   chunk_reward_ref(a, b, t, seg, 16)[0], atol=1e-2, rtol=1e-3)
+        h1 = torch.randn(64, 2048, device="cuda", dtype=torch.bfloat16)
+        w1 = torch.randn(vocab, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
+        torch.testing.assert_close(
+            fused_lmhead_chunk_reward_triton(h1, w1, h1, w1 * 1.1, t[:64], seg[:64], 16)[0],
+            fused_lmhead_chunk_reward_ref(h1, w1, h1, w1 * 1.1, t[:64], seg[:64], 16)[0],
+            atol=5e-2, rtol=1e-2)
+
+    def test_sampling_matches_reference(self):
+        logits = torch.randn(64, 128256, device="cuda") * 3
+        args = (torch.full((64,), 0.7, device="cuda"), torch.full((64,), 50, dtype=torch.int32, device="cuda"),
+                torch.full((64,), 0.95, device="cuda"), torch.arange(64, device="cuda"),
+                torch.zeros(64, dtype=torch.long, device="cuda"))
+        assert torch.equal(sample_triton(logits, *args), sample_ref(logits, *args))
