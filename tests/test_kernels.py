@@ -213,6 +213,20 @@ def test_sampling_triton_draws_the_references_tokens():
     assert sample_ref(*args)[0] == args[0][0].argmax()      # temperature 0 is greedy
 
 
+def test_top_k_fast_path_draws_the_same_tokens_as_the_full_vocabulary_path():
+    from w2s_engine.kernels.sampling import _sample_full_ref, _sample_top_k_ref, _scaled
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(8, 5000, generator=g) * 3
+    t = torch.tensor([0.0, 0.5, 1.0, 1.5, 0.7, 1.0, 2.0, 0.9])
+    k = torch.tensor([1, 5, 50, 50, 20, 3, 40, 50], dtype=torch.int32)
+    p = torch.tensor([1.0, 1.0, 0.9, 0.5, 1.0, 0.8, 0.95, 1.0])
+    seeds, pos = torch.arange(8) * 31, torch.arange(8) + 4
+    scaled = _scaled(logits, t)
+    fast = _sample_top_k_ref(scaled, t, k, p, seeds, pos)
+    assert torch.equal(fast, _sample_full_ref(scaled, t, k, p, seeds, pos))
+    assert torch.equal(fast, sample_triton(logits, t, k, p, seeds, pos))
+
+
 def test_sampled_token_depends_only_on_its_own_row():
     logits, temperature, top_k, top_p, seeds, positions = sampling_rows()
     batched = sample_ref(logits, temperature, top_k, top_p, seeds, positions)

@@ -27,17 +27,18 @@ def _add_model_args(p: argparse.ArgumentParser):
 
 
 def _add_search_args(p: argparse.ArgumentParser):
-    p.add_argument("--method", default="cbs", choices=["cbs", "best_of_n", "base", "eft"])
+    p.add_argument("--method", default="cbs", choices=["cbs", "best_of_n", "base", "eft"],
+                   help="chunk-level beam search, Best-of-N, plain sampling or token-level EFT")
     p.add_argument("--w", type=int, default=4, help="beams kept after each chunk")
     p.add_argument("--k", type=int, default=4, help="children per beam (N for best_of_n)")
     p.add_argument("--l", type=int, default=5, help="chunk length in large-model tokens")
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=50, help="response length cap")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 is off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 is off")
     p.add_argument("--beta", type=float, default=1.0, help="EFT strength")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="same seed, same results")
 
 
 def params_from_args(args):

@@ -183,7 +183,11 @@ class Engine:
         """Validate and tokenize one request (raises ValueError saying what to change)."""
         params = params.copy()
         params.validate()
-        if not isinstance(prompt, str) or not prompt:
+        if isinstance(prompt, list):  # chat messages
+            if not prompt or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                     and isinstance(m.get("role"), str) for m in prompt):
+                raise ValueError("messages must be a non-empty list of {'role', 'content'} strings")
+        elif not isinstance(prompt, str) or not prompt:
             raise ValueError(f"prompt {prompt!r}: must be a non-empty string")
         if params.uses_small_models and not self.has_small:
             raise ValueError(f"method={params.method!r} needs tuned and untuned small models: "

@@ -19,13 +19,18 @@ class Template:
     text: str = "{prompt}"
     chat: bool = False  # use the tokenizer's chat template (one user turn) instead of `text`
 
-    def apply(self, tokenizer, prompt: str) -> str:
+    def apply(self, tokenizer, prompt) -> str:
+        """prompt: a string, or chat messages [{'role': ..., 'content': ...}, ...]."""
         if self.chat:
             if not getattr(tokenizer, "chat_template", None):
                 raise ValueError(f"chat=True but the tokenizer of {tokenizer.name_or_path!r} has no "
                                  "chat template: pass a template string with {prompt} instead")
-            return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                 tokenize=False, add_generation_prompt=True)
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            return tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=True)
+        if isinstance(prompt, list):
+            # Messages without a chat template: a plain transcript the template wraps.
+            prompt = "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant:"
         # replace, not format: prompts and templates may hold other braces
         return self.text.replace("{prompt}", prompt)
 
