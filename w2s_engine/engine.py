@@ -464,9 +464,15 @@ class Engine:
 
     def _score(self, ready: list[SearchRequest]):
         scoring = [r for r in ready if r.params.uses_small_models and r.params.method != "eft"]
-        for r in ready:
-            # The moment of peak KV for a request: every candidate holds its full chunk.
-            self._record_peak(r)
+        try:
+            self._score_chunks(scoring)
+        finally:
+            for r in ready:
+                # The moment of peak KV: every candidate holds its whole chunk in every model.
+                if r.status != "failed":
+                    self._record_peak(r)
+
+    def _score_chunks(self, scoring: list[SearchRequest]):
         if not scoring:
             return
         per_stream = [[] for _ in self.streams]
