@@ -152,7 +152,8 @@ def test_client_that_disconnects_cancels_its_search_and_frees_blocks(server):
     (json.dumps({"prompt": "x", "w": "four"}).encode(), 422, "w"),
     (json.dumps({"prompt": "x", "top_p": 1.5}).encode(), 422, "top_p"),
     (json.dumps({"prompt": "x", "max_tokens": 0}).encode(), 422, "max_tokens"),
-    (json.dumps({"prompt": "x", "n": 3}).encode(), 422, "n"),
+    (json.dumps({"prompt": "x", "n": 3}).encode(), 400, "n"),
+    (json.dumps({"prompt": "x", "n": 300, "method": "base"}).encode(), 422, "n"),
     (json.dumps({"prompt": "x", "method": "magic"}).encode(), 422, "method"),
     (json.dumps({"w": 2}).encode(), 422, "prompt"),
     (json.dumps({"prompt": "word " * 600, "max_tokens": 4}).encode(), 400, None),
@@ -196,3 +197,30 @@ def test_past_the_queue_bound_requests_get_429_with_retry_after():
     finally:
         live.stop()
     engine.check_all_free()
+
+
+def test_the_engines_own_server_is_a_black_box_large_model_for_another_engine():
+    from w2s_engine import SearchParams
+    from w2s_engine.backends.openai_completions import CompletionJob, OpenAICompletions
+    tok = make_tokenizer(300)
+    large_only = Engine((tiny_llama(len(tok), seed=1, layers=3), tok), num_kv_blocks=800,
+                        block_size=4, progress=False)
+    live = LiveServer(large_only)
+    backend = OpenAICompletions(live.url + "/v1", model="tiny")
+    try:
+        choices = backend.complete_many([CompletionJob(
+            prompt="I really", n=3, max_tokens=4, temperature=1.0, top_p=1.0, seed=1)])[0]
+        assert len(choices) == 3  # our server honours n with plain sampling
+        untuned = tiny_llama(len(tok), seed=2)
+        searcher = Engine(backend, (tuned_from(untuned, seed=3, scale=0.3), tok),
+                          (clone(untuned), tok), num_kv_blocks=800, block_size=4, progress=False)
+        res = searcher.search(["I really", "This film"],
+                              SearchParams(w=2, k=2, l=3, max_new_tokens=9, seed=4))
+        for r in res:
+            for h in r.hypotheses:
+                assert h.reward == pytest.approx(
+                    searcher.score([r.prompt], [h.text], finished=h.finished)[0], abs=1e-4)
+        searcher.check_all_free()
+    finally:
+        backend.close()
+        live.stop()

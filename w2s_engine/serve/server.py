@@ -42,7 +42,7 @@ def create_app(async_engine: AsyncEngine, model_name: str = "w2s") -> FastAPI:
 
     async def run_search(request: Request, prompt, body):
         try:
-            params = body.params(DEFAULT_MAX_TOKENS)
+            params = body.params(DEFAULT_MAX_TOKENS, "cbs" if engine.has_small else "base")
             future, ticket = async_engine.submit(prompt, params)
             while True:
                 done, _ = await asyncio.wait({future}, timeout=0.25)
@@ -55,7 +55,7 @@ def create_app(async_engine: AsyncEngine, model_name: str = "w2s") -> FastAPI:
         except QueueFull as e:
             return _error(429, str(e), headers={"Retry-After": "1"})
         except ValueError as e:
-            field = next((f for f in ("w", "k", "l", "max_tokens", "temperature", "top_p",
+            field = next((f for f in ("w", "k", "l", "n", "max_tokens", "temperature", "top_p",
                                       "top_k", "seed", "stop", "method", "prompt", "messages")
                           if str(e).startswith(f"SearchParams.{f}")), None)
             return _error(400, str(e).replace("max_new_tokens", "max_tokens"), field)
@@ -64,8 +64,8 @@ def create_app(async_engine: AsyncEngine, model_name: str = "w2s") -> FastAPI:
         except RuntimeError as e:
             return _error(500, str(e))
 
-    def usage_and_extra(result, prompt_tokens):
-        completion = len(result.token_ids)
+    def usage_and_extra(result, prompt_tokens, n=1):
+        completion = sum(len(h.token_ids) for h in result.hypotheses[:n])
         return ({"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                  "total_tokens": prompt_tokens + completion},
                 {"reward": result.reward, "finish_reason": result.finish_reason,
@@ -94,11 +94,12 @@ def create_app(async_engine: AsyncEngine, model_name: str = "w2s") -> FastAPI:
         result = await run_search(request, prompt, body)
         if not hasattr(result, "text"):
             return result
-        usage, extra = usage_and_extra(result, prompt_tokens(prompt))
+        usage, extra = usage_and_extra(result, prompt_tokens(prompt), body.n)
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
                 "created": int(time.time()), "model": body.model or model_name,
-                "choices": [{"index": 0, "text": result.text, "logprobs": None,
-                             "finish_reason": result.finish_reason}],
+                "choices": [{"index": i, "text": h.text, "logprobs": None,
+                             "finish_reason": h.finish_reason}
+                            for i, h in enumerate(result.hypotheses[:body.n])],
                 "usage": usage, "w2s": extra}
 
     @app.post("/v1/chat/completions")
