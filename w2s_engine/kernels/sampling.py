@@ -37,14 +37,8 @@ def _fmix32(x):
 
 def gumbel_noise_ref(seeds, positions, vocab: int):
     """[B] seeds and positions -> [B, vocab] fp32 Gumbel noise."""
-    seeds = seeds.long()
-    lo, hi = seeds & M32, (seeds >> 32) & M32
-    pos = (positions.long() + 0x9E3779B9) & M32
-    key = _fmix32(lo ^ _fmix32(hi ^ _fmix32(pos)))
-    v = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    bits = _fmix32(key[:, None] ^ ((v[None, :] * 0x27D4EB2F) & M32))
-    u = ((bits >> 9).float() + 0.5) * (1.0 / 8388608.0)
-    return -torch.log(-torch.log(u))
+    index = torch.arange(vocab, device=seeds.device)[None].expand(seeds.shape[0], vocab)
+    return _noise_at(seeds, positions, index)
 
 
 def _thresholds(scaled, top_k, top_p):
@@ -76,7 +70,7 @@ def _scaled(logits, temperature):
 
 
 def _noise_at(seeds, positions, index):
-    """gumbel_noise_ref(seeds, positions, V) gathered at index [B, n], computing only those."""
+    """The Gumbel noise of each row's tokens `index` [B, n] (only those are computed)."""
     seeds = seeds.long()
     lo, hi = seeds & M32, (seeds >> 32) & M32
     pos = (positions.long() + 0x9E3779B9) & M32
