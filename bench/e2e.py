@@ -103,7 +103,7 @@ def build(preset: str):
         large = "gemma-3-270m" if preset == "cpu" else "smollm2-135m-instruct"
         small = "smollm2-135m-instruct"
         engine = Engine(large=large, tuned=small, untuned=small, templates=TEMPLATES,
-                        progress=False)
+                        progress=False, cpu_kv_cache_bytes=8 << 30)
         return engine, {"large": large, "small": small}
     assert torch.cuda.is_available(), f"preset {preset} needs a GPU"
     dtype, dev = torch.bfloat16, "cuda"
