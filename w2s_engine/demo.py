@@ -28,6 +28,16 @@ TEST_PROMPTS = [
 ]
 
 
+def sentiment_prompts(split: str) -> list[str]:
+    """Openings of movie reviews written for the project: split is train, dev or test."""
+    import json
+    from importlib.resources import files
+    data = json.loads(files("w2s_engine").joinpath("data/sentiment_prompts.json").read_text())
+    if split not in ("train", "dev", "test"):
+        raise ValueError(f"split {split!r}: use train, dev or test")
+    return data[split]
+
+
 def gold_reward(texts: list[str]) -> list[float]:
     try:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
