@@ -21,7 +21,7 @@ from runner_decode import machine
 
 from w2s_engine import Engine, SearchParams
 from w2s_engine.backends.openai_completions import OpenAICompletions
-from w2s_engine.demo import TEMPLATES, TEST_PROMPTS
+from w2s_engine.demo import PROMPTED_TEMPLATES as TEMPLATES, TEST_PROMPTS
 from w2s_engine.models.loader import resolve_bundled
 
 

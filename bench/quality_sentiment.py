@@ -1,0 +1,108 @@
+"""The paper's controlled-sentiment experiment in miniature: gold reward per method.
+
+    python bench/quality_sentiment.py [--split test] [--prompts 50] [--seeds 0,1,2]
+                                      [--methods base,bon16,cbs445,cbs285,cbs825,eft]
+
+Large: Gemma-3-270M (base). Small pair: SmolLM2-135M-Instruct + the sentiment DPO adapter
+(tuned) and SmolLM2-135M-Instruct (untuned). max_new_tokens 50, temperature 0.7, top_k 50.
+EFT needs one vocabulary, so it runs with the untuned small model as the large model.
+Gold reward: VADER compound of opening + continuation. Writes bench/results/quality_sentiment
+(.jsonl with every row, .md with mean +- std per method, .png of gold reward against large
+tokens sampled when matplotlib is installed).
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from w2s_engine import Engine, SearchParams
+from w2s_engine.demo import LARGE, SMALL, TEMPLATES, TUNED, gold_reward, sentiment_prompts
+
+RESULTS = Path(__file__).parent / "results"
+COMMON = dict(max_new_tokens=50, temperature=0.7, top_k=50)
+METHODS = {
+    "base": lambda s: SearchParams.base(seed=s, **COMMON),
+    "bon16": lambda s: SearchParams.best_of_n(16, seed=s, **COMMON),
+    "cbs445": lambda s: SearchParams.cbs(4, 4, 5, seed=s, **COMMON),
+    "cbs285": lambda s: SearchParams.cbs(2, 8, 5, seed=s, **COMMON),
+    "cbs825": lambda s: SearchParams.cbs(8, 2, 5, seed=s, **COMMON),
+    "eft": lambda s: SearchParams.eft(1.0, seed=s, **COMMON),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    ap.add_argument("--prompts", type=int, default=50)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--max-new-tokens", type=int, default=50)
+    ap.add_argument("--tag", default="", help="suffix of the result files")
+    args = ap.parse_args()
+    COMMON["max_new_tokens"] = args.max_new_tokens
+    prompts = sentiment_prompts(args.split)[:args.prompts]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = args.methods.split(",")
+    engines = {}
+
+    def engine_for(method):
+        key = "eft" if method == "eft" else "main"
+        if key not in engines:
+            large = SMALL if key == "eft" else LARGE
+            engines[key] = Engine(large=large, tuned=TUNED, untuned=SMALL, templates=TEMPLATES)
+        return engines[key]
+
+    stem = RESULTS / f"quality_sentiment{args.tag}"
+    rows = []
+    for method in methods:
+        for seed in seeds:
+            t = time.perf_counter()
+            results = engine_for(method).search(prompts, METHODS[method](seed))
+            gold = gold_reward([p + r.text for p, r in zip(prompts, results)])
+            row = {"method": method, "seed": seed, "split": args.split, "prompts": len(prompts),
+                   "gold_mean": statistics.mean(gold),
+                   "implicit_mean": statistics.mean(r.reward for r in results)
+                   if results[0].reward is not None else None,
+                   "large_tokens_sampled": sum(r.stats.tokens_sampled for r in results) / len(prompts),
+                   "seconds": round(time.perf_counter() - t, 1)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            with stem.with_suffix(".jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    lines = [f"Split {args.split}, {len(prompts)} prompts, seeds {seeds}, max_new_tokens "
+             f"{args.max_new_tokens}; CPU (x86_64, 2 cores).", "",
+             "| method | gold reward (mean +- std over seeds) | implicit reward | large tokens / prompt |",
+             "|---|---|---|---|"]
+    for method in methods:
+        rs = [r for r in rows if r["method"] == method]
+        g = [r["gold_mean"] for r in rs]
+        imp = [r["implicit_mean"] for r in rs if r["implicit_mean"] is not None]
+        lines.append(f"| {method} | {statistics.mean(g):+.3f} +- {statistics.pstdev(g):.3f} | "
+                     f"{statistics.mean(imp):+.2f} | {rs[0]['large_tokens_sampled']:.0f} |"
+                     if imp else f"| {method} | {statistics.mean(g):+.3f} +- "
+                     f"{statistics.pstdev(g):.3f} | - | {rs[0]['large_tokens_sampled']:.0f} |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method in methods:
+        rs = [r for r in rows if r["method"] == method]
+        ax.errorbar(rs[0]["large_tokens_sampled"], statistics.mean(r["gold_mean"] for r in rs),
+                    yerr=statistics.pstdev(r["gold_mean"] for r in rs), fmt="o", label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("large-model tokens sampled per prompt")
+    ax.set_ylabel("gold reward (VADER)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=120)
+
+
+if __name__ == "__main__":
+    main()
