@@ -12,8 +12,11 @@ tokens sampled when matplotlib is installed).
 """
 
 import argparse
+import os
 import json
+import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from w2s_engine import Engine, SearchParams
 from w2s_engine.demo import LARGE, SMALL, TEMPLATES, TUNED, gold_reward, sentiment_prompts
 
 RESULTS = Path(__file__).parent / "results"
+MACHINE = f"CPU {platform.machine()}, {os.cpu_count()} cores"
 COMMON = dict(max_new_tokens=50, temperature=0.7, top_k=50)
 METHODS = {
     "base": lambda s: SearchParams.base(seed=s, **COMMON),
@@ -55,34 +59,62 @@ def main():
         return engines[key]
 
     stem = RESULTS / f"quality_sentiment{args.tag}"
-    rows = []
+    setting = {"split": args.split, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens}
+    done = {(r["method"], r["seed"]) for r in read_rows(stem, setting)}
     for method in methods:
         for seed in seeds:
+            if (method, seed) in done:  # resumable: a run cut short goes on where it stopped
+                continue
             t = time.perf_counter()
             results = engine_for(method).search(prompts, METHODS[method](seed))
             gold = gold_reward([p + r.text for p, r in zip(prompts, results)])
-            row = {"method": method, "seed": seed, "split": args.split, "prompts": len(prompts),
+            row = {"method": method, "seed": seed, **setting,
                    "gold_mean": statistics.mean(gold),
                    "implicit_mean": statistics.mean(r.reward for r in results)
                    if results[0].reward is not None else None,
                    "large_tokens_sampled": sum(r.stats.tokens_sampled for r in results) / len(prompts),
-                   "seconds": round(time.perf_counter() - t, 1)}
-            rows.append(row)
+                   "seconds": round(time.perf_counter() - t, 1),
+                   "machine": MACHINE, "commit": commit()}
             print(json.dumps(row), flush=True)
             with stem.with_suffix(".jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
-    lines = [f"Split {args.split}, {len(prompts)} prompts, seeds {seeds}, max_new_tokens "
-             f"{args.max_new_tokens}; CPU (x86_64, 2 cores).", "",
-             "| method | gold reward (mean +- std over seeds) | implicit reward | large tokens / prompt |",
-             "|---|---|---|---|"]
+    report(stem, setting, [m for m in METHODS if m in methods])
+
+
+def read_rows(stem, setting):
+    path = stem.with_suffix(".jsonl")
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if all(r.get(k) == v for k, v in setting.items())]
+
+
+def commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return ""
+
+
+def report(stem, setting, methods):
+    """Markdown table and plot from every row of this setting in the jsonl."""
+    rows = read_rows(stem, setting)
+    methods = [m for m in methods if any(r["method"] == m for r in rows)]
+    lines = [f"Split {setting['split']}, {setting['prompts']} prompts, max_new_tokens "
+             f"{setting['max_new_tokens']}, temperature 0.7, top_k 50; {MACHINE}.", "",
+             "| method | seeds | gold reward (mean +- std over seeds) | implicit reward | "
+             "large tokens / prompt | seconds / seed |",
+             "|---|---|---|---|---|---|"]
     for method in methods:
         rs = [r for r in rows if r["method"] == method]
         g = [r["gold_mean"] for r in rs]
         imp = [r["implicit_mean"] for r in rs if r["implicit_mean"] is not None]
-        lines.append(f"| {method} | {statistics.mean(g):+.3f} +- {statistics.pstdev(g):.3f} | "
-                     f"{statistics.mean(imp):+.2f} | {rs[0]['large_tokens_sampled']:.0f} |"
-                     if imp else f"| {method} | {statistics.mean(g):+.3f} +- "
-                     f"{statistics.pstdev(g):.3f} | - | {rs[0]['large_tokens_sampled']:.0f} |")
+        imp_cell = f"{statistics.mean(imp):+.2f}" if imp else "-"
+        lines.append(f"| {method} | {len(rs)} | {statistics.mean(g):+.3f} +- "
+                     f"{statistics.pstdev(g):.3f} | {imp_cell} | "
+                     f"{rs[0]['large_tokens_sampled']:.0f} | "
+                     f"{statistics.mean(r['seconds'] for r in rs):.0f} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
@@ -90,19 +122,21 @@ def main():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plot")
         return
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for method in methods:
         rs = [r for r in rows if r["method"] == method]
         ax.errorbar(rs[0]["large_tokens_sampled"], statistics.mean(r["gold_mean"] for r in rs),
-                    yerr=statistics.pstdev(r["gold_mean"] for r in rs), fmt="o", label=method)
+                    yerr=statistics.pstdev(r["gold_mean"] for r in rs), fmt="o", capsize=3,
+                    label=method)
     ax.set_xscale("log")
     ax.set_xlabel("large-model tokens sampled per prompt")
-    ax.set_ylabel("gold reward (VADER)")
+    ax.set_ylabel("gold reward (VADER compound)")
+    ax.set_title(f"{setting['split']} split, {setting['prompts']} prompts", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(stem.with_suffix(".png"), dpi=120)
-
 
 if __name__ == "__main__":
     main()

