@@ -89,6 +89,18 @@ def test_every_hypothesis_reward_equals_score_and_scratch_recompute(engine, tok,
     engine.check_all_free()
 
 
+def test_score_of_many_responses_at_once_equals_scoring_each_alone(engine, cross_engine):
+    # Mixed prompts, lengths, finished flags and an empty response: score() batches them.
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(7)]
+    responses = [" and then", " the end of it all", "", " a", " more words here to score", "!", " ok"]
+    finished = [True, False, True, False, True, False, True]
+    for eng in (engine, cross_engine):
+        together = eng.score(prompts, responses, finished=finished)
+        alone = [eng.score([p], [r], finished=f)[0] for p, r, f in zip(prompts, responses, finished)]
+        assert together == pytest.approx(alone, abs=1e-4)
+        eng.check_all_free()
+
+
 @pytest.mark.parametrize("l, seed", [(1, 7), (2, 8), (3, 9), (5, 10)])
 def test_cross_tokenizer_rewards_equal_scratch_recompute_of_the_text(cross_engine, tok, small_pair,
                                                                      l, seed):

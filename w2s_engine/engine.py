@@ -601,11 +601,11 @@ class Engine:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         flags = finished if isinstance(finished, (list, tuple)) else [finished] * len(prompts)
-        rewards = []
-        for prompt, response, fin in zip(prompts, responses, flags):
-            total = 0.0
-            for stream, roles in zip(self.streams, self.stream_roles):
-                tok = self.models[roles[0]].tokenizer
+        rewards = [0.0] * len(prompts)
+        for stream, roles in zip(self.streams, self.stream_roles):
+            tok = self.models[roles[0]].tokenizer
+            updates = []
+            for prompt, response, fin in zip(prompts, responses, flags):
                 sp = SmallPrompt.make(tok, self.templates[roles[0]], prompt,
                                       self.config.small_special_tokens)
                 if isinstance(response, str):
@@ -613,14 +613,25 @@ class Engine:
                 else:
                     full, start = sp.ids + list(response), len(sp.ids)
                 st = SmallState(stream.blocks.new_table(), list(sp.ids), len(sp.ids), [], {})
+                updates.append(StreamUpdate(st, full, start, bool(fin)))
+            # Batched like the search's own scoring, in groups that fit half the free pool.
+            budget = stream.blocks.num_free * stream.blocks.block_size // 2
+            i = 0
+            while i < len(updates):
+                group, tokens = [], 0
+                while i < len(updates) and (not group or
+                                            tokens + len(updates[i].full_ids) + 1 <= budget):
+                    group.append(updates[i])
+                    tokens += len(updates[i].full_ids) + 1
+                    i += 1
                 try:
-                    stream.prefill([st])
-                    u = StreamUpdate(st, full, start, bool(fin))
-                    stream.update([u])
-                    total += sum(st.terms) + u.eos_term
+                    stream.prefill([u.state for u in group])
+                    stream.update(group)
                 finally:
-                    stream.blocks.free(st.table)
-            rewards.append(total)
+                    for u in group:
+                        stream.blocks.free(u.state.table)
+            for j, u in enumerate(updates):
+                rewards[j] += sum(u.state.terms) + u.eos_term
         return rewards
 
     def check_all_free(self):
