@@ -52,6 +52,7 @@ def main():
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tuned", default=TUNED, help="the DPO pair's tuned model spec")
+    ap.add_argument("--pairs", default="dpo,prompted")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     prompts = sentiment_prompts(args.split)[:args.prompts]
@@ -66,9 +67,9 @@ def main():
     gold = [gold_reward([p + h.text for h in hs]) for p, hs in zip(prompts, samples)]
     print(f"sampled {len(prompts)} x {args.samples} in {time.perf_counter() - t0:.0f}s", flush=True)
 
-    pairs = {"dpo": engine,
-             "prompted": Engine(large=SMALL, tuned=SMALL, untuned=SMALL,
-                                templates=PROMPTED_TEMPLATES)}
+    pairs = {name: engine if name == "dpo" else
+             Engine(large=SMALL, tuned=SMALL, untuned=SMALL, templates=PROMPTED_TEMPLATES)
+             for name in args.pairs.split(",")}
     rows = []
     for name, scorer in pairs.items():
         for length in PREFIXES:

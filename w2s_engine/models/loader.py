@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,7 +178,9 @@ def _load_adapter(spec, adapter_dir: Path, dtype, device, attn) -> LoadedModel:
                              "base_model_name_or_path; set it to the base model's spec")
     base = load_model(base_spec, dtype=dtype, device=device, attn_implementation=attn)
     try:
-        merged = PeftModel.from_pretrained(base.model, str(adapter_dir)).merge_and_unload()
+        with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            merged = PeftModel.from_pretrained(base.model, str(adapter_dir)).merge_and_unload()
     except (RuntimeError, ValueError, KeyError) as e:
         raise ModelLoadError(
             f"adapter {spec!r} does not fit its base {base_spec!r}: check that the adapter was "
