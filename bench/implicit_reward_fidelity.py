@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 from w2s_engine import Engine, SearchParams
-from w2s_engine.demo import (LARGE, PROMPTED_TEMPLATES, SMALL, TEMPLATES, TUNED, gold_reward,
-                             sentiment_prompts)
+from w2s_engine.demo import (LARGE, PROMPTED_TEMPLATES, SMALL, TEMPLATES, TUNED,
+                             adapter_fingerprint, gold_reward, sentiment_prompts)
 
 RESULTS = Path(__file__).parent / "results"
 PREFIXES = (5, 10, 25, 50)
@@ -89,7 +89,7 @@ def main():
                 row.update(bon_gold=round(statistics.mean(picked), 4),
                            sample_gold=round(statistics.mean(itertools.chain(*gold)), 4),
                            oracle_gold=round(statistics.mean(max(g) for g in gold), 4))
-            row.update(tuned=args.tuned if name == "dpo" else "prompted",
+            row.update(tuned=adapter_fingerprint(args.tuned) if name == "dpo" else "prompted",
                        machine=f"CPU {platform.machine()}, {os.cpu_count()} cores")
             rows.append(row)
             print(json.dumps(row), flush=True)

