@@ -72,7 +72,7 @@ def main():
             results = engine_for(method).search(prompts, METHODS[method](seed))
             gold = gold_reward([p + r.text for p, r in zip(prompts, results)])
             row = {"method": method, "seed": seed, **setting,
-                   "gold_mean": statistics.mean(gold),
+                   "gold_mean": statistics.mean(gold), "gold": [round(g, 4) for g in gold],
                    "implicit_mean": statistics.mean(r.reward for r in results)
                    if results[0].reward is not None else None,
                    "large_tokens_sampled": sum(r.stats.tokens_sampled for r in results) / len(prompts),
@@ -100,6 +100,19 @@ def commit():
         return ""
 
 
+def paired(rs, rows, other) -> str:
+    """Prompt-by-prompt wins / losses of these rows against method `other` on the same seeds:
+    paired, so the spread between prompts (much larger than between methods) cancels."""
+    theirs = {r["seed"]: r.get("gold") for r in rows if r["method"] == other}
+    win = loss = 0
+    for r in rs:
+        if r["method"] == other or r.get("gold") is None or theirs.get(r["seed"]) is None:
+            continue
+        win += sum(a > b for a, b in zip(r["gold"], theirs[r["seed"]]))
+        loss += sum(a < b for a, b in zip(r["gold"], theirs[r["seed"]]))
+    return f"{win} / {loss}" if win + loss else "-"
+
+
 def report(stem, setting, methods):
     """Markdown table and plot from every row of this setting in the jsonl."""
     rows = read_rows(stem, setting)
@@ -107,16 +120,17 @@ def report(stem, setting, methods):
     lines = [f"Split {setting['split']}, {setting['prompts']} prompts, max_new_tokens "
              f"{setting['max_new_tokens']}, temperature 0.7, top_k 50; adapter "
              f"{setting['adapter']}; {MACHINE}.", "",
-             "| method | seeds | gold reward (mean +- std over seeds) | implicit reward | "
-             "large tokens / prompt | seconds / seed |",
-             "|---|---|---|---|---|---|"]
+             "| method | seeds | gold reward (mean +- std over seeds) | wins / losses against "
+             "best-of-16, per prompt and seed | implicit reward | large tokens / prompt | "
+             "seconds / seed |",
+             "|---|---|---|---|---|---|---|"]
     for method in methods:
         rs = [r for r in rows if r["method"] == method]
         g = [r["gold_mean"] for r in rs]
         imp = [r["implicit_mean"] for r in rs if r["implicit_mean"] is not None]
         imp_cell = f"{statistics.mean(imp):+.2f}" if imp else "-"
         lines.append(f"| {method} | {len(rs)} | {statistics.mean(g):+.3f} +- "
-                     f"{statistics.pstdev(g):.3f} | {imp_cell} | "
+                     f"{statistics.pstdev(g):.3f} | {paired(rs, rows, 'bon16')} | {imp_cell} | "
                      f"{rs[0]['large_tokens_sampled']:.0f} | "
                      f"{statistics.mean(r['seconds'] for r in rs):.0f} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -128,19 +142,30 @@ def report(stem, setting, methods):
     except ImportError:
         print("matplotlib is not installed (pip install -e '.[bench]'): no plot")
         return
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    same_compute = {}
     for method in methods:
         rs = [r for r in rows if r["method"] == method]
-        ax.errorbar(rs[0]["large_tokens_sampled"], statistics.mean(r["gold_mean"] for r in rs),
-                    yerr=statistics.pstdev(r["gold_mean"] for r in rs), fmt="o", capsize=3,
-                    label=method)
+        eft = method == "eft"  # another large model: the untuned small model itself
+        tokens = round(rs[0]["large_tokens_sampled"])
+        same_compute[tokens] = same_compute.get(tokens, -1) + 1
+        x = tokens * 1.03 ** same_compute[tokens]  # side by side where compute is equal
+        ax.errorbar(x, statistics.mean(r["gold_mean"] for r in rs),
+                    yerr=statistics.pstdev(r["gold_mean"] for r in rs), capsize=3,
+                    fmt="s" if eft else "o", mfc="none" if eft else None,
+                    label="eft (large = SmolLM2-135M)" if eft else method)
     ax.set_xscale("log")
+    ticks = [50, 100, 200, 400, 800]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("large-model tokens sampled per prompt")
-    ax.set_ylabel("gold reward (VADER compound)")
-    ax.set_title(f"{setting['split']} split, {setting['prompts']} prompts", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_ylabel("gold reward (VADER), mean +- std over seeds")
+    ax.set_title(f"Gemma-3-270M steered by SmolLM2-135M DPO / base; {setting['split']} split, "
+                 f"{setting['prompts']} prompts, {setting['max_new_tokens']} tokens", fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(stem.with_suffix(".png"), dpi=120)
+
 
 if __name__ == "__main__":
     main()
