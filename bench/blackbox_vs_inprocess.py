@@ -2,8 +2,8 @@
 
     python bench/blackbox_vs_inprocess.py [--prompts 8] [--w 2 --k 2 --l 10] [--max-new-tokens 40]
 
-Starts `python -m llama_cpp.server` on 127.0.0.1 with the bundled Gemma GGUF, runs the same
-search through it and through the engine's own paged runner, and appends a JSON line per
+Starts llama.cpp's server (scripts/llama_cpp_server.py) on 127.0.0.1 with the bundled Gemma
+GGUF, runs the same search through it and through the engine's own paged runner, and appends a JSON line per
 mode to bench/results/blackbox_vs_inprocess.jsonl. Same small pair in both: SmolLM2 under the
 demo's templates. (llama.cpp runs Q4_K_M weights; the engine runs the fp32 dequantized copy.)
 """
@@ -24,12 +24,15 @@ from w2s_engine.backends.openai_completions import OpenAICompletions
 from w2s_engine.demo import PROMPTED_TEMPLATES as TEMPLATES, TEST_PROMPTS
 from w2s_engine.models.loader import resolve_bundled
 
+# llama.cpp's own server, with its AMX weight repacking off (it crashes; see the script)
+LLAMA_SERVER = Path(__file__).resolve().parents[1] / "scripts" / "llama_cpp_server.py"
+
 
 def start_llama_server(threads: int):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model",
+    proc = subprocess.Popen([sys.executable, str(LLAMA_SERVER), "--model",
                              str(resolve_bundled("gemma-3-270m")), "--host", "127.0.0.1",
                              "--port", str(port), "--n_ctx", "2048", "--n_threads", str(threads),
                              "--verbose", "False"],

