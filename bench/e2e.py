@@ -155,11 +155,14 @@ def main():
     ap.add_argument("--concurrency", default="1", help="comma list (grid: 1,8,32)")
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--baseline", action="store_true", help="also time the reference baseline")
+    ap.add_argument("--baseline-budget", type=float, default=None,
+                    help="seconds; stop the baseline after this and project the rest of its chunks")
+    ap.add_argument("--plot", action="store_true", help="plot time against max_new_tokens")
     ap.add_argument("--table", action="store_true", help="print the results file as a table")
     args = ap.parse_args()
     out = RESULTS / f"e2e-{args.preset}.jsonl"
-    if args.table:
-        print_table(out)
+    if args.table or args.plot:
+        print_table(out) if args.table else plot(out)
         return
     engine, names = build(args.preset)
     for plen in map(int, args.prompt_lens.split(",")):
@@ -215,12 +218,26 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
         "device": machine(), "torch": torch.__version__, "commit": commit(),
     }
     if args.baseline and conc == 1 and search.startswith("cbs"):
-        row.update(bench_baseline(engine, prompts[0], params))
+        row.update(bench_baseline(engine, prompts[0], params, args.baseline_budget))
         row["engine_speedup_vs_baseline"] = round(row["baseline_seconds"] / seconds, 2)
     return row
 
 
-def bench_baseline(engine, prompt, params) -> dict:
+def project_baseline_seconds(prefill_s, chunk_s, chunk_len, max_new, l) -> float:
+    """Time the baseline would take to reach max_new tokens, from its first chunks: measured
+    chunks as they are, the rest from a least-squares line of chunk seconds against response
+    length. Each chunk's cost is convex in the length (the rescoring's attention is quadratic),
+    so the line extrapolates low: the projection is a lower bound."""
+    x = torch.tensor(chunk_len[1:], dtype=torch.float64)    # the first chunk also warms up
+    y = torch.tensor(chunk_s[1:], dtype=torch.float64)
+    assert len(x) >= 3, "too few chunks measured to project; raise --baseline-budget"
+    slope = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
+    intercept = y.mean() - slope * x.mean()
+    rest = [min(n, max_new) for n in range(chunk_len[-1] + l, max_new + l, l)]
+    return prefill_s + sum(chunk_s) + sum(float(intercept + slope * n) for n in rest)
+
+
+def bench_baseline(engine, prompt, params, budget_s=None) -> dict:
     m = {role: engine.runners[role].model for role in ("large", "tuned", "untuned")}
     for model in m.values():
         model.set_attn_implementation("sdpa")
@@ -231,11 +248,23 @@ def bench_baseline(engine, prompt, params) -> dict:
             m["large"], engine.large_tokenizer, m["tuned"], m["untuned"],
             engine.models["tuned"].tokenizer, prompt, params.w, params.k, params.l,
             params.max_new_tokens, params.temperature, params.top_k, seed=1,
-            device=engine.config.device)
+            device=engine.config.device, time_budget_s=budget_s)
         sync()
-        return {"baseline_seconds": round(time.perf_counter() - t, 3),
-                "baseline_tokens_forwarded": stats.tokens_forwarded,
-                "baseline_peak_kv_bytes_large": stats.peak_kv_bytes_large}
+        row = {"baseline_seconds": round(time.perf_counter() - t, 3),
+               "baseline_tokens_forwarded": stats.tokens_forwarded,
+               "baseline_peak_kv_bytes_large": stats.peak_kv_bytes_large,
+               "baseline_prefill_seconds": round(stats.prefill_seconds, 3),
+               "baseline_chunk_seconds": [round(c, 3) for c in stats.chunk_seconds],
+               "baseline_chunk_lengths": stats.chunk_lengths}
+        if not stats.completed:
+            # Cut short: baseline_seconds becomes the projected lower bound (flagged), and the
+            # tokens forwarded and peak KV are those of the chunks that ran.
+            row["baseline_measured_seconds"] = row["baseline_seconds"]
+            row["baseline_seconds"] = round(project_baseline_seconds(
+                stats.prefill_seconds, stats.chunk_seconds, stats.chunk_lengths,
+                params.max_new_tokens, params.l), 3)
+            row["baseline_projected"] = True
+        return row
     finally:
         from w2s_engine.models.attention import ATTN_IMPLEMENTATION
         for model in m.values():
@@ -250,7 +279,48 @@ def print_table(path: Path):
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
-        print("| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |")
+        cells = [str(r.get(c, "-")) for c in cols]
+        if r.get("baseline_projected"):     # a lower bound, from the chunks that ran
+            cells[cols.index("engine_speedup_vs_baseline")] = \
+                f">= {r['engine_speedup_vs_baseline']} (projected)"
+        print("| " + " | ".join(cells) + " |")
+
+
+def plot(path: Path):
+    """Seconds against max_new_tokens, engine against baseline, one line per (search, prompt)
+    for single requests; projected baseline points are hollow."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["concurrency"] == 1 and r["search"].startswith("cbs")]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for i, key in enumerate(sorted({(r["search"], r["prompt_tokens"]) for r in rows})):
+        group = sorted((r for r in rows if (r["search"], r["prompt_tokens"]) == key),
+                       key=lambda r: r["max_new_tokens"])
+        group = list({r["max_new_tokens"]: r for r in group}.values())   # latest per length
+        color = f"C{i}"
+        label = f"{key[0]}, prompt {key[1]}"
+        ax.plot([r["max_new_tokens"] for r in group], [r["seconds"] for r in group], "o-",
+                color=color, label=f"engine, {label}")
+        base = [r for r in group if "baseline_seconds" in r]
+        ax.plot([r["max_new_tokens"] for r in base], [r["baseline_seconds"] for r in base], "--",
+                color=color, label=f"baseline, {label}")
+        for r in base:
+            ax.plot(r["max_new_tokens"], r["baseline_seconds"], "o", color=color,
+                    fillstyle="none" if r.get("baseline_projected") else "full")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("max_new_tokens")
+    ax.set_ylabel("seconds, one request")
+    first = rows[0] if rows else {}
+    ax.set_title(f"{first.get('large', '')} + {first.get('small', '')} pair\n"
+                 f"{first.get('device', '')}, torch {first.get('torch', '')}", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=120)
+    print("wrote", path.with_suffix(".png"))
 
 
 if __name__ == "__main__":

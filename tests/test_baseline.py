@@ -58,3 +58,29 @@ def test_baseline_runs_a_whole_search_and_copies_the_cache(setup):
         tuned, untuned, tok, "Review: I really", [text])[0], abs=1e-4)
     # Small models re-read the whole text every chunk: far more than prompt + response.
     assert stats.tokens_forwarded["tuned"] > 3 * 4 * 6
+
+
+def test_baseline_time_budget_stops_after_the_chunk_that_crosses_it(setup):
+    _, large, other, tuned, untuned, tok = setup
+    _, _, stats = reference_cbs(large, other, tuned, untuned, tok, "I really", w=2, k=2, l=3,
+                                max_new_tokens=9, seed=1, small_template=SMALL_TEMPLATE,
+                                time_budget_s=0.0)
+    assert not stats.completed
+    assert stats.chunk_lengths == [3] and len(stats.chunk_seconds) == 1
+    _, _, full = reference_cbs(large, other, tuned, untuned, tok, "I really", w=2, k=2, l=3,
+                               max_new_tokens=9, seed=1, small_template=SMALL_TEMPLATE)
+    assert full.completed and full.chunk_lengths == [3, 6, 9]
+
+
+def test_baseline_projection_is_exact_for_linear_cost_and_low_for_convex_cost():
+    from bench.e2e import project_baseline_seconds
+    lengths = list(range(8, 1025, 8))                       # 128 chunks of 8 tokens
+    linear = [2.0 + 0.01 * n for n in lengths]
+    convex = [2.0 + 0.01 * n + 1e-5 * n * n for n in lengths]
+    for cost in (linear, convex):
+        measured = 40
+        projected = project_baseline_seconds(1.5, cost[:measured], lengths[:measured], 1024, 8)
+        if cost is linear:
+            assert projected == pytest.approx(1.5 + sum(cost))
+        else:
+            assert sum(cost[:measured]) < projected < 1.5 + sum(cost)

@@ -10,9 +10,14 @@ behaviour (not its code):
   full-vocabulary log-softmax, to score each candidate;
 - every beam runs to max_new_tokens (EOS is not special-cased), so that selection is
   comparable with the engine's on the same samples.
+
+Its cost per chunk grows with the response length, so a long run can be cut short with a time
+budget: the stats then hold the chunks measured so far (seconds and response length of each),
+from which bench/e2e.py projects the rest.
 """
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
@@ -23,6 +28,10 @@ class BaselineStats:
     tokens_forwarded: dict
     peak_kv_bytes_large: int
     seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    chunk_seconds: list = field(default_factory=list)   # wall time of each chunk, in order
+    chunk_lengths: list = field(default_factory=list)   # response tokens at each chunk's end
+    completed: bool = True                               # False: stopped by the time budget
 
 
 def _common_prefix(a, b):
@@ -85,9 +94,10 @@ def _cache_bytes(cache) -> int:
 @torch.no_grad()
 def reference_cbs(large, large_tok, tuned, untuned, small_tok, prompt: str, w: int, k: int,
                   l: int, max_new_tokens: int, temperature=0.7, top_k=50, seed=0,
-                  large_template="{prompt}", small_template="{prompt}", device="cpu"):
-    """Returns (best response text, its reward, BaselineStats)."""
-    import time
+                  large_template="{prompt}", small_template="{prompt}", device="cpu",
+                  time_budget_s: float | None = None):
+    """Returns (best response text, its reward, BaselineStats). With time_budget_s, stops after
+    the first chunk that ends past the budget (completed=False; the text is then partial)."""
     t0 = time.perf_counter()
     g = torch.Generator(device=device).manual_seed(seed)
     n = w * k
@@ -102,7 +112,9 @@ def reference_cbs(large, large_tok, tuned, untuned, small_tok, prompt: str, w: i
     responses = [[] for _ in range(n)]
     peak = _cache_bytes(cache)
     rewards = [0.0] * n
+    stats = BaselineStats(forwarded, 0, prefill_seconds=time.perf_counter() - t0)
     while len(responses[0]) < max_new_tokens:
+        t_chunk = time.perf_counter()
         for _ in range(min(l, max_new_tokens - len(responses[0]))):
             tok = _sample(logits, temperature, top_k, g)
             for r, t in zip(responses, tok.tolist()):
@@ -116,13 +128,18 @@ def reference_cbs(large, large_tok, tuned, untuned, small_tok, prompt: str, w: i
         for role in ("tuned", "untuned"):
             forwarded[role] += sum(len(small_tok(small_prompt + t, add_special_tokens=False)
                                        ["input_ids"]) for t in texts)
-        if len(responses[0]) >= max_new_tokens:
+        if len(responses[0]) < max_new_tokens:
+            keep = select(rewards, w)
+            index = torch.tensor([i for i in keep for _ in range(k)], device=device)
+            cache.reorder_cache(index)          # index_select of every layer's K and V
+            logits = logits[index]
+            responses = [list(responses[i]) for i in index.tolist()]
+        stats.chunk_seconds.append(time.perf_counter() - t_chunk)
+        stats.chunk_lengths.append(len(responses[0]))
+        if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s \
+                and len(responses[0]) < max_new_tokens:
+            stats.completed = False
             break
-        keep = select(rewards, w)
-        index = torch.tensor([i for i in keep for _ in range(k)], device=device)
-        cache.reorder_cache(index)              # index_select of every layer's K and V
-        logits = logits[index]
-        responses = [list(responses[i]) for i in index.tolist()]
     best = select(rewards, 1)[0]
-    stats = BaselineStats(forwarded, peak, time.perf_counter() - t0)
+    stats.peak_kv_bytes_large, stats.seconds = peak, time.perf_counter() - t0
     return large_tok.decode(responses[best], skip_special_tokens=True), rewards[best], stats
