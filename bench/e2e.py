@@ -96,14 +96,14 @@ def prompt_of(tokenizer, n_tokens: int, seed: int) -> str:
     return text.strip()
 
 
-def build(preset: str):
+def build(preset: str, cpu_kv_gib: float = 8):
     """(engine, baseline models or None, description) for a preset."""
     if preset in ("cpu", "cpu-shared"):
         from w2s_engine.demo import PROMPTED_TEMPLATES as TEMPLATES
         large = "gemma-3-270m" if preset == "cpu" else "smollm2-135m-instruct"
         small = "smollm2-135m-instruct"
         engine = Engine(large=large, tuned=small, untuned=small, templates=TEMPLATES,
-                        progress=False, cpu_kv_cache_bytes=8 << 30)
+                        progress=False, cpu_kv_cache_bytes=int(cpu_kv_gib * (1 << 30)))
         return engine, {"large": large, "small": small}
     assert torch.cuda.is_available(), f"preset {preset} needs a GPU"
     dtype, dev = torch.bfloat16, "cuda"
@@ -157,6 +157,8 @@ def main():
     ap.add_argument("--baseline", action="store_true", help="also time the reference baseline")
     ap.add_argument("--baseline-budget", type=float, default=None,
                     help="seconds; stop the baseline after this and project the rest of its chunks")
+    ap.add_argument("--cpu-kv-gib", type=float, default=8,
+                    help="KV budget on CPU (all pools); admission reserves each request's worst case")
     ap.add_argument("--plot", action="store_true", help="plot time against max_new_tokens")
     ap.add_argument("--table", action="store_true", help="print the results file as a table")
     args = ap.parse_args()
@@ -164,7 +166,7 @@ def main():
     if args.table or args.plot:
         print_table(out) if args.table else plot(out)
         return
-    engine, names = build(args.preset)
+    engine, names = build(args.preset, args.cpu_kv_gib)
     for plen in map(int, args.prompt_lens.split(",")):
         for max_new in map(int, args.max_new.split(",")):
             for search in args.searches.split(","):
