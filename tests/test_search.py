@@ -270,3 +270,74 @@ def test_a_request_failing_mid_search_fails_alone_and_frees_its_blocks(cross_eng
     assert bad.status == "failed" and "TypeError" in bad.error
     cross_engine.check_all_free()
     assert cross_engine.search(["What a"], params)[0].hypotheses
+
+
+def cjk_word_tokenizer(n_words: int = 40):
+    """A whole-word large tokenizer whose words are 6 CJK characters each: one large token is
+    18 bytes, which the small byte-level BPE (trained on English) spells out one byte a token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["".join(chr(0x4E00 + 6 * i + j) for j in range(6)) for i in range(n_words)]
+    vocab = {"<bos>": 0, "<eos>": 1, "<unk>": 2, **{w: 3 + i for i, w in enumerate(words)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<unk>")
+
+
+def test_a_response_past_the_reserved_small_tokens_per_large_token_grows_its_reservation(
+        tok, small_pair):
+    engine = make_engine(tok, small_pair, large_tok=cjk_word_tokenizer(), num_kv_blocks=400)
+    params = SearchParams(w=2, k=2, l=2, max_new_tokens=6, seed=1, ignore_eos=True)
+    req = engine.make_request("I really", params)
+    admitted = dict(req.reserved)
+    engine.enqueue(req)
+    grown = 0
+    while engine.has_unfinished():
+        engine.step()
+        grown = max(grown, req.reserved.get(0, 0))
+    assert req.status == "done", req.error
+    assert grown > admitted[0]
+    stats = req.result.stats
+    assert stats.tokens_forwarded["tuned"] > 4 * stats.tokens_forwarded["large"]
+    engine.check_all_free()
+
+
+def test_a_response_that_outgrows_the_pool_fails_alone_before_any_pool_runs_out(tok, small_pair):
+    # 305 blocks per pool admit both (257 + 25 reserved) and leave room for the short request
+    # to grow into; the long one's re-tokenized response (about 16 small tokens per large token)
+    # comes to hold more than all the small models' blocks (321 with a pool of its own).
+    pair = tuple(clone(m) for m in small_pair)
+    for m in pair:  # about 1100 small tokens; the context is not what this test is about
+        m.config.max_position_embeddings = 2048
+    engine = make_engine(tok, pair, large_tok=cjk_word_tokenizer(), num_kv_blocks=305)
+    long = engine.make_request("I really", SearchParams(w=2, k=2, l=2, max_new_tokens=60,
+                                                        seed=1, ignore_eos=True))
+    short = engine.make_request("This film", SearchParams(w=2, k=2, l=2, max_new_tokens=2,
+                                                          seed=2, ignore_eos=True))
+    engine.enqueue(long)
+    engine.enqueue(short)
+    while engine.has_unfinished():
+        engine.step()
+    assert short.status == "done" and short.result.hypotheses
+    assert long.status == "failed"
+    assert "small-model tokens per large-model token" in long.error
+    assert "give the engine more KV memory" in long.error
+    engine.check_all_free()
+
+
+def test_a_response_that_outgrows_the_small_models_context_fails_alone(tok, small_pair):
+    # Admission checked prompt + 60 tokens against the 512-token context; the response
+    # re-tokenizes to about 16 small tokens per large token.
+    engine = make_engine(tok, small_pair, large_tok=cjk_word_tokenizer(), num_kv_blocks=2000)
+    long = engine.make_request("I really", SearchParams(w=2, k=2, l=4, max_new_tokens=60,
+                                                        seed=1, ignore_eos=True))
+    engine.enqueue(long)
+    while engine.has_unfinished():
+        engine.step()
+    assert long.status == "failed"
+    assert "past their context of 512: lower max_new_tokens" in long.error
+    engine.check_all_free()
+    params = SearchParams(w=2, k=2, l=2, max_new_tokens=4, seed=1, ignore_eos=True)
+    assert engine.search(["This film"], params)[0].hypotheses

@@ -31,6 +31,10 @@ from w2s_engine.search.request import KVSpace, SearchRequest, mix_seed
 from w2s_engine.search.scorer import SmallStream, StreamUpdate
 from w2s_engine.sequence import Beam, SmallState
 
+# Small-model tokens per large-model token that admission reserves KV for when the vocabularies
+# differ. Real text runs near 1 (Gemma -> SmolLM2: 1.1); past 4, the reservation grows at run time.
+SMALL_TOKENS_PER_LARGE = 4
+
 
 class SearchError(RuntimeError):
     """A request failed while running; the engine and the other requests went on."""
@@ -169,10 +173,50 @@ class Engine:
         need = {} if self.remote else {
             "large": -(-len(req.large_prompt_ids) // bs) + p.w * p.k * per_beam}
         for i, sp in enumerate(req.small_prompts):
-            # A re-tokenized response can be longer than the large model's tokens.
-            small_len = p.max_new_tokens if self.shared_vocab else 4 * p.max_new_tokens + 8
-            need[i] = -(-len(sp.ids) // bs) + 1 + p.w * p.k * (-(-small_len // bs) + 1)
+            # A re-tokenized response can be longer than the large model's tokens: reserve
+            # SMALL_TOKENS_PER_LARGE of them, and grow at run time past that (_check_small_growth).
+            small_len = (p.max_new_tokens if self.shared_vocab
+                         else SMALL_TOKENS_PER_LARGE * p.max_new_tokens + 8)
+            need[i] = self._small_blocks(len(sp.ids), p.w * p.k, small_len)
         return need
+
+    def _small_blocks(self, prompt_len: int, beams: int, response_len: int) -> int:
+        bs = self.config.block_size
+        return -(-prompt_len // bs) + 1 + beams * (-(-response_len // bs) + 1)
+
+    def _check_small_growth(self, r: SearchRequest, ups: list):
+        """A response can re-tokenize to more small tokens per large token than admission
+        planned for (a word of one large token spelled out in bytes). Keep the request within
+        the small models' context, and its blocks within its reservation, so that no pool runs
+        out under the other requests: the reservation grows to what the request holds if the
+        pool has unreserved room; if not, this request fails here, alone."""
+        bs, p = self.config.block_size, r.params
+        for si, sp in enumerate(r.small_prompts):
+            mine = [(b, u) for s, b, u in ups if s == si]
+            limit = self.runners[self.stream_roles[si][0]].shape.max_positions
+            longest = max((len(u.full_ids) for _, u in mine), default=0)
+            if limit is not None and longest > limit:
+                raise ValueError(
+                    f"the response re-tokenizes to {longest} tokens of prompt + response for the "
+                    f"small models, past their context of {limit}: lower max_new_tokens")
+            # Blocks held after this update, at most: those held now (shared prefixes once),
+            # each stream's new blocks, and one copy-on-write of the block it writes into.
+            held = len({blk for b in r.beams for blk in b.small[si].table.blocks}) + sum(
+                max(0, -(-len(u.full_ids) // bs) - len(b.small[si].table.blocks)) + 1
+                for b, u in mine)
+            if held <= r.reserved[si] or not mine:
+                continue
+            extra = held - r.reserved[si]
+            if self.reserved[si] + extra > self.num_blocks:
+                rate = max((len(u.full_ids) - len(sp.ids)) / max(
+                    1, b.num_large_tokens if self.remote else len(b.token_ids)) for b, u in mine)
+                raise ValueError(
+                    f"the response re-tokenizes to {rate:.1f} small-model tokens per large-model "
+                    f"token (KV was reserved for {SMALL_TOKENS_PER_LARGE}), and the small models' "
+                    f"pool has no unreserved room for the {extra} more blocks it needs: lower "
+                    "max_new_tokens or w*k, or give the engine more KV memory")
+            r.reserved[si] += extra
+            self.reserved[si] += extra
 
     def _fits(self, need: dict) -> bool:
         return all(self.reserved[k] + v <= self.num_blocks for k, v in need.items())
@@ -498,6 +542,8 @@ class Engine:
                             u = StreamUpdate(st, new.ids, start, b.finish_reason == "stop",
                                              text=new.text, starts=new.starts)
                         ups.append((si, b, u))
+                if not self.shared_vocab:
+                    self._check_small_growth(r, ups)
             except Exception as e:  # a bad request fails alone
                 self._fail(r, f"{type(e).__name__}: {e}")
                 continue
