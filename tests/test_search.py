@@ -230,6 +230,35 @@ def test_all_blocks_come_back_and_peak_kv_is_shared(engine):
     assert res.stats.peak_kv_blocks["large"] < 16 * (prompt_blocks + own_blocks - 1)
 
 
+@pytest.mark.parametrize("params", [
+    SearchParams.cbs(2, 3, 3, max_new_tokens=17),   # chunks end mid-block: copy-on-write
+    SearchParams.cbs(3, 2, 4, max_new_tokens=16),
+    SearchParams.cbs(1, 4, 1, max_new_tokens=9),
+    SearchParams.best_of_n(4, max_new_tokens=9),
+    SearchParams.base(n=3, max_new_tokens=9),
+    SearchParams.eft(max_new_tokens=9),
+], ids=["cbs-2-3-3", "cbs-3-2-4", "cbs-1-4-1", "bon-4", "base-3", "eft"])
+def test_a_request_runs_in_pools_the_size_of_its_reservation(tok, small_pair, params):
+    def make(num_kv_blocks):
+        large = tiny_llama(len(tok), seed=1, layers=3)
+        return Engine((large, tok), (clone(small_pair[0]), tok), (clone(small_pair[1]), tok),
+                      templates={"large": SMALL_TEMPLATE, "small": SMALL_TEMPLATE},
+                      num_kv_blocks=num_kv_blocks, block_size=4, progress=False)
+    params = params.copy(seed=3, ignore_eos=True)
+    reserved = make(1000).make_request("The plot of this film", params).reserved
+    tight = make(max(reserved.values()))
+    res = tight.search(["The plot of this film"], params)[0]
+    tight.check_all_free()
+    assert tight.kv.large.peak_used <= reserved["large"]
+    if params.uses_small_models:
+        assert tight.kv.small[0].peak_used <= reserved[0]
+    assert all(len(h.token_ids) == params.max_new_tokens for h in res.hypotheses)
+    if params.method == "cbs":  # beams share their history: well below W*K full copies
+        prompt_len = len(tight.large_tokenizer("Review: The plot of this film")["input_ids"])
+        copies = params.w * params.k * -(-(prompt_len + params.max_new_tokens) // 4)
+        assert max(reserved.values()) < copies
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(w=0), "w="), (dict(k=0), "k="), (dict(l=0), "l="), (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(top_p=0.0), "top_p"), (dict(temperature=-1.0), "temperature"), (dict(method="x"), "method"),
@@ -305,7 +334,7 @@ def test_a_response_past_the_reserved_small_tokens_per_large_token_grows_its_res
 
 
 def test_a_response_that_outgrows_the_pool_fails_alone_before_any_pool_runs_out(tok, small_pair):
-    # 305 blocks per pool admit both (257 + 25 reserved) and leave room for the short request
+    # 305 blocks per pool admit both (149 + 25 reserved) and leave room for the short request
     # to grow into; the long one's re-tokenized response (about 16 small tokens per large token)
     # comes to hold more than all the small models' blocks (321 with a pool of its own).
     pair = tuple(clone(m) for m in small_pair)

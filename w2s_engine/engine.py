@@ -166,23 +166,34 @@ class Engine:
         return num_blocks
 
     def _reservation(self, req: SearchRequest) -> dict:
-        """Worst-case blocks per pool: the prompt once, plus every candidate's own response."""
+        """Worst-case blocks per pool for one request (admission holds them until it ends)."""
         p = req.params
-        bs = self.config.block_size
-        per_beam = -(-p.max_new_tokens // bs) + 1  # +1: copy of the shared partial prompt block
         need = {} if self.remote else {
-            "large": -(-len(req.large_prompt_ids) // bs) + p.w * p.k * per_beam}
+            "large": self._tree_blocks(p, len(req.large_prompt_ids), p.max_new_tokens,
+                                       p.chunk_len)}
         for i, sp in enumerate(req.small_prompts):
-            # A re-tokenized response can be longer than the large model's tokens: reserve
-            # SMALL_TOKENS_PER_LARGE of them, and grow at run time past that (_check_small_growth).
-            small_len = (p.max_new_tokens if self.shared_vocab
-                         else SMALL_TOKENS_PER_LARGE * p.max_new_tokens + 8)
-            need[i] = self._small_blocks(len(sp.ids), p.w * p.k, small_len)
+            if self.shared_vocab:
+                need[i] = self._tree_blocks(p, len(sp.ids), p.max_new_tokens, p.chunk_len)
+            else:
+                # A re-tokenized response can be longer than the large model's tokens: reserve
+                # SMALL_TOKENS_PER_LARGE of them (+8 for a rolled-back tail), and grow at run
+                # time past that (_check_small_growth).
+                ratio = SMALL_TOKENS_PER_LARGE
+                need[i] = self._tree_blocks(p, len(sp.ids), ratio * p.max_new_tokens + 8,
+                                            ratio * p.chunk_len + 8)
         return need
 
-    def _small_blocks(self, prompt_len: int, beams: int, response_len: int) -> int:
+    def _tree_blocks(self, p: SearchParams, prompt_len: int, response_len: int,
+                     chunk_len: int) -> int:
+        """Blocks a search tree can hold at once. Only the current candidates hold tables, and
+        they share their history: the prompt's full blocks once; at most W survivor lineages
+        of up to response_len tokens (+1: its copy of the partial block it forked from); and
+        each of the W*K candidates' own chunk (+1 likewise). Never more than W*K full copies."""
         bs = self.config.block_size
-        return -(-prompt_len // bs) + 1 + beams * (-(-response_len // bs) + 1)
+        copies = -(-prompt_len // bs) + 1 + p.w * p.k * (-(-response_len // bs) + 1)
+        tree = (prompt_len // bs + p.w * (-(-response_len // bs) + 1)
+                + p.w * p.k * (-(-chunk_len // bs) + 1))
+        return min(copies, tree)
 
     def _check_small_growth(self, r: SearchRequest, ups: list):
         """A response can re-tokenize to more small tokens per large token than admission
