@@ -229,7 +229,8 @@ def project_baseline_seconds(prefill_s, chunk_s, chunk_len, max_new, l) -> float
     """Time the baseline would take to reach max_new tokens, from its first chunks: measured
     chunks as they are, the rest from a least-squares line of chunk seconds against response
     length. Each chunk's cost is convex in the length (the rescoring's attention is quadratic),
-    so the line extrapolates low: the projection is a lower bound."""
+    so the line tends to extrapolate low. Checked on the full 256-token run (prompt 512, 32
+    chunks): from its first 8 / 10 / 16 chunks it projects -13% / +3% / -3% of the measured."""
     x = torch.tensor(chunk_len[1:], dtype=torch.float64)    # the first chunk also warms up
     y = torch.tensor(chunk_s[1:], dtype=torch.float64)
     assert len(x) >= 3, "too few chunks measured to project; raise --baseline-budget"
@@ -259,8 +260,8 @@ def bench_baseline(engine, prompt, params, budget_s=None) -> dict:
                "baseline_chunk_seconds": [round(c, 3) for c in stats.chunk_seconds],
                "baseline_chunk_lengths": stats.chunk_lengths}
         if not stats.completed:
-            # Cut short: baseline_seconds becomes the projected lower bound (flagged), and the
-            # tokens forwarded and peak KV are those of the chunks that ran.
+            # Cut short: baseline_seconds becomes the projection (flagged), and the tokens
+            # forwarded and peak KV are those of the chunks that ran.
             row["baseline_measured_seconds"] = row["baseline_seconds"]
             row["baseline_seconds"] = round(project_baseline_seconds(
                 stats.prefill_seconds, stats.chunk_seconds, stats.chunk_lengths,
@@ -282,9 +283,9 @@ def print_table(path: Path):
     print("|" + "---|" * len(cols))
     for r in rows:
         cells = [str(r.get(c, "-")) for c in cols]
-        if r.get("baseline_projected"):     # a lower bound, from the chunks that ran
+        if r.get("baseline_projected"):     # from the chunks that ran
             cells[cols.index("engine_speedup_vs_baseline")] = \
-                f">= {r['engine_speedup_vs_baseline']} (projected)"
+                f"{r['engine_speedup_vs_baseline']} (projected)"
         print("| " + " | ".join(cells) + " |")
 
 
