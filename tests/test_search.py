@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
-from w2s_engine import Engine, SearchError, SearchParams
+from w2s_engine import Engine, SearchParams
 from w2s_engine.search.prompts import common_prefix
 
 PROMPTS = ["I really", "This film", "The plot of this film", "What a"]

@@ -10,7 +10,6 @@ One step of the engine loop:
 """
 
 import random
-import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -201,7 +200,7 @@ class Engine:
         the small models' context, and its blocks within its reservation, so that no pool runs
         out under the other requests: the reservation grows to what the request holds if the
         pool has unreserved room; if not, this request fails here, alone."""
-        bs, p = self.config.block_size, r.params
+        bs = self.config.block_size
         for si, sp in enumerate(r.small_prompts):
             mine = [(b, u) for s, b, u in ups if s == si]
             limit = self.runners[self.stream_roles[si][0]].shape.max_positions
@@ -478,7 +477,6 @@ class Engine:
         small_logits = {}
         for si, (stream, roles) in enumerate(zip(self.streams, self.stream_roles)):
             fed = [(r, b) for r, b in items if b.token_ids]
-            hidden = {role: [None] * len(items) for role in roles}
             if fed:
                 copies = []
                 for _, b in fed:
