@@ -177,9 +177,9 @@ class Engine:
                 # A re-tokenized response can be longer than the large model's tokens: reserve
                 # SMALL_TOKENS_PER_LARGE of them (+8 for a rolled-back tail), and grow at run
                 # time past that (_check_small_growth).
-                ratio = SMALL_TOKENS_PER_LARGE
-                need[i] = self._tree_blocks(p, len(sp.ids), ratio * p.max_new_tokens + 8,
-                                            ratio * p.chunk_len + 8)
+                need[i] = self._tree_blocks(p, len(sp.ids),
+                                            SMALL_TOKENS_PER_LARGE * p.max_new_tokens + 8,
+                                            SMALL_TOKENS_PER_LARGE * p.chunk_len + 8)
         return need
 
     def _tree_blocks(self, p: SearchParams, prompt_len: int, response_len: int,
@@ -203,8 +203,10 @@ class Engine:
         bs = self.config.block_size
         for si, sp in enumerate(r.small_prompts):
             mine = [(b, u) for s, b, u in ups if s == si]
+            if not mine:
+                continue
             limit = self.runners[self.stream_roles[si][0]].shape.max_positions
-            longest = max((len(u.full_ids) for _, u in mine), default=0)
+            longest = max(len(u.full_ids) for _, u in mine)
             if limit is not None and longest > limit:
                 raise ValueError(
                     f"the response re-tokenizes to {longest} tokens of prompt + response for the "
@@ -214,7 +216,7 @@ class Engine:
             held = len({blk for b in r.beams for blk in b.small[si].table.blocks}) + sum(
                 max(0, -(-len(u.full_ids) // bs) - len(b.small[si].table.blocks)) + 1
                 for b, u in mine)
-            if held <= r.reserved[si] or not mine:
+            if held <= r.reserved[si]:
                 continue
             extra = held - r.reserved[si]
             if self.reserved[si] + extra > self.num_blocks:
