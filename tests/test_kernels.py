@@ -205,12 +205,65 @@ def sampling_rows(b=6, vocab=1000, seed=0):
     return logits, temperature, top_k, top_p, seeds, positions
 
 
-def test_sampling_triton_draws_the_references_tokens():
+def sampling_batch(mode, b=8, vocab=3000, seed=0):
+    """Rows of one filter kind (or all kinds mixed) with varied temperatures, seeds, positions."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, vocab, generator=g) * 3
+    temperature = torch.tensor([0.7, 1.0, 1.3, 0.5, 2.0, 0.9, 1.0, 0.8])[:b]
+    top_k = torch.zeros(b, dtype=torch.int32)
+    top_p = torch.ones(b)
+    if mode in ("top_k", "top_k_and_top_p"):
+        top_k = torch.tensor([1, 5, 50, 200, 7, 3, 40, 1000], dtype=torch.int32)[:b]
+    if mode in ("top_p", "top_k_and_top_p"):
+        top_p = torch.tensor([0.9, 0.5, 0.95, 0.3, 0.99, 0.8, 0.7, 0.6])[:b]
+    if mode == "greedy":
+        temperature = torch.zeros(b)
+        top_k = torch.tensor([0, 5, 0, 50, 0, 3, 0, 9], dtype=torch.int32)[:b]
+    if mode == "mixed":   # none, greedy, top-k, top-p, both, k >= V, both again, greedy + both
+        temperature = torch.tensor([1.0, 0.0, 0.7, 1.2, 0.9, 1.0, 1.5, 0.0])[:b]
+        top_k = torch.tensor([0, 0, 20, 0, 30, vocab, 4, 10], dtype=torch.int32)[:b]
+        top_p = torch.tensor([1.0, 1.0, 1.0, 0.8, 0.9, 1.0, 0.5, 0.6])[:b]
+    seeds = torch.randint(0, 2 ** 40, (b,), generator=g)
+    positions = torch.randint(0, 10_000, (b,), generator=g)
+    return logits, temperature, top_k, top_p, seeds, positions
+
+
+@pytest.mark.parametrize("mode", ["top_k", "top_p", "top_k_and_top_p", "greedy", "mixed"])
+def test_sampling_triton_draws_the_references_tokens(mode):
     for seed in range(3):
-        args = sampling_rows(seed=seed)
+        args = sampling_batch(mode, seed=seed)
         assert sample_triton(*args).tolist() == sample_ref(*args).tolist()
-    args = sampling_rows()
-    assert sample_ref(*args)[0] == args[0][0].argmax()      # temperature 0 is greedy
+    if mode == "greedy":
+        assert torch.equal(sample_ref(*args), args[0].argmax(-1))
+
+
+def transformers_kept(scaled, k, p):
+    """The tokens transformers' TopKLogitsWarper then TopPLogitsWarper leave finite, one row."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+    x = scaled[None].clone()
+    if 0 < k < x.shape[1]:
+        x = TopKLogitsWarper(top_k=k)(None, x)
+    if p < 1.0:
+        x = TopPLogitsWarper(top_p=p)(None, x)
+    return torch.isfinite(x[0])
+
+
+def test_kept_set_equals_transformers_top_k_then_top_p_warpers():
+    from w2s_engine.kernels.sampling import _thresholds, _top_k_candidates
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(12, 2000, generator=g) * torch.tensor([0.5, 1, 2, 4] * 3)[:, None]
+    top_k = torch.tensor([10, 100, 50, 3, 0, 0, 0, 0, 40, 400, 5, 1], dtype=torch.int32)
+    top_p = torch.tensor([0.9, 0.5, 0.95, 0.2, 0.9, 0.5, 0.95, 0.2, 1.0, 1.0, 1.0, 0.3])
+    thr = _thresholds(logits, top_k, top_p)                                  # the full path
+    with_k = top_k > 0
+    _, idx, keep = _top_k_candidates(logits[with_k], top_k[with_k], top_p[with_k])  # fast path
+    fast = torch.zeros(int(with_k.sum()), 2000, dtype=torch.bool).scatter_(1, idx, keep)
+    for i in range(12):
+        expected = transformers_kept(logits[i], int(top_k[i]), float(top_p[i]))
+        assert 1 <= int(expected.sum()) < 2000
+        assert torch.equal(logits[i] >= thr[i], expected), i
+        if with_k[i]:
+            assert torch.equal(fast[int(with_k[:i].sum())], expected), i
 
 
 def test_top_k_fast_path_draws_the_same_tokens_as_the_full_vocabulary_path():

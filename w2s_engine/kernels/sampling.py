@@ -9,7 +9,8 @@ The hash (all arithmetic mod 2^32): fmix32 is murmur3's finaliser;
     key = fmix32(seed_lo ^ fmix32(seed_hi ^ fmix32(position_lo + 0x9E3779B9)))
     bits = fmix32(key ^ (v * 0x27D4EB2F mod 2^32))
     u = ((bits >> 9) + 0.5) / 2^23            in (0, 1), exact in fp32 (never 1.0)
-Allowed tokens: within the top-k logits and the top-p nucleus of softmax(logits / T) (the
+Allowed tokens, in transformers' order (TopKLogitsWarper, then TopPLogitsWarper): the logits
+>= the k-th largest of logits / T, then the top-p nucleus of what top-k kept, renormalised (the
 smallest set of most likely tokens whose mass reaches top_p; never empty). The per-row
 threshold logit for top-k / top-p is found with torch (topk / sort) in the wrapper, only for
 rows that use them; the kernel then does temperature, threshold, noise and argmax in one pass.
@@ -42,7 +43,10 @@ def gumbel_noise_ref(seeds, positions, vocab: int):
 
 
 def _thresholds(scaled, top_k, top_p):
-    """Per-row lowest allowed scaled logit ([B] fp32, -inf where nothing is cut)."""
+    """Per-row lowest allowed scaled logit ([B] fp32, -inf where nothing is cut).
+
+    transformers' order (TopKLogitsWarper, then TopPLogitsWarper): top-k keeps the logits >= the
+    k-th largest; top-p then takes the nucleus of what top-k kept, renormalised."""
     b, v = scaled.shape
     thr = torch.full((b,), float("-inf"), dtype=torch.float32, device=scaled.device)
     use_k = (top_k > 0) & (top_k < v)
@@ -53,14 +57,15 @@ def _thresholds(scaled, top_k, top_p):
     x = scaled[rows]
     sorted_x, _ = torch.sort(x, dim=-1, descending=True)
     k = torch.where(use_k[rows], top_k[rows].long(), torch.full_like(rows, v)).clamp(1, v)
-    kth = sorted_x.gather(1, (k - 1)[:, None])[:, 0]
-    probs = torch.softmax(sorted_x, dim=-1)
+    no_cut = torch.full((rows.numel(),), float("-inf"), device=scaled.device)
+    kth = torch.where(use_k[rows], sorted_x.gather(1, (k - 1)[:, None])[:, 0], no_cut)
+    # The nucleus of the top-k survivors (a row without top-k masks nothing here).
+    probs = torch.softmax(sorted_x.masked_fill(sorted_x < kth[:, None], float("-inf")), dim=-1)
     # Keep token i while the mass before it is below top_p: the nucleus, always >= 1 token.
     before = torch.cumsum(probs, dim=-1) - probs
     n_keep = (before < top_p[rows, None]).sum(-1).clamp_min(1)
-    pth = torch.where(use_p[rows], sorted_x.gather(1, (n_keep - 1)[:, None])[:, 0],
-                      torch.full_like(kth, float("-inf")))
-    thr[rows] = torch.maximum(torch.where(use_k[rows], kth, torch.full_like(kth, float("-inf"))), pth)
+    pth = torch.where(use_p[rows], sorted_x.gather(1, (n_keep - 1)[:, None])[:, 0], no_cut)
+    thr[rows] = torch.maximum(kth, pth)
     return thr
 
 
@@ -80,16 +85,23 @@ def _noise_at(seeds, positions, index):
     return -torch.log(-torch.log(u))
 
 
-def _sample_top_k_ref(scaled, temperature, top_k, top_p, seeds, positions):
-    """When every row has a top-k, only its k best tokens can win: sort and draw noise for
-    those alone (the CPU path's cost drops from O(V log V) to O(V + k log k) per row).
-    Same tokens as the full path, except that the full path also keeps ties with the k-th."""
+def _top_k_candidates(scaled, top_k, top_p):
+    """When every row has a top-k, only its k best tokens can win. -> (values, token ids, kept):
+    [B, max k] each, values sorted descending; `kept` marks the top-k-then-top-p survivors."""
     vals, idx = scaled.topk(int(top_k.max()), dim=-1)                  # sorted, descending
     rank = torch.arange(vals.shape[1], device=vals.device)[None]
     keep = rank < top_k[:, None].long()
     probs = torch.softmax(vals.masked_fill(~keep, float("-inf")), dim=-1)
     before = torch.cumsum(probs, dim=-1) - probs
     keep &= (before < top_p[:, None]) | (rank == 0)
+    return vals, idx, keep
+
+
+def _sample_top_k_ref(scaled, temperature, top_k, top_p, seeds, positions):
+    """Noise for the top-k candidates alone (the CPU path's cost drops from O(V log V) to
+    O(V + k log k) per row). Same tokens as the full path, except that the full path also keeps
+    ties with the k-th."""
+    vals, idx, keep = _top_k_candidates(scaled, top_k, top_p)
     greedy = (temperature <= 0)[:, None]
     score = torch.where(greedy, vals, vals + _noise_at(seeds, positions, idx))
     best = score.masked_fill(~keep, float("-inf")).argmax(-1)
@@ -135,7 +147,7 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         t = tl.load(temp_ptr + row)
         greedy = t <= 0
-        inv_t = tl.where(greedy, 1.0, 1.0 / tl.where(greedy, 1.0, t))
+        t = tl.where(greedy, 1.0, t)
         thr = tl.load(thr_ptr + row)
         seed = tl.load(seed_ptr + row)
         pos = tl.load(pos_ptr + row)
@@ -149,7 +161,7 @@ if triton is not None:
             v = v0 + tl.arange(0, BLOCK_V)
             mask = v < V
             x = tl.load(logits_ptr + row * stride_l + v, mask=mask, other=float("-inf")).to(tl.float32)
-            x = x * inv_t
+            x = tl.math.div_rn(x, t)      # IEEE division, as the reference's logits / T
             bits = _fmix32_tl(key ^ (v.to(tl.uint32) * 0x27D4EB2F))
             u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
             g = -tl.log(-tl.log(u))
