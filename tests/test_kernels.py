@@ -394,3 +394,34 @@ class TestOnGPU:
                 torch.full((64,), 0.95, device="cuda"), torch.arange(64, device="cuda"),
                 torch.zeros(64, dtype=torch.long, device="cuda"))
         assert torch.equal(sample_triton(logits, *args), sample_ref(logits, *args))
+
+    def test_fp32_kernels_use_full_fp32_not_tf32(self):
+        # References on the CPU in fp32 (no TF32 there); TF32 in tl.dot would be ~1e-3 off.
+        def cpu(*ts):
+            return [t.cpu() if isinstance(t, torch.Tensor) else t for t in ts]
+
+        lens = [1, 300, 777, 1024]
+        k, v, bt, sl = paged_setup(torch.float32, 16, 4, 16, lens, head_dim=128, device="cuda")
+        q = torch.randn(len(lens), 16, 128, device="cuda")
+        for window, softcap in ((None, None), (200, 30.0)):
+            args = (q, k, v, bt, sl, 128 ** -0.5, window, softcap)
+            out, lse = paged_decode_attention_triton(*args)
+            ref, ref_lse = paged_decode_attention_ref(*cpu(*args))
+            torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(lse.cpu(), ref_lse, atol=1e-4, rtol=1e-4)
+        qlens = [1, 64, 300, 1024]
+        cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32,
+                          device="cuda")
+        qx = torch.randn(sum(qlens), 16, 128, device="cuda")
+        args = (qx, k, v, bt, cu, sl, 128 ** -0.5)
+        torch.testing.assert_close(paged_extend_attention_triton(*args).cpu(),
+                                   paged_extend_attention_ref(*cpu(*args)), atol=1e-4, rtol=1e-4)
+        h = torch.randn(48, 1024, device="cuda")
+        w1 = torch.randn(32000, 1024, device="cuda") * 0.05
+        w2 = torch.randn(32000, 1024, device="cuda") * 0.05
+        t = torch.randint(0, 32000, (48,), device="cuda")
+        seg = torch.arange(48, device="cuda") % 4
+        args = (h, w1, h, w2, t, seg, 4)
+        torch.testing.assert_close(fused_lmhead_chunk_reward_triton(*args)[0].cpu(),
+                                   fused_lmhead_chunk_reward_ref(*cpu(*args))[0],
+                                   atol=1e-4, rtol=1e-4)

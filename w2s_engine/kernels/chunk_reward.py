@@ -12,6 +12,8 @@ merges the splits (a few numbers per row) and gathers the target logit directly.
 
 import torch
 
+from w2s_engine.kernels._common import dot_precision
+
 try:
     import triton
     import triton.language as tl
@@ -102,6 +104,7 @@ if triton is not None:
         N, V, H, stride_h, stride_w, split_size, softcap,
         SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
         BLOCK_K: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,   # "ieee" for fp32 (no TF32), else "tf32" (ignored)
     ):
         # grid: (cdiv(N, BLOCK_M), SPLITS). Logits [BLOCK_M, BLOCK_V] live only in registers.
         pid_m = tl.program_id(0)
@@ -123,7 +126,7 @@ if triton is not None:
                             mask=mmask[:, None] & kmask[None, :], other=0.0)
                 w = tl.load(w_ptr + v[:, None].to(tl.int64) * stride_w + k[None, :],
                             mask=vmask[:, None] & kmask[None, :], other=0.0)
-                acc += tl.dot(h, tl.trans(w))
+                acc += tl.dot(h, tl.trans(w), input_precision=DOT_PRECISION)
             if HAS_SOFTCAP:
                 acc = softcap * (2 * tl.sigmoid(2 * acc / softcap) - 1)
             acc = tl.where(vmask[None, :], acc, float("-inf"))
@@ -200,7 +203,7 @@ def _lmhead_logprob(hidden, weight, targets, softcap):
     _lmhead_lse_kernel[(triton.cdiv(n, BLOCK_M), splits)](
         hidden, weight, part, n, v, h, hidden.stride(0), weight.stride(0), split_size,
         softcap or 0.0, SPLITS=splits, BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K,
-        HAS_SOFTCAP=bool(softcap))
+        HAS_SOFTCAP=bool(softcap), DOT_PRECISION=dot_precision(hidden.dtype))
     # The target logit: one dot product per row, [N, H] of weight rows, no [N, V].
     target = (hidden.float() * weight[targets.long()].float()).sum(-1)
     if softcap:

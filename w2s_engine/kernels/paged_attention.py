@@ -9,6 +9,8 @@ Soft-cap: score = cap * tanh(score / cap), after scaling, before masking.
 
 import torch
 
+from w2s_engine.kernels._common import dot_precision
+
 try:
     import triton
     import triton.language as tl
@@ -100,6 +102,7 @@ if triton is not None:
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
         NUM_SPLITS: tl.constexpr,
         HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,   # "ieee" for fp32 (no TF32), else "tf32" (ignored)
     ):
         # grid: (B, Hkv, NUM_SPLITS). One program reads one split of one kv head's cache once
         # for all GROUP query heads that share it.
@@ -133,7 +136,7 @@ if triton is not None:
             row = block.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
             k = tl.load(k_cache_ptr + row[:, None] + d[None, :],
                         mask=nmask[:, None] & dmask[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale                      # [BLOCK_H, BLOCK_N]
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [BLOCK_H, BLOCK_N]
             if HAS_SOFTCAP:
                 s = softcap * (2 * tl.sigmoid(2 * s / softcap) - 1)  # tanh, from sigmoid
             s = tl.where(nmask[None, :], s, float("-inf"))
@@ -143,7 +146,7 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_cache_ptr + row[:, None] + d[None, :],
                         mask=nmask[:, None] & dmask[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -190,6 +193,7 @@ if triton is not None:
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
     ):
         # grid: (B, Hq, query tiles): a tile of one sequence's new queries over its whole
         # paged context (prefix and the chunk itself), causal, online softmax.
@@ -225,7 +229,7 @@ if triton is not None:
             row = block.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
             k = tl.load(k_cache_ptr + row[:, None] + d[None, :],
                         mask=nmask[:, None] & dmask[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
             if HAS_SOFTCAP:
                 s = softcap * (2 * tl.sigmoid(2 * s / softcap) - 1)
             visible = nmask[None, :] & (n[None, :] <= qpos[:, None])
@@ -239,7 +243,7 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_cache_ptr + row[:, None] + d[None, :],
                         mask=nmask[:, None] & dmask[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + (q_start + m)[:, None] * stride_on + h * stride_oh + d[None, :],
@@ -305,7 +309,8 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, s
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
         BLOCK_SIZE=bs, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(softcap))
+        HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(softcap),
+        DOT_PRECISION=dot_precision(q.dtype))
     out = torch.empty_like(q)
     lse = torch.empty(B, hq, dtype=torch.float32, device=q.device)
     _decode_merge_kernel[(B, hq)](
@@ -336,7 +341,8 @@ def paged_extend_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_SIZE=bs,
         BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(softcap))
+        HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(softcap),
+        DOT_PRECISION=dot_precision(q.dtype))
     return out
 
 

@@ -1,0 +1,42 @@
+"""What the kernel wrappers share: the interpreter switch, tl.dot precision, the SM count.
+
+- Under TRITON_INTERPRET=1 (CPU tests) autotuning cannot time anything, so each kernel gets
+  one configuration there and a few on a GPU (`configs`).
+- tl.dot on fp32 inputs uses TF32 on a GPU unless told otherwise; an fp32 engine must be fp32
+  everywhere, so the wrappers pass input_precision="ieee" for fp32 (`dot_precision`).
+- Split counts (decode split-K, vocabulary splits) are sized from the number of SMs.
+"""
+
+import functools
+import os
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# A device with no SM count to read (the interpreter) plans as an H100 SXM would.
+DEFAULT_SM_COUNT = 132
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """input_precision for tl.dot: full fp32 for fp32 inputs (no TF32); fp16/bf16 ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_type: str, index) -> int:
+    if device_type != "cuda":
+        return DEFAULT_SM_COUNT
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (cached); DEFAULT_SM_COUNT off CUDA."""
+    index = device.index if device.index is not None else (
+        torch.cuda.current_device() if device.type == "cuda" else None)
+    return _sm_count(device.type, index)
+
+
+def configs(gpu, interpret):
+    """Autotune configurations: the list `gpu` on a GPU, [interpret] under the interpreter."""
+    return [interpret] if INTERPRET else list(gpu)
