@@ -17,8 +17,8 @@ from pathlib import Path
 from runner_decode import machine
 
 from w2s_engine import Engine, SearchParams
-from w2s_engine.backends.openai_completions import OpenAICompletions
-from w2s_engine.demo import PROMPTED_TEMPLATES as TEMPLATES, TEST_PROMPTS
+from w2s_engine.large.openai_completions import OpenAICompletions
+from w2s_engine.tasks.sentiment import PROMPTED_TEMPLATES as TEMPLATES, TEST_PROMPTS
 from w2s_engine.models.loader import resolve_bundled
 
 # llama.cpp's own server, with its AMX weight repacking off (it crashes; see the script)

@@ -99,7 +99,7 @@ def prompt_of(tokenizer, n_tokens: int, seed: int) -> str:
 def build(preset: str, cpu_kv_gib: float = 8):
     """(engine, baseline models or None, description) for a preset."""
     if preset in ("cpu", "cpu-shared"):
-        from w2s_engine.demo import PROMPTED_TEMPLATES as TEMPLATES
+        from w2s_engine.tasks.sentiment import PROMPTED_TEMPLATES as TEMPLATES
         large = "gemma-3-270m" if preset == "cpu" else "smollm2-135m-instruct"
         small = "smollm2-135m-instruct"
         engine = Engine(large=large, tuned=small, untuned=small, templates=TEMPLATES,

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from w2s_engine import Engine, SearchParams
-from w2s_engine.demo import (LARGE, PROMPTED_TEMPLATES, SMALL, TEMPLATES, TUNED,
+from w2s_engine.tasks.sentiment import (LARGE, PROMPTED_TEMPLATES, SMALL, TEMPLATES, TUNED,
                              adapter_fingerprint, gold_reward, sentiment_prompts)
 
 RESULTS = Path(__file__).parent / "results"

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from w2s_engine import Engine, SearchParams
-from w2s_engine.demo import (LARGE, SMALL, TEMPLATES, TUNED, adapter_fingerprint, gold_reward,
+from w2s_engine.tasks.sentiment import (LARGE, SMALL, TEMPLATES, TUNED, adapter_fingerprint, gold_reward,
                              sentiment_prompts)
 
 RESULTS = Path(__file__).parent / "results"

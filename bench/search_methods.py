@@ -14,7 +14,7 @@ from pathlib import Path
 from runner_decode import machine
 
 from w2s_engine import Engine, SearchParams
-from w2s_engine.demo import PROMPTED_TEMPLATES as TEMPLATES, TEST_PROMPTS
+from w2s_engine.tasks.sentiment import PROMPTED_TEMPLATES as TEMPLATES, TEST_PROMPTS
 
 
 def main():

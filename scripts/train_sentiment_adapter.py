@@ -40,7 +40,7 @@ def sample_continuations(prompts, samples, max_new_tokens, seed):
 
 
 def preference_pairs(prompts, continuations, bt_temperature, seed):
-    from w2s_engine.demo import gold_reward
+    from w2s_engine.tasks.sentiment import gold_reward
     rng = random.Random(seed)
     pairs = []
     for prompt, texts in zip(prompts, continuations):
@@ -58,7 +58,7 @@ def preference_pairs(prompts, continuations, bt_temperature, seed):
 
 def response_logprob(model, tok, prompt, responses):
     """Sum of log p(response tokens | prompt) for each response, as the engine scores them."""
-    from w2s_engine.search.prompts import common_prefix
+    from w2s_engine.search.tokens import common_prefix
     p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     seqs, starts = [], []
     for r in responses:
@@ -163,7 +163,7 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "w2s_engine" / "data" / "sentiment-dpo-lora"))
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    from w2s_engine.demo import sentiment_prompts
+    from w2s_engine.tasks.sentiment import sentiment_prompts
     prompts = sentiment_prompts("train")[:args.limit]
     dev = sentiment_prompts("dev")[:args.dev_openings if args.limit is None else 2]
     t0 = time.time()

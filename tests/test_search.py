@@ -9,7 +9,7 @@ import torch
 
 from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
 from w2s_engine import Engine, SearchParams
-from w2s_engine.search.prompts import common_prefix
+from w2s_engine.search.tokens import common_prefix
 
 PROMPTS = ["I really", "This film", "The plot of this film", "What a"]
 SMALL_TEMPLATE = "Review: {prompt}"
@@ -282,7 +282,7 @@ def test_bad_requests_raise_clear_errors(engine, tok, small_pair):
     with pytest.raises(ValueError, match=r"\{prompt\}"):
         make_engine(tok, small_pair, num_kv_blocks=8).__class__(
             (tiny_llama(len(tok), 1), tok), templates={"large": "no placeholder"})
-    assert not engine.waiting and not engine.running
+    assert not engine.has_unfinished()
     engine.check_all_free()
 
 

@@ -4,26 +4,7 @@ import argparse
 import json
 import sys
 
-DEFAULT_LARGE = "gemma-3-270m"
-DEFAULT_SMALL = "smollm2-135m-instruct"
-
-
-class UserError(Exception):
-    """A mistake in the command line or its input: one line on stderr, exit 2."""
-
-
-def _add_model_args(p: argparse.ArgumentParser):
-    p.add_argument("--large", default=DEFAULT_LARGE, help="large model spec (bundled name, dir, GGUF, adapter)")
-    p.add_argument("--tuned", default=None, help="tuned small model spec")
-    p.add_argument("--untuned", default=None, help="untuned small model spec")
-    p.add_argument("--large-template", default="{prompt}", help="large model's prompt template")
-    p.add_argument("--small-template", default="{prompt}", help="both small models' template")
-    p.add_argument("--tuned-template", default=None, help="tuned model's template (overrides --small-template)")
-    p.add_argument("--untuned-template", default=None, help="untuned model's template")
-    p.add_argument("--chat", action="store_true", help="use each tokenizer's chat template")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--kv-blocks", type=int, default=None, help="KV blocks per model pool")
+from w2s_engine.launch import UserError, add_model_args, engine_from_args
 
 
 def _add_search_args(p: argparse.ArgumentParser):
@@ -54,30 +35,6 @@ def params_from_args(args):
     return SearchParams.cbs(args.w, args.k, args.l, **common)
 
 
-def engine_from_args(args, need_small: bool):
-    import torch
-
-    from w2s_engine.engine import Engine
-    tuned = args.tuned
-    untuned = args.untuned
-    templates = {"large": args.large_template, "small": args.small_template}
-    if args.tuned_template:
-        templates["tuned"] = args.tuned_template
-    if args.untuned_template:
-        templates["untuned"] = args.untuned_template
-    if need_small and (tuned is None or untuned is None):
-        raise UserError("this method needs --tuned and --untuned small models (or use --method base)")
-    overrides = {}
-    if args.device:
-        overrides["device"] = args.device
-    if args.dtype:
-        overrides["dtype"] = getattr(torch, args.dtype)
-    if args.kv_blocks:
-        overrides["num_kv_blocks"] = args.kv_blocks
-    return Engine(args.large, tuned if need_small else None, untuned if need_small else None,
-                  templates=templates, chat=args.chat, **overrides)
-
-
 def cmd_search(args):
     params = params_from_args(args)
     try:
@@ -95,7 +52,7 @@ def cmd_search(args):
 
 
 def cmd_demo(args):
-    from w2s_engine.demo import run_demo
+    from w2s_engine.tasks.sentiment import run_demo
     run_demo(num_prompts=args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed)
 
 
@@ -115,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", formatter_class=fmt, help="search continuations of prompts")
     s.add_argument("prompts", nargs="+", help="one or more prompts")
-    _add_model_args(s)
+    add_model_args(s)
     _add_search_args(s)
     s.add_argument("--json", action="store_true", help="print all hypotheses and stats as JSON")
     s.set_defaults(func=cmd_search)
@@ -128,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     v = sub.add_parser("serve", formatter_class=fmt, help="OpenAI-compatible HTTP server")
-    _add_model_args(v)
+    add_model_args(v)
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")

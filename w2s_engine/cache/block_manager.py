@@ -15,12 +15,23 @@ class OutOfBlocks(RuntimeError):
     """Raised when an append needs more free blocks than there are; callers reserve first."""
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks that hold num_tokens positions."""
+    return -(-num_tokens // block_size)
+
+
 @dataclass
 class BlockTable:
     """The blocks of one beam in one KV pool and how many token positions are filled."""
 
     blocks: list[int] = field(default_factory=list)
     num_tokens: int = 0
+
+    def slots(self, start: int, end: int, block_size: int) -> list[int]:
+        """Cache slot of each position in [start, end) (positions must already be appended)."""
+        assert 0 <= start <= end <= self.num_tokens
+        return [self.blocks[p // block_size] * block_size + p % block_size
+                for p in range(start, end)]
 
 
 class BlockManager:
@@ -42,7 +53,7 @@ class BlockManager:
         return self.num_blocks - len(self.free_blocks)
 
     def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return blocks_for(num_tokens, self.block_size)
 
     def new_table(self) -> BlockTable:
         return BlockTable()
@@ -122,10 +133,7 @@ class BlockManager:
         table.num_tokens = 0
 
     def slots(self, table: BlockTable, start: int, end: int) -> list[int]:
-        """Cache slot of each position in [start, end) (positions must already be appended)."""
-        assert 0 <= start <= end <= table.num_tokens
-        bs = self.block_size
-        return [table.blocks[p // bs] * bs + p % bs for p in range(start, end)]
+        return table.slots(start, end, self.block_size)
 
     def check_all_free(self):
         """The end-of-request invariant: nothing is held, no count went negative."""

@@ -189,3 +189,35 @@ def _load_adapter(spec, adapter_dir: Path, dtype, device, attn) -> LoadedModel:
     if (adapter_dir / "tokenizer_config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     return LoadedModel(merged.eval(), tokenizer, spec, str(adapter_dir))
+
+
+def load_role(spec, role: str, dtype: torch.dtype, device: str, cache: dict) -> LoadedModel:
+    """One of the engine's models: a spec string (loaded once per engine even when two roles
+    name it: `cache`), a LoadedModel, or a (model, tokenizer) pair already in memory."""
+    if isinstance(spec, tuple):
+        model, tokenizer = spec
+        return LoadedModel(model.to(device), tokenizer, type(model).__name__, "in memory")
+    if hasattr(spec, "model") and hasattr(spec, "tokenizer"):  # a LoadedModel
+        return LoadedModel(spec.model.to(device), spec.tokenizer, getattr(spec, "spec", role),
+                           getattr(spec, "source", "in memory"))
+    if not isinstance(spec, str):
+        raise TypeError(f"{role}={spec!r}: pass a model spec string (bundled name, directory, "
+                        "GGUF file, LoRA adapter dir) or a (model, tokenizer) pair")
+    if spec not in cache:
+        from w2s_engine.models.attention import ATTN_IMPLEMENTATION
+        cache[spec] = load_model(spec, dtype=dtype, device=device,
+                                 attn_implementation=ATTN_IMPLEMENTATION)
+    return cache[spec]
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """Every id that ends a response: the generation config's and the tokenizer's."""
+    ids = set()
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    for value in (eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    return ids

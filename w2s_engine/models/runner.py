@@ -74,7 +74,7 @@ class ModelRunner:
             assert start >= 0, "append the new tokens to the block table before the forward"
             input_ids.extend(ids)
             positions.extend(range(start, table.num_tokens))
-            slots.extend(table.blocks[p // bs] * bs + p % bs for p in range(start, table.num_tokens))
+            slots.extend(table.slots(start, table.num_tokens, bs))
             cu.append(len(input_ids))
             seq_lens.append(table.num_tokens)
             tables.append(table.blocks + [0] * (max_blocks - len(table.blocks)))

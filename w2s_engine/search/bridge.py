@@ -13,6 +13,8 @@ boundary, a multi-byte character completed), so:
 
 from dataclasses import dataclass
 
+from w2s_engine.search.tokens import Tokenized, tokenize, tokenize_from
+
 REPLACEMENT = "\ufffd"  # what a decoder yields for an incomplete UTF-8 sequence
 
 
@@ -50,20 +52,6 @@ class Detokenizer:
         return state.text
 
 
-@dataclass
-class Tokenized:
-    """A tokenization of `text` with the character offset where each token starts."""
-
-    text: str
-    ids: list[int]
-    starts: list[int]
-
-
-def tokenize(tokenizer, text: str, special: bool) -> Tokenized:
-    enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
-    return Tokenized(text, list(enc["input_ids"]), [s for s, _ in enc["offset_mapping"]])
-
-
 def retokenize(tokenizer, special: bool, old: Tokenized, text: str, tail: int = 6,
                anchor: int = 2) -> Tokenized:
     """tokenize(text), computed from `old` by re-tokenizing a tail window only."""
@@ -81,11 +69,9 @@ def retokenize(tokenizer, special: bool, old: Tokenized, text: str, tail: int = 
         first = keep - anchor                  # window start: anchor tokens, then the tail
         if first <= 0 or (special and first <= 1):
             return tokenize(tokenizer, text, special)
-        offset = old.starts[first]
-        enc = tokenizer(text[offset:], add_special_tokens=False, return_offsets_mapping=True)
-        ids, offs = enc["input_ids"], enc["offset_mapping"]
-        if (ids[:anchor] == old.ids[first:keep]
-                and [s + offset for s, _ in offs[:anchor]] == old.starts[first:keep]):
-            return Tokenized(text, old.ids[:keep] + list(ids[anchor:]),
-                             old.starts[:keep] + [s + offset for s, _ in offs[anchor:]])
+        tail_tok = tokenize_from(tokenizer, text, old.starts[first])
+        if (tail_tok.ids[:anchor] == old.ids[first:keep]
+                and tail_tok.starts[:anchor] == old.starts[first:keep]):
+            return Tokenized(text, old.ids[:keep] + tail_tok.ids[anchor:],
+                             old.starts[:keep] + tail_tok.starts[anchor:])
         tail *= 2  # the anchor moved: the change reaches further back

@@ -9,7 +9,8 @@ The rules follow the reference implementation, so that both score the same text 
 
 from dataclasses import dataclass
 
-from w2s_engine.search.bridge import Tokenized, retokenize, tokenize
+from w2s_engine.search.bridge import retokenize
+from w2s_engine.search.tokens import Tokenized, common_prefix, encode, tokenize
 
 ROLES = ("large", "tuned", "untuned")
 
@@ -53,16 +54,12 @@ def parse_templates(templates: dict | None, chat: bool) -> dict[str, Template]:
     return out
 
 
-def encode(tokenizer, text: str, special: bool) -> list[int]:
-    return tokenizer(text, add_special_tokens=special)["input_ids"]
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+def check_context(role: str, limit: int | None, prompt_len: int, max_new: int):
+    """A prompt and its longest response must fit the model's context."""
+    if limit is not None and prompt_len + max_new > limit:
+        raise ValueError(f"the {role} model's context is {limit} tokens; the prompt has "
+                         f"{prompt_len} and max_new_tokens is {max_new}: shorten the prompt "
+                         "or lower max_new_tokens")
 
 
 @dataclass

@@ -13,11 +13,12 @@ CBS(W, K, L), as DESIGN.md specifies it:
 
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 
 from w2s_engine.cache.block_manager import BlockManager
 from w2s_engine.outputs import Hypothesis, SearchResult, SearchStats
 from w2s_engine.params import SearchParams
-from w2s_engine.sequence import Beam
+from w2s_engine.search.sequence import Beam
 
 MASK64 = (1 << 64) - 1
 
@@ -28,6 +29,21 @@ def mix_seed(seed: int, beam_id: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+class RequestStatus(str, Enum):
+    """Where a request is; it ends in exactly one of DONE, FAILED, CANCELLED.
+    (A str, so that `status == "done"` reads as it did.)"""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def ended(self) -> bool:
+        return self in (RequestStatus.DONE, RequestStatus.FAILED, RequestStatus.CANCELLED)
 
 
 @dataclass
@@ -47,7 +63,7 @@ class SearchRequest:
     large_prompt_ids: list[int]
     small_prompts: list = field(default_factory=list)   # SmallPrompt per small stream
     reserved: dict = field(default_factory=dict)        # pool name -> blocks reserved
-    status: str = "waiting"      # waiting -> running -> done | failed
+    status: RequestStatus = RequestStatus.WAITING
     error: str | None = None
     root: Beam | None = None
     root_logits: object = None   # [V] logits after the prompt, shared by the first children
@@ -85,7 +101,7 @@ class SearchRequest:
         p = self.params
         n = p.w * p.k
         self.beams = [self._fork(self.root, kv, take_over=(i == n - 1)) for i in range(n)]
-        self.status = "running"
+        self.status = RequestStatus.RUNNING
 
     @property
     def generating(self) -> list[Beam]:
@@ -95,7 +111,7 @@ class SearchRequest:
 
     @property
     def chunk_complete(self) -> bool:
-        return self.status == "running" and not self.generating
+        return self.status is RequestStatus.RUNNING and not self.generating
 
     def record_token(self, beam: Beam, token: int, eos_ids: set[int], text_of) -> None:
         """Add a sampled token; mark the beam finished on EOS, a stop string or the length cap."""
@@ -168,10 +184,23 @@ class SearchRequest:
         for b in self.beams:
             self.free_beam(b, kv)
         self.beams = []
-        if self.root is not None and self.status == "waiting":
+        if self.root is not None and self.status is RequestStatus.WAITING:
             self.free_beam(self.root, kv)
         self.root = None
         self.root_logits = None
+
+    def record_peak(self, stream_roles: list[tuple[str, ...]]):
+        """Blocks held by the current candidates, per model (shared blocks counted once).
+        Called when every candidate holds its whole chunk in every model: the peak moment."""
+        peak = self.stats.peak_kv_blocks
+        if any(b.large is not None for b in self.beams):  # not with a black-box large model
+            large = {blk for b in self.beams for blk in b.large.blocks}
+            peak["large"] = max(peak.get("large", 0), len(large))
+        if self.params.uses_small_models:
+            for si, roles in enumerate(stream_roles):
+                n = len({blk for b in self.beams for blk in b.small[si].table.blocks})
+                for role in roles:
+                    peak[role] = max(peak.get(role, 0), n)
 
     # ---- result ------------------------------------------------------------------------
 
@@ -194,5 +223,5 @@ class SearchRequest:
             small_token_ids=best.small_token_ids, reward=best.reward, finished=best.finished,
             finish_reason=best.finish_reason, hypotheses=hyps, stats=self.stats,
             trace=self.trace if self.params.trace else None)
-        self.status = "done"
+        self.status = RequestStatus.DONE
         return self.result

@@ -12,8 +12,10 @@ from w2s_engine.search.bridge import DetokState
 class SmallState:
     """A beam's token stream in one small-model KV pool (scored by one or both small models).
 
-    ids are exactly the tokens in `table`: the small prompt, then the response. Reward terms
-    are kept per response token so a cross-tokenizer re-tokenization can roll back a tail.
+    ids are the tokens in `table` (the small prompt, then the response), then at most one
+    pending token that EFT scored but has not forwarded yet (SmallStream.forward_pending).
+    Reward terms are kept per response token so a cross-tokenizer re-tokenization can roll
+    back a tail.
     """
 
     table: BlockTable
@@ -23,6 +25,12 @@ class SmallState:
     last_hidden: dict[str, torch.Tensor]   # role -> [H] final hidden state of ids[-1]
     text: str = ""                         # cross-tokenizer only: the text `ids` tokenize
     starts: list[int] = field(default_factory=list)  # and where each token starts in it
+
+    def add_pending(self, token: int, term: float):
+        """A token scored from the stored hidden state, to be forwarded at the next step."""
+        assert len(self.ids) == self.table.num_tokens, "one pending token at a time"
+        self.ids.append(token)
+        self.terms.append(term)
 
     def fork(self, blocks: BlockManager) -> "SmallState":
         # Hidden states are never written in place, so children share the tensors.

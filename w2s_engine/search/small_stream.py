@@ -1,4 +1,4 @@
-"""Incremental implicit reward: r(y) = sum_t log pi_tuned(y_t | ...) - log pi_untuned(y_t | ...).
+"""SmallStream: the per-token terms log pi_tuned(y_t | ...) - log pi_untuned(y_t | ...), incrementally.
 
 A small stream is one token stream in one KV pool, scored by both small models when they see
 the same tokens (one tokenizer, one template: the usual case) or by one of them otherwise.
@@ -7,7 +7,7 @@ prefix with what is cached stays, a changed tail is rolled back (its stored term
 and only new tokens are forwarded, all beams of all requests in one forward per model.
 The logit for a stream's next token comes from the final hidden state of its last cached
 token, kept per beam, so a chunk of n tokens costs n forwarded tokens, and an EOS term costs
-none.
+none. (EFT steps a stream one token at a time instead: forward_pending.)
 """
 
 from dataclasses import dataclass
@@ -17,8 +17,8 @@ import torch
 from w2s_engine.cache.block_manager import BlockManager
 from w2s_engine.kernels.chunk_reward import fused_lmhead_chunk_reward
 from w2s_engine.models.runner import ModelRunner
-from w2s_engine.search.prompts import common_prefix
-from w2s_engine.sequence import SmallState
+from w2s_engine.search.sequence import SmallState
+from w2s_engine.search.tokens import common_prefix
 
 SIGN = {"tuned": 1.0, "untuned": -1.0}
 
@@ -38,11 +38,17 @@ class StreamUpdate:
 
 class SmallStream:
 
-    def __init__(self, runners: dict[str, ModelRunner], blocks: BlockManager, eos_id: int):
+    def __init__(self, runners: dict[str, ModelRunner], blocks: BlockManager, eos_id: int,
+                 max_batch_tokens: int):
         assert set(runners) <= {"tuned", "untuned"} and runners
         self.runners = runners
         self.blocks = blocks
         self.eos_id = eos_id
+        self.max_batch_tokens = max_batch_tokens   # new tokens in one forward, at most
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(self.runners)
 
     def prefill(self, states: list[SmallState]):
         """Forward the prompt of fresh states (ids set, table empty); keeps their last hidden."""
@@ -51,7 +57,7 @@ class SmallStream:
             self._append([(st.table, len(st.ids))])
         for role, runner in self.runners.items():
             done = 0
-            for chunk in _batches([(st.table, st.ids) for st in states]):
+            for chunk in _batches([(st.table, st.ids) for st in states], self.max_batch_tokens):
                 hidden, cu = runner.run(chunk)
                 for end in cu[1:].tolist():
                     states[done].last_hidden[role] = hidden[end - 1]
@@ -87,7 +93,7 @@ class SmallStream:
         hidden = {}
         for role, runner in self.runners.items():
             parts, offsets, base = [], [], 0
-            for chunk in _batches(feeds):
+            for chunk in _batches(feeds, self.max_batch_tokens):
                 h, cu = runner.run(chunk)
                 parts.append(h)
                 offsets += [base + x for x in cu[:-1].tolist()]
@@ -144,6 +150,20 @@ class SmallStream:
                     st.last_hidden[role] = hidden[role][off + len(u.full_ids) - feed_from - 1]
             u.eos_term = eos_term
 
+    def forward_pending(self, states: list[SmallState]) -> list[int]:
+        """Forward each state's pending ids (past its table: EFT scores a sampled token from the
+        stored hidden state before it forwards it) and keep the new last hidden states.
+        Returns the tokens forwarded per state, per model."""
+        pending = [st.ids[st.table.num_tokens:] for st in states]
+        fed = [(st, ids) for st, ids in zip(states, pending) if ids]
+        if fed:
+            self._append([(st.table, len(ids)) for st, ids in fed])
+            for role, runner in self.runners.items():
+                hidden, cu = runner.run([(st.table, ids) for st, ids in fed])
+                for (st, _), end in zip(fed, cu[1:].tolist()):
+                    st.last_hidden[role] = hidden[end - 1]
+        return [len(ids) for ids in pending]
+
     def _terms(self, rows, targets, segments, num_segments) -> list[float]:
         if not targets:
             return []
@@ -169,7 +189,7 @@ class SmallStream:
             runner.copy_blocks(copies)
 
 
-def _batches(items, max_tokens: int = 8192):
+def _batches(items, max_tokens: int):
     """Split a list of (table, ids) into forwards of at most max_tokens new tokens."""
     batch, n = [], 0
     for item in items:

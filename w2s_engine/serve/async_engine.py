@@ -14,10 +14,8 @@ from dataclasses import dataclass, field
 from w2s_engine.engine import Engine
 from w2s_engine.outputs import SearchResult
 from w2s_engine.params import SearchParams
-
-
-class QueueFull(Exception):
-    """The waiting queue is at its bound: the client should retry later (HTTP 429)."""
+from w2s_engine.scheduler import QueueFull
+from w2s_engine.search.request import RequestStatus
 
 
 @dataclass
@@ -48,6 +46,7 @@ class AsyncEngine:
         self._inbox: queue.Queue = queue.Queue()
         self._wake = threading.Event()
         self._pending: dict[int, _Pending] = {}
+        self._tickets: dict[int, int] = {}      # request id -> ticket of its handler
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="w2s-engine-loop", daemon=True)
         self._thread.start()
@@ -67,14 +66,10 @@ class AsyncEngine:
 
     def snapshot(self) -> dict:
         """Counters and gauges for /metrics (read without locking: a scrape may lag a step)."""
-        e = self.engine
-        used = {"large": e.large_blocks.num_used if e.large_blocks else 0}
-        for roles, stream in zip(e.stream_roles, e.streams):
-            for role in roles:
-                used[role] = stream.blocks.num_used
-        return {"metrics": self.metrics, "waiting": len(e.waiting), "running": len(e.running),
-                "kv_blocks_used": used, "kv_blocks_total": e.num_blocks,
-                "tokens": dict(e.total["tokens"])}
+        return {"metrics": self.metrics, **self.engine.stats()}
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
 
     def shutdown(self):
         self._stop = True
@@ -97,26 +92,28 @@ class AsyncEngine:
             if not self.engine.has_unfinished():
                 continue
             try:
-                running = len(self.engine.running)
+                running = self.engine.stats()["running"]
                 ended = self.engine.step()
                 self.metrics.steps += 1
-                running = max(running, len(self.engine.running))
+                running = max(running, self.engine.stats()["running"])
                 self.metrics.max_running = max(self.metrics.max_running, running)
                 self.metrics.batched_steps += running > 1
             except Exception as e:  # an engine bug: fail what is in flight, keep serving
                 traceback.print_exc()
-                for req in list(self.engine.running) + list(self.engine.waiting):
-                    self.engine.cancel(req)
+                for pending in list(self._pending.values()):
+                    if pending.request is not None:
+                        self.engine.cancel(pending.request)
                 for ticket in list(self._pending):
                     self._resolve(ticket, error=RuntimeError(f"engine error: {e}"))
+                self._tickets.clear()
                 continue
             for req in ended:
-                ticket = getattr(req, "ticket", None)
+                ticket = self._tickets.pop(req.request_id, None)
                 if ticket is None:
                     continue
-                if req.error == "cancelled":
+                if req.status is RequestStatus.CANCELLED:
                     continue  # counted and answered when the cancel came in
-                if req.status == "done":
+                if req.status is RequestStatus.DONE:
                     self.metrics.finished += 1
                     self._resolve(ticket, result=req.result)
                 else:
@@ -135,10 +132,10 @@ class AsyncEngine:
                 self.metrics.requests += 1
                 try:
                     req = self.engine.make_request(prompt, params)
-                    req.ticket = ticket
-                    pending.request = req
                     self.engine.enqueue(req)
-                except OverflowError as e:
+                    pending.request = req
+                    self._tickets[req.request_id] = ticket
+                except QueueFull as e:
                     self.metrics.rejected += 1
                     self._resolve(ticket, error=QueueFull(str(e)))
                 except (ValueError, TypeError) as e:
@@ -147,6 +144,7 @@ class AsyncEngine:
                 pending = self._pending.get(command[1])
                 if pending is not None and pending.request is not None:
                     self.engine.cancel(pending.request)
+                    self._tickets.pop(pending.request.request_id, None)
                     self.metrics.cancelled += 1
                     self._resolve(command[1], cancelled=True)
 

@@ -15,7 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from w2s_engine.serve.async_engine import AsyncEngine, QueueFull
+from w2s_engine.scheduler import QueueFull
+from w2s_engine.serve.async_engine import AsyncEngine
 from w2s_engine.serve.protocol import ChatCompletionRequest, CompletionRequest
 
 DEFAULT_MAX_TOKENS = 64
@@ -64,7 +65,8 @@ def create_app(async_engine: AsyncEngine, model_name: str = "w2s") -> FastAPI:
         except RuntimeError as e:
             return _error(500, str(e))
 
-    def usage_and_extra(result, prompt_tokens, n=1):
+    def usage_and_extra(result, n=1):
+        prompt_tokens = result.stats.prompt_tokens
         completion = sum(len(h.token_ids) for h in result.hypotheses[:n])
         return ({"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                  "total_tokens": prompt_tokens + completion},
@@ -75,13 +77,6 @@ def create_app(async_engine: AsyncEngine, model_name: str = "w2s") -> FastAPI:
                            "tokens_sampled": result.stats.tokens_sampled,
                            "peak_kv_blocks": result.stats.peak_kv_blocks,
                            "chunks": result.stats.chunks, "seconds": result.stats.seconds}})
-
-    def prompt_tokens(prompt) -> int:
-        tok = engine.large_tokenizer
-        if tok is None:
-            return 0
-        text = engine.templates["large"].apply(tok, prompt)
-        return len(tok(text)["input_ids"])
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -94,7 +89,7 @@ def create_app(async_engine: AsyncEngine, model_name: str = "w2s") -> FastAPI:
         result = await run_search(request, prompt, body)
         if not hasattr(result, "text"):
             return result
-        usage, extra = usage_and_extra(result, prompt_tokens(prompt), body.n)
+        usage, extra = usage_and_extra(result, body.n)
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
                 "created": int(time.time()), "model": body.model or model_name,
                 "choices": [{"index": i, "text": h.text, "logprobs": None,
@@ -110,7 +105,7 @@ def create_app(async_engine: AsyncEngine, model_name: str = "w2s") -> FastAPI:
         result = await run_search(request, messages, body)
         if not hasattr(result, "text"):
             return result
-        usage, extra = usage_and_extra(result, prompt_tokens(messages))
+        usage, extra = usage_and_extra(result)
         return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
                 "created": int(time.time()), "model": body.model or model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
@@ -124,7 +119,7 @@ def create_app(async_engine: AsyncEngine, model_name: str = "w2s") -> FastAPI:
 
     @app.get("/health")
     async def health():
-        alive = async_engine._thread.is_alive()
+        alive = async_engine.is_alive()
         return JSONResponse({"status": "ok" if alive else "engine loop stopped"},
                             status_code=200 if alive else 503)
 
@@ -158,10 +153,9 @@ def serve(args):
     """`w2s serve`: load the models, start the engine loop and uvicorn."""
     import uvicorn
 
-    from w2s_engine.cli import engine_from_args
-    engine = engine_from_args(args, need_small=bool(args.tuned or args.untuned))
-    engine.config.max_waiting = args.max_queue
-    engine.config.progress = False
+    from w2s_engine.launch import engine_from_args
+    engine = engine_from_args(args, need_small=bool(args.tuned or args.untuned),
+                              max_waiting=args.max_queue, progress=False)
     async_engine = AsyncEngine(engine)
     app = create_app(async_engine, model_name=args.large)
     try:

@@ -1,0 +1,61 @@
+"""A live uvicorn serving one engine on 127.0.0.1, driven by the stock openai client (tests)."""
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import uvicorn
+
+from w2s_engine import Engine
+from w2s_engine.serve.async_engine import AsyncEngine
+from w2s_engine.serve.server import create_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, engine: Engine):
+        self.async_engine = AsyncEngine(engine)
+        self.port = free_port()
+        config = uvicorn.Config(create_app(self.async_engine, "tiny"), host="127.0.0.1",
+                                port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0)
+
+    def metrics(self) -> dict:
+        text = urllib.request.urlopen(self.url + "/metrics").read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def post(self, path: str, body: bytes):
+        req = urllib.request.Request(self.url + path, data=body,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req) as r:
+                return r.status, json.loads(r.read()), dict(r.headers)
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read()), dict(e.headers)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.async_engine.shutdown()

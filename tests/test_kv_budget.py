@@ -1,0 +1,114 @@
+"""The KV budget on plain numbers: pool sizing, search-tree reservations, growth. No model."""
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from w2s_engine.cache.block_manager import BlockManager
+from w2s_engine.cache.kv_budget import SMALL_TOKENS_PER_LARGE, KVBudget, pool_blocks, tree_blocks
+
+
+def simulate_search(bs, w, k, chunk, prompt_len, max_new, seed) -> int:
+    """Run CBS(w, k, chunk)'s forks, appends and frees on a real block manager, with random
+    survivors and random early finishes; returns the most blocks held at once."""
+    rng = random.Random(seed)
+    m = BlockManager(100_000, bs)
+    root = m.new_table()
+    m.append(root, prompt_len)
+    beams = [(m.fork(root) if i < w * k - 1 else root, False) for i in range(w * k)]
+    length = 0
+    while True:
+        n = min(chunk, max_new - length)
+        grown = []
+        for table, finished in beams:
+            if not finished:
+                stop = rng.randint(1, n) if rng.random() < 0.2 else n
+                for _ in range(stop):          # one token a step, as decoding appends
+                    m.append(table, 1)
+                finished = stop < n
+            grown.append((table, finished))
+        length += n
+        rng.shuffle(grown)
+        survivors, losers = grown[:w], grown[w:]
+        for table, _ in losers:
+            m.free(table)
+        if length >= max_new or all(f for _, f in survivors):
+            break
+        beams = []
+        for table, finished in survivors:
+            if finished:
+                beams.append((table, True))   # carried once, never forked
+            else:
+                beams += [(m.fork(table) if j < k - 1 else table, False) for j in range(k)]
+    for table, _ in survivors:
+        m.free(table)
+    m.check_all_free()
+    return m.peak_used
+
+
+@settings(max_examples=150, deadline=None)
+@given(bs=st.sampled_from([1, 2, 4, 16]), w=st.integers(1, 4), k=st.integers(1, 4),
+       chunk=st.integers(1, 9), prompt_len=st.integers(1, 40), max_new=st.integers(1, 40),
+       seed=st.integers(0, 10**6))
+def test_a_search_tree_never_holds_more_blocks_than_its_reservation(bs, w, k, chunk, prompt_len,
+                                                                     max_new, seed):
+    reserved = tree_blocks(bs, w, k, prompt_len, max_new, min(chunk, max_new))
+    assert simulate_search(bs, w, k, chunk, prompt_len, max_new, seed) <= reserved
+
+
+def test_the_tree_reservation_is_far_below_w_k_full_copies_for_long_responses():
+    # CBS(4,4,8), prompt 512, 1024 new tokens, blocks of 16: the prompt once, 4 lineages, 16 chunks.
+    assert tree_blocks(16, 4, 4, 512, 1024, 8) == 32 + 4 * (64 + 1) + 16 * (1 + 1)
+    assert tree_blocks(16, 4, 4, 512, 1024, 8) < 16 * (512 + 1024) // 16
+    # Best-of-N forks once: N full copies of the response are its real worst case.
+    assert tree_blocks(16, 1, 8, 100, 64, 64) == -(-100 // 16) + 1 + 8 * (4 + 1)
+
+
+def test_reservation_names_every_pool_the_request_uses():
+    budget = KVBudget(num_blocks=1000, block_size=4)
+    shared = budget.reservation(2, 2, 12, 3, large_prompt_len=10, small_prompt_lens=[7],
+                                shared_vocab=True)
+    assert shared == {"large": tree_blocks(4, 2, 2, 10, 12, 3), 0: tree_blocks(4, 2, 2, 7, 12, 3)}
+    # A black-box large model has no pool here; two vocabularies reserve more small tokens.
+    cross = budget.reservation(2, 2, 12, 3, large_prompt_len=None, small_prompt_lens=[7, 9],
+                               shared_vocab=False)
+    assert set(cross) == {0, 1}
+    assert cross[0] == tree_blocks(4, 2, 2, 7, SMALL_TOKENS_PER_LARGE * 12 + 8,
+                                   SMALL_TOKENS_PER_LARGE * 3 + 8)
+
+
+def test_requests_fit_until_the_pool_is_reserved_and_release_gives_it_back():
+    budget = KVBudget(num_blocks=100, block_size=4)
+    budget.add_pool("large")
+    budget.add_pool(0)
+    a, b = {"large": 60, 0: 30}, {"large": 50, 0: 10}
+    assert budget.fits(a)
+    budget.reserve(a)
+    assert not budget.fits(b)        # the large pool would hold 110
+    budget.release(a)
+    assert budget.reserved == {"large": 0, 0: 0} and budget.fits(b)
+    with pytest.raises(AssertionError, match="released more"):
+        budget.release(b)
+
+
+def test_growth_takes_unreserved_room_or_says_how_much_is_missing():
+    budget = KVBudget(num_blocks=100, block_size=4)
+    budget.add_pool(0)
+    mine, other = {0: 30}, {0: 50}
+    budget.reserve(mine)
+    budget.reserve(other)
+    assert budget.grow(mine, 0, 25) == 0 and mine == {0: 30}   # within the reservation
+    assert budget.grow(mine, 0, 45) == 0 and mine == {0: 45}   # 15 of the 20 free blocks
+    assert budget.reserved[0] == 95
+    assert budget.grow(mine, 0, 60) == 15 and mine == {0: 45}  # only 5 left: nothing taken
+    assert budget.reserved[0] == 95
+
+
+def test_pool_size_comes_from_blocks_then_bytes_and_a_tiny_budget_says_what_to_raise():
+    assert pool_blocks(1000, num_kv_blocks=7) == 7
+    assert pool_blocks(1000, budget_bytes=64_500) == 64
+    assert pool_blocks(1000, device="cpu", cpu_budget_bytes=10_000) == 10
+    with pytest.raises(ValueError, match="raise kv_cache_memory_bytes or num_kv_blocks"):
+        pool_blocks(1000, budget_bytes=3_999)

@@ -1,0 +1,105 @@
+"""Scheduler: the waiting queue, admission, and how each request ends (done, failed, cancelled).
+
+Admission is first come, first served: the head of the queue is admitted when its worst-case
+KV reservation fits beside the running requests' (cache/kv_budget.py), and several are
+admitted in one step while their prompts stay within max_batch_tokens, so that they prefill
+together. A request that ends, however it ends, returns its blocks to every pool and its
+reservation to the budget at once.
+"""
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from w2s_engine.cache.kv_budget import KVBudget
+from w2s_engine.search.request import KVSpace, RequestStatus, SearchRequest
+
+
+class QueueFull(OverflowError):
+    """The waiting queue is at its bound: try again later (the server answers 429)."""
+
+
+@dataclass
+class Totals:
+    """Counters since the engine started."""
+
+    requests: int = 0
+    failed: int = 0
+    tokens: dict[str, int] = field(default_factory=dict)   # forwarded, per model role
+
+
+class Scheduler:
+
+    def __init__(self, budget: KVBudget, kv: KVSpace, roles: list[str],
+                 max_waiting: int | None, max_batch_tokens: int):
+        self.budget = budget
+        self.kv = kv
+        self.max_waiting = max_waiting
+        self.max_batch_tokens = max_batch_tokens
+        self.waiting: deque[SearchRequest] = deque()
+        self.running: list[SearchRequest] = []
+        self.totals = Totals(tokens={role: 0 for role in roles})
+        self._ended: list[SearchRequest] = []   # since the last take_ended()
+
+    def add(self, req: SearchRequest):
+        if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
+            raise QueueFull(f"the queue holds {len(self.waiting)} requests: try again later")
+        assert req.status is RequestStatus.WAITING
+        self.waiting.append(req)
+        self.totals.requests += 1
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[SearchRequest]:
+        """Admit waiting requests in order while their reservations fit; they run from now."""
+        admitted, tokens = [], 0
+        while self.waiting:
+            req = self.waiting[0]
+            if not self.budget.fits(req.reserved):
+                if not self.running and not admitted:  # cannot happen: make_request checked
+                    raise RuntimeError("an admitted-size request does not fit an empty engine")
+                break
+            n = len(req.large_prompt_ids)
+            if admitted and tokens + n > self.max_batch_tokens:
+                break
+            self.waiting.popleft()
+            self.budget.reserve(req.reserved)
+            admitted.append(req)
+            tokens += n
+        self.running += admitted
+        return admitted
+
+    def finish(self, req: SearchRequest):
+        """A request whose search is done: its result is set."""
+        assert req.status is RequestStatus.DONE and req.result is not None
+        self._end(req)
+
+    def fail(self, req: SearchRequest, message: str):
+        """A running request that cannot go on fails alone; the others go on."""
+        req.status, req.error = RequestStatus.FAILED, message
+        self.totals.failed += 1
+        self._end(req)
+
+    def cancel(self, req: SearchRequest):
+        """Drop a request wherever it is; its blocks return to the pools."""
+        if req in self.waiting:
+            self.waiting.remove(req)
+            req.status, req.error = RequestStatus.CANCELLED, "cancelled"
+        elif req in self.running:
+            req.status, req.error = RequestStatus.CANCELLED, "cancelled"
+            self._end(req)
+
+    def take_ended(self) -> list[SearchRequest]:
+        """The requests that ended since the last call, in the order they ended."""
+        ended, self._ended = self._ended, []
+        return ended
+
+    def _end(self, req: SearchRequest):
+        req.free_all(self.kv)
+        self.budget.release(req.reserved)
+        req.reserved = {}
+        for role, n in req.stats.tokens_forwarded.items():
+            self.totals.tokens[role] = self.totals.tokens.get(role, 0) + n
+        if req in self.running:
+            self.running.remove(req)
+            self._ended.append(req)

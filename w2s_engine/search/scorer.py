@@ -1,0 +1,200 @@
+"""ImplicitScorer: the reward of a search, r(y) = sum_t log pi_tuned(y_t | x_t, y_<t) - log pi_untuned(y_t | x_u, y_<t).
+
+It owns the small models' side of every request: their templated prompts, their streams on
+paged KV (one stream when both models read the same tokens, else one each; search/
+small_stream.py), and chunk scoring. After each chunk, plan() turns every candidate's new
+response into a StreamUpdate per stream, in the small models' own tokens: the sampled ids as
+they are when the large model shares the tokenizer, else the response text re-tokenized over
+a tail window (the bridge). It raises for a request that cannot be scored (its re-tokenized
+response outgrows the small models' context or its KV reservation), which then fails alone;
+run() forwards the updates of all requests together, one forward per model, and sets each
+candidate's reward.
+"""
+
+from w2s_engine.cache.block_manager import BlockManager
+from w2s_engine.cache.kv_budget import SMALL_TOKENS_PER_LARGE, KVBudget
+from w2s_engine.search.prompts import SmallPrompt, Template, check_context
+from w2s_engine.search.request import SearchRequest
+from w2s_engine.search.sequence import Beam, SmallState
+from w2s_engine.search.small_stream import SmallStream, StreamUpdate
+from w2s_engine.search.tokens import Tokenized
+
+
+class ImplicitScorer:
+
+    def __init__(self, small: dict, templates: dict[str, Template], budget: KVBudget,
+                 large_vocab: dict | None, special_tokens: bool, max_batch_tokens: int):
+        """small: role -> (ModelRunner, tokenizer) for "tuned" and "untuned", or empty (no
+        small models: the engine runs base only). large_vocab: the large tokenizer's vocabulary,
+        None for a black-box large model."""
+        assert set(small) in (set(), {"tuned", "untuned"})
+        self.templates = templates
+        self.budget = budget
+        self.special_tokens = special_tokens
+        self.streams: list[SmallStream] = []
+        self.tokenizers = []
+        if small:
+            (_, tok_t), (_, tok_u) = small["tuned"], small["untuned"]
+            same = tok_t.get_vocab() == tok_u.get_vocab() and templates["tuned"] == templates["untuned"]
+            for roles in ([("tuned", "untuned")] if same else [("tuned",), ("untuned",)]):
+                tok = small[roles[0]][1]
+                self.streams.append(SmallStream(
+                    {r: small[r][0] for r in roles},
+                    BlockManager(budget.num_blocks, budget.block_size), tok.eos_token_id,
+                    max_batch_tokens))
+                self.tokenizers.append(tok)
+        # Shared vocabulary: the sampled ids are scored as they are.
+        self.shared_vocab = bool(small) and all(t.get_vocab() == large_vocab for t in self.tokenizers)
+
+    @property
+    def stream_roles(self) -> list[tuple[str, ...]]:
+        return [s.roles for s in self.streams]
+
+    @property
+    def blocks(self) -> list[BlockManager]:
+        return [s.blocks for s in self.streams]
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def prompts(self, prompt, max_new_tokens: int) -> list[SmallPrompt]:
+        """Each stream's templated, tokenized prompt (raises ValueError saying what to change)."""
+        out = []
+        for stream, tok in zip(self.streams, self.tokenizers):
+            role = stream.roles[0]
+            sp = SmallPrompt.make(tok, self.templates[role], prompt, self.special_tokens)
+            if not sp.ids:
+                raise ValueError(f"the {role} model's templated prompt is empty: give the "
+                                 "small template some text or turn small_special_tokens on")
+            for r, runner in stream.runners.items():
+                check_context(r, runner.shape.max_positions, len(sp.ids), max_new_tokens)
+            out.append(sp)
+        return out
+
+    def prefill(self, requests: list[SearchRequest]):
+        """Give each new request's root its small states and forward their prompts."""
+        for r in requests:
+            r.root.small = [SmallState(s.blocks.new_table(), list(sp.ids), len(sp.ids), [], {},
+                                       sp.text, list(sp.starts))
+                            for s, sp in zip(self.streams, r.small_prompts)]
+        for si, stream in enumerate(self.streams):
+            if requests:
+                stream.prefill([r.root.small[si] for r in requests])
+                for r in requests:
+                    for role in stream.roles:
+                        r.stats.tokens_forwarded[role] = len(r.small_prompts[si].ids)
+
+    # ---- chunk scoring ---------------------------------------------------------------------
+
+    def plan(self, r: SearchRequest, large) -> list[tuple[int, Beam, StreamUpdate]]:
+        """The updates that score request r's new chunks: (stream, beam, update) each.
+        `large` gives each beam's response text and large-token count. Raises for a request
+        that cannot be scored; nothing is changed then."""
+        ups = []
+        for b in r.beams:
+            if b.chunk_tokens == 0:
+                continue  # a finished survivor carried from the last chunk
+            for si, sp in enumerate(r.small_prompts):
+                st = b.small[si]
+                if self.shared_vocab:
+                    u = StreamUpdate(st, sp.ids + b.token_ids, len(sp.ids), b.finish_reason == "stop")
+                else:
+                    # The bridge: text of the new tokens, a tail re-tokenized.
+                    new, start = sp.extend(Tokenized(st.text, st.ids, st.starts),
+                                           large.response_text(b))
+                    if start == 0:
+                        raise ValueError("the small tokenization of prompt + response "
+                                         "changed the prompt's first token")
+                    u = StreamUpdate(st, new.ids, start, b.finish_reason == "stop",
+                                     text=new.text, starts=new.starts)
+                ups.append((si, b, u))
+        if not self.shared_vocab:
+            self._check_growth(r, ups, large)
+        return ups
+
+    def _check_growth(self, r: SearchRequest, ups: list, large):
+        """A response can re-tokenize to more small tokens per large token than admission
+        planned for (a word of one large token spelled out in bytes). Keep the request within
+        the small models' context, and its blocks within its reservation, so that no pool runs
+        out under the other requests: the reservation grows to what the request holds if the
+        pool has unreserved room; if not, this request fails here, alone."""
+        for si, (sp, stream) in enumerate(zip(r.small_prompts, self.streams)):
+            mine = [(b, u) for s, b, u in ups if s == si]
+            if not mine:
+                continue
+            limit = stream.runners[stream.roles[0]].shape.max_positions
+            longest = max(len(u.full_ids) for _, u in mine)
+            if limit is not None and longest > limit:
+                raise ValueError(
+                    f"the response re-tokenizes to {longest} tokens of prompt + response for the "
+                    f"small models, past their context of {limit}: lower max_new_tokens")
+            # Blocks held after this update, at most: those held now (shared prefixes once),
+            # each stream's new blocks, and one copy-on-write of the block it writes into.
+            held = len({blk for b in r.beams for blk in b.small[si].table.blocks}) + sum(
+                max(0, stream.blocks.blocks_for(len(u.full_ids)) - len(b.small[si].table.blocks))
+                + 1 for b, u in mine)
+            missing = self.budget.grow(r.reserved, si, held)
+            if missing:
+                rate = max((len(u.full_ids) - len(sp.ids)) / max(1, large.num_tokens(b))
+                           for b, u in mine)
+                raise ValueError(
+                    f"the response re-tokenizes to {rate:.1f} small-model tokens per large-model "
+                    f"token (KV was reserved for {SMALL_TOKENS_PER_LARGE}), and the small models' "
+                    f"pool has no unreserved room for the {missing} more blocks it needs: lower "
+                    "max_new_tokens or w*k, or give the engine more KV memory")
+
+    def run(self, plans: list[tuple[SearchRequest, list]]):
+        """Forward every planned update (all requests, one batch per stream); set rewards."""
+        per_stream = [[] for _ in self.streams]
+        for _, ups in plans:
+            for si, _, u in ups:
+                per_stream[si].append(u)
+        for stream, ups in zip(self.streams, per_stream):
+            if ups:
+                stream.update(ups)
+        touched = {}
+        for r, ups in plans:
+            for si, b, u in ups:
+                for role in self.streams[si].roles:
+                    r.stats.tokens_forwarded[role] = r.stats.tokens_forwarded.get(role, 0) + u.forwarded
+                r.stats.tokens_scored += u.scored
+                touched.setdefault(id(b), (b, []))[1].append(u)
+        for b, ups in touched.values():
+            b.eos_term = sum(u.eos_term for u in ups)
+            b.reward = sum(sum(s.terms) for s in b.small) + b.eos_term
+
+    # ---- given responses -------------------------------------------------------------------
+
+    def score(self, prompts: list, responses: list, finished: list[bool]) -> list[float]:
+        """The implicit reward of given responses (texts, or the small models' token ids)."""
+        rewards = [0.0] * len(prompts)
+        for stream, tok in zip(self.streams, self.tokenizers):
+            role = stream.roles[0]
+            updates = []
+            for prompt, response, fin in zip(prompts, responses, finished):
+                sp = SmallPrompt.make(tok, self.templates[role], prompt, self.special_tokens)
+                if isinstance(response, str):
+                    full, start = sp.full_ids(response)
+                else:
+                    full, start = sp.ids + list(response), len(sp.ids)
+                st = SmallState(stream.blocks.new_table(), list(sp.ids), len(sp.ids), [], {})
+                updates.append(StreamUpdate(st, full, start, bool(fin)))
+            # Tables for a group at once: groups that fit half the free pool (the other half
+            # is the search's, which may run beside).
+            room = stream.blocks.num_free * stream.blocks.block_size // 2
+            i = 0
+            while i < len(updates):
+                group, tokens = [], 0
+                while i < len(updates) and (not group or
+                                            tokens + len(updates[i].full_ids) + 1 <= room):
+                    group.append(updates[i])
+                    tokens += len(updates[i].full_ids) + 1
+                    i += 1
+                try:
+                    stream.prefill([u.state for u in group])
+                    stream.update(group)
+                finally:
+                    for u in group:
+                        stream.blocks.free(u.state.table)
+            for j, u in enumerate(updates):
+                rewards[j] += sum(u.state.terms) + u.eos_term
+        return rewards
