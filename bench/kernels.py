@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from w2s_engine.kernels.chunk_reward import (chunk_reward_ref, chunk_reward_triton,
                                              fused_lmhead_chunk_reward_ref,
                                              fused_lmhead_chunk_reward_triton)
+from w2s_engine.kernels.cascade_attention import (cascade_decode_attention_triton,
+                                                  find_shared_prefixes)
 from w2s_engine.kernels.kv_cache import copy_blocks_triton, store_kv_triton
 from w2s_engine.kernels.paged_attention import (paged_decode_attention_triton,
                                                 paged_extend_attention_triton)
@@ -121,6 +123,29 @@ def test_decode_attention(benchmark, impl, batch, seq_len):
         qc = q[:, :, None]
         fn = lambda: F.scaled_dot_product_attention(qc, kc, vc, enable_gqa=True)  # noqa: E731
     timed(benchmark, fn, nbytes, impl=impl, batch=batch, seq_len=seq_len)
+
+
+@pytest.mark.parametrize("impl", ["cascade", "per_beam"])
+def test_cascade_decode_attention(benchmark, impl):
+    """The issue's shape: prompt 2,048 shared by 16 beams with 64 own tokens each, 8 kv heads x
+    128, 32 query heads, bf16. Target: cascade <= 0.35x the per-beam kernel's time. Bytes: K
+    and V of the prompt once plus each beam's own tokens (what the cascade must read)."""
+    beams, prompt, own, bs = 16, 2048, 64, 16
+    pb, ob = prompt // bs, own // bs
+    k = torch.randn(pb + beams * ob, bs, 8, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    own_blocks = pb + torch.randperm(beams * ob, device="cuda").view(beams, ob)
+    bt = torch.cat([torch.arange(pb, device="cuda").expand(beams, pb), own_blocks], 1).int()
+    lens = torch.full((beams,), prompt + own, dtype=torch.int32, device="cuda")
+    q = torch.randn(beams, 32, 128, device="cuda", dtype=torch.bfloat16)
+    groups = find_shared_prefixes(bt, lens, bs)
+    if impl == "cascade":
+        fn = lambda: cascade_decode_attention_triton(q, k, v, bt, lens, 128 ** -0.5,  # noqa: E731
+                                                     groups=groups)
+    else:
+        fn = lambda: paged_decode_attention_triton(q, k, v, bt, lens, 128 ** -0.5)  # noqa: E731
+    nbytes = 2 * (prompt + beams * own) * 8 * 128 * 2
+    timed(benchmark, fn, nbytes, impl=impl, beams=beams, prompt=prompt, own=own)
 
 
 @pytest.mark.parametrize("chunk", [8, 512])

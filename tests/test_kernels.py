@@ -116,6 +116,71 @@ def test_attention_references_equal_plain_attention_on_contiguous_kv(hq, hkv, bs
         torch.testing.assert_close(dec[b], expected[-1], atol=1e-5, rtol=1e-5)
 
 
+def shared_prefix_tables(layout, bs):
+    """Block tables [B, max_blocks] and lengths for a decode batch whose rows share blocks."""
+    if layout == "beams":           # 6 beams on a 5-block prompt; own parts ragged, one empty
+        prompt = list(range(5))
+        own = [0, 1, 9, bs, 2 * bs + 3, 3 * bs]
+        rows, lens, nxt = [], [], 5
+        for n in own:
+            mine = -(-n // bs)
+            rows.append(prompt + list(range(nxt, nxt + mine)))
+            nxt += mine
+            lens.append(5 * bs + n)
+    elif layout == "two_requests":  # groups {0, 2, 5} and {1, 4}, siblings 0 and 2 share more,
+        rows = [[0, 1, 2, 3, 20], [10, 11, 12], [0, 1, 2, 3, 21], [30, 31],   # a loner (3),
+                [10, 11, 13, 14], [0, 1, 2, 22], [0]]                         # a short row (6)
+        lens = [4 * bs + bs // 2 + 1, 3 * bs - 2, 5 * bs, 2 * bs, 4 * bs, 3 * bs + 1, bs - 3]
+    else:                           # "unshared": every row its own blocks
+        rows = [[3, 7, 1], [5, 0], [2, 6, 4, 8]]
+        lens = [3 * bs - 1, bs + 1, 4 * bs]
+    width = max(map(len, rows))
+    table = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32)
+    return table, torch.tensor(lens, dtype=torch.int32), int(table.max()) + 1
+
+
+def test_find_shared_prefixes_groups_rows_by_their_common_leading_full_blocks():
+    from w2s_engine.kernels.cascade_attention import find_shared_prefixes
+    table, lens, _ = shared_prefix_tables("two_requests", 16)
+    groups = find_shared_prefixes(table, lens, 16)
+    starts = groups.group_starts.tolist()
+    found = {tuple(groups.group_rows[a:b].tolist()): (plen, leader) for a, b, plen, leader in
+             zip(starts, starts[1:], groups.prefix_lens.tolist(), groups.leaders.tolist())}
+    # {0, 2, 5}: blocks 0, 1, 2 in common, all full in each (row 2's sibling block 3 is not
+    # row 5's); {1, 4}: blocks 10, 11 (row 1 has filled two of its three blocks).
+    assert found == {(0, 2, 5): (48, 0), (1, 4): (32, 1)}
+    assert groups.suffix_starts.tolist() == [48, 32, 48, 0, 32, 48, 0]
+    assert (groups.max_group_rows, groups.max_prefix_len) == (3, 48)
+    assert groups.max_suffix_len == int((lens - groups.suffix_starts).max())
+    alone = find_shared_prefixes(*shared_prefix_tables("unshared", 16)[:2], 16)
+    assert alone.num_groups == 0 and alone.suffix_starts.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("layout", ["beams", "two_requests", "unshared"])
+@pytest.mark.parametrize("hq, hkv, bs, window, softcap", CASES)
+def test_cascade_decode_equals_per_beam_decode(layout, hq, hkv, bs, window, softcap):
+    from w2s_engine.kernels.cascade_attention import (cascade_decode_attention_ref,
+                                                      cascade_decode_attention_triton,
+                                                      find_shared_prefixes)
+    table, lens, num_blocks = shared_prefix_tables(layout, bs)
+    g = torch.Generator().manual_seed(bs + hq)
+    k = torch.randn(num_blocks, bs, hkv, 16, generator=g)
+    v = torch.randn(num_blocks, bs, hkv, 16, generator=g)
+    q = torch.randn(table.shape[0], hq, 16, generator=g)
+    args = (q, k, v, table, lens, 0.3, window, softcap)
+    expected, expected_lse = paged_decode_attention_triton(*args)
+    groups = find_shared_prefixes(table, lens, bs)
+    assert (groups.num_groups > 0) == (layout != "unshared")
+    for splits in ((3, 2), (None, None)):
+        out, lse = cascade_decode_attention_triton(*args, groups, *splits)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=1e-5)
+    ref, ref_lse = cascade_decode_attention_ref(*args)
+    per_beam, per_beam_lse = paged_decode_attention_ref(*args)
+    torch.testing.assert_close(ref, per_beam, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref_lse, per_beam_lse, atol=1e-5, rtol=1e-5)
+
+
 def test_store_kv_triton_skips_padding_slots_and_accepts_strided_k():
     kv = torch.randn(5, 4, 4)                    # [N, 2 * Hkv, D]: k and v as strided halves
     k, v = kv[:, :2], kv[:, 2:4]
@@ -425,3 +490,18 @@ class TestOnGPU:
         torch.testing.assert_close(fused_lmhead_chunk_reward_triton(*args)[0].cpu(),
                                    fused_lmhead_chunk_reward_ref(*cpu(*args))[0],
                                    atol=1e-4, rtol=1e-4)
+
+    def test_cascade_decode_at_the_beam_search_shape(self):
+        from w2s_engine.kernels.cascade_attention import cascade_decode_attention_triton
+        beams, pb, ob, bs = 16, 128, 4, 16           # prompt 2,048, 64 own tokens per beam
+        k = torch.randn(pb + beams * ob, bs, 8, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        own = pb + torch.randperm(beams * ob, device="cuda").view(beams, ob)
+        bt = torch.cat([torch.arange(pb, device="cuda").expand(beams, pb), own], 1).int()
+        lens = torch.randint(pb * bs + 1, (pb + ob) * bs + 1, (beams,), device="cuda").int()
+        q = torch.randn(beams, 32, 128, device="cuda", dtype=torch.bfloat16)
+        for window in (None, 1000):
+            out, lse = cascade_decode_attention_triton(q, k, v, bt, lens, 128 ** -0.5, window)
+            ref, ref_lse = paged_decode_attention_triton(q, k, v, bt, lens, 128 ** -0.5, window)
+            torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(lse, ref_lse, atol=1e-2, rtol=1e-3)

@@ -9,7 +9,7 @@ Soft-cap: score = cap * tanh(score / cap), after scaling, before masking.
 
 import torch
 
-from w2s_engine.kernels._common import dot_precision
+from w2s_engine.kernels._common import dot_precision, sm_count
 
 try:
     import triton
@@ -28,8 +28,10 @@ def _gather(cache, block_tables, max_len):
     return cache[blocks].reshape(blocks.shape[0], nb * bs, *cache.shape[2:])[:, :max_len]
 
 
-def _masked_softmax_attention(q, k, v, qpos, kv_len, scale, sliding_window, softcap):
-    """q [B, M, Hq, D], k/v [B, L, Hkv, D], qpos [B, M] -> (out [B, M, Hq, D], lse [B, M, Hq])."""
+def _masked_softmax_attention(q, k, v, qpos, kv_len, scale, sliding_window, softcap,
+                              kv_start=None):
+    """q [B, M, Hq, D], k/v [B, L, Hkv, D], qpos [B, M] -> (out [B, M, Hq, D], lse [B, M, Hq]).
+    Keys at positions < kv_start [B] (if given) are left out."""
     B, M, Hq, D = q.shape
     L, Hkv = k.shape[1], k.shape[2]
     g = Hq // Hkv
@@ -41,6 +43,8 @@ def _masked_softmax_attention(q, k, v, qpos, kv_len, scale, sliding_window, soft
     mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < kv_len[:, None, None])
     if sliding_window:
         mask &= kpos[None, None, :] > qpos[:, :, None] - sliding_window
+    if kv_start is not None:
+        mask &= kpos[None, None, :] >= kv_start.long()[:, None, None]
     s = s.masked_fill(~mask[:, None, None], float("-inf"))
     lse = torch.logsumexp(s, dim=-1)                                    # [B, Hkv, g, M]
     p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
@@ -49,13 +53,15 @@ def _masked_softmax_attention(q, k, v, qpos, kv_len, scale, sliding_window, soft
 
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                               sliding_window=None, softcap=None, num_splits=None):
+                               sliding_window=None, softcap=None, num_splits=None, kv_start=None):
+    """kv_start [B] int32 (optional): each query sees only positions >= kv_start[b] (the suffix
+    of a cascade); a row that sees nothing gets out 0 and lse -inf."""
     max_len = int(seq_lens.max())
     k = _gather(k_cache, block_tables, max_len)
     v = _gather(v_cache, block_tables, max_len)
     qpos = (seq_lens.long() - 1)[:, None]
     out, lse = _masked_softmax_attention(q[:, None], k, v, qpos, seq_lens.long(), scale,
-                                         sliding_window, softcap)
+                                         sliding_window, softcap, kv_start)
     return out[:, 0].to(q.dtype), lse[:, 0]
 
 
@@ -90,8 +96,9 @@ if triton is not None:
         k_cache_ptr, v_cache_ptr,   # [num_blocks, BLOCK_SIZE, Hkv, D]
         block_tables_ptr,      # [B, max_blocks] int32
         seq_lens_ptr,          # [B] int32
-        part_out_ptr,          # [B, Hq, NUM_SPLITS, D] fp32
-        part_lse_ptr,          # [B, Hq, NUM_SPLITS] fp32
+        kv_start_ptr,          # [B] int32: first position each query sees (if HAS_START)
+        part_out_ptr,          # [B, Hq, PART_SPLITS, D] fp32
+        part_lse_ptr,          # [B, Hq, PART_SPLITS] fp32
         scale, softcap, window,
         stride_qb, stride_qh,
         stride_cb, stride_cs, stride_ch,     # cache strides: block, slot in block, kv head
@@ -100,8 +107,10 @@ if triton is not None:
         BLOCK_H: tl.constexpr,      # >= GROUP, >= 16 for tl.dot
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr,
-        HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        NUM_SPLITS: tl.constexpr,   # programs per (sequence, kv head)
+        PART_SPLITS: tl.constexpr,  # partials per (sequence, head) in part_out / part_lse
+        SPLIT_BASE: tl.constexpr,   # this launch writes partials SPLIT_BASE + [0, NUM_SPLITS)
+        HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_START: tl.constexpr,
         DOT_PRECISION: tl.constexpr,   # "ieee" for fp32 (no TF32), else "tf32" (ignored)
     ):
         # grid: (B, Hkv, NUM_SPLITS). One program reads one split of one kv head's cache once
@@ -114,7 +123,9 @@ if triton is not None:
         lo = 0
         if HAS_WINDOW:
             lo = tl.maximum(qpos - window + 1, 0)
-        span = tl.cdiv(seq_len - lo, NUM_SPLITS)
+        if HAS_START:
+            lo = tl.maximum(lo, tl.load(kv_start_ptr + b))
+        span = tl.cdiv(tl.maximum(seq_len - lo, 0), NUM_SPLITS)
         start = lo + split * span
         end = tl.minimum(start + span, seq_len)
 
@@ -151,7 +162,7 @@ if triton is not None:
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
-        base = (b * (tl.num_programs(1) * GROUP) + qh) * NUM_SPLITS + split
+        base = (b * (tl.num_programs(1) * GROUP) + qh) * PART_SPLITS + SPLIT_BASE + split
         tl.store(part_out_ptr + base[:, None] * HEAD_DIM + d[None, :], out,
                  mask=hmask[:, None] & dmask[None, :])
         tl.store(part_lse_ptr + base, lse, mask=hmask)
@@ -159,18 +170,24 @@ if triton is not None:
     @triton.jit
     def _decode_merge_kernel(
         part_out_ptr, part_lse_ptr,   # [B * Hq, NUM_SPLITS, D], [B * Hq, NUM_SPLITS]
+        prefix_len_ptr,               # [B] int32: > 0 where the PREFIX_SPLITS partials are used
         out_ptr, lse_ptr,             # [B, Hq, D] (rows contiguous), [B, Hq]
         stride_ob, stride_oh, num_heads,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
         BLOCK_S: tl.constexpr,
+        PREFIX_SPLITS: tl.constexpr,  # the first PREFIX_SPLITS partials: a shared prefix's
     ):
-        # grid: (B, Hq): combine the splits by their log-sum-exp
+        # grid: (B, Hq): combine the splits by their log-sum-exp. A row outside every shared
+        # prefix group (prefix_len 0) skips the prefix partials, which nobody wrote for it.
         b = tl.program_id(0)
         h = tl.program_id(1)
         row = b * num_heads + h
         s = tl.arange(0, BLOCK_S)
         d = tl.arange(0, BLOCK_D)
         smask = s < NUM_SPLITS
+        if PREFIX_SPLITS > 0:
+            first = tl.where(tl.load(prefix_len_ptr + b) > 0, 0, PREFIX_SPLITS)
+            smask = smask & (s >= first)
         lse = tl.load(part_lse_ptr + row * NUM_SPLITS + s, mask=smask, other=float("-inf"))
         m = tl.max(lse, 0)
         w = tl.where(smask & (lse > float("-inf")), tl.exp(lse - m), 0.0)
@@ -284,40 +301,73 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens, name):
     return hq, hkv, d, bs
 
 
-def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                  sliding_window=None, softcap=None, num_splits=None):
-    hq, hkv, d, bs = _check(q, k_cache, v_cache, block_tables, seq_lens, "paged_decode_attention")
-    B = q.shape[0]
-    if q.shape[0] != block_tables.shape[0]:
-        raise ValueError(f"paged_decode_attention: q has {q.shape[0]} sequences, block_tables "
-                         f"{block_tables.shape[0]}")
+def _decode_num_splits(q, batch_programs: int, max_len: int, cap: int = 16) -> int:
+    """Splits of the key range per program row: enough programs to fill every SM about twice
+    when the batch is small, one split when it is large, no split under 256 keys."""
+    want = max(1, 2 * sm_count(q.device) // max(1, batch_programs))
+    return max(1, min(want, triton.cdiv(max(1, max_len), 256), cap))
+
+
+def _launch_decode_splits(q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse,
+                          scale, sliding_window, softcap, num_splits, split_base=0,
+                          kv_start=None):
+    """The split-K pass: partials split_base + [0, num_splits) of part_out / part_lse."""
+    B, hq, d = q.shape
+    hkv, bs = k_cache.shape[2], k_cache.shape[1]
     group = hq // hkv
-    if num_splits is None:
-        # Enough programs to fill the GPU when the batch is small, one split when it is large.
-        max_len = block_tables.shape[1] * bs
-        want = max(1, 132 * 2 // max(1, B * hkv))
-        num_splits = max(1, min(want, triton.cdiv(max_len, 256), 16))
-    part_out = torch.empty(B, hq, num_splits, d, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(B, hq, num_splits, dtype=torch.float32, device=q.device)
-    block_n = 32 if d <= 128 else 16
     _decode_split_kernel[(B, hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse,
+        q, k_cache, v_cache, block_tables, seq_lens,
+        kv_start if kv_start is not None else seq_lens, part_out, part_lse,
         scale, softcap or 0.0, sliding_window or 0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_SIZE=bs, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        BLOCK_SIZE=bs, BLOCK_N=32 if d <= 128 else 16, NUM_SPLITS=num_splits,
+        PART_SPLITS=part_out.shape[2], SPLIT_BASE=split_base,
         HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(softcap),
-        DOT_PRECISION=dot_precision(q.dtype))
+        HAS_START=kv_start is not None, DOT_PRECISION=dot_precision(q.dtype))
+
+
+def _launch_decode_merge(q, part_out, part_lse, prefix_splits=0, prefix_lens=None):
+    """Merge all partials of each (sequence, head) by log-sum-exp -> (out [B, Hq, D], lse)."""
+    B, hq, d = q.shape
+    splits = part_out.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(B, hq, dtype=torch.float32, device=q.device)
     _decode_merge_kernel[(B, hq)](
-        part_out, part_lse, out, lse, out.stride(0), out.stride(1), hq,
-        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), NUM_SPLITS=num_splits,
-        BLOCK_S=triton.next_power_of_2(num_splits))
+        part_out, part_lse, prefix_lens if prefix_lens is not None else part_lse,
+        out, lse, out.stride(0), out.stride(1), hq,
+        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), NUM_SPLITS=splits,
+        BLOCK_S=triton.next_power_of_2(splits), PREFIX_SPLITS=prefix_splits)
     return out, lse
+
+
+def _partials(q, splits):
+    """Split-K scratch: (part_out [B, Hq, splits, D], part_lse [B, Hq, splits]) fp32."""
+    B, hq, d = q.shape
+    return (torch.empty(B, hq, splits, d, dtype=torch.float32, device=q.device),
+            torch.empty(B, hq, splits, dtype=torch.float32, device=q.device))
+
+
+def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                  sliding_window=None, softcap=None, num_splits=None,
+                                  kv_start=None):
+    hq, hkv, d, bs = _check(q, k_cache, v_cache, block_tables, seq_lens, "paged_decode_attention")
+    B = q.shape[0]
+    if q.shape[0] != block_tables.shape[0]:
+        raise ValueError(f"paged_decode_attention: q has {q.shape[0]} sequences, block_tables "
+                         f"{block_tables.shape[0]}")
+    if kv_start is not None and (kv_start.dtype != torch.int32 or kv_start.shape != (B,)):
+        raise TypeError(f"paged_decode_attention: kv_start must be int32 [B={B}]; got "
+                        f"{kv_start.dtype} {tuple(kv_start.shape)}")
+    if num_splits is None:
+        num_splits = _decode_num_splits(q, B * hkv, block_tables.shape[1] * bs)
+    part_out, part_lse = _partials(q, num_splits)
+    _launch_decode_splits(q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse,
+                          scale, sliding_window, softcap, num_splits, kv_start=kv_start)
+    return _launch_decode_merge(q, part_out, part_lse)
 
 
 def paged_extend_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
@@ -347,12 +397,13 @@ def paged_extend_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                           sliding_window=None, softcap=None, num_splits=None):
+                           sliding_window=None, softcap=None, num_splits=None, kv_start=None):
+    """-> (out [B, Hq, D], lse [B, Hq] fp32) of each sequence's last position over its cache."""
     if q.is_cuda and triton is not None:
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                             sliding_window, softcap, num_splits)
+                                             sliding_window, softcap, num_splits, kv_start)
     return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                      sliding_window, softcap)
+                                      sliding_window, softcap, kv_start=kv_start)
 
 
 def paged_extend_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale,

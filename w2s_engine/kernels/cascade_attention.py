@@ -1,0 +1,319 @@
+"""Shared-prefix (cascade) decode attention: read each shared run of KV blocks once per group.
+
+The W*K beams of a search share the prompt's blocks, and siblings share their history: their
+block tables start with the same block ids. Per-beam decode reads that run once per beam.
+Here each row's attention splits at its group's prefix length P:
+    prefix part: keys [0, P) through the group leader's table, read once for all the group's
+                 queries (rows x query heads of one kv head form the M dimension of tl.dot);
+    suffix part: keys [P, seq_len) through the row's own table (the split-K decode kernel
+                 with a start offset);
+and the two are merged by their log-sum-exp (softmax over the union of disjoint key sets):
+    lse = log(exp(lse_p) + exp(lse_s)),  out = (exp(lse_p) out_p + exp(lse_s) out_s) / exp(lse).
+The result, (out, lse), is that of paged_decode_attention, sliding window and soft-cap included
+(the window is a per-query mask inside the prefix kernel too).
+
+Groups come from the block tables (`find_shared_prefixes`): rows whose tables begin with the
+same id share that block; the group's run is the longest leading run of ids common to all its
+rows, cut to blocks every row has filled. Find them where the batch is built (host-side tables
+need no device sync) and pass them in `groups=`.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from w2s_engine.kernels._common import dot_precision, sm_count
+from w2s_engine.kernels.paged_attention import (
+    _check,
+    _gather,
+    _launch_decode_merge,
+    _launch_decode_splits,
+    _masked_softmax_attention,
+    _partials,
+    paged_decode_attention_ref,
+    paged_decode_attention_triton,
+)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+# ---- groups from block tables -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SharedPrefixes:
+    """Groups of rows (sequences of a decode batch) sharing a leading run of full KV blocks.
+
+    group_rows    [R] int32    the rows of every group, group after group, ascending in a group
+    group_starts  [G + 1] int32  group g is group_rows[group_starts[g]:group_starts[g + 1]]
+    prefix_lens   [G] int32    tokens in group g's shared run (a multiple of the block size)
+    leaders       [G] int32    a row of group g (its first); its table holds the shared run
+    suffix_starts [B] int32    where each row's own part begins: its group's prefix length,
+                               0 for a row in no group (all of its keys are its own)
+    max_group_rows, max_prefix_len, max_suffix_len: host ints that size the launch grids.
+    """
+    group_rows: torch.Tensor
+    group_starts: torch.Tensor
+    prefix_lens: torch.Tensor
+    leaders: torch.Tensor
+    suffix_starts: torch.Tensor
+    max_group_rows: int
+    max_prefix_len: int
+    max_suffix_len: int
+
+    @property
+    def num_groups(self) -> int:
+        return self.prefix_lens.numel()
+
+
+def find_shared_prefixes(block_tables, seq_lens, block_size: int, min_group_rows: int = 2,
+                         min_prefix_blocks: int = 1) -> SharedPrefixes:
+    """block_tables [B, max_blocks] int32, seq_lens [B] -> SharedPrefixes.
+
+    Rows whose first block id is the same (consecutive in the batch or not) form a group when
+    there are at least `min_group_rows` of them; the group's run is the longest leading run of
+    block ids all its rows have in common, counting only blocks every row has filled (a
+    partly written last block is never shared), and must be `min_prefix_blocks` long.
+    Pure tensor code; on CUDA tensors it syncs (group counts size the output)."""
+    if block_tables.dim() != 2 or seq_lens.shape != (block_tables.shape[0],):
+        raise ValueError(f"find_shared_prefixes: block_tables must be [B, max_blocks] and "
+                         f"seq_lens [B]; got {tuple(block_tables.shape)} and "
+                         f"{tuple(seq_lens.shape)}")
+    dev = block_tables.device
+    B = block_tables.shape[0]
+    rows = torch.arange(B, device=dev)
+    full = (seq_lens.long() // block_size).clamp_max(block_tables.shape[1])
+    eligible = full >= max(1, min_prefix_blocks)
+    # One key per candidate group: the first block id; a row that cannot share gets its own.
+    key = torch.where(eligible, block_tables[:, 0].long(), -1 - rows)
+    _, inv, counts = torch.unique(key, return_inverse=True, return_counts=True)
+    leader = torch.full((counts.numel(),), B, dtype=torch.long, device=dev)
+    leader = leader.scatter_reduce(0, inv, rows, "amin")
+    # Leading ids each row has in common with its group's leader, cut to its filled blocks.
+    same = (block_tables == block_tables[leader[inv]]).int().cumprod(dim=1).sum(dim=1)
+    run = torch.minimum(same.long(), full)
+    run_of_key = torch.full_like(leader, block_tables.shape[1]).scatter_reduce(0, inv, run, "amin")
+    keep_key = (counts >= min_group_rows) & (run_of_key >= max(1, min_prefix_blocks))
+    in_group = keep_key[inv] & eligible
+    gid_of_key = torch.cumsum(keep_key.long(), 0) - 1
+    gid = gid_of_key[inv]
+    members = rows[in_group]
+    order = torch.argsort(gid[in_group] * max(B, 1) + members)
+    group_rows = members[order]
+    sizes = counts[keep_key]
+    group_starts = torch.zeros(sizes.numel() + 1, dtype=torch.long, device=dev)
+    group_starts[1:] = torch.cumsum(sizes, 0)
+    prefix_lens = run_of_key[keep_key] * block_size
+    suffix_starts = torch.zeros_like(rows)
+    suffix_starts[in_group] = prefix_lens[gid[in_group]]
+    suffix = seq_lens.long() - suffix_starts
+    i32 = torch.int32
+    return SharedPrefixes(
+        group_rows=group_rows.to(i32), group_starts=group_starts.to(i32),
+        prefix_lens=prefix_lens.to(i32), leaders=leader[keep_key].to(i32),
+        suffix_starts=suffix_starts.to(i32),
+        max_group_rows=int(sizes.max()) if sizes.numel() else 0,
+        max_prefix_len=int(prefix_lens.max()) if sizes.numel() else 0,
+        max_suffix_len=int(suffix.max()) if B else 0)
+
+
+# ---- PyTorch reference ---------------------------------------------------------------------------
+
+def merge_attention_states_ref(out_a, lse_a, out_b, lse_b):
+    """Attention over two disjoint key sets -> attention over their union.
+    out_* [..., D], lse_* [...] (-inf where a set is empty) -> (out fp32, lse)."""
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    total = wa + wb
+    out = (out_a.float() * wa[..., None] + out_b.float() * wb[..., None]) / total[..., None]
+    return out, m + torch.log(total)
+
+
+def shared_prefix_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, groups,
+                                sliding_window=None, softcap=None):
+    """The prefix part alone: (out [B, Hq, D] fp32, lse [B, Hq]); rows in no group get 0, -inf.
+    Each group's run is gathered once, through its leader's table, for all its queries."""
+    B, hq, d = q.shape
+    out = torch.zeros(B, hq, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((B, hq), float("-inf"), dtype=torch.float32, device=q.device)
+    starts = groups.group_starts.tolist()
+    for g, (plen, leader) in enumerate(zip(groups.prefix_lens.tolist(), groups.leaders.tolist())):
+        rows = groups.group_rows[starts[g]:starts[g + 1]].long()
+        table = block_tables[leader:leader + 1]
+        k, v = _gather(k_cache, table, plen), _gather(v_cache, table, plen)
+        qpos = (seq_lens[rows].long() - 1)[None]                 # the group's queries as M
+        kv_len = torch.tensor([plen], device=q.device)
+        o, l = _masked_softmax_attention(q[rows][None], k, v, qpos, kv_len, scale,
+                                         sliding_window, softcap)
+        out[rows], lse[rows] = o[0], l[0]
+    return out, lse
+
+
+def cascade_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                 sliding_window=None, softcap=None, groups=None):
+    if groups is None:
+        groups = find_shared_prefixes(block_tables, seq_lens, k_cache.shape[1])
+    out_p, lse_p = shared_prefix_attention_ref(q, k_cache, v_cache, block_tables, seq_lens,
+                                               scale, groups, sliding_window, softcap)
+    out_s, lse_s = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                              sliding_window, softcap,
+                                              kv_start=groups.suffix_starts)
+    out, lse = merge_attention_states_ref(out_p, lse_p, out_s, lse_s)
+    return out.to(q.dtype), lse
+
+
+# ---- Triton ------------------------------------------------------------------------------------
+
+if triton is not None:
+    @triton.jit
+    def _shared_prefix_kernel(
+        q_ptr,                      # [B, Hq, D]
+        k_cache_ptr, v_cache_ptr,   # [num_blocks, BLOCK_SIZE, Hkv, D]
+        block_tables_ptr,           # [B, max_blocks] int32
+        seq_lens_ptr,               # [B] int32
+        group_rows_ptr,             # [R] int32: rows of every group, group after group
+        group_starts_ptr,           # [G + 1] int32
+        prefix_lens_ptr,            # [G] int32: tokens of each group's shared run
+        leaders_ptr,                # [G] int32: the row whose table is read for the run
+        part_out_ptr,               # [B, Hq, PART_SPLITS, D] fp32: partials [0, NUM_SPLITS)
+        part_lse_ptr,               # [B, Hq, PART_SPLITS] fp32
+        scale, softcap, window, m_tiles,
+        stride_qb, stride_qh,
+        stride_cb, stride_cs, stride_ch,
+        stride_bt,
+        GROUP: tl.constexpr,        # Hq // Hkv
+        BLOCK_M: tl.constexpr,      # (row, query head) pairs per program, >= 16 for tl.dot
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, PART_SPLITS: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        # grid: (G * m_tiles, Hkv, NUM_SPLITS). One program reads one split of its group's
+        # shared run for one kv head once, for BLOCK_M (row, query head) pairs: pair r is row
+        # r // GROUP of the group and query head kvh * GROUP + r % GROUP.
+        g = tl.program_id(0) // m_tiles
+        tile = tl.program_id(0) % m_tiles
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        first = tl.load(group_starts_ptr + g)
+        n_pairs = (tl.load(group_starts_ptr + g + 1) - first) * GROUP
+        if tile * BLOCK_M >= n_pairs:
+            return
+        r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = r < n_pairs
+        row = tl.load(group_rows_ptr + first + r // GROUP, mask=rmask, other=0)
+        qh = kvh * GROUP + r % GROUP
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < HEAD_DIM
+        q = tl.load(q_ptr + row[:, None] * stride_qb + qh[:, None] * stride_qh + d[None, :],
+                    mask=rmask[:, None] & dmask[None, :], other=0.0)
+        plen = tl.load(prefix_lens_ptr + g)
+        leader = tl.load(leaders_ptr + g)
+        lo = 0
+        if HAS_WINDOW:
+            qpos = tl.load(seq_lens_ptr + row, mask=rmask, other=1) - 1
+            # Keys before every pair's window are skipped; the rest is masked per pair.
+            lo = tl.maximum(tl.min(tl.where(rmask, qpos - window + 1, plen), 0), 0)
+        span = tl.cdiv(tl.maximum(plen - lo, 0), NUM_SPLITS)
+        start = lo + split * span
+        end = tl.minimum(start + span, plen)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            nmask = n < end
+            block = tl.load(block_tables_ptr + leader * stride_bt + n // BLOCK_SIZE, mask=nmask,
+                            other=0)
+            off = block.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
+            k = tl.load(k_cache_ptr + off[:, None] + d[None, :],
+                        mask=nmask[:, None] & dmask[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [BLOCK_M, BLOCK_N]
+            if HAS_SOFTCAP:
+                s = softcap * (2 * tl.sigmoid(2 * s / softcap) - 1)
+            visible = nmask[None, :]
+            if HAS_WINDOW:
+                visible = visible & (n[None, :] > qpos[:, None] - window)
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_cache_ptr + off[:, None] + d[None, :],
+                        mask=nmask[:, None] & dmask[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
+        base = (row.to(tl.int64) * (tl.num_programs(1) * GROUP) + qh) * PART_SPLITS + split
+        tl.store(part_out_ptr + base[:, None] * HEAD_DIM + d[None, :], out,
+                 mask=rmask[:, None] & dmask[None, :])
+        tl.store(part_lse_ptr + base, lse, mask=rmask)
+
+
+def _check_groups(groups, B, name):
+    if not isinstance(groups, SharedPrefixes):
+        raise TypeError(f"{name}: groups must come from find_shared_prefixes; got {type(groups)}")
+    if groups.suffix_starts.shape != (B,):
+        raise ValueError(f"{name}: groups were found for {groups.suffix_starts.numel()} rows, "
+                         f"the batch has {B}; find them again for this batch")
+
+
+def cascade_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                    sliding_window=None, softcap=None, groups=None,
+                                    prefix_splits=None, suffix_splits=None):
+    name = "cascade_decode_attention"
+    hq, hkv, d, bs = _check(q, k_cache, v_cache, block_tables, seq_lens, name)
+    B = q.shape[0]
+    if groups is None:
+        groups = find_shared_prefixes(block_tables, seq_lens, bs)
+    _check_groups(groups, B, name)
+    if groups.num_groups == 0:
+        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                             sliding_window, softcap, suffix_splits)
+    group = hq // hkv
+    pairs = groups.max_group_rows * group
+    block_m = max(16, min(64, triton.next_power_of_2(pairs)))
+    m_tiles = triton.cdiv(pairs, block_m)
+    sms = sm_count(q.device)
+    if prefix_splits is None:
+        want = max(1, 2 * sms // (groups.num_groups * m_tiles * hkv))
+        prefix_splits = max(1, min(want, triton.cdiv(groups.max_prefix_len, 128), 64))
+    if suffix_splits is None:
+        want = max(1, 2 * sms // max(1, B * hkv))
+        suffix_splits = max(1, min(want, triton.cdiv(max(1, groups.max_suffix_len), 256), 16))
+    part_out, part_lse = _partials(q, prefix_splits + suffix_splits)
+    _shared_prefix_kernel[(groups.num_groups * m_tiles, hkv, prefix_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, groups.group_rows, groups.group_starts,
+        groups.prefix_lens, groups.leaders, part_out, part_lse,
+        scale, softcap or 0.0, sliding_window or 0, m_tiles,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group, BLOCK_M=block_m, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_SIZE=bs, BLOCK_N=32 if d <= 128 else 16,
+        NUM_SPLITS=prefix_splits, PART_SPLITS=prefix_splits + suffix_splits,
+        HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(softcap),
+        DOT_PRECISION=dot_precision(q.dtype))
+    _launch_decode_splits(q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse,
+                          scale, sliding_window, softcap, suffix_splits,
+                          split_base=prefix_splits, kv_start=groups.suffix_starts)
+    return _launch_decode_merge(q, part_out, part_lse, prefix_splits, groups.suffix_starts)
+
+
+def cascade_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                             sliding_window=None, softcap=None, groups=None):
+    """Drop-in for paged_decode_attention -> (out [B, Hq, D], lse [B, Hq] fp32) that reads each
+    shared prefix once per group. groups: from find_shared_prefixes (found here if None)."""
+    if q.is_cuda and triton is not None:
+        return cascade_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens,
+                                               scale, sliding_window, softcap, groups)
+    return cascade_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                        sliding_window, softcap, groups)
