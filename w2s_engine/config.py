@@ -18,12 +18,20 @@ class EngineConfig:
     max_waiting: int | None = None      # queue bound (the server answers 429 past it)
     small_special_tokens: bool = False  # add BOS etc. to the small models' prompts
     progress: bool = True               # tqdm bar for a list of prompts
+    # The large model's decode on static buffers, a CUDA graph per batch bucket up to
+    # cuda_graph_max_batch beams. None: on with CUDA. On CPU, True runs the same padded
+    # static path eagerly (there are no graphs to capture).
+    cuda_graphs: bool | None = None
+    cuda_graph_max_batch: int = 512
 
     def resolve(self) -> "EngineConfig":
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.dtype is None:
             self.dtype = torch.bfloat16 if str(self.device).startswith("cuda") else torch.float32
+        if self.cuda_graphs is None:
+            self.cuda_graphs = str(self.device).startswith("cuda")
+        assert self.cuda_graph_max_batch >= 1, "cuda_graph_max_batch must be >= 1"
         assert self.block_size > 0 and self.block_size & (self.block_size - 1) == 0, \
             "block_size must be a power of two"
         return self

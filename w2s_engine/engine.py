@@ -22,6 +22,7 @@ from w2s_engine.config import EngineConfig
 from w2s_engine.large.local import LocalLarge
 from w2s_engine.large.openai_completions import OpenAICompletions
 from w2s_engine.large.remote import RemoteLarge
+from w2s_engine.models.decode_graphs import DecodeGraphs
 from w2s_engine.models.loader import eos_ids, load_role
 from w2s_engine.models.runner import ModelRunner, ModelShape
 from w2s_engine.outputs import SearchResult
@@ -63,11 +64,19 @@ class Engine:
         bytes_per_block = sum(ModelShape.of(m.model).kv_bytes_per_block(config.block_size,
                                                                         config.dtype)
                               for m in self.models.values())
+        graphs = config.cuda_graphs and not remote
+        graph_bytes = (ModelShape.of(self.models["large"].model).decode_activation_bytes(
+            config.cuda_graph_max_batch, config.dtype) if graphs else 0)
         num_blocks = pool_blocks(bytes_per_block, config.num_kv_blocks,
                                  config.kv_cache_memory_bytes, config.device,
-                                 config.kv_cache_memory_fraction, config.cpu_kv_cache_bytes)
+                                 config.kv_cache_memory_fraction, config.cpu_kv_cache_bytes,
+                                 other_bytes=graph_bytes)
         self.runners = {role: ModelRunner(m.model, num_blocks, config.block_size)
                         for role, m in self.models.items()}
+        if graphs:
+            runner = self.runners["large"]
+            runner.graphs = DecodeGraphs(runner, config.cuda_graph_max_batch,
+                                         capture=runner.device.type == "cuda")
         self.budget = KVBudget(num_blocks, config.block_size)
         if remote:
             self.large = RemoteLarge(remote)
@@ -163,9 +172,10 @@ class Engine:
 
     def step(self) -> list[SearchRequest]:
         """One engine step; returns the requests that ended (done or failed) in it."""
-        admitted = self.scheduler.schedule()
-        if admitted:
-            self._prefill(admitted)
+        self.scheduler.schedule()
+        prefilling = self.scheduler.prefilling()
+        if prefilling:
+            self._prefill(prefilling)
         running = [r for r in self.scheduler.running if r.status is RequestStatus.RUNNING]
         for r, message in self.large.advance(running):
             self.scheduler.fail(r, message)
@@ -178,12 +188,16 @@ class Engine:
                     self.scheduler.finish(r)
         return self.scheduler.take_ended()
 
-    def _prefill(self, admitted: list[SearchRequest]):
-        for r in admitted:
-            r.root = Beam(beam_id=r.new_beam_id(), token_ids=[], large=self.large.new_table())
-        self.large.prefill(admitted)
-        self.scorer.prefill([r for r in admitted if r.params.uses_small_models])
-        for r in admitted:
+    def _prefill(self, requests: list[SearchRequest]):
+        """The next chunk of the prompts being prefilled (max_batch_tokens in all, so that a
+        long prompt delays the others' decode by one chunk at most); the requests whose
+        prompts are in fork their roots into W*K children and run from this step."""
+        for r in requests:
+            if r.root is None:
+                r.root = Beam(beam_id=r.new_beam_id(), token_ids=[], large=self.large.new_table())
+        done = self.large.prefill(requests, self.config.max_batch_tokens)
+        self.scorer.prefill([r for r in done if r.params.uses_small_models])
+        for r in done:
             r.start(self.kv)
 
     def _score(self, ready: list[SearchRequest]):

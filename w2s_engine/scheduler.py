@@ -51,7 +51,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[SearchRequest]:
-        """Admit waiting requests in order while their reservations fit; they run from now."""
+        """Admit waiting requests in order while their reservations fit; their prompts are
+        prefilled from now (`prefilling`)."""
         admitted, tokens = [], 0
         while self.waiting:
             req = self.waiting[0]
@@ -64,10 +65,14 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.budget.reserve(req.reserved)
+            req.status = RequestStatus.PREFILLING
             admitted.append(req)
             tokens += n
         self.running += admitted
         return admitted
+
+    def prefilling(self) -> list[SearchRequest]:
+        return [r for r in self.running if r.status is RequestStatus.PREFILLING]
 
     def finish(self, req: SearchRequest):
         """A request whose search is done: its result is set."""

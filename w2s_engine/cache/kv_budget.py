@@ -22,16 +22,18 @@ SMALL_TOKENS_PER_LARGE = 4
 
 def pool_blocks(bytes_per_block: int, num_kv_blocks: int | None = None,
                 budget_bytes: int | None = None, device: str = "cpu",
-                memory_fraction: float = 0.85, cpu_budget_bytes: int = 2 << 30) -> int:
+                memory_fraction: float = 0.85, cpu_budget_bytes: int = 2 << 30,
+                other_bytes: int = 0) -> int:
     """Blocks per pool: all pools have the same count, and one block of every pool together
     takes bytes_per_block. An explicit num_kv_blocks wins, then an explicit budget, then a
-    fraction of the free device memory (CUDA) or the CPU budget."""
+    fraction of the free device memory (CUDA) less other_bytes (what the decode graphs will
+    hold), or the CPU budget."""
     if num_kv_blocks is not None:
         return num_kv_blocks
     if budget_bytes is None:
         if str(device).startswith("cuda"):
             free, _ = torch.cuda.mem_get_info(torch.device(device))
-            budget_bytes = int(free * memory_fraction)
+            budget_bytes = int(free * memory_fraction) - other_bytes
         else:
             budget_bytes = cpu_budget_bytes
     num_blocks = budget_bytes // bytes_per_block

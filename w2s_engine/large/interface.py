@@ -21,8 +21,9 @@ class LargeModel(Protocol):
     def new_table(self) -> BlockTable | None:
         """A root beam's table in the large pool."""
 
-    def prefill(self, requests: list[SearchRequest]) -> None:
-        """Prepare newly admitted requests (their roots exist) for their first tokens."""
+    def prefill(self, requests: list[SearchRequest], max_tokens: int) -> list[SearchRequest]:
+        """Advance the prompts of admitted requests (their roots exist) by up to max_tokens in
+        all; returns those ready for their first tokens."""
 
     def advance(self, requests: list[SearchRequest]) -> list[tuple[SearchRequest, str]]:
         """Sample the next tokens of every generating beam; the requests that failed, and why."""

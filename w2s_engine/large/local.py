@@ -1,14 +1,18 @@
 """LocalLarge: the large model in this process, on its own paged KV pool.
 
-prefill() forwards every new prompt once, in one batch, and keeps its last logits: the
-W*K first children of a prompt all sample their first token from them, with no forward.
+prefill() forwards every new prompt once, in chunks of at most max_batch_tokens per step for
+all prompts together, and keeps each prompt's last logits: the W*K first children of a prompt
+all sample their first token from them, with no forward.
 advance() samples one token for every beam that is still generating, in every running
-request: one batched decode forward (the beams' last tokens over their block tables), the
-EFT rows steered by the small models (search/eft.py), and one sampling call for all rows,
-each seeded by (request seed, beam, position). The detokenizer turns each beam's tokens
+request: one batched decode forward (the beams' last tokens over their block tables; a CUDA
+graph replay when the runner has them), the EFT rows steered by the small models
+(search/eft.py), and one sampling call for all rows, each seeded by (request seed, beam,
+position). The sampling parameters ride in the decode's upload, and the sampled tokens come
+back in one copy: one upload and one sync per step. The detokenizer turns each beam's tokens
 into text incrementally, for stop strings, the bridge to other tokenizers and the result.
 """
 
+import numpy as np
 import torch
 
 from w2s_engine.cache.block_manager import BlockManager, BlockTable
@@ -40,16 +44,29 @@ class LocalLarge:
     def new_table(self) -> BlockTable:
         return self.blocks.new_table()
 
-    def prefill(self, requests: list[SearchRequest]):
-        """One forward for all new prompts; keep each prompt's last logits."""
-        items = [(r.root.large, r.large_prompt_ids) for r in requests]
-        for table, ids in items:
-            self.blocks.append(table, len(ids))
+    def prefill(self, requests: list[SearchRequest], max_tokens: int) -> list[SearchRequest]:
+        """Forward the next chunk of these prompts (in order, max_tokens in all) in one batch;
+        returns the requests whose prompts are now all in, with their last logits kept."""
+        items, parts = [], []
+        for r in requests:
+            take = min(len(r.large_prompt_ids) - r.prefilled, max_tokens)
+            if take <= 0:
+                break
+            self.blocks.append(r.root.large, take)
+            items.append((r.root.large, r.large_prompt_ids[r.prefilled:r.prefilled + take]))
+            r.prefilled += take
+            parts.append(r)
+            max_tokens -= take
         hidden, cu = self.runner.run(items)
-        last = self.runner.compute_logits(hidden[(cu[1:] - 1).long()])
-        for i, r in enumerate(requests):
-            r.root_logits = last[i]
-            r.stats.tokens_forwarded["large"] = len(r.large_prompt_ids)
+        done = [i for i, r in enumerate(parts) if r.prefilled == len(r.large_prompt_ids)]
+        if done:
+            ends = (cu[1:] - 1).long()
+            last = self.runner.compute_logits(hidden[ends if len(done) == len(parts)
+                                                     else ends[done]])
+            for j, i in enumerate(done):
+                parts[i].root_logits = last[j]
+                parts[i].stats.tokens_forwarded["large"] = len(parts[i].large_prompt_ids)
+        return [parts[i] for i in done]
 
     def advance(self, requests: list[SearchRequest]) -> list[tuple[SearchRequest, str]]:
         """One token for every generating beam of every running request. Returns the requests
@@ -58,25 +75,28 @@ class LocalLarge:
         if not work:
             return []
         fed = [(r, b) for r, b in work if b.token_ids]
+        first = [(r, b) for r, b in work if not b.token_ids]
+        order = fed + first
+        words = sampling_words(order)
         rows, steered = [], []
         if fed:
             copies = []
             for _, b in fed:
                 copies += self.blocks.append(b.large, 1)
             self.runner.copy_blocks(copies)
-            hidden, _ = self.runner.run([(b.large, b.token_ids[-1:]) for _, b in fed])
-            logits = self.runner.compute_logits(hidden)
+            logits, params = self.runner.decode_logits(
+                [(b.large, b.token_ids[-1]) for _, b in fed], words)
             for r, _ in fed:
                 r.stats.tokens_forwarded["large"] += 1
             rows.append(self._steer(logits, fed, 0, steered))
-        first = [(r, b) for r, b in work if not b.token_ids]
+        else:
+            params = self.runner.upload(words)
         if first:
             # Beams with no token yet sample from their root's prompt logits: no forward.
             logits = torch.stack([r.root_logits for r, _ in first])
             rows.append(self._steer(logits, first, len(fed), steered))
-        order = fed + first
         logits = torch.cat(rows) if len(rows) > 1 else rows[0]
-        tokens = self._sample(logits, order)
+        tokens = sample(logits, *sampling_tensors(params, len(order))).tolist()
         for (r, b), tok in zip(order, tokens):
             r.record_token(b, tok, self.eos_ids, self.response_text)
         if steered:
@@ -90,19 +110,6 @@ class LocalLarge:
         steered += rows
         return logits
 
-    @staticmethod
-    def _sample(logits, order) -> list[int]:
-        dev = logits.device
-        params = [r.params for r, _ in order]
-        return sample(
-            logits,
-            torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev),
-            torch.tensor([p.top_k for p in params], dtype=torch.int32, device=dev),
-            torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
-            torch.tensor([r.beam_seed(b) for r, b in order], dtype=torch.int64, device=dev),
-            torch.tensor([len(b.token_ids) for _, b in order], dtype=torch.int64, device=dev),
-        ).tolist()
-
     def response_text(self, b: Beam) -> str:
         """The response as text (incrementally decoded), cut before a matched stop string."""
         text = self.detokenizer.update(b.detok, b.token_ids, flush=b.finished)
@@ -110,3 +117,24 @@ class LocalLarge:
 
     def num_tokens(self, b: Beam) -> int:
         return len(b.token_ids)
+
+
+def sampling_words(order) -> np.ndarray:
+    """Each row's sampling parameters as int32 words [6, B]: temperature and top_p (fp32
+    bits), top_k, the seed's low and high halves, and the position (tokens so far)."""
+    params = [r.params for r, _ in order]
+    seeds = np.array([r.beam_seed(b) for r, b in order], dtype=np.int64)
+    return np.stack([
+        np.array([p.temperature for p in params], dtype=np.float32).view(np.int32),
+        np.array([p.top_p for p in params], dtype=np.float32).view(np.int32),
+        np.array([p.top_k for p in params], dtype=np.int32),
+        (seeds & 0xFFFFFFFF).astype(np.uint32).view(np.int32),
+        (seeds >> 32).astype(np.int32),
+        np.array([len(b.token_ids) for _, b in order], dtype=np.int32)])
+
+
+def sampling_tensors(words: torch.Tensor, n: int):
+    """sampling_words on the device -> (temperature, top_k, top_p, seeds, positions)."""
+    w = words.view(6, n)
+    seeds = (w[4].long() << 32) | (w[3].long() & 0xFFFFFFFF)
+    return w[0].view(torch.float32), w[2], w[1].view(torch.float32), seeds, w[5].long()

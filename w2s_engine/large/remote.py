@@ -28,8 +28,8 @@ class RemoteLarge:
     def new_table(self):
         return None
 
-    def prefill(self, requests: list[SearchRequest]):
-        pass  # the server sees the prompt with every chunk
+    def prefill(self, requests: list[SearchRequest], max_tokens: int) -> list[SearchRequest]:
+        return requests  # the server sees the prompt with every chunk
 
     def advance(self, requests: list[SearchRequest]) -> list[tuple[SearchRequest, str]]:
         """Ask for every pending chunk of these requests at once (one whole chunk per beam).

@@ -3,11 +3,18 @@
 A forward takes any mix of prefills (a whole prompt), extends (a chunk of known tokens after a
 cached prefix) and decodes (one token), one list entry per sequence, and returns the final
 hidden states of every new token. The LM head is applied separately (compute_logits) so the
-reward path can fuse it with log-softmax instead of materialising logits.
+reward path can fuse it with log-softmax instead of materialising logits. A batch's metadata
+goes to the device in one upload. A decode of many sequences (decode_logits) runs on static
+buffers, replayed as a CUDA graph per batch-size bucket when the runner has them
+(models/decode_graphs.py).
+
+The pool has one block more than the block managers hand out: the scratch block, which the
+padding rows of a bucketed batch read and write.
 """
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel
 
@@ -24,6 +31,8 @@ class ModelShape:
     hidden_size: int
     vocab_size: int
     max_positions: int | None
+    num_heads: int = 0
+    intermediate_size: int = 0
 
     @classmethod
     def of(cls, model: PreTrainedModel) -> "ModelShape":
@@ -34,16 +43,29 @@ class ModelShape:
                    num_kv_heads=getattr(cfg, "num_key_value_heads", None) or num_heads,
                    head_dim=head_dim, hidden_size=cfg.hidden_size,
                    vocab_size=model.get_output_embeddings().weight.shape[0],
-                   max_positions=getattr(cfg, "max_position_embeddings", None))
+                   max_positions=getattr(cfg, "max_position_embeddings", None),
+                   num_heads=num_heads,
+                   intermediate_size=getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size)
 
     def kv_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
         return self.num_layers * 2 * block_size * self.num_kv_heads * self.head_dim * elem
 
+    def decode_activation_bytes(self, batch: int, dtype: torch.dtype) -> int:
+        """An upper estimate of the memory a decode of `batch` sequences holds at its peak
+        (what a captured graph keeps in its pool): fp32 logits, the MLP's and attention's
+        activations of one layer, split-K partials, and the static inputs."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        per_row = (self.vocab_size * 4 * 2                       # logits and the static copy
+                   + (6 * self.hidden_size + 3 * self.intermediate_size) * elem
+                   + self.num_heads * 16 * (self.head_dim + 1) * 4)
+        return batch * per_row
+
 
 class ModelRunner:
 
     def __init__(self, model: PreTrainedModel, num_blocks: int, block_size: int = 16):
+        """num_blocks: blocks the block managers hand out (the pool has one more: scratch)."""
         if model.config._attn_implementation != ATTN_IMPLEMENTATION:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.model = model.eval()
@@ -54,22 +76,37 @@ class ModelRunner:
         self.device = model.device
         self.dtype = model.dtype
         s = self.shape
-        self.kv_pool = torch.zeros(s.num_layers, 2, num_blocks, block_size, s.num_kv_heads,
+        self.scratch_block = num_blocks
+        self.kv_pool = torch.zeros(s.num_layers, 2, num_blocks + 1, block_size, s.num_kv_heads,
                                    s.head_dim, dtype=self.dtype, device=self.device)
         head = model.get_output_embeddings()
         self.lm_head_weight = head.weight                       # [V, H]
         self.lm_head_bias = getattr(head, "bias", None)
         self.final_logit_softcap = getattr(model.config.get_text_config(),
                                            "final_logit_softcapping", None)
+        self.graphs = None      # DecodeGraphs, when decodes run on static buffers
+
+    def pinned(self, words: np.ndarray) -> torch.Tensor:
+        """int32 words in host memory a device copy can read asynchronously (pinned, from
+        torch's caching host allocator, which keeps a block until the copies that read it are
+        done: a new one per upload is cheap and never overwritten in flight)."""
+        host = torch.empty(words.size, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        host.numpy()[:] = words.ravel()
+        return host
+
+    def upload(self, words: np.ndarray) -> torch.Tensor:
+        """int32 words to the device in one asynchronous copy."""
+        return self.pinned(words).to(self.device, non_blocking=True)
 
     def prepare(self, seqs: list[tuple[BlockTable, list[int]]]) -> ForwardBatch:
-        """Pack sequences whose tables already hold room for their new tokens (appended)."""
+        """Pack sequences whose tables already hold room for their new tokens (appended):
+        ids, positions, slots, cu_seqlens, lengths and block tables in one upload."""
         assert seqs, "empty batch"
         bs = self.block_size
         input_ids, positions, slots, cu, seq_lens = [], [], [], [0], []
         max_blocks = max(len(t.blocks) for t, _ in seqs)
-        tables = []
-        for table, ids in seqs:
+        tables = np.zeros((len(seqs), max_blocks), dtype=np.int32)
+        for i, (table, ids) in enumerate(seqs):
             start = table.num_tokens - len(ids)
             assert start >= 0, "append the new tokens to the block table before the forward"
             input_ids.extend(ids)
@@ -77,15 +114,17 @@ class ModelRunner:
             slots.extend(table.slots(start, table.num_tokens, bs))
             cu.append(len(input_ids))
             seq_lens.append(table.num_tokens)
-            tables.append(table.blocks + [0] * (max_blocks - len(table.blocks)))
-        dev = self.device
+            tables[i, :len(table.blocks)] = table.blocks
+        t, b = len(input_ids), len(seqs)
+        words = self.upload(np.concatenate([
+            np.asarray(input_ids + positions + slots + cu + seq_lens, dtype=np.int32),
+            tables.ravel()]))
+        ints = words[:3 * t].long()
         return ForwardBatch(
-            input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            input_ids=ints[:t], positions=ints[t:2 * t], slot_mapping=ints[2 * t:],
+            cu_seqlens_q=words[3 * t:3 * t + b + 1],
+            seq_lens=words[3 * t + b + 1:3 * t + 2 * b + 1],
+            block_tables=words[3 * t + 2 * b + 1:].view(b, max_blocks),
             max_query_len=max(len(ids) for _, ids in seqs),
             kv_pool=self.kv_pool)
 
@@ -100,6 +139,17 @@ class ModelRunner:
         """Forward a batch; returns (hidden [T, H], cu_seqlens_q [B + 1])."""
         batch = self.prepare(seqs)
         return self.forward(batch), batch.cu_seqlens_q
+
+    def decode_logits(self, seqs: list[tuple[BlockTable, int]], extra: np.ndarray | None = None):
+        """Logits [B, V] fp32 of one new token per sequence (tables already appended), and
+        `extra` int32 words (sampling parameters, say) on the device, from the same upload.
+        On static buffers (a CUDA graph per bucket) when the runner has DecodeGraphs and the
+        batch fits them; else an eager forward. The logits are valid until the next decode."""
+        if self.graphs is not None and len(seqs) <= self.graphs.max_batch:
+            return self.graphs.run(seqs, extra)
+        hidden, _ = self.run([(table, [token]) for table, token in seqs])
+        extra_dev = None if extra is None else self.upload(extra)
+        return self.compute_logits(hidden), extra_dev
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

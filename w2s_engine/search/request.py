@@ -36,6 +36,7 @@ class RequestStatus(str, Enum):
     (A str, so that `status == "done"` reads as it did.)"""
 
     WAITING = "waiting"
+    PREFILLING = "prefilling"    # admitted: its prompt goes through the large model in chunks
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
@@ -73,6 +74,7 @@ class SearchRequest:
     trace: list[dict] = field(default_factory=list)
     result: SearchResult | None = None
     large_prompt_text: str = ""
+    prefilled: int = 0           # large-model prompt tokens in the cache so far
     started: float = field(default_factory=time.perf_counter)
 
     # ---- beams -------------------------------------------------------------------------
@@ -101,6 +103,7 @@ class SearchRequest:
         p = self.params
         n = p.w * p.k
         self.beams = [self._fork(self.root, kv, take_over=(i == n - 1)) for i in range(n)]
+        self.root = None    # its tables are the last child's now
         self.status = RequestStatus.RUNNING
 
     @property
@@ -184,7 +187,7 @@ class SearchRequest:
         for b in self.beams:
             self.free_beam(b, kv)
         self.beams = []
-        if self.root is not None and self.status is RequestStatus.WAITING:
+        if self.root is not None:    # ended while its prompt was prefilled
             self.free_beam(self.root, kv)
         self.root = None
         self.root_logits = None

@@ -1,0 +1,70 @@
+"""Long prompts are prefilled in chunks of max_batch_tokens, so that a new long prompt delays
+the decode of running requests by one chunk at most, and the search comes out the same."""
+
+import pytest
+
+from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
+from w2s_engine import Engine, SearchParams
+from w2s_engine.search.request import RequestStatus
+
+LONG = "The plot of this film is simple, but the characters are wonderful. " * 6
+
+
+@pytest.fixture(scope="module")
+def parts():
+    tok = make_tokenizer(300)
+    untuned = tiny_llama(len(tok), seed=2)
+    return tok, tiny_llama(len(tok), seed=1, layers=3), tuned_from(untuned, seed=3, scale=0.3), \
+        untuned
+
+
+def make(parts, max_batch_tokens):
+    tok, large, tuned, untuned = parts
+    return Engine((clone(large), tok), (clone(tuned), tok), (clone(untuned), tok),
+                  num_kv_blocks=600, block_size=4, progress=False,
+                  max_batch_tokens=max_batch_tokens)
+
+
+def test_a_prompt_prefilled_in_chunks_gives_the_same_search(parts):
+    params = SearchParams.cbs(2, 2, 3, max_new_tokens=9, temperature=1.0, seed=3)
+    whole = make(parts, 8192).search([LONG], params)[0]
+    chunked_engine = make(parts, 16)
+    chunked = chunked_engine.search([LONG], params)[0]
+    assert chunked.stats.prompt_tokens > 4 * 16     # several chunks
+    assert [h.token_ids for h in chunked.hypotheses] == [h.token_ids for h in whole.hypotheses]
+    assert [h.reward for h in chunked.hypotheses] == pytest.approx(
+        [h.reward for h in whole.hypotheses], abs=1e-4)
+    assert chunked.stats.tokens_forwarded == whole.stats.tokens_forwarded
+    chunked_engine.check_all_free()
+
+
+def test_running_requests_decode_every_step_while_a_long_prompt_is_prefilled(parts):
+    engine = make(parts, 16)
+    params = SearchParams.cbs(2, 2, 4, max_new_tokens=40, seed=1, ignore_eos=True)
+    short = engine.add_request("I really", params)
+    engine.step()
+    assert short.status is RequestStatus.RUNNING
+    long = engine.add_request(LONG, params)
+    steps = 0
+    while long.status is RequestStatus.PREFILLING or steps == 0:
+        before = short.stats.tokens_sampled
+        engine.step()
+        steps += 1
+        assert short.stats.tokens_sampled == before + 4    # every beam sampled a token
+        assert long.prefilled <= 16 * steps                # one chunk a step, at most
+    assert steps == -(-len(long.large_prompt_ids) // 16)
+    assert long.status is RequestStatus.RUNNING
+    while engine.has_unfinished():
+        engine.step()
+    assert short.status is long.status is RequestStatus.DONE
+    engine.check_all_free()
+
+
+def test_a_request_cancelled_while_its_prompt_is_prefilled_frees_its_blocks(parts):
+    engine = make(parts, 16)
+    req = engine.add_request(LONG, SearchParams.cbs(2, 2, 4, max_new_tokens=8, seed=1))
+    engine.step()
+    assert req.status is RequestStatus.PREFILLING and req.prefilled == 16
+    engine.cancel(req)
+    assert req.status is RequestStatus.CANCELLED and not engine.has_unfinished()
+    engine.check_all_free()

@@ -1,0 +1,163 @@
+"""The large model's decode on static buffers (models/decode_graphs.py): bucketing, padding,
+one upload, and CUDA graph replay.
+
+On CPU the padded static path runs eagerly (no graphs exist there) and must give the eager
+path's logits and the same searches; the `gpu` tests capture the graphs and replay them.
+"""
+
+import random
+
+import pytest
+import torch
+
+from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
+from w2s_engine import Engine, SearchParams
+from w2s_engine.cache.block_manager import BlockManager
+from w2s_engine.models.decode_graphs import DecodeGraphs, batch_buckets
+from w2s_engine.models.runner import ModelRunner
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_buckets_cover_every_batch_up_to_the_maximum():
+    assert batch_buckets(512)[:10] == [1, 2, 4, 8, 16, 24, 32, 48, 64, 96]
+    assert batch_buckets(512)[-2:] == [480, 512]
+    assert batch_buckets(40) == [1, 2, 4, 8, 16, 24, 32, 40]
+    assert batch_buckets(1) == [1]
+    for max_batch in (1, 7, 64, 100, 300):
+        buckets = batch_buckets(max_batch)
+        assert buckets == sorted(set(buckets)) and buckets[-1] == max_batch
+
+
+def ragged_beams(runner, blocks, n, seed):
+    """n beams forked from a few prompts at ragged lengths, each with one new token appended
+    (copy-on-write done): what a decode step sees after selections."""
+    rng = random.Random(seed)
+    vocab = runner.shape.vocab_size
+    roots = []
+    for _ in range(3):
+        t = blocks.new_table()
+        ids = [rng.randrange(vocab) for _ in range(rng.randint(1, 20))]
+        blocks.append(t, len(ids))
+        runner.run([(t, ids)])
+        roots.append(t)
+    beams = []
+    for i in range(n):
+        t = blocks.fork(roots[i % 3])
+        extra = [rng.randrange(vocab) for _ in range(rng.randint(0, 6))]
+        if extra:
+            runner.copy_blocks(blocks.append(t, len(extra)))
+            runner.run([(t, extra)])
+        beams.append(t)
+    for t in roots:
+        blocks.free(t)
+    copies = []
+    for t in beams:
+        copies += blocks.append(t, 1)
+    runner.copy_blocks(copies)
+    return [(t, rng.randrange(vocab)) for t in beams]
+
+
+def static_against_eager(model, capture: bool, sizes):
+    """Logits of decode_logits on static buffers (graphs when capture) against eager runs."""
+    runner = ModelRunner(model.to(DEVICE), num_blocks=400, block_size=4)
+    blocks = BlockManager(400, 4)
+    graphs = DecodeGraphs(runner, max_batch=max(sizes), capture=capture)
+    for n in sizes:
+        seqs = ragged_beams(runner, blocks, n, seed=n)
+        pool_before = runner.kv_pool.clone()
+        runner.graphs = graphs
+        logits, extra = runner.decode_logits(seqs, torch.arange(5 * n).numpy().astype("int32"))
+        logits = logits.clone()
+        assert extra.tolist() == list(range(5 * n))
+        static_pool = runner.kv_pool.clone()
+        runner.kv_pool.copy_(pool_before)
+        runner.graphs = None
+        eager, _ = runner.decode_logits(seqs)
+        torch.testing.assert_close(logits, eager, atol=1e-4, rtol=1e-4)
+        # Both wrote the same KV, and padding rows wrote only the scratch block.
+        torch.testing.assert_close(static_pool[:, :, :400], runner.kv_pool[:, :, :400])
+        for t, _ in seqs:
+            blocks.free(t)
+        blocks.check_all_free()
+
+
+def test_static_padded_decode_gives_the_eager_logits_for_every_bucket():
+    model = tiny_llama(97, seed=5, layers=2)
+    static_against_eager(model, capture=False, sizes=[1, 2, 3, 5, 8, 13, 16])
+
+
+def test_static_padded_decode_works_with_a_sliding_window_model():
+    model = tiny_llama(97, seed=6, layers=2, sliding_window=5)
+    static_against_eager(model, capture=False, sizes=[3, 7])
+
+
+@pytest.fixture(scope="module")
+def models():
+    tok, other = make_tokenizer(300), make_tokenizer(420)
+    untuned = tiny_llama(len(tok), seed=2)
+    return tok, other, tuned_from(untuned, seed=3, scale=0.3), untuned
+
+
+def engine_pair(models, large_tok_index, max_batch):
+    """The same models with and without the static decode path."""
+    tok, other, tuned, untuned = models
+    large_tok = (tok, other)[large_tok_index]
+    large = tiny_llama(len(large_tok), seed=1 + 3 * large_tok_index, layers=3)
+    make = lambda graphs: Engine(  # noqa: E731
+        (clone(large), large_tok), (clone(tuned), tok), (clone(untuned), tok),
+        templates={"large": "Here is a movie review: {prompt}", "small": "Review: {prompt}"},
+        num_kv_blocks=800, block_size=4, progress=False, device=DEVICE, dtype=torch.float32,
+        cuda_graphs=graphs, cuda_graph_max_batch=max_batch)
+    return make(False), make(True)
+
+
+@pytest.mark.parametrize("params", [
+    SearchParams.cbs(2, 3, 4, max_new_tokens=14, temperature=1.0, seed=5),
+    SearchParams.cbs(4, 4, 3, max_new_tokens=10, top_k=30, seed=7, stop=["e"]),
+    SearchParams.best_of_n(5, max_new_tokens=9, seed=2),
+    SearchParams.base(n=3, max_new_tokens=9, temperature=0.9, seed=3),
+    SearchParams.eft(beta=1.5, max_new_tokens=10, seed=4),
+], ids=["cbs", "cbs-16-beams", "best-of-n", "base", "eft"])
+def test_a_search_on_the_static_path_gives_the_same_results(models, params):
+    # max_batch 16: 3 prompts of CBS(4,4) are 48 beams, past it: those steps run eagerly.
+    eager, static = engine_pair(models, 0, max_batch=16)
+    prompts = ["I really", "The plot of this film", "What a"]
+    want = eager.search(prompts, params)
+    got = static.search(prompts, params)
+    for w, g in zip(want, got):
+        assert [h.token_ids for h in g.hypotheses] == [h.token_ids for h in w.hypotheses]
+        for hw, hg in zip(w.hypotheses, g.hypotheses):
+            assert hg.reward == pytest.approx(hw.reward, abs=1e-5) if hw.reward is not None \
+                else hg.reward is None
+    static.check_all_free()
+
+
+def test_a_cross_vocabulary_search_on_the_static_path_gives_the_same_results(models):
+    eager, static = engine_pair(models, 1, max_batch=64)
+    params = SearchParams.cbs(2, 2, 3, max_new_tokens=13, temperature=1.0, seed=9)
+    want = eager.search(["I really", "This film"], params)
+    got = static.search(["I really", "This film"], params)
+    assert [r.text for r in got] == [r.text for r in want]
+    assert [r.reward for r in got] == pytest.approx([r.reward for r in want], abs=1e-5)
+
+
+@pytest.mark.gpu
+class TestGraphsOnGPU:
+
+    def test_replay_gives_the_eager_logits_for_every_bucket_after_forks_and_copy_on_write(self):
+        model = tiny_llama(97, seed=5, layers=2)
+        static_against_eager(model, capture=True, sizes=[1, 2, 3, 5, 8, 13, 16, 24, 40, 64])
+
+    def test_replay_with_a_sliding_window_model(self):
+        model = tiny_llama(97, seed=6, layers=2, sliding_window=5)
+        static_against_eager(model, capture=True, sizes=[3, 7, 20])
+
+    def test_a_whole_search_gives_the_same_tokens_with_and_without_graphs(self, models):
+        eager, graphed = engine_pair(models, 0, max_batch=64)
+        assert graphed.runners["large"].graphs.graphs, "graphs were captured"
+        params = SearchParams.cbs(4, 4, 3, max_new_tokens=12, temperature=1.0, seed=11)
+        prompts = ["I really", "The plot of this film", "What a"]
+        want, got = eager.search(prompts, params), graphed.search(prompts, params)
+        assert [[h.token_ids for h in r.hypotheses] for r in got] == \
+            [[h.token_ids for h in r.hypotheses] for r in want]

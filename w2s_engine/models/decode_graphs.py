@@ -1,0 +1,164 @@
+"""DecodeGraphs: one model's decode step on static buffers, captured as a CUDA graph per bucket.
+
+A decode step is a few hundred kernel launches through transformers' modules; at the batch
+sizes of a search the GPU would wait on the host between them. Here a decode of B sequences
+(one new token each):
+1. is padded to the smallest bucket >= B (1, 2, 4, 8, 16, 24, 32, 48, 64, then every 32 up to
+   max_batch); padding rows hold token 0 at position 0 and read and write the pool's scratch
+   block, so they touch no sequence's KV;
+2. goes to the device in one upload into a static staging buffer: per row the token, its
+   position, its cache slot and the sequence length, then the block tables (only the columns
+   in use), then any int32 words the caller adds (the sampling parameters); one device copy
+   moves the tables into the static [max_batch, width] table (columns past a row's length are
+   stale and never read: the kernels stop at the length);
+3. replays the bucket's graph: unpack the rows, embeddings -> layers with the paged attention
+   -> final norm -> LM head, into a static logits buffer.
+Nothing inside a graph syncs with the host, branches in Python on tensor data or builds a
+tensor from a list; the table width is fixed, so the attention's split count is fixed per
+bucket. All graphs share one memory pool, captured from the largest bucket down.
+Without capture (on CPU, or cuda_graphs off) the same static path runs eagerly: the tests
+compare it with the eager path on packed lists.
+"""
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from w2s_engine.cache.block_manager import BlockTable, blocks_for
+from w2s_engine.models.attention import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+SMALL_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
+ROW_WORDS = 4     # token, position, slot, length
+EXTRA_WORDS = 16  # per row, for the caller's words that ride along in the same upload
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Batch sizes that get a graph: the small ones, then every 32, then max_batch itself."""
+    assert max_batch >= 1
+    out = [b for b in SMALL_BUCKETS if b < max_batch]
+    out += list(range(96, max_batch, 32))
+    return out + [max_batch]
+
+
+class DecodeGraphs:
+
+    def __init__(self, runner, max_batch: int, capture: bool):
+        """runner: the ModelRunner whose model and pool the graphs run; capture: record CUDA
+        graphs (else the static path runs eagerly)."""
+        self.runner = runner
+        self.max_batch = max_batch
+        self.buckets = batch_buckets(max_batch)
+        self.block_size = runner.block_size
+        limit = runner.shape.max_positions or runner.num_blocks * runner.block_size
+        self.width = min(blocks_for(limit, runner.block_size), runner.num_blocks)
+        dev = runner.device
+        # Room for the rows, their tables and EXTRA_WORDS more per row (sampling parameters).
+        self.staging = torch.zeros(max_batch * (ROW_WORDS + self.width + EXTRA_WORDS),
+                                   dtype=torch.int32, device=dev)
+        self.tables = torch.full((max_batch, self.width), runner.scratch_block,
+                                 dtype=torch.int32, device=dev)
+        self.cu = torch.arange(max_batch + 1, dtype=torch.int32, device=dev)
+        self.logits = torch.zeros(max_batch, runner.shape.vocab_size, dtype=torch.float32,
+                                  device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.capture_seconds = 0.0
+        if capture:
+            self._capture()
+
+    # ---- a step --------------------------------------------------------------------------
+
+    def bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def pack(self, seqs: list[tuple[BlockTable, int]], bucket: int) -> tuple[np.ndarray, int]:
+        """(int32 words of the padded rows and their tables, table columns in use)."""
+        bs = self.block_size
+        scratch = self.runner.scratch_block
+        used = max(len(t.blocks) for t, _ in seqs)
+        assert used <= self.width, "a sequence is longer than the model's context"
+        rows = np.zeros((ROW_WORDS, bucket), dtype=np.int32)
+        rows[2] = scratch * bs          # padding rows: slot 0 of the scratch block, length 1
+        rows[3] = 1
+        tables = np.full((bucket, used), scratch, dtype=np.int32)
+        for i, (table, token) in enumerate(seqs):
+            pos = table.num_tokens - 1
+            assert pos >= 0, "append the new token to the block table before the decode"
+            rows[0, i], rows[1, i] = token, pos
+            rows[2, i] = table.blocks[pos // bs] * bs + pos % bs
+            rows[3, i] = table.num_tokens
+            tables[i, :len(table.blocks)] = table.blocks
+        return np.concatenate([rows.ravel(), tables.ravel()]), used
+
+    def run(self, seqs: list[tuple[BlockTable, int]], extra: np.ndarray | None = None):
+        """Logits [B, V] of each sequence's new token (a view of the static buffer, valid until
+        the next run) and the `extra` words on the device (None if none)."""
+        n = len(seqs)
+        assert 0 < n <= self.max_batch
+        bucket = self.bucket(n)
+        words, used = self.pack(seqs, bucket)
+        head = words.size
+        separate = extra is not None and head + extra.size > self.staging.numel()
+        if extra is not None and not separate:
+            words = np.concatenate([words, extra.ravel().astype(np.int32)])
+        self.staging[:words.size].copy_(self.runner.pinned(words), non_blocking=True)
+        start = ROW_WORDS * bucket
+        self.tables[:bucket, :used].copy_(self.staging[start:start + bucket * used]
+                                          .view(bucket, used))
+        if bucket in self.graphs:
+            self.graphs[bucket].replay()
+        else:
+            self._forward(bucket)
+        if extra is None:
+            return self.logits[:n], None
+        if separate:    # more extras than the staging buffer holds: their own upload
+            return self.logits[:n], self.runner.upload(extra)
+        return self.logits[:n], self.staging[head:words.size]
+
+    @torch.inference_mode()
+    def _forward(self, bucket: int):
+        """The captured region: unpack the rows, forward, LM head into the static logits."""
+        st = self.staging
+        ids = st[:bucket].long()
+        positions = st[bucket:2 * bucket].long()
+        slots = st[2 * bucket:3 * bucket].long()
+        batch = ForwardBatch(input_ids=ids, positions=positions, slot_mapping=slots,
+                             block_tables=self.tables[:bucket], cu_seqlens_q=self.cu[:bucket + 1],
+                             seq_lens=st[3 * bucket:4 * bucket], max_query_len=1,
+                             kv_pool=self.runner.kv_pool)
+        hidden = self.runner.forward(batch)
+        self.logits[:bucket].copy_(self.runner.compute_logits(hidden))
+
+    # ---- capture -------------------------------------------------------------------------
+
+    def _padding(self, bucket: int):
+        """Fill the staging rows of a bucket with padding rows (valid inputs to capture on)."""
+        rows = np.zeros((ROW_WORDS, bucket), dtype=np.int32)
+        rows[2] = self.runner.scratch_block * self.block_size
+        rows[3] = 1
+        self.staging[:rows.size].copy_(torch.from_numpy(rows.ravel()))
+        self.tables[:bucket].fill_(self.runner.scratch_block)
+
+    def _capture(self):
+        assert self.runner.device.type == "cuda", "CUDA graphs need a CUDA device"
+        t = time.perf_counter()
+        free_before = torch.cuda.mem_get_info(self.runner.device)[0]
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.runner.device)
+        for bucket in reversed(self.buckets):   # the largest first: the others reuse its pool
+            self._padding(bucket)
+            self._forward(bucket)               # warm-up: compiles and tunes the kernels
+            torch.cuda.synchronize(self.runner.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                self._forward(bucket)
+            self.graphs[bucket] = graph
+        torch.cuda.synchronize(self.runner.device)
+        self.capture_seconds = time.perf_counter() - t
+        self.memory_bytes = max(0, free_before - torch.cuda.mem_get_info(self.runner.device)[0])
+        logger.info("captured %d decode graphs (batch 1..%d) in %.1f s, %.0f MiB",
+                    len(self.graphs), self.max_batch, self.capture_seconds,
+                    self.memory_bytes / 2**20)
