@@ -1,12 +1,21 @@
-"""Kernel micro-benchmarks (pytest-benchmark, CUDA only): each kernel against its PyTorch path.
+"""Kernel micro-benchmarks (pytest-benchmark, CUDA only): each kernel beside its torch path.
 
-    python -m pytest bench/kernels.py --benchmark-only --benchmark-json bench/results/kernels-<gpu>.json
+    DEV=$(python -c "import torch; print(torch.cuda.get_device_name().split()[-1])")  # e.g. H200
+    python -m pytest bench/kernels.py --benchmark-only \
+        --benchmark-json bench/results/kernels-$DEV.json
+    python bench/kernels_table.py bench/results/kernels-$DEV.json --markdown bench/results/kernels-$DEV.md
 
-Every benchmark records in `extra_info`: milliseconds, achieved bandwidth (bytes that must be
-read or written / time) as a fraction of the device's peak, and peak memory allocated.
-Peak HBM bandwidth: W2S_PEAK_GBPS, else a table (H100 SXM 3350 GB/s, H200 4800 GB/s).
-Targets (H100): chunk reward >= 80% of peak and >= 2x the unfused path; fused LM-head without
-an [N, V] allocation; paged decode within 1.2x of SDPA on a contiguous cache.
+Every benchmark records in `extra_info`: kernel, shape, impl (and `baseline` for the torch /
+existing path it is measured against), milliseconds (best of 10 after warm-up), the fraction of
+peak it reaches (HBM bandwidth: bytes the operation must move / time; for extend attention the
+dense bf16 tensor-core peak: causal FLOPs / time) and `temporaries_mb`: the peak memory the call
+allocates beyond its inputs (outputs included). Decode benchmarks run eagerly and as a CUDA
+graph replay (the engine captures decode steps; small kernels are otherwise launch-bound).
+Peaks: W2S_PEAK_GBPS / W2S_PEAK_TFLOPS, else a table by device name (SXM parts).
+Targets (issue 17): chunk reward >= 70% of peak for N >= 256 and never slower than the torch path;
+fused LM-head <= the logits path with no [N, V] tensor; paged decode <= 1.2x SDPA on a
+contiguous cache; extend >= 50% of the dense bf16 peak; sampling <= 0.3 ms with temporaries
+<= 2x the logits; KV store >= 50% of peak; cascade <= 0.35x the per-beam decode.
 """
 
 import os
@@ -15,35 +24,58 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from w2s_engine.kernels.chunk_reward import (chunk_reward_ref, chunk_reward_triton,
-                                             fused_lmhead_chunk_reward_ref,
-                                             fused_lmhead_chunk_reward_triton)
-from w2s_engine.kernels.cascade_attention import (cascade_decode_attention_triton,
-                                                  find_shared_prefixes)
-from w2s_engine.kernels.kv_cache import copy_blocks_triton, store_kv_triton
-from w2s_engine.kernels.paged_attention import (paged_decode_attention_triton,
-                                                paged_extend_attention_triton)
+from w2s_engine.kernels.cascade_attention import (
+    cascade_decode_attention_triton,
+    find_shared_prefixes,
+)
+from w2s_engine.kernels.chunk_reward import (
+    chunk_reward,
+    chunk_reward_ref,
+    fused_lmhead_chunk_reward_triton,
+)
+from w2s_engine.kernels.kv_cache import (
+    copy_blocks_ref,
+    copy_blocks_triton,
+    store_kv_ref,
+    store_kv_triton,
+)
+from w2s_engine.kernels.paged_attention import (
+    paged_decode_attention_triton,
+    paged_extend_attention_triton,
+)
 from w2s_engine.kernels.sampling import sample_triton
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need CUDA")
 
 PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}   # dense, no sparsity
 
 
-def peak_gbps() -> float:
-    if os.environ.get("W2S_PEAK_GBPS"):
-        return float(os.environ["W2S_PEAK_GBPS"])
+def _peak(env: str, table: dict, default: float) -> float:
+    if os.environ.get(env):
+        return float(os.environ[env])
     name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_GBPS.items() if k in name), 3350.0)
+    return next((v for k, v in table.items() if k in name), default)
 
 
-def timed(benchmark, fn, nbytes: int, **info):
-    """Benchmark fn with CUDA events; record ms, bandwidth fraction and peak memory."""
-    for _ in range(3):
+def timed(benchmark, fn, kernel: str, shape: str, impl: str, nbytes: int = 0, flops: int = 0,
+          baseline: bool = False, graph: bool = False, **info):
+    """Benchmark fn with CUDA events; record ms, the fraction of peak and the temporaries.
+    graph=True times a CUDA-graph replay of fn (as the engine runs a decode step: no launch
+    overhead); temporaries are always those of an eager call."""
+    for _ in range(3):          # warm-up, autotuning included
         fn()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    temporaries = (torch.cuda.max_memory_allocated() - base) / 2**20
+    if graph:
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            fn()
+        fn = captured.replay
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
     def run():
@@ -55,26 +87,36 @@ def timed(benchmark, fn, nbytes: int, **info):
 
     benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)
     ms = min(run() for _ in range(10))
-    gbps = nbytes / ms / 1e6
-    benchmark.extra_info.update(ms=round(ms, 4), gbps=round(gbps, 1),
-                                bandwidth_fraction=round(gbps / peak_gbps(), 3),
-                                peak_alloc_mb=round((torch.cuda.max_memory_allocated() - base) / 2**20, 1),
-                                device=torch.cuda.get_device_name(), **info)
+    extra = {"kernel": kernel, "shape": shape + (", CUDA graph" if graph else ""),
+             "impl": impl, "baseline": baseline, "ms": round(ms, 4),
+             "temporaries_mb": round(temporaries, 1), "device": torch.cuda.get_device_name()}
+    if nbytes:
+        gbps = nbytes / ms / 1e6
+        extra.update(gbps=round(gbps, 1),
+                     peak_fraction=round(gbps / _peak("W2S_PEAK_GBPS", PEAK_GBPS, 3350.0), 3),
+                     peak_kind="HBM bandwidth")
+    if flops:
+        tflops = flops / ms / 1e9
+        extra.update(tflops=round(tflops, 1), peak_kind="dense bf16",
+                     peak_fraction=round(tflops / _peak("W2S_PEAK_TFLOPS", PEAK_BF16_TFLOPS,
+                                                        989.4), 3))
+    benchmark.extra_info.update(extra, **info)
     return ms
 
 
 # ---- chunk reward ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("vocab", [32000, 128256, 262144])
-@pytest.mark.parametrize("n", [64, 256, 1024])
+@pytest.mark.parametrize("n", [16, 64, 256, 1024])
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_chunk_reward(benchmark, impl, n, vocab):
     a = torch.randn(n, vocab, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, vocab, device="cuda", dtype=torch.bfloat16)
     t = torch.randint(0, vocab, (n,), device="cuda")
     seg = torch.randint(0, 16, (n,), device="cuda")
-    fn = chunk_reward_triton if impl == "triton" else chunk_reward_ref
-    timed(benchmark, lambda: fn(a, b, t, seg, 16), 2 * a.numel() * 2, impl=impl, n=n, vocab=vocab)
+    fn = chunk_reward if impl == "triton" else chunk_reward_ref   # the public wrapper, checks in
+    timed(benchmark, lambda: fn(a, b, t, seg, 16), "chunk_reward", f"{n} x {vocab}", impl,
+          nbytes=2 * a.numel() * 2, baseline=impl == "torch")
 
 
 @pytest.mark.parametrize("vocab", [128256, 262144])
@@ -90,9 +132,10 @@ def test_fused_lmhead_reward(benchmark, impl, n, vocab):
         def fn():
             return fused_lmhead_chunk_reward_triton(h, w1, h, w2, t, seg, 1)
     else:
-        def fn():  # what an unfused engine does: materialise both [N, V] logit tensors
-            return chunk_reward_triton(h @ w1.T, h @ w2.T, t, seg, 1)
-    timed(benchmark, fn, 2 * w1.numel() * 2, impl=impl, n=n, vocab=vocab,
+        def fn():  # what an unfused engine does: cuBLAS writes both [N, V] logit tensors
+            return chunk_reward(h @ w1.T, h @ w2.T, t, seg, 1)
+    timed(benchmark, fn, "fused_lmhead_reward", f"N {n}, V {vocab}, H 2048", impl,
+          nbytes=2 * w1.numel() * 2, baseline=impl == "logits",
           logits_mb=round(2 * n * vocab * 2 / 2**20, 1))
 
 
@@ -111,22 +154,27 @@ def decode_setup(batch, seq_len, hq=32, hkv=8, d=128, bs=16):
 @pytest.mark.parametrize("seq_len", [1024, 4096, 8192])
 @pytest.mark.parametrize("batch", [16, 64])
 @pytest.mark.parametrize("impl", ["paged_triton", "sdpa_contiguous"])
-def test_decode_attention(benchmark, impl, batch, seq_len):
+@pytest.mark.parametrize("graph", [False, True])
+def test_decode_attention(benchmark, graph, impl, batch, seq_len):
     q, k, v, bt, lens = decode_setup(batch, seq_len)
-    nbytes = 2 * k.numel() * 2
     if impl == "paged_triton":
-        fn = lambda: paged_decode_attention_triton(q, k, v, bt, lens, 128 ** -0.5)  # noqa: E731
+        def fn():
+            return paged_decode_attention_triton(q, k, v, bt, lens, 128 ** -0.5)
     else:
         # The non-paged lower bound: each sequence's K/V contiguous, SDPA with GQA.
         kc = k.view(batch, seq_len, 8, 128).transpose(1, 2).contiguous()
         vc = v.view(batch, seq_len, 8, 128).transpose(1, 2).contiguous()
         qc = q[:, :, None]
-        fn = lambda: F.scaled_dot_product_attention(qc, kc, vc, enable_gqa=True)  # noqa: E731
-    timed(benchmark, fn, nbytes, impl=impl, batch=batch, seq_len=seq_len)
+
+        def fn():
+            return F.scaled_dot_product_attention(qc, kc, vc, enable_gqa=True)
+    timed(benchmark, fn, "decode_attention", f"{batch} seqs x {seq_len}, 32/8 heads x 128",
+          impl, nbytes=2 * k.numel() * 2, baseline=impl != "paged_triton", graph=graph)
 
 
 @pytest.mark.parametrize("impl", ["cascade", "per_beam"])
-def test_cascade_decode_attention(benchmark, impl):
+@pytest.mark.parametrize("graph", [False, True])
+def test_cascade_decode_attention(benchmark, graph, impl):
     """The issue's shape: prompt 2,048 shared by 16 beams with 64 own tokens each, 8 kv heads x
     128, 32 query heads, bf16. Target: cascade <= 0.35x the per-beam kernel's time. Bytes: K
     and V of the prompt once plus each beam's own tokens (what the cascade must read)."""
@@ -138,58 +186,95 @@ def test_cascade_decode_attention(benchmark, impl):
     bt = torch.cat([torch.arange(pb, device="cuda").expand(beams, pb), own_blocks], 1).int()
     lens = torch.full((beams,), prompt + own, dtype=torch.int32, device="cuda")
     q = torch.randn(beams, 32, 128, device="cuda", dtype=torch.bfloat16)
-    groups = find_shared_prefixes(bt, lens, bs)
+    groups = find_shared_prefixes(bt, lens, bs)       # found once per batch, as the engine will
     if impl == "cascade":
-        fn = lambda: cascade_decode_attention_triton(q, k, v, bt, lens, 128 ** -0.5,  # noqa: E731
-                                                     groups=groups)
+        def fn():
+            return cascade_decode_attention_triton(q, k, v, bt, lens, 128 ** -0.5, groups=groups)
     else:
-        fn = lambda: paged_decode_attention_triton(q, k, v, bt, lens, 128 ** -0.5)  # noqa: E731
-    nbytes = 2 * (prompt + beams * own) * 8 * 128 * 2
-    timed(benchmark, fn, nbytes, impl=impl, beams=beams, prompt=prompt, own=own)
+        def fn():
+            return paged_decode_attention_triton(q, k, v, bt, lens, 128 ** -0.5)
+    timed(benchmark, fn, "cascade_decode_attention", "prompt 2048 + 16 beams x 64, 32/8 x 128",
+          impl, nbytes=2 * (prompt + beams * own) * 8 * 128 * 2, baseline=impl == "per_beam",
+          graph=graph)
 
 
 @pytest.mark.parametrize("chunk", [8, 512])
-def test_extend_attention(benchmark, chunk):
-    batch, prefix = 16, 2048
-    q, k, v, bt, lens = decode_setup(batch, prefix)
-    qq = torch.randn(batch * chunk, 32, 128, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("impl", ["paged_triton", "sdpa_gathered"])
+def test_extend_attention(benchmark, impl, chunk):
+    """16 sequences of 2,048 tokens whose last `chunk` are new (queries). FLOPs: QK^T and PV
+    over the visible (causal) keys, 4 * D per (query, key, head)."""
+    batch, ctx, hq, d = 16, 2048, 32, 128
+    _, k, v, bt, lens = decode_setup(batch, ctx)
+    q = torch.randn(batch * chunk, hq, d, device="cuda", dtype=torch.bfloat16)
     cu = torch.arange(0, batch * chunk + 1, chunk, dtype=torch.int32, device="cuda")
-    timed(benchmark, lambda: paged_extend_attention_triton(qq, k, v, bt, cu, lens, 128 ** -0.5),
-          2 * k.numel() * 2, chunk=chunk)
+    visible = sum(ctx - chunk + i + 1 for i in range(chunk))
+    flops = 4 * d * hq * batch * visible
+    if impl == "paged_triton":
+        def fn():
+            return paged_extend_attention_triton(q, k, v, bt, cu, lens, d ** -0.5)
+    else:
+        # What a prefill route would do: gather each sequence's blocks, SDPA with the causal
+        # mask aligned to the end of the context.
+        qpos = torch.arange(ctx - chunk, ctx, device="cuda")
+        mask = torch.arange(ctx, device="cuda")[None, :] <= qpos[:, None]
+        qs = q.view(batch, chunk, hq, d).transpose(1, 2)
+
+        def fn():
+            kk = k[bt.long()].view(batch, ctx, 8, d).transpose(1, 2)
+            vv = v[bt.long()].view(batch, ctx, 8, d).transpose(1, 2)
+            return F.scaled_dot_product_attention(qs, kk, vv, attn_mask=mask, enable_gqa=True)
+    timed(benchmark, fn, "extend_attention", f"16 seqs x 2048, {chunk} new, 32/8 x 128", impl,
+          flops=flops, baseline=impl != "paged_triton")
 
 
 # ---- cache maintenance and sampling -----------------------------------------------------------
 
-def test_store_kv(benchmark):
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_store_kv(benchmark, impl):
     n = 4096
     k = torch.randn(n, 8, 128, device="cuda", dtype=torch.bfloat16)
-    cache = torch.zeros(2048, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    k_cache = torch.zeros(2048, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.zeros_like(k_cache)
     slots = torch.randperm(2048 * 16, device="cuda")[:n]
-    timed(benchmark, lambda: store_kv_triton(k, k, cache, cache, slots), 4 * k.numel() * 2)
+    fn = store_kv_triton if impl == "triton" else store_kv_ref
+    timed(benchmark, lambda: fn(k, v, k_cache, v_cache, slots), "store_kv",
+          "4096 tokens, 8 x 128", impl, nbytes=4 * k.numel() * 2, baseline=impl == "torch")
 
 
-def test_copy_blocks(benchmark):
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_copy_blocks(benchmark, impl):
     pool = torch.zeros(32, 2, 4096, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
     src = torch.arange(0, 256, device="cuda")
     dst = torch.arange(1000, 1256, device="cuda")
-    nbytes = 2 * 256 * pool[:, :, 0].numel() * 2
-    timed(benchmark, lambda: copy_blocks_triton(pool, src, dst), nbytes, pairs=256)
+    fn = copy_blocks_triton if impl == "triton" else copy_blocks_ref
+    timed(benchmark, lambda: fn(pool, src, dst), "copy_blocks", "256 blocks x 32 layers", impl,
+          nbytes=2 * 256 * pool[:, :, 0].numel() * 2, baseline=impl == "torch")
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch_multinomial"])
-def test_sampling(benchmark, impl):
+@pytest.mark.parametrize("cut", ["top_k 50", "top_p 0.9", "top_k 50, top_p 0.9"])
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_sampling(benchmark, impl, cut):
     b, vocab = 256, 128256
-    logits = torch.randn(b, vocab, device="cuda")
+    logits = torch.randn(b, vocab, device="cuda") * 3
     t = torch.full((b,), 0.7, device="cuda")
-    k = torch.full((b,), 50, dtype=torch.int32, device="cuda")
-    p = torch.ones(b, device="cuda")
+    k = torch.full((b,), 50 if "top_k" in cut else 0, dtype=torch.int32, device="cuda")
+    p = torch.full((b,), 0.9 if "top_p" in cut else 1.0, device="cuda")
     seeds = torch.arange(b, device="cuda")
     pos = torch.zeros(b, dtype=torch.long, device="cuda")
     if impl == "triton":
-        fn = lambda: sample_triton(logits, t, k, p, seeds, pos)  # noqa: E731
-    else:
         def fn():
+            return sample_triton(logits, t, k, p, seeds, pos)
+    else:
+        def fn():  # torch's usual way: topk / sort, softmax, multinomial
             x = logits / 0.7
-            kth = x.topk(50, -1).values[:, -1:]
-            return torch.multinomial(torch.softmax(x.masked_fill(x < kth, float("-inf")), -1), 1)
-    timed(benchmark, fn, logits.numel() * 4, impl=impl)
+            if "top_k" in cut:
+                x = x.masked_fill(x < x.topk(50, -1).values[:, -1:], float("-inf"))
+            if "top_p" in cut:
+                sx, si = x.sort(-1)
+                drop = sx.softmax(-1).cumsum(-1) <= 0.1
+                x = x.masked_fill(drop.scatter(1, si, drop), float("-inf"))
+            return torch.multinomial(torch.softmax(x, -1), 1)
+    timed(benchmark, fn, "sampling", f"256 x 128256 fp32, {cut}", impl,
+          nbytes=logits.numel() * 4, baseline=impl == "torch", logits_mb=round(
+              logits.numel() * 4 / 2**20, 1))

@@ -8,15 +8,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from w2s_engine.kernels.chunk_reward import (chunk_reward_ref, chunk_reward_triton,
-                                             fused_lmhead_chunk_reward_ref,
-                                             fused_lmhead_chunk_reward_triton)
-from w2s_engine.kernels.kv_cache import (copy_blocks_ref, copy_blocks_triton, store_kv_ref,
-                                         store_kv_triton)
-from w2s_engine.kernels.paged_attention import (paged_decode_attention_ref,
-                                                paged_decode_attention_triton,
-                                                paged_extend_attention_ref,
-                                                paged_extend_attention_triton)
+from w2s_engine.kernels.chunk_reward import (
+    chunk_reward_ref,
+    chunk_reward_triton,
+    fused_lmhead_chunk_reward_ref,
+    fused_lmhead_chunk_reward_triton,
+)
+from w2s_engine.kernels.kv_cache import (
+    copy_blocks_ref,
+    copy_blocks_triton,
+    store_kv_ref,
+    store_kv_triton,
+)
+from w2s_engine.kernels.paged_attention import (
+    paged_decode_attention_ref,
+    paged_decode_attention_triton,
+    paged_extend_attention_ref,
+    paged_extend_attention_triton,
+)
 from w2s_engine.kernels.sampling import gumbel_noise_ref, sample_ref, sample_triton
 
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -159,9 +168,11 @@ def test_find_shared_prefixes_groups_rows_by_their_common_leading_full_blocks():
 @pytest.mark.parametrize("layout", ["beams", "two_requests", "unshared"])
 @pytest.mark.parametrize("hq, hkv, bs, window, softcap", CASES)
 def test_cascade_decode_equals_per_beam_decode(layout, hq, hkv, bs, window, softcap):
-    from w2s_engine.kernels.cascade_attention import (cascade_decode_attention_ref,
-                                                      cascade_decode_attention_triton,
-                                                      find_shared_prefixes)
+    from w2s_engine.kernels.cascade_attention import (
+        cascade_decode_attention_ref,
+        cascade_decode_attention_triton,
+        find_shared_prefixes,
+    )
     table, lens, num_blocks = shared_prefix_tables(layout, bs)
     g = torch.Generator().manual_seed(bs + hq)
     k = torch.randn(num_blocks, bs, hkv, 16, generator=g)
@@ -223,6 +234,7 @@ def test_chunk_reward_triton_matches_reference_and_plain_torch(dtype, vocab):
     torch.testing.assert_close(diff, rdiff, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(rdiff, pdiff, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sums, psums, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rsums, psums, atol=1e-5, rtol=1e-5)
     assert sums[2] == 0
 
 
@@ -295,16 +307,41 @@ def sampling_batch(mode, b=8, vocab=3000, seed=0):
 
 @pytest.mark.parametrize("mode", ["top_k", "top_p", "top_k_and_top_p", "greedy", "mixed"])
 def test_sampling_triton_draws_the_references_tokens(mode):
+    from w2s_engine.kernels.sampling import _scaled, _thresholds
     for seed in range(3):
         args = sampling_batch(mode, seed=seed)
-        assert sample_triton(*args).tolist() == sample_ref(*args).tolist()
+        tokens, thr = sample_triton(*args, return_thresholds=True)
+        assert tokens.tolist() == sample_ref(*args).tolist()
+        # The kernel's cut (a radix select, no sort) is the sorted reference's, bit for bit.
+        logits, temperature, top_k, top_p = args[:4]
+        sampled = temperature > 0
+        assert torch.equal(thr[sampled], _thresholds(_scaled(logits, temperature), top_k,
+                                                     top_p)[sampled])
     if mode == "greedy":
         assert torch.equal(sample_ref(*args), args[0].argmax(-1))
 
 
+def test_sampling_triton_keeps_ties_and_skips_minus_inf_logits_like_the_full_reference():
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(8, 2500, generator=g) * 2).round().half()   # many ties at every cut
+    logits[:, ::3] = float("-inf")                                     # a masked vocabulary
+    _, temperature, _, _, seeds, positions = sampling_batch("mixed")
+    top_k = torch.tensor([0, 0, 20, 0, 30, 600, 4, 10], dtype=torch.int32)
+    top_p = torch.tensor([1.0, 1.0, 1.0, 0.8, 0.9, 1.0, 0.5, 0.6])
+    args = (logits, temperature, top_k, top_p, seeds, positions)
+    for shift in range(3):
+        moved = (*args[:5], positions + shift)
+        tokens = sample_triton(*moved)
+        assert tokens.tolist() == sample_ref(*moved).tolist()
+        assert torch.isfinite(logits[torch.arange(8), tokens]).all()
+
+
 def transformers_kept(scaled, k, p):
     """The tokens transformers' TopKLogitsWarper then TopPLogitsWarper leave finite, one row."""
-    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.logits_process import (
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
     x = scaled[None].clone()
     if 0 < k < x.shape[1]:
         x = TopKLogitsWarper(top_k=k)(None, x)
@@ -323,10 +360,14 @@ def test_kept_set_equals_transformers_top_k_then_top_p_warpers():
     with_k = top_k > 0
     _, idx, keep = _top_k_candidates(logits[with_k], top_k[with_k], top_p[with_k])  # fast path
     fast = torch.zeros(int(with_k.sum()), 2000, dtype=torch.bool).scatter_(1, idx, keep)
+    ones = torch.ones(12)
+    _, kernel_thr = sample_triton(logits, ones, top_k, top_p, torch.arange(12), torch.arange(12),
+                                  return_thresholds=True)
     for i in range(12):
         expected = transformers_kept(logits[i], int(top_k[i]), float(top_p[i]))
         assert 1 <= int(expected.sum()) < 2000
         assert torch.equal(logits[i] >= thr[i], expected), i
+        assert torch.equal(logits[i] >= kernel_thr[i], expected), i
         if with_k[i]:
             assert torch.equal(fast[int(with_k[:i].sum())], expected), i
 
@@ -453,12 +494,25 @@ class TestOnGPU:
             fused_lmhead_chunk_reward_ref(h1, w1, h1, w1 * 1.1, t[:64], seg[:64], 16)[0],
             atol=5e-2, rtol=1e-2)
 
-    def test_sampling_matches_reference(self):
-        logits = torch.randn(64, 128256, device="cuda") * 3
-        args = (torch.full((64,), 0.7, device="cuda"), torch.full((64,), 50, dtype=torch.int32, device="cuda"),
-                torch.full((64,), 0.95, device="cuda"), torch.arange(64, device="cuda"),
-                torch.zeros(64, dtype=torch.long, device="cuda"))
-        assert torch.equal(sample_triton(logits, *args), sample_ref(logits, *args))
+    @pytest.mark.parametrize("mode", ["top_k", "top_p", "top_k_and_top_p", "greedy", "mixed"])
+    def test_sampling_matches_reference(self, mode):
+        # 256 rows of a 128k vocabulary: the batch of sampling_batch repeated with new seeds.
+        rows = [sampling_batch(mode, vocab=128256, seed=s) for s in range(32)]
+        args = [torch.cat(parts).cuda() for parts in zip(*rows)]
+        tokens, thr = sample_triton(*args, return_thresholds=True)
+        assert torch.equal(tokens, sample_ref(*args))
+        assert thr.shape == (256,)
+
+    def test_store_kv_4096_tokens(self):
+        k = torch.randn(4096, 8, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        slots = torch.randperm(2048 * 16, device="cuda")[:4096]
+        slots[::7] = -1
+        caches = [torch.zeros(2048, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
+                  for _ in range(4)]
+        store_kv_triton(k, v, caches[0], caches[1], slots)
+        store_kv_ref(k, v, caches[2], caches[3], slots)
+        assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
 
     def test_fp32_kernels_use_full_fp32_not_tf32(self):
         # References on the CPU in fp32 (no TF32 there); TF32 in tl.dot would be ~1e-3 off.

@@ -12,6 +12,12 @@ import os
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # A device with no SM count to read (the interpreter) plans as an H100 SXM would.
@@ -23,7 +29,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_type: str, index) -> int:
     if device_type != "cuda":
         return DEFAULT_SM_COUNT
@@ -40,3 +46,22 @@ def sm_count(device: torch.device) -> int:
 def configs(gpu, interpret):
     """Autotune configurations: the list `gpu` on a GPU, [interpret] under the interpreter."""
     return [interpret] if INTERPRET else list(gpu)
+
+
+online_lse_step = lse_reduce = None      # Triton helpers; defined where Triton is installed
+
+if triton is not None:
+    @triton.jit
+    def online_lse_step(m, s, x):
+        """Lane-wise online log-sum-exp, one exp per element: (m, s) are each lane's running
+        max and sum of exp(. - m); x the next values (-inf adds nothing) -> new (m, s)."""
+        up = x > m
+        e = tl.exp(tl.where(up, m - x, x - m))
+        e = tl.where(x == float("-inf"), 0.0, e)
+        return tl.where(up, x, m), tl.where(up, s * e + 1.0, s + e)
+
+    @triton.jit
+    def lse_reduce(m, s):
+        """Lanes' (max, sum of exp(. - max)) [N] -> the block's (max, sum) scalars."""
+        top = tl.max(m, 0)
+        return top, tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - top)), 0)

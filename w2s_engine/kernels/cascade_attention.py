@@ -24,6 +24,7 @@ import torch
 
 from w2s_engine.kernels._common import dot_precision, sm_count
 from w2s_engine.kernels.paged_attention import (
+    _ATTN_CONFIGS,
     _check,
     _gather,
     _launch_decode_merge,
@@ -169,6 +170,8 @@ def cascade_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, sc
 # ---- Triton ------------------------------------------------------------------------------------
 
 if triton is not None:
+    @triton.autotune(configs=_ATTN_CONFIGS, key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_M",
+                                                 "NUM_SPLITS"])
     @triton.jit
     def _shared_prefix_kernel(
         q_ptr,                      # [B, Hq, D]
@@ -298,8 +301,7 @@ def cascade_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         GROUP=group, BLOCK_M=block_m, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_SIZE=bs, BLOCK_N=32 if d <= 128 else 16,
-        NUM_SPLITS=prefix_splits, PART_SPLITS=prefix_splits + suffix_splits,
+        BLOCK_SIZE=bs, NUM_SPLITS=prefix_splits, PART_SPLITS=prefix_splits + suffix_splits,
         HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(softcap),
         DOT_PRECISION=dot_precision(q.dtype))
     _launch_decode_splits(q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse,

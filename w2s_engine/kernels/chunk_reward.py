@@ -12,7 +12,13 @@ merges the splits (a few numbers per row) and gathers the target logit directly.
 
 import torch
 
-from w2s_engine.kernels._common import dot_precision
+from w2s_engine.kernels._common import (
+    configs,
+    dot_precision,
+    lse_reduce,
+    online_lse_step,
+    sm_count,
+)
 
 try:
     import triton
@@ -57,56 +63,101 @@ def fused_lmhead_chunk_reward_ref(hidden_tuned, weight_tuned, hidden_untuned, we
 # ---- Triton ------------------------------------------------------------------------------------
 
 if triton is not None:
+    @triton.autotune(
+        configs=configs([triton.Config({"BLOCK_V": 1024}, num_warps=4),
+                         triton.Config({"BLOCK_V": 2048}, num_warps=8),
+                         triton.Config({"BLOCK_V": 4096}, num_warps=8)],
+                        interpret=triton.Config({"BLOCK_V": 1024})),
+        key=["V"])
     @triton.jit
     def _two_model_lse_kernel(
         a_ptr, b_ptr,                 # [N, V] logits of the tuned / untuned model
-        part_ptr,                     # [N, SPLITS, 4] fp32: (max_a, sum_a, max_b, sum_b)
-        V, stride_a, stride_b, split_size,
-        SPLITS: tl.constexpr, BLOCK_V: tl.constexpr,
+        part_ptr,                     # [N, splits, 4] fp32: (max_a, sum_a, max_b, sum_b)
+        V, stride_a, stride_b, split_size, splits,
+        BLOCK_V: tl.constexpr,
     ):
-        # grid: (N, SPLITS). Both models' tiles stream through once, side by side.
+        # grid: (N, splits). Both models' tiles stream through once, side by side; lane-wise
+        # online log-sum-exp (one exp per element, no cross-lane reduction inside the loop).
         row = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         lo = split * split_size
+        hi = tl.minimum(V, lo + split_size)
         m_a = tl.full([BLOCK_V], float("-inf"), tl.float32)
         s_a = tl.zeros([BLOCK_V], tl.float32)
         m_b = tl.full([BLOCK_V], float("-inf"), tl.float32)
         s_b = tl.zeros([BLOCK_V], tl.float32)
-        for v0 in range(lo, lo + split_size, BLOCK_V):
+        for v0 in range(lo, hi, BLOCK_V):
             v = v0 + tl.arange(0, BLOCK_V)
-            mask = v < tl.minimum(V, lo + split_size)
+            mask = v < hi
             x = tl.load(a_ptr + row * stride_a + v, mask=mask, other=float("-inf")).to(tl.float32)
             y = tl.load(b_ptr + row * stride_b + v, mask=mask, other=float("-inf")).to(tl.float32)
-            # Lane-wise online log-sum-exp: no cross-lane reduction inside the loop.
-            n_a = tl.maximum(m_a, x)
-            s_a = s_a * tl.exp(tl.where(n_a == float("-inf"), 0.0, m_a - n_a)) + \
-                tl.where(mask, tl.exp(x - tl.where(n_a == float("-inf"), 0.0, n_a)), 0.0)
-            m_a = n_a
-            n_b = tl.maximum(m_b, y)
-            s_b = s_b * tl.exp(tl.where(n_b == float("-inf"), 0.0, m_b - n_b)) + \
-                tl.where(mask, tl.exp(y - tl.where(n_b == float("-inf"), 0.0, n_b)), 0.0)
-            m_b = n_b
-        ma = tl.max(m_a, 0)
-        sa = tl.sum(s_a * tl.exp(tl.where(m_a == float("-inf"), float("-inf"), m_a - ma)), 0)
-        mb = tl.max(m_b, 0)
-        sb = tl.sum(s_b * tl.exp(tl.where(m_b == float("-inf"), float("-inf"), m_b - mb)), 0)
-        base = part_ptr + (row * SPLITS + split) * 4
+            m_a, s_a = online_lse_step(m_a, s_a, x)
+            m_b, s_b = online_lse_step(m_b, s_b, y)
+        ma, sa = lse_reduce(m_a, s_a)
+        mb, sb = lse_reduce(m_b, s_b)
+        base = part_ptr + (row * splits + split) * 4
         tl.store(base + 0, ma)
         tl.store(base + 1, sa)
         tl.store(base + 2, mb)
         tl.store(base + 3, sb)
 
     @triton.jit
+    def _merge_splits_tl(m, s):
+        """Splits' (max, sum of exp(. - max)) -> log-sum-exp (empty splits: -inf, 0)."""
+        top = tl.max(m, 0)
+        return top + tl.log(tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - top)), 0))
+
+    @triton.jit
+    def _reward_finish_kernel(
+        a_ptr, b_ptr,                 # [N, V] logits of the tuned / untuned model
+        part_ptr,                     # [N, splits, 4] fp32 from _two_model_lse_kernel
+        targets_ptr, segment_ptr,     # [N] int
+        diff_ptr,                     # [N] fp32 out: log p_tuned(t) - log p_untuned(t)
+        sums_ptr,                     # [num_segments] fp32, zeroed: += diff of each segment
+        stride_a, stride_b, splits,
+        BLOCK_S: tl.constexpr,
+    ):
+        # grid: (N,): merge the splits, gather the target logits, one atomic add per token.
+        row = tl.program_id(0).to(tl.int64)
+        s = tl.arange(0, BLOCK_S)
+        smask = s < splits
+        base = part_ptr + (row * splits + s) * 4
+        lse_a = _merge_splits_tl(tl.load(base + 0, mask=smask, other=float("-inf")),
+                                 tl.load(base + 1, mask=smask, other=0.0))
+        lse_b = _merge_splits_tl(tl.load(base + 2, mask=smask, other=float("-inf")),
+                                 tl.load(base + 3, mask=smask, other=0.0))
+        t = tl.load(targets_ptr + row).to(tl.int64)
+        x = tl.load(a_ptr + row * stride_a + t).to(tl.float32)
+        y = tl.load(b_ptr + row * stride_b + t).to(tl.float32)
+        diff = (x - lse_a) - (y - lse_b)
+        tl.store(diff_ptr + row, diff)
+        tl.atomic_add(sums_ptr + tl.load(segment_ptr + row), diff)
+
+    _LMHEAD_CONFIGS = configs(
+        [triton.Config({"BLOCK_M": 64, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+         triton.Config({"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+         triton.Config({"BLOCK_M": 128, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+         triton.Config({"BLOCK_M": 64, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=8, num_stages=4)],
+        interpret=triton.Config({"BLOCK_M": 16, "BLOCK_V": 64, "BLOCK_K": 32}))
+    # Vocabulary splits are multiples of every config's BLOCK_V, so the split count (and the
+    # partials' shape) does not depend on the config the autotuner picks.
+    _LMHEAD_GRANULE = max(c.kwargs["BLOCK_V"] for c in _LMHEAD_CONFIGS)
+
+    @triton.autotune(configs=_LMHEAD_CONFIGS, key=["n_bucket", "H"])
+    @triton.jit
     def _lmhead_lse_kernel(
         h_ptr,                  # [N, H]
         w_ptr,                  # [V, H]
-        part_ptr,               # [N, SPLITS, 2] fp32: (max, sum of exp)
-        N, V, H, stride_h, stride_w, split_size, softcap,
-        SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+        part_ptr,               # [N, splits, 2] fp32: (max, sum of exp)
+        N, V, H, stride_h, stride_w, split_size, splits, softcap,
+        n_bucket,               # next power of two of N: the autotuning key, unused here
+        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
         BLOCK_K: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         DOT_PRECISION: tl.constexpr,   # "ieee" for fp32 (no TF32), else "tf32" (ignored)
     ):
-        # grid: (cdiv(N, BLOCK_M), SPLITS). Logits [BLOCK_M, BLOCK_V] live only in registers.
+        # grid: (cdiv(N, BLOCK_M), splits), row tiles fastest, so the programs running together
+        # share one split of the weight through L2. Logits [BLOCK_M, BLOCK_V] live only in
+        # registers.
         pid_m = tl.program_id(0)
         split = tl.program_id(1)
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -133,7 +184,7 @@ if triton is not None:
             m_new = tl.maximum(m_i, tl.max(acc, 1))
             l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(acc - m_new[:, None]), 1)
             m_i = m_new
-        base = part_ptr + (m.to(tl.int64) * SPLITS + split) * 2
+        base = part_ptr + (m.to(tl.int64) * splits + split) * 2
         tl.store(base + 0, m_i, mask=mmask)
         tl.store(base + 1, l_i, mask=mmask)
 
@@ -144,9 +195,13 @@ def _merge(max_, sum_):
     return m + torch.log((sum_ * torch.exp(max_ - m[:, None])).sum(dim=1))
 
 
-def _num_splits(n_rows: int, v: int, block: int) -> int:
-    # Enough programs to fill the GPU (~132 SMs x a few) when the chunk has few tokens.
-    return max(1, min(triton.cdiv(v, block), triton.cdiv(528, max(1, n_rows))))
+def _vocab_splits(device, programs_per_split: int, v: int, granule: int):
+    """(splits, split_size): enough programs (programs_per_split x splits) to give every SM
+    about four when the chunk has few tokens; split_size a multiple of `granule`."""
+    want = max(1, triton.cdiv(4 * sm_count(device), max(1, programs_per_split)))
+    splits = max(1, min(triton.cdiv(v, granule), want))
+    split_size = triton.cdiv(triton.cdiv(v, splits), granule) * granule
+    return triton.cdiv(v, split_size), split_size
 
 
 def _check_common(targets, segment_ids, num_segments, n, v, name):
@@ -156,10 +211,14 @@ def _check_common(targets, segment_ids, num_segments, n, v, name):
     if segment_ids.shape != (n,) or segment_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name}: segment_ids must be int32/int64 [{n}]; got "
                         f"{segment_ids.dtype} {tuple(segment_ids.shape)}")
-    if n and (int(targets.min()) < 0 or int(targets.max()) >= v):
-        raise ValueError(f"{name}: targets must lie in [0, {v})")
-    if n and (int(segment_ids.min()) < 0 or int(segment_ids.max()) >= num_segments):
-        raise ValueError(f"{name}: segment_ids must lie in [0, num_segments={num_segments})")
+    if n:   # one device sync for all four bounds
+        t_lo, t_hi, s_lo, s_hi = torch.stack([targets.min(), targets.max(), segment_ids.min(),
+                                              segment_ids.max()]).tolist()
+        if t_lo < 0 or t_hi >= v:
+            raise ValueError(f"{name}: targets must lie in [0, {v}); got [{t_lo}, {t_hi}]")
+        if s_lo < 0 or s_hi >= num_segments:
+            raise ValueError(f"{name}: segment_ids must lie in [0, num_segments={num_segments}); "
+                             f"got [{s_lo}, {s_hi}]")
 
 
 def chunk_reward_triton(logits_tuned, logits_untuned, targets, segment_ids, num_segments):
@@ -177,32 +236,30 @@ def chunk_reward_triton(logits_tuned, logits_untuned, targets, segment_ids, num_
     if n == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=logits_tuned.device)
         return empty, _segment_sums(empty, segment_ids, num_segments)
-    BLOCK_V = 1024
-    splits = _num_splits(n, v, BLOCK_V)
-    split_size = triton.cdiv(triton.cdiv(v, splits), BLOCK_V) * BLOCK_V
-    splits = triton.cdiv(v, split_size)
+    # Split over the vocabulary so that a short chunk still fills the GPU; a second small
+    # kernel merges the splits, gathers the target logits and adds up the segments.
+    splits, split_size = _vocab_splits(logits_tuned.device, n, v, 4096)
     part = torch.empty(n, splits, 4, dtype=torch.float32, device=logits_tuned.device)
     _two_model_lse_kernel[(n, splits)](
         logits_tuned, logits_untuned, part, v, logits_tuned.stride(0), logits_untuned.stride(0),
-        split_size, SPLITS=splits, BLOCK_V=BLOCK_V)
-    t = targets.long()[:, None]
-    diff = ((logits_tuned.gather(1, t)[:, 0].float() - _merge(part[..., 0], part[..., 1]))
-            - (logits_untuned.gather(1, t)[:, 0].float() - _merge(part[..., 2], part[..., 3])))
-    return diff, _segment_sums(diff, segment_ids, num_segments)
+        split_size, splits)
+    diff = torch.empty(n, dtype=torch.float32, device=logits_tuned.device)
+    sums = torch.zeros(num_segments, dtype=torch.float32, device=logits_tuned.device)
+    _reward_finish_kernel[(n,)](
+        logits_tuned, logits_untuned, part, targets, segment_ids, diff, sums,
+        logits_tuned.stride(0), logits_untuned.stride(0), splits,
+        BLOCK_S=triton.next_power_of_2(splits))
+    return diff, sums
 
 
 def _lmhead_logprob(hidden, weight, targets, softcap):
     n, h = hidden.shape
     v = weight.shape[0]
-    BLOCK_M = 16 if n <= 16 else 32
-    BLOCK_V, BLOCK_K = 64, 64
-    splits = _num_splits(triton.cdiv(n, BLOCK_M), v, BLOCK_V)
-    split_size = triton.cdiv(triton.cdiv(v, splits), BLOCK_V) * BLOCK_V
-    splits = triton.cdiv(v, split_size)
+    splits, split_size = _vocab_splits(hidden.device, triton.cdiv(n, 64), v, _LMHEAD_GRANULE)
     part = torch.empty(n, splits, 2, dtype=torch.float32, device=hidden.device)
-    _lmhead_lse_kernel[(triton.cdiv(n, BLOCK_M), splits)](
-        hidden, weight, part, n, v, h, hidden.stride(0), weight.stride(0), split_size,
-        softcap or 0.0, SPLITS=splits, BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K,
+    _lmhead_lse_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](
+        hidden, weight, part, n, v, h, hidden.stride(0), weight.stride(0), split_size, splits,
+        softcap or 0.0, min(triton.next_power_of_2(n), 1024),
         HAS_SOFTCAP=bool(softcap), DOT_PRECISION=dot_precision(hidden.dtype))
     # The target logit: one dot product per row, [N, H] of weight rows, no [N, V].
     target = (hidden.float() * weight[targets.long()].float()).sum(-1)

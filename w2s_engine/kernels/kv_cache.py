@@ -30,20 +30,21 @@ if triton is not None:
         k_cache_ptr, v_cache_ptr,     # [num_slots, Hkv, D] contiguous
         slot_ptr,                     # [N]
         stride_kn, stride_kh, stride_vn, stride_vh,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        # one program per (token, kv head)
-        token = tl.program_id(0)
-        head = tl.program_id(1)
-        num_heads = tl.num_programs(1)
+        # grid: (N,). One program moves a token's K and V for all kv heads: a contiguous
+        # Hkv * D run in the cache, large enough per program to keep the copy bandwidth-bound.
+        token = tl.program_id(0).to(tl.int64)
         slot = tl.load(slot_ptr + token).to(tl.int64)
         if slot < 0:  # padding
             return
-        d = tl.arange(0, BLOCK_D)
-        mask = d < HEAD_DIM
-        k = tl.load(k_ptr + token * stride_kn + head * stride_kh + d, mask=mask)
-        v = tl.load(v_ptr + token * stride_vn + head * stride_vh + d, mask=mask)
-        dst = (slot * num_heads + head) * HEAD_DIM + d
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, BLOCK_D)[None, :]
+        mask = (h < NUM_HEADS) & (d < HEAD_DIM)
+        k = tl.load(k_ptr + token * stride_kn + h * stride_kh + d, mask=mask)
+        v = tl.load(v_ptr + token * stride_vn + h * stride_vh + d, mask=mask)
+        dst = slot * (NUM_HEADS * HEAD_DIM) + h * HEAD_DIM + d
         tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -72,10 +73,12 @@ def store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
     n, heads, dim = k.shape
     if n == 0:
         return
-    _store_kv_kernel[(n, heads)](
+    block = triton.next_power_of_2(heads) * triton.next_power_of_2(dim)
+    _store_kv_kernel[(n,)](
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim))
+        NUM_HEADS=heads, HEAD_DIM=dim, BLOCK_H=triton.next_power_of_2(heads),
+        BLOCK_D=triton.next_power_of_2(dim), num_warps=max(1, min(8, block // 256)))
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping):

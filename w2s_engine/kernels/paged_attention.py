@@ -9,7 +9,7 @@ Soft-cap: score = cap * tanh(score / cap), after scaling, before masking.
 
 import torch
 
-from w2s_engine.kernels._common import dot_precision, sm_count
+from w2s_engine.kernels._common import configs, dot_precision, sm_count
 
 try:
     import triton
@@ -69,7 +69,7 @@ def paged_extend_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, 
                                sliding_window=None, softcap=None):
     cu = cu_seqlens_q.long()
     qlens = cu[1:] - cu[:-1]
-    B, max_q = qlens.numel(), int(qlens.max()) if qlens.numel() else 0
+    max_q = int(qlens.max()) if qlens.numel() else 0
     out = torch.zeros_like(q)
     if max_q == 0:
         return out
@@ -89,7 +89,19 @@ def paged_extend_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, 
 
 # ---- Triton kernels (the CUDA path) --------------------------------------------------------------
 
+# Keys per step (BLOCK_N), warps and pipeline depth: tuned on the GPU per shape (configs too
+# big for a head size fail to compile and are skipped); the interpreter runs one.
+_ATTN_CONFIGS = [] if triton is None else configs(
+    [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2),
+     triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
+     triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
+     triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=3),
+     triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2)],
+    interpret=triton.Config({"BLOCK_N": 32}))
+
 if triton is not None:
+    @triton.autotune(configs=_ATTN_CONFIGS,
+                     key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "NUM_SPLITS", "HAS_START"])
     @triton.jit
     def _decode_split_kernel(
         q_ptr,                 # [B, Hq, D]
@@ -199,6 +211,7 @@ if triton is not None:
                  out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
         tl.store(lse_ptr + row, m + tl.log(total))
 
+    @triton.autotune(configs=_ATTN_CONFIGS, key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_M"])
     @triton.jit
     def _extend_kernel(
         q_ptr, out_ptr,            # [Nq, Hq, D]
@@ -324,8 +337,7 @@ def _launch_decode_splits(q, k_cache, v_cache, block_tables, seq_lens, part_out,
         block_tables.stride(0),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_SIZE=bs, BLOCK_N=32 if d <= 128 else 16, NUM_SPLITS=num_splits,
-        PART_SPLITS=part_out.shape[2], SPLIT_BASE=split_base,
+        BLOCK_SIZE=bs, NUM_SPLITS=num_splits, PART_SPLITS=part_out.shape[2], SPLIT_BASE=split_base,
         HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(softcap),
         HAS_START=kv_start is not None, DOT_PRECISION=dot_precision(q.dtype))
 
@@ -354,7 +366,7 @@ def _partials(q, splits):
 def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale,
                                   sliding_window=None, softcap=None, num_splits=None,
                                   kv_start=None):
-    hq, hkv, d, bs = _check(q, k_cache, v_cache, block_tables, seq_lens, "paged_decode_attention")
+    _, hkv, _, bs = _check(q, k_cache, v_cache, block_tables, seq_lens, "paged_decode_attention")
     B = q.shape[0]
     if q.shape[0] != block_tables.shape[0]:
         raise ValueError(f"paged_decode_attention: q has {q.shape[0]} sequences, block_tables "
@@ -380,9 +392,10 @@ def paged_extend_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_
     if q.shape[0] == 0:
         return out
     max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-    block_m = 64 if d <= 128 else 32
+    # Query tile: 128 rows for prefill-sized chunks on a GPU (more reuse of each K/V tile);
+    # no larger than the longest chunk needs.
+    block_m = (128 if q.is_cuda and max_q >= 128 else 64) if d <= 128 else 32
     block_m = min(block_m, max(16, triton.next_power_of_2(max_q)))
-    block_n = 32 if d <= 128 else 16
     grid = (B, hq, triton.cdiv(max_q, block_m))
     _extend_kernel[grid](
         q, out, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
@@ -390,7 +403,7 @@ def paged_extend_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_SIZE=bs,
-        BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_M=block_m,
         HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(softcap),
         DOT_PRECISION=dot_precision(q.dtype))
     return out

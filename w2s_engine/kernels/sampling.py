@@ -11,12 +11,22 @@ The hash (all arithmetic mod 2^32): fmix32 is murmur3's finaliser;
     u = ((bits >> 9) + 0.5) / 2^23            in (0, 1), exact in fp32 (never 1.0)
 Allowed tokens, in transformers' order (TopKLogitsWarper, then TopPLogitsWarper): the logits
 >= the k-th largest of logits / T, then the top-p nucleus of what top-k kept, renormalised (the
-smallest set of most likely tokens whose mass reaches top_p; never empty). The per-row
-threshold logit for top-k / top-p is found with torch (topk / sort) in the wrapper, only for
-rows that use them; the kernel then does temperature, threshold, noise and argmax in one pass.
+smallest set of most likely tokens whose mass reaches top_p; never empty). Each row's cut is
+one threshold: the lowest allowed logit / T.
+
+CPU (the reference): torch sort / topk find the threshold (only the k best tokens get noise
+when every row has a top-k). GPU (the Triton kernel, one program per row): no sort. Two passes
+over the row find its max, softmax mass and a lower bound on the threshold and gather the few
+tokens above the bound; a radix select over those finds the k-th largest (by count) and then
+the top-p cutoff (by mass) exactly, so the kernel's threshold is the reference's value bit for
+bit, except where the top-p mass lands within rounding of top_p (sums run in another order).
+Scratch memory: one int32 per logit. With an exact tie at the k-th logit the kernel keeps every
+tied token (transformers' rule, and the full reference's); the CPU top-k fast path keeps k.
 """
 
 import torch
+
+from w2s_engine.kernels._common import configs, lse_reduce, online_lse_step
 
 try:
     import triton
@@ -135,45 +145,182 @@ if triton is not None:
         return x ^ (x >> 16)
 
     @triton.jit
-    def _gumbel_argmax_kernel(
-        logits_ptr,              # [B, V]
-        temp_ptr, thr_ptr,       # [B] fp32: temperature (0 = greedy), lowest allowed scaled logit
+    def _sort_key(x):
+        """fp32 -> uint32 whose unsigned order is the float order (-inf lowest, no NaN)."""
+        bits = x.to(tl.uint32, bitcast=True)
+        return tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
+
+    @triton.jit
+    def _key_value(key):
+        """The inverse of _sort_key."""
+        bits = tl.where((key >> 31) != 0, key ^ 0x80000000, ~key)
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _digit_weights(key, w, prefix, SHIFT: tl.constexpr):
+        """[16]: total weight w of the keys >= prefix + j << SHIFT, for the digits j = 0..15."""
+        j = tl.arange(0, 16).to(tl.uint32)
+        pivot = prefix + (j << SHIFT)
+        return tl.sum(tl.where(key[:, None] >= pivot[None, :], w[:, None], 0.0), 0)
+
+    @triton.jit
+    def _next_prefix(weights, prefix, target, SHIFT: tl.constexpr):
+        """Fix the digit at SHIFT: the largest j whose pivot still has weight >= target."""
+        j = tl.arange(0, 16).to(tl.uint32)
+        return prefix + (tl.max(tl.where(weights >= target, j, tl.zeros_like(j)), 0) << SHIFT)
+
+    @triton.jit
+    def _select_in_block(key, w, target):
+        """Largest K with sum(w[key >= K]) >= target, over a block in registers -> (K, found).
+        Eight rounds fix K four bits at a time (a radix select, no sort)."""
+        prefix = tl.full((), 0, tl.uint32)
+        for r in tl.static_range(8):
+            prefix = _next_prefix(_digit_weights(key, w, prefix, 28 - 4 * r), prefix, target,
+                                  28 - 4 * r)
+        return prefix, tl.sum(w, 0) >= target
+
+    @triton.jit
+    def _candidate_digits(lrow, crow, n, t, m, floor, prefix, SHIFT: tl.constexpr,
+                          MASS: tl.constexpr, BLOCK_C: tl.constexpr):
+        """_digit_weights over a row's n candidates (token ids at crow), weight 1 (a count) or
+        exp(x - m) (a mass); candidates with a key below `floor` weigh nothing."""
+        acc = tl.zeros([16], tl.float32)
+        for c0 in range(0, n, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            cmask = c < n
+            idx = tl.load(crow + c, mask=cmask, other=0)
+            x = tl.load(lrow + idx, mask=cmask, other=float("-inf")).to(tl.float32)
+            x = tl.math.div_rn(x, t)
+            key = _sort_key(x)
+            if MASS:
+                w = tl.exp(x - m)
+            else:
+                w = tl.full([BLOCK_C], 1.0, tl.float32)
+            w = tl.where(cmask & (key >= floor), w, 0.0)
+            acc += _digit_weights(key, w, prefix, SHIFT)
+        return acc
+
+    @triton.jit
+    def _select_in_candidates(lrow, crow, n, t, m, floor, target, relative,
+                              MASS: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Largest K with W(key >= K) >= target over the candidates -> (K, found). With
+        `relative`, the target is target x the candidates' total weight (top-p of the top-k
+        survivors). Eight passes over the candidates, four bits each."""
+        j = tl.arange(0, 16)
+        prefix = tl.full((), 0, tl.uint32)
+        acc = _candidate_digits(lrow, crow, n, t, m, floor, prefix, 28, MASS, BLOCK_C)
+        total = tl.sum(tl.where(j == 0, acc, 0.0), 0)
+        target = tl.where(relative, target * total, target)
+        prefix = _next_prefix(acc, prefix, target, 28)
+        for r in tl.static_range(1, 8):
+            acc = _candidate_digits(lrow, crow, n, t, m, floor, prefix, 28 - 4 * r, MASS,
+                                    BLOCK_C)
+            prefix = _next_prefix(acc, prefix, target, 28 - 4 * r)
+        return prefix, (total >= target) & (total > 0)
+
+    @triton.autotune(
+        configs=configs(
+            [triton.Config({"BLOCK_V": 1024, "BLOCK_L": 256, "BLOCK_C": 256}, num_warps=4),
+             triton.Config({"BLOCK_V": 2048, "BLOCK_L": 256, "BLOCK_C": 256}, num_warps=8),
+             triton.Config({"BLOCK_V": 4096, "BLOCK_L": 256, "BLOCK_C": 512}, num_warps=8)],
+            interpret=triton.Config({"BLOCK_V": 1024, "BLOCK_L": 256, "BLOCK_C": 256})),
+        key=["V"])
+    @triton.jit
+    def _sample_kernel(
+        logits_ptr,              # [B, V] fp32 / fp16 / bf16
+        temp_ptr, top_p_ptr,     # [B] fp32: temperature (0 = greedy), top-p (1 = off)
+        top_k_ptr,               # [B] int: top-k (0 or >= V = off)
         seed_ptr, pos_ptr,       # [B] int64
-        out_ptr,                 # [B] int64
-        V, stride_l,
-        BLOCK_V: tl.constexpr,
+        cand_ptr,                # [B, V] int32 scratch: each row's candidate token ids
+        thr_ptr,                 # [B] fp32 out: the lowest allowed scaled logit (-inf: no cut)
+        out_ptr,                 # [B] int64 out: the drawn token
+        V, stride_l, stride_c,
+        BLOCK_V: tl.constexpr,   # lanes of the full-row passes
+        BLOCK_L: tl.constexpr,   # groups of lanes whose maxima bound the k-th largest
+        BLOCK_C: tl.constexpr,   # candidates per step of the selects
     ):
-        # grid: (B,): one pass over the row keeps the best (score, index) per lane.
+        # grid: (B,). Per row, no sort:
+        #  1. one pass: row max m, Z = sum exp(x - m), lane maxima (x = logits / T);
+        #  2. a lower bound L on the final threshold: the k-th largest of BLOCK_L group maxima
+        #     (k distinct tokens are >= it), or for top-p alone m + log((1 - p) Z / V) - 1
+        #     (tokens below it together hold less than 1 - p of the mass);
+        #  3. one pass: the ids of tokens >= L, in order, to cand (usually a few hundred);
+        #  4. radix selects over the candidates: the k-th largest (a count), then the top-p
+        #     cutoff (a mass; of the top-k survivors, renormalised, as transformers does);
+        #  5. Gumbel-max over the allowed candidates (or the whole row when nothing is cut).
         row = tl.program_id(0).to(tl.int64)
         t = tl.load(temp_ptr + row)
         greedy = t <= 0
         t = tl.where(greedy, 1.0, t)
-        thr = tl.load(thr_ptr + row)
+        k = tl.load(top_k_ptr + row)
+        p = tl.load(top_p_ptr + row)
+        use_k = (k > 0) & (k < V) & ~greedy         # greedy takes the argmax, kept by any cut
+        use_p = (p < 1.0) & ~greedy
+        lrow = logits_ptr + row * stride_l
+        crow = cand_ptr + row * stride_c
+        v_cut = tl.where(use_k | use_p, V, 0)       # the passes below run only for cut rows
+
+        lane_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        lane_sum = tl.zeros([BLOCK_V], tl.float32)  # sum of exp(x - lane_max)
+        for v0 in range(0, v_cut, BLOCK_V):
+            v = v0 + tl.arange(0, BLOCK_V)
+            x = tl.load(lrow + v, mask=v < V, other=float("-inf")).to(tl.float32)
+            lane_max, lane_sum = online_lse_step(lane_max, lane_sum, tl.math.div_rn(x, t))
+        m, z = lse_reduce(lane_max, lane_sum)
+        group_max = tl.max(tl.reshape(lane_max, [BLOCK_L, BLOCK_V // BLOCK_L]), 1)
+        bound_k, found = _select_in_block(_sort_key(group_max), tl.full([BLOCK_L], 1.0, tl.float32),
+                                          k.to(tl.float32))
+        bound_k = tl.where(found, bound_k, 0)
+        bound_p = _sort_key(m + tl.log((1.0 - p) * z / V) - 1.0)
+        bound = tl.where(use_k, bound_k, bound_p)
+
+        n = 0
+        for v0 in range(0, v_cut, BLOCK_V):
+            v = v0 + tl.arange(0, BLOCK_V)
+            x = tl.load(lrow + v, mask=v < V, other=float("-inf")).to(tl.float32)
+            take = (v < V) & (_sort_key(tl.math.div_rn(x, t)) >= bound)
+            at = n + tl.cumsum(take.to(tl.int32), 0) - 1
+            tl.store(crow + at, v, mask=take)
+            n += tl.sum(take.to(tl.int32), 0)
+
+        kth, found_k = _select_in_candidates(lrow, crow, tl.where(use_k, n, 0), t, m, 0,
+                                             k.to(tl.float32), False, False, BLOCK_C)
+        floor = tl.where(use_k & found_k, kth, 0)
+        cut, found_p = _select_in_candidates(lrow, crow, tl.where(use_p, n, 0), t, m, floor,
+                                             tl.where(use_k, p, p * z), use_k, True, BLOCK_C)
+        cut = tl.where(use_p & found_p, cut, floor)
+        thr = tl.where(cut > 0, _key_value(cut), float("-inf"))
+        tl.store(thr_ptr + row, thr)
+
+        # Gumbel-max over the allowed tokens; with a cut they are all among the candidates
+        # (thr >= bound), stored in ascending id order, so ties still go to the lowest id.
+        use_cand = cut > 0
+        n_scan = tl.where(use_cand, n, V)
         seed = tl.load(seed_ptr + row)
         pos = tl.load(pos_ptr + row)
         lo = (seed & 0xFFFFFFFF).to(tl.uint32)
         hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-        p = ((pos + 0x9E3779B9) & 0xFFFFFFFF).to(tl.uint32)
-        key = _fmix32_tl(lo ^ _fmix32_tl(hi ^ _fmix32_tl(p)))
+        key = _fmix32_tl(lo ^ _fmix32_tl(hi ^ _fmix32_tl(((pos + 0x9E3779B9) & 0xFFFFFFFF).to(tl.uint32))))
         best = tl.full([BLOCK_V], float("-inf"), tl.float32)
         best_i = tl.zeros([BLOCK_V], tl.int64)
-        for v0 in range(0, V, BLOCK_V):
-            v = v0 + tl.arange(0, BLOCK_V)
-            mask = v < V
-            x = tl.load(logits_ptr + row * stride_l + v, mask=mask, other=float("-inf")).to(tl.float32)
-            x = tl.math.div_rn(x, t)      # IEEE division, as the reference's logits / T
+        for i0 in range(0, n_scan, BLOCK_V):
+            i = i0 + tl.arange(0, BLOCK_V)
+            mask = i < n_scan
+            from_cand = i < tl.where(use_cand, n_scan, 0)
+            v = tl.where(from_cand, tl.load(crow + i, mask=from_cand, other=0), i)
+            x = tl.load(lrow + v, mask=mask, other=float("-inf")).to(tl.float32)
+            x = tl.math.div_rn(x, t)                # IEEE division, as the reference's logits / T
             bits = _fmix32_tl(key ^ (v.to(tl.uint32) * 0x27D4EB2F))
             u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
             g = -tl.log(-tl.log(u))
             score = tl.where(greedy, x, x + g)
             score = tl.where(mask & (x >= thr), score, float("-inf"))
-            take = score > best
-            best = tl.where(take, score, best)
-            best_i = tl.where(take, v.to(tl.int64), best_i)
+            better = score > best
+            best = tl.where(better, score, best)
+            best_i = tl.where(better, v.to(tl.int64), best_i)
         # Ties between lanes go to the lowest index, as torch.argmax does.
         top = tl.max(best, 0)
-        cand = tl.where(best == top, best_i, V)
-        tl.store(out_ptr + row, tl.min(cand, 0))
+        tl.store(out_ptr + row, tl.min(tl.where(best == top, best_i, V), 0))
 
 
 def _check(logits, temperature, top_k, top_p, seeds, positions):
@@ -192,16 +339,19 @@ def _check(logits, temperature, top_k, top_p, seeds, positions):
         raise ValueError("sample: logits need a contiguous last dimension")
 
 
-def sample_triton(logits, temperature, top_k, top_p, seeds, positions):
+def sample_triton(logits, temperature, top_k, top_p, seeds, positions,
+                  return_thresholds: bool = False):
+    """The Triton path; with return_thresholds, also each row's lowest allowed scaled logit
+    ([B] fp32, -inf where nothing is cut; greedy rows are never cut)."""
     _check(logits, temperature, top_k, top_p, seeds, positions)
     b, v = logits.shape
-    thr = _thresholds(_scaled(logits, temperature), top_k, top_p)
     out = torch.empty(b, dtype=torch.int64, device=logits.device)
-    if b == 0:
-        return out
-    _gumbel_argmax_kernel[(b,)](logits, temperature, thr, seeds, positions.long(), out, v,
-                                logits.stride(0), BLOCK_V=1024)
-    return out
+    thr = torch.empty(b, dtype=torch.float32, device=logits.device)
+    if b:
+        cand = torch.empty(b, v, dtype=torch.int32, device=logits.device)   # <= 2x the logits
+        _sample_kernel[(b,)](logits, temperature, top_p, top_k, seeds, positions.long(), cand,
+                             thr, out, v, logits.stride(0), cand.stride(0))
+    return (out, thr) if return_thresholds else out
 
 
 def sample(logits, temperature, top_k, top_p, seeds, positions):

@@ -1,0 +1,60 @@
+"""Turn bench/kernels.py's pytest-benchmark JSON into a markdown table, the torch path beside.
+
+    python bench/kernels_table.py bench/results/kernels-H200.json [--markdown OUT.md]
+
+One row per (kernel, shape, impl) that is not a baseline: its time, fraction of peak (HBM
+bandwidth, or the dense bf16 peak for extend attention), temporaries, and the baseline's time
+and temporaries for the same kernel and shape (the torch path, SDPA, or the per-beam kernel).
+"""
+
+import argparse
+import json
+import sys
+
+
+def rows(report: dict) -> list[dict]:
+    return [b["extra_info"] for b in report.get("benchmarks", []) if "kernel" in b["extra_info"]]
+
+
+def table(report: dict) -> str:
+    infos = rows(report)
+    base = {(r["kernel"], r["shape"]): r for r in infos if r.get("baseline")}
+    device = next((r["device"] for r in infos), "unknown device")
+    header = ("| kernel | shape | impl | ms | of peak | temporaries MB | baseline | baseline ms "
+              "| baseline MB | speed-up |")
+    out = [f"Kernels on {device} (`bench/kernels.py`; best of 10 after warm-up).", "", header,
+           "|---|---|---|---:|---:|---:|---|---:|---:|---:|"]
+    for r in infos:
+        if r.get("baseline"):
+            continue
+        b = base.get((r["kernel"], r["shape"]))
+        frac = (f"{100 * r['peak_fraction']:.0f}% {r['peak_kind']}" if "peak_fraction" in r
+                else "")
+        cells = [r["kernel"], r["shape"], r["impl"], f"{r['ms']:.3f}", frac,
+                 f"{r['temporaries_mb']:.1f}"]
+        if b:
+            cells += [b["impl"], f"{b['ms']:.3f}", f"{b['temporaries_mb']:.1f}",
+                      f"{b['ms'] / r['ms']:.2f}x"]
+        else:
+            cells += ["", "", "", ""]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", help="pytest-benchmark JSON from bench/kernels.py")
+    ap.add_argument("--markdown", metavar="OUT.md", help="write the table here (else stdout)")
+    args = ap.parse_args(argv)
+    with open(args.json) as f:
+        text = table(json.load(f))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
