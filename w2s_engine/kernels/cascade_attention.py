@@ -25,12 +25,14 @@ import torch
 from w2s_engine.kernels._common import dot_precision, sm_count
 from w2s_engine.kernels.paged_attention import (
     _ATTN_CONFIGS,
+    _attend_keys,
     _check,
     _gather,
     _launch_decode_merge,
     _launch_decode_splits,
     _masked_softmax_attention,
     _partials,
+    _store_partial,
     paged_decode_attention_ref,
     paged_decode_attention_triton,
 )
@@ -232,34 +234,15 @@ if triton is not None:
         for n0 in range(start, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             nmask = n < end
-            block = tl.load(block_tables_ptr + leader * stride_bt + n // BLOCK_SIZE, mask=nmask,
-                            other=0)
-            off = block.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
-            k = tl.load(k_cache_ptr + off[:, None] + d[None, :],
-                        mask=nmask[:, None] & dmask[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [BLOCK_M, BLOCK_N]
-            if HAS_SOFTCAP:
-                s = softcap * (2 * tl.sigmoid(2 * s / softcap) - 1)
             visible = nmask[None, :]
             if HAS_WINDOW:
                 visible = visible & (n[None, :] > qpos[:, None] - window)
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_cache_ptr + off[:, None] + d[None, :],
-                        mask=nmask[:, None] & dmask[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
-
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
+            acc, m_i, l_i = _attend_keys(
+                q, acc, m_i, l_i, n, nmask, visible, block_tables_ptr + leader * stride_bt,
+                k_cache_ptr, v_cache_ptr, kvh, d, dmask, scale, softcap,
+                stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HAS_SOFTCAP, DOT_PRECISION)
         base = (row.to(tl.int64) * (tl.num_programs(1) * GROUP) + qh) * PART_SPLITS + split
-        tl.store(part_out_ptr + base[:, None] * HEAD_DIM + d[None, :], out,
-                 mask=rmask[:, None] & dmask[None, :])
-        tl.store(part_lse_ptr + base, lse, mask=rmask)
+        _store_partial(part_out_ptr, part_lse_ptr, base, acc, m_i, l_i, d, rmask, dmask, HEAD_DIM)
 
 
 def _check_groups(groups, B, name):

@@ -100,6 +100,42 @@ _ATTN_CONFIGS = [] if triton is None else configs(
     interpret=triton.Config({"BLOCK_N": 32}))
 
 if triton is not None:
+    @triton.jit
+    def _attend_keys(q, acc, m_i, l_i, n, nmask, visible, table_ptr, k_cache_ptr, v_cache_ptr,
+                     kvh, d, dmask, scale, softcap, stride_cb, stride_cs, stride_ch,
+                     BLOCK_SIZE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+        """One online-softmax step of queries q [M, BLOCK_D] over the keys at positions
+        n [BLOCK_N] (nmask: in range) of one sequence's block table row (table_ptr), kv head
+        kvh; visible [M, BLOCK_N] masks per query. A query that sees nothing yet keeps m = -inf
+        without NaNs. -> (acc [M, BLOCK_D], m_i, l_i)."""
+        block = tl.load(table_ptr + n // BLOCK_SIZE, mask=nmask, other=0)
+        off = block.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
+        k = tl.load(k_cache_ptr + off[:, None] + d[None, :],
+                    mask=nmask[:, None] & dmask[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale    # [M, BLOCK_N]
+        if HAS_SOFTCAP:
+            s = softcap * (2 * tl.sigmoid(2 * s / softcap) - 1)               # tanh, from sigmoid
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        v = tl.load(v_cache_ptr + off[:, None] + d[None, :],
+                    mask=nmask[:, None] & dmask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        return acc, m_new, l_i * alpha + tl.sum(p, 1)
+
+    @triton.jit
+    def _store_partial(part_out_ptr, part_lse_ptr, base, acc, m_i, l_i, d, mask, dmask,
+                       HEAD_DIM: tl.constexpr):
+        """Normalised output and log-sum-exp of one split (-inf where it saw no key)."""
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
+        tl.store(part_out_ptr + base[:, None] * HEAD_DIM + d[None, :], out,
+                 mask=mask[:, None] & dmask[None, :])
+        tl.store(part_lse_ptr + base, lse, mask=mask)
+
     @triton.autotune(configs=_ATTN_CONFIGS,
                      key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "NUM_SPLITS", "HAS_START"])
     @triton.jit
@@ -155,29 +191,12 @@ if triton is not None:
         for n0 in range(start, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             nmask = n < end
-            block = tl.load(block_tables_ptr + b * stride_bt + n // BLOCK_SIZE, mask=nmask, other=0)
-            row = block.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
-            k = tl.load(k_cache_ptr + row[:, None] + d[None, :],
-                        mask=nmask[:, None] & dmask[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [BLOCK_H, BLOCK_N]
-            if HAS_SOFTCAP:
-                s = softcap * (2 * tl.sigmoid(2 * s / softcap) - 1)  # tanh, from sigmoid
-            s = tl.where(nmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_cache_ptr + row[:, None] + d[None, :],
-                        mask=nmask[:, None] & dmask[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
-
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
+            acc, m_i, l_i = _attend_keys(
+                q, acc, m_i, l_i, n, nmask, nmask[None, :], block_tables_ptr + b * stride_bt,
+                k_cache_ptr, v_cache_ptr, kvh, d, dmask, scale, softcap,
+                stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HAS_SOFTCAP, DOT_PRECISION)
         base = (b * (tl.num_programs(1) * GROUP) + qh) * PART_SPLITS + SPLIT_BASE + split
-        tl.store(part_out_ptr + base[:, None] * HEAD_DIM + d[None, :], out,
-                 mask=hmask[:, None] & dmask[None, :])
-        tl.store(part_lse_ptr + base, lse, mask=hmask)
+        _store_partial(part_out_ptr, part_lse_ptr, base, acc, m_i, l_i, d, hmask, dmask, HEAD_DIM)
 
     @triton.jit
     def _decode_merge_kernel(
@@ -255,26 +274,13 @@ if triton is not None:
         for n0 in range(lo, hi, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             nmask = n < hi
-            block = tl.load(block_tables_ptr + b * stride_bt + n // BLOCK_SIZE, mask=nmask, other=0)
-            row = block.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
-            k = tl.load(k_cache_ptr + row[:, None] + d[None, :],
-                        mask=nmask[:, None] & dmask[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
-            if HAS_SOFTCAP:
-                s = softcap * (2 * tl.sigmoid(2 * s / softcap) - 1)
             visible = nmask[None, :] & (n[None, :] <= qpos[:, None])
             if HAS_WINDOW:
                 visible = visible & (n[None, :] > qpos[:, None] - window)
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_cache_ptr + row[:, None] + d[None, :],
-                        mask=nmask[:, None] & dmask[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+            acc, m_i, l_i = _attend_keys(
+                q, acc, m_i, l_i, n, nmask, visible, block_tables_ptr + b * stride_bt,
+                k_cache_ptr, v_cache_ptr, kvh, d, dmask, scale, softcap,
+                stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HAS_SOFTCAP, DOT_PRECISION)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + (q_start + m)[:, None] * stride_on + h * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
