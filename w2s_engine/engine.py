@@ -12,7 +12,9 @@ the KV budget and the scheduler. One step of the loop reads schedule -> run -> p
    chunk; a request whose survivors have all finished ends with its result.
 """
 
+import logging
 import random
+from collections.abc import Iterable
 
 from tqdm.auto import tqdm
 
@@ -29,10 +31,12 @@ from w2s_engine.outputs import SearchResult
 from w2s_engine.params import SearchParams
 from w2s_engine.scheduler import Scheduler
 from w2s_engine.search.eft import EFT
-from w2s_engine.search.prompts import parse_templates
+from w2s_engine.search.prompts import check_prompt, parse_templates, template_has_tool_role
 from w2s_engine.search.request import KVSpace, RequestStatus, SearchRequest
 from w2s_engine.search.scorer import ImplicitScorer
 from w2s_engine.search.sequence import Beam
+
+log = logging.getLogger("w2s_engine")
 
 
 class SearchError(RuntimeError):
@@ -115,15 +119,13 @@ class Engine:
 
     def make_request(self, prompt, params: SearchParams) -> SearchRequest:
         """Validate, template and tokenize one request, and size its KV reservation (raises
-        ValueError saying what to change)."""
+        TypeError or ValueError saying what to change). Thread-safe: it reads no state that a
+        step changes, so the server runs it off the engine thread; enqueue() then queues it."""
+        if not isinstance(params, SearchParams):
+            raise TypeError(f"params: expected a SearchParams, got {type(params).__name__}")
         params = params.copy()
         params.validate()
-        if isinstance(prompt, list):  # chat messages
-            if not prompt or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                     and isinstance(m.get("role"), str) for m in prompt):
-                raise ValueError("messages must be a non-empty list of {'role', 'content'} strings")
-        elif not isinstance(prompt, str) or not prompt:
-            raise ValueError(f"prompt {prompt!r}: must be a non-empty string")
+        prompt = check_prompt(prompt, tool_role=self._tool_role())
         if params.uses_small_models and not self.has_small:
             raise ValueError(f"method={params.method!r} needs tuned and untuned small models: "
                              "pass them to Engine(...), or use SearchParams.base()")
@@ -131,13 +133,17 @@ class Engine:
             raise ValueError("method='eft' needs the large, tuned and untuned models to share one "
                              "vocabulary (and the small models one template); these do not: "
                              "use cbs or best_of_n")
+        if "large" in self.runners:
+            # A top_k at or past the vocabulary keeps every token, as transformers' top-k
+            # warper does (it clamps to the vocabulary): clamped, not refused.
+            params.top_k = min(params.top_k, self.runners["large"].shape.vocab_size)
         template = self.templates["large"]
         large_text = template.apply(self.large.tokenizer, prompt)
         large_ids = self.large.encode_prompt(large_text, not template.chat, params.max_new_tokens)
         small_prompts = (self.scorer.prompts(prompt, params.max_new_tokens)
                          if params.uses_small_models else [])
         seed = params.seed if params.seed is not None else random.getrandbits(62)
-        req = SearchRequest(self.next_request_id, prompt, params, seed, large_ids, small_prompts,
+        req = SearchRequest(-1, prompt, params, seed, large_ids, small_prompts,
                             large_prompt_text=large_text)
         req.stats.prompt_tokens = len(large_ids)
         req.reserved = self.budget.reservation(
@@ -150,15 +156,31 @@ class Engine:
                 f"request needs up to {max(req.reserved.values())} KV blocks in one pool, which "
                 f"holds {capacity}: lower w*k ({params.w}*{params.k}) or max_new_tokens "
                 f"({params.max_new_tokens}), or give the engine more KV memory")
-        self.next_request_id += 1
         return req
+
+    def _tool_role(self) -> bool:
+        """Chat messages may have role 'tool' when every model renders them with a chat
+        template that has one (a plain-text template knows system, user and assistant)."""
+        if not self.templates["large"].chat:
+            return False
+        tokenizers = [self.large.tokenizer] + list(self.scorer.tokenizers)
+        return all(template_has_tool_role(t) for t in tokenizers)
+
+    @property
+    def max_prompt_tokens(self) -> int | None:
+        """The smallest context of the models here (None where none says): no prompt is longer."""
+        limits = [r.shape.max_positions for r in self.runners.values() if r.shape.max_positions]
+        return min(limits) if limits else None
 
     def add_request(self, prompt, params: SearchParams) -> SearchRequest:
         return self.enqueue(self.make_request(prompt, params))
 
     def enqueue(self, req: SearchRequest) -> SearchRequest:
-        """Queue a request made by make_request (raises QueueFull past max_waiting)."""
+        """Queue a request made by make_request (raises QueueFull past max_waiting requests
+        waiting for KV memory). Not thread-safe: on the engine thread only."""
+        req.request_id = self.next_request_id
         self.scheduler.add(req)
+        self.next_request_id += 1
         return req
 
     def cancel(self, req: SearchRequest):
@@ -171,24 +193,63 @@ class Engine:
     # ---- the loop --------------------------------------------------------------------------
 
     def step(self) -> list[SearchRequest]:
-        """One engine step; returns the requests that ended (done or failed) in it."""
+        """One engine step; returns the requests that ended (done or failed) in it.
+
+        An error is kept to the requests it touched: select and finish run per request, and
+        a prefill batch that fails is retried one request at a time, so each of those fails
+        alone. A batched decode or scoring forward that fails cannot tell its rows apart: the
+        requests in it fail (their blocks come back), and the waiting ones go on."""
         self.scheduler.schedule()
         prefilling = self.scheduler.prefilling()
         if prefilling:
             self._prefill(prefilling)
         running = [r for r in self.scheduler.running if r.status is RequestStatus.RUNNING]
-        for r, message in self.large.advance(running):
+        try:
+            failed = self.large.advance(running)
+        except Exception as e:
+            message = self._engine_error("the large model's step", e)
+            failed = [(r, message) for r in running]
+        for r, message in failed:
             self.scheduler.fail(r, message)
         ready = [r for r in self.scheduler.running if r.chunk_complete]
         if ready:
             self._score(ready)
             for r in ready:
-                if r.status is RequestStatus.RUNNING and r.select(self.kv):
-                    r.finish(self.large.response_text)
-                    self.scheduler.finish(r)
+                if r.status is not RequestStatus.RUNNING:
+                    continue
+                try:
+                    if r.select(self.kv):
+                        r.finish(self.large.response_text)
+                        self.scheduler.finish(r)
+                except Exception as e:
+                    self.scheduler.fail(r, self._engine_error("selection", e))
         return self.scheduler.take_ended()
 
+    def _engine_error(self, where: str, e: Exception) -> str:
+        """Log an unexpected error with its traceback; the message its requests fail with."""
+        log.exception("w2s engine: %s failed; the requests in it fail, the engine goes on", where)
+        return f"engine error in {where}: {type(e).__name__}: {e}"
+
     def _prefill(self, requests: list[SearchRequest]):
+        try:
+            self._prefill_chunk(requests)
+        except Exception as e:
+            if len(requests) == 1:
+                self.scheduler.fail(requests[0], self._engine_error("prefill", e))
+                return
+            # Which prompt was it? Start each over, alone: only that one fails.
+            log.warning("w2s engine: a prefill of %d requests failed (%s: %s); retrying each "
+                        "alone", len(requests), type(e).__name__, e)
+            for r in requests:  # as admitted: no blocks, beam ids (they seed sampling) from 0
+                r.free_all(self.kv)
+                r.prefilled, r.next_beam_id, r.status = 0, 0, RequestStatus.PREFILLING
+            for r in requests:
+                try:
+                    self._prefill_chunk([r])
+                except Exception as e1:
+                    self.scheduler.fail(r, self._engine_error("prefill", e1))
+
+    def _prefill_chunk(self, requests: list[SearchRequest]):
         """The next chunk of the prompts being prefilled (max_batch_tokens in all, so that a
         long prompt delays the others' decode by one chunk at most); the requests whose
         prompts are in fork their roots into W*K children and run from this step."""
@@ -211,6 +272,10 @@ class Engine:
                 self.scheduler.fail(r, f"{type(e).__name__}: {e}")
         try:
             self.scorer.run(plans)
+        except Exception as e:
+            message = self._engine_error("scoring", e)
+            for r, _ in plans:
+                self.scheduler.fail(r, message)
         finally:
             for r in ready:
                 if r.status is RequestStatus.RUNNING:
@@ -222,6 +287,9 @@ class Engine:
         """Run one search per prompt, all batched together; results in prompt order."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        if not isinstance(prompts, Iterable) or isinstance(prompts, (bytes, dict)):
+            raise TypeError(f"prompts: expected a str or a list of prompts (each a str or chat "
+                            f"messages), got {type(prompts).__name__}")
         prompts = list(prompts)
         if not prompts:
             raise ValueError("prompts is empty: pass at least one prompt")
@@ -230,8 +298,9 @@ class Engine:
         for i, p in enumerate(prompts):
             try:
                 requests.append(self.make_request(p, params))
-            except ValueError as e:
-                raise ValueError(f"prompt {i}: {e}") from None
+            except (ValueError, TypeError) as e:
+                kind = TypeError if isinstance(e, TypeError) else ValueError
+                raise kind(f"prompt {i}: {e}") from None
         for r in requests:
             self.enqueue(r)
         bar = tqdm(total=len(requests), desc=f"w2s {params.method}", unit="prompt",
@@ -261,10 +330,17 @@ class Engine:
             raise ValueError("score() needs the tuned and untuned small models")
         if isinstance(prompts, str):
             prompts, responses = [prompts], [responses]
+        if not isinstance(prompts, (list, tuple)) or not isinstance(responses, (list, tuple)):
+            raise TypeError("score(prompts, responses): expected one prompt and one response, or "
+                            "a list of each (a response is a text or a list of token ids), got "
+                            f"{type(prompts).__name__} and {type(responses).__name__}")
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         flags = finished if isinstance(finished, (list, tuple)) else [finished] * len(prompts)
-        return self.scorer.score(list(prompts), list(responses), list(flags))
+        if len(flags) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(flags)} finished flags")
+        prompts = [check_prompt(p, tool_role=self._tool_role()) for p in prompts]
+        return self.scorer.score(prompts, list(responses), list(flags))
 
     def stats(self) -> dict:
         """Queue, KV and counters, for monitoring (read without locking: it may lag a step)."""

@@ -1,8 +1,53 @@
 """SearchParams: which search to run and how to sample, with presets for the paper's methods."""
 
+import math
+import numbers
 from dataclasses import dataclass, field, replace
 
 METHODS = ("cbs", "best_of_n", "base", "eft")
+
+# What the step can run, checked once at the boundary (validate) so that no step ever sees a
+# value it cannot: integers go to int32 kernels, seeds are int64, temperatures and beta are
+# fp32 factors (1e308 overflows fp32 to inf: uniform noise, or NaN logits).
+MAX_INT = 2**31 - 1          # w, k, l, max_new_tokens, top_k (top_k past the vocabulary: off)
+MAX_SEED = 2**63             # seeds are in [0, 2**63)
+MAX_TEMPERATURE = 100.0      # a sanity bound: OpenAI allows 2, sampling from fp32 needs < 3e38
+MAX_ABS_BETA = 100.0
+MAX_STOP_STRINGS = 16        # each is searched for after every sampled token
+MAX_STOP_CHARS = 256
+
+
+class InvalidParam(ValueError):
+    """A value the engine cannot run: `field` names it ('top_k', 'prompt', 'messages.0.role'),
+    `why` says what to change. `owner` prefixes the name in the message ('SearchParams.')."""
+
+    def __init__(self, field: str, value, why: str, owner: str = ""):
+        self.field, self.value, self.why = field, value, why
+        super().__init__(f"{owner}{field}={_short(value)}: {why}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def is_int(value) -> bool:
+    """A true integer: bool is not one (`w=True` is a mistake, not 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_text(field: str, value: str):
+    """A str that is valid Unicode (a lone surrogate such as '\\ud800' is not)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidParam(field, value, f"holds a lone UTF-16 surrogate "
+                           f"({value[e.start]!a} at character {e.start}), which is not a "
+                           "Unicode character: send valid UTF-8 text") from None
 
 
 @dataclass
@@ -58,33 +103,51 @@ class SearchParams:
         return replace(self, **changes)
 
     def validate(self):
-        """Raise ValueError naming the field and what to change."""
+        """Raise InvalidParam (a ValueError) naming the field and what to change. Afterwards
+        every field holds a value the step can run (stop a list, numbers plain floats)."""
         def bad(name, why):
-            raise ValueError(f"SearchParams.{name}={getattr(self, name)!r}: {why}")
+            raise InvalidParam(name, getattr(self, name), why, "SearchParams.")
 
-        if self.method not in METHODS:
+        def integer(name, low, why_low):
+            value = getattr(self, name)
+            if not is_int(value) or not low <= value <= MAX_INT:
+                bad(name, f"must be an integer in [{low}, {MAX_INT}]{why_low}")
+            setattr(self, name, int(value))
+
+        def real(name, low, high, rule):
+            value = getattr(self, name)
+            if not is_real(value) or not math.isfinite(value) or not rule(value):
+                bad(name, f"must be a finite number in {low}, {high}")
+            setattr(self, name, float(value))
+
+        if not isinstance(self.method, str) or self.method not in METHODS:
             bad("method", f"must be one of {', '.join(METHODS)}")
         for name in ("w", "k", "max_new_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                bad(name, "must be an integer >= 1")
-        if self.l is not None and (not isinstance(self.l, int) or self.l < 1):
-            bad("l", "must be an integer >= 1, or None for no chunking")
+            integer(name, 1, "")
+        if self.l is not None:
+            integer("l", 1, ", or None for no chunking")
         if self.method == "best_of_n" and self.w != 1:
             bad("w", "best_of_n keeps one beam: use w=1 (or method='cbs')")
         if self.method in ("base", "eft") and self.w != 1:
             bad("w", f"{self.method} runs no selection: use w=1")
         if self.method == "eft" and self.k != 1:
             bad("k", "eft samples one stream: use k=1")
-        if not self.temperature >= 0:
-            bad("temperature", "must be >= 0 (0 = greedy)")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            bad("top_k", "must be an integer >= 0 (0 = off)")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1]")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            bad("seed", "must be a non-negative integer or None")
+        real("temperature", "[0", f"{MAX_TEMPERATURE:g}] (0 = greedy)",
+             lambda t: 0 <= t <= MAX_TEMPERATURE)
+        integer("top_k", 0, " (0 = off; past the vocabulary it keeps every token)")
+        real("top_p", "(0", "1] (1 = off)", lambda p: 0 < p <= 1)
+        real("beta", f"[-{MAX_ABS_BETA:g}", f"{MAX_ABS_BETA:g}]", lambda b: abs(b) <= MAX_ABS_BETA)
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < MAX_SEED):
+            bad("seed", "must be an integer in [0, 2**63), or None for a random one")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            bad("stop", "must be a list of non-empty strings")
+        if not isinstance(self.stop, (list, tuple)) or len(self.stop) > MAX_STOP_STRINGS or any(
+                not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_CHARS for s in self.stop):
+            bad("stop", f"must be a list of at most {MAX_STOP_STRINGS} non-empty strings of at "
+                        f"most {MAX_STOP_CHARS} characters")
+        self.stop = list(self.stop)
+        for s in self.stop:
+            check_text("stop", s)
+        for name in ("ignore_eos", "trace"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be True or False")

@@ -41,11 +41,29 @@ class Scheduler:
         self._ended: list[SearchRequest] = []   # since the last take_ended()
 
     def add(self, req: SearchRequest):
-        if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
-            raise QueueFull(f"the queue holds {len(self.waiting)} requests: try again later")
+        """Queue a request. max_waiting bounds the requests waiting for KV memory, not those
+        the next step admits: a burst that fits beside the running requests is all taken."""
         assert req.status is RequestStatus.WAITING
+        if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
+            blocked = len(self.waiting) + 1 - self._admissible([*self.waiting, req])
+            if blocked > self.max_waiting:
+                raise QueueFull(f"{blocked - 1} requests are waiting for KV memory, the bound "
+                                f"is {self.max_waiting}: try again later")
         self.waiting.append(req)
         self.totals.requests += 1
+
+    def _admissible(self, queue) -> int:
+        """How many requests at the head of `queue` fit beside the running ones now (first
+        come, first served: admission stops at the first that does not fit)."""
+        taken = []
+        for req in queue:
+            if not self.budget.fits(req.reserved):
+                break
+            self.budget.reserve(req.reserved)
+            taken.append(req)
+        for req in taken:
+            self.budget.release(req.reserved)
+        return len(taken)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

@@ -123,15 +123,53 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
+MAX_ADAPTER_DEPTH = 8   # an adapter on an adapter on ... its base
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device="cpu",
-               attn_implementation: str | None = None) -> LoadedModel:
+               attn_implementation: str | None = None, _chain: tuple = ()) -> LoadedModel:
+    """_chain: the adapter directories that led here, base by base (to catch a loop)."""
     if not isinstance(spec, str) or not spec:
         raise ModelLoadError(f"model spec {spec!r}: pass a bundled name, a directory, a GGUF "
                              "file or a LoRA adapter directory")
     source = _resolve(spec)
     if (source / "adapter_config.json").exists() if source.is_dir() else False:
-        return _load_adapter(spec, source, dtype, device, attn_implementation)
+        return _load_adapter(spec, source, dtype, device, attn_implementation, _chain)
     return _load_checkpoint(spec, source, dtype, device, attn_implementation)
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+    flag = os.environ.get("HF_HUB_OFFLINE", "")
+    return constants.HF_HUB_OFFLINE or flag.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _resolve_hub_id(spec: str) -> Path:
+    """A hub id 'org/name': its snapshot in the Hugging Face cache, loaded from there with no
+    network; else, unless offline, one short probe of the hub before transformers downloads
+    it (whose retries would take most of a minute to report that the hub cannot be reached)."""
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+    try:
+        return Path(huggingface_hub.snapshot_download(spec, local_files_only=True))
+    except Exception:  # not in the cache (or only partly)
+        pass
+    if _offline():
+        raise ModelLoadError(
+            f"model {spec!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
+            f"download it where the hub is reachable (`hf download {spec}`), or pass a local "
+            "directory, a GGUF file or a bundled name")
+    try:
+        huggingface_hub.model_info(spec, timeout=10)
+    except RepositoryNotFoundError as e:
+        raise ModelLoadError(f"model {spec!r}: no such model on the Hugging Face hub (or it "
+                             "needs a token: set HF_TOKEN)") from e
+    except Exception as e:   # no network (httpx's errors), a proxy, the hub's 5xx
+        raise ModelLoadError(
+            f"model {spec!r} is not in the Hugging Face cache and the hub cannot be reached "
+            f"({type(e).__name__}: {e}): pass a local directory, a GGUF file or a bundled "
+            "name") from e
+    return Path(spec)  # from_pretrained downloads it
 
 
 def _resolve(spec: str) -> Path:
@@ -148,7 +186,7 @@ def _resolve(spec: str) -> Path:
         raise ModelLoadError(
             f"model {spec!r}: no such directory or GGUF file, and not a bundled name "
             f"({', '.join(sorted(BUNDLED_MODELS))}) or a hub id like 'org/name'")
-    return path  # a hub id: from_pretrained resolves it where the hub cache has it
+    return _resolve_hub_id(spec)
 
 
 def _load_checkpoint(spec, source: Path, dtype, device, attn) -> LoadedModel:
@@ -169,14 +207,27 @@ def _load_checkpoint(spec, source: Path, dtype, device, attn) -> LoadedModel:
     return LoadedModel(model.to(device).eval(), tokenizer, spec, str(source))
 
 
-def _load_adapter(spec, adapter_dir: Path, dtype, device, attn) -> LoadedModel:
+def _load_adapter(spec, adapter_dir: Path, dtype, device, attn, chain: tuple) -> LoadedModel:
     from peft import PeftModel
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    base_spec = config.get("base_model_name_or_path")
-    if not base_spec:
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"adapter {spec!r}: cannot read its adapter_config.json ({e})") from e
+    base_spec = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not base_spec or not isinstance(base_spec, str):
         raise ModelLoadError(f"adapter {spec!r}: adapter_config.json names no "
                              "base_model_name_or_path; set it to the base model's spec")
-    base = load_model(base_spec, dtype=dtype, device=device, attn_implementation=attn)
+    chain = chain + ((spec, adapter_dir.resolve()),)
+    seen = [d for _, d in chain[:-1]]
+    if adapter_dir.resolve() in seen or len(chain) > MAX_ADAPTER_DEPTH:
+        path = " -> ".join(repr(s) for s, _ in chain)
+        raise ModelLoadError(
+            f"adapter {chain[0][0]!r}: its chain of base models "
+            + ("loops" if adapter_dir.resolve() in seen else f"is longer than {MAX_ADAPTER_DEPTH}")
+            + f" ({path}): set base_model_name_or_path in adapter_config.json to the base "
+            "model itself")
+    base = load_model(base_spec, dtype=dtype, device=device, attn_implementation=attn,
+                      _chain=chain)
     try:
         with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
             warnings.filterwarnings("ignore", category=FutureWarning)

@@ -9,10 +9,79 @@ The rules follow the reference implementation, so that both score the same text 
 
 from dataclasses import dataclass
 
+from w2s_engine.params import InvalidParam, check_text
 from w2s_engine.search.bridge import retokenize
 from w2s_engine.search.tokens import Tokenized, common_prefix, encode, tokenize
 
 ROLES = ("large", "tuned", "untuned")
+CHAT_ROLES = ("system", "user", "assistant", "tool")   # "tool" only where the template has it
+
+
+def check_prompt(prompt, tool_role: bool = False):
+    """A prompt as the engine takes it, normalized: a non-empty str, or chat messages, a
+    non-empty list of {'role': one of CHAT_ROLES, 'content': str or a list of text parts
+    {'type': 'text', 'text': str}} (parts are joined by newlines, as vLLM does). Raises
+    TypeError for a wrong type and InvalidParam (a ValueError) for a wrong value, each naming
+    the place ('prompt', 'messages.1.role') and what was expected."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidParam("prompt", prompt, "must be a non-empty string")
+        check_text("prompt", prompt)
+        return prompt
+    if not isinstance(prompt, (list, tuple)):
+        raise TypeError(f"prompt {type(prompt).__name__} {_brief(prompt)}: expected a str, or "
+                        "chat messages (a list of {'role': str, 'content': str})")
+    if not prompt:
+        raise InvalidParam("messages", prompt, "must hold at least one message")
+    roles = CHAT_ROLES if tool_role else CHAT_ROLES[:3]
+    out = []
+    for i, m in enumerate(prompt):
+        where = f"messages.{i}"
+        if not isinstance(m, dict):
+            raise TypeError(f"{where}: expected a dict {{'role': str, 'content': str}}, got "
+                            f"{type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str):
+            raise TypeError(f"{where}.role: expected a str, got {type(role).__name__}")
+        if role not in roles:
+            why = f"must be one of {', '.join(roles)}"
+            if role == "tool":
+                why += " (these models' chat templates have no tool role)"
+            raise InvalidParam(f"{where}.role", role, why)
+        out.append({"role": role, "content": _content(f"{where}.content", content)})
+    return out
+
+
+def _content(where: str, content) -> str:
+    if isinstance(content, str):
+        check_text(where, content)
+        return content
+    if not isinstance(content, (list, tuple)):
+        raise TypeError(f"{where}: expected a str or a list of text parts "
+                        f"{{'type': 'text', 'text': str}}, got {type(content).__name__}")
+    texts = []
+    for j, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") == "text"
+                and isinstance(part.get("text"), str)):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise InvalidParam(f"{where}.{j}", kind, "only text parts {'type': 'text', "
+                               "'text': str} are supported")
+        check_text(f"{where}.{j}.text", part["text"])
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _brief(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def template_has_tool_role(tokenizer) -> bool:
+    """Whether a tokenizer's chat template renders messages of role 'tool'."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates
+        template = template.get("default", "")
+    return isinstance(template, str) and "tool" in template
 
 
 @dataclass(frozen=True)
@@ -27,8 +96,14 @@ class Template:
                 raise ValueError(f"chat=True but the tokenizer of {tokenizer.name_or_path!r} has no "
                                  "chat template: pass a template string with {prompt} instead")
             messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            return tokenizer.apply_chat_template(messages, tokenize=False,
-                                                 add_generation_prompt=True)
+            try:
+                return tokenizer.apply_chat_template(messages, tokenize=False,
+                                                     add_generation_prompt=True)
+            except Exception as e:  # jinja2's TemplateError: raise_exception() in the template
+                if type(e).__module__.split(".")[0] != "jinja2":
+                    raise
+                raise InvalidParam("messages", prompt, f"the chat template of "
+                                   f"{tokenizer.name_or_path!r} refused them: {e}") from None
         if isinstance(prompt, list):
             # Messages without a chat template: a plain transcript the template wraps.
             prompt = "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant:"

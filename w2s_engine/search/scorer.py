@@ -13,6 +13,7 @@ candidate's reward.
 
 from w2s_engine.cache.block_manager import BlockManager
 from w2s_engine.cache.kv_budget import SMALL_TOKENS_PER_LARGE, KVBudget
+from w2s_engine.params import check_text, is_int
 from w2s_engine.search.prompts import SmallPrompt, Template, check_context
 from w2s_engine.search.request import SearchRequest
 from w2s_engine.search.sequence import Beam, SmallState
@@ -166,6 +167,7 @@ class ImplicitScorer:
 
     def score(self, prompts: list, responses: list, finished: list[bool]) -> list[float]:
         """The implicit reward of given responses (texts, or the small models' token ids)."""
+        self._check_responses(responses, finished)
         rewards = [0.0] * len(prompts)
         for stream, tok in zip(self.streams, self.tokenizers):
             role = stream.roles[0]
@@ -198,3 +200,20 @@ class ImplicitScorer:
             for j, u in enumerate(updates):
                 rewards[j] += sum(u.state.terms) + u.eos_term
         return rewards
+
+    def _check_responses(self, responses: list, finished: list):
+        """Texts, or token ids within every small model's vocabulary (TypeError, ValueError)."""
+        vocab = min(r.shape.vocab_size for s in self.streams for r in s.runners.values())
+        for i, (response, fin) in enumerate(zip(responses, finished)):
+            if not isinstance(fin, bool):
+                raise TypeError(f"finished[{i}]: expected True or False, got {type(fin).__name__}")
+            if isinstance(response, str):
+                check_text(f"responses[{i}]", response)
+                continue
+            if not isinstance(response, (list, tuple)) or not all(map(is_int, response)):
+                raise TypeError(f"responses[{i}]: expected a text or a list of int token ids, "
+                                f"got {type(response).__name__}")
+            bad = next((t for t in response if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"responses[{i}]: token id {bad} is outside the small models' "
+                                 f"vocabulary [0, {vocab})")

@@ -1,0 +1,263 @@
+"""Strict validation at the boundary, and errors that stay with the request that caused them.
+
+SearchParams.validate refuses every value the step cannot run; the Engine refuses prompts,
+messages and token ids of the wrong type or range with messages that say what was expected;
+an error inside a step fails only the requests it touched, and every block comes back; the
+queue bound counts the requests waiting for memory; model specs that cannot load fail fast.
+"""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
+from w2s_engine import Engine, SearchError, SearchParams
+from w2s_engine.models.loader import ModelLoadError, load_model
+from w2s_engine.params import InvalidParam
+from w2s_engine.search.request import RequestStatus
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"top_k": 3_000_000_000}, "top_k"), ({"top_k": -1}, "top_k"), ({"top_k": 5.0}, "top_k"),
+    ({"temperature": INF}, "temperature"), ({"temperature": NAN}, "temperature"),
+    ({"temperature": 1e308}, "temperature"), ({"temperature": -0.1}, "temperature"),
+    ({"temperature": True}, "temperature"), ({"temperature": "0.7"}, "temperature"),
+    ({"top_p": NAN}, "top_p"), ({"top_p": 0.0}, "top_p"), ({"top_p": True}, "top_p"),
+    ({"method": "eft", "w": 1, "k": 1, "l": None, "beta": NAN}, "beta"),
+    ({"method": "eft", "w": 1, "k": 1, "l": None, "beta": 1e308}, "beta"),
+    ({"w": True}, "w"), ({"k": 2**40}, "k"), ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"l": False}, "l"), ({"seed": -1}, "seed"), ({"seed": 2**63}, "seed"),
+    ({"seed": True}, "seed"), ({"seed": 1.0}, "seed"),
+    ({"stop": ["x"] * 17}, "stop"), ({"stop": ["x" * 257]}, "stop"), ({"stop": [""]}, "stop"),
+    ({"stop": [3]}, "stop"), ({"stop": ["\ud800"]}, "stop"), ({"method": ["cbs"]}, "method"),
+    ({"ignore_eos": 1}, "ignore_eos"),
+])
+def test_validate_refuses_every_value_the_step_cannot_run_and_names_it(changes, field):
+    with pytest.raises(InvalidParam) as e:
+        SearchParams(**changes).validate()
+    assert e.value.field == field and field in str(e.value) and e.value.why in str(e.value)
+
+
+def test_validate_accepts_the_edges_and_normalizes():
+    p = SearchParams(temperature=0, top_k=2**31 - 1, top_p=1, seed=2**63 - 1, stop="END",
+                     beta=-100)
+    p.validate()
+    assert p.stop == ["END"] and isinstance(p.temperature, float) and isinstance(p.top_p, float)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer(300)
+
+
+@pytest.fixture(scope="module")
+def engine(tok):
+    untuned = tiny_llama(len(tok), seed=2)
+    return Engine((tiny_llama(len(tok), seed=1, layers=3), tok),
+                  (tuned_from(untuned, seed=3, scale=0.3), tok), (clone(untuned), tok),
+                  num_kv_blocks=800, block_size=4, progress=False)
+
+
+FAST = SearchParams(w=2, k=2, l=3, max_new_tokens=6, seed=7)
+
+
+def test_a_top_k_past_the_vocabulary_is_clamped_and_samples_like_no_top_k(engine):
+    req = engine.make_request("I really", FAST.copy(top_k=2**31 - 1))
+    assert req.params.top_k == engine.runners["large"].shape.vocab_size
+    huge, off = engine.search(["I really"], FAST.copy(top_k=10**6))[0], \
+        engine.search(["I really"], FAST.copy(top_k=0))[0]
+    assert huge.text == off.text and huge.reward == off.reward
+    engine.check_all_free()
+
+
+@pytest.mark.parametrize("prompt, error, says", [
+    (5, TypeError, "expected a str, or chat messages"),
+    (b"bytes", TypeError, "expected a str"),
+    ("", ValueError, "non-empty"),
+    ("bad \ud800 text", ValueError, "lone UTF-16 surrogate"),
+    ([], ValueError, "at least one message"),
+    (["hi"], TypeError, "messages.0: expected a dict"),
+    ([{"role": "wizard", "content": "x"}], ValueError, "messages.0.role='wizard'"),
+    ([{"role": "user: x\nassistant", "content": "x"}], ValueError, "must be one of"),
+    ([{"role": "tool", "content": "x"}], ValueError, "no tool role"),
+    ([{"role": "user", "content": 5}], TypeError, "messages.0.content"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], ValueError,
+     "only text parts"),
+])
+def test_prompts_of_the_wrong_type_or_value_say_what_was_expected(engine, prompt, error, says):
+    with pytest.raises(error, match="prompt 0: .*" + says.replace("(", r"\(")):
+        engine.search([prompt], FAST)
+    engine.check_all_free()
+
+
+def test_messages_take_text_parts_joined_by_newlines(engine):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "I really"},
+                                          {"type": "text", "text": "liked it"}]}]
+    plain = [{"role": "user", "content": "I really\nliked it"}]
+    a, b = engine.make_request(parts, FAST), engine.make_request(plain, FAST)
+    assert a.large_prompt_ids == b.large_prompt_ids
+
+
+def test_search_and_score_refuse_wrong_types_and_token_ids_past_the_vocabulary(engine):
+    with pytest.raises(TypeError, match="prompts: expected a str or a list"):
+        engine.search(5, FAST)
+    with pytest.raises(TypeError, match="params: expected a SearchParams"):
+        engine.make_request("x", {"w": 2})
+    with pytest.raises(ValueError, match=r"responses\[0\]: token id 1000000000 is outside"):
+        engine.score(["I really"], [[5, 10**9]])
+    with pytest.raises(ValueError, match="token id -1"):
+        engine.score(["I really"], [[-1]])
+    with pytest.raises(TypeError, match=r"responses\[0\]: expected a text or a list of int"):
+        engine.score(["I really"], [[5, True]])
+    with pytest.raises(TypeError, match=r"responses\[0\]"):
+        engine.score(["I really"], [5])
+    with pytest.raises(TypeError, match="expected one prompt and one response"):
+        engine.score(5, [" liked"])
+    with pytest.raises(TypeError, match="finished"):
+        engine.score(["I really"], [" liked"], finished=[None])
+    assert isinstance(engine.score(["I really"], [[5, 6]])[0], float)
+    engine.check_all_free()
+
+
+def test_make_request_from_many_threads_tokenizes_as_one_thread_does(engine):
+    prompts = [f"Review {i}: the plot of this film " * (1 + i % 7) for i in range(24)]
+    serial = [engine.make_request(p, FAST).large_prompt_ids for p in prompts]
+    out, errors = [None] * len(prompts), []
+
+    def prepare(i):
+        try:
+            out[i] = engine.make_request(prompts[i], FAST).large_prompt_ids
+        except Exception as e:  # "Already borrowed" would land here
+            errors.append(e)
+    threads = [threading.Thread(target=prepare, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and out == serial
+
+
+def _alone(engine, prompt):
+    return engine.search([prompt], FAST)[0]
+
+
+def test_a_prefill_that_fails_is_retried_per_request_and_only_the_culprit_fails(engine,
+                                                                                monkeypatch):
+    expected = {p: _alone(engine, p).text for p in ("I really", "This film")}
+    real = engine.large.prefill
+
+    def prefill(requests, max_tokens):
+        if any(r.prompt == "POISON" for r in requests):
+            raise RuntimeError("a prompt this kernel cannot take")
+        return real(requests, max_tokens)
+    monkeypatch.setattr(engine.large, "prefill", prefill)
+    reqs = [engine.add_request(p, FAST) for p in ("I really", "POISON", "This film")]
+    while engine.has_unfinished():
+        engine.step()
+    assert [r.status for r in reqs] == [RequestStatus.DONE, RequestStatus.FAILED,
+                                        RequestStatus.DONE]
+    assert "engine error in prefill: RuntimeError" in reqs[1].error
+    assert [reqs[0].result.text, reqs[2].result.text] == [expected["I really"],
+                                                          expected["This film"]]
+    engine.check_all_free()
+
+
+def test_an_error_in_one_requests_selection_fails_it_alone(engine, monkeypatch):
+    from w2s_engine.search.request import SearchRequest
+    expected = _alone(engine, "This film").text
+    real = SearchRequest.select
+
+    def select(self, kv):
+        if self.prompt == "POISON":
+            raise IndexError("selection bug")
+        return real(self, kv)
+    monkeypatch.setattr(SearchRequest, "select", select)
+    with pytest.raises(SearchError, match="prompt 0 failed: engine error in selection: "
+                                          "IndexError"):
+        engine.search(["POISON", "This film"], FAST)
+    ok = engine.add_request("This film", FAST)
+    while engine.has_unfinished():
+        engine.step()
+    assert ok.result.text == expected
+    engine.check_all_free()
+
+
+def test_a_failed_decode_step_fails_the_running_requests_and_the_engine_goes_on(engine,
+                                                                               monkeypatch):
+    real, calls = engine.large.advance, []
+
+    def advance(requests):
+        calls.append(len(requests))
+        if len(calls) == 2:
+            raise RuntimeError("device error")
+        return real(requests)
+    monkeypatch.setattr(engine.large, "advance", advance)
+    running = engine.add_request("I really", FAST)
+    engine.step()
+    engine.step()   # fails
+    assert running.status is RequestStatus.FAILED and "device error" in running.error
+    engine.check_all_free()
+    monkeypatch.setattr(engine.large, "advance", real)
+    assert engine.search(["I really"], FAST)[0].text == _alone(engine, "I really").text
+    engine.check_all_free()
+
+
+def test_the_queue_bound_counts_requests_waiting_for_memory_not_a_burst_that_fits(tok):
+    untuned = tiny_llama(len(tok), seed=2)
+    engine = Engine((tiny_llama(len(tok), seed=1, layers=3), tok),
+                    (tuned_from(untuned, seed=3, scale=0.3), tok), (clone(untuned), tok),
+                    num_kv_blocks=3000, block_size=4, progress=False, max_waiting=2)
+    burst = [engine.add_request(f"Review {i}:", FAST) for i in range(32)]   # all fit: no 429
+    assert len(engine.scheduler.waiting) == 32
+    while engine.has_unfinished():
+        engine.step()
+    assert all(r.status is RequestStatus.DONE for r in burst)
+    # A pool that holds one such search at a time: one runs, two wait, the next is refused.
+    small = Engine((tiny_llama(len(tok), seed=1, layers=3), tok), num_kv_blocks=60,
+                   block_size=4, progress=False, max_waiting=2)
+    big = SearchParams.base(n=4, max_new_tokens=40, seed=1)
+    reqs = [small.add_request("I really", big) for _ in range(3)]
+    from w2s_engine.scheduler import QueueFull
+    with pytest.raises(QueueFull, match="2 requests are waiting for KV memory"):
+        small.add_request("I really", big)
+    while small.has_unfinished():
+        small.step()
+    assert all(r.status is RequestStatus.DONE for r in reqs)
+    small.check_all_free()
+
+
+def test_an_uncached_hub_id_fails_at_once_offline_naming_it(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.time()
+    with pytest.raises(ModelLoadError, match="'no-such-org/no-such-model' is not in the Hugging "
+                                             "Face cache and HF_HUB_OFFLINE is set"):
+        load_model("no-such-org/no-such-model")
+    assert time.time() - start < 5
+
+
+def _adapter_config(path, base):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": str(base), "peft_type": "LORA"}))
+
+
+def test_an_adapter_whose_base_chain_loops_fails_clearly_and_the_cli_prints_one_line(tmp_path):
+    _adapter_config(tmp_path / "a", tmp_path / "a")        # its own base
+    with pytest.raises(ModelLoadError, match="chain of base models loops"):
+        load_model(str(tmp_path / "a"))
+    _adapter_config(tmp_path / "b", tmp_path / "c")        # b -> c -> b
+    _adapter_config(tmp_path / "c", tmp_path / "b")
+    with pytest.raises(ModelLoadError, match=r"loops \('.*b' -> '.*c' -> '.*b'\)"):
+        load_model(str(tmp_path / "b"))
+    out = subprocess.run([sys.executable, "-m", "w2s_engine.cli", "search", "x", "--method",
+                          "base", "--large", str(tmp_path / "a")], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert [ln for ln in out.stderr.splitlines() if ln.startswith("w2s")] == [
+        ln for ln in out.stderr.splitlines() if "loops" in ln]
