@@ -8,6 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from w2s_engine.kernels.cascade_attention import (
+    cascade_decode_attention,
+    cascade_decode_attention_triton,
+    find_shared_prefixes,
+)
 from w2s_engine.kernels.chunk_reward import (
     chunk_reward_ref,
     chunk_reward_triton,
@@ -149,7 +154,6 @@ def shared_prefix_tables(layout, bs):
 
 
 def test_find_shared_prefixes_groups_rows_by_their_common_leading_full_blocks():
-    from w2s_engine.kernels.cascade_attention import find_shared_prefixes
     table, lens, _ = shared_prefix_tables("two_requests", 16)
     groups = find_shared_prefixes(table, lens, 16)
     starts = groups.group_starts.tolist()
@@ -168,11 +172,6 @@ def test_find_shared_prefixes_groups_rows_by_their_common_leading_full_blocks():
 @pytest.mark.parametrize("layout", ["beams", "two_requests", "unshared"])
 @pytest.mark.parametrize("hq, hkv, bs, window, softcap", CASES)
 def test_cascade_decode_equals_per_beam_decode(layout, hq, hkv, bs, window, softcap):
-    from w2s_engine.kernels.cascade_attention import (
-        cascade_decode_attention_ref,
-        cascade_decode_attention_triton,
-        find_shared_prefixes,
-    )
     table, lens, num_blocks = shared_prefix_tables(layout, bs)
     g = torch.Generator().manual_seed(bs + hq)
     k = torch.randn(num_blocks, bs, hkv, 16, generator=g)
@@ -186,7 +185,7 @@ def test_cascade_decode_equals_per_beam_decode(layout, hq, hkv, bs, window, soft
         out, lse = cascade_decode_attention_triton(*args, groups, *splits)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=1e-5)
-    ref, ref_lse = cascade_decode_attention_ref(*args)
+    ref, ref_lse = cascade_decode_attention(*args)           # on CPU: the reference
     per_beam, per_beam_lse = paged_decode_attention_ref(*args)
     torch.testing.assert_close(ref, per_beam, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ref_lse, per_beam_lse, atol=1e-5, rtol=1e-5)
@@ -454,6 +453,19 @@ def test_wrappers_reject_bad_input_with_a_clear_error(call, error):
         call()
 
 
+def test_cascade_wrappers_reject_groups_of_another_batch_and_bad_offsets():
+    table, lens, num_blocks = shared_prefix_tables("beams", 16)
+    k = torch.zeros(num_blocks, 16, 2, 16)
+    q = torch.zeros(table.shape[0], 4, 16)
+    other = find_shared_prefixes(table[:3], lens[:3], 16)
+    with pytest.raises(ValueError, match="find them again"):
+        cascade_decode_attention_triton(q, k, k, table, lens, 0.1, groups=other)
+    with pytest.raises(TypeError, match="kv_start"):
+        paged_decode_attention_triton(q, k, k, table, lens, 0.1, kv_start=lens.long())
+    with pytest.raises(ValueError, match="seq_lens"):
+        find_shared_prefixes(table, lens[:2], 16)
+
+
 @pytest.mark.gpu
 class TestOnGPU:
     """The same comparisons on CUDA at realistic shapes, in bf16."""
@@ -546,7 +558,6 @@ class TestOnGPU:
                                    atol=1e-4, rtol=1e-4)
 
     def test_cascade_decode_at_the_beam_search_shape(self):
-        from w2s_engine.kernels.cascade_attention import cascade_decode_attention_triton
         beams, pb, ob, bs = 16, 128, 4, 16           # prompt 2,048, 64 own tokens per beam
         k = torch.randn(pb + beams * ob, bs, 8, 128, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
