@@ -11,7 +11,9 @@ appends a JSON line to bench/results/e2e-<preset>.jsonl (machine, versions, comm
 
 Per run: wall time, large-model tokens/s, per-request latency p50/p95, tokens forwarded per
 model, peak KV blocks per model (and bytes), and the ratios engine / baseline and
-CBS / plain sampling of the same W*K streams.
+CBS / plain sampling of the same W*K streams. On a GPU, each row also gives plain sampling's
+step time against the floor of a decode step: reading the large model's weights once at the
+device's peak bandwidth (W2S_PEAK_GBPS, else a table: H100 SXM 3350 GB/s, H200 4800 GB/s).
 """
 
 import argparse
@@ -31,6 +33,7 @@ from w2s_engine import Engine, SearchParams  # noqa: E402
 from w2s_engine.models.runner import ModelShape  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
 
 # Real configurations (from the models' published config.json), randomly initialised: weight
 # values do not change speed.
@@ -51,6 +54,25 @@ def machine() -> str:
         return torch.cuda.get_device_name()
     import platform
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def peak_gbps() -> float | None:
+    import os
+    if os.environ.get("W2S_PEAK_GBPS"):
+        return float(os.environ["W2S_PEAK_GBPS"])
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_GBPS.items() if k in name), None)
+
+
+def weight_read_floor_ms(model) -> float | None:
+    """A decode step cannot beat reading every weight once: parameter bytes / peak bandwidth."""
+    gbps = peak_gbps()
+    if gbps is None:
+        return None
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return nbytes / (gbps * 1e9) * 1e3
 
 
 def commit() -> str:
@@ -96,7 +118,7 @@ def prompt_of(tokenizer, n_tokens: int, seed: int) -> str:
     return text.strip()
 
 
-def build(preset: str, cpu_kv_gib: float = 8):
+def build(preset: str, cpu_kv_gib: float = 8, cuda_graphs: bool = True):
     """(engine, baseline models or None, description) for a preset."""
     if preset in ("cpu", "cpu-shared"):
         from w2s_engine.tasks.sentiment import PROMPTED_TEMPLATES as TEMPLATES
@@ -116,7 +138,7 @@ def build(preset: str, cpu_kv_gib: float = 8):
     for m in (large, tuned, untuned):
         m.generation_config.eos_token_id = 2
     engine = Engine((large, large_tok), (tuned, small_tok), (untuned, small_tok),
-                    progress=False, kv_cache_memory_fraction=0.5)
+                    progress=False, kv_cache_memory_fraction=0.5, cuda_graphs=cuda_graphs)
     return engine, {"large": "random " + ("Llama-3-8B" if preset == "gpu" else "Qwen2.5-7B"),
                     "small": "random Llama-3.2-1B"}
 
@@ -161,12 +183,15 @@ def main():
                     help="KV budget on CPU (all pools); admission reserves each request's worst case")
     ap.add_argument("--plot", action="store_true", help="plot time against max_new_tokens")
     ap.add_argument("--table", action="store_true", help="print the results file as a table")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder of the results files")
+    ap.add_argument("--no-graphs", action="store_true", help="cuda_graphs=False (for comparison)")
     args = ap.parse_args()
-    out = RESULTS / f"e2e-{args.preset}.jsonl"
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"e2e-{args.preset}.jsonl"
     if args.table or args.plot:
         print_table(out) if args.table else plot(out)
         return
-    engine, names = build(args.preset, args.cpu_kv_gib)
+    engine, names = build(args.preset, args.cpu_kv_gib, cuda_graphs=not args.no_graphs)
     for plen in map(int, args.prompt_lens.split(",")):
         for max_new in map(int, args.max_new.split(",")):
             for search in args.searches.split(","):
@@ -217,8 +242,15 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
                                         / ideal_tokens, 3),
         "plain_sampling_seconds": round(base_seconds, 3),
         "cbs_over_sampling": round(seconds / base_seconds, 3),
+        # Plain sampling of W*K streams per request: one decode step per new token.
+        "plain_step_ms": round(1e3 * base_seconds / max_new, 3),
+        "cuda_graphs": bool(engine.config.cuda_graphs),
         "device": machine(), "torch": torch.__version__, "commit": commit(),
     }
+    floor = weight_read_floor_ms(engine.runners["large"].model)
+    if floor is not None:
+        row["weight_read_floor_ms"] = round(floor, 3)
+        row["plain_step_over_floor"] = round(row["plain_step_ms"] / floor, 2)
     if args.baseline and conc == 1 and search.startswith("cbs"):
         row.update(bench_baseline(engine, prompts[0], params, args.baseline_budget))
         row["engine_speedup_vs_baseline"] = round(row["baseline_seconds"] / seconds, 2)
@@ -278,7 +310,8 @@ def print_table(path: Path):
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     cols = ["search", "prompt_tokens", "max_new_tokens", "concurrency", "seconds",
             "large_tokens_per_s", "latency_p50_s", "latency_p95_s", "cbs_over_sampling",
-            "engine_speedup_vs_baseline", "peak_kv_vs_ideal_large", "device", "commit"]
+            "engine_speedup_vs_baseline", "peak_kv_vs_ideal_large", "plain_step_over_floor",
+            "cuda_graphs", "device", "commit"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

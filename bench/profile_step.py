@@ -1,0 +1,100 @@
+"""How busy the GPU is during a search: torch.profiler over one CBS search, kernels against wall.
+
+    python bench/profile_step.py --preset gpu [--prompt-len 512] [--max-new 64] [--concurrency 1]
+
+GPU busy = the union of the intervals in which a kernel, copy or memset ran on the device,
+over the wall time of the search (both from the profiler's own clock). Prints it with the
+kernels that took the most time and the count of kernel launches per decode step, and
+appends a JSON line to <out>/profile_step.jsonl naming the device and the commit. The target
+(issue 16): at least 85% busy on an H100/H200.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.e2e import RESULTS, build, commit, machine, parse_search, prompt_of  # noqa: E402
+
+DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def busy_fraction(trace: dict, region: str) -> tuple[float, float, list]:
+    """(busy fraction, wall us, device events) of the trace's `region` range."""
+    events = trace["traceEvents"]
+    span = next(e for e in events if e.get("name") == region and e.get("ph") == "X")
+    lo, hi = span["ts"], span["ts"] + span["dur"]
+    device = [e for e in events if e.get("cat") in DEVICE_CATEGORIES and e.get("ph") == "X"
+              and lo <= e["ts"] <= hi]
+    busy = union_length([(e["ts"], min(hi, e["ts"] + e["dur"])) for e in device])
+    return busy / span["dur"], span["dur"], device
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="gpu", choices=["cpu", "cpu-shared", "gpu", "gpu-cross"])
+    ap.add_argument("--search", default="cbs-4-4-8")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--max-new", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    engine, names = build(args.preset, cuda_graphs=not args.no_graphs)
+    params = parse_search(args.search, args.max_new)
+    prompts = [prompt_of(engine.large_tokenizer, args.prompt_len, seed=i)
+               for i in range(args.concurrency)]
+    engine.search(prompts[:1], params.copy(max_new_tokens=min(16, args.max_new)))  # warm-up
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.record_function("w2s_search"):
+            results = engine.search(prompts, params)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.loads(Path(f.name).read_text())
+    busy, wall_us, device = busy_fraction(trace, "w2s_search")
+    steps = args.max_new    # every step decodes one token of every live beam
+    by_name = {}
+    for e in device:
+        by_name[e["name"]] = by_name.get(e["name"], 0.0) + e["dur"]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    launches = sum(1 for e in device if e.get("cat") == "kernel")
+    row = {"preset": args.preset, "large": names["large"], "search": args.search,
+           "prompt_len": args.prompt_len, "max_new_tokens": args.max_new,
+           "concurrency": args.concurrency, "cuda_graphs": bool(engine.config.cuda_graphs),
+           "wall_s": round(wall_us / 1e6, 3), "gpu_busy": round(busy, 3),
+           "kernels_per_step": round(launches / steps, 1),
+           "sampled": sum(r.stats.tokens_sampled for r in results),
+           "top_device_us": {k[:80]: round(v) for k, v in top},
+           "device": machine(), "torch": torch.__version__, "commit": commit()}
+    print(f"GPU busy {100 * busy:.1f}% of {wall_us / 1e6:.2f} s; "
+          f"{row['kernels_per_step']} device ops per step; device: {row['device']}")
+    for name, us in top:
+        print(f"  {us / 1e3:9.2f} ms  {name[:100]}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / "profile_step.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
