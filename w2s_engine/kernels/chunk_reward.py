@@ -5,9 +5,13 @@ Two forms:
 - fused_lmhead_chunk_reward: from both models' final hidden states [N, H] and LM-head weights
   [V, H]; logits are formed tile by tile in registers and never stored, which is what keeps a
   262k vocabulary cheap.
-Both kernels make one pass over the vocabulary, split across programs for parallelism: each
-(row, vocab split) program keeps an online max and sum of exponentials (fp32); the wrapper
-merges the splits (a few numbers per row) and gathers the target logit directly.
+Both kernels make one pass over the vocabulary, split across programs for parallelism (the
+split count comes from the SM count, so a short chunk still fills the GPU): each (row, vocab
+split) program keeps an online max and sum of exponentials (fp32). From logits, a second small
+kernel merges the splits, gathers the target logits and adds each token's difference to its
+segment: two launches and one device sync (the input checks) per call, nothing [N, V]. The
+fused form merges in torch (a few numbers per row) and forms the target logit as one dot
+product per row. On a GPU the block sizes are autotuned; fp32 dots are full fp32.
 """
 
 import torch

@@ -5,6 +5,12 @@ block_tables[b, p // block_size], row p % block_size. New tokens' k/v are stored
 attention call, so both kernels read only the cache. Sliding window: key j is visible to
 the query at position i iff i - window < j <= i (transformers' sliding_window_overlay).
 Soft-cap: score = cap * tanh(score / cap), after scaling, before masking.
+
+Decode is split-K (flash-decoding): each (sequence, kv head) program row is cut into splits,
+sized from the SM count so that a small batch still fills the GPU, and a merge kernel combines
+the splits' partial outputs by their log-sum-exp. kv_start restricts a sequence to its keys at
+positions >= kv_start (the suffix half of cascade_attention, which also reuses the merge). On a
+GPU the keys per step, warps and stages are autotuned per shape; fp32 inputs use full fp32 dots.
 """
 
 import torch
