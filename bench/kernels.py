@@ -152,10 +152,9 @@ def decode_setup(batch, seq_len, hq=32, hkv=8, d=128, bs=16):
 
 
 @pytest.mark.parametrize("seq_len", [1024, 4096, 8192])
-@pytest.mark.parametrize("batch", [16, 64])
+@pytest.mark.parametrize("batch, graph", [(16, False), (16, True), (64, False)])
 @pytest.mark.parametrize("impl", ["paged_triton", "sdpa_contiguous"])
-@pytest.mark.parametrize("graph", [False, True])
-def test_decode_attention(benchmark, graph, impl, batch, seq_len):
+def test_decode_attention(benchmark, impl, batch, graph, seq_len):
     q, k, v, bt, lens = decode_setup(batch, seq_len)
     if impl == "paged_triton":
         def fn():
