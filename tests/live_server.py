@@ -22,11 +22,12 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, **app_options):
+        """app_options: create_app's (max_body_bytes, allowed_hosts, max_prompt_chars)."""
         self.async_engine = AsyncEngine(engine)
         self.port = free_port()
-        config = uvicorn.Config(create_app(self.async_engine, "tiny"), host="127.0.0.1",
-                                port=self.port, log_level="warning")
+        config = uvicorn.Config(create_app(self.async_engine, "tiny", **app_options),
+                                host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -2,6 +2,7 @@
 
 import json
 import socket
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -80,7 +81,7 @@ def test_client_that_disconnects_cancels_its_search_and_frees_blocks(server):
     body = json.dumps({"prompt": "A very long review", "max_tokens": 400, "w": 4, "k": 4, "l": 1,
                        "seed": 3}).encode()
     with socket.create_connection(("127.0.0.1", server.port)) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         time.sleep(1.0)   # the search is running now; then the client goes away
     deadline = time.time() + 30
@@ -98,13 +99,13 @@ def test_client_that_disconnects_cancels_its_search_and_frees_blocks(server):
 
 @pytest.mark.parametrize("body, status, field", [
     (b"{not json", 400, None),
-    (json.dumps({"prompt": "x", "w": "four"}).encode(), 422, "w"),
-    (json.dumps({"prompt": "x", "top_p": 1.5}).encode(), 422, "top_p"),
-    (json.dumps({"prompt": "x", "max_tokens": 0}).encode(), 422, "max_tokens"),
+    (json.dumps({"prompt": "x", "w": "four"}).encode(), 400, "w"),
+    (json.dumps({"prompt": "x", "top_p": 1.5}).encode(), 400, "top_p"),
+    (json.dumps({"prompt": "x", "max_tokens": 0}).encode(), 400, "max_tokens"),
     (json.dumps({"prompt": "x", "n": 3}).encode(), 400, "n"),
-    (json.dumps({"prompt": "x", "n": 300, "method": "base"}).encode(), 422, "n"),
-    (json.dumps({"prompt": "x", "method": "magic"}).encode(), 422, "method"),
-    (json.dumps({"w": 2}).encode(), 422, "prompt"),
+    (json.dumps({"prompt": "x", "n": 300, "method": "base"}).encode(), 400, "n"),
+    (json.dumps({"prompt": "x", "method": "magic"}).encode(), 400, "method"),
+    (json.dumps({"w": 2}).encode(), 400, "prompt"),
     (json.dumps({"prompt": "word " * 600, "max_tokens": 4}).encode(), 400, None),
     (json.dumps({"prompt": "", "max_tokens": 4}).encode(), 400, None),
     (json.dumps({"prompt": "x", "method": "best_of_n", "w": 2}).encode(), 400, "w"),
@@ -173,3 +174,181 @@ def test_the_engines_own_server_is_a_black_box_large_model_for_another_engine():
     finally:
         backend.close()
         live.stop()
+
+
+# ---- hostile input (issue 20) ---------------------------------------------------------------------
+
+def raw_post(port, path, body: bytes, headers=None, method="POST"):
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json",
+                                                       **(headers or {})})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def is_envelope(payload, status):
+    error = payload["error"]
+    return (set(error) == {"message", "type", "param", "code"} and error["message"]
+            and error["code"] == status
+            and error["type"] == ("invalid_request_error" if status < 500 else "server_error"))
+
+
+@pytest.mark.parametrize("path, body, status, param", [
+    ("/v1/completions", b'{"prompt": "x", "top_k": 3000000000}', 400, "top_k"),
+    ("/v1/completions", b'{"prompt": "x", "temperature": Infinity}', 400, "temperature"),
+    ("/v1/completions", b'{"prompt": "x", "temperature": 1e308}', 400, "temperature"),
+    ("/v1/completions", b'{"prompt": "x", "temperature": 1e400}', 400, "temperature"),
+    ("/v1/completions", b'{"prompt": "x", "method": "eft", "beta": NaN}', 400, "beta"),
+    ("/v1/completions", b'{"prompt": "x", "method": "eft", "beta": 1e308}', 400, "beta"),
+    ("/v1/completions", b'{"prompt": "x", "w": true}', 400, "w"),
+    ("/v1/completions", b'{"prompt": "x", "method": "base", "k": 0}', 400, "k"),
+    ("/v1/completions", b'{"prompt": "x", "seed": -1}', 400, "seed"),
+    ("/v1/completions", b'{"prompt": "x", "seed": 9223372036854775808}', 400, "seed"),
+    ("/v1/completions", b'{"prompt": "I \\ud800 really"}', 400, "prompt"),
+    ("/v1/completions", b'{"prompt": "x", "stop": ["a", 1]}', 400, "stop.1"),
+    ("/v1/completions", b'{"prompt": "x", "presence_penalty": 0.5}', 400, "presence_penalty"),
+    ("/v1/completions", b'{"prompt": "x", "stream": true}', 400, "stream"),
+    ("/v1/completions", b'{"prompt": "\xff\xfe"}', 400, None),
+    ("/v1/completions", b"[" * 100000 + b"]" * 100000, 400, None),
+    ("/v1/completions", b'{"prompt": "x", "w": }', 400, None),
+    ("/v1/completions", b'[1, 2]', 400, None),
+    ("/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "x"}]}', 400,
+     "messages.0.role"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user: x\\nassistant", "content": "x"}]}',
+     400, "messages.0.role"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "tool", "content": "x"}]}', 400,
+     "messages.0.role"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "image_url",'
+     b' "image_url": {"url": "x"}}]}]}', 400, "messages.0.content.0.type"),
+])
+def test_hostile_bodies_get_400_in_the_envelope_naming_the_field(server, path, body, status,
+                                                                 param):
+    code, payload = raw_post(server.port, path, body)
+    assert code == status and is_envelope(payload, status), payload
+    assert payload["error"]["param"] == param
+    if param:
+        assert param.split(".")[-1] in payload["error"]["message"]
+
+
+def test_a_bad_request_among_running_ones_fails_alone(server):
+    good = {"prompt": "I really", "max_tokens": 10, "seed": 5, "w": 2, "k": 2, "l": 3}
+    alone = server.post("/v1/completions", json.dumps(good).encode())
+    before = server.metrics()
+    with ThreadPoolExecutor(3) as pool:
+        runs = [pool.submit(server.post, "/v1/completions", json.dumps(good).encode())
+                for _ in range(2)]
+        time.sleep(0.2)
+        bad = server.post("/v1/completions", json.dumps({**good, "top_k": 3_000_000_000}).encode())
+        answers = [r.result() for r in runs]
+    assert bad[0] == 400 and bad[1]["error"]["param"] == "top_k"
+    assert [a[0] for a in answers] == [200, 200]
+    assert all(a[1]["choices"][0]["text"] == alone[1]["choices"][0]["text"] for a in answers)
+    after = server.metrics()
+    assert after["w2s_requests_failed_total"] == before["w2s_requests_failed_total"]
+    assert after["w2s_requests_rejected_total"] == before["w2s_requests_rejected_total"] + 1
+    server.async_engine.engine.check_all_free()
+
+
+def test_host_check_404_405_and_413_answer_in_the_envelope():
+    live = LiveServer(tiny_engine(), max_body_bytes=4096)
+    anyhost = LiveServer(tiny_engine(num_kv_blocks=200), allowed_hosts=("*",))
+    try:
+        body = json.dumps({"prompt": "I really", "max_tokens": 2, "method": "base"}).encode()
+        code, payload = raw_post(live.port, "/v1/completions", body, {"Host": "attacker.example"})
+        assert code == 400 and is_envelope(payload, 400) and "attacker.example" in \
+            payload["error"]["message"] and "--allowed-hosts" in payload["error"]["message"]
+        assert raw_post(live.port, "/v1/completions", body, {"Host": "localhost:8000"})[0] == 200
+        assert raw_post(live.port, "/v1/completions", body, {"Host": "[::1]:8000"})[0] == 200
+        assert raw_post(anyhost.port, "/v1/completions", body, {"Host": "attacker.example"})[0] \
+            == 200
+        code, payload = raw_post(live.port, "/v1/nothing", b"", method="GET")
+        assert code == 404 and is_envelope(payload, 404) and "/v1/completions" in \
+            payload["error"]["message"]
+        code, payload = raw_post(live.port, "/v1/completions", b"", method="GET")
+        assert code == 405 and is_envelope(payload, 405) and "POST" in payload["error"]["message"]
+        big = json.dumps({"prompt": "x" * 5000}).encode()
+        code, payload = raw_post(live.port, "/v1/completions", big)
+        assert code == 413 and is_envelope(payload, 413) and "4096" in payload["error"]["message"]
+        m = live.metrics()   # 404 and 405 are not generation requests; the rest add up
+        assert m["w2s_requests_total"] == 4 and m["w2s_requests_finished_total"] == 2
+        assert m['w2s_requests_rejected_by_reason_total{reason="host"}'] == 1
+        assert m['w2s_requests_rejected_by_reason_total{reason="too_large"}'] == 1
+    finally:
+        live.stop()
+        anyhost.stop()
+
+
+def test_a_prompt_past_the_character_limit_is_refused_before_tokenizing(monkeypatch):
+    engine = tiny_engine(num_kv_blocks=200)
+    live = LiveServer(engine, max_prompt_chars=100)
+    calls = []
+    real = engine.make_request
+    monkeypatch.setattr(engine, "make_request",
+                        lambda *a: calls.append(threading.current_thread().name) or real(*a))
+    try:
+        code, payload = raw_post(live.port, "/v1/completions",
+                                 json.dumps({"prompt": "y" * 101}).encode())
+        assert code == 400 and payload["error"]["param"] == "prompt" and not calls
+        code, payload = raw_post(live.port, "/v1/chat/completions", json.dumps(
+            {"messages": [{"role": "user", "content": "y" * 60}] * 2}).encode())
+        assert code == 400 and payload["error"]["param"] == "messages" and not calls
+        ok = raw_post(live.port, "/v1/completions",
+                      json.dumps({"prompt": "y" * 100, "max_tokens": 2}).encode())
+        assert ok[0] == 200
+        # Tokenizing runs in the preparation pool, never on the engine loop's thread.
+        assert calls and all(name.startswith("w2s-prepare") for name in calls)
+    finally:
+        live.stop()
+
+
+def test_a_burst_that_fits_the_kv_cache_is_admitted_whatever_the_queue_bound():
+    engine = tiny_engine(max_waiting=2)
+    live = LiveServer(engine)
+    try:
+        body = json.dumps({"prompt": "I really", "max_tokens": 6, "w": 2, "k": 2, "l": 3}).encode()
+        with ThreadPoolExecutor(32) as pool:
+            codes = [r[0] for r in pool.map(lambda _: live.post("/v1/completions", body),
+                                             range(32))]
+        assert codes == [200] * 32
+    finally:
+        live.stop()
+    engine.check_all_free()
+
+
+def test_a_search_the_engine_fails_is_a_500_counted_as_failed_and_the_rest_go_on(server,
+                                                                                 monkeypatch):
+    scorer = server.async_engine.engine.scorer
+    real = scorer.plan
+
+    def plan(r, large):
+        if r.prompt == "POISON":
+            raise RuntimeError("cannot score this one")
+        return real(r, large)
+    monkeypatch.setattr(scorer, "plan", plan)
+    before = server.metrics()
+    code, payload, _ = server.post("/v1/completions", json.dumps(
+        {"prompt": "POISON", "max_tokens": 4}).encode())
+    assert code == 500 and is_envelope(payload, 500) and "cannot score" in \
+        payload["error"]["message"]
+    assert server.post("/v1/completions", json.dumps({"prompt": "Fine", "max_tokens": 4})
+                       .encode())[0] == 200
+    after = server.metrics()
+    assert after["w2s_requests_failed_total"] == before["w2s_requests_failed_total"] + 1
+    assert after["w2s_requests_finished_total"] == before["w2s_requests_finished_total"] + 1
+    server.async_engine.engine.check_all_free()
+
+
+def test_the_public_model_name_is_never_a_local_path(tmp_path):
+    from w2s_engine.serve.server import default_allowed_hosts, served_name
+    (tmp_path / "my-model").mkdir()
+    assert served_name(str(tmp_path / "my-model")) == "my-model"
+    assert served_name(str(tmp_path / "weights" / "smol.Q4.gguf")) == "smol.Q4"
+    assert served_name("./relative/dir") == "dir"
+    assert served_name("smollm2-135m-instruct") == "smollm2-135m-instruct"
+    assert served_name("org/name") == "org/name"
+    assert default_allowed_hosts("127.0.0.1") == ("localhost", "127.0.0.1", "::1")
+    assert default_allowed_hosts("0.0.0.0") == ("*",)

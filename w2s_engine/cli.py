@@ -88,7 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(v)
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
-    v.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    v.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting for KV memory before 429 (those that fit run at once)")
+    v.add_argument("--served-model-name", default=None,
+                   help="the model name in /v1/models and responses (default: --large's base "
+                        "name; never a local path)")
+    v.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host header names to answer ('*' for any; default: "
+                        "the loopback names when bound to loopback, else any)")
+    v.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="request body limit; past it the answer is 413")
+    v.add_argument("--max-prompt-chars", type=int, default=None,
+                   help="prompt length limit in characters, checked before tokenizing "
+                        "(default: 32 per token of the models' smallest context)")
     v.set_defaults(func=cmd_serve)
     return parser
 
