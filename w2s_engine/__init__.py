@@ -3,8 +3,9 @@
 from w2s_engine.config import EngineConfig
 from w2s_engine.outputs import Hypothesis, SearchResult, SearchStats
 from w2s_engine.params import SearchParams
+from w2s_engine.search.stream import SearchDelta
 
-__all__ = ["Engine", "EngineConfig", "Hypothesis", "SearchError", "SearchParams", "SearchResult",
+__all__ = ["Engine", "EngineConfig", "Hypothesis", "SearchDelta", "SearchError", "SearchParams", "SearchResult",
            "SearchStats"]
 
 

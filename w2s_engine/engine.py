@@ -14,7 +14,7 @@ the KV budget and the scheduler. One step of the loop reads schedule -> run -> p
 
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from tqdm.auto import tqdm
 
@@ -35,6 +35,7 @@ from w2s_engine.search.prompts import check_prompt, parse_templates, template_ha
 from w2s_engine.search.request import KVSpace, RequestStatus, SearchRequest
 from w2s_engine.search.scorer import ImplicitScorer
 from w2s_engine.search.sequence import Beam
+from w2s_engine.search.stream import FinalText, SearchDelta
 
 log = logging.getLogger("w2s_engine")
 
@@ -223,7 +224,23 @@ class Engine:
                         self.scheduler.finish(r)
                 except Exception as e:
                     self.scheduler.fail(r, self._engine_error("selection", e))
-        return self.scheduler.take_ended()
+        ended = self.scheduler.take_ended()
+        self._stream(ended)
+        return ended
+
+    def _stream(self, ended: list[SearchRequest]):
+        """Each streaming request's text that became final in this step (search/stream.py)."""
+        for r in self.scheduler.running + ended:
+            if r.stream is None:
+                continue
+            try:
+                if r.status is RequestStatus.RUNNING:
+                    r.deltas += r.stream.update(r.beams, self.large.response_text)
+                elif r.status is RequestStatus.DONE:
+                    r.deltas += r.stream.finish(r.result)
+            except Exception as e:
+                if r.status is RequestStatus.RUNNING:
+                    self.scheduler.fail(r, self._engine_error("streaming", e))
 
     def _engine_error(self, where: str, e: Exception) -> str:
         """Log an unexpected error with its traceback; the message its requests fail with."""
@@ -305,13 +322,13 @@ class Engine:
             self.enqueue(r)
         bar = tqdm(total=len(requests), desc=f"w2s {params.method}", unit="prompt",
                    disable=not self.config.progress or len(requests) < 2)
-        pending = set(id(r) for r in requests)
         try:
-            while pending:
-                for r in self.step():
-                    if id(r) in pending:
-                        pending.discard(id(r))
-                        bar.update(1)
+            ended = 0
+            while ended < len(requests):
+                self.step()
+                now = sum(r.status.ended for r in requests)
+                bar.update(now - ended)
+                ended = now
         except BaseException:
             for r in requests:
                 self.cancel(r)
@@ -323,6 +340,24 @@ class Engine:
             i, r = failed[0]
             raise SearchError(f"prompt {i} failed: {r.error}")
         return [r.result for r in requests]
+
+    def search_stream(self, prompt, params: SearchParams | None = None) -> Iterator[SearchDelta]:
+        """Run one search and yield its text as it becomes final (SearchDelta); the last
+        delta carries the SearchResult. The deltas concatenate to the result's text (for
+        plain sampling of n streams: per index, to each hypothesis's text)."""
+        req = self.make_request(prompt, params or SearchParams())
+        req.stream = FinalText(req.params.method, req.params.stop)
+        self.enqueue(req)
+        try:
+            while not req.status.ended:
+                self.step()
+                yield from req.deltas
+                req.deltas = []
+        finally:
+            if not req.status.ended:   # the caller stopped early (or an error): drop it
+                self.cancel(req)
+        if req.status is RequestStatus.FAILED:
+            raise SearchError(f"the search failed: {req.error}")
 
     def score(self, prompts, responses, finished=True) -> list[float]:
         """The implicit reward of given responses (texts, or the small models' token ids)."""

@@ -19,6 +19,7 @@ from w2s_engine.cache.block_manager import BlockManager
 from w2s_engine.outputs import Hypothesis, SearchResult, SearchStats
 from w2s_engine.params import SearchParams
 from w2s_engine.search.sequence import Beam
+from w2s_engine.search.stream import FinalText, SearchDelta
 
 MASK64 = (1 << 64) - 1
 
@@ -75,6 +76,8 @@ class SearchRequest:
     result: SearchResult | None = None
     large_prompt_text: str = ""
     prefilled: int = 0           # large-model prompt tokens in the cache so far
+    stream: FinalText | None = None                     # set when the request streams
+    deltas: list[SearchDelta] = field(default_factory=list)  # streamed, not yet taken
     started: float = field(default_factory=time.perf_counter)
 
     # ---- beams -------------------------------------------------------------------------

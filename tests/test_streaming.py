@@ -1,0 +1,117 @@
+"""engine.search_stream(): text as soon as it is final, deltas that add up to the result."""
+
+import pytest
+
+from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
+from w2s_engine import Engine, SearchParams
+from w2s_engine.search.stream import FinalText, SearchDelta, common_prefix_text
+
+PROMPTS = ["I really", "The plot of this film"]
+
+
+@pytest.fixture(scope="module")
+def engines():
+    tok, other = make_tokenizer(300), make_tokenizer(420)
+    untuned = tiny_llama(len(tok), seed=2)
+    tuned = tuned_from(untuned, seed=3, scale=0.3)
+
+    def make(large, large_tok):
+        return Engine((large, large_tok), (clone(tuned), tok), (clone(untuned), tok),
+                      templates={"large": "Here is a movie review: {prompt}",
+                                 "small": "Review: {prompt}"},
+                      num_kv_blocks=800, block_size=4, progress=False)
+    return {"shared": make(tiny_llama(len(tok), seed=1, layers=3), tok),
+            "cross": make(tiny_llama(len(other), seed=4, layers=3), other)}
+
+
+def collect(engine, prompt, params) -> tuple[dict[int, str], list[SearchDelta]]:
+    deltas = list(engine.search_stream(prompt, params))
+    texts = {}
+    for d in deltas:
+        texts[d.index] = texts.get(d.index, "") + d.text
+    return texts, deltas
+
+
+@pytest.mark.parametrize("which, params", [
+    ("shared", SearchParams.cbs(2, 3, 4, max_new_tokens=14, temperature=1.0, seed=5)),
+    ("shared", SearchParams.cbs(3, 2, 2, max_new_tokens=12, temperature=1.2, seed=11,
+                                stop=["e", "th"])),
+    ("shared", SearchParams.best_of_n(4, max_new_tokens=9, seed=2)),
+    ("shared", SearchParams.base(max_new_tokens=12, seed=3)),
+    ("shared", SearchParams.base(n=3, max_new_tokens=9, seed=3, stop=["an"])),
+    ("shared", SearchParams.eft(beta=1.5, max_new_tokens=10, seed=4)),
+    ("cross", SearchParams.cbs(2, 2, 3, max_new_tokens=13, temperature=1.0, seed=9)),
+], ids=["cbs", "cbs-stop-strings", "best-of-n", "base", "base-3-stop", "eft", "cross-vocab"])
+def test_the_deltas_concatenate_to_the_result_of_the_same_search(engines, which, params):
+    engine = engines[which]
+    for prompt in PROMPTS:
+        texts, deltas = collect(engine, prompt, params)
+        result = deltas[-1].result
+        assert result is not None and all(d.result is None for d in deltas[:-1])
+        answers = result.hypotheses if params.method == "base" else result.hypotheses[:1]
+        assert texts == {i: h.text for i, h in enumerate(answers)}
+        # Streaming changes nothing about the search itself.
+        alone = engine.search([prompt], params)[0]
+        assert [h.token_ids for h in alone.hypotheses] == [h.token_ids for h in result.hypotheses]
+    engine.check_all_free()
+
+
+def test_a_cbs_stream_sends_text_before_the_search_ends_when_survivors_agree(engines):
+    # Greedy candidates agree, so their common prefix grows as they sample.
+    params = SearchParams.cbs(2, 2, 3, max_new_tokens=12, temperature=0.0, seed=1,
+                              ignore_eos=True)
+    _, deltas = collect(engines["shared"], "I really", params)
+    early = [d for d in deltas[:-1] if d.text]
+    assert len(early) >= 3, "text arrived only at the end"
+    assert sum(len(d.text) for d in early) > 0.5 * len(deltas[-1].result.text)
+
+
+def test_plain_sampling_and_eft_stream_as_they_sample(engines):
+    # The tiny models sample raw bytes: text grows when a character is complete, so a delta
+    # comes with most tokens, not with every one.
+    for params in (SearchParams.base(max_new_tokens=12, seed=3, ignore_eos=True),
+                   SearchParams.eft(max_new_tokens=12, seed=4, ignore_eos=True)):
+        _, deltas = collect(engines["shared"], "What a", params)
+        assert len([d for d in deltas[:-1] if d.text]) >= 2
+
+
+def test_a_consumer_that_stops_early_frees_every_block(engines):
+    engine = engines["shared"]
+    stream = engine.search_stream("I really", SearchParams.base(max_new_tokens=40, seed=1,
+                                                                ignore_eos=True))
+    first = next(d for d in stream if d.text)
+    assert first.text and first.result is None
+    stream.close()
+    assert not engine.has_unfinished()
+    engine.check_all_free()
+
+
+def test_an_unfinished_beam_holds_back_what_a_stop_string_could_still_cut():
+    class Beam:
+        def __init__(self, text, finished=False):
+            self.text, self.finished = text, finished
+    stream = FinalText("cbs", stop=["\n\n", "END"])
+    text_of = lambda b: b.text  # noqa: E731
+    # "abc\n" could become "abc" + "\n\n": the last two characters wait.
+    assert [d.text for d in stream.update([Beam("abc\nE"), Beam("abc\nEN")], text_of)] == ["abc"]
+    assert stream.update([Beam("abc\nEN")], text_of)[0].text == "\n"
+    assert stream.update([Beam("abc\nEND", finished=True)], text_of)[0].text == "END"
+    assert common_prefix_text(["abd", "abc", "ab"]) == "ab" and common_prefix_text([]) == ""
+
+
+def test_a_stop_string_that_spans_two_tokens_is_never_streamed_in_part(engines):
+    engine = engines["shared"]
+    params = SearchParams.base(max_new_tokens=20, seed=3, temperature=0.8, ignore_eos=True)
+    free = engine.search(["I really"], params)[0]
+    tok = engine.large_tokenizer
+    # Character offsets where a token's text ends, in the middle of the response.
+    ends = [len(tok.decode(free.token_ids[:j])) for j in range(1, len(free.token_ids))]
+    text = free.text
+    spans = [p for p in ends if 2 < p < len(text) - 2 and text.find(text[p - 1:p + 1]) == p - 1
+             and "\ufffd" not in text[p - 1:p + 1]]
+    assert spans, "no token boundary to put a stop string across"
+    p = spans[len(spans) // 2]
+    stop = text[p - 1:p + 1]
+    texts, deltas = collect(engine, "I really", params.copy(stop=[stop]))
+    assert deltas[-1].result.text == text[:p - 1]
+    assert texts[0] == text[:p - 1]
