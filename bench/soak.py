@@ -159,16 +159,12 @@ def start_server(async_engine):
 
 
 def metrics(port) -> dict:
+    from w2s_engine.serve.server import parse_metrics
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     conn.request("GET", "/metrics")
     text = conn.getresponse().read().decode()
     conn.close()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
+    return parse_metrics(text)
 
 
 def main(argv=None):

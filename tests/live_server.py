@@ -12,7 +12,7 @@ import uvicorn
 
 from w2s_engine import Engine
 from w2s_engine.serve.async_engine import AsyncEngine
-from w2s_engine.serve.server import create_app
+from w2s_engine.serve.server import create_app, parse_metrics
 
 
 def free_port() -> int:
@@ -39,13 +39,7 @@ class LiveServer:
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0)
 
     def metrics(self) -> dict:
-        text = urllib.request.urlopen(self.url + "/metrics").read().decode()
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
+        return parse_metrics(urllib.request.urlopen(self.url + "/metrics").read().decode())
 
     def post(self, path: str, body: bytes):
         req = urllib.request.Request(self.url + path, data=body,

@@ -321,14 +321,9 @@ def test_a_burst_that_fits_the_kv_cache_is_admitted_whatever_the_queue_bound():
 
 def test_a_search_the_engine_fails_is_a_500_counted_as_failed_and_the_rest_go_on(server,
                                                                                  monkeypatch):
-    scorer = server.async_engine.engine.scorer
-    real = scorer.plan
-
-    def plan(r, large):
-        if r.prompt == "POISON":
-            raise RuntimeError("cannot score this one")
-        return real(r, large)
-    monkeypatch.setattr(scorer, "plan", plan)
+    from test_validation import poison
+    poison(monkeypatch, server.async_engine.engine.scorer, "plan",
+           RuntimeError("cannot score this one"))
     before = server.metrics()
     code, payload, _ = server.post("/v1/completions", json.dumps(
         {"prompt": "POISON", "max_tokens": 4}).encode())

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
+from test_server import tiny_engine
+from tiny_models import make_tokenizer, tiny_llama
 from w2s_engine import Engine, SearchError, SearchParams
 from w2s_engine.models.loader import ModelLoadError, load_model
 from w2s_engine.params import InvalidParam
@@ -52,16 +53,19 @@ def test_validate_accepts_the_edges_and_normalizes():
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer(300)
+def engine():
+    return tiny_engine(num_kv_blocks=800)
 
 
-@pytest.fixture(scope="module")
-def engine(tok):
-    untuned = tiny_llama(len(tok), seed=2)
-    return Engine((tiny_llama(len(tok), seed=1, layers=3), tok),
-                  (tuned_from(untuned, seed=3, scale=0.3), tok), (clone(untuned), tok),
-                  num_kv_blocks=800, block_size=4, progress=False)
+def poison(monkeypatch, owner, name: str, error: Exception):
+    """owner.name(request, ...) raises `error` for the request whose prompt is 'POISON'."""
+    real = getattr(owner, name)
+
+    def patched(r, *args):
+        if r.prompt == "POISON":
+            raise error
+        return real(r, *args)
+    monkeypatch.setattr(owner, name, patched)
 
 
 FAST = SearchParams(w=2, k=2, l=3, max_new_tokens=6, seed=7)
@@ -171,13 +175,7 @@ def test_a_prefill_that_fails_is_retried_per_request_and_only_the_culprit_fails(
 def test_an_error_in_one_requests_selection_fails_it_alone(engine, monkeypatch):
     from w2s_engine.search.request import SearchRequest
     expected = _alone(engine, "This film").text
-    real = SearchRequest.select
-
-    def select(self, kv):
-        if self.prompt == "POISON":
-            raise IndexError("selection bug")
-        return real(self, kv)
-    monkeypatch.setattr(SearchRequest, "select", select)
+    poison(monkeypatch, SearchRequest, "select", IndexError("selection bug"))
     with pytest.raises(SearchError, match="prompt 0 failed: engine error in selection: "
                                           "IndexError"):
         engine.search(["POISON", "This film"], FAST)
@@ -208,11 +206,9 @@ def test_a_failed_decode_step_fails_the_running_requests_and_the_engine_goes_on(
     engine.check_all_free()
 
 
-def test_the_queue_bound_counts_requests_waiting_for_memory_not_a_burst_that_fits(tok):
-    untuned = tiny_llama(len(tok), seed=2)
-    engine = Engine((tiny_llama(len(tok), seed=1, layers=3), tok),
-                    (tuned_from(untuned, seed=3, scale=0.3), tok), (clone(untuned), tok),
-                    num_kv_blocks=3000, block_size=4, progress=False, max_waiting=2)
+def test_the_queue_bound_counts_requests_waiting_for_memory_not_a_burst_that_fits():
+    engine = tiny_engine(max_waiting=2)
+    tok = make_tokenizer(300)
     burst = [engine.add_request(f"Review {i}:", FAST) for i in range(32)]   # all fit: no 429
     assert len(engine.scheduler.waiting) == 32
     while engine.has_unfinished():

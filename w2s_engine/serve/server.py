@@ -321,6 +321,16 @@ def create_app(async_engine: AsyncEngine, model_name: str = "w2s", *,
     return app
 
 
+def parse_metrics(text: str) -> dict[str, float]:
+    """/metrics' text -> {'name{labels}': value} (for tests, benchmarks and scripts)."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
 def default_allowed_hosts(bind_host: str) -> tuple[str, ...]:
     """Bound to loopback: the loopback names only (a DNS-rebinding page cannot reach it);
     bound elsewhere: any Host (the names it is reached by are not known here)."""
