@@ -68,15 +68,17 @@ def test_the_tree_reservation_is_far_below_w_k_full_copies_for_long_responses():
 
 def test_reservation_names_every_pool_the_request_uses():
     budget = KVBudget(num_blocks=1000, block_size=4)
-    shared = budget.reservation(2, 2, 12, 3, large_prompt_len=10, small_prompt_lens=[7],
-                                shared_vocab=True)
+    shared = budget.reservation(2, 2, 12, 3, large_prompt_len=10, small=[(7, True, 0)])
     assert shared == {"large": tree_blocks(4, 2, 2, 10, 12, 3), 0: tree_blocks(4, 2, 2, 7, 12, 3)}
     # A black-box large model has no pool here; two vocabularies reserve more small tokens.
-    cross = budget.reservation(2, 2, 12, 3, large_prompt_len=None, small_prompt_lens=[7, 9],
-                               shared_vocab=False)
+    cross = budget.reservation(2, 2, 12, 3, large_prompt_len=None,
+                               small=[(7, False, 0), (9, False, 0)])
     assert set(cross) == {0, 1}
     assert cross[0] == tree_blocks(4, 2, 2, 7, SMALL_TOKENS_PER_LARGE * 12 + 8,
                                    SMALL_TOKENS_PER_LARGE * 3 + 8)
+    # A reward model's suffix is part of every candidate's stream.
+    rm = budget.reservation(2, 2, 12, 3, large_prompt_len=10, small=[(7, True, 2)])
+    assert rm[0] == tree_blocks(4, 2, 2, 7, 14, 5)
 
 
 def test_requests_fit_until_the_pool_is_reserved_and_release_gives_it_back():

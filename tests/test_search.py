@@ -366,7 +366,7 @@ def test_a_response_that_outgrows_the_small_models_context_fails_alone(tok, smal
     while engine.has_unfinished():
         engine.step()
     assert long.status == "failed"
-    assert "past their context of 512: lower max_new_tokens" in long.error
+    assert "past its context of 512: lower max_new_tokens" in long.error
     engine.check_all_free()
     params = SearchParams(w=2, k=2, l=2, max_new_tokens=4, seed=1, ignore_eos=True)
     assert engine.search(["This film"], params)[0].hypotheses

@@ -30,10 +30,12 @@ from w2s_engine.models.runner import ModelRunner, ModelShape
 from w2s_engine.outputs import SearchResult
 from w2s_engine.params import SearchParams
 from w2s_engine.scheduler import Scheduler
+from w2s_engine.scoring import ImplicitReward, RewardModel, scorer_list
 from w2s_engine.search.eft import EFT
-from w2s_engine.search.prompts import check_prompt, parse_templates, template_has_tool_role
+from w2s_engine.search.prompts import (ResponseTemplate, check_prompt, parse_templates,
+                                       template_has_tool_role)
 from w2s_engine.search.request import KVSpace, RequestStatus, SearchRequest
-from w2s_engine.search.scorer import ImplicitScorer
+from w2s_engine.search.scorer import RewardModelParts, Scorer
 from w2s_engine.search.sequence import Beam
 from w2s_engine.search.stream import FinalText, SearchDelta
 
@@ -47,13 +49,20 @@ class SearchError(RuntimeError):
 class Engine:
 
     def __init__(self, large, tuned=None, untuned=None, templates: dict | None = None,
-                 chat: bool = False, config: EngineConfig | None = None, **overrides):
+                 chat: bool = False, config: EngineConfig | None = None, scorer=None,
+                 **overrides):
+        """large: a model spec, a (model, tokenizer) pair, or OpenAICompletions (a black box).
+        tuned, untuned: the small pair of the implicit reward. scorer: ImplicitReward(),
+        RewardModel(...) or a weighted list of them (w2s_engine/scoring.py); by default the
+        implicit reward when the pair is given."""
         self.config = config = (config or EngineConfig(**overrides)).resolve()
         remote = large if isinstance(large, OpenAICompletions) else None
         if (tuned is None) != (untuned is None):
             raise ValueError("pass both tuned and untuned small models, or neither (base only)")
-        if remote and tuned is None:
-            raise ValueError("a black-box large model needs the tuned and untuned small models")
+        scorers = scorer_list(scorer, has_pair=tuned is not None)
+        if remote and not scorers:
+            raise ValueError("a black-box large model needs a scorer: the tuned and untuned "
+                             "small models, or scorer=RewardModel(...)")
         if remote and chat:
             raise ValueError("chat=True needs the large model's tokenizer; with a black-box large "
                              "model pass a template string for 'large' instead")
@@ -61,9 +70,15 @@ class Engine:
         specs = {"tuned": tuned, "untuned": untuned} if tuned is not None else {}
         if not remote:
             specs = {"large": large, **specs}
+        reward_models = [s for s in scorers if isinstance(s, RewardModel)]
+        rm_roles = ["reward_model" if i == 0 else f"reward_model_{i + 1}"
+                    for i in range(len(reward_models))]
         cache = {}
         self.models = {role: load_role(spec, role, config.dtype, config.device, cache)
                        for role, spec in specs.items()}
+        for role, rm in zip(rm_roles, reward_models):
+            self.models[role] = load_role(rm.model, role, config.dtype, config.device, cache,
+                                          head="sequence_classification")
 
         # Every pool has the same number of blocks; one block of each together fits the budget.
         bytes_per_block = sum(ModelShape.of(m.model).kv_bytes_per_block(config.block_size,
@@ -89,16 +104,22 @@ class Engine:
             m = self.models["large"]
             self.large = LocalLarge(self.runners["large"], m.tokenizer, eos_ids(m.model, m.tokenizer),
                                     BlockManager(num_blocks, config.block_size))
-        small = {role: (self.runners[role], self.models[role].tokenizer)
-                 for role in ("tuned", "untuned") if role in self.models}
-        self.scorer = ImplicitScorer(
-            small, self.templates, self.budget,
+        pair = {role: (self.runners[role], self.models[role].tokenizer)
+                for role in ("tuned", "untuned") if role in self.models}
+        implicit = next((s for s in scorers if isinstance(s, ImplicitReward)), ImplicitReward())
+        self.scorer = Scorer(
+            pair, self.templates, self.budget,
             None if remote else self.large.tokenizer.get_vocab(), config.small_special_tokens,
-            config.max_batch_tokens)
+            config.max_batch_tokens, implicit.weight,
+            [RewardModelParts(role, self.runners[role], self.models[role].tokenizer,
+                              ResponseTemplate(rm.template or self.models[role].template
+                                               or "{prompt}{response}"),
+                              rm.head_index, rm.weight)
+             for role, rm in zip(rm_roles, reward_models)])
         # EFT mixes logits token by token: one vocabulary for all three, one small stream.
-        if len(self.scorer.streams) == 1 and self.scorer.shared_vocab:
-            self.large.eft = EFT(self.scorer.streams[0], len(self.large.tokenizer),
-                                 self.large.eos_ids)
+        if self.scorer.eft_stream is not None:
+            self.large.eft = EFT(self.scorer.eft_stream, len(self.large.tokenizer),
+                                 self.large.eos_ids, implicit.weight)
         self.kv = KVSpace(self.large.blocks, self.scorer.blocks)
         if self.large.blocks is not None:
             self.budget.add_pool("large")
@@ -109,7 +130,7 @@ class Engine:
         self.next_request_id = 0
 
     @property
-    def has_small(self) -> bool:
+    def has_scorer(self) -> bool:
         return bool(self.scorer.streams)
 
     @property
@@ -127,13 +148,14 @@ class Engine:
         params = params.copy()
         params.validate()
         prompt = check_prompt(prompt, tool_role=self._tool_role())
-        if params.uses_small_models and not self.has_small:
-            raise ValueError(f"method={params.method!r} needs tuned and untuned small models: "
-                             "pass them to Engine(...), or use SearchParams.base()")
+        if params.uses_small_models and not self.has_scorer:
+            raise ValueError(f"method={params.method!r} needs a scorer: pass tuned and untuned "
+                             "small models (or scorer=RewardModel(...)) to Engine(...), or use "
+                             "SearchParams.base()")
         if params.method == "eft" and self.large.eft is None:
-            raise ValueError("method='eft' needs the large, tuned and untuned models to share one "
-                             "vocabulary (and the small models one template); these do not: "
-                             "use cbs or best_of_n")
+            raise ValueError("method='eft' needs the implicit reward alone as the scorer, and the "
+                             "large, tuned and untuned models to share one vocabulary (and the "
+                             "small models one template); these do not: use cbs or best_of_n")
         if "large" in self.runners:
             # A top_k at or past the vocabulary keeps every token, as transformers' top-k
             # warper does (it clamps to the vocabulary): clamped, not refused.
@@ -150,7 +172,8 @@ class Engine:
         req.reserved = self.budget.reservation(
             params.w, params.k, params.max_new_tokens, params.chunk_len,
             None if self.large.blocks is None else len(large_ids),
-            [len(sp.ids) for sp in small_prompts], self.scorer.shared_vocab)
+            [(len(sp.ids), self.scorer.shared[i], len(sp.suffix_ids))
+             for i, sp in enumerate(small_prompts)])
         capacity = self.budget.num_blocks
         if any(v > capacity for v in req.reserved.values()):
             raise ValueError(
@@ -360,9 +383,11 @@ class Engine:
             raise SearchError(f"the search failed: {req.error}")
 
     def score(self, prompts, responses, finished=True) -> list[float]:
-        """The implicit reward of given responses (texts, or the small models' token ids)."""
-        if not self.has_small:
-            raise ValueError("score() needs the tuned and untuned small models")
+        """The reward of given responses under the engine's scorer (texts, or token ids in the
+        scorers' one vocabulary)."""
+        if not self.has_scorer:
+            raise ValueError("score() needs a scorer: the tuned and untuned small models, or "
+                             "scorer=RewardModel(...)")
         if isinstance(prompts, str):
             prompts, responses = [prompts], [responses]
         if not isinstance(prompts, (list, tuple)) or not isinstance(responses, (list, tuple)):

@@ -69,24 +69,26 @@ class KVBudget:
         self.reserved[key] = 0
 
     def reservation(self, w: int, k: int, max_new_tokens: int, chunk_len: int,
-                    large_prompt_len: int | None, small_prompt_lens: list[int],
-                    shared_vocab: bool) -> dict:
+                    large_prompt_len: int | None, small: list[tuple[int, bool, int]]) -> dict:
         """Worst-case blocks per pool for one request: its search tree in every pool it uses
-        (large_prompt_len None: no large pool, the large model is a black box)."""
+        (large_prompt_len None: no large pool, the large model is a black box). small: per
+        scorer stream, (prompt tokens, whether it reads the large model's ids as they are,
+        tokens of a reward model's suffix after the response)."""
         need = {}
         if large_prompt_len is not None:
             need["large"] = tree_blocks(self.block_size, w, k, large_prompt_len,
                                         max_new_tokens, chunk_len)
-        for i, n in enumerate(small_prompt_lens):
-            if shared_vocab:
-                need[i] = tree_blocks(self.block_size, w, k, n, max_new_tokens, chunk_len)
+        for i, (n, shared, suffix) in enumerate(small):
+            if shared:
+                need[i] = tree_blocks(self.block_size, w, k, n, max_new_tokens + suffix,
+                                      chunk_len + suffix)
             else:
                 # A re-tokenized response can be longer than the large model's tokens: reserve
                 # SMALL_TOKENS_PER_LARGE of them (+8 for a rolled-back tail), and grow at run
                 # time past that (grow).
                 need[i] = tree_blocks(self.block_size, w, k, n,
-                                      SMALL_TOKENS_PER_LARGE * max_new_tokens + 8,
-                                      SMALL_TOKENS_PER_LARGE * chunk_len + 8)
+                                      SMALL_TOKENS_PER_LARGE * max_new_tokens + 8 + suffix,
+                                      SMALL_TOKENS_PER_LARGE * chunk_len + 8 + suffix)
         return need
 
     def fits(self, need: dict) -> bool:

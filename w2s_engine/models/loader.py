@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 
 class ModelLoadError(ValueError):
@@ -29,10 +29,18 @@ class ModelLoadError(ValueError):
 
 @dataclass
 class LoadedModel:
-    model: object       # the *ForCausalLM, eval mode
+    model: object       # the *ForCausalLM (or *ForSequenceClassification), eval mode
     tokenizer: object
     spec: str           # what the user passed
     source: str         # the directory or file actually loaded
+    template: str | None = None   # a reward model's rendering, from its w2s_scorer.json
+
+
+# A head that a model is loaded with: the LM head (the large and small models) or a
+# classification head (reward models).
+HEADS = {"causal_lm": AutoModelForCausalLM,
+         "sequence_classification": AutoModelForSequenceClassification}
+SCORER_FILE = "w2s_scorer.json"   # a reward model's template and head, shipped beside it
 
 
 def _smollm2() -> Path:
@@ -56,6 +64,11 @@ def _gemma3_270m() -> Path:
 BUNDLED_MODELS = {
     "smollm2-135m-instruct": _smollm2,
     "gemma-3-270m": _gemma3_270m,
+}
+# LoRA adapters shipped in the package (w2s_engine/data/), over a bundled base.
+BUNDLED_ADAPTERS = {
+    "sentiment-dpo": "data/sentiment-dpo-lora",   # the demo's tuned small model
+    "sentiment-rm": "data/sentiment-rm-lora",     # a sentiment reward model (score head)
 }
 
 
@@ -127,15 +140,32 @@ MAX_ADAPTER_DEPTH = 8   # an adapter on an adapter on ... its base
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device="cpu",
-               attn_implementation: str | None = None, _chain: tuple = ()) -> LoadedModel:
-    """_chain: the adapter directories that led here, base by base (to catch a loop)."""
+               attn_implementation: str | None = None, head: str = "causal_lm",
+               _chain: tuple = (), _num_labels: int | None = None) -> LoadedModel:
+    """head: "causal_lm" or "sequence_classification" (a reward model).
+    _chain: the adapter directories that led here, base by base (to catch a loop)."""
     if not isinstance(spec, str) or not spec:
         raise ModelLoadError(f"model spec {spec!r}: pass a bundled name, a directory, a GGUF "
                              "file or a LoRA adapter directory")
+    assert head in HEADS, f"head must be one of {sorted(HEADS)}"
     source = _resolve(spec)
     if (source / "adapter_config.json").exists() if source.is_dir() else False:
-        return _load_adapter(spec, source, dtype, device, attn_implementation, _chain)
-    return _load_checkpoint(spec, source, dtype, device, attn_implementation)
+        return _load_adapter(spec, source, dtype, device, attn_implementation, _chain, head)
+    return _load_checkpoint(spec, source, dtype, device, attn_implementation, head, _num_labels)
+
+
+def scorer_config(source: Path) -> dict:
+    """A reward model's w2s_scorer.json ({"template": ..., "num_labels": ...}), or {}."""
+    path = Path(source) / SCORER_FILE
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    return config
 
 
 def _offline() -> bool:
@@ -175,6 +205,9 @@ def _resolve_hub_id(spec: str) -> Path:
 def _resolve(spec: str) -> Path:
     if spec in BUNDLED_MODELS:
         return convert_gguf(resolve_bundled(spec))
+    if spec in BUNDLED_ADAPTERS:
+        from importlib.resources import files
+        return Path(str(files("w2s_engine").joinpath(BUNDLED_ADAPTERS[spec])))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -185,16 +218,22 @@ def _resolve(spec: str) -> Path:
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise ModelLoadError(
             f"model {spec!r}: no such directory or GGUF file, and not a bundled name "
-            f"({', '.join(sorted(BUNDLED_MODELS))}) or a hub id like 'org/name'")
+            f"({', '.join(sorted(BUNDLED_MODELS) + sorted(BUNDLED_ADAPTERS))}) or a hub id "
+            "like 'org/name'")
     return _resolve_hub_id(spec)
 
 
-def _load_checkpoint(spec, source: Path, dtype, device, attn) -> LoadedModel:
+def _load_checkpoint(spec, source: Path, dtype, device, attn, head: str = "causal_lm",
+                     num_labels: int | None = None) -> LoadedModel:
     kwargs = {"dtype": dtype}
     if attn is not None:
         kwargs["attn_implementation"] = attn
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+        with warnings.catch_warnings():  # a causal LM as a classifier: its head is new
+            warnings.filterwarnings("ignore", message=".*newly initialized.*")
+            model = HEADS[head].from_pretrained(str(source), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(source))
     except OSError as e:
         if not Path(spec).expanduser().exists():
@@ -202,12 +241,15 @@ def _load_checkpoint(spec, source: Path, dtype, device, attn) -> LoadedModel:
                                  f"directory, a GGUF file or a bundled name ({e})") from e
         raise ModelLoadError(f"model {spec!r}: cannot read a checkpoint from {source}: {e}") from e
     except (ValueError, KeyError) as e:
+        what = "causal LM" if head == "causal_lm" else "sequence classifier (a reward model)"
         raise ModelLoadError(f"model {spec!r}: transformers cannot load this architecture as a "
-                             f"causal LM ({e}); pass a decoder-only checkpoint") from e
-    return LoadedModel(model.to(device).eval(), tokenizer, spec, str(source))
+                             f"{what} ({e}); pass a decoder-only checkpoint") from e
+    return LoadedModel(model.to(device).eval(), tokenizer, spec, str(source),
+                       scorer_config(source).get("template"))
 
 
-def _load_adapter(spec, adapter_dir: Path, dtype, device, attn, chain: tuple) -> LoadedModel:
+def _load_adapter(spec, adapter_dir: Path, dtype, device, attn, chain: tuple,
+                  head: str = "causal_lm") -> LoadedModel:
     from peft import PeftModel
     try:
         config = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -226,8 +268,10 @@ def _load_adapter(spec, adapter_dir: Path, dtype, device, attn, chain: tuple) ->
             + ("loops" if adapter_dir.resolve() in seen else f"is longer than {MAX_ADAPTER_DEPTH}")
             + f" ({path}): set base_model_name_or_path in adapter_config.json to the base "
             "model itself")
+    scorer = scorer_config(adapter_dir)
     base = load_model(base_spec, dtype=dtype, device=device, attn_implementation=attn,
-                      _chain=chain)
+                      head=head, _chain=chain,
+                      _num_labels=scorer.get("num_labels", 1) if head != "causal_lm" else None)
     try:
         with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
             warnings.filterwarnings("ignore", category=FutureWarning)
@@ -239,10 +283,12 @@ def _load_adapter(spec, adapter_dir: Path, dtype, device, attn, chain: tuple) ->
     tokenizer = base.tokenizer
     if (adapter_dir / "tokenizer_config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    return LoadedModel(merged.eval(), tokenizer, spec, str(adapter_dir))
+    return LoadedModel(merged.eval(), tokenizer, spec, str(adapter_dir),
+                       scorer.get("template", base.template))
 
 
-def load_role(spec, role: str, dtype: torch.dtype, device: str, cache: dict) -> LoadedModel:
+def load_role(spec, role: str, dtype: torch.dtype, device: str, cache: dict,
+              head: str = "causal_lm") -> LoadedModel:
     """One of the engine's models: a spec string (loaded once per engine even when two roles
     name it: `cache`), a LoadedModel, or a (model, tokenizer) pair already in memory."""
     if isinstance(spec, tuple):
@@ -254,11 +300,11 @@ def load_role(spec, role: str, dtype: torch.dtype, device: str, cache: dict) -> 
     if not isinstance(spec, str):
         raise TypeError(f"{role}={spec!r}: pass a model spec string (bundled name, directory, "
                         "GGUF file, LoRA adapter dir) or a (model, tokenizer) pair")
-    if spec not in cache:
+    if (spec, head) not in cache:
         from w2s_engine.models.attention import ATTN_IMPLEMENTATION
-        cache[spec] = load_model(spec, dtype=dtype, device=device,
-                                 attn_implementation=ATTN_IMPLEMENTATION)
-    return cache[spec]
+        cache[spec, head] = load_model(spec, dtype=dtype, device=device,
+                                       attn_implementation=ATTN_IMPLEMENTATION, head=head)
+    return cache[spec, head]
 
 
 def eos_ids(model, tokenizer) -> set[int]:

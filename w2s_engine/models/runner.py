@@ -42,7 +42,8 @@ class ModelShape:
         return cls(num_layers=cfg.num_hidden_layers,
                    num_kv_heads=getattr(cfg, "num_key_value_heads", None) or num_heads,
                    head_dim=head_dim, hidden_size=cfg.hidden_size,
-                   vocab_size=model.get_output_embeddings().weight.shape[0],
+                   vocab_size=(model.get_output_embeddings().weight.shape[0]
+                               if model.get_output_embeddings() is not None else cfg.vocab_size),
                    max_positions=getattr(cfg, "max_position_embeddings", None),
                    num_heads=num_heads,
                    intermediate_size=getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size)
@@ -79,8 +80,8 @@ class ModelRunner:
         self.scratch_block = num_blocks
         self.kv_pool = torch.zeros(s.num_layers, 2, num_blocks + 1, block_size, s.num_kv_heads,
                                    s.head_dim, dtype=self.dtype, device=self.device)
-        head = model.get_output_embeddings()
-        self.lm_head_weight = head.weight                       # [V, H]
+        head = model.get_output_embeddings()   # None for a reward model (a classifier head)
+        self.lm_head_weight = head.weight if head is not None else None   # [V, H]
         self.lm_head_bias = getattr(head, "bias", None)
         self.final_logit_softcap = getattr(model.config.get_text_config(),
                                            "final_logit_softcapping", None)
@@ -154,6 +155,7 @@ class ModelRunner:
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] -> fp32 [N, V], with the model's final soft-cap if it has one."""
+        assert self.lm_head_weight is not None, "this model has no LM head (a reward model)"
         logits = torch.nn.functional.linear(hidden, self.lm_head_weight, self.lm_head_bias).float()
         if self.final_logit_softcap:
             logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap

@@ -30,9 +30,11 @@ class Steered:
 
 class EFT:
 
-    def __init__(self, stream: SmallStream, vocab_size: int, large_eos: set[int]):
+    def __init__(self, stream: SmallStream, vocab_size: int, large_eos: set[int],
+                 weight: float = 1.0):
         assert stream.roles == ("tuned", "untuned"), "EFT needs both models on one stream"
         self.stream = stream
+        self.weight = weight           # the implicit reward's, in the reported reward
         self.vocab_size = vocab_size   # the large tokenizer's; the small models' logits are cut to it
         self.large_eos = large_eos
 
@@ -71,4 +73,4 @@ class EFT:
                 b.eos_term = float(s.logp_tuned[eos] - s.logp_untuned[eos])
             else:
                 b.small[0].add_pending(token, float(s.logp_tuned[token] - s.logp_untuned[token]))
-            b.reward = sum(b.small[0].terms) + b.eos_term
+            b.reward = self.weight * (sum(b.small[0].terms) + b.eos_term)

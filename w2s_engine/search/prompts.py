@@ -7,7 +7,7 @@ The rules follow the reference implementation, so that both score the same text 
   from the first position where that differs from tokenize(templated prompt).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from w2s_engine.params import InvalidParam, check_text
 from w2s_engine.search.bridge import retokenize
@@ -92,23 +92,63 @@ class Template:
     def apply(self, tokenizer, prompt) -> str:
         """prompt: a string, or chat messages [{'role': ..., 'content': ...}, ...]."""
         if self.chat:
-            if not getattr(tokenizer, "chat_template", None):
-                raise ValueError(f"chat=True but the tokenizer of {tokenizer.name_or_path!r} has no "
-                                 "chat template: pass a template string with {prompt} instead")
             messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            try:
-                return tokenizer.apply_chat_template(messages, tokenize=False,
-                                                     add_generation_prompt=True)
-            except Exception as e:  # jinja2's TemplateError: raise_exception() in the template
-                if type(e).__module__.split(".")[0] != "jinja2":
-                    raise
-                raise InvalidParam("messages", prompt, f"the chat template of "
-                                   f"{tokenizer.name_or_path!r} refused them: {e}") from None
+            return self.render(tokenizer, messages, True)
         if isinstance(prompt, list):
             # Messages without a chat template: a plain transcript the template wraps.
             prompt = "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant:"
         # replace, not format: prompts and templates may hold other braces
         return self.text.replace("{prompt}", prompt)
+
+    @staticmethod
+    def render(tokenizer, messages: list, generation_prompt: bool) -> str:
+        """The tokenizer's chat template over messages, as text."""
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"chat=True but the tokenizer of {tokenizer.name_or_path!r} has no "
+                             "chat template: pass a template string with {prompt} instead")
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
+        except Exception as e:  # jinja2's TemplateError: raise_exception() in the template
+            if type(e).__module__.split(".")[0] != "jinja2":
+                raise
+            raise InvalidParam("messages", messages, f"the chat template of "
+                               f"{tokenizer.name_or_path!r} refused them: {e}") from None
+
+
+RESPONSE_MARK = "\u2063w2s-response\u2063"   # where a chat template puts the response
+
+
+@dataclass(frozen=True)
+class ResponseTemplate:
+    """A reward model's rendering of prompt + response: "...{prompt}...{response}...", or
+    "chat" (its chat template, the prompt as the user's turn, the response as the assistant's).
+    The response grows at the end of the first part; the second (an end-of-turn token, say) is
+    appended for each read."""
+
+    text: str = "{prompt}{response}"
+
+    def __post_init__(self):
+        if self.text != "chat" and (not isinstance(self.text, str)
+                                    or self.text.count("{response}") != 1
+                                    or "{prompt}" not in self.text.split("{response}")[0]):
+            raise ValueError(f"reward model template {self.text!r}: use 'chat', or a string with "
+                             "'{prompt}' and then '{response}' once")
+
+    def around(self, tokenizer, prompt) -> tuple[str, str]:
+        """(the text before the response, the text after it) for this prompt."""
+        if self.text != "chat":
+            before, after = self.text.split("{response}")
+            return Template(before).apply(tokenizer, prompt), after
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        rendered = Template(chat=True).render(
+            tokenizer, messages + [{"role": "assistant", "content": RESPONSE_MARK}], False)
+        if rendered.count(RESPONSE_MARK) != 1:
+            raise ValueError(f"the chat template of {tokenizer.name_or_path!r} does not render an "
+                             "assistant turn as given: pass a template string with {prompt} and "
+                             "{response}")
+        before, after = rendered.split(RESPONSE_MARK)
+        return before, after
 
 
 def parse_templates(templates: dict | None, chat: bool) -> dict[str, Template]:
@@ -146,13 +186,21 @@ class SmallPrompt:
     ids: list[int]
     starts: list[int]   # character offset of each prompt token
     special: bool
+    suffix_ids: list[int] = field(default_factory=list)   # a reward model's, after the response
 
     @classmethod
-    def make(cls, tokenizer, template: Template, prompt: str, special: bool) -> "SmallPrompt":
-        text = template.apply(tokenizer, prompt)
-        special = special and not template.chat  # a rendered chat template has its own
+    def make(cls, tokenizer, template, prompt, special: bool) -> "SmallPrompt":
+        """template: a Template (the implicit pair's models) or a ResponseTemplate (a reward
+        model's: what follows the response is tokenized on its own, as suffix_ids)."""
+        if isinstance(template, ResponseTemplate):
+            text, suffix = template.around(tokenizer, prompt)
+            special = special and template.text != "chat"
+        else:
+            text, suffix = template.apply(tokenizer, prompt), ""
+            special = special and not template.chat  # a rendered chat template has its own
         tok = tokenize(tokenizer, text, special)
-        return cls(tokenizer, text, tok.ids, tok.starts, special)
+        return cls(tokenizer, text, tok.ids, tok.starts, special,
+                   encode(tokenizer, suffix, False) if suffix else [])
 
     def full_ids(self, response_text: str) -> tuple[list[int], int]:
         """(tokenize(prompt + response), first position where it differs from the prompt's)."""

@@ -215,7 +215,10 @@ class SearchRequest:
         hyps = []
         for b in self.beams:
             text = response_text(b)
-            small_ids = b.small[0].ids[b.small[0].response_start:] if b.small else []
+            # The first scorer stream's response tokens (a reward model's suffix left out).
+            small_ids = b.small[0].ids[b.small[0].response_start:
+                                       len(b.small[0].ids) - len(self.small_prompts[0].suffix_ids)] \
+                if b.small else []
             hyps.append(Hypothesis(text=text, token_ids=list(b.token_ids),
                                    small_token_ids=list(small_ids),
                                    reward=b.reward if scored else None, finished=b.finish_reason == "stop",

@@ -1,51 +1,96 @@
-"""ImplicitScorer: the reward of a search, r(y) = sum_t log pi_tuned(y_t | x_t, y_<t) - log pi_untuned(y_t | x_u, y_<t).
+"""Scorer: the reward of a search, a weighted sum of its scorers, each incremental on paged KV.
 
-It owns the small models' side of every request: their templated prompts, their streams on
-paged KV (one stream when both models read the same tokens, else one each; search/
-small_stream.py), and chunk scoring. After each chunk, plan() turns every candidate's new
-response into a StreamUpdate per stream, in the small models' own tokens: the sampled ids as
-they are when the large model shares the tokenizer, else the response text re-tokenized over
-a tail window (the bridge). It raises for a request that cannot be scored (its re-tokenized
-response outgrows the small models' context or its KV reservation), which then fails alone;
-run() forwards the updates of all requests together, one forward per model, and sets each
-candidate's reward.
+- The implicit pair (the paper's): r(y) = sum_t log pi_tuned(y_t | x_t, y_<t) -
+  log pi_untuned(y_t | x_u, y_<t), on one stream when both small models read the same tokens
+  (one tokenizer, one template: the usual case), else one each (search/small_stream.py).
+- A reward model: its classification head at the last token of its rendering of prompt +
+  response, the template's suffix appended for each read and rolled back
+  (search/head_stream.py).
+It owns the scoring side of every request: each stream's templated prompt, and chunk scoring.
+After each chunk, plan() turns every candidate's new response into a StreamUpdate per stream,
+in that stream's tokens: the sampled ids as they are when its tokenizer is the large model's,
+else the response text re-tokenized over a tail window (the bridge). It raises for a request
+that cannot be scored (its re-tokenized response outgrows a model's context or its KV
+reservation), which then fails alone; run() forwards the updates of all requests together,
+one forward per model, and sets each candidate's reward.
 """
+
+from dataclasses import dataclass
 
 from w2s_engine.cache.block_manager import BlockManager
 from w2s_engine.cache.kv_budget import SMALL_TOKENS_PER_LARGE, KVBudget
 from w2s_engine.params import check_text, is_int
-from w2s_engine.search.prompts import SmallPrompt, Template, check_context
+from w2s_engine.search.head_stream import HeadStream
+from w2s_engine.search.prompts import ResponseTemplate, SmallPrompt, Template, check_context
 from w2s_engine.search.request import SearchRequest
 from w2s_engine.search.sequence import Beam, SmallState
 from w2s_engine.search.small_stream import SmallStream, StreamUpdate
 from w2s_engine.search.tokens import Tokenized
 
 
-class ImplicitScorer:
+@dataclass
+class RewardModelParts:
+    """A loaded reward model as the scorer takes it."""
 
-    def __init__(self, small: dict, templates: dict[str, Template], budget: KVBudget,
-                 large_vocab: dict | None, special_tokens: bool, max_batch_tokens: int):
-        """small: role -> (ModelRunner, tokenizer) for "tuned" and "untuned", or empty (no
-        small models: the engine runs base only). large_vocab: the large tokenizer's vocabulary,
-        None for a black-box large model."""
-        assert set(small) in (set(), {"tuned", "untuned"})
-        self.templates = templates
+    role: str                   # its name in stats ("reward_model", "reward_model_1", ...)
+    runner: object              # ModelRunner of a model with a classification head
+    tokenizer: object
+    template: ResponseTemplate
+    head_index: int
+    weight: float
+
+
+@dataclass
+class Part:
+    """One term of the weighted sum: its kind, weight and streams (indices into streams)."""
+
+    kind: str                   # "implicit" or "reward_model"
+    weight: float
+    streams: list[int]
+
+
+class Scorer:
+
+    def __init__(self, pair: dict, templates: dict[str, Template], budget: KVBudget,
+                 large_vocab: dict | None, special_tokens: bool, max_batch_tokens: int,
+                 implicit_weight: float = 1.0,
+                 reward_models: list[RewardModelParts] | None = None):
+        """pair: role -> (ModelRunner, tokenizer) for "tuned" and "untuned", or empty (no
+        implicit reward). large_vocab: the large tokenizer's vocabulary, None for a black-box
+        large model. reward_models: explicit reward models, after the pair in the sum."""
+        assert set(pair) in (set(), {"tuned", "untuned"})
         self.budget = budget
         self.special_tokens = special_tokens
-        self.streams: list[SmallStream] = []
+        self.streams: list[SmallStream | HeadStream] = []
         self.tokenizers = []
-        if small:
-            (_, tok_t), (_, tok_u) = small["tuned"], small["untuned"]
+        self.templates: list[Template | ResponseTemplate] = []
+        self.parts: list[Part] = []
+
+        def add(stream, tokenizer, template) -> int:
+            self.streams.append(stream)
+            self.tokenizers.append(tokenizer)
+            self.templates.append(template)
+            return len(self.streams) - 1
+
+        def pool():
+            return BlockManager(budget.num_blocks, budget.block_size)
+
+        if pair:
+            (_, tok_t), (_, tok_u) = pair["tuned"], pair["untuned"]
             same = tok_t.get_vocab() == tok_u.get_vocab() and templates["tuned"] == templates["untuned"]
+            indices = []
             for roles in ([("tuned", "untuned")] if same else [("tuned",), ("untuned",)]):
-                tok = small[roles[0]][1]
-                self.streams.append(SmallStream(
-                    {r: small[r][0] for r in roles},
-                    BlockManager(budget.num_blocks, budget.block_size), tok.eos_token_id,
-                    max_batch_tokens))
-                self.tokenizers.append(tok)
-        # Shared vocabulary: the sampled ids are scored as they are.
-        self.shared_vocab = bool(small) and all(t.get_vocab() == large_vocab for t in self.tokenizers)
+                tok = pair[roles[0]][1]
+                indices.append(add(SmallStream({r: pair[r][0] for r in roles}, pool(),
+                                               tok.eos_token_id, max_batch_tokens),
+                                   tok, templates[roles[0]]))
+            self.parts.append(Part("implicit", implicit_weight, indices))
+        for rm in reward_models or []:
+            i = add(HeadStream(rm.role, rm.runner, pool(), rm.head_index, max_batch_tokens),
+                    rm.tokenizer, rm.template)
+            self.parts.append(Part("reward_model", rm.weight, [i]))
+        # A stream whose tokenizer is the large model's scores the sampled ids as they are.
+        self.shared = [t.get_vocab() == large_vocab for t in self.tokenizers]
 
     @property
     def stream_roles(self) -> list[tuple[str, ...]]:
@@ -55,24 +100,44 @@ class ImplicitScorer:
     def blocks(self) -> list[BlockManager]:
         return [s.blocks for s in self.streams]
 
+    @property
+    def shared_vocab(self) -> bool:
+        """Whether the implicit pair reads the large model's sampled ids as they are."""
+        implicit = self._implicit()
+        return implicit is not None and all(self.shared[i] for i in implicit.streams)
+
+    @property
+    def eft_stream(self) -> SmallStream | None:
+        """The stream EFT steers with: the implicit pair alone, on one stream, in the large
+        model's vocabulary (token-level mixing needs one vocabulary for all three)."""
+        implicit = self._implicit()
+        if implicit is None or len(self.parts) != 1 or len(implicit.streams) != 1 \
+                or not self.shared[implicit.streams[0]]:
+            return None
+        return self.streams[implicit.streams[0]]
+
+    def _implicit(self) -> Part | None:
+        return next((p for p in self.parts if p.kind == "implicit"), None)
+
     # ---- requests ------------------------------------------------------------------------
 
     def prompts(self, prompt, max_new_tokens: int) -> list[SmallPrompt]:
         """Each stream's templated, tokenized prompt (raises ValueError saying what to change)."""
         out = []
-        for stream, tok in zip(self.streams, self.tokenizers):
+        for stream, tok, template in zip(self.streams, self.tokenizers, self.templates):
             role = stream.roles[0]
-            sp = SmallPrompt.make(tok, self.templates[role], prompt, self.special_tokens)
+            sp = SmallPrompt.make(tok, template, prompt, self.special_tokens)
             if not sp.ids:
                 raise ValueError(f"the {role} model's templated prompt is empty: give the "
-                                 "small template some text or turn small_special_tokens on")
+                                 "template some text or turn small_special_tokens on")
             for r, runner in stream.runners.items():
-                check_context(r, runner.shape.max_positions, len(sp.ids), max_new_tokens)
+                check_context(r, runner.shape.max_positions, len(sp.ids) + len(sp.suffix_ids),
+                              max_new_tokens)
             out.append(sp)
         return out
 
     def prefill(self, requests: list[SearchRequest]):
-        """Give each new request's root its small states and forward their prompts."""
+        """Give each new request's root its states and forward their prompts."""
         for r in requests:
             r.root.small = [SmallState(s.blocks.new_table(), list(sp.ids), len(sp.ids), [], {},
                                        sp.text, list(sp.starts))
@@ -96,38 +161,40 @@ class ImplicitScorer:
                 continue  # a finished survivor carried from the last chunk
             for si, sp in enumerate(r.small_prompts):
                 st = b.small[si]
-                if self.shared_vocab:
-                    u = StreamUpdate(st, sp.ids + b.token_ids, len(sp.ids), b.finish_reason == "stop")
+                if self.shared[si]:
+                    u = StreamUpdate(st, sp.ids + b.token_ids + sp.suffix_ids, len(sp.ids),
+                                     b.finish_reason == "stop")
                 else:
-                    # The bridge: text of the new tokens, a tail re-tokenized.
-                    new, start = sp.extend(Tokenized(st.text, st.ids, st.starts),
-                                           large.response_text(b))
+                    # The bridge: text of the new tokens, a tail re-tokenized (the suffix, a
+                    # reward model's, is tokenized on its own and follows).
+                    old = Tokenized(st.text, st.ids[:len(st.starts)], st.starts)
+                    new, start = sp.extend(old, large.response_text(b))
                     if start == 0:
-                        raise ValueError("the small tokenization of prompt + response "
-                                         "changed the prompt's first token")
-                    u = StreamUpdate(st, new.ids, start, b.finish_reason == "stop",
+                        raise ValueError("the tokenization of prompt + response changed the "
+                                         f"prompt's first token for the {self.streams[si].roles[0]}"
+                                         " model: add text before {prompt} in its template")
+                    u = StreamUpdate(st, new.ids + sp.suffix_ids, start, b.finish_reason == "stop",
                                      text=new.text, starts=new.starts)
                 ups.append((si, b, u))
-        if not self.shared_vocab:
-            self._check_growth(r, ups, large)
+        self._check_growth(r, ups, large)
         return ups
 
     def _check_growth(self, r: SearchRequest, ups: list, large):
         """A response can re-tokenize to more small tokens per large token than admission
         planned for (a word of one large token spelled out in bytes). Keep the request within
-        the small models' context, and its blocks within its reservation, so that no pool runs
+        each model's context, and its blocks within its reservation, so that no pool runs
         out under the other requests: the reservation grows to what the request holds if the
         pool has unreserved room; if not, this request fails here, alone."""
         for si, (sp, stream) in enumerate(zip(r.small_prompts, self.streams)):
             mine = [(b, u) for s, b, u in ups if s == si]
-            if not mine:
+            if not mine or self.shared[si]:
                 continue
             limit = stream.runners[stream.roles[0]].shape.max_positions
             longest = max(len(u.full_ids) for _, u in mine)
             if limit is not None and longest > limit:
                 raise ValueError(
                     f"the response re-tokenizes to {longest} tokens of prompt + response for the "
-                    f"small models, past their context of {limit}: lower max_new_tokens")
+                    f"{stream.roles[0]} model, past its context of {limit}: lower max_new_tokens")
             # Blocks held after this update, at most: those held now (shared prefixes once),
             # each stream's new blocks, and one copy-on-write of the block it writes into.
             held = len({blk for b in r.beams for blk in b.small[si].table.blocks}) + sum(
@@ -139,9 +206,10 @@ class ImplicitScorer:
                            for b, u in mine)
                 raise ValueError(
                     f"the response re-tokenizes to {rate:.1f} small-model tokens per large-model "
-                    f"token (KV was reserved for {SMALL_TOKENS_PER_LARGE}), and the small models' "
-                    f"pool has no unreserved room for the {missing} more blocks it needs: lower "
-                    "max_new_tokens or w*k, or give the engine more KV memory")
+                    f"token (KV was reserved for {SMALL_TOKENS_PER_LARGE}), and the "
+                    f"{stream.roles[0]} model's pool has no unreserved room for the {missing} "
+                    "more blocks it needs: lower max_new_tokens or w*k, or give the engine more "
+                    "KV memory")
 
     def run(self, plans: list[tuple[SearchRequest, list]]):
         """Forward every planned update (all requests, one batch per stream); set rewards."""
@@ -161,25 +229,36 @@ class ImplicitScorer:
                 touched.setdefault(id(b), (b, []))[1].append(u)
         for b, ups in touched.values():
             b.eos_term = sum(u.eos_term for u in ups)
-            b.reward = sum(sum(s.terms) for s in b.small) + b.eos_term
+            b.reward = self.reward(b)
+
+    def reward(self, b: Beam) -> float:
+        """The weighted sum of the beam's scorers, from its states."""
+        total = 0.0
+        for part in self.parts:
+            if part.kind == "implicit":
+                value = sum(sum(b.small[i].terms) for i in part.streams) + b.eos_term
+            else:
+                value = b.small[part.streams[0]].value
+            total += part.weight * value
+        return total
 
     # ---- given responses -------------------------------------------------------------------
 
     def score(self, prompts: list, responses: list, finished: list[bool]) -> list[float]:
-        """The implicit reward of given responses (texts, or the small models' token ids)."""
+        """The reward of given responses: texts, or (one vocabulary for all scorers) their
+        token ids."""
         self._check_responses(responses, finished)
-        rewards = [0.0] * len(prompts)
-        for stream, tok in zip(self.streams, self.tokenizers):
-            role = stream.roles[0]
+        values = []      # per stream, per response
+        for stream, tok, template in zip(self.streams, self.tokenizers, self.templates):
             updates = []
             for prompt, response, fin in zip(prompts, responses, finished):
-                sp = SmallPrompt.make(tok, self.templates[role], prompt, self.special_tokens)
+                sp = SmallPrompt.make(tok, template, prompt, self.special_tokens)
                 if isinstance(response, str):
                     full, start = sp.full_ids(response)
                 else:
                     full, start = sp.ids + list(response), len(sp.ids)
                 st = SmallState(stream.blocks.new_table(), list(sp.ids), len(sp.ids), [], {})
-                updates.append(StreamUpdate(st, full, start, bool(fin)))
+                updates.append(StreamUpdate(st, full + sp.suffix_ids, start, bool(fin)))
             # Tables for a group at once: groups that fit half the free pool (the other half
             # is the search's, which may run beside).
             room = stream.blocks.num_free * stream.blocks.block_size // 2
@@ -197,8 +276,18 @@ class ImplicitScorer:
                 finally:
                     for u in group:
                         stream.blocks.free(u.state.table)
-            for j, u in enumerate(updates):
-                rewards[j] += sum(u.state.terms) + u.eos_term
+            values.append(updates)
+        rewards = []
+        for j in range(len(prompts)):
+            total = 0.0
+            for part in self.parts:
+                if part.kind == "implicit":
+                    value = sum(sum(values[i][j].state.terms) + values[i][j].eos_term
+                                for i in part.streams)
+                else:
+                    value = values[part.streams[0]][j].state.value
+                total += part.weight * value
+            rewards.append(total)
         return rewards
 
     def _check_responses(self, responses: list, finished: list):

@@ -25,6 +25,7 @@ class SmallState:
     last_hidden: dict[str, torch.Tensor]   # role -> [H] final hidden state of ids[-1]
     text: str = ""                         # cross-tokenizer only: the text `ids` tokenize
     starts: list[int] = field(default_factory=list)  # and where each token starts in it
+    value: float = 0.0                     # a reward model's: its head at the last read
 
     def add_pending(self, token: int, term: float):
         """A token scored from the stored hidden state, to be forwarded at the next step."""
@@ -35,7 +36,8 @@ class SmallState:
     def fork(self, blocks: BlockManager) -> "SmallState":
         # Hidden states are never written in place, so children share the tensors.
         return SmallState(blocks.fork(self.table), list(self.ids), self.response_start,
-                          list(self.terms), dict(self.last_hidden), self.text, list(self.starts))
+                          list(self.terms), dict(self.last_hidden), self.text, list(self.starts),
+                          self.value)
 
 
 @dataclass

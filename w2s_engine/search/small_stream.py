@@ -57,7 +57,7 @@ class SmallStream:
             self._append([(st.table, len(st.ids))])
         for role, runner in self.runners.items():
             done = 0
-            for chunk in _batches([(st.table, st.ids) for st in states], self.max_batch_tokens):
+            for chunk in batches([(st.table, st.ids) for st in states], self.max_batch_tokens):
                 hidden, cu = runner.run(chunk)
                 for end in cu[1:].tolist():
                     states[done].last_hidden[role] = hidden[end - 1]
@@ -93,7 +93,7 @@ class SmallStream:
         hidden = {}
         for role, runner in self.runners.items():
             parts, offsets, base = [], [], 0
-            for chunk in _batches(feeds, self.max_batch_tokens):
+            for chunk in batches(feeds, self.max_batch_tokens):
                 h, cu = runner.run(chunk)
                 parts.append(h)
                 offsets += [base + x for x in cu[:-1].tolist()]
@@ -189,7 +189,7 @@ class SmallStream:
             runner.copy_blocks(copies)
 
 
-def _batches(items, max_tokens: int):
+def batches(items, max_tokens: int):
     """Split a list of (table, ids) into forwards of at most max_tokens new tokens."""
     batch, n = [], 0
     for item in items:

@@ -211,7 +211,7 @@ def create_app(async_engine: AsyncEngine, model_name: str = "w2s", *,
                                     f"server's limit of {max_prompt_chars} (--max-prompt-chars):"
                                     " send a shorter prompt", prompt_field)
         try:
-            params = body.params(DEFAULT_MAX_TOKENS, "cbs" if engine.has_small else "base")
+            params = body.params(DEFAULT_MAX_TOKENS, "cbs" if engine.has_scorer else "base")
             future, ticket = await async_engine.submit(prompt, params)
         except (ValueError, TypeError) as e:
             raise param_error(e, prompt_field) from None

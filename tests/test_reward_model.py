@@ -1,0 +1,182 @@
+"""A reward model as the search's scorer: incremental on its own paged KV, equal to a full
+forward of its rendering of prompt + response, alone or in a weighted sum with the implicit
+reward, with the large model's tokenizer or another."""
+
+import copy
+
+import pytest
+import torch
+
+from tiny_models import clone, make_tokenizer, tiny_llama, tiny_reward_model, tuned_from
+from w2s_engine import Engine, SearchParams
+from w2s_engine.scoring import ImplicitReward, RewardModel
+from w2s_engine.search.tokens import common_prefix
+
+PROMPTS = ["I really", "This film", "The plot of this film"]
+LARGE_TEMPLATE = "Here is a movie review: {prompt}"
+SMALL_TEMPLATE = "Review: {prompt}"
+RM_TEMPLATE = "Rate this review. {prompt}{response}<eos>"   # <eos>: the suffix, read each time
+
+
+@pytest.fixture(scope="module")
+def models():
+    tok, other = make_tokenizer(300), make_tokenizer(420)
+    untuned = tiny_llama(len(tok), seed=2)
+    return {"tok": tok, "other": other, "untuned": untuned,
+            "tuned": tuned_from(untuned, seed=3, scale=0.3),
+            "rm": tiny_reward_model(len(tok), seed=7), "rm_other": tiny_reward_model(len(other), seed=8)}
+
+
+def make_engine(models, large_tok="tok", rm="rm", pair=False, weight=1.0, **kw):
+    large_tok = models[large_tok]
+    rm_tok = models["tok"] if rm == "rm" else models["other"]
+    scorer = [RewardModel((clone_rm(models[rm]), rm_tok), template=RM_TEMPLATE, head_index=1,
+                          weight=weight)]
+    extra = {}
+    if pair:
+        scorer = [ImplicitReward()] + scorer
+        extra = dict(tuned=(clone(models["tuned"]), models["tok"]),
+                     untuned=(clone(models["untuned"]), models["tok"]))
+    kw.setdefault("num_kv_blocks", 800)
+    return Engine((tiny_llama(len(large_tok), seed=1, layers=3), large_tok), scorer=scorer,
+                  templates={"large": LARGE_TEMPLATE, "small": SMALL_TEMPLATE}, block_size=4,
+                  progress=False, **extra, **kw)
+
+
+def clone_rm(model):
+    twin = type(model)(copy.deepcopy(model.config)).eval()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+@torch.no_grad()
+def scratch_rm(model, tok, prompt, response) -> float:
+    """The reward model's head at the last token of its rendering, in one full forward."""
+    before, after = RM_TEMPLATE.split("{response}")
+    before = before.replace("{prompt}", prompt)
+    if isinstance(response, str):
+        ids = tok(before + response, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tok(before, add_special_tokens=False)["input_ids"] + list(response)
+    ids = ids + tok(after, add_special_tokens=False)["input_ids"]
+    return model(torch.tensor([ids])).logits[0, 1].item()
+
+
+@torch.no_grad()
+def scratch_implicit(models, prompt, response_ids, finished) -> float:
+    tok = models["tok"]
+    full = tok(SMALL_TEMPLATE.replace("{prompt}", prompt), add_special_tokens=False)["input_ids"]
+    start = len(full)
+    full = full + list(response_ids) + ([tok.eos_token_id] if finished else [])
+    total = 0.0
+    for model, sign in ((models["tuned"], 1.0), (models["untuned"], -1.0)):
+        logp = model(torch.tensor([full])).logits[0].log_softmax(-1)
+        total += sign * sum(logp[i - 1, full[i]].item() for i in range(start, len(full)))
+    return total
+
+
+def test_every_hypothesis_reward_equals_a_full_forward_of_the_reward_model(models):
+    engine = make_engine(models)
+    finished = cut = 0
+    for l, seed in [(3, 1), (4, 2)]:
+        params = SearchParams(w=2, k=3, l=l, max_new_tokens=14, temperature=1.2, seed=seed,
+                              stop=["e"], trace=True)
+        for res in engine.search(PROMPTS, params):
+            for h in res.hypotheses:
+                want = scratch_rm(models["rm"], models["tok"], res.prompt, h.token_ids)
+                assert h.reward == pytest.approx(want, abs=1e-4)
+                finished += h.finished
+                cut += not h.finished
+                assert h.small_token_ids == h.token_ids   # the suffix is not part of the response
+            # Every candidate of every chunk too, not only the survivors.
+            for entry in res.trace:
+                for c in entry["candidates"]:
+                    assert c["reward"] == pytest.approx(
+                        scratch_rm(models["rm"], models["tok"], res.prompt, c["token_ids"]), abs=1e-4)
+    assert finished and cut, "the workload should have finished and cut hypotheses"
+    engine.check_all_free()
+
+
+def test_a_reward_model_with_another_tokenizer_scores_the_response_text(models):
+    engine = make_engine(models, large_tok="tok", rm="rm_other")
+    params = SearchParams(w=2, k=2, l=2, max_new_tokens=12, temperature=1.0, seed=3)
+    for res in engine.search(PROMPTS, params):
+        for h in res.hypotheses:
+            want = scratch_rm(models["rm_other"], models["other"], res.prompt, h.text)
+            assert h.reward == pytest.approx(want, abs=1e-4)
+            assert h.reward == pytest.approx(engine.score([res.prompt], [h.text])[0], abs=1e-4)
+    engine.check_all_free()
+
+
+def test_a_weighted_sum_adds_the_implicit_reward_and_the_reward_model(models):
+    engine = make_engine(models, pair=True, weight=0.5)
+    params = SearchParams(w=2, k=2, l=3, max_new_tokens=10, temperature=1.0, seed=5)
+    for res in engine.search(PROMPTS[:2], params):
+        for h in res.hypotheses:
+            want = (scratch_implicit(models, res.prompt, h.token_ids, h.finished)
+                    + 0.5 * scratch_rm(models["rm"], models["tok"], res.prompt, h.token_ids))
+            assert h.reward == pytest.approx(want, abs=1e-4)
+            assert h.reward == pytest.approx(
+                engine.score([res.prompt], [h.token_ids], finished=h.finished)[0], abs=1e-4)
+        assert {"tuned", "untuned", "reward_model"} <= set(res.stats.tokens_forwarded)
+    engine.check_all_free()
+
+
+def test_the_reward_model_forwards_the_prompt_once_and_each_chunk_with_its_suffix(models):
+    engine = make_engine(models)
+    params = SearchParams(w=2, k=2, l=3, max_new_tokens=9, seed=8, trace=True)
+    res = engine.search(["I really"], params)[0]
+    tok = models["tok"]
+    prompt_len = len(tok("Rate this review. I really", add_special_tokens=False)["input_ids"])
+    suffix_len = len(tok("<eos>", add_special_tokens=False)["input_ids"])
+    lengths, expected = {}, prompt_len
+    for entry in res.trace:
+        for c in entry["candidates"]:
+            if c["beam_id"] in lengths:
+                continue  # a finished survivor carried over: not scored again
+            new = c["num_tokens"] - lengths.get(c["parent_id"], 0)
+            expected += new + suffix_len if new else 0
+            lengths[c["beam_id"]] = c["num_tokens"]
+    assert res.stats.tokens_forwarded["reward_model"] == expected
+
+
+def test_best_of_n_with_a_reward_model_returns_its_best_sample(models):
+    engine = make_engine(models)
+    res = engine.search(["What a"], SearchParams.best_of_n(6, max_new_tokens=8, seed=2,
+                                                           trace=True))[0]
+    cands = res.trace[0]["candidates"]
+    assert res.reward == max(c["reward"] for c in cands)
+    engine.check_all_free()
+
+
+def test_eft_needs_the_implicit_reward_alone_and_a_request_failing_mid_way_frees_its_blocks(
+        models):
+    engine = make_engine(models, large_tok="other", rm="rm")   # the bridge from the large model
+    with pytest.raises(ValueError, match="implicit reward alone"):
+        engine.search(["I really"], SearchParams.eft(max_new_tokens=4))
+    params = SearchParams(w=2, k=2, l=3, max_new_tokens=6, seed=1)
+    good = engine.add_request("I really", params)
+    bad = engine.make_request("This film", params)
+    bad.small_prompts[0].tokenizer = None  # its re-tokenization at the first chunk will raise
+    engine.enqueue(bad)
+    while engine.has_unfinished():
+        engine.step()
+    assert good.status == "done" and bad.status == "failed"
+    engine.check_all_free()
+
+
+def test_scorer_choices_that_cannot_work_say_what_to_change(models):
+    tok = models["tok"]
+    large = (tiny_llama(len(tok), seed=1), tok)
+    with pytest.raises(ValueError, match="ImplicitReward needs the tuned and untuned"):
+        Engine(large, scorer=ImplicitReward(), num_kv_blocks=50, progress=False)
+    with pytest.raises(ValueError, match="does not use them"):
+        Engine(large, (clone(models["tuned"]), tok), (clone(models["untuned"]), tok),
+               scorer=RewardModel((clone_rm(models["rm"]), tok)), num_kv_blocks=50,
+               progress=False)
+    with pytest.raises(TypeError, match="RewardModel"):
+        Engine(large, scorer="a reward model", num_kv_blocks=50, progress=False)
+    with pytest.raises(ValueError, match="template"):
+        Engine(large, scorer=RewardModel((clone_rm(models["rm"]), tok), template="{response}"),
+               num_kv_blocks=50, progress=False)
+    assert common_prefix([1, 2], [1, 3]) == 1
