@@ -65,14 +65,17 @@ def tuned_from(model, seed: int, scale: float = 0.05):
 
 
 def tiny_reward_model(vocab_size: int, seed: int, num_labels: int = 2, layers: int = 2,
-                      hidden: int = 64):
-    """A random reward model: the tiny decoder with a classification head (fp32)."""
+                      hidden: int = 64, per_token: bool = False):
+    """A random reward model: the tiny decoder with a classification head (fp32), read at
+    the last token (a sequence classifier) or at every token (per_token)."""
     torch.manual_seed(seed)
     cfg = transformers.MistralConfig(
         num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden,
         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
         max_position_embeddings=512, bos_token_id=0, eos_token_id=1, num_labels=num_labels)
-    model = transformers.AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32)
+    auto = (transformers.AutoModelForTokenClassification if per_token
+            else transformers.AutoModelForSequenceClassification)
+    model = auto.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():   # spread the head's outputs so that rewards differ
         model.score.weight.mul_(20.0)
     return model.eval()

@@ -30,12 +30,14 @@ from w2s_engine.models.runner import ModelRunner, ModelShape
 from w2s_engine.outputs import SearchResult
 from w2s_engine.params import SearchParams
 from w2s_engine.scheduler import Scheduler
-from w2s_engine.scoring import ImplicitReward, RewardModel, scorer_list
+from w2s_engine.scoring import ImplicitReward, ProcessRewardModel, RewardModel, scorer_list
 from w2s_engine.search.eft import EFT
 from w2s_engine.search.prompts import (ResponseTemplate, check_prompt, parse_templates,
                                        template_has_tool_role)
 from w2s_engine.search.request import KVSpace, RequestStatus, SearchRequest
-from w2s_engine.search.scorer import RewardModelParts, Scorer
+from w2s_engine.search.head_stream import label_probability, score_head
+from w2s_engine.search.scorer import RewardModelParts, Scorer, Steps
+from w2s_engine.search.tokens import encode
 from w2s_engine.search.sequence import Beam
 from w2s_engine.search.stream import FinalText, SearchDelta
 
@@ -44,6 +46,38 @@ log = logging.getLogger("w2s_engine")
 
 class SearchError(RuntimeError):
     """A request failed while running; the engine and the other requests went on."""
+
+
+def model_head(rm) -> str:
+    """The head a (process) reward model is loaded with."""
+    if isinstance(rm, RewardModel):
+        return "sequence_classification"
+    return "causal_lm" if rm.label is not None else "token_classification"
+
+
+def reward_model_parts(rm, role: str, runner: ModelRunner, loaded) -> RewardModelParts:
+    """A RewardModel / ProcessRewardModel spec over its loaded model, as the scorer takes it."""
+    tok = loaded.tokenizer
+    template = ResponseTemplate(rm.template or loaded.template or "{prompt}{response}")
+
+    def one_token(name: str, text: str) -> int:
+        ids = encode(tok, text, False)
+        if len(ids) != 1:
+            raise ValueError(f"ProcessRewardModel.{name}={text!r} is {len(ids)} tokens of the "
+                             "model's tokenizer: it must be one")
+        return ids[0]
+    if isinstance(rm, RewardModel):
+        return RewardModelParts(role, runner, tok, template, score_head(runner, rm.head_index),
+                                rm.weight)
+    if rm.label is not None:
+        read = label_probability(runner, one_token("label", rm.label),
+                                 one_token("other_label", rm.other_label)
+                                 if rm.other_label is not None else None)
+    else:
+        read = score_head(runner, rm.head_index)
+    steps = Steps(rm.step_tag, one_token("step_tag", rm.step_tag), rm.step_separator,
+                  rm.aggregate)
+    return RewardModelParts(role, runner, tok, template, read, rm.weight, steps)
 
 
 class Engine:
@@ -70,7 +104,7 @@ class Engine:
         specs = {"tuned": tuned, "untuned": untuned} if tuned is not None else {}
         if not remote:
             specs = {"large": large, **specs}
-        reward_models = [s for s in scorers if isinstance(s, RewardModel)]
+        reward_models = [s for s in scorers if isinstance(s, (RewardModel, ProcessRewardModel))]
         rm_roles = ["reward_model" if i == 0 else f"reward_model_{i + 1}"
                     for i in range(len(reward_models))]
         cache = {}
@@ -78,7 +112,7 @@ class Engine:
                        for role, spec in specs.items()}
         for role, rm in zip(rm_roles, reward_models):
             self.models[role] = load_role(rm.model, role, config.dtype, config.device, cache,
-                                          head="sequence_classification")
+                                          head=model_head(rm))
 
         # Every pool has the same number of blocks; one block of each together fits the budget.
         bytes_per_block = sum(ModelShape.of(m.model).kv_bytes_per_block(config.block_size,
@@ -111,10 +145,7 @@ class Engine:
             pair, self.templates, self.budget,
             None if remote else self.large.tokenizer.get_vocab(), config.small_special_tokens,
             config.max_batch_tokens, implicit.weight,
-            [RewardModelParts(role, self.runners[role], self.models[role].tokenizer,
-                              ResponseTemplate(rm.template or self.models[role].template
-                                               or "{prompt}{response}"),
-                              rm.head_index, rm.weight)
+            [reward_model_parts(rm, role, self.runners[role], self.models[role])
              for role, rm in zip(rm_roles, reward_models)])
         # EFT mixes logits token by token: one vocabulary for all three, one small stream.
         if self.scorer.eft_stream is not None:

@@ -5,6 +5,8 @@
     Engine(large, tuned, untuned,
            scorer=[ImplicitReward(), RewardModel("path/to/rm", weight=0.5)])
 
+    Engine(large, scorer=ProcessRewardModel("prm", step_tag=" ки", label="+", other_label="-"))
+
 A beam's reward is the weighted sum of its scorers' rewards; every scorer is incremental on
 its own paged KV (the response goes through each model once per chunk).
 """
@@ -41,7 +43,51 @@ class RewardModel:
     weight: float = 1.0
 
 
-SCORERS = (ImplicitReward, RewardModel)
+AGGREGATES = ("last", "min", "product", "mean")
+
+
+@dataclass
+class ProcessRewardModel:
+    """A process reward model: a score per step of the response, read at a tag token after
+    each step, aggregated (last, min, product or mean).
+
+    Steps end at each `step_separator` in the response ("\n\n"), or, with None, at the end of
+    each chunk of the search. The rendering is the template's, with `step_tag` inserted
+    before each separator (after each chunk) and after the last, unfinished step (appended
+    for the read and rolled back, like the template's suffix). The tag must be one token of
+    the model's tokenizer (Math-Shepherd's " ки", a special token such as "<extra_0>").
+    Each step's score:
+    - label mode (`label` given, a causal LM): P(label) at the tag, normalised over {label,
+      other_label} when other_label is given (Math-Shepherd: label "+", other_label "-");
+    - head mode (label None, a token-classification head): the head's output head_index.
+    """
+
+    model: object
+    step_tag: str
+    template: str | None = None
+    step_separator: str | None = "\n\n"
+    label: str | None = None
+    other_label: str | None = None
+    head_index: int = 0
+    aggregate: str = "min"
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.step_tag, str) or not self.step_tag:
+            raise ValueError(f"ProcessRewardModel.step_tag={self.step_tag!r}: a non-empty string "
+                             "(one token of the model's tokenizer)")
+        if self.step_separator is not None and (not isinstance(self.step_separator, str)
+                                                or not self.step_separator):
+            raise ValueError(f"ProcessRewardModel.step_separator={self.step_separator!r}: a "
+                             "non-empty string, or None for a step per chunk")
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"ProcessRewardModel.aggregate={self.aggregate!r}: one of "
+                             f"{', '.join(AGGREGATES)}")
+        if self.other_label is not None and self.label is None:
+            raise ValueError("ProcessRewardModel.other_label needs label")
+
+
+SCORERS = (ImplicitReward, RewardModel, ProcessRewardModel)
 
 
 def scorer_list(scorer, has_pair: bool) -> list:
@@ -51,8 +97,8 @@ def scorer_list(scorer, has_pair: bool) -> list:
     specs = list(scorer) if isinstance(scorer, (list, tuple)) else [scorer]
     for s in specs:
         if not isinstance(s, SCORERS):
-            raise TypeError(f"scorer={s!r}: pass ImplicitReward(), RewardModel(...) or a list "
-                            "of them")
+            raise TypeError(f"scorer={s!r}: pass ImplicitReward(), RewardModel(...), "
+                            "ProcessRewardModel(...) or a list of them")
         if not isinstance(s.weight, (int, float)) or isinstance(s.weight, bool) or \
                 not abs(s.weight) < float("inf"):
             raise ValueError(f"{type(s).__name__}.weight={s.weight!r}: must be a finite number")

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoModelForTokenClassification, AutoTokenizer)
 
 
 class ModelLoadError(ValueError):
@@ -39,7 +40,8 @@ class LoadedModel:
 # A head that a model is loaded with: the LM head (the large and small models) or a
 # classification head (reward models).
 HEADS = {"causal_lm": AutoModelForCausalLM,
-         "sequence_classification": AutoModelForSequenceClassification}
+         "sequence_classification": AutoModelForSequenceClassification,
+         "token_classification": AutoModelForTokenClassification}
 SCORER_FILE = "w2s_scorer.json"   # a reward model's template and head, shipped beside it
 
 

@@ -1,12 +1,21 @@
-"""HeadStream: a reward model's token stream on its own paged KV, read by its head at the end.
+"""HeadStream: a reward model's token stream on its own paged KV, read by a head at chosen tokens.
 
 The stream of a beam is the reward model's rendering of prompt + response: the prompt part,
-the response in the reward model's tokens, then the template's suffix (an end-of-turn token,
-say), whose last token is where the classification head reads the reward. Each update brings
-the stream to the beam's new rendering: the common prefix with what is cached stays, the rest
-(the old suffix, a re-tokenized tail) is rolled back, and only the new tokens are forwarded,
-all beams of all requests in one forward. A chunk of L tokens costs L + |suffix| tokens.
+the response in the reward model's tokens (with a process reward model's step tags), then
+a suffix appended for the read (the template's end, an end-of-turn token, say; a PRM's tag
+after the unfinished step). Each update brings the stream to the beam's new rendering: the
+common prefix with what is cached stays, the rest (the old suffix, a re-tokenized tail) is
+rolled back, and only the new tokens are forwarded, all beams of all requests in one
+forward. The head is read at the positions the update asks for (a sequence reward model:
+the last token; a PRM: each step's tag); a value read at a kept position stands, since a
+causal model's hidden state there depends on nothing after it. A chunk of L tokens costs
+L + |suffix| tokens.
+
+Two heads: a classification head's output (`score_head`), or the probability of a label
+token from the LM head (`label_probability`, Math-Shepherd's P("+") at its tag).
 """
+
+from collections.abc import Callable
 
 import torch
 
@@ -17,17 +26,33 @@ from w2s_engine.search.small_stream import StreamUpdate, batches
 from w2s_engine.search.tokens import common_prefix
 
 
+def score_head(runner: ModelRunner, index: int) -> Callable:
+    """hidden [N, H] -> the classification head's output `index` [N] fp32."""
+    head = getattr(runner.model, "score", None)
+    if head is None or not 0 <= index < head.out_features:
+        raise ValueError(f"the reward model has no classification head output {index} "
+                         "(model.score): load a *ForSequenceClassification / "
+                         "*ForTokenClassification checkpoint, or give a valid head_index")
+    return lambda hidden: head(hidden)[:, index].float()
+
+
+def label_probability(runner: ModelRunner, label: int, other: int | None) -> Callable:
+    """hidden [N, H] -> P(label) [N] from the LM head, over {label, other} when other is given."""
+    def read(hidden):
+        logits = runner.compute_logits(hidden)
+        if other is None:
+            return logits.softmax(-1)[:, label]
+        return logits[:, [label, other]].softmax(-1)[:, 0]
+    return read
+
+
 class HeadStream:
 
-    def __init__(self, role: str, runner: ModelRunner, blocks: BlockManager, head_index: int,
+    def __init__(self, role: str, runner: ModelRunner, blocks: BlockManager, read: Callable,
                  max_batch_tokens: int):
-        head = getattr(runner.model, "score", None)
-        assert head is not None, "a reward model needs a classification head (model.score)"
-        assert 0 <= head_index < head.out_features, "head_index past the head's outputs"
         self.runners = {role: runner}
         self.runner = runner
-        self.head = head
-        self.head_index = head_index
+        self.read = read
         self.blocks = blocks
         self.max_batch_tokens = max_batch_tokens
 
@@ -46,37 +71,44 @@ class HeadStream:
             self.runner.run(chunk)
 
     def update(self, updates: list[StreamUpdate]) -> None:
-        """Advance every state to its full_ids and read the head at the last token."""
+        """Advance every state to its full_ids; state.reads holds the values at u.reads."""
         feeds, plans, copies = [], [], []
         for u in updates:
             st = u.state
             c = common_prefix(st.ids, u.full_ids)
-            if c == len(st.ids) == len(u.full_ids) and st.table.num_tokens == c:
-                plans.append((u, None, 0))    # unchanged: its value stands
+            kept = {p: v for p, v in st.reads.items() if p < c}
+            need = sorted(p for p in u.reads if p not in kept)
+            if not need and c == len(st.ids) == len(u.full_ids) == st.table.num_tokens:
+                plans.append((u, kept, None, [], [], 0))    # unchanged: its values stand
                 continue
-            feed_from = min(c, len(u.full_ids) - 1)   # the last token is always read afresh
+            feed_from = min([c] + need)
             self.blocks.truncate(st.table, feed_from)
             feed = u.full_ids[feed_from:]
             copies += self.blocks.append(st.table, len(feed))
             feeds.append((st.table, feed))
-            plans.append((u, len(feeds) - 1, len(feed)))
+            plans.append((u, kept, len(feeds) - 1, need, [p - feed_from for p in need], len(feed)))
         self.runner.copy_blocks(copies)
-        last = []
+        rows, base = [], 0
+        offsets = []
         for chunk in batches(feeds, self.max_batch_tokens):
             hidden, cu = self.runner.run(chunk)
-            last.append(hidden[(cu[1:] - 1).long()])
-        values = self._read(torch.cat(last)) if last else []
-        for u, fi, fed in plans:
+            offsets += [base + x for x in cu[:-1].tolist()]
+            rows.append(hidden)
+            base += hidden.shape[0]
+        index = [offsets[fi] + q for _, _, fi, _, at, _ in plans if fi is not None for q in at]
+        values = self._read(torch.cat(rows)[index]) if index else []
+        pos = 0
+        for u, kept, fi, need, at, fed in plans:
             st = u.state
+            new = dict(zip(need, values[pos:pos + len(need)]))
+            pos += len(need)
+            st.reads = {p: kept[p] if p in kept else new[p] for p in u.reads}
             st.ids = list(u.full_ids)
             st.response_start = u.response_start
             if u.starts is not None:
                 st.text, st.starts = u.text, u.starts
-            if fi is not None:
-                st.value = values[fi]
-            u.forwarded, u.scored = fed, int(fi is not None)
+            u.forwarded, u.scored = fed, len(at)
 
     @torch.inference_mode()
     def _read(self, hidden: torch.Tensor) -> list[float]:
-        """The head's output `head_index` at each row of hidden [N, H]."""
-        return self.head(hidden)[:, self.head_index].float().tolist()
+        return self.read(hidden).tolist()

@@ -6,6 +6,8 @@
 - A reward model: its classification head at the last token of its rendering of prompt +
   response, the template's suffix appended for each read and rolled back
   (search/head_stream.py).
+- A process reward model: a score at the tag after each step (search/steps.py), aggregated;
+  it reads the response as text, tags inserted, whatever its tokenizer.
 It owns the scoring side of every request: each stream's templated prompt, and chunk scoring.
 After each chunk, plan() turns every candidate's new response into a StreamUpdate per stream,
 in that stream's tokens: the sampled ids as they are when its tokenizer is the large model's,
@@ -15,6 +17,7 @@ reservation), which then fails alone; run() forwards the updates of all requests
 one forward per model, and sets each candidate's reward.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from w2s_engine.cache.block_manager import BlockManager
@@ -25,28 +28,41 @@ from w2s_engine.search.prompts import ResponseTemplate, SmallPrompt, Template, c
 from w2s_engine.search.request import SearchRequest
 from w2s_engine.search.sequence import Beam, SmallState
 from w2s_engine.search.small_stream import SmallStream, StreamUpdate
+from w2s_engine.search.steps import aggregate, tag_steps
 from w2s_engine.search.tokens import Tokenized
 
 
 @dataclass
-class RewardModelParts:
-    """A loaded reward model as the scorer takes it."""
+class Steps:
+    """A process reward model's steps: where they end, the tag it scores, how to aggregate."""
 
-    role: str                   # its name in stats ("reward_model", "reward_model_1", ...)
-    runner: object              # ModelRunner of a model with a classification head
+    tag: str
+    tag_id: int                 # the tag is one token
+    separator: str | None       # None: a step per chunk
+    aggregate: str
+
+
+@dataclass
+class RewardModelParts:
+    """A loaded (process) reward model as the scorer takes it."""
+
+    role: str                   # its name in stats ("reward_model", "reward_model_2", ...)
+    runner: object              # ModelRunner
     tokenizer: object
     template: ResponseTemplate
-    head_index: int
+    read: Callable              # hidden [N, H] -> value [N] (search/head_stream.py)
     weight: float
+    steps: Steps | None = None  # a process reward model's
 
 
 @dataclass
 class Part:
     """One term of the weighted sum: its kind, weight and streams (indices into streams)."""
 
-    kind: str                   # "implicit" or "reward_model"
+    kind: str                   # "implicit", "reward_model" or "process_reward_model"
     weight: float
     streams: list[int]
+    steps: Steps | None = None
 
 
 class Scorer:
@@ -86,11 +102,16 @@ class Scorer:
                                    tok, templates[roles[0]]))
             self.parts.append(Part("implicit", implicit_weight, indices))
         for rm in reward_models or []:
-            i = add(HeadStream(rm.role, rm.runner, pool(), rm.head_index, max_batch_tokens),
+            i = add(HeadStream(rm.role, rm.runner, pool(), rm.read, max_batch_tokens),
                     rm.tokenizer, rm.template)
-            self.parts.append(Part("reward_model", rm.weight, [i]))
-        # A stream whose tokenizer is the large model's scores the sampled ids as they are.
-        self.shared = [t.get_vocab() == large_vocab for t in self.tokenizers]
+            kind = "reward_model" if rm.steps is None else "process_reward_model"
+            self.parts.append(Part(kind, rm.weight, [i], rm.steps))
+        # A stream whose tokenizer is the large model's scores the sampled ids as they are
+        # (a PRM reads tags inserted in the text: never).
+        steps = {i: p.steps for p in self.parts for i in p.streams if p.steps is not None}
+        self.steps: list[Steps | None] = [steps.get(i) for i in range(len(self.streams))]
+        self.shared = [t.get_vocab() == large_vocab and self.steps[i] is None
+                       for i, t in enumerate(self.tokenizers)]
 
     @property
     def stream_roles(self) -> list[tuple[str, ...]]:
@@ -165,19 +186,39 @@ class Scorer:
                     u = StreamUpdate(st, sp.ids + b.token_ids + sp.suffix_ids, len(sp.ids),
                                      b.finish_reason == "stop")
                 else:
-                    # The bridge: text of the new tokens, a tail re-tokenized (the suffix, a
-                    # reward model's, is tokenized on its own and follows).
-                    old = Tokenized(st.text, st.ids[:len(st.starts)], st.starts)
-                    new, start = sp.extend(old, large.response_text(b))
-                    if start == 0:
-                        raise ValueError("the tokenization of prompt + response changed the "
-                                         f"prompt's first token for the {self.streams[si].roles[0]}"
-                                         " model: add text before {prompt} in its template")
-                    u = StreamUpdate(st, new.ids + sp.suffix_ids, start, b.finish_reason == "stop",
-                                     text=new.text, starts=new.starts)
+                    u = self._bridge(si, sp, st, large.response_text(b))
+                    u.finished = b.finish_reason == "stop"
+                if isinstance(self.streams[si], HeadStream) and self.steps[si] is None:
+                    u.reads = [len(u.full_ids) - 1]     # a reward model reads the last token
                 ups.append((si, b, u))
         self._check_growth(r, ups, large)
         return ups
+
+    def _bridge(self, si: int, sp: SmallPrompt, st: SmallState, text: str) -> StreamUpdate:
+        """The stream's new content from the response text: a tail re-tokenized (the bridge);
+        a reward model's suffix is tokenized on its own and follows; a PRM's text has its
+        step tags, and reads at each."""
+        steps = self.steps[si]
+        suffix = sp.suffix_ids
+        if steps is not None:
+            rendered, unfinished = tag_steps(text, steps.tag, steps.separator, st.marks)
+            if steps.separator is None and len(text) > (st.marks[-1] if st.marks else 0):
+                st.marks = st.marks + [len(text)]   # this chunk ends a step for the next
+            if unfinished:
+                suffix = [steps.tag_id] + suffix
+            text = rendered
+        old = Tokenized(st.text, st.ids[:len(st.starts)], st.starts)
+        new, start = sp.extend(old, text)
+        if start == 0:
+            raise ValueError("the tokenization of prompt + response changed the prompt's first "
+                             f"token for the {self.streams[si].roles[0]} model: add text before "
+                             "{prompt} in its template")
+        u = StreamUpdate(st, new.ids + suffix, start, False, text=new.text, starts=new.starts)
+        if steps is not None:
+            u.reads = [i for i in range(start, len(new.ids)) if new.ids[i] == steps.tag_id]
+            if len(suffix) > len(sp.suffix_ids):
+                u.reads.append(len(new.ids))
+        return u
 
     def _check_growth(self, r: SearchRequest, ups: list, large):
         """A response can re-tokenize to more small tokens per large token than admission
@@ -238,9 +279,16 @@ class Scorer:
             if part.kind == "implicit":
                 value = sum(sum(b.small[i].terms) for i in part.streams) + b.eos_term
             else:
-                value = b.small[part.streams[0]].value
+                value = self._head_value(part, b.small[part.streams[0]])
             total += part.weight * value
         return total
+
+    @staticmethod
+    def _head_value(part: Part, st: SmallState) -> float:
+        values = list(st.reads.values())
+        if part.kind == "reward_model":
+            return values[-1]
+        return aggregate(values, part.steps.aggregate)
 
     # ---- given responses -------------------------------------------------------------------
 
@@ -251,14 +299,22 @@ class Scorer:
         values = []      # per stream, per response
         for stream, tok, template in zip(self.streams, self.tokenizers, self.templates):
             updates = []
+            si = len(values)
             for prompt, response, fin in zip(prompts, responses, finished):
                 sp = SmallPrompt.make(tok, template, prompt, self.special_tokens)
-                if isinstance(response, str):
-                    full, start = sp.full_ids(response)
+                st = SmallState(stream.blocks.new_table(), list(sp.ids), len(sp.ids), [], {},
+                                sp.text, list(sp.starts))
+                if isinstance(response, str) and self.steps[si] is not None:
+                    u = self._bridge(si, sp, st, response)
                 else:
-                    full, start = sp.ids + list(response), len(sp.ids)
-                st = SmallState(stream.blocks.new_table(), list(sp.ids), len(sp.ids), [], {})
-                updates.append(StreamUpdate(st, full + sp.suffix_ids, start, bool(fin)))
+                    if isinstance(response, str):
+                        full, start = sp.full_ids(response)
+                    else:
+                        full, start = sp.ids + list(response), len(sp.ids)
+                    u = StreamUpdate(st, full + sp.suffix_ids, start, bool(fin))
+                if isinstance(stream, HeadStream) and self.steps[si] is None:
+                    u.reads = [len(u.full_ids) - 1]
+                updates.append(u)
             # Tables for a group at once: groups that fit half the free pool (the other half
             # is the search's, which may run beside).
             room = stream.blocks.num_free * stream.blocks.block_size // 2
@@ -285,7 +341,7 @@ class Scorer:
                     value = sum(sum(values[i][j].state.terms) + values[i][j].eos_term
                                 for i in part.streams)
                 else:
-                    value = values[part.streams[0]][j].state.value
+                    value = self._head_value(part, values[part.streams[0]][j].state)
                 total += part.weight * value
             rewards.append(total)
         return rewards

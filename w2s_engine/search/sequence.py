@@ -25,7 +25,8 @@ class SmallState:
     last_hidden: dict[str, torch.Tensor]   # role -> [H] final hidden state of ids[-1]
     text: str = ""                         # cross-tokenizer only: the text `ids` tokenize
     starts: list[int] = field(default_factory=list)  # and where each token starts in it
-    value: float = 0.0                     # a reward model's: its head at the last read
+    reads: dict[int, float] = field(default_factory=dict)  # reward models: position -> value
+    marks: list[int] = field(default_factory=list)  # a PRM's step ends in the response text
 
     def add_pending(self, token: int, term: float):
         """A token scored from the stored hidden state, to be forwarded at the next step."""
@@ -37,7 +38,7 @@ class SmallState:
         # Hidden states are never written in place, so children share the tensors.
         return SmallState(blocks.fork(self.table), list(self.ids), self.response_start,
                           list(self.terms), dict(self.last_hidden), self.text, list(self.starts),
-                          self.value)
+                          dict(self.reads), list(self.marks))
 
 
 @dataclass

@@ -34,6 +34,7 @@ class StreamUpdate:
     eos_term: float = 0.0     # out: the EOS term when finished
     text: str = ""            # cross-tokenizer: the text full_ids tokenize, and token starts
     starts: list[int] | None = None
+    reads: list[int] | None = None    # reward models: positions whose head value is wanted
 
 
 class SmallStream:

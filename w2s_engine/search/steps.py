@@ -1,0 +1,38 @@
+"""How a process reward model sees a response: steps, each followed by a tag it scores.
+
+A step ends at each separator in the response ("\\n\\n"), or at each chunk end the search
+recorded (marks). The PRM reads the text with the tag inserted where each finished step ends
+(before its separator), and, after an unfinished last step, the tag once more for the read
+(rolled back at the next chunk, as a reward model's suffix is). Scores of the steps are then
+aggregated into one reward.
+"""
+
+import math
+
+from w2s_engine.scoring import AGGREGATES
+
+
+def tag_steps(text: str, tag: str, separator: str | None, marks: list[int]) -> tuple[str, bool]:
+    """(the response with a tag after each finished step, whether an unfinished step follows)."""
+    if separator is not None:
+        parts = text.split(separator)
+        return (tag + separator).join(parts), bool(parts[-1])
+    out, last = [], 0
+    for end in marks:
+        out += [text[last:end], tag]
+        last = end
+    return "".join(out) + text[last:], len(text) > last
+
+
+def aggregate(values: list[float], how: str) -> float:
+    """One reward from the step scores (0.0 for a response with no step yet)."""
+    assert how in AGGREGATES
+    if not values:
+        return 0.0
+    if how == "last":
+        return values[-1]
+    if how == "min":
+        return min(values)
+    if how == "product":
+        return math.prod(values)
+    return sum(values) / len(values)
