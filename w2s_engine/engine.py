@@ -170,10 +170,11 @@ class Engine:
 
     # ---- requests --------------------------------------------------------------------------
 
-    def make_request(self, prompt, params: SearchParams) -> SearchRequest:
+    def make_request(self, prompt, params: SearchParams, stream: bool = False) -> SearchRequest:
         """Validate, template and tokenize one request, and size its KV reservation (raises
         TypeError or ValueError saying what to change). Thread-safe: it reads no state that a
-        step changes, so the server runs it off the engine thread; enqueue() then queues it."""
+        step changes, so the server runs it off the engine thread; enqueue() then queues it.
+        stream: after every step, the text that became final is in the request's `deltas`."""
         if not isinstance(params, SearchParams):
             raise TypeError(f"params: expected a SearchParams, got {type(params).__name__}")
         params = params.copy()
@@ -200,6 +201,8 @@ class Engine:
         req = SearchRequest(-1, prompt, params, seed, large_ids, small_prompts,
                             large_prompt_text=large_text)
         req.stats.prompt_tokens = len(large_ids)
+        if stream:
+            req.stream = FinalText(params.method, params.stop)
         req.reserved = self.budget.reservation(
             params.w, params.k, params.max_new_tokens, params.chunk_len,
             None if self.large.blocks is None else len(large_ids),
@@ -399,9 +402,7 @@ class Engine:
         """Run one search and yield its text as it becomes final (SearchDelta); the last
         delta carries the SearchResult. The deltas concatenate to the result's text (for
         plain sampling of n streams: per index, to each hypothesis's text)."""
-        req = self.make_request(prompt, params or SearchParams())
-        req.stream = FinalText(req.params.method, req.params.stop)
-        self.enqueue(req)
+        req = self.enqueue(self.make_request(prompt, params or SearchParams(), stream=True))
         try:
             while not req.status.ended:
                 self.step()
