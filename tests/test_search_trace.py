@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from live_server import LiveServer
-from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
+from tiny_models import clone, search_engines, tiny_llama
 from w2s_engine import Engine, SearchParams
 
 PINNED = Path(__file__).parent / "data" / "search_traces.json"
@@ -41,15 +41,8 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def engines():
-    tok, other = make_tokenizer(300), make_tokenizer(420)
-    untuned = tiny_llama(len(tok), seed=2)
-    tuned = tuned_from(untuned, seed=3, scale=0.3)
-
-    def make(large, large_tok):
-        return Engine((large, large_tok), (clone(tuned), tok), (clone(untuned), tok),
-                      templates=TEMPLATES, num_kv_blocks=600, block_size=4, progress=False)
-    made = {"shared": make(tiny_llama(len(tok), seed=1, layers=3), tok),
-            "cross": make(tiny_llama(len(other), seed=4, layers=3), other)}
+    made = search_engines(TEMPLATES, num_kv_blocks=600)
+    tok, (tuned, untuned) = made["tok"], made["pair"]
     # A black-box large model: the engine's own server over a large-only engine.
     from w2s_engine.large.openai_completions import OpenAICompletions
     live = LiveServer(Engine((tiny_llama(len(tok), seed=1, layers=3), tok), num_kv_blocks=800,

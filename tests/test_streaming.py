@@ -2,8 +2,8 @@
 
 import pytest
 
-from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
-from w2s_engine import Engine, SearchParams
+from tiny_models import search_engines
+from w2s_engine import SearchParams
 from w2s_engine.search.stream import FinalText, SearchDelta, common_prefix_text
 
 PROMPTS = ["I really", "The plot of this film"]
@@ -11,17 +11,8 @@ PROMPTS = ["I really", "The plot of this film"]
 
 @pytest.fixture(scope="module")
 def engines():
-    tok, other = make_tokenizer(300), make_tokenizer(420)
-    untuned = tiny_llama(len(tok), seed=2)
-    tuned = tuned_from(untuned, seed=3, scale=0.3)
-
-    def make(large, large_tok):
-        return Engine((large, large_tok), (clone(tuned), tok), (clone(untuned), tok),
-                      templates={"large": "Here is a movie review: {prompt}",
-                                 "small": "Review: {prompt}"},
-                      num_kv_blocks=800, block_size=4, progress=False)
-    return {"shared": make(tiny_llama(len(tok), seed=1, layers=3), tok),
-            "cross": make(tiny_llama(len(other), seed=4, layers=3), other)}
+    return search_engines({"large": "Here is a movie review: {prompt}",
+                           "small": "Review: {prompt}"}, num_kv_blocks=800)
 
 
 def collect(engine, prompt, params) -> tuple[dict[int, str], list[SearchDelta]]:

@@ -79,3 +79,20 @@ def tiny_reward_model(vocab_size: int, seed: int, num_labels: int = 2, layers: i
     with torch.no_grad():   # spread the head's outputs so that rewards differ
         model.score.weight.mul_(20.0)
     return model.eval()
+
+
+def search_engines(templates: dict, **config) -> dict:
+    """Engines over the tiny models for search tests: "shared" (the large model has the small
+    pair's tokenizer) and "cross" (another one); "pair" and "tok" to build more."""
+    from w2s_engine import Engine
+    tok, other = make_tokenizer(300), make_tokenizer(420)
+    untuned = tiny_llama(len(tok), seed=2)
+    tuned = tuned_from(untuned, seed=3, scale=0.3)
+    config = {"block_size": 4, "progress": False, **config}
+
+    def make(large, large_tok):
+        return Engine((large, large_tok), (clone(tuned), tok), (clone(untuned), tok),
+                      templates=templates, **config)
+    return {"shared": make(tiny_llama(len(tok), seed=1, layers=3), tok),
+            "cross": make(tiny_llama(len(other), seed=4, layers=3), other),
+            "pair": (tuned, untuned), "tok": tok}
