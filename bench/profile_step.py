@@ -4,9 +4,10 @@
 
 GPU busy = the union of the intervals in which a kernel, copy or memset ran on the device,
 over the wall time of the search (both from the profiler's own clock). Prints it with the
-kernels that took the most time and the count of kernel launches per decode step, and
-appends a JSON line to <out>/profile_step.jsonl naming the device and the commit. The target
-(issue 16): at least 85% busy on an H100/H200.
+kernels that took the most time, the count of kernel launches per decode step, and each
+phase's share of the wall time (the engine names its phases: w2s.prefill, w2s.large,
+w2s.score), and appends a JSON line to <out>/profile_step.jsonl naming the device and the
+commit. The target (issue 16): at least 85% busy on an H100/H200.
 """
 
 import argparse
@@ -73,6 +74,11 @@ def main():
         prof.export_chrome_trace(f.name)
         trace = json.loads(Path(f.name).read_text())
     busy, wall_us, device = busy_fraction(trace, "w2s_search")
+    phases = {}
+    for e in trace["traceEvents"]:
+        if e.get("ph") == "X" and str(e.get("name", "")).startswith("w2s.") \
+                and e.get("cat") != "gpu_user_annotation":
+            phases[e["name"]] = phases.get(e["name"], 0.0) + e["dur"]
     steps = args.max_new    # every step decodes one token of every live beam
     by_name = {}
     for e in device:
@@ -84,11 +90,14 @@ def main():
            "concurrency": args.concurrency, "cuda_graphs": bool(engine.config.cuda_graphs),
            "wall_s": round(wall_us / 1e6, 3), "gpu_busy": round(busy, 3),
            "kernels_per_step": round(launches / steps, 1),
+           "phase_share": {k: round(v / wall_us, 3) for k, v in sorted(phases.items())},
            "sampled": sum(r.stats.tokens_sampled for r in results),
            "top_device_us": {k[:80]: round(v) for k, v in top},
            "device": machine(), "torch": torch.__version__, "commit": commit()}
     print(f"GPU busy {100 * busy:.1f}% of {wall_us / 1e6:.2f} s; "
           f"{row['kernels_per_step']} device ops per step; device: {row['device']}")
+    for name, share in row["phase_share"].items():
+        print(f"  {name}: {100 * share:.1f}% of the wall time")
     for name, us in top:
         print(f"  {us / 1e3:9.2f} ms  {name[:100]}")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ import logging
 import random
 from collections.abc import Iterable, Iterator
 
+from torch.profiler import record_function   # names the step's phases in a profile
 from tqdm.auto import tqdm
 
 from w2s_engine.cache.block_manager import BlockManager
@@ -260,10 +261,12 @@ class Engine:
         self.scheduler.schedule()
         prefilling = self.scheduler.prefilling()
         if prefilling:
-            self._prefill(prefilling)
+            with record_function("w2s.prefill"):
+                self._prefill(prefilling)
         running = [r for r in self.scheduler.running if r.status is RequestStatus.RUNNING]
         try:
-            failed = self.large.advance(running)
+            with record_function("w2s.large"):
+                failed = self.large.advance(running)
         except Exception as e:
             message = self._engine_error("the large model's step", e)
             failed = [(r, message) for r in running]
@@ -271,7 +274,8 @@ class Engine:
             self.scheduler.fail(r, message)
         ready = [r for r in self.scheduler.running if r.chunk_complete]
         if ready:
-            self._score(ready)
+            with record_function("w2s.score"):
+                self._score(ready)
             for r in ready:
                 if r.status is not RequestStatus.RUNNING:
                     continue
