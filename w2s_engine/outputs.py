@@ -4,6 +4,16 @@ from dataclasses import asdict, dataclass, field
 
 
 @dataclass
+class TokenLogprob:
+    """The large model's log-probability of one returned token (its raw distribution, before
+    temperature, top-k/top-p or EFT steering), and the most likely tokens at that position."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)   # (token id, logprob), best first
+
+
+@dataclass
 class Hypothesis:
     text: str
     token_ids: list[int]          # large-model tokens (EOS excluded)
@@ -11,6 +21,7 @@ class Hypothesis:
     reward: float | None          # implicit reward log pi_tuned - log pi_untuned (None for base)
     finished: bool                # ended by EOS or a stop string (not cut by max_new_tokens)
     finish_reason: str            # "stop" or "length"
+    logprobs: list[TokenLogprob] | None = None   # one per token_ids entry, when asked for
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 from w2s_engine.cache.block_manager import BlockManager, BlockTable
 from w2s_engine.kernels.sampling import sample
 from w2s_engine.models.runner import ModelRunner
+from w2s_engine.outputs import TokenLogprob
 from w2s_engine.search.bridge import Detokenizer
 from w2s_engine.search.eft import EFT
 from w2s_engine.search.prompts import check_context
@@ -78,7 +79,7 @@ class LocalLarge:
         first = [(r, b) for r, b in work if not b.token_ids]
         order = fed + first
         words = sampling_words(order)
-        rows, steered = [], []
+        rows, steered, raw = [], [], []
         if fed:
             copies = []
             for _, b in fed:
@@ -88,17 +89,24 @@ class LocalLarge:
                 [(b.large, b.token_ids[-1]) for _, b in fed], words)
             for r, _ in fed:
                 r.stats.tokens_forwarded["large"] += 1
+            raw.append(logits)
             rows.append(self._steer(logits, fed, 0, steered))
         else:
             params = self.runner.upload(words)
         if first:
             # Beams with no token yet sample from their root's prompt logits: no forward.
             logits = torch.stack([r.root_logits for r, _ in first])
+            raw.append(logits)
             rows.append(self._steer(logits, first, len(fed), steered))
         logits = torch.cat(rows) if len(rows) > 1 else rows[0]
+        logprobs = LogprobRows(order, raw)
         tokens = sample(logits, *sampling_tensors(params, len(order))).tolist()
-        for (r, b), tok in zip(order, tokens):
+        logprobs = logprobs.read(tokens)
+        for i, ((r, b), tok) in enumerate(zip(order, tokens)):
+            n = len(b.token_ids)
             r.record_token(b, tok, self.eos_ids, self.response_text)
+            if i in logprobs and len(b.token_ids) > n:   # (EOS is not a returned token)
+                r.record_logprob(b, logprobs[i])
         if steered:
             self.eft.record(steered, tokens)
         return []
@@ -117,6 +125,33 @@ class LocalLarge:
 
     def num_tokens(self, b: Beam) -> int:
         return len(b.token_ids)
+
+
+class LogprobRows:
+    """The large model's log-probs at the rows of requests that asked for them, from the raw
+    logits (before EFT steering and sampling's temperature and filters); computed only when
+    some request asked, read to the host once per step."""
+
+    def __init__(self, order, raw: list[torch.Tensor]):
+        self.rows = [i for i, (r, _) in enumerate(order) if r.logprobs is not None]
+        if not self.rows:
+            return
+        logits = torch.cat(raw) if len(raw) > 1 else raw[0]
+        self.logp = torch.log_softmax(logits[torch.tensor(self.rows, device=logits.device)]
+                                      .float(), dim=-1)
+        self.counts = [min(order[i][0].logprobs, self.logp.shape[1]) for i in self.rows]
+        values, ids = self.logp.topk(max(self.counts), dim=-1)
+        self.top = [list(zip(i[:k], v[:k])) for i, v, k in
+                    zip(ids.tolist(), values.tolist(), self.counts)]
+
+    def read(self, tokens: list[int]) -> dict[int, TokenLogprob]:
+        """Row -> the sampled token's entry, for the rows that asked."""
+        if not self.rows:
+            return {}
+        chosen = torch.tensor([tokens[i] for i in self.rows], device=self.logp.device)
+        values = self.logp.gather(1, chosen[:, None])[:, 0].tolist()
+        return {row: TokenLogprob(tokens[row], value, top)
+                for row, value, top in zip(self.rows, values, self.top)}
 
 
 def sampling_words(order) -> np.ndarray:

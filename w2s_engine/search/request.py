@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from w2s_engine.cache.block_manager import BlockManager
-from w2s_engine.outputs import Hypothesis, SearchResult, SearchStats
+from w2s_engine.outputs import Hypothesis, SearchResult, SearchStats, TokenLogprob
 from w2s_engine.params import SearchParams
 from w2s_engine.search.sequence import Beam
 from w2s_engine.search.stream import FinalText, SearchDelta
@@ -79,6 +79,10 @@ class SearchRequest:
     stream: FinalText | None = None                     # set when the request streams
     deltas: list[SearchDelta] = field(default_factory=list)  # streamed, not yet taken
     started: float = field(default_factory=time.perf_counter)
+    # The large model's log-probs of the sampled tokens, with this many alternatives each
+    # (None: not recorded); per beam id, inherited on fork (a local large model only).
+    logprobs: int | None = None
+    token_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
 
     # ---- beams -------------------------------------------------------------------------
 
@@ -96,10 +100,13 @@ class SearchRequest:
         else:
             large = kv.large.fork(parent.large) if parent.large is not None else None
             small = [s.fork(m) for s, m in zip(parent.small, kv.small)]
-        return Beam(beam_id=self.new_beam_id(), large=large, token_ids=list(parent.token_ids),
-                    small=small, reward=parent.reward, parent_id=parent.beam_id,
-                    text=parent.text, num_large_tokens=parent.num_large_tokens,
-                    detok=parent.detok.copy())
+        child = Beam(beam_id=self.new_beam_id(), large=large, token_ids=list(parent.token_ids),
+                     small=small, reward=parent.reward, parent_id=parent.beam_id,
+                     text=parent.text, num_large_tokens=parent.num_large_tokens,
+                     detok=parent.detok.copy())
+        if self.logprobs is not None:
+            self.token_logprobs[child.beam_id] = list(self.token_logprobs.get(parent.beam_id, ()))
+        return child
 
     def start(self, kv: KVSpace):
         """After the prefill: the root becomes W*K children (the root's tables go to the last)."""
@@ -140,6 +147,10 @@ class SearchRequest:
         if len(beam.token_ids) >= p.max_new_tokens:
             beam.finished, beam.finish_reason = True, "length"
 
+    def record_logprob(self, beam: Beam, entry: TokenLogprob):
+        """The log-prob of the token record_token just appended to the beam."""
+        self.token_logprobs.setdefault(beam.beam_id, []).append(entry)
+
     # ---- selection ---------------------------------------------------------------------
 
     def select(self, kv: KVSpace) -> bool:
@@ -178,6 +189,9 @@ class SearchRequest:
         for b in nxt:
             b.chunk_tokens = 0
         self.beams = nxt
+        if self.logprobs is not None:   # only the current candidates' lists are needed
+            self.token_logprobs = {b.beam_id: self.token_logprobs.get(b.beam_id, [])
+                                   for b in nxt}
         return False
 
     def free_beam(self, beam: Beam, kv: KVSpace):
@@ -194,6 +208,7 @@ class SearchRequest:
             self.free_beam(self.root, kv)
         self.root = None
         self.root_logits = None
+        self.token_logprobs = {}
 
     def record_peak(self, stream_roles: list[tuple[str, ...]]):
         """Blocks held by the current candidates, per model (shared blocks counted once).
@@ -222,7 +237,9 @@ class SearchRequest:
             hyps.append(Hypothesis(text=text, token_ids=list(b.token_ids),
                                    small_token_ids=list(small_ids),
                                    reward=b.reward if scored else None, finished=b.finish_reason == "stop",
-                                   finish_reason=b.finish_reason or "length"))
+                                   finish_reason=b.finish_reason or "length",
+                                   logprobs=None if self.logprobs is None else
+                                   self.token_logprobs.get(b.beam_id, [])))
         if scored:
             hyps.sort(key=lambda h: -h.reward)  # stable: ties keep candidate order
         best = hyps[0]
