@@ -29,7 +29,7 @@ from w2s_engine.models.decode_graphs import DecodeGraphs
 from w2s_engine.models.loader import eos_ids, load_role
 from w2s_engine.models.runner import ModelRunner, ModelShape
 from w2s_engine.outputs import SearchResult
-from w2s_engine.params import SearchParams
+from w2s_engine.params import InvalidParam, SearchParams
 from w2s_engine.scheduler import Scheduler
 from w2s_engine.scoring import ImplicitReward, ProcessRewardModel, RewardModel, scorer_list
 from w2s_engine.search.eft import EFT
@@ -189,6 +189,13 @@ class Engine:
             raise ValueError("method='eft' needs the implicit reward alone as the scorer, and the "
                              "large, tuned and untuned models to share one vocabulary (and the "
                              "small models one template); these do not: use cbs or best_of_n")
+        if self.large.blocks is None:
+            # The black box's completions API has neither: refused, never ignored.
+            for name in ("top_k", "ignore_eos"):
+                if getattr(params, name):
+                    raise InvalidParam(name, getattr(params, name), "the large model is a "
+                                       "black box behind an OpenAI completions API, which has "
+                                       f"no {name}: leave it out")
         if "large" in self.runners:
             # A top_k at or past the vocabulary keeps every token, as transformers' top-k
             # warper does (it clamps to the vocabulary): clamped, not refused.
