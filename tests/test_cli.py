@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+import w2s_engine
+
 W2S = [sys.executable, "-m", "w2s_engine.cli"]
 SMOL = "smollm2-135m-instruct"
 
@@ -18,8 +20,24 @@ def run(*args, timeout=300):
 def test_help_shows_each_command_with_defaults(command):
     out = run(*command, "--help")
     assert out.returncode == 0
-    if command == ["search"]:
-        assert "--max-new-tokens" in out.stdout and "(default: 50)" in out.stdout
+    if command == ["search"]:   # the one set of defaults (params.DEFAULTS)
+        from w2s_engine.params import DEFAULTS
+        text = " ".join(out.stdout.split())
+        assert f"response length cap (default: {DEFAULTS.max_new_tokens})" in text
+        assert "0 is off (default: 0)" in text
+
+
+def test_version_and_every_flags_help_says_its_default():
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"w2s-engine {w2s_engine.__version__}"
+    from w2s_engine.cli import build_parser
+    parser = build_parser()
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        formatter = sub.formatter_class(name)
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert "(default:" in formatter._get_help_string(action) % vars(action), \
+                    (name, action.option_strings)
 
 
 def test_search_prints_a_continuation_and_json_parses():

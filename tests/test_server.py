@@ -102,7 +102,7 @@ def test_client_that_disconnects_cancels_its_search_and_frees_blocks(server):
     (json.dumps({"prompt": "x", "w": "four"}).encode(), 400, "w"),
     (json.dumps({"prompt": "x", "top_p": 1.5}).encode(), 400, "top_p"),
     (json.dumps({"prompt": "x", "max_tokens": 0}).encode(), 400, "max_tokens"),
-    (json.dumps({"prompt": "x", "n": 3}).encode(), 400, "n"),
+    (json.dumps({"prompt": "x", "n": 5}).encode(), 400, "n"),  # n > w
     (json.dumps({"prompt": "x", "n": 300, "method": "base"}).encode(), 400, "n"),
     (json.dumps({"prompt": "x", "method": "magic"}).encode(), 400, "method"),
     (json.dumps({"w": 2}).encode(), 400, "prompt"),
@@ -211,7 +211,8 @@ def is_envelope(payload, status):
     ("/v1/completions", b'{"prompt": "I \\ud800 really"}', 400, "prompt"),
     ("/v1/completions", b'{"prompt": "x", "stop": ["a", 1]}', 400, "stop.1"),
     ("/v1/completions", b'{"prompt": "x", "presence_penalty": 0.5}', 400, "presence_penalty"),
-    ("/v1/completions", b'{"prompt": "x", "stream": true}', 400, "stream"),
+    ("/v1/completions", b'{"prompt": "x", "stream": "yes"}', 400, "stream"),
+    ("/v1/completions", b'{"prompt": "x", "logit_bias": {"5": 10}}', 400, "logit_bias"),
     ("/v1/completions", b'{"prompt": "\xff\xfe"}', 400, None),
     ("/v1/completions", b"[" * 100000 + b"]" * 100000, 400, None),
     ("/v1/completions", b'{"prompt": "x", "w": }', 400, None),
@@ -288,7 +289,8 @@ def test_a_prompt_past_the_character_limit_is_refused_before_tokenizing(monkeypa
     calls = []
     real = engine.make_request
     monkeypatch.setattr(engine, "make_request",
-                        lambda *a: calls.append(threading.current_thread().name) or real(*a))
+                        lambda *a, **kw: calls.append(threading.current_thread().name)
+                        or real(*a, **kw))
     try:
         code, payload = raw_post(live.port, "/v1/completions",
                                  json.dumps({"prompt": "y" * 101}).encode())

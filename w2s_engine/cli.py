@@ -4,22 +4,32 @@ import argparse
 import json
 import sys
 
-from w2s_engine.launch import UserError, add_model_args, engine_from_args
+import w2s_engine
+from w2s_engine.launch import (LOG_LEVELS, UserError, add_model_args, engine_from_args,
+                               setup_logging)
+from w2s_engine.params import DEFAULTS, METHODS
+
+HELP = {"cbs": "chunk-level beam search", "best_of_n": "Best-of-N", "base": "plain sampling",
+        "eft": "token-level EFT / proxy-tuning"}
 
 
 def _add_search_args(p: argparse.ArgumentParser):
-    p.add_argument("--method", default="cbs", choices=["cbs", "best_of_n", "base", "eft"],
-                   help="chunk-level beam search, Best-of-N, plain sampling or token-level EFT")
-    p.add_argument("--w", type=int, default=4, help="beams kept after each chunk")
-    p.add_argument("--k", type=int, default=4, help="children per beam (N for best_of_n)")
-    p.add_argument("--l", type=int, default=5, help="chunk length in large-model tokens")
-    p.add_argument("--max-new-tokens", type=int, default=50, help="response length cap")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=50, help="0 is off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1.0 is off")
-    p.add_argument("--beta", type=float, default=1.0, help="EFT strength")
+    # Defaults: SearchParams' (params.DEFAULTS), the same for the Python API and the server.
+    p.add_argument("--method", default=DEFAULTS.method, choices=METHODS,
+                   help=", ".join(f"{m}: {HELP[m]}" for m in METHODS))
+    p.add_argument("--w", type=int, default=DEFAULTS.w, help="beams kept after each chunk")
+    p.add_argument("--k", type=int, default=DEFAULTS.k,
+                   help="children per beam (N for best_of_n)")
+    p.add_argument("--l", type=int, default=DEFAULTS.l, help="chunk length in large-model tokens")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens,
+                   help="response length cap")
+    p.add_argument("--temperature", type=float, default=DEFAULTS.temperature, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help="0 is off")
+    p.add_argument("--top-p", type=float, default=DEFAULTS.top_p, help="1.0 is off")
+    p.add_argument("--beta", type=float, default=DEFAULTS.beta, help="EFT strength")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None, help="same seed, same results")
+    p.add_argument("--seed", type=int, default=None,
+                   help="same seed, same results (default: a random seed)")
 
 
 def params_from_args(args):
@@ -41,7 +51,20 @@ def cmd_search(args):
         params.validate()
     except ValueError as e:
         raise UserError(str(e))
+    if args.stream and len(args.prompts) != 1:
+        raise UserError("--stream runs one prompt: give one")
     engine = engine_from_args(args, need_small=params.uses_small_models)
+    if args.stream:
+        out = sys.stdout
+        out.write(args.prompts[0])
+        for delta in engine.search_stream(args.prompts[0], params):
+            if delta.index == 0:
+                out.write(delta.text)
+                out.flush()
+            if delta.result is not None and delta.result.reward is not None:
+                out.write(f"  [reward {delta.result.reward:+.3f}]")
+        out.write("\n")
+        return
     results = engine.search(args.prompts, params)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
@@ -64,10 +87,20 @@ def cmd_serve(args):
     serve(args)
 
 
+class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default; a help that says its own default keeps it."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = Formatter
     parser = argparse.ArgumentParser(prog="w2s", formatter_class=fmt,
                                      description="Weak-to-strong search: steer a large model with a small tuned/untuned pair.")
+    parser.add_argument("--version", action="version", version=f"w2s-engine {w2s_engine.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("search", formatter_class=fmt, help="search continuations of prompts")
@@ -75,39 +108,50 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(s)
     _add_search_args(s)
     s.add_argument("--json", action="store_true", help="print all hypotheses and stats as JSON")
+    s.add_argument("--stream", action="store_true",
+                   help="print the text as it becomes final (one prompt)")
     s.set_defaults(func=cmd_search)
 
     d = sub.add_parser("demo", formatter_class=fmt,
                        help="the main job: base, Best-of-16 and CBS on the bundled models")
     d.add_argument("--prompts", type=int, default=4, help="test prompts to run")
-    d.add_argument("--max-new-tokens", type=int, default=30)
-    d.add_argument("--seed", type=int, default=1)
+    d.add_argument("--max-new-tokens", type=int, default=30, help="response length cap")
+    d.add_argument("--seed", type=int, default=1, help="same seed, same results")
+    d.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
+                   help="how much the package logs on stderr")
     d.set_defaults(func=cmd_demo)
 
     v = sub.add_parser("serve", formatter_class=fmt, help="OpenAI-compatible HTTP server")
     add_model_args(v)
-    v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--host", default="127.0.0.1", help="address to bind")
+    v.add_argument("--port", type=int, default=8000, help="port to bind")
+    v.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health "
+                        "(default: $W2S_API_KEY; unset: no key)")
+    v.add_argument("--allowed-origins", default=None,
+                   help="comma-separated origins a browser may call from (CORS; '*' for any) "
+                        "(default: none)")
     v.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting for KV memory before 429 (those that fit run at once)")
-    v.add_argument("--served-model-name", default=None,
-                   help="the model name in /v1/models and responses (default: --large's base "
-                        "name; never a local path)")
+    v.add_argument("--served-model-name", nargs="+", default=None,
+                   help="the model name(s) in /v1/models; responses carry the first, requests "
+                        "may name any (default: --large's base name; never a local path)")
     v.add_argument("--allowed-hosts", default=None,
-                   help="comma-separated Host header names to answer ('*' for any; default: "
+                   help="comma-separated Host header names to answer ('*' for any) (default: "
                         "the loopback names when bound to loopback, else any)")
     v.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="request body limit; past it the answer is 413")
     v.add_argument("--max-prompt-chars", type=int, default=None,
                    help="prompt length limit in characters, checked before tokenizing "
                         "(default: 32 per token of the models' smallest context)")
-    v.set_defaults(func=cmd_serve)
+    v.set_defaults(func=cmd_serve, log_level="info")
     return parser
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging(args.log_level)
     try:
         args.func(args)
     except UserError as e:

@@ -151,3 +151,8 @@ class SearchParams:
         for name in ("ignore_eos", "trace"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be True or False")
+
+
+# The one set of defaults: the Python API (SearchParams()), `w2s search` and the server's
+# request fields all read them from here (read-only).
+DEFAULTS = SearchParams()

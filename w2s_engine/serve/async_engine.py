@@ -1,10 +1,16 @@
-"""AsyncEngine: one thread owns the Engine and runs its loop; asyncio handlers await results.
+"""AsyncEngine: one thread owns the Engine and runs its loop; asyncio code awaits searches.
 
 A request is prepared (validated, templated, tokenized: Engine.make_request, which is
 thread-safe) in a small thread pool, so that a long prompt never stalls the step for the
 requests already running; only the cheap rest touches the Engine, on the loop thread:
-enqueuing, cancelling, stepping. Handlers hand the loop commands through a queue and get
-asyncio futures back; the thread sleeps while there is nothing to do.
+enqueuing, cancelling, stepping. Coroutines hand the loop commands through a queue; the
+thread sleeps while there is nothing to do.
+
+Every search streams: after each step, the loop thread pushes the text that became final
+(SearchDelta, search/stream.py) into the search's asyncio queue through
+loop.call_soon_threadsafe, and the last delta carries the SearchResult. `stream()` iterates
+the deltas, `search()` awaits the result; leaving either early cancels the search, and its
+KV blocks come back at once.
 
 A request that fails in the engine fails alone (Engine.step keeps an error to the requests it
 touched); only an error that escapes the step altogether, an engine bug, fails what is in
@@ -15,101 +21,164 @@ import asyncio
 import logging
 import queue
 import threading
+import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from functools import partial
 
 from w2s_engine.engine import Engine
 from w2s_engine.outputs import SearchResult
 from w2s_engine.params import SearchParams
 from w2s_engine.scheduler import QueueFull
 from w2s_engine.search.request import RequestStatus, SearchRequest
+from w2s_engine.search.stream import SearchDelta
+from w2s_engine.serve.metrics import ServerMetrics
 
 log = logging.getLogger("w2s_engine.serve")
-
-OUTCOMES = ("finished", "failed", "cancelled", "rejected")
 
 
 class SearchFailed(RuntimeError):
     """The engine failed this request (the server answers 500); the others went on."""
 
 
-@dataclass
-class Metrics:
-    """Every generation request counts once in `requests` when it arrives and once, when it
-    ends, in exactly one outcome: finished (200), failed (5xx), cancelled (the client went
-    away) or rejected (4xx: invalid, too large, wrong host, queue full). At rest,
-    requests == finished + failed + cancelled + rejected."""
+class SearchHandle:
+    """A queued search, seen from asyncio: its deltas as they become final (async iteration,
+    the last one carries the result), `result()`, and `cancel()`.
 
-    requests: int = 0
-    finished: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    rejected: int = 0
-    rejected_by: dict = field(default_factory=dict)   # reason -> count, summing to rejected
-    steps: int = 0
-    batched_steps: int = 0      # steps that ran more than one request at once
-    max_running: int = 0        # most requests in one step
-    tokens: dict = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    The loop thread writes to it only through call_soon_threadsafe."""
 
-    def arrived(self):
-        with self._lock:
-            self.requests += 1
+    def __init__(self, owner: "AsyncEngine", request: SearchRequest,
+                 loop: asyncio.AbstractEventLoop, label: str, arrived: float):
+        self.request = request
+        self.label = label                    # the request id in the logs
+        self.arrived = arrived                # time.perf_counter() at arrival
+        self._owner = owner
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.accepted = loop.create_future()  # set when queued (or QueueFull)
+        self.ended = False                    # the caller has seen the end, or cancelled
+        self._buffer: list[SearchDelta] = []
+        # the loop thread's bookkeeping
+        self.sent_text = False
+        self.sent_result = False
+        self.mark: float | None = None        # the last selection (or admission)
+        self.chunks = 0
 
-    def ended(self, outcome: str, reason: str | None = None):
-        assert outcome in OUTCOMES, outcome
-        with self._lock:
-            setattr(self, outcome, getattr(self, outcome) + 1)
-            if outcome == "rejected":
-                key = reason or "invalid"
-                self.rejected_by[key] = self.rejected_by.get(key, 0) + 1
+    def __aiter__(self):
+        return self
 
-    @property
-    def in_flight(self) -> int:
-        return self.requests - sum(getattr(self, o) for o in OUTCOMES)
+    async def __anext__(self) -> SearchDelta:
+        if not self._buffer:
+            if self.ended:
+                raise StopAsyncIteration
+            self._buffer = await self.next_batch()
+        return self._buffer.pop(0)
+
+    async def next_batch(self) -> list[SearchDelta]:
+        """The deltas of the next engine step that had any for this search (raises
+        SearchFailed if the engine failed it; [] after the end)."""
+        if self.ended:
+            return []
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.ended = True
+            raise item
+        if any(d.result is not None for d in item):
+            self.ended = True
+        return item
+
+    async def result(self) -> SearchResult:
+        async for delta in self:
+            if delta.result is not None:
+                return delta.result
+        raise SearchFailed("the search ended without a result")
+
+    def cancel(self):
+        """Stop the search wherever it is (a no-op once it ended)."""
+        if not self.ended:
+            self.ended = True
+            self._owner._send(("cancel", self))
+
+    # ---- from the loop thread -----------------------------------------------------------
+
+    def _call(self, fn, *args):
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop is closed: nobody waits
+            pass
+
+    def _push(self, item: list[SearchDelta] | BaseException):
+        """One step's deltas, or the error that ends the search."""
+        if isinstance(item, list):
+            self.sent_result = self.sent_result or any(d.result is not None for d in item)
+        self._call(self._queue.put_nowait, item)
+
+    def _accept(self, error: BaseException | None = None):
+        self._call(_settle, self.accepted, error)
 
 
-@dataclass
-class _Pending:
-    future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
-    request: SearchRequest | None = None
+def _settle(future: asyncio.Future, error: BaseException | None):
+    if not future.done():
+        if error is None:
+            future.set_result(True)
+        else:
+            future.set_exception(error)
 
 
 class AsyncEngine:
 
     def __init__(self, engine: Engine, prepare_threads: int = 2):
         self.engine = engine
-        self.metrics = Metrics()
+        self.metrics = ServerMetrics(engine.stats)
         self._prepare_pool = ThreadPoolExecutor(prepare_threads, thread_name_prefix="w2s-prepare")
         self._inbox: queue.Queue = queue.Queue()
         self._wake = threading.Event()
-        self._pending: dict[int, _Pending] = {}
-        self._tickets: dict[int, int] = {}      # request id -> ticket of its handler
+        self._pending: dict[int, SearchHandle] = {}   # request id -> its handle
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="w2s-engine-loop", daemon=True)
         self._thread.start()
 
-    # ---- called from asyncio handlers ---------------------------------------------------------
+    # ---- called from asyncio code -------------------------------------------------------------
 
-    async def submit(self, prompt, params: SearchParams) -> tuple[asyncio.Future, int]:
-        """Prepare a search off the engine thread (raises ValueError or TypeError saying what to
-        change) and queue it; the future resolves to a SearchResult, or raises QueueFull or
-        SearchFailed."""
+    async def submit(self, prompt, params: SearchParams, label: str = "-",
+                     arrived: float | None = None, prepare=None) -> SearchHandle:
+        """Prepare a search off the engine thread (raises ValueError or TypeError saying what
+        to change) and queue it (raises QueueFull past the queue bound); returns its handle.
+        prepare: called with the SearchRequest before it is queued (the server's options)."""
         loop = asyncio.get_running_loop()
-        req = await loop.run_in_executor(self._prepare_pool, self.engine.make_request, prompt,
-                                         params)
-        pending = _Pending(loop.create_future(), loop, req)
-        ticket = id(pending)
-        self._send(("add", ticket, pending))
-        return pending.future, ticket
+        arrived = time.perf_counter() if arrived is None else arrived
+        req = await loop.run_in_executor(
+            self._prepare_pool, partial(self.engine.make_request, prompt, params, stream=True))
+        if prepare is not None:
+            prepare(req)
+        handle = SearchHandle(self, req, loop, label, arrived)
+        self._send(("add", handle))
+        try:
+            await handle.accepted
+        except asyncio.CancelledError:
+            handle.cancel()
+            raise
+        except BaseException:
+            handle.ended = True
+            raise
+        return handle
 
-    def cancel(self, ticket: int):
-        self._send(("cancel", ticket))
+    async def stream(self, prompt, params: SearchParams, **options) -> AsyncIterator[SearchDelta]:
+        """Run one search and yield its text as it becomes final; the last delta carries the
+        SearchResult (raises SearchFailed if the engine failed it). Leaving early cancels it."""
+        handle = await self.submit(prompt, params, **options)
+        try:
+            async for delta in handle:
+                yield delta
+        finally:
+            handle.cancel()
 
-    def snapshot(self) -> dict:
-        """Counters and gauges for /metrics (read without locking: a scrape may lag a step)."""
-        return {"metrics": self.metrics, **self.engine.stats()}
+    async def search(self, prompt, params: SearchParams, **options) -> SearchResult:
+        handle = await self.submit(prompt, params, **options)
+        try:
+            return await handle.result()
+        finally:
+            handle.cancel()
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
@@ -138,8 +207,12 @@ class AsyncEngine:
                     self._step()
             except Exception:  # a bug in this loop: log it, keep serving
                 log.exception("w2s engine loop: unexpected error")
+        for handle in list(self._pending.values()):   # nobody will step them now
+            handle._push(SearchFailed("the server is shutting down"))
+        self._pending.clear()
 
     def _step(self):
+        started = time.perf_counter()
         try:
             running = self.engine.stats()["running"]
             ended = self.engine.step()
@@ -147,65 +220,70 @@ class AsyncEngine:
             # The step keeps a request's error to that request; what escapes it is an engine
             # bug that no request can be blamed for: fail what is in flight, keep serving.
             log.exception("w2s engine: the step failed outside any request")
-            for ticket, pending in list(self._pending.items()):
-                if pending.request is not None:
-                    self.engine.cancel(pending.request)
-                self._resolve(ticket, error=SearchFailed(f"engine error: {type(e).__name__}: {e}"))
-            self._tickets.clear()
+            for handle in list(self._pending.values()):
+                self.engine.cancel(handle.request)
+                handle._push(SearchFailed(f"engine error: {type(e).__name__}: {e}"))
+            self._pending.clear()
             return
-        self.metrics.steps += 1
-        running = max(running, self.engine.stats()["running"])
-        self.metrics.max_running = max(self.metrics.max_running, running)
-        self.metrics.batched_steps += running > 1
+        now = time.perf_counter()
+        self.metrics.stepped(max(running, self.engine.stats()["running"]))
+        for handle in self._pending.values():
+            self._after_step(handle, started, now)
         for req in ended:
-            ticket = self._tickets.pop(req.request_id, None)
-            if ticket is None or req.status is RequestStatus.CANCELLED:
-                continue  # answered when the cancel came in
+            handle = self._pending.pop(req.request_id, None)
+            if handle is None or req.status is RequestStatus.CANCELLED:
+                continue  # the caller cancelled it
             if req.status is RequestStatus.DONE:
-                self._resolve(ticket, result=req.result)
+                if not handle.sent_result:   # (a stream that could not finish its text)
+                    handle._push([SearchDelta("", 0, req.result)])
             else:
-                self._resolve(ticket, error=SearchFailed(req.error or "search failed"))
+                log.warning("request %s failed: %s", handle.label, req.error)
+                handle._push(SearchFailed(req.error or "search failed"))
+
+    def _after_step(self, handle: SearchHandle, started: float, now: float):
+        """Hand a search its new deltas; time its first text and its selections."""
+        req = handle.request
+        if handle.mark is None and req.status is not RequestStatus.WAITING:
+            handle.mark = started   # admitted in this step
+        if req.stats.chunks > handle.chunks:
+            n = req.stats.chunks - handle.chunks
+            for _ in range(n):
+                self.metrics.chunk.observe((now - handle.mark) / n)
+            handle.chunks, handle.mark = req.stats.chunks, now
+        if req.deltas:
+            deltas, req.deltas = req.deltas, []
+            if not handle.sent_text and any(d.text for d in deltas):
+                handle.sent_text = True
+                self.metrics.first_token.observe(now - handle.arrived)
+            handle._push(deltas)
 
     def _drain(self):
         while True:
             try:
-                command = self._inbox.get_nowait()
+                command, handle = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if command[0] == "add":
-                _, ticket, pending = command
-                self._pending[ticket] = pending
+            if command == "add":
                 try:
-                    self.engine.enqueue(pending.request)
-                    self._tickets[pending.request.request_id] = ticket
+                    self.engine.enqueue(handle.request)
                 except QueueFull as e:
-                    self._resolve(ticket, error=e)
+                    log.warning("request %s refused: %s", handle.label, e)
+                    handle._accept(e)
+                    continue
                 except Exception as e:
                     log.exception("w2s engine loop: enqueue failed")
-                    self._resolve(ticket, error=SearchFailed(f"{type(e).__name__}: {e}"))
-            elif command[0] == "cancel":
-                pending = self._pending.get(command[1])
-                if pending is not None and pending.request is not None:
-                    self.engine.cancel(pending.request)
-                    self._tickets.pop(pending.request.request_id, None)
-                    self._resolve(command[1], cancelled=True)
-
-    def _resolve(self, ticket: int, result: SearchResult | None = None, error=None,
-                 cancelled: bool = False):
-        pending = self._pending.pop(ticket, None)
-        if pending is None:
-            return
-
-        def settle():
-            if pending.future.done():
-                return
-            if cancelled:
-                pending.future.cancel()
-            elif error is not None:
-                pending.future.set_exception(error)
-            else:
-                pending.future.set_result(result)
-        try:
-            pending.loop.call_soon_threadsafe(settle)
-        except RuntimeError:  # the handler's event loop is closed: nobody waits
-            pass
+                    handle._accept(SearchFailed(f"{type(e).__name__}: {e}"))
+                    continue
+                self._pending[handle.request.request_id] = handle
+                handle._accept()
+                p = handle.request.params
+                log.debug("request %s queued as search %d: method=%s w=%d k=%d l=%s "
+                          "max_new_tokens=%d, %d prompt tokens", handle.label,
+                          handle.request.request_id, p.method, p.w, p.k, p.l, p.max_new_tokens,
+                          handle.request.stats.prompt_tokens)
+            elif command == "cancel":
+                req = handle.request
+                if self._pending.pop(req.request_id, None) is handle:
+                    self.engine.cancel(req)
+                    log.info("request %s cancelled: its search stopped, its KV blocks are "
+                             "free", handle.label)

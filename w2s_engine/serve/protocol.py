@@ -7,19 +7,23 @@ RequestError (a 400 the server answers in OpenAI's error envelope), naming the f
 - the models are strict: 4 is an integer, "4", 4.0 and true are not (a float field takes 4);
 - the search parameters' ranges are SearchParams.validate's, checked when the request is
   prepared (Engine.make_request), so that the API, the command and the server agree.
-Fields the engine does not use (user, metadata, ...) are accepted and ignored, as OpenAI
-clients send them; OpenAI features it does not implement (penalties, logprobs, logit_bias,
-echo, best_of, suffix, tools, streaming) are accepted only at their neutral values, so that
-a request never silently gets something other than what it asked for.
+Every OpenAI sampling field is honoured or refused: stream (+ stream_options.include_usage),
+n, best_of, echo, logprobs / top_logprobs, stop, seed, max_tokens / max_completion_tokens,
+ignore_eos (vLLM's) are honoured (SearchFields.plan); OpenAI and vLLM features the engine
+does not implement (penalties, logit_bias, suffix, tools, response formats, min_p, ...) are
+accepted only at their neutral values (NEUTRAL), so that a request never silently gets
+something other than what it asked for. `user` is written in the access log; fields nobody
+defines (metadata, x_...) are ignored.
 """
 
 import json
 import math
-from typing import Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from w2s_engine.params import METHODS, InvalidParam, SearchParams, is_real
+from w2s_engine.params import DEFAULTS, METHODS, InvalidParam, SearchParams, is_real
 from w2s_engine.search.prompts import CHAT_ROLES
 
 MAX_DEPTH = 32
@@ -153,26 +157,36 @@ def _validation_error(e: ValidationError) -> RequestError:
     return RequestError(400, f"{where}: {why}{got}", where)
 
 
-def param_error(e: ValueError, prompt_field: str) -> RequestError:
+def param_error(e: ValueError, prompt_field: str, names: dict | None = None) -> RequestError:
     """A preparation error (SearchParams.validate, the prompt checks, the model's context) as
-    a 400 naming the request's field."""
-    message = str(e).replace("max_new_tokens", "max_tokens").replace("SearchParams.", "")
-    if isinstance(e, InvalidParam):
-        field = API_NAMES.get(e.field, e.field)
-        if field == "prompt" or field.startswith("messages"):
-            field = field if field.startswith(prompt_field) else prompt_field
-        return RequestError(400, message, field)
-    return RequestError(400, message, None)
+    a 400 naming the request's field (names: SearchParams field -> request field)."""
+    names = {**API_NAMES, **(names or {})}
+    message = str(e).replace("SearchParams.", "").replace("max_new_tokens",
+                                                          names["max_new_tokens"])
+    if not isinstance(e, InvalidParam):
+        return RequestError(400, message, None)
+    field = names.get(e.field, e.field)
+    if field != e.field and message.startswith(f"{e.field}="):
+        message = field + message[len(e.field):]
+    if field == "prompt" or field.startswith("messages"):
+        field = field if field.startswith(prompt_field) else prompt_field
+    return RequestError(400, message, field)
 
 
 # ---- the models ---------------------------------------------------------------------------------
 
-# OpenAI features the engine does not implement, accepted at these neutral values only.
-# (null is always taken: it means the default)
+# OpenAI and vLLM features the engine does not implement, accepted at these neutral values only
+# (an empty tuple: only null). null is always taken: it means the default.
 NEUTRAL = {"presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,),
-           "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,), "best_of": (1,),
            "logit_bias": ({},), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
-           "functions": ([],), "stream": (False,)}
+           "functions": ([],), "function_call": ("none",), "min_p": (0,), "min_tokens": (0,),
+           "length_penalty": (1,), "use_beam_search": (False,), "prompt_logprobs": (),
+           "response_format": ({"type": "text"},), "guided_json": (), "guided_regex": (),
+           "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
+           "modalities": (["text"],), "audio": (), "prediction": ()}
+CHAT_NEUTRAL = {"echo": (False,), "best_of": (1,)}          # completions' fields, not chat's
+COMPLETION_NEUTRAL = {"top_logprobs": (0,)}                # chat's field
+MAX_LOGPROBS = 20
 
 
 def _same(value, neutral) -> bool:
@@ -185,79 +199,198 @@ def _same(value, neutral) -> bool:
     return type(value) is type(neutral) and value == neutral
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool | None = None            # a last chunk with the usage
+    continuous_usage_stats: bool | None = None   # vLLM's: not supported (refused when true)
+
+
+@dataclass
+class Plan:
+    """What a request asks for, checked: the search, and how to answer."""
+
+    params: SearchParams
+    n: int                       # choices: the n best hypotheses (n samples for base)
+    stream: bool
+    include_usage: bool
+    logprobs: int | None         # alternatives per token (None: no logprobs)
+    echo: bool
+    names: dict                  # SearchParams field -> the request field that set it
+
+
 class SearchFields(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
     model: str | None = None
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None   # OpenAI's newer name for max_tokens
-    temperature: float = 0.7
-    top_p: float = 1.0
-    top_k: int = Field(default=0, description="0 or -1 = off (vLLM's -1 is taken too)")
-    n: int = Field(default=1, ge=1, le=128, description="choices: n plain samples with method=base")
+    max_completion_tokens: int | None = None   # OpenAI's newer name (chat); it wins over max_tokens
+    temperature: float = DEFAULTS.temperature
+    top_p: float = DEFAULTS.top_p
+    top_k: int = Field(default=DEFAULTS.top_k, description="0 or -1 = off (vLLM's -1 is taken)")
+    n: int | None = Field(default=None, ge=1, le=128,
+                          description="choices: the n best hypotheses (n samples with base)")
     stop: str | list[str] | None = None
     seed: int | None = None
-    # None: cbs, or base when the engine has no small models
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None                   # written in the access log
+    ignore_eos: bool | None = None            # vLLM's: sample past EOS
+    # None: cbs, or base when the engine has no scorer
     method: Literal[METHODS] | None = None
-    w: int = 4
-    k: int = 4
-    l: int | None = 5
-    beta: float = 1.0
+    w: int = DEFAULTS.w
+    k: int = DEFAULTS.k
+    l: int | None = DEFAULTS.l
+    beta: float = DEFAULTS.beta
+
+    neutral: ClassVar[dict] = NEUTRAL
 
     def check_neutral(self):
-        for name, neutral in NEUTRAL.items():
+        for name, neutral in self.neutral.items():
             value = (self.model_extra or {}).get(name)
             if value is not None and not any(_same(value, v) for v in neutral):
-                hint = " or ".join(_brief(v) for v in neutral)
-                raise RequestError(400, f"{name}: not supported by this server; leave it out "
-                                        f"(or send {hint}), got {_brief(value)}", name)
+                hint = "".join(f" or send {_brief(v)}" for v in neutral[:1])
+                raise RequestError(400, f"{name}: not supported by this server; leave it out"
+                                        f"{hint} (got {_brief(value)})", name)
 
-    def params(self, default_max_tokens: int, default_method: str = "cbs") -> SearchParams:
-        """The SearchParams this body asks for; raises RequestError, or InvalidParam for a
-        value out of SearchParams.validate's ranges."""
+    # Which fields ask for logprobs, echo, best_of and the token limit: per endpoint.
+    def _logprobs(self) -> tuple[int | None, str]:
+        return None, "logprobs"
+
+    def _best_of(self) -> int | None:
+        return None
+
+    def _echo(self) -> bool:
+        return False
+
+    def _max_tokens(self) -> tuple[int | None, str]:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
+    def plan(self, default_method: str = "cbs", has_scorer: bool = True,
+             local_large: bool = True) -> Plan:
+        """The search this body asks for and how to answer it; raises RequestError naming the
+        field (SearchParams.validate's ranges included)."""
         self.check_neutral()
-        method = self.method or default_method
-        max_tokens = self.max_tokens if self.max_tokens is not None else \
-            self.max_completion_tokens
-        common = dict(max_new_tokens=default_max_tokens if max_tokens is None else max_tokens,
+        sent = self.model_fields_set
+        max_tokens, max_field = self._max_tokens()
+        names = {"max_new_tokens": max_field}
+        common = dict(max_new_tokens=DEFAULTS.max_new_tokens if max_tokens is None else max_tokens,
                       temperature=self.temperature, top_p=self.top_p,
                       top_k=0 if self.top_k == -1 else self.top_k, seed=self.seed,
-                      stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []))
-        # Every search field is checked, also those this method does not use (k=0 with
-        # method=base is a mistake too): SearchParams.validate's ranges, field by field.
-        SearchParams(w=self.w, k=self.k, l=self.l, beta=self.beta, **common).validate()
-        if method != "cbs" and "w" in self.model_fields_set and self.w != 1:
+                      stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+                      ignore_eos=bool(self.ignore_eos))
+        try:
+            # Every search field is checked, also those this method does not use (k=0 with
+            # method=base is a mistake too): SearchParams.validate's ranges, field by field.
+            SearchParams(w=self.w, k=self.k, l=self.l, beta=self.beta, **common).validate()
+        except InvalidParam as e:
+            raise param_error(e, "prompt", names) from None
+        n = 1 if self.n is None else self.n
+        method = self.method or default_method
+        best_of = self._best_of()
+        if best_of is not None and best_of < n:
+            raise RequestError(400, f"best_of={best_of} is less than n={n}: best_of is how many "
+                                    "samples the n choices are the best of", "best_of")
+        if best_of is not None and best_of > 1:
+            if self.method not in (None, "best_of_n"):
+                raise RequestError(400, f"best_of={best_of} asks for Best-of-N, but method="
+                                        f"{self.method!r}: leave one of them out", "best_of")
+            if "k" in sent and self.k != best_of:
+                raise RequestError(400, f"best_of={best_of} and k={self.k} both set Best-of-N's "
+                                        "N: leave one of them out", "best_of")
+            method, names["k"] = "best_of_n", "best_of"
+        if method != "base" and not has_scorer:
+            field = "best_of" if names.get("k") == "best_of" else "method"
+            raise RequestError(400, f"method={method!r} needs a scorer, and this server runs "
+                                    "the large model alone: use method='base'", field)
+        if method != "cbs" and "w" in sent and self.w != 1:
             # Say so rather than ignore it: only CBS keeps several beams.
             raise RequestError(400, f"w={self.w}: method={method!r} keeps one beam; use w=1 or "
                                     "method='cbs'", "w")
-        if self.n > 1 and method != "base":
-            raise RequestError(400, f"n={self.n}: several choices come only from method='base' "
-                                    "(n samples); a search returns its best, with the W "
-                                    "survivors under 'w2s.hypotheses'", "n")
-        if method == "best_of_n":
-            return SearchParams.best_of_n(self.k, **common)
+        params = self._params(method, n, best_of or self.k, common)
+        stream = bool(self.stream)
+        options = self.stream_options or StreamOptions()
+        if self.stream_options is not None and not stream:
+            raise RequestError(400, "stream_options: only with stream=true", "stream_options")
+        if options.continuous_usage_stats:
+            raise RequestError(400, "stream_options.continuous_usage_stats: not supported by "
+                                    "this server (include_usage is)",
+                               "stream_options.continuous_usage_stats")
+        logprobs, lp_field = self._logprobs()
+        if logprobs is not None:
+            if not local_large:
+                raise RequestError(400, f"{lp_field}: the large model is a black box behind "
+                                        "another server here; its log-probs are not available",
+                                   lp_field)
+            if stream:
+                raise RequestError(400, f"{lp_field}: not supported with stream=true (send "
+                                        "stream=false for log-probs)", lp_field)
+        echo = self._echo()
+        if echo and logprobs is not None:
+            raise RequestError(400, "echo with logprobs would need the prompt's log-probs, "
+                                    "which this server does not compute: leave one out", "echo")
+        return Plan(params, n, stream, bool(options.include_usage), logprobs, echo, names)
+
+    def _params(self, method: str, n: int, big_n: int, common: dict) -> SearchParams:
         if method == "base":
-            return SearchParams.base(n=self.n, **common)
+            return SearchParams.base(n=n, **common)
         if method == "eft":
+            if n > 1:
+                raise RequestError(400, f"n={n}: method='eft' samples one stream; use n=1 (or "
+                                        "method='base' for n samples)", "n")
             return SearchParams.eft(self.beta, **common)
+        if method == "best_of_n":
+            if n == 1:
+                return SearchParams.best_of_n(big_n, **common)
+            if big_n % n:
+                raise RequestError(400, f"n={n}: the n best of N={big_n} samples need N to be a "
+                                        "multiple of n", "n")
+            # The n best of N full samples: one selection of n among N = n * (N / n).
+            return SearchParams.cbs(n, big_n // n, None, **common)
+        if n > self.w:
+            raise RequestError(400, f"n={n}: a search returns its w={self.w} survivors; ask for "
+                                    f"at most w choices, or a larger w", "n")
         return SearchParams.cbs(self.w, self.k, self.l, **common)
 
 
 class CompletionRequest(SearchFields):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = Field(default=None, ge=1, le=128)
 
-    def the_prompt(self) -> str:
-        if isinstance(self.prompt, list):
-            if len(self.prompt) != 1:
-                raise RequestError(400, f"prompt: {len(self.prompt)} prompts in one request; "
-                                        "send one per request (they are batched together)",
-                                   "prompt")
-            return self.prompt[0]
-        return self.prompt
+    neutral: ClassVar[dict] = {**NEUTRAL, **COMPLETION_NEUTRAL}
+
+    def _logprobs(self):
+        return self.logprobs, "logprobs"
+
+    def _best_of(self):
+        return self.best_of
+
+    def _echo(self):
+        return bool(self.echo)
+
+    def the_prompt(self) -> str | list[int]:
+        """The one prompt: a string, or token ids."""
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)) or p == []:
+            if len(p) != 1:
+                raise RequestError(400, f"prompt: {len(p)} prompts in one request; send one "
+                                        "per request (they are batched together)", "prompt")
+            p = p[0]
+        if isinstance(p, list) and not p:
+            raise RequestError(400, "prompt: no token ids: send a non-empty prompt", "prompt")
+        return p
 
     @property
     def prompt_chars(self) -> int:
-        return sum(map(len, self.prompt)) if isinstance(self.prompt, list) else len(self.prompt)
+        """Characters (a token id counts as one)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return len(p)
+        return sum(len(x) if isinstance(x, (str, list)) else 1 for x in p)
 
 
 class TextPart(BaseModel):
@@ -277,6 +410,15 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SearchFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    neutral: ClassVar[dict] = {**NEUTRAL, **CHAT_NEUTRAL}
+
+    def _logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError(400, "top_logprobs: needs logprobs=true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None, "logprobs"
 
     def the_prompt(self) -> list[dict]:
         return [{"role": m.role, "content": m.content if isinstance(m.content, str) else
