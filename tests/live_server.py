@@ -22,12 +22,14 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, engine: Engine, **app_options):
-        """app_options: create_app's (max_body_bytes, allowed_hosts, max_prompt_chars)."""
+    def __init__(self, engine: Engine, model_name="tiny", **app_options):
+        """app_options: create_app's (max_body_bytes, allowed_hosts, max_prompt_chars,
+        api_key, allowed_origins)."""
         self.async_engine = AsyncEngine(engine)
         self.port = free_port()
-        config = uvicorn.Config(create_app(self.async_engine, "tiny", **app_options),
-                                host="127.0.0.1", port=self.port, log_level="warning")
+        config = uvicorn.Config(create_app(self.async_engine, model_name, **app_options),
+                                host="127.0.0.1", port=self.port, log_level="warning",
+                                log_config=None)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -36,10 +38,21 @@ class LiveServer:
             assert time.time() < deadline, "uvicorn did not start"
             time.sleep(0.05)
         self.url = f"http://127.0.0.1:{self.port}"
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0)
+        self.api_key = app_options.get("api_key") or "none"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key,
+                                    max_retries=0)
+
+    def async_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=self.api_key,
+                                  max_retries=0)
+
+    def metrics_text(self) -> str:
+        req = urllib.request.Request(self.url + "/metrics",
+                                     headers={"Authorization": f"Bearer {self.api_key}"})
+        return urllib.request.urlopen(req).read().decode()
 
     def metrics(self) -> dict:
-        return parse_metrics(urllib.request.urlopen(self.url + "/metrics").read().decode())
+        return parse_metrics(self.metrics_text())
 
     def post(self, path: str, body: bytes):
         req = urllib.request.Request(self.url + path, data=body,

@@ -150,7 +150,7 @@ class Guard:
 
     def _access(self, scope, state, status, outcome, seconds):
         client = scope.get("client")
-        tokens = state.get("tokens") or (None, None)
+        tokens = state.get("tokens") or ("-", "-")
         access_log.info(
             "%s %s %s %s %d %s method=%s prompt_tokens=%s completion_tokens=%s seconds=%.3f"
             " user=%s", state["request_id"], client[0] if client else "-", scope["method"],

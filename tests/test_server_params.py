@@ -1,0 +1,233 @@
+"""The OpenAI parameters (issue 18): each one honoured, or refused with 400 naming it; models
+by name; token-id prompts; log-probabilities that are the large model's own."""
+
+import json
+
+import pytest
+import torch
+
+from live_server import LiveServer
+from test_server import is_envelope, raw_post, tiny_engine
+from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
+from w2s_engine import Engine, SearchParams
+
+CHAT = [{"role": "user", "content": "Write a review."}]
+
+
+@pytest.fixture(scope="module")
+def server():
+    live = LiveServer(tiny_engine(), model_name=["tiny", "alias"])
+    yield live
+    live.stop()
+
+
+def post(server, path, body):
+    return raw_post(server.port, path, json.dumps(body).encode())
+
+
+def test_max_tokens_and_max_completion_tokens_are_honoured(server):
+    chat = server.client.chat.completions.create(
+        model="tiny", messages=CHAT, max_completion_tokens=5, seed=1,
+        extra_body={"ignore_eos": True})
+    assert chat.usage.completion_tokens == 5 and chat.choices[0].finish_reason == "length"
+    both = server.client.chat.completions.create(   # the newer name wins, as in vLLM
+        model="tiny", messages=CHAT, max_tokens=9, max_completion_tokens=3, seed=1,
+        extra_body={"ignore_eos": True})
+    assert both.usage.completion_tokens == 3
+    c = server.client.completions.create(model="tiny", prompt="I really", max_tokens=4,
+                                         seed=1, extra_body={"ignore_eos": True})
+    assert c.usage.completion_tokens == 4
+    code, payload = post(server, "/v1/chat/completions",
+                         {"messages": CHAT, "max_completion_tokens": 0})
+    assert code == 400 and payload["error"]["param"] == "max_completion_tokens"
+    assert "max_completion_tokens=0" in payload["error"]["message"]
+
+
+def test_n_is_the_n_best_hypotheses_of_a_search_and_n_samples_of_base(server):
+    c = server.client.completions.create(model="tiny", prompt="I really", max_tokens=8, seed=2,
+                                         n=3, extra_body={"w": 3, "k": 2, "l": 3})
+    hyps = c.model_extra["w2s"]["hypotheses"]
+    assert [ch.text for ch in c.choices] == [h["text"] for h in hyps[:3]]
+    assert [h["reward"] for h in hyps] == sorted((h["reward"] for h in hyps), reverse=True)
+    base = server.client.completions.create(model="tiny", prompt="I really", max_tokens=8,
+                                            seed=2, n=3, extra_body={"method": "base"})
+    assert len(base.choices) == 3 and len({ch.text for ch in base.choices}) > 1
+    chat = server.client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=5,
+                                                 seed=2, n=2, extra_body={"w": 2})
+    assert [ch.index for ch in chat.choices] == [0, 1]
+    for body, param in [({"n": 3, "w": 2}, "n"), ({"n": 2, "method": "eft"}, "n"),
+                        ({"n": 2, "method": "best_of_n", "k": 3}, "n"), ({"n": 0}, "n")]:
+        code, payload = post(server, "/v1/completions", {"prompt": "x", **body})
+        assert code == 400 and payload["error"]["param"] == param, payload
+
+
+def test_best_of_is_best_of_n_and_n_takes_its_best(server):
+    common = dict(model="tiny", prompt="I really", max_tokens=8, seed=3)
+    a = server.client.completions.create(**common, best_of=4)
+    b = server.client.completions.create(**common, extra_body={"method": "best_of_n", "k": 4})
+    assert a.choices[0].text == b.choices[0].text
+    assert a.model_extra["w2s"]["stats"]["chunks"] == 1
+    two = server.client.completions.create(**common, best_of=4, n=2)
+    rewards = [h["reward"] for h in two.model_extra["w2s"]["hypotheses"]]
+    assert len(two.choices) == 2 and rewards == sorted(rewards, reverse=True)
+    assert two.model_extra["w2s"]["stats"]["tokens_sampled"] >= \
+        a.model_extra["w2s"]["stats"]["tokens_sampled"] * 0.5
+    for body, param in [({"best_of": 2, "n": 3}, "best_of"),
+                        ({"best_of": 4, "method": "cbs"}, "best_of"),
+                        ({"best_of": 4, "k": 3}, "best_of"), ({"best_of": 0}, "best_of")]:
+        code, payload = post(server, "/v1/completions", {"prompt": "x", **body})
+        assert code == 400 and payload["error"]["param"] == param, payload
+    code, payload = post(server, "/v1/chat/completions", {"messages": CHAT, "best_of": 2})
+    assert code == 400 and payload["error"]["param"] == "best_of"
+
+
+def test_echo_prepends_the_prompt(server):
+    c = server.client.completions.create(model="tiny", prompt="I really", max_tokens=4, seed=1,
+                                         echo=True)
+    plain = server.client.completions.create(model="tiny", prompt="I really", max_tokens=4,
+                                             seed=1)
+    assert c.choices[0].text == "I really" + plain.choices[0].text
+    for path, body in [("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}),
+                       ("/v1/chat/completions", {"messages": CHAT, "echo": True})]:
+        code, payload = post(server, path, body)
+        assert code == 400 and payload["error"]["param"] == "echo", payload
+
+
+def test_logprobs_of_completions_and_chat(server):
+    c = server.client.completions.create(model="tiny", prompt="I really", max_tokens=6, seed=1,
+                                         logprobs=2, extra_body={"ignore_eos": True})
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert all(x <= 0 for x in lp.token_logprobs)
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert top[token] == value and 1 <= len(top) <= 3
+        assert max(top.values()) >= value
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    chat = server.client.chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=4, seed=1, logprobs=True, top_logprobs=3,
+        extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens == 4
+    assert all(len(t.top_logprobs) == 3 and t.bytes == list(t.token.encode()) for t in content)
+    assert all(t.top_logprobs[0].logprob >= t.logprob for t in content)
+    none = server.client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2)
+    assert none.choices[0].logprobs is None
+    for path, body, param in [
+            ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
+            ("/v1/completions", {"prompt": "x", "logprobs": 1, "stream": True}, "logprobs"),
+            ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
+            ("/v1/chat/completions", {"messages": CHAT, "logprobs": 1}, "logprobs"),
+            ("/v1/completions", {"prompt": "x", "top_logprobs": 2}, "top_logprobs")]:
+        code, payload = post(server, path, body)
+        assert code == 400 and payload["error"]["param"] == param, payload
+
+
+def test_logprobs_are_the_large_models_own_for_every_method():
+    tok = make_tokenizer(300)
+    untuned = tiny_llama(len(tok), seed=2)
+    large = tiny_llama(len(tok), seed=1, layers=3)
+    reference = clone(large)
+    engine = Engine((large, tok), (tuned_from(untuned, seed=3, scale=0.3), tok),
+                    (clone(untuned), tok), num_kv_blocks=600, block_size=4, progress=False)
+    for params in (SearchParams.cbs(2, 2, 3, max_new_tokens=9, seed=1),
+                   SearchParams.base(n=2, max_new_tokens=7, seed=2),
+                   SearchParams.eft(1.0, max_new_tokens=6, seed=1)):
+        req = engine.make_request("I really", params)
+        req.logprobs = 3
+        engine.enqueue(req)
+        while not req.status.ended:
+            engine.step()
+        for h in req.result.hypotheses:
+            assert [e.token_id for e in h.logprobs] == h.token_ids
+            ids = req.large_prompt_ids + h.token_ids
+            with torch.no_grad():
+                logp = reference(torch.tensor([ids])).logits[0].log_softmax(-1)
+            start = len(req.large_prompt_ids) - 1
+            for j, e in enumerate(h.logprobs):
+                assert e.logprob == pytest.approx(logp[start + j, e.token_id].item(), abs=1e-4)
+                top = logp[start + j].topk(3)
+                assert [t for t, _ in e.top] == top.indices.tolist()
+    plain = engine.search(["I really"], SearchParams.cbs(2, 2, 3, max_new_tokens=9, seed=1))[0]
+    assert all(h.logprobs is None for h in plain.hypotheses)
+    assert [h.token_ids for h in plain.hypotheses] == [h.token_ids for h in
+                                                       engine.search(["I really"], SearchParams.cbs(
+                                                           2, 2, 3, max_new_tokens=9, seed=1))[0]
+                                                       .hypotheses]
+    engine.check_all_free()
+
+
+def test_stop_seed_user_and_ignore_eos(server):
+    common = dict(model="tiny", prompt="I really", max_tokens=12, seed=7)
+    a = server.client.completions.create(**common, user="someone")
+    b = server.client.completions.create(**common)
+    assert a.choices[0].text == b.choices[0].text
+    others = {server.client.completions.create(**{**common, "seed": s}).choices[0].text
+              for s in (8, 9, 10)}
+    assert len(others | {a.choices[0].text}) > 1
+    # Plain sampling with one seed draws the same tokens up to the stop string: a cut.
+    base = {**common, "extra_body": {"method": "base", "ignore_eos": True}}
+    text = server.client.completions.create(**base).choices[0].text
+    stop = next(c for c in text[1:] if c.isascii() and c.isprintable())
+    cut = server.client.completions.create(**base, stop=[stop])
+    assert cut.choices[0].text == text[:text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    assert server.client.completions.create(**base).usage.completion_tokens == 12
+
+
+@pytest.mark.parametrize("field, value", [
+    ("presence_penalty", 0.5), ("frequency_penalty", 1), ("logit_bias", {"5": 10}),
+    ("min_p", 0.1), ("response_format", {"type": "json_object"}), ("suffix", "x"),
+    ("stream_options", {"include_usage": True}), ("repetition_penalty", 1.2),
+    ("tools", [{"type": "function", "function": {"name": "f"}}])])
+def test_features_the_engine_lacks_are_refused_naming_them(server, field, value):
+    for path, body in [("/v1/completions", {"prompt": "x"}),
+                       ("/v1/chat/completions", {"messages": CHAT})]:
+        code, payload = post(server, path, {**body, field: value})
+        assert code == 400 and is_envelope(payload, 400), payload
+        assert payload["error"]["param"] == field and field in payload["error"]["message"]
+    # and accepted at their neutral values
+    neutral = {"presence_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"}}
+    if field in neutral:
+        code, _ = post(server, "/v1/completions",
+                       {"prompt": "x", "max_tokens": 2, field: neutral[field]})
+        assert code == 200
+
+
+def test_models_by_name_and_a_request_for_another_model_is_404(server):
+    assert [m.id for m in server.client.models.list().data] == ["tiny", "alias"]
+    assert server.client.models.retrieve("alias").id == "alias"
+    code, payload = raw_post(server.port, "/v1/models/gpt-4", b"", method="GET")
+    assert code == 404 and is_envelope(payload, 404) and "gpt-4" in payload["error"]["message"]
+    c = server.client.completions.create(model="alias", prompt="I", max_tokens=2)
+    assert c.model == "tiny"
+    before = server.metrics()
+    code, payload = post(server, "/v1/completions", {"model": "gpt-4", "prompt": "x"})
+    assert code == 404 and is_envelope(payload, 404) and payload["error"]["param"] == "model"
+    assert "does not exist" in payload["error"]["message"]
+    after = server.metrics()
+    key = 'w2s_requests_rejected_by_reason_total{reason="model"}'
+    assert after[key] == before.get(key, 0) + 1
+
+
+def test_token_id_prompts_are_the_prompt_they_decode_to(server):
+    tok = server.async_engine.engine.large_tokenizer
+    ids = tok("I really")["input_ids"]
+    by_text = server.client.completions.create(model="tiny", prompt="I really", max_tokens=6,
+                                               seed=5)
+    for prompt in (ids, [ids]):
+        by_ids = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=6,
+                                                  seed=5)
+        assert by_ids.choices[0].text == by_text.choices[0].text
+    for prompt, param in [([5, 10**6], "prompt.1"), ([-1], "prompt.0"), ([[]], "prompt"),
+                          ([ids, ids], "prompt"), ([1.5], "prompt.0")]:
+        code, payload = post(server, "/v1/completions", {"prompt": prompt})
+        assert code == 400 and payload["error"]["param"] == param, payload
+
+
+def test_chat_content_parts_are_text(server):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Write"},
+                                          {"type": "text", "text": "a review."}]}]
+    joined = [{"role": "user", "content": "Write\na review."}]
+    a = server.client.chat.completions.create(model="tiny", messages=parts, max_tokens=5, seed=1)
+    b = server.client.chat.completions.create(model="tiny", messages=joined, max_tokens=5, seed=1)
+    assert a.choices[0].message.content == b.choices[0].message.content

@@ -1,0 +1,225 @@
+"""Streaming over HTTP (issue 18): server-sent events in OpenAI's chunk format for every method,
+driven by the stock openai client (sync and async) and by raw HTTP, and AsyncEngine.stream for
+embedding. The streamed text equals the text the same request gets whole (same seed)."""
+
+import asyncio
+import http.client
+import json
+import socket
+import time
+
+import pytest
+
+from live_server import LiveServer
+from test_server import tiny_engine
+from w2s_engine import SearchParams
+from w2s_engine.serve.async_engine import AsyncEngine, SearchFailed
+
+METHODS = [("cbs", {"w": 2, "k": 2, "l": 3}), ("cbs-n2", {"w": 2, "k": 2, "l": 3, "n": 2}),
+           ("best_of_n", {"k": 3}), ("best_of-n2", {"best_of": 4, "n": 2}),
+           ("base", {}), ("base-n3", {"n": 3}), ("eft", {"beta": 1.0})]
+IDS = [m for m, _ in METHODS]
+
+
+def body_of(name: str, extra: dict) -> dict:
+    method = name.split("-")[0]
+    return {"max_tokens": 9, "seed": 4, "top_k": 40, **extra,
+            **({"method": method} if method != "best_of" else {})}
+
+
+@pytest.fixture(scope="module")
+def server():
+    live = LiveServer(tiny_engine())
+    yield live
+    live.stop()
+
+
+def sse(port: int, path: str, body: dict, headers=None):
+    """POST and read the event stream: (status, headers, [parsed events], raw lines)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json",
+                                                  **(headers or {})})
+    r = conn.getresponse()
+    raw = r.read().decode()
+    conn.close()
+    lines = [ln for ln in raw.split("\n") if ln]
+    events = [ln[len("data: "):] for ln in lines]
+    return r.status, dict(r.headers), events, lines
+
+
+def joined(chunks, chat: bool) -> dict[int, str]:
+    texts = {}
+    for c in chunks:
+        for choice in c.choices:
+            piece = (choice.delta.content or "") if chat else choice.text
+            texts[choice.index] = texts.get(choice.index, "") + piece
+    return texts
+
+
+@pytest.mark.parametrize("name, extra", METHODS, ids=IDS)
+def test_streamed_completions_equal_the_whole_answer_for_every_method(server, name, extra):
+    body = body_of(name, extra)
+    n = body.pop("n", 1)
+    kw = dict(model="tiny", prompt="I really", n=n, extra_body=body)
+    whole = server.client.completions.create(**kw)
+    chunks = list(server.client.completions.create(
+        **kw, stream=True, stream_options={"include_usage": True}))
+    assert joined(chunks, chat=False) == {c.index: c.text for c in whole.choices}
+    *content, usage = chunks
+    assert usage.choices == [] and usage.usage == whole.usage
+    assert all(c.usage is None for c in content)
+    # finish_reason in the last content chunk of each choice, and nowhere else
+    for c in whole.choices:
+        mine = [ch.choices[0] for ch in content if ch.choices[0].index == c.index]
+        assert mine[-1].finish_reason == c.finish_reason
+        assert all(x.finish_reason is None for x in mine[:-1])
+    assert all(ch.object == "text_completion" and ch.model == "tiny" for ch in content)
+
+
+@pytest.mark.parametrize("name, extra", METHODS, ids=IDS)
+def test_streamed_chat_sends_the_role_first_then_content_equal_to_the_whole_answer(server, name,
+                                                                                    extra):
+    body = body_of(name, extra)
+    body.pop("best_of", None)
+    n = body.pop("n", 1)
+    if name == "best_of-n2":
+        body.update(method="best_of_n", k=4)
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Write a review."}], n=n,
+              extra_body=body)
+    whole = server.client.chat.completions.create(**kw)
+    chunks = list(server.client.chat.completions.create(**kw, stream=True))
+    assert joined(chunks, chat=True) == {c.index: c.message.content for c in whole.choices}
+    for c in whole.choices:
+        mine = [ch.choices[0] for ch in chunks if ch.choices[0].index == c.index]
+        assert mine[0].delta.role == "assistant" and not mine[0].delta.content
+        assert mine[-1].finish_reason == c.finish_reason
+        assert all(x.finish_reason is None for x in mine[:-1])
+    assert {ch.object for ch in chunks} == {"chat.completion.chunk"}
+    assert len({ch.id for ch in chunks}) == 1
+
+
+def test_the_async_client_streams_several_requests_at_once(server):
+    async def run():
+        client = server.async_client()
+        prompts = ["I really", "This film", "The plot"]
+
+        async def one(p):
+            stream = await client.completions.create(
+                model="tiny", prompt=p, max_tokens=8, seed=2, stream=True,
+                extra_body={"w": 2, "k": 2, "l": 2})
+            return "".join([c.choices[0].text async for c in stream])
+        streamed = await asyncio.gather(*(one(p) for p in prompts))
+        whole = [(await client.completions.create(
+            model="tiny", prompt=p, max_tokens=8, seed=2,
+            extra_body={"w": 2, "k": 2, "l": 2})).choices[0].text for p in prompts]
+        await client.close()
+        return streamed, whole
+    streamed, whole = asyncio.run(run())
+    assert streamed == whole
+
+
+def test_raw_http_events_end_with_done_and_a_cbs_stream_sends_text_before_it_ends(server):
+    # Greedy candidates agree, so their common prefix is final as they sample.
+    body = {"prompt": "I really", "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+            "w": 2, "k": 2, "l": 3, "stream": True}
+    status, headers, events, lines = sse(server.port, "/v1/completions", body,
+                                         {"X-Request-Id": "stream-1"})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    assert headers["x-request-id"] == "stream-1"
+    assert all(ln.startswith("data: ") for ln in lines) and events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["id"] == "cmpl-stream-1" for c in chunks)
+    early = [c for c in chunks if c["choices"][0]["finish_reason"] is None and
+             c["choices"][0]["text"]]
+    assert len(early) >= 3, "text arrived only at the end"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert isinstance(chunks[-1]["w2s"]["reward"], float)
+
+
+def test_echo_streams_the_prompt_first(server):
+    chunks = list(server.client.completions.create(
+        model="tiny", prompt="I really", max_tokens=5, seed=1, echo=True, stream=True,
+        extra_body={"method": "base"}))
+    assert chunks[0].choices[0].text == "I really"
+    whole = server.client.completions.create(model="tiny", prompt="I really", max_tokens=5,
+                                             seed=1, echo=True, extra_body={"method": "base"})
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+
+
+def test_a_client_that_disconnects_mid_stream_cancels_its_search_and_frees_every_block(server):
+    before = server.metrics()
+    body = json.dumps({"prompt": "A very long review", "max_tokens": 400, "method": "base",
+                       "ignore_eos": True, "seed": 3, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  b"Content-Type: application/json\r\n"
+                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        got = b""
+        while got.count(b"data: ") < 3:   # the search is streaming now; then the client leaves
+            got += s.recv(65536)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        m = server.metrics()
+        if m["w2s_requests_cancelled_total"] > before["w2s_requests_cancelled_total"] and \
+                m["w2s_requests_running"] == 0:
+            break
+        time.sleep(0.1)
+    assert m["w2s_requests_cancelled_total"] == before["w2s_requests_cancelled_total"] + 1
+    assert m["w2s_requests_finished_total"] == before["w2s_requests_finished_total"]
+    assert m['w2s_kv_blocks_used{model="large"}'] == 0 and m["w2s_requests_in_flight"] == 0
+    server.async_engine.engine.check_all_free()
+
+
+def test_a_search_that_fails_mid_stream_ends_with_an_error_event_and_counts_as_failed(
+        server, monkeypatch):
+    from test_validation import poison
+    poison(monkeypatch, server.async_engine.engine.scorer, "plan", RuntimeError("no score"))
+    before = server.metrics()
+    status, _, events, _ = sse(server.port, "/v1/completions",
+                               {"prompt": "POISON", "max_tokens": 6, "stream": True})
+    assert status == 200 and events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == 500 and "no score" in error["message"]
+    after = server.metrics()
+    assert after["w2s_requests_failed_total"] == before["w2s_requests_failed_total"] + 1
+    server.async_engine.engine.check_all_free()
+
+
+def test_async_engine_stream_for_embedding_yields_deltas_and_cancels_when_left_early():
+    engine = tiny_engine(num_kv_blocks=400)
+    async_engine = AsyncEngine(engine)
+    params = SearchParams.cbs(2, 2, 3, max_new_tokens=10, seed=5)
+    try:
+        async def run():
+            deltas = [d async for d in async_engine.stream("I really", params)]
+            result = await async_engine.search("I really", params)
+            early = async_engine.stream("I really", SearchParams.base(
+                max_new_tokens=300, seed=1, ignore_eos=True))
+            first = await anext(d async for d in early if d.text)
+            await early.aclose()
+            with pytest.raises(ValueError, match="w"):
+                await async_engine.search("I really", params.copy(w=0))
+            return deltas, result, first
+        deltas, result, first = asyncio.run(run())
+        assert "".join(d.text for d in deltas) == result.text == deltas[-1].result.text
+        assert first.text and first.result is None
+        deadline = time.time() + 10
+        while engine.has_unfinished() and time.time() < deadline:
+            time.sleep(0.05)
+        engine.check_all_free()
+    finally:
+        async_engine.shutdown()
+
+
+def test_a_search_in_flight_when_the_engine_loop_shuts_down_fails_rather_than_hangs():
+    async_engine = AsyncEngine(tiny_engine(num_kv_blocks=400))
+
+    async def run():
+        stream = async_engine.stream("I really", SearchParams.base(max_new_tokens=400, seed=1,
+                                                                   ignore_eos=True))
+        await anext(stream)
+        await asyncio.get_running_loop().run_in_executor(None, async_engine.shutdown)
+        with pytest.raises(SearchFailed, match="shutting down"):
+            async for _ in stream:
+                pass
+    asyncio.run(asyncio.wait_for(run(), 60))
