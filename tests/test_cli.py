@@ -69,3 +69,84 @@ def test_user_mistakes_exit_nonzero_with_one_line_and_no_traceback(args, says):
     lines = [ln for ln in out.stderr.strip().splitlines() if ln.startswith("w2s")]
     assert "Traceback" not in out.stderr
     assert says in out.stderr and len(lines) == 1
+
+
+# ---- the command on tiny models saved as Hugging Face directories ----------------------------
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    from tiny_models import make_tokenizer, tiny_llama, tuned_from
+    tok = make_tokenizer(300)
+    untuned = tiny_llama(len(tok), seed=2)
+    models = {"large": tiny_llama(len(tok), seed=1, layers=3), "untuned": untuned,
+              "tuned": tuned_from(untuned, seed=3, scale=0.3)}
+    dirs = {}
+    for role, model in models.items():
+        dirs[role] = tmp_path_factory.mktemp(role)
+        model.save_pretrained(dirs[role])
+        tok.save_pretrained(dirs[role])
+    return {role: str(d) for role, d in dirs.items()}, tok
+
+
+def test_search_with_a_black_box_large_model_given_by_its_url(tiny_dirs):
+    from live_server import LiveServer
+    from tiny_models import tiny_llama
+    from w2s_engine import Engine
+    dirs, tok = tiny_dirs
+    live = LiveServer(Engine((tiny_llama(len(tok), seed=1, layers=3), tok), num_kv_blocks=400,
+                             block_size=4, progress=False))
+    small = ["--tuned", dirs["tuned"], "--untuned", dirs["untuned"], "--kv-blocks", "400"]
+    try:
+        out = run("search", "I really", "--large", live.url + "/v1", *small, "--w", "2", "--k",
+                  "2", "--l", "3", "--max-new-tokens", "6", "--seed", "1", "--json")
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)[0]
+        assert len(result["hypotheses"]) == 2 and isinstance(result["reward"], float)
+        assert "large" not in result["stats"]["tokens_forwarded"]   # not forwarded here
+        out = run("search", "I really", "--large", live.url + "/v1", *small, "--top-k", "5")
+        assert out.returncode == 2 and "top_k" in out.stderr and "Traceback" not in out.stderr
+        out = run("search", "I really", "--large", live.url + "/v1", "--method", "base")
+        assert out.returncode == 2 and "--tuned" in out.stderr
+    finally:
+        live.stop()
+
+
+def test_serve_runs_with_an_api_key_from_the_environment_and_logs_each_request(tiny_dirs):
+    import os
+    import time
+    import urllib.request
+
+    import openai
+    from live_server import free_port
+    dirs, _ = tiny_dirs
+    port = free_port()
+    proc = subprocess.Popen(W2S + ["serve", "--large", dirs["large"], "--tuned", dirs["tuned"],
+                                   "--untuned", dirs["untuned"], "--kv-blocks", "400",
+                                   "--port", str(port), "--served-model-name", "tiny", "alias"],
+                            env={**os.environ, "W2S_API_KEY": "k1"}, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "w2s serve did not start"
+                time.sleep(0.3)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k1",
+                               max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny", "alias"]
+        chunks = list(client.completions.create(model="alias", prompt="I really", max_tokens=5,
+                                                seed=1, stream=True,
+                                                extra_body={"w": 2, "k": 2, "l": 2}))
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k2",
+                          max_retries=0).models.list()
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert "serving tiny, alias" in err and "API key required" in err
+    assert "POST /v1/completions 200 finished method=cbs" in err
+    assert "GET /v1/models 401" in err, err
