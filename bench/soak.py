@@ -70,7 +70,7 @@ HOSTILE = [  # (path, body bytes, extra headers)
     ("/v1/completions", b'{"prompt": "' + b"word " * 60000 + b'"}', {}),   # > 32 chars/token
     ("/v1/completions", b'{"prompt": "' + b"word " * 20000 + b'"}', {}),   # > the context
     ("/v1/completions", b'{"prompt": "x", "seed": -1}', {}),
-    ("/v1/completions", b'{"prompt": "x", "stream": true}', {}),
+    ("/v1/completions", b'{"prompt": "x", "stream": "yes"}', {}),   # streaming works: a wrong type
     ("/v1/completions", b'{"prompt": "x", "max_tokens": 100000000}', {}),
     ("/v1/completions", b'{"prompt": "x"}', {"Host": "attacker.example"}),
     ("/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "x"}]}', {}),
