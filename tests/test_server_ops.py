@@ -179,8 +179,9 @@ def test_metrics_parse_and_the_request_counters_add_up_after_a_mix(server, monke
         while got.count(b"data: ") < 2:
             got += s.recv(65536)
     sent += 1
-    deadline = time.time() + 30
-    while time.time() < deadline and server.metrics()["w2s_requests_in_flight"]:
+    deadline = time.time() + 30   # the handlers have ended, and the engine took the cancel
+    while time.time() < deadline and any(server.metrics()[k] for k in (
+            "w2s_requests_in_flight", "w2s_requests_running", "w2s_queue_length")):
         time.sleep(0.1)
 
     families = {f.name: f for f in text_string_to_metric_families(server.metrics_text())}
