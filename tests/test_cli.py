@@ -103,6 +103,10 @@ def test_search_with_a_black_box_large_model_given_by_its_url(tiny_dirs):
         result = json.loads(out.stdout)[0]
         assert len(result["hypotheses"]) == 2 and isinstance(result["reward"], float)
         assert "large" not in result["stats"]["tokens_forwarded"]   # not forwarded here
+        out = run("search", "I really", "--large", live.url + "/v1", *small, "--w", "2", "--k",
+                  "2", "--l", "3", "--max-new-tokens", "6", "--seed", "1", "--stream")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == f"I really{result['text']}  [reward {result['reward']:+.3f}]\n"
         out = run("search", "I really", "--large", live.url + "/v1", *small, "--top-k", "5")
         assert out.returncode == 2 and "top_k" in out.stderr and "Traceback" not in out.stderr
         out = run("search", "I really", "--large", live.url + "/v1", "--method", "base")
