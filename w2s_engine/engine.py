@@ -33,12 +33,10 @@ from w2s_engine.params import InvalidParam, SearchParams
 from w2s_engine.scheduler import Scheduler
 from w2s_engine.scoring import ImplicitReward, ProcessRewardModel, RewardModel, scorer_list
 from w2s_engine.search.eft import EFT
-from w2s_engine.search.prompts import (ResponseTemplate, check_prompt, parse_templates,
-                                       template_has_tool_role)
+from w2s_engine.search.prompts import check_prompt, parse_templates, template_has_tool_role
 from w2s_engine.search.request import KVSpace, RequestStatus, SearchRequest
-from w2s_engine.search.head_stream import label_probability, score_head
-from w2s_engine.search.scorer import RewardModelParts, Scorer, Steps
-from w2s_engine.search.tokens import encode
+from w2s_engine.search.reward_models import model_head, reward_model_parts
+from w2s_engine.search.scorer import Scorer
 from w2s_engine.search.sequence import Beam
 from w2s_engine.search.stream import FinalText, SearchDelta
 
@@ -47,38 +45,6 @@ log = logging.getLogger("w2s_engine")
 
 class SearchError(RuntimeError):
     """A request failed while running; the engine and the other requests went on."""
-
-
-def model_head(rm) -> str:
-    """The head a (process) reward model is loaded with."""
-    if isinstance(rm, RewardModel):
-        return "sequence_classification"
-    return "causal_lm" if rm.label is not None else "token_classification"
-
-
-def reward_model_parts(rm, role: str, runner: ModelRunner, loaded) -> RewardModelParts:
-    """A RewardModel / ProcessRewardModel spec over its loaded model, as the scorer takes it."""
-    tok = loaded.tokenizer
-    template = ResponseTemplate(rm.template or loaded.template or "{prompt}{response}")
-
-    def one_token(name: str, text: str) -> int:
-        ids = encode(tok, text, False)
-        if len(ids) != 1:
-            raise ValueError(f"ProcessRewardModel.{name}={text!r} is {len(ids)} tokens of the "
-                             "model's tokenizer: it must be one")
-        return ids[0]
-    if isinstance(rm, RewardModel):
-        return RewardModelParts(role, runner, tok, template, score_head(runner, rm.head_index),
-                                rm.weight)
-    if rm.label is not None:
-        read = label_probability(runner, one_token("label", rm.label),
-                                 one_token("other_label", rm.other_label)
-                                 if rm.other_label is not None else None)
-    else:
-        read = score_head(runner, rm.head_index)
-    steps = Steps(rm.step_tag, one_token("step_tag", rm.step_tag), rm.step_separator,
-                  rm.aggregate)
-    return RewardModelParts(role, runner, tok, template, read, rm.weight, steps)
 
 
 class Engine:

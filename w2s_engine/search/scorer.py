@@ -17,7 +17,6 @@ reservation), which then fails alone; run() forwards the updates of all requests
 one forward per model, and sets each candidate's reward.
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from w2s_engine.cache.block_manager import BlockManager
@@ -29,30 +28,8 @@ from w2s_engine.search.request import SearchRequest
 from w2s_engine.search.sequence import Beam, SmallState
 from w2s_engine.search.small_stream import SmallStream, StreamUpdate
 from w2s_engine.search.steps import aggregate, tag_steps
+from w2s_engine.search.reward_models import RewardModelParts, Steps
 from w2s_engine.search.tokens import Tokenized
-
-
-@dataclass
-class Steps:
-    """A process reward model's steps: where they end, the tag it scores, how to aggregate."""
-
-    tag: str
-    tag_id: int                 # the tag is one token
-    separator: str | None       # None: a step per chunk
-    aggregate: str
-
-
-@dataclass
-class RewardModelParts:
-    """A loaded (process) reward model as the scorer takes it."""
-
-    role: str                   # its name in stats ("reward_model", "reward_model_2", ...)
-    runner: object              # ModelRunner
-    tokenizer: object
-    template: ResponseTemplate
-    read: Callable              # hidden [N, H] -> value [N] (search/head_stream.py)
-    weight: float
-    steps: Steps | None = None  # a process reward model's
 
 
 @dataclass

@@ -1,0 +1,66 @@
+"""How a RewardModel or ProcessRewardModel spec (w2s_engine/scoring.py) becomes what the
+scorer runs: the head its model is loaded with, the function that reads a value from a
+hidden state, its template and, for a PRM, its steps."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from w2s_engine.scoring import RewardModel
+from w2s_engine.search.head_stream import label_probability, score_head
+from w2s_engine.search.prompts import ResponseTemplate
+from w2s_engine.search.tokens import encode
+
+
+@dataclass
+class Steps:
+    """A process reward model's steps: where they end, the tag it scores, how to aggregate."""
+
+    tag: str
+    tag_id: int                 # the tag is one token
+    separator: str | None       # None: a step per chunk
+    aggregate: str
+
+
+@dataclass
+class RewardModelParts:
+    """A loaded (process) reward model as the scorer takes it."""
+
+    role: str                   # its name in stats ("reward_model", "reward_model_2", ...)
+    runner: object              # ModelRunner
+    tokenizer: object
+    template: ResponseTemplate
+    read: Callable              # hidden [N, H] -> value [N] (search/head_stream.py)
+    weight: float
+    steps: Steps | None = None  # a process reward model's
+
+
+def model_head(rm) -> str:
+    """The head a (process) reward model is loaded with."""
+    if isinstance(rm, RewardModel):
+        return "sequence_classification"
+    return "causal_lm" if rm.label is not None else "token_classification"
+
+
+def reward_model_parts(rm, role: str, runner, loaded) -> RewardModelParts:
+    """A RewardModel / ProcessRewardModel spec over its loaded model, as the scorer takes it."""
+    tok = loaded.tokenizer
+    template = ResponseTemplate(rm.template or loaded.template or "{prompt}{response}")
+
+    def one_token(name: str, text: str) -> int:
+        ids = encode(tok, text, False)
+        if len(ids) != 1:
+            raise ValueError(f"ProcessRewardModel.{name}={text!r} is {len(ids)} tokens of the "
+                             "model's tokenizer: it must be one")
+        return ids[0]
+    if isinstance(rm, RewardModel):
+        return RewardModelParts(role, runner, tok, template, score_head(runner, rm.head_index),
+                                rm.weight)
+    if rm.label is not None:
+        read = label_probability(runner, one_token("label", rm.label),
+                                 one_token("other_label", rm.other_label)
+                                 if rm.other_label is not None else None)
+    else:
+        read = score_head(runner, rm.head_index)
+    steps = Steps(rm.step_tag, one_token("step_tag", rm.step_tag), rm.step_separator,
+                  rm.aggregate)
+    return RewardModelParts(role, runner, tok, template, read, rm.weight, steps)
