@@ -1,0 +1,135 @@
+"""OpenAI's response shapes for a search: a whole completion or chat completion, and the
+server-sent event chunks of a streamed one (text deltas per choice, finish reasons, usage),
+with the large model's log-probabilities in OpenAI's format."""
+
+import json
+import time
+
+from w2s_engine.outputs import SearchResult
+from w2s_engine.serve.protocol import Plan
+
+
+# ---- responses --------------------------------------------------------------------------------
+
+def usage(result: SearchResult, n: int) -> dict:
+    prompt = result.stats.prompt_tokens
+    completion = sum(len(h.token_ids) for h in result.hypotheses[:n])
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _extra(result: SearchResult) -> dict:
+    """The search's own view, under 'w2s': rewards, every survivor, the work it took."""
+    return {"reward": result.reward, "finish_reason": result.finish_reason,
+            "hypotheses": [{"text": h.text, "reward": h.reward, "finished": h.finished,
+                            "finish_reason": h.finish_reason} for h in result.hypotheses],
+            "stats": {"tokens_forwarded": result.stats.tokens_forwarded,
+                      "tokens_sampled": result.stats.tokens_sampled,
+                      "peak_kv_blocks": result.stats.peak_kv_blocks,
+                      "chunks": result.stats.chunks, "seconds": result.stats.seconds}}
+
+
+class Logprobs:
+    """OpenAI's logprobs objects from Hypothesis.logprobs (token strings from the large
+    model's tokenizer, one token at a time, as vLLM shows them)."""
+
+    def __init__(self, tokenizer, hypotheses):
+        ids = sorted({i for h in hypotheses for e in h.logprobs or ()
+                      for i in (e.token_id, *(t for t, _ in e.top))})
+        self.text = dict(zip(ids, tokenizer.batch_decode([[i] for i in ids]))) if ids else {}
+
+    def completion(self, entries) -> dict:
+        tokens = [self.text[e.token_id] for e in entries]
+        offsets, at = [], 0
+        for t in tokens:
+            offsets.append(at)
+            at += len(t)
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{**{self.text[t]: lp for t, lp in e.top},
+                                  self.text[e.token_id]: e.logprob} for e in entries],
+                "text_offset": offsets}
+
+    def _token(self, token_id: int, logprob: float) -> dict:
+        text = self.text[token_id]
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def chat(self, entries) -> dict:
+        return {"content": [{**self._token(e.token_id, e.logprob),
+                             "top_logprobs": [self._token(t, lp) for t, lp in e.top]}
+                            for e in entries], "refusal": None}
+
+
+class Answer:
+    """One request's response: OpenAI's completion or chat completion object, whole or as
+    stream chunks."""
+
+    def __init__(self, chat: bool, model: str, rid: str, plan: Plan, echo_text: str = ""):
+        self.chat, self.model, self.plan, self.echo_text = chat, model, plan, echo_text
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{rid}"
+        self.object = "chat.completion" if chat else "text_completion"
+        self.created = int(time.time())
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def whole(self, result: SearchResult, tokenizer) -> dict:
+        hyps = result.hypotheses[:self.plan.n]
+        lp = Logprobs(tokenizer, hyps) if self.plan.logprobs is not None else None
+        if self.chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": h.text},
+                        "logprobs": lp.chat(h.logprobs) if lp else None,
+                        "finish_reason": h.finish_reason} for i, h in enumerate(hyps)]
+        else:
+            choices = [{"index": i, "text": self.echo_text + h.text,
+                        "logprobs": lp.completion(h.logprobs) if lp else None,
+                        "finish_reason": h.finish_reason} for i, h in enumerate(hyps)]
+        return {**self._head(self.object), "choices": choices,
+                "usage": usage(result, self.plan.n), "w2s": _extra(result)}
+
+    # ---- streaming -----------------------------------------------------------------------
+
+    def chunk(self, choices: list[dict], **more) -> str:
+        body = {**self._head("chat.completion.chunk" if self.chat else "text_completion"),
+                "choices": choices, **more}
+        if self.plan.include_usage and "usage" not in body:
+            body["usage"] = None
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    def piece(self, index: int, text: str | None, finish_reason=None, role=False) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else (
+                {} if text is None else {"content": text})
+            return {"index": index, "delta": delta, "logprobs": None,
+                    "finish_reason": finish_reason}
+        return {"index": index, "text": text or "", "logprobs": None,
+                "finish_reason": finish_reason}
+
+    def opening(self) -> list[str]:
+        """Chat: the role first; completions with echo: the prompt first."""
+        n = self.plan.n
+        if self.chat:
+            return [self.chunk([self.piece(i, None, role=True)]) for i in range(n)]
+        if self.echo_text:
+            return [self.chunk([self.piece(i, self.echo_text)]) for i in range(n)]
+        return []
+
+    def step(self, deltas) -> list[str]:
+        """One engine step's deltas as chunks; the step that carries the result finishes every
+        choice: its rest of the text and its finish_reason in one last content chunk each."""
+        result = next((d.result for d in deltas if d.result is not None), None)
+        if result is None:
+            return [self.chunk([self.piece(d.index, d.text)]) for d in deltas if d.text]
+        rest = {}
+        for d in deltas:
+            rest[d.index] = rest.get(d.index, "") + d.text
+        hyps = result.hypotheses[:self.plan.n]
+        out = []
+        per_beam = self.plan.params.method == "base"   # n samples stream side by side
+        for i, h in enumerate(hyps):
+            # a search streams its best answer; the other n-1 best come whole at the end
+            text = h.text if i and not per_beam else rest.get(i, "")
+            out.append(self.chunk([self.piece(i, text or None, h.finish_reason)],
+                                  **({"w2s": _extra(result)} if i == len(hyps) - 1 else {})))
+        if self.plan.include_usage:
+            out.append(self.chunk([], usage=usage(result, self.plan.n)))
+        return out
