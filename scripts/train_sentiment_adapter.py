@@ -21,22 +21,17 @@ Writes the adapter (its adapter_config names the bundled base) and the training 
 import argparse
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sentiment_data import sample_continuations
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "smollm2-135m-instruct"
-
-
-def sample_continuations(prompts, samples, max_new_tokens, seed):
-    from w2s_engine import Engine, SearchParams
-    engine = Engine(large=BASE, progress=True)
-    params = SearchParams.base(n=samples, max_new_tokens=max_new_tokens, temperature=1.0,
-                               seed=seed)
-    results = engine.search(prompts, params)
-    return [[h.text for h in r.hypotheses] for r in results]
 
 
 def preference_pairs(prompts, continuations, bt_temperature, seed):
@@ -167,8 +162,8 @@ def main():
     prompts = sentiment_prompts("train")[:args.limit]
     dev = sentiment_prompts("dev")[:args.dev_openings if args.limit is None else 2]
     t0 = time.time()
-    continuations = sample_continuations(prompts + dev, args.samples, args.max_new_tokens,
-                                         args.seed)
+    continuations = sample_continuations(BASE, prompts + dev, args.samples,
+                                         args.max_new_tokens, args.seed)
     t_sample = time.time() - t0
     pairs = preference_pairs(prompts, continuations[:len(prompts)], args.bt_temperature, args.seed)
     dev_pairs = preference_pairs(dev, continuations[len(prompts):], args.bt_temperature, args.seed)
