@@ -370,3 +370,22 @@ def test_a_response_that_outgrows_the_small_models_context_fails_alone(tok, smal
     engine.check_all_free()
     params = SearchParams(w=2, k=2, l=2, max_new_tokens=4, seed=1, ignore_eos=True)
     assert engine.search(["This film"], params)[0].hypotheses
+
+
+def test_each_hypothesis_carries_its_lineages_reward_at_every_selection(engine):
+    params = SearchParams(w=2, k=3, l=3, max_new_tokens=12, temperature=1.0, seed=13, trace=True)
+    for res in engine.search(PROMPTS[:2], params):
+        first_seen = {}
+        for entry in res.trace:
+            for c in entry["candidates"]:
+                first_seen.setdefault(c["beam_id"], c)
+        # Hypotheses come in the last selection's survivor order (best first).
+        for h, beam_id in zip(res.hypotheses, res.trace[-1]["survivors"]):
+            lineage = []
+            while beam_id in first_seen:
+                lineage.append(first_seen[beam_id]["reward"])
+                beam_id = first_seen[beam_id]["parent_id"]
+            assert h.chunk_rewards == lineage[::-1]
+            assert h.chunk_rewards[-1] == h.reward
+    base = engine.search(["I really"], SearchParams.base(max_new_tokens=4, seed=1))[0]
+    assert base.hypotheses[0].chunk_rewards is None

@@ -46,6 +46,8 @@ def test_completions_and_chat_completions_with_each_method(server, method, extra
     else:
         assert isinstance(w2s["reward"], float)
         assert w2s["hypotheses"][0]["reward"] == w2s["reward"]
+        # The chunk rewards of its lineage, the last being its reward.
+        assert w2s["hypotheses"][0]["chunk_rewards"][-1] == w2s["reward"]
     chat = server.client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Write a review."}], max_tokens=6,
         seed=2, extra_body=body)

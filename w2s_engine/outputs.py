@@ -18,10 +18,11 @@ class Hypothesis:
     text: str
     token_ids: list[int]          # large-model tokens (EOS excluded)
     small_token_ids: list[int]    # the small models' response tokens that were scored
-    reward: float | None          # implicit reward log pi_tuned - log pi_untuned (None for base)
+    reward: float | None          # its scorer's reward (None for base)
     finished: bool                # ended by EOS or a stop string (not cut by max_new_tokens)
     finish_reason: str            # "stop" or "length"
     logprobs: list[TokenLogprob] | None = None   # one per token_ids entry, when asked for
+    chunk_rewards: list[float] | None = None     # its reward at each selection it survived
 
 
 @dataclass

@@ -102,6 +102,7 @@ class SearchRequest:
             small = [s.fork(m) for s, m in zip(parent.small, kv.small)]
         child = Beam(beam_id=self.new_beam_id(), large=large, token_ids=list(parent.token_ids),
                      small=small, reward=parent.reward, parent_id=parent.beam_id,
+                     chunk_rewards=list(parent.chunk_rewards),
                      text=parent.text, num_large_tokens=parent.num_large_tokens,
                      detok=parent.detok.copy())
         if self.logprobs is not None:
@@ -166,6 +167,10 @@ class SearchRequest:
         survivors = [cands[i] for i in order[:keep]]
         for i in order[keep:]:
             self.free_beam(cands[i], kv)
+        if p.uses_small_models:
+            for b in survivors:
+                if b.chunk_tokens:   # scored at this chunk (not a finished beam carried over)
+                    b.chunk_rewards.append(b.reward)
         self.stats.chunks += 1
         if p.trace:
             self.trace.append({
@@ -239,7 +244,8 @@ class SearchRequest:
                                    reward=b.reward if scored else None, finished=b.finish_reason == "stop",
                                    finish_reason=b.finish_reason or "length",
                                    logprobs=None if self.logprobs is None else
-                                   self.token_logprobs.get(b.beam_id, [])))
+                                   self.token_logprobs.get(b.beam_id, []),
+                                   chunk_rewards=list(b.chunk_rewards) if scored else None))
         if scored:
             hyps.sort(key=lambda h: -h.reward)  # stable: ties keep candidate order
         best = hyps[0]

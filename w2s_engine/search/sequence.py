@@ -54,6 +54,7 @@ class Beam:
     stop_text_len: int | None = None   # response text is cut here when a stop string matched
     detok: DetokState = field(default_factory=DetokState)  # incremental text of token_ids
     chunk_tokens: int = 0        # tokens sampled in the current chunk
+    chunk_rewards: list[float] = field(default_factory=list)  # its lineage's, at each selection
     text: str = ""               # black-box large model only: the response as text
     num_large_tokens: int = 0    # black-box large model only: the server's token count
     parent_id: int | None = None

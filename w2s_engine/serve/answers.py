@@ -22,7 +22,8 @@ def _extra(result: SearchResult) -> dict:
     """The search's own view, under 'w2s': rewards, every survivor, the work it took."""
     return {"reward": result.reward, "finish_reason": result.finish_reason,
             "hypotheses": [{"text": h.text, "reward": h.reward, "finished": h.finished,
-                            "finish_reason": h.finish_reason} for h in result.hypotheses],
+                            "finish_reason": h.finish_reason, "chunk_rewards": h.chunk_rewards}
+                           for h in result.hypotheses],
             "stats": {"tokens_forwarded": result.stats.tokens_forwarded,
                       "tokens_sampled": result.stats.tokens_sampled,
                       "peak_kv_blocks": result.stats.peak_kv_blocks,
