@@ -179,8 +179,9 @@ def report(stem, setting, methods):
     ax.minorticks_off()
     ax.set_xlabel("large-model tokens sampled per prompt")
     ax.set_ylabel("gold reward (VADER), mean +- std over seeds")
-    ax.set_title(f"Gemma-3-270M steered by SmolLM2-135M DPO / base; {setting['split']} split, "
-                 f"{setting['prompts']} prompts, {setting['max_new_tokens']} tokens", fontsize=8)
+    ax.set_title(f"Gemma-3-270M steered by SmolLM2-135M DPO / base (triangles: by the sentiment "
+                 f"reward model)\n{setting['split']} split, {setting['prompts']} prompts, "
+                 f"{setting['max_new_tokens']} tokens", fontsize=8)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(stem.with_suffix(".png"), dpi=120)
