@@ -28,7 +28,9 @@ from w2s_engine.kernels.kv_cache import (
 from w2s_engine.kernels.paged_attention import (
     paged_decode_attention_ref,
     paged_decode_attention_triton,
+    paged_extend_attention,
     paged_extend_attention_ref,
+    paged_extend_attention_sdpa,
     paged_extend_attention_triton,
 )
 from w2s_engine.kernels.sampling import gumbel_noise_ref, sample_ref, sample_triton
@@ -112,6 +114,24 @@ def test_paged_extend_triton_matches_reference_for_mixed_query_lengths(dtype, hq
     out = paged_extend_attention_triton(q, k, v, bt, cu, sl, 0.2, window, softcap)
     ref = paged_extend_attention_ref(q, k, v, bt, cu, sl, 0.2, window, softcap)
     torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq, hkv, bs, window, softcap", CASES)
+def test_cpu_extend_path_matches_reference_for_mixed_query_lengths(dtype, hq, hkv, bs, window,
+                                                                   softcap):
+    # The CPU engine's extend (SDPA over the gathered blocks; the reference where soft-capped).
+    lens = [3, 7, 33, 20]
+    qlens = [0, 1, 5, 20]
+    k, v, bt, sl = paged_setup(dtype, hq, hkv, bs, lens)
+    cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32)
+    q = torch.randn(sum(qlens), hq, 32).to(dtype)
+    ref = paged_extend_attention_ref(q, k, v, bt, cu, sl, 0.2, window, softcap)
+    out = paged_extend_attention(q, k, v, bt, cu, sl, 0.2, window, softcap)
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    if not softcap:
+        out = paged_extend_attention_sdpa(q, k, v, bt, cu, sl, 0.2, window)
+        torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
 @pytest.mark.parametrize("hq, hkv, bs, window, softcap", CASES)
