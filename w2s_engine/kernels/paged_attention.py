@@ -78,9 +78,10 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scal
     return out[:, 0].to(q.dtype), lse[:, 0]
 
 
-def _padded_queries(q, cu_seqlens_q, seq_lens):
-    """Packed queries [T, Hq, D] -> (idx [B, max_q] rows of q, valid [B, max_q], qpos [B, max_q]),
-    so that all sequences run in one batched product; None when there are no queries."""
+def _padded_batch(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens):
+    """Packed queries [T, Hq, D] -> (idx [B, max_q] rows of q, valid [B, max_q], qpos [B, max_q],
+    k, v [B, L, Hkv, D] gathered), so that all sequences run in one batched product; None when
+    there are no queries."""
     cu = cu_seqlens_q.long()
     qlens = cu[1:] - cu[:-1]
     max_q = int(qlens.max()) if qlens.numel() else 0
@@ -90,19 +91,19 @@ def _padded_queries(q, cu_seqlens_q, seq_lens):
     idx = (cu[:-1, None] + steps).clamp_max(q.shape[0] - 1)
     valid = steps < qlens[:, None]
     qpos = seq_lens.long()[:, None] - qlens[:, None] + steps
-    return idx, valid, qpos
+    max_len = int(seq_lens.max())
+    k = _gather(k_cache, block_tables, max_len)
+    v = _gather(v_cache, block_tables, max_len)
+    return idx, valid, qpos, k, v
 
 
 def paged_extend_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale,
                                sliding_window=None, softcap=None):
     out = torch.zeros_like(q)
-    padded = _padded_queries(q, cu_seqlens_q, seq_lens)
+    padded = _padded_batch(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens)
     if padded is None:
         return out
-    idx, valid, qpos = padded
-    max_len = int(seq_lens.max())
-    k = _gather(k_cache, block_tables, max_len)
-    v = _gather(v_cache, block_tables, max_len)
+    idx, valid, qpos, k, v = padded
     o, _ = _masked_softmax_attention(q[idx] * valid[..., None, None], k, v, qpos, seq_lens.long(),
                                      scale, sliding_window, softcap)
     out[idx[valid]] = o[valid].to(q.dtype)
@@ -116,17 +117,15 @@ def paged_extend_attention_sdpa(q, k_cache, v_cache, block_tables, cu_seqlens_q,
     2 CPU cores for 16 chunks of 256 tokens over a 390-token cache, 7x for a 2,048-token prefill.
     No soft-cap (SDPA has none)."""
     out = torch.zeros_like(q)
-    padded = _padded_queries(q, cu_seqlens_q, seq_lens)
+    padded = _padded_batch(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens)
     if padded is None:
         return out
-    idx, valid, qpos = padded
-    max_len = int(seq_lens.max())
-    k = _gather(k_cache, block_tables, max_len).transpose(1, 2)        # [B, Hkv, L, D]
-    v = _gather(v_cache, block_tables, max_len).transpose(1, 2)
+    idx, valid, qpos, k, v = padded
     # A padding row's qpos is past its sequence's end, so it sees every key: never an empty row.
-    mask = _visible(qpos, seq_lens.long(), max_len, sliding_window)[:, None]  # [B, 1, M, L]
+    mask = _visible(qpos, seq_lens.long(), k.shape[1], sliding_window)[:, None]  # [B, 1, M, L]
     o = torch.nn.functional.scaled_dot_product_attention(
-        q[idx].transpose(1, 2), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        q[idx].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+        scale=scale, enable_gqa=True)
     out[idx[valid]] = o.transpose(1, 2)[valid]
     return out
 
