@@ -206,6 +206,64 @@ def test_a_failed_decode_step_fails_the_running_requests_and_the_engine_goes_on(
     engine.check_all_free()
 
 
+def test_a_decode_batch_that_fails_for_one_request_is_run_again_alone_and_only_it_fails(
+        engine, monkeypatch):
+    expected = {p: _alone(engine, p).text for p in ("I really", "This film")}
+    real = engine.large.runner.decode_logits
+    reqs = [engine.add_request(p, FAST) for p in ("I really", "POISON", "This film")]
+
+    def decode_logits(items, words):
+        if any(table is b.large for table, _ in items for b in reqs[1].beams):
+            raise RuntimeError("a row this kernel cannot take")
+        return real(items, words)
+    monkeypatch.setattr(engine.large.runner, "decode_logits", decode_logits)
+    while engine.has_unfinished():
+        engine.step()
+    assert [r.status for r in reqs] == [RequestStatus.DONE, RequestStatus.FAILED,
+                                        RequestStatus.DONE]
+    assert "engine error in the large model's step: RuntimeError" in reqs[1].error
+    assert [reqs[0].result.text, reqs[2].result.text] == [expected["I really"],
+                                                          expected["This film"]]
+    engine.check_all_free()
+
+
+def test_a_decode_batch_too_large_for_the_device_runs_each_request_alone_and_all_finish(
+        engine, monkeypatch):
+    prompts = ["I really", "This film", "What a"]
+    expected = [_alone(engine, p) for p in prompts]
+    real = engine.large.runner.decode_logits
+    rows = FAST.w * FAST.k
+
+    def decode_logits(items, words):
+        if len(items) > rows:   # as a CUDA out-of-memory error on a batch past one request
+            raise RuntimeError("CUDA out of memory")
+        return real(items, words)
+    monkeypatch.setattr(engine.large.runner, "decode_logits", decode_logits)
+    results = engine.search(prompts, FAST)
+    assert [r.token_ids for r in results] == [r.token_ids for r in expected]
+    assert [r.reward for r in results] == pytest.approx([r.reward for r in expected], abs=1e-5)
+    engine.check_all_free()
+
+
+def test_an_error_recording_one_requests_token_fails_it_alone(engine, monkeypatch):
+    from w2s_engine.search.request import SearchRequest
+    expected = _alone(engine, "This film").text
+    real = SearchRequest.record_token
+
+    def record_token(self, *args):
+        if self.prompt == "POISON":
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a tokenizer that cannot decode")
+        return real(self, *args)
+    monkeypatch.setattr(SearchRequest, "record_token", record_token)
+    reqs = [engine.add_request(p, FAST) for p in ("POISON", "This film")]
+    while engine.has_unfinished():
+        engine.step()
+    assert reqs[0].status is RequestStatus.FAILED
+    assert "UnicodeDecodeError while recording a token" in reqs[0].error
+    assert reqs[1].result.text == expected
+    engine.check_all_free()
+
+
 def test_the_queue_bound_counts_requests_waiting_for_memory_not_a_burst_that_fits():
     engine = tiny_engine(max_waiting=2)
     tok = make_tokenizer(300)

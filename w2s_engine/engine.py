@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from w2s_engine.cache.block_manager import BlockManager
 from w2s_engine.cache.kv_budget import KVBudget, pool_blocks
 from w2s_engine.config import EngineConfig
+from w2s_engine.large.interface import BatchFailed
 from w2s_engine.large.local import LocalLarge
 from w2s_engine.large.openai_completions import OpenAICompletions
 from w2s_engine.large.remote import RemoteLarge
@@ -228,21 +229,17 @@ class Engine:
         """One engine step; returns the requests that ended (done or failed) in it.
 
         An error is kept to the requests it touched: select and finish run per request, and
-        a prefill batch that fails is retried one request at a time, so each of those fails
-        alone. A batched decode or scoring forward that fails cannot tell its rows apart: the
-        requests in it fail (their blocks come back), and the waiting ones go on."""
+        a prefill or decode batch that fails is run again one request at a time, so each of
+        those fails alone. A batched scoring forward that fails cannot tell its rows apart:
+        the requests in it fail (their blocks come back), and the waiting ones go on."""
         self.scheduler.schedule()
         prefilling = self.scheduler.prefilling()
         if prefilling:
             with record_function("w2s.prefill"):
                 self._prefill(prefilling)
         running = [r for r in self.scheduler.running if r.status is RequestStatus.RUNNING]
-        try:
-            with record_function("w2s.large"):
-                failed = self.large.advance(running)
-        except Exception as e:
-            message = self._engine_error("the large model's step", e)
-            failed = [(r, message) for r in running]
+        with record_function("w2s.large"):
+            failed = self._advance(running)
         for r, message in failed:
             self.scheduler.fail(r, message)
         ready = [r for r in self.scheduler.running if r.chunk_complete]
@@ -261,6 +258,30 @@ class Engine:
         ended = self.scheduler.take_ended()
         self._stream(ended)
         return ended
+
+    def _advance(self, running: list[SearchRequest]) -> list[tuple[SearchRequest, str]]:
+        """The large model's step for all running requests; the ones that fail, and why. When
+        the batch fails with every beam put back, each request runs again alone, so that only
+        the one that causes it fails (a batch too large for the device's memory, for one)."""
+        try:
+            return self.large.advance(running)
+        except BatchFailed as e:
+            if not e.retryable or len(running) == 1:
+                message = self._engine_error("the large model's step", e.__cause__ or e)
+                return [(r, message) for r in running]
+            log.warning("w2s engine: a decode batch of %d requests failed (%s: %s); running "
+                        "each alone", len(running), type(e.__cause__).__name__, e.__cause__)
+        except Exception as e:
+            message = self._engine_error("the large model's step", e)
+            return [(r, message) for r in running]
+        failed = []
+        for r in running:
+            try:
+                failed += self.large.advance([r])
+            except Exception as e:
+                failed.append((r, self._engine_error("the large model's step",
+                                                     e.__cause__ or e)))
+        return failed
 
     def _stream(self, ended: list[SearchRequest]):
         """Each streaming request's text that became final in this step (search/stream.py)."""

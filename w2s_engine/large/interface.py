@@ -9,6 +9,15 @@ from w2s_engine.search.request import SearchRequest
 from w2s_engine.search.sequence import Beam
 
 
+class BatchFailed(Exception):
+    """A batched step of the large model failed (the error is its __cause__). retryable: every
+    beam of the batch is back as it was before the step, so each request can run again alone."""
+
+    def __init__(self, retryable: bool):
+        super().__init__("the large model's batched step failed")
+        self.retryable = retryable
+
+
 class LargeModel(Protocol):
     tokenizer: object | None        # None: the server tokenizes
     eos_ids: set[int]
@@ -26,7 +35,8 @@ class LargeModel(Protocol):
         all; returns those ready for their first tokens."""
 
     def advance(self, requests: list[SearchRequest]) -> list[tuple[SearchRequest, str]]:
-        """Sample the next tokens of every generating beam; the requests that failed, and why."""
+        """Sample the next tokens of every generating beam; the requests that failed, and why.
+        Raises BatchFailed when the batch as a whole failed."""
 
     def response_text(self, beam: Beam) -> str:
         """The beam's response as text, cut before a matched stop string."""

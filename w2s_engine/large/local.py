@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from w2s_engine.cache.block_manager import BlockManager, BlockTable
+from w2s_engine.large.interface import BatchFailed
 from w2s_engine.kernels.sampling import sample
 from w2s_engine.models.runner import ModelRunner
 from w2s_engine.outputs import TokenLogprob
@@ -71,7 +72,9 @@ class LocalLarge:
 
     def advance(self, requests: list[SearchRequest]) -> list[tuple[SearchRequest, str]]:
         """One token for every generating beam of every running request. Returns the requests
-        that failed, with why (none: a local model fails the whole step or nothing)."""
+        that failed alone (recording a token), with why. When the batch's forward or sampling
+        fails, raises BatchFailed: retryable when every beam is back as it was (the slots this
+        step appended are rolled back), so the engine can run each request again alone."""
         work = [(r, b) for r in requests for b in r.generating]
         if not work:
             return []
@@ -79,37 +82,59 @@ class LocalLarge:
         first = [(r, b) for r, b in work if not b.token_ids]
         order = fed + first
         words = sampling_words(order)
-        rows, steered, raw = [], [], []
-        if fed:
+        # Slots for the new tokens; a copy-on-write copy cannot be taken back, so a failure
+        # here is not retryable (the pool or the device is in trouble, not one request).
+        before = [(b.large, b.large.num_tokens) for _, b in fed]
+        try:
             copies = []
             for _, b in fed:
                 copies += self.blocks.append(b.large, 1)
             self.runner.copy_blocks(copies)
-            logits, params = self.runner.decode_logits(
-                [(b.large, b.token_ids[-1]) for _, b in fed], words)
-            for r, _ in fed:
-                r.stats.tokens_forwarded["large"] += 1
-            raw.append(logits)
-            rows.append(self._steer(logits, fed, 0, steered))
-        else:
-            params = self.runner.upload(words)
-        if first:
-            # Beams with no token yet sample from their root's prompt logits: no forward.
-            logits = torch.stack([r.root_logits for r, _ in first])
-            raw.append(logits)
-            rows.append(self._steer(logits, first, len(fed), steered))
-        logits = torch.cat(rows) if len(rows) > 1 else rows[0]
-        logprobs = LogprobRows(order, raw)
-        tokens = sample(logits, *sampling_tensors(params, len(order))).tolist()
-        logprobs = logprobs.read(tokens)
+        except Exception as e:
+            raise BatchFailed(retryable=False) from e
+        eft_started = False
+        try:
+            rows, steered, raw = [], [], []
+            if fed:
+                logits, params = self.runner.decode_logits(
+                    [(b.large, b.token_ids[-1]) for _, b in fed], words)
+                raw.append(logits)
+                eft_started = self.eft is not None
+                rows.append(self._steer(logits, fed, 0, steered))
+            else:
+                params = self.runner.upload(words)
+            if first:
+                # Beams with no token yet sample from their root's prompt logits: no forward.
+                logits = torch.stack([r.root_logits for r, _ in first])
+                raw.append(logits)
+                eft_started = self.eft is not None
+                rows.append(self._steer(logits, first, len(fed), steered))
+            eft_started = False   # the EFT streams are through: a retry steers the same way
+            logits = torch.cat(rows) if len(rows) > 1 else rows[0]
+            logprobs = LogprobRows(order, raw)
+            tokens = sample(logits, *sampling_tensors(params, len(order))).tolist()
+            logprobs = logprobs.read(tokens)
+        except Exception as e:
+            for table, n in before:
+                self.blocks.truncate(table, n)
+            # A failure inside the EFT streams' forward leaves them part-way: not retryable.
+            raise BatchFailed(retryable=not eft_started) from e
+        failed = {}   # id(request) -> (request, why)
         for i, ((r, b), tok) in enumerate(zip(order, tokens)):
-            n = len(b.token_ids)
-            r.record_token(b, tok, self.eos_ids, self.response_text)
-            if i in logprobs and len(b.token_ids) > n:   # (EOS is not a returned token)
-                r.record_logprob(b, logprobs[i])
+            if id(r) in failed:
+                continue
+            try:
+                n = len(b.token_ids)
+                if n:
+                    r.stats.tokens_forwarded["large"] += 1
+                r.record_token(b, tok, self.eos_ids, self.response_text)
+                if i in logprobs and len(b.token_ids) > n:   # (EOS is not a returned token)
+                    r.record_logprob(b, logprobs[i])
+            except Exception as e:   # a request's own text (stop strings, detokenizing)
+                failed[id(r)] = (r, f"{type(e).__name__} while recording a token: {e}")
         if steered:
-            self.eft.record(steered, tokens)
-        return []
+            self.eft.record([s for s in steered if id(order[s.row][0]) not in failed], tokens)
+        return list(failed.values())
 
     def _steer(self, logits, items, row_offset: int, steered: list):
         if self.eft is None:
