@@ -124,7 +124,7 @@ def breaker(draw, body: Body):
     elif kind == "prompt":
         if body.path == "/v1/completions":
             f["prompt"] = draw(st.one_of(
-                st.sampled_from(["", 5, None, {"text": "x"}, [["x"]], ["a", "b"], []]),
+                st.sampled_from(["", 5, None, {"text": "x"}, [["x"]], ["a", 5], [], ["x"] * 65]),
                 surrogate.map(lambda s: "I really " + s)))
         else:
             first = f["messages"][0] if f["messages"] else None   # an earlier breaker's

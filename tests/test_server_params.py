@@ -218,8 +218,9 @@ def test_token_id_prompts_are_the_prompt_they_decode_to(server):
         by_ids = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=6,
                                                   seed=5)
         assert by_ids.choices[0].text == by_text.choices[0].text
-    for prompt, param in [([5, 10**6], "prompt.1"), ([-1], "prompt.0"), ([[]], "prompt"),
-                          ([ids, ids], "prompt"), ([1.5], "prompt.0")]:
+    for prompt, param in [([5, 10**6], "prompt.1"), ([-1], "prompt.0"), ([[]], "prompt.0"),
+                          ([ids, [5, 10**6]], "prompt.1.1"), ([1.5], "prompt.0"),
+                          ([], "prompt"), (["x"] * 65, "prompt")]:
         code, payload = post(server, "/v1/completions", {"prompt": prompt})
         assert code == 400 and payload["error"]["param"] == param, payload
 

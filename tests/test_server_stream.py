@@ -223,3 +223,43 @@ def test_a_search_in_flight_when_the_engine_loop_shuts_down_fails_rather_than_ha
             async for _ in stream:
                 pass
     asyncio.run(asyncio.wait_for(run(), 60))
+
+
+@pytest.mark.parametrize("name, extra", [METHODS[1], METHODS[5]], ids=[IDS[1], IDS[5]])
+def test_several_prompts_in_one_request_answer_as_each_alone_indexed_prompt_major(server, name,
+                                                                                  extra):
+    # OpenAI's list of prompts: prompt i's choices are i * n ... i * n + n - 1.
+    body = body_of(name, extra)
+    n = body.pop("n", 1)
+    prompts = ["I really", "This film", "What a"]
+    alone = [server.client.completions.create(model="tiny", prompt=p, n=n, extra_body=body)
+             for p in prompts]
+    kw = dict(model="tiny", prompt=prompts, n=n, extra_body=body)
+    whole = server.client.completions.create(**kw)
+    assert [c.index for c in whole.choices] == list(range(len(prompts) * n))
+    assert [c.text for c in whole.choices] == [c.text for a in alone for c in a.choices]
+    assert whole.usage.total_tokens == sum(a.usage.total_tokens for a in alone)
+    assert [w["reward"] for w in whole.model_extra["w2s"]] == pytest.approx(
+        [a.model_extra["w2s"]["reward"] for a in alone], abs=1e-5)
+    chunks = list(server.client.completions.create(
+        **kw, stream=True, stream_options={"include_usage": True}))
+    assert joined(chunks, chat=False) == {c.index: c.text for c in whole.choices}
+    usage = [c for c in chunks if c.usage is not None]
+    assert len(usage) == 1 and chunks[-1] is usage[0] and usage[0].usage == whole.usage
+    server.async_engine.engine.check_all_free()
+
+
+def test_a_refused_prompt_among_several_starts_none_of_them(server):
+    engine = server.async_engine.engine
+    before = engine.stats()["requests"]
+    too_long = " a" * (engine.max_prompt_tokens + 10)   # past the context, within the chars
+    code, _, _, lines = sse(server.port, "/v1/completions", {
+        "prompt": ["I really", too_long], "max_tokens": 4, "stream": True})
+    payload = json.loads(lines[0])   # an error before the stream starts: plain JSON
+    assert code == 400 and payload["error"]["param"] == "prompt.1", payload
+    assert "context" in payload["error"]["message"]
+    time.sleep(0.5)   # the first prompt's search, cancelled, leaves the loop
+    assert engine.stats()["requests"] <= before + 1
+    engine.check_all_free()
+    ok = server.client.completions.create(model="tiny", prompt=["I really"], max_tokens=3)
+    assert ok.choices[0].finish_reason == "length"

@@ -18,6 +18,20 @@ def usage(result: SearchResult, n: int) -> dict:
             "total_tokens": prompt + completion}
 
 
+def sum_usage(usages: list[dict]) -> dict:
+    return {key: sum(u[key] for u in usages) for key in usages[0]}
+
+
+def combine(answers: list[dict]) -> dict:
+    """The whole answers to a request's prompts as one: their choices in order, usage summed;
+    the w2s extra is the one search's view, or a list of them, one per prompt."""
+    if len(answers) == 1:
+        return answers[0]
+    return {**answers[0], "choices": [c for a in answers for c in a["choices"]],
+            "usage": sum_usage([a["usage"] for a in answers]),
+            "w2s": [a["w2s"] for a in answers]}
+
+
 def _extra(result: SearchResult) -> dict:
     """The search's own view, under 'w2s': rewards, every survivor, the work it took."""
     return {"reward": result.reward, "finish_reason": result.finish_reason,
@@ -64,8 +78,10 @@ class Answer:
     """One request's response: OpenAI's completion or chat completion object, whole or as
     stream chunks."""
 
-    def __init__(self, chat: bool, model: str, rid: str, plan: Plan, echo_text: str = ""):
+    def __init__(self, chat: bool, model: str, rid: str, plan: Plan, echo_text: str = "",
+                 first_index: int = 0):
         self.chat, self.model, self.plan, self.echo_text = chat, model, plan, echo_text
+        self.first_index = first_index   # this prompt's choices: first_index ... + n - 1
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{rid}"
         self.object = "chat.completion" if chat else "text_completion"
         self.created = int(time.time())
@@ -77,11 +93,12 @@ class Answer:
         hyps = result.hypotheses[:self.plan.n]
         lp = Logprobs(tokenizer, hyps) if self.plan.logprobs is not None else None
         if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": h.text},
+            choices = [{"index": self.first_index + i,
+                        "message": {"role": "assistant", "content": h.text},
                         "logprobs": lp.chat(h.logprobs) if lp else None,
                         "finish_reason": h.finish_reason} for i, h in enumerate(hyps)]
         else:
-            choices = [{"index": i, "text": self.echo_text + h.text,
+            choices = [{"index": self.first_index + i, "text": self.echo_text + h.text,
                         "logprobs": lp.completion(h.logprobs) if lp else None,
                         "finish_reason": h.finish_reason} for i, h in enumerate(hyps)]
         return {**self._head(self.object), "choices": choices,
@@ -97,6 +114,7 @@ class Answer:
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     def piece(self, index: int, text: str | None, finish_reason=None, role=False) -> dict:
+        index += self.first_index
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else (
                 {} if text is None else {"content": text})
@@ -116,7 +134,8 @@ class Answer:
 
     def step(self, deltas) -> list[str]:
         """One engine step's deltas as chunks; the step that carries the result finishes every
-        choice: its rest of the text and its finish_reason in one last content chunk each."""
+        choice: its rest of the text and its finish_reason in one last content chunk each (the
+        usage chunk, with stream_options.include_usage, is the server's, after every prompt)."""
         result = next((d.result for d in deltas if d.result is not None), None)
         if result is None:
             return [self.chunk([self.piece(d.index, d.text)]) for d in deltas if d.text]
@@ -131,6 +150,4 @@ class Answer:
             text = h.text if i and not per_beam else rest.get(i, "")
             out.append(self.chunk([self.piece(i, text or None, h.finish_reason)],
                                   **({"w2s": _extra(result)} if i == len(hyps) - 1 else {})))
-        if self.plan.include_usage:
-            out.append(self.chunk([], usage=usage(result, self.plan.n)))
         return out

@@ -187,6 +187,7 @@ NEUTRAL = {"presence_penalty": (0,), "frequency_penalty": (0,), "repetition_pena
 CHAT_NEUTRAL = {"echo": (False,), "best_of": (1,)}          # completions' fields, not chat's
 COMPLETION_NEUTRAL = {"top_logprobs": (0,)}                # chat's field
 MAX_LOGPROBS = 20
+MAX_PROMPTS = 64   # searches one completions request may start
 
 
 def _same(value, neutral) -> bool:
@@ -372,17 +373,22 @@ class CompletionRequest(SearchFields):
     def _echo(self):
         return bool(self.echo)
 
-    def the_prompt(self) -> str | list[int]:
-        """The one prompt: a string, or token ids."""
+    def the_prompts(self) -> list[str | list[int]]:
+        """The prompts: a string or token ids, or a list of either (one search each, answered
+        as choices index * n ... index * n + n - 1, as OpenAI's API does)."""
         p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)) or p == []:
-            if len(p) != 1:
-                raise RequestError(400, f"prompt: {len(p)} prompts in one request; send one "
-                                        "per request (they are batched together)", "prompt")
-            p = p[0]
-        if isinstance(p, list) and not p:
-            raise RequestError(400, "prompt: no token ids: send a non-empty prompt", "prompt")
-        return p
+        many = isinstance(p, list) and p and isinstance(p[0], (str, list)) or p == []
+        prompts = p if many else [p]
+        if not prompts:
+            raise RequestError(400, "prompt: an empty list: send at least one prompt", "prompt")
+        if len(prompts) > MAX_PROMPTS:
+            raise RequestError(400, f"prompt: {len(prompts)} prompts in one request, past "
+                                    f"{MAX_PROMPTS}: split them over several requests", "prompt")
+        for i, one in enumerate(prompts):
+            if isinstance(one, list) and not one:
+                where = f"prompt.{i}" if many else "prompt"
+                raise RequestError(400, f"{where}: no token ids: send a non-empty prompt", where)
+        return prompts
 
     @property
     def prompt_chars(self) -> int:
@@ -420,9 +426,10 @@ class ChatCompletionRequest(SearchFields):
             raise RequestError(400, "top_logprobs: needs logprobs=true", "top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None, "logprobs"
 
-    def the_prompt(self) -> list[dict]:
-        return [{"role": m.role, "content": m.content if isinstance(m.content, str) else
-                 [p.model_dump() for p in m.content]} for m in self.messages]
+    def the_prompts(self) -> list[list[dict]]:
+        """One prompt: the messages."""
+        return [[{"role": m.role, "content": m.content if isinstance(m.content, str) else
+                  [p.model_dump() for p in m.content]} for m in self.messages]]
 
     @property
     def prompt_chars(self) -> int:

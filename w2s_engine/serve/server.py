@@ -3,10 +3,12 @@
 POST /v1/completions, POST /v1/chat/completions (the search is picked with extra body fields:
 method, w, k, l, beta, top_k), GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics
 (Prometheus). Every handler awaits its search on the shared engine loop, so concurrent
-requests are batched together. `stream=true` sends the text that became final at each engine
-step as server-sent events in OpenAI's chunk format (search/stream.py says what is final);
-a client that disconnects cancels its search and frees its KV blocks; past the queue bound
-(requests waiting for KV memory) a request gets 429 with Retry-After.
+requests are batched together; a list of prompts in one completions request runs as that
+many searches, answered as OpenAI does (prompt i's choices at i * n ... i * n + n - 1).
+`stream=true` sends the text that became final at each engine step as server-sent events in
+OpenAI's chunk format (search/stream.py says what is final); a client that disconnects
+cancels its searches and frees their KV blocks; past the queue bound (requests waiting for KV
+memory) a request gets 429 with Retry-After.
 
 For operators: `--api-key` (Bearer auth on every route but /health, compared in constant
 time), `--allowed-origins` (CORS), an X-Request-Id echoed or made per request and written in
@@ -35,7 +37,7 @@ import w2s_engine
 
 from w2s_engine.outputs import SearchResult
 from w2s_engine.scheduler import QueueFull
-from w2s_engine.serve.answers import Answer, usage
+from w2s_engine.serve.answers import Answer, combine, sum_usage, usage
 from w2s_engine.serve.async_engine import AsyncEngine, SearchFailed
 from w2s_engine.serve.guard import (DEFAULT_MAX_BODY_BYTES, LOOPBACK_HOSTS, Guard,
                                     default_allowed_hosts, envelope, error_response)
@@ -117,21 +119,21 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
             raise RequestError(404, f"The model `{model[:100]}` does not exist: this server "
                                     f"serves {', '.join(names)}", "model")
 
-    async def token_prompt(ids: list[int]) -> str:
+    async def token_prompt(ids: list[int], where: str = "prompt") -> str:
         """A prompt of token ids, as the large model's text (it re-tokenizes it under its
         template, as the small models do)."""
         if tokenizer is None:
-            raise RequestError(400, "prompt: token ids need the large model's tokenizer, and "
-                                    "the large model here is a black box: send text", "prompt")
+            raise RequestError(400, f"{where}: token ids need the large model's tokenizer, and "
+                                    "the large model here is a black box: send text", where)
         vocab = len(tokenizer)
         bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
         if bad is not None:
-            raise RequestError(400, f"prompt.{bad}: token id {ids[bad]} is outside the large "
-                                    f"model's vocabulary [0, {vocab})", f"prompt.{bad}")
+            raise RequestError(400, f"{where}.{bad}: token id {ids[bad]} is outside the large "
+                                    f"model's vocabulary [0, {vocab})", f"{where}.{bad}")
         text = await asyncio.get_running_loop().run_in_executor(
             None, lambda: tokenizer.decode(ids, skip_special_tokens=True))
         if not text:
-            raise RequestError(400, "prompt: the token ids decode to no text", "prompt")
+            raise RequestError(400, f"{where}: the token ids decode to no text", where)
         return text
 
     async def generate(request: Request, body, chat: bool):
@@ -143,33 +145,52 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
             raise RequestError(400, f"{field}: {body.prompt_chars} characters, past this "
                                     f"server's limit of {max_prompt_chars} (--max-prompt-chars):"
                                     " send a shorter prompt", field)
-        prompt = body.the_prompt()
-        if isinstance(prompt, list) and not chat:
-            prompt = await token_prompt(prompt)
+        prompts = body.the_prompts()
+        if not chat:
+            where = (lambda i: field) if len(prompts) == 1 else (lambda i: f"{field}.{i}")
+            prompts = [await token_prompt(p, where(i)) if isinstance(p, list) else p
+                       for i, p in enumerate(prompts)]
         state.method, state.user = plan.params.method, body.user
+        handles = []
         try:
-            handle = await async_engine.submit(
-                prompt, plan.params, label=state.request_id, arrived=state.arrived,
-                prepare=lambda req: setattr(req, "logprobs", plan.logprobs))
-        except (ValueError, TypeError) as e:
-            raise param_error(e, field, plan.names) from None
-        except QueueFull as e:
-            return error_response(429, str(e), headers={"Retry-After": "1"})
-        answer = Answer(chat, names[0], state.request_id, plan,
-                        prompt if plan.echo and isinstance(prompt, str) else "")
+            for i, prompt in enumerate(prompts):
+                label = state.request_id if len(prompts) == 1 else f"{state.request_id}/{i}"
+                handles.append(await async_engine.submit(
+                    prompt, plan.params, label=label, arrived=state.arrived,
+                    prepare=lambda req: setattr(req, "logprobs", plan.logprobs)))
+        except (ValueError, TypeError, QueueFull) as e:
+            for h in handles:   # one prompt refused: the request starts nothing
+                h.cancel()
+            if isinstance(e, QueueFull):
+                return error_response(429, str(e), headers={"Retry-After": "1"})
+            if len(prompts) == 1:
+                raise param_error(e, field, plan.names) from None
+            where = f"{field}.{len(handles)}"   # which prompt it was
+            error = param_error(e, where, plan.names)
+            if error.param is None:
+                error = RequestError(400, f"{where}: {error.message}", where)
+            raise error from None
+        answers = [Answer(chat, names[0], state.request_id, plan,
+                          prompt if plan.echo and isinstance(prompt, str) else "",
+                          first_index=i * plan.n) for i, prompt in enumerate(prompts)]
         if plan.stream:
-            return StreamingResponse(stream(request, handle, answer),
+            return StreamingResponse(stream(request, handles, answers),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        result = await wait_for(request, handle)
-        if not isinstance(result, SearchResult):
-            return result
-        state.tokens = (result.stats.prompt_tokens, usage(result, plan.n)["completion_tokens"])
-        return answer.whole(result, tokenizer)
+        results = await wait_for(request, handles)
+        if not isinstance(results, list):
+            return results
+        state.tokens = total_tokens(results, plan.n)
+        return combine([a.whole(r, tokenizer) for a, r in zip(answers, results)])
 
-    async def wait_for(request: Request, handle):
-        """The search's result, or the response that answers the request instead."""
-        task = asyncio.ensure_future(handle.result())
+    def total_tokens(results: list[SearchResult], n: int) -> tuple[int, int]:
+        """(prompt, completion) tokens of a request's searches, for the access log."""
+        return (sum(r.stats.prompt_tokens for r in results),
+                sum(usage(r, n)["completion_tokens"] for r in results))
+
+    async def wait_for(request: Request, handles):
+        """The searches' results, or the response that answers the request instead."""
+        task = asyncio.ensure_future(asyncio.gather(*(h.result() for h in handles)))
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=0.25)
@@ -182,31 +203,57 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
             return error_response(500, f"the search failed: {e}")
         finally:
             task.cancel()
-            handle.cancel()
+            for h in handles:
+                h.cancel()
 
-    async def stream(request: Request, handle, answer: Answer):
-        """Server-sent events: the chunks, then [DONE]. Leaving early (the client went away)
-        cancels the search."""
+    async def stream(request: Request, handles, answers: list[Answer]):
+        """Server-sent events: the chunks of every search as its steps come (several prompts
+        interleave, each under its own choice indices), the usage of all, then [DONE].
+        Leaving early (the client went away) cancels the searches."""
         state = request.state
-        ended = False
+        plan = answers[0].plan
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int):
+            try:
+                while not handles[i].ended:
+                    await queue.put((i, await handles[i].next_batch()))
+            except SearchFailed as e:
+                await queue.put((i, e))
+            await queue.put((i, None))
+
+        pumps = [asyncio.ensure_future(pump(i)) for i in range(len(handles))]
+        results, open_streams, ended = {}, len(handles), False
         try:
-            for chunk in answer.opening():
-                yield chunk
-            while not handle.ended:
-                deltas = await handle.next_batch()
-                for chunk in answer.step(deltas):
+            for answer in answers:
+                for chunk in answer.opening():
                     yield chunk
-                result = next((d.result for d in deltas if d.result is not None), None)
+            while open_streams:
+                i, item = await queue.get()
+                if item is None:
+                    open_streams -= 1
+                    continue
+                if isinstance(item, SearchFailed):
+                    state.outcome = "failed"
+                    ended = True
+                    yield f"data: {json.dumps(envelope(500, f'the search failed: {item}'))}\n\n"
+                    break
+                for chunk in answers[i].step(item):
+                    yield chunk
+                result = next((d.result for d in item if d.result is not None), None)
                 if result is not None:
-                    state.tokens = (result.stats.prompt_tokens,
-                                    usage(result, answer.plan.n)["completion_tokens"])
-            ended = True
-        except SearchFailed as e:
-            state.outcome = "failed"
-            ended = True
-            yield f"data: {json.dumps(envelope(500, f'the search failed: {e}'))}\n\n"
+                    results[i] = result
+            else:
+                ended = True
+                state.tokens = total_tokens(list(results.values()), plan.n)
+                if plan.include_usage:
+                    yield answers[0].chunk([], usage=sum_usage(
+                        [usage(r, plan.n) for r in results.values()]))
         finally:
-            handle.cancel()
+            for p in pumps:
+                p.cancel()
+            for h in handles:
+                h.cancel()
             if not ended:
                 state.outcome = "cancelled"
         yield "data: [DONE]\n\n"
