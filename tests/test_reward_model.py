@@ -180,3 +180,62 @@ def test_scorer_choices_that_cannot_work_say_what_to_change(models):
         Engine(large, scorer=RewardModel((clone_rm(models["rm"]), tok), template="{response}"),
                num_kv_blocks=50, progress=False)
     assert common_prefix([1, 2], [1, 3]) == 1
+
+
+def scorer_runners(engine):
+    """Every small model's runner: the implicit pair's and the reward model's."""
+    return [r for s in engine.scorer.streams
+            for r in (s.runners.values() if hasattr(s, "runners") else [s.runner])]
+
+
+def fail_forwards(monkeypatch, engine, fails):
+    """Each scorer runner's run() forwards for real (writing the cache), then raises when
+    fails(requests whose small tables are in the batch) says so."""
+    def owners(items):
+        live = engine.scheduler.running
+        tables = {id(st.table): r for r in live for b in [*r.beams, r.root] if b is not None
+                  for st in b.small}
+        return {id(tables[id(t)]): tables[id(t)] for t, _ in items if id(t) in tables}
+
+    for runner in scorer_runners(engine):
+        def run(items, real=runner.run):
+            out = real(items)
+            if fails(list(owners(items).values())):
+                raise RuntimeError("CUDA out of memory")
+            return out
+        monkeypatch.setattr(runner, "run", run)
+
+
+@pytest.mark.parametrize("large_tok, rm", [("tok", "rm"), ("other", "rm_other")],
+                         ids=["shared-vocab", "cross-vocab"])
+def test_a_scoring_batch_that_fails_after_writing_the_cache_is_scored_per_request_to_the_same_rewards(
+        models, monkeypatch, large_tok, rm):
+    engine = make_engine(models, large_tok=large_tok, rm=rm, pair=True)
+    params = SearchParams(w=2, k=2, l=3, max_new_tokens=10, seed=5)
+    alone = [engine.search([p], params)[0] for p in PROMPTS]
+    fail_forwards(monkeypatch, engine, lambda owners: len(owners) > 1)
+    together = engine.search(PROMPTS, params)
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [r.reward for r in together] == pytest.approx([r.reward for r in alone], abs=1e-5)
+    assert [r.stats.tokens_forwarded for r in together] == [r.stats.tokens_forwarded
+                                                            for r in alone]
+    engine.check_all_free()
+
+
+def test_a_scoring_forward_that_fails_for_one_request_fails_it_alone(models, monkeypatch):
+    from w2s_engine.search.request import RequestStatus
+    engine = make_engine(models, large_tok="other", rm="rm_other", pair=True)
+    params = SearchParams(w=2, k=2, l=3, max_new_tokens=10, seed=5)
+    alone = [engine.search([p], params)[0] for p in PROMPTS[::2]]
+    fail_forwards(monkeypatch, engine, lambda owners: any(r.prompt == "POISON" for r in owners)
+                  and any(r.prefilled for r in owners if r.prompt == "POISON" and r.beams))
+    reqs = [engine.add_request(p, params) for p in (PROMPTS[0], "POISON", PROMPTS[2])]
+    while engine.has_unfinished():
+        engine.step()
+    assert [r.status for r in reqs] == [RequestStatus.DONE, RequestStatus.FAILED,
+                                        RequestStatus.DONE]
+    assert "engine error in scoring: RuntimeError" in reqs[1].error
+    assert [reqs[0].result.token_ids, reqs[2].result.token_ids] == [r.token_ids for r in alone]
+    assert [reqs[0].result.reward, reqs[2].result.reward] == pytest.approx(
+        [r.reward for r in alone], abs=1e-5)
+    engine.check_all_free()

@@ -22,13 +22,12 @@ from tqdm.auto import tqdm
 from w2s_engine.cache.block_manager import BlockManager
 from w2s_engine.cache.kv_budget import KVBudget, pool_blocks
 from w2s_engine.config import EngineConfig
-from w2s_engine.large.interface import BatchFailed
 from w2s_engine.large.local import LocalLarge
 from w2s_engine.large.openai_completions import OpenAICompletions
 from w2s_engine.large.remote import RemoteLarge
 from w2s_engine.models.decode_graphs import DecodeGraphs
 from w2s_engine.models.loader import eos_ids, load_role
-from w2s_engine.models.runner import ModelRunner, ModelShape
+from w2s_engine.models.runner import BatchFailed, ModelRunner, ModelShape
 from w2s_engine.outputs import SearchResult
 from w2s_engine.params import InvalidParam, SearchParams
 from w2s_engine.scheduler import Scheduler
@@ -229,9 +228,10 @@ class Engine:
         """One engine step; returns the requests that ended (done or failed) in it.
 
         An error is kept to the requests it touched: select and finish run per request, and
-        a prefill or decode batch that fails is run again one request at a time, so each of
-        those fails alone. A batched scoring forward that fails cannot tell its rows apart:
-        the requests in it fail (their blocks come back), and the waiting ones go on."""
+        a prefill, decode or scoring batch that fails is run again one request at a time, so
+        only the request that causes it fails; where a batch cannot be put back as it was
+        (part-way through copy-on-write), the requests in it fail (their blocks come back)
+        and the waiting ones go on."""
         self.scheduler.schedule()
         prefilling = self.scheduler.prefilling()
         if prefilling:
@@ -239,7 +239,7 @@ class Engine:
                 self._prefill(prefilling)
         running = [r for r in self.scheduler.running if r.status is RequestStatus.RUNNING]
         with record_function("w2s.large"):
-            failed = self._advance(running)
+            failed = self._run_batch("the large model's step", self.large.advance, running)
         for r, message in failed:
             self.scheduler.fail(r, message)
         ready = [r for r in self.scheduler.running if r.chunk_complete]
@@ -259,28 +259,28 @@ class Engine:
         self._stream(ended)
         return ended
 
-    def _advance(self, running: list[SearchRequest]) -> list[tuple[SearchRequest, str]]:
-        """The large model's step for all running requests; the ones that fail, and why. When
-        the batch fails with every beam put back, each request runs again alone, so that only
-        the one that causes it fails (a batch too large for the device's memory, for one)."""
+    def _run_batch(self, where: str, run, items: list, request_of=lambda item: item):
+        """run(items) -> the requests that failed, with why. When the batch fails with every
+        sequence put back as it was (BatchFailed.retryable), each item runs again alone, so
+        only the request that causes it fails (and a batch too large for the device's memory
+        still finishes); otherwise the batch's requests fail."""
         try:
-            return self.large.advance(running)
+            return run(items)
         except BatchFailed as e:
-            if not e.retryable or len(running) == 1:
-                message = self._engine_error("the large model's step", e.__cause__ or e)
-                return [(r, message) for r in running]
-            log.warning("w2s engine: a decode batch of %d requests failed (%s: %s); running "
-                        "each alone", len(running), type(e.__cause__).__name__, e.__cause__)
+            if not e.retryable or len(items) == 1:
+                message = self._engine_error(where, e.__cause__ or e)
+                return [(request_of(item), message) for item in items]
+            log.warning("w2s engine: %s of %d requests failed (%s: %s); running each alone",
+                        where, len(items), type(e.__cause__).__name__, e.__cause__)
         except Exception as e:
-            message = self._engine_error("the large model's step", e)
-            return [(r, message) for r in running]
+            message = self._engine_error(where, e)
+            return [(request_of(item), message) for item in items]
         failed = []
-        for r in running:
+        for item in items:
             try:
-                failed += self.large.advance([r])
+                failed += run([item])
             except Exception as e:
-                failed.append((r, self._engine_error("the large model's step",
-                                                     e.__cause__ or e)))
+                failed.append((request_of(item), self._engine_error(where, e.__cause__ or e)))
         return failed
 
     def _stream(self, ended: list[SearchRequest]):
@@ -342,11 +342,12 @@ class Engine:
                 plans.append((r, self.scorer.plan(r, self.large)))
             except Exception as e:  # a bad request fails alone
                 self.scheduler.fail(r, f"{type(e).__name__}: {e}")
-        try:
+
+        def run(plans):
             self.scorer.run(plans)
-        except Exception as e:
-            message = self._engine_error("scoring", e)
-            for r, _ in plans:
+            return []   # a stream that went through adds nothing when it runs again
+        try:
+            for r, message in self._run_batch("scoring", run, plans, lambda plan: plan[0]):
                 self.scheduler.fail(r, message)
         finally:
             for r in ready:

@@ -9,15 +9,6 @@ from w2s_engine.search.request import SearchRequest
 from w2s_engine.search.sequence import Beam
 
 
-class BatchFailed(Exception):
-    """A batched step of the large model failed (the error is its __cause__). retryable: every
-    beam of the batch is back as it was before the step, so each request can run again alone."""
-
-    def __init__(self, retryable: bool):
-        super().__init__("the large model's batched step failed")
-        self.retryable = retryable
-
-
 class LargeModel(Protocol):
     tokenizer: object | None        # None: the server tokenizes
     eos_ids: set[int]

@@ -16,9 +16,8 @@ import numpy as np
 import torch
 
 from w2s_engine.cache.block_manager import BlockManager, BlockTable
-from w2s_engine.large.interface import BatchFailed
 from w2s_engine.kernels.sampling import sample
-from w2s_engine.models.runner import ModelRunner
+from w2s_engine.models.runner import BatchFailed, ModelRunner
 from w2s_engine.outputs import TokenLogprob
 from w2s_engine.search.bridge import Detokenizer
 from w2s_engine.search.eft import EFT

@@ -23,6 +23,16 @@ from w2s_engine.kernels.kv_cache import copy_blocks
 from w2s_engine.models.attention import ATTN_IMPLEMENTATION, ForwardBatch
 
 
+class BatchFailed(Exception):
+    """A batched forward over many requests' sequences failed (the error is its __cause__).
+    retryable: every sequence of the batch is back as it was before it, so each request can
+    run again alone and only the one that causes the error fails."""
+
+    def __init__(self, retryable: bool):
+        super().__init__("a batched forward failed")
+        self.retryable = retryable
+
+
 @dataclass(frozen=True)
 class ModelShape:
     num_layers: int

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from w2s_engine.cache.block_manager import BlockManager
-from w2s_engine.models.runner import ModelRunner
+from w2s_engine.models.runner import BatchFailed, ModelRunner
 from w2s_engine.search.sequence import SmallState
 from w2s_engine.search.small_stream import StreamUpdate, batches
 from w2s_engine.search.tokens import common_prefix
@@ -71,34 +71,30 @@ class HeadStream:
             self.runner.run(chunk)
 
     def update(self, updates: list[StreamUpdate]) -> None:
-        """Advance every state to its full_ids; state.reads holds the values at u.reads."""
-        feeds, plans, copies = [], [], []
-        for u in updates:
-            st = u.state
-            c = common_prefix(st.ids, u.full_ids)
-            kept = {p: v for p, v in st.reads.items() if p < c}
-            need = sorted(p for p in u.reads if p not in kept)
-            if not need and c == len(st.ids) == len(u.full_ids) == st.table.num_tokens:
-                plans.append((u, kept, None, [], [], 0))    # unchanged: its values stand
-                continue
-            feed_from = min([c] + need)
-            self.blocks.truncate(st.table, feed_from)
-            feed = u.full_ids[feed_from:]
-            copies += self.blocks.append(st.table, len(feed))
-            feeds.append((st.table, feed))
-            plans.append((u, kept, len(feeds) - 1, need, [p - feed_from for p in need], len(feed)))
-        self.runner.copy_blocks(copies)
-        rows, base = [], 0
-        offsets = []
-        for chunk in batches(feeds, self.max_batch_tokens):
-            hidden, cu = self.runner.run(chunk)
-            offsets += [base + x for x in cu[:-1].tolist()]
-            rows.append(hidden)
-            base += hidden.shape[0]
-        index = [offsets[fi] + q for _, _, fi, _, at, _ in plans if fi is not None for q in at]
-        values = self._read(torch.cat(rows)[index]) if index else []
+        """Advance every state to its full_ids; state.reads holds the values at u.reads.
+        Raises BatchFailed if the batch fails: retryable when it failed in the forward or the
+        read, with every state rolled back to what it kept (SmallState.keep_first)."""
+        try:
+            feeds, plans = self._make_room(updates)
+        except Exception as e:   # part-way through copy-on-write: the pool, not one request
+            raise BatchFailed(retryable=False) from e
+        try:
+            rows, base = [], 0
+            offsets = []
+            for chunk in batches(feeds, self.max_batch_tokens):
+                hidden, cu = self.runner.run(chunk)
+                offsets += [base + x for x in cu[:-1].tolist()]
+                rows.append(hidden)
+                base += hidden.shape[0]
+            index = [offsets[fi] + q for _, _, fi, _, at, _, _ in plans if fi is not None
+                     for q in at]
+            values = self._read(torch.cat(rows)[index]) if index else []
+        except Exception as e:
+            for u, _, _, _, _, _, feed_from in plans:
+                u.state.keep_first(self.blocks, feed_from)
+            raise BatchFailed(retryable=True) from e
         pos = 0
-        for u, kept, fi, need, at, fed in plans:
+        for u, kept, fi, need, at, fed, _ in plans:
             st = u.state
             new = dict(zip(need, values[pos:pos + len(need)]))
             pos += len(need)
@@ -107,7 +103,31 @@ class HeadStream:
             st.response_start = u.response_start
             if u.starts is not None:
                 st.text, st.starts = u.text, u.starts
-            u.forwarded, u.scored = fed, len(at)
+            u.forwarded += fed     # +=: a request run again alone after a failed batch adds
+            u.scored += len(at)    # what its second run did
+
+    def _make_room(self, updates: list[StreamUpdate]):
+        """Each state's table cut to what it keeps and grown by what it feeds. Returns the
+        feeds (table, ids) and a plan per update: (update, reads kept, index of its feed or
+        None, positions to read, their rows in the feed, tokens fed, first fed position)."""
+        feeds, plans, copies = [], [], []
+        for u in updates:
+            st = u.state
+            c = common_prefix(st.ids, u.full_ids)
+            kept = {p: v for p, v in st.reads.items() if p < c}
+            need = sorted(p for p in u.reads if p not in kept)
+            if not need and c == len(st.ids) == len(u.full_ids) == st.table.num_tokens:
+                plans.append((u, kept, None, [], [], 0, c))    # unchanged: its values stand
+                continue
+            feed_from = min([c] + need)
+            self.blocks.truncate(st.table, feed_from)
+            feed = u.full_ids[feed_from:]
+            copies += self.blocks.append(st.table, len(feed))
+            feeds.append((st.table, feed))
+            plans.append((u, kept, len(feeds) - 1, need, [p - feed_from for p in need],
+                          len(feed), feed_from))
+        self.runner.copy_blocks(copies)
+        return feeds, plans
 
     @torch.inference_mode()
     def _read(self, hidden: torch.Tensor) -> list[float]:

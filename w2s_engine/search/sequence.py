@@ -34,6 +34,19 @@ class SmallState:
         self.ids.append(token)
         self.terms.append(term)
 
+    def keep_first(self, blocks: BlockManager, n: int):
+        """Roll back to the first n tokens (a forward that failed part-way may have written
+        the cache past them): the table, ids, terms, text, starts and reads, consistently."""
+        blocks.truncate(self.table, min(n, self.table.num_tokens))
+        if n >= len(self.ids):
+            return
+        self.ids = self.ids[:n]
+        self.last_hidden = {}
+        self.terms = self.terms[:max(0, n - self.response_start)]
+        if n < len(self.starts):
+            self.text, self.starts = self.text[:self.starts[n]], self.starts[:n]
+        self.reads = {p: v for p, v in self.reads.items() if p < n}
+
     def fork(self, blocks: BlockManager) -> "SmallState":
         # Hidden states are never written in place, so children share the tensors.
         return SmallState(blocks.fork(self.table), list(self.ids), self.response_start,

@@ -16,7 +16,7 @@ import torch
 
 from w2s_engine.cache.block_manager import BlockManager
 from w2s_engine.kernels.chunk_reward import fused_lmhead_chunk_reward
-from w2s_engine.models.runner import ModelRunner
+from w2s_engine.models.runner import BatchFailed, ModelRunner
 from w2s_engine.search.sequence import SmallState
 from w2s_engine.search.tokens import common_prefix
 
@@ -65,9 +65,49 @@ class SmallStream:
                     done += 1
 
     def update(self, updates: list[StreamUpdate]) -> None:
-        """Advance every state to its full_ids and recompute its terms (and EOS term)."""
-        feeds, copies = [], []
-        plans = []
+        """Advance every state to its full_ids and recompute its terms (and EOS term).
+        Raises BatchFailed if the batch fails: retryable when it failed in the forward or the
+        reward, with every state rolled back to what it kept (SmallState.keep_first)."""
+        try:
+            feeds, plans = self._make_room(updates)
+        except Exception as e:   # part-way through copy-on-write: the pool, not one request
+            raise BatchFailed(retryable=False) from e
+        try:
+            hidden, rows, targets, segments, counts = self._forward(feeds, plans)
+            terms = self._terms(rows, targets, segments, len(plans))
+        except Exception as e:
+            for u, _, feed_from, _ in plans:
+                u.state.keep_first(self.blocks, feed_from)
+            raise BatchFailed(retryable=True) from e
+
+        pos = 0
+        for (u, c, feed_from, fi), (forwarded, scored) in zip(plans, counts):
+            st = u.state
+            start = max(c, u.response_start)
+            n_new = len(u.full_ids) - start
+            new_terms = terms[pos:pos + n_new]
+            eos_term = terms[pos + n_new] if u.finished else 0.0
+            pos += n_new + int(u.finished)
+            kept_lo, kept_hi = u.response_start - st.response_start, c - st.response_start
+            kept = st.terms[kept_lo:kept_hi] if c > u.response_start else []
+            st.terms = kept + new_terms
+            st.ids = list(u.full_ids)
+            st.response_start = u.response_start
+            if u.starts is not None:
+                st.text, st.starts = u.text, u.starts
+            if fi is not None:
+                for role in self.runners:
+                    off = hidden[role + "_offsets"][fi]
+                    st.last_hidden[role] = hidden[role][off + len(u.full_ids) - feed_from - 1]
+            u.eos_term = eos_term
+            u.forwarded += forwarded   # +=: a request run again alone after a failed batch
+            u.scored += scored         # adds what its second run did
+
+    def _make_room(self, updates: list[StreamUpdate]):
+        """Each state's table cut to what it keeps and grown by what it feeds. Returns the
+        feeds (table, ids) and a plan per update: (update, common prefix, first fed position,
+        index of its feed or None)."""
+        feeds, copies, plans = [], [], []
         for u in updates:
             st = u.state
             c = common_prefix(st.ids, u.full_ids)
@@ -89,8 +129,11 @@ class SmallStream:
             plans.append((u, c, feed_from, len(feeds) - 1 if feed else None))
         for runner in self.runners.values():
             runner.copy_blocks(copies)
+        return feeds, plans
 
-        # One forward per model over every stream with new tokens.
+    def _forward(self, feeds, plans):
+        """One forward per model over every stream with new tokens; the rows to score (target
+        position p is predicted by the hidden state at p - 1), and (forwarded, scored) per plan."""
         hidden = {}
         for role, runner in self.runners.items():
             parts, offsets, base = [], [], 0
@@ -102,9 +145,8 @@ class SmallStream:
             hidden[role] = torch.cat(parts) if parts else None
             hidden[role + "_offsets"] = offsets
 
-        # Rows to score: target position p is predicted by the hidden state at p - 1.
         rows = {role: [] for role in self.runners}
-        targets, segments = [], []
+        targets, segments, counts = [], [], []
         for seg, (u, c, feed_from, fi) in enumerate(plans):
             st = u.state
             start = max(c, u.response_start)
@@ -125,31 +167,8 @@ class SmallStream:
             if u.finished:
                 targets.append(self.eos_id)
             segments += [seg] * (len(positions) + int(u.finished))
-            u.forwarded = len(u.full_ids) - feed_from
-            u.scored = len(positions) + int(u.finished)
-
-        terms = self._terms(rows, targets, segments, len(plans))
-
-        pos = 0
-        for u, c, feed_from, fi in plans:
-            st = u.state
-            start = max(c, u.response_start)
-            n_new = len(u.full_ids) - start
-            new_terms = terms[pos:pos + n_new]
-            eos_term = terms[pos + n_new] if u.finished else 0.0
-            pos += n_new + int(u.finished)
-            kept_lo, kept_hi = u.response_start - st.response_start, c - st.response_start
-            kept = st.terms[kept_lo:kept_hi] if c > u.response_start else []
-            st.terms = kept + new_terms
-            st.ids = list(u.full_ids)
-            st.response_start = u.response_start
-            if u.starts is not None:
-                st.text, st.starts = u.text, u.starts
-            if fi is not None:
-                for role in self.runners:
-                    off = hidden[role + "_offsets"][fi]
-                    st.last_hidden[role] = hidden[role][off + len(u.full_ids) - feed_from - 1]
-            u.eos_term = eos_term
+            counts.append((len(u.full_ids) - feed_from, len(positions) + int(u.finished)))
+        return hidden, rows, targets, segments, counts
 
     def forward_pending(self, states: list[SmallState]) -> list[int]:
         """Forward each state's pending ids (past its table: EFT scores a sampled token from the
