@@ -20,9 +20,9 @@ from collections.abc import Callable
 import torch
 
 from w2s_engine.cache.block_manager import BlockManager
-from w2s_engine.models.runner import BatchFailed, ModelRunner
+from w2s_engine.models.runner import ModelRunner
 from w2s_engine.search.sequence import SmallState
-from w2s_engine.search.small_stream import StreamUpdate, batches
+from w2s_engine.search.small_stream import StreamUpdate, batches, failing_as_batch
 from w2s_engine.search.tokens import common_prefix
 
 
@@ -74,11 +74,9 @@ class HeadStream:
         """Advance every state to its full_ids; state.reads holds the values at u.reads.
         Raises BatchFailed if the batch fails: retryable when it failed in the forward or the
         read, with every state rolled back to what it kept (SmallState.keep_first)."""
-        try:
+        with failing_as_batch():
             feeds, plans = self._make_room(updates)
-        except Exception as e:   # part-way through copy-on-write: the pool, not one request
-            raise BatchFailed(retryable=False) from e
-        try:
+        with failing_as_batch(self.blocks, [(u.state, feed_from) for u, *_, feed_from in plans]):
             rows, base = [], 0
             offsets = []
             for chunk in batches(feeds, self.max_batch_tokens):
@@ -89,10 +87,6 @@ class HeadStream:
             index = [offsets[fi] + q for _, _, fi, _, at, _, _ in plans if fi is not None
                      for q in at]
             values = self._read(torch.cat(rows)[index]) if index else []
-        except Exception as e:
-            for u, _, _, _, _, _, feed_from in plans:
-                u.state.keep_first(self.blocks, feed_from)
-            raise BatchFailed(retryable=True) from e
         pos = 0
         for u, kept, fi, need, at, fed, _ in plans:
             st = u.state

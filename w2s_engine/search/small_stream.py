@@ -10,6 +10,7 @@ token, kept per beam, so a chunk of n tokens costs n forwarded tokens, and an EO
 none. (EFT steps a stream one token at a time instead: forward_pending.)
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -68,17 +69,11 @@ class SmallStream:
         """Advance every state to its full_ids and recompute its terms (and EOS term).
         Raises BatchFailed if the batch fails: retryable when it failed in the forward or the
         reward, with every state rolled back to what it kept (SmallState.keep_first)."""
-        try:
+        with failing_as_batch():
             feeds, plans = self._make_room(updates)
-        except Exception as e:   # part-way through copy-on-write: the pool, not one request
-            raise BatchFailed(retryable=False) from e
-        try:
+        with failing_as_batch(self.blocks, [(u.state, feed_from) for u, _, feed_from, _ in plans]):
             hidden, rows, targets, segments, counts = self._forward(feeds, plans)
             terms = self._terms(rows, targets, segments, len(plans))
-        except Exception as e:
-            for u, _, feed_from, _ in plans:
-                u.state.keep_first(self.blocks, feed_from)
-            raise BatchFailed(retryable=True) from e
 
         pos = 0
         for (u, c, feed_from, fi), (forwarded, scored) in zip(plans, counts):
@@ -207,6 +202,19 @@ class SmallStream:
             copies += self.blocks.append(table, n)
         for runner in self.runners.values():
             runner.copy_blocks(copies)
+
+
+@contextmanager
+def failing_as_batch(blocks: BlockManager | None = None, keep: list | None = None):
+    """An error in the block raises BatchFailed. With keep ([(state, tokens)]), each state is
+    rolled back to its first tokens first, so the batch is retryable; without, the block left
+    its states part-way (through copy-on-write): the pool's trouble, not one request's."""
+    try:
+        yield
+    except Exception as e:
+        for st, n in keep or []:
+            st.keep_first(blocks, n)
+        raise BatchFailed(retryable=keep is not None) from e
 
 
 def batches(items, max_tokens: int):
