@@ -118,14 +118,15 @@ def prompt_of(tokenizer, n_tokens: int, seed: int) -> str:
     return text.strip()
 
 
-def build(preset: str, cpu_kv_gib: float = 8, cuda_graphs: bool = True):
+def build(preset: str, cpu_kv_gib: float = 8, cuda_graphs: bool = True, cascade: bool = False):
     """(engine, baseline models or None, description) for a preset."""
     if preset in ("cpu", "cpu-shared"):
         from w2s_engine.tasks.sentiment import PROMPTED_TEMPLATES as TEMPLATES
         large = "gemma-3-270m" if preset == "cpu" else "smollm2-135m-instruct"
         small = "smollm2-135m-instruct"
         engine = Engine(large=large, tuned=small, untuned=small, templates=TEMPLATES,
-                        progress=False, cpu_kv_cache_bytes=int(cpu_kv_gib * (1 << 30)))
+                        progress=False, cpu_kv_cache_bytes=int(cpu_kv_gib * (1 << 30)),
+                        **({"cuda_graphs": True, "cascade_attention": True} if cascade else {}))
         return engine, {"large": large, "small": small}
     assert torch.cuda.is_available(), f"preset {preset} needs a GPU"
     dtype, dev = torch.bfloat16, "cuda"
@@ -138,7 +139,8 @@ def build(preset: str, cpu_kv_gib: float = 8, cuda_graphs: bool = True):
     for m in (large, tuned, untuned):
         m.generation_config.eos_token_id = 2
     engine = Engine((large, large_tok), (tuned, small_tok), (untuned, small_tok),
-                    progress=False, kv_cache_memory_fraction=0.5, cuda_graphs=cuda_graphs)
+                    progress=False, kv_cache_memory_fraction=0.5, cuda_graphs=cuda_graphs,
+                    cascade_attention=cascade)
     return engine, {"large": "random " + ("Llama-3-8B" if preset == "gpu" else "Qwen2.5-7B"),
                     "small": "random Llama-3.2-1B"}
 
@@ -185,13 +187,17 @@ def main():
     ap.add_argument("--table", action="store_true", help="print the results file as a table")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder of the results files")
     ap.add_argument("--no-graphs", action="store_true", help="cuda_graphs=False (for comparison)")
+    ap.add_argument("--cascade", action="store_true",
+                    help="cascade_attention=True: shared-prefix decode attention")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"e2e-{args.preset}.jsonl"
     if args.table or args.plot:
         print_table(out) if args.table else plot(out)
         return
-    engine, names = build(args.preset, args.cpu_kv_gib, cuda_graphs=not args.no_graphs)
+    assert not (args.cascade and args.no_graphs), "--cascade runs on the static decode path"
+    engine, names = build(args.preset, args.cpu_kv_gib, cuda_graphs=not args.no_graphs,
+                          cascade=args.cascade)
     for plen in map(int, args.prompt_lens.split(",")):
         for max_new in map(int, args.max_new.split(",")):
             for search in args.searches.split(","):
@@ -245,6 +251,7 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
         # Plain sampling of W*K streams per request: one decode step per new token.
         "plain_step_ms": round(1e3 * base_seconds / max_new, 3),
         "cuda_graphs": bool(engine.config.cuda_graphs),
+        "cascade_attention": bool(engine.config.cascade_attention),
         "device": machine(), "torch": torch.__version__, "commit": commit(),
     }
     floor = weight_read_floor_ms(engine.runners["large"].model)
@@ -311,7 +318,7 @@ def print_table(path: Path):
     cols = ["search", "prompt_tokens", "max_new_tokens", "concurrency", "seconds",
             "large_tokens_per_s", "latency_p50_s", "latency_p95_s", "cbs_over_sampling",
             "engine_speedup_vs_baseline", "peak_kv_vs_ideal_large", "plain_step_over_floor",
-            "cuda_graphs", "device", "commit"]
+            "cuda_graphs", "cascade_attention", "device", "commit"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

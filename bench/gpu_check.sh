@@ -7,7 +7,8 @@
 #    bf16, prompt 512, CBS(4,4,8): one request at 256 tokens and at 1024 tokens against the
 #    reference baseline, 16 concurrent at 256 tokens, and 16 concurrent with a random Qwen2.5-7B
 #    large model (different vocabularies); plain sampling of the same streams beside each, with
-#    its step time over the weight-read floor; 4. a profiled search (GPU busy fraction).
+#    its step time over the weight-read floor; CBS(4,4,8) at prompt 2048 with and without the
+#    shared-prefix (cascade) decode attention; 4. a profiled search (GPU busy fraction).
 # Results go to OUT_DIR (default bench/results/): JSONL, logs and gpu-check-<device>.md.
 #
 # The GPU machine may have an older transformers than ours and no internet: WHEELS_DIR holds
@@ -50,6 +51,10 @@ fi
 e2e="python3 bench/e2e.py --out $out --prompt-lens 512 --searches cbs-4-4-8"
 step "e2e 1 request, 256 tokens" 120 $e2e --preset gpu --max-new 256 --concurrency 1
 step "e2e 16 requests, 256 tokens" 120 $e2e --preset gpu --max-new 256 --concurrency 16
+step "e2e 1 request, prompt 2048, cascade" 120 $e2e --preset gpu --max-new 256 --concurrency 1 \
+    --prompt-lens 2048 --cascade
+step "e2e 1 request, prompt 2048, per-beam" 120 $e2e --preset gpu --max-new 256 \
+    --concurrency 1 --prompt-lens 2048
 step "e2e 1 request, 1024 tokens, baseline" 300 $e2e --preset gpu --max-new 1024 \
     --concurrency 1 --baseline --baseline-budget 120
 step "e2e cross vocabulary, 16 requests" 150 $e2e --preset gpu-cross --max-new 256 \

@@ -58,11 +58,12 @@ def ragged_beams(runner, blocks, n, seed):
     return [(t, rng.randrange(vocab)) for t in beams]
 
 
-def static_against_eager(model, capture: bool, sizes):
-    """Logits of decode_logits on static buffers (graphs when capture) against eager runs."""
+def static_against_eager(model, capture: bool, sizes, cascade: bool = False):
+    """Logits of decode_logits on static buffers (graphs when capture; shared-prefix attention
+    when cascade) against eager runs."""
     runner = ModelRunner(model.to(DEVICE), num_blocks=400, block_size=4)
     blocks = BlockManager(400, 4)
-    graphs = DecodeGraphs(runner, max_batch=max(sizes), capture=capture)
+    graphs = DecodeGraphs(runner, max_batch=max(sizes), capture=capture, cascade=cascade)
     for n in sizes:
         seqs = ragged_beams(runner, blocks, n, seed=n)
         pool_before = runner.kv_pool.clone()
@@ -92,6 +93,13 @@ def test_static_padded_decode_works_with_a_sliding_window_model():
     static_against_eager(model, capture=False, sizes=[3, 7])
 
 
+@pytest.mark.parametrize("window", [None, 5])
+def test_cascade_attention_on_the_static_path_gives_the_eager_logits(window):
+    # ragged_beams forks 3 prompts: groups share their prompt's full blocks, loners have none.
+    model = tiny_llama(97, seed=5, layers=2, sliding_window=window)
+    static_against_eager(model, capture=False, sizes=[1, 2, 5, 13, 16], cascade=True)
+
+
 @pytest.fixture(scope="module")
 def models():
     tok, other = make_tokenizer(300), make_tokenizer(420)
@@ -99,8 +107,8 @@ def models():
     return tok, other, tuned_from(untuned, seed=3, scale=0.3), untuned
 
 
-def engine_pair(models, large_tok_index, max_batch):
-    """The same models with and without the static decode path."""
+def engine_pair(models, large_tok_index, max_batch, cascade=False):
+    """The same models with and without the static decode path (and cascade attention)."""
     tok, other, tuned, untuned = models
     large_tok = (tok, other)[large_tok_index]
     large = tiny_llama(len(large_tok), seed=1 + 3 * large_tok_index, layers=3)
@@ -108,10 +116,12 @@ def engine_pair(models, large_tok_index, max_batch):
         (clone(large), large_tok), (clone(tuned), tok), (clone(untuned), tok),
         templates={"large": "Here is a movie review: {prompt}", "small": "Review: {prompt}"},
         num_kv_blocks=800, block_size=4, progress=False, device=DEVICE, dtype=torch.float32,
-        cuda_graphs=graphs, cuda_graph_max_batch=max_batch)
+        cuda_graphs=graphs, cuda_graph_max_batch=max_batch,
+        cascade_attention=graphs and cascade)
     return make(False), make(True)
 
 
+@pytest.mark.parametrize("cascade", [False, True], ids=["per-beam", "cascade"])
 @pytest.mark.parametrize("params", [
     SearchParams.cbs(2, 3, 4, max_new_tokens=14, temperature=1.0, seed=5),
     SearchParams.cbs(4, 4, 3, max_new_tokens=10, top_k=30, seed=7, stop=["e"]),
@@ -119,9 +129,9 @@ def engine_pair(models, large_tok_index, max_batch):
     SearchParams.base(n=3, max_new_tokens=9, temperature=0.9, seed=3),
     SearchParams.eft(beta=1.5, max_new_tokens=10, seed=4),
 ], ids=["cbs", "cbs-16-beams", "best-of-n", "base", "eft"])
-def test_a_search_on_the_static_path_gives_the_same_results(models, params):
+def test_a_search_on_the_static_path_gives_the_same_results(models, params, cascade):
     # max_batch 16: 3 prompts of CBS(4,4) are 48 beams, past it: those steps run eagerly.
-    eager, static = engine_pair(models, 0, max_batch=16)
+    eager, static = engine_pair(models, 0, max_batch=16, cascade=cascade)
     prompts = ["I really", "The plot of this film", "What a"]
     want = eager.search(prompts, params)
     got = static.search(prompts, params)
@@ -131,6 +141,28 @@ def test_a_search_on_the_static_path_gives_the_same_results(models, params):
             assert hg.reward == pytest.approx(hw.reward, abs=1e-5) if hw.reward is not None \
                 else hg.reward is None
     static.check_all_free()
+
+
+def test_a_beam_search_with_cascade_attention_reads_shared_prefixes_and_gives_the_same_results(
+        models, monkeypatch):
+    import w2s_engine.models.decode_graphs as decode_graphs
+    grouped = []
+    find = decode_graphs.shared_prefix_words
+
+    def spy(tables, lens, block_size, bucket):
+        words = find(tables, lens, block_size, bucket)
+        grouped.append(int((words[-bucket:][:len(lens)] > 0).sum()))   # rows with a prefix
+        return words
+    monkeypatch.setattr(decode_graphs, "shared_prefix_words", spy)
+    eager, cascade = engine_pair(models, 0, max_batch=64, cascade=True)
+    params = SearchParams.cbs(4, 4, 3, max_new_tokens=12, temperature=1.0, seed=11)
+    prompts = ["I really", "The plot of this film", "What a"]
+    want, got = eager.search(prompts, params), cascade.search(prompts, params)
+    assert [[h.token_ids for h in r.hypotheses] for r in got] == \
+        [[h.token_ids for h in r.hypotheses] for r in want]
+    assert [r.reward for r in got] == pytest.approx([r.reward for r in want], abs=1e-5)
+    assert grouped and max(grouped) == 48   # every beam of the 3 requests read a shared run
+    cascade.check_all_free()
 
 
 def test_a_cross_vocabulary_search_on_the_static_path_gives_the_same_results(models):
@@ -153,8 +185,14 @@ class TestGraphsOnGPU:
         model = tiny_llama(97, seed=6, layers=2, sliding_window=5)
         static_against_eager(model, capture=True, sizes=[3, 7, 20])
 
-    def test_a_whole_search_gives_the_same_tokens_with_and_without_graphs(self, models):
-        eager, graphed = engine_pair(models, 0, max_batch=64)
+    def test_replay_with_cascade_attention(self):
+        model = tiny_llama(97, seed=5, layers=2)
+        static_against_eager(model, capture=True, sizes=[1, 2, 3, 5, 8, 13, 16, 24, 40, 64],
+                             cascade=True)
+
+    @pytest.mark.parametrize("cascade", [False, True], ids=["per-beam", "cascade"])
+    def test_a_whole_search_gives_the_same_tokens_with_and_without_graphs(self, models, cascade):
+        eager, graphed = engine_pair(models, 0, max_batch=64, cascade=cascade)
         assert graphed.runners["large"].graphs.graphs, "graphs were captured"
         params = SearchParams.cbs(4, 4, 3, max_new_tokens=12, temperature=1.0, seed=11)
         prompts = ["I really", "The plot of this film", "What a"]

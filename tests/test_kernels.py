@@ -5,12 +5,16 @@ the `gpu` class repeats the comparisons at realistic bf16 shapes on CUDA.
 """
 
 import pytest
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from w2s_engine.kernels.cascade_attention import (
     cascade_decode_attention,
+    cascade_decode_attention_ref,
     cascade_decode_attention_triton,
+    shared_prefix_words,
+    static_shared_prefixes,
     find_shared_prefixes,
 )
 from w2s_engine.kernels.chunk_reward import (
@@ -209,6 +213,56 @@ def test_cascade_decode_equals_per_beam_decode(layout, hq, hkv, bs, window, soft
     per_beam, per_beam_lse = paged_decode_attention_ref(*args)
     torch.testing.assert_close(ref, per_beam, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ref_lse, per_beam_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_host_groups_of_a_bucket_are_find_shared_prefixes_groups_padded():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n, used, bs = int(rng.integers(1, 12)), int(rng.integers(1, 6)), 4
+        tables = rng.integers(0, 50, size=(3, used))[rng.integers(0, 3, size=n)]
+        for i in range(n):          # each row keeps a random leading run of its prompt's ids
+            cut = int(rng.integers(0, used + 1))
+            tables[i, cut:] = rng.integers(50, 200, size=used - cut)
+        tables = tables.astype(np.int32)
+        lens = rng.integers(1, used * bs + 1, size=n).astype(np.int32)
+        bucket = n + int(rng.integers(0, 4))
+        got = static_shared_prefixes(torch.from_numpy(shared_prefix_words(tables, lens, bs,
+                                                                          bucket)),
+                                     bucket, used * bs)
+        want = find_shared_prefixes(torch.from_numpy(tables), torch.from_numpy(lens), bs)
+        G, R = want.num_groups, want.group_rows.numel()
+        assert got.group_rows[:R].tolist() == want.group_rows.tolist()
+        assert got.group_starts[:G + 1].tolist() == want.group_starts.tolist()
+        assert set(got.group_starts[G:].tolist()) == {R}          # the padding groups: empty
+        assert got.prefix_lens[:G].tolist() == want.prefix_lens.tolist()
+        assert got.leaders[:G].tolist() == want.leaders.tolist()
+        assert got.suffix_starts[:n].tolist() == want.suffix_starts.tolist()
+        assert not got.suffix_starts[n:].any()
+
+
+@pytest.mark.parametrize("layout", ["beams", "two_requests", "unshared"])
+@pytest.mark.parametrize("window", [None, 6])
+def test_cascade_on_a_padded_buckets_static_groups_equals_per_beam_decode(layout, window):
+    # The layout a CUDA graph replays: groups found on the host, padded to the bucket (empty
+    # groups, padding rows on a scratch block at length 1), grids sized by the bucket alone.
+    bs, hq, hkv, pad = 8, 8, 2, 3
+    table, lens, num_blocks = shared_prefix_tables(layout, bs)
+    n, width = table.shape
+    bucket = n + pad
+    g = torch.Generator().manual_seed(n)
+    k = torch.randn(num_blocks + 1, bs, hkv, 16, generator=g)    # the last: scratch
+    v = torch.randn(num_blocks + 1, bs, hkv, 16, generator=g)
+    q = torch.randn(bucket, hq, 16, generator=g)
+    padded = torch.cat([table, torch.full((pad, width), num_blocks, dtype=torch.int32)])
+    padded_lens = torch.cat([lens, torch.ones(pad, dtype=torch.int32)])
+    words = shared_prefix_words(table.numpy(), lens.numpy(), bs, bucket)
+    groups = static_shared_prefixes(torch.from_numpy(words), bucket, width * bs)
+    args = (q, k, v, padded, padded_lens, 0.3, window, None)
+    expected, expected_lse = paged_decode_attention_triton(*args)
+    for cascade in (cascade_decode_attention_triton, cascade_decode_attention_ref):
+        out, lse = cascade(*args, groups)
+        torch.testing.assert_close(out[:n], expected[:n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[:n], expected_lse[:n], atol=1e-5, rtol=1e-5)
 
 
 def test_store_kv_triton_skips_padding_slots_and_accepts_strided_k():

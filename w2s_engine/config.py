@@ -23,6 +23,10 @@ class EngineConfig:
     # static path eagerly (there are no graphs to capture).
     cuda_graphs: bool | None = None
     cuda_graph_max_batch: int = 512
+    # Shared-prefix (cascade) decode attention on that static path: the beams of a request
+    # read their common blocks (the prompt, a shared history) once per group. Off by default
+    # until it is measured on a GPU (bench/e2e.py --cascade); on CPU it runs the reference.
+    cascade_attention: bool = False
 
     def resolve(self) -> "EngineConfig":
         if self.device is None:
@@ -32,6 +36,9 @@ class EngineConfig:
         if self.cuda_graphs is None:
             self.cuda_graphs = str(self.device).startswith("cuda")
         assert self.cuda_graph_max_batch >= 1, "cuda_graph_max_batch must be >= 1"
+        if self.cascade_attention and not self.cuda_graphs:
+            raise ValueError("cascade_attention runs on the static decode path: set "
+                             "cuda_graphs=True (on a CPU too, where it runs eagerly)")
         assert self.block_size > 0 and self.block_size & (self.block_size - 1) == 0, \
             "block_size must be a power of two"
         return self

@@ -97,7 +97,8 @@ class Engine:
         if graphs:
             runner = self.runners["large"]
             runner.graphs = DecodeGraphs(runner, config.cuda_graph_max_batch,
-                                         capture=runner.device.type == "cuda")
+                                         capture=runner.device.type == "cuda",
+                                         cascade=config.cascade_attention)
         self.budget = KVBudget(num_blocks, config.block_size)
         if remote:
             self.large = RemoteLarge(remote)

@@ -20,6 +20,7 @@ need no device sync) and pass them in `groups=`.
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from w2s_engine.kernels._common import dot_precision, sm_count
@@ -123,6 +124,71 @@ def find_shared_prefixes(block_tables, seq_lens, block_size: int, min_group_rows
         max_suffix_len=int(suffix.max()) if B else 0)
 
 
+# ---- groups on the host, in a fixed layout per batch bucket (CUDA graphs) ----------------------
+
+def static_words(bucket: int) -> int:
+    """int32 words of a bucket's groups: group_rows and suffix_starts [bucket] each, and
+    group_starts [G + 1], prefix_lens and leaders [G], G = bucket // 2 (a group has 2+ rows)."""
+    return 2 * bucket + 3 * max(1, bucket // 2) + 1
+
+
+def shared_prefix_words(tables: np.ndarray, seq_lens: np.ndarray, block_size: int,
+                        bucket: int) -> np.ndarray:
+    """find_shared_prefixes on host arrays (tables [n, used] int32, seq_lens [n]) for a batch
+    padded to `bucket` rows, as static_words(bucket) int32 words; padding groups are empty
+    and padding rows have no prefix. Numpy, so a decode step finds its groups without a
+    device op; the same groups as find_shared_prefixes (tested)."""
+    n, used = tables.shape
+    g_max = max(1, bucket // 2)
+    rows = np.arange(n)
+    full = np.minimum(seq_lens.astype(np.int64) // block_size, used)
+    eligible = full >= 1
+    key = np.where(eligible, tables[:, 0].astype(np.int64), -1 - rows)
+    _, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
+    leader = np.full(counts.size, n, dtype=np.int64)
+    np.minimum.at(leader, inv, rows)
+    same = np.cumprod(tables == tables[leader[inv]], axis=1).sum(axis=1)
+    run = np.minimum(same, full)
+    run_of_key = np.full(counts.size, used, dtype=np.int64)
+    np.minimum.at(run_of_key, inv, run)
+    keep_key = (counts >= 2) & (run_of_key >= 1)
+    in_group = keep_key[inv] & eligible
+    gid = (np.cumsum(keep_key) - 1)[inv]
+    members = rows[in_group]
+    group_rows = members[np.argsort(gid[in_group] * max(n, 1) + members, kind="stable")]
+    sizes = counts[keep_key]
+    g = sizes.size
+    assert g <= g_max
+    words = np.zeros(static_words(bucket), dtype=np.int32)
+    at = 0
+    words[at:at + group_rows.size] = group_rows
+    at += bucket
+    words[at + 1:at + 1 + g] = np.cumsum(sizes)
+    words[at + 1 + g:at + 1 + g_max] = sizes.sum()      # empty padding groups
+    at += g_max + 1
+    prefix_lens = run_of_key[keep_key] * block_size
+    words[at:at + g] = prefix_lens
+    at += g_max
+    words[at:at + g] = leader[keep_key]
+    at += g_max
+    suffix = np.zeros(n, dtype=np.int64)
+    suffix[in_group] = prefix_lens[gid[in_group]]
+    words[at:at + n] = suffix
+    return words
+
+
+def static_shared_prefixes(words: torch.Tensor, bucket: int, max_len: int) -> SharedPrefixes:
+    """SharedPrefixes over a device buffer laid out by shared_prefix_words, with the host
+    bounds fixed per bucket (a group may hold every row), so launch grids never change."""
+    g_max = max(1, bucket // 2)
+    at = [0, bucket, bucket + g_max + 1, bucket + 2 * g_max + 1, bucket + 3 * g_max + 1]
+    return SharedPrefixes(
+        group_rows=words[at[0]:at[0] + bucket], group_starts=words[at[1]:at[2]],
+        prefix_lens=words[at[2]:at[3]], leaders=words[at[3]:at[4]],
+        suffix_starts=words[at[4]:at[4] + bucket],
+        max_group_rows=bucket, max_prefix_len=max_len, max_suffix_len=max_len)
+
+
 # ---- PyTorch reference ---------------------------------------------------------------------------
 
 def merge_attention_states_ref(out_a, lse_a, out_b, lse_b):
@@ -145,6 +211,8 @@ def shared_prefix_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, sca
     lse = torch.full((B, hq), float("-inf"), dtype=torch.float32, device=q.device)
     starts = groups.group_starts.tolist()
     for g, (plen, leader) in enumerate(zip(groups.prefix_lens.tolist(), groups.leaders.tolist())):
+        if starts[g + 1] == starts[g]:
+            continue    # an empty group: padding of a static layout
         rows = groups.group_rows[starts[g]:starts[g + 1]].long()
         table = block_tables[leader:leader + 1]
         k, v = _gather(k_cache, table, plen), _gather(v_cache, table, plen)

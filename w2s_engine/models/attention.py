@@ -13,6 +13,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from w2s_engine.kernels.cascade_attention import SharedPrefixes, cascade_decode_attention
 from w2s_engine.kernels.kv_cache import store_kv
 from w2s_engine.kernels.paged_attention import paged_decode_attention, paged_extend_attention
 
@@ -31,6 +32,7 @@ class ForwardBatch:
     seq_lens: torch.Tensor       # [B] int32, tokens in cache after this forward
     max_query_len: int
     kv_pool: torch.Tensor | None = None  # [layers, 2, blocks, block_size, kv_heads, head_dim]
+    shared_prefixes: SharedPrefixes | None = None  # decode: groups reading shared blocks once
 
     @property
     def is_decode(self) -> bool:
@@ -53,7 +55,11 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
     if scaling is None:
         scaling = q.shape[-1] ** -0.5
-    if batch.is_decode:
+    if batch.is_decode and batch.shared_prefixes is not None:
+        out, _ = cascade_decode_attention(q.contiguous(), k_cache, v_cache, batch.block_tables,
+                                          batch.seq_lens, scaling, sliding_window, softcap,
+                                          batch.shared_prefixes)
+    elif batch.is_decode:
         out, _ = paged_decode_attention(q.contiguous(), k_cache, v_cache, batch.block_tables,
                                         batch.seq_lens, scaling, sliding_window, softcap)
     else:

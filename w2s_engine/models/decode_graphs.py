@@ -18,6 +18,10 @@ tensor from a list; the table width is fixed, so the attention's split count is 
 bucket. All graphs share one memory pool, captured from the largest bucket down.
 Without capture (on CPU, or cuda_graphs off) the same static path runs eagerly: the tests
 compare it with the eager path on packed lists.
+
+With cascade, the upload also carries the batch's shared-prefix groups (found on the host from
+the tables it packs, kernels/cascade_attention.py), in a fixed layout per bucket, and the
+attention reads each group's shared run of blocks once (cascade_decode_attention).
 """
 
 import logging
@@ -27,6 +31,8 @@ import numpy as np
 import torch
 
 from w2s_engine.cache.block_manager import BlockTable, blocks_for
+from w2s_engine.kernels.cascade_attention import (shared_prefix_words, static_shared_prefixes,
+                                                  static_words)
 from w2s_engine.models.attention import ForwardBatch
 
 logger = logging.getLogger(__name__)
@@ -46,9 +52,9 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
 
-    def __init__(self, runner, max_batch: int, capture: bool):
+    def __init__(self, runner, max_batch: int, capture: bool, cascade: bool = False):
         """runner: the ModelRunner whose model and pool the graphs run; capture: record CUDA
-        graphs (else the static path runs eagerly)."""
+        graphs (else the static path runs eagerly); cascade: shared-prefix decode attention."""
         self.runner = runner
         self.max_batch = max_batch
         self.buckets = batch_buckets(max_batch)
@@ -57,8 +63,11 @@ class DecodeGraphs:
         self.width = min(blocks_for(limit, runner.block_size), runner.num_blocks)
         dev = runner.device
         # Room for the rows, their tables and EXTRA_WORDS more per row (sampling parameters).
-        self.staging = torch.zeros(max_batch * (ROW_WORDS + self.width + EXTRA_WORDS),
-                                   dtype=torch.int32, device=dev)
+        self.cascade = cascade
+        cascade_words = static_words(max_batch) if cascade else 0
+        self.staging = torch.zeros(max_batch * (ROW_WORDS + self.width + EXTRA_WORDS)
+                                   + cascade_words, dtype=torch.int32, device=dev)
+        self.groups_buffer = torch.zeros(cascade_words, dtype=torch.int32, device=dev)
         self.tables = torch.full((max_batch, self.width), runner.scratch_block,
                                  dtype=torch.int32, device=dev)
         self.cu = torch.arange(max_batch + 1, dtype=torch.int32, device=dev)
@@ -91,7 +100,11 @@ class DecodeGraphs:
             rows[2, i] = table.blocks[pos // bs] * bs + pos % bs
             rows[3, i] = table.num_tokens
             tables[i, :len(table.blocks)] = table.blocks
-        return np.concatenate([rows.ravel(), tables.ravel()]), used
+        parts = [rows.ravel(), tables.ravel()]
+        if self.cascade:
+            n = len(seqs)
+            parts.append(shared_prefix_words(tables[:n], rows[3, :n], bs, bucket))
+        return np.concatenate(parts), used
 
     def run(self, seqs: list[tuple[BlockTable, int]], extra: np.ndarray | None = None):
         """Logits [B, V] of each sequence's new token (a view of the static buffer, valid until
@@ -108,6 +121,10 @@ class DecodeGraphs:
         start = ROW_WORDS * bucket
         self.tables[:bucket, :used].copy_(self.staging[start:start + bucket * used]
                                           .view(bucket, used))
+        if self.cascade:
+            start += bucket * used
+            groups = static_words(bucket)
+            self.groups_buffer[:groups].copy_(self.staging[start:start + groups])
         if bucket in self.graphs:
             self.graphs[bucket].replay()
         else:
@@ -128,7 +145,10 @@ class DecodeGraphs:
         batch = ForwardBatch(input_ids=ids, positions=positions, slot_mapping=slots,
                              block_tables=self.tables[:bucket], cu_seqlens_q=self.cu[:bucket + 1],
                              seq_lens=st[3 * bucket:4 * bucket], max_query_len=1,
-                             kv_pool=self.runner.kv_pool)
+                             kv_pool=self.runner.kv_pool,
+                             shared_prefixes=static_shared_prefixes(
+                                 self.groups_buffer, bucket, self.width * self.block_size)
+                             if self.cascade else None)
         hidden = self.runner.forward(batch)
         self.logits[:bucket].copy_(self.runner.compute_logits(hidden))
 
@@ -141,6 +161,7 @@ class DecodeGraphs:
         rows[3] = 1
         self.staging[:rows.size].copy_(torch.from_numpy(rows.ravel()))
         self.tables[:bucket].fill_(self.runner.scratch_block)
+        self.groups_buffer.zero_()     # no groups: every row reads only its own keys
 
     def _capture(self):
         assert self.runner.device.type == "cuda", "CUDA graphs need a CUDA device"
