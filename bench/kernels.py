@@ -41,6 +41,7 @@ from w2s_engine.kernels.kv_cache import (
 )
 from w2s_engine.kernels.paged_attention import (
     paged_decode_attention_triton,
+    paged_extend_attention_sdpa,
     paged_extend_attention_triton,
 )
 from w2s_engine.kernels.sampling import sample_triton
@@ -212,16 +213,10 @@ def test_extend_attention(benchmark, impl, chunk):
         def fn():
             return paged_extend_attention_triton(q, k, v, bt, cu, lens, d ** -0.5)
     else:
-        # What a prefill route would do: gather each sequence's blocks, SDPA with the causal
-        # mask aligned to the end of the context.
-        qpos = torch.arange(ctx - chunk, ctx, device="cuda")
-        mask = torch.arange(ctx, device="cuda")[None, :] <= qpos[:, None]
-        qs = q.view(batch, chunk, hq, d).transpose(1, 2)
-
+        # The engine's CPU path on the GPU (what a prefill route would call): gather each
+        # sequence's blocks, torch SDPA with the causal mask aligned to the end of the context.
         def fn():
-            kk = k[bt.long()].view(batch, ctx, 8, d).transpose(1, 2)
-            vv = v[bt.long()].view(batch, ctx, 8, d).transpose(1, 2)
-            return F.scaled_dot_product_attention(qs, kk, vv, attn_mask=mask, enable_gqa=True)
+            return paged_extend_attention_sdpa(q, k, v, bt, cu, lens, d ** -0.5)
     timed(benchmark, fn, "extend_attention", f"16 seqs x 2048, {chunk} new, 32/8 x 128", impl,
           flops=flops, baseline=impl != "paged_triton")
 
