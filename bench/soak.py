@@ -178,9 +178,12 @@ def main(argv=None):
                                                     "count and arch)")
     args = ap.parse_args(argv)
 
+    from bench.e2e import commit
     from w2s_engine import Engine
     from w2s_engine.serve.async_engine import AsyncEngine
     from w2s_engine.tasks.sentiment import SMALL, TEMPLATES, TUNED
+
+    code_commit = commit()   # the code this process runs (a commit made during the soak is not)
 
     t0 = time.time()
     engine = Engine(large=SMALL, tuned=TUNED, untuned=SMALL, templates=TEMPLATES,
@@ -274,7 +277,8 @@ def main(argv=None):
     mismatched = sum(len(set(v)) > 1 for v in texts.values())
     machine = args.machine or f"{os.cpu_count()}cpu-{platform.machine()}"
     result = {
-        "machine": machine, "cpu": platform.processor() or platform.machine(),
+        "machine": machine, "commit": code_commit,
+        "cpu": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(), "torch": __import__("torch").__version__,
         "requests": args.requests, "concurrency": args.concurrency, "seed": args.seed,
         "load_s": round(load_s, 1), "soak_s": round(soak_s, 1),
