@@ -114,7 +114,6 @@ def test_logprobs_of_completions_and_chat(server):
     assert none.choices[0].logprobs is None
     for path, body, param in [
             ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
-            ("/v1/completions", {"prompt": "x", "logprobs": 1, "stream": True}, "logprobs"),
             ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
             ("/v1/chat/completions", {"messages": CHAT, "logprobs": 1}, "logprobs"),
             ("/v1/completions", {"prompt": "x", "top_logprobs": 2}, "top_logprobs")]:

@@ -263,3 +263,33 @@ def test_a_refused_prompt_among_several_starts_none_of_them(server):
     engine.check_all_free()
     ok = server.client.completions.create(model="tiny", prompt=["I really"], max_tokens=3)
     assert ok.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("name, extra", [METHODS[1], METHODS[5], METHODS[6]],
+                         ids=[IDS[1], IDS[5], IDS[6]])
+def test_streamed_logprobs_concatenate_to_the_whole_answers(server, name, extra):
+    body = {**body_of(name, extra), "ignore_eos": True}
+    n = body.pop("n", 1)
+    kw = dict(model="tiny", prompt="I really", n=n, logprobs=2, extra_body=body)
+    whole = server.client.completions.create(**kw)
+    chunks = list(server.client.completions.create(**kw, stream=True))
+    tokens = {}
+    for c in chunks:
+        for choice in c.choices:
+            if choice.logprobs is not None:
+                tokens.setdefault(choice.index, []).extend(
+                    zip(choice.logprobs.tokens, choice.logprobs.token_logprobs))
+    assert tokens == {c.index: list(zip(c.logprobs.tokens, c.logprobs.token_logprobs))
+                      for c in whole.choices}
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Write a review."}], n=n,
+              logprobs=True, top_logprobs=2, extra_body=body)
+    whole = server.client.chat.completions.create(**kw)
+    content = {}
+    for c in server.client.chat.completions.create(**kw, stream=True):
+        for choice in c.choices:
+            if choice.logprobs is not None:
+                content.setdefault(choice.index, []).extend(
+                    (t.token, t.logprob) for t in choice.logprobs.content)
+    assert content == {c.index: [(t.token, t.logprob) for t in c.logprobs.content]
+                       for c in whole.choices}
+    assert all(len(v) == 9 for v in content.values())   # max_tokens, EOS ignored

@@ -113,14 +113,15 @@ class Answer:
             body["usage"] = None
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    def piece(self, index: int, text: str | None, finish_reason=None, role=False) -> dict:
+    def piece(self, index: int, text: str | None, finish_reason=None, role=False,
+              logprobs=None) -> dict:
         index += self.first_index
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else (
                 {} if text is None else {"content": text})
-            return {"index": index, "delta": delta, "logprobs": None,
+            return {"index": index, "delta": delta, "logprobs": logprobs,
                     "finish_reason": finish_reason}
-        return {"index": index, "text": text or "", "logprobs": None,
+        return {"index": index, "text": text or "", "logprobs": logprobs,
                 "finish_reason": finish_reason}
 
     def opening(self) -> list[str]:
@@ -132,10 +133,13 @@ class Answer:
             return [self.chunk([self.piece(i, self.echo_text)]) for i in range(n)]
         return []
 
-    def step(self, deltas) -> list[str]:
+    def step(self, deltas, tokenizer=None) -> list[str]:
         """One engine step's deltas as chunks; the step that carries the result finishes every
         choice: its rest of the text and its finish_reason in one last content chunk each (the
-        usage chunk, with stream_options.include_usage, is the server's, after every prompt)."""
+        usage chunk, with stream_options.include_usage, is the server's, after every prompt).
+        Log-probs, when asked for, come whole in each choice's last chunk: until a search ends,
+        the text its candidates share is final, but not the tokens behind it (a concatenation
+        of the chunks' log-probs is the choice's, as OpenAI's clients build it)."""
         result = next((d.result for d in deltas if d.result is not None), None)
         if result is None:
             return [self.chunk([self.piece(d.index, d.text)]) for d in deltas if d.text]
@@ -143,11 +147,15 @@ class Answer:
         for d in deltas:
             rest[d.index] = rest.get(d.index, "") + d.text
         hyps = result.hypotheses[:self.plan.n]
+        lp = Logprobs(tokenizer, hyps) if self.plan.logprobs is not None else None
         out = []
         per_beam = self.plan.params.method == "base"   # n samples stream side by side
         for i, h in enumerate(hyps):
             # a search streams its best answer; the other n-1 best come whole at the end
             text = h.text if i and not per_beam else rest.get(i, "")
-            out.append(self.chunk([self.piece(i, text or None, h.finish_reason)],
+            logprobs = None if lp is None else (lp.chat(h.logprobs) if self.chat
+                                                else lp.completion(h.logprobs))
+            out.append(self.chunk([self.piece(i, text or None, h.finish_reason,
+                                              logprobs=logprobs)],
                                   **({"w2s": _extra(result)} if i == len(hyps) - 1 else {})))
         return out

@@ -325,9 +325,6 @@ class SearchFields(BaseModel):
                 raise RequestError(400, f"{lp_field}: the large model is a black box behind "
                                         "another server here; its log-probs are not available",
                                    lp_field)
-            if stream:
-                raise RequestError(400, f"{lp_field}: not supported with stream=true (send "
-                                        "stream=false for log-probs)", lp_field)
         echo = self._echo()
         if echo and logprobs is not None:
             raise RequestError(400, "echo with logprobs would need the prompt's log-probs, "

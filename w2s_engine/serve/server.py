@@ -238,7 +238,7 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                     ended = True
                     yield f"data: {json.dumps(envelope(500, f'the search failed: {item}'))}\n\n"
                     break
-                for chunk in answers[i].step(item):
+                for chunk in answers[i].step(item, tokenizer):
                     yield chunk
                 result = next((d.result for d in item if d.result is not None), None)
                 if result is not None:
