@@ -389,3 +389,56 @@ def test_each_hypothesis_carries_its_lineages_reward_at_every_selection(engine):
             assert h.chunk_rewards[-1] == h.reward
     base = engine.search(["I really"], SearchParams.base(max_new_tokens=4, seed=1))[0]
     assert base.hypotheses[0].chunk_rewards is None
+
+
+@torch.no_grad()
+def greedy_with_penalties(model, prompt_ids, steps, presence, frequency, repetition):
+    """Greedy decoding with a full forward per token, penalties written out here:
+    transformers' repetition processor over prompt + response, then OpenAI's presence and
+    frequency over the response."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+    ids, out = list(prompt_ids), []
+    for _ in range(steps):
+        logits = model(torch.tensor([ids])).logits[:, -1].float()
+        if repetition != 1.0:
+            logits = RepetitionPenaltyLogitsProcessor(repetition)(torch.tensor([ids]), logits)
+        for t in set(out):
+            logits[0, t] -= presence + frequency * out.count(t)
+        token = int(logits.argmax())
+        ids.append(token)
+        out.append(token)
+    return out
+
+
+@pytest.mark.parametrize("presence, frequency, repetition", [
+    (1.5, 0.0, 1.0), (0.0, 0.7, 1.0), (0.0, 0.0, 1.8), (0.5, 0.3, 0.6), (-1.0, 0.0, 1.0)])
+def test_penalties_give_the_tokens_of_greedy_decoding_with_the_same_penalties(
+        tok, small_pair, presence, frequency, repetition):
+    engine = make_engine(tok, small_pair)
+    reference = clone(tiny_llama(len(tok), seed=1, layers=3))   # the engine's large model
+    # Greedy decoding of this model loops from the 14th token (150, 186, 150, 186, ...).
+    params = SearchParams.base(max_new_tokens=24, top_k=1, ignore_eos=True, seed=1,
+                               presence_penalty=presence, frequency_penalty=frequency,
+                               repetition_penalty=repetition)
+    prompt_ids = engine.make_request("I really", params).large_prompt_ids
+    got = engine.search(["I really"], params)[0].token_ids
+    assert got == greedy_with_penalties(reference, prompt_ids, 24, presence, frequency,
+                                        repetition)
+    plain = engine.search(["I really"], params.copy(presence_penalty=0.0, frequency_penalty=0.0,
+                                                    repetition_penalty=1.0))[0].token_ids
+    assert got != plain   # the penalties changed what greedy decoding picks
+    if presence >= 0 and frequency >= 0 and repetition >= 1:
+        assert len(set(got)) > len(set(plain))   # and broke its loop
+    engine.check_all_free()
+
+
+def test_penalties_apply_to_their_own_request_in_a_batch(engine):
+    params = SearchParams.cbs(2, 2, 3, max_new_tokens=9, seed=3)
+    penalised = params.copy(frequency_penalty=2.0, repetition_penalty=1.5)
+    alone = engine.search(["I really", "This film"], params)
+    mixed = [engine.add_request("I really", params), engine.add_request("This film", penalised)]
+    while engine.has_unfinished():
+        engine.step()
+    assert mixed[0].result.token_ids == alone[0].token_ids
+    assert mixed[1].result.token_ids != alone[1].token_ids
+    engine.check_all_free()

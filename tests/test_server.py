@@ -172,6 +172,10 @@ def test_the_engines_own_server_is_a_black_box_large_model_for_another_engine():
             for h in r.hypotheses:
                 assert h.reward == pytest.approx(
                     searcher.score([r.prompt], [h.text], finished=h.finished)[0], abs=1e-4)
+        # A server's penalties would count only the chunk each call writes: refused.
+        for field, value in [("presence_penalty", 0.5), ("repetition_penalty", 1.2)]:
+            with pytest.raises(ValueError, match=f"{field}=.*black box"):
+                searcher.search(["I really"], SearchParams(**{field: value}))
         searcher.check_all_free()
     finally:
         backend.close()
@@ -212,7 +216,9 @@ def is_envelope(payload, status):
     ("/v1/completions", b'{"prompt": "x", "seed": 9223372036854775808}', 400, "seed"),
     ("/v1/completions", b'{"prompt": "I \\ud800 really"}', 400, "prompt"),
     ("/v1/completions", b'{"prompt": "x", "stop": ["a", 1]}', 400, "stop.1"),
-    ("/v1/completions", b'{"prompt": "x", "presence_penalty": 0.5}', 400, "presence_penalty"),
+    ("/v1/completions", b'{"prompt": "x", "presence_penalty": 2.5}', 400, "presence_penalty"),
+    ("/v1/completions", b'{"prompt": "x", "repetition_penalty": 0}', 400, "repetition_penalty"),
+    ("/v1/completions", b'{"prompt": "x", "frequency_penalty": NaN}', 400, "frequency_penalty"),
     ("/v1/completions", b'{"prompt": "x", "stream": "yes"}', 400, "stream"),
     ("/v1/completions", b'{"prompt": "x", "logit_bias": {"5": 10}}', 400, "logit_bias"),
     ("/v1/completions", b'{"prompt": "\xff\xfe"}', 400, None),

@@ -174,9 +174,9 @@ def test_stop_seed_user_and_ignore_eos(server):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("presence_penalty", 0.5), ("frequency_penalty", 1), ("logit_bias", {"5": 10}),
+    ("logit_bias", {"5": 10}),
     ("min_p", 0.1), ("response_format", {"type": "json_object"}), ("suffix", "x"),
-    ("stream_options", {"include_usage": True}), ("repetition_penalty", 1.2),
+    ("stream_options", {"include_usage": True}),
     ("tools", [{"type": "function", "function": {"name": "f"}}])])
 def test_features_the_engine_lacks_are_refused_naming_them(server, field, value):
     for path, body in [("/v1/completions", {"prompt": "x"}),
@@ -185,11 +185,27 @@ def test_features_the_engine_lacks_are_refused_naming_them(server, field, value)
         assert code == 400 and is_envelope(payload, 400), payload
         assert payload["error"]["param"] == field and field in payload["error"]["message"]
     # and accepted at their neutral values
-    neutral = {"presence_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"}}
+    neutral = {"logit_bias": {}, "response_format": {"type": "text"}}
     if field in neutral:
         code, _ = post(server, "/v1/completions",
                        {"prompt": "x", "max_tokens": 2, field: neutral[field]})
         assert code == 200
+
+
+def test_penalties_are_the_python_apis_and_out_of_range_ones_are_refused(server):
+    engine = server.async_engine.engine
+    body = dict(prompt="I really", max_tokens=16, seed=2, temperature=0.7,
+                presence_penalty=1.2, frequency_penalty=0.4)
+    c = server.client.completions.create(model="tiny", **body,
+                                         extra_body={"method": "base", "repetition_penalty": 1.3})
+    want = engine.search(["I really"], SearchParams.base(
+        max_new_tokens=16, seed=2, temperature=0.7, presence_penalty=1.2,
+        frequency_penalty=0.4, repetition_penalty=1.3))[0]
+    assert c.choices[0].text == want.text
+    for field, value in [("presence_penalty", 2.5), ("frequency_penalty", -2.1),
+                         ("repetition_penalty", 0), ("repetition_penalty", True)]:
+        code, payload = post(server, "/v1/completions", {"prompt": "x", field: value})
+        assert code == 400 and payload["error"]["param"] == field, payload
 
 
 def test_models_by_name_and_a_request_for_another_model_is_404(server):

@@ -163,6 +163,14 @@ class Engine:
                     raise InvalidParam(name, getattr(params, name), "the large model is a "
                                        "black box behind an OpenAI completions API, which has "
                                        f"no {name}: leave it out")
+            # Its penalties would count only the chunk each call writes (the response so far
+            # is in its prompt): not the search's rule, so refused.
+            for name, off in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                              ("repetition_penalty", 1.0)):
+                if getattr(params, name) != off:
+                    raise InvalidParam(name, getattr(params, name), "the large model is a "
+                                       "black box, whose server would count only the chunk "
+                                       f"each call writes: leave it out (or {off:g})")
         if "large" in self.runners:
             # A top_k at or past the vocabulary keeps every token, as transformers' top-k
             # warper does (it clamps to the vocabulary): clamped, not refused.

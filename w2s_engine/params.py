@@ -13,6 +13,7 @@ MAX_INT = 2**31 - 1          # w, k, l, max_new_tokens, top_k (top_k past the vo
 MAX_SEED = 2**63             # seeds are in [0, 2**63)
 MAX_TEMPERATURE = 100.0      # a sanity bound: OpenAI allows 2, sampling from fp32 needs < 3e38
 MAX_ABS_BETA = 100.0
+MAX_REPETITION_PENALTY = 10.0
 MAX_STOP_STRINGS = 16        # each is searched for after every sampled token
 MAX_STOP_CHARS = 256
 
@@ -72,6 +73,12 @@ class SearchParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    # Penalties on tokens already there (vLLM's and OpenAI's rules, before temperature):
+    # presence and frequency on the response's tokens (logit - presence - frequency * count),
+    # repetition on the prompt's and the response's (a logit > 0 divided by it, < 0 times it).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     beta: float = 1.0            # eft only
     trace: bool = False          # record every selection (candidates, rewards, survivors)
 
@@ -94,6 +101,11 @@ class SearchParams:
     @property
     def chunk_len(self) -> int:
         return self.max_new_tokens if self.l is None else min(self.l, self.max_new_tokens)
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0)
 
     @property
     def uses_small_models(self) -> bool:
@@ -137,6 +149,10 @@ class SearchParams:
         integer("top_k", 0, " (0 = off; past the vocabulary it keeps every token)")
         real("top_p", "(0", "1] (1 = off)", lambda p: 0 < p <= 1)
         real("beta", f"[-{MAX_ABS_BETA:g}", f"{MAX_ABS_BETA:g}]", lambda b: abs(b) <= MAX_ABS_BETA)
+        for name in ("presence_penalty", "frequency_penalty"):
+            real(name, "[-2", "2] (0 = off), as OpenAI's", lambda x: abs(x) <= 2)
+        real("repetition_penalty", "(0", f"{MAX_REPETITION_PENALTY:g}] (1 = off)",
+             lambda x: 0 < x <= MAX_REPETITION_PENALTY)
         if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < MAX_SEED):
             bad("seed", "must be an integer in [0, 2**63), or None for a random one")
         if isinstance(self.stop, str):

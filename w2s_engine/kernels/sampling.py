@@ -354,6 +354,28 @@ def sample_triton(logits, temperature, top_k, top_p, seeds, positions,
     return (out, thr) if return_thresholds else out
 
 
+def apply_penalties(logits, rows, occurrences, presence, frequency, repetition):
+    """Penalise tokens already there, vLLM's rules, before temperature (PyTorch; any device).
+
+    logits [B, V] fp32 -> a new [B, V] changed at `rows` [R] int64 (the rows with a penalty);
+    occurrences [3, N] int64: each token occurrence as (row in 0..R-1, token id, 1 if in the
+    response else 0 for the prompt); presence, frequency, repetition [R] fp32.
+    Repetition: a logit > 0 of a token in the prompt or the response is divided by it, one
+    < 0 multiplied (transformers' RepetitionPenaltyLogitsProcessor); then
+    logit -= frequency * (times in the response) + presence * (in the response at all)."""
+    R, V = rows.numel(), logits.shape[1]
+    row, token, in_response = occurrences
+    counts = torch.zeros(R, V, dtype=torch.float32, device=logits.device)
+    counts.index_put_((row, token), in_response.float(), accumulate=True)
+    seen = torch.zeros(R, V, dtype=torch.bool, device=logits.device)
+    seen[row, token] = True
+    sub = logits[rows]
+    rep = repetition[:, None]
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    sub = sub - frequency[:, None] * counts - presence[:, None] * (counts > 0).float()
+    return logits.index_copy(0, rows, sub)
+
+
 def sample(logits, temperature, top_k, top_p, seeds, positions):
     if logits.is_cuda and triton is not None:
         return sample_triton(logits, temperature, top_k, top_p, seeds, positions)

@@ -9,8 +9,9 @@ RequestError (a 400 the server answers in OpenAI's error envelope), naming the f
   prepared (Engine.make_request), so that the API, the command and the server agree.
 Every OpenAI sampling field is honoured or refused: stream (+ stream_options.include_usage),
 n, best_of, echo, logprobs / top_logprobs, stop, seed, max_tokens / max_completion_tokens,
-ignore_eos (vLLM's) are honoured (SearchFields.plan); OpenAI and vLLM features the engine
-does not implement (penalties, logit_bias, suffix, tools, response formats, min_p, ...) are
+presence / frequency / repetition penalties, ignore_eos (vLLM's) are honoured
+(SearchFields.plan); OpenAI and vLLM features the engine does not implement (logit_bias,
+suffix, tools, response formats, min_p, ...) are
 accepted only at their neutral values (NEUTRAL), so that a request never silently gets
 something other than what it asked for. `user` is written in the access log; fields nobody
 defines (metadata, x_...) are ignored.
@@ -177,8 +178,7 @@ def param_error(e: ValueError, prompt_field: str, names: dict | None = None) -> 
 
 # OpenAI and vLLM features the engine does not implement, accepted at these neutral values only
 # (an empty tuple: only null). null is always taken: it means the default.
-NEUTRAL = {"presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,),
-           "logit_bias": ({},), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
+NEUTRAL = {"logit_bias": ({},), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
            "functions": ([],), "function_call": ("none",), "min_p": (0,), "min_tokens": (0,),
            "length_penalty": (1,), "use_beam_search": (False,), "prompt_logprobs": (),
            "response_format": ({"type": "text"},), "guided_json": (), "guided_regex": (),
@@ -243,6 +243,9 @@ class SearchFields(BaseModel):
     k: int = DEFAULTS.k
     l: int | None = DEFAULTS.l
     beta: float = DEFAULTS.beta
+    presence_penalty: float = DEFAULTS.presence_penalty
+    frequency_penalty: float = DEFAULTS.frequency_penalty
+    repetition_penalty: float = DEFAULTS.repetition_penalty   # vLLM's
 
     neutral: ClassVar[dict] = NEUTRAL
 
@@ -281,7 +284,9 @@ class SearchFields(BaseModel):
                       temperature=self.temperature, top_p=self.top_p,
                       top_k=0 if self.top_k == -1 else self.top_k, seed=self.seed,
                       stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
-                      ignore_eos=bool(self.ignore_eos))
+                      ignore_eos=bool(self.ignore_eos), presence_penalty=self.presence_penalty,
+                      frequency_penalty=self.frequency_penalty,
+                      repetition_penalty=self.repetition_penalty)
         try:
             # Every search field is checked, also those this method does not use (k=0 with
             # method=base is a mistake too): SearchParams.validate's ranges, field by field.
