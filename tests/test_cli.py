@@ -60,6 +60,7 @@ def test_search_prints_a_continuation_and_json_parses():
     (["search", "x", "--no-such-flag"], "unrecognized arguments"),
     (["search", "x", "--w", "zero"], "invalid int value"),
     (["search", "x", "--w", "0"], "w=0"),
+    (["search", "x", "--repetition-penalty", "0"], "repetition_penalty=0"),
     (["search", "x", "--large", "/no/such/model.gguf", "--method", "base"], "no such GGUF file"),
     (["search", "x", "--large", SMOL], "--tuned and --untuned"),
 ])

@@ -27,6 +27,12 @@ def _add_search_args(p: argparse.ArgumentParser):
     p.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help="0 is off")
     p.add_argument("--top-p", type=float, default=DEFAULTS.top_p, help="1.0 is off")
     p.add_argument("--beta", type=float, default=DEFAULTS.beta, help="EFT strength")
+    p.add_argument("--presence-penalty", type=float, default=DEFAULTS.presence_penalty,
+                   help="-2 to 2, 0 is off")
+    p.add_argument("--frequency-penalty", type=float, default=DEFAULTS.frequency_penalty,
+                   help="-2 to 2, 0 is off")
+    p.add_argument("--repetition-penalty", type=float, default=DEFAULTS.repetition_penalty,
+                   help="above 1 discourages repeats, 1.0 is off")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None,
                    help="same seed, same results (default: a random seed)")
@@ -35,7 +41,10 @@ def _add_search_args(p: argparse.ArgumentParser):
 def params_from_args(args):
     from w2s_engine.params import SearchParams
     common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop)
+                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+                  presence_penalty=args.presence_penalty,
+                  frequency_penalty=args.frequency_penalty,
+                  repetition_penalty=args.repetition_penalty)
     if args.method == "best_of_n":
         return SearchParams.best_of_n(args.k, **common)
     if args.method == "base":
