@@ -392,10 +392,11 @@ def test_each_hypothesis_carries_its_lineages_reward_at_every_selection(engine):
 
 
 @torch.no_grad()
-def greedy_with_penalties(model, prompt_ids, steps, presence, frequency, repetition):
+def greedy_with_penalties(model, prompt_ids, steps, presence, frequency, repetition,
+                          bias=None):
     """Greedy decoding with a full forward per token, penalties written out here:
     transformers' repetition processor over prompt + response, then OpenAI's presence and
-    frequency over the response."""
+    frequency over the response, then OpenAI's logit bias."""
     from transformers import RepetitionPenaltyLogitsProcessor
     ids, out = list(prompt_ids), []
     for _ in range(steps):
@@ -404,6 +405,8 @@ def greedy_with_penalties(model, prompt_ids, steps, presence, frequency, repetit
             logits = RepetitionPenaltyLogitsProcessor(repetition)(torch.tensor([ids]), logits)
         for t in set(out):
             logits[0, t] -= presence + frequency * out.count(t)
+        for t, b in (bias or {}).items():
+            logits[0, t] += b
         token = int(logits.argmax())
         ids.append(token)
         out.append(token)
@@ -441,4 +444,23 @@ def test_penalties_apply_to_their_own_request_in_a_batch(engine):
         engine.step()
     assert mixed[0].result.token_ids == alone[0].token_ids
     assert mixed[1].result.token_ids != alone[1].token_ids
+    engine.check_all_free()
+
+
+def test_logit_bias_gives_the_tokens_of_greedy_decoding_with_the_same_bias(tok, small_pair):
+    engine = make_engine(tok, small_pair)
+    reference = clone(tiny_llama(len(tok), seed=1, layers=3))
+    plain = SearchParams.base(max_new_tokens=16, top_k=1, ignore_eos=True, seed=1)
+    unbiased = engine.search(["I really"], plain)[0].token_ids
+    bias = {unbiased[0]: -100.0, unbiased[3]: -100.0, 77: 2.5}   # ban two, favour one
+    params = plain.copy(logit_bias=bias, frequency_penalty=0.5)
+    prompt_ids = engine.make_request("I really", params).large_prompt_ids
+    got = engine.search(["I really"], params)[0].token_ids
+    assert got == greedy_with_penalties(reference, prompt_ids, 16, 0.0, 0.5, 1.0, bias)
+    assert unbiased[0] not in got and unbiased[3] not in got
+    forced = engine.search(["I really"], SearchParams.base(
+        max_new_tokens=5, ignore_eos=True, seed=2, temperature=1.0, logit_bias={77: 100}))[0]
+    assert forced.token_ids == [77] * 5
+    with pytest.raises(ValueError, match="logit_bias.300=300: not a token id"):
+        engine.search(["I really"], plain.copy(logit_bias={300: 1.0}))
     engine.check_all_free()

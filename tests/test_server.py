@@ -172,6 +172,10 @@ def test_the_engines_own_server_is_a_black_box_large_model_for_another_engine():
             for h in r.hypotheses:
                 assert h.reward == pytest.approx(
                     searcher.score([r.prompt], [h.text], finished=h.finished)[0], abs=1e-4)
+        # logit_bias goes to the server, in its own token ids (the same tokenizer here).
+        forced = searcher.search(["I really"], SearchParams(
+            w=2, k=2, l=3, max_new_tokens=6, seed=4, logit_bias={77: 100.0}))[0]
+        assert forced.text == tok.decode([77] * 6)
         # A server's penalties would count only the chunk each call writes: refused.
         for field, value in [("presence_penalty", 0.5), ("repetition_penalty", 1.2)]:
             with pytest.raises(ValueError, match=f"{field}=.*black box"):
@@ -220,7 +224,9 @@ def is_envelope(payload, status):
     ("/v1/completions", b'{"prompt": "x", "repetition_penalty": 0}', 400, "repetition_penalty"),
     ("/v1/completions", b'{"prompt": "x", "frequency_penalty": NaN}', 400, "frequency_penalty"),
     ("/v1/completions", b'{"prompt": "x", "stream": "yes"}', 400, "stream"),
-    ("/v1/completions", b'{"prompt": "x", "logit_bias": {"5": 10}}', 400, "logit_bias"),
+    ("/v1/completions", b'{"prompt": "x", "logit_bias": {"5": 101}}', 400, "logit_bias.5"),
+    ("/v1/completions", b'{"prompt": "x", "logit_bias": {"x": 1}}', 400, "logit_bias.x"),
+    ("/v1/completions", b'{"prompt": "x", "logit_bias": {"99999": 1}}', 400, "logit_bias.99999"),
     ("/v1/completions", b'{"prompt": "\xff\xfe"}', 400, None),
     ("/v1/completions", b"[" * 100000 + b"]" * 100000, 400, None),
     ("/v1/completions", b'{"prompt": "x", "w": }', 400, None),

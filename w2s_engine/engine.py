@@ -174,7 +174,12 @@ class Engine:
         if "large" in self.runners:
             # A top_k at or past the vocabulary keeps every token, as transformers' top-k
             # warper does (it clamps to the vocabulary): clamped, not refused.
-            params.top_k = min(params.top_k, self.runners["large"].shape.vocab_size)
+            vocab = self.runners["large"].shape.vocab_size
+            params.top_k = min(params.top_k, vocab)
+            for token in params.logit_bias:
+                if token >= vocab:
+                    raise InvalidParam(f"logit_bias.{token}", token, "not a token id of the "
+                                       f"large model, whose vocabulary is [0, {vocab})")
         template = self.templates["large"]
         large_text = template.apply(self.large.tokenizer, prompt)
         large_ids = self.large.encode_prompt(large_text, not template.chat, params.max_new_tokens)

@@ -14,6 +14,7 @@ MAX_SEED = 2**63             # seeds are in [0, 2**63)
 MAX_TEMPERATURE = 100.0      # a sanity bound: OpenAI allows 2, sampling from fp32 needs < 3e38
 MAX_ABS_BETA = 100.0
 MAX_REPETITION_PENALTY = 10.0
+MAX_LOGIT_BIAS = 1024        # token ids one request may bias (OpenAI allows 300)
 MAX_STOP_STRINGS = 16        # each is searched for after every sampled token
 MAX_STOP_CHARS = 256
 
@@ -79,6 +80,9 @@ class SearchParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # OpenAI's logit_bias: large-model token id -> a bias in [-100, 100] added to its logit
+    # after the penalties, before temperature (-100 bans a token, 100 all but forces it).
+    logit_bias: dict[int, float] = field(default_factory=dict)
     beta: float = 1.0            # eft only
     trace: bool = False          # record every selection (candidates, rewards, survivors)
 
@@ -103,9 +107,10 @@ class SearchParams:
         return self.max_new_tokens if self.l is None else min(self.l, self.max_new_tokens)
 
     @property
-    def has_penalties(self) -> bool:
+    def adjusts_logits(self) -> bool:
+        """Penalties or biases change this request's logits before sampling."""
         return bool(self.presence_penalty or self.frequency_penalty
-                    or self.repetition_penalty != 1.0)
+                    or self.repetition_penalty != 1.0 or self.logit_bias)
 
     @property
     def uses_small_models(self) -> bool:
@@ -153,6 +158,17 @@ class SearchParams:
             real(name, "[-2", "2] (0 = off), as OpenAI's", lambda x: abs(x) <= 2)
         real("repetition_penalty", "(0", f"{MAX_REPETITION_PENALTY:g}] (1 = off)",
              lambda x: 0 < x <= MAX_REPETITION_PENALTY)
+        if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS:
+            bad("logit_bias", f"must be a dict of at most {MAX_LOGIT_BIAS} token ids to biases")
+        for token, value in self.logit_bias.items():
+            if not is_int(token) or not 0 <= token <= MAX_INT:
+                raise InvalidParam(f"logit_bias.{token}", token, "a token id must be an "
+                                   "integer >= 0 (of the large model's vocabulary)",
+                                   "SearchParams.")
+            if not is_real(value) or not math.isfinite(value) or abs(value) > 100:
+                raise InvalidParam(f"logit_bias.{token}", value, "a bias must be a finite "
+                                   "number in [-100, 100]", "SearchParams.")
+        self.logit_bias = {int(t): float(v) for t, v in self.logit_bias.items()}
         if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < MAX_SEED):
             bad("seed", "must be an integer in [0, 2**63), or None for a random one")
         if isinstance(self.stop, str):

@@ -354,15 +354,18 @@ def sample_triton(logits, temperature, top_k, top_p, seeds, positions,
     return (out, thr) if return_thresholds else out
 
 
-def apply_penalties(logits, rows, occurrences, presence, frequency, repetition):
-    """Penalise tokens already there, vLLM's rules, before temperature (PyTorch; any device).
+def adjust_logits(logits, rows, occurrences, presence, frequency, repetition, biased, bias):
+    """Penalties on tokens already there (vLLM's rules), then biases (OpenAI's logit_bias),
+    before temperature. PyTorch, any device.
 
-    logits [B, V] fp32 -> a new [B, V] changed at `rows` [R] int64 (the rows with a penalty);
+    logits [B, V] fp32 -> a new [B, V] changed at `rows` [R] int64 (the rows that adjust);
     occurrences [3, N] int64: each token occurrence as (row in 0..R-1, token id, 1 if in the
-    response else 0 for the prompt); presence, frequency, repetition [R] fp32.
+    response else 0 for the prompt); presence, frequency, repetition [R] fp32;
+    biased [2, M] int64 (row in 0..R-1, token id) and bias [M] fp32.
     Repetition: a logit > 0 of a token in the prompt or the response is divided by it, one
     < 0 multiplied (transformers' RepetitionPenaltyLogitsProcessor); then
-    logit -= frequency * (times in the response) + presence * (in the response at all)."""
+    logit -= frequency * (times in the response) + presence * (in the response at all);
+    then logit += bias."""
     R, V = rows.numel(), logits.shape[1]
     row, token, in_response = occurrences
     counts = torch.zeros(R, V, dtype=torch.float32, device=logits.device)
@@ -373,6 +376,7 @@ def apply_penalties(logits, rows, occurrences, presence, frequency, repetition):
     rep = repetition[:, None]
     sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
     sub = sub - frequency[:, None] * counts - presence[:, None] * (counts > 0).float()
+    sub = sub.index_put((biased[0], biased[1]), bias, accumulate=True)
     return logits.index_copy(0, rows, sub)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from w2s_engine.cache.block_manager import BlockManager, BlockTable
-from w2s_engine.kernels.sampling import apply_penalties, sample
+from w2s_engine.kernels.sampling import adjust_logits, sample
 from w2s_engine.models.runner import BatchFailed, ModelRunner
 from w2s_engine.outputs import TokenLogprob
 from w2s_engine.search.bridge import Detokenizer
@@ -111,10 +111,11 @@ class LocalLarge:
             eft_started = False   # the EFT streams are through: a retry steers the same way
             logits = torch.cat(rows) if len(rows) > 1 else rows[0]
             logprobs = LogprobRows(order, raw)   # the raw distribution, before penalties
-            penalties = penalty_words(order)
-            if penalties is not None:
-                words, R, N = penalties
-                logits = apply_penalties(logits, *penalty_tensors(self.runner.upload(words), R, N))
+            adjustments = adjustment_words(order)
+            if adjustments is not None:
+                words, sizes = adjustments
+                logits = adjust_logits(logits, *adjustment_tensors(self.runner.upload(words),
+                                                                   *sizes))
             tokens = sample(logits, *sampling_tensors(params, len(order))).tolist()
             logprobs = logprobs.read(tokens)
         except Exception as e:
@@ -196,35 +197,49 @@ def sampling_words(order) -> np.ndarray:
         np.array([len(b.token_ids) for _, b in order], dtype=np.int32)])
 
 
-def penalty_words(order) -> tuple[np.ndarray, int, int] | None:
-    """The R rows with a penalty and what they need, as int32 words for one upload: the rows
-    [R], the N token occurrences [3, N] (row among the R, token, 1 if in the response) and the
-    presence, frequency and repetition factors [R] (fp32 bits); with R and N. None if no row
-    has one. Each step sends each such beam's whole history (the prompt's only for
-    repetition): a second upload in the steps that have penalties."""
-    picked = [(i, r, b) for i, (r, b) in enumerate(order) if r.params.has_penalties]
+def adjustment_words(order) -> tuple[np.ndarray, tuple[int, int, int]] | None:
+    """The R rows whose logits a penalty or a bias adjusts, and what they need, as int32 words
+    for one upload: the rows [R], the N token occurrences [3, N] (row among the R, token, 1 if
+    in the response), the M biased tokens [2, M] (row among the R, token), then fp32 bits:
+    the presence, frequency and repetition factors [3, R] and the biases [M]; with (R, N, M).
+    None if no row adjusts. Each step sends each such beam's whole history (the prompt's
+    only for repetition): a second upload in the steps that have adjustments."""
+    picked = [(i, r, b) for i, (r, b) in enumerate(order) if r.params.adjusts_logits]
     if not picked:
         return None
-    occurrences = []
+    occurrences, biased, biases = [], [], []
     for j, (_, r, b) in enumerate(picked):
-        prompt = r.large_prompt_ids if r.params.repetition_penalty != 1.0 else []
-        tokens = np.asarray(list(prompt) + b.token_ids, dtype=np.int32)
-        in_response = np.r_[np.zeros(len(prompt), np.int32), np.ones(len(b.token_ids), np.int32)]
+        p = r.params
+        response = b.token_ids if p.presence_penalty or p.frequency_penalty or \
+            p.repetition_penalty != 1.0 else []
+        prompt = r.large_prompt_ids if p.repetition_penalty != 1.0 else []
+        tokens = np.asarray(list(prompt) + list(response), dtype=np.int32)
+        in_response = np.r_[np.zeros(len(prompt), np.int32), np.ones(len(response), np.int32)]
         occurrences.append(np.stack([np.full(tokens.size, j, np.int32), tokens, in_response]))
+        biased.append(np.array([[j] * len(p.logit_bias), list(p.logit_bias)], np.int32)
+                      .reshape(2, -1))
+        biases += list(p.logit_bias.values())
     occurrences = np.concatenate(occurrences, axis=1)
+    biased = np.concatenate(biased, axis=1)
     factors = np.array([[r.params.presence_penalty, r.params.frequency_penalty,
                          r.params.repetition_penalty] for _, r, _ in picked], dtype=np.float32)
-    words = np.concatenate([np.array([i for i, _, _ in picked], np.int32),
-                            occurrences.ravel(), factors.T.ravel().view(np.int32)])
-    return words, len(picked), occurrences.shape[1]
+    words = np.concatenate([np.array([i for i, _, _ in picked], np.int32), occurrences.ravel(),
+                            biased.ravel(), factors.T.ravel().view(np.int32),
+                            np.asarray(biases, np.float32).view(np.int32)])
+    return words, (len(picked), occurrences.shape[1], biased.shape[1])
 
 
-def penalty_tensors(words: torch.Tensor, R: int, N: int):
-    """penalty_words on the device -> apply_penalties' arguments after the logits."""
+def adjustment_tensors(words: torch.Tensor, R: int, N: int, M: int):
+    """adjustment_words on the device -> adjust_logits' arguments after the logits."""
     rows = words[:R].long()
-    occurrences = words[R:R + 3 * N].view(3, N).long()
-    factors = words[R + 3 * N:].view(torch.float32).view(3, R)
-    return rows, occurrences, factors[0], factors[1], factors[2]
+    at = R
+    occurrences = words[at:at + 3 * N].view(3, N).long()
+    at += 3 * N
+    biased = words[at:at + 2 * M].view(2, M).long()
+    at += 2 * M
+    factors = words[at:at + 3 * R].view(torch.float32).view(3, R)
+    bias = words[at + 3 * R:].view(torch.float32)
+    return rows, occurrences, factors[0], factors[1], factors[2], biased, bias
 
 
 def sampling_tensors(words: torch.Tensor, n: int):

@@ -24,6 +24,7 @@ class CompletionJob:
     top_p: float
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)   # the server's token ids
 
 
 @dataclass
@@ -84,6 +85,8 @@ class OpenAICompletions:
                           temperature=job.temperature, top_p=job.top_p)
             if job.stop:
                 kwargs["stop"] = job.stop
+            if job.logit_bias:
+                kwargs["logit_bias"] = {str(t): v for t, v in job.logit_bias.items()}
             if job.seed is not None:
                 # Servers that ignore n answer one choice per request: vary the seed per try.
                 kwargs["seed"] = (job.seed + len(choices)) % (1 << 31)

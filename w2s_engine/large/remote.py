@@ -47,6 +47,7 @@ class RemoteLarge:
                 prompt=r.large_prompt_text + b.text, n=len(beams),
                 max_tokens=min(p.chunk_len, p.max_new_tokens - b.num_large_tokens),
                 temperature=p.temperature, top_p=p.top_p, stop=list(p.stop),
+                logit_bias=dict(p.logit_bias),
                 seed=mix_seed(r.seed, b.beam_id) if p.seed is not None else None))
         answers = self.client.complete_many(jobs)
         failed = {}

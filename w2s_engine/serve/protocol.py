@@ -9,9 +9,9 @@ RequestError (a 400 the server answers in OpenAI's error envelope), naming the f
   prepared (Engine.make_request), so that the API, the command and the server agree.
 Every OpenAI sampling field is honoured or refused: stream (+ stream_options.include_usage),
 n, best_of, echo, logprobs / top_logprobs, stop, seed, max_tokens / max_completion_tokens,
-presence / frequency / repetition penalties, ignore_eos (vLLM's) are honoured
-(SearchFields.plan); OpenAI and vLLM features the engine does not implement (logit_bias,
-suffix, tools, response formats, min_p, ...) are
+presence / frequency / repetition penalties, logit_bias, ignore_eos (vLLM's) are honoured
+(SearchFields.plan); OpenAI and vLLM features the engine does not implement (suffix, tools,
+response formats, min_p, ...) are
 accepted only at their neutral values (NEUTRAL), so that a request never silently gets
 something other than what it asked for. `user` is written in the access log; fields nobody
 defines (metadata, x_...) are ignored.
@@ -178,7 +178,7 @@ def param_error(e: ValueError, prompt_field: str, names: dict | None = None) -> 
 
 # OpenAI and vLLM features the engine does not implement, accepted at these neutral values only
 # (an empty tuple: only null). null is always taken: it means the default.
-NEUTRAL = {"logit_bias": ({},), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
+NEUTRAL = {"suffix": ("",), "tools": ([],), "tool_choice": ("none",),
            "functions": ([],), "function_call": ("none",), "min_p": (0,), "min_tokens": (0,),
            "length_penalty": (1,), "use_beam_search": (False,), "prompt_logprobs": (),
            "response_format": ({"type": "text"},), "guided_json": (), "guided_regex": (),
@@ -246,6 +246,7 @@ class SearchFields(BaseModel):
     presence_penalty: float = DEFAULTS.presence_penalty
     frequency_penalty: float = DEFAULTS.frequency_penalty
     repetition_penalty: float = DEFAULTS.repetition_penalty   # vLLM's
+    logit_bias: dict[str, float] | None = None   # token id (a JSON key: a string) -> bias
 
     neutral: ClassVar[dict] = NEUTRAL
 
@@ -256,6 +257,17 @@ class SearchFields(BaseModel):
                 hint = "".join(f" or send {_brief(v)}" for v in neutral[:1])
                 raise RequestError(400, f"{name}: not supported by this server; leave it out"
                                         f"{hint} (got {_brief(value)})", name)
+
+    def _logit_bias(self) -> dict[int, float]:
+        """OpenAI's logit_bias: its keys are token ids written as strings."""
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isascii() or not key.isdigit():
+                raise RequestError(400, f"logit_bias: the key {key[:40]!r} is not a token id "
+                                        "(a non-negative integer, as a string)",
+                                   f"logit_bias.{key[:40]}")
+            bias[int(key)] = value
+        return bias
 
     # Which fields ask for logprobs, echo, best_of and the token limit: per endpoint.
     def _logprobs(self) -> tuple[int | None, str]:
@@ -286,7 +298,8 @@ class SearchFields(BaseModel):
                       stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
                       ignore_eos=bool(self.ignore_eos), presence_penalty=self.presence_penalty,
                       frequency_penalty=self.frequency_penalty,
-                      repetition_penalty=self.repetition_penalty)
+                      repetition_penalty=self.repetition_penalty,
+                      logit_bias=self._logit_bias())
         try:
             # Every search field is checked, also those this method does not use (k=0 with
             # method=base is a mistake too): SearchParams.validate's ranges, field by field.
