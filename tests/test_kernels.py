@@ -445,6 +445,50 @@ def test_kept_set_equals_transformers_top_k_then_top_p_warpers():
             assert torch.equal(fast[int(with_k[:i].sum())], expected), i
 
 
+def test_min_p_kept_set_equals_transformers_top_k_top_p_then_min_p_warpers():
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    from w2s_engine.kernels.sampling import _thresholds, _top_k_candidates, log_min_p_of
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(10, 2000, generator=g) * torch.tensor([0.5, 1, 2, 4, 8] * 2)[:, None]
+    top_k = torch.tensor([0, 0, 0, 50, 10, 200, 40, 5, 100, 30], dtype=torch.int32)
+    top_p = torch.tensor([1.0, 1.0, 0.9, 1.0, 0.95, 0.8, 1.0, 1.0, 0.7, 0.99])
+    min_p = torch.tensor([0.05, 0.3, 0.1, 0.02, 0.2, 0.5, 0.0, 0.9, 0.01, 0.15])
+    log_min_p = log_min_p_of(min_p, 10, "cpu")
+    thr = _thresholds(logits, top_k, top_p, log_min_p)
+    with_k = top_k > 0
+    _, idx, keep = _top_k_candidates(logits[with_k], top_k[with_k], top_p[with_k],
+                                     log_min_p[with_k])
+    fast = torch.zeros(int(with_k.sum()), 2000, dtype=torch.bool).scatter_(1, idx, keep)
+    ones = torch.ones(10)
+    _, kernel_thr = sample_triton(logits, ones, top_k, top_p, torch.arange(10),
+                                  torch.arange(10), min_p, return_thresholds=True)
+    for i in range(10):
+        x = logits[i][None].clone()
+        x[0, ~transformers_kept(logits[i], int(top_k[i]), float(top_p[i]))] = float("-inf")
+        if min_p[i] > 0:
+            x = MinPLogitsWarper(min_p=float(min_p[i]))(None, x)
+        expected = torch.isfinite(x[0])
+        assert torch.equal(logits[i] >= thr[i], expected), i
+        assert torch.equal(logits[i] >= kernel_thr[i], expected), i
+        if with_k[i]:
+            assert torch.equal(fast[int(with_k[:i].sum())], expected), i
+
+
+@pytest.mark.parametrize("mode", ["top_k", "top_p", "mixed"])
+def test_sampling_with_min_p_draws_the_same_tokens_on_both_paths(mode):
+    for seed in range(3):
+        logits, temperature, top_k, top_p, seeds, positions = sampling_batch(mode, seed=seed)
+        b = logits.shape[0]
+        min_p = torch.tensor([0.0, 0.05, 0.2, 0.5, 0.01, 0.1, 0.3, 0.9])[:b]
+        tokens = sample_triton(logits, temperature, top_k, top_p, seeds, positions, min_p)
+        assert tokens.tolist() == sample_ref(logits, temperature, top_k, top_p, seeds,
+                                             positions, min_p).tolist()
+        scaled = logits.float() / torch.where(temperature > 0, temperature, 1.0)[:, None]
+        chosen = scaled[torch.arange(b), tokens]
+        assert (chosen >= scaled.max(-1).values + torch.log(min_p) - 1e-6).all()
+
+
 def test_top_k_fast_path_draws_the_same_tokens_as_the_full_vocabulary_path():
     from w2s_engine.kernels.sampling import _sample_full_ref, _sample_top_k_ref, _scaled
     g = torch.Generator().manual_seed(3)

@@ -464,3 +464,13 @@ def test_logit_bias_gives_the_tokens_of_greedy_decoding_with_the_same_bias(tok, 
     with pytest.raises(ValueError, match="logit_bias.300=300: not a token id"):
         engine.search(["I really"], plain.copy(logit_bias={300: 1.0}))
     engine.check_all_free()
+
+
+def test_min_p_of_one_keeps_only_the_most_likely_token_so_sampling_is_greedy(engine):
+    greedy = SearchParams.base(n=2, max_new_tokens=10, top_k=1, ignore_eos=True, seed=1)
+    hot = SearchParams.base(n=2, max_new_tokens=10, temperature=1.5, ignore_eos=True, seed=1)
+    want = [h.token_ids for h in engine.search(["I really"], greedy)[0].hypotheses]
+    got = [h.token_ids for h in engine.search(["I really"], hot.copy(min_p=1.0))[0].hypotheses]
+    sampled = [h.token_ids for h in engine.search(["I really"], hot)[0].hypotheses]
+    assert got == want and sampled != want
+    engine.check_all_free()

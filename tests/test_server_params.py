@@ -174,7 +174,7 @@ def test_stop_seed_user_and_ignore_eos(server):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("min_p", 0.1), ("response_format", {"type": "json_object"}), ("suffix", "x"),
+    ("min_tokens", 3), ("response_format", {"type": "json_object"}), ("suffix", "x"),
     ("stream_options", {"include_usage": True}),
     ("tools", [{"type": "function", "function": {"name": "f"}}])])
 def test_features_the_engine_lacks_are_refused_naming_them(server, field, value):
@@ -201,8 +201,14 @@ def test_penalties_and_logit_bias_are_the_python_apis_and_out_of_range_ones_are_
         max_new_tokens=16, seed=2, temperature=0.7, presence_penalty=1.2,
         frequency_penalty=0.4, repetition_penalty=1.3, logit_bias={7: 3.0, 9: -100}))[0]
     assert c.choices[0].text == want.text and 9 not in want.token_ids
+    min_p = server.client.completions.create(model="tiny", prompt="I really", max_tokens=8,
+                                             seed=5, temperature=1.0,
+                                             extra_body={"method": "base", "min_p": 0.3})
+    assert min_p.choices[0].text == engine.search(["I really"], SearchParams.base(
+        max_new_tokens=8, seed=5, temperature=1.0, min_p=0.3))[0].text
     for field, value in [("presence_penalty", 2.5), ("frequency_penalty", -2.1),
-                         ("repetition_penalty", 0), ("repetition_penalty", True)]:
+                         ("repetition_penalty", 0), ("repetition_penalty", True),
+                         ("min_p", 1.5), ("min_p", -0.1)]:
         code, payload = post(server, "/v1/completions", {"prompt": "x", field: value})
         assert code == 400 and payload["error"]["param"] == field, payload
 

@@ -26,6 +26,8 @@ def _add_search_args(p: argparse.ArgumentParser):
     p.add_argument("--temperature", type=float, default=DEFAULTS.temperature, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help="0 is off")
     p.add_argument("--top-p", type=float, default=DEFAULTS.top_p, help="1.0 is off")
+    p.add_argument("--min-p", type=float, default=DEFAULTS.min_p,
+                   help="keep tokens at least this times as likely as the best; 0 is off")
     p.add_argument("--beta", type=float, default=DEFAULTS.beta, help="EFT strength")
     p.add_argument("--presence-penalty", type=float, default=DEFAULTS.presence_penalty,
                    help="-2 to 2, 0 is off")
@@ -41,7 +43,8 @@ def _add_search_args(p: argparse.ArgumentParser):
 def params_from_args(args):
     from w2s_engine.params import SearchParams
     common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+                  top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
+                  stop=args.stop,
                   presence_penalty=args.presence_penalty,
                   frequency_penalty=args.frequency_penalty,
                   repetition_penalty=args.repetition_penalty)

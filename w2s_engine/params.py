@@ -71,6 +71,7 @@ class SearchParams:
     temperature: float = 0.7
     top_k: int = 0               # 0 = off
     top_p: float = 1.0           # 1.0 = off
+    min_p: float = 0.0           # 0.0 = off; keeps tokens >= min_p x the most likely one's
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
@@ -153,6 +154,7 @@ class SearchParams:
              lambda t: 0 <= t <= MAX_TEMPERATURE)
         integer("top_k", 0, " (0 = off; past the vocabulary it keeps every token)")
         real("top_p", "(0", "1] (1 = off)", lambda p: 0 < p <= 1)
+        real("min_p", "[0", "1] (0 = off)", lambda p: 0 <= p <= 1)
         real("beta", f"[-{MAX_ABS_BETA:g}", f"{MAX_ABS_BETA:g}]", lambda b: abs(b) <= MAX_ABS_BETA)
         for name in ("presence_penalty", "frequency_penalty"):
             real(name, "[-2", "2] (0 = off), as OpenAI's", lambda x: abs(x) <= 2)

@@ -9,10 +9,12 @@ The hash (all arithmetic mod 2^32): fmix32 is murmur3's finaliser;
     key = fmix32(seed_lo ^ fmix32(seed_hi ^ fmix32(position_lo + 0x9E3779B9)))
     bits = fmix32(key ^ (v * 0x27D4EB2F mod 2^32))
     u = ((bits >> 9) + 0.5) / 2^23            in (0, 1), exact in fp32 (never 1.0)
-Allowed tokens, in transformers' order (TopKLogitsWarper, then TopPLogitsWarper): the logits
->= the k-th largest of logits / T, then the top-p nucleus of what top-k kept, renormalised (the
-smallest set of most likely tokens whose mass reaches top_p; never empty). Each row's cut is
-one threshold: the lowest allowed logit / T.
+Allowed tokens, in transformers' order (TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper):
+the logits >= the k-th largest of logits / T, then the top-p nucleus of what top-k kept,
+renormalised (the smallest set of most likely tokens whose mass reaches top_p; never empty),
+then those whose probability is at least min_p times the largest (x >= max + log(min_p) for
+x = logits / T; log(min_p) comes in computed once, so both paths add the same fp32 value).
+Each row's cut is one threshold: the lowest allowed logit / T.
 
 CPU (the reference): torch sort / topk find the threshold (only the k best tokens get noise
 when every row has a top-k). GPU (the Triton kernel, one program per row): no sort. Two passes
@@ -52,13 +54,17 @@ def gumbel_noise_ref(seeds, positions, vocab: int):
     return _noise_at(seeds, positions, index)
 
 
-def _thresholds(scaled, top_k, top_p):
+def _thresholds(scaled, top_k, top_p, log_min_p=None):
     """Per-row lowest allowed scaled logit ([B] fp32, -inf where nothing is cut).
 
-    transformers' order (TopKLogitsWarper, then TopPLogitsWarper): top-k keeps the logits >= the
-    k-th largest; top-p then takes the nucleus of what top-k kept, renormalised."""
+    transformers' order (TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper): top-k keeps the
+    logits >= the k-th largest; top-p then takes the nucleus of what top-k kept, renormalised;
+    min-p keeps those >= the largest + log(min_p) (a ratio of probabilities, the same before
+    and after renormalising)."""
     b, v = scaled.shape
     thr = torch.full((b,), float("-inf"), dtype=torch.float32, device=scaled.device)
+    if log_min_p is not None and b and v:
+        thr = torch.maximum(thr, scaled.max(-1).values + log_min_p)
     use_k = (top_k > 0) & (top_k < v)
     use_p = top_p < 1.0
     rows = torch.nonzero(use_k | use_p).flatten()
@@ -75,7 +81,7 @@ def _thresholds(scaled, top_k, top_p):
     before = torch.cumsum(probs, dim=-1) - probs
     n_keep = (before < top_p[rows, None]).sum(-1).clamp_min(1)
     pth = torch.where(use_p[rows], sorted_x.gather(1, (n_keep - 1)[:, None])[:, 0], no_cut)
-    thr[rows] = torch.maximum(kth, pth)
+    thr[rows] = torch.maximum(thr[rows], torch.maximum(kth, pth))
     return thr
 
 
@@ -95,39 +101,49 @@ def _noise_at(seeds, positions, index):
     return -torch.log(-torch.log(u))
 
 
-def _top_k_candidates(scaled, top_k, top_p):
+def _top_k_candidates(scaled, top_k, top_p, log_min_p=None):
     """When every row has a top-k, only its k best tokens can win. -> (values, token ids, kept):
-    [B, max k] each, values sorted descending; `kept` marks the top-k-then-top-p survivors."""
+    [B, max k] each, values sorted descending; `kept` marks the top-k, top-p, min-p survivors."""
     vals, idx = scaled.topk(int(top_k.max()), dim=-1)                  # sorted, descending
     rank = torch.arange(vals.shape[1], device=vals.device)[None]
     keep = rank < top_k[:, None].long()
     probs = torch.softmax(vals.masked_fill(~keep, float("-inf")), dim=-1)
     before = torch.cumsum(probs, dim=-1) - probs
     keep &= (before < top_p[:, None]) | (rank == 0)
+    if log_min_p is not None:
+        keep &= vals >= vals[:, :1] + log_min_p[:, None]
     return vals, idx, keep
 
 
-def _sample_top_k_ref(scaled, temperature, top_k, top_p, seeds, positions):
+def _sample_top_k_ref(scaled, temperature, top_k, top_p, seeds, positions, log_min_p=None):
     """Noise for the top-k candidates alone (the CPU path's cost drops from O(V log V) to
     O(V + k log k) per row). Same tokens as the full path, except that the full path also keeps
     ties with the k-th."""
-    vals, idx, keep = _top_k_candidates(scaled, top_k, top_p)
+    vals, idx, keep = _top_k_candidates(scaled, top_k, top_p, log_min_p)
     greedy = (temperature <= 0)[:, None]
     score = torch.where(greedy, vals, vals + _noise_at(seeds, positions, idx))
     best = score.masked_fill(~keep, float("-inf")).argmax(-1)
     return idx.gather(1, best[:, None])[:, 0]
 
 
-def sample_ref(logits, temperature, top_k, top_p, seeds, positions):
+def log_min_p_of(min_p, rows: int, device) -> torch.Tensor:
+    """[B] fp32 log(min_p) (-inf where off), computed once for both paths; None: all off."""
+    if min_p is None:
+        return torch.full((rows,), float("-inf"), dtype=torch.float32, device=device)
+    return torch.log(min_p.float())
+
+
+def sample_ref(logits, temperature, top_k, top_p, seeds, positions, min_p=None):
     scaled = _scaled(logits, temperature)
+    log_min_p = log_min_p_of(min_p, scaled.shape[0], scaled.device)
     if scaled.shape[0] and bool(((top_k > 0) & (top_k < scaled.shape[1])).all()):
-        return _sample_top_k_ref(scaled, temperature, top_k, top_p, seeds, positions)
-    return _sample_full_ref(scaled, temperature, top_k, top_p, seeds, positions)
+        return _sample_top_k_ref(scaled, temperature, top_k, top_p, seeds, positions, log_min_p)
+    return _sample_full_ref(scaled, temperature, top_k, top_p, seeds, positions, log_min_p)
 
 
-def _sample_full_ref(scaled, temperature, top_k, top_p, seeds, positions):
+def _sample_full_ref(scaled, temperature, top_k, top_p, seeds, positions, log_min_p=None):
     logits = scaled
-    thr = _thresholds(scaled, top_k, top_p)
+    thr = _thresholds(scaled, top_k, top_p, log_min_p)
     noise = gumbel_noise_ref(seeds, positions, logits.shape[1])
     greedy = (temperature <= 0)[:, None]
     score = torch.where(greedy, scaled, scaled + noise)
@@ -230,6 +246,7 @@ if triton is not None:
         logits_ptr,              # [B, V] fp32 / fp16 / bf16
         temp_ptr, top_p_ptr,     # [B] fp32: temperature (0 = greedy), top-p (1 = off)
         top_k_ptr,               # [B] int: top-k (0 or >= V = off)
+        log_min_p_ptr,           # [B] fp32: log(min_p) (-inf = off)
         seed_ptr, pos_ptr,       # [B] int64
         cand_ptr,                # [B, V] int32 scratch: each row's candidate token ids
         thr_ptr,                 # [B] fp32 out: the lowest allowed scaled logit (-inf: no cut)
@@ -256,9 +273,11 @@ if triton is not None:
         p = tl.load(top_p_ptr + row)
         use_k = (k > 0) & (k < V) & ~greedy         # greedy takes the argmax, kept by any cut
         use_p = (p < 1.0) & ~greedy
+        log_min_p = tl.load(log_min_p_ptr + row)
+        use_min_p = (log_min_p > float("-inf")) & ~greedy
         lrow = logits_ptr + row * stride_l
         crow = cand_ptr + row * stride_c
-        v_cut = tl.where(use_k | use_p, V, 0)       # the passes below run only for cut rows
+        v_cut = tl.where(use_k | use_p | use_min_p, V, 0)   # the passes run only for cut rows
 
         lane_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
         lane_sum = tl.zeros([BLOCK_V], tl.float32)  # sum of exp(x - lane_max)
@@ -290,6 +309,8 @@ if triton is not None:
                                              tl.where(use_k, p, p * z), use_k, True, BLOCK_C)
         cut = tl.where(use_p & found_p, cut, floor)
         thr = tl.where(cut > 0, _key_value(cut), float("-inf"))
+        # min-p: tokens >= the max + log(min_p); with top-k or top-p, all among the candidates.
+        thr = tl.where(use_min_p, tl.maximum(thr, m + log_min_p), thr)
         tl.store(thr_ptr + row, thr)
 
         # Gumbel-max over the allowed tokens; with a cut they are all among the candidates
@@ -323,7 +344,7 @@ if triton is not None:
         tl.store(out_ptr + row, tl.min(tl.where(best == top, best_i, V), 0))
 
 
-def _check(logits, temperature, top_k, top_p, seeds, positions):
+def _check(logits, temperature, top_k, top_p, seeds, positions, min_p=None):
     if logits.dim() != 2 or not logits.is_floating_point():
         raise TypeError(f"sample: logits must be a floating-point [B, V] tensor; got "
                         f"{logits.dtype} {tuple(logits.shape)}")
@@ -332,25 +353,28 @@ def _check(logits, temperature, top_k, top_p, seeds, positions):
                            ("top_k", top_k, (torch.int32, torch.int64)),
                            ("top_p", top_p, (torch.float32,)),
                            ("seeds", seeds, (torch.int64,)),
-                           ("positions", positions, (torch.int64, torch.int32))):
+                           ("positions", positions, (torch.int64, torch.int32)),
+                           *((("min_p", min_p, (torch.float32,)),) if min_p is not None
+                             else ())):
         if t.shape != (b,) or t.dtype not in kinds:
             raise TypeError(f"sample: {name} must be {kinds[0]} [{b}]; got {t.dtype} {tuple(t.shape)}")
     if logits.stride(1) != 1:
         raise ValueError("sample: logits need a contiguous last dimension")
 
 
-def sample_triton(logits, temperature, top_k, top_p, seeds, positions,
+def sample_triton(logits, temperature, top_k, top_p, seeds, positions, min_p=None,
                   return_thresholds: bool = False):
     """The Triton path; with return_thresholds, also each row's lowest allowed scaled logit
     ([B] fp32, -inf where nothing is cut; greedy rows are never cut)."""
-    _check(logits, temperature, top_k, top_p, seeds, positions)
+    _check(logits, temperature, top_k, top_p, seeds, positions, min_p)
     b, v = logits.shape
     out = torch.empty(b, dtype=torch.int64, device=logits.device)
     thr = torch.empty(b, dtype=torch.float32, device=logits.device)
     if b:
         cand = torch.empty(b, v, dtype=torch.int32, device=logits.device)   # <= 2x the logits
-        _sample_kernel[(b,)](logits, temperature, top_p, top_k, seeds, positions.long(), cand,
-                             thr, out, v, logits.stride(0), cand.stride(0))
+        _sample_kernel[(b,)](logits, temperature, top_p, top_k,
+                             log_min_p_of(min_p, b, logits.device), seeds, positions.long(),
+                             cand, thr, out, v, logits.stride(0), cand.stride(0))
     return (out, thr) if return_thresholds else out
 
 
@@ -380,8 +404,10 @@ def adjust_logits(logits, rows, occurrences, presence, frequency, repetition, bi
     return logits.index_copy(0, rows, sub)
 
 
-def sample(logits, temperature, top_k, top_p, seeds, positions):
+def sample(logits, temperature, top_k, top_p, seeds, positions, min_p=None):
+    """One token per row: logits [B, V]; temperature, top_p, min_p (None: off) [B] fp32;
+    top_k [B] int; seeds [B] int64; positions [B] int."""
     if logits.is_cuda and triton is not None:
-        return sample_triton(logits, temperature, top_k, top_p, seeds, positions)
-    _check(logits, temperature, top_k, top_p, seeds, positions)
-    return sample_ref(logits, temperature, top_k, top_p, seeds, positions)
+        return sample_triton(logits, temperature, top_k, top_p, seeds, positions, min_p)
+    _check(logits, temperature, top_k, top_p, seeds, positions, min_p)
+    return sample_ref(logits, temperature, top_k, top_p, seeds, positions, min_p)

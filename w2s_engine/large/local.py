@@ -183,9 +183,13 @@ class LogprobRows:
                 for row, value, top in zip(self.rows, values, self.top)}
 
 
+SAMPLING_WORDS = 7
+
+
 def sampling_words(order) -> np.ndarray:
-    """Each row's sampling parameters as int32 words [6, B]: temperature and top_p (fp32
-    bits), top_k, the seed's low and high halves, and the position (tokens so far)."""
+    """Each row's sampling parameters as int32 words [SAMPLING_WORDS, B]: temperature and
+    top_p (fp32 bits), top_k, the seed's low and high halves, the position (tokens so far)
+    and min_p (fp32 bits)."""
     params = [r.params for r, _ in order]
     seeds = np.array([r.beam_seed(b) for r, b in order], dtype=np.int64)
     return np.stack([
@@ -194,7 +198,8 @@ def sampling_words(order) -> np.ndarray:
         np.array([p.top_k for p in params], dtype=np.int32),
         (seeds & 0xFFFFFFFF).astype(np.uint32).view(np.int32),
         (seeds >> 32).astype(np.int32),
-        np.array([len(b.token_ids) for _, b in order], dtype=np.int32)])
+        np.array([len(b.token_ids) for _, b in order], dtype=np.int32),
+        np.array([p.min_p for p in params], dtype=np.float32).view(np.int32)])
 
 
 def adjustment_words(order) -> tuple[np.ndarray, tuple[int, int, int]] | None:
@@ -243,7 +248,8 @@ def adjustment_tensors(words: torch.Tensor, R: int, N: int, M: int):
 
 
 def sampling_tensors(words: torch.Tensor, n: int):
-    """sampling_words on the device -> (temperature, top_k, top_p, seeds, positions)."""
-    w = words.view(6, n)
+    """sampling_words on the device -> (temperature, top_k, top_p, seeds, positions, min_p)."""
+    w = words.view(SAMPLING_WORDS, n)
     seeds = (w[4].long() << 32) | (w[3].long() & 0xFFFFFFFF)
-    return w[0].view(torch.float32), w[2], w[1].view(torch.float32), seeds, w[5].long()
+    return (w[0].view(torch.float32), w[2], w[1].view(torch.float32), seeds, w[5].long(),
+            w[6].view(torch.float32))

@@ -9,9 +9,9 @@ RequestError (a 400 the server answers in OpenAI's error envelope), naming the f
   prepared (Engine.make_request), so that the API, the command and the server agree.
 Every OpenAI sampling field is honoured or refused: stream (+ stream_options.include_usage),
 n, best_of, echo, logprobs / top_logprobs, stop, seed, max_tokens / max_completion_tokens,
-presence / frequency / repetition penalties, logit_bias, ignore_eos (vLLM's) are honoured
-(SearchFields.plan); OpenAI and vLLM features the engine does not implement (suffix, tools,
-response formats, min_p, ...) are
+presence / frequency / repetition penalties, logit_bias, min_p and ignore_eos (vLLM's) are
+honoured (SearchFields.plan); OpenAI and vLLM features the engine does not implement (suffix,
+tools, response formats, min_tokens, ...) are
 accepted only at their neutral values (NEUTRAL), so that a request never silently gets
 something other than what it asked for. `user` is written in the access log; fields nobody
 defines (metadata, x_...) are ignored.
@@ -179,7 +179,7 @@ def param_error(e: ValueError, prompt_field: str, names: dict | None = None) -> 
 # OpenAI and vLLM features the engine does not implement, accepted at these neutral values only
 # (an empty tuple: only null). null is always taken: it means the default.
 NEUTRAL = {"suffix": ("",), "tools": ([],), "tool_choice": ("none",),
-           "functions": ([],), "function_call": ("none",), "min_p": (0,), "min_tokens": (0,),
+           "functions": ([],), "function_call": ("none",), "min_tokens": (0,),
            "length_penalty": (1,), "use_beam_search": (False,), "prompt_logprobs": (),
            "response_format": ({"type": "text"},), "guided_json": (), "guided_regex": (),
            "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
@@ -229,6 +229,7 @@ class SearchFields(BaseModel):
     temperature: float = DEFAULTS.temperature
     top_p: float = DEFAULTS.top_p
     top_k: int = Field(default=DEFAULTS.top_k, description="0 or -1 = off (vLLM's -1 is taken)")
+    min_p: float = DEFAULTS.min_p                # vLLM's
     n: int | None = Field(default=None, ge=1, le=128,
                           description="choices: the n best hypotheses (n samples with base)")
     stop: str | list[str] | None = None
@@ -293,7 +294,7 @@ class SearchFields(BaseModel):
         max_tokens, max_field = self._max_tokens()
         names = {"max_new_tokens": max_field}
         common = dict(max_new_tokens=DEFAULTS.max_new_tokens if max_tokens is None else max_tokens,
-                      temperature=self.temperature, top_p=self.top_p,
+                      temperature=self.temperature, top_p=self.top_p, min_p=self.min_p,
                       top_k=0 if self.top_k == -1 else self.top_k, seed=self.seed,
                       stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
                       ignore_eos=bool(self.ignore_eos), presence_penalty=self.presence_penalty,
