@@ -474,3 +474,22 @@ def test_min_p_of_one_keeps_only_the_most_likely_token_so_sampling_is_greedy(eng
     sampled = [h.token_ids for h in engine.search(["I really"], hot)[0].hypotheses]
     assert got == want and sampled != want
     engine.check_all_free()
+
+
+def test_min_tokens_holds_back_eos_and_stop_strings_until_then(engine, tok):
+    eos = min(engine.large.eos_ids)
+    eager_to_end = SearchParams.cbs(2, 2, 3, max_new_tokens=10, seed=1, logit_bias={eos: 100.0})
+    assert {len(h.token_ids) for h in engine.search(["I really"], eager_to_end)[0].hypotheses} \
+        == {0}
+    held = engine.search(["I really"], eager_to_end.copy(min_tokens=5))[0]
+    assert [(len(h.token_ids), h.finish_reason) for h in held.hypotheses] == [(5, "stop")] * 2
+    # A stop string counts once it ends past the text of the first min_tokens - 1 tokens.
+    stop = tok.decode([77])
+    repeat = SearchParams.base(max_new_tokens=10, seed=1, logit_bias={77: 100.0}, stop=[stop])
+    assert engine.search(["I really"], repeat)[0].text == ""
+    late = engine.search(["I really"], repeat.copy(min_tokens=4))[0]
+    assert late.token_ids == [77] * 4 and late.finish_reason == "stop"
+    assert late.text == tok.decode([77] * 3)   # the 4th token's stop string cut the text
+    with pytest.raises(ValueError, match="min_tokens=11: must be at most max_new_tokens"):
+        engine.search(["I really"], repeat.copy(min_tokens=11))
+    engine.check_all_free()

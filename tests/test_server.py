@@ -178,7 +178,7 @@ def test_the_engines_own_server_is_a_black_box_large_model_for_another_engine():
         assert forced.text == tok.decode([77] * 6)
         # A server's penalties would count only the chunk each call writes: refused.
         for field, value in [("presence_penalty", 0.5), ("repetition_penalty", 1.2),
-                             ("min_p", 0.1)]:
+                             ("min_p", 0.1), ("min_tokens", 2)]:
             with pytest.raises(ValueError, match=f"{field}=.*black box"):
                 searcher.search(["I really"], SearchParams(**{field: value}))
         searcher.check_all_free()

@@ -174,7 +174,7 @@ def test_stop_seed_user_and_ignore_eos(server):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("min_tokens", 3), ("response_format", {"type": "json_object"}), ("suffix", "x"),
+    ("response_format", {"type": "json_object"}), ("suffix", "x"),
     ("stream_options", {"include_usage": True}),
     ("tools", [{"type": "function", "function": {"name": "f"}}])])
 def test_features_the_engine_lacks_are_refused_naming_them(server, field, value):
@@ -208,7 +208,8 @@ def test_penalties_and_logit_bias_are_the_python_apis_and_out_of_range_ones_are_
         max_new_tokens=8, seed=5, temperature=1.0, min_p=0.3))[0].text
     for field, value in [("presence_penalty", 2.5), ("frequency_penalty", -2.1),
                          ("repetition_penalty", 0), ("repetition_penalty", True),
-                         ("min_p", 1.5), ("min_p", -0.1)]:
+                         ("min_p", 1.5), ("min_p", -0.1), ("min_tokens", 10**6),
+                         ("min_tokens", -1)]:
         code, payload = post(server, "/v1/completions", {"prompt": "x", field: value})
         assert code == 400 and payload["error"]["param"] == field, payload
 

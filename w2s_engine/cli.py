@@ -36,6 +36,8 @@ def _add_search_args(p: argparse.ArgumentParser):
     p.add_argument("--repetition-penalty", type=float, default=DEFAULTS.repetition_penalty,
                    help="above 1 discourages repeats, 1.0 is off")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--min-tokens", type=int, default=DEFAULTS.min_tokens,
+                   help="no EOS or stop string before this many tokens")
     p.add_argument("--seed", type=int, default=None,
                    help="same seed, same results (default: a random seed)")
 
@@ -44,7 +46,7 @@ def params_from_args(args):
     from w2s_engine.params import SearchParams
     common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
-                  stop=args.stop,
+                  stop=args.stop, min_tokens=args.min_tokens,
                   presence_penalty=args.presence_penalty,
                   frequency_penalty=args.frequency_penalty,
                   repetition_penalty=args.repetition_penalty)

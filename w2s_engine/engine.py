@@ -158,7 +158,7 @@ class Engine:
                              "small models one template); these do not: use cbs or best_of_n")
         if self.large.blocks is None:
             # The black box's completions API has neither: refused, never ignored.
-            for name in ("top_k", "min_p", "ignore_eos"):
+            for name in ("top_k", "min_p", "min_tokens", "ignore_eos"):
                 if getattr(params, name):
                     raise InvalidParam(name, getattr(params, name), "the large model is a "
                                        "black box behind an OpenAI completions API, which has "

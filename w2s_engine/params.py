@@ -75,6 +75,7 @@ class SearchParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = 0          # vLLM's: no EOS and no stop string before this many tokens
     # Penalties on tokens already there (vLLM's and OpenAI's rules, before temperature):
     # presence and frequency on the response's tokens (logit - presence - frequency * count),
     # repetition on the prompt's and the response's (a logit > 0 divided by it, < 0 times it).
@@ -144,6 +145,9 @@ class SearchParams:
             integer(name, 1, "")
         if self.l is not None:
             integer("l", 1, ", or None for no chunking")
+        integer("min_tokens", 0, "")
+        if self.min_tokens > self.max_new_tokens:
+            bad("min_tokens", f"must be at most max_new_tokens ({self.max_new_tokens})")
         if self.method == "best_of_n" and self.w != 1:
             bad("w", "best_of_n keeps one beam: use w=1 (or method='cbs')")
         if self.method in ("base", "eft") and self.w != 1:

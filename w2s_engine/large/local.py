@@ -111,7 +111,7 @@ class LocalLarge:
             eft_started = False   # the EFT streams are through: a retry steers the same way
             logits = torch.cat(rows) if len(rows) > 1 else rows[0]
             logprobs = LogprobRows(order, raw)   # the raw distribution, before penalties
-            adjustments = adjustment_words(order)
+            adjustments = adjustment_words(order, self.eos_ids)
             if adjustments is not None:
                 words, sizes = adjustments
                 logits = adjust_logits(logits, *adjustment_tensors(self.runner.upload(words),
@@ -202,28 +202,37 @@ def sampling_words(order) -> np.ndarray:
         np.array([p.min_p for p in params], dtype=np.float32).view(np.int32)])
 
 
-def adjustment_words(order) -> tuple[np.ndarray, tuple[int, int, int]] | None:
+def before_min_tokens(p, b) -> bool:
+    """The beam may not end yet: its EOS is banned (min_tokens)."""
+    return len(b.token_ids) < p.min_tokens and not p.ignore_eos
+
+
+def adjustment_words(order, eos_ids) -> tuple[np.ndarray, tuple[int, int, int]] | None:
     """The R rows whose logits a penalty or a bias adjusts, and what they need, as int32 words
     for one upload: the rows [R], the N token occurrences [3, N] (row among the R, token, 1 if
     in the response), the M biased tokens [2, M] (row among the R, token), then fp32 bits:
-    the presence, frequency and repetition factors [3, R] and the biases [M]; with (R, N, M).
-    None if no row adjusts. Each step sends each such beam's whole history (the prompt's
-    only for repetition): a second upload in the steps that have adjustments."""
-    picked = [(i, r, b) for i, (r, b) in enumerate(order) if r.params.adjusts_logits]
+    the presence, frequency and repetition factors [3, R] and the biases [M] (logit_bias, and
+    -inf on EOS before min_tokens); with (R, N, M). None if no row adjusts. Each step sends
+    each such beam's whole history (the prompt's only for repetition): a second upload in
+    the steps that have adjustments."""
+    picked = [(i, r, b) for i, (r, b) in enumerate(order)
+              if r.params.adjusts_logits or before_min_tokens(r.params, b)]
     if not picked:
         return None
     occurrences, biased, biases = [], [], []
     for j, (_, r, b) in enumerate(picked):
         p = r.params
+        bias = dict(p.logit_bias)
+        if before_min_tokens(p, b):
+            bias.update((e, float("-inf")) for e in eos_ids)
         response = b.token_ids if p.presence_penalty or p.frequency_penalty or \
             p.repetition_penalty != 1.0 else []
         prompt = r.large_prompt_ids if p.repetition_penalty != 1.0 else []
         tokens = np.asarray(list(prompt) + list(response), dtype=np.int32)
         in_response = np.r_[np.zeros(len(prompt), np.int32), np.ones(len(response), np.int32)]
         occurrences.append(np.stack([np.full(tokens.size, j, np.int32), tokens, in_response]))
-        biased.append(np.array([[j] * len(p.logit_bias), list(p.logit_bias)], np.int32)
-                      .reshape(2, -1))
-        biases += list(p.logit_bias.values())
+        biased.append(np.array([[j] * len(bias), list(bias)], np.int32).reshape(2, -1))
+        biases += list(bias.values())
     occurrences = np.concatenate(occurrences, axis=1)
     biased = np.concatenate(biased, axis=1)
     factors = np.array([[r.params.presence_penalty, r.params.frequency_penalty,

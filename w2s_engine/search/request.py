@@ -104,7 +104,7 @@ class SearchRequest:
                      small=small, reward=parent.reward, parent_id=parent.beam_id,
                      chunk_rewards=list(parent.chunk_rewards),
                      text=parent.text, num_large_tokens=parent.num_large_tokens,
-                     detok=parent.detok.copy())
+                     detok=parent.detok.copy(), min_text_len=parent.min_text_len)
         if self.logprobs is not None:
             self.token_logprobs[child.beam_id] = list(self.token_logprobs.get(parent.beam_id, ()))
         return child
@@ -136,11 +136,18 @@ class SearchRequest:
             beam.finished, beam.finish_reason = True, "stop"
             return
         beam.token_ids.append(token)
-        if p.stop:
+        n = len(beam.token_ids)
+        if p.stop and n >= p.min_tokens - 1:
             text = text_of(beam)
+            if n < p.min_tokens:    # one token short: a stop string must end past this text
+                beam.min_text_len = len(text)
+                return
+            if beam.min_text_len is None:
+                beam.min_text_len = 0
             longest = max(len(s) for s in p.stop)
             tail_from = max(0, len(text) - longest - 16)
-            hits = [i for i in (text.find(s, tail_from) for s in p.stop) if i >= 0]
+            hits = [i for s in p.stop
+                    if (i := text.find(s, max(tail_from, beam.min_text_len - len(s) + 1))) >= 0]
             if hits:
                 beam.finished, beam.finish_reason = True, "stop"
                 beam.stop_text_len = min(hits)

@@ -9,9 +9,9 @@ RequestError (a 400 the server answers in OpenAI's error envelope), naming the f
   prepared (Engine.make_request), so that the API, the command and the server agree.
 Every OpenAI sampling field is honoured or refused: stream (+ stream_options.include_usage),
 n, best_of, echo, logprobs / top_logprobs, stop, seed, max_tokens / max_completion_tokens,
-presence / frequency / repetition penalties, logit_bias, min_p and ignore_eos (vLLM's) are
-honoured (SearchFields.plan); OpenAI and vLLM features the engine does not implement (suffix,
-tools, response formats, min_tokens, ...) are
+presence / frequency / repetition penalties, logit_bias, min_p, min_tokens and ignore_eos
+(vLLM's) are honoured (SearchFields.plan); OpenAI and vLLM features the engine does not
+implement (suffix, tools, response formats, ...) are
 accepted only at their neutral values (NEUTRAL), so that a request never silently gets
 something other than what it asked for. `user` is written in the access log; fields nobody
 defines (metadata, x_...) are ignored.
@@ -179,7 +179,7 @@ def param_error(e: ValueError, prompt_field: str, names: dict | None = None) -> 
 # OpenAI and vLLM features the engine does not implement, accepted at these neutral values only
 # (an empty tuple: only null). null is always taken: it means the default.
 NEUTRAL = {"suffix": ("",), "tools": ([],), "tool_choice": ("none",),
-           "functions": ([],), "function_call": ("none",), "min_tokens": (0,),
+           "functions": ([],), "function_call": ("none",),
            "length_penalty": (1,), "use_beam_search": (False,), "prompt_logprobs": (),
            "response_format": ({"type": "text"},), "guided_json": (), "guided_regex": (),
            "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
@@ -238,6 +238,7 @@ class SearchFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None                   # written in the access log
     ignore_eos: bool | None = None            # vLLM's: sample past EOS
+    min_tokens: int = DEFAULTS.min_tokens     # vLLM's: no EOS or stop string before these
     # None: cbs, or base when the engine has no scorer
     method: Literal[METHODS] | None = None
     w: int = DEFAULTS.w
@@ -297,7 +298,8 @@ class SearchFields(BaseModel):
                       temperature=self.temperature, top_p=self.top_p, min_p=self.min_p,
                       top_k=0 if self.top_k == -1 else self.top_k, seed=self.seed,
                       stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
-                      ignore_eos=bool(self.ignore_eos), presence_penalty=self.presence_penalty,
+                      ignore_eos=bool(self.ignore_eos), min_tokens=self.min_tokens,
+                      presence_penalty=self.presence_penalty,
                       frequency_penalty=self.frequency_penalty,
                       repetition_penalty=self.repetition_penalty,
                       logit_bias=self._logit_bias())
