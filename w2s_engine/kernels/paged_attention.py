@@ -34,19 +34,21 @@ def _gather(cache, block_tables, max_len):
     return cache[blocks].reshape(blocks.shape[0], nb * bs, *cache.shape[2:])[:, :max_len]
 
 
-def _visible(qpos, kv_len, L, sliding_window):
-    """qpos [B, M], kv_len [B] -> [B, M, L] bool: key j is visible to the query at position i."""
-    kpos = torch.arange(L, device=qpos.device)
-    mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < kv_len[:, None, None])
+def _visible(qpos, kv_len, L, sliding_window, kpos=None):
+    """qpos [B, M], kv_len [B] -> [B, M, L] bool: key j is visible to the query at position i.
+    kpos [B, L]: the keys' positions (default: 0 .. L - 1 in every row)."""
+    kpos = (torch.arange(L, device=qpos.device)[None] if kpos is None else kpos)[:, None, :]
+    mask = (kpos <= qpos[:, :, None]) & (kpos < kv_len[:, None, None])
     if sliding_window:
-        mask &= kpos[None, None, :] > qpos[:, :, None] - sliding_window
+        mask &= kpos > qpos[:, :, None] - sliding_window
     return mask
 
 
 def _masked_softmax_attention(q, k, v, qpos, kv_len, scale, sliding_window, softcap,
-                              kv_start=None):
+                              kv_start=None, kpos=None):
     """q [B, M, Hq, D], k/v [B, L, Hkv, D], qpos [B, M] -> (out [B, M, Hq, D], lse [B, M, Hq]).
-    Keys at positions < kv_start [B] (if given) are left out."""
+    Keys at positions < kv_start [B] (if given) are left out; kpos [B, L]: the keys' positions
+    (default: 0 .. L - 1)."""
     B, M, Hq, D = q.shape
     L, Hkv = k.shape[1], k.shape[2]
     g = Hq // Hkv
@@ -54,10 +56,10 @@ def _masked_softmax_attention(q, k, v, qpos, kv_len, scale, sliding_window, soft
     s = torch.einsum("bmhgd,blhd->bhgml", qf, k.float()) * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
-    mask = _visible(qpos, kv_len, L, sliding_window)
+    mask = _visible(qpos, kv_len, L, sliding_window, kpos)
     if kv_start is not None:
-        kpos = torch.arange(L, device=q.device)
-        mask &= kpos[None, None, :] >= kv_start.long()[:, None, None]
+        kp = torch.arange(L, device=q.device)[None] if kpos is None else kpos
+        mask &= kp[:, None, :] >= kv_start.long()[:, None, None]
     s = s.masked_fill(~mask[:, None, None], float("-inf"))
     lse = torch.logsumexp(s, dim=-1)                                    # [B, Hkv, g, M]
     p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
@@ -68,13 +70,27 @@ def _masked_softmax_attention(q, k, v, qpos, kv_len, scale, sliding_window, soft
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale,
                                sliding_window=None, softcap=None, num_splits=None, kv_start=None):
     """kv_start [B] int32 (optional): each query sees only positions >= kv_start[b] (the suffix
-    of a cascade); a row that sees nothing gets out 0 and lse -inf."""
-    max_len = int(seq_lens.max())
-    k = _gather(k_cache, block_tables, max_len)
-    v = _gather(v_cache, block_tables, max_len)
-    qpos = (seq_lens.long() - 1)[:, None]
-    out, lse = _masked_softmax_attention(q[:, None], k, v, qpos, seq_lens.long(), scale,
-                                         sliding_window, softcap, kv_start)
+    of a cascade); a row that sees nothing gets out 0 and lse -inf.
+    Each row gathers only the blocks it can see: from its kv_start's block, or its sliding
+    window's first block, to its last (a cascade's suffix reads its own few blocks, not the
+    shared prompt again)."""
+    bs = k_cache.shape[1]
+    lens = seq_lens.long()
+    first = torch.zeros_like(lens)
+    if kv_start is not None:
+        first = kv_start.long() // bs
+    if sliding_window:
+        first = torch.maximum(first, (lens - sliding_window).clamp_min(0) // bs)
+    first = torch.minimum(first, ((lens - 1) // bs).clamp_min(0))
+    width = int((-(-lens // bs) - first).max()) if lens.numel() else 0
+    cols = first[:, None] + torch.arange(max(width, 1), device=q.device)[None]   # [B, width]
+    blocks = block_tables.gather(1, cols.clamp_max(block_tables.shape[1] - 1)).long().clamp_min(0)
+    k = k_cache[blocks].flatten(1, 2)                                   # [B, width * bs, H, D]
+    v = v_cache[blocks].flatten(1, 2)
+    kpos = first[:, None] * bs + torch.arange(k.shape[1], device=q.device)[None]
+    qpos = (lens - 1)[:, None]
+    out, lse = _masked_softmax_attention(q[:, None], k, v, qpos, lens, scale,
+                                         sliding_window, softcap, kv_start, kpos)
     return out[:, 0].to(q.dtype), lse[:, 0]
 
 
