@@ -183,6 +183,20 @@ def test_eft_reward_equals_score_of_its_sample(engine, tok, small_pair):
     engine.check_all_free()
 
 
+def test_eft_with_n_samples_gives_n_steered_samples_in_order_each_scored(engine, tok,
+                                                                         small_pair):
+    one = engine.search(["I really"], SearchParams.eft(beta=1.5, max_new_tokens=10, seed=4))[0]
+    three = engine.search(["I really"], SearchParams.eft(beta=1.5, n=3, max_new_tokens=10,
+                                                         seed=4))[0]
+    assert len(three.hypotheses) == 3 and len({h.text for h in three.hypotheses}) > 1
+    assert three.hypotheses[0].token_ids == one.token_ids   # sample 0 is the n=1 sample
+    assert three.text == three.hypotheses[0].text            # in sampling order, not by reward
+    for h in three.hypotheses:
+        assert h.reward == pytest.approx(
+            scratch_reward(small_pair, tok, "I really", h.small_token_ids, h.finished), abs=1e-4)
+    engine.check_all_free()
+
+
 def test_eft_needs_one_vocabulary(cross_engine):
     with pytest.raises(ValueError, match="vocabulary"):
         cross_engine.search(["I really"], SearchParams.eft(max_new_tokens=5))

@@ -55,7 +55,10 @@ def test_n_is_the_n_best_hypotheses_of_a_search_and_n_samples_of_base(server):
     chat = server.client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=5,
                                                  seed=2, n=2, extra_body={"w": 2})
     assert [ch.index for ch in chat.choices] == [0, 1]
-    for body, param in [({"n": 3, "w": 2}, "n"), ({"n": 2, "method": "eft"}, "n"),
+    eft = server.client.completions.create(model="tiny", prompt="I really", max_tokens=8,
+                                           seed=2, n=2, extra_body={"method": "eft"})
+    assert len(eft.choices) == 2 and eft.choices[0].text != eft.choices[1].text
+    for body, param in [({"n": 3, "w": 2}, "n"),
                         ({"n": 2, "method": "best_of_n", "k": 3}, "n"), ({"n": 0}, "n")]:
         code, payload = post(server, "/v1/completions", {"prompt": "x", **body})
         assert code == 400 and payload["error"]["param"] == param, payload

@@ -31,15 +31,17 @@ def collect(engine, prompt, params) -> tuple[dict[int, str], list[SearchDelta]]:
     ("shared", SearchParams.base(max_new_tokens=12, seed=3)),
     ("shared", SearchParams.base(n=3, max_new_tokens=9, seed=3, stop=["an"])),
     ("shared", SearchParams.eft(beta=1.5, max_new_tokens=10, seed=4)),
+    ("shared", SearchParams.eft(beta=1.0, n=3, max_new_tokens=9, seed=6, stop=["an"])),
     ("cross", SearchParams.cbs(2, 2, 3, max_new_tokens=13, temperature=1.0, seed=9)),
-], ids=["cbs", "cbs-stop-strings", "best-of-n", "base", "base-3-stop", "eft", "cross-vocab"])
+], ids=["cbs", "cbs-stop-strings", "best-of-n", "base", "base-3-stop", "eft", "eft-3-stop",
+        "cross-vocab"])
 def test_the_deltas_concatenate_to_the_result_of_the_same_search(engines, which, params):
     engine = engines[which]
     for prompt in PROMPTS:
         texts, deltas = collect(engine, prompt, params)
         result = deltas[-1].result
         assert result is not None and all(d.result is None for d in deltas[:-1])
-        answers = result.hypotheses if params.method == "base" else result.hypotheses[:1]
+        answers = result.hypotheses if params.samples else result.hypotheses[:1]
         assert texts == {i: h.text for i, h in enumerate(answers)}
         # Streaming changes nothing about the search itself.
         alone = engine.search([prompt], params)[0]

@@ -60,7 +60,7 @@ class SearchParams:
     best_of_n:  CBS(1, N, inf): N full samples, the best by reward wins.
     base:       `k` plain samples from the large model, no small model runs.
     eft:        token-level proxy-tuning, logits_large + beta * (logits_tuned - logits_untuned);
-                needs one shared vocabulary.
+                `k` samples; needs one shared vocabulary.
     """
 
     method: str = "cbs"
@@ -101,8 +101,14 @@ class SearchParams:
         return cls(method="base", w=1, k=n, l=None, **kw)
 
     @classmethod
-    def eft(cls, beta: float = 1.0, **kw) -> "SearchParams":
-        return cls(method="eft", w=1, k=1, l=None, beta=beta, **kw)
+    def eft(cls, beta: float = 1.0, n: int = 1, **kw) -> "SearchParams":
+        return cls(method="eft", w=1, k=n, l=None, beta=beta, **kw)
+
+    @property
+    def samples(self) -> bool:
+        """k independent samples, each a result in sampling order (base and EFT): no
+        selection among them."""
+        return self.method in ("base", "eft")
 
     @property
     def chunk_len(self) -> int:
@@ -152,8 +158,6 @@ class SearchParams:
             bad("w", "best_of_n keeps one beam: use w=1 (or method='cbs')")
         if self.method in ("base", "eft") and self.w != 1:
             bad("w", f"{self.method} runs no selection: use w=1")
-        if self.method == "eft" and self.k != 1:
-            bad("k", "eft samples one stream: use k=1")
         real("temperature", "[0", f"{MAX_TEMPERATURE:g}] (0 = greedy)",
              lambda t: 0 <= t <= MAX_TEMPERATURE)
         integer("top_k", 0, " (0 = off; past the vocabulary it keeps every token)")

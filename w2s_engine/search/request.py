@@ -165,8 +165,8 @@ class SearchRequest:
         """Keep the top W candidates, free the losers, fork the next chunk. True when done."""
         p = self.params
         cands = self.beams
-        if p.method == "base":
-            order = list(range(len(cands)))  # no reward: every sample is a result
+        if p.samples:
+            order = list(range(len(cands)))  # no selection: every sample is a result
             keep = len(cands)
         else:
             order = sorted(range(len(cands)), key=lambda i: (-cands[i].reward, i))
@@ -253,7 +253,7 @@ class SearchRequest:
                                    logprobs=None if self.logprobs is None else
                                    self.token_logprobs.get(b.beam_id, []),
                                    chunk_rewards=list(b.chunk_rewards) if scored else None))
-        if scored:
+        if scored and not self.params.samples:
             hyps.sort(key=lambda h: -h.reward)  # stable: ties keep candidate order
         best = hyps[0]
         self.stats.seconds = time.perf_counter() - self.started

@@ -7,8 +7,8 @@ with it, whichever candidate wins. A stream sends that prefix as it grows (at a 
 token by token when the candidates agree: EFT, plain sampling of one stream, greedy), then the
 rest of the winner when the search ends; the deltas concatenate to exactly the final text.
 
-Plain sampling of n streams has n answers, each one beam from start to end: each streams its
-own text token by token, at its own index. An unfinished beam's last (longest stop string - 1)
+Plain sampling and EFT of n streams have n answers, each one beam from start to end: each
+streams its own text token by token, at its own index. An unfinished beam's last (longest stop string - 1)
 characters are held back: a stop string completed by the next token cuts the text before it.
 """
 
@@ -41,7 +41,7 @@ class FinalText:
     """How much of each answer a request's stream has sent, and what to send next."""
 
     def __init__(self, method: str, stop: list[str]):
-        self.per_beam = method == "base"   # n answers, one beam each
+        self.per_beam = method in ("base", "eft")   # n answers, one beam each
         self.holdback = max((len(s) for s in stop), default=1) - 1
         self.sent: dict[int, str] = {}     # answer index -> text sent
 

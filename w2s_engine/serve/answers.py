@@ -149,7 +149,7 @@ class Answer:
         hyps = result.hypotheses[:self.plan.n]
         lp = Logprobs(tokenizer, hyps) if self.plan.logprobs is not None else None
         out = []
-        per_beam = self.plan.params.method == "base"   # n samples stream side by side
+        per_beam = self.plan.params.samples   # n samples (base, EFT) stream side by side
         for i, h in enumerate(hyps):
             # a search streams its best answer; the other n-1 best come whole at the end
             text = h.text if i and not per_beam else rest.get(i, "")

@@ -356,10 +356,7 @@ class SearchFields(BaseModel):
         if method == "base":
             return SearchParams.base(n=n, **common)
         if method == "eft":
-            if n > 1:
-                raise RequestError(400, f"n={n}: method='eft' samples one stream; use n=1 (or "
-                                        "method='base' for n samples)", "n")
-            return SearchParams.eft(self.beta, **common)
+            return SearchParams.eft(self.beta, n=n, **common)
         if method == "best_of_n":
             if n == 1:
                 return SearchParams.best_of_n(big_n, **common)
