@@ -29,7 +29,7 @@ from w2s_engine.models.decode_graphs import DecodeGraphs
 from w2s_engine.models.loader import eos_ids, load_role
 from w2s_engine.models.runner import BatchFailed, ModelRunner, ModelShape
 from w2s_engine.outputs import SearchResult
-from w2s_engine.params import InvalidParam, SearchParams
+from w2s_engine.params import SearchParams
 from w2s_engine.scheduler import Scheduler
 from w2s_engine.scoring import ImplicitReward, ProcessRewardModel, RewardModel, scorer_list
 from w2s_engine.search.eft import EFT
@@ -156,30 +156,7 @@ class Engine:
             raise ValueError("method='eft' needs the implicit reward alone as the scorer, and the "
                              "large, tuned and untuned models to share one vocabulary (and the "
                              "small models one template); these do not: use cbs or best_of_n")
-        if self.large.blocks is None:
-            # The black box's completions API has neither: refused, never ignored.
-            for name in ("top_k", "min_p", "min_tokens", "ignore_eos"):
-                if getattr(params, name):
-                    raise InvalidParam(name, getattr(params, name), "the large model is a "
-                                       "black box behind an OpenAI completions API, which has "
-                                       f"no {name}: leave it out")
-            # Its penalties would count only the chunk each call writes (the response so far
-            # is in its prompt): not the search's rule, so refused.
-            for name, off in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
-                              ("repetition_penalty", 1.0)):
-                if getattr(params, name) != off:
-                    raise InvalidParam(name, getattr(params, name), "the large model is a "
-                                       "black box, whose server would count only the chunk "
-                                       f"each call writes: leave it out (or {off:g})")
-        if "large" in self.runners:
-            # A top_k at or past the vocabulary keeps every token, as transformers' top-k
-            # warper does (it clamps to the vocabulary): clamped, not refused.
-            vocab = self.runners["large"].shape.vocab_size
-            params.top_k = min(params.top_k, vocab)
-            for token in params.logit_bias:
-                if token >= vocab:
-                    raise InvalidParam(f"logit_bias.{token}", token, "not a token id of the "
-                                       f"large model, whose vocabulary is [0, {vocab})")
+        self.large.check_params(params)
         template = self.templates["large"]
         large_text = template.apply(self.large.tokenizer, prompt)
         large_ids = self.large.encode_prompt(large_text, not template.chat, params.max_new_tokens)

@@ -4,6 +4,7 @@ OpenAI-compatible server (large/remote.py)."""
 from typing import Protocol
 
 from w2s_engine.cache.block_manager import BlockManager, BlockTable
+from w2s_engine.params import SearchParams
 from w2s_engine.search.eft import EFT
 from w2s_engine.search.request import SearchRequest
 from w2s_engine.search.sequence import Beam
@@ -14,6 +15,9 @@ class LargeModel(Protocol):
     eos_ids: set[int]
     blocks: BlockManager | None     # None: no KV pool here
     eft: EFT | None                 # steers sampling token by token where the models allow
+
+    def check_params(self, params: SearchParams):
+        """Refuse (InvalidParam) or fit what this backend cannot run as asked."""
 
     def encode_prompt(self, text: str, special: bool, max_new_tokens: int) -> list[int]:
         """The templated prompt's ids (raises ValueError past the model's context)."""

@@ -19,6 +19,7 @@ from w2s_engine.cache.block_manager import BlockManager, BlockTable
 from w2s_engine.kernels.sampling import adjust_logits, sample
 from w2s_engine.models.runner import BatchFailed, ModelRunner
 from w2s_engine.outputs import TokenLogprob
+from w2s_engine.params import InvalidParam, SearchParams
 from w2s_engine.search.bridge import Detokenizer
 from w2s_engine.search.eft import EFT
 from w2s_engine.search.prompts import check_context
@@ -36,6 +37,17 @@ class LocalLarge:
         self.blocks = blocks
         self.detokenizer = Detokenizer(tokenizer)
         self.eft: EFT | None = None   # set by the engine when its models can run EFT
+
+    def check_params(self, params: SearchParams):
+        """Fit the parameters to this model's vocabulary: a top_k at or past it keeps every
+        token, as transformers' top-k warper does (clamped, not refused); a logit_bias id
+        past it is refused."""
+        vocab = self.runner.shape.vocab_size
+        params.top_k = min(params.top_k, vocab)
+        for token in params.logit_bias:
+            if token >= vocab:
+                raise InvalidParam(f"logit_bias.{token}", token, "not a token id of the large "
+                                   f"model, whose vocabulary is [0, {vocab})")
 
     def encode_prompt(self, text: str, special: bool, max_new_tokens: int) -> list[int]:
         ids = encode(self.tokenizer, text, special)

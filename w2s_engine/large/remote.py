@@ -8,6 +8,7 @@ strings; a beam keeps its response as text and the server's token count.
 """
 
 from w2s_engine.large.openai_completions import CompletionJob, OpenAICompletions
+from w2s_engine.params import InvalidParam, SearchParams
 from w2s_engine.search.request import SearchRequest, mix_seed
 from w2s_engine.search.sequence import Beam
 
@@ -21,6 +22,22 @@ class RemoteLarge:
 
     def __init__(self, client: OpenAICompletions):
         self.client = client
+
+    def check_params(self, params: SearchParams):
+        """Refuse what a completions API cannot do as the search means it, never ignore it."""
+        for name in ("top_k", "min_p", "min_tokens", "ignore_eos"):
+            if getattr(params, name):
+                raise InvalidParam(name, getattr(params, name), "the large model is a black "
+                                   "box behind an OpenAI completions API, which has no "
+                                   f"{name}: leave it out")
+        # Its penalties would count only the chunk each call writes (the response so far is
+        # in its prompt): not the search's rule.
+        for name, off in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                          ("repetition_penalty", 1.0)):
+            if getattr(params, name) != off:
+                raise InvalidParam(name, getattr(params, name), "the large model is a black "
+                                   "box, whose server would count only the chunk each call "
+                                   f"writes: leave it out (or {off:g})")
 
     def encode_prompt(self, text: str, special: bool, max_new_tokens: int) -> list[int]:
         return []  # the server tokenizes, and checks its own context
