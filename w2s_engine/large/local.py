@@ -125,8 +125,8 @@ class LocalLarge:
             logprobs = LogprobRows(order, raw)   # the raw distribution, before penalties
             adjustments = adjustment_words(order, self.eos_ids)
             if adjustments is not None:
-                words, sizes = adjustments
-                logits = adjust_logits(logits, *adjustment_tensors(self.runner.upload(words),
+                adjust, sizes = adjustments
+                logits = adjust_logits(logits, *adjustment_tensors(self.runner.upload(adjust),
                                                                    *sizes))
             tokens = sample(logits, *sampling_tensors(params, len(order))).tolist()
             logprobs = logprobs.read(tokens)
