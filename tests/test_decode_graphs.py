@@ -100,6 +100,32 @@ def test_cascade_attention_on_the_static_path_gives_the_eager_logits(window):
     static_against_eager(model, capture=False, sizes=[1, 2, 5, 13, 16], cascade=True)
 
 
+@pytest.mark.parametrize("cascade", [False, True], ids=["per-beam", "cascade"])
+def test_the_capture_warmup_reads_long_rows_writes_only_scratch_and_leaves_decodes_exact(
+        cascade):
+    # The kernels are tuned on the warm-up's rows (TUNE_TOKENS long), not on length-1 padding.
+    model = tiny_llama(97, seed=5, layers=2)
+    runner = ModelRunner(model.to(DEVICE), num_blocks=400, block_size=4)
+    blocks = BlockManager(400, 4)
+    graphs = DecodeGraphs(runner, max_batch=32, capture=False, cascade=cascade)
+    seqs = ragged_beams(runner, blocks, 13, seed=1)
+    pool = runner.kv_pool.clone()
+    runner.graphs = graphs
+    for bucket in graphs.buckets:
+        graphs._warmup_rows(bucket)
+        assert int(graphs.staging[3 * bucket]) == min(1024, graphs.width * 4)
+        graphs._forward(bucket)
+        assert torch.isfinite(graphs.logits[:bucket]).all()
+    # Only the scratch block was written; real decodes afterwards are the eager ones.
+    torch.testing.assert_close(runner.kv_pool[:, :, :400], pool[:, :, :400])
+    logits, _ = runner.decode_logits(seqs)
+    logits = logits.clone()
+    runner.kv_pool.copy_(pool)
+    runner.graphs = None
+    eager, _ = runner.decode_logits(seqs)
+    torch.testing.assert_close(logits, eager, atol=1e-4, rtol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def models():
     tok, other = make_tokenizer(300), make_tokenizer(420)

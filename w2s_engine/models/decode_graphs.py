@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 SMALL_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 ROW_WORDS = 4     # token, position, slot, length
 EXTRA_WORDS = 16  # per row, for the caller's words that ride along in the same upload
+TUNE_TOKENS = 1024  # the length of the rows the kernels are tuned on at capture
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -154,14 +155,37 @@ class DecodeGraphs:
 
     # ---- capture -------------------------------------------------------------------------
 
-    def _padding(self, bucket: int):
-        """Fill the staging rows of a bucket with padding rows (valid inputs to capture on)."""
+    def _warmup_rows(self, bucket: int):
+        """Fill a bucket's static inputs with a typical decode to capture on: every row
+        TUNE_TOKENS long, reading real pool blocks (empty at capture: their values do not
+        matter), with cascade in groups of 16 rows that share all but their last 64 tokens;
+        every new token written to the scratch block. Triton tunes the attention kernels at
+        their first call, and the graph keeps that choice: on padding rows of length 1 every
+        configuration looks the same."""
+        bs = self.block_size
+        length = min(TUNE_TOKENS, self.width * bs)
+        width = blocks_for(length, bs)
+        own = min(width, blocks_for(64, bs)) if self.cascade else width
+        shared = width - own
+        tables = np.empty((bucket, width), dtype=np.int64)
+        at = 0
+        for i in range(bucket):
+            if i % 16 == 0:                 # a new group: its shared run
+                prefix = np.arange(at, at + shared)
+                at += shared
+            tables[i, :shared] = prefix
+            tables[i, shared:] = np.arange(at, at + own)
+            at += own
+        tables = (tables % self.runner.num_blocks).astype(np.int32)   # a small pool: reuse
         rows = np.zeros((ROW_WORDS, bucket), dtype=np.int32)
-        rows[2] = self.runner.scratch_block * self.block_size
-        rows[3] = 1
+        rows[1] = length - 1
+        rows[2] = self.runner.scratch_block * bs
+        rows[3] = length
         self.staging[:rows.size].copy_(torch.from_numpy(rows.ravel()))
-        self.tables[:bucket].fill_(self.runner.scratch_block)
-        self.groups_buffer.zero_()     # no groups: every row reads only its own keys
+        self.tables[:bucket, :width].copy_(torch.from_numpy(tables))
+        if self.cascade:
+            words = shared_prefix_words(tables, rows[3], bs, bucket)
+            self.groups_buffer[:words.size].copy_(torch.from_numpy(words))
 
     def _capture(self):
         assert self.runner.device.type == "cuda", "CUDA graphs need a CUDA device"
@@ -170,7 +194,7 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.runner.device)
         for bucket in reversed(self.buckets):   # the largest first: the others reuse its pool
-            self._padding(bucket)
+            self._warmup_rows(bucket)
             self._forward(bucket)               # warm-up: compiles and tunes the kernels
             torch.cuda.synchronize(self.runner.device)
             graph = torch.cuda.CUDAGraph()
