@@ -294,35 +294,30 @@ class Engine:
         return f"engine error in {where}: {type(e).__name__}: {e}"
 
     def _prefill(self, requests: list[SearchRequest]):
-        try:
-            self._prefill_chunk(requests)
-        except Exception as e:
-            if len(requests) == 1:
-                self.scheduler.fail(requests[0], self._engine_error("prefill", e))
-                return
-            # Which prompt was it? Start each over, alone: only that one fails.
-            log.warning("w2s engine: a prefill of %d requests failed (%s: %s); retrying each "
-                        "alone", len(requests), type(e).__name__, e)
-            for r in requests:  # as admitted: no blocks, beam ids (they seed sampling) from 0
-                r.free_all(self.kv)
-                r.prefilled, r.next_beam_id, r.status = 0, 0, RequestStatus.PREFILLING
-            for r in requests:
-                try:
-                    self._prefill_chunk([r])
-                except Exception as e1:
-                    self.scheduler.fail(r, self._engine_error("prefill", e1))
+        for r, message in self._run_batch("prefill", self._prefill_chunk, requests):
+            self.scheduler.fail(r, message)
 
-    def _prefill_chunk(self, requests: list[SearchRequest]):
+    def _prefill_chunk(self, requests: list[SearchRequest]) -> list:
         """The next chunk of the prompts being prefilled (max_batch_tokens in all, so that a
         long prompt delays the others' decode by one chunk at most); the requests whose
-        prompts are in fork their roots into W*K children and run from this step."""
-        for r in requests:
-            if r.root is None:
-                r.root = Beam(beam_id=r.new_beam_id(), token_ids=[], large=self.large.new_table())
-        done = self.large.prefill(requests, self.config.max_batch_tokens)
-        self.scorer.prefill([r for r in done if r.params.uses_small_models])
-        for r in done:
-            r.start(self.kv)
+        prompts are in fork their roots into W*K children and run from this step. If it
+        fails, every request starts over as admitted (no blocks, beam ids, which seed
+        sampling, from 0), so that each can run again alone."""
+        try:
+            for r in requests:
+                if r.root is None:
+                    r.root = Beam(beam_id=r.new_beam_id(), token_ids=[],
+                                  large=self.large.new_table())
+            done = self.large.prefill(requests, self.config.max_batch_tokens)
+            self.scorer.prefill([r for r in done if r.params.uses_small_models])
+            for r in done:
+                r.start(self.kv)
+        except Exception as e:
+            for r in requests:
+                r.free_all(self.kv)
+                r.prefilled, r.next_beam_id, r.status = 0, 0, RequestStatus.PREFILLING
+            raise BatchFailed(retryable=True) from e
+        return []
 
     def _score(self, ready: list[SearchRequest]):
         plans = []
