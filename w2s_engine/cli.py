@@ -13,6 +13,20 @@ HELP = {"cbs": "chunk-level beam search", "best_of_n": "Best-of-N", "base": "pla
         "eft": "token-level EFT / proxy-tuning"}
 
 
+# SearchParams fields every method takes, as flags: (field, type, help); defaults from DEFAULTS.
+SAMPLING_FLAGS = (
+    ("max_new_tokens", int, "response length cap"),
+    ("temperature", float, "0 is greedy"),
+    ("top_k", int, "0 is off"),
+    ("top_p", float, "1.0 is off"),
+    ("min_p", float, "keep tokens at least this times as likely as the best; 0 is off"),
+    ("presence_penalty", float, "-2 to 2, 0 is off"),
+    ("frequency_penalty", float, "-2 to 2, 0 is off"),
+    ("repetition_penalty", float, "above 1 discourages repeats, 1.0 is off"),
+    ("min_tokens", int, "no EOS or stop string before this many tokens"),
+)
+
+
 def _add_search_args(p: argparse.ArgumentParser):
     # Defaults: SearchParams' (params.DEFAULTS), the same for the Python API and the server.
     p.add_argument("--method", default=DEFAULTS.method, choices=METHODS,
@@ -21,35 +35,19 @@ def _add_search_args(p: argparse.ArgumentParser):
     p.add_argument("--k", type=int, default=DEFAULTS.k,
                    help="children per beam (N for best_of_n)")
     p.add_argument("--l", type=int, default=DEFAULTS.l, help="chunk length in large-model tokens")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens,
-                   help="response length cap")
-    p.add_argument("--temperature", type=float, default=DEFAULTS.temperature, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help="0 is off")
-    p.add_argument("--top-p", type=float, default=DEFAULTS.top_p, help="1.0 is off")
-    p.add_argument("--min-p", type=float, default=DEFAULTS.min_p,
-                   help="keep tokens at least this times as likely as the best; 0 is off")
     p.add_argument("--beta", type=float, default=DEFAULTS.beta, help="EFT strength")
-    p.add_argument("--presence-penalty", type=float, default=DEFAULTS.presence_penalty,
-                   help="-2 to 2, 0 is off")
-    p.add_argument("--frequency-penalty", type=float, default=DEFAULTS.frequency_penalty,
-                   help="-2 to 2, 0 is off")
-    p.add_argument("--repetition-penalty", type=float, default=DEFAULTS.repetition_penalty,
-                   help="above 1 discourages repeats, 1.0 is off")
+    for name, kind, help_ in SAMPLING_FLAGS:
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(DEFAULTS, name),
+                       help=help_)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--min-tokens", type=int, default=DEFAULTS.min_tokens,
-                   help="no EOS or stop string before this many tokens")
     p.add_argument("--seed", type=int, default=None,
                    help="same seed, same results (default: a random seed)")
 
 
 def params_from_args(args):
     from w2s_engine.params import SearchParams
-    common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
-                  stop=args.stop, min_tokens=args.min_tokens,
-                  presence_penalty=args.presence_penalty,
-                  frequency_penalty=args.frequency_penalty,
-                  repetition_penalty=args.repetition_penalty)
+    common = {name: getattr(args, name) for name, _, _ in SAMPLING_FLAGS}
+    common.update(seed=args.seed, stop=args.stop)
     if args.method == "best_of_n":
         return SearchParams.best_of_n(args.k, **common)
     if args.method == "base":
