@@ -454,7 +454,7 @@ def test_min_p_kept_set_equals_transformers_top_k_top_p_then_min_p_warpers():
     top_k = torch.tensor([0, 0, 0, 50, 10, 200, 40, 5, 100, 30], dtype=torch.int32)
     top_p = torch.tensor([1.0, 1.0, 0.9, 1.0, 0.95, 0.8, 1.0, 1.0, 0.7, 0.99])
     min_p = torch.tensor([0.05, 0.3, 0.1, 0.02, 0.2, 0.5, 0.0, 0.9, 0.01, 0.15])
-    log_min_p = log_min_p_of(min_p, 10, "cpu")
+    log_min_p = log_min_p_of(min_p)
     thr = _thresholds(logits, top_k, top_p, log_min_p)
     with_k = top_k > 0
     _, idx, keep = _top_k_candidates(logits[with_k], top_k[with_k], top_p[with_k],

@@ -126,16 +126,14 @@ def _sample_top_k_ref(scaled, temperature, top_k, top_p, seeds, positions, log_m
     return idx.gather(1, best[:, None])[:, 0]
 
 
-def log_min_p_of(min_p, rows: int, device) -> torch.Tensor:
+def log_min_p_of(min_p) -> torch.Tensor | None:
     """[B] fp32 log(min_p) (-inf where off), computed once for both paths; None: all off."""
-    if min_p is None:
-        return torch.full((rows,), float("-inf"), dtype=torch.float32, device=device)
-    return torch.log(min_p.float())
+    return None if min_p is None else torch.log(min_p.float())
 
 
 def sample_ref(logits, temperature, top_k, top_p, seeds, positions, min_p=None):
     scaled = _scaled(logits, temperature)
-    log_min_p = log_min_p_of(min_p, scaled.shape[0], scaled.device)
+    log_min_p = log_min_p_of(min_p)
     if scaled.shape[0] and bool(((top_k > 0) & (top_k < scaled.shape[1])).all()):
         return _sample_top_k_ref(scaled, temperature, top_k, top_p, seeds, positions, log_min_p)
     return _sample_full_ref(scaled, temperature, top_k, top_p, seeds, positions, log_min_p)
@@ -255,6 +253,7 @@ if triton is not None:
         BLOCK_V: tl.constexpr,   # lanes of the full-row passes
         BLOCK_L: tl.constexpr,   # groups of lanes whose maxima bound the k-th largest
         BLOCK_C: tl.constexpr,   # candidates per step of the selects
+        HAS_MIN_P: tl.constexpr,  # some row has a min_p (else log_min_p_ptr is not read)
     ):
         # grid: (B,). Per row, no sort:
         #  1. one pass: row max m, Z = sum exp(x - m), lane maxima (x = logits / T);
@@ -273,11 +272,14 @@ if triton is not None:
         p = tl.load(top_p_ptr + row)
         use_k = (k > 0) & (k < V) & ~greedy         # greedy takes the argmax, kept by any cut
         use_p = (p < 1.0) & ~greedy
-        log_min_p = tl.load(log_min_p_ptr + row)
-        use_min_p = (log_min_p > float("-inf")) & ~greedy
+        cut_row = use_k | use_p
+        if HAS_MIN_P:
+            log_min_p = tl.load(log_min_p_ptr + row)
+            use_min_p = (log_min_p > float("-inf")) & ~greedy
+            cut_row = cut_row | use_min_p
         lrow = logits_ptr + row * stride_l
         crow = cand_ptr + row * stride_c
-        v_cut = tl.where(use_k | use_p | use_min_p, V, 0)   # the passes run only for cut rows
+        v_cut = tl.where(cut_row, V, 0)             # the passes below run only for cut rows
 
         lane_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
         lane_sum = tl.zeros([BLOCK_V], tl.float32)  # sum of exp(x - lane_max)
@@ -309,8 +311,10 @@ if triton is not None:
                                              tl.where(use_k, p, p * z), use_k, True, BLOCK_C)
         cut = tl.where(use_p & found_p, cut, floor)
         thr = tl.where(cut > 0, _key_value(cut), float("-inf"))
-        # min-p: tokens >= the max + log(min_p); with top-k or top-p, all among the candidates.
-        thr = tl.where(use_min_p, tl.maximum(thr, m + log_min_p), thr)
+        if HAS_MIN_P:
+            # min-p: tokens >= the max + log(min_p); with top-k or top-p, all among the
+            # candidates.
+            thr = tl.where(use_min_p, tl.maximum(thr, m + log_min_p), thr)
         tl.store(thr_ptr + row, thr)
 
         # Gumbel-max over the allowed tokens; with a cut they are all among the candidates
@@ -372,9 +376,11 @@ def sample_triton(logits, temperature, top_k, top_p, seeds, positions, min_p=Non
     thr = torch.empty(b, dtype=torch.float32, device=logits.device)
     if b:
         cand = torch.empty(b, v, dtype=torch.int32, device=logits.device)   # <= 2x the logits
+        log_min_p = log_min_p_of(min_p)
         _sample_kernel[(b,)](logits, temperature, top_p, top_k,
-                             log_min_p_of(min_p, b, logits.device), seeds, positions.long(),
-                             cand, thr, out, v, logits.stride(0), cand.stride(0))
+                             temperature if log_min_p is None else log_min_p, seeds,
+                             positions.long(), cand, thr, out, v, logits.stride(0),
+                             cand.stride(0), HAS_MIN_P=log_min_p is not None)
     return (out, thr) if return_thresholds else out
 
 
@@ -391,16 +397,18 @@ def adjust_logits(logits, rows, occurrences, presence, frequency, repetition, bi
     logit -= frequency * (times in the response) + presence * (in the response at all);
     then logit += bias."""
     R, V = rows.numel(), logits.shape[1]
-    row, token, in_response = occurrences
-    counts = torch.zeros(R, V, dtype=torch.float32, device=logits.device)
-    counts.index_put_((row, token), in_response.float(), accumulate=True)
-    seen = torch.zeros(R, V, dtype=torch.bool, device=logits.device)
-    seen[row, token] = True
     sub = logits[rows]
-    rep = repetition[:, None]
-    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-    sub = sub - frequency[:, None] * counts - presence[:, None] * (counts > 0).float()
-    sub = sub.index_put((biased[0], biased[1]), bias, accumulate=True)
+    row, token, in_response = occurrences
+    if token.numel():   # (sizes are host metadata: no sync) only biases: no [R, V] counts
+        counts = torch.zeros(R, V, dtype=torch.float32, device=logits.device)
+        counts.index_put_((row, token), in_response.float(), accumulate=True)
+        seen = torch.zeros(R, V, dtype=torch.bool, device=logits.device)
+        seen[row, token] = True
+        rep = repetition[:, None]
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+        sub = sub - frequency[:, None] * counts - presence[:, None] * (counts > 0).float()
+    if bias.numel():
+        sub = sub.index_put((biased[0], biased[1]), bias, accumulate=True)
     return logits.index_copy(0, rows, sub)
 
 

@@ -128,7 +128,9 @@ class LocalLarge:
                 adjust, sizes = adjustments
                 logits = adjust_logits(logits, *adjustment_tensors(self.runner.upload(adjust),
                                                                    *sizes))
-            tokens = sample(logits, *sampling_tensors(params, len(order))).tolist()
+            *sampling, min_p = sampling_tensors(params, len(order))
+            uses_min_p = any(r.params.min_p for r, _ in order)
+            tokens = sample(logits, *sampling, min_p if uses_min_p else None).tolist()
             logprobs = logprobs.read(tokens)
         except Exception as e:
             for table, n in before:
