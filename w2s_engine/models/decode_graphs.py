@@ -69,6 +69,10 @@ class DecodeGraphs:
         self.staging = torch.zeros(max_batch * (ROW_WORDS + self.width + EXTRA_WORDS)
                                    + cascade_words, dtype=torch.int32, device=dev)
         self.groups_buffer = torch.zeros(cascade_words, dtype=torch.int32, device=dev)
+        # Each bucket's view of it (fixed bounds, so fixed grids), made once.
+        self.groups = {b: static_shared_prefixes(self.groups_buffer, b,
+                                                 self.width * self.block_size)
+                       for b in self.buckets} if cascade else {}
         self.tables = torch.full((max_batch, self.width), runner.scratch_block,
                                  dtype=torch.int32, device=dev)
         self.cu = torch.arange(max_batch + 1, dtype=torch.int32, device=dev)
@@ -147,9 +151,7 @@ class DecodeGraphs:
                              block_tables=self.tables[:bucket], cu_seqlens_q=self.cu[:bucket + 1],
                              seq_lens=st[3 * bucket:4 * bucket], max_query_len=1,
                              kv_pool=self.runner.kv_pool,
-                             shared_prefixes=static_shared_prefixes(
-                                 self.groups_buffer, bucket, self.width * self.block_size)
-                             if self.cascade else None)
+                             shared_prefixes=self.groups.get(bucket))
         hidden = self.runner.forward(batch)
         self.logits[:bucket].copy_(self.runner.compute_logits(hidden))
 
