@@ -106,15 +106,20 @@ def test_paged_decode_triton_matches_reference_with_lse(dtype, hq, hkv, bs, wind
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
 
 
+def mixed_extend(dtype, hq, hkv, bs):
+    """Four sequences whose new queries are nothing, a decode, a chunk after a prefix and a
+    whole prefill: (q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens)."""
+    lens, qlens = [3, 7, 33, 20], [0, 1, 5, 20]
+    k, v, bt, sl = paged_setup(dtype, hq, hkv, bs, lens)
+    cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32)
+    return torch.randn(sum(qlens), hq, 32).to(dtype), k, v, bt, cu, sl
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hq, hkv, bs, window, softcap", CASES)
 def test_paged_extend_triton_matches_reference_for_mixed_query_lengths(dtype, hq, hkv, bs, window,
                                                                        softcap):
-    lens = [3, 7, 33, 20]
-    qlens = [0, 1, 5, 20]   # nothing, a decode, a chunk after a prefix, a whole prefill
-    k, v, bt, sl = paged_setup(dtype, hq, hkv, bs, lens)
-    cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32)
-    q = torch.randn(sum(qlens), hq, 32).to(dtype)
+    q, k, v, bt, cu, sl = mixed_extend(dtype, hq, hkv, bs)
     out = paged_extend_attention_triton(q, k, v, bt, cu, sl, 0.2, window, softcap)
     ref = paged_extend_attention_ref(q, k, v, bt, cu, sl, 0.2, window, softcap)
     torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
@@ -125,11 +130,7 @@ def test_paged_extend_triton_matches_reference_for_mixed_query_lengths(dtype, hq
 def test_cpu_extend_path_matches_reference_for_mixed_query_lengths(dtype, hq, hkv, bs, window,
                                                                    softcap):
     # The CPU engine's extend (SDPA over the gathered blocks; the reference where soft-capped).
-    lens = [3, 7, 33, 20]
-    qlens = [0, 1, 5, 20]
-    k, v, bt, sl = paged_setup(dtype, hq, hkv, bs, lens)
-    cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32)
-    q = torch.randn(sum(qlens), hq, 32).to(dtype)
+    q, k, v, bt, cu, sl = mixed_extend(dtype, hq, hkv, bs)
     ref = paged_extend_attention_ref(q, k, v, bt, cu, sl, 0.2, window, softcap)
     out = paged_extend_attention(q, k, v, bt, cu, sl, 0.2, window, softcap)
     torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
