@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from tiny_models import make_tokenizer
 from w2s_engine.search.bridge import DetokState, Detokenizer, retokenize
-from w2s_engine.search.tokens import tokenize
+from w2s_engine.search.tokens import _backend, _encode, common_prefix, encode, tokenize
 
 PIECES = ["I", " really", " liked", " it", ".", "  ", "   ", "\n", "\n\n", "🎬", "电影", "é",
           "don't", " the", "plot", "!", "?", " ", "ab", "x", "—", "👍🏽"]
@@ -58,3 +58,38 @@ def test_fork_of_detokenizer_state_is_independent(other):
     b = a.copy()
     d.update(b, ids)
     assert a.text == d.decode(ids[:3]) and b.text == d.decode(ids)
+
+
+TEXTS = ["", "Review: I really liked it.", "<bos>hello<eos> there", "  电影 🎬 don't\n\nstop!",
+         "x" * 300, "👍🏽é—"]
+
+
+def wrapper_encoding(tokenizer, texts, special):
+    enc = tokenizer(texts, add_special_tokens=special, return_offsets_mapping=True)
+    return [(list(ids), [s for s, _ in offsets])
+            for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"])]
+
+
+@pytest.mark.parametrize("special", [False, True])
+def test_rust_backend_path_gives_the_transformers_call_ids_and_offsets(tok, special):
+    assert _backend(tok) is not None     # the test tokenizer takes the fast path
+    assert _encode(tok, TEXTS, special) == wrapper_encoding(tok, TEXTS, special)
+    assert [encode(tok, t, special) for t in TEXTS] == \
+        [ids for ids, _ in wrapper_encoding(tok, TEXTS, special)]
+
+
+def test_a_backend_with_stored_truncation_is_encoded_as_transformers_does_untruncated():
+    tok = make_tokenizer(300)
+    tok._tokenizer.enable_truncation(max_length=3)
+    assert _backend(tok) is None
+    ids, _ = _encode(tok, ["Review: I really liked it a lot."], True)[0]
+    assert len(ids) > 3
+    assert _backend(tok) is not None     # the transformers call turned truncation off
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=st.lists(st.integers(0, 3), max_size=40), b=st.lists(st.integers(0, 3), max_size=40))
+def test_common_prefix_is_the_first_position_where_the_lists_differ(a, b):
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    assert common_prefix(a, b) == common_prefix(b, a) == n
+    assert common_prefix(a, a + b) == len(a)

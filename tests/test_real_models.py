@@ -88,3 +88,19 @@ def test_real_shared_and_cross_vocabulary_searches_score_like_a_scratch_recomput
                                          h.finished)
                 assert h.reward == pytest.approx(scratch, abs=1e-3)
         engine.check_all_free()
+
+
+@pytest.mark.parametrize("spec", [SMOL, GEMMA])
+def test_rust_backend_tokenization_equals_the_transformers_call(spec, reference):
+    """The bridge calls a fast tokenizer's Rust backend straight (tokens._encode); on the
+    bundled tokenizers it gives the ids and offsets of the transformers call."""
+    from w2s_engine.search.tokens import _backend, _encode
+    tok = reference[spec].tokenizer
+    assert _backend(tok) is not None
+    texts = ["The plot of this film", " <start_of_turn>user\nHi<end_of_turn>", "<|im_start|>x",
+             "  电影 🎬 don't\n\nstop!", "", "👍🏽é—" * 20]
+    for special in (False, True):
+        enc = tok(texts, add_special_tokens=special, return_offsets_mapping=True)
+        expected = [(list(i), [s for s, _ in o])
+                    for i, o in zip(enc["input_ids"], enc["offset_mapping"])]
+        assert _encode(tok, texts, special) == expected

@@ -92,22 +92,27 @@ class BlockManager:
         """
         if num_new_tokens <= 0:
             return []
-        if self.blocks_needed(table, num_new_tokens) > self.num_free:
-            raise OutOfBlocks(
-                f"append of {num_new_tokens} tokens needs {self.blocks_needed(table, num_new_tokens)} "
-                f"blocks, {self.num_free} free")
-        copies = []
+        # Every beam appends every step: the sums are done once here, not through
+        # blocks_needed (the same rule).
+        bs = self.block_size
+        n = table.num_tokens
         # Blocks past num_tokens may exist after a truncate; only the partly filled one is written.
-        first_written = table.num_tokens // self.block_size
-        if table.num_tokens % self.block_size != 0:
-            src = table.blocks[first_written]
-            if self.refcount[src] > 1:
-                dst = self._take()
-                self._release(src)
-                table.blocks[first_written] = dst
-                copies.append((src, dst))
-        table.num_tokens += num_new_tokens
-        while len(table.blocks) < self.blocks_for(table.num_tokens):
+        partial = n % bs != 0
+        src = table.blocks[n // bs] if partial else -1
+        cow = partial and self.refcount[src] > 1
+        total = n + num_new_tokens
+        grow = max(0, (total + bs - 1) // bs - len(table.blocks))
+        if grow + cow > len(self.free_blocks):
+            raise OutOfBlocks(f"append of {num_new_tokens} tokens needs {grow + cow} blocks, "
+                              f"{self.num_free} free")
+        copies = []
+        if cow:
+            dst = self._take()
+            self._release(src)
+            table.blocks[n // bs] = dst
+            copies.append((src, dst))
+        table.num_tokens = total
+        for _ in range(grow):
             table.blocks.append(self._take())
         return copies
 

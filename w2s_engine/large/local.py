@@ -23,7 +23,7 @@ from w2s_engine.params import InvalidParam, SearchParams
 from w2s_engine.search.bridge import Detokenizer
 from w2s_engine.search.eft import EFT
 from w2s_engine.search.prompts import check_context
-from w2s_engine.search.request import SearchRequest
+from w2s_engine.search.request import SearchRequest, mix_seeds
 from w2s_engine.search.sequence import Beam
 from w2s_engine.search.tokens import encode
 
@@ -203,17 +203,26 @@ SAMPLING_WORDS = 7
 def sampling_words(order) -> np.ndarray:
     """Each row's sampling parameters as int32 words [SAMPLING_WORDS, B]: temperature and
     top_p (fp32 bits), top_k, the seed's low and high halves, the position (tokens so far)
-    and min_p (fp32 bits)."""
-    params = [r.params for r, _ in order]
-    seeds = np.array([r.beam_seed(b) for r, b in order], dtype=np.int64)
+    and min_p (fp32 bits). A step's rows come in runs of one request: the request's values
+    are read once per run and repeated, and the beams' seeds are mixed in one numpy pass
+    (this runs every step, for every beam, while the GPU waits)."""
+    starts = [i for i in range(len(order)) if i == 0 or order[i][0] is not order[i - 1][0]]
+    runs = np.diff(np.array(starts + [len(order)]))
+    params = [order[i][0].params for i in starts]
+
+    def per_row(values, dtype):
+        return np.repeat(np.array(values, dtype=dtype), runs)
+
+    seeds = mix_seeds(per_row([order[i][0].seed for i in starts], np.uint64),
+                      np.array([b.beam_id for _, b in order], dtype=np.uint64))
     return np.stack([
-        np.array([p.temperature for p in params], dtype=np.float32).view(np.int32),
-        np.array([p.top_p for p in params], dtype=np.float32).view(np.int32),
-        np.array([p.top_k for p in params], dtype=np.int32),
-        (seeds & 0xFFFFFFFF).astype(np.uint32).view(np.int32),
-        (seeds >> 32).astype(np.int32),
+        per_row([p.temperature for p in params], np.float32).view(np.int32),
+        per_row([p.top_p for p in params], np.float32).view(np.int32),
+        per_row([p.top_k for p in params], np.int32),
+        (seeds & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32),
+        (seeds >> np.uint64(32)).astype(np.int32),
         np.array([len(b.token_ids) for _, b in order], dtype=np.int32),
-        np.array([p.min_p for p in params], dtype=np.float32).view(np.int32)])
+        per_row([p.min_p for p in params], np.float32).view(np.int32)])
 
 
 def before_min_tokens(p, b) -> bool:

@@ -94,20 +94,22 @@ class DecodeGraphs:
         scratch = self.runner.scratch_block
         used = max(len(t.blocks) for t, _ in seqs)
         assert used <= self.width, "a sequence is longer than the model's context"
+        n = len(seqs)
+        lengths = np.fromiter((t.num_tokens for t, _ in seqs), dtype=np.int32, count=n)
+        assert lengths.min() >= 1, "append the new token to the block table before the decode"
+        tables = np.full((bucket, used), scratch, dtype=np.int32)
+        for i, (table, _) in enumerate(seqs):
+            tables[i, :len(table.blocks)] = table.blocks
+        pos = lengths - 1
         rows = np.zeros((ROW_WORDS, bucket), dtype=np.int32)
         rows[2] = scratch * bs          # padding rows: slot 0 of the scratch block, length 1
         rows[3] = 1
-        tables = np.full((bucket, used), scratch, dtype=np.int32)
-        for i, (table, token) in enumerate(seqs):
-            pos = table.num_tokens - 1
-            assert pos >= 0, "append the new token to the block table before the decode"
-            rows[0, i], rows[1, i] = token, pos
-            rows[2, i] = table.blocks[pos // bs] * bs + pos % bs
-            rows[3, i] = table.num_tokens
-            tables[i, :len(table.blocks)] = table.blocks
+        rows[0, :n] = np.fromiter((token for _, token in seqs), dtype=np.int32, count=n)
+        rows[1, :n] = pos
+        rows[2, :n] = tables[np.arange(n), pos // bs] * bs + pos % bs
+        rows[3, :n] = lengths
         parts = [rows.ravel(), tables.ravel()]
         if self.cascade:
-            n = len(seqs)
             parts.append(shared_prefix_words(tables[:n], rows[3, :n], bs, bucket))
         return np.concatenate(parts), used
 

@@ -13,7 +13,7 @@ boundary, a multi-byte character completed), so:
 
 from dataclasses import dataclass
 
-from w2s_engine.search.tokens import Tokenized, tokenize, tokenize_from
+from w2s_engine.search.tokens import Tokenized, tokenize_many, tokenize_many_from
 
 REPLACEMENT = "\ufffd"  # what a decoder yields for an incomplete UTF-8 sequence
 
@@ -55,23 +55,45 @@ class Detokenizer:
 def retokenize(tokenizer, special: bool, old: Tokenized, text: str, tail: int = 6,
                anchor: int = 2) -> Tokenized:
     """tokenize(text), computed from `old` by re-tokenizing a tail window only."""
-    # First character where the texts differ; tokens starting well before it are kept.
-    n = min(len(old.text), len(text))
-    d = 0
-    if old.text[:n] == text[:n]:
-        d = n
-    else:
-        while d < n and old.text[d] == text[d]:
-            d += 1
-    touched = sum(1 for s in old.starts if s < d)
-    while True:
-        keep = touched - tail                  # tokens kept as they are
-        first = keep - anchor                  # window start: anchor tokens, then the tail
-        if first <= 0 or (special and first <= 1):
-            return tokenize(tokenizer, text, special)
-        tail_tok = tokenize_from(tokenizer, text, old.starts[first])
-        if (tail_tok.ids[:anchor] == old.ids[first:keep]
-                and tail_tok.starts[:anchor] == old.starts[first:keep]):
-            return Tokenized(text, old.ids[:keep] + tail_tok.ids[anchor:],
-                             old.starts[:keep] + tail_tok.starts[anchor:])
-        tail *= 2  # the anchor moved: the change reaches further back
+    return retokenize_many(tokenizer, special, [old], [text], tail, anchor)[0]
+
+
+def retokenize_many(tokenizer, special: bool, olds: list[Tokenized], texts: list[str],
+                    tail: int = 6, anchor: int = 2) -> list[Tokenized]:
+    """retokenize() of many streams (every candidate of a chunk), their tail windows in one
+    call into the tokenizer per round; a stream whose anchor moved widens its window and goes
+    again in the next round."""
+    out: list[Tokenized | None] = [None] * len(texts)
+    todo = []                   # (stream, tokens of old that start before the change, tail)
+    for i, (old, text) in enumerate(zip(olds, texts)):
+        # First character where the texts differ; tokens starting well before it are kept.
+        n = min(len(old.text), len(text))
+        d = 0
+        if old.text[:n] == text[:n]:
+            d = n
+        else:
+            while d < n and old.text[d] == text[d]:
+                d += 1
+        todo.append((i, sum(1 for s in old.starts if s < d), tail))
+    while todo:
+        whole, windows = [], []
+        for i, touched, t in todo:
+            first = touched - t - anchor   # window start: anchor tokens, then the tail
+            if first <= 0 or (special and first <= 1):
+                whole.append(i)
+            else:
+                windows.append((i, touched, t, first))
+        for i, tok in zip(whole, tokenize_many(tokenizer, [texts[i] for i in whole], special)):
+            out[i] = tok
+        tails = tokenize_many_from(tokenizer, [texts[i] for i, *_ in windows],
+                                   [olds[i].starts[first] for i, _, _, first in windows])
+        todo = []
+        for (i, touched, t, first), tail_tok in zip(windows, tails):
+            old, keep = olds[i], touched - t          # tokens kept as they are
+            if (tail_tok.ids[:anchor] == old.ids[first:keep]
+                    and tail_tok.starts[:anchor] == old.starts[first:keep]):
+                out[i] = Tokenized(texts[i], old.ids[:keep] + tail_tok.ids[anchor:],
+                                   old.starts[:keep] + tail_tok.starts[anchor:])
+            else:
+                todo.append((i, touched, 2 * t))   # the anchor moved: the change reaches back
+    return out

@@ -10,7 +10,7 @@ The rules follow the reference implementation, so that both score the same text 
 from dataclasses import dataclass, field
 
 from w2s_engine.params import InvalidParam, check_text
-from w2s_engine.search.bridge import retokenize
+from w2s_engine.search.bridge import retokenize_many
 from w2s_engine.search.tokens import Tokenized, common_prefix, encode, tokenize
 
 ROLES = ("large", "tuned", "untuned")
@@ -207,7 +207,10 @@ class SmallPrompt:
         full = encode(self.tokenizer, self.text + response_text, self.special)
         return full, common_prefix(full, self.ids)
 
-    def extend(self, old: Tokenized, response_text: str) -> tuple[Tokenized, int]:
-        """full_ids() computed incrementally from the stream's last tokenization `old`."""
-        new = retokenize(self.tokenizer, self.special, old, self.text + response_text)
-        return new, common_prefix(new.ids, self.ids)
+    def extend_many(self, olds: list[Tokenized],
+                    response_texts: list[str]) -> list[tuple[Tokenized, int]]:
+        """full_ids() computed incrementally from each stream's last tokenization (`olds`),
+        for many streams of this prompt at once."""
+        news = retokenize_many(self.tokenizer, self.special, olds,
+                               [self.text + text for text in response_texts])
+        return [(new, common_prefix(new.ids, self.ids)) for new in news]

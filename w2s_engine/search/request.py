@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
+import numpy as np
+
 from w2s_engine.cache.block_manager import BlockManager
 from w2s_engine.outputs import Hypothesis, SearchResult, SearchStats, TokenLogprob
 from w2s_engine.params import SearchParams
@@ -30,6 +32,16 @@ def mix_seed(seed: int, beam_id: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+def mix_seeds(seeds: np.ndarray, beam_ids: np.ndarray) -> np.ndarray:
+    """mix_seed of many (seed, beam) pairs at once: uint64 arrays in (arithmetic wraps
+    mod 2**64, as the masks above do), uint64 out."""
+    with np.errstate(over="ignore"):
+        z = seeds * np.uint64(0x9E3779B97F4A7C15) + beam_ids + np.uint64(1)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return (z ^ (z >> np.uint64(31))) & np.uint64((1 << 63) - 1)
 
 
 class RequestStatus(str, Enum):

@@ -153,49 +153,58 @@ class Scorer:
         """The updates that score request r's new chunks: (stream, beam, update) each.
         `large` gives each beam's response text and large-token count. Raises for a request
         that cannot be scored; nothing is changed then."""
+        beams = [b for b in r.beams if b.chunk_tokens]   # not a carried finished survivor
+        texts = None
         ups = []
-        for b in r.beams:
-            if b.chunk_tokens == 0:
-                continue  # a finished survivor carried from the last chunk
-            for si, sp in enumerate(r.small_prompts):
-                st = b.small[si]
-                if self.shared[si]:
-                    u = StreamUpdate(st, sp.ids + b.token_ids + sp.suffix_ids, len(sp.ids),
-                                     b.finish_reason == "stop")
-                else:
-                    u = self._bridge(si, sp, st, large.response_text(b))
+        for si, sp in enumerate(r.small_prompts):
+            if self.shared[si]:
+                mine = [StreamUpdate(b.small[si], sp.ids + b.token_ids + sp.suffix_ids,
+                                     len(sp.ids), b.finish_reason == "stop") for b in beams]
+            else:
+                if texts is None:
+                    texts = [large.response_text(b) for b in beams]
+                mine = self._bridge(si, sp, [b.small[si] for b in beams], texts)
+                for b, u in zip(beams, mine):
                     u.finished = b.finish_reason == "stop"
+            for b, u in zip(beams, mine):
                 if isinstance(self.streams[si], HeadStream) and self.steps[si] is None:
                     u.reads = [len(u.full_ids) - 1]     # a reward model reads the last token
                 ups.append((si, b, u))
         self._check_growth(r, ups, large)
         return ups
 
-    def _bridge(self, si: int, sp: SmallPrompt, st: SmallState, text: str) -> StreamUpdate:
-        """The stream's new content from the response text: a tail re-tokenized (the bridge);
-        a reward model's suffix is tokenized on its own and follows; a PRM's text has its
-        step tags, and reads at each."""
+    def _bridge(self, si: int, sp: SmallPrompt, states: list[SmallState],
+                texts: list[str]) -> list[StreamUpdate]:
+        """Each state's new content from its response text: a tail re-tokenized (the bridge;
+        all states' windows in one call into the tokenizer); a reward model's suffix is
+        tokenized on its own and follows; a PRM's text has its step tags, and reads at each."""
         steps = self.steps[si]
-        suffix = sp.suffix_ids
-        if steps is not None:
-            rendered, unfinished = tag_steps(text, steps.tag, steps.separator, st.marks)
-            if steps.separator is None and len(text) > (st.marks[-1] if st.marks else 0):
-                st.marks = st.marks + [len(text)]   # this chunk ends a step for the next
-            if unfinished:
-                suffix = [steps.tag_id] + suffix
-            text = rendered
-        old = Tokenized(st.text, st.ids[:len(st.starts)], st.starts)
-        new, start = sp.extend(old, text)
-        if start == 0:
-            raise ValueError("the tokenization of prompt + response changed the prompt's first "
-                             f"token for the {self.streams[si].roles[0]} model: add text before "
-                             "{prompt} in its template")
-        u = StreamUpdate(st, new.ids + suffix, start, False, text=new.text, starts=new.starts)
-        if steps is not None:
-            u.reads = [i for i in range(start, len(new.ids)) if new.ids[i] == steps.tag_id]
-            if len(suffix) > len(sp.suffix_ids):
-                u.reads.append(len(new.ids))
-        return u
+        rendered, suffixes = [], []
+        for st, text in zip(states, texts):
+            suffix = sp.suffix_ids
+            if steps is not None:
+                tagged, unfinished = tag_steps(text, steps.tag, steps.separator, st.marks)
+                if steps.separator is None and len(text) > (st.marks[-1] if st.marks else 0):
+                    st.marks = st.marks + [len(text)]   # this chunk ends a step for the next
+                if unfinished:
+                    suffix = [steps.tag_id] + suffix
+                text = tagged
+            rendered.append(text)
+            suffixes.append(suffix)
+        olds = [Tokenized(st.text, st.ids[:len(st.starts)], st.starts) for st in states]
+        ups = []
+        for st, suffix, (new, start) in zip(states, suffixes, sp.extend_many(olds, rendered)):
+            if start == 0:
+                raise ValueError("the tokenization of prompt + response changed the prompt's "
+                                 f"first token for the {self.streams[si].roles[0]} model: add "
+                                 "text before {prompt} in its template")
+            u = StreamUpdate(st, new.ids + suffix, start, False, text=new.text, starts=new.starts)
+            if steps is not None:
+                u.reads = [i for i in range(start, len(new.ids)) if new.ids[i] == steps.tag_id]
+                if len(suffix) > len(sp.suffix_ids):
+                    u.reads.append(len(new.ids))
+            ups.append(u)
+        return ups
 
     def _check_growth(self, r: SearchRequest, ups: list, large):
         """A response can re-tokenize to more small tokens per large token than admission
@@ -282,7 +291,7 @@ class Scorer:
                 st = SmallState(stream.blocks.new_table(), list(sp.ids), len(sp.ids), [], {},
                                 sp.text, list(sp.starts))
                 if isinstance(response, str) and self.steps[si] is not None:
-                    u = self._bridge(si, sp, st, response)
+                    u, = self._bridge(si, sp, [st], [response])
                 else:
                     if isinstance(response, str):
                         full, start = sp.full_ids(response)

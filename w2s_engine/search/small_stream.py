@@ -140,29 +140,44 @@ class SmallStream:
             hidden[role] = torch.cat(parts) if parts else None
             hidden[role + "_offsets"] = offsets
 
-        rows = {role: [] for role in self.runners}
+        # Each scored target at position p is predicted by the hidden state at p - 1: a row of
+        # this forward's output, or (the first one of a plain extension) the state's stored
+        # last hidden. One index per model picks them all: stored rows go after the output.
+        index = {role: [] for role in self.runners}
+        stored = {role: [] for role in self.runners}
         targets, segments, counts = [], [], []
         for seg, (u, c, feed_from, fi) in enumerate(plans):
-            st = u.state
             start = max(c, u.response_start)
-            positions = list(range(start, len(u.full_ids)))
-            for role in self.runners:
-                stored = st.last_hidden.get(role)
-                off = hidden[role + "_offsets"][fi] if fi is not None else None
-
-                def at(pos, role=role, stored=stored, off=off):
-                    if pos < feed_from:
-                        return stored  # only pos == feed_from - 1 happens: the plain extension
-                    return hidden[role][off + pos - feed_from]
-
-                rows[role] += [at(p - 1) for p in positions]
-                if u.finished:
-                    rows[role].append(at(len(u.full_ids) - 1))
-            targets += [u.full_ids[p] for p in positions]
+            end = len(u.full_ids) - 1 + int(u.finished)    # predictors are [start - 1, end)
+            if end > start - 1:
+                for role in self.runners:
+                    lo = start - 1
+                    if lo < feed_from:       # only lo == feed_from - 1 happens
+                        index[role].append(-1 - len(stored[role]))
+                        stored[role].append(u.state.last_hidden[role])
+                        lo += 1
+                    if lo < end:
+                        off = hidden[role + "_offsets"][fi] - feed_from
+                        index[role] += range(off + lo, off + end)
+            targets += u.full_ids[start:]
             if u.finished:
                 targets.append(self.eos_id)
-            segments += [seg] * (len(positions) + int(u.finished))
-            counts.append((len(u.full_ids) - feed_from, len(positions) + int(u.finished)))
+            segments += [seg] * (end - start + 1)
+            counts.append((len(u.full_ids) - feed_from, end - start + 1))
+        rows = {}
+        for role in self.runners:
+            if not index[role]:
+                continue
+            out = hidden[role]
+            if stored[role]:
+                # -1 - j -> the j-th stored row, placed after the output rows
+                extra = torch.stack(stored[role])
+                base = 0 if out is None else out.shape[0]
+                out = extra if out is None else torch.cat([out, extra.to(out.dtype)])
+                picks = [i if i >= 0 else base - 1 - i for i in index[role]]
+            else:
+                picks = index[role]
+            rows[role] = out[torch.tensor(picks, dtype=torch.long, device=out.device)]
         return hidden, rows, targets, segments, counts
 
     def forward_pending(self, states: list[SmallState]) -> list[int]:
@@ -188,12 +203,12 @@ class SmallStream:
         if len(self.runners) == 2:
             t, u = self.runners["tuned"], self.runners["untuned"]
             diff, _ = fused_lmhead_chunk_reward(
-                torch.stack(rows["tuned"]), t.lm_head_weight,
-                torch.stack(rows["untuned"]), u.lm_head_weight, tgt, seg, num_segments,
+                rows["tuned"], t.lm_head_weight,
+                rows["untuned"], u.lm_head_weight, tgt, seg, num_segments,
                 t.final_logit_softcap, u.final_logit_softcap)
             return diff.tolist()
         (role, runner), = self.runners.items()
-        logp = torch.log_softmax(runner.compute_logits(torch.stack(rows[role])), dim=-1)
+        logp = torch.log_softmax(runner.compute_logits(rows[role]), dim=-1)
         return (SIGN[role] * logp.gather(1, tgt[:, None])[:, 0]).tolist()
 
     def _append(self, items):
