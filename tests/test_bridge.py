@@ -93,3 +93,12 @@ def test_common_prefix_is_the_first_position_where_the_lists_differ(a, b):
     n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     assert common_prefix(a, b) == common_prefix(b, a) == n
     assert common_prefix(a, a + b) == len(a)
+
+
+@settings(max_examples=100, deadline=None)
+@given(ids=st.lists(st.integers(0, 299), max_size=40))
+def test_rust_backend_decode_gives_the_transformers_decode(other, ids):
+    d = Detokenizer(other)
+    assert d.backend is not None
+    assert d.decode(ids) == other.decode(ids, skip_special_tokens=True,
+                                         clean_up_tokenization_spaces=False)

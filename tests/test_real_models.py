@@ -104,3 +104,19 @@ def test_rust_backend_tokenization_equals_the_transformers_call(spec, reference)
         expected = [(list(i), [s for s, _ in o])
                     for i, o in zip(enc["input_ids"], enc["offset_mapping"])]
         assert _encode(tok, texts, special) == expected
+
+
+@pytest.mark.parametrize("spec", [SMOL, GEMMA])
+def test_rust_backend_decode_equals_the_transformers_decode(spec, reference):
+    """The detokenizer decodes with the Rust backend straight (bridge.rust_decoder)."""
+    from w2s_engine.search.bridge import Detokenizer
+    tok = reference[spec].tokenizer
+    d = Detokenizer(tok)
+    assert d.backend is not None
+    g = torch.Generator().manual_seed(0)
+    specials = sorted(tok.all_special_ids)
+    for _ in range(50):
+        ids = torch.randint(0, len(tok), (24,), generator=g).tolist() + specials[:3]
+        ids = [ids[i] for i in torch.randperm(len(ids), generator=g).tolist()]
+        assert d.decode(ids) == tok.decode(ids, skip_special_tokens=True,
+                                           clean_up_tokenization_spaces=False)
