@@ -118,7 +118,8 @@ def prompt_of(tokenizer, n_tokens: int, seed: int) -> str:
     return text.strip()
 
 
-def build(preset: str, cpu_kv_gib: float = 8, cuda_graphs: bool = True, cascade: bool = False):
+def build(preset: str, cpu_kv_gib: float = 8, cuda_graphs: bool = True, cascade: bool = False,
+          torch_compile: bool = False):
     """(engine, baseline models or None, description) for a preset."""
     if preset in ("cpu", "cpu-shared"):
         from w2s_engine.tasks.sentiment import PROMPTED_TEMPLATES as TEMPLATES
@@ -126,6 +127,7 @@ def build(preset: str, cpu_kv_gib: float = 8, cuda_graphs: bool = True, cascade:
         small = "smollm2-135m-instruct"
         engine = Engine(large=large, tuned=small, untuned=small, templates=TEMPLATES,
                         progress=False, cpu_kv_cache_bytes=int(cpu_kv_gib * (1 << 30)),
+                        torch_compile=torch_compile,
                         **({"cuda_graphs": True, "cascade_attention": True} if cascade else {}))
         return engine, {"large": large, "small": small}
     assert torch.cuda.is_available(), f"preset {preset} needs a GPU"
@@ -140,7 +142,7 @@ def build(preset: str, cpu_kv_gib: float = 8, cuda_graphs: bool = True, cascade:
         m.generation_config.eos_token_id = 2
     engine = Engine((large, large_tok), (tuned, small_tok), (untuned, small_tok),
                     progress=False, kv_cache_memory_fraction=0.5, cuda_graphs=cuda_graphs,
-                    cascade_attention=cascade)
+                    cascade_attention=cascade, torch_compile=torch_compile)
     return engine, {"large": "random " + ("Llama-3-8B" if preset == "gpu" else "Qwen2.5-7B"),
                     "small": "random Llama-3.2-1B"}
 
@@ -189,6 +191,8 @@ def main():
     ap.add_argument("--no-graphs", action="store_true", help="cuda_graphs=False (for comparison)")
     ap.add_argument("--cascade", action="store_true",
                     help="cascade_attention=True: shared-prefix decode attention")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch_compile=True: every model's forward through torch.compile")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"e2e-{args.preset}.jsonl"
@@ -197,7 +201,7 @@ def main():
         return
     assert not (args.cascade and args.no_graphs), "--cascade runs on the static decode path"
     engine, names = build(args.preset, args.cpu_kv_gib, cuda_graphs=not args.no_graphs,
-                          cascade=args.cascade)
+                          cascade=args.cascade, torch_compile=args.compile)
     for plen in map(int, args.prompt_lens.split(",")):
         for max_new in map(int, args.max_new.split(",")):
             for search in args.searches.split(","):
@@ -252,6 +256,7 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
         "plain_step_ms": round(1e3 * base_seconds / max_new, 3),
         "cuda_graphs": bool(engine.config.cuda_graphs),
         "cascade_attention": bool(engine.config.cascade_attention),
+        "torch_compile": bool(engine.config.torch_compile),
         "device": machine(), "torch": torch.__version__, "commit": commit(),
     }
     floor = weight_read_floor_ms(engine.runners["large"].model)
@@ -318,7 +323,7 @@ def print_table(path: Path):
     cols = ["search", "prompt_tokens", "max_new_tokens", "concurrency", "seconds",
             "large_tokens_per_s", "latency_p50_s", "latency_p95_s", "cbs_over_sampling",
             "engine_speedup_vs_baseline", "peak_kv_vs_ideal_large", "plain_step_over_floor",
-            "cuda_graphs", "cascade_attention", "device", "commit"]
+            "cuda_graphs", "cascade_attention", "torch_compile", "device", "commit"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

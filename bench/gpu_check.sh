@@ -8,7 +8,8 @@
 #    reference baseline, 16 concurrent at 256 tokens, and 16 concurrent with a random Qwen2.5-7B
 #    large model (different vocabularies); plain sampling of the same streams beside each, with
 #    its step time over the weight-read floor; CBS(4,4,8) at prompt 2048 with and without the
-#    shared-prefix (cascade) decode attention; 4. a profiled search (GPU busy fraction);
+#    shared-prefix (cascade) decode attention, and 16 concurrent under torch.compile; 4. a
+#    profiled search (GPU busy fraction);
 # 5. the host's share of a step (bench/host_step.py: tiny models on this machine's CPU).
 # Results go to OUT_DIR (default bench/results/): JSONL, logs and gpu-check-<device>.md.
 #
@@ -63,6 +64,8 @@ step "e2e cross vocabulary, 16 requests" 150 $e2e --preset gpu-cross --max-new 2
 step "profile" 120 python3 bench/profile_step.py --preset gpu --out "$out"
 step "host step (CPU)" 90 env CUDA_VISIBLE_DEVICES= python3 bench/host_step.py --reps 2 \
     --out "$out"
+step "e2e 16 requests, 256 tokens, torch.compile" 240 $e2e --preset gpu --max-new 256 \
+    --concurrency 16 --compile
 
 {
     echo "# GPU check on $device ($(git rev-parse --short HEAD 2>/dev/null || echo unknown))"

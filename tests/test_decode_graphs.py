@@ -133,8 +133,9 @@ def models():
     return tok, other, tuned_from(untuned, seed=3, scale=0.3), untuned
 
 
-def engine_pair(models, large_tok_index, max_batch, cascade=False):
-    """The same models with and without the static decode path (and cascade attention)."""
+def engine_pair(models, large_tok_index, max_batch, cascade=False, torch_compile=False):
+    """The same models with and without the static decode path (and cascade attention, and
+    torch.compile)."""
     tok, other, tuned, untuned = models
     large_tok = (tok, other)[large_tok_index]
     large = tiny_llama(len(large_tok), seed=1 + 3 * large_tok_index, layers=3)
@@ -143,7 +144,7 @@ def engine_pair(models, large_tok_index, max_batch, cascade=False):
         templates={"large": "Here is a movie review: {prompt}", "small": "Review: {prompt}"},
         num_kv_blocks=800, block_size=4, progress=False, device=DEVICE, dtype=torch.float32,
         cuda_graphs=graphs, cuda_graph_max_batch=max_batch,
-        cascade_attention=graphs and cascade)
+        cascade_attention=graphs and cascade, torch_compile=graphs and torch_compile)
     return make(False), make(True)
 
 
@@ -200,6 +201,20 @@ def test_a_cross_vocabulary_search_on_the_static_path_gives_the_same_results(mod
     assert [r.reward for r in got] == pytest.approx([r.reward for r in want], abs=1e-5)
 
 
+def test_a_search_with_torch_compile_on_the_static_path_gives_the_same_results(models):
+    """EngineConfig(torch_compile=...): every model's forward compiled (aot_eager here: the
+    tracing and the attention op; the gpu test runs inductor under the graphs)."""
+    torch._dynamo.reset()
+    eager, compiled = engine_pair(models, 0, max_batch=16, torch_compile="aot_eager")
+    params = SearchParams.cbs(2, 3, 4, max_new_tokens=14, temperature=1.0, seed=5)
+    prompts = ["I really", "The plot of this film", "What a"]
+    want, got = eager.search(prompts, params), compiled.search(prompts, params)
+    assert [[h.token_ids for h in r.hypotheses] for r in got] == \
+        [[h.token_ids for h in r.hypotheses] for r in want]
+    assert [r.reward for r in got] == pytest.approx([r.reward for r in want], abs=1e-5)
+    compiled.check_all_free()
+
+
 @pytest.mark.gpu
 class TestGraphsOnGPU:
 
@@ -215,6 +230,16 @@ class TestGraphsOnGPU:
         model = tiny_llama(97, seed=5, layers=2)
         static_against_eager(model, capture=True, sizes=[1, 2, 3, 5, 8, 13, 16, 24, 40, 64],
                              cascade=True)
+
+    def test_a_search_with_torch_compile_under_the_graphs_gives_the_same_tokens(self, models):
+        torch._dynamo.reset()
+        eager, compiled = engine_pair(models, 0, max_batch=64, torch_compile=True)
+        assert compiled.runners["large"].graphs.graphs, "graphs were captured"
+        params = SearchParams.cbs(4, 4, 3, max_new_tokens=12, temperature=1.0, seed=11)
+        prompts = ["I really", "The plot of this film", "What a"]
+        want, got = eager.search(prompts, params), compiled.search(prompts, params)
+        assert [[h.token_ids for h in r.hypotheses] for r in got] == \
+            [[h.token_ids for h in r.hypotheses] for r in want]
 
     @pytest.mark.parametrize("cascade", [False, True], ids=["per-beam", "cascade"])
     def test_a_whole_search_gives_the_same_tokens_with_and_without_graphs(self, models, cascade):

@@ -137,3 +137,28 @@ def test_beams_forked_at_several_points_diverge_like_independent_recomputes(arch
     for t, _ in beams:
         h.blocks.free(t)
     h.blocks.check_all_free()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3", "gemma3"])
+def test_a_compiled_forward_gives_the_eager_outputs_with_no_graph_break(arch):
+    """EngineConfig(torch_compile=...): the decoder runs through torch.compile, the paged
+    attention as one opaque op (w2s::paged_attention). aot_eager here: the tracing and the op
+    without inductor's code generation (the gpu tests compile with inductor)."""
+    from torch._dynamo.utils import counters
+    model = tiny_model(arch)
+    eager, compiled = Harness(model), Harness(model)
+    compiled.runner = ModelRunner(compiled.runner.model, num_blocks=256, block_size=4,
+                                  compile="aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    rng = random.Random(4)
+    prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (13, 5, 1)]
+    tables = {h: [h.blocks.new_table() for _ in prompts] for h in (eager, compiled)}
+    feeds = [prompts] + [[[rng.randrange(VOCAB)] for _ in prompts] for _ in range(3)] \
+        + [[[rng.randrange(VOCAB) for _ in range(4)] for _ in prompts]]   # an extend
+    for feed in feeds:
+        want = eager.feed(list(zip(tables[eager], feed)))
+        got = compiled.feed(list(zip(tables[compiled], feed)))
+        for w, g in zip(want, got):
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
+    assert not counters["graph_break"], dict(counters["graph_break"])

@@ -27,6 +27,11 @@ class EngineConfig:
     # read their common blocks (the prompt, a shared history) once per group. Off by default
     # until it is measured on a GPU (bench/e2e.py --cascade); on CPU it runs the reference.
     cascade_attention: bool = False
+    # torch.compile of every model's forward (the paged attention stays one opaque op), under
+    # the graphs where they run: fuses the norms, rotary embedding and activations. Off by
+    # default until it is measured on a GPU (bench/e2e.py --compile); compiling takes a while
+    # at start and again for new shapes. A string names the torch.compile backend.
+    torch_compile: bool | str = False
 
     def resolve(self) -> "EngineConfig":
         if self.device is None:

@@ -92,7 +92,8 @@ class Engine:
                                  config.kv_cache_memory_bytes, config.device,
                                  config.kv_cache_memory_fraction, config.cpu_kv_cache_bytes,
                                  other_bytes=graph_bytes)
-        self.runners = {role: ModelRunner(m.model, num_blocks, config.block_size)
+        self.runners = {role: ModelRunner(m.model, num_blocks, config.block_size,
+                                          compile=config.torch_compile)
                         for role, m in self.models.items()}
         if graphs:
             runner = self.runners["large"]

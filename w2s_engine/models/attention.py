@@ -45,16 +45,26 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     assert w2s_batch is not None, (
         f"a model loaded with attn_implementation='{ATTN_IMPLEMENTATION}' must be run by the "
         "engine's ModelRunner")
-    batch: ForwardBatch = w2s_batch
     # query: [1, Hq, T, D]; key, value: [1, Hkv, T, D] -> [T, H, D]
     q = query[0].transpose(0, 1)
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
-    layer = module.layer_idx
-    k_cache, v_cache = batch.kv_pool[layer, 0], batch.kv_pool[layer, 1]
-    store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
     if scaling is None:
         scaling = q.shape[-1] ** -0.5
+    if torch.compiler.is_compiling():
+        # One opaque call for torch.compile: it reads the batch from compiled_batch.
+        out = paged_attention_op(q.contiguous(), k.contiguous(), v.contiguous(),
+                                 module.layer_idx, scaling, sliding_window or 0, softcap or 0.0)
+    else:
+        out = attend(w2s_batch, q, k, v, module.layer_idx, scaling, sliding_window, softcap)
+    return out.unsqueeze(0), None  # [1, T, Hq, D], as transformers' own functions return
+
+
+def attend(batch: ForwardBatch, q, k, v, layer: int, scaling: float, sliding_window=None,
+           softcap=None) -> torch.Tensor:
+    """Store the new tokens' k/v [T, Hkv, D] in the pool and attend: out [T, Hq, D]."""
+    k_cache, v_cache = batch.kv_pool[layer, 0], batch.kv_pool[layer, 1]
+    store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
     if batch.is_decode and batch.shared_prefixes is not None:
         out, _ = cascade_decode_attention(q.contiguous(), k_cache, v_cache, batch.block_tables,
                                           batch.seq_lens, scaling, sliding_window, softcap,
@@ -66,7 +76,31 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
         out = paged_extend_attention(q.contiguous(), k_cache, v_cache, batch.block_tables,
                                      batch.cu_seqlens_q, batch.seq_lens, scaling,
                                      sliding_window, softcap)
-    return out.unsqueeze(0), None  # [1, T, Hq, D], as transformers' own functions return
+    return out
+
+
+# ---- under torch.compile ---------------------------------------------------------------------
+# The attention is one custom op that compile does not trace into (the kernels' launch logic
+# and the CPU references' data-dependent shapes would break its graph). Its batch is not an
+# argument: the runner puts it here before a compiled forward (a CUDA graph replays the
+# static one it was captured with). The op writes the pool as a side effect, declared pure
+# as vLLM's attention op is: only the same op of the same layer reads those slots, and each
+# layer's call depends on the previous layer's output, so compile cannot reorder them.
+compiled_batch: list[ForwardBatch | None] = [None]
+
+
+@torch.library.custom_op("w2s::paged_attention", mutates_args=())
+def paged_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+                       scaling: float, sliding_window: int, softcap: float) -> torch.Tensor:
+    batch = compiled_batch[0]
+    assert batch is not None, "a compiled forward runs with attention.compiled_batch set"
+    return attend(batch, q, k, v, layer, scaling, sliding_window or None,
+                  softcap or None).contiguous()
+
+
+@paged_attention_op.register_fake
+def _(q, k, v, layer, scaling, sliding_window, softcap):
+    return torch.empty_like(q)
 
 
 def _no_mask(*args, **kwargs):

@@ -20,7 +20,8 @@ from transformers import PreTrainedModel
 
 from w2s_engine.cache.block_manager import BlockTable
 from w2s_engine.kernels.kv_cache import copy_blocks
-from w2s_engine.models.attention import ATTN_IMPLEMENTATION, ForwardBatch
+from w2s_engine.models.attention import (ATTN_IMPLEMENTATION, ForwardBatch,
+                                         compiled_batch)
 
 
 class BatchFailed(Exception):
@@ -75,8 +76,11 @@ class ModelShape:
 
 class ModelRunner:
 
-    def __init__(self, model: PreTrainedModel, num_blocks: int, block_size: int = 16):
-        """num_blocks: blocks the block managers hand out (the pool has one more: scratch)."""
+    def __init__(self, model: PreTrainedModel, num_blocks: int, block_size: int = 16,
+                 compile: bool | str = False):
+        """num_blocks: blocks the block managers hand out (the pool has one more: scratch).
+        compile: run the decoder through torch.compile (the attention is one opaque op); a
+        string names the backend (default inductor)."""
         if model.config._attn_implementation != ATTN_IMPLEMENTATION:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.model = model.eval()
@@ -96,6 +100,11 @@ class ModelRunner:
         self.final_logit_softcap = getattr(model.config.get_text_config(),
                                            "final_logit_softcapping", None)
         self.graphs = None      # DecodeGraphs, when decodes run on static buffers
+        self._decoder_call = self._decoder_forward
+        if compile:
+            self._decoder_call = torch.compile(
+                self._decoder_forward, dynamic=True,
+                backend=compile if isinstance(compile, str) else "inductor")
 
     def pinned(self, words: np.ndarray) -> torch.Tensor:
         """int32 words in host memory a device copy can read asynchronously (pinned, from
@@ -142,7 +151,14 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Final hidden states [T, H] of the batch's new tokens."""
-        out = self.decoder(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
+        compiled_batch[0] = batch
+        try:
+            return self._decoder_call(batch.input_ids, batch.positions, batch)
+        finally:
+            compiled_batch[0] = None
+
+    def _decoder_forward(self, input_ids, positions, batch: ForwardBatch) -> torch.Tensor:
+        out = self.decoder(input_ids=input_ids[None], position_ids=positions[None],
                            use_cache=False, w2s_batch=batch)
         return out.last_hidden_state[0]
 
