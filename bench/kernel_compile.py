@@ -1,0 +1,283 @@
+"""Every Triton kernel of the engine compiled for an H100/H200 (sm_90) on this machine: no GPU.
+
+    python bench/kernel_compile.py [--out DIR]
+
+The kernel wrappers run on CPU tensors in the engine's real layouts (bf16 and fp32; Llama-3
+attention: 32 query heads and 8 kv heads of 128, blocks of 16; sliding windows, soft-caps,
+shared prefixes, min-p), with Triton's launches intercepted, so nothing runs. Each launch is
+then compiled for sm_90 with every configuration the autotuner would time on the GPU, against
+a stand-in driver that only names the target. Per compile it prints the registers, the local
+memory per thread (spills) and the shared memory; it exits 1 when a compile fails (on the GPU
+that would stop the autotuner, which skips only configurations short of resources) or a
+launch has no configuration that fits a block's shared memory. A GPU minute is then not spent finding a kernel
+that does not compile. The Triton here (see the header line) may be newer than the GPU
+machine's; the interpreter (TRITON_INTERPRET=1) must be off.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)   # compile for real: triton.jit reads it at import
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from w2s_engine.kernels.cascade_attention import (cascade_decode_attention_triton,  # noqa: E402
+                                                  find_shared_prefixes)
+from w2s_engine.kernels.chunk_reward import (chunk_reward_triton,  # noqa: E402
+                                             fused_lmhead_chunk_reward_triton)
+from w2s_engine.kernels.kv_cache import copy_blocks_triton, store_kv_triton  # noqa: E402
+from w2s_engine.kernels.paged_attention import (paged_decode_attention_triton,  # noqa: E402
+                                                paged_extend_attention_triton)
+from w2s_engine.kernels.sampling import sample_triton  # noqa: E402
+
+SHARED_PER_BLOCK = 227 * 1024      # an H100/H200 block's most shared memory (opt-in)
+BF16, FP32 = torch.bfloat16, torch.float32
+
+
+@dataclass
+class Launch:
+    variant: str
+    fn: JITFunction
+    configs: list | None          # the autotuner's, or None: the launch's own kwargs
+    args: tuple
+    kwargs: dict
+    results: list = field(default_factory=list)
+
+
+class TargetOnly:
+    """A stand-in for Triton's CUDA driver: it names the target; nothing is launched."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+@contextlib.contextmanager
+def intercepted(launches: list, variant: list):
+    """Launches made inside are recorded (with variant[0]) instead of run."""
+    jit_run, tuner_run = JITFunction.run, Autotuner.run
+
+    def record_jit(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(variant[0], self, None, args, kwargs))
+
+    def record_tuner(self, *args, **kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+        launches.append(Launch(variant[0], self.fn, list(self.configs), args, kwargs))
+
+    JITFunction.run, Autotuner.run = record_jit, record_tuner
+    try:
+        yield jit_run
+    finally:
+        JITFunction.run, Autotuner.run = jit_run, tuner_run
+
+
+def attention_inputs(dtype, batch=4, q_heads=32, kv_heads=8, head_dim=128, blocks=64, bs=16):
+    q = torch.randn(batch, q_heads, head_dim).to(dtype)
+    k_cache = torch.randn(blocks, bs, kv_heads, head_dim).to(dtype)
+    tables = torch.arange(batch * 8, dtype=torch.int32).view(batch, 8) % blocks
+    lens = torch.full((batch,), 100, dtype=torch.int32)
+    return q, k_cache, k_cache.clone(), tables, lens
+
+
+def recipes():
+    """(variant, call) pairs: each call runs a wrapper as the engine does."""
+    for dtype in (BF16, FP32):
+        name = str(dtype).removeprefix("torch.")
+
+        def store(dtype=dtype):
+            k = torch.randn(6, 8, 128).to(dtype)
+            cache = torch.zeros(16, 16, 8, 128, dtype=dtype)
+            store_kv_triton(k, k.clone(), cache, cache.clone(), torch.arange(6))
+        yield f"store_kv {name}", store
+
+        def copy(dtype=dtype):
+            pool = torch.zeros(2, 2, 8, 16, 8, 128, dtype=dtype)
+            copy_blocks_triton(pool, torch.tensor([0, 1]), torch.tensor([2, 3]))
+        yield f"copy_blocks {name}", copy
+
+        for window, softcap, start in ((None, None, False), (64, 30.0, False),
+                                       (None, None, True)):
+            label = f"decode {name}" + (" window+softcap" if window else "") + \
+                (" kv_start" if start else "")
+
+            def decode(dtype=dtype, window=window, softcap=softcap, start=start):
+                q, kc, vc, tables, lens = attention_inputs(dtype)
+                paged_decode_attention_triton(
+                    q, kc, vc, tables, lens, 0.1, window, softcap, None,
+                    torch.full((4,), 32, dtype=torch.int32) if start else None)
+            yield label, decode
+
+        for window, softcap in ((None, None), (64, 30.0)):
+            def extend(dtype=dtype, window=window, softcap=softcap):
+                _, kc, vc, tables, lens = attention_inputs(dtype)
+                q = torch.randn(4 * 24, 32, 128).to(dtype)
+                cu = torch.arange(0, 5 * 24, 24, dtype=torch.int32)
+                paged_extend_attention_triton(q, kc, vc, tables, cu, lens, 0.1, window, softcap)
+            yield f"extend {name}" + (" window+softcap" if window else ""), extend
+
+        def cascade(dtype=dtype):
+            q, kc, vc, tables, lens = attention_inputs(dtype, batch=16)
+            tables[:, :6] = tables[0, :6]            # 16 beams share 6 blocks of prompt
+            groups = find_shared_prefixes(tables, lens, kc.shape[1])
+            assert groups.num_groups == 1
+            cascade_decode_attention_triton(q, kc, vc, tables, lens, 0.1, None, None, groups)
+        yield f"cascade decode {name}", cascade
+
+        def reward(dtype=dtype):
+            a = torch.randn(8, 128256).to(dtype)
+            targets = torch.randint(0, 128256, (8,))
+            chunk_reward_triton(a, a.clone(), targets, torch.zeros(8, dtype=torch.long), 1)
+        yield f"chunk reward {name}", reward
+
+        for softcap in (None, 30.0):
+            def lmhead(dtype=dtype, softcap=softcap):
+                h = torch.randn(8, 2048).to(dtype)
+                w = torch.randn(4096, 2048).to(dtype)
+                targets = torch.randint(0, 4096, (8,))
+                fused_lmhead_chunk_reward_triton(h, w, h.clone(), w.clone(), targets,
+                                                 torch.zeros(8, dtype=torch.long), 1,
+                                                 softcap, softcap)
+            yield f"fused LM-head reward {name}" + (" softcap" if softcap else ""), lmhead
+
+    for min_p in (False, True):
+        def sampling(min_p=min_p):
+            b = 4
+            sample_triton(torch.randn(b, 128256), torch.full((b,), 0.7),
+                          torch.full((b,), 50, dtype=torch.int32), torch.full((b,), 0.9),
+                          torch.arange(b, dtype=torch.int64), torch.arange(b, dtype=torch.int64),
+                          torch.full((b,), 0.05) if min_p else None)
+        yield "sampling fp32 logits" + (" min_p" if min_p else ""), sampling
+
+
+def resources(cubin: bytes) -> dict:
+    """Registers, local memory (spills) and static shared memory per thread/block, from the
+    cubin (cuobjdump, shipped with Triton's CUDA backend); {} if it is not there."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    if not found:
+        return {}
+    regs, stack, _, local = map(int, found.groups())
+    return {"registers": regs, "stack": stack, "local": local}
+
+
+def switches(kwargs: dict) -> dict:
+    """The launch's constexpr switches and block sizes (upper-case names), and warps/stages."""
+    return {k: v for k, v in kwargs.items()
+            if (k.isupper() or k in ("num_warps", "num_stages")) and not isinstance(v, torch.Tensor)}
+
+
+def compile_all(launches: list, run, arch: int):
+    before = driver._active      # None here: no GPU driver to go back to
+    driver.set_active(TargetOnly(arch))
+    try:
+        for launch in launches:
+            for config in launch.configs or [None]:
+                kwargs = dict(launch.kwargs)
+                if config is not None:
+                    kwargs.update(config.all_kwargs())
+                t = time.perf_counter()
+                row = {"config": {k: v for k, v in switches(kwargs).items()
+                                  if config is None or k in config.all_kwargs()}}
+                try:
+                    kernel = run(launch.fn, *launch.args, grid=(1,), warmup=True, **kwargs)
+                    row.update(ok=True, shared=kernel.metadata.shared,
+                               **resources(kernel.asm["cubin"]))
+                except Exception as e:   # a compile error is what this is here to find
+                    row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:400]}")
+                row["seconds"] = round(time.perf_counter() - t, 2)
+                launch.results.append(row)
+    finally:
+        driver._active = before
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", type=int, default=90, help="compute capability (90: H100/H200)")
+    ap.add_argument("--out", type=Path, default=None, help="write kernel-compile-sm<arch>.json")
+    args = ap.parse_args()
+    launches, variant = [], [""]
+    with intercepted(launches, variant) as run:
+        for name, call in recipes():
+            variant[0] = name
+            call()
+    # The same kernel with the same switches twice in a variant (the two models' LM heads) is
+    # one compile.
+    seen, unique = set(), []
+    for launch in launches:
+        key = (launch.variant, launch.fn.__name__, repr(switches(launch.kwargs)))
+        if key not in seen:
+            seen.add(key)
+            unique.append(launch)
+    launches = unique
+    compile_all(launches, run, args.arch)
+    print(f"Triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}")
+    problems, notes = [], []
+    for launch in launches:
+        fits = [r for r in launch.results if r["ok"] and r["shared"] <= SHARED_PER_BLOCK]
+        print(f"\n{launch.variant}: {launch.fn.__name__} {switches(launch.kwargs)}")
+        for r in launch.results:
+            if r["ok"]:
+                print(f"  {r['config']}: {r.get('registers', '?')} registers, "
+                      f"{r.get('local', '?')} B local (spills), {r['shared']} B shared "
+                      f"({r['seconds']} s)")
+            else:
+                print(f"  {r['config']}: FAILED {r['error']}")
+        where = f"{launch.variant} ({launch.fn.__name__})"
+        errors = sum(not r["ok"] for r in launch.results)
+        if errors:   # the autotuner skips only resource errors: this one would stop the run
+            problems.append(f"{where}: {errors} configuration(s) do not compile")
+        if not fits:
+            problems.append(f"{where}: no configuration fits {SHARED_PER_BLOCK} B of shared "
+                            "memory")
+        elif len(fits) < len(launch.results) - errors:
+            notes.append(f"{where}: {len(launch.results) - errors - len(fits)} configuration(s) "
+                         "need more shared memory than a block has (the autotuner skips them)")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"kernel-compile-sm{args.arch}.json").write_text(json.dumps(
+            {"triton": triton.__version__, "torch": torch.__version__, "arch": args.arch,
+             "launches": [{"variant": x.variant, "kernel": x.fn.__name__,
+                           "switches": switches(x.kwargs), "results": x.results}
+                          for x in launches]}, indent=1, default=str))
+    print(f"\n{len(launches)} launches, {sum(len(x.results) for x in launches)} compiles for "
+          f"sm_{args.arch}")
+    for line in notes:
+        print("  note: " + line)
+    for line in problems:
+        print("  PROBLEM: " + line)
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()
