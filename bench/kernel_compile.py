@@ -6,8 +6,9 @@ The kernel wrappers run on CPU tensors in the engine's real layouts (bf16 and fp
 attention: 32 query heads and 8 kv heads of 128, blocks of 16; sliding windows, soft-caps,
 shared prefixes, min-p), with Triton's launches intercepted, so nothing runs. Each launch is
 then compiled for sm_90 with every configuration the autotuner would time on the GPU, against
-a stand-in driver that only names the target. Per compile it prints the registers, the local
-memory per thread (spills) and the shared memory; it exits 1 when a compile fails (on the GPU
+a stand-in driver that only names the target. Per compile it prints the registers, the bytes
+spilled per thread, the shared memory and which tensor-core instruction tl.dot became (wgmma,
+Hopper's, or the older mma.sync); it exits 1 when a compile fails (on the GPU
 that would stop the autotuner, which skips only configurations short of resources) or a
 launch has no configuration that fits a block's shared memory. A GPU minute is then not spent finding a kernel
 that does not compile. The Triton here (see the header line) may be newer than the GPU
@@ -131,13 +132,16 @@ def recipes():
                     torch.full((4,), 32, dtype=torch.int32) if start else None)
             yield label, decode
 
-        for window, softcap in ((None, None), (64, 30.0)):
-            def extend(dtype=dtype, window=window, softcap=softcap):
+        for window, softcap, chunk in ((None, None, 8), (None, None, 512), (64, 30.0, 8)):
+            # a scoring chunk (8 tokens a beam) and a prefill-sized one (128-row query tiles)
+            def extend(dtype=dtype, window=window, softcap=softcap, chunk=chunk):
                 _, kc, vc, tables, lens = attention_inputs(dtype)
-                q = torch.randn(4 * 24, 32, 128).to(dtype)
-                cu = torch.arange(0, 5 * 24, 24, dtype=torch.int32)
+                lens.fill_(1000)
+                tables = torch.arange(4 * 64, dtype=torch.int32).view(4, 64) % kc.shape[0]
+                q = torch.randn(4 * chunk, 32, 128).to(dtype)
+                cu = torch.arange(0, 5 * chunk, chunk, dtype=torch.int32)
                 paged_extend_attention_triton(q, kc, vc, tables, cu, lens, 0.1, window, softcap)
-            yield f"extend {name}" + (" window+softcap" if window else ""), extend
+            yield f"extend {name} {chunk} queries" + (" window+softcap" if window else ""), extend
 
         def cascade(dtype=dtype):
             q, kc, vc, tables, lens = attention_inputs(dtype, batch=16)
@@ -188,7 +192,15 @@ def resources(cubin: bytes) -> dict:
     if not found:
         return {}
     regs, stack, _, local = map(int, found.groups())
-    return {"registers": regs, "stack": stack, "local": local}
+    # Registers that do not fit spill to the thread's stack frame, in local memory.
+    return {"registers": regs, "spilled": stack + local}
+
+
+def mma_kind(kernel) -> str:
+    """Which tensor-core instruction tl.dot became: Hopper's wgmma (asynchronous, warpgroup)
+    or the older mma.sync, which reaches a fraction of an H100's dense peak; '-' for none."""
+    ptx = kernel.asm["ptx"]
+    return "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "-"
 
 
 def switches(kwargs: dict) -> dict:
@@ -211,7 +223,7 @@ def compile_all(launches: list, run, arch: int):
                                   if config is None or k in config.all_kwargs()}}
                 try:
                     kernel = run(launch.fn, *launch.args, grid=(1,), warmup=True, **kwargs)
-                    row.update(ok=True, shared=kernel.metadata.shared,
+                    row.update(ok=True, shared=kernel.metadata.shared, mma=mma_kind(kernel),
                                **resources(kernel.asm["cubin"]))
                 except Exception as e:   # a compile error is what this is here to find
                     row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:400]}")
@@ -249,8 +261,8 @@ def main():
         for r in launch.results:
             if r["ok"]:
                 print(f"  {r['config']}: {r.get('registers', '?')} registers, "
-                      f"{r.get('local', '?')} B local (spills), {r['shared']} B shared "
-                      f"({r['seconds']} s)")
+                      f"{r.get('spilled', '?')} B spilled, {r['shared']} B shared, "
+                      f"{r.get('mma', '-')} ({r['seconds']} s)")
             else:
                 print(f"  {r['config']}: FAILED {r['error']}")
         where = f"{launch.variant} ({launch.fn.__name__})"

@@ -15,7 +15,7 @@ GPU the keys per step, warps and stages are autotuned per shape; fp32 inputs use
 
 import torch
 
-from w2s_engine.kernels._common import configs, dot_precision, sm_count
+from w2s_engine.kernels._common import INTERPRET, configs, dot_precision, sm_count
 
 try:
     import triton
@@ -457,9 +457,10 @@ def paged_extend_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_
     if q.shape[0] == 0:
         return out
     max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-    # Query tile: 128 rows for prefill-sized chunks on a GPU (more reuse of each K/V tile);
-    # no larger than the longest chunk needs.
-    block_m = (128 if q.is_cuda and max_q >= 128 else 64) if d <= 128 else 32
+    # Query tile: 128 rows for prefill-sized chunks (more reuse of each K/V tile; 64 under
+    # the interpreter, which is slow with big tiles); no larger than the longest chunk needs.
+    # From 64 rows tl.dot is Hopper's wgmma (bench/kernel_compile.py reads it in the PTX).
+    block_m = (128 if not INTERPRET and max_q >= 128 else 64) if d <= 128 else 32
     block_m = min(block_m, max(16, triton.next_power_of_2(max_q)))
     grid = (B, hq, triton.cdiv(max_q, block_m))
     _extend_kernel[grid](
