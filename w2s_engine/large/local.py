@@ -73,9 +73,8 @@ class LocalLarge:
         hidden, cu = self.runner.run(items)
         done = [i for i, r in enumerate(parts) if r.prefilled == len(r.large_prompt_ids)]
         if done:
-            ends = (cu[1:] - 1).long()
-            last = self.runner.compute_logits(hidden[ends if len(done) == len(parts)
-                                                     else ends[done]])
+            ends = torch.tensor([cu[i + 1] - 1 for i in done], device=hidden.device)
+            last = self.runner.compute_logits(hidden[ends])
             for j, i in enumerate(done):
                 parts[i].root_logits = last[j]
                 parts[i].stats.tokens_forwarded["large"] = len(parts[i].large_prompt_ids)

@@ -162,10 +162,16 @@ class ModelRunner:
                            use_cache=False, w2s_batch=batch)
         return out.last_hidden_state[0]
 
-    def run(self, seqs: list[tuple[BlockTable, list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward a batch; returns (hidden [T, H], cu_seqlens_q [B + 1])."""
+    def run(self, seqs: list[tuple[BlockTable, list[int]]]) -> tuple[torch.Tensor, list[int]]:
+        """Forward a batch; returns (hidden [T, H], cu_seqlens [B + 1] as host ints: sequence
+        b's new tokens are rows cu[b]:cu[b + 1]). The offsets come from the host, not from the
+        device: reading them there would wait for the forward, and the host could not queue
+        the next model's forward while the GPU runs this one."""
+        offsets = [0]
+        for _, ids in seqs:
+            offsets.append(offsets[-1] + len(ids))
         batch = self.prepare(seqs)
-        return self.forward(batch), batch.cu_seqlens_q
+        return self.forward(batch), offsets
 
     def decode_logits(self, seqs: list[tuple[BlockTable, int]], extra: np.ndarray | None = None):
         """Logits [B, V] fp32 of one new token per sequence (tables already appended), and

@@ -20,12 +20,12 @@ from w2s_engine.search.small_stream import SmallStream
 
 @dataclass
 class Steered:
-    """One EFT row of a steered batch: its beam and both small models' log-probs."""
+    """One EFT row of a steered batch: its beam and where its small models' log-probs are."""
 
-    row: int                     # the row in the batch of logits
+    row: int                         # the row in the batch of logits
     beam: Beam
-    logp_tuned: torch.Tensor     # [V]
-    logp_untuned: torch.Tensor   # [V]
+    logp: dict[str, torch.Tensor]    # role -> [E, V]: the log-probs of the steered rows
+    index: int                       # this row's among them
 
 
 class EFT:
@@ -61,16 +61,26 @@ class EFT:
         combined = logits[index, :v] + beta * (logp["tuned"] - logp["untuned"])
         logits[index] = float("-inf")
         logits[index, :v] = combined
-        return logits, [Steered(row_offset + i, b, logp["tuned"][j], logp["untuned"][j])
+        return logits, [Steered(row_offset + i, b, logp, j)
                         for j, (i, (_, b)) in enumerate(zip(rows, eft))]
 
     def record(self, steered: list[Steered], tokens: list[int]):
-        """After sampling (tokens: one per row of the batch): each EFT beam's reward term."""
+        """After sampling (tokens: one per row of the batch): each EFT beam's reward term,
+        the terms of each steered batch read to the host in one copy."""
+        batches = {}
         for s in steered:
-            b, token = s.beam, tokens[s.row]
-            if b.finished and b.finish_reason == "stop" and token in self.large_eos:
-                eos = self.stream.eos_id
-                b.eos_term = float(s.logp_tuned[eos] - s.logp_untuned[eos])
-            else:
-                b.small[0].add_pending(token, float(s.logp_tuned[token] - s.logp_untuned[token]))
-            b.reward = self.weight * (sum(b.small[0].terms) + b.eos_term)
+            batches.setdefault(id(s.logp["tuned"]), []).append(s)
+        eos = self.stream.eos_id
+        for group in batches.values():
+            tuned, untuned = group[0].logp["tuned"], group[0].logp["untuned"]
+            index = torch.tensor([s.index for s in group], device=tuned.device)
+            token = torch.tensor([tokens[s.row] for s in group], device=tuned.device)
+            at_token, at_eos = torch.stack([tuned[index, token] - untuned[index, token],
+                                            tuned[index, eos] - untuned[index, eos]]).tolist()
+            for s, term, eos_term in zip(group, at_token, at_eos):
+                b, t = s.beam, tokens[s.row]
+                if b.finished and b.finish_reason == "stop" and t in self.large_eos:
+                    b.eos_term = eos_term
+                else:
+                    b.small[0].add_pending(t, term)
+                b.reward = self.weight * (sum(b.small[0].terms) + b.eos_term)

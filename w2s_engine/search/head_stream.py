@@ -81,7 +81,7 @@ class HeadStream:
             offsets = []
             for chunk in batches(feeds, self.max_batch_tokens):
                 hidden, cu = self.runner.run(chunk)
-                offsets += [base + x for x in cu[:-1].tolist()]
+                offsets += [base + x for x in cu[:-1]]
                 rows.append(hidden)
                 base += hidden.shape[0]
             index = [offsets[fi] + q for _, _, fi, _, at, _, _ in plans if fi is not None

@@ -61,7 +61,7 @@ class SmallStream:
             done = 0
             for chunk in batches([(st.table, st.ids) for st in states], self.max_batch_tokens):
                 hidden, cu = runner.run(chunk)
-                for end in cu[1:].tolist():
+                for end in cu[1:]:
                     states[done].last_hidden[role] = hidden[end - 1]
                     done += 1
 
@@ -135,7 +135,7 @@ class SmallStream:
             for chunk in batches(feeds, self.max_batch_tokens):
                 h, cu = runner.run(chunk)
                 parts.append(h)
-                offsets += [base + x for x in cu[:-1].tolist()]
+                offsets += [base + x for x in cu[:-1]]
                 base += h.shape[0]
             hidden[role] = torch.cat(parts) if parts else None
             hidden[role + "_offsets"] = offsets
@@ -190,7 +190,7 @@ class SmallStream:
             self._append([(st.table, len(ids)) for st, ids in fed])
             for role, runner in self.runners.items():
                 hidden, cu = runner.run([(st.table, ids) for st, ids in fed])
-                for (st, _), end in zip(fed, cu[1:].tolist()):
+                for (st, _), end in zip(fed, cu[1:]):
                     st.last_hidden[role] = hidden[end - 1]
         return [len(ids) for ids in pending]
 
