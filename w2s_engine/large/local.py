@@ -73,7 +73,7 @@ class LocalLarge:
         hidden, cu = self.runner.run(items)
         done = [i for i, r in enumerate(parts) if r.prefilled == len(r.large_prompt_ids)]
         if done:
-            ends = torch.tensor([cu[i + 1] - 1 for i in done], device=hidden.device)
+            ends = self.runner.upload([cu[i + 1] - 1 for i in done]).long()
             last = self.runner.compute_logits(hidden[ends])
             for j, i in enumerate(done):
                 parts[i].root_logits = last[j]

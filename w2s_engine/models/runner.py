@@ -114,9 +114,10 @@ class ModelRunner:
         host.numpy()[:] = words.ravel()
         return host
 
-    def upload(self, words: np.ndarray) -> torch.Tensor:
-        """int32 words to the device in one asynchronous copy."""
-        return self.pinned(words).to(self.device, non_blocking=True)
+    def upload(self, words) -> torch.Tensor:
+        """int32 words (an array or a list) to the device in one asynchronous copy; unlike
+        torch.tensor(list, device=...), which waits for the work queued before it."""
+        return self.pinned(np.asarray(words, dtype=np.int32)).to(self.device, non_blocking=True)
 
     def prepare(self, seqs: list[tuple[BlockTable, list[int]]]) -> ForwardBatch:
         """Pack sequences whose tables already hold room for their new tokens (appended):
@@ -197,6 +198,5 @@ class ModelRunner:
         """Copy-on-write: copy each src block to dst, all layers, K and V, in one launch."""
         if not pairs:
             return
-        src = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=self.device)
-        dst = torch.tensor([d for _, d in pairs], dtype=torch.long, device=self.device)
-        copy_blocks(self.kv_pool, src, dst)
+        words = self.upload(np.asarray(pairs, dtype=np.int32).T)   # src row, then dst row
+        copy_blocks(self.kv_pool, words[:len(pairs)], words[len(pairs):])

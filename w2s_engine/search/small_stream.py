@@ -177,7 +177,7 @@ class SmallStream:
                 picks = [i if i >= 0 else base - 1 - i for i in index[role]]
             else:
                 picks = index[role]
-            rows[role] = out[torch.tensor(picks, dtype=torch.long, device=out.device)]
+            rows[role] = out[self.runners[role].upload(picks).long()]
         return hidden, rows, targets, segments, counts
 
     def forward_pending(self, states: list[SmallState]) -> list[int]:
@@ -197,9 +197,9 @@ class SmallStream:
     def _terms(self, rows, targets, segments, num_segments) -> list[float]:
         if not targets:
             return []
-        dev = next(iter(self.runners.values())).device
-        tgt = torch.tensor(targets, dtype=torch.long, device=dev)
-        seg = torch.tensor(segments, dtype=torch.long, device=dev)
+        runner = next(iter(self.runners.values()))
+        ints = runner.upload(targets + segments).long()    # one asynchronous copy
+        tgt, seg = ints[:len(targets)], ints[len(targets):]
         if len(self.runners) == 2:
             t, u = self.runners["tuned"], self.runners["untuned"]
             diff, _ = fused_lmhead_chunk_reward(
