@@ -123,6 +123,10 @@ def test_paged_extend_triton_matches_reference_for_mixed_query_lengths(dtype, hq
     out = paged_extend_attention_triton(q, k, v, bt, cu, sl, 0.2, window, softcap)
     ref = paged_extend_attention_ref(q, k, v, bt, cu, sl, 0.2, window, softcap)
     torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    # The longest chunk from the caller (the engine knows it on the host): the same grid.
+    given = paged_extend_attention_triton(q, k, v, bt, cu, sl, 0.2, window, softcap,
+                                          max_query_len=20)
+    assert torch.equal(given, out)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -448,7 +448,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, s
 
 
 def paged_extend_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
-                                  scale, sliding_window=None, softcap=None):
+                                  scale, sliding_window=None, softcap=None, max_query_len=None):
     hq, hkv, d, bs = _check(q, k_cache, v_cache, block_tables, seq_lens, "paged_extend_attention")
     B = block_tables.shape[0]
     if cu_seqlens_q.dtype != torch.int32 or cu_seqlens_q.shape != (B + 1,):
@@ -456,7 +456,10 @@ def paged_extend_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_
     out = torch.empty_like(q)
     if q.shape[0] == 0:
         return out
-    max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    # The longest chunk sizes the grid. From the caller, who knows it on the host: reading it
+    # from cu_seqlens_q waits for the device, at every layer of an eager forward.
+    max_q = max_query_len if max_query_len is not None else \
+        int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     # Query tile: 128 rows for prefill-sized chunks (more reuse of each K/V tile; 64 under
     # the interpreter, which is slow with big tiles); no larger than the longest chunk needs.
     # From 64 rows tl.dot is Hopper's wgmma (bench/kernel_compile.py reads it in the PTX).
@@ -486,10 +489,13 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
 
 
 def paged_extend_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale,
-                           sliding_window=None, softcap=None):
+                           sliding_window=None, softcap=None, max_query_len=None):
+    """max_query_len: the longest sequence's new tokens, if the caller knows it (saves the
+    GPU path a device read)."""
     if q.is_cuda and triton is not None:
         return paged_extend_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q,
-                                             seq_lens, scale, sliding_window, softcap)
+                                             seq_lens, scale, sliding_window, softcap,
+                                             max_query_len)
     if softcap:
         return paged_extend_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q,
                                           seq_lens, scale, sliding_window, softcap)

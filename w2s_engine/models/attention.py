@@ -75,7 +75,7 @@ def attend(batch: ForwardBatch, q, k, v, layer: int, scaling: float, sliding_win
     else:
         out = paged_extend_attention(q.contiguous(), k_cache, v_cache, batch.block_tables,
                                      batch.cu_seqlens_q, batch.seq_lens, scaling,
-                                     sliding_window, softcap)
+                                     sliding_window, softcap, batch.max_query_len)
     return out
 
 
