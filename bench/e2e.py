@@ -255,6 +255,8 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
         # Plain sampling of W*K streams per request: one decode step per new token.
         "plain_step_ms": round(1e3 * base_seconds / max_new, 3),
         "cuda_graphs": bool(engine.config.cuda_graphs),
+        "graphs_captured": len(getattr(engine.runners["large"].graphs, "graphs", {}) or {}),
+        "capture_error": getattr(engine.runners["large"].graphs, "capture_error", None),
         "cascade_attention": bool(engine.config.cascade_attention),
         "torch_compile": bool(engine.config.torch_compile),
         "device": machine(), "torch": torch.__version__, "commit": commit(),

@@ -88,6 +88,20 @@ def test_static_padded_decode_gives_the_eager_logits_for_every_bucket():
     static_against_eager(model, capture=False, sizes=[1, 2, 3, 5, 8, 13, 16])
 
 
+def test_a_capture_that_fails_leaves_the_static_path_running_without_graphs(caplog):
+    """A model whose decode cannot be captured (here: a CPU device, which has no graphs)
+    still decodes, on the static buffers, and the engine says why graphs are off."""
+    if DEVICE != "cpu":
+        pytest.skip("the failing capture is a CPU one")
+    model = tiny_llama(97, seed=5, layers=2)
+    runner = ModelRunner(model, num_blocks=64, block_size=4)
+    with caplog.at_level("ERROR"):
+        graphs = DecodeGraphs(runner, max_batch=4, capture=True)
+    assert graphs.graphs == {} and "CUDA" in graphs.capture_error
+    assert "CUDA graph capture failed" in caplog.text
+    static_against_eager(model, capture=True, sizes=[1, 3])
+
+
 def test_static_padded_decode_works_with_a_sliding_window_model():
     model = tiny_llama(97, seed=6, layers=2, sliding_window=5)
     static_against_eager(model, capture=False, sizes=[3, 7])

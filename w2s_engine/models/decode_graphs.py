@@ -80,8 +80,18 @@ class DecodeGraphs:
                                   device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_seconds = 0.0
+        self.capture_error: str | None = None
+        self.memory_bytes = 0
         if capture:
-            self._capture()
+            try:
+                self._capture()
+            except Exception as e:
+                # The static path still runs, eagerly: slower, not wrong. Say so loudly.
+                self.graphs = {}
+                self.capture_error = f"{type(e).__name__}: {e}"
+                logger.exception("CUDA graph capture failed; the decode runs on the static "
+                                 "buffers without graphs (slower). cuda_graphs=False skips "
+                                 "the attempt")
 
     # ---- a step --------------------------------------------------------------------------
 
