@@ -109,7 +109,7 @@ def breaker(draw, body: Body):
     if kind == "int":
         name = draw(st.sampled_from(sorted(INT_FIELDS)))
         huge = huge_ints.filter(lambda v: name != "seed" or v >= 2**63 or v < 0)
-        if name in ("l", "max_tokens", "seed"):   # null is a valid value for these
+        if name in ("l", "max_tokens", "seed", "n"):   # null is a valid value for these
             value = draw(st.one_of(huge, st.sampled_from(INT_FIELDS[name]),
                                    wrong_types.filter(lambda v: v is not None)))
         else:
