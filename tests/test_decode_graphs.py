@@ -206,6 +206,30 @@ def test_a_beam_search_with_cascade_attention_reads_shared_prefixes_and_gives_th
     cascade.check_all_free()
 
 
+def test_eft_steps_the_small_models_on_their_static_path_with_the_same_results(models,
+                                                                              monkeypatch):
+    """EFT forwards one token per sample per step on both small models: with graphs on, a
+    decode on their own static buffers (graph replays on a GPU), the LM head in it."""
+    eager, static = engine_pair(models, 0, max_batch=16)
+    runners = list(static.scorer.eft_stream.runners.values())
+    assert all(r.graphs is not None for r in runners)
+    calls = []
+    for r in runners:
+        run = r.graphs.run
+        monkeypatch.setattr(r.graphs, "run", lambda seqs, extra=None, run=run:
+                            calls.append(len(seqs)) or run(seqs, extra))
+    params = SearchParams.eft(beta=1.5, n=3, max_new_tokens=10, seed=4)
+    prompts = ["I really", "The plot of this film"]
+    want, got = eager.search(prompts, params), static.search(prompts, params)
+    assert [[h.token_ids for h in r.hypotheses] for r in got] == \
+        [[h.token_ids for h in r.hypotheses] for r in want]
+    for w, g in zip(want, got):
+        assert [h.reward for h in g.hypotheses] == \
+            pytest.approx([h.reward for h in w.hypotheses], abs=1e-5)
+    assert calls and max(calls) == 6      # both prompts' 3 samples in one decode per model
+    static.check_all_free()
+
+
 def test_a_cross_vocabulary_search_on_the_static_path_gives_the_same_results(models):
     eager, static = engine_pair(models, 1, max_batch=64)
     params = SearchParams.cbs(2, 2, 3, max_new_tokens=13, temperature=1.0, seed=9)
@@ -244,6 +268,15 @@ class TestGraphsOnGPU:
         model = tiny_llama(97, seed=5, layers=2)
         static_against_eager(model, capture=True, sizes=[1, 2, 3, 5, 8, 13, 16, 24, 40, 64],
                              cascade=True)
+
+    def test_eft_on_the_small_models_graphs_gives_the_same_tokens(self, models):
+        eager, graphed = engine_pair(models, 0, max_batch=64)
+        assert all(r.graphs.graphs for r in graphed.scorer.eft_stream.runners.values())
+        params = SearchParams.eft(beta=1.5, n=3, max_new_tokens=10, seed=4)
+        prompts = ["I really", "The plot of this film"]
+        want, got = eager.search(prompts, params), graphed.search(prompts, params)
+        assert [[h.token_ids for h in r.hypotheses] for r in got] == \
+            [[h.token_ids for h in r.hypotheses] for r in want]
 
     def test_a_search_with_torch_compile_under_the_graphs_gives_the_same_tokens(self, models):
         torch._dynamo.reset()

@@ -41,6 +41,7 @@ from w2s_engine.search.sequence import Beam
 from w2s_engine.search.stream import FinalText, SearchDelta
 
 log = logging.getLogger("w2s_engine")
+EFT_GRAPH_MAX_BATCH = 64    # EFT rows a step on the small models' graphs (more run eagerly)
 
 
 class SearchError(RuntimeError):
@@ -86,8 +87,17 @@ class Engine:
                                                                         config.dtype)
                               for m in self.models.values())
         graphs = config.cuda_graphs and not remote
+        # EFT steps the small models a token at a time: they get graphs too, for fewer rows,
+        # when they could run it (one vocabulary with the large model).
+        eft_graphs = graphs and tuned is not None and all(
+            self.models[r].tokenizer.get_vocab() == self.models["large"].tokenizer.get_vocab()
+            for r in ("tuned", "untuned"))
+        eft_batch = min(EFT_GRAPH_MAX_BATCH, config.cuda_graph_max_batch)
         graph_bytes = (ModelShape.of(self.models["large"].model).decode_activation_bytes(
             config.cuda_graph_max_batch, config.dtype) if graphs else 0)
+        if eft_graphs:
+            graph_bytes += sum(ModelShape.of(self.models[r].model).decode_activation_bytes(
+                eft_batch, config.dtype) for r in ("tuned", "untuned"))
         num_blocks = pool_blocks(bytes_per_block, config.num_kv_blocks,
                                  config.kv_cache_memory_bytes, config.device,
                                  config.kv_cache_memory_fraction, config.cpu_kv_cache_bytes,
@@ -120,6 +130,10 @@ class Engine:
         if self.scorer.eft_stream is not None:
             self.large.eft = EFT(self.scorer.eft_stream, len(self.large.tokenizer),
                                  self.large.eos_ids, implicit.weight)
+            if eft_graphs:
+                for runner in self.scorer.eft_stream.runners.values():
+                    runner.graphs = DecodeGraphs(runner, eft_batch,
+                                                 capture=runner.device.type == "cuda")
         self.kv = KVSpace(self.large.blocks, self.scorer.blocks)
         if self.large.blocks is not None:
             self.budget.add_pool("large")

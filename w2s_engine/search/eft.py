@@ -3,9 +3,9 @@
 A peer of the search on the same machinery (Mitchell et al. 2023, Liu et al. 2024), for
 comparison: it needs the three models to share one vocabulary, so the sampled ids go to the
 small models as they are. The small models step in lockstep with the large one, on the
-beam's own small stream: each step forwards the token sampled at the last step
-(SmallStream.forward_pending), reads both models' next-token log-probs from the final hidden
-states, and steers the large model's logits with them. After sampling, the token's term
+beam's own small stream: each step forwards the token sampled at the last step and reads
+both models' next-token log-probs (SmallStream.next_logits: a decode on the small models'
+graphs where they have them), and steers the large model's logits with them. After sampling, the token's term
 log pi_tuned - log pi_untuned is recorded as the stream's pending token, so the reward of an
 EFT sample equals the implicit reward of the same response scored by Engine.score.
 """
@@ -46,14 +46,12 @@ class EFT:
             return logits, []
         eft = [items[i] for i in rows]
         states = [b.small[0] for _, b in eft]
-        fed = self.stream.forward_pending(states)
+        logits_small, fed = self.stream.next_logits(states)
         for (r, _), n in zip(eft, fed):
             for role in self.stream.roles:
                 r.stats.tokens_forwarded[role] += n
-        logp = {}
-        for role, runner in self.stream.runners.items():
-            hidden = torch.stack([st.last_hidden[role] for st in states])
-            logp[role] = torch.log_softmax(runner.compute_logits(hidden)[:, :self.vocab_size], dim=-1)
+        logp = {role: torch.log_softmax(x[:, :self.vocab_size], dim=-1)
+                for role, x in logits_small.items()}
         v = self.vocab_size
         logits = logits.clone()
         index = torch.tensor(rows, device=logits.device)

@@ -194,6 +194,26 @@ class SmallStream:
                     st.last_hidden[role] = hidden[end - 1]
         return [len(ids) for ids in pending]
 
+    def next_logits(self, states: list[SmallState]) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Each state's next-token logits [B, V] per model, its pending tokens forwarded first;
+        and the tokens forwarded per state. When every state has one pending token (EFT after
+        its first step) and the runners decode on static buffers, that is a decode: a CUDA
+        graph replay per model, the LM head in it (each model's logits are valid until its
+        next decode). Else forward_pending and the LM head on the stored hidden states."""
+        pending = [len(st.ids) - st.table.num_tokens for st in states]
+        graphs = [r.graphs for r in self.runners.values()]
+        if states and all(n == 1 for n in pending) and \
+                all(g is not None and len(states) <= g.max_batch for g in graphs):
+            self._append([(st.table, 1) for st in states])
+            logits = {role: runner.decode_logits([(st.table, st.ids[-1]) for st in states])[0]
+                      for role, runner in self.runners.items()}
+            for st in states:
+                st.last_hidden = {}     # not kept on this path; a later extend re-forwards one
+            return logits, pending
+        fed = self.forward_pending(states)
+        return {role: runner.compute_logits(torch.stack([st.last_hidden[role] for st in states]))
+                for role, runner in self.runners.items()}, fed
+
     def _terms(self, rows, targets, segments, num_segments) -> list[float]:
         if not targets:
             return []
