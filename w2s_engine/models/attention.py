@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
 from w2s_engine.kernels.cascade_attention import SharedPrefixes, cascade_decode_attention
 from w2s_engine.kernels.kv_cache import store_kv
@@ -103,10 +102,10 @@ def _(q, k, v, layer, scaling, sliding_window, softcap):
     return torch.empty_like(q)
 
 
-def _no_mask(*args, **kwargs):
-    # Causality and windows come from positions and block tables, not from a dense mask.
-    return None
-
-
+# Causality and windows come from positions and block tables, not from a dense mask. No mask
+# function is registered for this implementation on purpose: transformers then returns no mask
+# straight away (its rule for vLLM/TGI-style attention). With one registered, it first checks
+# the position ids for packed sequences, a read of the device in every forward: a wait in
+# every eager forward, and a failed CUDA graph capture in a transformers that does not skip
+# it while capturing (tests/test_decode_graphs.py holds the decode free of device reads).
 AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)

@@ -1,0 +1,148 @@
+"""What a GPU would wait on: the engine's forwards read nothing back from the device.
+
+A CUDA graph capture fails on any read of the device (`.item()`, `.tolist()`, a tensor in an
+`if`, `nonzero`, a boolean mask, a tensor built from a list), and in an eager forward each
+such read makes the host wait for the GPU before it can queue more work. On the CPU nothing
+waits, so these tests record the reads instead: every architecture's decode on the static
+buffers (the region a graph captures) and an eager extend (prefill, scoring), with the
+attention and KV store through the GPU's Triton wrappers (run by the interpreter, whose own
+host work is not counted, nor the filling of the pinned host buffers), must make none.
+"""
+
+import traceback
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import w2s_engine.models.attention as attention
+from test_runner import TINY_CONFIGS, tiny_model
+from w2s_engine.cache.block_manager import BlockManager
+from w2s_engine.models.decode_graphs import DecodeGraphs
+from w2s_engine.models.runner import ModelRunner
+
+triton = pytest.importorskip("triton")
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from w2s_engine.kernels.kv_cache import store_kv_triton  # noqa: E402
+from w2s_engine.kernels.paged_attention import (paged_decode_attention_triton,  # noqa: E402
+                                                paged_extend_attention_triton)
+
+READ_METHODS = {"item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__",
+                "nonzero"}
+READ_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "is_nonzero")
+
+
+class DeviceReads(TorchFunctionMode):
+    """Records reads of tensor data by the host (with where they happened), outside the
+    Triton interpreter's launches."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads, self.paused = [], 0
+        self.ops = _OpReads(self)
+
+    def note(self, what: str):
+        if not self.paused:
+            self.reads.append((what, "".join(traceback.format_stack(limit=7)[:-2])))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in READ_METHODS or func is torch.tensor:
+            self.note(name or str(func))
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self.ops.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        return self.ops.__exit__(*exc)
+
+
+class _OpReads(TorchDispatchMode):
+    def __init__(self, owner):
+        super().__init__()
+        self.owner = owner
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(op in str(func) for op in READ_OPS) or (
+                "aten.index" in str(func) and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                    for i in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple))
+                              else []))):
+            self.owner.note(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """The attention through the GPU's wrappers; the interpreter's launches not counted."""
+    mode = DeviceReads()
+    launch = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        mode.paused += 1
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            mode.paused -= 1
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    pinned = ModelRunner.pinned
+
+    def host_buffer(self, words):    # a host (pinned) buffer on a GPU too: not a device read
+        mode.paused += 1
+        try:
+            return pinned(self, words)
+        finally:
+            mode.paused -= 1
+    monkeypatch.setattr(ModelRunner, "pinned", host_buffer)
+
+    def attend(batch, q, k, v, layer, scaling, sliding_window=None, softcap=None):
+        k_cache, v_cache = batch.kv_pool[layer, 0], batch.kv_pool[layer, 1]
+        store_kv_triton(k, v, k_cache, v_cache, batch.slot_mapping)
+        if batch.is_decode:
+            out, _ = paged_decode_attention_triton(q.contiguous(), k_cache, v_cache,
+                                                   batch.block_tables, batch.seq_lens, scaling,
+                                                   sliding_window, softcap)
+            return out
+        return paged_extend_attention_triton(q.contiguous(), k_cache, v_cache, batch.block_tables,
+                                             batch.cu_seqlens_q, batch.seq_lens, scaling,
+                                             sliding_window, softcap, batch.max_query_len)
+    monkeypatch.setattr(attention, "attend", attend)
+    return mode
+
+
+def where(mode) -> str:
+    return "\n".join(f"{what} at:\n{stack}" for what, stack in mode.reads[:3])
+
+
+@pytest.mark.parametrize("arch", list(TINY_CONFIGS))
+def test_the_decode_a_graph_captures_reads_nothing_from_the_device(arch, reads):
+    runner = ModelRunner(tiny_model(arch), num_blocks=64, block_size=4)
+    graphs = DecodeGraphs(runner, max_batch=4, capture=False)
+    graphs._warmup_rows(4)     # the rows a capture runs on: long, in real blocks
+    with reads:
+        graphs._forward(4)     # the captured region: unpack, forward, LM head
+    assert not reads.reads, where(reads)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_an_eager_extend_reads_nothing_from_the_device(arch, reads):
+    """Prefill and the small models' scoring: the host can queue the next model's forward
+    while the GPU runs this one."""
+    runner = ModelRunner(tiny_model(arch), num_blocks=64, block_size=4)
+    blocks = BlockManager(64, 4)
+    tables = [blocks.new_table() for _ in range(3)]
+    for t, n in zip(tables, (9, 5, 12)):
+        blocks.append(t, n)
+    runner.run([(t, list(range(1, t.num_tokens + 1))) for t in tables])
+    feeds = [(t, [7, 8, 9][:i + 1]) for i, t in enumerate(tables)]
+    for t, ids in feeds:
+        blocks.append(t, len(ids))
+    with reads:
+        hidden, offsets = runner.run(feeds)
+    assert not reads.reads, where(reads)
+    assert offsets == [0, 1, 3, 6] and hidden.shape[0] == 6
