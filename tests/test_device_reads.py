@@ -146,3 +146,42 @@ def test_an_eager_extend_reads_nothing_from_the_device(arch, reads):
         hidden, offsets = runner.run(feeds)
     assert not reads.reads, where(reads)
     assert offsets == [0, 1, 3, 6] and hidden.shape[0] == 6
+
+
+def test_a_beam_search_step_reads_the_device_once_and_a_scoring_step_three_times(reads,
+                                                                              monkeypatch):
+    """Issue 16's one copy back per step: a decode step reads the sampled tokens and nothing
+    else; a step that also scores a chunk adds the reward kernel's input check and the
+    rewards. The engine runs as on a GPU: static decode buffers, and every kernel through its
+    Triton wrapper."""
+    import w2s_engine.large.local as local
+    import w2s_engine.models.runner as runner_module
+    import w2s_engine.search.small_stream as small_stream
+    from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
+    from w2s_engine import Engine, SearchParams
+    from w2s_engine.kernels.chunk_reward import fused_lmhead_chunk_reward_triton
+    from w2s_engine.kernels.kv_cache import copy_blocks_triton
+    from w2s_engine.kernels.sampling import sample_triton
+    monkeypatch.setattr(local, "sample", sample_triton)
+    monkeypatch.setattr(small_stream, "fused_lmhead_chunk_reward",
+                        fused_lmhead_chunk_reward_triton)
+    monkeypatch.setattr(runner_module, "copy_blocks", copy_blocks_triton)
+    tok = make_tokenizer(300)
+    untuned = tiny_llama(len(tok), seed=2)
+    engine = Engine((tiny_llama(len(tok), seed=1), tok), (tuned_from(untuned, 3, 0.3), tok),
+                    (clone(untuned), tok), num_kv_blocks=200, block_size=4, progress=False,
+                    device="cpu", dtype=torch.float32, cuda_graphs=True)
+    req = engine.add_request("I really", SearchParams.cbs(2, 2, 3, max_new_tokens=9, seed=1))
+    engine.step()                  # admission and prefill, and the first tokens
+    per_step = []
+    while not req.status.ended:
+        scored = req.stats.tokens_scored
+        reads.reads.clear()
+        with reads:
+            engine.step()
+        per_step.append((req.stats.tokens_scored > scored, [w for w, _ in reads.reads]))
+    assert req.error is None
+    decode = [r for s, r in per_step if not s]
+    scoring = [r for s, r in per_step if s]
+    assert decode and all(r == ["tolist"] for r in decode), decode
+    assert scoring and all(len(r) == 3 for r in scoring), scoring
