@@ -208,14 +208,14 @@ def _vocab_splits(device, programs_per_split: int, v: int, granule: int):
     return triton.cdiv(v, split_size), split_size
 
 
-def _check_common(targets, segment_ids, num_segments, n, v, name):
+def _check_common(targets, segment_ids, num_segments, n, v, name, bounds: bool = True):
     if targets.shape != (n,) or targets.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name}: targets must be int32/int64 [{n}]; got {targets.dtype} "
                         f"{tuple(targets.shape)}")
     if segment_ids.shape != (n,) or segment_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name}: segment_ids must be int32/int64 [{n}]; got "
                         f"{segment_ids.dtype} {tuple(segment_ids.shape)}")
-    if n:   # one device sync for all four bounds
+    if n and bounds:   # one device sync for all four bounds (a caller that knows them skips it)
         t_lo, t_hi, s_lo, s_hi = torch.stack([targets.min(), targets.max(), segment_ids.min(),
                                               segment_ids.max()]).tolist()
         if t_lo < 0 or t_hi >= v:
@@ -274,7 +274,7 @@ def _lmhead_logprob(hidden, weight, targets, softcap):
 
 def fused_lmhead_chunk_reward_triton(hidden_tuned, weight_tuned, hidden_untuned, weight_untuned,
                                      targets, segment_ids, num_segments, softcap_tuned=None,
-                                     softcap_untuned=None):
+                                     softcap_untuned=None, bounds_checked=False):
     name = "fused_lmhead_chunk_reward"
     n = hidden_tuned.shape[0]
     for h, w, role in ((hidden_tuned, weight_tuned, "tuned"), (hidden_untuned, weight_untuned, "untuned")):
@@ -290,7 +290,7 @@ def fused_lmhead_chunk_reward_triton(hidden_tuned, weight_tuned, hidden_untuned,
         raise ValueError(f"{name}: the two LM heads have different vocabularies "
                          f"({weight_tuned.shape[0]} and {weight_untuned.shape[0]})")
     v = weight_tuned.shape[0]
-    _check_common(targets, segment_ids, num_segments, n, v, name)
+    _check_common(targets, segment_ids, num_segments, n, v, name, not bounds_checked)
     if n == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=hidden_tuned.device)
         return empty, _segment_sums(empty, segment_ids, num_segments)
@@ -306,9 +306,12 @@ def chunk_reward(logits_tuned, logits_untuned, targets, segment_ids, num_segment
 
 
 def fused_lmhead_chunk_reward(hidden_tuned, weight_tuned, hidden_untuned, weight_untuned, targets,
-                              segment_ids, num_segments, softcap_tuned=None, softcap_untuned=None):
+                              segment_ids, num_segments, softcap_tuned=None, softcap_untuned=None,
+                              bounds_checked=False):
+    """bounds_checked: the caller has checked targets in [0, V) and segment_ids in
+    [0, num_segments) on the host, so the GPU path need not read them back to check."""
     args = (hidden_tuned, weight_tuned, hidden_untuned, weight_untuned, targets, segment_ids,
             num_segments, softcap_tuned, softcap_untuned)
     if hidden_tuned.is_cuda and triton is not None:
-        return fused_lmhead_chunk_reward_triton(*args)
+        return fused_lmhead_chunk_reward_triton(*args, bounds_checked=bounds_checked)
     return fused_lmhead_chunk_reward_ref(*args)

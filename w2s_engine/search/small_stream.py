@@ -222,10 +222,16 @@ class SmallStream:
         tgt, seg = ints[:len(targets)], ints[len(targets):]
         if len(self.runners) == 2:
             t, u = self.runners["tuned"], self.runners["untuned"]
+            # Checked here, on the host, so the kernel need not read them back to check.
+            vocab = min(t.lm_head_weight.shape[0], u.lm_head_weight.shape[0])
+            if not (0 <= min(targets) and max(targets) < vocab):
+                raise ValueError(f"a scored token id is outside the small models' vocabulary "
+                                 f"[0, {vocab}): [{min(targets)}, {max(targets)}]")
+            assert 0 <= min(segments) and max(segments) < num_segments
             diff, _ = fused_lmhead_chunk_reward(
                 rows["tuned"], t.lm_head_weight,
                 rows["untuned"], u.lm_head_weight, tgt, seg, num_segments,
-                t.final_logit_softcap, u.final_logit_softcap)
+                t.final_logit_softcap, u.final_logit_softcap, bounds_checked=True)
             return diff.tolist()
         (role, runner), = self.runners.items()
         logp = torch.log_softmax(runner.compute_logits(rows[role]), dim=-1)
