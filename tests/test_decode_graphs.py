@@ -278,22 +278,20 @@ class TestGraphsOnGPU:
         assert [[h.token_ids for h in r.hypotheses] for r in got] == \
             [[h.token_ids for h in r.hypotheses] for r in want]
 
-    def test_a_search_with_torch_compile_under_the_graphs_gives_the_same_tokens(self, models):
-        torch._dynamo.reset()
-        eager, compiled = engine_pair(models, 0, max_batch=64, torch_compile=True)
-        assert compiled.runners["large"].graphs.graphs, "graphs were captured"
-        params = SearchParams.cbs(4, 4, 3, max_new_tokens=12, temperature=1.0, seed=11)
-        prompts = ["I really", "The plot of this film", "What a"]
-        want, got = eager.search(prompts, params), compiled.search(prompts, params)
-        assert [[h.token_ids for h in r.hypotheses] for r in got] == \
-            [[h.token_ids for h in r.hypotheses] for r in want]
-
-    @pytest.mark.parametrize("cascade", [False, True], ids=["per-beam", "cascade"])
-    def test_a_whole_search_gives_the_same_tokens_with_and_without_graphs(self, models, cascade):
-        eager, graphed = engine_pair(models, 0, max_batch=64, cascade=cascade)
+    @staticmethod
+    def same_beam_search(eager, graphed):
         assert graphed.runners["large"].graphs.graphs, "graphs were captured"
         params = SearchParams.cbs(4, 4, 3, max_new_tokens=12, temperature=1.0, seed=11)
         prompts = ["I really", "The plot of this film", "What a"]
         want, got = eager.search(prompts, params), graphed.search(prompts, params)
         assert [[h.token_ids for h in r.hypotheses] for r in got] == \
             [[h.token_ids for h in r.hypotheses] for r in want]
+        return want, got
+
+    def test_a_search_with_torch_compile_under_the_graphs_gives_the_same_tokens(self, models):
+        torch._dynamo.reset()
+        self.same_beam_search(*engine_pair(models, 0, max_batch=64, torch_compile=True))
+
+    @pytest.mark.parametrize("cascade", [False, True], ids=["per-beam", "cascade"])
+    def test_a_whole_search_gives_the_same_tokens_with_and_without_graphs(self, models, cascade):
+        self.same_beam_search(*engine_pair(models, 0, max_batch=64, cascade=cascade))
