@@ -315,6 +315,47 @@ def test_a_request_failing_mid_search_fails_alone_and_frees_its_blocks(cross_eng
     assert cross_engine.search(["What a"], params)[0].hypotheses
 
 
+def test_a_scoring_forward_failing_in_the_second_stream_fails_its_request_alone(tok, small_pair,
+                                                                                 monkeypatch):
+    """Tuned and untuned under different templates score on two streams; the scorer queues
+    both streams' forwards before it reads either. When the second stream's forward fails for
+    one request, the first stream's queued update rolls back, each request runs again alone,
+    only that one fails, and the other ends as it does in an engine of its own."""
+    import w2s_engine.search.small_stream as small_stream
+
+    def two_streams():
+        large = tiny_llama(len(tok), seed=1, layers=3)
+        tuned, untuned = small_pair
+        engine = Engine((large, tok), (clone(tuned), tok), (clone(untuned), tok),
+                        templates={"large": LARGE_TEMPLATE, "tuned": "Glowing review: {prompt}",
+                                   "untuned": SMALL_TEMPLATE},
+                        num_kv_blocks=600, block_size=4, progress=False)
+        assert len(engine.scorer.streams) == 2
+        return engine
+    params = SearchParams(w=2, k=2, l=3, max_new_tokens=7, seed=1)
+    want = two_streams().search(["I really"], params)[0]
+
+    engine = two_streams()
+    good = engine.enqueue(engine.make_request("I really", params))
+    bad = engine.enqueue(engine.make_request("This film", params))
+    bad_ids = bad.small_prompts[1].ids
+    second = engine.scorer.streams[1]
+    forward = small_stream.SmallStream._forward
+
+    def failing(self, feeds, plans):
+        if self is second and any(u.state.ids[:len(bad_ids)] == bad_ids for u, *_ in plans):
+            raise RuntimeError("injected failure in the untuned model's forward")
+        return forward(self, feeds, plans)
+    monkeypatch.setattr(small_stream.SmallStream, "_forward", failing)
+    while engine.has_unfinished():
+        engine.step()
+    assert bad.status == "failed" and "injected failure" in bad.error
+    assert good.status == "done", good.error
+    assert [h.token_ids for h in good.result.hypotheses] == [h.token_ids for h in want.hypotheses]
+    assert good.result.reward == pytest.approx(want.reward, abs=1e-5)
+    engine.check_all_free()
+
+
 def cjk_word_tokenizer(n_words: int = 40):
     """A whole-word large tokenizer whose words are 6 CJK characters each: one large token is
     18 bytes, which the small byte-level BPE (trained on English) spells out one byte a token."""

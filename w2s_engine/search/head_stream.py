@@ -22,7 +22,7 @@ import torch
 from w2s_engine.cache.block_manager import BlockManager
 from w2s_engine.models.runner import ModelRunner
 from w2s_engine.search.sequence import SmallState
-from w2s_engine.search.small_stream import StreamUpdate, batches, failing_as_batch
+from w2s_engine.search.small_stream import Launched, StreamUpdate, batches, failing_as_batch
 from w2s_engine.search.tokens import common_prefix
 
 
@@ -74,9 +74,15 @@ class HeadStream:
         """Advance every state to its full_ids; state.reads holds the values at u.reads.
         Raises BatchFailed if the batch fails: retryable when it failed in the forward or the
         read, with every state rolled back to what it kept (SmallState.keep_first)."""
+        self.finish(self.launch(updates))
+
+    def launch(self, updates: list[StreamUpdate]) -> Launched:
+        """update()'s first half: make room, queue the forward and the head (no device read);
+        finish() or roll_back() must follow."""
         with failing_as_batch():
             feeds, plans = self._make_room(updates)
-        with failing_as_batch(self.blocks, [(u.state, feed_from) for u, *_, feed_from in plans]):
+        keep = [(u.state, feed_from) for u, *_, feed_from in plans]
+        with failing_as_batch(self.blocks, keep):
             rows, base = [], 0
             offsets = []
             for chunk in batches(feeds, self.max_batch_tokens):
@@ -86,9 +92,22 @@ class HeadStream:
                 base += hidden.shape[0]
             index = [offsets[fi] + q for _, _, fi, _, at, _, _ in plans if fi is not None
                      for q in at]
-            values = self._read(torch.cat(rows)[index]) if index else []
+            values = (self._head(torch.cat(rows)[self.runner.upload(index).long()])
+                      if index else [])
+        return Launched(plans, keep, values)
+
+    def roll_back(self, launched: Launched):
+        """A launch that will not be finished (another stream's failed): its states as kept."""
+        for st, n in launched.keep:
+            st.keep_first(self.blocks, n)
+
+    def finish(self, launched: Launched) -> None:
+        """update()'s second half: read the head's values (the one wait), set the states."""
+        with failing_as_batch(self.blocks, launched.keep):
+            values = launched.values.tolist() if torch.is_tensor(launched.values) \
+                else launched.values
         pos = 0
-        for u, kept, fi, need, at, fed, _ in plans:
+        for u, kept, fi, need, at, fed, _ in launched.plans:
             st = u.state
             new = dict(zip(need, values[pos:pos + len(need)]))
             pos += len(need)
@@ -124,5 +143,5 @@ class HeadStream:
         return feeds, plans
 
     @torch.inference_mode()
-    def _read(self, hidden: torch.Tensor) -> list[float]:
-        return self.read(hidden).tolist()
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.read(hidden)

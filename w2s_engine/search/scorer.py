@@ -244,9 +244,22 @@ class Scorer:
         for _, ups in plans:
             for si, _, u in ups:
                 per_stream[si].append(u)
-        for stream, ups in zip(self.streams, per_stream):
-            if ups:
-                stream.update(ups)
+        # Every stream's forwards queued before any is read, so that the host queues the
+        # next stream's while the device runs the last's. If one fails, the others' launched
+        # updates roll back too (a retry runs each request alone from where it was).
+        launched = []
+        try:
+            for stream, ups in zip(self.streams, per_stream):
+                if ups:
+                    launched.append((stream, stream.launch(ups)))
+            while launched:
+                stream, pending = launched[0]
+                stream.finish(pending)
+                launched.pop(0)
+        except BaseException:
+            for stream, pending in launched:
+                stream.roll_back(pending)
+            raise
         touched = {}
         for r, ups in plans:
             for si, b, u in ups:

@@ -25,6 +25,16 @@ SIGN = {"tuned": 1.0, "untuned": -1.0}
 
 
 @dataclass
+class Launched:
+    """A stream's update queued on the device and not read yet (launch -> finish)."""
+
+    plans: list
+    keep: list                       # (state, tokens it keeps) to roll back to
+    values: torch.Tensor | list      # the terms (or head values) on the device
+    extra: tuple = ()                # what finish needs besides
+
+
+@dataclass
 class StreamUpdate:
     state: SmallState
     full_ids: list[int]       # tokenize(small prompt + response), the stream's new content
@@ -69,12 +79,31 @@ class SmallStream:
         """Advance every state to its full_ids and recompute its terms (and EOS term).
         Raises BatchFailed if the batch fails: retryable when it failed in the forward or the
         reward, with every state rolled back to what it kept (SmallState.keep_first)."""
+        self.finish(self.launch(updates))
+
+    def launch(self, updates: list[StreamUpdate]) -> "Launched":
+        """update()'s first half: make room and queue the forwards and the reward kernel,
+        reading nothing from the device, so that the scorer can queue every stream's work
+        before it waits for any. finish() or roll_back() must follow."""
         with failing_as_batch():
             feeds, plans = self._make_room(updates)
-        with failing_as_batch(self.blocks, [(u.state, feed_from) for u, _, feed_from, _ in plans]):
+        keep = [(u.state, feed_from) for u, _, feed_from, _ in plans]
+        with failing_as_batch(self.blocks, keep):
             hidden, rows, targets, segments, counts = self._forward(feeds, plans)
             terms = self._terms(rows, targets, segments, len(plans))
+        return Launched(plans, keep, terms, (hidden, counts))
 
+    def roll_back(self, launched: "Launched"):
+        """A launch that will not be finished (another stream's failed): its states as kept."""
+        for st, n in launched.keep:
+            st.keep_first(self.blocks, n)
+
+    def finish(self, launched: "Launched") -> None:
+        """update()'s second half: read the rewards (the one wait) and set the states."""
+        plans, (hidden, counts) = launched.plans, launched.extra
+        with failing_as_batch(self.blocks, launched.keep):
+            terms = launched.values.tolist() if torch.is_tensor(launched.values) \
+                else launched.values
         pos = 0
         for (u, c, feed_from, fi), (forwarded, scored) in zip(plans, counts):
             st = u.state
@@ -214,7 +243,8 @@ class SmallStream:
         return {role: runner.compute_logits(torch.stack([st.last_hidden[role] for st in states]))
                 for role, runner in self.runners.items()}, fed
 
-    def _terms(self, rows, targets, segments, num_segments) -> list[float]:
+    def _terms(self, rows, targets, segments, num_segments) -> torch.Tensor | list:
+        """Each scored token's term, on the device (not read yet)."""
         if not targets:
             return []
         runner = next(iter(self.runners.values()))
@@ -232,10 +262,10 @@ class SmallStream:
                 rows["tuned"], t.lm_head_weight,
                 rows["untuned"], u.lm_head_weight, tgt, seg, num_segments,
                 t.final_logit_softcap, u.final_logit_softcap, bounds_checked=True)
-            return diff.tolist()
+            return diff
         (role, runner), = self.runners.items()
         logp = torch.log_softmax(runner.compute_logits(rows[role]), dim=-1)
-        return (SIGN[role] * logp.gather(1, tgt[:, None])[:, 0]).tolist()
+        return SIGN[role] * logp.gather(1, tgt[:, None])[:, 0]
 
     def _append(self, items):
         copies = []
