@@ -195,7 +195,9 @@ def test_features_the_engine_lacks_are_refused_naming_them(server, field, value)
 
 
 def test_penalties_and_logit_bias_are_the_python_apis_and_out_of_range_ones_are_refused(server):
-    engine = server.async_engine.engine
+    # The Python API's answers from an engine of the same models: the server's engine belongs
+    # to its loop thread (a search from this thread would step it from two threads at once).
+    engine = tiny_engine()
     body = dict(prompt="I really", max_tokens=16, seed=2, temperature=0.7,
                 presence_penalty=1.2, frequency_penalty=0.4, logit_bias={"7": 3.0, "9": -100})
     c = server.client.completions.create(model="tiny", **body,
