@@ -148,17 +148,12 @@ def test_an_eager_extend_reads_nothing_from_the_device(arch, reads):
     assert offsets == [0, 1, 3, 6] and hidden.shape[0] == 6
 
 
-def test_a_beam_search_step_reads_the_device_once_and_a_scoring_step_twice(reads,
-                                                                          monkeypatch):
-    """Issue 16's one copy back per step: a decode step reads the sampled tokens and nothing
-    else; a step that also scores a chunk adds the rewards (the token ids are checked on the
-    host, not read back). The engine runs as on a GPU: static decode buffers, and every
-    kernel through its Triton wrapper."""
+def gpu_kernels(monkeypatch):
+    """Sampling, the chunk reward and copy-on-write through their Triton wrappers, as on a
+    GPU (the attention and KV store already are: the `reads` fixture)."""
     import w2s_engine.large.local as local
     import w2s_engine.models.runner as runner_module
     import w2s_engine.search.small_stream as small_stream
-    from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
-    from w2s_engine import Engine, SearchParams
     from w2s_engine.kernels.chunk_reward import fused_lmhead_chunk_reward_triton
     from w2s_engine.kernels.kv_cache import copy_blocks_triton
     from w2s_engine.kernels.sampling import sample_triton
@@ -166,6 +161,17 @@ def test_a_beam_search_step_reads_the_device_once_and_a_scoring_step_twice(reads
     monkeypatch.setattr(small_stream, "fused_lmhead_chunk_reward",
                         fused_lmhead_chunk_reward_triton)
     monkeypatch.setattr(runner_module, "copy_blocks", copy_blocks_triton)
+
+
+def test_a_beam_search_step_reads_the_device_once_and_a_scoring_step_twice(reads,
+                                                                          monkeypatch):
+    """Issue 16's one copy back per step: a decode step reads the sampled tokens and nothing
+    else; a step that also scores a chunk adds the rewards (the token ids are checked on the
+    host, not read back). The engine runs as on a GPU: static decode buffers, and every
+    kernel through its Triton wrapper."""
+    from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
+    from w2s_engine import Engine, SearchParams
+    gpu_kernels(monkeypatch)
     tok = make_tokenizer(300)
     untuned = tiny_llama(len(tok), seed=2)
     engine = Engine((tiny_llama(len(tok), seed=1), tok), (tuned_from(untuned, 3, 0.3), tok),
@@ -185,3 +191,38 @@ def test_a_beam_search_step_reads_the_device_once_and_a_scoring_step_twice(reads
     scoring = [r for s, r in per_step if s]
     assert decode and all(r == ["tolist"] for r in decode), decode
     assert scoring and all(r == ["tolist", "tolist"] for r in scoring), scoring
+
+
+def test_a_scoring_step_queues_every_streams_forward_before_it_reads_any(reads, monkeypatch):
+    """Tuned and untuned under different templates score on two streams: both forwards are
+    queued, then both rewards read (so the host queues the second while the GPU runs the
+    first)."""
+    from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
+    from w2s_engine import Engine, SearchParams
+    tok = make_tokenizer(300)
+    untuned = tiny_llama(len(tok), seed=2)
+    engine = Engine((tiny_llama(len(tok), seed=1), tok), (tuned_from(untuned, 3, 0.3), tok),
+                    (clone(untuned), tok), num_kv_blocks=200, block_size=4, progress=False,
+                    device="cpu", dtype=torch.float32, cuda_graphs=True,
+                    templates={"tuned": "Glowing review: {prompt}", "untuned": "{prompt}"})
+    assert len(engine.scorer.streams) == 2
+    gpu_kernels(monkeypatch)
+    forward = ModelRunner.forward
+
+    def noted(self, batch):
+        reads.reads.append(("forward", ""))
+        return forward(self, batch)
+    monkeypatch.setattr(ModelRunner, "forward", noted)
+    req = engine.add_request("I really", SearchParams.cbs(2, 2, 3, max_new_tokens=6, seed=1))
+    engine.step()
+    scoring = []
+    while not req.status.ended:
+        scored = req.stats.tokens_scored
+        reads.reads.clear()
+        with reads:
+            engine.step()
+        if req.stats.tokens_scored > scored:
+            scoring.append([w for w, _ in reads.reads])
+    # the decode and its tokens, then both streams' forwards, then both streams' rewards
+    assert scoring and all(s == ["forward", "tolist", "forward", "forward", "tolist", "tolist"]
+                           for s in scoring), scoring
