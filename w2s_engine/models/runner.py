@@ -119,9 +119,10 @@ class ModelRunner:
         torch.tensor(list, device=...), which waits for the work queued before it."""
         return self.pinned(np.asarray(words, dtype=np.int32)).to(self.device, non_blocking=True)
 
-    def prepare(self, seqs: list[tuple[BlockTable, list[int]]]) -> ForwardBatch:
+    def prepare(self, seqs: list[tuple[BlockTable, list[int]]]) -> tuple[ForwardBatch, list[int]]:
         """Pack sequences whose tables already hold room for their new tokens (appended):
-        ids, positions, slots, cu_seqlens, lengths and block tables in one upload."""
+        ids, positions, slots, cu_seqlens, lengths and block tables in one upload. Returns the
+        batch and its cu_seqlens as host ints."""
         assert seqs, "empty batch"
         bs = self.block_size
         input_ids, positions, slots, cu, seq_lens = [], [], [], [0], []
@@ -147,7 +148,7 @@ class ModelRunner:
             seq_lens=words[3 * t + b + 1:3 * t + 2 * b + 1],
             block_tables=words[3 * t + 2 * b + 1:].view(b, max_blocks),
             max_query_len=max(len(ids) for _, ids in seqs),
-            kv_pool=self.kv_pool)
+            kv_pool=self.kv_pool), cu
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
@@ -168,10 +169,7 @@ class ModelRunner:
         b's new tokens are rows cu[b]:cu[b + 1]). The offsets come from the host, not from the
         device: reading them there would wait for the forward, and the host could not queue
         the next model's forward while the GPU runs this one."""
-        offsets = [0]
-        for _, ids in seqs:
-            offsets.append(offsets[-1] + len(ids))
-        batch = self.prepare(seqs)
+        batch, offsets = self.prepare(seqs)
         return self.forward(batch), offsets
 
     def decode_logits(self, seqs: list[tuple[BlockTable, int]], extra: np.ndarray | None = None):

@@ -5,9 +5,10 @@ comparison: it needs the three models to share one vocabulary, so the sampled id
 small models as they are. The small models step in lockstep with the large one, on the
 beam's own small stream: each step forwards the token sampled at the last step and reads
 both models' next-token log-probs (SmallStream.next_logits: a decode on the small models'
-graphs where they have them), and steers the large model's logits with them. After sampling, the token's term
-log pi_tuned - log pi_untuned is recorded as the stream's pending token, so the reward of an
-EFT sample equals the implicit reward of the same response scored by Engine.score.
+graphs where they have them), and steers the large model's logits with them. After
+sampling, the token's term log pi_tuned - log pi_untuned is recorded as the stream's pending
+token, so the reward of an EFT sample equals the implicit reward of the same response scored
+by Engine.score.
 """
 
 from dataclasses import dataclass
