@@ -78,7 +78,7 @@ class HeadStream:
 
     def launch(self, updates: list[StreamUpdate]) -> Launched:
         """update()'s first half: make room, queue the forward and the head (no device read);
-        finish() or roll_back() must follow."""
+        finish() or launched.roll_back() must follow."""
         with failing_as_batch():
             feeds, plans = self._make_room(updates)
         keep = [(u.state, feed_from) for u, *_, feed_from in plans]
@@ -96,16 +96,9 @@ class HeadStream:
                       if index else [])
         return Launched(plans, keep, values)
 
-    def roll_back(self, launched: Launched):
-        """A launch that will not be finished (another stream's failed): its states as kept."""
-        for st, n in launched.keep:
-            st.keep_first(self.blocks, n)
-
     def finish(self, launched: Launched) -> None:
         """update()'s second half: read the head's values (the one wait), set the states."""
-        with failing_as_batch(self.blocks, launched.keep):
-            values = launched.values.tolist() if torch.is_tensor(launched.values) \
-                else launched.values
+        values = launched.read(self.blocks)
         pos = 0
         for u, kept, fi, need, at, fed, _ in launched.plans:
             st = u.state

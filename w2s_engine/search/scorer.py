@@ -258,7 +258,7 @@ class Scorer:
                 launched.pop(0)
         except BaseException:
             for stream, pending in launched:
-                stream.roll_back(pending)
+                pending.roll_back(stream.blocks)
             raise
         touched = {}
         for r, ups in plans:

@@ -26,12 +26,23 @@ SIGN = {"tuned": 1.0, "untuned": -1.0}
 
 @dataclass
 class Launched:
-    """A stream's update queued on the device and not read yet (launch -> finish)."""
+    """A stream's update queued on the device and not read yet: launch, then finish (which
+    reads it) or roll_back (when another stream's failed)."""
 
     plans: list
     keep: list                       # (state, tokens it keeps) to roll back to
     values: torch.Tensor | list      # the terms (or head values) on the device
     extra: tuple = ()                # what finish needs besides
+
+    def read(self, blocks: BlockManager) -> list[float]:
+        """The values on the host: the one wait of the update (an error rolls it back)."""
+        with failing_as_batch(blocks, self.keep):
+            return self.values.tolist() if torch.is_tensor(self.values) else self.values
+
+    def roll_back(self, blocks: BlockManager):
+        """Each state as it kept it, for an update that will not be finished."""
+        for st, n in self.keep:
+            st.keep_first(blocks, n)
 
 
 @dataclass
@@ -84,7 +95,7 @@ class SmallStream:
     def launch(self, updates: list[StreamUpdate]) -> "Launched":
         """update()'s first half: make room and queue the forwards and the reward kernel,
         reading nothing from the device, so that the scorer can queue every stream's work
-        before it waits for any. finish() or roll_back() must follow."""
+        before it waits for any. finish() or launched.roll_back() must follow."""
         with failing_as_batch():
             feeds, plans = self._make_room(updates)
         keep = [(u.state, feed_from) for u, _, feed_from, _ in plans]
@@ -93,17 +104,10 @@ class SmallStream:
             terms = self._terms(rows, targets, segments, len(plans))
         return Launched(plans, keep, terms, (hidden, counts))
 
-    def roll_back(self, launched: "Launched"):
-        """A launch that will not be finished (another stream's failed): its states as kept."""
-        for st, n in launched.keep:
-            st.keep_first(self.blocks, n)
-
     def finish(self, launched: "Launched") -> None:
         """update()'s second half: read the rewards (the one wait) and set the states."""
         plans, (hidden, counts) = launched.plans, launched.extra
-        with failing_as_batch(self.blocks, launched.keep):
-            terms = launched.values.tolist() if torch.is_tensor(launched.values) \
-                else launched.values
+        terms = launched.read(self.blocks)
         pos = 0
         for (u, c, feed_from, fi), (forwarded, scored) in zip(plans, counts):
             st = u.state
