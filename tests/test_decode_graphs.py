@@ -162,6 +162,21 @@ def engine_pair(models, large_tok_index, max_batch, cascade=False, torch_compile
     return make(False), make(True)
 
 
+PROMPTS = ["I really", "The plot of this film", "What a"]
+
+
+def same_results(eager, other, params, prompts=PROMPTS, rewards=True):
+    """Both engines search the prompts: the same hypotheses' tokens, and (rewards) the same
+    rewards to 1e-5 (None where one has none)."""
+    want, got = eager.search(prompts, params), other.search(prompts, params)
+    for w, g in zip(want, got):
+        assert [h.token_ids for h in g.hypotheses] == [h.token_ids for h in w.hypotheses]
+        for hw, hg in zip(w.hypotheses, g.hypotheses) if rewards else ():
+            assert hg.reward == pytest.approx(hw.reward, abs=1e-5) if hw.reward is not None \
+                else hg.reward is None
+    return want, got
+
+
 @pytest.mark.parametrize("cascade", [False, True], ids=["per-beam", "cascade"])
 @pytest.mark.parametrize("params", [
     SearchParams.cbs(2, 3, 4, max_new_tokens=14, temperature=1.0, seed=5),
@@ -173,14 +188,7 @@ def engine_pair(models, large_tok_index, max_batch, cascade=False, torch_compile
 def test_a_search_on_the_static_path_gives_the_same_results(models, params, cascade):
     # max_batch 16: 3 prompts of CBS(4,4) are 48 beams, past it: those steps run eagerly.
     eager, static = engine_pair(models, 0, max_batch=16, cascade=cascade)
-    prompts = ["I really", "The plot of this film", "What a"]
-    want = eager.search(prompts, params)
-    got = static.search(prompts, params)
-    for w, g in zip(want, got):
-        assert [h.token_ids for h in g.hypotheses] == [h.token_ids for h in w.hypotheses]
-        for hw, hg in zip(w.hypotheses, g.hypotheses):
-            assert hg.reward == pytest.approx(hw.reward, abs=1e-5) if hw.reward is not None \
-                else hg.reward is None
+    same_results(eager, static, params)
     static.check_all_free()
 
 
@@ -197,10 +205,7 @@ def test_a_beam_search_with_cascade_attention_reads_shared_prefixes_and_gives_th
     monkeypatch.setattr(decode_graphs, "shared_prefix_words", spy)
     eager, cascade = engine_pair(models, 0, max_batch=64, cascade=True)
     params = SearchParams.cbs(4, 4, 3, max_new_tokens=12, temperature=1.0, seed=11)
-    prompts = ["I really", "The plot of this film", "What a"]
-    want, got = eager.search(prompts, params), cascade.search(prompts, params)
-    assert [[h.token_ids for h in r.hypotheses] for r in got] == \
-        [[h.token_ids for h in r.hypotheses] for r in want]
+    want, got = same_results(eager, cascade, params)
     assert [r.reward for r in got] == pytest.approx([r.reward for r in want], abs=1e-5)
     assert grouped and max(grouped) == 48   # every beam of the 3 requests read a shared run
     cascade.check_all_free()
@@ -219,13 +224,7 @@ def test_eft_steps_the_small_models_on_their_static_path_with_the_same_results(m
         monkeypatch.setattr(r.graphs, "run", lambda seqs, extra=None, run=run:
                             calls.append(len(seqs)) or run(seqs, extra))
     params = SearchParams.eft(beta=1.5, n=3, max_new_tokens=10, seed=4)
-    prompts = ["I really", "The plot of this film"]
-    want, got = eager.search(prompts, params), static.search(prompts, params)
-    assert [[h.token_ids for h in r.hypotheses] for r in got] == \
-        [[h.token_ids for h in r.hypotheses] for r in want]
-    for w, g in zip(want, got):
-        assert [h.reward for h in g.hypotheses] == \
-            pytest.approx([h.reward for h in w.hypotheses], abs=1e-5)
+    same_results(eager, static, params, PROMPTS[:2])
     assert calls and max(calls) == 6      # both prompts' 3 samples in one decode per model
     static.check_all_free()
 
@@ -245,10 +244,7 @@ def test_a_search_with_torch_compile_on_the_static_path_gives_the_same_results(m
     torch._dynamo.reset()
     eager, compiled = engine_pair(models, 0, max_batch=16, torch_compile="aot_eager")
     params = SearchParams.cbs(2, 3, 4, max_new_tokens=14, temperature=1.0, seed=5)
-    prompts = ["I really", "The plot of this film", "What a"]
-    want, got = eager.search(prompts, params), compiled.search(prompts, params)
-    assert [[h.token_ids for h in r.hypotheses] for r in got] == \
-        [[h.token_ids for h in r.hypotheses] for r in want]
+    want, got = same_results(eager, compiled, params)
     assert [r.reward for r in got] == pytest.approx([r.reward for r in want], abs=1e-5)
     compiled.check_all_free()
 
@@ -273,20 +269,13 @@ class TestGraphsOnGPU:
         eager, graphed = engine_pair(models, 0, max_batch=64)
         assert all(r.graphs.graphs for r in graphed.scorer.eft_stream.runners.values())
         params = SearchParams.eft(beta=1.5, n=3, max_new_tokens=10, seed=4)
-        prompts = ["I really", "The plot of this film"]
-        want, got = eager.search(prompts, params), graphed.search(prompts, params)
-        assert [[h.token_ids for h in r.hypotheses] for r in got] == \
-            [[h.token_ids for h in r.hypotheses] for r in want]
+        same_results(eager, graphed, params, PROMPTS[:2], rewards=False)
 
     @staticmethod
     def same_beam_search(eager, graphed):
         assert graphed.runners["large"].graphs.graphs, "graphs were captured"
         params = SearchParams.cbs(4, 4, 3, max_new_tokens=12, temperature=1.0, seed=11)
-        prompts = ["I really", "The plot of this film", "What a"]
-        want, got = eager.search(prompts, params), graphed.search(prompts, params)
-        assert [[h.token_ids for h in r.hypotheses] for r in got] == \
-            [[h.token_ids for h in r.hypotheses] for r in want]
-        return want, got
+        return same_results(eager, graphed, params, rewards=False)
 
     def test_a_search_with_torch_compile_under_the_graphs_gives_the_same_tokens(self, models):
         torch._dynamo.reset()

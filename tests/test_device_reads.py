@@ -163,12 +163,9 @@ def gpu_kernels(monkeypatch):
     monkeypatch.setattr(runner_module, "copy_blocks", copy_blocks_triton)
 
 
-def test_a_beam_search_step_reads_the_device_once_and_a_scoring_step_twice(reads,
-                                                                          monkeypatch):
-    """Issue 16's one copy back per step: a decode step reads the sampled tokens and nothing
-    else; a step that also scores a chunk adds the rewards (the token ids are checked on the
-    host, not read back). The engine runs as on a GPU: static decode buffers, and every
-    kernel through its Triton wrapper."""
+def reads_per_step(monkeypatch, reads, max_new_tokens, **engine_options):
+    """A CBS(2,2,3) search run as on a GPU (static decode, every kernel through its Triton
+    wrapper): per step after the first, whether it scored and what it read, in order."""
     from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
     from w2s_engine import Engine, SearchParams
     gpu_kernels(monkeypatch)
@@ -176,8 +173,9 @@ def test_a_beam_search_step_reads_the_device_once_and_a_scoring_step_twice(reads
     untuned = tiny_llama(len(tok), seed=2)
     engine = Engine((tiny_llama(len(tok), seed=1), tok), (tuned_from(untuned, 3, 0.3), tok),
                     (clone(untuned), tok), num_kv_blocks=200, block_size=4, progress=False,
-                    device="cpu", dtype=torch.float32, cuda_graphs=True)
-    req = engine.add_request("I really", SearchParams.cbs(2, 2, 3, max_new_tokens=9, seed=1))
+                    device="cpu", dtype=torch.float32, cuda_graphs=True, **engine_options)
+    req = engine.add_request("I really", SearchParams.cbs(2, 2, 3, max_new_tokens=max_new_tokens,
+                                                          seed=1))
     engine.step()                  # admission and prefill, and the first tokens
     per_step = []
     while not req.status.ended:
@@ -187,6 +185,15 @@ def test_a_beam_search_step_reads_the_device_once_and_a_scoring_step_twice(reads
             engine.step()
         per_step.append((req.stats.tokens_scored > scored, [w for w, _ in reads.reads]))
     assert req.error is None
+    return engine, per_step
+
+
+def test_a_beam_search_step_reads_the_device_once_and_a_scoring_step_twice(reads,
+                                                                          monkeypatch):
+    """Issue 16's one copy back per step: a decode step reads the sampled tokens and nothing
+    else; a step that also scores a chunk adds the rewards (the token ids are checked on the
+    host, not read back)."""
+    _, per_step = reads_per_step(monkeypatch, reads, max_new_tokens=9)
     decode = [r for s, r in per_step if not s]
     scoring = [r for s, r in per_step if s]
     assert decode and all(r == ["tolist"] for r in decode), decode
@@ -197,32 +204,17 @@ def test_a_scoring_step_queues_every_streams_forward_before_it_reads_any(reads, 
     """Tuned and untuned under different templates score on two streams: both forwards are
     queued, then both rewards read (so the host queues the second while the GPU runs the
     first)."""
-    from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
-    from w2s_engine import Engine, SearchParams
-    tok = make_tokenizer(300)
-    untuned = tiny_llama(len(tok), seed=2)
-    engine = Engine((tiny_llama(len(tok), seed=1), tok), (tuned_from(untuned, 3, 0.3), tok),
-                    (clone(untuned), tok), num_kv_blocks=200, block_size=4, progress=False,
-                    device="cpu", dtype=torch.float32, cuda_graphs=True,
-                    templates={"tuned": "Glowing review: {prompt}", "untuned": "{prompt}"})
-    assert len(engine.scorer.streams) == 2
-    gpu_kernels(monkeypatch)
     forward = ModelRunner.forward
 
     def noted(self, batch):
         reads.reads.append(("forward", ""))
         return forward(self, batch)
     monkeypatch.setattr(ModelRunner, "forward", noted)
-    req = engine.add_request("I really", SearchParams.cbs(2, 2, 3, max_new_tokens=6, seed=1))
-    engine.step()
-    scoring = []
-    while not req.status.ended:
-        scored = req.stats.tokens_scored
-        reads.reads.clear()
-        with reads:
-            engine.step()
-        if req.stats.tokens_scored > scored:
-            scoring.append([w for w, _ in reads.reads])
+    engine, per_step = reads_per_step(
+        monkeypatch, reads, max_new_tokens=6,
+        templates={"tuned": "Glowing review: {prompt}", "untuned": "{prompt}"})
+    assert len(engine.scorer.streams) == 2
+    scoring = [r for s, r in per_step if s]
     # the decode and its tokens, then both streams' forwards, then both streams' rewards
     assert scoring and all(s == ["forward", "tolist", "forward", "forward", "tolist", "tolist"]
                            for s in scoring), scoring
