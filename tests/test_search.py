@@ -548,3 +548,29 @@ def test_min_tokens_holds_back_eos_and_stop_strings_until_then(engine, tok):
     with pytest.raises(ValueError, match="min_tokens=11: must be at most max_new_tokens"):
         engine.search(["I really"], repeat.copy(min_tokens=11))
     engine.check_all_free()
+
+
+def test_beam_seeds_are_splitmix64_of_the_request_seed_and_the_beam():
+    """A beam's sampling noise is seeded by splitmix64(seed, beam) (DESIGN.md): the vector
+    form the local sampler uses and the scalar one a black-box request sends agree with the
+    64-bit arithmetic written out."""
+    import random
+
+    import numpy as np
+
+    from w2s_engine.search.request import mix_seed, mix_seeds
+    mask = (1 << 64) - 1
+
+    def splitmix(seed, beam):
+        z = (seed * 0x9E3779B97F4A7C15 + beam + 1) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return (z ^ (z >> 31)) & ((1 << 63) - 1)
+    rng = random.Random(0)
+    pairs = [(rng.getrandbits(63), rng.getrandbits(20)) for _ in range(500)] + [(0, 0),
+                                                                                (2**63 - 1, 0)]
+    want = [splitmix(s, b) for s, b in pairs]
+    assert [mix_seed(s, b) for s, b in pairs] == want
+    got = mix_seeds(np.array([s for s, _ in pairs], np.uint64),
+                    np.array([b for _, b in pairs], np.uint64))
+    assert [int(x) for x in got] == want

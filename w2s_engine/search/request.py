@@ -23,25 +23,19 @@ from w2s_engine.params import SearchParams
 from w2s_engine.search.sequence import Beam
 from w2s_engine.search.stream import FinalText, SearchDelta
 
-MASK64 = (1 << 64) - 1
-
-
-def mix_seed(seed: int, beam_id: int) -> int:
-    """splitmix64 of (seed, beam): a beam's noise depends on nothing else."""
-    z = (seed * 0x9E3779B97F4A7C15 + beam_id + 1) & MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
-    return (z ^ (z >> 31)) & ((1 << 63) - 1)
-
-
 def mix_seeds(seeds: np.ndarray, beam_ids: np.ndarray) -> np.ndarray:
-    """mix_seed of many (seed, beam) pairs at once: uint64 arrays in (arithmetic wraps
-    mod 2**64, as the masks above do), uint64 out."""
+    """splitmix64 of (seed, beam) pairs, uint64 arrays in (arithmetic wraps mod 2**64), uint64
+    out below 2**63: a beam's noise depends on nothing else."""
     with np.errstate(over="ignore"):
         z = seeds * np.uint64(0x9E3779B97F4A7C15) + beam_ids + np.uint64(1)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return (z ^ (z >> np.uint64(31))) & np.uint64((1 << 63) - 1)
+
+
+def mix_seed(seed: int, beam_id: int) -> int:
+    """mix_seeds of one pair."""
+    return int(mix_seeds(np.array([seed], np.uint64), np.array([beam_id], np.uint64))[0])
 
 
 class RequestStatus(str, Enum):
@@ -101,9 +95,6 @@ class SearchRequest:
     def new_beam_id(self) -> int:
         self.next_beam_id += 1
         return self.next_beam_id - 1
-
-    def beam_seed(self, beam: Beam) -> int:
-        return mix_seed(self.seed, beam.beam_id)
 
     def _fork(self, parent: Beam, kv: KVSpace, take_over: bool) -> Beam:
         """A child with the parent's history; `take_over` hands it the parent's own tables."""
