@@ -107,5 +107,5 @@ def _(q, k, v, layer, scaling, sliding_window, softcap):
 # straight away (its rule for vLLM/TGI-style attention). With one registered, it first checks
 # the position ids for packed sequences, a read of the device in every forward: a wait in
 # every eager forward, and a failed CUDA graph capture in a transformers that does not skip
-# it while capturing (tests/test_decode_graphs.py holds the decode free of device reads).
+# it while capturing (tests/test_device_reads.py holds the forwards free of device reads).
 AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
