@@ -178,6 +178,7 @@ class SmallStream:
         # last hidden. One index per model picks them all: stored rows go after the output.
         index = {role: [] for role in self.runners}
         stored = {role: [] for role in self.runners}
+        produced = sum(len(ids) for _, ids in feeds)   # output rows; stored ones come after
         targets, segments, counts = [], [], []
         for seg, (u, c, feed_from, fi) in enumerate(plans):
             start = max(c, u.response_start)
@@ -186,7 +187,7 @@ class SmallStream:
                 for role in self.runners:
                     lo = start - 1
                     if lo < feed_from:       # only lo == feed_from - 1 happens
-                        index[role].append(-1 - len(stored[role]))
+                        index[role].append(produced + len(stored[role]))
                         stored[role].append(u.state.last_hidden[role])
                         lo += 1
                     if lo < end:
@@ -201,16 +202,10 @@ class SmallStream:
         for role in self.runners:
             if not index[role]:
                 continue
-            out = hidden[role]
-            if stored[role]:
-                # -1 - j -> the j-th stored row, placed after the output rows
-                extra = torch.stack(stored[role])
-                base = 0 if out is None else out.shape[0]
-                out = extra if out is None else torch.cat([out, extra.to(out.dtype)])
-                picks = [i if i >= 0 else base - 1 - i for i in index[role]]
-            else:
-                picks = index[role]
-            rows[role] = out[self.runners[role].upload(picks).long()]
+            parts = ([hidden[role]] if hidden[role] is not None else []) + \
+                ([torch.stack(stored[role])] if stored[role] else [])
+            out = parts[0] if len(parts) == 1 else torch.cat(parts)
+            rows[role] = out[self.runners[role].upload(index[role]).long()]
         return hidden, rows, targets, segments, counts
 
     def forward_pending(self, states: list[SmallState]) -> list[int]:
