@@ -77,41 +77,36 @@ class BlockManager:
 
     def blocks_needed(self, table: BlockTable, num_new_tokens: int) -> int:
         """Free blocks an append of num_new_tokens would take (new blocks plus a copy-on-write)."""
-        new_total = table.num_tokens + num_new_tokens
-        needed = self.blocks_for(new_total) - len(table.blocks)
-        if num_new_tokens > 0 and table.num_tokens % self.block_size != 0:
-            last = table.blocks[table.num_tokens // self.block_size]
-            if self.refcount[last] > 1:
-                needed += 1
-        return max(needed, 0)
+        grow, cow = self._growth(table, num_new_tokens)
+        return grow + cow
+
+    def _growth(self, table: BlockTable, num_new_tokens: int) -> tuple[int, bool]:
+        """(new blocks, whether the partly filled last block is shared and must be copied)
+        for an append of num_new_tokens. Blocks past num_tokens may exist after a truncate;
+        only the partly filled one is written."""
+        if num_new_tokens <= 0:
+            return 0, False
+        n, bs = table.num_tokens, self.block_size
+        cow = n % bs != 0 and self.refcount[table.blocks[n // bs]] > 1
+        return max(0, (n + num_new_tokens + bs - 1) // bs - len(table.blocks)), cow
 
     def append(self, table: BlockTable, num_new_tokens: int) -> list[tuple[int, int]]:
         """Make room for num_new_tokens more positions; returns copy-on-write (src, dst) pairs.
 
         The caller must copy each src block to dst (all layers) before writing the new tokens.
         """
-        if num_new_tokens <= 0:
-            return []
-        # Every beam appends every step: the sums are done once here, not through
-        # blocks_needed (the same rule).
-        bs = self.block_size
-        n = table.num_tokens
-        # Blocks past num_tokens may exist after a truncate; only the partly filled one is written.
-        partial = n % bs != 0
-        src = table.blocks[n // bs] if partial else -1
-        cow = partial and self.refcount[src] > 1
-        total = n + num_new_tokens
-        grow = max(0, (total + bs - 1) // bs - len(table.blocks))
+        grow, cow = self._growth(table, num_new_tokens)
         if grow + cow > len(self.free_blocks):
             raise OutOfBlocks(f"append of {num_new_tokens} tokens needs {grow + cow} blocks, "
                               f"{self.num_free} free")
         copies = []
         if cow:
-            dst = self._take()
+            last = table.num_tokens // self.block_size
+            src, dst = table.blocks[last], self._take()
             self._release(src)
-            table.blocks[n // bs] = dst
+            table.blocks[last] = dst
             copies.append((src, dst))
-        table.num_tokens = total
+        table.num_tokens += max(num_new_tokens, 0)
         for _ in range(grow):
             table.blocks.append(self._take())
         return copies
