@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from w2s_engine.kernels.cascade_attention import (cascade_decode_attention_triton,  # noqa: E402
                                                   find_shared_prefixes)
-from w2s_engine.kernels.chunk_reward import (chunk_reward_triton,  # noqa: E402
+from w2s_engine.kernels.chunk_reward import (LMHead, chunk_reward_triton,  # noqa: E402
                                              fused_lmhead_chunk_reward_triton)
 from w2s_engine.kernels.kv_cache import copy_blocks_triton, store_kv_triton  # noqa: E402
 from w2s_engine.kernels.paged_attention import (paged_decode_attention_triton,  # noqa: E402
@@ -162,9 +162,9 @@ def recipes():
                 h = torch.randn(8, 2048).to(dtype)
                 w = torch.randn(4096, 2048).to(dtype)
                 targets = torch.randint(0, 4096, (8,))
-                fused_lmhead_chunk_reward_triton(h, w, h.clone(), w.clone(), targets,
-                                                 torch.zeros(8, dtype=torch.long), 1,
-                                                 softcap, softcap)
+                fused_lmhead_chunk_reward_triton(h, LMHead(w, None, softcap), h.clone(),
+                                                 LMHead(w.clone(), None, softcap), targets,
+                                                 torch.zeros(8, dtype=torch.long), 1)
             yield f"fused LM-head reward {name}" + (" softcap" if softcap else ""), lmhead
 
     for min_p in (False, True):

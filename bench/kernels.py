@@ -29,9 +29,11 @@ from w2s_engine.kernels.cascade_attention import (
     find_shared_prefixes,
 )
 from w2s_engine.kernels.chunk_reward import (
+    LMHead,
     chunk_reward,
     chunk_reward_ref,
     fused_lmhead_chunk_reward_triton,
+    lmhead_chunk_width,
 )
 from w2s_engine.kernels.kv_cache import (
     copy_blocks_ref,
@@ -129,15 +131,17 @@ def test_fused_lmhead_reward(benchmark, impl, n, vocab):
     w2 = torch.randn(vocab, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
     t = torch.randint(0, vocab, (n,), device="cuda")
     seg = torch.zeros(n, dtype=torch.long, device="cuda")
-    if impl == "fused":
+    if impl == "fused":   # the engine's: cuBLAS over vocabulary chunks, reduced as they come
         def fn():
-            return fused_lmhead_chunk_reward_triton(h, w1, h, w2, t, seg, 1)
+            return fused_lmhead_chunk_reward_triton(h, LMHead(w1), h, LMHead(w2), t, seg, 1)
+        logits_columns = lmhead_chunk_width(n, vocab, h.element_size())
     else:
         def fn():  # what an unfused engine does: cuBLAS writes both [N, V] logit tensors
             return chunk_reward(h @ w1.T, h @ w2.T, t, seg, 1)
+        logits_columns = vocab
     timed(benchmark, fn, "fused_lmhead_reward", f"N {n}, V {vocab}, H 2048", impl,
           nbytes=2 * w1.numel() * 2, baseline=impl == "logits",
-          logits_mb=round(2 * n * vocab * 2 / 2**20, 1))
+          logits_mb=round(2 * n * logits_columns * 2 / 2**20, 1))
 
 
 # ---- attention ---------------------------------------------------------------------------------

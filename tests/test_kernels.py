@@ -18,6 +18,7 @@ from w2s_engine.kernels.cascade_attention import (
     find_shared_prefixes,
 )
 from w2s_engine.kernels.chunk_reward import (
+    LMHead,
     chunk_reward_ref,
     chunk_reward_triton,
     fused_lmhead_chunk_reward_ref,
@@ -327,21 +328,26 @@ def test_chunk_reward_triton_handles_a_32k_vocab_and_sliced_rows():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("softcaps", [(None, None), (None, 5.0), (30.0, 30.0)])
-def test_fused_lmhead_reward_matches_logits_path_without_materialising(dtype, softcaps):
+@pytest.mark.parametrize("vocab_chunk", [None, 300])    # 300: four GEMMs, the last narrower
+def test_fused_lmhead_reward_matches_logits_path_in_vocabulary_chunks(dtype, softcaps,
+                                                                        vocab_chunk):
     g = torch.Generator().manual_seed(1)
     vocab, n = 1000, 5
     w1 = (torch.randn(vocab, 48, generator=g) * 0.3).to(dtype)
     w2 = (torch.randn(vocab, 32, generator=g) * 0.3).to(dtype)   # another hidden size
+    bias = (torch.randn(vocab, generator=g) * 2).to(dtype)       # the tuned head has a bias
     h1 = torch.randn(n, 48, generator=g).to(dtype)
     h2 = torch.randn(n, 32, generator=g).to(dtype)
-    t = torch.randint(0, vocab, (n,), generator=g)
+    t = torch.tensor([299, 300, 999, 0, 512])      # either side of a chunk's edge, both ends
     seg = torch.tensor([1, 0, 1, 1, 0])
-    diff, sums = fused_lmhead_chunk_reward_triton(h1, w1, h2, w2, t, seg, 2, *softcaps)
-    rdiff, _ = fused_lmhead_chunk_reward_ref(h1, w1, h2, w2, t, seg, 2, *softcaps)
+    heads = LMHead(w1, bias, softcaps[0]), LMHead(w2, None, softcaps[1])
+    diff, sums = fused_lmhead_chunk_reward_triton(h1, heads[0], h2, heads[1], t, seg, 2,
+                                                  vocab_chunk=vocab_chunk)
+    rdiff, _ = fused_lmhead_chunk_reward_ref(h1, heads[0], h2, heads[1], t, seg, 2)
 
     def capped(x, c):
         return c * torch.tanh(x / c) if c else x
-    pdiff, psums = plain_reward(capped((h1 @ w1.T).float(), softcaps[0]),
+    pdiff, psums = plain_reward(capped((h1 @ w1.T + bias).float(), softcaps[0]),
                                 capped((h2 @ w2.T).float(), softcaps[1]), t, seg, 2)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(diff, rdiff, atol=tol, rtol=tol)
@@ -563,8 +569,13 @@ def test_gumbel_max_draws_follow_the_filtered_softmax():
     (lambda: chunk_reward_triton(torch.zeros(3, 10), torch.zeros(3, 10),
                                  torch.tensor([0, 1, 10]), torch.zeros(3, dtype=torch.long), 1),
      ValueError),
-    (lambda: fused_lmhead_chunk_reward_triton(torch.zeros(2, 8), torch.zeros(10, 8),
-                                              torch.zeros(2, 8), torch.zeros(11, 8),
+    (lambda: fused_lmhead_chunk_reward_triton(torch.zeros(2, 8), LMHead(torch.zeros(10, 8)),
+                                              torch.zeros(2, 8), LMHead(torch.zeros(11, 8)),
+                                              torch.zeros(2, dtype=torch.long),
+                                              torch.zeros(2, dtype=torch.long), 1), ValueError),
+    (lambda: fused_lmhead_chunk_reward_triton(torch.zeros(2, 8),
+                                              LMHead(torch.zeros(10, 8), torch.zeros(11)),
+                                              torch.zeros(2, 8), LMHead(torch.zeros(10, 8)),
                                               torch.zeros(2, dtype=torch.long),
                                               torch.zeros(2, dtype=torch.long), 1), ValueError),
     (lambda: sample_triton(torch.zeros(2, 10), torch.zeros(3), torch.zeros(2, dtype=torch.int32),
@@ -624,10 +635,13 @@ class TestOnGPU:
                                    chunk_reward_ref(a, b, t, seg, 16)[0], atol=1e-2, rtol=1e-3)
         h1 = torch.randn(64, 2048, device="cuda", dtype=torch.bfloat16)
         w1 = torch.randn(vocab, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
-        torch.testing.assert_close(
-            fused_lmhead_chunk_reward_triton(h1, w1, h1, w1 * 1.1, t[:64], seg[:64], 16)[0],
-            fused_lmhead_chunk_reward_ref(h1, w1, h1, w1 * 1.1, t[:64], seg[:64], 16)[0],
-            atol=5e-2, rtol=1e-2)
+        heads = LMHead(w1), LMHead(w1 * 1.1)
+        ref = fused_lmhead_chunk_reward_ref(h1, heads[0], h1, heads[1], t[:64], seg[:64], 16)[0]
+        for vocab_chunk in (None, 32768):      # one GEMM per model; chunks of 32k columns
+            torch.testing.assert_close(
+                fused_lmhead_chunk_reward_triton(h1, heads[0], h1, heads[1], t[:64], seg[:64],
+                                                 16, vocab_chunk=vocab_chunk)[0],
+                ref, atol=5e-2, rtol=1e-2)
 
     @pytest.mark.parametrize("mode", ["top_k", "top_p", "top_k_and_top_p", "greedy", "mixed"])
     def test_sampling_matches_reference(self, mode):
@@ -675,10 +689,11 @@ class TestOnGPU:
         w2 = torch.randn(32000, 1024, device="cuda") * 0.05
         t = torch.randint(0, 32000, (48,), device="cuda")
         seg = torch.arange(48, device="cuda") % 4
-        args = (h, w1, h, w2, t, seg, 4)
-        torch.testing.assert_close(fused_lmhead_chunk_reward_triton(*args)[0].cpu(),
-                                   fused_lmhead_chunk_reward_ref(*cpu(*args))[0],
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            fused_lmhead_chunk_reward_triton(h, LMHead(w1), h, LMHead(w2), t, seg, 4)[0].cpu(),
+            fused_lmhead_chunk_reward_ref(h.cpu(), LMHead(w1.cpu()), h.cpu(), LMHead(w2.cpu()),
+                                          t.cpu(), seg.cpu(), 4)[0],
+            atol=1e-4, rtol=1e-4)
 
     def test_cascade_decode_at_the_beam_search_shape(self):
         beams, pb, ob, bs = 16, 128, 4, 16           # prompt 2,048, 64 own tokens per beam

@@ -29,6 +29,9 @@ TINY_CONFIGS = {
     "gpt2": lambda: transformers.GPT2Config(
         n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=256,
         bos_token_id=0, eos_token_id=0),
+    "phi": lambda: transformers.PhiConfig(     # partial rotary; the LM head has a bias
+        num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+        vocab_size=VOCAB, max_position_embeddings=256),
     "gemma3": lambda: transformers.Gemma3TextConfig(
         num_hidden_layers=3, hidden_size=64, intermediate_size=96, num_attention_heads=4,
         num_key_value_heads=1, head_dim=16, vocab_size=VOCAB, sliding_window=6,

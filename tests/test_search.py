@@ -7,7 +7,7 @@ small model recomputes every reward from scratch, the way the reference scorer d
 import pytest
 import torch
 
-from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
+from tiny_models import clone, make_tokenizer, tiny_llama, tiny_phi, tuned_from
 from w2s_engine import Engine, SearchParams
 from w2s_engine.search.tokens import common_prefix
 
@@ -113,6 +113,23 @@ def test_cross_tokenizer_rewards_equal_scratch_recompute_of_the_text(cross_engin
             assert h.reward == pytest.approx(
                 cross_engine.score([res.prompt], [h.text], finished=h.finished)[0], abs=1e-4)
     cross_engine.check_all_free()
+
+
+def test_rewards_of_small_models_whose_lm_head_has_a_bias_equal_scratch_recompute(tok):
+    # Phi's output layer adds a bias to every logit; the reward's log-softmax must include it.
+    untuned = tiny_phi(len(tok), seed=2)
+    pair = tuned_from(untuned, seed=3, scale=0.3), untuned
+    engine = make_engine(tok, pair)
+    responses = [" and then", " the end of it all", " a"]
+    got = engine.score(PROMPTS[:3], responses, finished=[True, False, False])
+    want = [scratch_reward(pair, tok, p, r, f)
+            for p, r, f in zip(PROMPTS[:3], responses, [True, False, False])]
+    assert got == pytest.approx(want, abs=1e-4)
+    result = engine.search(PROMPTS[:1], SearchParams(w=2, k=2, l=3, max_new_tokens=9, seed=1))[0]
+    h = result.hypotheses[0]
+    assert h.reward == pytest.approx(
+        scratch_reward(pair, tok, PROMPTS[0], h.small_token_ids, h.finished), abs=1e-4)
+    engine.check_all_free()
 
 
 def test_survivors_are_the_top_w_candidates_and_finished_beams_are_never_duplicated(engine):

@@ -47,6 +47,21 @@ def tiny_llama(vocab_size: int, seed: int, layers: int = 2, hidden: int = 64,
     return model
 
 
+def tiny_phi(vocab_size: int, seed: int, layers: int = 2, hidden: int = 64):
+    """Phi: partial rotary, parallel attention and MLP, and an output layer with a bias."""
+    torch.manual_seed(seed)
+    cfg = transformers.PhiConfig(
+        num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_attention_heads=4, vocab_size=vocab_size, max_position_embeddings=512,
+        bos_token_id=0, eos_token_id=1)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+        model.lm_head.bias.normal_(0.0, 1.0)
+    model.generation_config.eos_token_id = 1
+    return model
+
+
 def clone(model):
     twin = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), dtype=torch.float32).eval()
     twin.load_state_dict(model.state_dict())

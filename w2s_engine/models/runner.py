@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from w2s_engine.cache.block_manager import BlockTable
+from w2s_engine.kernels.chunk_reward import LMHead
 from w2s_engine.kernels.kv_cache import copy_blocks
 from w2s_engine.models.attention import (ATTN_IMPLEMENTATION, ForwardBatch,
                                          compiled_batch)
@@ -95,10 +96,9 @@ class ModelRunner:
         self.kv_pool = torch.zeros(s.num_layers, 2, num_blocks + 1, block_size, s.num_kv_heads,
                                    s.head_dim, dtype=self.dtype, device=self.device)
         head = model.get_output_embeddings()   # None for a reward model (a classifier head)
-        self.lm_head_weight = head.weight if head is not None else None   # [V, H]
-        self.lm_head_bias = getattr(head, "bias", None)
-        self.final_logit_softcap = getattr(model.config.get_text_config(),
-                                           "final_logit_softcapping", None)
+        self.lm_head = None if head is None else LMHead(
+            head.weight, getattr(head, "bias", None),
+            getattr(model.config.get_text_config(), "final_logit_softcapping", None))
         self.graphs = None      # DecodeGraphs, when decodes run on static buffers
         self._decoder_call = self._decoder_forward
         if compile:
@@ -186,11 +186,8 @@ class ModelRunner:
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] -> fp32 [N, V], with the model's final soft-cap if it has one."""
-        assert self.lm_head_weight is not None, "this model has no LM head (a reward model)"
-        logits = torch.nn.functional.linear(hidden, self.lm_head_weight, self.lm_head_bias).float()
-        if self.final_logit_softcap:
-            logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
-        return logits
+        assert self.lm_head is not None, "this model has no LM head (a reward model)"
+        return self.lm_head.logits(hidden)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]):
         """Copy-on-write: copy each src block to dst, all layers, K and V, in one launch."""

@@ -252,15 +252,14 @@ class SmallStream:
         if len(self.runners) == 2:
             t, u = self.runners["tuned"], self.runners["untuned"]
             # Checked here, on the host, so the kernel need not read them back to check.
-            vocab = min(t.lm_head_weight.shape[0], u.lm_head_weight.shape[0])
+            vocab = min(t.lm_head.weight.shape[0], u.lm_head.weight.shape[0])
             if not (0 <= min(targets) and max(targets) < vocab):
                 raise ValueError(f"a scored token id is outside the small models' vocabulary "
                                  f"[0, {vocab}): [{min(targets)}, {max(targets)}]")
             assert 0 <= min(segments) and max(segments) < num_segments
             diff, _ = fused_lmhead_chunk_reward(
-                rows["tuned"], t.lm_head_weight,
-                rows["untuned"], u.lm_head_weight, tgt, seg, num_segments,
-                t.final_logit_softcap, u.final_logit_softcap, bounds_checked=True)
+                rows["tuned"], t.lm_head, rows["untuned"], u.lm_head, tgt, seg, num_segments,
+                bounds_checked=True)
             return diff
         (role, runner), = self.runners.items()
         logp = torch.log_softmax(runner.compute_logits(rows[role]), dim=-1)
