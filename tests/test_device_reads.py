@@ -163,9 +163,10 @@ def gpu_kernels(monkeypatch):
     monkeypatch.setattr(runner_module, "copy_blocks", copy_blocks_triton)
 
 
-def reads_per_step(monkeypatch, reads, max_new_tokens, **engine_options):
+def reads_per_step(monkeypatch, reads, max_new_tokens, logprobs=None, **engine_options):
     """A CBS(2,2,3) search run as on a GPU (static decode, every kernel through its Triton
-    wrapper): per step after the first, whether it scored and what it read, in order."""
+    wrapper), returning `logprobs` alternatives per token if given: per step after the
+    first, whether it scored and what it read, in order."""
     from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
     from w2s_engine import Engine, SearchParams
     gpu_kernels(monkeypatch)
@@ -176,6 +177,7 @@ def reads_per_step(monkeypatch, reads, max_new_tokens, **engine_options):
                     device="cpu", dtype=torch.float32, cuda_graphs=True, **engine_options)
     req = engine.add_request("I really", SearchParams.cbs(2, 2, 3, max_new_tokens=max_new_tokens,
                                                           seed=1))
+    req.logprobs = logprobs        # as the server sets it
     engine.step()                  # admission and prefill, and the first tokens
     per_step = []
     while not req.status.ended:
@@ -185,6 +187,10 @@ def reads_per_step(monkeypatch, reads, max_new_tokens, **engine_options):
             engine.step()
         per_step.append((req.stats.tokens_scored > scored, [w for w, _ in reads.reads]))
     assert req.error is None
+    if logprobs is not None:
+        assert all(len(entries) == len(h.token_ids) and all(len(e.top) == logprobs
+                                                             for e in entries)
+                   for h, entries in ((h, h.logprobs) for h in req.result.hypotheses))
     return engine, per_step
 
 
@@ -198,6 +204,14 @@ def test_a_beam_search_step_reads_the_device_once_and_a_scoring_step_twice(reads
     scoring = [r for s, r in per_step if s]
     assert decode and all(r == ["tolist"] for r in decode), decode
     assert scoring and all(r == ["tolist", "tolist"] for r in scoring), scoring
+
+
+def test_a_step_that_returns_logprobs_reads_them_with_the_sampled_tokens(reads, monkeypatch):
+    """The log-probs and their alternatives come back in the tokens' copy: still one read
+    per decode step."""
+    _, per_step = reads_per_step(monkeypatch, reads, max_new_tokens=9, logprobs=3)
+    decode = [r for s, r in per_step if not s]
+    assert decode and all(r == ["tolist"] for r in decode), decode
 
 
 def test_a_scoring_step_queues_every_streams_forward_before_it_reads_any(reads, monkeypatch):

@@ -121,7 +121,7 @@ class LocalLarge:
                 rows.append(self._steer(logits, first, len(fed), steered))
             eft_started = False   # the EFT streams are through: a retry steers the same way
             logits = torch.cat(rows) if len(rows) > 1 else rows[0]
-            logprobs = LogprobRows(order, raw)   # the raw distribution, before penalties
+            logprobs = LogprobRows(order, raw, self.runner.upload)   # before penalties
             adjustments = adjustment_words(order, self.eos_ids)
             if adjustments is not None:
                 adjust, sizes = adjustments
@@ -129,8 +129,8 @@ class LocalLarge:
                                                                    *sizes))
             *sampling, min_p = sampling_tensors(params, len(order))
             uses_min_p = any(r.params.min_p for r, _ in order)
-            tokens = sample(logits, *sampling, min_p if uses_min_p else None).tolist()
-            logprobs = logprobs.read(tokens)
+            tokens, logprobs = logprobs.read(
+                sample(logits, *sampling, min_p if uses_min_p else None))
         except Exception as e:
             for table, n in before:
                 self.blocks.truncate(table, n)
@@ -172,28 +172,35 @@ class LocalLarge:
 class LogprobRows:
     """The large model's log-probs at the rows of requests that asked for them, from the raw
     logits (before EFT steering and sampling's temperature and filters); computed only when
-    some request asked, read to the host once per step."""
+    some request asked. Nothing is read here: `read` brings them back in the same copy as the
+    sampled tokens, so a step that returns log-probs still syncs once."""
 
-    def __init__(self, order, raw: list[torch.Tensor]):
+    def __init__(self, order, raw: list[torch.Tensor], upload):
         self.rows = [i for i, (r, _) in enumerate(order) if r.logprobs is not None]
         if not self.rows:
             return
         logits = torch.cat(raw) if len(raw) > 1 else raw[0]
-        self.logp = torch.log_softmax(logits[torch.tensor(self.rows, device=logits.device)]
-                                      .float(), dim=-1)
+        self.index = upload(self.rows).long()
+        self.logp = torch.log_softmax(logits[self.index].float(), dim=-1)
         self.counts = [min(order[i][0].logprobs, self.logp.shape[1]) for i in self.rows]
-        values, ids = self.logp.topk(max(self.counts), dim=-1)
-        self.top = [list(zip(i[:k], v[:k])) for i, v, k in
-                    zip(ids.tolist(), values.tolist(), self.counts)]
+        self.top_values, self.top_ids = self.logp.topk(max(self.counts), dim=-1)
 
-    def read(self, tokens: list[int]) -> dict[int, TokenLogprob]:
-        """Row -> the sampled token's entry, for the rows that asked."""
+    def read(self, tokens: torch.Tensor) -> tuple[list[int], dict[int, TokenLogprob]]:
+        """The sampled tokens [B] (on the device) -> (the tokens, row -> the sampled token's
+        entry for the rows that asked), in one read. Ids and fp32 values are exact in fp64."""
         if not self.rows:
-            return {}
-        chosen = torch.tensor([tokens[i] for i in self.rows], device=self.logp.device)
-        values = self.logp.gather(1, chosen[:, None])[:, 0].tolist()
-        return {row: TokenLogprob(tokens[row], value, top)
-                for row, value, top in zip(self.rows, values, self.top)}
+            return tokens.tolist(), {}
+        chosen = self.logp.gather(1, tokens[self.index][:, None])[:, 0]
+        host = torch.cat([tokens.double(), chosen.double(), self.top_ids.double().ravel(),
+                          self.top_values.double().ravel()]).tolist()
+        b, r, k = tokens.shape[0], len(self.rows), self.top_ids.shape[1]
+        sampled = [int(t) for t in host[:b]]
+        chosen, ids, values = host[b:b + r], host[b + r:b + r + r * k], host[b + r + r * k:]
+        out = {}
+        for j, (row, count) in enumerate(zip(self.rows, self.counts)):
+            top = [(int(ids[j * k + i]), values[j * k + i]) for i in range(count)]
+            out[row] = TokenLogprob(sampled[row], chosen[j], top)
+        return sampled, out
 
 
 SAMPLING_WORDS = 7
