@@ -163,10 +163,11 @@ def gpu_kernels(monkeypatch):
     monkeypatch.setattr(runner_module, "copy_blocks", copy_blocks_triton)
 
 
-def reads_per_step(monkeypatch, reads, max_new_tokens, logprobs=None, **engine_options):
-    """A CBS(2,2,3) search run as on a GPU (static decode, every kernel through its Triton
-    wrapper), returning `logprobs` alternatives per token if given: per step after the
-    first, whether it scored and what it read, in order."""
+def reads_per_step(monkeypatch, reads, max_new_tokens, logprobs=None, params=None,
+                   **engine_options):
+    """A search (CBS(2,2,3) unless params say otherwise) run as on a GPU (static decode,
+    every kernel through its Triton wrapper), returning `logprobs` alternatives per token if
+    given: per step after the first, whether it scored and what it read, in order."""
     from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
     from w2s_engine import Engine, SearchParams
     gpu_kernels(monkeypatch)
@@ -175,8 +176,9 @@ def reads_per_step(monkeypatch, reads, max_new_tokens, logprobs=None, **engine_o
     engine = Engine((tiny_llama(len(tok), seed=1), tok), (tuned_from(untuned, 3, 0.3), tok),
                     (clone(untuned), tok), num_kv_blocks=200, block_size=4, progress=False,
                     device="cpu", dtype=torch.float32, cuda_graphs=True, **engine_options)
-    req = engine.add_request("I really", SearchParams.cbs(2, 2, 3, max_new_tokens=max_new_tokens,
-                                                          seed=1))
+    params = params or SearchParams.cbs(2, 2, 3)
+    params.max_new_tokens, params.seed = max_new_tokens, 1
+    req = engine.add_request("I really", params)
     req.logprobs = logprobs        # as the server sets it
     engine.step()                  # admission and prefill, and the first tokens
     per_step = []
@@ -212,6 +214,15 @@ def test_a_step_that_returns_logprobs_reads_them_with_the_sampled_tokens(reads, 
     _, per_step = reads_per_step(monkeypatch, reads, max_new_tokens=9, logprobs=3)
     decode = [r for s, r in per_step if not s]
     assert decode and all(r == ["tolist"] for r in decode), decode
+
+
+def test_an_eft_step_reads_its_reward_terms_with_the_sampled_tokens(reads, monkeypatch):
+    """EFT steers with both small models' log-probs each step, then records each sample's
+    term at its token: uploaded rows and betas, and the terms read in the tokens' copy."""
+    from w2s_engine import SearchParams
+    engine, per_step = reads_per_step(monkeypatch, reads, max_new_tokens=6,
+                                      params=SearchParams.eft(beta=0.5, n=2))
+    assert per_step and all(r == ["tolist"] for _, r in per_step), per_step
 
 
 def test_a_scoring_step_queues_every_streams_forward_before_it_reads_any(reads, monkeypatch):

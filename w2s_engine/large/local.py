@@ -129,8 +129,14 @@ class LocalLarge:
                                                                    *sizes))
             *sampling, min_p = sampling_tensors(params, len(order))
             uses_min_p = any(r.params.min_p for r, _ in order)
-            tokens, logprobs = logprobs.read(
-                sample(logits, *sampling, min_p if uses_min_p else None))
+            sampled = sample(logits, *sampling, min_p if uses_min_p else None)
+            # One read for the step: the tokens, the log-probs asked for, the EFT terms.
+            riders = logprobs.queue(sampled)
+            if steered:
+                riders.append(self.eft.terms(steered, sampled))
+            tokens, *host = read_together([sampled] + riders)
+            tokens = [int(t) for t in tokens]
+            logprobs = logprobs.entries(tokens, host[:len(host) - bool(steered)])
         except Exception as e:
             for table, n in before:
                 self.blocks.truncate(table, n)
@@ -150,7 +156,8 @@ class LocalLarge:
             except Exception as e:   # a request's own text (stop strings, detokenizing)
                 failed[id(r)] = (r, f"{type(e).__name__} while recording a token: {e}")
         if steered:
-            self.eft.record([s for s in steered if id(order[s.row][0]) not in failed], tokens)
+            self.eft.record(steered, tokens, host[-1],
+                            skip=lambda s: id(order[s.row][0]) in failed)
         return list(failed.values())
 
     def _steer(self, logits, items, row_offset: int, steered: list):
@@ -172,8 +179,8 @@ class LocalLarge:
 class LogprobRows:
     """The large model's log-probs at the rows of requests that asked for them, from the raw
     logits (before EFT steering and sampling's temperature and filters); computed only when
-    some request asked. Nothing is read here: `read` brings them back in the same copy as the
-    sampled tokens, so a step that returns log-probs still syncs once."""
+    some request asked. Nothing is read here: `queue` gives what to read in the same copy as
+    the sampled tokens, so a step that returns log-probs still waits once."""
 
     def __init__(self, order, raw: list[torch.Tensor], upload):
         self.rows = [i for i, (r, _) in enumerate(order) if r.logprobs is not None]
@@ -185,22 +192,41 @@ class LogprobRows:
         self.counts = [min(order[i][0].logprobs, self.logp.shape[1]) for i in self.rows]
         self.top_values, self.top_ids = self.logp.topk(max(self.counts), dim=-1)
 
-    def read(self, tokens: torch.Tensor) -> tuple[list[int], dict[int, TokenLogprob]]:
-        """The sampled tokens [B] (on the device) -> (the tokens, row -> the sampled token's
-        entry for the rows that asked), in one read. Ids and fp32 values are exact in fp64."""
+    def queue(self, sampled: torch.Tensor) -> list[torch.Tensor]:
+        """What to read with the sampled tokens [B] (on the device): the sampled tokens'
+        log-probs, then the alternatives' ids and log-probs ([] if no row asked)."""
         if not self.rows:
-            return tokens.tolist(), {}
-        chosen = self.logp.gather(1, tokens[self.index][:, None])[:, 0]
-        host = torch.cat([tokens.double(), chosen.double(), self.top_ids.double().ravel(),
-                          self.top_values.double().ravel()]).tolist()
-        b, r, k = tokens.shape[0], len(self.rows), self.top_ids.shape[1]
-        sampled = [int(t) for t in host[:b]]
-        chosen, ids, values = host[b:b + r], host[b + r:b + r + r * k], host[b + r + r * k:]
-        out = {}
-        for j, (row, count) in enumerate(zip(self.rows, self.counts)):
-            top = [(int(ids[j * k + i]), values[j * k + i]) for i in range(count)]
-            out[row] = TokenLogprob(sampled[row], chosen[j], top)
-        return sampled, out
+            return []
+        chosen = self.logp.gather(1, sampled[self.index][:, None].long())[:, 0]
+        return [chosen, self.top_ids, self.top_values]
+
+    def entries(self, tokens: list[int], host: list) -> dict[int, TokenLogprob]:
+        """Row -> the sampled token's entry, for the rows that asked; host: queue()'s tensors
+        read back."""
+        if not self.rows:
+            return {}
+        chosen, ids, values = host
+        return {row: TokenLogprob(tokens[row], chosen[j],
+                                  [(int(ids[j][i]), values[j][i]) for i in range(count)])
+                for j, (row, count) in enumerate(zip(self.rows, self.counts))}
+
+
+def read_together(parts: list[torch.Tensor]) -> list:
+    """Several device tensors in one copy to the host (one wait): each part's .tolist(),
+    through fp64 when there are several (exact for token ids and fp32 values)."""
+    if len(parts) == 1:
+        return [parts[0].tolist()]
+    host = torch.cat([p.double().ravel() for p in parts]).tolist()
+    out, at = [], 0
+    for p in parts:
+        assert p.dim() in (1, 2)
+        flat = host[at:at + p.numel()]
+        at += p.numel()
+        if p.dim() == 2:
+            width = p.shape[1]
+            flat = [flat[i * width:(i + 1) * width] for i in range(p.shape[0])]
+        out.append(flat)
+    return out
 
 
 SAMPLING_WORDS = 7

@@ -13,6 +13,7 @@ by Engine.score.
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from w2s_engine.search.sequence import Beam
@@ -55,31 +56,56 @@ class EFT:
                 for role, x in logits_small.items()}
         v = self.vocab_size
         logits = logits.clone()
-        index = torch.tensor(rows, device=logits.device)
-        beta = torch.tensor([r.params.beta for r, _ in eft], device=logits.device)[:, None]
+        # The rows and each row's beta (fp32 bits) in one asynchronous upload.
+        betas = np.array([r.params.beta for r, _ in eft], dtype=np.float32).view(np.int32)
+        words = self._upload(np.concatenate([np.array(rows, dtype=np.int32), betas]))
+        index = words[:len(rows)].long()
+        beta = words[len(rows):].view(torch.float32)[:, None]
         combined = logits[index, :v] + beta * (logp["tuned"] - logp["untuned"])
         logits[index] = float("-inf")
         logits[index, :v] = combined
         return logits, [Steered(row_offset + i, b, logp, j)
                         for j, (i, (_, b)) in enumerate(zip(rows, eft))]
 
-    def record(self, steered: list[Steered], tokens: list[int]):
-        """After sampling (tokens: one per row of the batch): each EFT beam's reward term,
-        the terms of each steered batch read to the host in one copy."""
-        batches = {}
-        for s in steered:
-            batches.setdefault(id(s.logp["tuned"]), []).append(s)
+    def terms(self, steered: list[Steered], sampled: torch.Tensor) -> torch.Tensor:
+        """After sampling (sampled: the batch's tokens [B], on the device): each steered row's
+        term log pi_tuned - log pi_untuned at its token and at the small models' EOS, [2, S]
+        in steered's order, on the device; the caller reads them with the tokens."""
         eos = self.stream.eos_id
-        for group in batches.values():
+        parts = []
+        for group in runs(steered):
+            g = len(group)
+            words = self._upload([s.index for s in group] + [s.row for s in group]).long()
+            index, token = words[:g], sampled[words[g:]].long()
             tuned, untuned = group[0].logp["tuned"], group[0].logp["untuned"]
-            index = torch.tensor([s.index for s in group], device=tuned.device)
-            token = torch.tensor([tokens[s.row] for s in group], device=tuned.device)
-            at_token, at_eos = torch.stack([tuned[index, token] - untuned[index, token],
-                                            tuned[index, eos] - untuned[index, eos]]).tolist()
-            for s, term, eos_term in zip(group, at_token, at_eos):
-                b, t = s.beam, tokens[s.row]
-                if b.finished and b.finish_reason == "stop" and t in self.large_eos:
-                    b.eos_term = eos_term
-                else:
-                    b.small[0].add_pending(t, term)
-                b.reward = self.weight * (sum(b.small[0].terms) + b.eos_term)
+            parts.append(torch.stack([tuned[index, token] - untuned[index, token],
+                                      tuned[index, eos] - untuned[index, eos]]))
+        return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+
+    def record(self, steered: list[Steered], tokens: list[int], terms: list[list[float]],
+               skip=lambda s: False):
+        """Each steered beam's reward term (terms: terms() read back, [2][S]), but the rows
+        that `skip` says are of failed requests."""
+        for s, term, eos_term in zip(steered, *terms):
+            if skip(s):
+                continue
+            b, t = s.beam, tokens[s.row]
+            if b.finished and b.finish_reason == "stop" and t in self.large_eos:
+                b.eos_term = eos_term
+            else:
+                b.small[0].add_pending(t, term)
+            b.reward = self.weight * (sum(b.small[0].terms) + b.eos_term)
+
+    def _upload(self, words) -> torch.Tensor:
+        return next(iter(self.stream.runners.values())).upload(words)
+
+
+def runs(steered: list[Steered]) -> list[list[Steered]]:
+    """The steered rows by the batch of log-probs they index (one per steer call, in order)."""
+    out = []
+    for s in steered:
+        if out and out[-1][0].logp["tuned"] is s.logp["tuned"]:
+            out[-1].append(s)
+        else:
+            out.append([s])
+    return out
