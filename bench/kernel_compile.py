@@ -236,7 +236,8 @@ def compile_all(launches: list, run, arch: int):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, default=90, help="compute capability (90: H100/H200)")
-    ap.add_argument("--out", type=Path, default=None, help="write kernel-compile-sm<arch>.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="write kernel-compile-sm<arch>-triton<version>.json there")
     args = ap.parse_args()
     launches, variant = [], [""]
     with intercepted(launches, variant) as run:
@@ -277,8 +278,13 @@ def main():
                          "need more shared memory than a block has (the autotuner skips them)")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"kernel-compile-sm{args.arch}.json").write_text(json.dumps(
+        # Named by Triton's version too: the GPU machine's may be older than this one's.
+        name = f"kernel-compile-sm{args.arch}-triton{triton.__version__}.json"
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+        (args.out / name).write_text(json.dumps(
             {"triton": triton.__version__, "torch": torch.__version__, "arch": args.arch,
+             "commit": commit or "unknown",
              "launches": [{"variant": x.variant, "kernel": x.fn.__name__,
                            "switches": switches(x.kwargs), "results": x.results}
                           for x in launches]}, indent=1, default=str))
