@@ -270,6 +270,10 @@ def adjustment_words(order, eos_ids) -> tuple[np.ndarray, tuple[int, int, int]] 
     -inf on EOS before min_tokens); with (R, N, M). None if no row adjusts. Each step sends
     each such beam's whole history (the prompt's only for repetition): a second upload in
     the steps that have adjustments."""
+    # Most steps have no such row: answer that per request, not per beam.
+    requests = {id(r): r.params for r, _ in order}.values()
+    if not any(p.adjusts_logits or (p.min_tokens and not p.ignore_eos) for p in requests):
+        return None
     picked = [(i, r, b) for i, (r, b) in enumerate(order)
               if r.params.adjusts_logits or before_min_tokens(r.params, b)]
     if not picked:
