@@ -129,6 +129,20 @@ def test_the_decode_a_graph_captures_reads_nothing_from_the_device(arch, reads):
     assert not reads.reads, where(reads)
 
 
+@pytest.mark.parametrize("arch", list(TINY_CONFIGS))
+def test_the_scoring_forward_a_graph_captures_reads_nothing_from_the_device(arch, reads):
+    from test_scoring_graphs import forked_streams
+    from w2s_engine.models.scoring_graphs import ScoringGraphs
+    runner = ModelRunner(tiny_model(arch), num_blocks=64, block_size=4)
+    graphs = ScoringGraphs(runner, max_tokens=64, max_q=8, capture=False)
+    seqs = forked_streams(runner, BlockManager(64, 4), 3, 5, seed=1)
+    bucket, q = graphs.shape(seqs)
+    graphs.load(seqs, bucket, q)
+    with reads:
+        graphs._forward(bucket, q)     # the captured region: unpack, forward
+    assert not reads.reads, where(reads)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_an_eager_extend_reads_nothing_from_the_device(arch, reads):
     """Prefill and the small models' scoring: the host can queue the next model's forward

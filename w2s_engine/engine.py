@@ -26,6 +26,7 @@ from w2s_engine.large.local import LocalLarge
 from w2s_engine.large.openai_completions import OpenAICompletions
 from w2s_engine.large.remote import RemoteLarge
 from w2s_engine.models.decode_graphs import DecodeGraphs
+from w2s_engine.models.scoring_graphs import ScoringGraphs
 from w2s_engine.models.loader import eos_ids, load_role
 from w2s_engine.models.runner import BatchFailed, ModelRunner, ModelShape
 from w2s_engine.outputs import SearchResult
@@ -42,6 +43,11 @@ from w2s_engine.search.stream import FinalText, SearchDelta
 
 log = logging.getLogger("w2s_engine")
 EFT_GRAPH_MAX_BATCH = 64    # EFT rows a step on the small models' graphs (more run eagerly)
+# The small models' scoring forward on static buffers (a graph per rows bucket and chunk
+# length): at most this many padded tokens (16 requests' CBS(4,4,8) chunks) and this many new
+# tokens per sequence. Larger or ragged forwards run eagerly.
+SCORING_GRAPH_MAX_TOKENS = 2048
+SCORING_GRAPH_MAX_Q = 16
 
 
 class SearchError(RuntimeError):
@@ -98,6 +104,11 @@ class Engine:
         if eft_graphs:
             graph_bytes += sum(ModelShape.of(self.models[r].model).decode_activation_bytes(
                 eft_batch, config.dtype) for r in ("tuned", "untuned"))
+        scoring_tokens = min(SCORING_GRAPH_MAX_TOKENS, config.max_batch_tokens)
+        scoring_graphs = graphs and scoring_tokens >= 2
+        if scoring_graphs:
+            graph_bytes += sum(ModelShape.of(self.models[r].model).extend_activation_bytes(
+                scoring_tokens, config.dtype) for r in ("tuned", "untuned") if r in self.models)
         num_blocks = pool_blocks(bytes_per_block, config.num_kv_blocks,
                                  config.kv_cache_memory_bytes, config.device,
                                  config.kv_cache_memory_fraction, config.cpu_kv_cache_bytes,
@@ -110,6 +121,12 @@ class Engine:
             runner.graphs = DecodeGraphs(runner, config.cuda_graph_max_batch,
                                          capture=runner.device.type == "cuda",
                                          cascade=config.cascade_attention)
+        for role in ("tuned", "untuned") if scoring_graphs else ():
+            if role in self.runners:
+                runner = self.runners[role]
+                runner.scoring_graphs = ScoringGraphs(runner, scoring_tokens,
+                                                      SCORING_GRAPH_MAX_Q,
+                                                      capture=runner.device.type == "cuda")
         self.budget = KVBudget(num_blocks, config.block_size)
         if remote:
             self.large = RemoteLarge(remote)

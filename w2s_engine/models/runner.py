@@ -6,7 +6,8 @@ hidden states of every new token. The LM head is applied separately (compute_log
 reward path can fuse it with log-softmax instead of materialising logits. A batch's metadata
 goes to the device in one upload. A decode of many sequences (decode_logits) runs on static
 buffers, replayed as a CUDA graph per batch-size bucket when the runner has them
-(models/decode_graphs.py).
+(models/decode_graphs.py); so does an extend of the same number of new tokens for every
+sequence, the small models' scoring of a chunk (models/scoring_graphs.py).
 
 The pool has one block more than the block managers hand out: the scratch block, which the
 padding rows of a bucketed batch read and write.
@@ -74,6 +75,13 @@ class ModelShape:
                    + self.num_heads * 16 * (self.head_dim + 1) * 4)
         return batch * per_row
 
+    def extend_activation_bytes(self, tokens: int, dtype: torch.dtype) -> int:
+        """An upper estimate of the memory an extend of `tokens` new tokens holds at its peak
+        without an LM head (what a captured scoring graph keeps in its pool), and the static
+        hidden-state buffer it writes."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        return tokens * (7 * self.hidden_size + 3 * self.intermediate_size) * elem
+
 
 class ModelRunner:
 
@@ -100,6 +108,7 @@ class ModelRunner:
             head.weight, getattr(head, "bias", None),
             getattr(model.config.get_text_config(), "final_logit_softcapping", None))
         self.graphs = None      # DecodeGraphs, when decodes run on static buffers
+        self.scoring_graphs = None  # ScoringGraphs, when uniform extends run on them
         self._decoder_call = self._decoder_forward
         if compile:
             self._decoder_call = torch.compile(
@@ -169,6 +178,10 @@ class ModelRunner:
         b's new tokens are rows cu[b]:cu[b + 1]). The offsets come from the host, not from the
         device: reading them there would wait for the forward, and the host could not queue
         the next model's forward while the GPU runs this one."""
+        if self.scoring_graphs is not None:
+            shape = self.scoring_graphs.shape(seqs)
+            if shape is not None:
+                return self.scoring_graphs.run(seqs, shape)
         batch, offsets = self.prepare(seqs)
         return self.forward(batch), offsets
 

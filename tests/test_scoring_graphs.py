@@ -1,0 +1,140 @@
+"""The small models' scoring forward on static buffers (models/scoring_graphs.py): shapes,
+padding, one upload, and CUDA graph replay.
+
+On CPU the padded static path runs eagerly (no graphs exist there) and must give the eager
+path's hidden states and KV writes, and the same searches; the `gpu` tests capture the graphs
+and replay them.
+"""
+
+import random
+
+import pytest
+import torch
+
+from test_decode_graphs import engine_pair, models, same_results  # noqa: F401 (a fixture)
+from tiny_models import tiny_llama
+from w2s_engine import SearchParams
+from w2s_engine.cache.block_manager import BlockManager
+from w2s_engine.models.runner import ModelRunner
+from w2s_engine.models.scoring_graphs import ScoringGraphs
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def forked_streams(runner, blocks, n, q, seed):
+    """n sequences forked from a few prompts at ragged lengths, each with q new tokens
+    appended (copy-on-write done): what a scoring forward sees after a chunk."""
+    rng = random.Random(seed)
+    vocab = runner.shape.vocab_size
+    roots = []
+    for _ in range(3):
+        t = blocks.new_table()
+        ids = [rng.randrange(vocab) for _ in range(rng.randint(1, 20))]
+        blocks.append(t, len(ids))
+        runner.run([(t, ids)])
+        roots.append(t)
+    seqs, copies = [], []
+    for i in range(n):
+        t = blocks.fork(roots[i % 3])
+        copies += blocks.append(t, q)
+        seqs.append((t, [rng.randrange(vocab) for _ in range(q)]))
+    runner.copy_blocks(copies)
+    for t in roots:
+        blocks.free(t)
+    return seqs
+
+
+def static_against_eager(model, capture: bool, shapes, max_tokens=256):
+    """Hidden states of runner.run on the scoring graphs' static buffers against eager runs,
+    for each (rows, new tokens per row); both must write the same KV."""
+    runner = ModelRunner(model.to(DEVICE), num_blocks=400, block_size=4)
+    blocks = BlockManager(400, 4)
+    graphs = ScoringGraphs(runner, max_tokens=max_tokens, max_q=16, capture=capture)
+    for n, q in shapes:
+        for _ in range(2 if capture else 1):       # on a GPU: the eager first run, then replay
+            seqs = forked_streams(runner, blocks, n, q, seed=n * q)
+            pool_before = runner.kv_pool.clone()
+            runner.scoring_graphs = graphs
+            assert graphs.shape(seqs) is not None
+            hidden, cu = runner.run(seqs)
+            static_pool = runner.kv_pool.clone()
+            runner.kv_pool.copy_(pool_before)
+            runner.scoring_graphs = None
+            eager, eager_cu = runner.run(seqs)
+            assert cu == eager_cu == list(range(0, n * q + 1, q))
+            torch.testing.assert_close(hidden, eager, atol=1e-4, rtol=1e-4)
+            # Both wrote the same KV, and padding rows wrote only the scratch block.
+            torch.testing.assert_close(static_pool[:, :, :400], runner.kv_pool[:, :, :400])
+            for t, _ in seqs:
+                blocks.free(t)
+    blocks.check_all_free()
+    return graphs
+
+
+def test_uniform_extends_on_the_static_path_give_the_eager_hidden_states_and_kv():
+    # q 8 and 16 are past the block size (4): rows span blocks, padding rows wrap the scratch.
+    model = tiny_llama(97, seed=5, layers=2)
+    static_against_eager(model, capture=False, shapes=[(1, 2), (3, 3), (5, 8), (13, 4),
+                                                       (16, 16)])
+
+
+def test_uniform_extends_on_the_static_path_with_a_sliding_window_model():
+    model = tiny_llama(97, seed=6, layers=2, sliding_window=5)
+    static_against_eager(model, capture=False, shapes=[(3, 8), (7, 3)])
+
+
+def test_the_static_path_takes_uniform_extends_that_fit_and_leaves_the_rest_eager():
+    runner = ModelRunner(tiny_llama(97, seed=5, layers=1), num_blocks=64, block_size=4)
+    blocks = BlockManager(64, 4)
+    graphs = ScoringGraphs(runner, max_tokens=64, max_q=8, capture=False)
+    t = [blocks.new_table() for _ in range(40)]
+
+    def seqs(*lengths):
+        return [(t[i], [1] * n) for i, n in enumerate(lengths)]
+    assert graphs.shape(seqs(3, 3, 3)) == (4, 3)          # padded to the bucket of 4 rows
+    assert graphs.shape(seqs(8, 8, 8, 8)) == (4, 8)
+    assert graphs.shape(seqs(3, 4)) is None                # ragged: eager
+    assert graphs.shape(seqs(1, 1)) is None                # a decode: the decode graphs' work
+    assert graphs.shape(seqs(9, 9)) is None                # past max_q
+    assert graphs.shape(seqs(*[2] * 32)) == (32, 2)
+    assert graphs.shape(seqs(*[3] * 24)) is None           # 24 x 3 > 64 tokens
+
+
+def test_a_beam_search_scores_its_chunks_on_the_static_path_with_the_same_results(
+        models, monkeypatch):
+    eager, static = engine_pair(models, 0, max_batch=64)
+    runners = [static.runners[r] for r in ("tuned", "untuned")]
+    assert all(r.scoring_graphs is not None for r in runners)
+    assert all(eager.runners[r].scoring_graphs is None for r in ("tuned", "untuned"))
+    shapes = []
+    for r in runners:
+        run = r.scoring_graphs.run
+        monkeypatch.setattr(r.scoring_graphs, "run", lambda seqs, shape, run=run:
+                            shapes.append(shape) or run(seqs, shape))
+    params = SearchParams.cbs(2, 3, 4, max_new_tokens=14, temperature=1.0, seed=5)
+    want, got = same_results(eager, static, params)
+    assert [r.reward for r in got] == pytest.approx([r.reward for r in want], abs=1e-5)
+    # 3 prompts x 6 candidates, 4 new tokens each: padded to 24 rows, both models, each chunk.
+    assert (24, 4) in shapes
+    static.check_all_free()
+
+
+@pytest.mark.gpu
+class TestScoringGraphsOnGPU:
+
+    def test_replay_gives_the_eager_hidden_states_and_kv_for_each_shape(self):
+        model = tiny_llama(97, seed=5, layers=2)
+        graphs = static_against_eager(model, capture=True,
+                                      shapes=[(1, 2), (3, 3), (5, 8), (13, 4), (16, 16)])
+        assert len(graphs.graphs) == 5 and not graphs.failed
+
+    def test_replay_with_a_sliding_window_model(self):
+        model = tiny_llama(97, seed=6, layers=2, sliding_window=5)
+        graphs = static_against_eager(model, capture=True, shapes=[(3, 8), (7, 3)])
+        assert len(graphs.graphs) == 2 and not graphs.failed
+
+    def test_a_whole_search_gives_the_same_tokens_with_scoring_graphs(self, models):
+        eager, graphed = engine_pair(models, 0, max_batch=64)
+        params = SearchParams.cbs(4, 4, 3, max_new_tokens=12, temperature=1.0, seed=11)
+        same_results(eager, graphed, params, rewards=False)
+        assert all(graphed.runners[r].scoring_graphs.graphs for r in ("tuned", "untuned"))
