@@ -257,6 +257,15 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
         "cuda_graphs": bool(engine.config.cuda_graphs),
         "graphs_captured": len(getattr(engine.runners["large"].graphs, "graphs", {}) or {}),
         "capture_error": getattr(engine.runners["large"].graphs, "capture_error", None),
+        # The small models' scoring graphs: (rows bucket, q) shapes captured, and failures.
+        "scoring_graphs_captured": sum(len(r.scoring_graphs.graphs) for r in engine.runners.values()
+                                       if r.scoring_graphs is not None),
+        "scoring_capture_seconds": round(sum(r.scoring_graphs.capture_seconds
+                                             for r in engine.runners.values()
+                                             if r.scoring_graphs is not None), 3),
+        "scoring_capture_failed": sorted({why for r in engine.runners.values()
+                                          if r.scoring_graphs is not None
+                                          for why in r.scoring_graphs.failed.values()}),
         "cascade_attention": bool(engine.config.cascade_attention),
         "torch_compile": bool(engine.config.torch_compile),
         "device": machine(), "torch": torch.__version__, "commit": commit(),
