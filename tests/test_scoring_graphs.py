@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from test_decode_graphs import engine_pair, models, same_results  # noqa: F401 (a fixture)
+from test_runner import TINY_CONFIGS, tiny_model
 from tiny_models import tiny_llama
 from w2s_engine import SearchParams
 from w2s_engine.cache.block_manager import BlockManager
@@ -76,6 +77,11 @@ def test_uniform_extends_on_the_static_path_give_the_eager_hidden_states_and_kv(
     model = tiny_llama(97, seed=5, layers=2)
     static_against_eager(model, capture=False, shapes=[(1, 2), (3, 3), (5, 8), (13, 4),
                                                        (16, 16)])
+
+
+@pytest.mark.parametrize("arch", list(TINY_CONFIGS))
+def test_every_architecture_scores_on_the_static_path_as_it_does_eagerly(arch):
+    static_against_eager(tiny_model(arch), capture=False, shapes=[(3, 5)])
 
 
 def test_uniform_extends_on_the_static_path_with_a_sliding_window_model():

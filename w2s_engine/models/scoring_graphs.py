@@ -145,6 +145,8 @@ class ScoringGraphs:
             with torch.cuda.graph(graph, pool=self.pool):
                 self._forward(bucket, q)
             self.graphs[(bucket, q)] = graph
+            logger.info("captured the scoring graph of %d rows x %d tokens in %.2f s",
+                        bucket, q, time.perf_counter() - t)
         except Exception as e:
             # The static path still runs, eagerly: slower, not wrong. Say so once per shape.
             self.failed[(bucket, q)] = f"{type(e).__name__}: {e}"
