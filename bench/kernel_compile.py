@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from w2s_engine.kernels.cascade_attention import (cascade_decode_attention_triton,  # noqa: E402
                                                   find_shared_prefixes)
 from w2s_engine.kernels.chunk_reward import (LMHead, chunk_reward_triton,  # noqa: E402
-                                             fused_lmhead_chunk_reward_triton)
+                                             fused_lmhead_chunk_reward_triton,
+                                             lmhead_chunk_logprob_triton)
 from w2s_engine.kernels.kv_cache import copy_blocks_triton, store_kv_triton  # noqa: E402
 from w2s_engine.kernels.paged_attention import (paged_decode_attention_triton,  # noqa: E402
                                                 paged_extend_attention_triton)
@@ -166,6 +167,14 @@ def recipes():
                                                  LMHead(w.clone(), None, softcap), targets,
                                                  torch.zeros(8, dtype=torch.long), 1)
             yield f"fused LM-head reward {name}" + (" softcap" if softcap else ""), lmhead
+
+        def logprob(dtype=dtype):
+            h = torch.randn(8, 2048).to(dtype)
+            w = torch.randn(4096, 2048).to(dtype)
+            targets = torch.randint(0, 4096, (8,))
+            lmhead_chunk_logprob_triton(h, LMHead(w), targets, torch.zeros(8, dtype=torch.long),
+                                        1)
+        yield f"one model's LM-head log-prob {name}", logprob
 
     for min_p in (False, True):
         def sampling(min_p=min_p):

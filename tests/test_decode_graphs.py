@@ -140,11 +140,16 @@ def test_the_capture_warmup_reads_long_rows_writes_only_scratch_and_leaves_decod
     torch.testing.assert_close(logits, eager, atol=1e-4, rtol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def models():
+def make_models():
+    """Two tokenizers, and a tuned/untuned small pair of the first's vocabulary."""
     tok, other = make_tokenizer(300), make_tokenizer(420)
     untuned = tiny_llama(len(tok), seed=2)
     return tok, other, tuned_from(untuned, seed=3, scale=0.3), untuned
+
+
+@pytest.fixture(scope="module")
+def models():
+    return make_models()
 
 
 def engine_pair(models, large_tok_index, max_batch, cascade=False, torch_compile=False):

@@ -168,12 +168,14 @@ def gpu_kernels(monkeypatch):
     import w2s_engine.large.local as local
     import w2s_engine.models.runner as runner_module
     import w2s_engine.search.small_stream as small_stream
-    from w2s_engine.kernels.chunk_reward import fused_lmhead_chunk_reward_triton
+    from w2s_engine.kernels.chunk_reward import (fused_lmhead_chunk_reward_triton,
+                                                 lmhead_chunk_logprob_triton)
     from w2s_engine.kernels.kv_cache import copy_blocks_triton
     from w2s_engine.kernels.sampling import sample_triton
     monkeypatch.setattr(local, "sample", sample_triton)
     monkeypatch.setattr(small_stream, "fused_lmhead_chunk_reward",
                         fused_lmhead_chunk_reward_triton)
+    monkeypatch.setattr(small_stream, "lmhead_chunk_logprob", lmhead_chunk_logprob_triton)
     monkeypatch.setattr(runner_module, "copy_blocks", copy_blocks_triton)
 
 

@@ -35,6 +35,6 @@ def test_every_triton_kernel_compiles_for_sm90_in_every_autotune_configuration()
     assert run.returncode == 0, out[-4000:] + run.stderr[-4000:]
     for kernel in ("_store_kv_kernel", "_copy_blocks_kernel", "_decode_split_kernel",
                    "_decode_merge_kernel", "_extend_kernel", "_shared_prefix_kernel",
-                   "_two_model_lse_kernel", "_reward_finish_kernel", "_sample_kernel"):
+                   "_logits_lse_kernel", "_reward_finish_kernel", "_sample_kernel"):
         assert kernel in out, f"{kernel} was not compiled"
     assert "FAILED" not in out

@@ -23,6 +23,8 @@ from w2s_engine.kernels.chunk_reward import (
     chunk_reward_triton,
     fused_lmhead_chunk_reward_ref,
     fused_lmhead_chunk_reward_triton,
+    lmhead_chunk_logprob_ref,
+    lmhead_chunk_logprob_triton,
 )
 from w2s_engine.kernels.kv_cache import (
     copy_blocks_ref,
@@ -324,6 +326,31 @@ def test_chunk_reward_triton_handles_a_32k_vocab_and_sliced_rows():
     seg = torch.tensor([0, 0, 1, 1])
     torch.testing.assert_close(chunk_reward_triton(a, b, t, seg, 2)[0],
                                plain_reward(a, b, t, seg, 2)[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("softcap, bias", [(None, False), (None, True), (30.0, True)])
+@pytest.mark.parametrize("vocab_chunk", [None, 300])
+def test_one_models_lmhead_logprob_matches_log_softmax_in_vocabulary_chunks(dtype, softcap,
+                                                                           bias, vocab_chunk):
+    g = torch.Generator().manual_seed(2)
+    vocab, n = 1000, 5
+    w = (torch.randn(vocab, 48, generator=g) * 0.3).to(dtype)
+    b = (torch.randn(vocab, generator=g) * 2).to(dtype) if bias else None
+    h = torch.randn(n, 48, generator=g).to(dtype)
+    t = torch.tensor([299, 300, 999, 0, 512])
+    seg = torch.tensor([1, 0, 1, 1, 0])
+    head = LMHead(w, b, softcap)
+    logp, sums = lmhead_chunk_logprob_triton(h, head, t, seg, 2, vocab_chunk=vocab_chunk)
+    ref, _ = lmhead_chunk_logprob_ref(h, head, t, seg, 2)
+    logits = (h @ w.T + (b if bias else 0)).float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    plain = logits.log_softmax(-1).gather(1, t[:, None])[:, 0]
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(logp, ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(ref, plain, atol=tol, rtol=tol)
+    torch.testing.assert_close(sums, torch.zeros(2).index_add_(0, seg, plain), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

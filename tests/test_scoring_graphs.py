@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from test_decode_graphs import engine_pair, models, same_results  # noqa: F401 (a fixture)
+from test_decode_graphs import engine_pair, make_models, same_results
 from test_runner import TINY_CONFIGS, tiny_model
 from tiny_models import tiny_llama
 from w2s_engine import SearchParams
@@ -104,6 +104,11 @@ def test_the_static_path_takes_uniform_extends_that_fit_and_leaves_the_rest_eage
     assert graphs.shape(seqs(9, 9)) is None                # past max_q
     assert graphs.shape(seqs(*[2] * 32)) == (32, 2)
     assert graphs.shape(seqs(*[3] * 24)) is None           # 24 x 3 > 64 tokens
+
+
+@pytest.fixture(scope="module")
+def models():
+    return make_models()
 
 
 def test_a_beam_search_scores_its_chunks_on_the_static_path_with_the_same_results(

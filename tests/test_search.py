@@ -39,8 +39,8 @@ def make_engine(tok, small_pair, large_tok=None, large_seed=1, **kw):
     kw.setdefault("num_kv_blocks", 600)
     kw.setdefault("block_size", 4)
     kw.setdefault("progress", False)
-    return Engine((large, large_tok), (clone(tuned), tok), (clone(untuned), tok),
-                  templates={"large": LARGE_TEMPLATE, "small": SMALL_TEMPLATE}, **kw)
+    kw.setdefault("templates", {"large": LARGE_TEMPLATE, "small": SMALL_TEMPLATE})
+    return Engine((large, large_tok), (clone(tuned), tok), (clone(untuned), tok), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -54,21 +54,22 @@ def cross_engine(tok, other_tok, small_pair):
 
 
 @torch.no_grad()
-def scratch_reward(small_pair, tok, prompt, response, finished):
-    """Full forward of prompt + response through each small model: log-softmax, gather, sum."""
-    prompt_ids = tok(SMALL_TEMPLATE.replace("{prompt}", prompt), add_special_tokens=False)["input_ids"]
-    if isinstance(response, str):
-        full = tok(SMALL_TEMPLATE.replace("{prompt}", prompt) + response,
-                   add_special_tokens=False)["input_ids"]
-        start = common_prefix(full, prompt_ids)
-    else:
-        full, start = prompt_ids + list(response), len(prompt_ids)
-    if finished:
-        full = full + [tok.eos_token_id]
-    ids = torch.tensor([full])
+def scratch_reward(small_pair, tok, prompt, response, finished,
+                   templates=(SMALL_TEMPLATE, SMALL_TEMPLATE)):
+    """Full forward of prompt + response through each small model (under its template):
+    log-softmax, gather, sum."""
     total = 0.0
-    for model, sign in zip(small_pair, (1.0, -1.0)):
-        logp = model(ids).logits[0].float().log_softmax(-1)
+    for model, sign, template in zip(small_pair, (1.0, -1.0), templates):
+        prompt_ids = tok(template.replace("{prompt}", prompt), add_special_tokens=False)["input_ids"]
+        if isinstance(response, str):
+            full = tok(template.replace("{prompt}", prompt) + response,
+                       add_special_tokens=False)["input_ids"]
+            start = common_prefix(full, prompt_ids)
+        else:
+            full, start = prompt_ids + list(response), len(prompt_ids)
+        if finished:
+            full = full + [tok.eos_token_id]
+        logp = model(torch.tensor([full])).logits[0].float().log_softmax(-1)
         total += sign * sum(logp[i - 1, full[i]].item() for i in range(start, len(full)))
     return total
 
@@ -129,6 +130,21 @@ def test_rewards_of_small_models_whose_lm_head_has_a_bias_equal_scratch_recomput
     h = result.hypotheses[0]
     assert h.reward == pytest.approx(
         scratch_reward(pair, tok, PROMPTS[0], h.small_token_ids, h.finished), abs=1e-4)
+    engine.check_all_free()
+
+
+def test_rewards_with_a_template_per_small_model_equal_scratch_recompute(tok, small_pair):
+    # Two templates: each small model scores its own stream, one model's log-probs at a time.
+    templates = ("Glowing review: {prompt}", SMALL_TEMPLATE)
+    engine = make_engine(tok, small_pair, templates={"large": LARGE_TEMPLATE,
+                                                      "tuned": templates[0],
+                                                      "untuned": templates[1]})
+    assert len(engine.scorer.streams) == 2
+    responses = [" and then", " the end of it all", " a"]
+    got = engine.score(PROMPTS[:3], responses, finished=[True, False, False])
+    want = [scratch_reward(small_pair, tok, p, r, f, templates)
+            for p, r, f in zip(PROMPTS[:3], responses, [True, False, False])]
+    assert got == pytest.approx(want, abs=1e-4)
     engine.check_all_free()
 
 

@@ -1,16 +1,18 @@
 """Chunk reward: log p_tuned(t) - log p_untuned(t) per chunk token, and its sum per segment.
 
-Two forms:
+Three forms:
 - chunk_reward: from both models' logits [N, V];
 - fused_lmhead_chunk_reward: from both models' final hidden states [N, H] and output layers
-  (LMHead: weight [V, H], bias, soft-cap); the logits are formed a vocabulary chunk at a time (cuBLAS) and reduced at once,
-  so a 262k vocabulary never costs an [N, V] tensor.
-Both make one pass over the logits with one kernel, _two_model_lse_kernel, split across
-programs for parallelism (the split count comes from the SM count, so a short chunk still
-fills the GPU): each (row, vocabulary split) program keeps an online max and sum of
-exponentials (fp32) for both models and picks up the target logits when its range holds
-them. A second small kernel merges the splits and adds each token's difference to its
-segment. Nothing reads the device back except the wrapper's optional bounds check.
+  (LMHead: weight [V, H], bias, soft-cap); the logits are formed a vocabulary chunk at a
+  time (cuBLAS) and reduced at once, so a 262k vocabulary never costs an [N, V] tensor;
+- lmhead_chunk_logprob: one model's log p(t) the same way (when the tuned and untuned models
+  score separate streams, under different templates).
+All make one pass over the logits with one kernel, _logits_lse_kernel, split across programs
+for parallelism (the split count comes from the SM count, so a short chunk still fills the
+GPU): each (row, vocabulary split) program keeps an online max and sum of exponentials
+(fp32) per model and picks up the target logits when its range holds them. A second small
+kernel merges the splits and adds each token's difference (or log-prob) to its segment.
+Nothing reads the device back except the wrapper's optional bounds check.
 
 Why GEMMs and not one kernel that forms logit tiles in registers: such a kernel (this file's
 first form) ran 2.9x slower than cuBLAS logits plus the reduction on an H200 (5.93 ms against
@@ -87,6 +89,11 @@ def fused_lmhead_chunk_reward_ref(hidden_tuned, head_tuned: LMHead, hidden_untun
     return diff, _segment_sums(diff, segment_ids, num_segments)
 
 
+def lmhead_chunk_logprob_ref(hidden, head: LMHead, targets, segment_ids, num_segments):
+    logp = _target_logprob_ref(hidden, head, targets)
+    return logp, _segment_sums(logp, segment_ids, num_segments)
+
+
 # ---- Triton ------------------------------------------------------------------------------------
 
 if triton is not None:
@@ -100,17 +107,18 @@ if triton is not None:
                          triton.Config({"BLOCK_V": 2048}, num_warps=8),
                          triton.Config({"BLOCK_V": 4096}, num_warps=8)],
                         interpret=triton.Config({"BLOCK_V": 1024})),
-        key=["V"])
+        key=["V", "TWO"])
     @triton.jit
-    def _two_model_lse_kernel(
+    def _logits_lse_kernel(
         a_ptr, b_ptr,                 # [N, V] logits of the tuned / untuned model for the
-                                      #   vocabulary ids [v_offset, v_offset + V)
+                                      #   vocabulary ids [v_offset, v_offset + V) (b: only TWO)
         targets_ptr,                  # [N] int: each row's target id in the whole vocabulary
         part_ptr,                     # [N, total_splits, 4] fp32 out, columns split_base + split:
                                       #   (max_a, sum_a, max_b, sum_b)
         target_ptr,                   # [N, 2] fp32 out: both (capped) target logits, written by
                                       #   the one program whose range holds the target
         V, v_offset, stride_a, stride_b, split_size, split_base, total_splits, cap_a, cap_b,
+        TWO: tl.constexpr,            # both models' logits, or only a's (one model's log-prob)
         HAS_CAP_A: tl.constexpr, HAS_CAP_B: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
@@ -128,13 +136,15 @@ if triton is not None:
             v = v0 + tl.arange(0, BLOCK_V)
             mask = v < hi
             x = tl.load(a_ptr + row * stride_a + v, mask=mask, other=float("-inf")).to(tl.float32)
-            y = tl.load(b_ptr + row * stride_b + v, mask=mask, other=float("-inf")).to(tl.float32)
             if HAS_CAP_A:   # capped before masking: a cap maps -inf to -cap
                 x = tl.where(mask, _softcap(x, cap_a), float("-inf"))
-            if HAS_CAP_B:
-                y = tl.where(mask, _softcap(y, cap_b), float("-inf"))
             m_a, s_a = online_lse_step(m_a, s_a, x)
-            m_b, s_b = online_lse_step(m_b, s_b, y)
+            if TWO:
+                y = tl.load(b_ptr + row * stride_b + v, mask=mask,
+                            other=float("-inf")).to(tl.float32)
+                if HAS_CAP_B:
+                    y = tl.where(mask, _softcap(y, cap_b), float("-inf"))
+                m_b, s_b = online_lse_step(m_b, s_b, y)
         ma, sa = lse_reduce(m_a, s_a)
         mb, sb = lse_reduce(m_b, s_b)
         base = part_ptr + (row * total_splits + split_base + split) * 4
@@ -145,13 +155,14 @@ if triton is not None:
         t = tl.load(targets_ptr + row).to(tl.int64) - v_offset
         if (t >= lo) & (t < hi):
             x = tl.load(a_ptr + row * stride_a + t).to(tl.float32)
-            y = tl.load(b_ptr + row * stride_b + t).to(tl.float32)
             if HAS_CAP_A:
                 x = _softcap(x, cap_a)
-            if HAS_CAP_B:
-                y = _softcap(y, cap_b)
             tl.store(target_ptr + row * 2, x)
-            tl.store(target_ptr + row * 2 + 1, y)
+            if TWO:
+                y = tl.load(b_ptr + row * stride_b + t).to(tl.float32)
+                if HAS_CAP_B:
+                    y = _softcap(y, cap_b)
+                tl.store(target_ptr + row * 2 + 1, y)
 
     @triton.jit
     def _merge_splits_tl(m, s):
@@ -161,12 +172,14 @@ if triton is not None:
 
     @triton.jit
     def _reward_finish_kernel(
-        part_ptr,                     # [N, splits, 4] fp32 from _two_model_lse_kernel
-        target_ptr,                   # [N, 2] fp32 target logits from _two_model_lse_kernel
+        part_ptr,                     # [N, splits, 4] fp32 from _logits_lse_kernel
+        target_ptr,                   # [N, 2] fp32 target logits from _logits_lse_kernel
         segment_ptr,                  # [N] int
-        diff_ptr,                     # [N] fp32 out: log p_tuned(t) - log p_untuned(t)
+        diff_ptr,                     # [N] fp32 out: log p_tuned(t) - log p_untuned(t), or
+                                      #   log p_a(t) (not TWO)
         sums_ptr,                     # [num_segments] fp32, zeroed: += diff of each segment
         splits,
+        TWO: tl.constexpr,
         BLOCK_S: tl.constexpr,
     ):
         # grid: (N,): merge the splits, one atomic add per token.
@@ -176,14 +189,16 @@ if triton is not None:
         base = part_ptr + (row * splits + s) * 4
         lse_a = _merge_splits_tl(tl.load(base + 0, mask=smask, other=float("-inf")),
                                  tl.load(base + 1, mask=smask, other=0.0))
-        lse_b = _merge_splits_tl(tl.load(base + 2, mask=smask, other=float("-inf")),
-                                 tl.load(base + 3, mask=smask, other=0.0))
-        diff = (tl.load(target_ptr + row * 2) - lse_a) - (tl.load(target_ptr + row * 2 + 1) - lse_b)
+        diff = tl.load(target_ptr + row * 2) - lse_a
+        if TWO:
+            lse_b = _merge_splits_tl(tl.load(base + 2, mask=smask, other=float("-inf")),
+                                     tl.load(base + 3, mask=smask, other=0.0))
+            diff -= tl.load(target_ptr + row * 2 + 1) - lse_b
         tl.store(diff_ptr + row, diff)
         tl.atomic_add(sums_ptr + tl.load(segment_ptr + row), diff)
 
 
-# Vocabulary splits are multiples of the largest BLOCK_V of _two_model_lse_kernel, so a split's
+# Vocabulary splits are multiples of the largest BLOCK_V of _logits_lse_kernel, so a split's
 # range does not depend on the configuration the autotuner picks.
 SPLIT_GRANULE = 4096
 # The LM-head form forms each model's logits in vocabulary chunks of at most this many bytes:
@@ -219,12 +234,14 @@ def _check_common(targets, segment_ids, num_segments, n, v, name, bounds: bool =
 
 
 class _Partials:
-    """One reward pass over a vocabulary taken in column chunks: each chunk's pair of logits
-    [N, width] adds its splits' log-sum-exp partials, and the chunk holding a row's target
-    writes that row's target logits. `finish` merges them into the token differences."""
+    """One pass over a vocabulary taken in column chunks, for two models' logits (the reward)
+    or one's (its log-probs): each chunk's logits [N, width] add their splits' log-sum-exp
+    partials, and the chunk holding a row's target writes that row's target logits. `finish`
+    merges them into each token's difference (or log-prob) and the segments' sums."""
 
-    def __init__(self, targets, device, n: int, v: int, width: int):
+    def __init__(self, targets, device, n: int, v: int, width: int, two: bool = True):
         self.targets = targets
+        self.two = two
         self.chunks = []                  # (lo, hi, splits, split_size, split_base)
         base = 0
         for lo in range(0, v, width):
@@ -235,20 +252,22 @@ class _Partials:
         self.part = torch.empty(n, base, 4, dtype=torch.float32, device=device)
         self.target = torch.empty(n, 2, dtype=torch.float32, device=device)
 
-    def add(self, chunk, a, b, cap_a=None, cap_b=None):
+    def add(self, chunk, a, b=None, cap_a=None, cap_b=None):
         lo, hi, splits, size, base = chunk
+        assert (b is not None) == self.two
+        b = a if b is None else b     # not read when one model
         assert a.shape == b.shape == (self.part.shape[0], hi - lo)
-        _two_model_lse_kernel[(a.shape[0], splits)](
+        _logits_lse_kernel[(a.shape[0], splits)](
             a, b, self.targets, self.part, self.target, hi - lo, lo, a.stride(0), b.stride(0),
             size, base, self.part.shape[1], cap_a or 0.0, cap_b or 0.0,
-            HAS_CAP_A=bool(cap_a), HAS_CAP_B=bool(cap_b))
+            TWO=self.two, HAS_CAP_A=bool(cap_a), HAS_CAP_B=bool(cap_b))
 
     def finish(self, segment_ids, num_segments):
         n, splits = self.part.shape[:2]
         diff = torch.empty(n, dtype=torch.float32, device=self.part.device)
         sums = torch.zeros(num_segments, dtype=torch.float32, device=self.part.device)
         _reward_finish_kernel[(n,)](self.part, self.target, segment_ids, diff, sums, splits,
-                                    BLOCK_S=triton.next_power_of_2(splits))
+                                    TWO=self.two, BLOCK_S=triton.next_power_of_2(splits))
         return diff, sums
 
 
@@ -280,16 +299,9 @@ def lmhead_chunk_width(n: int, v: int, element_size: int) -> int:
     return min(v, max(SPLIT_GRANULE, width))
 
 
-def fused_lmhead_chunk_reward_triton(hidden_tuned, head_tuned: LMHead, hidden_untuned,
-                                     head_untuned: LMHead, targets, segment_ids, num_segments,
-                                     bounds_checked=False, vocab_chunk=None):
-    """The LM heads as cuBLAS GEMMs over vocabulary chunks (vocab_chunk columns; None: sized by
-    lmhead_chunk_width), each pair of chunks reduced by _two_model_lse_kernel before the next
-    is formed: the GEMMs are the logits path's, and no [N, V] tensor exists."""
-    name = "fused_lmhead_chunk_reward"
-    n = hidden_tuned.shape[0]
-    for h, head, role in ((hidden_tuned, head_tuned, "tuned"),
-                          (hidden_untuned, head_untuned, "untuned")):
+def _check_heads(name, n, pairs):
+    """pairs: (hidden [N, H], LMHead, role) -> the vocabulary size they share."""
+    for h, head, role in pairs:
         w, b = head.weight, head.bias
         if h.dim() != 2 or w.dim() != 2 or h.shape[1] != w.shape[1] or h.shape[0] != n:
             raise ValueError(f"{name}: {role} hidden [N={n}, H] and weight [V, H] disagree: "
@@ -302,23 +314,48 @@ def fused_lmhead_chunk_reward_triton(hidden_tuned, head_tuned: LMHead, hidden_un
                             f"{h.dtype} and {w.dtype}")
         if h.stride(1) != 1 or w.stride(1) != 1:
             raise ValueError(f"{name}: {role} hidden and weight need a contiguous last dimension")
-    v = head_tuned.weight.shape[0]
-    if head_untuned.weight.shape[0] != v:
+    sizes = [head.weight.shape[0] for _, head, _ in pairs]
+    if len(set(sizes)) > 1:
         raise ValueError(f"{name}: the two LM heads have different vocabularies "
-                         f"({v} and {head_untuned.weight.shape[0]})")
+                         f"({sizes[0]} and {sizes[1]})")
+    return sizes[0]
+
+
+def _lmhead_pass(name, pairs, targets, segment_ids, num_segments, bounds_checked, vocab_chunk):
+    """The LM heads of `pairs` as cuBLAS GEMMs over vocabulary chunks (vocab_chunk columns;
+    None: sized by lmhead_chunk_width), each chunk's logits reduced by _logits_lse_kernel
+    before the next is formed: the GEMMs are the logits path's, and no [N, V] tensor exists."""
+    hidden = pairs[0][0]
+    n = hidden.shape[0]
+    v = _check_heads(name, n, pairs)
     _check_common(targets, segment_ids, num_segments, n, v, name, not bounds_checked)
     if n == 0:
-        empty = torch.zeros(0, dtype=torch.float32, device=hidden_tuned.device)
+        empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
         return empty, _segment_sums(empty, segment_ids, num_segments)
-    width = vocab_chunk or lmhead_chunk_width(n, v, hidden_tuned.element_size())
-    partials = _Partials(targets, hidden_tuned.device, n, v, width)
+    width = vocab_chunk or lmhead_chunk_width(n, v, hidden.element_size())
+    partials = _Partials(targets, hidden.device, n, v, width, two=len(pairs) == 2)
     for chunk in partials.chunks:
         lo, hi = chunk[:2]
         # Each GEMM's output is the model's own logits dtype, as compute_logits gives them.
-        partials.add(chunk, head_tuned.columns(hidden_tuned, lo, hi),
-                     head_untuned.columns(hidden_untuned, lo, hi),
-                     head_tuned.softcap, head_untuned.softcap)
+        logits = [head.columns(h, lo, hi) for h, head, _ in pairs]
+        caps = [head.softcap for _, head, _ in pairs]
+        partials.add(chunk, logits[0], logits[1] if len(pairs) == 2 else None, *caps)
     return partials.finish(segment_ids, num_segments)
+
+
+def fused_lmhead_chunk_reward_triton(hidden_tuned, head_tuned: LMHead, hidden_untuned,
+                                     head_untuned: LMHead, targets, segment_ids, num_segments,
+                                     bounds_checked=False, vocab_chunk=None):
+    return _lmhead_pass("fused_lmhead_chunk_reward",
+                        [(hidden_tuned, head_tuned, "tuned"),
+                         (hidden_untuned, head_untuned, "untuned")],
+                        targets, segment_ids, num_segments, bounds_checked, vocab_chunk)
+
+
+def lmhead_chunk_logprob_triton(hidden, head: LMHead, targets, segment_ids, num_segments,
+                                bounds_checked=False, vocab_chunk=None):
+    return _lmhead_pass("lmhead_chunk_logprob", [(hidden, head, "the")], targets, segment_ids,
+                        num_segments, bounds_checked, vocab_chunk)
 
 
 def chunk_reward(logits_tuned, logits_untuned, targets, segment_ids, num_segments):
@@ -337,3 +374,14 @@ def fused_lmhead_chunk_reward(hidden_tuned, head_tuned: LMHead, hidden_untuned,
     if hidden_tuned.is_cuda and triton is not None:
         return fused_lmhead_chunk_reward_triton(*args, bounds_checked=bounds_checked)
     return fused_lmhead_chunk_reward_ref(*args)
+
+
+def lmhead_chunk_logprob(hidden, head: LMHead, targets, segment_ids, num_segments,
+                         bounds_checked=False):
+    """One model's log p(target) per token [N] and its sums per segment, from the hidden
+    states, without an [N, V] tensor (a reward term when the tuned and untuned models score
+    separate streams). bounds_checked as for fused_lmhead_chunk_reward."""
+    args = (hidden, head, targets, segment_ids, num_segments)
+    if hidden.is_cuda and triton is not None:
+        return lmhead_chunk_logprob_triton(*args, bounds_checked=bounds_checked)
+    return lmhead_chunk_logprob_ref(*args)

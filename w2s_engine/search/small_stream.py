@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from w2s_engine.cache.block_manager import BlockManager
-from w2s_engine.kernels.chunk_reward import fused_lmhead_chunk_reward
+from w2s_engine.kernels.chunk_reward import fused_lmhead_chunk_reward, lmhead_chunk_logprob
 from w2s_engine.models.runner import BatchFailed, ModelRunner
 from w2s_engine.search.sequence import SmallState
 from w2s_engine.search.tokens import common_prefix
@@ -249,21 +249,22 @@ class SmallStream:
         runner = next(iter(self.runners.values()))
         ints = runner.upload(targets + segments).long()    # one asynchronous copy
         tgt, seg = ints[:len(targets)], ints[len(targets):]
+        # Checked here, on the host, so the kernels need not read them back to check.
+        vocab = min(r.lm_head.weight.shape[0] for r in self.runners.values())
+        if not (0 <= min(targets) and max(targets) < vocab):
+            raise ValueError(f"a scored token id is outside the small models' vocabulary "
+                             f"[0, {vocab}): [{min(targets)}, {max(targets)}]")
+        assert 0 <= min(segments) and max(segments) < num_segments
         if len(self.runners) == 2:
             t, u = self.runners["tuned"], self.runners["untuned"]
-            # Checked here, on the host, so the kernel need not read them back to check.
-            vocab = min(t.lm_head.weight.shape[0], u.lm_head.weight.shape[0])
-            if not (0 <= min(targets) and max(targets) < vocab):
-                raise ValueError(f"a scored token id is outside the small models' vocabulary "
-                                 f"[0, {vocab}): [{min(targets)}, {max(targets)}]")
-            assert 0 <= min(segments) and max(segments) < num_segments
             diff, _ = fused_lmhead_chunk_reward(
                 rows["tuned"], t.lm_head, rows["untuned"], u.lm_head, tgt, seg, num_segments,
                 bounds_checked=True)
             return diff
         (role, runner), = self.runners.items()
-        logp = torch.log_softmax(runner.compute_logits(rows[role]), dim=-1)
-        return SIGN[role] * logp.gather(1, tgt[:, None])[:, 0]
+        logp, _ = lmhead_chunk_logprob(rows[role], runner.lm_head, tgt, seg, num_segments,
+                                       bounds_checked=True)
+        return SIGN[role] * logp
 
     def _append(self, items):
         copies = []
