@@ -38,6 +38,15 @@ except ImportError:
     triton = None
 
 
+# Vocabulary splits are multiples of the largest BLOCK_V of _logits_lse_kernel, so a split's
+# range does not depend on the configuration the autotuner picks.
+SPLIT_GRANULE = 4096
+# The LM-head form forms each model's logits in vocabulary chunks of at most this many bytes:
+# big enough that each chunk is one efficient cuBLAS GEMM, small enough that a 2,048-row
+# scoring batch of a 128k vocabulary needs 64 MiB per model instead of 512 MiB.
+LMHEAD_CHUNK_BYTES = 64 << 20
+
+
 def _segment_sums(token_diff, segment_ids, num_segments):
     return torch.zeros(num_segments, dtype=torch.float32, device=token_diff.device).index_add_(
         0, segment_ids.long(), token_diff)
@@ -73,8 +82,13 @@ class LMHead:
         return logits
 
 
-def _target_logprob_ref(hidden, head: LMHead, targets, rows=64):
-    # Rows in chunks: the reference never holds more than [rows, V] logits.
+def _target_logprob_ref(hidden, head: LMHead, targets):
+    # Rows in chunks of about LMHEAD_CHUNK_BYTES of fp32 logits, never [N, V] at once. Not
+    # much smaller: on a CPU, glibc serves blocks under 32 MB from its heap, and many of them
+    # allocated and freed between other allocations fragment it (chunks of 64 rows: peak RSS
+    # 0.7 GB higher over 16 searches scoring 2,048 rows of a 49k vocabulary a chunk, on the
+    # 2-core CPU machine).
+    rows = max(1, LMHEAD_CHUNK_BYTES // (4 * head.weight.shape[0]))
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for i in range(0, hidden.shape[0], rows):
         logits = head.logits(hidden[i:i + rows])
@@ -196,15 +210,6 @@ if triton is not None:
             diff -= tl.load(target_ptr + row * 2 + 1) - lse_b
         tl.store(diff_ptr + row, diff)
         tl.atomic_add(sums_ptr + tl.load(segment_ptr + row), diff)
-
-
-# Vocabulary splits are multiples of the largest BLOCK_V of _logits_lse_kernel, so a split's
-# range does not depend on the configuration the autotuner picks.
-SPLIT_GRANULE = 4096
-# The LM-head form forms each model's logits in vocabulary chunks of at most this many bytes:
-# big enough that each chunk is one efficient cuBLAS GEMM, small enough that a 2,048-row
-# scoring batch of a 128k vocabulary needs 64 MiB per model instead of 512 MiB.
-LMHEAD_CHUNK_BYTES = 64 << 20
 
 
 def _vocab_splits(device, rows: int, v: int):
