@@ -148,6 +148,22 @@ def test_rewards_with_a_template_per_small_model_equal_scratch_recompute(tok, sm
     engine.check_all_free()
 
 
+def test_a_large_lm_head_padded_past_its_tokenizer_samples_only_real_tokens(tok, small_pair):
+    # Rows 300..363 of the large model's head are no token of the shared tokenizer; the small
+    # models (300 rows) could not embed them, and the detokenizer could not write them.
+    large = tiny_llama(len(tok) + 64, seed=1, layers=3)
+    tuned, untuned = small_pair
+    engine = Engine((large, tok), (clone(tuned), tok), (clone(untuned), tok),
+                    templates={"large": LARGE_TEMPLATE, "small": SMALL_TEMPLATE},
+                    num_kv_blocks=600, block_size=4, progress=False)
+    for seed in range(3):
+        for method in (SearchParams.cbs(2, 2, 4, max_new_tokens=16, seed=seed),
+                       SearchParams.base(n=2, max_new_tokens=16, seed=seed)):
+            for res in engine.search(PROMPTS[:2], method):
+                assert all(t < len(tok) for h in res.hypotheses for t in h.token_ids)
+    engine.check_all_free()
+
+
 def test_survivors_are_the_top_w_candidates_and_finished_beams_are_never_duplicated(engine):
     params = SearchParams(w=3, k=2, l=2, max_new_tokens=20, temperature=1.2, seed=11, trace=True,
                           stop=list("aeiou"))  # stop strings make beams finish early

@@ -37,6 +37,10 @@ class LocalLarge:
         self.blocks = blocks
         self.detokenizer = Detokenizer(tokenizer)
         self.eft: EFT | None = None   # set by the engine when its models can run EFT
+        # An LM head padded past the tokenizer (Qwen2.5, Phi-3) has rows that are no token:
+        # never sampled (a small model sharing the tokenizer could not even embed them).
+        rows = runner.shape.vocab_size
+        self.token_limit = len(tokenizer) if len(tokenizer) < rows else None
 
     def check_params(self, params: SearchParams):
         """Fit the parameters to this model's vocabulary: a top_k at or past it keeps every
@@ -122,6 +126,9 @@ class LocalLarge:
             eft_started = False   # the EFT streams are through: a retry steers the same way
             logits = torch.cat(rows) if len(rows) > 1 else rows[0]
             logprobs = LogprobRows(order, raw, self.runner.upload)   # before penalties
+            if self.token_limit is not None:
+                with torch.inference_mode():   # in place: the logits are the step's own
+                    logits[:, self.token_limit:] = float("-inf")
             adjustments = adjustment_words(order, self.eos_ids)
             if adjustments is not None:
                 adjust, sizes = adjustments
