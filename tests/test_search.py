@@ -148,6 +148,30 @@ def test_rewards_with_a_template_per_small_model_equal_scratch_recompute(tok, sm
     engine.check_all_free()
 
 
+def test_rewards_of_a_pair_whose_heads_differ_in_size_equal_scratch_recompute(tok, small_pair,
+                                                                              monkeypatch):
+    # The tuned model's embeddings resized (8 rows more, no new token): one stream still, each
+    # model's log-probs over its own rows. The GPU's kernels (interpreted) take the two heads
+    # together only when they are the same size.
+    pytest.importorskip("triton")
+    import w2s_engine.search.small_stream as small_stream
+    from w2s_engine.kernels.chunk_reward import (fused_lmhead_chunk_reward_triton,
+                                                 lmhead_chunk_logprob_triton)
+    monkeypatch.setattr(small_stream, "fused_lmhead_chunk_reward",
+                        fused_lmhead_chunk_reward_triton)
+    monkeypatch.setattr(small_stream, "lmhead_chunk_logprob", lmhead_chunk_logprob_triton)
+    tuned, untuned = clone(small_pair[0]), small_pair[1]
+    tuned.resize_token_embeddings(len(tok) + 8)
+    engine = make_engine(tok, (tuned, untuned))
+    assert len(engine.scorer.streams) == 1
+    responses = [" and then", " the end of it all", " a"]
+    got = engine.score(PROMPTS[:3], responses, finished=[True, False, False])
+    want = [scratch_reward((tuned, untuned), tok, p, r, f)
+            for p, r, f in zip(PROMPTS[:3], responses, [True, False, False])]
+    assert got == pytest.approx(want, abs=1e-4)
+    engine.check_all_free()
+
+
 def test_a_large_lm_head_padded_past_its_tokenizer_samples_only_real_tokens(tok, small_pair):
     # Rows 300..363 of the large model's head are no token of the shared tokenizer; the small
     # models (300 rows) could not embed them, and the detokenizer could not write them.

@@ -255,16 +255,17 @@ class SmallStream:
             raise ValueError(f"a scored token id is outside the small models' vocabulary "
                              f"[0, {vocab}): [{min(targets)}, {max(targets)}]")
         assert 0 <= min(segments) and max(segments) < num_segments
-        if len(self.runners) == 2:
-            t, u = self.runners["tuned"], self.runners["untuned"]
-            diff, _ = fused_lmhead_chunk_reward(
-                rows["tuned"], t.lm_head, rows["untuned"], u.lm_head, tgt, seg, num_segments,
-                bounds_checked=True)
+        heads = {role: r.lm_head for role, r in self.runners.items()}
+        if len(heads) == 2 and heads["tuned"].weight.shape[0] == heads["untuned"].weight.shape[0]:
+            diff, _ = fused_lmhead_chunk_reward(rows["tuned"], heads["tuned"], rows["untuned"],
+                                                heads["untuned"], tgt, seg, num_segments,
+                                                bounds_checked=True)
             return diff
-        (role, runner), = self.runners.items()
-        logp, _ = lmhead_chunk_logprob(rows[role], runner.lm_head, tgt, seg, num_segments,
-                                       bounds_checked=True)
-        return SIGN[role] * logp
+        # One model, or two whose heads differ in size (one resized for an added token): each
+        # model's log-probs over its own vocabulary, as its own forward normalises them.
+        return sum(SIGN[role] * lmhead_chunk_logprob(rows[role], head, tgt, seg, num_segments,
+                                                     bounds_checked=True)[0]
+                   for role, head in heads.items())
 
     def _append(self, items):
         copies = []
