@@ -239,3 +239,24 @@ def test_a_scoring_forward_that_fails_for_one_request_fails_it_alone(models, mon
     assert [reqs[0].result.reward, reqs[2].result.reward] == pytest.approx(
         [r.reward for r in alone], abs=1e-5)
     engine.check_all_free()
+
+
+def test_a_reward_model_scores_on_the_static_path_with_the_same_rewards(models, monkeypatch):
+    """cuda_graphs=True (run eagerly on a CPU): the reward model's and the small pair's
+    uniform scoring forwards take the static path, and every reward is the full forward's."""
+    engine = make_engine(models, pair=True, cuda_graphs=True)
+    runner = engine.runners["reward_model"]
+    assert runner.scoring_graphs is not None
+    shapes = []
+    run = runner.scoring_graphs.run
+    monkeypatch.setattr(runner.scoring_graphs, "run",
+                        lambda seqs, shape: shapes.append(shape) or run(seqs, shape))
+    params = SearchParams(w=2, k=3, l=4, max_new_tokens=12, temperature=1.0, seed=4,
+                          ignore_eos=True)
+    for res in engine.search(PROMPTS, params):
+        for h in res.hypotheses:
+            want = (scratch_rm(models["rm"], models["tok"], res.prompt, h.token_ids)
+                    + scratch_implicit(models, res.prompt, h.token_ids, h.finished))
+            assert h.reward == pytest.approx(want, abs=1e-4)
+    assert shapes, "the reward model never scored on the static path"
+    engine.check_all_free()

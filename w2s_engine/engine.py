@@ -104,11 +104,13 @@ class Engine:
         if eft_graphs:
             graph_bytes += sum(ModelShape.of(self.models[r].model).decode_activation_bytes(
                 eft_batch, config.dtype) for r in ("tuned", "untuned"))
+        # Every scorer (the small pair, reward models) gets scoring graphs.
+        scoring_roles = [role for role in self.models if role != "large"]
         scoring_tokens = min(SCORING_GRAPH_MAX_TOKENS, config.max_batch_tokens)
-        scoring_graphs = graphs and scoring_tokens >= 2
+        scoring_graphs = config.cuda_graphs and scoring_tokens >= 2   # a black box's too
         if scoring_graphs:
             graph_bytes += sum(ModelShape.of(self.models[r].model).extend_activation_bytes(
-                scoring_tokens, config.dtype) for r in ("tuned", "untuned") if r in self.models)
+                scoring_tokens, config.dtype) for r in scoring_roles)
         num_blocks = pool_blocks(bytes_per_block, config.num_kv_blocks,
                                  config.kv_cache_memory_bytes, config.device,
                                  config.kv_cache_memory_fraction, config.cpu_kv_cache_bytes,
@@ -121,12 +123,10 @@ class Engine:
             runner.graphs = DecodeGraphs(runner, config.cuda_graph_max_batch,
                                          capture=runner.device.type == "cuda",
                                          cascade=config.cascade_attention)
-        for role in ("tuned", "untuned") if scoring_graphs else ():
-            if role in self.runners:
-                runner = self.runners[role]
-                runner.scoring_graphs = ScoringGraphs(runner, scoring_tokens,
-                                                      SCORING_GRAPH_MAX_Q,
-                                                      capture=runner.device.type == "cuda")
+        for role in scoring_roles if scoring_graphs else ():
+            runner = self.runners[role]
+            runner.scoring_graphs = ScoringGraphs(runner, scoring_tokens, SCORING_GRAPH_MAX_Q,
+                                                  capture=runner.device.type == "cuda")
         self.budget = KVBudget(num_blocks, config.block_size)
         if remote:
             self.large = RemoteLarge(remote)
