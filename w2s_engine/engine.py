@@ -43,9 +43,9 @@ from w2s_engine.search.stream import FinalText, SearchDelta
 
 log = logging.getLogger("w2s_engine")
 EFT_GRAPH_MAX_BATCH = 64    # EFT rows a step on the small models' graphs (more run eagerly)
-# The small models' scoring forward on static buffers (a graph per rows bucket and chunk
-# length): at most this many padded tokens (16 requests' CBS(4,4,8) chunks) and this many new
-# tokens per sequence. Larger or ragged forwards run eagerly.
+# A scorer's forward on static buffers (a graph per rows bucket and new tokens per row): at
+# most this many padded tokens (16 requests' CBS(4,4,8) chunks) and this many new tokens per
+# sequence. Larger or ragged forwards run eagerly.
 SCORING_GRAPH_MAX_TOKENS = 2048
 SCORING_GRAPH_MAX_Q = 16
 
@@ -104,7 +104,7 @@ class Engine:
         if eft_graphs:
             graph_bytes += sum(ModelShape.of(self.models[r].model).decode_activation_bytes(
                 eft_batch, config.dtype) for r in ("tuned", "untuned"))
-        # Every scorer (the small pair, reward models) gets scoring graphs.
+        # Every scorer's runner (the small pair, reward models) gets scoring graphs.
         scoring_roles = [role for role in self.models if role != "large"]
         scoring_tokens = min(SCORING_GRAPH_MAX_TOKENS, config.max_batch_tokens)
         scoring_graphs = config.cuda_graphs and scoring_tokens >= 2   # a black box's too

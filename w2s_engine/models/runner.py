@@ -7,7 +7,7 @@ reward path can fuse it with log-softmax instead of materialising logits. A batc
 goes to the device in one upload. A decode of many sequences (decode_logits) runs on static
 buffers, replayed as a CUDA graph per batch-size bucket when the runner has them
 (models/decode_graphs.py); so does an extend of the same number of new tokens for every
-sequence, the small models' scoring of a chunk (models/scoring_graphs.py).
+sequence, a scorer's forward of a chunk (models/scoring_graphs.py).
 
 The pool has one block more than the block managers hand out: the scratch block, which the
 padding rows of a bucketed batch read and write.
