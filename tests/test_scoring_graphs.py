@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from test_decode_graphs import engine_pair, make_models, same_results
+from test_decode_graphs import engine_pair, make_models, prompt_roots, same_results
 from test_runner import TINY_CONFIGS, tiny_model
 from tiny_models import tiny_llama
 from w2s_engine import SearchParams
@@ -27,13 +27,7 @@ def forked_streams(runner, blocks, n, q, seed):
     appended (copy-on-write done): what a scoring forward sees after a chunk."""
     rng = random.Random(seed)
     vocab = runner.shape.vocab_size
-    roots = []
-    for _ in range(3):
-        t = blocks.new_table()
-        ids = [rng.randrange(vocab) for _ in range(rng.randint(1, 20))]
-        blocks.append(t, len(ids))
-        runner.run([(t, ids)])
-        roots.append(t)
+    roots = prompt_roots(runner, blocks, rng)
     seqs, copies = [], []
     for i in range(n):
         t = blocks.fork(roots[i % 3])
