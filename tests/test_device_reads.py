@@ -234,9 +234,10 @@ def test_a_step_that_returns_logprobs_reads_them_with_the_sampled_tokens(reads, 
 
 def test_an_eft_step_reads_its_reward_terms_with_the_sampled_tokens(reads, monkeypatch):
     """EFT steers with both small models' log-probs each step, then records each sample's
-    term at its token: uploaded rows and betas, and the terms read in the tokens' copy."""
+    term at its token: uploaded rows and betas, and the terms read in the tokens' copy (with
+    the log-probs the request asked for)."""
     from w2s_engine import SearchParams
-    engine, per_step = reads_per_step(monkeypatch, reads, max_new_tokens=6,
+    engine, per_step = reads_per_step(monkeypatch, reads, max_new_tokens=6, logprobs=2,
                                       params=SearchParams.eft(beta=0.5, n=2))
     assert per_step and all(r == ["tolist"] for _, r in per_step), per_step
 

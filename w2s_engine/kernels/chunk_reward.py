@@ -61,7 +61,7 @@ def chunk_reward_ref(logits_tuned, logits_untuned, targets, segment_ids, num_seg
     return diff, _segment_sums(diff, segment_ids, num_segments)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)   # tensors: compared by identity
 class LMHead:
     """A model's output layer: logits = softcap(hidden @ weight.T + bias)."""
     weight: torch.Tensor                    # [V, H]
