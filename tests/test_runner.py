@@ -32,6 +32,10 @@ TINY_CONFIGS = {
     "phi": lambda: transformers.PhiConfig(     # partial rotary; the LM head has a bias
         num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4,
         vocab_size=VOCAB, max_position_embeddings=256),
+    "gemma2": lambda: transformers.Gemma2Config(    # soft-capped attention and final logits
+        num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, sliding_window=6,
+        max_position_embeddings=256),
     "gemma3": lambda: transformers.Gemma3TextConfig(
         num_hidden_layers=3, hidden_size=64, intermediate_size=96, num_attention_heads=4,
         num_key_value_heads=1, head_dim=16, vocab_size=VOCAB, sliding_window=6,
@@ -42,8 +46,10 @@ TINY_CONFIGS = {
 
 def tiny_model(arch: str):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[arch](), attn_implementation="sdpa",
-                                             dtype=torch.float32).eval()
+    # The reference attention: sdpa, or eager for Gemma 2 (its soft-capped attention has none).
+    model = AutoModelForCausalLM.from_config(
+        TINY_CONFIGS[arch](), attn_implementation="eager" if arch == "gemma2" else "sdpa",
+        dtype=torch.float32).eval()
     return model
 
 

@@ -62,6 +62,24 @@ def tiny_phi(vocab_size: int, seed: int, layers: int = 2, hidden: int = 64):
     return model
 
 
+def tiny_gemma2(vocab_size: int, seed: int, layers: int = 2, hidden: int = 64):
+    """Gemma 2: soft-capped attention scores and final logits (cap 30 on logits of a sharpened
+    head, so the cap bends them), alternating sliding windows; eager attention (its sdpa has
+    no soft-cap)."""
+    torch.manual_seed(seed)
+    cfg = transformers.Gemma2Config(
+        num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=vocab_size,
+        max_position_embeddings=512, sliding_window=6, bos_token_id=0, eos_token_id=1,
+        pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32,
+                                             attn_implementation="eager").eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    model.generation_config.eos_token_id = 1
+    return model
+
+
 def clone(model):
     twin = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), dtype=torch.float32).eval()
     twin.load_state_dict(model.state_dict())
