@@ -16,6 +16,7 @@ import logging
 import random
 from collections.abc import Iterable, Iterator
 
+import torch
 from torch.profiler import record_function   # names the step's phases in a profile
 from tqdm.auto import tqdm
 
@@ -247,6 +248,7 @@ class Engine:
 
     # ---- the loop --------------------------------------------------------------------------
 
+    @torch.inference_mode()   # no autograd records anywhere in a step (the reward math too)
     def step(self) -> list[SearchRequest]:
         """One engine step; returns the requests that ended (done or failed) in it.
 
@@ -431,6 +433,7 @@ class Engine:
         if req.status is RequestStatus.FAILED:
             raise SearchError(f"the search failed: {req.error}")
 
+    @torch.inference_mode()
     def score(self, prompts, responses, finished=True) -> list[float]:
         """The reward of given responses under the engine's scorer (texts, or token ids in the
         scorers' one vocabulary)."""
