@@ -134,7 +134,7 @@ def test_the_scoring_forward_a_graph_captures_reads_nothing_from_the_device(arch
     from test_scoring_graphs import forked_streams
     from w2s_engine.models.scoring_graphs import ScoringGraphs
     runner = ModelRunner(tiny_model(arch), num_blocks=64, block_size=4)
-    graphs = ScoringGraphs(runner, max_tokens=64, max_q=8, capture=False)
+    graphs = ScoringGraphs(runner, max_tokens=64, max_q=8, max_batch=32, capture=False)
     seqs = forked_streams(runner, BlockManager(64, 4), 3, 5, seed=1)
     bucket, q = graphs.shape(seqs)
     graphs.load(seqs, bucket, q)

@@ -44,7 +44,8 @@ def static_against_eager(model, capture: bool, shapes, max_tokens=256):
     for each (rows, new tokens per row); both must write the same KV."""
     runner = ModelRunner(model.to(DEVICE), num_blocks=400, block_size=4)
     blocks = BlockManager(400, 4)
-    graphs = ScoringGraphs(runner, max_tokens=max_tokens, max_q=16, capture=capture)
+    graphs = ScoringGraphs(runner, max_tokens=max_tokens, max_q=16, max_batch=64,
+                           capture=capture)
     for n, q in shapes:
         for _ in range(2 if capture else 1):       # on a GPU: the eager first run, then replay
             seqs = forked_streams(runner, blocks, n, q, seed=n * q)
@@ -86,7 +87,7 @@ def test_uniform_extends_on_the_static_path_with_a_sliding_window_model():
 def test_the_static_path_takes_uniform_extends_that_fit_and_leaves_the_rest_eager():
     runner = ModelRunner(tiny_llama(97, seed=5, layers=1), num_blocks=64, block_size=4)
     blocks = BlockManager(64, 4)
-    graphs = ScoringGraphs(runner, max_tokens=64, max_q=8, capture=False)
+    graphs = ScoringGraphs(runner, max_tokens=64, max_q=8, max_batch=32, capture=False)
     t = [blocks.new_table() for _ in range(40)]
 
     def seqs(*lengths):
@@ -98,6 +99,10 @@ def test_the_static_path_takes_uniform_extends_that_fit_and_leaves_the_rest_eage
     assert graphs.shape(seqs(9, 9)) is None                # past max_q
     assert graphs.shape(seqs(*[2] * 32)) == (32, 2)
     assert graphs.shape(seqs(*[3] * 24)) is None           # 24 x 3 > 64 tokens
+    assert graphs.shape([]) is None
+    few_rows = ScoringGraphs(runner, max_tokens=256, max_q=8, max_batch=16, capture=False)
+    assert few_rows.shape(seqs(*[2] * 16)) == (16, 2)
+    assert few_rows.shape(seqs(*[2] * 17)) is None         # past max_batch rows
 
 
 @pytest.fixture(scope="module")

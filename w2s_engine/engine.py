@@ -20,7 +20,7 @@ import torch
 from torch.profiler import record_function   # names the step's phases in a profile
 from tqdm.auto import tqdm
 
-from w2s_engine.cache.block_manager import BlockManager
+from w2s_engine.cache.block_manager import BlockManager, blocks_for
 from w2s_engine.cache.kv_budget import KVBudget, pool_blocks
 from w2s_engine.config import EngineConfig
 from w2s_engine.large.local import LocalLarge
@@ -45,10 +45,11 @@ from w2s_engine.search.stream import FinalText, SearchDelta
 log = logging.getLogger("w2s_engine")
 EFT_GRAPH_MAX_BATCH = 64    # EFT rows a step on the small models' graphs (more run eagerly)
 # A scorer's forward on static buffers (a graph per rows bucket and new tokens per row): at
-# most this many padded tokens (16 requests' CBS(4,4,8) chunks) and this many new tokens per
-# sequence. Larger or ragged forwards run eagerly.
+# most this many padded tokens (16 requests' CBS(4,4,8) chunks), new tokens per sequence and
+# sequences. Larger or ragged forwards run eagerly.
 SCORING_GRAPH_MAX_TOKENS = 2048
 SCORING_GRAPH_MAX_Q = 16
+SCORING_GRAPH_MAX_ROWS = 256
 
 
 class SearchError(RuntimeError):
@@ -109,9 +110,12 @@ class Engine:
         scoring_roles = [role for role in self.models if role != "large"]
         scoring_tokens = min(SCORING_GRAPH_MAX_TOKENS, config.max_batch_tokens)
         scoring_graphs = config.cuda_graphs and scoring_tokens >= 2   # a black box's too
-        if scoring_graphs:
-            graph_bytes += sum(ModelShape.of(self.models[r].model).extend_activation_bytes(
-                scoring_tokens, config.dtype) for r in scoring_roles)
+        for role in scoring_roles if scoring_graphs else ():
+            shape = ModelShape.of(self.models[role].model)
+            context_blocks = blocks_for(shape.max_positions or 0, config.block_size)
+            graph_bytes += (shape.extend_activation_bytes(scoring_tokens, config.dtype)
+                            + ScoringGraphs.static_bytes(scoring_tokens, SCORING_GRAPH_MAX_ROWS,
+                                                         context_blocks))
         num_blocks = pool_blocks(bytes_per_block, config.num_kv_blocks,
                                  config.kv_cache_memory_bytes, config.device,
                                  config.kv_cache_memory_fraction, config.cpu_kv_cache_bytes,
@@ -127,6 +131,7 @@ class Engine:
         for role in scoring_roles if scoring_graphs else ():
             runner = self.runners[role]
             runner.scoring_graphs = ScoringGraphs(runner, scoring_tokens, SCORING_GRAPH_MAX_Q,
+                                                  SCORING_GRAPH_MAX_ROWS,
                                                   capture=runner.device.type == "cuda")
         self.budget = KVBudget(num_blocks, config.block_size)
         if remote:

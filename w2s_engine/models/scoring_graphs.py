@@ -18,7 +18,7 @@ A shape's graph is captured the first time it is seen, after that forward has ru
 the static buffers (the kernels compiled and tuned, and its result used): the chunk lengths
 of the requests to come are not known when the engine starts. All graphs share one memory
 pool, which the engine counts in the KV budget at start (extend_activation_bytes of
-max_tokens). A shape whose capture fails stays on the eager static path, logged once.
+max_tokens, and the static tables: static_bytes). A shape whose capture fails stays on the eager static path, logged once.
 Without capture (on CPU, or cuda_graphs off) the same static path runs eagerly: the tests
 compare it with the eager path on packed lists.
 """
@@ -38,14 +38,14 @@ logger = logging.getLogger(__name__)
 
 class ScoringGraphs:
 
-    def __init__(self, runner, max_tokens: int, max_q: int, capture: bool):
-        """runner: the small model's ModelRunner; max_tokens: padded rows x q at most;
-        capture: record CUDA graphs (else the static path runs eagerly)."""
-        assert max_tokens >= 2 and max_q >= 2
+    def __init__(self, runner, max_tokens: int, max_q: int, max_batch: int, capture: bool):
+        """runner: the scorer's ModelRunner; max_tokens: padded rows x q at most; max_batch:
+        rows at most; capture: record CUDA graphs (else the static path runs eagerly)."""
+        assert max_tokens >= 2 and max_q >= 2 and max_batch >= 1
         self.runner = runner
         self.max_tokens = max_tokens
         self.max_q = max_q
-        self.max_batch = max_tokens // 2
+        self.max_batch = max_batch
         self.buckets = batch_buckets(self.max_batch)
         self.block_size = runner.block_size
         limit = runner.shape.max_positions or runner.num_blocks * runner.block_size
@@ -64,8 +64,15 @@ class ScoringGraphs:
         self.pool = None
         self.capture_seconds = 0.0
 
+    @staticmethod
+    def static_bytes(max_tokens: int, max_batch: int, context_blocks: int) -> int:
+        """The int32 staging buffer and block tables of a ScoringGraphs of these sizes."""
+        return 4 * (3 * max_tokens + max_batch * (1 + 2 * context_blocks))
+
     def shape(self, seqs: list[tuple[BlockTable, list[int]]]) -> tuple[int, int] | None:
         """(bucket, q) when the static path takes this batch, else None."""
+        if not seqs:
+            return None
         q = len(seqs[0][1])
         if not 2 <= q <= self.max_q or any(len(ids) != q for _, ids in seqs):
             return None
