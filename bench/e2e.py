@@ -147,6 +147,13 @@ def build(preset: str, cpu_kv_gib: float = 8, cuda_graphs: bool = True, cascade:
                     "small": "random Llama-3.2-1B"}
 
 
+def eager_scoring(engine):
+    """Every scorer's forward eagerly, as before scoring graphs (for comparison; the memory
+    the engine set aside for them stays set aside)."""
+    for runner in engine.runners.values():
+        runner.scoring_graphs = None
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -193,6 +200,8 @@ def main():
                     help="cascade_attention=True: shared-prefix decode attention")
     ap.add_argument("--compile", action="store_true",
                     help="torch_compile=True: every model's forward through torch.compile")
+    ap.add_argument("--eager-scoring", action="store_true",
+                    help="no scoring graphs: every scorer's forward eagerly (for comparison)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"e2e-{args.preset}.jsonl"
@@ -202,6 +211,8 @@ def main():
     assert not (args.cascade and args.no_graphs), "--cascade runs on the static decode path"
     engine, names = build(args.preset, args.cpu_kv_gib, cuda_graphs=not args.no_graphs,
                           cascade=args.cascade, torch_compile=args.compile)
+    if args.eager_scoring:
+        eager_scoring(engine)
     for plen in map(int, args.prompt_lens.split(",")):
         for max_new in map(int, args.max_new.split(",")):
             for search in args.searches.split(","):
@@ -257,7 +268,8 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
         "cuda_graphs": bool(engine.config.cuda_graphs),
         "graphs_captured": len(getattr(engine.runners["large"].graphs, "graphs", {}) or {}),
         "capture_error": getattr(engine.runners["large"].graphs, "capture_error", None),
-        # The small models' scoring graphs: (rows bucket, q) shapes captured, and failures.
+        # The scorers' graphs: whether they ran, (rows bucket, q) shapes captured, failures.
+        "scoring_graphs": any(r.scoring_graphs is not None for r in engine.runners.values()),
         "scoring_graphs_captured": sum(len(r.scoring_graphs.graphs) for r in engine.runners.values()
                                        if r.scoring_graphs is not None),
         "scoring_capture_seconds": round(sum(r.scoring_graphs.capture_seconds

@@ -9,7 +9,7 @@
 #    large model (different vocabularies); plain sampling of the same streams beside each, with
 #    its step time over the weight-read floor; CBS(4,4,8) at prompt 2048 with and without the
 #    shared-prefix (cascade) decode attention, and 16 concurrent under torch.compile; 4. a
-#    profiled search (GPU busy fraction);
+#    profiled search (GPU busy fraction), with the scorers' graphs and without;
 # 5. the host's share of a step (bench/host_step.py: tiny models on this machine's CPU).
 # Results go to OUT_DIR (default bench/results/): JSONL, logs and gpu-check-<device>.md.
 #
@@ -62,6 +62,8 @@ step "e2e 1 request, 1024 tokens, baseline" 300 $e2e --preset gpu --max-new 1024
 step "e2e cross vocabulary, 16 requests" 150 $e2e --preset gpu-cross --max-new 256 \
     --concurrency 16
 step "profile" 120 python3 bench/profile_step.py --preset gpu --out "$out"
+step "profile, scoring eager" 120 python3 bench/profile_step.py --preset gpu --eager-scoring \
+    --out "$out"
 step "host step (CPU)" 90 env CUDA_VISIBLE_DEVICES= python3 bench/host_step.py --reps 2 \
     --out "$out"
 step "e2e 16 requests, 256 tokens, torch.compile" 240 $e2e --preset gpu --max-new 256 \
@@ -76,7 +78,7 @@ step "e2e 16 requests, 256 tokens, torch.compile" 240 $e2e --preset gpu --max-ne
     done
     echo
     echo "## Profile"
-    [ -f "$out/profile_step.jsonl" ] && tail -n 1 "$out/profile_step.jsonl"
+    [ -f "$out/profile_step.jsonl" ] && tail -n 2 "$out/profile_step.jsonl"
     echo
     echo "## Host step (this machine's CPU, tiny models)"
     [ -f "$out/host_step.jsonl" ] && tail -n 1 "$out/host_step.jsonl"

@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.e2e import RESULTS, build, commit, machine, parse_search, prompt_of  # noqa: E402
+from bench.e2e import RESULTS, build, commit, eager_scoring, machine, parse_search, \
+    prompt_of  # noqa: E402
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
@@ -54,9 +55,13 @@ def main():
     ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--eager-scoring", action="store_true",
+                    help="no scoring graphs: every scorer's forward eagerly (for comparison)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     engine, names = build(args.preset, cuda_graphs=not args.no_graphs)
+    if args.eager_scoring:
+        eager_scoring(engine)
     params = parse_search(args.search, args.max_new)
     prompts = [prompt_of(engine.large_tokenizer, args.prompt_len, seed=i)
                for i in range(args.concurrency)]
@@ -88,6 +93,7 @@ def main():
     row = {"preset": args.preset, "large": names["large"], "search": args.search,
            "prompt_len": args.prompt_len, "max_new_tokens": args.max_new,
            "concurrency": args.concurrency, "cuda_graphs": bool(engine.config.cuda_graphs),
+           "scoring_graphs": any(r.scoring_graphs is not None for r in engine.runners.values()),
            "wall_s": round(wall_us / 1e6, 3), "gpu_busy": round(busy, 3),
            "kernels_per_step": round(launches / steps, 1),
            "phase_share": {k: round(v / wall_us, 3) for k, v in sorted(phases.items())},
