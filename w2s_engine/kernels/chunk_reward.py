@@ -146,7 +146,7 @@ if triton is not None:
                          triton.Config({"BLOCK_V": 2048}, num_warps=8),
                          triton.Config({"BLOCK_V": 4096}, num_warps=8)],
                         interpret=triton.Config({"BLOCK_V": 1024})),
-        key=["V", "TWO"])
+        key=["v_bucket", "TWO"])
     @triton.jit
     def _logits_lse_kernel(
         a_ptr, b_ptr,                 # [N, V] logits of the tuned / untuned model for the
@@ -157,6 +157,9 @@ if triton is not None:
         target_ptr,                   # [N, 2] fp32 out: both (capped) target logits, written by
                                       #   the one program whose range holds the target
         V, v_offset, stride_a, stride_b, split_size, split_base, total_splits, cap_a, cap_b,
+        v_bucket,                     # next power of two of V: the autotuning key, unused here
+                                      #   (the LM-head chunks' widths vary with the rows; a
+                                      #   key per width would tune again for each)
         TWO: tl.constexpr,            # both models' logits, or only a's (one model's log-prob)
         HAS_CAP_A: tl.constexpr, HAS_CAP_B: tl.constexpr,
         BLOCK_V: tl.constexpr,
@@ -290,6 +293,7 @@ class _Partials:
         _logits_lse_kernel[(a.shape[0], splits)](
             a, b, self.targets, self.part, self.target, hi - lo, lo, a.stride(0), b.stride(0),
             size, base, self.part.shape[1], cap_a or 0.0, cap_b or 0.0,
+            triton.next_power_of_2(hi - lo),
             TWO=self.two, HAS_CAP_A=bool(cap_a), HAS_CAP_B=bool(cap_b))
 
     def finish(self, segment_ids, num_segments):
