@@ -14,7 +14,7 @@ import torch
 from test_decode_graphs import engine_pair, make_models, prompt_roots, same_results
 from test_runner import TINY_CONFIGS, tiny_model
 from tiny_models import tiny_llama
-from w2s_engine import SearchParams
+from w2s_engine import Engine, SearchParams
 from w2s_engine.cache.block_manager import BlockManager
 from w2s_engine.models.runner import ModelRunner
 from w2s_engine.models.scoring_graphs import ScoringGraphs
@@ -148,3 +148,26 @@ class TestScoringGraphsOnGPU:
         params = SearchParams.cbs(4, 4, 3, max_new_tokens=12, temperature=1.0, seed=11)
         same_results(eager, graphed, params, rewards=False)
         assert all(graphed.runners[r].scoring_graphs.graphs for r in ("tuned", "untuned"))
+
+
+def test_warm_up_runs_a_prefill_decodes_and_a_scored_chunk_and_holds_nothing(models,
+                                                                             monkeypatch):
+    """What `w2s serve` runs on a GPU before it takes requests (the kernels' compiles and
+    autotuning, a scoring graph shape): here on the static paths, run eagerly."""
+    _, static = engine_pair(models, 0, max_batch=16)
+    shapes = []
+    run = static.runners["tuned"].scoring_graphs.run
+    monkeypatch.setattr(static.runners["tuned"].scoring_graphs, "run",
+                        lambda seqs, shape: shapes.append(shape) or run(seqs, shape))
+    decodes = []
+    decode = static.runners["large"].graphs.run
+    monkeypatch.setattr(static.runners["large"].graphs, "run",
+                        lambda seqs, extra=None: decodes.append(len(seqs)) or decode(seqs, extra))
+    static.warm_up()
+    assert (4, 2) in shapes and decodes        # 4 candidates' chunks of 2 tokens, scored
+    static.check_all_free()
+    tok = models[0]
+    alone = Engine((tiny_llama(len(tok), seed=1), tok), num_kv_blocks=100, block_size=4,
+                   progress=False)
+    alone.warm_up()                            # no scorer: plain sampling
+    alone.check_all_free()

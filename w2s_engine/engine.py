@@ -422,6 +422,22 @@ class Engine:
             raise SearchError(f"prompt {i} failed: {r.error}")
         return [r.result for r in requests]
 
+    def warm_up(self):
+        """One small search through the paths a request takes: a prefill, decode steps with
+        sampling, and with a scorer a scored chunk and a selection. On a GPU the first call
+        of each Triton kernel compiles and autotunes it (seconds in all), and a scoring
+        graph shape is captured the first time it is seen: a server runs this before it
+        takes requests, so that its first request does not wait for them. With a black-box
+        large model only the scorer's path runs (no request goes to the remote server)."""
+        if isinstance(self.large, RemoteLarge):
+            self.score(["Hello"], [" and welcome"])
+        else:
+            params = (SearchParams.cbs(2, 2, 2, max_new_tokens=4, ignore_eos=True, seed=0)
+                      if self.has_scorer else
+                      SearchParams.base(n=2, max_new_tokens=4, ignore_eos=True, seed=0))
+            self.search(["Hello"], params)
+        self.check_all_free()
+
     def search_stream(self, prompt, params: SearchParams | None = None) -> Iterator[SearchDelta]:
         """Run one search and yield its text as it becomes final (SearchDelta); the last
         delta carries the SearchResult. The deltas concatenate to the result's text (for

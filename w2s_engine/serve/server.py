@@ -298,12 +298,17 @@ def serve(args):
     """`w2s serve`: load the models, start the engine loop and uvicorn."""
     import gc
     import os
+    import time
 
     import uvicorn
 
     from w2s_engine.launch import engine_from_args, remote_model_name
     engine = engine_from_args(args, need_small=bool(args.tuned or args.untuned),
                               max_waiting=args.max_queue, progress=False)
+    if str(engine.config.device).startswith("cuda"):
+        t = time.perf_counter()
+        engine.warm_up()    # the kernels' compiles and autotuning, before the first request
+        log.info("warmed up in %.1f s", time.perf_counter() - t)
     async_engine = AsyncEngine(engine)
     hosts = (tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
              if args.allowed_hosts else default_allowed_hosts(args.host))
