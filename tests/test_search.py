@@ -670,3 +670,20 @@ def test_beam_seeds_are_splitmix64_of_the_request_seed_and_the_beam():
     got = mix_seeds(np.array([s for s, _ in pairs], np.uint64),
                     np.array([b for _, b in pairs], np.uint64))
     assert [int(x) for x in got] == want
+
+
+def test_the_steps_and_score_record_no_autograd(engine, monkeypatch):
+    # The reward math multiplies hidden states by LM-head weights that require grad: with
+    # autograd on, every scoring step would record a graph and keep its saved tensors.
+    import w2s_engine.search.small_stream as small_stream
+    seen = []
+    fused = small_stream.fused_lmhead_chunk_reward
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_grad_enabled())
+        return fused(*args, **kwargs)
+    monkeypatch.setattr(small_stream, "fused_lmhead_chunk_reward", spy)
+    engine.search(PROMPTS[:2], SearchParams.cbs(2, 2, 3, max_new_tokens=6, seed=1))
+    engine.score(PROMPTS[:1], [" and then"])
+    assert seen and not any(seen)
+    assert any(p.requires_grad for p in engine.runners["tuned"].model.parameters())
