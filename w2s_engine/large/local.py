@@ -126,9 +126,8 @@ class LocalLarge:
             eft_started = False   # the EFT streams are through: a retry steers the same way
             logits = torch.cat(rows) if len(rows) > 1 else rows[0]
             logprobs = LogprobRows(order, raw, self.runner.upload)   # before penalties
-            if self.token_limit is not None:
-                with torch.inference_mode():   # in place: the logits are the step's own
-                    logits[:, self.token_limit:] = float("-inf")
+            if self.token_limit is not None:   # in place: the logits are the step's own
+                logits[:, self.token_limit:] = float("-inf")
             adjustments = adjustment_words(order, self.eos_ids)
             if adjustments is not None:
                 adjust, sizes = adjustments

@@ -58,7 +58,7 @@ class EFT:
         logits = logits.clone()
         # The rows and each row's beta (fp32 bits) in one asynchronous upload.
         betas = np.array([r.params.beta for r, _ in eft], dtype=np.float32).view(np.int32)
-        words = self._upload(np.concatenate([np.array(rows, dtype=np.int32), betas]))
+        words = self.stream.upload(np.concatenate([np.array(rows, dtype=np.int32), betas]))
         index = words[:len(rows)].long()
         beta = words[len(rows):].view(torch.float32)[:, None]
         combined = logits[index, :v] + beta * (logp["tuned"] - logp["untuned"])
@@ -75,7 +75,7 @@ class EFT:
         parts = []
         for group in runs(steered):
             g = len(group)
-            words = self._upload([s.index for s in group] + [s.row for s in group]).long()
+            words = self.stream.upload([s.index for s in group] + [s.row for s in group]).long()
             index, token = words[:g], sampled[words[g:]].long()
             tuned, untuned = group[0].logp["tuned"], group[0].logp["untuned"]
             parts.append(torch.stack([tuned[index, token] - untuned[index, token],
@@ -95,9 +95,6 @@ class EFT:
             else:
                 b.small[0].add_pending(t, term)
             b.reward = self.weight * (sum(b.small[0].terms) + b.eos_term)
-
-    def _upload(self, words) -> torch.Tensor:
-        return next(iter(self.stream.runners.values())).upload(words)
 
 
 def runs(steered: list[Steered]) -> list[list[Steered]]:

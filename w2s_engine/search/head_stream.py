@@ -92,7 +92,7 @@ class HeadStream:
                 base += hidden.shape[0]
             index = [offsets[fi] + q for _, _, fi, _, at, _, _ in plans if fi is not None
                      for q in at]
-            values = (self._head(torch.cat(rows)[self.runner.upload(index).long()])
+            values = (self.read(torch.cat(rows)[self.runner.upload(index).long()])
                       if index else [])
         return Launched(plans, keep, values)
 
@@ -134,7 +134,3 @@ class HeadStream:
                           len(feed), feed_from))
         self.runner.copy_blocks(copies)
         return feeds, plans
-
-    @torch.inference_mode()
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.read(hidden)

@@ -246,8 +246,7 @@ class SmallStream:
         """Each scored token's term, on the device (not read yet)."""
         if not targets:
             return []
-        runner = next(iter(self.runners.values()))
-        ints = runner.upload(targets + segments).long()    # one asynchronous copy
+        ints = self.upload(targets + segments).long()    # one asynchronous copy
         tgt, seg = ints[:len(targets)], ints[len(targets):]
         # Checked here, on the host, so the kernels need not read them back to check.
         vocab = min(r.lm_head.weight.shape[0] for r in self.runners.values())
@@ -266,6 +265,10 @@ class SmallStream:
         return sum(SIGN[role] * lmhead_chunk_logprob(rows[role], head, tgt, seg, num_segments,
                                                      bounds_checked=True)[0]
                    for role, head in heads.items())
+
+    def upload(self, words) -> torch.Tensor:
+        """int32 words to the stream's device in one asynchronous copy (ModelRunner.upload)."""
+        return next(iter(self.runners.values())).upload(words)
 
     def _append(self, items):
         copies = []
