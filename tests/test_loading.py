@@ -9,6 +9,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from tiny_models import make_tokenizer
+from w2s_engine.models.attention import ATTN_IMPLEMENTATION
 from w2s_engine.models.loader import (BUNDLED_MODELS, ModelLoadError, cache_dir, load_model,
                                       resolve_bundled)
 
@@ -110,6 +111,18 @@ def test_missing_path_unknown_name_and_bad_architecture_raise_clear_errors(tmp_p
     (bad / "config.json").write_text(json.dumps({"model_type": "not-a-model"}))
     with pytest.raises(ModelLoadError, match="cannot load"):
         load_model(str(bad))
+
+
+def test_a_checkpoint_whose_attention_the_engine_cannot_plug_into_says_so(tmp_path):
+    # Falcon calls its own attention code, not transformers' AttentionInterface.
+    tok = make_tokenizer(300)
+    cfg = transformers.FalconConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                                    vocab_size=len(tok))
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "falcon")
+    tok.save_pretrained(tmp_path / "falcon")
+    with pytest.raises(ModelLoadError, match="does not call its attention through "
+                                             "transformers' AttentionInterface"):
+        load_model(str(tmp_path / "falcon"), attn_implementation=ATTN_IMPLEMENTATION)
 
 
 def test_the_shipped_sentiment_adapter_merges_onto_the_bundled_smollm2():

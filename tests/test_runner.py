@@ -36,6 +36,21 @@ TINY_CONFIGS = {
         num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, sliding_window=6,
         max_position_embeddings=256),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(     # Pythia: a quarter of each head rotates
+        num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+        rotary_pct=0.25, vocab_size=VOCAB, max_position_embeddings=256),
+    "stablelm": lambda: transformers.StableLmConfig(    # its layers drop the forward's keywords
+        num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256),
+    "cohere": lambda: transformers.CohereConfig(        # logits * logit_scale
+        num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
+        logit_scale=0.25),
+    "granite": lambda: transformers.GraniteConfig(      # logits / logits_scaling
+        num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
+        logits_scaling=4.0, embedding_multiplier=2.0, residual_multiplier=0.5,
+        attention_multiplier=0.2),
     "gemma3": lambda: transformers.Gemma3TextConfig(
         num_hidden_layers=3, hidden_size=64, intermediate_size=96, num_attention_heads=4,
         num_key_value_heads=1, head_dim=16, vocab_size=VOCAB, sliding_window=6,
@@ -171,3 +186,56 @@ def test_a_compiled_forward_gives_the_eager_outputs_with_no_graph_break(arch):
         for w, g in zip(want, got):
             torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def _model(config, attn="sdpa"):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn,
+                                            dtype=torch.float32).eval()
+
+
+SMALL = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
+
+
+def test_a_model_whose_attention_bypasses_the_engine_is_refused_at_load():
+    # Falcon's attention is its own code: it would attend over each forward's new tokens alone
+    # and never see the paged cache, silently wrong from the second forward on.
+    falcon = _model(transformers.FalconConfig(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=2,
+        new_decoder_architecture=True, vocab_size=VOCAB))
+    with pytest.raises(ValueError, match=r"FalconForCausalLM does not attend through the "
+                                         r"engine's paged attention in every layer \(it did in 0 of 2\)"):
+        ModelRunner(falcon, num_blocks=8, block_size=4)
+
+
+def test_a_recurrent_hybrid_whose_layers_all_attend_is_refused_at_load():
+    # Falcon-H1 runs mamba heads beside attention in every layer: each layer calls the
+    # engine's attention, but the recurrent state is not in the paged cache, so a decode
+    # after a cached token differs from the model's own forward.
+    hybrid = _model(transformers.FalconH1Config(**SMALL))
+    with pytest.raises(ValueError, match="keeps a state besides its attention's keys and values"):
+        ModelRunner(hybrid, num_blocks=8, block_size=4)
+
+
+def test_a_model_with_attention_sinks_is_refused_at_load_naming_them():
+    gpt_oss = _model(transformers.GptOssConfig(
+        **{**SMALL, "intermediate_size": 64}, head_dim=16, num_local_experts=4,
+        num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
+        sliding_window=8), attn="eager")
+    with pytest.raises(ValueError, match=r"GptOssForCausalLM cannot run on the engine: "
+                                         r"GptOssAttention uses attention sinks \(s_aux\)"):
+        ModelRunner(gpt_oss, num_blocks=8, block_size=1)
+
+
+def test_a_logit_transform_the_engine_does_not_know_is_refused_at_load(monkeypatch):
+    # Without its rule for Granite's logits_scaling, the engine's LM head would give logits
+    # 4x too large: sampling and rewards silently wrong. The probe compares with the model's
+    # own forward.
+    import w2s_engine.models.runner as runner
+    granite = _model(TINY_CONFIGS["granite"]())
+    assert ModelRunner(granite, num_blocks=8, block_size=4).lm_head.scale == 0.25
+    monkeypatch.setattr(runner, "logit_scale", lambda config: 1.0)
+    with pytest.raises(ValueError, match="transforms its logits in a way the engine's LM head "
+                                         "does not know"):
+        ModelRunner(granite, num_blocks=8, block_size=4)

@@ -7,7 +7,8 @@ small model recomputes every reward from scratch, the way the reference scorer d
 import pytest
 import torch
 
-from tiny_models import clone, make_tokenizer, tiny_gemma2, tiny_llama, tiny_phi, tuned_from
+from tiny_models import (clone, make_tokenizer, tiny_gemma2, tiny_granite, tiny_llama, tiny_phi,
+                         tuned_from)
 from w2s_engine import Engine, SearchParams
 from w2s_engine.search.tokens import common_prefix
 
@@ -133,21 +134,24 @@ def test_rewards_of_small_models_whose_lm_head_has_a_bias_equal_scratch_recomput
     engine.check_all_free()
 
 
+@pytest.mark.parametrize("arch", ["gemma2", "granite"])
 @pytest.mark.parametrize("kernels", ["reference", "triton"])
-def test_rewards_of_small_models_with_soft_capped_logits_equal_scratch_recompute(tok, kernels,
-                                                                                 monkeypatch):
-    # Gemma 2 caps its final logits (30 * tanh(x / 30)): the reward's log-softmax is of the
-    # capped logits. "triton": the GPU's kernels, interpreted.
+def test_rewards_of_small_models_that_transform_their_logits_equal_scratch_recompute(
+        tok, arch, kernels, monkeypatch):
+    # Gemma 2 caps its final logits (30 * tanh(x / 30)); Granite divides them by
+    # logits_scaling. The reward's log-softmax is of the logits the model's forward returns.
+    # "triton": the GPU's kernels, interpreted.
     if kernels == "triton":
         pytest.importorskip("triton")
         import w2s_engine.search.small_stream as small_stream
         from w2s_engine.kernels.chunk_reward import fused_lmhead_chunk_reward_triton
         monkeypatch.setattr(small_stream, "fused_lmhead_chunk_reward",
                             fused_lmhead_chunk_reward_triton)
-    untuned = tiny_gemma2(len(tok), seed=2)
+    untuned = {"gemma2": tiny_gemma2, "granite": tiny_granite}[arch](len(tok), seed=2)
     pair = tuned_from(untuned, seed=3, scale=0.3), untuned
     engine = make_engine(tok, pair)
-    assert engine.runners["tuned"].lm_head.softcap == 30.0
+    head = engine.runners["tuned"].lm_head
+    assert (head.softcap, head.scale) == {"gemma2": (30.0, 1.0), "granite": (None, 4.0)}[arch]
     responses = [" and then", " the end of it all", " a"]
     got = engine.score(PROMPTS[:3], responses, finished=[True, False, False])
     want = [scratch_reward(pair, tok, p, r, f)

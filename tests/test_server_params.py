@@ -8,7 +8,7 @@ import torch
 
 from live_server import LiveServer
 from test_server import is_envelope, raw_post, tiny_engine
-from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
+from tiny_models import clone, make_tokenizer, tiny_granite, tiny_llama, tuned_from
 from w2s_engine import Engine, SearchParams
 
 CHAT = [{"role": "user", "content": "Write a review."}]
@@ -124,10 +124,11 @@ def test_logprobs_of_completions_and_chat(server):
         assert code == 400 and payload["error"]["param"] == param, payload
 
 
-def test_logprobs_are_the_large_models_own_for_every_method():
+@pytest.mark.parametrize("large_arch", ["llama", "granite"])   # Granite scales its logits
+def test_logprobs_are_the_large_models_own_for_every_method(large_arch):
     tok = make_tokenizer(300)
     untuned = tiny_llama(len(tok), seed=2)
-    large = tiny_llama(len(tok), seed=1, layers=3)
+    large = {"llama": tiny_llama, "granite": tiny_granite}[large_arch](len(tok), seed=1, layers=3)
     reference = clone(large)
     engine = Engine((large, tok), (tuned_from(untuned, seed=3, scale=0.3), tok),
                     (clone(untuned), tok), num_kv_blocks=600, block_size=4, progress=False)

@@ -80,6 +80,23 @@ def tiny_gemma2(vocab_size: int, seed: int, layers: int = 2, hidden: int = 64):
     return model
 
 
+def tiny_granite(vocab_size: int, seed: int, layers: int = 2, hidden: int = 64):
+    """Granite: its forward divides the output layer's logits by logits_scaling (0.25 here:
+    a sharper distribution), with multipliers on the embeddings, residuals and attention."""
+    torch.manual_seed(seed)
+    cfg = transformers.GraniteConfig(
+        num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+        max_position_embeddings=512, bos_token_id=0, eos_token_id=1, pad_token_id=0,
+        tie_word_embeddings=False, logits_scaling=0.25, embedding_multiplier=2.0,
+        residual_multiplier=0.5, attention_multiplier=0.2)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)
+    model.generation_config.eos_token_id = 1
+    return model
+
+
 def clone(model):
     twin = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), dtype=torch.float32).eval()
     twin.load_state_dict(model.state_dict())

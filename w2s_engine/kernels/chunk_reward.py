@@ -63,23 +63,30 @@ def chunk_reward_ref(logits_tuned, logits_untuned, targets, segment_ids, num_seg
 
 @dataclass(frozen=True, eq=False)   # tensors: compared by identity
 class LMHead:
-    """A model's output layer: logits = softcap(hidden @ weight.T + bias)."""
+    """A model's output layer: logits = softcap(scale * (hidden @ weight.T + bias))."""
     weight: torch.Tensor                    # [V, H]
     bias: torch.Tensor | None = None        # [V] (Phi, GPT-J); most models have none
     softcap: float | None = None            # final_logit_softcapping (Gemma 2)
+    scale: float = 1.0                      # Cohere's logit_scale, 1 / Granite's logits_scaling
 
     def columns(self, hidden: torch.Tensor, lo: int = 0, hi: int | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of vocabulary ids [lo, hi) before the soft-cap, in the weight's dtype (into
-        `out`, a contiguous [N, hi - lo] buffer, if given)."""
+        """Logits of vocabulary ids [lo, hi) before the soft-cap, scaled, in the weight's dtype
+        (into `out`, a contiguous [N, hi - lo] buffer, if given). The scale rides in the GEMM
+        (alpha, beta), never a pass of its own."""
         hi = self.weight.shape[0] if hi is None else hi
         w = self.weight[lo:hi]
-        if out is None:
-            bias = None if self.bias is None else self.bias[lo:hi]
-            return torch.nn.functional.linear(hidden, w, bias)
-        if self.bias is None:
+        if self.scale == 1.0 and out is None:
+            return torch.nn.functional.linear(hidden, w, None if self.bias is None
+                                              else self.bias[lo:hi])
+        if self.scale == 1.0 and self.bias is None:
             return torch.mm(hidden, w.T, out=out)
-        return torch.addmm(self.bias[lo:hi], hidden, w.T, out=out)
+        # beta 0 ignores the input (no bias: a zero; NaN in it would not propagate either)
+        bias = hidden.new_zeros(()) if self.bias is None else self.bias[lo:hi]
+        beta = 0.0 if self.bias is None else self.scale
+        if out is None:
+            return torch.addmm(bias, hidden, w.T, beta=beta, alpha=self.scale)
+        return torch.addmm(bias, hidden, w.T, beta=beta, alpha=self.scale, out=out)
 
     def logits(self, hidden: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """[N, H] -> fp32 [N, hi - lo] (all V by default), soft-capped: what the model's

@@ -32,18 +32,38 @@ class ForwardBatch:
     max_query_len: int
     kv_pool: torch.Tensor | None = None  # [layers, 2, blocks, block_size, kv_heads, head_dim]
     shared_prefixes: SharedPrefixes | None = None  # decode: groups reading shared blocks once
+    attended: list[int] | None = None  # the runner's probe: the layers that called attend
 
     @property
     def is_decode(self) -> bool:
         return self.max_query_len == 1 and self.input_ids.numel() == self.seq_lens.numel()
 
 
+# Attention features some architectures pass that the paged kernels do not implement: a model
+# that uses one fails at load (the runner's probe) instead of running silently wrong.
+UNSUPPORTED = {"s_aux": "attention sinks", "sinks": "attention sinks",
+               "position_bias": "an additive position bias"}
+
+
 def paged_attention_forward(module, query, key, value, attention_mask, scaling=None,
                             dropout=0.0, sliding_window=None, softcap=None, w2s_batch=None,
                             **kwargs):
-    assert w2s_batch is not None, (
+    # Some architectures' layers drop the forward's keywords on the way (StableLM's decoder
+    # layer): the runner publishes the batch of the forward in flight for them.
+    batch = w2s_batch if w2s_batch is not None else current_batch[0]
+    assert batch is not None, (
         f"a model loaded with attn_implementation='{ATTN_IMPLEMENTATION}' must be run by the "
         "engine's ModelRunner")
+    for name, feature in UNSUPPORTED.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"{type(module).__name__} uses {feature} ({name}), which the engine's paged "
+                "attention does not implement: this architecture cannot run on the engine")
+    if kwargs.get("is_causal") is False:
+        raise NotImplementedError(f"{type(module).__name__} attends bidirectionally; the "
+                                  "engine runs causal decoders only")
+    if batch.attended is not None:
+        batch.attended.append(module.layer_idx)
     # query: [1, Hq, T, D]; key, value: [1, Hkv, T, D] -> [T, H, D]
     q = query[0].transpose(0, 1)
     k = key[0].transpose(0, 1)
@@ -51,11 +71,11 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     if scaling is None:
         scaling = q.shape[-1] ** -0.5
     if torch.compiler.is_compiling():
-        # One opaque call for torch.compile: it reads the batch from compiled_batch.
+        # One opaque call for torch.compile: it reads the batch from current_batch.
         out = paged_attention_op(q.contiguous(), k.contiguous(), v.contiguous(),
                                  module.layer_idx, scaling, sliding_window or 0, softcap or 0.0)
     else:
-        out = attend(w2s_batch, q, k, v, module.layer_idx, scaling, sliding_window, softcap)
+        out = attend(batch, q, k, v, module.layer_idx, scaling, sliding_window, softcap)
     return out.unsqueeze(0), None  # [1, T, Hq, D], as transformers' own functions return
 
 
@@ -78,21 +98,22 @@ def attend(batch: ForwardBatch, q, k, v, layer: int, scaling: float, sliding_win
     return out
 
 
-# ---- under torch.compile ---------------------------------------------------------------------
-# The attention is one custom op that compile does not trace into (the kernels' launch logic
-# and the CPU references' data-dependent shapes would break its graph). Its batch is not an
-# argument: the runner puts it here before a compiled forward (a CUDA graph replays the
-# static one it was captured with). The op writes the pool as a side effect, declared pure
-# as vLLM's attention op is: only the same op of the same layer reads those slots, and each
-# layer's call depends on the previous layer's output, so compile cannot reorder them.
-compiled_batch: list[ForwardBatch | None] = [None]
+# ---- the batch of the forward in flight ------------------------------------------------------
+# The runner puts each forward's batch here. Under torch.compile the attention is one custom
+# op that compile does not trace into (the kernels' launch logic and the CPU references'
+# data-dependent shapes would break its graph), and its batch is not an argument: the op
+# reads it here (a CUDA graph replays the static one it was captured with). The op writes the
+# pool as a side effect, declared pure as vLLM's attention op is: only the same op of the same
+# layer reads those slots, and each layer's call depends on the previous layer's output, so
+# compile cannot reorder them. Eager layers that drop the forward's keywords read it too.
+current_batch: list[ForwardBatch | None] = [None]
 
 
 @torch.library.custom_op("w2s::paged_attention", mutates_args=())
 def paged_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
                        scaling: float, sliding_window: int, softcap: float) -> torch.Tensor:
-    batch = compiled_batch[0]
-    assert batch is not None, "a compiled forward runs with attention.compiled_batch set"
+    batch = current_batch[0]
+    assert batch is not None, "a compiled forward runs with attention.current_batch set"
     return attend(batch, q, k, v, layer, scaling, sliding_window or None,
                   softcap or None).contiguous()
 

@@ -243,6 +243,14 @@ def _load_checkpoint(spec, source: Path, dtype, device, attn, head: str = "causa
                                  f"directory, a GGUF file or a bundled name ({e})") from e
         raise ModelLoadError(f"model {spec!r}: cannot read a checkpoint from {source}: {e}") from e
     except (ValueError, KeyError) as e:
+        if attn is not None and (e.args == (attn,) or
+                                 f'"{attn}"' in str(e) and "not supported" in str(e)):
+            # transformers takes a registered attention function only in the classes whose
+            # attention calls it (a KeyError or a ValueError, by transformers version)
+            raise ModelLoadError(
+                f"model {spec!r}: its architecture does not call its attention through "
+                "transformers' AttentionInterface, where the engine's paged attention plugs "
+                "in; the engine cannot run it") from e
         what = "causal LM" if head == "causal_lm" else "sequence classifier (a reward model)"
         raise ModelLoadError(f"model {spec!r}: transformers cannot load this architecture as a "
                              f"{what} ({e}); pass a decoder-only checkpoint") from e
