@@ -51,6 +51,11 @@ TINY_CONFIGS = {
         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
         logits_scaling=4.0, embedding_multiplier=2.0, residual_multiplier=0.5,
         attention_multiplier=0.2),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(   # its layers keep their window
+        num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+        use_sliding_window=True, sliding_window=5, max_window_layers=1),
     "gemma3": lambda: transformers.Gemma3TextConfig(
         num_hidden_layers=3, hidden_size=64, intermediate_size=96, num_attention_heads=4,
         num_key_value_heads=1, head_dim=16, vocab_size=VOCAB, sliding_window=6,
@@ -239,3 +244,45 @@ def test_a_logit_transform_the_engine_does_not_know_is_refused_at_load(monkeypat
     with pytest.raises(ValueError, match="transforms its logits in a way the engine's LM head "
                                          "does not know"):
         ModelRunner(granite, num_blocks=8, block_size=4)
+
+
+def test_keys_and_values_of_different_sizes_are_refused_at_load_naming_them():
+    # DeepSeek-V2's multi-head latent attention: keys of 24 per head (16 + 8 rotary), values
+    # of 16; the pool holds one size for both.
+    mla = _model(transformers.DeepseekV2Config(
+        **SMALL, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32))
+    with pytest.raises(ValueError, match=r"DeepseekV2Attention gives keys of \(4, 24\) and values "
+                                         r"of \(4, 16\)"):
+        ModelRunner(mla, num_blocks=8, block_size=4)
+
+
+LLAMA4 = dict(SMALL, head_dim=16, num_local_experts=2, intermediate_size_mlp=96,
+              no_rope_layers=[1, 0])
+
+
+@pytest.mark.parametrize("config, error", [
+    # PhiMoE's window reaches its attention only through the mask the engine does not build:
+    # past 5 tokens it would attend to everything. Llama 4's chunks likewise.
+    (lambda: transformers.PhimoeConfig(**SMALL, sliding_window=5, num_local_experts=4,
+                                       num_experts_per_tok=2),
+     r"PhimoeAttention limits attention by sliding_window=5 through the model's mask alone"),
+    (lambda: transformers.Llama4TextConfig(**LLAMA4, attention_chunk_size=5),
+     r"Llama4TextAttention limits attention by attention_chunk_size=5 through the model's mask"),
+], ids=["phimoe", "llama4"])
+def test_a_window_only_the_models_mask_applies_is_refused_at_load(config, error):
+    with pytest.raises(ValueError, match=error):
+        ModelRunner(_model(config()), num_blocks=8, block_size=4)
+
+
+def test_a_model_whose_decoder_is_not_its_base_model_runs_like_transformers():
+    # Llama 4's base_model_prefix names no attribute: the runner finds the decoder below it.
+    model = _model(transformers.Llama4TextConfig(**LLAMA4, attention_chunk_size=None))
+    h = Harness(model)
+    ids = [5, 9, 13, 2, 7, 11]
+    table = h.blocks.new_table()
+    out = h.feed([(table, ids[:4])])[0]
+    torch.testing.assert_close(out, h.reference(ids[:4]), atol=1e-4, rtol=1e-4)
+    for i in (4, 5):
+        out = h.feed([(table, ids[i:i + 1])])[0]
+        torch.testing.assert_close(out[0], h.reference(ids[:i + 1])[-1], atol=1e-4, rtol=1e-4)

@@ -45,8 +45,11 @@ UNSUPPORTED = {"s_aux": "attention sinks", "sinks": "attention sinks",
                "position_bias": "an additive position bias"}
 
 
+_ABSENT = object()   # a keyword transformers did not pass
+
+
 def paged_attention_forward(module, query, key, value, attention_mask, scaling=None,
-                            dropout=0.0, sliding_window=None, softcap=None, w2s_batch=None,
+                            dropout=0.0, sliding_window=_ABSENT, softcap=None, w2s_batch=None,
                             **kwargs):
     # Some architectures' layers drop the forward's keywords on the way (StableLM's decoder
     # layer): the runner publishes the batch of the forward in flight for them.
@@ -59,6 +62,8 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
             raise NotImplementedError(
                 f"{type(module).__name__} uses {feature} ({name}), which the engine's paged "
                 "attention does not implement: this architecture cannot run on the engine")
+    if sliding_window is _ABSENT:
+        sliding_window = window_of(module)
     if kwargs.get("is_causal") is False:
         raise NotImplementedError(f"{type(module).__name__} attends bidirectionally; the "
                                   "engine runs causal decoders only")
@@ -68,6 +73,12 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     q = query[0].transpose(0, 1)
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
+    if k.shape[1:] != batch.kv_pool.shape[-2:] or v.shape[1:] != batch.kv_pool.shape[-2:]:
+        raise NotImplementedError(
+            f"{type(module).__name__} gives keys of {tuple(k.shape[1:])} and values of "
+            f"{tuple(v.shape[1:])} (heads, size) per token; the engine's pool, sized from the "
+            f"config, holds {tuple(batch.kv_pool.shape[-2:])} for both (keys and values of "
+            "different sizes, as in multi-head latent attention, do not fit it)")
     if scaling is None:
         scaling = q.shape[-1] ** -0.5
     if torch.compiler.is_compiling():
@@ -77,6 +88,30 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     else:
         out = attend(batch, q, k, v, module.layer_idx, scaling, sliding_window, softcap)
     return out.unsqueeze(0), None  # [1, T, Hq, D], as transformers' own functions return
+
+
+def window_of(module) -> int | None:
+    """The sliding window of an attention layer whose model does not pass one: the layer's own
+    attribute, or what the model's mask would apply, by the layer's type in the config
+    (Qwen2-MoE). A window or chunking that the engine cannot tell from a full layer's (PhiMoE,
+    Doge: the mask's, for every layer; Llama 4's chunks) is refused where it could matter:
+    sequences longer than it."""
+    if getattr(module, "sliding_window", None) is not None:
+        return module.sliding_window
+    config = getattr(module, "config", None)
+    kinds = getattr(config, "layer_types", None)
+    if kinds is not None and kinds[module.layer_idx] == "full_attention":
+        return None
+    if kinds is not None and kinds[module.layer_idx] == "sliding_attention":
+        return config.sliding_window
+    longest = getattr(config, "max_position_embeddings", None) or float("inf")
+    for name in ("sliding_window", "attention_chunk_size"):
+        size = getattr(config, name, None)
+        if size is not None and size < longest:
+            raise NotImplementedError(
+                f"{type(module).__name__} limits attention by {name}={size} through the "
+                "model's mask alone, which the engine's paged attention does not build")
+    return None
 
 
 def attend(batch: ForwardBatch, q, k, v, layer: int, scaling: float, sliding_window=None,

@@ -107,6 +107,8 @@ class ModelRunner:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.model = model.eval()
         self.decoder = model.base_model
+        if self.decoder is model:   # a base_model_prefix that names no attribute (Llama 4's)
+            self.decoder = next(m for m in model.children() if isinstance(m, PreTrainedModel))
         self.shape = ModelShape.of(model)
         self.block_size = block_size
         self.num_blocks = num_blocks
