@@ -121,28 +121,33 @@ def recipes():
             copy_blocks_triton(pool, torch.tensor([0, 1]), torch.tensor([2, 3]))
         yield f"copy_blocks {name}", copy
 
-        for window, softcap, start in ((None, None, False), (64, 30.0, False),
-                                       (None, None, True)):
-            label = f"decode {name}" + (" window+softcap" if window else "") + \
-                (" kv_start" if start else "")
+        sinks = torch.zeros(32)    # GPT-OSS's attention sinks: one logit per query head
+        for window, softcap, start, sink in ((None, None, False, None),
+                                             (64, 30.0, False, None), (None, None, True, None),
+                                             (64, None, False, sinks)):
+            label = f"decode {name}" + (" window+softcap" if softcap else "") + \
+                (" kv_start" if start else "") + (" window+sinks" if sink is not None else "")
 
-            def decode(dtype=dtype, window=window, softcap=softcap, start=start):
+            def decode(dtype=dtype, window=window, softcap=softcap, start=start, sink=sink):
                 q, kc, vc, tables, lens = attention_inputs(dtype)
                 paged_decode_attention_triton(
                     q, kc, vc, tables, lens, 0.1, window, softcap, None,
-                    torch.full((4,), 32, dtype=torch.int32) if start else None)
+                    torch.full((4,), 32, dtype=torch.int32) if start else None, sink)
             yield label, decode
 
-        for window, softcap, chunk in ((None, None, 8), (None, None, 512), (64, 30.0, 8)):
+        for window, softcap, chunk, sink in ((None, None, 8, None), (None, None, 512, None),
+                                             (64, 30.0, 8, None), (64, None, 8, sinks)):
             # a scoring chunk (8 tokens a beam) and a prefill-sized one (128-row query tiles)
-            def extend(dtype=dtype, window=window, softcap=softcap, chunk=chunk):
+            def extend(dtype=dtype, window=window, softcap=softcap, chunk=chunk, sink=sink):
                 _, kc, vc, tables, lens = attention_inputs(dtype)
                 lens.fill_(1000)
                 tables = torch.arange(4 * 64, dtype=torch.int32).view(4, 64) % kc.shape[0]
                 q = torch.randn(4 * chunk, 32, 128).to(dtype)
                 cu = torch.arange(0, 5 * chunk, chunk, dtype=torch.int32)
-                paged_extend_attention_triton(q, kc, vc, tables, cu, lens, 0.1, window, softcap)
-            yield f"extend {name} {chunk} queries" + (" window+softcap" if window else ""), extend
+                paged_extend_attention_triton(q, kc, vc, tables, cu, lens, 0.1, window, softcap,
+                                              None, sink)
+            yield f"extend {name} {chunk} queries" + (" window+softcap" if softcap else "") + \
+                (" window+sinks" if sink is not None else ""), extend
 
         def cascade(dtype=dtype):
             q, kc, vc, tables, lens = attention_inputs(dtype, batch=16)

@@ -100,17 +100,17 @@ def reads(monkeypatch):
             mode.paused -= 1
     monkeypatch.setattr(ModelRunner, "pinned", host_buffer)
 
-    def attend(batch, q, k, v, layer, scaling, sliding_window=None, softcap=None):
+    def attend(batch, q, k, v, layer, scaling, sliding_window=None, softcap=None, sinks=None):
         k_cache, v_cache = batch.kv_pool[layer, 0], batch.kv_pool[layer, 1]
         store_kv_triton(k, v, k_cache, v_cache, batch.slot_mapping)
         if batch.is_decode:
             out, _ = paged_decode_attention_triton(q.contiguous(), k_cache, v_cache,
                                                    batch.block_tables, batch.seq_lens, scaling,
-                                                   sliding_window, softcap)
+                                                   sliding_window, softcap, sinks=sinks)
             return out
         return paged_extend_attention_triton(q.contiguous(), k_cache, v_cache, batch.block_tables,
                                              batch.cu_seqlens_q, batch.seq_lens, scaling,
-                                             sliding_window, softcap, batch.max_query_len)
+                                             sliding_window, softcap, batch.max_query_len, sinks)
     monkeypatch.setattr(attention, "attend", attend)
     return mode
 

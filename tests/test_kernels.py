@@ -162,6 +162,70 @@ def test_attention_references_equal_plain_attention_on_contiguous_kv(hq, hkv, bs
         torch.testing.assert_close(dec[b], expected[-1], atol=1e-5, rtol=1e-5)
 
 
+def sink_reference(q, k, v, qpos, scale, window, sinks):
+    """Attention with a sink per head, as GPT-OSS's eager attention writes it: the sink is one
+    more logit in the softmax, dropped before the values."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1).float(), v.repeat_interleave(g, 1).float()
+    s = torch.einsum("mhd,lhd->hml", q.float(), k) * scale
+    kpos = torch.arange(k.shape[0])
+    mask = kpos[None, :] <= qpos[:, None]
+    if window:
+        mask &= kpos[None, :] > qpos[:, None] - window
+    s = s.masked_fill(~mask, float("-inf"))
+    logits = torch.cat([s, sinks[:, None, None].expand(-1, s.shape[1], 1)], -1)
+    return torch.einsum("hml,lhd->mhd", logits.softmax(-1)[..., :-1], v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hq, hkv, bs, window", [(4, 4, 16, None), (8, 2, 8, 5)])
+def test_attention_sinks_are_one_more_logit_in_every_kernels_softmax(dtype, hq, hkv, bs, window):
+    # GPT-OSS: a learned logit per head, without a value. Decode (split-K, merged), extend and
+    # the cascade's merge, on both paths, against the eager formula on contiguous keys.
+    lens, qlens = [9, 25, 1], [4, 25, 1]
+    k, v, bt, sl = paged_setup(dtype, hq, hkv, bs, lens)
+    cu = torch.tensor([0, 4, 29, 30], dtype=torch.int32)
+    q = torch.randn(30, hq, 32).to(dtype)
+    sinks = torch.linspace(-2.0, 3.0, hq)
+    tol = TOL[dtype]
+    extend = paged_extend_attention_ref(q, k, v, bt, cu, sl, 0.2, window, None, sinks)
+    extend_t = paged_extend_attention_triton(q, k, v, bt, cu, sl, 0.2, window, None, None, sinks)
+    last = q[[3, 28, 29]]
+    dec, dec_lse = paged_decode_attention_ref(last, k, v, bt, sl, 0.2, window, None, sinks=sinks)
+    dec_t, dec_t_lse = paged_decode_attention_triton(last, k, v, bt, sl, 0.2, window, None, 3,
+                                                     sinks=sinks)
+    for b, (n, m) in enumerate(zip(lens, qlens)):
+        kk, vv = contiguous_kv(k, bt[b], n), contiguous_kv(v, bt[b], n)
+        expected = sink_reference(q[cu[b]:cu[b + 1]], kk, vv, torch.arange(n - m, n), 0.2,
+                                  window, sinks)
+        for out in (extend, extend_t):
+            torch.testing.assert_close(out[cu[b]:cu[b + 1]].float(), expected, atol=tol, rtol=tol)
+        for out in (dec, dec_t):
+            torch.testing.assert_close(out[b].float(), expected[-1], atol=tol, rtol=tol)
+    torch.testing.assert_close(dec_t_lse, dec_lse, atol=1e-4, rtol=1e-4)
+    plain, plain_lse = paged_decode_attention_ref(last, k, v, bt, sl, 0.2, window)
+    torch.testing.assert_close(dec_lse, torch.logaddexp(plain_lse, sinks[None]), atol=1e-5,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["beams", "unshared"])
+def test_cascade_decode_with_attention_sinks_equals_per_beam_decode(layout):
+    table, lens, num_blocks = shared_prefix_tables(layout, 4)
+    g = torch.Generator().manual_seed(7)
+    k = torch.randn(num_blocks, 4, 2, 16, generator=g)
+    v = torch.randn(num_blocks, 4, 2, 16, generator=g)
+    q = torch.randn(table.shape[0], 8, 16, generator=g)
+    sinks = torch.linspace(-1.0, 2.0, 8)
+    args = (q, k, v, table, lens, 0.3, 6, None)
+    expected, expected_lse = paged_decode_attention_ref(*args, sinks=sinks)
+    groups = find_shared_prefixes(table, lens, 4)
+    out, lse = cascade_decode_attention_triton(*args, groups, 3, 2, sinks=sinks)
+    ref, ref_lse = cascade_decode_attention(*args, sinks=sinks)     # on CPU: the reference
+    for o, l in ((out, lse), (ref, ref_lse)):
+        torch.testing.assert_close(o, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(l, expected_lse, atol=1e-5, rtol=1e-5)
+
+
 def shared_prefix_tables(layout, bs):
     """Block tables [B, max_blocks] and lengths for a decode batch whose rows share blocks."""
     if layout == "beams":           # 6 beams on a 5-block prompt; own parts ragged, one empty

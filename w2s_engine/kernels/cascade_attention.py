@@ -28,6 +28,7 @@ from w2s_engine.kernels.paged_attention import (
     _ATTN_CONFIGS,
     _attend_keys,
     _check,
+    _check_sinks,
     _gather,
     _launch_decode_merge,
     _launch_decode_splits,
@@ -225,7 +226,7 @@ def shared_prefix_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, sca
 
 
 def cascade_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                 sliding_window=None, softcap=None, groups=None):
+                                 sliding_window=None, softcap=None, groups=None, sinks=None):
     if groups is None:
         groups = find_shared_prefixes(block_tables, seq_lens, k_cache.shape[1])
     out_p, lse_p = shared_prefix_attention_ref(q, k_cache, v_cache, block_tables, seq_lens,
@@ -234,6 +235,9 @@ def cascade_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, sc
                                               sliding_window, softcap,
                                               kv_start=groups.suffix_starts)
     out, lse = merge_attention_states_ref(out_p, lse_p, out_s, lse_s)
+    if sinks is not None:   # one more logit per head, without a value: a set of its own
+        out, lse = merge_attention_states_ref(out, lse, torch.zeros_like(out),
+                                              sinks.float()[None].expand_as(lse))
     return out.to(q.dtype), lse
 
 
@@ -323,7 +327,7 @@ def _check_groups(groups, B, name):
 
 def cascade_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale,
                                     sliding_window=None, softcap=None, groups=None,
-                                    prefix_splits=None, suffix_splits=None):
+                                    prefix_splits=None, suffix_splits=None, sinks=None):
     name = "cascade_decode_attention"
     hq, hkv, d, bs = _check(q, k_cache, v_cache, block_tables, seq_lens, name)
     B = q.shape[0]
@@ -332,7 +336,8 @@ def cascade_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens,
     _check_groups(groups, B, name)
     if groups.num_groups == 0:
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                             sliding_window, softcap, suffix_splits)
+                                             sliding_window, softcap, suffix_splits,
+                                             sinks=sinks)
     group = hq // hkv
     pairs = groups.max_group_rows * group
     block_m = max(16, min(64, triton.next_power_of_2(pairs)))
@@ -358,15 +363,18 @@ def cascade_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens,
     _launch_decode_splits(q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse,
                           scale, sliding_window, softcap, suffix_splits,
                           split_base=prefix_splits, kv_start=groups.suffix_starts)
-    return _launch_decode_merge(q, part_out, part_lse, prefix_splits, groups.suffix_starts)
+    return _launch_decode_merge(q, part_out, part_lse, prefix_splits, groups.suffix_starts,
+                                _check_sinks(sinks, q))
 
 
 def cascade_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                             sliding_window=None, softcap=None, groups=None):
+                             sliding_window=None, softcap=None, groups=None, sinks=None):
     """Drop-in for paged_decode_attention -> (out [B, Hq, D], lse [B, Hq] fp32) that reads each
-    shared prefix once per group. groups: from find_shared_prefixes (found here if None)."""
+    shared prefix once per group. groups: from find_shared_prefixes (found here if None);
+    sinks as for paged_decode_attention."""
     if q.is_cuda and triton is not None:
         return cascade_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens,
-                                               scale, sliding_window, softcap, groups)
+                                               scale, sliding_window, softcap, groups,
+                                               sinks=sinks)
     return cascade_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                        sliding_window, softcap, groups)
+                                        sliding_window, softcap, groups, sinks)

@@ -45,10 +45,11 @@ def _visible(qpos, kv_len, L, sliding_window, kpos=None):
 
 
 def _masked_softmax_attention(q, k, v, qpos, kv_len, scale, sliding_window, softcap,
-                              kv_start=None, kpos=None):
+                              kv_start=None, kpos=None, sinks=None):
     """q [B, M, Hq, D], k/v [B, L, Hkv, D], qpos [B, M] -> (out [B, M, Hq, D], lse [B, M, Hq]).
     Keys at positions < kv_start [B] (if given) are left out; kpos [B, L]: the keys' positions
-    (default: 0 .. L - 1)."""
+    (default: 0 .. L - 1); sinks [Hq] fp32: one more logit per head, without a value, in each
+    softmax (GPT-OSS's attention sinks; lse includes it)."""
     B, M, Hq, D = q.shape
     L, Hkv = k.shape[1], k.shape[2]
     g = Hq // Hkv
@@ -62,13 +63,16 @@ def _masked_softmax_attention(q, k, v, qpos, kv_len, scale, sliding_window, soft
         mask &= kp[:, None, :] >= kv_start.long()[:, None, None]
     s = s.masked_fill(~mask[:, None, None], float("-inf"))
     lse = torch.logsumexp(s, dim=-1)                                    # [B, Hkv, g, M]
+    if sinks is not None:
+        lse = torch.logaddexp(lse, sinks.float().view(1, Hkv, g, 1))
     p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
     out = torch.einsum("bhgml,blhd->bmhgd", p, v.float()).reshape(B, M, Hq, D)
     return out, lse.permute(0, 3, 1, 2).reshape(B, M, Hq)
 
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                               sliding_window=None, softcap=None, num_splits=None, kv_start=None):
+                               sliding_window=None, softcap=None, num_splits=None, kv_start=None,
+                               sinks=None):
     """kv_start [B] int32 (optional): each query sees only positions >= kv_start[b] (the suffix
     of a cascade); a row that sees nothing gets out 0 and lse -inf.
     Each row gathers only the blocks it can see: from its kv_start's block, or its sliding
@@ -90,7 +94,7 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scal
     kpos = first[:, None] * bs + torch.arange(k.shape[1], device=q.device)[None]
     qpos = (lens - 1)[:, None]
     out, lse = _masked_softmax_attention(q[:, None], k, v, qpos, lens, scale,
-                                         sliding_window, softcap, kv_start, kpos)
+                                         sliding_window, softcap, kv_start, kpos, sinks)
     return out[:, 0].to(q.dtype), lse[:, 0]
 
 
@@ -114,14 +118,14 @@ def _padded_batch(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens):
 
 
 def paged_extend_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale,
-                               sliding_window=None, softcap=None):
+                               sliding_window=None, softcap=None, sinks=None):
     out = torch.zeros_like(q)
     padded = _padded_batch(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens)
     if padded is None:
         return out
     idx, valid, qpos, k, v = padded
     o, _ = _masked_softmax_attention(q[idx] * valid[..., None, None], k, v, qpos, seq_lens.long(),
-                                     scale, sliding_window, softcap)
+                                     scale, sliding_window, softcap, sinks=sinks)
     out[idx[valid]] = o[valid].to(q.dtype)
     return out
 
@@ -262,10 +266,12 @@ if triton is not None:
         part_out_ptr, part_lse_ptr,   # [B * Hq, NUM_SPLITS, D], [B * Hq, NUM_SPLITS]
         prefix_len_ptr,               # [B] int32: > 0 where the PREFIX_SPLITS partials are used
         out_ptr, lse_ptr,             # [B, Hq, D] (rows contiguous), [B, Hq]
+        sinks_ptr,                    # [Hq] fp32 (HAS_SINKS): one more logit, without a value
         stride_ob, stride_oh, num_heads,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
         BLOCK_S: tl.constexpr,
         PREFIX_SPLITS: tl.constexpr,  # the first PREFIX_SPLITS partials: a shared prefix's
+        HAS_SINKS: tl.constexpr,
     ):
         # grid: (B, Hq): combine the splits by their log-sum-exp. A row outside every shared
         # prefix group (prefix_len 0) skips the prefix partials, which nobody wrote for it.
@@ -280,8 +286,13 @@ if triton is not None:
             smask = smask & (s >= first)
         lse = tl.load(part_lse_ptr + row * NUM_SPLITS + s, mask=smask, other=float("-inf"))
         m = tl.max(lse, 0)
+        if HAS_SINKS:   # a partial with the sink's logit and no value
+            sink = tl.load(sinks_ptr + h)
+            m = tl.maximum(m, sink)
         w = tl.where(smask & (lse > float("-inf")), tl.exp(lse - m), 0.0)
         total = tl.sum(w, 0)
+        if HAS_SINKS:
+            total += tl.exp(sink - m)
         part = tl.load(part_out_ptr + (row * NUM_SPLITS + s[:, None]) * HEAD_DIM + d[None, :],
                        mask=smask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
         out = tl.sum(part * w[:, None], 0) / total
@@ -295,12 +306,13 @@ if triton is not None:
         q_ptr, out_ptr,            # [Nq, Hq, D]
         k_cache_ptr, v_cache_ptr,  # [num_blocks, BLOCK_SIZE, Hkv, D]
         block_tables_ptr, cu_seqlens_ptr, seq_lens_ptr,
+        sinks_ptr,                 # [Hq] fp32 (HAS_SINKS)
         scale, softcap, window,
         stride_qn, stride_qh, stride_on, stride_oh,
         stride_cb, stride_cs, stride_ch, stride_bt,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
         # grid: (B, Hq, query tiles): a tile of one sequence's new queries over its whole
@@ -340,6 +352,12 @@ if triton is not None:
                 q, acc, m_i, l_i, n, nmask, visible, block_tables_ptr + b * stride_bt,
                 k_cache_ptr, v_cache_ptr, kvh, d, dmask, scale, softcap,
                 stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HAS_SOFTCAP, DOT_PRECISION)
+        if HAS_SINKS:   # one more logit in the softmax, without a value
+            sink = tl.load(sinks_ptr + h)
+            m_new = tl.maximum(m_i, sink)
+            alpha = tl.exp(m_i - m_new)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha + tl.exp(sink - m_new)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + (q_start + m)[:, None] * stride_on + h * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
@@ -379,6 +397,16 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens, name):
     return hq, hkv, d, bs
 
 
+def _check_sinks(sinks, q):
+    """sinks: None, or one fp32 logit per query head, contiguous."""
+    if sinks is None:
+        return None
+    if sinks.shape != (q.shape[1],) or sinks.dtype != torch.float32 or not sinks.is_contiguous():
+        raise ValueError(f"attention sinks must be contiguous fp32 [Hq={q.shape[1]}]; got "
+                         f"{sinks.dtype} {tuple(sinks.shape)}")
+    return sinks
+
+
 def _decode_num_splits(q, batch_programs: int, max_len: int, cap: int = 16) -> int:
     """Splits of the key range per program row: enough programs to fill every SM about twice
     when the batch is small, one split when it is large, no split under 256 keys."""
@@ -407,17 +435,19 @@ def _launch_decode_splits(q, k_cache, v_cache, block_tables, seq_lens, part_out,
         HAS_START=kv_start is not None, DOT_PRECISION=dot_precision(q.dtype))
 
 
-def _launch_decode_merge(q, part_out, part_lse, prefix_splits=0, prefix_lens=None):
-    """Merge all partials of each (sequence, head) by log-sum-exp -> (out [B, Hq, D], lse)."""
+def _launch_decode_merge(q, part_out, part_lse, prefix_splits=0, prefix_lens=None, sinks=None):
+    """Merge all partials of each (sequence, head) by log-sum-exp, and the heads' sinks if
+    given -> (out [B, Hq, D], lse)."""
     B, hq, d = q.shape
     splits = part_out.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(B, hq, dtype=torch.float32, device=q.device)
     _decode_merge_kernel[(B, hq)](
         part_out, part_lse, prefix_lens if prefix_lens is not None else part_lse,
-        out, lse, out.stride(0), out.stride(1), hq,
+        out, lse, sinks if sinks is not None else lse, out.stride(0), out.stride(1), hq,
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), NUM_SPLITS=splits,
-        BLOCK_S=triton.next_power_of_2(splits), PREFIX_SPLITS=prefix_splits)
+        BLOCK_S=triton.next_power_of_2(splits), PREFIX_SPLITS=prefix_splits,
+        HAS_SINKS=sinks is not None)
     return out, lse
 
 
@@ -430,7 +460,7 @@ def _partials(q, splits):
 
 def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale,
                                   sliding_window=None, softcap=None, num_splits=None,
-                                  kv_start=None):
+                                  kv_start=None, sinks=None):
     _, hkv, _, bs = _check(q, k_cache, v_cache, block_tables, seq_lens, "paged_decode_attention")
     B = q.shape[0]
     if q.shape[0] != block_tables.shape[0]:
@@ -444,11 +474,12 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, s
     part_out, part_lse = _partials(q, num_splits)
     _launch_decode_splits(q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse,
                           scale, sliding_window, softcap, num_splits, kv_start=kv_start)
-    return _launch_decode_merge(q, part_out, part_lse)
+    return _launch_decode_merge(q, part_out, part_lse, sinks=_check_sinks(sinks, q))
 
 
 def paged_extend_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
-                                  scale, sliding_window=None, softcap=None, max_query_len=None):
+                                  scale, sliding_window=None, softcap=None, max_query_len=None,
+                                  sinks=None):
     hq, hkv, d, bs = _check(q, k_cache, v_cache, block_tables, seq_lens, "paged_extend_attention")
     B = block_tables.shape[0]
     if cu_seqlens_q.dtype != torch.int32 or cu_seqlens_q.shape != (B + 1,):
@@ -466,39 +497,43 @@ def paged_extend_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_
     block_m = (128 if not INTERPRET and max_q >= 128 else 64) if d <= 128 else 32
     block_m = min(block_m, max(16, triton.next_power_of_2(max_q)))
     grid = (B, hq, triton.cdiv(max_q, block_m))
+    sinks = _check_sinks(sinks, q)
     _extend_kernel[grid](
         q, out, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
-        scale, softcap or 0.0, sliding_window or 0,
+        sinks if sinks is not None else seq_lens, scale, softcap or 0.0, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_SIZE=bs,
         BLOCK_M=block_m,
-        HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(softcap),
+        HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None,
         DOT_PRECISION=dot_precision(q.dtype))
     return out
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                           sliding_window=None, softcap=None, num_splits=None, kv_start=None):
-    """-> (out [B, Hq, D], lse [B, Hq] fp32) of each sequence's last position over its cache."""
+                           sliding_window=None, softcap=None, num_splits=None, kv_start=None,
+                           sinks=None):
+    """-> (out [B, Hq, D], lse [B, Hq] fp32) of each sequence's last position over its cache.
+    sinks [Hq] fp32: attention sinks, one more logit per head without a value (GPT-OSS)."""
     if q.is_cuda and triton is not None:
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                             sliding_window, softcap, num_splits, kv_start)
+                                             sliding_window, softcap, num_splits, kv_start,
+                                             sinks)
     return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                      sliding_window, softcap, kv_start=kv_start)
+                                      sliding_window, softcap, kv_start=kv_start, sinks=sinks)
 
 
 def paged_extend_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale,
-                           sliding_window=None, softcap=None, max_query_len=None):
+                           sliding_window=None, softcap=None, max_query_len=None, sinks=None):
     """max_query_len: the longest sequence's new tokens, if the caller knows it (saves the
-    GPU path a device read)."""
+    GPU path a device read). sinks as for paged_decode_attention."""
     if q.is_cuda and triton is not None:
         return paged_extend_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q,
                                              seq_lens, scale, sliding_window, softcap,
-                                             max_query_len)
-    if softcap:
+                                             max_query_len, sinks)
+    if softcap or sinks is not None:    # SDPA has neither
         return paged_extend_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q,
-                                          seq_lens, scale, sliding_window, softcap)
+                                          seq_lens, scale, sliding_window, softcap, sinks)
     return paged_extend_attention_sdpa(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
                                        scale, sliding_window)
 

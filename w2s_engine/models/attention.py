@@ -40,8 +40,9 @@ class ForwardBatch:
 
 
 # Attention features some architectures pass that the paged kernels do not implement: a model
-# that uses one fails at load (the runner's probe) instead of running silently wrong.
-UNSUPPORTED = {"s_aux": "attention sinks", "sinks": "attention sinks",
+# that uses one fails at load (the runner's probe) instead of running silently wrong. (A head's
+# learned sink, `s_aux`, is implemented: GPT-OSS.)
+UNSUPPORTED = {"sinks": "attention sinks computed per token",
                "position_bias": "an additive position bias"}
 
 
@@ -81,12 +82,22 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
             "different sizes, as in multi-head latent attention, do not fit it)")
     if scaling is None:
         scaling = q.shape[-1] ** -0.5
+    # GPT-OSS's sinks: a learned logit per query head, one more term in each softmax
+    sinks = kwargs.get("s_aux")
+    if sinks is not None:
+        if sinks.shape != q.shape[1:2]:
+            raise NotImplementedError(
+                f"{type(module).__name__} passes attention sinks (s_aux) of shape "
+                f"{tuple(sinks.shape)}; the engine's attention takes one per query head "
+                f"({q.shape[1]})")
+        sinks = sinks.float().contiguous()
     if torch.compiler.is_compiling():
         # One opaque call for torch.compile: it reads the batch from current_batch.
         out = paged_attention_op(q.contiguous(), k.contiguous(), v.contiguous(),
-                                 module.layer_idx, scaling, sliding_window or 0, softcap or 0.0)
+                                 module.layer_idx, scaling, sliding_window or 0, softcap or 0.0,
+                                 sinks)
     else:
-        out = attend(batch, q, k, v, module.layer_idx, scaling, sliding_window, softcap)
+        out = attend(batch, q, k, v, module.layer_idx, scaling, sliding_window, softcap, sinks)
     return out.unsqueeze(0), None  # [1, T, Hq, D], as transformers' own functions return
 
 
@@ -115,21 +126,23 @@ def window_of(module) -> int | None:
 
 
 def attend(batch: ForwardBatch, q, k, v, layer: int, scaling: float, sliding_window=None,
-           softcap=None) -> torch.Tensor:
-    """Store the new tokens' k/v [T, Hkv, D] in the pool and attend: out [T, Hq, D]."""
+           softcap=None, sinks=None) -> torch.Tensor:
+    """Store the new tokens' k/v [T, Hkv, D] in the pool and attend: out [T, Hq, D].
+    sinks: [Hq] fp32 attention sinks, or None."""
     k_cache, v_cache = batch.kv_pool[layer, 0], batch.kv_pool[layer, 1]
     store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
     if batch.is_decode and batch.shared_prefixes is not None:
         out, _ = cascade_decode_attention(q.contiguous(), k_cache, v_cache, batch.block_tables,
                                           batch.seq_lens, scaling, sliding_window, softcap,
-                                          batch.shared_prefixes)
+                                          batch.shared_prefixes, sinks=sinks)
     elif batch.is_decode:
         out, _ = paged_decode_attention(q.contiguous(), k_cache, v_cache, batch.block_tables,
-                                        batch.seq_lens, scaling, sliding_window, softcap)
+                                        batch.seq_lens, scaling, sliding_window, softcap,
+                                        sinks=sinks)
     else:
         out = paged_extend_attention(q.contiguous(), k_cache, v_cache, batch.block_tables,
                                      batch.cu_seqlens_q, batch.seq_lens, scaling,
-                                     sliding_window, softcap, batch.max_query_len)
+                                     sliding_window, softcap, batch.max_query_len, sinks)
     return out
 
 
@@ -146,15 +159,16 @@ current_batch: list[ForwardBatch | None] = [None]
 
 @torch.library.custom_op("w2s::paged_attention", mutates_args=())
 def paged_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
-                       scaling: float, sliding_window: int, softcap: float) -> torch.Tensor:
+                       scaling: float, sliding_window: int, softcap: float,
+                       sinks: torch.Tensor | None) -> torch.Tensor:
     batch = current_batch[0]
     assert batch is not None, "a compiled forward runs with attention.current_batch set"
     return attend(batch, q, k, v, layer, scaling, sliding_window or None,
-                  softcap or None).contiguous()
+                  softcap or None, sinks).contiguous()
 
 
 @paged_attention_op.register_fake
-def _(q, k, v, layer, scaling, sliding_window, softcap):
+def _(q, k, v, layer, scaling, sliding_window, softcap, sinks):
     return torch.empty_like(q)
 
 
