@@ -699,10 +699,14 @@ class TestOnGPU:
         lens = torch.randint(1000, 4096, (32,)).tolist()
         k, v, bt, sl = paged_setup(torch.bfloat16, 32, 8, 16, lens, head_dim=128, device="cuda")
         q = torch.randn(32, 32, 128, device="cuda", dtype=torch.bfloat16)
-        out, lse = paged_decode_attention_triton(q, k, v, bt, sl, 128 ** -0.5)
-        ref, ref_lse = paged_decode_attention_ref(q, k, v, bt, sl, 128 ** -0.5)
-        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
-        torch.testing.assert_close(lse, ref_lse, atol=1e-2, rtol=1e-3)
+        sinks = torch.linspace(-3.0, 8.0, 32, device="cuda")    # GPT-OSS's
+        for window, sink in ((None, None), (128, sinks)):
+            out, lse = paged_decode_attention_triton(q, k, v, bt, sl, 128 ** -0.5, window,
+                                                     sinks=sink)
+            ref, ref_lse = paged_decode_attention_ref(q, k, v, bt, sl, 128 ** -0.5, window,
+                                                      sinks=sink)
+            torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(lse, ref_lse, atol=1e-2, rtol=1e-3)
 
     def test_extend_chunks_and_prefills(self):
         lens = [600, 1500, 64, 2048]
@@ -711,9 +715,12 @@ class TestOnGPU:
         cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32,
                           device="cuda")
         q = torch.randn(sum(qlens), 32, 128, device="cuda", dtype=torch.bfloat16)
-        for window in (None, 512):
-            out = paged_extend_attention_triton(q, k, v, bt, cu, sl, 128 ** -0.5, window)
-            ref = paged_extend_attention_ref(q, k, v, bt, cu, sl, 128 ** -0.5, window)
+        sinks = torch.linspace(-3.0, 8.0, 32, device="cuda")    # GPT-OSS's
+        for window, sink in ((None, None), (512, None), (128, sinks)):
+            out = paged_extend_attention_triton(q, k, v, bt, cu, sl, 128 ** -0.5, window,
+                                                sinks=sink)
+            ref = paged_extend_attention_ref(q, k, v, bt, cu, sl, 128 ** -0.5, window,
+                                             sinks=sink)
             torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
     @pytest.mark.parametrize("vocab", [128256, 262144])
