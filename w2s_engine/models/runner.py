@@ -23,6 +23,7 @@ from w2s_engine.cache.block_manager import BlockTable
 from w2s_engine.kernels.chunk_reward import LMHead
 from w2s_engine.kernels.kv_cache import copy_blocks
 from w2s_engine.models.attention import ATTN_IMPLEMENTATION, ForwardBatch, current_batch
+from w2s_engine.models.probe import probe
 
 
 class BatchFailed(Exception):
@@ -130,66 +131,7 @@ class ModelRunner:
             self._decoder_call = torch.compile(
                 self._decoder_forward, dynamic=True,
                 backend=compile if isinstance(compile, str) else "inductor")
-        self._probe()
-
-    @torch.inference_mode()
-    def _probe(self):
-        """Two tokens through the model's own forward, then the second again as a decode
-        after the first: every layer must attend through the engine's function, and the
-        decode's logits by the engine's LM head must be the model's own. A model that attends
-        by its own code (Falcon), keeps a recurrent state (Falcon-H1's mamba heads) or
-        transforms its logits in a way the engine does not know would otherwise run silently
-        wrong. At start no sequence holds a block: the scratch block (and block 0 when a block
-        holds one token) is free to write."""
-        name = type(self.model).__name__
-        bs, scratch = self.block_size, self.scratch_block
-        blocks = [scratch] if bs >= 2 else [0, scratch]
-        slots = [blocks[p // bs] * bs + p % bs for p in (0, 1)]
-        embeddings = self.model.get_input_embeddings().num_embeddings
-        tokens = [embeddings // 2, embeddings // 3]     # not padding (a zero embedding)
-        # ids, positions, slots (both tokens; then the second alone), cu, lengths, table
-        words = self.upload([*tokens, 0, 1, *slots, 0, 2, 2, *blocks])
-        ints = words[:6].long()
-        table = words[9:].view(1, len(blocks))
-        both = ForwardBatch(input_ids=ints[:2], positions=ints[2:4], slot_mapping=ints[4:6],
-                            cu_seqlens_q=words[6:8], seq_lens=words[8:9], block_tables=table,
-                            max_query_len=2, kv_pool=self.kv_pool, attended=[])
-        second = ForwardBatch(input_ids=ints[1:2], positions=ints[3:4], slot_mapping=ints[5:6],
-                              cu_seqlens_q=words[6:8] // 2, seq_lens=words[8:9],
-                              block_tables=table, max_query_len=1, kv_pool=self.kv_pool)
-        try:
-            current_batch[0] = both
-            # no w2s_batch keyword: a head's forward may not take it; the layers find the batch
-            own = self.model(input_ids=both.input_ids[None], position_ids=both.positions[None],
-                             use_cache=False)
-            current_batch[0] = second
-            hidden = self._decoder_forward(second.input_ids, second.positions, second)
-        except NotImplementedError as e:
-            raise ValueError(f"{name} cannot run on the engine: {e}") from None
-        finally:
-            current_batch[0] = None
-        layers = self.shape.num_layers
-        if sorted(set(both.attended)) != list(range(layers)):
-            raise ValueError(
-                f"{name} does not attend through the engine's paged attention in every layer "
-                f"(it did in {len(set(both.attended))} of {layers}): its attention code does "
-                "not use transformers' AttentionInterface, or some layers are not attention "
-                "(a recurrent hybrid); the engine cannot run this architecture")
-        if self.lm_head is None or not torch.isfinite(own.logits).all():
-            return
-        expected = own.logits.reshape(-1, own.logits.shape[-1])[-1].float()
-        error = (self.lm_head.logits(hidden)[-1] - expected).abs().max().item()
-        # fp32 agrees to rounding; half precision rounds each GEMM's output (0.4% in bf16),
-        # more so with another batch shape. A wrong scale is off by most of the logits.
-        tolerance = 1e-3 if self.dtype == torch.float32 else 0.1
-        if not error <= tolerance * expected.abs().max().item() + 1e-4:
-            raise ValueError(
-                f"{name}'s logits for a token decoded after a cached one differ from its own "
-                f"forward's by up to {error:.3g}: it keeps a state besides its attention's "
-                "keys and values (a recurrent hybrid), or transforms its logits in a way the "
-                "engine's LM head does not know (it applies the output layer with its bias, "
-                "final_logit_softcapping and the logit scales of Cohere and Granite); the "
-                "engine cannot run this architecture")
+        probe(self)
 
     def pinned(self, words: np.ndarray) -> torch.Tensor:
         """int32 words in host memory a device copy can read asynchronously (pinned, from
