@@ -122,6 +122,14 @@ def test_cascade_attention_on_the_static_path_gives_the_eager_logits(window):
 
 
 @pytest.mark.parametrize("cascade", [False, True], ids=["per-beam", "cascade"])
+def test_a_model_with_attention_sinks_decodes_on_the_static_path_like_eager(cascade):
+    # GPT-OSS: sinks in every softmax, alternating windows of 5; the cascade merges its
+    # prefix and suffix parts before the sink joins.
+    from test_runner import tiny_model
+    static_against_eager(tiny_model("gpt_oss"), capture=False, sizes=[1, 5, 13], cascade=cascade)
+
+
+@pytest.mark.parametrize("cascade", [False, True], ids=["per-beam", "cascade"])
 def test_the_capture_warmup_reads_long_rows_writes_only_scratch_and_leaves_decodes_exact(
         cascade):
     # The kernels are tuned on the warm-up's rows (TUNE_TOKENS long), not on length-1 padding.
@@ -271,6 +279,12 @@ class TestGraphsOnGPU:
     def test_replay_with_a_sliding_window_model(self):
         model = tiny_llama(97, seed=6, layers=2, sliding_window=5)
         static_against_eager(model, capture=True, sizes=[3, 7, 20])
+
+    @pytest.mark.parametrize("cascade", [False, True], ids=["per-beam", "cascade"])
+    def test_replay_with_attention_sinks(self, cascade):
+        from test_runner import tiny_model
+        static_against_eager(tiny_model("gpt_oss"), capture=True, sizes=[1, 5, 13, 24],
+                             cascade=cascade)
 
     def test_replay_with_cascade_attention(self):
         model = tiny_llama(97, seed=5, layers=2)
