@@ -235,6 +235,15 @@ def test_a_recurrent_hybrid_whose_layers_all_attend_is_refused_at_load():
         ModelRunner(hybrid, num_blocks=8, block_size=4)
 
 
+def test_hyperclovax_multiplies_its_logits_by_logits_scaling_where_granite_divides():
+    # The same config name, opposite operations: the probe holds the engine's LM head to the
+    # model's own logits, so a wrong rule would refuse the model.
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    config = CONFIG_MAPPING["hyperclovax"](**SMALL, logits_scaling=0.5)
+    runner = ModelRunner(_model(config), num_blocks=8, block_size=4)
+    assert runner.lm_head.scale == 0.5
+
+
 def test_a_logit_transform_the_engine_does_not_know_is_refused_at_load(monkeypatch):
     # Without its rule for Granite's logits_scaling, the engine's LM head would give logits
     # 4x too large: sampling and rewards silently wrong. The probe compares with the model's
