@@ -58,38 +58,19 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     assert batch is not None, (
         f"a model loaded with attn_implementation='{ATTN_IMPLEMENTATION}' must be run by the "
         "engine's ModelRunner")
-    for name, feature in UNSUPPORTED.items():
-        if kwargs.get(name) is not None:
-            raise NotImplementedError(
-                f"{type(module).__name__} uses {feature} ({name}), which the engine's paged "
-                "attention does not implement: this architecture cannot run on the engine")
-    if sliding_window is _ABSENT:
-        sliding_window = window_of(module)
-    if kwargs.get("is_causal") is False:
-        raise NotImplementedError(f"{type(module).__name__} attends bidirectionally; the "
-                                  "engine runs causal decoders only")
-    if batch.attended is not None:
-        batch.attended.append(module.layer_idx)
     # query: [1, Hq, T, D]; key, value: [1, Hkv, T, D] -> [T, H, D]
     q = query[0].transpose(0, 1)
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
-    if k.shape[1:] != batch.kv_pool.shape[-2:] or v.shape[1:] != batch.kv_pool.shape[-2:]:
-        raise NotImplementedError(
-            f"{type(module).__name__} gives keys of {tuple(k.shape[1:])} and values of "
-            f"{tuple(v.shape[1:])} (heads, size) per token; the engine's pool, sized from the "
-            f"config, holds {tuple(batch.kv_pool.shape[-2:])} for both (keys and values of "
-            "different sizes, as in multi-head latent attention, do not fit it)")
+    if batch.attended is not None:      # the runner's probe, once per model at start
+        check_supported(module, batch, q, k, v, kwargs)
+        batch.attended.append(module.layer_idx)
+    if sliding_window is _ABSENT:
+        sliding_window = window_of(module)
     if scaling is None:
         scaling = q.shape[-1] ** -0.5
-    # GPT-OSS's sinks: a learned logit per query head, one more term in each softmax
-    sinks = kwargs.get("s_aux")
+    sinks = kwargs.get("s_aux")     # GPT-OSS's: a learned logit per query head
     if sinks is not None:
-        if sinks.shape != q.shape[1:2]:
-            raise NotImplementedError(
-                f"{type(module).__name__} passes attention sinks (s_aux) of shape "
-                f"{tuple(sinks.shape)}; the engine's attention takes one per query head "
-                f"({q.shape[1]})")
         sinks = sinks.float().contiguous()
     if torch.compiler.is_compiling():
         # One opaque call for torch.compile: it reads the batch from current_batch.
@@ -99,6 +80,31 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     else:
         out = attend(batch, q, k, v, module.layer_idx, scaling, sliding_window, softcap, sinks)
     return out.unsqueeze(0), None  # [1, T, Hq, D], as transformers' own functions return
+
+
+def check_supported(module, batch: ForwardBatch, q, k, v, kwargs):
+    """What a layer passes that the paged kernels do not implement. A layer passes the same
+    kinds of arguments at every call, so the runner's probe checks them once, at start."""
+    name = type(module).__name__
+    for key, feature in UNSUPPORTED.items():
+        if kwargs.get(key) is not None:
+            raise NotImplementedError(
+                f"{name} uses {feature} ({key}), which the engine's paged attention does not "
+                "implement: this architecture cannot run on the engine")
+    if kwargs.get("is_causal") is False:
+        raise NotImplementedError(f"{name} attends bidirectionally; the engine runs causal "
+                                  "decoders only")
+    if k.shape[1:] != batch.kv_pool.shape[-2:] or v.shape[1:] != batch.kv_pool.shape[-2:]:
+        raise NotImplementedError(
+            f"{name} gives keys of {tuple(k.shape[1:])} and values of {tuple(v.shape[1:])} "
+            f"(heads, size) per token; the engine's pool, sized from the config, holds "
+            f"{tuple(batch.kv_pool.shape[-2:])} for both (keys and values of different sizes, "
+            "as in multi-head latent attention, do not fit it)")
+    sinks = kwargs.get("s_aux")
+    if sinks is not None and sinks.shape != q.shape[1:2]:
+        raise NotImplementedError(
+            f"{name} passes attention sinks (s_aux) of shape {tuple(sinks.shape)}; the "
+            f"engine's attention takes one per query head ({q.shape[1]})")
 
 
 def window_of(module) -> int | None:
