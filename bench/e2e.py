@@ -119,7 +119,7 @@ def prompt_of(tokenizer, n_tokens: int, seed: int) -> str:
 
 
 def build(preset: str, cpu_kv_gib: float = 8, cuda_graphs: bool = True, cascade: bool = False,
-          torch_compile: bool = False):
+          torch_compile: bool = False, async_scheduling: bool = False):
     """(engine, baseline models or None, description) for a preset."""
     if preset in ("cpu", "cpu-shared"):
         from w2s_engine.tasks.sentiment import PROMPTED_TEMPLATES as TEMPLATES
@@ -127,7 +127,7 @@ def build(preset: str, cpu_kv_gib: float = 8, cuda_graphs: bool = True, cascade:
         small = "smollm2-135m-instruct"
         engine = Engine(large=large, tuned=small, untuned=small, templates=TEMPLATES,
                         progress=False, cpu_kv_cache_bytes=int(cpu_kv_gib * (1 << 30)),
-                        torch_compile=torch_compile,
+                        torch_compile=torch_compile, async_scheduling=async_scheduling,
                         **({"cuda_graphs": True, "cascade_attention": True} if cascade else {}))
         return engine, {"large": large, "small": small}
     assert torch.cuda.is_available(), f"preset {preset} needs a GPU"
@@ -142,7 +142,8 @@ def build(preset: str, cpu_kv_gib: float = 8, cuda_graphs: bool = True, cascade:
         m.generation_config.eos_token_id = 2
     engine = Engine((large, large_tok), (tuned, small_tok), (untuned, small_tok),
                     progress=False, kv_cache_memory_fraction=0.5, cuda_graphs=cuda_graphs,
-                    cascade_attention=cascade, torch_compile=torch_compile)
+                    cascade_attention=cascade, torch_compile=torch_compile,
+                    async_scheduling=async_scheduling)
     return engine, {"large": "random " + ("Llama-3-8B" if preset == "gpu" else "Qwen2.5-7B"),
                     "small": "random Llama-3.2-1B"}
 
@@ -202,6 +203,8 @@ def main():
                     help="torch_compile=True: every model's forward through torch.compile")
     ap.add_argument("--eager-scoring", action="store_true",
                     help="no scoring graphs: every scorer's forward eagerly (for comparison)")
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="async_scheduling=True: step n+1 launched before step n's tokens are read")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"e2e-{args.preset}.jsonl"
@@ -210,7 +213,8 @@ def main():
         return
     assert not (args.cascade and args.no_graphs), "--cascade runs on the static decode path"
     engine, names = build(args.preset, args.cpu_kv_gib, cuda_graphs=not args.no_graphs,
-                          cascade=args.cascade, torch_compile=args.compile)
+                          cascade=args.cascade, torch_compile=args.compile,
+                          async_scheduling=args.async_scheduling)
     if args.eager_scoring:
         eager_scoring(engine)
     for plen in map(int, args.prompt_lens.split(",")):
@@ -280,6 +284,7 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
                                           for why in r.scoring_graphs.failed.values()}),
         "cascade_attention": bool(engine.config.cascade_attention),
         "torch_compile": bool(engine.config.torch_compile),
+        "async_scheduling": bool(engine.config.async_scheduling),
         "device": machine(), "torch": torch.__version__, "commit": commit(),
     }
     floor = weight_read_floor_ms(engine.runners["large"].model)
@@ -346,7 +351,8 @@ def print_table(path: Path):
     cols = ["search", "prompt_tokens", "max_new_tokens", "concurrency", "seconds",
             "large_tokens_per_s", "latency_p50_s", "latency_p95_s", "cbs_over_sampling",
             "engine_speedup_vs_baseline", "peak_kv_vs_ideal_large", "plain_step_over_floor",
-            "cuda_graphs", "cascade_attention", "torch_compile", "device", "commit"]
+            "cuda_graphs", "cascade_attention", "torch_compile", "async_scheduling", "device",
+            "commit"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

@@ -8,8 +8,9 @@
 #    reference baseline, 16 concurrent at 256 tokens, and 16 concurrent with a random Qwen2.5-7B
 #    large model (different vocabularies); plain sampling of the same streams beside each, with
 #    its step time over the weight-read floor; CBS(4,4,8) at prompt 2048 with and without the
-#    shared-prefix (cascade) decode attention, and 16 concurrent under torch.compile; 4. a
-#    profiled search (GPU busy fraction), with the scorers' graphs and without;
+#    shared-prefix (cascade) decode attention, 1 and 16 concurrent with async scheduling,
+#    and 16 concurrent under torch.compile; 4. a profiled search (GPU busy fraction), with
+#    the scorers' graphs and without, and with async scheduling;
 # 5. the host's share of a step (bench/host_step.py: tiny models on this machine's CPU).
 # Results go to OUT_DIR (default bench/results/): JSONL, logs and gpu-check-<device>.md.
 #
@@ -53,6 +54,10 @@ fi
 e2e="python3 bench/e2e.py --out $out --prompt-lens 512 --searches cbs-4-4-8"
 step "e2e 1 request, 256 tokens" 120 $e2e --preset gpu --max-new 256 --concurrency 1
 step "e2e 16 requests, 256 tokens" 120 $e2e --preset gpu --max-new 256 --concurrency 16
+step "e2e 1 request, 256 tokens, async scheduling" 120 $e2e --preset gpu --max-new 256 \
+    --concurrency 1 --async-scheduling
+step "e2e 16 requests, 256 tokens, async scheduling" 120 $e2e --preset gpu --max-new 256 \
+    --concurrency 16 --async-scheduling
 step "e2e 1 request, prompt 2048, cascade" 120 $e2e --preset gpu --max-new 256 --concurrency 1 \
     --prompt-lens 2048 --cascade
 step "e2e 1 request, prompt 2048, per-beam" 120 $e2e --preset gpu --max-new 256 \
@@ -64,6 +69,8 @@ step "e2e cross vocabulary, 16 requests" 150 $e2e --preset gpu-cross --max-new 2
 step "profile" 120 python3 bench/profile_step.py --preset gpu --out "$out"
 step "profile, scoring eager" 120 python3 bench/profile_step.py --preset gpu --eager-scoring \
     --out "$out"
+step "profile, async scheduling" 120 python3 bench/profile_step.py --preset gpu \
+    --async-scheduling --out "$out"
 step "host step (CPU)" 90 env CUDA_VISIBLE_DEVICES= python3 bench/host_step.py --reps 2 \
     --out "$out"
 step "e2e 16 requests, 256 tokens, torch.compile" 240 $e2e --preset gpu --max-new 256 \
@@ -78,7 +85,7 @@ step "e2e 16 requests, 256 tokens, torch.compile" 240 $e2e --preset gpu --max-ne
     done
     echo
     echo "## Profile"
-    [ -f "$out/profile_step.jsonl" ] && tail -n 2 "$out/profile_step.jsonl"
+    [ -f "$out/profile_step.jsonl" ] && tail -n 3 "$out/profile_step.jsonl"
     echo
     echo "## Host step (this machine's CPU, tiny models)"
     [ -f "$out/host_step.jsonl" ] && tail -n 1 "$out/host_step.jsonl"

@@ -241,8 +241,8 @@ def test_eft_steps_the_small_models_on_their_static_path_with_the_same_results(m
     calls = []
     for r in runners:
         run = r.graphs.run
-        monkeypatch.setattr(r.graphs, "run", lambda seqs, extra=None, run=run:
-                            calls.append(len(seqs)) or run(seqs, extra))
+        monkeypatch.setattr(r.graphs, "run", lambda seqs, extra=None, tokens_from=None, run=run:
+                            calls.append(len(seqs)) or run(seqs, extra, tokens_from))
     params = SearchParams.eft(beta=1.5, n=3, max_new_tokens=10, seed=4)
     same_results(eager, static, params, PROMPTS[:2])
     assert calls and max(calls) == 6      # both prompts' 3 samples in one decode per model

@@ -212,16 +212,28 @@ def reads_per_step(monkeypatch, reads, max_new_tokens, logprobs=None, params=Non
     return engine, per_step
 
 
-def test_a_beam_search_step_reads_the_device_once_and_a_scoring_step_twice(reads,
-                                                                          monkeypatch):
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["waits", "async-scheduling"])
+def test_a_beam_search_step_reads_the_device_once_and_a_scoring_step_twice(reads, monkeypatch,
+                                                                          asynchronous):
     """Issue 16's one copy back per step: a decode step reads the sampled tokens and nothing
     else; a step that also scores a chunk adds the rewards (the token ids are checked on the
-    host, not read back)."""
-    _, per_step = reads_per_step(monkeypatch, reads, max_new_tokens=9)
+    host, not read back). With async scheduling too, where a step is fed the tokens of the
+    step before it on the device."""
+    _, per_step = reads_per_step(monkeypatch, reads, max_new_tokens=9,
+                                 async_scheduling=asynchronous)
     decode = [r for s, r in per_step if not s]
     scoring = [r for s, r in per_step if s]
-    assert decode and all(r == ["tolist"] for r in decode), decode
-    assert scoring and all(r == ["tolist", "tolist"] for r in scoring), scoring
+    if asynchronous:
+        # CBS(2,2,3): a chunk's first step is left in flight (no read), and read in the
+        # next step, which launches the second and leaves it in flight; the scoring step
+        # launches the third, reads the second's tokens, then the third's and the rewards:
+        # still one read of each step's tokens. (The steps here start at a second step.)
+        assert decode and all(r == ["tolist"] for r in decode[::2]), decode
+        assert all(r == [] for r in decode[1::2]), decode
+        assert scoring and all(r == ["tolist"] * 3 for r in scoring), scoring
+    else:
+        assert decode and all(r == ["tolist"] for r in decode), decode
+        assert scoring and all(r == ["tolist", "tolist"] for r in scoring), scoring
 
 
 def test_a_step_that_returns_logprobs_reads_them_with_the_sampled_tokens(reads, monkeypatch):

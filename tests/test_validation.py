@@ -212,10 +212,10 @@ def test_a_decode_batch_that_fails_for_one_request_is_run_again_alone_and_only_i
     real = engine.large.runner.decode_logits
     reqs = [engine.add_request(p, FAST) for p in ("I really", "POISON", "This film")]
 
-    def decode_logits(items, words):
+    def decode_logits(items, words, tokens_from=None):
         if any(table is b.large for table, _ in items for b in reqs[1].beams):
             raise RuntimeError("a row this kernel cannot take")
-        return real(items, words)
+        return real(items, words, tokens_from)
     monkeypatch.setattr(engine.large.runner, "decode_logits", decode_logits)
     while engine.has_unfinished():
         engine.step()
@@ -234,10 +234,10 @@ def test_a_decode_batch_too_large_for_the_device_runs_each_request_alone_and_all
     real = engine.large.runner.decode_logits
     rows = FAST.w * FAST.k
 
-    def decode_logits(items, words):
+    def decode_logits(items, words, tokens_from=None):
         if len(items) > rows:   # as a CUDA out-of-memory error on a batch past one request
             raise RuntimeError("CUDA out of memory")
-        return real(items, words)
+        return real(items, words, tokens_from)
     monkeypatch.setattr(engine.large.runner, "decode_logits", decode_logits)
     results = engine.search(prompts, FAST)
     assert [r.token_ids for r in results] == [r.token_ids for r in expected]

@@ -138,8 +138,10 @@ class Engine:
             self.large = RemoteLarge(remote)
         else:
             m = self.models["large"]
-            self.large = LocalLarge(self.runners["large"], m.tokenizer, eos_ids(m.model, m.tokenizer),
-                                    BlockManager(num_blocks, config.block_size))
+            self.large = LocalLarge(self.runners["large"], m.tokenizer,
+                                    eos_ids(m.model, m.tokenizer),
+                                    BlockManager(num_blocks, config.block_size),
+                                    config.async_scheduling)
         pair = {role: (self.runners[role], self.models[role].tokenizer)
                 for role in ("tuned", "untuned") if role in self.models}
         implicit = next((s for s in scorers if isinstance(s, ImplicitReward)), ImplicitReward())

@@ -10,7 +10,12 @@ graph replay when the runner has them), the EFT rows steered by the small models
 position). The sampling parameters ride in the decode's upload, and the sampled tokens come
 back in one copy: one upload and one sync per step. The detokenizer turns each beam's tokens
 into text incrementally, for stop strings, the bridge to other tokenizers and the result.
+With async_scheduling, a step is launched before the previous step's tokens are read (its
+carried rows fed them on the device), and they are recorded while the device computes, where
+the dependencies allow it (runs_ahead).
 """
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,15 +28,19 @@ from w2s_engine.params import InvalidParam, SearchParams
 from w2s_engine.search.bridge import Detokenizer
 from w2s_engine.search.eft import EFT
 from w2s_engine.search.prompts import check_context
-from w2s_engine.search.request import SearchRequest, mix_seeds
+from w2s_engine.search.request import RequestStatus, SearchRequest, mix_seeds
 from w2s_engine.search.sequence import Beam
 from w2s_engine.search.tokens import encode
 
 
 class LocalLarge:
 
-    def __init__(self, runner: ModelRunner, tokenizer, eos_ids: set[int], blocks: BlockManager):
+    def __init__(self, runner: ModelRunner, tokenizer, eos_ids: set[int], blocks: BlockManager,
+                 async_scheduling: bool = False):
         self.runner = runner
+        self.async_scheduling = async_scheduling
+        self.in_flight: DecodeStep | None = None   # launched, its tokens not read yet
+        self.carried_failures: list = []   # recorded before a failed batch, not yet returned
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.blocks = blocks
@@ -88,20 +97,53 @@ class LocalLarge:
         """One token for every generating beam of every running request. Returns the requests
         that failed alone (recording a token), with why. When the batch's forward or sampling
         fails, raises BatchFailed: retryable when every beam is back as it was (the slots this
-        step appended are rolled back), so the engine can run each request again alone."""
+        step appended are rolled back), so the engine can run each request again alone.
+
+        With async_scheduling, a step whose rows may run ahead (runs_ahead) is left in flight:
+        the next call launches the following step first, its carried rows fed the tokens on
+        the device, and only then reads this one's tokens and records them, so the host's
+        recording and the next step's preparation run while the device computes."""
+        failed, self.carried_failures = self.carried_failures, []
+        ahead, self.in_flight = self.in_flight, None
+        try:
+            step = self._launch(requests, ahead)
+        except BatchFailed:
+            if ahead is not None:   # its tokens are good: record them before the retries
+                self.carried_failures = self._collect(ahead)
+            raise
+        if ahead is not None:
+            failed += self._collect(ahead, step)
+        if step is not None:
+            if self.async_scheduling and runs_ahead(step.order):
+                self.in_flight = step
+            else:
+                failed += self._collect(step)
+        once = {id(r): (r, why) for r, why in reversed(failed)}   # a request fails once
+        return list(once.values())
+
+    def _launch(self, requests: list[SearchRequest], ahead: "DecodeStep | None"):
+        """Queue a decode step for the generating beams of these requests: slots, the forward,
+        steering, sampling, and the copy of its tokens to the host (not waited for). Rows
+        whose last token is still in flight in `ahead` come first and are fed it from the
+        device. None when no beam generates."""
         work = [(r, b) for r in requests for b in r.generating]
         if not work:
-            return []
-        fed = [(r, b) for r, b in work if b.token_ids]
-        first = [(r, b) for r, b in work if not b.token_ids]
-        order = fed + first
-        words = sampling_words(order)
+            return None
+        pending = {} if ahead is None else {id(b): i for i, (r, b) in enumerate(ahead.order)
+                                            if r.status is RequestStatus.RUNNING
+                                            and not b.finished}
+        carried = [(r, b) for r, b in work if id(b) in pending]
+        fed = [(r, b) for r, b in work if id(b) not in pending and b.token_ids]
+        first = [(r, b) for r, b in work if id(b) not in pending and not b.token_ids]
+        forward = carried + fed
+        order = forward + first
+        words = sampling_words(order, len(carried))
         # Slots for the new tokens; a copy-on-write copy cannot be taken back, so a failure
         # here is not retryable (the pool or the device is in trouble, not one request).
-        before = [(b.large, b.large.num_tokens) for _, b in fed]
+        before = [(b.large, b.large.num_tokens) for _, b in forward]
         try:
             copies = []
-            for _, b in fed:
+            for _, b in forward:
                 copies += self.blocks.append(b.large, 1)
             self.runner.copy_blocks(copies)
         except Exception as e:
@@ -109,12 +151,17 @@ class LocalLarge:
         eft_started = False
         try:
             rows, steered, raw = [], [], []
-            if fed:
+            if forward:
+                tokens_from = None
+                if carried:
+                    tokens_from = (ahead.sampled,
+                                   np.array([pending[id(b)] for _, b in carried], np.int32))
                 logits, params = self.runner.decode_logits(
-                    [(b.large, b.token_ids[-1]) for _, b in fed], words)
+                    [(b.large, b.token_ids[-1] if i >= len(carried) else 0)
+                     for i, (_, b) in enumerate(forward)], words, tokens_from)
                 raw.append(logits)
                 eft_started = self.eft is not None
-                rows.append(self._steer(logits, fed, 0, steered))
+                rows.append(self._steer(logits, forward, 0, steered))
             else:
                 params = self.runner.upload(words)
             if first:
@@ -122,13 +169,13 @@ class LocalLarge:
                 logits = torch.stack([r.root_logits for r, _ in first])
                 raw.append(logits)
                 eft_started = self.eft is not None
-                rows.append(self._steer(logits, first, len(fed), steered))
+                rows.append(self._steer(logits, first, len(forward), steered))
             eft_started = False   # the EFT streams are through: a retry steers the same way
             logits = torch.cat(rows) if len(rows) > 1 else rows[0]
             logprobs = LogprobRows(order, raw, self.runner.upload)   # before penalties
             if self.token_limit is not None:   # in place: the logits are the step's own
                 logits[:, self.token_limit:] = float("-inf")
-            adjustments = adjustment_words(order, self.eos_ids)
+            adjustments = adjustment_words(order, self.eos_ids, len(carried))
             if adjustments is not None:
                 adjust, sizes = adjustments
                 logits = adjust_logits(logits, *adjustment_tensors(self.runner.upload(adjust),
@@ -140,17 +187,34 @@ class LocalLarge:
             riders = logprobs.queue(sampled)
             if steered:
                 riders.append(self.eft.terms(steered, sampled))
-            tokens, *host = read_together([sampled] + riders)
-            tokens = [int(t) for t in tokens]
-            logprobs = logprobs.entries(tokens, host[:len(host) - bool(steered)])
+            read = DeviceRead([sampled] + riders)
         except Exception as e:
             for table, n in before:
                 self.blocks.truncate(table, n)
             # A failure inside the EFT streams' forward leaves them part-way: not retryable.
             raise BatchFailed(retryable=not eft_started) from e
+        return DecodeStep(order, sampled, read, logprobs, steered, before,
+                          {id(b) for _, b in forward})
+
+    def _collect(self, step: "DecodeStep", after: "DecodeStep | None" = None):
+        """Read a launched step's tokens (the one wait) and record them, skipping the rows of
+        requests that ended and of beams that finished since it was launched. `after`: the
+        step launched on top of this one; a beam that finishes here gives back the slot that
+        step appended for it (its row there is dropped when that step is collected). If the
+        read fails, both steps' slots are rolled back and BatchFailed is raised."""
+        try:
+            tokens, *host = step.read.result()
+        except Exception as e:
+            for s in (after, step):
+                if s is not None:
+                    self._roll_back(s)
+            raise BatchFailed(retryable=not step.steered) from e
+        tokens = [int(t) for t in tokens]
+        logprobs = step.logprobs.entries(tokens, host[:len(host) - bool(step.steered)])
+        order = step.order
         failed = {}   # id(request) -> (request, why)
         for i, ((r, b), tok) in enumerate(zip(order, tokens)):
-            if id(r) in failed:
+            if id(r) in failed or r.status is not RequestStatus.RUNNING or b.finished:
                 continue
             try:
                 n = len(b.token_ids)
@@ -161,10 +225,17 @@ class LocalLarge:
                     r.record_logprob(b, logprobs[i])
             except Exception as e:   # a request's own text (stop strings, detokenizing)
                 failed[id(r)] = (r, f"{type(e).__name__} while recording a token: {e}")
-        if steered:
-            self.eft.record(steered, tokens, host[-1],
+            if b.finished and after is not None and id(b) in after.appended:
+                self.blocks.truncate(b.large, b.large.num_tokens - 1)
+        if step.steered:
+            self.eft.record(step.steered, tokens, host[-1],
                             skip=lambda s: id(order[s.row][0]) in failed)
         return list(failed.values())
+
+    def _roll_back(self, step: "DecodeStep"):
+        """Give back the slots a step appended (a table freed since holds none)."""
+        for table, n in step.before:
+            self.blocks.truncate(table, min(n, table.num_tokens))
 
     def _steer(self, logits, items, row_offset: int, steered: list):
         if self.eft is None:
@@ -217,31 +288,79 @@ class LogprobRows:
                 for j, (row, count) in enumerate(zip(self.rows, self.counts))}
 
 
-def read_together(parts: list[torch.Tensor]) -> list:
-    """Several device tensors in one copy to the host (one wait): each part's .tolist(),
-    through fp64 when there are several (exact for token ids and fp32 values)."""
-    if len(parts) == 1:
-        return [parts[0].tolist()]
-    host = torch.cat([p.double().ravel() for p in parts]).tolist()
-    out, at = [], 0
-    for p in parts:
-        assert p.dim() in (1, 2)
-        flat = host[at:at + p.numel()]
-        at += p.numel()
-        if p.dim() == 2:
-            width = p.shape[1]
-            flat = [flat[i * width:(i + 1) * width] for i in range(p.shape[0])]
-        out.append(flat)
-    return out
+@dataclass
+class DecodeStep:
+    """A launched decode step: its rows, its tokens on the device and on their way to the
+    host, and what recording them needs."""
+
+    order: list                  # (request, beam) per row
+    sampled: torch.Tensor        # [B] int64 on the device
+    read: "DeviceRead"           # the tokens, then the log-probs and EFT terms asked for
+    logprobs: LogprobRows
+    steered: list                # EFT's rows (search/eft.py Steered)
+    before: list                 # (table, tokens before the step) of the rows it fed
+    appended: set[int]           # id(beam) of those rows
+
+
+def runs_ahead(order) -> bool:
+    """Whether the step after these rows may be launched before their tokens are read (the
+    next one's inputs are then these tokens on the device): no row ends its chunk or its
+    length by count with this token (its request then scores, selects and forks, which
+    needs the tokens on the host), and no row's next logits need its history on the host
+    (penalties) or the small models stepped with the token (EFT)."""
+    for r, b in order:
+        p = r.params
+        if (b.chunk_tokens + 1 >= p.chunk_len or len(b.token_ids) + 1 >= p.max_new_tokens
+                or p.method == "eft" or p.presence_penalty or p.frequency_penalty
+                or p.repetition_penalty != 1.0):
+            return False
+    return True
+
+
+class DeviceRead:
+    """Device tensors on their way to the host in one copy (through fp64 when there are
+    several: exact for token ids and fp32 values): queued at once, waited for by result(),
+    so the host can queue more work in between."""
+
+    def __init__(self, parts: list[torch.Tensor]):
+        assert all(p.dim() in (1, 2) for p in parts)
+        self.shapes = [tuple(p.shape) for p in parts]
+        flat = parts[0] if len(parts) == 1 else torch.cat([p.double().ravel() for p in parts])
+        self.done = None
+        if flat.device.type == "cuda":
+            self.host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            self.host.copy_(flat, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+        else:
+            self.host = flat
+
+    def result(self) -> list:
+        """Each part's .tolist(), after the one wait."""
+        if self.done is not None:
+            self.done.synchronize()
+        host = self.host.tolist()
+        if len(self.shapes) == 1:
+            return [host]
+        out, at = [], 0
+        for shape in self.shapes:
+            size = shape[0] * (shape[1] if len(shape) == 2 else 1)
+            flat = host[at:at + size]
+            at += size
+            if len(shape) == 2:
+                flat = [flat[i * shape[1]:(i + 1) * shape[1]] for i in range(shape[0])]
+            out.append(flat)
+        return out
 
 
 SAMPLING_WORDS = 7
 
 
-def sampling_words(order) -> np.ndarray:
+def sampling_words(order, ahead: int = 0) -> np.ndarray:
     """Each row's sampling parameters as int32 words [SAMPLING_WORDS, B]: temperature and
-    top_p (fp32 bits), top_k, the seed's low and high halves, the position (tokens so far)
-    and min_p (fp32 bits). A step's rows come in runs of one request: the request's values
+    top_p (fp32 bits), top_k, the seed's low and high halves, the position (tokens so far;
+    the first `ahead` rows have one more, in flight) and min_p (fp32 bits). A step's rows
+    come in runs of one request: the request's values
     are read once per run and repeated, and the beams' seeds are mixed in one numpy pass
     (this runs every step, for every beam, while the GPU waits)."""
     starts = [i for i in range(len(order)) if i == 0 or order[i][0] is not order[i - 1][0]]
@@ -259,39 +378,44 @@ def sampling_words(order) -> np.ndarray:
         per_row([p.top_k for p in params], np.int32),
         (seeds & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32),
         (seeds >> np.uint64(32)).astype(np.int32),
-        np.array([len(b.token_ids) for _, b in order], dtype=np.int32),
+        np.array([len(b.token_ids) + (i < ahead) for i, (_, b) in enumerate(order)],
+                 dtype=np.int32),
         per_row([p.min_p for p in params], np.float32).view(np.int32)])
 
 
-def before_min_tokens(p, b) -> bool:
-    """The beam may not end yet: its EOS is banned (min_tokens)."""
-    return len(b.token_ids) < p.min_tokens and not p.ignore_eos
+def before_min_tokens(p, b, in_flight: bool = False) -> bool:
+    """The beam may not end yet: its EOS is banned (min_tokens). in_flight: it has one token
+    more than it has recorded."""
+    return len(b.token_ids) + in_flight < p.min_tokens and not p.ignore_eos
 
 
-def adjustment_words(order, eos_ids) -> tuple[np.ndarray, tuple[int, int, int]] | None:
+def adjustment_words(order, eos_ids, ahead: int = 0) \
+        -> tuple[np.ndarray, tuple[int, int, int]] | None:
     """The R rows whose logits a penalty or a bias adjusts, and what they need, as int32 words
     for one upload: the rows [R], the N token occurrences [3, N] (row among the R, token, 1 if
     in the response), the M biased tokens [2, M] (row among the R, token), then fp32 bits:
     the presence, frequency and repetition factors [3, R] and the biases [M] (logit_bias, and
     -inf on EOS before min_tokens); with (R, N, M). None if no row adjusts. Each step sends
     each such beam's whole history (the prompt's only for repetition): a second upload in
-    the steps that have adjustments."""
+    the steps that have adjustments. The first `ahead` rows have a token in flight (never a
+    penalised row: runs_ahead)."""
     # Most steps have no such row: answer that per request, not per beam.
     requests = {id(r): r.params for r, _ in order}.values()
     if not any(p.adjusts_logits or (p.min_tokens and not p.ignore_eos) for p in requests):
         return None
     picked = [(i, r, b) for i, (r, b) in enumerate(order)
-              if r.params.adjusts_logits or before_min_tokens(r.params, b)]
+              if r.params.adjusts_logits or before_min_tokens(r.params, b, i < ahead)]
     if not picked:
         return None
     occurrences, biased, biases = [], [], []
-    for j, (_, r, b) in enumerate(picked):
+    for j, (i, r, b) in enumerate(picked):
         p = r.params
         bias = dict(p.logit_bias)
-        if before_min_tokens(p, b):
+        if before_min_tokens(p, b, i < ahead):
             bias.update((e, float("-inf")) for e in eos_ids)
-        response = b.token_ids if p.presence_penalty or p.frequency_penalty or \
-            p.repetition_penalty != 1.0 else []
+        penalised = p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+        assert not (penalised and i < ahead), "a penalised row needs its whole history"
+        response = b.token_ids if penalised else []
         prompt = r.large_prompt_ids if p.repetition_penalty != 1.0 else []
         tokens = np.asarray(list(prompt) + list(response), dtype=np.int32)
         in_response = np.r_[np.zeros(len(prompt), np.int32), np.ones(len(response), np.int32)]

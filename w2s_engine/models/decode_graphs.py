@@ -123,18 +123,32 @@ class DecodeGraphs:
             parts.append(shared_prefix_words(tables[:n], rows[3, :n], bs, bucket))
         return np.concatenate(parts), used
 
-    def run(self, seqs: list[tuple[BlockTable, int]], extra: np.ndarray | None = None):
+    def run(self, seqs: list[tuple[BlockTable, int]], extra: np.ndarray | None = None,
+            tokens_from: tuple[torch.Tensor, np.ndarray] | None = None):
         """Logits [B, V] of each sequence's new token (a view of the static buffer, valid until
-        the next run) and the `extra` words on the device (None if none)."""
+        the next run) and the `extra` words on the device (None if none). tokens_from:
+        (tokens [P] on the device, rows [m]): the first m rows' tokens are tokens[rows]; the
+        rows ride in the upload after the extra words, and one gather writes the tokens
+        into the staged rows before the replay."""
         n = len(seqs)
         assert 0 < n <= self.max_batch
         bucket = self.bucket(n)
         words, used = self.pack(seqs, bucket)
         head = words.size
-        separate = extra is not None and head + extra.size > self.staging.numel()
-        if extra is not None and not separate:
-            words = np.concatenate([words, extra.ravel().astype(np.int32)])
+        extra_size = 0 if extra is None else extra.size
+        rows = None if tokens_from is None else tokens_from[1].astype(np.int32)
+        tail = [p.ravel().astype(np.int32) for p in (extra, rows) if p is not None]
+        size = sum(p.size for p in tail)
+        separate = head + size > self.staging.numel()
+        if tail and not separate:
+            words = np.concatenate([words] + tail)
         self.staging[:words.size].copy_(self.runner.pinned(words), non_blocking=True)
+        if tail and separate:   # more than the staging buffer holds: their own upload
+            more = self.runner.upload(np.concatenate(tail))
+        else:
+            more = self.staging[head:head + size]
+        if rows is not None:
+            self.staging[:rows.size].copy_(tokens_from[0][more[extra_size:].long()])
         start = ROW_WORDS * bucket
         self.tables[:bucket, :used].copy_(self.staging[start:start + bucket * used]
                                           .view(bucket, used))
@@ -146,11 +160,7 @@ class DecodeGraphs:
             self.graphs[bucket].replay()
         else:
             self._forward(bucket)
-        if extra is None:
-            return self.logits[:n], None
-        if separate:    # more extras than the staging buffer holds: their own upload
-            return self.logits[:n], self.runner.upload(extra)
-        return self.logits[:n], self.staging[head:words.size]
+        return self.logits[:n], None if extra is None else more[:extra_size]
 
     @torch.inference_mode()
     def _forward(self, bucket: int):

@@ -203,16 +203,22 @@ class ModelRunner:
         batch, offsets = self.prepare(seqs)
         return self.forward(batch), offsets
 
-    def decode_logits(self, seqs: list[tuple[BlockTable, int]], extra: np.ndarray | None = None):
+    def decode_logits(self, seqs: list[tuple[BlockTable, int]], extra: np.ndarray | None = None,
+                      tokens_from: tuple[torch.Tensor, np.ndarray] | None = None):
         """Logits [B, V] fp32 of one new token per sequence (tables already appended), and
         `extra` int32 words (sampling parameters, say) on the device, from the same upload.
+        tokens_from: (tokens [P] on the device, rows [m]): the first m sequences' tokens are
+        tokens[rows] (a step still in flight sampled them), not the ones in seqs.
         On static buffers (a CUDA graph per bucket) when the runner has DecodeGraphs and the
         batch fits them; else an eager forward. The logits are valid until the next decode."""
         if self.graphs is not None and len(seqs) <= self.graphs.max_batch:
-            return self.graphs.run(seqs, extra)
-        hidden, _ = self.run([(table, [token]) for table, token in seqs])
+            return self.graphs.run(seqs, extra, tokens_from)
         extra_dev = None if extra is None else self.upload(extra)
-        return self.compute_logits(hidden), extra_dev
+        batch, _ = self.prepare([(table, [token]) for table, token in seqs])
+        if tokens_from is not None:
+            tokens, rows = tokens_from
+            batch.input_ids[:len(rows)] = tokens[self.upload(rows).long()]
+        return self.compute_logits(self.forward(batch)), extra_dev
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,197 @@
+"""Async scheduling (EngineConfig(async_scheduling=True)): the host launches decode step n+1,
+fed step n's tokens on the device, before it reads step n's tokens, and records them while
+the device computes.
+
+The searches must not change: the same tokens, texts, finish reasons, rewards and log-probs
+as the engine that waits for every step's tokens, with EOS and stop strings (a beam that
+stops computes one token more, dropped, and gives its slot back), min_tokens, biases, and the
+paths that cannot run ahead (EFT, penalties, chunk ends); a cancelled request or a failing
+batch with a step in flight loses nothing; every block comes back.
+"""
+
+import pytest
+import torch
+
+import w2s_engine.large.local as local
+from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
+from w2s_engine import Engine, SearchParams
+from w2s_engine.search.request import RequestStatus
+
+PROMPTS = ["I really", "The plot of this film", "What a"]
+EOS = 1   # the tiny models' EOS id
+TEMPLATES = {"large": "Here is a movie review: {prompt}", "small": "Review: {prompt}"}
+
+
+@pytest.fixture(scope="module")
+def models():
+    tok, other = make_tokenizer(300), make_tokenizer(420)
+    untuned = tiny_llama(len(tok), seed=2)
+    return {"tok": tok, "other": other, "tuned": tuned_from(untuned, seed=3, scale=0.3),
+            "untuned": untuned, "large": tiny_llama(len(tok), seed=1, layers=3),
+            "large_other": tiny_llama(len(other), seed=4, layers=3)}
+
+
+def make_engine(models, cross=False, **config):
+    large, large_tok = ((models["large_other"], models["other"]) if cross
+                        else (models["large"], models["tok"]))
+    return Engine((clone(large), large_tok), (clone(models["tuned"]), models["tok"]),
+                  (clone(models["untuned"]), models["tok"]), templates=TEMPLATES,
+                  num_kv_blocks=800, block_size=4, progress=False, device="cpu",
+                  dtype=torch.float32, **config)
+
+
+def run(engine, params, prompts=PROMPTS, logprobs=None):
+    """The prompts' requests stepped to the end (log-probs with `logprobs` alternatives)."""
+    reqs = []
+    for p in prompts:
+        r = engine.make_request(p, params)
+        r.logprobs = logprobs       # as the server sets it
+        reqs.append(engine.enqueue(r))
+    while engine.has_unfinished():
+        engine.step()
+    assert [r.error for r in reqs] == [None] * len(reqs)
+    engine.check_all_free()
+    return [r.result for r in reqs]
+
+
+def assert_same(want, got):
+    """The same hypotheses (tokens, texts, finish reasons), rewards and log-probs to 1e-5:
+    a step's batch may hold the stopped beams' extra rows, which moves fp32 sums slightly."""
+    for w, g in zip(want, got):
+        pairs = list(zip(w.hypotheses, g.hypotheses))
+        assert len(w.hypotheses) == len(g.hypotheses)
+        assert [(h.token_ids, h.text, h.finish_reason) for h, _ in pairs] == \
+               [(h.token_ids, h.text, h.finish_reason) for _, h in pairs]
+        for hw, hg in pairs:
+            assert (hg.reward is None) == (hw.reward is None)
+            if hw.reward is not None:
+                assert hg.reward == pytest.approx(hw.reward, abs=1e-5)
+            if hw.logprobs is not None:
+                assert [(e.token_id, [t for t, _ in e.top]) for e in hg.logprobs] == \
+                       [(e.token_id, [t for t, _ in e.top]) for e in hw.logprobs]
+                assert [e.logprob for e in hg.logprobs] == \
+                       pytest.approx([e.logprob for e in hw.logprobs], abs=1e-5)
+
+
+SEARCHES = {
+    # EOS made likely, so that beams stop mid-chunk while the next step is in flight
+    "cbs-eos": SearchParams.cbs(2, 3, 4, max_new_tokens=24, seed=5, logit_bias={EOS: 3.0}),
+    "cbs-stop-strings": SearchParams.cbs(2, 2, 5, max_new_tokens=24, seed=9, stop=["a"],
+                                         logit_bias={EOS: 2.0}),
+    "best-of-n": SearchParams.best_of_n(4, max_new_tokens=20, seed=2, logit_bias={EOS: 2.5}),
+    "base-min-tokens": SearchParams.base(n=4, max_new_tokens=40, seed=3, min_tokens=6,
+                                         logit_bias={EOS: 3.0}),
+    # these cannot run ahead (their next logits need the tokens on the host): they wait
+    "cbs-penalties": SearchParams.cbs(2, 2, 4, max_new_tokens=16, seed=4, presence_penalty=0.5,
+                                      repetition_penalty=1.3),
+    "eft": SearchParams.eft(beta=1.5, n=2, max_new_tokens=12, seed=6, logit_bias={EOS: 2.0}),
+}
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static-buffers"])
+@pytest.mark.parametrize("search", list(SEARCHES))
+def test_async_scheduling_gives_the_same_search_results(models, search, static):
+    params = SEARCHES[search]
+    config = {"cuda_graphs": static, "cuda_graph_max_batch": 16}
+    want = run(make_engine(models, **config), params, logprobs=2)
+    got = run(make_engine(models, async_scheduling=True, **config), params, logprobs=2)
+    assert_same(want, got)
+    if search.startswith("cbs-eos"):    # the case this test is for did happen
+        assert any(h.finish_reason == "stop" and 0 < len(h.token_ids) for r in want
+                   for h in r.hypotheses)
+
+
+def test_async_scheduling_with_another_tokenizer_gives_the_same_search_results(models):
+    params = SearchParams.cbs(2, 2, 4, max_new_tokens=16, seed=8, logit_bias={EOS: 2.0})
+    assert_same(run(make_engine(models, cross=True), params),
+                run(make_engine(models, cross=True, async_scheduling=True), params))
+
+
+def launch_and_read_order(engine, monkeypatch, params):
+    """One request searched; the order of the decode steps' launches (L: sampling queued)
+    and reads of their tokens (R)."""
+    events = []
+    sample, result = local.sample, local.DeviceRead.result
+    monkeypatch.setattr(local, "sample", lambda *a: events.append("L") or sample(*a))
+    monkeypatch.setattr(local.DeviceRead, "result",
+                        lambda self: events.append("R") or result(self))
+    run(engine, params, prompts=["I really"])
+    return "".join(events)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["waits", "async"])
+def test_the_host_launches_the_next_step_before_it_reads_the_tokens_within_a_chunk(
+        models, monkeypatch, asynchronous):
+    """CBS(1,2,4) over 8 tokens: two chunks of four steps. Waiting, each step's tokens are
+    read before the next launch. Async, step n+1 is launched before step n's tokens are
+    read, except where the next launch needs them: the chunk's last step is read at once
+    (scoring and selection follow), and the next chunk's first step is fed from the host."""
+    params = SearchParams.cbs(1, 2, 4, max_new_tokens=8, seed=3, ignore_eos=True)
+    engine = make_engine(models, async_scheduling=asynchronous)
+    order = launch_and_read_order(engine, monkeypatch, params)
+    assert order == ("LLRLRLRR" * 2 if asynchronous else "LR" * 8)
+
+
+def test_a_beam_that_stops_gives_back_the_slot_the_step_in_flight_took(models):
+    """A beam that samples EOS while the next step is in flight was fed EOS there; once its
+    EOS is read that slot goes back: a stopped beam's large-model table holds the prompt and
+    the tokens it fed (its response), as when the engine waits."""
+    engine = make_engine(models, async_scheduling=True)
+    params = SearchParams.cbs(2, 3, 6, max_new_tokens=30, seed=5, logit_bias={EOS: 3.0})
+    reqs = [engine.add_request(p, params) for p in PROMPTS]
+    stopped = 0
+    while engine.has_unfinished():
+        engine.step()
+        for r in reqs:
+            for b in r.beams if r.status is RequestStatus.RUNNING else ():
+                if b.finish_reason == "stop" and b.token_ids:
+                    stopped += 1
+                    assert b.large.num_tokens == len(r.large_prompt_ids) + len(b.token_ids)
+    assert stopped
+    engine.check_all_free()
+
+
+def test_a_request_cancelled_with_its_step_in_flight_leaves_the_others_as_they_were(models):
+    params = SearchParams.cbs(2, 2, 6, max_new_tokens=18, seed=2, logit_bias={EOS: 1.5})
+    want = run(make_engine(models), params, prompts=PROMPTS[:2])
+    engine = make_engine(models, async_scheduling=True)
+    reqs = [engine.add_request(p, params) for p in PROMPTS]
+    while engine.large.in_flight is None or not any(
+            r is reqs[2] for r, _ in engine.large.in_flight.order):
+        engine.step()
+    engine.cancel(reqs[2])
+    while engine.has_unfinished():
+        engine.step()
+    assert reqs[2].status is RequestStatus.CANCELLED
+    assert_same(want, [r.result for r in reqs[:2]])
+    engine.check_all_free()
+
+
+def test_a_decode_batch_that_fails_with_a_step_in_flight_fails_only_its_culprit(
+        models, monkeypatch):
+    """The batch fails after the step before it was launched: that step's tokens are
+    recorded, each request runs again alone (waiting for its tokens), only the culprit fails,
+    the others end as they would have, and every block comes back."""
+    params = SearchParams.cbs(2, 2, 5, max_new_tokens=15, seed=4, logit_bias={EOS: 1.5})
+    want = run(make_engine(models), params, prompts=["I really", "What a"])
+    engine = make_engine(models, async_scheduling=True)
+    reqs = [engine.add_request(p, params) for p in ("I really", "POISON", "What a")]
+    real = engine.large.runner.decode_logits
+    failures = []
+
+    def decode_logits(items, words, tokens_from=None):
+        poisoned = any(table is b.large for table, _ in items for b in reqs[1].beams)
+        if poisoned and len(reqs[1].beams[0].token_ids) >= 3:
+            failures.append(tokens_from is not None)
+            raise RuntimeError("a row this kernel cannot take")
+        return real(items, words, tokens_from)
+    monkeypatch.setattr(engine.large.runner, "decode_logits", decode_logits)
+    while engine.has_unfinished():
+        engine.step()
+    assert failures[0], "the first failing batch was launched on a step in flight"
+    assert [r.status for r in reqs] == [RequestStatus.DONE, RequestStatus.FAILED,
+                                        RequestStatus.DONE]
+    assert "RuntimeError: a row this kernel cannot take" in reqs[1].error
+    assert_same(want, [reqs[0].result, reqs[2].result])
+    engine.check_all_free()
+
