@@ -34,10 +34,11 @@ def models():
 def make_engine(models, cross=False, **config):
     large, large_tok = ((models["large_other"], models["other"]) if cross
                         else (models["large"], models["tok"]))
+    config = {"device": "cpu", **config}
     return Engine((clone(large), large_tok), (clone(models["tuned"]), models["tok"]),
                   (clone(models["untuned"]), models["tok"]), templates=TEMPLATES,
-                  num_kv_blocks=800, block_size=4, progress=False, device="cpu",
-                  dtype=torch.float32, **config)
+                  num_kv_blocks=800, block_size=4, progress=False, dtype=torch.float32,
+                  **config)
 
 
 def run(engine, params, prompts=PROMPTS, logprobs=None):
@@ -54,8 +55,8 @@ def run(engine, params, prompts=PROMPTS, logprobs=None):
     return [r.result for r in reqs]
 
 
-def assert_same(want, got):
-    """The same hypotheses (tokens, texts, finish reasons), rewards and log-probs to 1e-5:
+def assert_same(want, got, tol=1e-5):
+    """The same hypotheses (tokens, texts, finish reasons), rewards and log-probs to `tol`:
     a step's batch may hold the stopped beams' extra rows, which moves fp32 sums slightly."""
     for w, g in zip(want, got):
         pairs = list(zip(w.hypotheses, g.hypotheses))
@@ -65,12 +66,12 @@ def assert_same(want, got):
         for hw, hg in pairs:
             assert (hg.reward is None) == (hw.reward is None)
             if hw.reward is not None:
-                assert hg.reward == pytest.approx(hw.reward, abs=1e-5)
+                assert hg.reward == pytest.approx(hw.reward, abs=tol)
             if hw.logprobs is not None:
                 assert [(e.token_id, [t for t, _ in e.top]) for e in hg.logprobs] == \
                        [(e.token_id, [t for t, _ in e.top]) for e in hw.logprobs]
                 assert [e.logprob for e in hg.logprobs] == \
-                       pytest.approx([e.logprob for e in hw.logprobs], abs=1e-5)
+                       pytest.approx([e.logprob for e in hw.logprobs], abs=tol)
 
 
 SEARCHES = {
@@ -105,6 +106,31 @@ def test_async_scheduling_with_another_tokenizer_gives_the_same_search_results(m
     params = SearchParams.cbs(2, 2, 4, max_new_tokens=16, seed=8, logit_bias={EOS: 2.0})
     assert_same(run(make_engine(models, cross=True), params),
                 run(make_engine(models, cross=True, async_scheduling=True), params))
+
+
+def test_a_streamed_search_with_async_scheduling_streams_its_result(models):
+    """The text streamed step by step (a step behind the device) adds up to the result's."""
+    engine = make_engine(models, async_scheduling=True)
+    params = SearchParams.cbs(2, 2, 4, max_new_tokens=20, seed=1, logit_bias={EOS: 1.0})
+    deltas = list(engine.search_stream("I really", params))
+    result = deltas[-1].result
+    assert "".join(d.text for d in deltas) == result.text
+    assert result.token_ids == run(make_engine(models), params, ["I really"])[0].token_ids
+    engine.check_all_free()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("search", ["cbs-eos", "cbs-stop-strings", "base-min-tokens"])
+def test_async_scheduling_on_a_gpu_with_graphs_gives_the_same_search_results(models, search):
+    """fp32 on CUDA with the decode graphs captured: the carried rows' tokens are gathered
+    into the staged rows outside the graph, before its replay."""
+    config = {"device": "cuda", "cuda_graph_max_batch": 64}
+    waits = make_engine(models, **config)
+    assert waits.runners["large"].graphs.graphs, "graphs were captured"
+    want = run(waits, SEARCHES[search], logprobs=2)
+    got = run(make_engine(models, async_scheduling=True, **config), SEARCHES[search],
+              logprobs=2)
+    assert_same(want, got, tol=1e-4)
 
 
 def launch_and_read_order(engine, monkeypatch, params):

@@ -162,7 +162,8 @@ def test_warm_up_runs_a_prefill_decodes_and_a_scored_chunk_and_holds_nothing(mod
     decodes = []
     decode = static.runners["large"].graphs.run
     monkeypatch.setattr(static.runners["large"].graphs, "run",
-                        lambda seqs, extra=None: decodes.append(len(seqs)) or decode(seqs, extra))
+                        lambda seqs, extra=None, tokens_from=None:
+                        decodes.append(len(seqs)) or decode(seqs, extra, tokens_from))
     static.warm_up()
     assert (4, 2) in shapes and decodes        # 4 candidates' chunks of 2 tokens, scored
     static.check_all_free()
