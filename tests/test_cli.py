@@ -48,12 +48,39 @@ def test_search_prints_a_continuation_and_json_parses():
     assert out.stdout.startswith("I really") and len(out.stdout.strip()) > len("I really")
     out = run("search", "I really", "This film", "--large", SMOL, "--tuned", SMOL, "--untuned",
               SMOL, "--tuned-template", "A positive review: {prompt}", "--w", "2", "--k", "2",
-              "--l", "3", "--max-new-tokens", "6", "--seed", "1", "--json")
+              "--l", "3", "--max-new-tokens", "6", "--seed", "1", "--json",
+              "--async-scheduling", "--max-batch-tokens", "256", "--enforce-eager")
     assert out.returncode == 0, out.stderr
     results = json.loads(out.stdout)
     assert [r["prompt"] for r in results] == ["I really", "This film"]
     assert len(results[0]["hypotheses"]) == 2 and isinstance(results[0]["reward"], float)
     assert results[0]["stats"]["tokens_forwarded"]["tuned"] > 0
+
+
+def test_runtime_flags_set_the_engine_config_and_default_to_its_defaults():
+    from w2s_engine.cli import build_parser
+    from w2s_engine.config import EngineConfig
+    from w2s_engine.launch import runtime_config
+    parser = build_parser()
+    for command in (["search", "x"], ["serve"]):
+        config = runtime_config(parser.parse_args(command))
+        defaults = EngineConfig()
+        assert config == {name: getattr(defaults, name) for name in config}
+        assert EngineConfig(**config).resolve().cuda_graphs == torch_has_cuda()
+    args = parser.parse_args(["serve", "--kv-cache-memory-fraction", "0.5", "--max-batch-tokens",
+                              "1024", "--enforce-eager", "--cuda-graph-max-batch", "64",
+                              "--async-scheduling", "--torch-compile"])
+    assert runtime_config(args) == {
+        "kv_cache_memory_fraction": 0.5, "max_batch_tokens": 1024, "cuda_graphs": False,
+        "cuda_graph_max_batch": 64, "async_scheduling": True, "cascade_attention": False,
+        "torch_compile": True}
+    cascade = runtime_config(parser.parse_args(["serve", "--cascade-attention"]))
+    assert cascade["cascade_attention"] and cascade["cuda_graphs"]   # its static path
+
+
+def torch_has_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 @pytest.mark.parametrize("args, says", [
@@ -63,6 +90,10 @@ def test_search_prints_a_continuation_and_json_parses():
     (["search", "x", "--repetition-penalty", "0"], "repetition_penalty=0"),
     (["search", "x", "--large", "/no/such/model.gguf", "--method", "base"], "no such GGUF file"),
     (["search", "x", "--large", SMOL], "--tuned and --untuned"),
+    (["search", "x", "--kv-cache-memory-fraction", "1.5"], "1.5 is not in (0, 1]"),
+    (["serve", "--max-batch-tokens", "0"], "0 is not a positive integer"),
+    (["search", "x", "--method", "base", "--enforce-eager", "--cascade-attention"],
+     "leave out --enforce-eager"),
 ])
 def test_user_mistakes_exit_nonzero_with_one_line_and_no_traceback(args, says):
     out = run(*args)
@@ -117,6 +148,7 @@ def test_search_with_a_black_box_large_model_given_by_its_url(tiny_dirs):
 
 
 def test_serve_runs_with_an_api_key_from_the_environment_and_logs_each_request(tiny_dirs):
+    """(With async scheduling: the runtime flags reach the server's engine.)"""
     import os
     import time
     import urllib.request
@@ -127,7 +159,8 @@ def test_serve_runs_with_an_api_key_from_the_environment_and_logs_each_request(t
     port = free_port()
     proc = subprocess.Popen(W2S + ["serve", "--large", dirs["large"], "--tuned", dirs["tuned"],
                                    "--untuned", dirs["untuned"], "--kv-blocks", "400",
-                                   "--port", str(port), "--served-model-name", "tiny", "alias"],
+                                   "--port", str(port), "--served-model-name", "tiny", "alias",
+                                   "--async-scheduling"],
                             env={**os.environ, "W2S_API_KEY": "k1"}, stderr=subprocess.PIPE,
                             text=True)
     try:

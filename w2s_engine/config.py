@@ -48,10 +48,16 @@ class EngineConfig:
             self.dtype = torch.bfloat16 if str(self.device).startswith("cuda") else torch.float32
         if self.cuda_graphs is None:
             self.cuda_graphs = str(self.device).startswith("cuda")
-        assert self.cuda_graph_max_batch >= 1, "cuda_graph_max_batch must be >= 1"
         if self.cascade_attention and not self.cuda_graphs:
             raise ValueError("cascade_attention runs on the static decode path: set "
                              "cuda_graphs=True (on a CPU too, where it runs eagerly)")
-        assert self.block_size > 0 and self.block_size & (self.block_size - 1) == 0, \
-            "block_size must be a power of two"
+        for name, ok, want in (
+                ("cuda_graph_max_batch", self.cuda_graph_max_batch >= 1, "a value of at least 1"),
+                ("max_batch_tokens", self.max_batch_tokens >= 1, "a value of at least 1"),
+                ("kv_cache_memory_fraction", 0 < self.kv_cache_memory_fraction <= 1,
+                 "a value in (0, 1]"),
+                ("block_size", self.block_size > 0 and self.block_size & (self.block_size - 1)
+                 == 0, "a power of two")):
+            if not ok:
+                raise ValueError(f"EngineConfig.{name}={getattr(self, name)!r}: give {want}")
         return self

@@ -51,6 +51,63 @@ def add_model_args(p: argparse.ArgumentParser):
                    help="KV blocks per model pool (default: from the memory budget)")
     p.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
                    help="how much the package logs on stderr")
+    add_runtime_args(p)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]")
+    return value
+
+
+def add_runtime_args(p: argparse.ArgumentParser):
+    """How the engine runs on the device (EngineConfig): memory, batching, the decode's CUDA
+    graphs and the switches a GPU is still to measure."""
+    g = p.add_argument_group("engine runtime")
+    g.add_argument("--kv-cache-memory-fraction", type=_fraction, default=0.85,
+                   help="share of the device memory free after loading that the KV pools and "
+                        "the CUDA graphs take (cuda)")
+    g.add_argument("--max-batch-tokens", type=_positive_int, default=8192,
+                   help="new tokens in one prefill or scoring forward at most (a long prompt "
+                        "is prefilled in chunks of this size)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs: every decode step runs eagerly (as vLLM's flag)")
+    g.add_argument("--cuda-graph-max-batch", type=_positive_int, default=512,
+                   help="beams in a decode step that a CUDA graph covers at most (more run "
+                        "eagerly)")
+    g.add_argument("--async-scheduling", action="store_true",
+                   help="launch decode step n+1 before reading step n's tokens")
+    g.add_argument("--cascade-attention", action="store_true",
+                   help="shared-prefix decode attention: a request's beams read their common "
+                        "blocks once")
+    g.add_argument("--torch-compile", action="store_true",
+                   help="run every model's forward through torch.compile")
+
+
+def runtime_config(args) -> dict:
+    """The EngineConfig fields add_runtime_args' options set."""
+    config = {"kv_cache_memory_fraction": args.kv_cache_memory_fraction,
+              "max_batch_tokens": args.max_batch_tokens,
+              "cuda_graph_max_batch": args.cuda_graph_max_batch,
+              "async_scheduling": args.async_scheduling,
+              "cascade_attention": args.cascade_attention,
+              "torch_compile": args.torch_compile}
+    if args.enforce_eager:
+        if args.cascade_attention:
+            raise UserError("--cascade-attention runs on the CUDA graphs' static decode path: "
+                            "leave out --enforce-eager")
+        config["cuda_graphs"] = False
+    elif args.cascade_attention:
+        config["cuda_graphs"] = True    # the static path (eager on a CPU) it runs on
+    return config
 
 
 def setup_logging(level: str):
@@ -101,7 +158,7 @@ def engine_from_args(args, need_small: bool, **config):
     if remote and not need_small:
         raise UserError("a black-box large model (--large URL) is steered by the small models: "
                         "give --tuned and --untuned")
-    overrides = dict(config)
+    overrides = {**runtime_config(args), **config}
     if args.device:
         overrides["device"] = args.device
     if args.dtype:
