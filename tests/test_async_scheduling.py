@@ -221,3 +221,50 @@ def test_a_decode_batch_that_fails_with_a_step_in_flight_fails_only_its_culprit(
     assert_same(want, [reqs[0].result, reqs[2].result])
     engine.check_all_free()
 
+
+
+def random_params(rng) -> SearchParams:
+    common = dict(max_new_tokens=rng.randint(4, 20), seed=rng.randrange(1000),
+                  logit_bias={EOS: rng.choice([0.0, 1.5, 3.0])},
+                  min_tokens=rng.choice([0, 0, 3]), stop=rng.choice([[], ["a"], ["e", "th"]]),
+                  temperature=rng.choice([1.0, 0.7]), top_k=rng.choice([0, 20]))
+    kind = rng.choice(["cbs", "cbs", "bon", "base"])
+    if kind == "cbs":
+        return SearchParams.cbs(rng.randint(1, 3), rng.randint(1, 3), rng.randint(1, 5), **common)
+    if kind == "bon":
+        return SearchParams.best_of_n(rng.randint(1, 4), **common)
+    return SearchParams.base(n=rng.randint(1, 3), **common)
+
+
+@pytest.mark.parametrize("scenario", range(12))
+def test_requests_that_arrive_and_leave_at_random_steps_search_as_when_the_engine_waits(
+        models, scenario):
+    """A property: requests of random methods and parameters admitted at random steps (so
+    that their chunk ends fall on different steps), one cancelled part-way; each other
+    request's result is the one the waiting engine gives, and every block comes back."""
+    import random
+    rng = random.Random(scenario)
+    arrivals = sorted([(rng.randint(0, 12), PROMPTS[i % 3], random_params(rng))
+                       for i in range(5)], key=lambda a: a[0])
+    cancel_at = (rng.randrange(5), rng.randint(1, 10))   # (request, steps after its arrival)
+    results = []
+    for asynchronous in (False, True):
+        engine = make_engine(models, async_scheduling=asynchronous)
+        reqs, step = [], 0
+        while len(reqs) < len(arrivals) or engine.has_unfinished():
+            for at, prompt, params in arrivals[len(reqs):]:
+                if at > step:
+                    break
+                reqs.append((engine.add_request(prompt, params), step))
+            if len(reqs) > cancel_at[0] and step == reqs[cancel_at[0]][1] + cancel_at[1]:
+                engine.cancel(reqs[cancel_at[0]][0])
+            engine.step()
+            step += 1
+        engine.check_all_free()
+        results.append([r for r, _ in reqs])
+    waits, overlapped = results
+    for i, (w, o) in enumerate(zip(waits, overlapped)):
+        if i == cancel_at[0] and w.status is RequestStatus.CANCELLED:
+            continue
+        assert (w.status, w.error) == (RequestStatus.DONE, None) == (o.status, o.error)
+        assert_same([w.result], [o.result])
