@@ -307,8 +307,11 @@ def runs_ahead(order) -> bool:
     next one's inputs are then these tokens on the device): no row ends its chunk or its
     length by count with this token (its request then scores, selects and forks, which
     needs the tokens on the host), and no row's next logits need its history on the host
-    (penalties) or the small models stepped with the token (EFT)."""
+    (penalties) or the small models stepped with the token (EFT). Rows already dropped (a
+    beam that stopped, a request that ended) do not count."""
     for r, b in order:
+        if b.finished or r.status is not RequestStatus.RUNNING:
+            continue
         p = r.params
         if (b.chunk_tokens + 1 >= p.chunk_len or len(b.token_ids) + 1 >= p.max_new_tokens
                 or p.method == "eft" or p.presence_penalty or p.frequency_penalty
