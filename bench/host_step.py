@@ -38,17 +38,19 @@ TINY = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden
             max_position_embeddings=4096)
 
 
-def build(cross: bool, static: bool = True) -> Engine:
+def build(cross: bool, static: bool = True, async_scheduling: bool = False) -> Engine:
     """Tiny large, tuned and untuned models; cross: the small pair has another vocabulary (the
     bridge re-tokenizes every chunk's text); static: decode on the static buffers a GPU's
-    graphs replay (run eagerly here), so the host packs each step as it does on a GPU."""
+    graphs replay (run eagerly here), so the host packs each step as it does on a GPU;
+    async_scheduling: each step launched before the previous step's tokens are read."""
     large_tok = word_tokenizer(VOCAB)
     small_tok = word_tokenizer(VOCAB - 1) if cross else large_tok
     models = [random_model(TINY, torch.float32, "cpu", seed) for seed in range(3)]
     for m in models:
         m.generation_config.eos_token_id = 2
     return Engine((models[0], large_tok), (models[1], small_tok), (models[2], small_tok),
-                  progress=False, cpu_kv_cache_bytes=1 << 30, cuda_graphs=static)
+                  progress=False, cpu_kv_cache_bytes=1 << 30, cuda_graphs=static,
+                  async_scheduling=async_scheduling)
 
 
 def timed_steps(engine: Engine, prompts, params) -> tuple[list[float], list[float]]:
@@ -74,11 +76,13 @@ def main():
     ap.add_argument("--cross", action="store_true", help="the small pair has another vocabulary")
     ap.add_argument("--packed", action="store_true",
                     help="decode on packed lists (the eager path) instead of the static buffers")
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="launch each decode step before reading the previous step's tokens")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    engine = build(args.cross, static=not args.packed)
+    engine = build(args.cross, static=not args.packed, async_scheduling=args.async_scheduling)
     params = parse_search(args.search, args.max_new)
     prompts = [prompt_of(engine.large_tokenizer, args.prompt_len, seed=i)
                for i in range(args.concurrency)]
@@ -99,6 +103,7 @@ def main():
     beams = args.concurrency * params.w * params.k
     row = {"search": args.search, "concurrency": args.concurrency, "beams": beams,
            "cross_vocabulary": args.cross, "static_decode": not args.packed,
+           "async_scheduling": args.async_scheduling,
            "prompt_len": args.prompt_len,
            "max_new_tokens": args.max_new, "reps": args.reps,
            "decode_step_ms": round(1e3 * statistics.median(decode), 2),
