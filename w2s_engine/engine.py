@@ -12,6 +12,7 @@ the KV budget and the scheduler. One step of the loop reads schedule -> run -> p
    chunk; a request whose survivors have all finished ends with its result.
 """
 
+import functools
 import logging
 import random
 from collections.abc import Iterable, Iterator
@@ -32,6 +33,7 @@ from w2s_engine.models.loader import eos_ids, load_role
 from w2s_engine.models.runner import BatchFailed, ModelRunner, ModelShape
 from w2s_engine.outputs import SearchResult
 from w2s_engine.params import SearchParams
+from w2s_engine.precision import full_fp32_matmuls
 from w2s_engine.scheduler import Scheduler
 from w2s_engine.scoring import ImplicitReward, ProcessRewardModel, RewardModel, scorer_list
 from w2s_engine.search.eft import EFT
@@ -50,6 +52,16 @@ EFT_GRAPH_MAX_BATCH = 64    # EFT rows a step on the small models' graphs (more 
 SCORING_GRAPH_MAX_TOKENS = 2048
 SCORING_GRAPH_MAX_Q = 16
 SCORING_GRAPH_MAX_ROWS = 256
+
+
+def exact_fp32(method):
+    """An Engine method whose fp32 matmuls run at full precision (precision.py) when the
+    engine is fp32, whatever the process allows."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with full_fp32_matmuls(self.config.dtype):
+            return method(self, *args, **kwargs)
+    return run
 
 
 class SearchError(RuntimeError):
@@ -120,19 +132,21 @@ class Engine:
                                  config.kv_cache_memory_bytes, config.device,
                                  config.kv_cache_memory_fraction, config.cpu_kv_cache_bytes,
                                  other_bytes=graph_bytes)
-        self.runners = {role: ModelRunner(m.model, num_blocks, config.block_size,
-                                          compile=config.torch_compile)
-                        for role, m in self.models.items()}
-        if graphs:
-            runner = self.runners["large"]
-            runner.graphs = DecodeGraphs(runner, config.cuda_graph_max_batch,
-                                         capture=runner.device.type == "cuda",
-                                         cascade=config.cascade_attention)
-        for role in scoring_roles if scoring_graphs else ():
-            runner = self.runners[role]
-            runner.scoring_graphs = ScoringGraphs(runner, scoring_tokens, SCORING_GRAPH_MAX_Q,
-                                                  SCORING_GRAPH_MAX_ROWS,
-                                                  capture=runner.device.type == "cuda")
+        # The probe and the graphs' capture run as the steps will: fp32 at full precision.
+        with full_fp32_matmuls(config.dtype):
+            self.runners = {role: ModelRunner(m.model, num_blocks, config.block_size,
+                                              compile=config.torch_compile)
+                            for role, m in self.models.items()}
+            if graphs:
+                runner = self.runners["large"]
+                runner.graphs = DecodeGraphs(runner, config.cuda_graph_max_batch,
+                                             capture=runner.device.type == "cuda",
+                                             cascade=config.cascade_attention)
+            for role in scoring_roles if scoring_graphs else ():
+                runner = self.runners[role]
+                runner.scoring_graphs = ScoringGraphs(runner, scoring_tokens, SCORING_GRAPH_MAX_Q,
+                                                      SCORING_GRAPH_MAX_ROWS,
+                                                      capture=runner.device.type == "cuda")
         self.budget = KVBudget(num_blocks, config.block_size)
         if remote:
             self.large = RemoteLarge(remote)
@@ -157,8 +171,9 @@ class Engine:
                                  self.large.eos_ids, implicit.weight)
             if eft_graphs:
                 for runner in self.scorer.eft_stream.runners.values():
-                    runner.graphs = DecodeGraphs(runner, eft_batch,
-                                                 capture=runner.device.type == "cuda")
+                    with full_fp32_matmuls(config.dtype):
+                        runner.graphs = DecodeGraphs(runner, eft_batch,
+                                                     capture=runner.device.type == "cuda")
         self.kv = KVSpace(self.large.blocks, self.scorer.blocks)
         if self.large.blocks is not None:
             self.budget.add_pool("large")
@@ -256,6 +271,7 @@ class Engine:
     # ---- the loop --------------------------------------------------------------------------
 
     @torch.inference_mode()   # no autograd records anywhere in a step (the reward math too)
+    @exact_fp32
     def step(self) -> list[SearchRequest]:
         """One engine step; returns the requests that ended (done or failed) in it.
 
@@ -457,6 +473,7 @@ class Engine:
             raise SearchError(f"the search failed: {req.error}")
 
     @torch.inference_mode()
+    @exact_fp32
     def score(self, prompts, responses, finished=True) -> list[float]:
         """The reward of given responses under the engine's scorer (texts, or token ids in the
         scorers' one vocabulary)."""
