@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# Everything a lent GPU should run, in one call (issues 16 and 17), within about 8 minutes on
-# one H100/H200:
-#   bench/gpu_check.sh [OUT_DIR] [WHEELS_DIR]
-# 1. the `gpu` tests; 2. the kernel benchmarks (pytest-benchmark JSON + a markdown table);
-# 3. the end-to-end rows: random-init Llama-3-8B steered by a random-init Llama-3.2-1B pair,
-#    bf16, prompt 512, CBS(4,4,8): one request at 256 tokens and at 1024 tokens against the
-#    reference baseline, 16 concurrent at 256 tokens, and 16 concurrent with a random Qwen2.5-7B
-#    large model (different vocabularies); plain sampling of the same streams beside each, with
-#    its step time over the weight-read floor; CBS(4,4,8) at prompt 2048 with and without the
-#    shared-prefix (cascade) decode attention, 1 and 16 concurrent with async scheduling,
-#    and 16 concurrent under torch.compile; 4. a profiled search (GPU busy fraction), with
-#    the scorers' graphs and without, and with async scheduling;
-# 5. the host's share of a step (bench/host_step.py: tiny models on this machine's CPU).
+# Everything a lent GPU should run, in one call (issues 16 and 17), most important first,
+# within a deadline (default 540 s: one call of the device tool is at most 600 s, and the
+# session's 15 minutes should leave room for a rerun):
+#   bench/gpu_check.sh [OUT_DIR] [WHEELS_DIR]        (W2S_GPU_CHECK_SECONDS=540)
+# 1. the `gpu` tests; 2. the end-to-end rows: random-init Llama-3-8B steered by a random-init
+#    Llama-3.2-1B pair, bf16, prompt 512, CBS(4,4,8), one and 16 concurrent requests at 256
+#    tokens (one process, one model build), with plain sampling of the same streams beside
+#    each and its step time over the weight-read floor; the same with async scheduling;
+# 3. the kernel benchmarks (pytest-benchmark JSON + a markdown table); 4. profiled searches
+#    (GPU busy fraction), waiting and with async scheduling; 5. one request at 1024 tokens
+#    against the reference baseline; 16 concurrent with a random Qwen2.5-7B large model
+#    (different vocabularies); CBS(4,4,8) at prompt 2048 with and without the shared-prefix
+#    (cascade) decode attention; 16 concurrent under torch.compile; the profile with the
+#    scorers' forwards eager; the host's share of a step (bench/host_step.py: tiny models on
+#    that machine's CPU). A step that would start with less than 45 s left is skipped, and
+#    each step's limit is cut to the time left, so the summary is always written.
 # Results go to OUT_DIR (default bench/results/): JSONL, logs and gpu-check-<device>.md.
 #
 # The GPU machine may have an older transformers than ours and no internet: WHEELS_DIR holds
@@ -36,45 +39,51 @@ device=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' 
     if torch.cuda.is_available() else 'cpu')")
 log="$out/gpu-check-$device.log"
 : >"$log"
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, never stop the script
-    local name=$1 limit=$2
+budget=${W2S_GPU_CHECK_SECONDS:-540}
+started=$SECONDS
+step() {  # step NAME SECONDS COMMAND...: run within its limit and the deadline, log, go on
+    local name=$1 limit=$2 left
     shift 2
-    echo "== $name ($(date -u +%H:%M:%S))" | tee -a "$log"
+    left=$((budget - (SECONDS - started)))
+    if [ "$left" -lt 45 ]; then
+        echo "== $name: skipped (${left} s left of ${budget})" | tee -a "$log"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "== $name ($(date -u +%H:%M:%S), limit ${limit} s)" | tee -a "$log"
     timeout "$limit" "$@" 2>&1 | tee -a "$log" | tail -25
     echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$log"
 }
 
-step "gpu tests" 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider
-step "kernel benchmarks" 240 python3 -m pytest -q bench/kernels.py --benchmark-only \
+e2e="python3 bench/e2e.py --out $out --prompt-lens 512 --searches cbs-4-4-8"
+step "gpu tests" 150 python3 -m pytest -q -m gpu tests -p no:cacheprovider
+step "e2e 1 and 16 requests, 256 tokens" 150 $e2e --preset gpu --max-new 256 \
+    --concurrency 1,16
+step "e2e 1 and 16 requests, 256 tokens, async scheduling" 150 $e2e --preset gpu \
+    --max-new 256 --concurrency 1,16 --async-scheduling
+step "kernel benchmarks" 150 python3 -m pytest -q bench/kernels.py --benchmark-only \
     -p no:cacheprovider --benchmark-json "$out/kernels-$device.json"
-if [ -f bench/kernels_table.py ]; then
+if [ -f "$out/kernels-$device.json" ]; then
     step "kernel table" 30 python3 bench/kernels_table.py "$out/kernels-$device.json" \
         --markdown "$out/kernels-$device.md"
 fi
-e2e="python3 bench/e2e.py --out $out --prompt-lens 512 --searches cbs-4-4-8"
-step "e2e 1 request, 256 tokens" 120 $e2e --preset gpu --max-new 256 --concurrency 1
-step "e2e 16 requests, 256 tokens" 120 $e2e --preset gpu --max-new 256 --concurrency 16
-step "e2e 1 request, 256 tokens, async scheduling" 120 $e2e --preset gpu --max-new 256 \
-    --concurrency 1 --async-scheduling
-step "e2e 16 requests, 256 tokens, async scheduling" 120 $e2e --preset gpu --max-new 256 \
-    --concurrency 16 --async-scheduling
+step "profile" 90 python3 bench/profile_step.py --preset gpu --out "$out"
+step "profile, async scheduling" 90 python3 bench/profile_step.py --preset gpu \
+    --async-scheduling --out "$out"
+step "e2e 1 request, 1024 tokens, baseline" 240 $e2e --preset gpu --max-new 1024 \
+    --concurrency 1 --baseline --baseline-budget 90
+step "e2e cross vocabulary, 16 requests" 120 $e2e --preset gpu-cross --max-new 256 \
+    --concurrency 16
 step "e2e 1 request, prompt 2048, cascade" 120 $e2e --preset gpu --max-new 256 --concurrency 1 \
     --prompt-lens 2048 --cascade
 step "e2e 1 request, prompt 2048, per-beam" 120 $e2e --preset gpu --max-new 256 \
     --concurrency 1 --prompt-lens 2048
-step "e2e 1 request, 1024 tokens, baseline" 300 $e2e --preset gpu --max-new 1024 \
-    --concurrency 1 --baseline --baseline-budget 120
-step "e2e cross vocabulary, 16 requests" 150 $e2e --preset gpu-cross --max-new 256 \
-    --concurrency 16
-step "profile" 120 python3 bench/profile_step.py --preset gpu --out "$out"
-step "profile, scoring eager" 120 python3 bench/profile_step.py --preset gpu --eager-scoring \
-    --out "$out"
-step "profile, async scheduling" 120 python3 bench/profile_step.py --preset gpu \
-    --async-scheduling --out "$out"
-step "host step (CPU)" 90 env CUDA_VISIBLE_DEVICES= python3 bench/host_step.py --reps 2 \
-    --out "$out"
 step "e2e 16 requests, 256 tokens, torch.compile" 240 $e2e --preset gpu --max-new 256 \
     --concurrency 16 --compile
+step "profile, scoring eager" 90 python3 bench/profile_step.py --preset gpu --eager-scoring \
+    --out "$out"
+step "host step (CPU)" 60 env CUDA_VISIBLE_DEVICES= python3 bench/host_step.py --reps 2 \
+    --out "$out"
 
 {
     echo "# GPU check on $device ($(git rev-parse --short HEAD 2>/dev/null || echo unknown))"
@@ -91,6 +100,6 @@ step "e2e 16 requests, 256 tokens, torch.compile" 240 $e2e --preset gpu --max-ne
     [ -f "$out/host_step.jsonl" ] && tail -n 1 "$out/host_step.jsonl"
     echo
     echo "## Steps"
-    grep '^== .*exit' "$log"
+    grep -E '^== .*(exit|skipped)' "$log"
 } >"$out/gpu-check-$device.md"
 cat "$out/gpu-check-$device.md"
