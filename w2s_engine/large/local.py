@@ -15,20 +15,20 @@ carried rows fed them on the device), and they are recorded while the device com
 the dependencies allow it (runs_ahead).
 """
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from w2s_engine.cache.block_manager import BlockManager, BlockTable
 from w2s_engine.kernels.sampling import adjust_logits, sample
+from w2s_engine.large.in_flight import DecodeStep, DeviceRead, LogprobRows, runs_ahead
+from w2s_engine.large.sampling_words import (adjustment_tensors, adjustment_words,
+                                             sampling_tensors, sampling_words)
 from w2s_engine.models.runner import BatchFailed, ModelRunner
-from w2s_engine.outputs import TokenLogprob
 from w2s_engine.params import InvalidParam, SearchParams
 from w2s_engine.search.bridge import Detokenizer
 from w2s_engine.search.eft import EFT
 from w2s_engine.search.prompts import check_context
-from w2s_engine.search.request import RequestStatus, SearchRequest, mix_seeds
+from w2s_engine.search.request import RequestStatus, SearchRequest
 from w2s_engine.search.sequence import Beam
 from w2s_engine.search.tokens import encode
 
@@ -121,7 +121,7 @@ class LocalLarge:
         once = {id(r): (r, why) for r, why in reversed(failed)}   # a request fails once
         return list(once.values())
 
-    def _launch(self, requests: list[SearchRequest], ahead: "DecodeStep | None"):
+    def _launch(self, requests: list[SearchRequest], ahead: DecodeStep | None):
         """Queue a decode step for the generating beams of these requests: slots, the forward,
         steering, sampling, and the copy of its tokens to the host (not waited for). Rows
         whose last token is still in flight in `ahead` come first and are fed it from the
@@ -196,7 +196,7 @@ class LocalLarge:
         return DecodeStep(order, sampled, read, logprobs, steered, before,
                           {id(b) for _, b in forward})
 
-    def _collect(self, step: "DecodeStep", after: "DecodeStep | None" = None):
+    def _collect(self, step: DecodeStep, after: DecodeStep | None = None):
         """Read a launched step's tokens (the one wait) and record them, skipping the rows of
         requests that ended and of beams that finished since it was launched. `after`: the
         step launched on top of this one; a beam that finishes here gives back the slot that
@@ -232,7 +232,7 @@ class LocalLarge:
                             skip=lambda s: id(order[s.row][0]) in failed)
         return list(failed.values())
 
-    def _roll_back(self, step: "DecodeStep"):
+    def _roll_back(self, step: DecodeStep):
         """Give back the slots a step appended (a table freed since holds none)."""
         for table, n in step.before:
             self.blocks.truncate(table, min(n, table.num_tokens))
@@ -251,206 +251,3 @@ class LocalLarge:
 
     def num_tokens(self, b: Beam) -> int:
         return len(b.token_ids)
-
-
-class LogprobRows:
-    """The large model's log-probs at the rows of requests that asked for them, from the raw
-    logits (before EFT steering and sampling's temperature and filters); computed only when
-    some request asked. Nothing is read here: `queue` gives what to read in the same copy as
-    the sampled tokens, so a step that returns log-probs still waits once."""
-
-    def __init__(self, order, raw: list[torch.Tensor], upload):
-        self.rows = [i for i, (r, _) in enumerate(order) if r.logprobs is not None]
-        if not self.rows:
-            return
-        logits = torch.cat(raw) if len(raw) > 1 else raw[0]
-        self.index = upload(self.rows).long()
-        self.logp = torch.log_softmax(logits[self.index].float(), dim=-1)
-        self.counts = [min(order[i][0].logprobs, self.logp.shape[1]) for i in self.rows]
-        self.top_values, self.top_ids = self.logp.topk(max(self.counts), dim=-1)
-
-    def queue(self, sampled: torch.Tensor) -> list[torch.Tensor]:
-        """What to read with the sampled tokens [B] (on the device): the sampled tokens'
-        log-probs, then the alternatives' ids and log-probs ([] if no row asked)."""
-        if not self.rows:
-            return []
-        chosen = self.logp.gather(1, sampled[self.index][:, None].long())[:, 0]
-        return [chosen, self.top_ids, self.top_values]
-
-    def entries(self, tokens: list[int], host: list) -> dict[int, TokenLogprob]:
-        """Row -> the sampled token's entry, for the rows that asked; host: queue()'s tensors
-        read back."""
-        if not self.rows:
-            return {}
-        chosen, ids, values = host
-        return {row: TokenLogprob(tokens[row], chosen[j],
-                                  [(int(ids[j][i]), values[j][i]) for i in range(count)])
-                for j, (row, count) in enumerate(zip(self.rows, self.counts))}
-
-
-@dataclass
-class DecodeStep:
-    """A launched decode step: its rows, its tokens on the device and on their way to the
-    host, and what recording them needs."""
-
-    order: list                  # (request, beam) per row
-    sampled: torch.Tensor        # [B] int64 on the device
-    read: "DeviceRead"           # the tokens, then the log-probs and EFT terms asked for
-    logprobs: LogprobRows
-    steered: list                # EFT's rows (search/eft.py Steered)
-    before: list                 # (table, tokens before the step) of the rows it fed
-    appended: set[int]           # id(beam) of those rows
-
-
-def runs_ahead(order) -> bool:
-    """Whether the step after these rows may be launched before their tokens are read (the
-    next one's inputs are then these tokens on the device): no row ends its chunk or its
-    length by count with this token (its request then scores, selects and forks, which
-    needs the tokens on the host), and no row's next logits need its history on the host
-    (penalties) or the small models stepped with the token (EFT). Rows already dropped (a
-    beam that stopped, a request that ended) do not count."""
-    for r, b in order:
-        if b.finished or r.status is not RequestStatus.RUNNING:
-            continue
-        p = r.params
-        if (b.chunk_tokens + 1 >= p.chunk_len or len(b.token_ids) + 1 >= p.max_new_tokens
-                or p.method == "eft" or p.presence_penalty or p.frequency_penalty
-                or p.repetition_penalty != 1.0):
-            return False
-    return True
-
-
-class DeviceRead:
-    """Device tensors on their way to the host in one copy (through fp64 when there are
-    several: exact for token ids and fp32 values): queued at once, waited for by result(),
-    so the host can queue more work in between."""
-
-    def __init__(self, parts: list[torch.Tensor]):
-        assert all(p.dim() in (1, 2) for p in parts)
-        self.shapes = [tuple(p.shape) for p in parts]
-        flat = parts[0] if len(parts) == 1 else torch.cat([p.double().ravel() for p in parts])
-        self.done = None
-        if flat.device.type == "cuda":
-            self.host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-            self.host.copy_(flat, non_blocking=True)
-            self.done = torch.cuda.Event()
-            self.done.record()
-        else:
-            self.host = flat
-
-    def result(self) -> list:
-        """Each part's .tolist(), after the one wait."""
-        if self.done is not None:
-            self.done.synchronize()
-        host = self.host.tolist()
-        if len(self.shapes) == 1:
-            return [host]
-        out, at = [], 0
-        for shape in self.shapes:
-            size = shape[0] * (shape[1] if len(shape) == 2 else 1)
-            flat = host[at:at + size]
-            at += size
-            if len(shape) == 2:
-                flat = [flat[i * shape[1]:(i + 1) * shape[1]] for i in range(shape[0])]
-            out.append(flat)
-        return out
-
-
-SAMPLING_WORDS = 7
-
-
-def sampling_words(order, ahead: int = 0) -> np.ndarray:
-    """Each row's sampling parameters as int32 words [SAMPLING_WORDS, B]: temperature and
-    top_p (fp32 bits), top_k, the seed's low and high halves, the position (tokens so far;
-    the first `ahead` rows have one more, in flight) and min_p (fp32 bits). A step's rows
-    come in runs of one request: the request's values
-    are read once per run and repeated, and the beams' seeds are mixed in one numpy pass
-    (this runs every step, for every beam, while the GPU waits)."""
-    starts = [i for i in range(len(order)) if i == 0 or order[i][0] is not order[i - 1][0]]
-    runs = np.diff(np.array(starts + [len(order)]))
-    params = [order[i][0].params for i in starts]
-
-    def per_row(values, dtype):
-        return np.repeat(np.array(values, dtype=dtype), runs)
-
-    seeds = mix_seeds(per_row([order[i][0].seed for i in starts], np.uint64),
-                      np.array([b.beam_id for _, b in order], dtype=np.uint64))
-    return np.stack([
-        per_row([p.temperature for p in params], np.float32).view(np.int32),
-        per_row([p.top_p for p in params], np.float32).view(np.int32),
-        per_row([p.top_k for p in params], np.int32),
-        (seeds & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32),
-        (seeds >> np.uint64(32)).astype(np.int32),
-        np.array([len(b.token_ids) + (i < ahead) for i, (_, b) in enumerate(order)],
-                 dtype=np.int32),
-        per_row([p.min_p for p in params], np.float32).view(np.int32)])
-
-
-def before_min_tokens(p, b, in_flight: bool = False) -> bool:
-    """The beam may not end yet: its EOS is banned (min_tokens). in_flight: it has one token
-    more than it has recorded."""
-    return len(b.token_ids) + in_flight < p.min_tokens and not p.ignore_eos
-
-
-def adjustment_words(order, eos_ids, ahead: int = 0) \
-        -> tuple[np.ndarray, tuple[int, int, int]] | None:
-    """The R rows whose logits a penalty or a bias adjusts, and what they need, as int32 words
-    for one upload: the rows [R], the N token occurrences [3, N] (row among the R, token, 1 if
-    in the response), the M biased tokens [2, M] (row among the R, token), then fp32 bits:
-    the presence, frequency and repetition factors [3, R] and the biases [M] (logit_bias, and
-    -inf on EOS before min_tokens); with (R, N, M). None if no row adjusts. Each step sends
-    each such beam's whole history (the prompt's only for repetition): a second upload in
-    the steps that have adjustments. The first `ahead` rows have a token in flight (never a
-    penalised row: runs_ahead)."""
-    # Most steps have no such row: answer that per request, not per beam.
-    requests = {id(r): r.params for r, _ in order}.values()
-    if not any(p.adjusts_logits or (p.min_tokens and not p.ignore_eos) for p in requests):
-        return None
-    picked = [(i, r, b) for i, (r, b) in enumerate(order)
-              if r.params.adjusts_logits or before_min_tokens(r.params, b, i < ahead)]
-    if not picked:
-        return None
-    occurrences, biased, biases = [], [], []
-    for j, (i, r, b) in enumerate(picked):
-        p = r.params
-        bias = dict(p.logit_bias)
-        if before_min_tokens(p, b, i < ahead):
-            bias.update((e, float("-inf")) for e in eos_ids)
-        penalised = p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
-        assert not (penalised and i < ahead), "a penalised row needs its whole history"
-        response = b.token_ids if penalised else []
-        prompt = r.large_prompt_ids if p.repetition_penalty != 1.0 else []
-        tokens = np.asarray(list(prompt) + list(response), dtype=np.int32)
-        in_response = np.r_[np.zeros(len(prompt), np.int32), np.ones(len(response), np.int32)]
-        occurrences.append(np.stack([np.full(tokens.size, j, np.int32), tokens, in_response]))
-        biased.append(np.array([[j] * len(bias), list(bias)], np.int32).reshape(2, -1))
-        biases += list(bias.values())
-    occurrences = np.concatenate(occurrences, axis=1)
-    biased = np.concatenate(biased, axis=1)
-    factors = np.array([[r.params.presence_penalty, r.params.frequency_penalty,
-                         r.params.repetition_penalty] for _, r, _ in picked], dtype=np.float32)
-    words = np.concatenate([np.array([i for i, _, _ in picked], np.int32), occurrences.ravel(),
-                            biased.ravel(), factors.T.ravel().view(np.int32),
-                            np.asarray(biases, np.float32).view(np.int32)])
-    return words, (len(picked), occurrences.shape[1], biased.shape[1])
-
-
-def adjustment_tensors(words: torch.Tensor, R: int, N: int, M: int):
-    """adjustment_words on the device -> adjust_logits' arguments after the logits."""
-    rows = words[:R].long()
-    at = R
-    occurrences = words[at:at + 3 * N].view(3, N).long()
-    at += 3 * N
-    biased = words[at:at + 2 * M].view(2, M).long()
-    at += 2 * M
-    factors = words[at:at + 3 * R].view(torch.float32).view(3, R)
-    bias = words[at + 3 * R:].view(torch.float32)
-    return rows, occurrences, factors[0], factors[1], factors[2], biased, bias
-
-
-def sampling_tensors(words: torch.Tensor, n: int):
-    """sampling_words on the device -> (temperature, top_k, top_p, seeds, positions, min_p)."""
-    w = words.view(SAMPLING_WORDS, n)
-    seeds = (w[4].long() << 32) | (w[3].long() & 0xFFFFFFFF)
-    return (w[0].view(torch.float32), w[2], w[1].view(torch.float32), seeds, w[5].long(),
-            w[6].view(torch.float32))

@@ -1,0 +1,118 @@
+"""A launched decode step until its tokens are read, and whether the next may go first.
+
+The step's one copy back to the host carries the sampled tokens, the log-probs the requests
+asked for (LogprobRows) and EFT's reward terms (DeviceRead: queued when the step is launched,
+waited for when it is read). With async scheduling the next step is launched before this one
+is read, where runs_ahead allows it: its rows' next inputs are then this step's tokens on the
+device.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from w2s_engine.outputs import TokenLogprob
+from w2s_engine.search.request import RequestStatus
+
+
+class DeviceRead:
+    """Device tensors on their way to the host in one copy (through fp64 when there are
+    several: exact for token ids and fp32 values): queued at once, waited for by result(),
+    so the host can queue more work in between."""
+
+    def __init__(self, parts: list[torch.Tensor]):
+        assert all(p.dim() in (1, 2) for p in parts)
+        self.shapes = [tuple(p.shape) for p in parts]
+        flat = parts[0] if len(parts) == 1 else torch.cat([p.double().ravel() for p in parts])
+        self.done = None
+        if flat.device.type == "cuda":
+            self.host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            self.host.copy_(flat, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+        else:
+            self.host = flat
+
+    def result(self) -> list:
+        """Each part's .tolist(), after the one wait."""
+        if self.done is not None:
+            self.done.synchronize()
+        host = self.host.tolist()
+        if len(self.shapes) == 1:
+            return [host]
+        out, at = [], 0
+        for shape in self.shapes:
+            size = shape[0] * (shape[1] if len(shape) == 2 else 1)
+            flat = host[at:at + size]
+            at += size
+            if len(shape) == 2:
+                flat = [flat[i * shape[1]:(i + 1) * shape[1]] for i in range(shape[0])]
+            out.append(flat)
+        return out
+
+
+class LogprobRows:
+    """The large model's log-probs at the rows of requests that asked for them, from the raw
+    logits (before EFT steering and sampling's temperature and filters); computed only when
+    some request asked. Nothing is read here: `queue` gives what to read in the same copy as
+    the sampled tokens, so a step that returns log-probs still waits once."""
+
+    def __init__(self, order, raw: list[torch.Tensor], upload):
+        self.rows = [i for i, (r, _) in enumerate(order) if r.logprobs is not None]
+        if not self.rows:
+            return
+        logits = torch.cat(raw) if len(raw) > 1 else raw[0]
+        self.index = upload(self.rows).long()
+        self.logp = torch.log_softmax(logits[self.index].float(), dim=-1)
+        self.counts = [min(order[i][0].logprobs, self.logp.shape[1]) for i in self.rows]
+        self.top_values, self.top_ids = self.logp.topk(max(self.counts), dim=-1)
+
+    def queue(self, sampled: torch.Tensor) -> list[torch.Tensor]:
+        """What to read with the sampled tokens [B] (on the device): the sampled tokens'
+        log-probs, then the alternatives' ids and log-probs ([] if no row asked)."""
+        if not self.rows:
+            return []
+        chosen = self.logp.gather(1, sampled[self.index][:, None].long())[:, 0]
+        return [chosen, self.top_ids, self.top_values]
+
+    def entries(self, tokens: list[int], host: list) -> dict[int, TokenLogprob]:
+        """Row -> the sampled token's entry, for the rows that asked; host: queue()'s tensors
+        read back."""
+        if not self.rows:
+            return {}
+        chosen, ids, values = host
+        return {row: TokenLogprob(tokens[row], chosen[j],
+                                  [(int(ids[j][i]), values[j][i]) for i in range(count)])
+                for j, (row, count) in enumerate(zip(self.rows, self.counts))}
+
+
+@dataclass
+class DecodeStep:
+    """A launched decode step: its rows, its tokens on the device and on their way to the
+    host, and what recording them needs."""
+
+    order: list                  # (request, beam) per row
+    sampled: torch.Tensor        # [B] int64 on the device
+    read: DeviceRead             # the tokens, then the log-probs and EFT terms asked for
+    logprobs: LogprobRows
+    steered: list                # EFT's rows (search/eft.py Steered)
+    before: list                 # (table, tokens before the step) of the rows it fed
+    appended: set[int]           # id(beam) of those rows
+
+
+def runs_ahead(order) -> bool:
+    """Whether the step after these rows may be launched before their tokens are read (the
+    next one's inputs are then these tokens on the device): no row ends its chunk or its
+    length by count with this token (its request then scores, selects and forks, which
+    needs the tokens on the host), and no row's next logits need its history on the host
+    (penalties) or the small models stepped with the token (EFT). Rows already dropped (a
+    beam that stopped, a request that ended) do not count."""
+    for r, b in order:
+        if b.finished or r.status is not RequestStatus.RUNNING:
+            continue
+        p = r.params
+        if (b.chunk_tokens + 1 >= p.chunk_len or len(b.token_ids) + 1 >= p.max_new_tokens
+                or p.method == "eft" or p.presence_penalty or p.frequency_penalty
+                or p.repetition_penalty != 1.0):
+            return False
+    return True

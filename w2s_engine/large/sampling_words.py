@@ -1,0 +1,112 @@
+"""A decode step's sampling parameters and logit adjustments as int32 words, row by row.
+
+The host packs them with numpy (this runs every step, for every beam, while the device
+waits), they ride in the step's one upload, and the device unpacks them into the sampling
+kernel's and adjust_logits' arguments. Rows with a token still in flight (async scheduling)
+come first and count it (`ahead`).
+"""
+
+import numpy as np
+import torch
+
+from w2s_engine.search.request import mix_seeds
+
+
+SAMPLING_WORDS = 7
+
+
+def sampling_words(order, ahead: int = 0) -> np.ndarray:
+    """Each row's sampling parameters as int32 words [SAMPLING_WORDS, B]: temperature and
+    top_p (fp32 bits), top_k, the seed's low and high halves, the position (tokens so far;
+    the first `ahead` rows have one more, in flight) and min_p (fp32 bits). A step's rows
+    come in runs of one request: the request's values
+    are read once per run and repeated, and the beams' seeds are mixed in one numpy pass
+    (this runs every step, for every beam, while the GPU waits)."""
+    starts = [i for i in range(len(order)) if i == 0 or order[i][0] is not order[i - 1][0]]
+    runs = np.diff(np.array(starts + [len(order)]))
+    params = [order[i][0].params for i in starts]
+
+    def per_row(values, dtype):
+        return np.repeat(np.array(values, dtype=dtype), runs)
+
+    seeds = mix_seeds(per_row([order[i][0].seed for i in starts], np.uint64),
+                      np.array([b.beam_id for _, b in order], dtype=np.uint64))
+    return np.stack([
+        per_row([p.temperature for p in params], np.float32).view(np.int32),
+        per_row([p.top_p for p in params], np.float32).view(np.int32),
+        per_row([p.top_k for p in params], np.int32),
+        (seeds & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32),
+        (seeds >> np.uint64(32)).astype(np.int32),
+        np.array([len(b.token_ids) + (i < ahead) for i, (_, b) in enumerate(order)],
+                 dtype=np.int32),
+        per_row([p.min_p for p in params], np.float32).view(np.int32)])
+
+
+def before_min_tokens(p, b, in_flight: bool = False) -> bool:
+    """The beam may not end yet: its EOS is banned (min_tokens). in_flight: it has one token
+    more than it has recorded."""
+    return len(b.token_ids) + in_flight < p.min_tokens and not p.ignore_eos
+
+
+def adjustment_words(order, eos_ids, ahead: int = 0) \
+        -> tuple[np.ndarray, tuple[int, int, int]] | None:
+    """The R rows whose logits a penalty or a bias adjusts, and what they need, as int32 words
+    for one upload: the rows [R], the N token occurrences [3, N] (row among the R, token, 1 if
+    in the response), the M biased tokens [2, M] (row among the R, token), then fp32 bits:
+    the presence, frequency and repetition factors [3, R] and the biases [M] (logit_bias, and
+    -inf on EOS before min_tokens); with (R, N, M). None if no row adjusts. Each step sends
+    each such beam's whole history (the prompt's only for repetition): a second upload in
+    the steps that have adjustments. The first `ahead` rows have a token in flight (never a
+    penalised row: runs_ahead)."""
+    # Most steps have no such row: answer that per request, not per beam.
+    requests = {id(r): r.params for r, _ in order}.values()
+    if not any(p.adjusts_logits or (p.min_tokens and not p.ignore_eos) for p in requests):
+        return None
+    picked = [(i, r, b) for i, (r, b) in enumerate(order)
+              if r.params.adjusts_logits or before_min_tokens(r.params, b, i < ahead)]
+    if not picked:
+        return None
+    occurrences, biased, biases = [], [], []
+    for j, (i, r, b) in enumerate(picked):
+        p = r.params
+        bias = dict(p.logit_bias)
+        if before_min_tokens(p, b, i < ahead):
+            bias.update((e, float("-inf")) for e in eos_ids)
+        penalised = p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+        assert not (penalised and i < ahead), "a penalised row needs its whole history"
+        response = b.token_ids if penalised else []
+        prompt = r.large_prompt_ids if p.repetition_penalty != 1.0 else []
+        tokens = np.asarray(list(prompt) + list(response), dtype=np.int32)
+        in_response = np.r_[np.zeros(len(prompt), np.int32), np.ones(len(response), np.int32)]
+        occurrences.append(np.stack([np.full(tokens.size, j, np.int32), tokens, in_response]))
+        biased.append(np.array([[j] * len(bias), list(bias)], np.int32).reshape(2, -1))
+        biases += list(bias.values())
+    occurrences = np.concatenate(occurrences, axis=1)
+    biased = np.concatenate(biased, axis=1)
+    factors = np.array([[r.params.presence_penalty, r.params.frequency_penalty,
+                         r.params.repetition_penalty] for _, r, _ in picked], dtype=np.float32)
+    words = np.concatenate([np.array([i for i, _, _ in picked], np.int32), occurrences.ravel(),
+                            biased.ravel(), factors.T.ravel().view(np.int32),
+                            np.asarray(biases, np.float32).view(np.int32)])
+    return words, (len(picked), occurrences.shape[1], biased.shape[1])
+
+
+def adjustment_tensors(words: torch.Tensor, R: int, N: int, M: int):
+    """adjustment_words on the device -> adjust_logits' arguments after the logits."""
+    rows = words[:R].long()
+    at = R
+    occurrences = words[at:at + 3 * N].view(3, N).long()
+    at += 3 * N
+    biased = words[at:at + 2 * M].view(2, M).long()
+    at += 2 * M
+    factors = words[at:at + 3 * R].view(torch.float32).view(3, R)
+    bias = words[at + 3 * R:].view(torch.float32)
+    return rows, occurrences, factors[0], factors[1], factors[2], biased, bias
+
+
+def sampling_tensors(words: torch.Tensor, n: int):
+    """sampling_words on the device -> (temperature, top_k, top_p, seeds, positions, min_p)."""
+    w = words.view(SAMPLING_WORDS, n)
+    seeds = (w[4].long() << 32) | (w[3].long() & 0xFFFFFFFF)
+    return (w[0].view(torch.float32), w[2], w[1].view(torch.float32), seeds, w[5].long(),
+            w[6].view(torch.float32))
