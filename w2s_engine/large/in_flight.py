@@ -104,15 +104,15 @@ def runs_ahead(order) -> bool:
     """Whether the step after these rows may be launched before their tokens are read (the
     next one's inputs are then these tokens on the device): no row ends its chunk or its
     length by count with this token (its request then scores, selects and forks, which
-    needs the tokens on the host), and no row's next logits need its history on the host
-    (penalties) or the small models stepped with the token (EFT). Rows already dropped (a
-    beam that stopped, a request that ended) do not count."""
+    needs the tokens on the host), and no row's next logits need the small models stepped
+    with the token (EFT). (Penalties gather the token in flight on the device:
+    adjustment_tensors.) Rows already dropped (a beam that stopped, a request that ended)
+    do not count."""
     for r, b in order:
         if b.finished or r.status is not RequestStatus.RUNNING:
             continue
         p = r.params
         if (b.chunk_tokens + 1 >= p.chunk_len or len(b.token_ids) + 1 >= p.max_new_tokens
-                or p.method == "eft" or p.presence_penalty or p.frequency_penalty
-                or p.repetition_penalty != 1.0):
+                or p.method == "eft"):
             return False
     return True

@@ -175,11 +175,13 @@ class LocalLarge:
             logprobs = LogprobRows(order, raw, self.runner.upload)   # before penalties
             if self.token_limit is not None:   # in place: the logits are the step's own
                 logits[:, self.token_limit:] = float("-inf")
-            adjustments = adjustment_words(order, self.eos_ids, len(carried))
+            adjustments = adjustment_words(order, self.eos_ids,
+                                           [pending[id(b)] for _, b in carried])
             if adjustments is not None:
                 adjust, sizes = adjustments
-                logits = adjust_logits(logits, *adjustment_tensors(self.runner.upload(adjust),
-                                                                   *sizes))
+                logits = adjust_logits(logits, *adjustment_tensors(
+                    self.runner.upload(adjust), *sizes,
+                    in_flight=ahead.sampled if carried else None))
             *sampling, min_p = sampling_tensors(params, len(order))
             uses_min_p = any(r.params.min_p for r, _ in order)
             sampled = sample(logits, *sampling, min_p if uses_min_p else None)

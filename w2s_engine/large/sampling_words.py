@@ -48,33 +48,37 @@ def before_min_tokens(p, b, in_flight: bool = False) -> bool:
     return len(b.token_ids) + in_flight < p.min_tokens and not p.ignore_eos
 
 
-def adjustment_words(order, eos_ids, ahead: int = 0) \
-        -> tuple[np.ndarray, tuple[int, int, int]] | None:
+def adjustment_words(order, eos_ids, in_flight: list[int] = ()) \
+        -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
     """The R rows whose logits a penalty or a bias adjusts, and what they need, as int32 words
     for one upload: the rows [R], the N token occurrences [3, N] (row among the R, token, 1 if
     in the response), the M biased tokens [2, M] (row among the R, token), then fp32 bits:
     the presence, frequency and repetition factors [3, R] and the biases [M] (logit_bias, and
-    -inf on EOS before min_tokens); with (R, N, M). None if no row adjusts. Each step sends
-    each such beam's whole history (the prompt's only for repetition): a second upload in
-    the steps that have adjustments. The first `ahead` rows have a token in flight (never a
-    penalised row: runs_ahead)."""
+    -inf on EOS before min_tokens), then the E response tokens still in flight [2, E] (row
+    among the R, the row of the step that sampled it); with (R, N, M, E). None if no row
+    adjusts. Each step sends each such beam's whole history (the prompt's only for
+    repetition): a second upload in the steps that have adjustments.
+    in_flight: for the first rows (async scheduling), the row of the step in flight that
+    holds their last token, which the host has not read yet (adjustment_tensors gathers it)."""
     # Most steps have no such row: answer that per request, not per beam.
     requests = {id(r): r.params for r, _ in order}.values()
     if not any(p.adjusts_logits or (p.min_tokens and not p.ignore_eos) for p in requests):
         return None
+    ahead = len(in_flight)
     picked = [(i, r, b) for i, (r, b) in enumerate(order)
               if r.params.adjusts_logits or before_min_tokens(r.params, b, i < ahead)]
     if not picked:
         return None
-    occurrences, biased, biases = [], [], []
+    occurrences, biased, biases, pending = [], [], [], []
     for j, (i, r, b) in enumerate(picked):
         p = r.params
         bias = dict(p.logit_bias)
         if before_min_tokens(p, b, i < ahead):
             bias.update((e, float("-inf")) for e in eos_ids)
         penalised = p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
-        assert not (penalised and i < ahead), "a penalised row needs its whole history"
         response = b.token_ids if penalised else []
+        if penalised and i < ahead:
+            pending.append((j, in_flight[i]))
         prompt = r.large_prompt_ids if p.repetition_penalty != 1.0 else []
         tokens = np.asarray(list(prompt) + list(response), dtype=np.int32)
         in_response = np.r_[np.zeros(len(prompt), np.int32), np.ones(len(response), np.int32)]
@@ -87,12 +91,16 @@ def adjustment_words(order, eos_ids, ahead: int = 0) \
                          r.params.repetition_penalty] for _, r, _ in picked], dtype=np.float32)
     words = np.concatenate([np.array([i for i, _, _ in picked], np.int32), occurrences.ravel(),
                             biased.ravel(), factors.T.ravel().view(np.int32),
-                            np.asarray(biases, np.float32).view(np.int32)])
-    return words, (len(picked), occurrences.shape[1], biased.shape[1])
+                            np.asarray(biases, np.float32).view(np.int32),
+                            np.asarray(pending, np.int32).reshape(-1, 2).T.ravel()])
+    return words, (len(picked), occurrences.shape[1], biased.shape[1], len(pending))
 
 
-def adjustment_tensors(words: torch.Tensor, R: int, N: int, M: int):
-    """adjustment_words on the device -> adjust_logits' arguments after the logits."""
+def adjustment_tensors(words: torch.Tensor, R: int, N: int, M: int, E: int = 0,
+                       in_flight: torch.Tensor | None = None):
+    """adjustment_words on the device -> adjust_logits' arguments after the logits; the E
+    tokens in flight are gathered from `in_flight` (the tokens [P] of the step that sampled
+    them) into the occurrences."""
     rows = words[:R].long()
     at = R
     occurrences = words[at:at + 3 * N].view(3, N).long()
@@ -100,7 +108,13 @@ def adjustment_tensors(words: torch.Tensor, R: int, N: int, M: int):
     biased = words[at:at + 2 * M].view(2, M).long()
     at += 2 * M
     factors = words[at:at + 3 * R].view(torch.float32).view(3, R)
-    bias = words[at + 3 * R:].view(torch.float32)
+    at += 3 * R
+    bias = words[at:at + M].view(torch.float32)
+    at += M
+    if E:
+        row, source = words[at:at + 2 * E].view(2, E).long()
+        occurrences = torch.cat([occurrences, torch.stack(
+            [row, in_flight[source], torch.ones_like(row)])], dim=1)
     return rows, occurrences, factors[0], factors[1], factors[2], biased, bias
 
 
