@@ -4,9 +4,10 @@ the device computes.
 
 The searches must not change: the same tokens, texts, finish reasons, rewards and log-probs
 as the engine that waits for every step's tokens, with EOS and stop strings (a beam that
-stops computes one token more, dropped, and gives its slot back), min_tokens, biases, and the
-paths that cannot run ahead (EFT, penalties, chunk ends); a cancelled request or a failing
-batch with a step in flight loses nothing; every block comes back.
+stops computes one token more, dropped, and gives its slot back), min_tokens, biases,
+penalties (the token in flight counted on the device), and the paths that cannot run ahead
+(EFT, chunk ends); a cancelled request or a failing batch with a step in flight loses
+nothing; every block comes back.
 """
 
 import pytest
