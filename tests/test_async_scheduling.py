@@ -281,3 +281,35 @@ def test_requests_that_arrive_and_leave_at_random_steps_search_as_when_the_engin
             continue
         assert (w.status, w.error) == (RequestStatus.DONE, None) == (o.status, o.error)
         assert_same([w.result], [o.result])
+
+
+@pytest.mark.parametrize("failing_read", [2, 4, 6, 9, 12])
+def test_a_read_that_fails_puts_both_steps_back_and_the_requests_run_again(
+        models, monkeypatch, failing_read):
+    """A device error surfaces where the host waits: at a step's read, with the next step
+    maybe launched on top (requests admitted a step apart, so that one forks its next chunk
+    while another's step is in flight). Both steps' slots go back, the tokens are not
+    recorded, and the engine runs each request again alone: the searches end as when
+    nothing failed, and every block comes back."""
+    params = SearchParams.cbs(2, 2, 4, max_new_tokens=12, seed=6, logit_bias={EOS: 1.5},
+                              presence_penalty=0.3)
+    want = run(make_engine(models), params)
+    engine = make_engine(models, async_scheduling=True)
+    reads = []
+    result = local.DeviceRead.result
+
+    def flaky(self):
+        reads.append(self)
+        if len(reads) == failing_read:
+            raise RuntimeError("an illegal memory access was encountered")
+        return result(self)
+    monkeypatch.setattr(local.DeviceRead, "result", flaky)
+    reqs = []
+    while len(reqs) < len(PROMPTS) or engine.has_unfinished():
+        if len(reqs) < len(PROMPTS):
+            reqs.append(engine.add_request(PROMPTS[len(reqs)], params))
+        engine.step()
+    assert len(reads) > failing_read
+    assert [r.error for r in reqs] == [None] * len(reqs)
+    assert_same(want, [r.result for r in reqs])
+    engine.check_all_free()

@@ -106,18 +106,22 @@ class LocalLarge:
         failed, self.carried_failures = self.carried_failures, []
         ahead, self.in_flight = self.in_flight, None
         try:
-            step = self._launch(requests, ahead)
+            try:
+                step = self._launch(requests, ahead)
+            except BatchFailed:
+                if ahead is not None:   # its tokens are good: record them before the retries
+                    failed += self._collect(ahead)
+                raise
+            if ahead is not None:
+                failed += self._collect(ahead, step)
+            if step is not None:
+                if self.async_scheduling and runs_ahead(step.order):
+                    self.in_flight = step
+                else:
+                    failed += self._collect(step)
         except BatchFailed:
-            if ahead is not None:   # its tokens are good: record them before the retries
-                self.carried_failures = self._collect(ahead)
+            self.carried_failures = failed   # returned by the next call (the retries' first)
             raise
-        if ahead is not None:
-            failed += self._collect(ahead, step)
-        if step is not None:
-            if self.async_scheduling and runs_ahead(step.order):
-                self.in_flight = step
-            else:
-                failed += self._collect(step)
         once = {id(r): (r, why) for r, why in reversed(failed)}   # a request fails once
         return list(once.values())
 
@@ -191,8 +195,7 @@ class LocalLarge:
                 riders.append(self.eft.terms(steered, sampled))
             read = DeviceRead([sampled] + riders)
         except Exception as e:
-            for table, n in before:
-                self.blocks.truncate(table, n)
+            self._roll_back(before)
             # A failure inside the EFT streams' forward leaves them part-way: not retryable.
             raise BatchFailed(retryable=not eft_started) from e
         return DecodeStep(order, sampled, read, logprobs, steered, before,
@@ -209,7 +212,7 @@ class LocalLarge:
         except Exception as e:
             for s in (after, step):
                 if s is not None:
-                    self._roll_back(s)
+                    self._roll_back(s.before)
             raise BatchFailed(retryable=not step.steered) from e
         tokens = [int(t) for t in tokens]
         logprobs = step.logprobs.entries(tokens, host[:len(host) - bool(step.steered)])
@@ -234,9 +237,10 @@ class LocalLarge:
                             skip=lambda s: id(order[s.row][0]) in failed)
         return list(failed.values())
 
-    def _roll_back(self, step: DecodeStep):
-        """Give back the slots a step appended (a table freed since holds none)."""
-        for table, n in step.before:
+    def _roll_back(self, before: list):
+        """Give back the slots a step appended: each (table, tokens before the step); a table
+        freed since holds none."""
+        for table, n in before:
             self.blocks.truncate(table, min(n, table.num_tokens))
 
     def _steer(self, logits, items, row_offset: int, steered: list):
