@@ -53,11 +53,18 @@ def build(cross: bool, static: bool = True, async_scheduling: bool = False) -> E
                   async_scheduling=async_scheduling)
 
 
-def timed_steps(engine: Engine, prompts, params) -> tuple[list[float], list[float]]:
-    """Run the requests to the end; (decode-only step seconds, scoring step seconds)."""
-    requests = [engine.add_request(p, params) for p in prompts]
+def timed_steps(engine: Engine, prompts, params, every: int = 0) \
+        -> tuple[list[float], list[float]]:
+    """Run the requests to the end, all admitted at once, or one every `every` steps (as a
+    server's arrivals: their chunks end on different steps); (decode-only step seconds,
+    scoring step seconds)."""
+    requests = [] if every else [engine.add_request(p, params) for p in prompts]
     decode, scoring = [], []
-    while not all(r.status.ended for r in requests):
+    step = 0
+    while len(requests) < len(prompts) or not all(r.status.ended for r in requests):
+        if every and step % every == 0 and len(requests) < len(prompts):
+            requests.append(engine.add_request(prompts[len(requests)], params))
+        step += 1
         scored = sum(r.stats.tokens_scored for r in requests)
         t = time.perf_counter()
         engine.step()
@@ -78,6 +85,8 @@ def main():
                     help="decode on packed lists (the eager path) instead of the static buffers")
     ap.add_argument("--async-scheduling", action="store_true",
                     help="launch each decode step before reading the previous step's tokens")
+    ap.add_argument("--arrivals-every", type=int, default=0,
+                    help="admit a request every N steps instead of all at once")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -88,22 +97,27 @@ def main():
                for i in range(args.concurrency)]
     engine.search(prompts[:1], params.copy(max_new_tokens=16))   # warm-up
     decode, scoring = [], []
+    before = engine.stats()
     profiler = cProfile.Profile() if args.profile else None
     if profiler:
         gc.disable()   # a collection would be charged to whatever function it lands in
     for _ in range(args.reps):
         if profiler:
             profiler.enable()
-        d, s = timed_steps(engine, prompts, params)
+        d, s = timed_steps(engine, prompts, params, args.arrivals_every)
         if profiler:
             profiler.disable()
         decode += d
         scoring += s
     engine.check_all_free()
+    after = engine.stats()
+    launched = after["decode_steps"] - before["decode_steps"]
+    ahead = after["decode_steps_run_ahead"] - before["decode_steps_run_ahead"]
     beams = args.concurrency * params.w * params.k
     row = {"search": args.search, "concurrency": args.concurrency, "beams": beams,
            "cross_vocabulary": args.cross, "static_decode": not args.packed,
-           "async_scheduling": args.async_scheduling,
+           "async_scheduling": args.async_scheduling, "arrivals_every": args.arrivals_every,
+           "run_ahead_fraction": round(ahead / launched, 3),
            "prompt_len": args.prompt_len,
            "max_new_tokens": args.max_new, "reps": args.reps,
            "decode_step_ms": round(1e3 * statistics.median(decode), 2),
@@ -111,6 +125,7 @@ def main():
            "device": machine(), "torch": torch.__version__, "commit": commit()}
     print(f"{beams} beams: decode step {row['decode_step_ms']} ms, step with scoring "
           f"{row['scoring_step_ms']} ms (median of {len(decode)} and {len(scoring)}; "
+          f"{100 * row['run_ahead_fraction']:.0f}% of the decode steps run ahead; "
           f"{row['device']}, {row['commit']})")
     if profiler:
         stats = pstats.Stats(profiler)

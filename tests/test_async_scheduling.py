@@ -165,6 +165,9 @@ def test_the_host_launches_the_next_step_before_it_reads_the_tokens_within_a_chu
     engine = make_engine(models, async_scheduling=asynchronous)
     order = launch_and_read_order(engine, monkeypatch, params)
     assert order == ("LLRLRLRR" * 2 if asynchronous else "LR" * 8)
+    stats = engine.stats()     # what /metrics reports of it
+    assert (stats["decode_steps"], stats["decode_steps_run_ahead"]) == \
+           (8, 6 if asynchronous else 0)
 
 
 def test_a_beam_that_stops_gives_back_the_slot_the_step_in_flight_took(models):
