@@ -224,16 +224,15 @@ def test_a_beam_search_step_reads_the_device_once_and_a_scoring_step_twice(reads
     decode = [r for s, r in per_step if not s]
     scoring = [r for s, r in per_step if s]
     if asynchronous:
-        # CBS(2,2,3): a chunk's first step is left in flight (no read), and read in the
-        # next step, which launches the second and leaves it in flight; the scoring step
-        # launches the third, reads the second's tokens, then the third's and the rewards:
-        # still one read of each step's tokens. (The steps here start at a second step.)
-        assert decode and all(r == ["tolist"] for r in decode[::2]), decode
-        assert all(r == [] for r in decode[1::2]), decode
-        assert scoring and all(r == ["tolist"] * 3 for r in scoring), scoring
+        # CBS(2,2,3): every step is left in flight and read in the next engine step; a
+        # chunk's first step reads nothing (the chunk before it was read to be scored), and
+        # the scoring step reads the chunk's last tokens, then the rewards: still one read
+        # of each step's tokens. (The steps here start at a chunk's second step.)
+        assert decode and all(r == ([] if i % 3 == 2 else ["tolist"])
+                              for i, r in enumerate(decode)), decode
     else:
         assert decode and all(r == ["tolist"] for r in decode), decode
-        assert scoring and all(r == ["tolist", "tolist"] for r in scoring), scoring
+    assert scoring and all(r == ["tolist", "tolist"] for r in scoring), scoring
 
 
 def test_a_step_that_returns_logprobs_reads_them_with_the_sampled_tokens(reads, monkeypatch):

@@ -102,17 +102,18 @@ class DecodeStep:
 
 def runs_ahead(order) -> bool:
     """Whether the step after these rows may be launched before their tokens are read (the
-    next one's inputs are then these tokens on the device): no row ends its chunk or its
-    length by count with this token (its request then scores, selects and forks, which
-    needs the tokens on the host), and no row's next logits need the small models stepped
-    with the token (EFT). (Penalties gather the token in flight on the device:
-    adjustment_tensors.) Rows already dropped (a beam that stopped, a request that ended)
-    do not count."""
-    for r, b in order:
-        if b.finished or r.status is not RequestStatus.RUNNING:
-            continue
-        p = r.params
-        if (b.chunk_tokens + 1 >= p.chunk_len or len(b.token_ids) + 1 >= p.max_new_tokens
-                or p.method == "eft"):
-            return False
-    return True
+    next one's inputs are then these tokens on the device): no row's next logits need the
+    small models stepped with the token (EFT). A row that ends its chunk or its length with
+    this token is not in the next step (continues_after); its request scores, selects and
+    forks once the tokens are read, and its next chunk joins the step after. (Penalties
+    gather the token in flight on the device: adjustment_tensors.) Rows already dropped (a
+    beam that stopped, a request that ended) do not count."""
+    return not any(r.params.method == "eft" for r, b in order
+                   if not b.finished and r.status is RequestStatus.RUNNING)
+
+
+def continues_after(r, b) -> bool:
+    """A beam with a token in flight samples again in its chunk after that token (unless the
+    token is its EOS or completes a stop string, which only the read tells)."""
+    p = r.params
+    return b.chunk_tokens + 1 < p.chunk_len and len(b.token_ids) + 1 < p.max_new_tokens

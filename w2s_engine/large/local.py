@@ -20,7 +20,8 @@ import torch
 
 from w2s_engine.cache.block_manager import BlockManager, BlockTable
 from w2s_engine.kernels.sampling import adjust_logits, sample
-from w2s_engine.large.in_flight import DecodeStep, DeviceRead, LogprobRows, runs_ahead
+from w2s_engine.large.in_flight import (DecodeStep, DeviceRead, LogprobRows, continues_after,
+                                        runs_ahead)
 from w2s_engine.large.sampling_words import (adjustment_tensors, adjustment_words,
                                              sampling_tensors, sampling_words)
 from w2s_engine.models.runner import BatchFailed, ModelRunner
@@ -134,12 +135,14 @@ class LocalLarge:
         steering, sampling, and the copy of its tokens to the host (not waited for). Rows
         whose last token is still in flight in `ahead` come first and are fed it from the
         device. None when no beam generates."""
-        work = [(r, b) for r in requests for b in r.generating]
-        if not work:
-            return None
         pending = {} if ahead is None else {id(b): i for i, (r, b) in enumerate(ahead.order)
                                             if r.status is RequestStatus.RUNNING
                                             and not b.finished}
+        # A beam whose token in flight ends its chunk (or its length) waits for the read.
+        work = [(r, b) for r in requests for b in r.generating
+                if id(b) not in pending or continues_after(r, b)]
+        if not work:
+            return None
         carried = [(r, b) for r, b in work if id(b) in pending]
         fed = [(r, b) for r, b in work if id(b) not in pending and b.token_ids]
         first = [(r, b) for r, b in work if id(b) not in pending and not b.token_ids]
