@@ -160,14 +160,29 @@ def sync():
         torch.cuda.synchronize()
 
 
-def run_engine(engine, prompts, params, reps: int):
-    """Median wall time over reps (after one warm-up); returns (seconds, results, latencies)."""
+def arriving(engine, prompts, params, every: int):
+    """The prompts' searches with one request admitted every `every` engine steps (as a
+    server's arrivals, so that their chunks end on different steps); their results."""
+    requests, step = [], 0
+    while len(requests) < len(prompts) or engine.has_unfinished():
+        if step % every == 0 and len(requests) < len(prompts):
+            requests.append(engine.add_request(prompts[len(requests)], params))
+        engine.step()
+        step += 1
+    assert all(r.error is None for r in requests), [r.error for r in requests]
+    return [r.result for r in requests]
+
+
+def run_engine(engine, prompts, params, reps: int, every: int = 0):
+    """Median wall time over reps (after one warm-up); returns (seconds, results, latencies).
+    every: admit a request every that many steps instead of all at once."""
     engine.search(prompts[:1], params.copy(max_new_tokens=min(8, params.max_new_tokens)))
     times, results, latencies = [], None, []
     for _ in range(reps):
         sync()
         t = time.perf_counter()
-        results = engine.search(prompts, params)
+        results = (arriving(engine, prompts, params, every) if every
+                   else engine.search(prompts, params))
         sync()
         times.append(time.perf_counter() - t)
         latencies += [r.stats.seconds for r in results]
@@ -203,6 +218,8 @@ def main():
                     help="torch_compile=True: every model's forward through torch.compile")
     ap.add_argument("--eager-scoring", action="store_true",
                     help="no scoring graphs: every scorer's forward eagerly (for comparison)")
+    ap.add_argument("--arrivals-every", type=int, default=0,
+                    help="admit a request every N engine steps instead of all at once")
     ap.add_argument("--async-scheduling", action="store_true",
                     help="async_scheduling=True: step n+1 launched before step n's tokens are read")
     args = ap.parse_args()
@@ -241,7 +258,7 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
     tok = engine.large_tokenizer
     prompts = [prompt_of(tok, plen, seed=i) for i in range(conc)]
     before = engine.stats()
-    seconds, results, lat = run_engine(engine, prompts, params, args.reps)
+    seconds, results, lat = run_engine(engine, prompts, params, args.reps, args.arrivals_every)
     after = engine.stats()
     steps = after["decode_steps"] - before["decode_steps"]
     ahead = after["decode_steps_run_ahead"] - before["decode_steps_run_ahead"]
@@ -249,7 +266,7 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
     # The floor: plain sampling of the same W*K streams, same engine, no small models.
     base = SearchParams.base(n=params.w * params.k, max_new_tokens=max_new, temperature=0.7,
                              top_k=50, seed=1, ignore_eos=True)
-    base_seconds, _, _ = run_engine(engine, prompts, base, args.reps)
+    base_seconds, _, _ = run_engine(engine, prompts, base, args.reps, args.arrivals_every)
     forwarded, peak = {}, {}
     for r in results:
         for role, n in r.stats.tokens_forwarded.items():
@@ -261,7 +278,8 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
     row = {
         "preset": args.preset, "large": names["large"], "small": names["small"],
         "prompt_tokens": large_prompt, "max_new_tokens": max_new, "search": search,
-        "concurrency": conc, "seconds": round(seconds, 3),
+        "concurrency": conc, "arrivals_every": args.arrivals_every,
+        "seconds": round(seconds, 3),
         "large_tokens_per_s": round(sampled / seconds, 1),
         "latency_p50_s": round(statistics.median(lat), 3),
         "latency_p95_s": round(sorted(lat)[min(len(lat) - 1, int(0.95 * len(lat)))], 3),
@@ -358,8 +376,8 @@ def print_table(path: Path):
     cols = ["search", "prompt_tokens", "max_new_tokens", "concurrency", "seconds",
             "large_tokens_per_s", "latency_p50_s", "latency_p95_s", "cbs_over_sampling",
             "engine_speedup_vs_baseline", "peak_kv_vs_ideal_large", "plain_step_over_floor",
-            "cuda_graphs", "cascade_attention", "torch_compile", "async_scheduling", "device",
-            "commit"]
+            "cuda_graphs", "cascade_attention", "torch_compile", "async_scheduling",
+            "arrivals_every", "run_ahead_fraction", "device", "commit"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

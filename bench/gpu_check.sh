@@ -8,7 +8,8 @@
 #    tokens (one process, one model build), with plain sampling of the same streams beside
 #    each and its step time over the weight-read floor; the same with async scheduling;
 # 3. the kernel benchmarks (pytest-benchmark JSON + a markdown table); 4. profiled searches
-#    (GPU busy fraction), waiting and with async scheduling; 5. one request at 1024 tokens
+#    (GPU busy fraction), waiting and with async scheduling; 5. 16 requests admitted every
+#    2 steps (chunks out of step), waiting and async; one request at 1024 tokens
 #    against the reference baseline; 16 concurrent with a random Qwen2.5-7B large model
 #    (different vocabularies); CBS(4,4,8) at prompt 2048 with and without the shared-prefix
 #    (cascade) decode attention; 16 concurrent under torch.compile; the profile with the
@@ -70,6 +71,10 @@ fi
 step "profile" 90 python3 bench/profile_step.py --preset gpu --out "$out"
 step "profile, async scheduling" 90 python3 bench/profile_step.py --preset gpu \
     --async-scheduling --out "$out"
+step "e2e 16 requests arriving every 2 steps" 120 $e2e --preset gpu --max-new 256 \
+    --concurrency 16 --arrivals-every 2
+step "e2e 16 requests arriving every 2 steps, async scheduling" 120 $e2e --preset gpu \
+    --max-new 256 --concurrency 16 --arrivals-every 2 --async-scheduling
 step "e2e 1 request, 1024 tokens, baseline" 240 $e2e --preset gpu --max-new 1024 \
     --concurrency 1 --baseline --baseline-budget 90
 step "e2e cross vocabulary, 16 requests" 120 $e2e --preset gpu-cross --max-new 256 \
