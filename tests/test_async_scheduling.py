@@ -151,17 +151,16 @@ def launch_and_read_order(engine, monkeypatch, params):
     return "".join(events)
 
 
-@pytest.mark.parametrize("penalties", [False, True], ids=["", "penalties"])
+@pytest.mark.parametrize("penalties", [False, True], ids=["no-penalties", "penalties"])
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["waits", "async"])
 def test_the_host_launches_the_next_step_before_it_reads_the_tokens_within_a_chunk(
         models, monkeypatch, asynchronous, penalties):
     """CBS(1,2,4) over 8 tokens: two chunks of four steps. Waiting, each step's tokens are
-    read before the next launch. Async, step n+1 is launched before step n's tokens are
-    read, except where the next launch needs them: after a chunk's last step nothing of the
-    request can go (its next chunk needs the scores), so that step is read, in the next
-    engine step, with no launch between; the next chunk's first step is fed from the host.
-    Every step is left in flight. Penalties do not change that (they count the token in
-    flight on the device)."""
+    read before the next launch. Async, every step is left in flight and step n+1 is
+    launched before step n's tokens are read; after a chunk's last step nothing of the
+    request can go until that step is read and scored, so the next engine step reads it
+    with no launch between, and the next chunk's first step is fed from the host.
+    Penalties do not change that (they count the token in flight on the device)."""
     more = {"presence_penalty": 0.5, "repetition_penalty": 1.2} if penalties else {}
     params = SearchParams.cbs(1, 2, 4, max_new_tokens=8, seed=3, ignore_eos=True, **more)
     engine = make_engine(models, async_scheduling=asynchronous)
