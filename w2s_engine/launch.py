@@ -54,14 +54,14 @@ def add_model_args(p: argparse.ArgumentParser):
     add_runtime_args(p)
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
     return value
 
 
-def _fraction(text: str) -> float:
+def fraction(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]")
@@ -72,15 +72,15 @@ def add_runtime_args(p: argparse.ArgumentParser):
     """How the engine runs on the device (EngineConfig): memory, batching, the decode's CUDA
     graphs and the switches a GPU is still to measure."""
     g = p.add_argument_group("engine runtime")
-    g.add_argument("--kv-cache-memory-fraction", type=_fraction, default=0.85,
+    g.add_argument("--kv-cache-memory-fraction", type=fraction, default=0.85,
                    help="share of the device memory free after loading that the KV pools and "
                         "the CUDA graphs take (cuda)")
-    g.add_argument("--max-batch-tokens", type=_positive_int, default=8192,
+    g.add_argument("--max-batch-tokens", type=positive_int, default=8192,
                    help="new tokens in one prefill or scoring forward at most (a long prompt "
                         "is prefilled in chunks of this size)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: every decode step runs eagerly (as vLLM's flag)")
-    g.add_argument("--cuda-graph-max-batch", type=_positive_int, default=512,
+    g.add_argument("--cuda-graph-max-batch", type=positive_int, default=512,
                    help="beams in a decode step that a CUDA graph covers at most (more run "
                         "eagerly)")
     g.add_argument("--async-scheduling", action="store_true",
