@@ -5,9 +5,9 @@ the device computes.
 The searches must not change: the same tokens, texts, finish reasons, rewards and log-probs
 as the engine that waits for every step's tokens, with EOS and stop strings (a beam that
 stops computes one token more, dropped, and gives its slot back), min_tokens, biases,
-penalties (the token in flight counted on the device), and the paths that cannot run ahead
-(EFT, chunk ends); a cancelled request or a failing batch with a step in flight loses
-nothing; every block comes back.
+penalties (the token in flight counted on the device), EFT (its small models fed the token
+in flight) and chunk ends (the next chunk waits for the read); a cancelled request or a
+failing batch or read with a step in flight loses nothing; every block comes back.
 """
 
 import pytest
@@ -90,7 +90,7 @@ SEARCHES = {
     "base-penalties-min-tokens": SearchParams.base(n=3, max_new_tokens=24, seed=8,
                                                    repetition_penalty=2.0, min_tokens=5,
                                                    frequency_penalty=1.5, logit_bias={EOS: 2.5}),
-    # EFT cannot run ahead (the small models step with each token): it waits
+    # EFT's small models are fed the token in flight too
     "eft": SearchParams.eft(beta=1.5, n=2, max_new_tokens=12, seed=6, logit_bias={EOS: 2.0}),
 }
 
@@ -171,12 +171,26 @@ def test_the_host_launches_the_next_step_before_it_reads_the_tokens_within_a_chu
            (8, 8 if asynchronous else 0)
 
 
-def test_a_beam_that_stops_gives_back_the_slot_the_step_in_flight_took(models):
+def test_eft_runs_ahead_its_small_models_fed_the_token_in_flight(models, monkeypatch):
+    """EFT steps the small models with each token: with async scheduling they are fed it on
+    the device too, so every step is launched before the previous one is read."""
+    params = SearchParams.eft(beta=1.0, n=2, max_new_tokens=8, seed=3, ignore_eos=True)
+    engine = make_engine(models, async_scheduling=True)
+    assert launch_and_read_order(engine, monkeypatch, params) == "L" + "LR" * 7 + "R"
+    stats = engine.stats()
+    assert (stats["decode_steps"], stats["decode_steps_run_ahead"]) == (8, 8)
+
+
+@pytest.mark.parametrize("method", ["cbs", "eft"])
+def test_a_beam_that_stops_gives_back_the_slot_the_step_in_flight_took(models, method):
     """A beam that samples EOS while the next step is in flight was fed EOS there; once its
     EOS is read that slot goes back: a stopped beam's large-model table holds the prompt and
-    the tokens it fed (its response), as when the engine waits."""
+    the tokens it fed (its response), as when the engine waits; with EFT its small models'
+    table holds no more than its ids (EOS is no token of theirs)."""
     engine = make_engine(models, async_scheduling=True)
-    params = SearchParams.cbs(2, 3, 6, max_new_tokens=30, seed=5, logit_bias={EOS: 3.0})
+    params = (SearchParams.cbs(2, 3, 6, max_new_tokens=30, seed=5, logit_bias={EOS: 3.0})
+              if method == "cbs" else
+              SearchParams.eft(beta=1.0, n=4, max_new_tokens=30, seed=5, logit_bias={EOS: 3.0}))
     reqs = [engine.add_request(p, params) for p in PROMPTS]
     stopped = 0
     while engine.has_unfinished():
@@ -186,6 +200,8 @@ def test_a_beam_that_stops_gives_back_the_slot_the_step_in_flight_took(models):
                 if b.finish_reason == "stop" and b.token_ids:
                     stopped += 1
                     assert b.large.num_tokens == len(r.large_prompt_ids) + len(b.token_ids)
+                    if method == "eft":
+                        assert b.small[0].table.num_tokens <= len(b.small[0].ids)
     assert stopped
     engine.check_all_free()
 
@@ -243,7 +259,9 @@ def random_params(rng) -> SearchParams:
                   temperature=rng.choice([1.0, 0.7]), top_k=rng.choice([0, 20]),
                   presence_penalty=rng.choice([0.0, 0.0, 0.8]),
                   repetition_penalty=rng.choice([1.0, 1.0, 1.5]))
-    kind = rng.choice(["cbs", "cbs", "bon", "base"])
+    kind = rng.choice(["cbs", "cbs", "bon", "base", "eft"])
+    if kind == "eft":
+        return SearchParams.eft(beta=rng.choice([0.5, 1.5]), n=rng.randint(1, 3), **common)
     if kind == "cbs":
         return SearchParams.cbs(rng.randint(1, 3), rng.randint(1, 3), rng.randint(1, 5), **common)
     if kind == "bon":

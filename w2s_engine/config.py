@@ -35,8 +35,8 @@ class EngineConfig:
     # The host prepares decode step n+1 (slots, rows, sampling parameters) and launches it
     # before it reads step n's tokens, which step n+1 takes from the device; it then records
     # them while the device computes. A request whose chunk ends at step n forks its next
-    # chunk once step n is read, into step n+2; EFT waits for every step's tokens. A beam
-    # that stops on EOS or a stop string computes one token more, which is dropped. Off by
+    # chunk once step n is read, into step n+2. A beam that stops on EOS or a stop string
+    # computes one token more, which is dropped. Off by
     # default until it is measured on a GPU (bench/e2e.py --async-scheduling); on a CPU
     # there is nothing to overlap. Results are the same either way.
     async_scheduling: bool = False

@@ -1,10 +1,10 @@
-"""A launched decode step until its tokens are read, and whether the next may go first.
+"""A launched decode step until its tokens are read, and which of its rows the next step takes.
 
 The step's one copy back to the host carries the sampled tokens, the log-probs the requests
 asked for (LogprobRows) and EFT's reward terms (DeviceRead: queued when the step is launched,
 waited for when it is read). With async scheduling the next step is launched before this one
-is read, where runs_ahead allows it: its rows' next inputs are then this step's tokens on the
-device.
+is read: its carried rows' next inputs are then this step's tokens on the device, and a row
+whose token ends its chunk or its length waits for the read (continues_after).
 """
 
 from dataclasses import dataclass
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from w2s_engine.outputs import TokenLogprob
-from w2s_engine.search.request import RequestStatus
 
 
 class DeviceRead:
@@ -100,20 +99,10 @@ class DecodeStep:
     appended: set[int]           # id(beam) of those rows
 
 
-def runs_ahead(order) -> bool:
-    """Whether the step after these rows may be launched before their tokens are read (the
-    next one's inputs are then these tokens on the device): no row's next logits need the
-    small models stepped with the token (EFT). A row that ends its chunk or its length with
-    this token is not in the next step (continues_after); its request scores, selects and
-    forks once the tokens are read, and its next chunk joins the step after. (Penalties
-    gather the token in flight on the device: adjustment_tensors.) Rows already dropped (a
-    beam that stopped, a request that ended) do not count."""
-    return not any(r.params.method == "eft" for r, b in order
-                   if not b.finished and r.status is RequestStatus.RUNNING)
-
-
 def continues_after(r, b) -> bool:
     """A beam with a token in flight samples again in its chunk after that token (unless the
-    token is its EOS or completes a stop string, which only the read tells)."""
+    token is its EOS or completes a stop string, which only the read tells). One that ends
+    its chunk or its length is left out of the next step: its request scores, selects and
+    forks once the tokens are read, and its next chunk joins the step after."""
     p = r.params
     return b.chunk_tokens + 1 < p.chunk_len and len(b.token_ids) + 1 < p.max_new_tokens

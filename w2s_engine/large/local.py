@@ -11,8 +11,7 @@ position). The sampling parameters ride in the decode's upload, and the sampled 
 back in one copy: one upload and one sync per step. The detokenizer turns each beam's tokens
 into text incrementally, for stop strings, the bridge to other tokenizers and the result.
 With async_scheduling, a step is launched before the previous step's tokens are read (its
-carried rows fed them on the device), and they are recorded while the device computes, where
-the dependencies allow it (runs_ahead).
+carried rows fed them on the device), and they are recorded while the device computes.
 """
 
 import numpy as np
@@ -20,8 +19,7 @@ import torch
 
 from w2s_engine.cache.block_manager import BlockManager, BlockTable
 from w2s_engine.kernels.sampling import adjust_logits, sample
-from w2s_engine.large.in_flight import (DecodeStep, DeviceRead, LogprobRows, continues_after,
-                                        runs_ahead)
+from w2s_engine.large.in_flight import DecodeStep, DeviceRead, LogprobRows, continues_after
 from w2s_engine.large.sampling_words import (adjustment_tensors, adjustment_words,
                                              sampling_tensors, sampling_words)
 from w2s_engine.models.runner import BatchFailed, ModelRunner
@@ -102,10 +100,12 @@ class LocalLarge:
         fails, raises BatchFailed: retryable when every beam is back as it was (the slots this
         step appended are rolled back), so the engine can run each request again alone.
 
-        With async_scheduling, a step whose rows may run ahead (runs_ahead) is left in flight:
-        the next call launches the following step first, its carried rows fed the tokens on
-        the device, and only then reads this one's tokens and records them, so the host's
-        recording and the next step's preparation run while the device computes."""
+        With async_scheduling, each step is left in flight: the next call launches the
+        following step first, its carried rows fed the tokens on the device (the large
+        model's and, for EFT, the small models'), and only then reads this one's tokens and
+        records them, so the host's recording and the next step's preparation run while the
+        device computes. A beam whose token in flight ends its chunk waits for the read
+        (continues_after)."""
         failed, self.carried_failures = self.carried_failures, []
         ahead, self.in_flight = self.in_flight, None
         try:
@@ -119,7 +119,7 @@ class LocalLarge:
                 failed += self._collect(ahead, step)
             if step is not None:
                 self.decode_steps += 1
-                if self.async_scheduling and runs_ahead(step.order):
+                if self.async_scheduling:
                     self.in_flight = step
                     self.decode_steps_run_ahead += 1
                 else:
@@ -172,7 +172,9 @@ class LocalLarge:
                      for i, (_, b) in enumerate(forward)], words, tokens_from)
                 raw.append(logits)
                 eft_started = self.eft is not None
-                rows.append(self._steer(logits, forward, 0, steered))
+                in_flight = None if tokens_from is None else \
+                    (tokens_from[0], tokens_from[1].tolist())
+                rows.append(self._steer(logits, forward, 0, steered, in_flight))
             else:
                 params = self.runner.upload(words)
             if first:
@@ -225,6 +227,7 @@ class LocalLarge:
         logprobs = step.logprobs.entries(tokens, host[:len(host) - bool(step.steered)])
         order = step.order
         failed = {}   # id(request) -> (request, why)
+        recorded = set()   # rows whose token is the beam's
         for i, ((r, b), tok) in enumerate(zip(order, tokens)):
             if id(r) in failed or r.status is not RequestStatus.RUNNING or b.finished:
                 continue
@@ -235,13 +238,19 @@ class LocalLarge:
                 r.record_token(b, tok, self.eos_ids, self.response_text)
                 if i in logprobs and len(b.token_ids) > n:   # (EOS is not a returned token)
                     r.record_logprob(b, logprobs[i])
+                recorded.add(i)
             except Exception as e:   # a request's own text (stop strings, detokenizing)
                 failed[id(r)] = (r, f"{type(e).__name__} while recording a token: {e}")
             if b.finished and after is not None and id(b) in after.appended:
                 self.blocks.truncate(b.large, b.large.num_tokens - 1)
         if step.steered:
             self.eft.record(step.steered, tokens, host[-1],
-                            skip=lambda s: id(order[s.row][0]) in failed)
+                            skip=lambda s: s.row not in recorded or id(order[s.row][0]) in failed)
+            for s in step.steered if after is not None else ():
+                # EOS was fed to the small models in flight too, but it is no token of theirs
+                st = s.beam.small[0]
+                if id(s.beam) in after.appended and st.table.num_tokens > len(st.ids):
+                    self.eft.stream.blocks.truncate(st.table, len(st.ids))
         return list(failed.values())
 
     def _roll_back(self, before: list):
@@ -250,10 +259,10 @@ class LocalLarge:
         for table, n in before:
             self.blocks.truncate(table, min(n, table.num_tokens))
 
-    def _steer(self, logits, items, row_offset: int, steered: list):
+    def _steer(self, logits, items, row_offset: int, steered: list, in_flight=None):
         if self.eft is None:
             return logits
-        logits, rows = self.eft.steer(logits, items, row_offset)
+        logits, rows = self.eft.steer(logits, items, row_offset, in_flight)
         steered += rows
         return logits
 

@@ -40,15 +40,25 @@ class EFT:
         self.vocab_size = vocab_size   # the large tokenizer's; the small models' logits are cut to it
         self.large_eos = large_eos
 
-    def steer(self, logits: torch.Tensor, items: list, row_offset: int = 0):
+    def steer(self, logits: torch.Tensor, items: list, row_offset: int = 0,
+              in_flight: tuple[torch.Tensor, list[int]] | None = None):
         """Steer the rows of EFT requests in `logits` [B, V] (items: (request, beam) per row).
-        Returns (logits, [Steered]); record() takes the Steered rows after sampling."""
+        Returns (logits, [Steered]); record() takes the Steered rows after sampling.
+        in_flight: (tokens [P] on the device, rows): the first len(rows) items' last token is
+        tokens[row], sampled by a step not read yet (async scheduling); their small models
+        are fed it from the device."""
         rows = [i for i, (r, _) in enumerate(items) if r.params.method == "eft"]
         if not rows:
             return logits, []
         eft = [items[i] for i in rows]
         states = [b.small[0] for _, b in eft]
-        logits_small, fed = self.stream.next_logits(states)
+        tokens_from = None
+        if in_flight is not None:
+            tokens, sources = in_flight
+            carried = [sources[i] for i in rows if i < len(sources)]   # a prefix of rows
+            if carried:
+                tokens_from = (tokens, np.array(carried, np.int32))
+        logits_small, fed = self.stream.next_logits(states, tokens_from)
         for (r, _), n in zip(eft, fed):
             for role in self.stream.roles:
                 r.stats.tokens_forwarded[role] += n
@@ -85,7 +95,8 @@ class EFT:
     def record(self, steered: list[Steered], tokens: list[int], terms: list[list[float]],
                skip=lambda s: False):
         """Each steered beam's reward term (terms: terms() read back, [2][S]), but the rows
-        that `skip` says are of failed requests."""
+        `skip` names (of failed requests; with async scheduling, rows of beams that had
+        stopped before the step was read)."""
         for s, term, eos_term in zip(steered, *terms):
             if skip(s):
                 continue

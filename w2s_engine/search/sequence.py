@@ -29,8 +29,9 @@ class SmallState:
     marks: list[int] = field(default_factory=list)  # a PRM's step ends in the response text
 
     def add_pending(self, token: int, term: float):
-        """A token scored from the stored hidden state, to be forwarded at the next step."""
-        assert len(self.ids) == self.table.num_tokens, "one pending token at a time"
+        """A token scored from the stored hidden state, to be forwarded at the next step (or
+        forwarded already: async scheduling fed it to the step launched before it was read)."""
+        assert self.table.num_tokens - len(self.ids) in (0, 1), "one pending token at a time"
         self.ids.append(token)
         self.terms.append(term)
 

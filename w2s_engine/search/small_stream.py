@@ -13,6 +13,7 @@ none. (EFT steps a stream one token at a time instead: forward_pending.)
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from w2s_engine.cache.block_manager import BlockManager
@@ -222,18 +223,29 @@ class SmallStream:
                     st.last_hidden[role] = hidden[end - 1]
         return [len(ids) for ids in pending]
 
-    def next_logits(self, states: list[SmallState]) -> tuple[dict[str, torch.Tensor], list[int]]:
+    def next_logits(self, states: list[SmallState],
+                    tokens_from: tuple[torch.Tensor, np.ndarray] | None = None) \
+            -> tuple[dict[str, torch.Tensor], list[int]]:
         """Each state's next-token logits [B, V] per model, its pending tokens forwarded first;
         and the tokens forwarded per state. When every state has one pending token (EFT after
         its first step) and the runners decode on static buffers, that is a decode: a CUDA
         graph replay per model, the LM head in it (each model's logits are valid until its
-        next decode). Else forward_pending and the LM head on the stored hidden states."""
-        pending = [len(st.ids) - st.table.num_tokens for st in states]
+        next decode). Else forward_pending and the LM head on the stored hidden states.
+        tokens_from: (tokens [P] on the device, rows [m]): the first m states' pending token
+        is tokens[rows], sampled by a step still in flight and not in their ids yet (async
+        scheduling); then every state feeds one token, as a decode (on the graphs when they
+        fit, else eagerly)."""
+        carried = 0 if tokens_from is None else len(tokens_from[1])
+        pending = [len(st.ids) - st.table.num_tokens + (i < carried)
+                   for i, st in enumerate(states)]
         graphs = [r.graphs for r in self.runners.values()]
-        if states and all(n == 1 for n in pending) and \
-                all(g is not None and len(states) <= g.max_batch for g in graphs):
+        if carried or (states and all(n == 1 for n in pending) and
+                       all(g is not None and len(states) <= g.max_batch for g in graphs)):
+            assert all(n == 1 for n in pending), "a decode feeds one token per state"
             self._append([(st.table, 1) for st in states])
-            logits = {role: runner.decode_logits([(st.table, st.ids[-1]) for st in states])[0]
+            seqs = [(st.table, st.ids[-1] if i >= carried else 0)
+                    for i, st in enumerate(states)]
+            logits = {role: runner.decode_logits(seqs, None, tokens_from)[0]
                       for role, runner in self.runners.items()}
             for st in states:
                 st.last_hidden = {}     # not kept on this path; a later extend re-forwards one
