@@ -126,10 +126,11 @@ def test_a_streamed_search_with_async_scheduling_streams_its_result(models):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("search", ["cbs-eos", "cbs-stop-strings", "base-min-tokens"])
+@pytest.mark.parametrize("search", ["cbs-eos", "cbs-stop-strings", "base-min-tokens",
+                                    "cbs-penalties", "eft"])
 def test_async_scheduling_on_a_gpu_with_graphs_gives_the_same_search_results(models, search):
-    """fp32 on CUDA with the decode graphs captured: the carried rows' tokens are gathered
-    into the staged rows outside the graph, before its replay."""
+    """fp32 on CUDA with the decode graphs captured (EFT's small models' too): the carried
+    rows' tokens are gathered into the staged rows outside the graph, before its replay."""
     config = {"device": "cuda", "cuda_graph_max_batch": 64}
     waits = make_engine(models, **config)
     assert waits.runners["large"].graphs.graphs, "graphs were captured"
