@@ -257,11 +257,7 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
     params = parse_search(search, max_new)
     tok = engine.large_tokenizer
     prompts = [prompt_of(tok, plen, seed=i) for i in range(conc)]
-    before = engine.stats()
     seconds, results, lat = run_engine(engine, prompts, params, args.reps, args.arrivals_every)
-    after = engine.stats()
-    steps = after["decode_steps"] - before["decode_steps"]
-    ahead = after["decode_steps_run_ahead"] - before["decode_steps_run_ahead"]
     sampled = sum(r.stats.tokens_sampled for r in results)
     # The floor: plain sampling of the same W*K streams, same engine, no small models.
     base = SearchParams.base(n=params.w * params.k, max_new_tokens=max_new, temperature=0.7,
@@ -307,9 +303,6 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
         "cascade_attention": bool(engine.config.cascade_attention),
         "torch_compile": bool(engine.config.torch_compile),
         "async_scheduling": bool(engine.config.async_scheduling),
-        # decode steps of the search runs (and their warm-up) launched before the previous
-        # step's tokens were read
-        "run_ahead_fraction": round(ahead / steps, 3) if steps else None,
         "device": machine(), "torch": torch.__version__, "commit": commit(),
     }
     floor = weight_read_floor_ms(engine.runners["large"].model)
@@ -377,7 +370,7 @@ def print_table(path: Path):
             "large_tokens_per_s", "latency_p50_s", "latency_p95_s", "cbs_over_sampling",
             "engine_speedup_vs_baseline", "peak_kv_vs_ideal_large", "plain_step_over_floor",
             "cuda_graphs", "cascade_attention", "torch_compile", "async_scheduling",
-            "arrivals_every", "run_ahead_fraction", "device", "commit"]
+            "arrivals_every", "device", "commit"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

@@ -97,7 +97,6 @@ def main():
                for i in range(args.concurrency)]
     engine.search(prompts[:1], params.copy(max_new_tokens=16))   # warm-up
     decode, scoring = [], []
-    before = engine.stats()
     profiler = cProfile.Profile() if args.profile else None
     if profiler:
         gc.disable()   # a collection would be charged to whatever function it lands in
@@ -110,14 +109,10 @@ def main():
         decode += d
         scoring += s
     engine.check_all_free()
-    after = engine.stats()
-    launched = after["decode_steps"] - before["decode_steps"]
-    ahead = after["decode_steps_run_ahead"] - before["decode_steps_run_ahead"]
     beams = args.concurrency * params.w * params.k
     row = {"search": args.search, "concurrency": args.concurrency, "beams": beams,
            "cross_vocabulary": args.cross, "static_decode": not args.packed,
            "async_scheduling": args.async_scheduling, "arrivals_every": args.arrivals_every,
-           "run_ahead_fraction": round(ahead / launched, 3),
            "prompt_len": args.prompt_len,
            "max_new_tokens": args.max_new, "reps": args.reps,
            "decode_step_ms": round(1e3 * statistics.median(decode), 2),
@@ -125,7 +120,6 @@ def main():
            "device": machine(), "torch": torch.__version__, "commit": commit()}
     print(f"{beams} beams: decode step {row['decode_step_ms']} ms, step with scoring "
           f"{row['scoring_step_ms']} ms (median of {len(decode)} and {len(scoring)}; "
-          f"{100 * row['run_ahead_fraction']:.0f}% of the decode steps run ahead; "
           f"{row['device']}, {row['commit']})")
     if profiler:
         stats = pstats.Stats(profiler)

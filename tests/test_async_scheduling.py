@@ -168,8 +168,7 @@ def test_the_host_launches_the_next_step_before_it_reads_the_tokens_within_a_chu
     order = launch_and_read_order(engine, monkeypatch, params)
     assert order == ("LLRLRLRR" * 2 if asynchronous else "LR" * 8)
     stats = engine.stats()     # what /metrics reports of it
-    assert (stats["decode_steps"], stats["decode_steps_run_ahead"]) == \
-           (8, 8 if asynchronous else 0)
+    assert stats["decode_steps"] == 8
 
 
 def test_eft_runs_ahead_its_small_models_fed_the_token_in_flight(models, monkeypatch):
@@ -178,8 +177,7 @@ def test_eft_runs_ahead_its_small_models_fed_the_token_in_flight(models, monkeyp
     params = SearchParams.eft(beta=1.0, n=2, max_new_tokens=8, seed=3, ignore_eos=True)
     engine = make_engine(models, async_scheduling=True)
     assert launch_and_read_order(engine, monkeypatch, params) == "L" + "LR" * 7 + "R"
-    stats = engine.stats()
-    assert (stats["decode_steps"], stats["decode_steps_run_ahead"]) == (8, 8)
+    assert engine.stats()["decode_steps"] == 8
 
 
 @pytest.mark.parametrize("method", ["cbs", "eft"])

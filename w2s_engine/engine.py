@@ -504,8 +504,7 @@ class Engine:
         return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                 "kv_blocks_total": self.budget.num_blocks, "kv_blocks_used": used,
                 "requests": t.requests, "failed": t.failed, "tokens": dict(t.tokens),
-                "decode_steps": self.large.decode_steps,
-                "decode_steps_run_ahead": self.large.decode_steps_run_ahead}
+                "decode_steps": self.large.decode_steps}
 
     def check_all_free(self):
         """The invariant after every request: every block of every pool is free."""

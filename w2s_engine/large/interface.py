@@ -16,7 +16,6 @@ class LargeModel(Protocol):
     blocks: BlockManager | None     # None: no KV pool here
     eft: EFT | None                 # steers sampling token by token where the models allow
     decode_steps: int               # decode steps launched here so far
-    decode_steps_run_ahead: int     # of those, left in flight for the next (async scheduling)
 
     def check_params(self, params: SearchParams):
         """Refuse (InvalidParam) or fit what this backend cannot run as asked."""

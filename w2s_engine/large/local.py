@@ -41,7 +41,6 @@ class LocalLarge:
         self.in_flight: DecodeStep | None = None   # launched, its tokens not read yet
         self.carried_failures: list = []   # recorded before a failed batch, not yet returned
         self.decode_steps = 0              # launched so far
-        self.decode_steps_run_ahead = 0    # of those, left in flight (read after the next)
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.blocks = blocks
@@ -121,7 +120,6 @@ class LocalLarge:
                 self.decode_steps += 1
                 if self.async_scheduling:
                     self.in_flight = step
-                    self.decode_steps_run_ahead += 1
                 else:
                     failed += self._collect(step)
         except BatchFailed:

@@ -19,7 +19,7 @@ class RemoteLarge:
     eos_ids: set[int] = set()
     blocks = None       # no KV pool
     eft = None          # EFT needs the large model's logits
-    decode_steps = decode_steps_run_ahead = 0   # no decode here: the server samples
+    decode_steps = 0    # no decode here: the server samples
 
     def __init__(self, client: OpenAICompletions):
         self.client = client

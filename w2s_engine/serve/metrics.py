@@ -128,9 +128,6 @@ class _EngineCollector:
         yield tokens
         yield CounterMetricFamily("w2s_decode_steps", "decode steps of the large model here",
                                   value=stats["decode_steps"])
-        yield CounterMetricFamily("w2s_decode_steps_run_ahead", "decode steps launched before "
-                                  "the previous step's tokens were read (async scheduling)",
-                                  value=stats["decode_steps_run_ahead"])
 
 
 def parse_metrics(text: str) -> dict[str, float]:
