@@ -170,9 +170,7 @@ class LocalLarge:
                      for i, (_, b) in enumerate(forward)], words, tokens_from)
                 raw.append(logits)
                 eft_started = self.eft is not None
-                in_flight = None if tokens_from is None else \
-                    (tokens_from[0], tokens_from[1].tolist())
-                rows.append(self._steer(logits, forward, 0, steered, in_flight))
+                rows.append(self._steer(logits, forward, 0, steered, tokens_from))
             else:
                 params = self.runner.upload(words)
             if first:

@@ -213,12 +213,16 @@ class ModelRunner:
         batch fits them; else an eager forward. The logits are valid until the next decode."""
         if self.graphs is not None and len(seqs) <= self.graphs.max_batch:
             return self.graphs.run(seqs, extra, tokens_from)
-        extra_dev = None if extra is None else self.upload(extra)
+        # The extra words and the carried rows' indices in one upload beside the batch's.
+        extra_size = 0 if extra is None else extra.size
+        rows = None if tokens_from is None else tokens_from[1]
+        tail = [p.ravel() for p in (extra, rows) if p is not None]
+        more = self.upload(np.concatenate(tail)) if tail else None
         batch, _ = self.prepare([(table, [token]) for table, token in seqs])
-        if tokens_from is not None:
-            tokens, rows = tokens_from
-            batch.input_ids[:len(rows)] = tokens[self.upload(rows).long()]
-        return self.compute_logits(self.forward(batch)), extra_dev
+        if rows is not None:
+            batch.input_ids[:rows.size] = tokens_from[0][more[extra_size:].long()]
+        return self.compute_logits(self.forward(batch)), \
+            None if extra is None else more[:extra_size]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

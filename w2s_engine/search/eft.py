@@ -41,7 +41,7 @@ class EFT:
         self.large_eos = large_eos
 
     def steer(self, logits: torch.Tensor, items: list, row_offset: int = 0,
-              in_flight: tuple[torch.Tensor, list[int]] | None = None):
+              in_flight: tuple[torch.Tensor, np.ndarray] | None = None):
         """Steer the rows of EFT requests in `logits` [B, V] (items: (request, beam) per row).
         Returns (logits, [Steered]); record() takes the Steered rows after sampling.
         in_flight: (tokens [P] on the device, rows): the first len(rows) items' last token is
