@@ -46,6 +46,7 @@ from w2s_engine.kernels.paged_attention import (
     paged_extend_attention_sdpa,
     paged_extend_attention_triton,
 )
+from w2s_engine.kernels.rms_norm import rms_norm_ref, rms_norm_triton
 from w2s_engine.kernels.sampling import sample_triton
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need CUDA")
@@ -242,6 +243,21 @@ def test_store_kv(benchmark, impl, graph):
     timed(benchmark, lambda: fn(k, v, k_cache, v_cache, slots), "store_kv",
           "4096 tokens, 8 x 128", impl, nbytes=4 * k.numel() * 2, baseline=impl == "torch",
           graph=graph)
+
+
+@pytest.mark.parametrize("rows", [16, 256])
+@pytest.mark.parametrize("impl, graph", [("triton", False), ("triton", True), ("torch", False),
+                                         ("torch", True)])
+def test_rms_norm(benchmark, impl, graph, rows):
+    """One RMSNorm of an 8B Llama's hidden size (65 of them per decode step): the kernel
+    against transformers' eight ops, both eagerly and as a decode step runs them (in a CUDA
+    graph, where only the kernels' own time counts)."""
+    hidden = 4096
+    x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(hidden, device="cuda", dtype=torch.bfloat16)
+    fn = rms_norm_triton if impl == "triton" else rms_norm_ref
+    timed(benchmark, lambda: fn(x, weight, 1e-5), "rms_norm", f"{rows} x {hidden}", impl,
+          nbytes=2 * x.numel() * 2, baseline=impl == "torch", graph=graph)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])

@@ -59,10 +59,13 @@ def main():
                     help="no scoring graphs: every scorer's forward eagerly (for comparison)")
     ap.add_argument("--async-scheduling", action="store_true",
                     help="async_scheduling=True: step n+1 launched before step n's tokens are read")
+    ap.add_argument("--no-fused-norms", action="store_true",
+                    help="fused_rms_norm=False: transformers' RMSNorm ops (for comparison)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     engine, names = build(args.preset, cuda_graphs=not args.no_graphs,
-                          async_scheduling=args.async_scheduling)
+                          async_scheduling=args.async_scheduling,
+                          fused_rms_norm=False if args.no_fused_norms else None)
     if args.eager_scoring:
         eager_scoring(engine)
     params = parse_search(args.search, args.max_new)
@@ -98,6 +101,7 @@ def main():
            "concurrency": args.concurrency, "cuda_graphs": bool(engine.config.cuda_graphs),
            "scoring_graphs": any(r.scoring_graphs is not None for r in engine.runners.values()),
            "async_scheduling": bool(engine.config.async_scheduling),
+           "fused_rms_norm": bool(engine.config.fused_rms_norm),
            "wall_s": round(wall_us / 1e6, 3), "gpu_busy": round(busy, 3),
            "kernels_per_step": round(launches / steps, 1),
            "phase_share": {k: round(v / wall_us, 3) for k, v in sorted(phases.items())},

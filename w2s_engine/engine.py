@@ -135,7 +135,8 @@ class Engine:
         # The probe and the graphs' capture run as the steps will: fp32 at full precision.
         with full_fp32_matmuls(config.dtype):
             self.runners = {role: ModelRunner(m.model, num_blocks, config.block_size,
-                                              compile=config.torch_compile)
+                                              compile=config.torch_compile,
+                                              fuse_norms=config.fused_rms_norm)
                             for role, m in self.models.items()}
             if graphs:
                 runner = self.runners["large"]

@@ -1,0 +1,121 @@
+"""The one-kernel RMSNorm against transformers' LlamaRMSNorm, and the swap of a model's norms:
+only norms of Llama's form are swapped, and a swapped model computes the same logits.
+
+On CPU the kernel runs under TRITON_INTERPRET=1 (tests/conftest.py) on small fp32/fp16 shapes.
+"""
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from tiny_models import clone, make_tokenizer, tiny_gemma2, tiny_llama, tuned_from
+from w2s_engine import Engine, SearchParams
+from w2s_engine.kernels.rms_norm import MAX_ONE_TILE, rms_norm_ref, rms_norm_triton
+from w2s_engine.models.fused_norms import fuse_rms_norms, is_llama_rms_norm, unfuse_rms_norms
+
+
+def transformers_norm(hidden: int, eps: float, weight: torch.Tensor) -> LlamaRMSNorm:
+    norm = LlamaRMSNorm(hidden, eps)
+    with torch.no_grad():
+        norm.weight = torch.nn.Parameter(weight.clone())
+    return norm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 64), (2, 3, 100), (2, MAX_ONE_TILE + 200)],
+                         ids=["rows", "leading-dims-odd-width", "wider-than-one-tile"])
+def test_kernel_matches_transformers_llama_norm(dtype, shape):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    weight = (1 + torch.randn(shape[-1], generator=g) / 4).to(dtype)
+    want = transformers_norm(shape[-1], 1e-5, weight).to(dtype)(x)
+    got = rms_norm_triton(x, weight, 1e-5)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    torch.testing.assert_close(rms_norm_ref(x, weight, 1e-5), want, atol=0, rtol=0)
+
+
+def test_kernel_keeps_transformers_dtype_promotion_and_reads_strided_rows():
+    """An fp32 weight on fp16 activations gives fp32 (transformers promotes), and rows that
+    are a strided slice of a wider tensor are read where they lie."""
+    g = torch.Generator().manual_seed(1)
+    wide = torch.randn(4, 5, 96, generator=g).to(torch.float16)
+    x = wide[:, :, :80]                       # not viewable as [20, 80]
+    weight = 1 + torch.randn(80, generator=g) / 4
+    want = transformers_norm(80, 1e-6, weight)(x)
+    got = rms_norm_triton(x, weight, 1e-6)
+    assert want.dtype == got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+
+
+def test_kernel_refuses_a_weight_of_the_wrong_width():
+    with pytest.raises(ValueError, match=r"weight must be \[64\]"):
+        rms_norm_triton(torch.randn(2, 64), torch.ones(32), 1e-6)
+
+
+def tiny_qwen3(vocab_size: int, seed: int, layers: int = 2, hidden: int = 64):
+    """Qwen3: RMSNorms on every head's queries and keys as well."""
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen3Config(
+        num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=vocab_size,
+        max_position_embeddings=512, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+def test_only_norms_of_llamas_form_are_swapped():
+    # Mistral: two per layer and the final one; Qwen3: the per-head q/k norms too
+    assert fuse_rms_norms(tiny_llama(64, seed=0, layers=2)) == 5
+    assert fuse_rms_norms(tiny_qwen3(64, seed=0, layers=2)) == 9
+    # Gemma 2's norm multiplies by 1 + weight: not Llama's form, left to transformers
+    gemma = tiny_gemma2(64, seed=0)
+    assert not any(is_llama_rms_norm(m) for m in gemma.modules())
+    assert fuse_rms_norms(gemma) == 0
+    # a module swapped once is not swapped again, and unswapped it is transformers' again
+    model = tiny_llama(64, seed=0)
+    assert fuse_rms_norms(model) == 5 and fuse_rms_norms(model) == 0
+    assert unfuse_rms_norms(model) == 5
+    assert sum(is_llama_rms_norm(m) for m in model.modules()) == 5
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen3], ids=["mistral", "qwen3"])
+def test_swapped_model_gives_transformers_logits(make):
+    model = make(96, seed=3)
+    ids = torch.randint(2, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+        fuse_rms_norms(model, norm=rms_norm_triton)   # the kernel, under the interpreter
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_engine_with_fused_norms_searches_as_without():
+    tok = make_tokenizer(200)
+    large = tiny_llama(len(tok), seed=10, layers=3)
+    untuned = tiny_llama(len(tok), seed=11)
+    tuned = tuned_from(untuned, seed=12, scale=0.3)
+    params = SearchParams(w=2, k=2, l=3, max_new_tokens=9, temperature=1.0, seed=5)
+    results = []
+    for fused in (False, True):
+        engine = Engine((clone(large), tok), (clone(tuned), tok), (clone(untuned), tok),
+                        device="cpu", fused_rms_norm=fused, num_kv_blocks=200, block_size=4,
+                        progress=False)
+        assert engine.runners["large"].fused_norms == (7 if fused else 0)
+        assert engine.runners["tuned"].fused_norms == (5 if fused else 0)
+        results.append(engine.search(["The plot of this film", "I really"], params))
+    for without, with_fused in zip(*results):
+        assert with_fused.token_ids == without.token_ids
+        assert with_fused.reward == pytest.approx(without.reward, abs=1e-5)
+
+
+@pytest.mark.gpu
+def test_kernel_matches_transformers_in_bf16_on_cuda():
+    x = torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16) * 3
+    weight = (1 + torch.randn(4096, device="cuda") / 4).to(torch.bfloat16)
+    want = transformers_norm(4096, 1e-5, weight).cuda().to(torch.bfloat16)(x)
+    got = rms_norm_triton(x, weight, 1e-5)
+    # the sum of squares runs in another order: at most one bf16 rounding apart
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=8e-3)
