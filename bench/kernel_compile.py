@@ -46,6 +46,7 @@ from w2s_engine.kernels.chunk_reward import (LMHead, chunk_reward_triton,  # noq
 from w2s_engine.kernels.kv_cache import copy_blocks_triton, store_kv_triton  # noqa: E402
 from w2s_engine.kernels.paged_attention import (paged_decode_attention_triton,  # noqa: E402
                                                 paged_extend_attention_triton)
+from w2s_engine.kernels.rms_norm import rms_norm_triton  # noqa: E402
 from w2s_engine.kernels.sampling import sample_triton  # noqa: E402
 
 SHARED_PER_BLOCK = 227 * 1024      # an H100/H200 block's most shared memory (opt-in)
@@ -120,6 +121,12 @@ def recipes():
             pool = torch.zeros(2, 2, 8, 16, 8, 128, dtype=dtype)
             copy_blocks_triton(pool, torch.tensor([0, 1]), torch.tensor([2, 3]))
         yield f"copy_blocks {name}", copy
+
+        for width in (4096, 16384):     # a row in registers; wider than MAX_ONE_TILE: a loop
+            def norm(dtype=dtype, width=width):
+                rms_norm_triton(torch.randn(4, width).to(dtype), torch.ones(width, dtype=dtype),
+                                1e-5)
+            yield f"rms_norm {name} {width}", norm
 
         sinks = torch.zeros(32)    # GPT-OSS's attention sinks: one logit per query head
         for window, softcap, start, sink in ((None, None, False, None),
