@@ -704,7 +704,8 @@ def test_an_fp32_engine_on_a_gpu_scores_fp32_rewards_even_with_tf32_allowed(
     torch.set_float32_matmul_precision("high")    # the process allows TF32
     try:
         engine = make_engine(tok, small_pair, large_tok=other_tok if cross else None,
-                             large_seed=4 if cross else 1, device="cuda", dtype=torch.float32)
+                             large_seed=4 if cross else 1, device="cuda", dtype=torch.float32,
+                             cuda_graph_max_batch=32)   # 4 prompts x 6 beams: 5 graphs, not 23
         params = SearchParams(w=2, k=3, l=4, max_new_tokens=18, temperature=1.0, seed=5)
         results = engine.search(PROMPTS, params)
         engine.check_all_free()
