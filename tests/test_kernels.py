@@ -392,6 +392,20 @@ def test_chunk_reward_triton_handles_a_32k_vocab_and_sliced_rows():
                                plain_reward(a, b, t, seg, 2)[0], atol=1e-4, rtol=1e-4)
 
 
+def test_chunk_reward_checks_its_bounds_unless_the_caller_has():
+    """Out-of-range targets or segments are a clear error, not a device fault; a caller that
+    checked them on the host (the engine) skips the device read-back and gets the same sums."""
+    a, b = torch.randn(3, 50), torch.randn(3, 50)
+    seg = torch.tensor([0, 1, 1])
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 50\)"):
+        chunk_reward_triton(a, b, torch.tensor([0, 50, 1]), seg, 2)
+    with pytest.raises(ValueError, match=r"segment_ids must lie in \[0, num_segments=2\)"):
+        chunk_reward_triton(a, b, torch.tensor([0, 5, 1]), torch.tensor([0, 2, 1]), 2)
+    t = torch.tensor([0, 49, 7])
+    torch.testing.assert_close(chunk_reward_triton(a, b, t, seg, 2, bounds_checked=True)[1],
+                               chunk_reward_triton(a, b, t, seg, 2)[1], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("softcap, bias", [(None, False), (None, True), (30.0, True)])
 @pytest.mark.parametrize("vocab_chunk", [None, 300])

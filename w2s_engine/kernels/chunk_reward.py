@@ -312,7 +312,8 @@ class _Partials:
         return diff, sums
 
 
-def chunk_reward_triton(logits_tuned, logits_untuned, targets, segment_ids, num_segments):
+def chunk_reward_triton(logits_tuned, logits_untuned, targets, segment_ids, num_segments,
+                        bounds_checked=False):
     name = "chunk_reward"
     if logits_tuned.dim() != 2 or logits_tuned.shape != logits_untuned.shape:
         raise ValueError(f"{name}: logits must both be [N, V]; got {tuple(logits_tuned.shape)} "
@@ -323,7 +324,7 @@ def chunk_reward_triton(logits_tuned, logits_untuned, targets, segment_ids, num_
         if t.stride(1) != 1:
             raise ValueError(f"{name}: logits need a contiguous last dimension")
     n, v = logits_tuned.shape
-    _check_common(targets, segment_ids, num_segments, n, v, name)
+    _check_common(targets, segment_ids, num_segments, n, v, name, not bounds_checked)
     if n == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=logits_tuned.device)
         return empty, _segment_sums(empty, segment_ids, num_segments)
@@ -399,10 +400,15 @@ def lmhead_chunk_logprob_triton(hidden, head: LMHead, targets, segment_ids, num_
                         num_segments, bounds_checked, vocab_chunk)
 
 
-def chunk_reward(logits_tuned, logits_untuned, targets, segment_ids, num_segments):
+def chunk_reward(logits_tuned, logits_untuned, targets, segment_ids, num_segments,
+                 bounds_checked=False):
+    """Per-token reward [N] and its sums per segment from both models' logits.
+    bounds_checked as for fused_lmhead_chunk_reward: without it the GPU path reads the
+    bounds back to check them (one device sync)."""
+    args = (logits_tuned, logits_untuned, targets, segment_ids, num_segments)
     if logits_tuned.is_cuda and triton is not None:
-        return chunk_reward_triton(logits_tuned, logits_untuned, targets, segment_ids, num_segments)
-    return chunk_reward_ref(logits_tuned, logits_untuned, targets, segment_ids, num_segments)
+        return chunk_reward_triton(*args, bounds_checked=bounds_checked)
+    return chunk_reward_ref(*args)
 
 
 def fused_lmhead_chunk_reward(hidden_tuned, head_tuned: LMHead, hidden_untuned,
