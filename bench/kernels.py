@@ -167,7 +167,7 @@ def decode_setup(batch, seq_len, hq=32, hkv=8, d=128, bs=16):
 
 
 @pytest.mark.parametrize("seq_len", [1024, 4096, 8192])
-@pytest.mark.parametrize("batch, graph", [(16, False), (16, True), (64, False)])
+@pytest.mark.parametrize("batch, graph", [(16, False), (16, True), (64, False), (64, True)])
 @pytest.mark.parametrize("impl", ["paged_triton", "sdpa_contiguous"])
 def test_decode_attention(benchmark, impl, batch, graph, seq_len):
     q, k, v, bt, lens = decode_setup(batch, seq_len)
