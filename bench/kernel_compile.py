@@ -122,11 +122,12 @@ def recipes():
             copy_blocks_triton(pool, torch.tensor([0, 1]), torch.tensor([2, 3]))
         yield f"copy_blocks {name}", copy
 
-        for width in (4096, 16384):     # a row in registers; wider than MAX_ONE_TILE: a loop
-            def norm(dtype=dtype, width=width):
+        # a row in registers, and wider than MAX_ONE_TILE (a loop); Llama's form and Gemma's
+        for width, gemma in ((4096, False), (16384, False), (4096, True), (16384, True)):
+            def norm(dtype=dtype, width=width, gemma=gemma):
                 rms_norm_triton(torch.randn(4, width).to(dtype), torch.ones(width, dtype=dtype),
-                                1e-5)
-            yield f"rms_norm {name} {width}", norm
+                                1e-5, unit_offset=gemma)
+            yield f"rms_norm {name} {width}{' gemma' if gemma else ''}", norm
 
         sinks = torch.zeros(32)    # GPT-OSS's attention sinks: one logit per query head
         for window, softcap, start, sink in ((None, None, False, None),

@@ -23,8 +23,8 @@ class EngineConfig:
     # static path eagerly (there are no graphs to capture).
     cuda_graphs: bool | None = None
     cuda_graph_max_batch: int = 512
-    # RMSNorms of Llama's form (Llama, Qwen, Mistral, Phi-3, ...) as one Triton kernel each
-    # instead of transformers' eight torch ops (kernels/rms_norm.py). None: on with CUDA.
+    # RMSNorms of Llama's form (Llama, Qwen, Mistral, Phi-3, ...) or Gemma's as one Triton
+    # kernel each instead of transformers' torch ops (kernels/rms_norm.py). None: on with CUDA.
     # Off under torch_compile, which fuses them itself. On CPU, True runs the same reference
     # ops through the swapped modules.
     fused_rms_norm: bool | None = None

@@ -105,8 +105,8 @@ class ModelRunner:
         """num_blocks: blocks the block managers hand out (the pool has one more: scratch).
         compile: run the decoder through torch.compile (the attention is one opaque op); a
         string names the backend (default inductor).
-        fuse_norms: the model's Llama-form RMSNorms run as one kernel each (models/
-        fused_norms.py); not with compile, which fuses them itself."""
+        fuse_norms: the model's RMSNorms of Llama's or Gemma's form run as one kernel each
+        (models/fused_norms.py); not with compile, which fuses them itself."""
         if model.config._attn_implementation != ATTN_IMPLEMENTATION:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.model = model.eval()
