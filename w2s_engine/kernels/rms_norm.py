@@ -5,9 +5,10 @@
 transformers runs it as eight torch ops per norm (to fp32, pow, mean, add, rsqrt, mul, cast,
 mul by the weight), two norms per layer and one at the end: 65 norms and 520 kernels in each
 decode step of an 8B Llama. Inside a CUDA graph the launches cost nothing, but each op is
-still its own kernel of a few microseconds on a batch of a few rows; on an H200 these ops were
-a fifth of the device time of a CBS step (bench/results/gpu-check-NVIDIA-H200.md). One
-program per row reads the row once and writes it once.
+still its own kernel of a few microseconds on a batch of a few rows: on an H200 the small
+reduction and elementwise kernels, these and the rotary embedding's among them, were about a
+fifth of a CBS step's device time (bench/results/gpu-check-NVIDIA-H200.md). One program per
+row reads the row once and writes it once.
 
 The arithmetic is transformers' (LlamaRMSNorm, GemmaRMSNorm and every copy of them): the mean
 and rsqrt in fp32; Llama's rounds the normalised row to the input's dtype and then multiplies
