@@ -129,6 +129,35 @@ def test_engine_with_fused_norms_searches_as_without():
         assert with_fused.reward == pytest.approx(without.reward, abs=1e-5)
 
 
+def test_a_norm_the_kernel_gets_wrong_is_put_back_at_load(monkeypatch, caplog):
+    """The load-time probe holds the swapped model to transformers' own norms: a norm that
+    computes something else goes back to transformers' (logged), the model runs right."""
+    import w2s_engine.models.runner as runner_module
+    from w2s_engine.models.runner import ModelRunner
+
+    def wrong(x, weight, eps, unit_offset=False):
+        return rms_norm_ref(x, weight, eps, unit_offset) * 2
+
+    monkeypatch.setattr(runner_module, "fuse_rms_norms",
+                        lambda model: fuse_rms_norms(model, norm=wrong))
+    model = tiny_llama(96, seed=3)
+    ids = torch.randint(2, 96, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+    runner = ModelRunner(model, num_blocks=16, block_size=4, fuse_norms=True)
+    assert runner.fused_norms == 0
+    assert "running it with transformers' norms instead" in caplog.text
+    assert sum(rms_norm_form(m) is not None for m in model.modules()) == 5   # unswapped
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want)
+    # a right kernel stays swapped
+    monkeypatch.setattr(runner_module, "fuse_rms_norms",
+                        lambda model: fuse_rms_norms(model, norm=rms_norm_triton))
+    assert ModelRunner(tiny_llama(96, seed=3), num_blocks=16, block_size=4,
+                       fuse_norms=True).fused_norms == 5
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("gemma", [False, True], ids=["llama-form", "gemma-form"])
 def test_kernel_matches_transformers_in_bf16_on_cuda(gemma):

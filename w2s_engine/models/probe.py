@@ -4,12 +4,20 @@ transformers owns the model math and the engine plugs in only its attention and 
 LM head itself, so a model whose layers attend by their own code, keep a state beside the
 keys and values, or transform their logits in a way the engine does not know would run, and
 run wrong, with no error. ModelRunner calls probe() once, at start, on its own pool: a model
-that fails is refused with the reason, before any request.
+that fails is refused with the reason, before any request. Where the runner swapped the
+model's RMSNorms for the one-kernel RMSNorm, the probe also holds the model's forward to its
+forward with transformers' own norms, and puts those back if the two differ (logged), so a
+norm the kernel gets wrong costs speed, never correctness.
 """
+
+import logging
 
 import torch
 
 from w2s_engine.models.attention import ForwardBatch, current_batch
+from w2s_engine.models.fused_norms import fuse_rms_norms, unfuse_rms_norms
+
+logger = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
@@ -37,11 +45,16 @@ def probe(runner):
     second = ForwardBatch(input_ids=ints[1:2], positions=ints[3:4], slot_mapping=ints[5:6],
                           cu_seqlens_q=words[6:8] // 2, seq_lens=words[8:9],
                           block_tables=table, max_query_len=1, kv_pool=runner.kv_pool)
+    def own_forward():
+        # no w2s_batch keyword: a head's forward may not take it; the layers find the batch
+        return runner.model(input_ids=both.input_ids[None], position_ids=both.positions[None],
+                            use_cache=False)
+
     try:
         current_batch[0] = both
-        # no w2s_batch keyword: a head's forward may not take it; the layers find the batch
-        own = runner.model(input_ids=both.input_ids[None], position_ids=both.positions[None],
-                           use_cache=False)
+        if runner.fused_norms:
+            _check_fused_norms(runner, own_forward, name)
+        own = own_forward()
         current_batch[0] = second
         hidden = runner.decoder(input_ids=second.input_ids[None],
                                 position_ids=second.positions[None], use_cache=False,
@@ -73,3 +86,23 @@ def probe(runner):
             "final_logit_softcapping and the logit scales of Cohere and Granite); the "
             "engine cannot run this architecture")
 
+
+def _check_fused_norms(runner, own_forward, name):
+    """The model's forward with its swapped norms against the same forward with transformers'
+    own: within the rounding of the dtype (the tolerance of probe's logits check), or the
+    norms go back to transformers' for good."""
+    norm = next(m._w2s_rms_norm for m in runner.model.modules() if "_w2s_rms_norm" in m.__dict__)
+    unfuse_rms_norms(runner.model)
+    plain = own_forward().logits.float()
+    assert fuse_rms_norms(runner.model, norm=norm) == runner.fused_norms
+    fused = own_forward().logits.float()
+    if not torch.isfinite(plain).all():
+        return      # nothing to compare (as the logits check below)
+    tolerance = 1e-3 if runner.dtype == torch.float32 else 0.1
+    error = (fused - plain).abs().max().item()
+    if error <= tolerance * plain.abs().max().item() + 1e-4:
+        return
+    unfuse_rms_norms(runner.model)
+    logger.warning("w2s engine: %s with the one-kernel RMSNorm differs from its own forward by "
+                   "up to %.3g; running it with transformers' norms instead", name, error)
+    runner.fused_norms = 0
