@@ -26,7 +26,8 @@
 # wheels to install first (made here with `pip download --no-deps --only-binary=:all:
 # --python-version 3.12 ... -d .whl transformers==5.24.0 regex gguf`, an ignored folder
 # carried with the call). Not huggingface_hub 2.x: it needs httpx2, which that machine lacks;
-# its hub 1.33 satisfies transformers 5.24 (the H200 run of 2026-11-27). The package runs from the checkout (PYTHONPATH), not installed.
+# its hub 1.33 satisfies transformers 5.24 (the H200 run of 2026-11-27). The package runs
+# from the checkout (PYTHONPATH), not installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results}
