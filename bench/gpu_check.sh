@@ -14,7 +14,7 @@
 #    torch.compile; CBS(4,4,8) at prompt 2048 with and without the shared-prefix (cascade)
 #    decode attention; 16 concurrent with a random Qwen2.5-7B large model (different
 #    vocabularies); 16 requests admitted every 2 steps (chunks out of step), waiting and
-#    async; one request at 1024 tokens against the reference baseline; the profile with the
+#    async, and profiled (async: where the device waits); one request at 1024 tokens against the reference baseline; the profile with the
 #    scorers' forwards eager; the host's share of a step (bench/host_step.py: tiny models on
 #    that machine's CPU). A step that would start with less than 45 s left is skipped, and
 #    each step's limit is cut to the time left, so the summary is always written.
@@ -99,6 +99,9 @@ step "e2e 16 requests arriving every 2 steps" 90 $e2e --preset gpu --max-new 256
     --concurrency 16 --arrivals-every 2
 step "e2e 16 requests arriving every 2 steps, async scheduling" 90 $e2e --preset gpu \
     --max-new 256 --concurrency 16 --arrivals-every 2 --async-scheduling
+step "profile, 16 requests arriving every 2 steps, async scheduling" 90 python3 \
+    bench/profile_step.py --preset gpu --concurrency 16 --arrivals-every 2 --async-scheduling \
+    --out "$out"
 step "e2e 1 request, 1024 tokens, baseline" 240 $e2e --preset gpu --max-new 1024 \
     --concurrency 1 --baseline --baseline-budget 90
 step "profile, scoring eager" 60 python3 bench/profile_step.py --preset gpu --eager-scoring \

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.e2e import RESULTS, build, commit, eager_scoring, machine, parse_search, \
+from bench.e2e import RESULTS, arriving, build, commit, eager_scoring, machine, parse_search, \
     prompt_of  # noqa: E402
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -59,6 +59,9 @@ def main():
                     help="no scoring graphs: every scorer's forward eagerly (for comparison)")
     ap.add_argument("--async-scheduling", action="store_true",
                     help="async_scheduling=True: step n+1 launched before step n's tokens are read")
+    ap.add_argument("--arrivals-every", type=int, default=0,
+                    help="admit a request every N engine steps instead of all at once (their "
+                         "chunks end on different steps)")
     ap.add_argument("--no-fused-norms", action="store_true",
                     help="fused_rms_norm=False: transformers' RMSNorm ops (for comparison)")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -78,7 +81,8 @@ def main():
         torch.cuda.synchronize()
     with torch.profiler.profile(activities=activities) as prof:
         with torch.profiler.record_function("w2s_search"):
-            results = engine.search(prompts, params)
+            results = (arriving(engine, prompts, params, args.arrivals_every)
+                       if args.arrivals_every else engine.search(prompts, params))
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
@@ -101,6 +105,7 @@ def main():
            "concurrency": args.concurrency, "cuda_graphs": bool(engine.config.cuda_graphs),
            "scoring_graphs": any(r.scoring_graphs is not None for r in engine.runners.values()),
            "async_scheduling": bool(engine.config.async_scheduling),
+           "arrivals_every": args.arrivals_every,
            "fused_rms_norm": bool(engine.config.fused_rms_norm),
            "wall_s": round(wall_us / 1e6, 3), "gpu_busy": round(busy, 3),
            "kernels_per_step": round(launches / steps, 1),
