@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.baselines.reference_cbs import reference_cbs  # noqa: E402
 from w2s_engine import Engine, SearchParams  # noqa: E402
-from w2s_engine.models.fused_norms import fuse_rms_norms, unfuse_rms_norms  # noqa: E402
+from w2s_engine.models.fused_ops import fuse_ops, fused_with, unfuse_ops  # noqa: E402
 from w2s_engine.models.runner import ModelShape  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -121,7 +121,7 @@ def prompt_of(tokenizer, n_tokens: int, seed: int) -> str:
 
 def build(preset: str, cpu_kv_gib: float = 8, cuda_graphs: bool = True, cascade: bool = False,
           torch_compile: bool = False, async_scheduling: bool = False,
-          fused_rms_norm: bool | None = None):
+          fused_ops: bool | None = None):
     """(engine, baseline models or None, description) for a preset."""
     if preset in ("cpu", "cpu-shared"):
         from w2s_engine.tasks.sentiment import PROMPTED_TEMPLATES as TEMPLATES
@@ -130,7 +130,7 @@ def build(preset: str, cpu_kv_gib: float = 8, cuda_graphs: bool = True, cascade:
         engine = Engine(large=large, tuned=small, untuned=small, templates=TEMPLATES,
                         progress=False, cpu_kv_cache_bytes=int(cpu_kv_gib * (1 << 30)),
                         torch_compile=torch_compile, async_scheduling=async_scheduling,
-                        fused_rms_norm=fused_rms_norm,
+                        fused_ops=fused_ops,
                         **({"cuda_graphs": True, "cascade_attention": True} if cascade else {}))
         return engine, {"large": large, "small": small}
     assert torch.cuda.is_available(), f"preset {preset} needs a GPU"
@@ -146,7 +146,7 @@ def build(preset: str, cpu_kv_gib: float = 8, cuda_graphs: bool = True, cascade:
     engine = Engine((large, large_tok), (tuned, small_tok), (untuned, small_tok),
                     progress=False, kv_cache_memory_fraction=0.5, cuda_graphs=cuda_graphs,
                     cascade_attention=cascade, torch_compile=torch_compile,
-                    async_scheduling=async_scheduling, fused_rms_norm=fused_rms_norm)
+                    async_scheduling=async_scheduling, fused_ops=fused_ops)
     return engine, {"large": "random " + ("Llama-3-8B" if preset == "gpu" else "Qwen2.5-7B"),
                     "small": "random Llama-3.2-1B"}
 
@@ -225,8 +225,8 @@ def main():
                     help="admit a request every N engine steps instead of all at once")
     ap.add_argument("--async-scheduling", action="store_true",
                     help="async_scheduling=True: step n+1 launched before step n's tokens are read")
-    ap.add_argument("--no-fused-norms", action="store_true",
-                    help="fused_rms_norm=False: transformers' RMSNorm ops (for comparison)")
+    ap.add_argument("--no-fused-ops", action="store_true",
+                    help="fused_ops=False: transformers' RMSNorm and rotary ops (for comparison)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"e2e-{args.preset}.jsonl"
@@ -237,7 +237,7 @@ def main():
     engine, names = build(args.preset, args.cpu_kv_gib, cuda_graphs=not args.no_graphs,
                           cascade=args.cascade, torch_compile=args.compile,
                           async_scheduling=args.async_scheduling,
-                          fused_rms_norm=False if args.no_fused_norms else None)
+                          fused_ops=False if args.no_fused_ops else None)
     if args.eager_scoring:
         eager_scoring(engine)
     for plen in map(int, args.prompt_lens.split(",")):
@@ -309,7 +309,7 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
         "cascade_attention": bool(engine.config.cascade_attention),
         "torch_compile": bool(engine.config.torch_compile),
         "async_scheduling": bool(engine.config.async_scheduling),
-        "fused_rms_norm": bool(engine.config.fused_rms_norm),
+        "fused_ops": bool(engine.config.fused_ops),
         "device": machine(), "torch": torch.__version__, "commit": commit(),
     }
     floor = weight_read_floor_ms(engine.runners["large"].model)
@@ -339,7 +339,11 @@ def project_baseline_seconds(prefill_s, chunk_s, chunk_len, max_new, l) -> float
 
 def bench_baseline(engine, prompt, params, budget_s=None) -> dict:
     m = {role: engine.runners[role].model for role in ("large", "tuned", "untuned")}
-    fused = {role: unfuse_rms_norms(model) for role, model in m.items()}  # plain transformers
+    fused = {}    # the baseline runs plain transformers: the engine's kernels go meanwhile
+    for role, model in m.items():
+        kernels = fused_with(model)
+        if unfuse_ops(model):
+            fused[role] = kernels
     for model in m.values():
         model.set_attn_implementation("sdpa")
     try:
@@ -370,8 +374,8 @@ def bench_baseline(engine, prompt, params, budget_s=None) -> dict:
         from w2s_engine.models.attention import ATTN_IMPLEMENTATION
         for role, model in m.items():
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
-            if fused[role]:
-                fuse_rms_norms(model)
+            if role in fused:
+                fuse_ops(model, *fused[role])
 
 
 def print_table(path: Path):
@@ -380,7 +384,7 @@ def print_table(path: Path):
             "large_tokens_per_s", "latency_p50_s", "latency_p95_s", "cbs_over_sampling",
             "engine_speedup_vs_baseline", "peak_kv_vs_ideal_large", "plain_step_over_floor",
             "cuda_graphs", "cascade_attention", "torch_compile", "async_scheduling",
-            "fused_rms_norm",
+            "fused_ops",
             "arrivals_every", "device", "commit"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

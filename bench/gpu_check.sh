@@ -7,8 +7,8 @@
 # 2. the end-to-end rows: random-init Llama-3-8B steered by a random-init Llama-3.2-1B pair,
 #    bf16, prompt 512, CBS(4,4,8), one and 16 concurrent requests at 256 tokens (one process,
 #    one model build), with plain sampling of the same streams beside each and its step time
-#    over the weight-read floor; the same with transformers' RMSNorm ops instead of the
-#    kernel, and with async scheduling;
+#    over the weight-read floor; the same with transformers' RMSNorm and rotary ops instead
+#    of the engine's kernels, and with async scheduling;
 # 3. the kernel benchmarks (pytest-benchmark JSON + a markdown table); 4. profiled searches
 #    (GPU busy fraction), waiting and with async scheduling; 5. 16 concurrent under
 #    torch.compile; CBS(4,4,8) at prompt 2048 with and without the shared-prefix (cascade)
@@ -74,8 +74,8 @@ step "gpu tests" 200 python3 -m pytest -q -m gpu $gpu_files $parallel -p no:cach
     --continue-on-collection-errors --durations=15 -rfE
 step "e2e 1 and 16 requests, 256 tokens" 150 $e2e --preset gpu --max-new 256 \
     --concurrency 1,16
-step "e2e 1 and 16 requests, 256 tokens, transformers' RMSNorm" 90 $e2e --preset gpu \
-    --max-new 256 --concurrency 1,16 --no-fused-norms
+step "e2e 1 and 16 requests, 256 tokens, transformers' norms and rotary" 90 $e2e \
+    --preset gpu --max-new 256 --concurrency 1,16 --no-fused-ops
 step "e2e 1 and 16 requests, 256 tokens, async scheduling" 90 $e2e --preset gpu \
     --max-new 256 --concurrency 1,16 --async-scheduling
 step "kernel benchmarks" 120 python3 -m pytest -q bench/kernels.py --benchmark-only \

@@ -47,6 +47,7 @@ from w2s_engine.kernels.kv_cache import copy_blocks_triton, store_kv_triton  # n
 from w2s_engine.kernels.paged_attention import (paged_decode_attention_triton,  # noqa: E402
                                                 paged_extend_attention_triton)
 from w2s_engine.kernels.rms_norm import rms_norm_triton  # noqa: E402
+from w2s_engine.kernels.rotary import rotary_triton  # noqa: E402
 from w2s_engine.kernels.sampling import sample_triton  # noqa: E402
 
 SHARED_PER_BLOCK = 227 * 1024      # an H100/H200 block's most shared memory (opt-in)
@@ -128,6 +129,13 @@ def recipes():
                 rms_norm_triton(torch.randn(4, width).to(dtype), torch.ones(width, dtype=dtype),
                                 1e-5, unit_offset=gemma)
             yield f"rms_norm {name} {width}{' gemma' if gemma else ''}", norm
+
+        def rope(dtype=dtype):     # an 8B Llama's heads: [B, T, H, D] projections as [B, H, T, D]
+            q = torch.randn(1, 16, 32, 128).to(dtype).transpose(1, 2)
+            k = torch.randn(1, 16, 8, 128).to(dtype).transpose(1, 2)
+            cos = torch.randn(1, 16, 128).to(dtype)
+            rotary_triton(q, k, cos, cos.clone())
+        yield f"rotary {name}", rope
 
         sinks = torch.zeros(32)    # GPT-OSS's attention sinks: one logit per query head
         for window, softcap, start, sink in ((None, None, False, None),

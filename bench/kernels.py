@@ -47,6 +47,7 @@ from w2s_engine.kernels.paged_attention import (
     paged_extend_attention_triton,
 )
 from w2s_engine.kernels.rms_norm import rms_norm_ref, rms_norm_triton
+from w2s_engine.kernels.rotary import rotary_ref, rotary_triton
 from w2s_engine.kernels.sampling import sample_triton
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need CUDA")
@@ -267,6 +268,21 @@ def test_rms_norm(benchmark, impl, graph, rows):
     fn = rms_norm_triton if impl == "triton" else rms_norm_ref
     timed(benchmark, lambda: fn(x, weight, 1e-5), "rms_norm", f"{rows} x {hidden}", impl,
           nbytes=2 * x.numel() * 2, baseline=impl == "torch", graph=graph)
+
+
+@pytest.mark.parametrize("tokens", [16, 256])
+@pytest.mark.parametrize("impl, graph", [("triton", False), ("triton", True), ("torch", False),
+                                         ("torch", True)])
+def test_rotary(benchmark, impl, graph, tokens):
+    """One layer's rotary embedding of an 8B Llama (32 query and 8 kv heads of 128; 32 per
+    decode step): the kernel against transformers' ten ops."""
+    q = torch.randn(1, tokens, 32, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(1, tokens, 8, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    cos = torch.randn(1, tokens, 128, device="cuda", dtype=torch.bfloat16)
+    sin = torch.randn_like(cos)
+    fn = rotary_triton if impl == "triton" else rotary_ref
+    timed(benchmark, lambda: fn(q, k, cos, sin), "rotary", f"{tokens} tokens, 32/8 x 128", impl,
+          nbytes=2 * (q.numel() + k.numel()) * 2, baseline=impl == "torch", graph=graph)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])

@@ -62,13 +62,13 @@ def main():
     ap.add_argument("--arrivals-every", type=int, default=0,
                     help="admit a request every N engine steps instead of all at once (their "
                          "chunks end on different steps)")
-    ap.add_argument("--no-fused-norms", action="store_true",
-                    help="fused_rms_norm=False: transformers' RMSNorm ops (for comparison)")
+    ap.add_argument("--no-fused-ops", action="store_true",
+                    help="fused_ops=False: transformers' RMSNorm and rotary ops (for comparison)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     engine, names = build(args.preset, cuda_graphs=not args.no_graphs,
                           async_scheduling=args.async_scheduling,
-                          fused_rms_norm=False if args.no_fused_norms else None)
+                          fused_ops=False if args.no_fused_ops else None)
     if args.eager_scoring:
         eager_scoring(engine)
     params = parse_search(args.search, args.max_new)
@@ -106,7 +106,7 @@ def main():
            "scoring_graphs": any(r.scoring_graphs is not None for r in engine.runners.values()),
            "async_scheduling": bool(engine.config.async_scheduling),
            "arrivals_every": args.arrivals_every,
-           "fused_rms_norm": bool(engine.config.fused_rms_norm),
+           "fused_ops": bool(engine.config.fused_ops),
            "wall_s": round(wall_us / 1e6, 3), "gpu_busy": round(busy, 3),
            "kernels_per_step": round(launches / steps, 1),
            "phase_share": {k: round(v / wall_us, 3) for k, v in sorted(phases.items())},

@@ -23,11 +23,11 @@ class EngineConfig:
     # static path eagerly (there are no graphs to capture).
     cuda_graphs: bool | None = None
     cuda_graph_max_batch: int = 512
-    # RMSNorms of Llama's form (Llama, Qwen, Mistral, Phi-3, ...) or Gemma's as one Triton
-    # kernel each instead of transformers' torch ops (kernels/rms_norm.py). None: on with CUDA.
-    # Off under torch_compile, which fuses them itself. On CPU, True runs the same reference
-    # ops through the swapped modules.
-    fused_rms_norm: bool | None = None
+    # RMSNorms of Llama's or Gemma's form and Llama-form rotary embeddings (Llama, Qwen,
+    # Mistral, Gemma, ...) as one Triton kernel each instead of transformers' chains of torch
+    # ops (models/fused_ops.py). None: on with CUDA. Off under torch_compile, which fuses them
+    # itself. On CPU, True runs the same reference ops through the swapped modules.
+    fused_ops: bool | None = None
     # Shared-prefix (cascade) decode attention on that static path: the beams of a request
     # read their common blocks (the prompt, a shared history) once per group. Off by default
     # until it is measured on a GPU (bench/e2e.py --cascade); on CPU it runs the reference.
@@ -53,8 +53,8 @@ class EngineConfig:
             self.dtype = torch.bfloat16 if str(self.device).startswith("cuda") else torch.float32
         if self.cuda_graphs is None:
             self.cuda_graphs = str(self.device).startswith("cuda")
-        if self.fused_rms_norm is None:
-            self.fused_rms_norm = str(self.device).startswith("cuda")
+        if self.fused_ops is None:
+            self.fused_ops = str(self.device).startswith("cuda")
         if self.cascade_attention and not self.cuda_graphs:
             raise ValueError("cascade_attention runs on the static decode path: set "
                              "cuda_graphs=True (on a CPU too, where it runs eagerly)")

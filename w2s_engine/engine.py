@@ -136,7 +136,7 @@ class Engine:
         with full_fp32_matmuls(config.dtype):
             self.runners = {role: ModelRunner(m.model, num_blocks, config.block_size,
                                               compile=config.torch_compile,
-                                              fuse_norms=config.fused_rms_norm)
+                                              fuse=config.fused_ops)
                             for role, m in self.models.items()}
             if graphs:
                 runner = self.runners["large"]

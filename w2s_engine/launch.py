@@ -90,9 +90,9 @@ def add_runtime_args(p: argparse.ArgumentParser):
                         "blocks once")
     g.add_argument("--torch-compile", action="store_true",
                    help="run every model's forward through torch.compile")
-    g.add_argument("--no-fused-rms-norm", action="store_true",
-                   help="transformers' own RMSNorm ops instead of the one-kernel RMSNorm (on by "
-                        "default with CUDA)")
+    g.add_argument("--no-fused-ops", action="store_true",
+                   help="transformers' own RMSNorm and rotary-embedding ops instead of the "
+                        "engine's one-kernel versions (on by default with CUDA)")
 
 
 def runtime_config(args) -> dict:
@@ -103,8 +103,8 @@ def runtime_config(args) -> dict:
               "async_scheduling": args.async_scheduling,
               "cascade_attention": args.cascade_attention,
               "torch_compile": args.torch_compile}
-    if args.no_fused_rms_norm:
-        config["fused_rms_norm"] = False
+    if args.no_fused_ops:
+        config["fused_ops"] = False
     if args.enforce_eager:
         if args.cascade_attention:
             raise UserError("--cascade-attention runs on the CUDA graphs' static decode path: "

@@ -5,9 +5,10 @@ LM head itself, so a model whose layers attend by their own code, keep a state b
 keys and values, or transform their logits in a way the engine does not know would run, and
 run wrong, with no error. ModelRunner calls probe() once, at start, on its own pool: a model
 that fails is refused with the reason, before any request. Where the runner swapped the
-model's RMSNorms for the one-kernel RMSNorm, the probe also holds the model's forward to its
-forward with transformers' own norms, and puts those back if the two differ (logged), so a
-norm the kernel gets wrong costs speed, never correctness.
+model's RMSNorms and rotary embeddings for the engine's kernels (models/fused_ops.py), the
+probe also holds the model's forward to its forward with transformers' own ops, and puts
+those back if the two differ (logged), so an op a kernel gets wrong costs speed, never
+correctness.
 """
 
 import logging
@@ -15,7 +16,7 @@ import logging
 import torch
 
 from w2s_engine.models.attention import ForwardBatch, current_batch
-from w2s_engine.models.fused_norms import fuse_rms_norms, unfuse_rms_norms
+from w2s_engine.models.fused_ops import FusedOps, fuse_ops, fused_with, unfuse_ops
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,8 @@ def probe(runner):
 
     try:
         current_batch[0] = both
-        if runner.fused_norms:
-            _check_fused_norms(runner, own_forward, name)
+        if runner.fused_ops:
+            _check_fused_ops(runner, own_forward, name)
         own = own_forward()
         current_batch[0] = second
         hidden = runner.decoder(input_ids=second.input_ids[None],
@@ -87,14 +88,14 @@ def probe(runner):
             "engine cannot run this architecture")
 
 
-def _check_fused_norms(runner, own_forward, name):
-    """The model's forward with its swapped norms against the same forward with transformers'
+def _check_fused_ops(runner, own_forward, name):
+    """The model's forward with its swapped ops against the same forward with transformers'
     own: within the rounding of the dtype (the tolerance of probe's logits check), or the
-    norms go back to transformers' for good."""
-    norm = next(m._w2s_rms_norm for m in runner.model.modules() if "_w2s_rms_norm" in m.__dict__)
-    unfuse_rms_norms(runner.model)
+    ops go back to transformers' for good."""
+    kernels = fused_with(runner.model)
+    unfuse_ops(runner.model)
     plain = own_forward().logits.float()
-    assert fuse_rms_norms(runner.model, norm=norm) == runner.fused_norms
+    assert fuse_ops(runner.model, *kernels) == runner.fused_ops
     fused = own_forward().logits.float()
     if not torch.isfinite(plain).all():
         return      # nothing to compare (as the logits check below)
@@ -102,7 +103,8 @@ def _check_fused_norms(runner, own_forward, name):
     error = (fused - plain).abs().max().item()
     if error <= tolerance * plain.abs().max().item() + 1e-4:
         return
-    unfuse_rms_norms(runner.model)
-    logger.warning("w2s engine: %s with the one-kernel RMSNorm differs from its own forward by "
-                   "up to %.3g; running it with transformers' norms instead", name, error)
-    runner.fused_norms = 0
+    unfuse_ops(runner.model)
+    logger.warning("w2s engine: %s with the engine's RMSNorm and rotary kernels differs from "
+                   "its own forward by up to %.3g; running it with transformers' ops instead",
+                   name, error)
+    runner.fused_ops = FusedOps()

@@ -23,7 +23,7 @@ from w2s_engine.cache.block_manager import BlockTable
 from w2s_engine.kernels.chunk_reward import LMHead
 from w2s_engine.kernels.kv_cache import copy_blocks
 from w2s_engine.models.attention import ATTN_IMPLEMENTATION, ForwardBatch, current_batch
-from w2s_engine.models.fused_norms import fuse_rms_norms
+from w2s_engine.models.fused_ops import FusedOps, fuse_ops
 from w2s_engine.models.probe import probe
 
 
@@ -101,17 +101,18 @@ def logit_scale(config) -> float:
 class ModelRunner:
 
     def __init__(self, model: PreTrainedModel, num_blocks: int, block_size: int = 16,
-                 compile: bool | str = False, fuse_norms: bool = False):
+                 compile: bool | str = False, fuse: bool = False):
         """num_blocks: blocks the block managers hand out (the pool has one more: scratch).
         compile: run the decoder through torch.compile (the attention is one opaque op); a
         string names the backend (default inductor).
-        fuse_norms: the model's RMSNorms of Llama's or Gemma's form run as one kernel each
-        (models/fused_norms.py); not with compile, which fuses them itself."""
+        fuse: the model's RMSNorms and rotary embeddings of the forms the engine's kernels
+        compute run as one kernel each (models/fused_ops.py); not with compile, which fuses
+        them itself."""
         if model.config._attn_implementation != ATTN_IMPLEMENTATION:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.model = model.eval()
-        # how many norms run fused (the model's modules are swapped in place)
-        self.fused_norms = fuse_rms_norms(model) if fuse_norms and not compile else 0
+        # what runs fused (the model's modules are swapped in place)
+        self.fused_ops = fuse_ops(model) if fuse and not compile else FusedOps()
         self.decoder = model.base_model
         if self.decoder is model:   # a base_model_prefix that names no attribute (Llama 4's)
             self.decoder = next(m for m in model.children() if isinstance(m, PreTrainedModel))

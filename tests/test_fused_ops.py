@@ -1,0 +1,265 @@
+"""The engine's one-kernel RMSNorm and rotary embedding against transformers' own
+(LlamaRMSNorm, GemmaRMSNorm, apply_rotary_pos_emb), and the swap of a model's ops: only ops
+of those forms are swapped, a swapped model computes transformers' logits, and the load-time
+probe puts back an op a kernel gets wrong.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) on small fp32/fp16 shapes.
+"""
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+from tiny_models import clone, make_tokenizer, tiny_gemma2, tiny_llama, tiny_phi, tuned_from
+from w2s_engine import Engine, SearchParams
+from w2s_engine.kernels.rms_norm import MAX_ONE_TILE, rms_norm_ref, rms_norm_triton
+from w2s_engine.kernels.rotary import rotary, rotary_ref, rotary_triton
+from w2s_engine.models.fused_ops import (FusedOps, calls_llama_rotary, fuse_ops, rms_norm_form,
+                                         unfuse_ops)
+
+TRITON = {"norm": rms_norm_triton, "rope": rotary_triton}   # the kernels, under the interpreter
+
+
+def transformers_norm(hidden: int, eps: float, weight: torch.Tensor, gemma: bool = False):
+    norm = (GemmaRMSNorm if gemma else LlamaRMSNorm)(hidden, eps)
+    with torch.no_grad():
+        norm.weight = torch.nn.Parameter(weight.clone())
+    return norm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 64), (2, 3, 100), (2, MAX_ONE_TILE + 200)],
+                         ids=["rows", "leading-dims-odd-width", "wider-than-one-tile"])
+@pytest.mark.parametrize("gemma", [False, True], ids=["llama-form", "gemma-form"])
+def test_norm_kernel_matches_transformers_norm(dtype, shape, gemma):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    weight = (1 + torch.randn(shape[-1], generator=g) / 4).to(dtype)
+    want = transformers_norm(shape[-1], 1e-5, weight, gemma).to(dtype)(x)
+    got = rms_norm_triton(x, weight, 1e-5, unit_offset=gemma)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    torch.testing.assert_close(rms_norm_ref(x, weight, 1e-5, gemma), want, atol=0, rtol=0)
+
+
+def test_norm_kernel_keeps_transformers_dtype_promotion_and_reads_strided_rows():
+    """An fp32 weight on fp16 activations gives fp32 (transformers promotes), and rows that
+    are a strided slice of a wider tensor are read where they lie."""
+    g = torch.Generator().manual_seed(1)
+    wide = torch.randn(4, 5, 96, generator=g).to(torch.float16)
+    x = wide[:, :, :80]                       # not viewable as [20, 80]
+    weight = 1 + torch.randn(80, generator=g) / 4
+    want = transformers_norm(80, 1e-6, weight)(x)
+    got = rms_norm_triton(x, weight, 1e-6)
+    assert want.dtype == got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+
+
+def test_norm_kernel_refuses_a_weight_of_the_wrong_width():
+    with pytest.raises(ValueError, match=r"weight must be \[64\]"):
+        rms_norm_triton(torch.randn(2, 64), torch.ones(32), 1e-6)
+
+
+def rope_inputs(dtype, batch=1, tokens=5, hq=4, hk=2, d=16, cos_batch=None, seed=0):
+    """q and k as a transformers attention layer makes them ([B, T, H, D] projections viewed
+    as [B, H, T, D]), and cos / sin as its rotary embedding does (cast to the model's dtype)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, tokens, hq, d, generator=g).to(dtype).transpose(1, 2)
+    k = torch.randn(batch, tokens, hk, d, generator=g).to(dtype).transpose(1, 2)
+    angles = torch.rand(cos_batch or batch, tokens, d // 2, generator=g) * 20
+    angles = torch.cat((angles, angles), dim=-1)
+    return q, k, angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", ["decode-batch", "batched-prompts", "cos-broadcast", "sliced"])
+def test_rotary_kernel_matches_transformers_apply_rotary_pos_emb(dtype, case):
+    if case == "sliced":    # Phi's partial rotary: the first half of each head, a strided view
+        q, k, cos, sin = rope_inputs(dtype, d=32)
+        q, k = q[..., :16], k[..., :16]
+        cos, sin = cos[..., :16].contiguous(), sin[..., :16].contiguous()
+    else:
+        q, k, cos, sin = rope_inputs(dtype, batch=1 if case == "decode-batch" else 3,
+                                     cos_batch=1 if case == "cos-broadcast" else None)
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+    got_q, got_k = rotary_triton(q, k, cos, sin)
+    ref_q, ref_k = rotary_ref(q, k, cos, sin)
+    for got, ref, want in ((got_q, ref_q, want_q), (got_k, ref_k, want_k)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        # each op rounds as torch's does: the same values (fp32 to its last bit)
+        torch.testing.assert_close(got, want, atol=1e-6 if dtype == torch.float32 else 0,
+                                   rtol=1e-6 if dtype == torch.float32 else 0)
+        torch.testing.assert_close(ref, want, atol=0, rtol=0)
+
+
+def test_rotary_takes_other_layouts_to_the_reference():
+    q, k, cos, sin = rope_inputs(torch.float32)
+    qt, kt = q.transpose(1, 2), k.transpose(1, 2)        # [B, T, H, D]: unsqueeze_dim 2
+    want = apply_rotary_pos_emb(qt, kt, cos, sin, unsqueeze_dim=2)
+    for got, ref in zip(rotary(qt, kt, cos, sin, unsqueeze_dim=2), want):
+        torch.testing.assert_close(got, ref, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"the kernel takes \[B, H, T, D\]"):
+        rotary_triton(qt, kt, cos, sin, unsqueeze_dim=2)
+
+
+def tiny_qwen3(vocab_size: int, seed: int, layers: int = 2, hidden: int = 64):
+    """Qwen3: RMSNorms on every head's queries and keys as well."""
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen3Config(
+        num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=vocab_size,
+        max_position_embeddings=512, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+def tiny_olmo2(vocab_size: int, seed: int, layers: int = 2, hidden: int = 64):
+    """OLMo 2: an RMSNorm of neither form (the weight multiplies before the rounding), and
+    its own rotary function."""
+    torch.manual_seed(seed)
+    cfg = transformers.Olmo2Config(
+        num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+        max_position_embeddings=512, bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+def test_only_ops_of_the_kernels_forms_are_swapped():
+    # Mistral: two norms per layer and the final one, a rotary embedding per layer;
+    # Qwen3: the per-head q/k norms too
+    assert fuse_ops(tiny_llama(64, seed=0, layers=2)) == FusedOps(norms=5, rotary=2)
+    assert fuse_ops(tiny_qwen3(64, seed=0, layers=2)) == FusedOps(norms=9, rotary=2)
+    # Gemma 2: four norms per layer (around attention and around the MLP) and the final one
+    gemma = tiny_gemma2(64, seed=0)
+    assert {rms_norm_form(m) for m in gemma.modules()} - {None} == {("eps", True)}
+    assert fuse_ops(gemma) == FusedOps(norms=9, rotary=2)
+    # Phi: LayerNorms, and Llama's rotary on the first part of each head
+    assert fuse_ops(tiny_phi(64, seed=0)) == FusedOps(norms=0, rotary=2)
+    # OLMo 2's norms and rotary function are of other forms: left to transformers
+    olmo = tiny_olmo2(64, seed=0)
+    assert not any(rms_norm_form(m) or calls_llama_rotary(m) for m in olmo.modules())
+    assert not fuse_ops(olmo)
+    # a module swapped once is not swapped again, and unswapped it is transformers' again
+    model = tiny_llama(64, seed=0)
+    assert fuse_ops(model) == FusedOps(5, 2) and not fuse_ops(model)
+    assert unfuse_ops(model) == FusedOps(5, 2)
+    assert fuse_ops(model) == FusedOps(5, 2)
+
+
+def test_a_swapped_layer_calls_the_kernels_in_its_own_code():
+    """The attention's forward is transformers' code with apply_rotary_pos_emb resolved to the
+    kernel: each layer calls it once per forward, and transformers' module is untouched."""
+    import transformers.models.mistral.modeling_mistral as modeling_mistral
+    calls = []
+
+    def spy_rope(*args, **kwargs):
+        calls.append("rope")
+        return rotary_ref(*args, **kwargs)
+
+    def spy_norm(*args):
+        calls.append("norm")
+        return rms_norm_ref(*args)
+
+    model = tiny_llama(64, seed=0, layers=3)
+    fuse_ops(model, norm=spy_norm, rope=spy_rope)
+    with torch.no_grad():
+        model(torch.tensor([[3, 4, 5]]))
+    assert calls.count("rope") == 3 and calls.count("norm") == 7
+    # another model of the same classes runs transformers' own
+    assert modeling_mistral.apply_rotary_pos_emb.__module__ == modeling_mistral.__name__
+    with torch.no_grad():
+        tiny_llama(64, seed=0, layers=3)(torch.tensor([[3, 4, 5]]))
+    assert len(calls) == 10
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen3, tiny_gemma2, tiny_phi],
+                         ids=["mistral", "qwen3", "gemma2", "phi"])
+def test_swapped_model_gives_transformers_logits(make):
+    model = make(96, seed=3)
+    ids = torch.randint(2, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+        assert fuse_ops(model, **TRITON)
+        got = model(ids).logits
+        assert unfuse_ops(model)
+        again = model(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, want, atol=0, rtol=0)
+
+
+def test_engine_with_fused_ops_searches_as_without():
+    tok = make_tokenizer(200)
+    large = tiny_llama(len(tok), seed=10, layers=3)
+    untuned = tiny_llama(len(tok), seed=11)
+    tuned = tuned_from(untuned, seed=12, scale=0.3)
+    params = SearchParams(w=2, k=2, l=3, max_new_tokens=9, temperature=1.0, seed=5)
+    results = []
+    for fused in (False, True):
+        engine = Engine((clone(large), tok), (clone(tuned), tok), (clone(untuned), tok),
+                        device="cpu", fused_ops=fused, num_kv_blocks=200, block_size=4,
+                        progress=False)
+        assert engine.runners["large"].fused_ops == (FusedOps(7, 3) if fused else FusedOps())
+        assert engine.runners["tuned"].fused_ops == (FusedOps(5, 2) if fused else FusedOps())
+        results.append(engine.search(["The plot of this film", "I really"], params))
+    for without, with_fused in zip(*results):
+        assert with_fused.token_ids == without.token_ids
+        assert with_fused.reward == pytest.approx(without.reward, abs=1e-5)
+
+
+def wrong_norm(x, weight, eps, unit_offset=False):
+    return rms_norm_ref(x, weight, eps, unit_offset) * 2
+
+
+def wrong_rope(q, k, cos, sin, unsqueeze_dim=1):
+    return rotary_ref(q, k, sin, cos, unsqueeze_dim)     # cos and sin swapped
+
+
+@pytest.mark.parametrize("wrong", [{"norm": wrong_norm}, {"rope": wrong_rope}],
+                         ids=["norm", "rotary"])
+def test_an_op_a_kernel_gets_wrong_is_put_back_at_load(monkeypatch, caplog, wrong):
+    """The load-time probe holds the swapped model to transformers' own ops: where they
+    differ, transformers' go back (logged) and the model runs right."""
+    import w2s_engine.models.runner as runner_module
+    from w2s_engine.models.runner import ModelRunner
+
+    monkeypatch.setattr(runner_module, "fuse_ops", lambda model: fuse_ops(model, **wrong))
+    model = tiny_llama(96, seed=3)
+    ids = torch.randint(2, 96, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+    runner = ModelRunner(model, num_blocks=16, block_size=4, fuse=True)
+    assert not runner.fused_ops
+    assert "running it with transformers' ops instead" in caplog.text
+    assert sum(rms_norm_form(m) is not None for m in model.modules()) == 5   # unswapped
+    assert sum(calls_llama_rotary(m) for m in model.modules()) == 2
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want)
+    # the right kernels stay swapped
+    monkeypatch.setattr(runner_module, "fuse_ops", lambda model: fuse_ops(model, **TRITON))
+    assert ModelRunner(tiny_llama(96, seed=3), num_blocks=16, block_size=4,
+                       fuse=True).fused_ops == FusedOps(5, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gemma", [False, True], ids=["llama-form", "gemma-form"])
+def test_norm_kernel_matches_transformers_in_bf16_on_cuda(gemma):
+    x = torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16) * 3
+    weight = (1 + torch.randn(4096, device="cuda") / 4).to(torch.bfloat16)
+    want = transformers_norm(4096, 1e-5, weight, gemma).cuda().to(torch.bfloat16)(x)
+    got = rms_norm_triton(x, weight, 1e-5, unit_offset=gemma)
+    # the sum of squares runs in another order: at most one bf16 rounding apart
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=8e-3)
+
+
+@pytest.mark.gpu
+def test_rotary_kernel_matches_transformers_in_bf16_on_cuda():
+    """An 8B Llama's shapes (32 query and 8 kv heads of 128), 256 tokens of a decode batch:
+    each op rounds as torch's does, so the same bf16 values."""
+    q, k, cos, sin = (t.cuda() for t in rope_inputs(torch.bfloat16, tokens=256, hq=32, hk=8,
+                                                     d=128))
+    for got, want in zip(rotary_triton(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
