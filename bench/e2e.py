@@ -226,7 +226,7 @@ def main():
     ap.add_argument("--async-scheduling", action="store_true",
                     help="async_scheduling=True: step n+1 launched before step n's tokens are read")
     ap.add_argument("--no-fused-ops", action="store_true",
-                    help="fused_ops=False: transformers' RMSNorm and rotary ops (for comparison)")
+                    help="fused_ops=False: transformers' norm, rotary and MLP ops (for comparison)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"e2e-{args.preset}.jsonl"

@@ -46,6 +46,7 @@ from w2s_engine.kernels.chunk_reward import (LMHead, chunk_reward_triton,  # noq
 from w2s_engine.kernels.kv_cache import copy_blocks_triton, store_kv_triton  # noqa: E402
 from w2s_engine.kernels.paged_attention import (paged_decode_attention_triton,  # noqa: E402
                                                 paged_extend_attention_triton)
+from w2s_engine.kernels.activation import silu_mul_triton  # noqa: E402
 from w2s_engine.kernels.rms_norm import rms_norm_triton  # noqa: E402
 from w2s_engine.kernels.rotary import rotary_triton  # noqa: E402
 from w2s_engine.kernels.sampling import sample_triton  # noqa: E402
@@ -136,6 +137,11 @@ def recipes():
             cos = torch.randn(1, 16, 128).to(dtype)
             rotary_triton(q, k, cos, cos.clone())
         yield f"rotary {name}", rope
+
+        def act(dtype=dtype):      # an 8B Llama's MLP width
+            gate = torch.randn(4, 14336).to(dtype)
+            silu_mul_triton(gate, gate.clone())
+        yield f"silu_mul {name}", act
 
         sinks = torch.zeros(32)    # GPT-OSS's attention sinks: one logit per query head
         for window, softcap, start, sink in ((None, None, False, None),

@@ -63,7 +63,7 @@ def main():
                     help="admit a request every N engine steps instead of all at once (their "
                          "chunks end on different steps)")
     ap.add_argument("--no-fused-ops", action="store_true",
-                    help="fused_ops=False: transformers' RMSNorm and rotary ops (for comparison)")
+                    help="fused_ops=False: transformers' norm, rotary and MLP ops (for comparison)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     engine, names = build(args.preset, cuda_graphs=not args.no_graphs,

@@ -15,12 +15,14 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_
 
 from tiny_models import clone, make_tokenizer, tiny_gemma2, tiny_llama, tiny_phi, tuned_from
 from w2s_engine import Engine, SearchParams
+from w2s_engine.kernels.activation import silu_mul_ref, silu_mul_triton
 from w2s_engine.kernels.rms_norm import MAX_ONE_TILE, rms_norm_ref, rms_norm_triton
 from w2s_engine.kernels.rotary import rotary, rotary_ref, rotary_triton
-from w2s_engine.models.fused_ops import (FusedOps, calls_llama_rotary, fuse_ops, rms_norm_form,
-                                         unfuse_ops)
+from w2s_engine.models.fused_ops import (FusedOps, calls_llama_rotary, fuse_ops, is_silu_gated_mlp,
+                                         rms_norm_form, unfuse_ops)
 
-TRITON = {"norm": rms_norm_triton, "rope": rotary_triton}   # the kernels, under the interpreter
+# the kernels, under the interpreter
+TRITON = {"norm": rms_norm_triton, "rope": rotary_triton, "act": silu_mul_triton}
 
 
 def transformers_norm(hidden: int, eps: float, weight: torch.Tensor, gemma: bool = False):
@@ -106,6 +108,23 @@ def test_rotary_takes_other_layouts_to_the_reference():
         rotary_triton(qt, kt, cos, sin, unsqueeze_dim=2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_silu_mul_kernel_matches_transformers_activation_times_up(dtype):
+    g = torch.Generator().manual_seed(0)
+    wide = (torch.randn(2, 3, 1500, generator=g) * 4).to(dtype)
+    gate, up = wide[..., :1300], (torch.randn(2, 3, 1300, generator=g) * 2).to(dtype)
+    want = transformers.activations.ACT2FN["silu"](gate) * up
+    got = silu_mul_triton(gate, up)       # gate a strided slice; two column tiles
+    assert got.dtype == want.dtype and got.shape == want.shape
+    tol = 1e-6 if dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    if dtype == torch.float16:
+        # the activation rounded before the product, as torch's two ops do: the same values
+        # but where the two exps' last fp32 bit moves a rounding
+        assert (got == want).float().mean() > 0.999
+    torch.testing.assert_close(silu_mul_ref(gate, up), want, atol=0, rtol=0)
+
+
 def tiny_qwen3(vocab_size: int, seed: int, layers: int = 2, hidden: int = 64):
     """Qwen3: RMSNorms on every head's queries and keys as well."""
     torch.manual_seed(seed)
@@ -128,25 +147,27 @@ def tiny_olmo2(vocab_size: int, seed: int, layers: int = 2, hidden: int = 64):
 
 
 def test_only_ops_of_the_kernels_forms_are_swapped():
-    # Mistral: two norms per layer and the final one, a rotary embedding per layer;
-    # Qwen3: the per-head q/k norms too
-    assert fuse_ops(tiny_llama(64, seed=0, layers=2)) == FusedOps(norms=5, rotary=2)
-    assert fuse_ops(tiny_qwen3(64, seed=0, layers=2)) == FusedOps(norms=9, rotary=2)
-    # Gemma 2: four norms per layer (around attention and around the MLP) and the final one
+    # Mistral: two norms per layer and the final one, a rotary embedding and a SiLU-gated
+    # MLP per layer; Qwen3: the per-head q/k norms too
+    assert fuse_ops(tiny_llama(64, seed=0, layers=2)) == FusedOps(norms=5, rotary=2, mlps=2)
+    assert fuse_ops(tiny_qwen3(64, seed=0, layers=2)) == FusedOps(norms=9, rotary=2, mlps=2)
+    # Gemma 2: four norms per layer (around attention and around the MLP) and the final one;
+    # its MLP's activation is GELU: left to transformers
     gemma = tiny_gemma2(64, seed=0)
     assert {rms_norm_form(m) for m in gemma.modules()} - {None} == {("eps", True)}
-    assert fuse_ops(gemma) == FusedOps(norms=9, rotary=2)
-    # Phi: LayerNorms, and Llama's rotary on the first part of each head
-    assert fuse_ops(tiny_phi(64, seed=0)) == FusedOps(norms=0, rotary=2)
+    assert fuse_ops(gemma) == FusedOps(norms=9, rotary=2, mlps=0)
+    # Phi: LayerNorms, Llama's rotary on the first part of each head, a plain MLP
+    assert fuse_ops(tiny_phi(64, seed=0)) == FusedOps(norms=0, rotary=2, mlps=0)
     # OLMo 2's norms and rotary function are of other forms: left to transformers
     olmo = tiny_olmo2(64, seed=0)
     assert not any(rms_norm_form(m) or calls_llama_rotary(m) for m in olmo.modules())
-    assert not fuse_ops(olmo)
+    assert fuse_ops(olmo) == FusedOps(norms=0, rotary=0, mlps=2)
     # a module swapped once is not swapped again, and unswapped it is transformers' again
     model = tiny_llama(64, seed=0)
-    assert fuse_ops(model) == FusedOps(5, 2) and not fuse_ops(model)
-    assert unfuse_ops(model) == FusedOps(5, 2)
-    assert fuse_ops(model) == FusedOps(5, 2)
+    assert fuse_ops(model) == FusedOps(5, 2, 2) and not fuse_ops(model)
+    assert unfuse_ops(model) == FusedOps(5, 2, 2)
+    assert sum(is_silu_gated_mlp(m) for m in model.modules()) == 2
+    assert fuse_ops(model) == FusedOps(5, 2, 2)
 
 
 def test_a_swapped_layer_calls_the_kernels_in_its_own_code():
@@ -163,16 +184,20 @@ def test_a_swapped_layer_calls_the_kernels_in_its_own_code():
         calls.append("norm")
         return rms_norm_ref(*args)
 
+    def spy_act(*args):
+        calls.append("act")
+        return silu_mul_ref(*args)
+
     model = tiny_llama(64, seed=0, layers=3)
-    fuse_ops(model, norm=spy_norm, rope=spy_rope)
+    fuse_ops(model, norm=spy_norm, rope=spy_rope, act=spy_act)
     with torch.no_grad():
         model(torch.tensor([[3, 4, 5]]))
-    assert calls.count("rope") == 3 and calls.count("norm") == 7
+    assert (calls.count("rope"), calls.count("norm"), calls.count("act")) == (3, 7, 3)
     # another model of the same classes runs transformers' own
     assert modeling_mistral.apply_rotary_pos_emb.__module__ == modeling_mistral.__name__
     with torch.no_grad():
         tiny_llama(64, seed=0, layers=3)(torch.tensor([[3, 4, 5]]))
-    assert len(calls) == 10
+    assert len(calls) == 13
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_qwen3, tiny_gemma2, tiny_phi],
@@ -201,8 +226,8 @@ def test_engine_with_fused_ops_searches_as_without():
         engine = Engine((clone(large), tok), (clone(tuned), tok), (clone(untuned), tok),
                         device="cpu", fused_ops=fused, num_kv_blocks=200, block_size=4,
                         progress=False)
-        assert engine.runners["large"].fused_ops == (FusedOps(7, 3) if fused else FusedOps())
-        assert engine.runners["tuned"].fused_ops == (FusedOps(5, 2) if fused else FusedOps())
+        assert engine.runners["large"].fused_ops == (FusedOps(7, 3, 3) if fused else FusedOps())
+        assert engine.runners["tuned"].fused_ops == (FusedOps(5, 2, 2) if fused else FusedOps())
         results.append(engine.search(["The plot of this film", "I really"], params))
     for without, with_fused in zip(*results):
         assert with_fused.token_ids == without.token_ids
@@ -217,8 +242,12 @@ def wrong_rope(q, k, cos, sin, unsqueeze_dim=1):
     return rotary_ref(q, k, sin, cos, unsqueeze_dim)     # cos and sin swapped
 
 
-@pytest.mark.parametrize("wrong", [{"norm": wrong_norm}, {"rope": wrong_rope}],
-                         ids=["norm", "rotary"])
+def wrong_act(gate, up):
+    return torch.sigmoid(gate) * up
+
+
+@pytest.mark.parametrize("wrong", [{"norm": wrong_norm}, {"rope": wrong_rope}, {"act": wrong_act}],
+                         ids=["norm", "rotary", "activation"])
 def test_an_op_a_kernel_gets_wrong_is_put_back_at_load(monkeypatch, caplog, wrong):
     """The load-time probe holds the swapped model to transformers' own ops: where they
     differ, transformers' go back (logged) and the model runs right."""
@@ -235,13 +264,14 @@ def test_an_op_a_kernel_gets_wrong_is_put_back_at_load(monkeypatch, caplog, wron
     assert "running it with transformers' ops instead" in caplog.text
     assert sum(rms_norm_form(m) is not None for m in model.modules()) == 5   # unswapped
     assert sum(calls_llama_rotary(m) for m in model.modules()) == 2
+    assert sum(is_silu_gated_mlp(m) for m in model.modules()) == 2
     model.set_attn_implementation("sdpa")
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, want)
     # the right kernels stay swapped
     monkeypatch.setattr(runner_module, "fuse_ops", lambda model: fuse_ops(model, **TRITON))
     assert ModelRunner(tiny_llama(96, seed=3), num_blocks=16, block_size=4,
-                       fuse=True).fused_ops == FusedOps(5, 2)
+                       fuse=True).fused_ops == FusedOps(5, 2, 2)
 
 
 @pytest.mark.gpu
@@ -253,6 +283,18 @@ def test_norm_kernel_matches_transformers_in_bf16_on_cuda(gemma):
     got = rms_norm_triton(x, weight, 1e-5, unit_offset=gemma)
     # the sum of squares runs in another order: at most one bf16 rounding apart
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=8e-3)
+
+
+@pytest.mark.gpu
+def test_silu_mul_kernel_matches_transformers_in_bf16_on_cuda():
+    """An 8B Llama's MLP width, 256 tokens: the same bf16 values but where the two exps'
+    last fp32 bit moves a rounding."""
+    gate = torch.randn(256, 14336, device="cuda", dtype=torch.bfloat16) * 4
+    up = torch.randn(256, 14336, device="cuda", dtype=torch.bfloat16) * 2
+    want = transformers.activations.ACT2FN["silu"](gate) * up
+    got = silu_mul_triton(gate, up)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=8e-3)
+    assert (got == want).float().mean() > 0.999
 
 
 @pytest.mark.gpu

@@ -1,5 +1,6 @@
-"""Run a model's RMSNorms and rotary embeddings through the engine's one-kernel versions
-(kernels/rms_norm.py, kernels/rotary.py) instead of transformers' chains of small torch ops.
+"""Run a model's RMSNorms, rotary embeddings and gated-MLP activations through the engine's
+one-kernel versions (kernels/rms_norm.py, kernels/rotary.py, kernels/activation.py) instead of
+transformers' chains of small torch ops.
 
 transformers owns the model math, so an op is swapped only where its code is provably the one
 the kernel computes, compared by bytecode (the same instructions, constants and names):
@@ -11,7 +12,10 @@ the kernel computes, compared by bytecode (the same instructions, constants and 
   that function and its `rotate_half` are Llama's (Qwen2/3, Mistral, Gemma 1-3, Granite,
   DeepSeek-V3, ...). Its forward is transformers' own code, run with that one global name
   resolved to the kernel (a function built from the same code object, with the decorators'
-  wrappers rebuilt around it); nothing else about it changes.
+  wrappers rebuilt around it); nothing else about it changes;
+- an MLP module whose forward is LlamaMLP's (down(act(gate(x)) * up(x)): Qwen2/3, Mistral,
+  Granite, DeepSeek-V3's dense layers, ...) with a SiLU activation: silu(gate) * up as one
+  kernel between the same GEMMs (Gemma's GELU stays transformers').
 Every swap is per module instance (its `forward`), so other models of the same classes in the
 process, a reference baseline's say, keep transformers' own; unfuse_ops gives them back.
 """
@@ -20,9 +24,11 @@ import types
 from dataclasses import dataclass
 
 import torch
+from transformers.activations import SiLUActivation
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama import modeling_llama
 
+from w2s_engine.kernels.activation import silu_mul
 from w2s_engine.kernels.rms_norm import rms_norm
 from w2s_engine.kernels.rotary import rotary
 
@@ -37,9 +43,10 @@ class FusedOps:
     """How many of a model's modules run each kernel."""
     norms: int = 0
     rotary: int = 0
+    mlps: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.norms or self.rotary)
+        return bool(self.norms or self.rotary or self.mlps)
 
 
 # ---- RMSNorm ------------------------------------------------------------------------------
@@ -135,15 +142,40 @@ def _holds(cell, value) -> bool:
         return False
 
 
+# ---- gated MLP ----------------------------------------------------------------------------
+
+_LLAMA_MLP = _code_key(modeling_llama.LlamaMLP.forward)
+_SILU = _code_key(SiLUActivation.forward)
+
+
+def is_silu_gated_mlp(module: torch.nn.Module) -> bool:
+    """Whether the module's forward is LlamaMLP's, instruction for instruction, with a SiLU
+    activation (torch's module or transformers' SiLUActivation, neither with a forward of its
+    own)."""
+    forward = getattr(type(module), "forward", None)
+    act = getattr(module, "act_fn", None)
+    if getattr(forward, "__code__", None) is None or "forward" in module.__dict__ \
+            or _code_key(forward) != _LLAMA_MLP or not isinstance(act, torch.nn.Module) \
+            or "forward" in act.__dict__:
+        return False
+    return type(act) is torch.nn.SiLU or (
+        isinstance(act, SiLUActivation) and _code_key(type(act).forward) == _SILU)
+
+
+def _fused_mlp_forward(self, x):
+    return self.down_proj(self._w2s_silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
 # ---- the swap -----------------------------------------------------------------------------
 
-def fuse_ops(model: torch.nn.Module, norm=rms_norm, rope=rotary) -> FusedOps:
+def fuse_ops(model: torch.nn.Module, norm=rms_norm, rope=rotary, act=silu_mul) -> FusedOps:
     """Route every op of `model` that the kernels compute through them: each RMSNorm of
     Llama's or Gemma's form through `norm(x, weight, eps, unit_offset)`, each Llama-form
-    rotary embedding through `rope(q, k, cos, sin, unsqueeze_dim)`. The defaults dispatch
-    (Triton on CUDA, the reference elsewhere); the tests pass the Triton functions to run the
-    kernels under the interpreter. Returns how many modules of each were swapped."""
-    norms = ropes = 0
+    rotary embedding through `rope(q, k, cos, sin, unsqueeze_dim)`, each SiLU-gated MLP's
+    activation through `act(gate, up)`. The defaults dispatch (Triton on CUDA, the reference
+    elsewhere); the tests pass the Triton functions to run the kernels under the interpreter.
+    Returns how many modules of each were swapped."""
+    norms = ropes = mlps = 0
     for module in model.modules():
         form = rms_norm_form(module)
         if form is not None:
@@ -157,13 +189,17 @@ def fuse_ops(model: torch.nn.Module, norm=rms_norm, rope=rotary) -> FusedOps:
                 module._w2s_rotary = rope
                 module.forward = types.MethodType(forward, module)
                 ropes += 1
-    return FusedOps(norms, ropes)
+        elif is_silu_gated_mlp(module):
+            module._w2s_silu_mul = act
+            module.forward = types.MethodType(_fused_mlp_forward, module)
+            mlps += 1
+    return FusedOps(norms, ropes, mlps)
 
 
 def unfuse_ops(model: torch.nn.Module) -> FusedOps:
     """Give the swapped modules transformers' forward back (a reference run on the same
     modules, say); returns how many of each."""
-    norms = ropes = 0
+    norms = ropes = mlps = 0
     for module in model.modules():
         if "_w2s_rms_norm" in module.__dict__:
             del module.forward, module._w2s_rms_norm, module._w2s_rms_norm_form
@@ -171,13 +207,16 @@ def unfuse_ops(model: torch.nn.Module) -> FusedOps:
         elif "_w2s_rotary" in module.__dict__:
             del module.forward, module._w2s_rotary
             ropes += 1
-    return FusedOps(norms, ropes)
+        elif "_w2s_silu_mul" in module.__dict__:
+            del module.forward, module._w2s_silu_mul
+            mlps += 1
+    return FusedOps(norms, ropes, mlps)
 
 
 def fused_with(model: torch.nn.Module) -> tuple:
-    """(norm, rope): the functions a fused model's modules were given (to fuse it again the
-    same way after an unfuse)."""
-    norm = next((m._w2s_rms_norm for m in model.modules() if "_w2s_rms_norm" in m.__dict__),
-                rms_norm)
-    rope = next((m._w2s_rotary for m in model.modules() if "_w2s_rotary" in m.__dict__), rotary)
-    return norm, rope
+    """(norm, rope, act): the functions a fused model's modules were given (to fuse it again
+    the same way after an unfuse)."""
+    def given(attr, default):
+        return next((m.__dict__[attr] for m in model.modules() if attr in m.__dict__), default)
+    return (given("_w2s_rms_norm", rms_norm), given("_w2s_rotary", rotary),
+            given("_w2s_silu_mul", silu_mul))

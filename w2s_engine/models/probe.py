@@ -5,10 +5,10 @@ LM head itself, so a model whose layers attend by their own code, keep a state b
 keys and values, or transform their logits in a way the engine does not know would run, and
 run wrong, with no error. ModelRunner calls probe() once, at start, on its own pool: a model
 that fails is refused with the reason, before any request. Where the runner swapped the
-model's RMSNorms and rotary embeddings for the engine's kernels (models/fused_ops.py), the
-probe also holds the model's forward to its forward with transformers' own ops, and puts
-those back if the two differ (logged), so an op a kernel gets wrong costs speed, never
-correctness.
+model's RMSNorms, rotary embeddings and MLP activations for the engine's kernels
+(models/fused_ops.py), the probe also holds the model's forward to its forward with
+transformers' own ops, and puts those back if the two differ (logged), so an op a kernel gets
+wrong costs speed, never correctness.
 """
 
 import logging
@@ -104,7 +104,8 @@ def _check_fused_ops(runner, own_forward, name):
     if error <= tolerance * plain.abs().max().item() + 1e-4:
         return
     unfuse_ops(runner.model)
-    logger.warning("w2s engine: %s with the engine's RMSNorm and rotary kernels differs from "
-                   "its own forward by up to %.3g; running it with transformers' ops instead",
+    logger.warning("w2s engine: %s with the engine's RMSNorm, rotary and activation kernels "
+                   "differs from its own forward by up to %.3g; running it with transformers' "
+                   "ops instead",
                    name, error)
     runner.fused_ops = FusedOps()
