@@ -24,7 +24,7 @@ import types
 from dataclasses import dataclass
 
 import torch
-from transformers.activations import SiLUActivation
+from transformers import activations
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama import modeling_llama
 
@@ -145,7 +145,9 @@ def _holds(cell, value) -> bool:
 # ---- gated MLP ----------------------------------------------------------------------------
 
 _LLAMA_MLP = _code_key(modeling_llama.LlamaMLP.forward)
-_SILU = _code_key(SiLUActivation.forward)
+# transformers' own SiLU module where this version has one (others use torch's nn.SiLU)
+_SILU_MODULE = getattr(activations, "SiLUActivation", None)
+_SILU = _code_key(_SILU_MODULE.forward) if _SILU_MODULE is not None else None
 
 
 def is_silu_gated_mlp(module: torch.nn.Module) -> bool:
@@ -159,7 +161,8 @@ def is_silu_gated_mlp(module: torch.nn.Module) -> bool:
             or "forward" in act.__dict__:
         return False
     return type(act) is torch.nn.SiLU or (
-        isinstance(act, SiLUActivation) and _code_key(type(act).forward) == _SILU)
+        _SILU_MODULE is not None and isinstance(act, _SILU_MODULE)
+        and _code_key(type(act).forward) == _SILU)
 
 
 def _fused_mlp_forward(self, x):
