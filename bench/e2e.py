@@ -225,6 +225,9 @@ def main():
                     help="admit a request every N engine steps instead of all at once")
     ap.add_argument("--async-scheduling", action="store_true",
                     help="async_scheduling=True: step n+1 launched before step n's tokens are read")
+    ap.add_argument("--both-schedulings", action="store_true",
+                    help="each row waiting and then with async scheduling, on the same engine "
+                         "(one model build and capture for both)")
     ap.add_argument("--no-fused-ops", action="store_true",
                     help="fused_ops=False: transformers' norm, rotary and MLP ops (for comparison)")
     args = ap.parse_args()
@@ -240,14 +243,25 @@ def main():
                           fused_ops=False if args.no_fused_ops else None)
     if args.eager_scoring:
         eager_scoring(engine)
+    schedulings = [False, True] if args.both_schedulings else [args.async_scheduling]
     for plen in map(int, args.prompt_lens.split(",")):
         for max_new in map(int, args.max_new.split(",")):
             for search in args.searches.split(","):
                 for conc in map(int, args.concurrency.split(",")):
-                    row = bench_one(engine, names, args, plen, max_new, search, conc)
-                    print(json.dumps(row), flush=True)
-                    with out.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
+                    for asynchronous in schedulings:
+                        set_async_scheduling(engine, asynchronous)
+                        row = bench_one(engine, names, args, plen, max_new, search, conc)
+                        print(json.dumps(row), flush=True)
+                        with out.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
+
+
+def set_async_scheduling(engine, on: bool):
+    """Switch an idle engine's scheduling (the large model reads it at each step)."""
+    assert not engine.has_unfinished() and getattr(engine.large, "in_flight", None) is None
+    if hasattr(engine.large, "async_scheduling"):
+        engine.large.async_scheduling = on
+        engine.config.async_scheduling = on
 
 
 def parse_search(search: str, max_new: int) -> SearchParams:

@@ -7,19 +7,20 @@
 # 2. the end-to-end rows: random-init Llama-3-8B steered by a random-init Llama-3.2-1B pair,
 #    bf16, prompt 512, CBS(4,4,8), one and 16 concurrent requests at 256 tokens (one process,
 #    one model build), with plain sampling of the same streams beside each and its step time
-#    over the weight-read floor; the same with transformers' RMSNorm and rotary ops instead
-#    of the engine's kernels, and with async scheduling;
+#    over the weight-read floor, waiting and with async scheduling (the same engine); the
+#    same with transformers' RMSNorm, rotary and MLP ops instead of the engine's kernels;
 # 3. the kernel benchmarks (pytest-benchmark JSON + a markdown table); 4. profiled searches
 #    (GPU busy fraction), waiting and with async scheduling; 5. 16 concurrent under
 #    torch.compile; CBS(4,4,8) at prompt 2048 with and without the shared-prefix (cascade)
 #    decode attention; 16 concurrent with a random Qwen2.5-7B large model (different
 #    vocabularies); 16 requests admitted every 2 steps (chunks out of step), waiting and
-#    async, and profiled (async: where the device waits); one request at 1024 tokens against the reference baseline; the profile with the
-#    scorers' forwards eager; the host's share of a step (bench/host_step.py: tiny models on
-#    that machine's CPU). A step that would start with less than 45 s left is skipped, and
+#    async, and profiled (async: where the device waits); one request at 1024 tokens
+#    against the reference baseline; the profile with the scorers' forwards eager; the
+#    host's share of a step (bench/host_step.py: tiny models on that machine's CPU). A step that would start with less than 45 s left is skipped, and
 #    each step's limit is cut to the time left, so the summary is always written.
 # On an H200 at 74255bd, the first e2e step took 2 minutes (model build, compiles, autotuning),
-# a later e2e step 45-75 s; the gpu tests ran 8 tests in 130 s in one process.
+# a later e2e step 45-75 s (most of it the model build and capture, so the waiting and async
+# rows share one engine); the gpu tests ran 8 tests in 130 s in one process.
 # Results go to OUT_DIR (default bench/results/): JSONL, logs and gpu-check-<device>.md.
 #
 # The GPU machine may have an older transformers than ours and no internet: WHEELS_DIR holds
@@ -72,12 +73,10 @@ gpu_files=$(grep -l "mark.gpu" tests/test_*.py)
 parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
 step "gpu tests" 200 python3 -m pytest -q -m gpu $gpu_files $parallel -p no:cacheprovider \
     --continue-on-collection-errors --durations=15 -rfE
-step "e2e 1 and 16 requests, 256 tokens" 150 $e2e --preset gpu --max-new 256 \
-    --concurrency 1,16
+step "e2e 1 and 16 requests, 256 tokens, waiting and async" 180 $e2e --preset gpu \
+    --max-new 256 --concurrency 1,16 --both-schedulings
 step "e2e 1 and 16 requests, 256 tokens, transformers' norms and rotary" 90 $e2e \
     --preset gpu --max-new 256 --concurrency 1,16 --no-fused-ops
-step "e2e 1 and 16 requests, 256 tokens, async scheduling" 90 $e2e --preset gpu \
-    --max-new 256 --concurrency 1,16 --async-scheduling
 step "kernel benchmarks" 120 python3 -m pytest -q bench/kernels.py --benchmark-only \
     -p no:cacheprovider --benchmark-json "$out/kernels-$device.json"
 if [ -f "$out/kernels-$device.json" ]; then
@@ -95,10 +94,8 @@ step "e2e 1 request, prompt 2048, per-beam" 90 $e2e --preset gpu --max-new 256 \
     --concurrency 1 --prompt-lens 2048
 step "e2e cross vocabulary, 16 requests" 150 $e2e --preset gpu-cross --max-new 256 \
     --concurrency 16
-step "e2e 16 requests arriving every 2 steps" 90 $e2e --preset gpu --max-new 256 \
-    --concurrency 16 --arrivals-every 2
-step "e2e 16 requests arriving every 2 steps, async scheduling" 90 $e2e --preset gpu \
-    --max-new 256 --concurrency 16 --arrivals-every 2 --async-scheduling
+step "e2e 16 requests arriving every 2 steps, waiting and async" 120 $e2e --preset gpu \
+    --max-new 256 --concurrency 16 --arrivals-every 2 --both-schedulings
 step "profile, 16 requests arriving every 2 steps, async scheduling" 90 python3 \
     bench/profile_step.py --preset gpu --concurrency 16 --arrivals-every 2 --async-scheduling \
     --out "$out"
