@@ -83,9 +83,8 @@ if [ -f "$out/kernels-$device.json" ]; then
     step "kernel table" 30 python3 bench/kernels_table.py "$out/kernels-$device.json" \
         --markdown "$out/kernels-$device.md"
 fi
-step "profile" 60 python3 bench/profile_step.py --preset gpu --out "$out"
-step "profile, async scheduling" 60 python3 bench/profile_step.py --preset gpu \
-    --async-scheduling --out "$out"
+step "profile, waiting and async" 90 python3 bench/profile_step.py --preset gpu \
+    --both-schedulings --out "$out"
 step "e2e 16 requests, 256 tokens, torch.compile" 240 $e2e --preset gpu --max-new 256 \
     --concurrency 16 --compile
 step "e2e 1 request, prompt 2048, cascade" 120 $e2e --preset gpu --max-new 256 --concurrency 1 \

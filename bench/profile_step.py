@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.e2e import RESULTS, arriving, build, commit, eager_scoring, machine, parse_search, \
-    prompt_of  # noqa: E402
+    prompt_of, set_async_scheduling  # noqa: E402
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
@@ -59,6 +59,8 @@ def main():
                     help="no scoring graphs: every scorer's forward eagerly (for comparison)")
     ap.add_argument("--async-scheduling", action="store_true",
                     help="async_scheduling=True: step n+1 launched before step n's tokens are read")
+    ap.add_argument("--both-schedulings", action="store_true",
+                    help="profile waiting and then with async scheduling, on the same engine")
     ap.add_argument("--arrivals-every", type=int, default=0,
                     help="admit a request every N engine steps instead of all at once (their "
                          "chunks end on different steps)")
@@ -74,6 +76,17 @@ def main():
     params = parse_search(args.search, args.max_new)
     prompts = [prompt_of(engine.large_tokenizer, args.prompt_len, seed=i)
                for i in range(args.concurrency)]
+    schedulings = [False, True] if args.both_schedulings else [args.async_scheduling]
+    for asynchronous in schedulings:
+        set_async_scheduling(engine, asynchronous)
+        row = profile_one(engine, names, args, params, prompts)
+        args.out.mkdir(parents=True, exist_ok=True)
+        with (args.out / "profile_step.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def profile_one(engine, names, args, params, prompts) -> dict:
+    """One profiled search (after a short warm-up): its row, printed."""
     engine.search(prompts[:1], params.copy(max_new_tokens=min(16, args.max_new)))  # warm-up
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
@@ -119,9 +132,7 @@ def main():
         print(f"  {name}: {100 * share:.1f}% of the wall time")
     for name, us in top:
         print(f"  {us / 1e3:9.2f} ms  {name[:100]}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "profile_step.jsonl").open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    return row
 
 
 if __name__ == "__main__":
