@@ -114,7 +114,7 @@ step "host step (CPU)" 60 env CUDA_VISIBLE_DEVICES= python3 bench/host_step.py -
     done
     echo
     echo "## Profile"
-    [ -f "$out/profile_step.jsonl" ] && tail -n 3 "$out/profile_step.jsonl"
+    [ -f "$out/profile_step.jsonl" ] && tail -n 4 "$out/profile_step.jsonl"
     echo
     echo "## Host step (this machine's CPU, tiny models)"
     [ -f "$out/host_step.jsonl" ] && tail -n 1 "$out/host_step.jsonl"
