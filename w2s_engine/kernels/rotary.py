@@ -95,13 +95,16 @@ def rotary_triton(q, k, cos, sin, unsqueeze_dim: int = 1):
         raise ValueError(f"rotary: the kernel takes [B, H, T, D] q and k and [B or 1, T, D] cos "
                          f"and sin with unit strides along an even D; got q "
                          f"{tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}")
+    return _rotary_launch(q, k, cos, sin)
+
+
+def _rotary_launch(q, k, cos, sin):
+    """The kernel on arguments rotary_layout_ok accepted."""
     out_dtype = torch.promote_types(q.dtype, cos.dtype)
-    q_out = torch.empty_like(q, dtype=out_dtype)    # q's strides (a transposed view's too)
-    k_out = torch.empty_like(k, dtype=out_dtype)
-    if q_out.stride() != q.stride() or k_out.stride() != k.stride():
-        # empty_like keeps only dense layouts' strides; the kernel writes where it reads
-        q_out = torch.empty_strided(q.shape, q.stride(), dtype=out_dtype, device=q.device)
-        k_out = torch.empty_strided(k.shape, k.stride(), dtype=out_dtype, device=k.device)
+    # the outputs have q's and k's strides (a transposed view's, a sliced head's): the kernel
+    # writes each row where it read it
+    q_out = torch.empty_strided(q.shape, q.stride(), dtype=out_dtype, device=q.device)
+    k_out = torch.empty_strided(k.shape, k.stride(), dtype=out_dtype, device=k.device)
     b, hq, t, d = q.shape
     if b * t == 0:
         return q_out, k_out
@@ -118,5 +121,5 @@ def rotary(q, k, cos, sin, unsqueeze_dim: int = 1):
     """A drop-in for transformers' apply_rotary_pos_emb: the kernel on CUDA where it takes
     the layout, the reference elsewhere."""
     if q.is_cuda and triton is not None and rotary_layout_ok(q, k, cos, sin, unsqueeze_dim):
-        return rotary_triton(q, k, cos, sin, unsqueeze_dim)
+        return _rotary_launch(q, k, cos, sin)     # checked once, not again in rotary_triton
     return rotary_ref(q, k, cos, sin, unsqueeze_dim)
