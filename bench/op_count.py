@@ -3,6 +3,7 @@ engine's fused kernels (models/fused_ops.py): counted, not timed, so any machine
 
     python bench/op_count.py [--preset llama-3-8b] [--tokens 16]
 
+The fused column also merges the q/k/v and the gate/up projections into one GEMM each.
 A random model with the preset's layer count, heads and activation but a small hidden size
 (the count does not depend on the width) runs one forward of `tokens` new tokens (a decode
 step of that many beams, packed as the engine packs them: one sequence of new tokens) through
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.e2e import RESULTS, commit, machine  # noqa: E402
 from w2s_engine.kernels.activation import silu_mul_ref  # noqa: E402
-from w2s_engine.kernels.rms_norm import rms_norm_ref  # noqa: E402
+from w2s_engine.kernels.rms_norm import add_rms_norm_ref, rms_norm_ref  # noqa: E402
 from w2s_engine.kernels.rotary import rotary_ref  # noqa: E402
 from w2s_engine.models.fused_ops import fuse_ops  # noqa: E402
 
@@ -85,7 +86,8 @@ def count(preset: str, tokens: int, fused: bool, dtype: torch.dtype) -> Counter:
     if fused:
         fuse_ops(model, norm=one_launch(rms_norm_ref, mode, "w2s rms_norm"),
                  rope=one_launch(rotary_ref, mode, "w2s rotary"),
-                 act=one_launch(silu_mul_ref, mode, "w2s silu_mul"))
+                 act=one_launch(silu_mul_ref, mode, "w2s silu_mul"),
+                 add_norm=one_launch(add_rms_norm_ref, mode, "w2s add_rms_norm"))
     ids = torch.randint(0, 256, (1, tokens))
     with torch.no_grad(), mode:
         # the decoder (the LM head is the engine's own), no cache (the engine's is paged)

@@ -50,23 +50,25 @@ def test_32_greedy_tokens_through_the_runner_equal_transformers_generate(spec, r
     blocks.check_all_free()
 
 
-@pytest.mark.parametrize("spec, swapped", [(SMOL, (61, 30, 30)), (GEMMA, (109, 18, 0))])
+@pytest.mark.parametrize("spec, swapped", [(SMOL, (61, 30, 30, 30, 30, 30)),
+                                           (GEMMA, (109, 18, 0, 18, 0, 0))])
 def test_the_bundled_models_with_the_engines_kernels_swapped_in_give_transformers_logits(
         spec, swapped, reference):
     """Llama's architecture (SmolLM2) and Gemma 3's (its 1 + weight norms, per-head q/k norms,
-    local and global rotary bases, a GELU MLP): every norm, rotary embedding and SiLU-gated
-    MLP through the engine's kernels (under the interpreter here), the logits transformers'
-    own."""
+    local and global rotary bases, a GELU MLP, a decoder layer of its own): every norm,
+    rotary embedding, SiLU-gated MLP and Llama-form layer's residual add and norm through the
+    engine's kernels (under the interpreter here), the q/k/v and gate/up projections merged,
+    the logits transformers' own."""
     from w2s_engine.kernels.activation import silu_mul_triton
-    from w2s_engine.kernels.rms_norm import rms_norm_triton
+    from w2s_engine.kernels.rms_norm import add_rms_norm_triton, rms_norm_triton
     from w2s_engine.kernels.rotary import rotary_triton
     from w2s_engine.models.fused_ops import FusedOps, fuse_ops
     ref = reference[spec]
     ids = torch.tensor([ref.tokenizer("The plot of this film was slow, but the acting",
                                       add_special_tokens=True)["input_ids"]])
     model = load_model(spec).model
-    assert fuse_ops(model, norm=rms_norm_triton, rope=rotary_triton,
-                    act=silu_mul_triton) == FusedOps(*swapped)
+    assert fuse_ops(model, norm=rms_norm_triton, rope=rotary_triton, act=silu_mul_triton,
+                    add_norm=add_rms_norm_triton) == FusedOps(*swapped)
     with torch.no_grad():
         want, got = ref.model(ids).logits, model(ids).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -15,6 +15,11 @@ and rsqrt in fp32; Llama's rounds the normalised row to the input's dtype and th
 by the weight in the promoted dtype of the two, Gemma's multiplies by 1 + weight in fp32 and
 rounds once at the end. Only the order of the sum of squares differs, so results match to a
 rounding of the input dtype.
+
+With a residual (add_rms_norm) the kernel also does the add before the norm, as a decoder
+layer runs it between attention and MLP: s = residual + x, rounded to the dtype as torch's add
+rounds it, is written out (the MLP's residual) and normalised in the same pass: one kernel and
+one read of each row instead of an add kernel and a norm kernel.
 """
 
 import torch
@@ -38,6 +43,14 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return weight * h.to(input_dtype)
 
 
+def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                     unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer's `hidden = residual + hidden; norm(hidden)`, op for op ->
+    (the normalised sum, the sum)."""
+    total = residual + x
+    return rms_norm_ref(total, weight, eps, unit_offset), total
+
+
 if triton is not None:
     @triton.jit
     def _scaled(x, rstd, w, x_ptr, UNIT_OFFSET: tl.constexpr):
@@ -48,24 +61,43 @@ if triton is not None:
         return w * (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
 
     @triton.jit
+    def _row_tile(x_row, res_row, sum_row, offs, mask, x_ptr, HAS_RESIDUAL: tl.constexpr,
+                  STORE_SUM: tl.constexpr):
+        """One tile of a row in fp32: x, or residual + x rounded to x's dtype as torch's add
+        rounds it (written to the sum's row when STORE_SUM)."""
+        x = tl.load(x_row + offs, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            total = (x.to(tl.float32) + tl.load(res_row + offs, mask=mask, other=0.0)
+                     .to(tl.float32)).to(x_ptr.dtype.element_ty)
+            if STORE_SUM:
+                tl.store(sum_row + offs, total, mask=mask)
+            return total.to(tl.float32)
+        return x.to(tl.float32)
+
+    @triton.jit
     def _rms_norm_kernel(
         x_ptr,               # [R, H], unit stride along H
+        res_ptr,             # [R, H], unit stride along H (HAS_RESIDUAL)
         w_ptr,               # [H]
         out_ptr,             # [R, H] contiguous
-        stride_xr,
+        sum_ptr,             # [R, H] contiguous: residual + x (HAS_RESIDUAL)
+        stride_xr, stride_rr,
         H, eps,
         BLOCK: tl.constexpr,
         ONE_TILE: tl.constexpr,   # H <= BLOCK: the row stays in registers between passes
         UNIT_OFFSET: tl.constexpr,  # Gemma's form: times 1 + weight in fp32, one rounding
+        HAS_RESIDUAL: tl.constexpr,  # normalise residual + x, and write that sum
     ):
         # grid: (R,). One program per row: the sum of squares, then the scaled row.
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * stride_xr
+        res_row = res_ptr + row * stride_rr
         out_row = out_ptr + row * H
+        sum_row = sum_ptr + row * H
         offs = tl.arange(0, BLOCK)
         if ONE_TILE:
             mask = offs < H
-            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            x = _row_tile(x_row, res_row, sum_row, offs, mask, x_ptr, HAS_RESIDUAL, True)
             rstd = tl.rsqrt(tl.sum(x * x, 0) / H + eps)
             w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(out_row + offs, _scaled(x, rstd, w, x_ptr, UNIT_OFFSET)
@@ -74,12 +106,15 @@ if triton is not None:
             acc = tl.zeros([BLOCK], dtype=tl.float32)
             for start in range(0, H, BLOCK):
                 mask = start + offs < H
-                x = tl.load(x_row + start + offs, mask=mask, other=0.0).to(tl.float32)
+                x = _row_tile(x_row, res_row, sum_row, start + offs, mask, x_ptr,
+                              HAS_RESIDUAL, True)
                 acc += x * x
             rstd = tl.rsqrt(tl.sum(acc, 0) / H + eps)
             for start in range(0, H, BLOCK):
                 mask = start + offs < H
-                x = tl.load(x_row + start + offs, mask=mask, other=0.0).to(tl.float32)
+                # the sum again from its inputs, not read back from what this program wrote
+                x = _row_tile(x_row, res_row, sum_row, start + offs, mask, x_ptr,
+                              HAS_RESIDUAL, False)
                 w = tl.load(w_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
                 tl.store(out_row + start + offs, _scaled(x, rstd, w, x_ptr, UNIT_OFFSET)
                          .to(out_ptr.dtype.element_ty), mask=mask)
@@ -89,30 +124,63 @@ if triton is not None:
 MAX_ONE_TILE = 8192
 
 
+def _check_norm(x: torch.Tensor, weight: torch.Tensor, name: str):
+    h = x.shape[-1]
+    if weight.shape != (h,):
+        raise ValueError(f"{name}: weight must be [{h}] for x of shape {tuple(x.shape)}; got "
+                         f"{tuple(weight.shape)}")
+    if not (x.is_floating_point() and weight.is_floating_point()):
+        raise TypeError(f"{name}: x and weight must be floating point; got {x.dtype} and "
+                        f"{weight.dtype}")
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])       # a view wherever the leading dims allow one
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _launch(rows, residual_rows, weight, out, total, eps, unit_offset):
+    h = rows.shape[1]
+    weight = weight if weight.is_contiguous() else weight.contiguous()
+    block = min(triton.next_power_of_2(h), MAX_ONE_TILE)
+    has_residual = residual_rows is not None
+    _rms_norm_kernel[(rows.shape[0],)](
+        rows, residual_rows if has_residual else rows, weight, out,
+        total if has_residual else out, rows.stride(0),
+        residual_rows.stride(0) if has_residual else 0, h, eps,
+        BLOCK=block, ONE_TILE=h <= block, UNIT_OFFSET=unit_offset, HAS_RESIDUAL=has_residual,
+        num_warps=max(1, min(8, block // 256)))
+
+
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
                     unit_offset: bool = False) -> torch.Tensor:
     """x [..., H], weight [H] -> [..., H]: in the promoted dtype of x and weight (Llama's
     form), in x's dtype (Gemma's, unit_offset)."""
-    h = x.shape[-1]
-    if weight.shape != (h,):
-        raise ValueError(f"weight must be [{h}] for x of shape {tuple(x.shape)}; got "
-                         f"{tuple(weight.shape)}")
-    if not (x.is_floating_point() and weight.is_floating_point()):
-        raise TypeError(f"x and weight must be floating point; got {x.dtype} and {weight.dtype}")
-    rows = x.reshape(-1, h)              # a view wherever the leading dims allow one
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    _check_norm(x, weight, "rms_norm")
+    rows = _rows(x)
     out_dtype = x.dtype if unit_offset else torch.promote_types(x.dtype, weight.dtype)
     out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
-    if rows.shape[0] == 0:
-        return out.view(x.shape)
-    weight = weight if weight.is_contiguous() else weight.contiguous()
-    block = min(triton.next_power_of_2(h), MAX_ONE_TILE)
-    _rms_norm_kernel[(rows.shape[0],)](
-        rows, weight, out, rows.stride(0), h, eps,
-        BLOCK=block, ONE_TILE=h <= block, UNIT_OFFSET=unit_offset,
-        num_warps=max(1, min(8, block // 256)))
+    if rows.shape[0]:
+        _launch(rows, None, weight, out, None, eps, unit_offset)
     return out.view(x.shape)
+
+
+def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                        eps: float, unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual [..., H] of one dtype, weight [H] -> (rms_norm(residual + x), residual + x),
+    each [..., H], the sum in x's dtype."""
+    _check_norm(x, weight, "add_rms_norm")
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"add_rms_norm: x and residual must share a shape and dtype; got "
+                         f"{x.dtype} {tuple(x.shape)} and {residual.dtype} "
+                         f"{tuple(residual.shape)}")
+    rows = _rows(x)
+    out_dtype = x.dtype if unit_offset else torch.promote_types(x.dtype, weight.dtype)
+    out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
+    total = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    if rows.shape[0]:
+        _launch(rows, _rows(residual), weight, out, total, eps, unit_offset)
+    return out.view(x.shape), total.view(x.shape)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -120,3 +188,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if x.is_cuda and triton is not None:
         return rms_norm_triton(x, weight, eps, unit_offset)
     return rms_norm_ref(x, weight, eps, unit_offset)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(residual + x), residual + x): one kernel on CUDA where the two share a shape
+    and dtype, transformers' ops elsewhere."""
+    if x.is_cuda and triton is not None and residual.shape == x.shape \
+            and residual.dtype == x.dtype:
+        return add_rms_norm_triton(x, residual, weight, eps, unit_offset)
+    return add_rms_norm_ref(x, residual, weight, eps, unit_offset)

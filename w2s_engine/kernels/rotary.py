@@ -39,9 +39,10 @@ if triton is not None:
     def _rotary_kernel(
         q_ptr, k_ptr,              # [B, Hq, T, D], [B, Hk, T, D] (any strides, unit along D)
         cos_ptr, sin_ptr,          # [B or 1, T, D] (unit stride along D)
-        q_out_ptr, k_out_ptr,      # the same shapes and strides as q and k
+        q_out_ptr, k_out_ptr,      # the shapes of q and k (any strides, unit along D)
         T,
         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+        stride_qob, stride_qoh, stride_qot, stride_kob, stride_koh, stride_kot,
         stride_cb, stride_ct,
         HQ: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr,
     ):
@@ -52,10 +53,10 @@ if triton is not None:
         t = (bt % T).to(tl.int64)
         if h < HQ:
             src = q_ptr + b * stride_qb + h * stride_qh + t * stride_qt
-            dst = q_out_ptr + b * stride_qb + h * stride_qh + t * stride_qt
+            dst = q_out_ptr + b * stride_qob + h * stride_qoh + t * stride_qot
         else:
             src = k_ptr + b * stride_kb + (h - HQ) * stride_kh + t * stride_kt
-            dst = k_out_ptr + b * stride_kb + (h - HQ) * stride_kh + t * stride_kt
+            dst = k_out_ptr + b * stride_kob + (h - HQ) * stride_koh + t * stride_kot
         d = tl.arange(0, BLOCK)
         mask = d < HALF
         trig = b * stride_cb + t * stride_ct
@@ -90,7 +91,8 @@ def rotary_layout_ok(q, k, cos, sin, unsqueeze_dim: int = 1) -> bool:
 
 def rotary_triton(q, k, cos, sin, unsqueeze_dim: int = 1):
     """(q', k') as transformers' apply_rotary_pos_emb gives them: new tensors with q's and k's
-    shapes (and strides), in the promoted dtype of q and cos."""
+    shapes, laid out as torch's elementwise ops lay them out (dense, in q's and k's order of
+    strides), in the promoted dtype of q and cos."""
     if not rotary_layout_ok(q, k, cos, sin, unsqueeze_dim):
         raise ValueError(f"rotary: the kernel takes [B, H, T, D] q and k and [B or 1, T, D] cos "
                          f"and sin with unit strides along an even D; got q "
@@ -101,16 +103,20 @@ def rotary_triton(q, k, cos, sin, unsqueeze_dim: int = 1):
 def _rotary_launch(q, k, cos, sin):
     """The kernel on arguments rotary_layout_ok accepted."""
     out_dtype = torch.promote_types(q.dtype, cos.dtype)
-    # the outputs have q's and k's strides (a transposed view's, a sliced head's): the kernel
-    # writes each row where it read it
-    q_out = torch.empty_strided(q.shape, q.stride(), dtype=out_dtype, device=q.device)
-    k_out = torch.empty_strided(k.shape, k.stride(), dtype=out_dtype, device=k.device)
+    # Laid out as torch's ops lay out q * cos + ...: q's strides where q is dense (a transposed
+    # view of the projection), dense in q's order where it is not (the slices of one merged
+    # q/k/v projection, models/fused_ops.py; Phi's rotated part of each head), so that the
+    # attention reads [T, H, D] rows with no copy and no output spans the merged row.
+    q_out = torch.empty_like(q, dtype=out_dtype)
+    k_out = torch.empty_like(k, dtype=out_dtype)
     b, hq, t, d = q.shape
     if b * t == 0:
         return q_out, k_out
     _rotary_kernel[(b * t, hq + k.shape[1])](
         q, k, cos, sin, q_out, k_out, t,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        q_out.stride(0), q_out.stride(1), q_out.stride(2),
+        k_out.stride(0), k_out.stride(1), k_out.stride(2),
         cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
         HQ=hq, HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2),
         num_warps=1 if d <= 256 else 4)

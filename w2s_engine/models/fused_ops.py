@@ -15,21 +15,37 @@ the kernel computes, compared by bytecode (the same instructions, constants and 
   wrappers rebuilt around it); nothing else about it changes;
 - an MLP module whose forward is LlamaMLP's (down(act(gate(x)) * up(x)): Qwen2/3, Mistral,
   Granite, DeepSeek-V3's dense layers, ...) with a SiLU activation: silu(gate) * up as one
-  kernel between the same GEMMs (Gemma's GELU stays transformers').
+  kernel between the GEMMs (Gemma's GELU stays transformers'); where gate and up are plain
+  nn.Linears, one GEMM computes both (vLLM's merged gate-up projection);
+- the query, key and value projections of an attention module whose forward calls them in
+  that order, where they are plain nn.Linears of one input: one GEMM for the three (vLLM's
+  QKV projection). The attention's code is untouched: q_proj's call runs the merged GEMM and
+  hands k_proj's and v_proj's calls on the same input tensor their slices of it (a call on
+  another input runs its own GEMM);
+- a decoder layer whose forward is LlamaDecoderLayer's (Qwen2/3, Mistral, Gemma, SmolLM3,
+  DeepSeek-V3, GLM, ...) with a post-attention norm of a kernel's form: the residual add after
+  attention and that norm as one kernel (add_rms_norm).
+In a decode step of a few rows each small kernel costs a few microseconds whatever its size
+and each GEMM reads its whole weight: one GEMM of three (or two) outputs fills the GPU better
+than three (or two) small ones, and an 8B Llama's step runs 4 GEMMs a layer instead of 7 and
+10 kernels instead of 14 (bench/op_count.py).
+The merged weights take no second copy: each projection's weight becomes a row slice of its
+merged weight, so transformers' own modules compute the same when unswapped.
 Every swap is per module instance (its `forward`), so other models of the same classes in the
 process, a reference baseline's say, keep transformers' own; unfuse_ops gives them back.
 """
 
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers import activations
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama import modeling_llama
 
 from w2s_engine.kernels.activation import silu_mul
-from w2s_engine.kernels.rms_norm import rms_norm
+from w2s_engine.kernels.rms_norm import add_rms_norm, rms_norm
 from w2s_engine.kernels.rotary import rotary
 
 
@@ -40,13 +56,18 @@ def _code_key(fn):
 
 @dataclass(frozen=True)
 class FusedOps:
-    """How many of a model's modules run each kernel."""
+    """How many of a model's modules run each kernel (norms, rotary, mlps: the activation),
+    run one GEMM for their projections (qkv, gate_up), or add the residual in the norm's
+    kernel (residual_norms: decoder layers)."""
     norms: int = 0
     rotary: int = 0
     mlps: int = 0
+    qkv: int = 0
+    gate_up: int = 0
+    residual_norms: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.norms or self.rotary or self.mlps)
+        return any(vars(self).values())
 
 
 # ---- RMSNorm ------------------------------------------------------------------------------
@@ -81,6 +102,11 @@ def rms_norm_form(module: torch.nn.Module) -> tuple[str, bool] | None:
 def _fused_norm_forward(self, hidden_states):
     eps_name, unit_offset = self._w2s_rms_norm_form
     return self._w2s_rms_norm(hidden_states, self.weight, getattr(self, eps_name), unit_offset)
+
+
+def _norm_form(module) -> tuple[str, bool] | None:
+    """rms_norm_form of a norm, swapped or not."""
+    return module.__dict__.get("_w2s_rms_norm_form") or rms_norm_form(module)
 
 
 # ---- rotary embedding ---------------------------------------------------------------------
@@ -166,60 +192,250 @@ def is_silu_gated_mlp(module: torch.nn.Module) -> bool:
 
 
 def _fused_mlp_forward(self, x):
-    return self.down_proj(self._w2s_silu_mul(self.gate_proj(x), self.up_proj(x)))
+    merged = self.__dict__.get("_w2s_gate_up")
+    if merged is None:
+        return self.down_proj(self._w2s_silu_mul(self.gate_proj(x), self.up_proj(x)))
+    gate, up = F.linear(x, merged.weight, merged.bias).split(merged.sizes, dim=-1)
+    return self.down_proj(self._w2s_silu_mul(gate, up))
+
+
+# ---- merged projections -------------------------------------------------------------------
+
+@dataclass(eq=False)
+class MergedProjection:
+    """Projections of one input as one GEMM. weight [sum(sizes), in] (and bias): the modules'
+    own parameters are its row slices. in_flight: the input of the last merged call and the
+    outputs of its later projections, until they are asked for."""
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    sizes: tuple[int, ...]
+    in_flight: list | None = field(default=None, repr=False)
+
+    def backs(self, linears) -> bool:
+        """Whether the modules' parameters are still the slices of this weight (a weight
+        assigned since then is not)."""
+        start = 0
+        for linear, size in zip(linears, self.sizes):
+            parts = [(linear.weight, self.weight)] + (
+                [(linear.bias, self.bias)] if self.bias is not None else [])
+            if any(p.data_ptr() != whole[start].data_ptr() or p.shape[0] != size
+                   for p, whole in parts):
+                return False
+            start += size
+        return True
+
+
+def merge_linears(linears) -> MergedProjection:
+    """One weight (and bias) for the modules, their own parameters becoming its row slices
+    (no second copy: the old tensors are freed)."""
+    with torch.no_grad():
+        weight = torch.cat([m.weight for m in linears])
+        bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
+        start = 0
+        for m in linears:
+            size = m.weight.shape[0]
+            m.weight = torch.nn.Parameter(weight[start:start + size], requires_grad=False)
+            if bias is not None:
+                m.bias = torch.nn.Parameter(bias[start:start + size], requires_grad=False)
+            start += size
+    return MergedProjection(weight, bias, tuple(m.weight.shape[0] for m in linears))
+
+
+def plain_linears(linears) -> bool:
+    """Whether one GEMM can compute the modules: torch's own nn.Linear (not a LoRA or a
+    quantized layer), unswapped and without hooks, of one input size, dtype and device, all
+    with a bias or none, with real (not meta) weights."""
+    first = linears[0]
+    if not all(type(m) is torch.nn.Linear for m in linears):
+        return False
+    return all("forward" not in m.__dict__ and not m._forward_hooks
+               and not m._forward_pre_hooks and not hasattr(m, "_hf_hook")
+               and m.in_features == first.in_features and m.weight.dtype == first.weight.dtype
+               and m.weight.device == first.weight.device and not m.weight.is_meta
+               and (m.bias is None) == (first.bias is None) for m in linears)
+
+
+def _merged(owner, attr: str, linears) -> MergedProjection:
+    """The owner's merged projection of the modules: the one made before if it still backs
+    them (a model fused again after unfuse_ops), else a new one."""
+    merged = owner.__dict__.get(attr)
+    if merged is None or not merged.backs(linears):
+        merged = merge_linears(linears)
+        setattr(owner, attr, merged)
+    return merged
+
+
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def qkv_linears(module: torch.nn.Module) -> list | None:
+    """The q, k, v projections of an attention module whose forward calls them in that order,
+    when one GEMM can compute them; None otherwise."""
+    forward = getattr(type(module), "forward", None)
+    inner = _innermost(forward) if forward is not None else None
+    names = getattr(getattr(inner, "__code__", None), "co_names", ())
+    if not all(n in names for n in _QKV) or \
+            sorted(_QKV, key=names.index) != list(_QKV):
+        return None
+    linears = [getattr(module, n, None) for n in _QKV]
+    return linears if plain_linears(linears) else None
+
+
+def _merged_first_forward(self, x):
+    """q_proj's call: the one GEMM for q, k and v; k's and v's outputs wait for their calls."""
+    merged = self._w2s_merged
+    first, *rest = F.linear(x, merged.weight, merged.bias).split(merged.sizes, dim=-1)
+    merged.in_flight = [x, *rest]
+    return first
+
+
+def _merged_later_forward(self, x):
+    """k_proj's or v_proj's call: its slice of the merged GEMM on the same input tensor (the
+    attention's code calls all three on one hidden_states), or a GEMM of its own on another."""
+    merged, i = self._w2s_merged, self._w2s_merged_index
+    in_flight = merged.in_flight
+    if in_flight is None or in_flight[0] is not x or in_flight[i] is None:
+        return F.linear(x, self.weight, self.bias)
+    out, in_flight[i] = in_flight[i], None
+    if all(o is None for o in in_flight[1:]):
+        merged.in_flight = None      # nothing of the call is held past it
+    return out
+
+
+# ---- residual add + norm ------------------------------------------------------------------
+
+_LLAMA_LAYER = _code_key(_innermost(modeling_llama.LlamaDecoderLayer.forward))
+
+
+def is_llama_decoder_layer(module: torch.nn.Module) -> bool:
+    """Whether the module's forward is LlamaDecoderLayer's, instruction for instruction (its
+    decorators aside), with a post-attention norm of a kernel's form."""
+    forward = getattr(type(module), "forward", None)
+    inner = _innermost(forward) if forward is not None else None
+    if getattr(inner, "__code__", None) is None or "forward" in module.__dict__ \
+            or _code_key(inner) != _LLAMA_LAYER:
+        return False
+    norm = getattr(module, "post_attention_layernorm", None)
+    return isinstance(norm, torch.nn.Module) and _norm_form(norm) is not None
+
+
+def _fused_layer_forward(self, hidden_states, *args, **kwargs):
+    """LlamaDecoderLayer.forward with `hidden = residual + hidden` and the post-attention
+    norm as one kernel. Its arguments reach the attention as transformers' forward passes
+    them, positional ones by name (a deprecated keyword too, which the attention's own
+    decorator renames as the layer's would have)."""
+    call = {**dict(zip(self._w2s_layer_params, args)), **kwargs}
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, **call)
+    norm = self.post_attention_layernorm
+    eps_name, unit_offset = _norm_form(norm)
+    hidden_states, residual = self._w2s_add_rms_norm(hidden_states, residual, norm.weight,
+                                                     getattr(norm, eps_name), unit_offset)
+    hidden_states = self.mlp(hidden_states)
+    return residual + hidden_states
+
+
+def _layer_params(layer_class) -> tuple[str, ...]:
+    """The names of the layer forward's positional parameters after hidden_states."""
+    code = _innermost(layer_class.forward).__code__
+    return code.co_varnames[2:code.co_argcount]
 
 
 # ---- the swap -----------------------------------------------------------------------------
 
-def fuse_ops(model: torch.nn.Module, norm=rms_norm, rope=rotary, act=silu_mul) -> FusedOps:
+def fuse_ops(model: torch.nn.Module, norm=rms_norm, rope=rotary, act=silu_mul,
+             add_norm=add_rms_norm) -> FusedOps:
     """Route every op of `model` that the kernels compute through them: each RMSNorm of
     Llama's or Gemma's form through `norm(x, weight, eps, unit_offset)`, each Llama-form
     rotary embedding through `rope(q, k, cos, sin, unsqueeze_dim)`, each SiLU-gated MLP's
-    activation through `act(gate, up)`. The defaults dispatch (Triton on CUDA, the reference
-    elsewhere); the tests pass the Triton functions to run the kernels under the interpreter.
-    Returns how many modules of each were swapped."""
-    norms = ropes = mlps = 0
+    activation through `act(gate, up)`, each Llama-form decoder layer's residual add and
+    post-attention norm through `add_norm(x, residual, weight, eps, unit_offset)`; merge the
+    q/k/v and gate/up projections where they are plain nn.Linears. The defaults dispatch
+    (Triton on CUDA, the reference elsewhere); the tests pass the Triton functions to run the
+    kernels under the interpreter. Returns how many modules of each were swapped."""
+    count = dict.fromkeys(("norms", "rotary", "mlps", "qkv", "gate_up", "residual_norms"), 0)
+    merged_any = False
     for module in model.modules():
+        if is_llama_decoder_layer(module):
+            module._w2s_add_rms_norm = add_norm
+            module._w2s_layer_params = _layer_params(type(module))
+            module.forward = types.MethodType(_fused_layer_forward, module)
+            count["residual_norms"] += 1
+            continue
         form = rms_norm_form(module)
         if form is not None:
             module._w2s_rms_norm = norm
             module._w2s_rms_norm_form = form
             module.forward = types.MethodType(_fused_norm_forward, module)
-            norms += 1
-        elif calls_llama_rotary(module):
+            count["norms"] += 1
+            continue
+        linears = qkv_linears(module)
+        if linears is not None:
+            merged = _merged(module, "_w2s_qkv", linears)
+            for i, linear in enumerate(linears):
+                linear._w2s_merged, linear._w2s_merged_index = merged, i
+                linear.forward = types.MethodType(
+                    _merged_later_forward if i else _merged_first_forward, linear)
+            count["qkv"] += 1
+            merged_any = True
+        if calls_llama_rotary(module):
             forward = _rebound(type(module).forward, _ROTARY, rope)
             if forward is not None:
                 module._w2s_rotary = rope
                 module.forward = types.MethodType(forward, module)
-                ropes += 1
+                count["rotary"] += 1
         elif is_silu_gated_mlp(module):
             module._w2s_silu_mul = act
             module.forward = types.MethodType(_fused_mlp_forward, module)
-            mlps += 1
-    return FusedOps(norms, ropes, mlps)
+            count["mlps"] += 1
+            linears = [module.gate_proj, module.up_proj]
+            if plain_linears(linears):
+                _merged(module, "_w2s_gate_up", linears)
+                count["gate_up"] += 1
+                merged_any = True
+            else:       # a merge made before that no longer holds (a LoRA wraps them now)
+                module.__dict__.pop("_w2s_gate_up", None)
+    if merged_any and next(model.parameters()).is_cuda:
+        # the projections' old weights were freed in pieces the caching allocator keeps;
+        # give them back so the KV pool, allocated next, can have that memory
+        torch.cuda.empty_cache()
+    return FusedOps(**count)
 
 
 def unfuse_ops(model: torch.nn.Module) -> FusedOps:
     """Give the swapped modules transformers' forward back (a reference run on the same
-    modules, say); returns how many of each."""
-    norms = ropes = mlps = 0
+    modules, say); returns how many of each. Merged projections keep their shared weight
+    (each module's own is a slice of it), so they compute as before, and a later fuse_ops
+    merges them again at no cost."""
+    count = dict.fromkeys(("norms", "rotary", "mlps", "qkv", "gate_up", "residual_norms"), 0)
     for module in model.modules():
-        if "_w2s_rms_norm" in module.__dict__:
+        d = module.__dict__
+        if "_w2s_add_rms_norm" in d:
+            del module.forward, module._w2s_add_rms_norm, module._w2s_layer_params
+            count["residual_norms"] += 1
+        elif "_w2s_rms_norm" in d:
             del module.forward, module._w2s_rms_norm, module._w2s_rms_norm_form
-            norms += 1
-        elif "_w2s_rotary" in module.__dict__:
+            count["norms"] += 1
+        elif "_w2s_merged" in d:
+            del module.forward, module._w2s_merged, module._w2s_merged_index
+        if "_w2s_qkv" in d and "_w2s_merged" in module.q_proj.__dict__:
+            count["qkv"] += 1
+        if "_w2s_rotary" in d:
             del module.forward, module._w2s_rotary
-            ropes += 1
-        elif "_w2s_silu_mul" in module.__dict__:
+            count["rotary"] += 1
+        elif "_w2s_silu_mul" in d:
             del module.forward, module._w2s_silu_mul
-            mlps += 1
-    return FusedOps(norms, ropes, mlps)
+            count["mlps"] += 1
+            count["gate_up"] += "_w2s_gate_up" in d and d["_w2s_gate_up"].backs(
+                [module.gate_proj, module.up_proj])
+    return FusedOps(**count)
 
 
 def fused_with(model: torch.nn.Module) -> tuple:
-    """(norm, rope, act): the functions a fused model's modules were given (to fuse it again
-    the same way after an unfuse)."""
+    """(norm, rope, act, add_norm): the functions a fused model's modules were given (to fuse
+    it again the same way after an unfuse)."""
     def given(attr, default):
         return next((m.__dict__[attr] for m in model.modules() if attr in m.__dict__), default)
     return (given("_w2s_rms_norm", rms_norm), given("_w2s_rotary", rotary),
-            given("_w2s_silu_mul", silu_mul))
+            given("_w2s_silu_mul", silu_mul), given("_w2s_add_rms_norm", add_rms_norm))
