@@ -44,7 +44,8 @@ PRESETS = {   # layers, query heads, kv heads, head dim, model type
 # aten ops that launch nothing: views, metadata, allocations
 NO_KERNEL = {"view", "_unsafe_view", "transpose", "t", "unsqueeze", "squeeze", "slice",
              "expand", "as_strided", "alias", "reshape", "permute", "select", "detach",
-             "empty", "empty_strided", "empty_like", "split", "unbind", "lift_fresh",
+             "empty", "empty_strided", "empty_like", "split", "split_with_sizes", "unbind",
+             "lift_fresh",
              "_to_copy_noop", "sym_size", "sym_stride", "is_same_size", "clone_noop"}
 
 
