@@ -201,11 +201,11 @@ def test_only_ops_of_the_kernels_forms_are_swapped():
         norms=9, rotary=2, mlps=2, qkv=2, gate_up=2, residual_norms=2)
     # Gemma 2: four norms per layer (around attention and around the MLP) and the final one,
     # so a decoder layer of its own (left to transformers); its MLP's activation is GELU
-    # (left to transformers too)
+    # (transformers' own, between the merged gate/up GEMM and down)
     gemma = tiny_gemma2(64, seed=0)
     assert {rms_norm_form(m) for m in gemma.modules()} - {None} == {("eps", True)}
-    assert not any(is_llama_decoder_layer(m) for m in gemma.modules())
-    assert fuse_ops(gemma) == FusedOps(norms=9, rotary=2, qkv=2)
+    assert not any(is_llama_decoder_layer(m) or is_silu_gated_mlp(m) for m in gemma.modules())
+    assert fuse_ops(gemma) == FusedOps(norms=9, rotary=2, qkv=2, gate_up=2)
     # Phi: LayerNorms, Llama's rotary on the first part of each head, a plain MLP
     assert fuse_ops(tiny_phi(64, seed=0)) == FusedOps(rotary=2, qkv=2)
     # OLMo 2's norms and rotary function are of other forms: left to transformers

@@ -16,7 +16,8 @@ the kernel computes, compared by bytecode (the same instructions, constants and 
 - an MLP module whose forward is LlamaMLP's (down(act(gate(x)) * up(x)): Qwen2/3, Mistral,
   Granite, DeepSeek-V3's dense layers, ...) with a SiLU activation: silu(gate) * up as one
   kernel between the GEMMs (Gemma's GELU stays transformers'); where gate and up are plain
-  nn.Linears, one GEMM computes both (vLLM's merged gate-up projection);
+  nn.Linears, one GEMM computes both (vLLM's merged gate-up projection), whatever the
+  activation;
 - the query, key and value projections of an attention module whose forward calls them in
   that order, where they are plain nn.Linears of one input: one GEMM for the three (vLLM's
   QKV projection). The attention's code is untouched: q_proj's call runs the merged GEMM and
@@ -176,14 +177,20 @@ _SILU_MODULE = getattr(activations, "SiLUActivation", None)
 _SILU = _code_key(_SILU_MODULE.forward) if _SILU_MODULE is not None else None
 
 
+def is_gated_mlp(module: torch.nn.Module) -> bool:
+    """Whether the module's forward is LlamaMLP's, instruction for instruction:
+    down(act_fn(gate(x)) * up(x)), whatever its activation (Gemma's is GELU)."""
+    forward = getattr(type(module), "forward", None)
+    return getattr(forward, "__code__", None) is not None and "forward" not in module.__dict__ \
+        and _code_key(forward) == _LLAMA_MLP
+
+
 def is_silu_gated_mlp(module: torch.nn.Module) -> bool:
     """Whether the module's forward is LlamaMLP's, instruction for instruction, with a SiLU
     activation (torch's module or transformers' SiLUActivation, neither with a forward of its
     own)."""
-    forward = getattr(type(module), "forward", None)
     act = getattr(module, "act_fn", None)
-    if getattr(forward, "__code__", None) is None or "forward" in module.__dict__ \
-            or _code_key(forward) != _LLAMA_MLP or not isinstance(act, torch.nn.Module) \
+    if not is_gated_mlp(module) or not isinstance(act, torch.nn.Module) \
             or "forward" in act.__dict__:
         return False
     return type(act) is torch.nn.SiLU or (
@@ -192,11 +199,17 @@ def is_silu_gated_mlp(module: torch.nn.Module) -> bool:
 
 
 def _fused_mlp_forward(self, x):
+    """LlamaMLP.forward with gate and up as one GEMM where they were merged, and a SiLU
+    activation times up as one kernel (_w2s_silu_mul; None: the module's own act_fn)."""
     merged = self.__dict__.get("_w2s_gate_up")
     if merged is None:
-        return self.down_proj(self._w2s_silu_mul(self.gate_proj(x), self.up_proj(x)))
-    gate, up = F.linear(x, merged.weight, merged.bias).split(merged.sizes, dim=-1)
-    return self.down_proj(self._w2s_silu_mul(gate, up))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+    else:
+        gate, up = F.linear(x, merged.weight, merged.bias).split(merged.sizes, dim=-1)
+    silu_mul_fn = self._w2s_silu_mul
+    if silu_mul_fn is None:
+        return self.down_proj(self.act_fn(gate) * up)
+    return self.down_proj(silu_mul_fn(gate, up))
 
 
 # ---- merged projections -------------------------------------------------------------------
@@ -385,17 +398,20 @@ def fuse_ops(model: torch.nn.Module, norm=rms_norm, rope=rotary, act=silu_mul,
                 module._w2s_rotary = rope
                 module.forward = types.MethodType(forward, module)
                 count["rotary"] += 1
-        elif is_silu_gated_mlp(module):
-            module._w2s_silu_mul = act
-            module.forward = types.MethodType(_fused_mlp_forward, module)
-            count["mlps"] += 1
+        elif is_gated_mlp(module):
+            silu = is_silu_gated_mlp(module)
             linears = [module.gate_proj, module.up_proj]
-            if plain_linears(linears):
+            merge = plain_linears(linears)
+            if merge:
                 _merged(module, "_w2s_gate_up", linears)
                 count["gate_up"] += 1
                 merged_any = True
             else:       # a merge made before that no longer holds (a LoRA wraps them now)
                 module.__dict__.pop("_w2s_gate_up", None)
+            if silu or merge:
+                module._w2s_silu_mul = act if silu else None
+                module.forward = types.MethodType(_fused_mlp_forward, module)
+                count["mlps"] += silu
     if merged_any and next(model.parameters()).is_cuda:
         # the projections' old weights were freed in pieces the caching allocator keeps;
         # give them back so the KV pool, allocated next, can have that memory
@@ -425,8 +441,8 @@ def unfuse_ops(model: torch.nn.Module) -> FusedOps:
             del module.forward, module._w2s_rotary
             count["rotary"] += 1
         elif "_w2s_silu_mul" in d:
+            count["mlps"] += d["_w2s_silu_mul"] is not None
             del module.forward, module._w2s_silu_mul
-            count["mlps"] += 1
             count["gate_up"] += "_w2s_gate_up" in d and d["_w2s_gate_up"].backs(
                 [module.gate_proj, module.up_proj])
     return FusedOps(**count)
@@ -436,6 +452,7 @@ def fused_with(model: torch.nn.Module) -> tuple:
     """(norm, rope, act, add_norm): the functions a fused model's modules were given (to fuse
     it again the same way after an unfuse)."""
     def given(attr, default):
-        return next((m.__dict__[attr] for m in model.modules() if attr in m.__dict__), default)
+        return next((m.__dict__[attr] for m in model.modules()
+                     if m.__dict__.get(attr) is not None), default)
     return (given("_w2s_rms_norm", rms_norm), given("_w2s_rotary", rotary),
             given("_w2s_silu_mul", silu_mul), given("_w2s_add_rms_norm", add_rms_norm))
