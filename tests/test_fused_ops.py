@@ -68,6 +68,14 @@ def test_norm_kernel_keeps_transformers_dtype_promotion_and_reads_strided_rows()
     got = rms_norm_triton(x, weight, 1e-6)
     assert want.dtype == got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+    # Qwen3's per-head norm of the queries, a slice of a merged q/k/v projection viewed as
+    # [1, T, heads, D]: rows in runs of one token's heads
+    qkv = torch.randn(1, 5, 128, generator=g)
+    q = qkv[..., :64].view(1, 5, 4, 16)
+    weight = 1 + torch.randn(16, generator=g) / 4
+    got = rms_norm_triton(q, weight, 1e-6)
+    torch.testing.assert_close(got, transformers_norm(16, 1e-6, weight)(q), atol=2e-6, rtol=2e-6)
+    assert got.is_contiguous()
 
 
 def test_norm_kernel_refuses_a_weight_of_the_wrong_width():
@@ -87,6 +95,8 @@ def test_add_norm_kernel_matches_a_decoder_layers_residual_add_then_norm(dtype, 
     x = (torch.randn(2, 3, width, generator=g) * 3).to(dtype)
     wide = (torch.randn(2, 3, width + 8, generator=g) * 3).to(dtype)
     residual = wide[..., :width]          # rows read where they lie
+    if width < 1000:        # both strided, in runs of rows (the kernel's [A, B, H] indexing)
+        x = (torch.randn(2, 3, width + 4, generator=g) * 3).to(dtype)[..., :width]
     weight = (1 + torch.randn(width, generator=g) / 4).to(dtype)
     want_sum = residual + x
     want = transformers_norm(width, 1e-5, weight, gemma).to(dtype)(want_sum)

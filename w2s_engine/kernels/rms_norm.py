@@ -76,22 +76,23 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_kernel(
-        x_ptr,               # [R, H], unit stride along H
-        res_ptr,             # [R, H], unit stride along H (HAS_RESIDUAL)
+        x_ptr,               # [A, B, H], unit stride along H: row r = (r // B, r % B)
+        res_ptr,             # [A, B, H], unit stride along H (HAS_RESIDUAL)
         w_ptr,               # [H]
-        out_ptr,             # [R, H] contiguous
-        sum_ptr,             # [R, H] contiguous: residual + x (HAS_RESIDUAL)
-        stride_xr, stride_rr,
-        H, eps,
+        out_ptr,             # [A * B, H] contiguous
+        sum_ptr,             # [A * B, H] contiguous: residual + x (HAS_RESIDUAL)
+        stride_xa, stride_xb, stride_ra, stride_rb,
+        B, H, eps,
         BLOCK: tl.constexpr,
         ONE_TILE: tl.constexpr,   # H <= BLOCK: the row stays in registers between passes
         UNIT_OFFSET: tl.constexpr,  # Gemma's form: times 1 + weight in fp32, one rounding
         HAS_RESIDUAL: tl.constexpr,  # normalise residual + x, and write that sum
     ):
-        # grid: (R,). One program per row: the sum of squares, then the scaled row.
+        # grid: (A * B,). One program per row: the sum of squares, then the scaled row.
         row = tl.program_id(0).to(tl.int64)
-        x_row = x_ptr + row * stride_xr
-        res_row = res_ptr + row * stride_rr
+        a, b = row // B, row % B
+        x_row = x_ptr + a * stride_xa + b * stride_xb
+        res_row = res_ptr + a * stride_ra + b * stride_rb
         out_row = out_ptr + row * H
         sum_row = sum_ptr + row * H
         offs = tl.arange(0, BLOCK)
@@ -135,19 +136,30 @@ def _check_norm(x: torch.Tensor, weight: torch.Tensor, name: str):
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    rows = x.reshape(-1, x.shape[-1])       # a view wherever the leading dims allow one
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
+    """x [..., H] as [A, B, H] rows read where they lie: one run of rows, or runs of B rows
+    (the heads of a token in Qwen3's per-head q/k norms, where q and k are slices of one
+    merged projection); a copy only where neither view exists."""
+    h = x.shape[-1]
+    b = x.shape[-2] if x.dim() > 1 else 1
+    for shape in ((1, -1, h), (-1, b, h)):
+        try:
+            rows = x.view(shape)
+        except RuntimeError:
+            continue
+        if rows.stride(-1) == 1:
+            return rows
+    return x.contiguous().view(1, -1, h)
 
 
 def _launch(rows, residual_rows, weight, out, total, eps, unit_offset):
-    h = rows.shape[1]
+    a, b, h = rows.shape
     weight = weight if weight.is_contiguous() else weight.contiguous()
     block = min(triton.next_power_of_2(h), MAX_ONE_TILE)
     has_residual = residual_rows is not None
-    _rms_norm_kernel[(rows.shape[0],)](
-        rows, residual_rows if has_residual else rows, weight, out,
-        total if has_residual else out, rows.stride(0),
-        residual_rows.stride(0) if has_residual else 0, h, eps,
+    res = residual_rows if has_residual else rows
+    _rms_norm_kernel[(a * b,)](
+        rows, res, weight, out, total if has_residual else out,
+        rows.stride(0), rows.stride(1), res.stride(0), res.stride(1), b, h, eps,
         BLOCK=block, ONE_TILE=h <= block, UNIT_OFFSET=unit_offset, HAS_RESIDUAL=has_residual,
         num_warps=max(1, min(8, block // 256)))
 
@@ -157,12 +169,11 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
     """x [..., H], weight [H] -> [..., H]: in the promoted dtype of x and weight (Llama's
     form), in x's dtype (Gemma's, unit_offset)."""
     _check_norm(x, weight, "rms_norm")
-    rows = _rows(x)
     out_dtype = x.dtype if unit_offset else torch.promote_types(x.dtype, weight.dtype)
-    out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
-    if rows.shape[0]:
-        _launch(rows, None, weight, out, None, eps, unit_offset)
-    return out.view(x.shape)
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if x.numel():
+        _launch(_rows(x), None, weight, out, None, eps, unit_offset)
+    return out
 
 
 def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -174,13 +185,16 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
         raise ValueError(f"add_rms_norm: x and residual must share a shape and dtype; got "
                          f"{x.dtype} {tuple(x.shape)} and {residual.dtype} "
                          f"{tuple(residual.shape)}")
-    rows = _rows(x)
     out_dtype = x.dtype if unit_offset else torch.promote_types(x.dtype, weight.dtype)
-    out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
-    total = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    if rows.shape[0]:
-        _launch(rows, _rows(residual), weight, out, total, eps, unit_offset)
-    return out.view(x.shape), total.view(x.shape)
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel():
+        rows, residual_rows = _rows(x), _rows(residual)
+        if residual_rows.shape[:2] != rows.shape[:2]:     # two layouts: one run of rows each
+            rows, residual_rows = rows.reshape(1, -1, x.shape[-1]), \
+                residual_rows.reshape(1, -1, x.shape[-1])
+        _launch(rows, residual_rows, weight, out, total, eps, unit_offset)
+    return out, total
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
