@@ -95,8 +95,10 @@ def test_add_norm_kernel_matches_a_decoder_layers_residual_add_then_norm(dtype, 
     x = (torch.randn(2, 3, width, generator=g) * 3).to(dtype)
     wide = (torch.randn(2, 3, width + 8, generator=g) * 3).to(dtype)
     residual = wide[..., :width]          # rows read where they lie
-    if width < 1000:        # both strided, in runs of rows (the kernel's [A, B, H] indexing)
-        x = (torch.randn(2, 3, width + 4, generator=g) * 3).to(dtype)[..., :width]
+    if width < 1000:        # both strided, in runs of 3 rows 4 rows apart (the kernel's
+        # [A, B, H] indexing)
+        x = (torch.randn(2, 4, width + 4, generator=g) * 3).to(dtype)[:, :3, :width]
+        residual = (torch.randn(2, 4, width + 8, generator=g) * 3).to(dtype)[:, :3, :width]
     weight = (1 + torch.randn(width, generator=g) / 4).to(dtype)
     want_sum = residual + x
     want = transformers_norm(width, 1e-5, weight, gemma).to(dtype)(want_sum)
