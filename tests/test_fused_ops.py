@@ -467,3 +467,32 @@ def test_rotary_kernel_matches_transformers_in_bf16_on_cuda():
                                                      d=128))
     for got, want in zip(rotary_triton(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gemma", [False, True], ids=["llama-form", "gemma-form"])
+def test_add_norm_kernel_matches_a_layers_add_then_norm_in_bf16_on_cuda(gemma):
+    x = torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16) * 3
+    residual = torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16) * 3
+    weight = (1 + torch.randn(4096, device="cuda") / 4).to(torch.bfloat16)
+    want_sum = residual + x
+    want = transformers_norm(4096, 1e-5, weight, gemma).cuda().to(torch.bfloat16)(want_sum)
+    got, got_sum = add_rms_norm_triton(x, residual, weight, 1e-5, unit_offset=gemma)
+    torch.testing.assert_close(got_sum, want_sum, atol=0, rtol=0)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=8e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen3, tiny_biased_llama],
+                         ids=["mistral", "qwen3", "llama-with-biases"])
+def test_swapped_model_gives_transformers_logits_in_bf16_on_cuda(make):
+    """Every kernel and both merged GEMMs on the GPU in bf16: transformers' logits to the
+    rounding of bf16 (a merged GEMM may round in another order)."""
+    model = make(96, seed=3).cuda().to(torch.bfloat16)
+    ids = torch.randint(2, 96, (4, 17), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        want = model(ids).logits.float()
+        assert fuse_ops(model) == FusedOps(norms=9 if make is tiny_qwen3 else 5, rotary=2,
+                                           mlps=2, qkv=2, gate_up=2, residual_norms=2)
+        got = model(ids).logits.float()
+    assert (got - want).abs().max().item() <= 0.02 * want.abs().max().item()
