@@ -8,7 +8,7 @@
 #    bf16, prompt 512, CBS(4,4,8), one and 16 concurrent requests at 256 tokens (one process,
 #    one model build), with plain sampling of the same streams beside each and its step time
 #    over the weight-read floor, waiting and with async scheduling (the same engine); the
-#    same with transformers' RMSNorm, rotary and MLP ops instead of the engine's kernels;
+#    same with transformers' ops instead of the engine's fused kernels and merged GEMMs;
 # 3. the kernel benchmarks (pytest-benchmark JSON + a markdown table); 4. profiled searches
 #    (GPU busy fraction), waiting and with async scheduling; 5. 16 concurrent under
 #    torch.compile; CBS(4,4,8) at prompt 2048 with and without the shared-prefix (cascade)
@@ -75,9 +75,9 @@ step "gpu tests" 200 python3 -m pytest -q -m gpu $gpu_files $parallel -p no:cach
     --continue-on-collection-errors --durations=15 -rfE
 step "e2e 1 and 16 requests, 256 tokens, waiting and async" 180 $e2e --preset gpu \
     --max-new 256 --concurrency 1,16 --both-schedulings
-step "e2e 1 and 16 requests, 256 tokens, transformers' norms and rotary" 90 $e2e \
-    --preset gpu --max-new 256 --concurrency 1,16 --no-fused-ops
-step "kernel benchmarks" 120 python3 -m pytest -q bench/kernels.py --benchmark-only \
+step "e2e 1 and 16 requests, 256 tokens, transformers' ops (no fused kernels, no merged GEMMs)" \
+    90 $e2e --preset gpu --max-new 256 --concurrency 1,16 --no-fused-ops
+step "kernel benchmarks" 150 python3 -m pytest -q bench/kernels.py --benchmark-only \
     -p no:cacheprovider --benchmark-json "$out/kernels-$device.json"
 if [ -f "$out/kernels-$device.json" ]; then
     step "kernel table" 30 python3 bench/kernels_table.py "$out/kernels-$device.json" \

@@ -47,9 +47,11 @@ from w2s_engine.kernels.paged_attention import (
     paged_extend_attention_triton,
 )
 from w2s_engine.kernels.activation import silu_mul_ref, silu_mul_triton
-from w2s_engine.kernels.rms_norm import rms_norm_ref, rms_norm_triton
+from w2s_engine.kernels.rms_norm import (add_rms_norm_ref, add_rms_norm_triton, rms_norm_ref,
+                                         rms_norm_triton)
 from w2s_engine.kernels.rotary import rotary_ref, rotary_triton
 from w2s_engine.kernels.sampling import sample_triton
+from w2s_engine.models.fused_ops import fuse_ops
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need CUDA")
 
@@ -297,6 +299,55 @@ def test_silu_mul(benchmark, impl, graph, tokens):
     fn = silu_mul_triton if impl == "triton" else silu_mul_ref
     timed(benchmark, lambda: fn(gate, up), "silu_mul", f"{tokens} x 14336", impl,
           nbytes=3 * gate.numel() * 2, baseline=impl == "torch", graph=graph)
+
+
+@pytest.mark.parametrize("rows", [16, 256])
+@pytest.mark.parametrize("impl, graph", [("triton", False), ("triton", True), ("torch", True)])
+def test_add_rms_norm(benchmark, impl, graph, rows):
+    """A decoder layer's residual add and post-attention norm (32 per decode step of an 8B
+    Llama): one kernel against transformers' add and eight ops."""
+    hidden = 4096
+    x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn_like(x)
+    weight = torch.randn(hidden, device="cuda", dtype=torch.bfloat16)
+    fn = add_rms_norm_triton if impl == "triton" else add_rms_norm_ref
+    timed(benchmark, lambda: fn(x, residual, weight, 1e-5), "add_rms_norm",
+          f"{rows} x {hidden}", impl, nbytes=4 * x.numel() * 2, baseline=impl == "torch",
+          graph=graph)
+
+
+def llama_8b_layer():
+    """One decoder layer of Llama-3-8B's configuration (random weights, bf16, sdpa)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=1,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=256,
+                         rope_theta=500000.0, max_position_embeddings=8192)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+@pytest.mark.parametrize("tokens", [16, 256])
+@pytest.mark.parametrize("impl", ["fused", "transformers"])
+def test_decoder_layer(benchmark, impl, tokens):
+    """One Llama-3-8B decoder layer as a decode step of `tokens` beams runs it, in a CUDA
+    graph: the engine's fused kernels and merged q/k/v and gate/up GEMMs (models/fused_ops.py:
+    10 kernels and 4 GEMMs besides attention) against transformers' ops (7 GEMMs). Bytes: the
+    layer's weights, read once (at 16 tokens the floor is that read)."""
+    model = llama_8b_layer()
+    if impl == "fused":
+        assert fuse_ops(model).qkv == 1
+    layer = model.model.layers[0]
+    hidden = torch.randn(1, tokens, 4096, device="cuda", dtype=torch.bfloat16)
+    positions = torch.arange(tokens, device="cuda")[None] + 1000
+    cos_sin = model.model.rotary_emb(hidden, positions)
+    weights = sum(p.numel() * p.element_size() for p in layer.parameters())
+    with torch.inference_mode():
+        timed(benchmark, lambda: layer(hidden, position_embeddings=cos_sin,
+                                       attention_mask=None, position_ids=positions),
+              "decoder_layer", f"Llama-3-8B, {tokens} tokens", impl, nbytes=weights,
+              baseline=impl == "transformers", graph=True)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])

@@ -23,10 +23,12 @@ class EngineConfig:
     # static path eagerly (there are no graphs to capture).
     cuda_graphs: bool | None = None
     cuda_graph_max_batch: int = 512
-    # RMSNorms of Llama's or Gemma's form, Llama-form rotary embeddings and SiLU-gated MLPs'
-    # activations (Llama, Qwen, Mistral, Gemma, ...) as one Triton kernel each instead of
-    # transformers' chains of torch ops (models/fused_ops.py). None: on with CUDA. Off under torch_compile, which fuses them
-    # itself. On CPU, True runs the same reference ops through the swapped modules.
+    # RMSNorms of Llama's or Gemma's form, Llama-form rotary embeddings, SiLU-gated MLPs'
+    # activations and decoder layers' residual add + norm (Llama, Qwen, Mistral, Gemma, ...)
+    # as one Triton kernel each instead of transformers' chains of torch ops, and q/k/v and
+    # gate/up projections as one GEMM each (models/fused_ops.py). None: on with CUDA. Off
+    # under torch_compile, which fuses the small ops itself. On CPU, True runs the same
+    # reference ops through the swapped modules.
     fused_ops: bool | None = None
     # Shared-prefix (cascade) decode attention on that static path: the beams of a request
     # read their common blocks (the prompt, a shared history) once per group. Off by default

@@ -91,8 +91,10 @@ def add_runtime_args(p: argparse.ArgumentParser):
     g.add_argument("--torch-compile", action="store_true",
                    help="run every model's forward through torch.compile")
     g.add_argument("--no-fused-ops", action="store_true",
-                   help="transformers' own RMSNorm, rotary-embedding and MLP-activation ops "
-                        "instead of the engine's one-kernel versions (on by default with CUDA)")
+                   help="transformers' own RMSNorm, rotary-embedding, MLP-activation and "
+                        "residual-add ops and separate q/k/v and gate/up GEMMs instead of the "
+                        "engine's one-kernel versions and merged GEMMs (on by default with "
+                        "CUDA)")
 
 
 def runtime_config(args) -> dict:

@@ -105,9 +105,10 @@ class ModelRunner:
         """num_blocks: blocks the block managers hand out (the pool has one more: scratch).
         compile: run the decoder through torch.compile (the attention is one opaque op); a
         string names the backend (default inductor).
-        fuse: the model's RMSNorms, rotary embeddings and MLP activations of the forms the
-        engine's kernels compute run as one kernel each (models/fused_ops.py); not with
-        compile, which fuses them itself."""
+        fuse: the model's RMSNorms, rotary embeddings, MLP activations and residual adds of
+        the forms the engine's kernels compute run as one kernel each, its q/k/v and gate/up
+        projections as one GEMM each (models/fused_ops.py); not with compile, which fuses
+        the small ops itself."""
         if model.config._attn_implementation != ATTN_IMPLEMENTATION:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.model = model.eval()
