@@ -51,7 +51,6 @@ from w2s_engine.kernels.rms_norm import (add_rms_norm_ref, add_rms_norm_triton, 
                                          rms_norm_triton)
 from w2s_engine.kernels.rotary import rotary_ref, rotary_triton
 from w2s_engine.kernels.sampling import sample_triton
-from w2s_engine.models.fused_ops import fuse_ops
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need CUDA")
 
@@ -335,6 +334,10 @@ def test_decoder_layer(benchmark, impl, tokens):
     graph: the engine's fused kernels and merged q/k/v and gate/up GEMMs (models/fused_ops.py:
     10 kernels and 4 GEMMs besides attention) against transformers' ops (7 GEMMs). Bytes: the
     layer's weights, read once (at 16 tokens the floor is that read)."""
+    # Imported here: transformers looks for a package named `kernels` (the hub's) at its own
+    # import, and a script run from bench/ finds this file under that name; importing
+    # transformers from it at the top would be a circular import.
+    from w2s_engine.models.fused_ops import fuse_ops
     model = llama_8b_layer()
     if impl == "fused":
         assert fuse_ops(model).qkv == 1
