@@ -20,24 +20,19 @@ the kernel computes, compared by bytecode (the same instructions, constants and 
   activation;
 - the query, key and value projections of an attention module whose forward calls them in
   that order, where they are plain nn.Linears of one input: one GEMM for the three (vLLM's
-  QKV projection). The attention's code is untouched: q_proj's call runs the merged GEMM and
-  hands k_proj's and v_proj's calls on the same input tensor their slices of it (a call on
-  another input runs its own GEMM);
+  QKV projection; models/merged_linears.py), the attention's code untouched;
 - a decoder layer whose forward is LlamaDecoderLayer's (Qwen2/3, Mistral, Gemma, SmolLM3,
   DeepSeek-V3, GLM, ...) with a post-attention norm of a kernel's form: the residual add after
   attention and that norm as one kernel (add_rms_norm).
-In a decode step of a few rows each small kernel costs a few microseconds whatever its size
-and each GEMM reads its whole weight: one GEMM of three (or two) outputs fills the GPU better
-than three (or two) small ones, and an 8B Llama's step runs 4 GEMMs a layer instead of 7 and
-10 kernels instead of 14 (bench/op_count.py).
-The merged weights take no second copy: each projection's weight becomes a row slice of its
-merged weight, so transformers' own modules compute the same when unswapped.
+In a decode step of a few rows each small kernel costs a few microseconds whatever its size:
+an 8B Llama's step runs 10 kernels a layer instead of 14 besides attention, 4 of them GEMMs
+instead of 7 (bench/op_count.py).
 Every swap is per module instance (its `forward`), so other models of the same classes in the
 process, a reference baseline's say, keep transformers' own; unfuse_ops gives them back.
 """
 
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +43,8 @@ from transformers.models.llama import modeling_llama
 from w2s_engine.kernels.activation import silu_mul
 from w2s_engine.kernels.rms_norm import add_rms_norm, rms_norm
 from w2s_engine.kernels.rotary import rotary
+from w2s_engine.models.merged_linears import (install_merged_forwards, merged_for,
+                                              plain_linears, remove_merged_forwards)
 
 
 def _code_key(fn):
@@ -214,70 +211,6 @@ def _fused_mlp_forward(self, x):
 
 # ---- merged projections -------------------------------------------------------------------
 
-@dataclass(eq=False)
-class MergedProjection:
-    """Projections of one input as one GEMM. weight [sum(sizes), in] (and bias): the modules'
-    own parameters are its row slices. in_flight: the input of the last merged call and the
-    outputs of its later projections, until they are asked for."""
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    sizes: tuple[int, ...]
-    in_flight: list | None = field(default=None, repr=False)
-
-    def backs(self, linears) -> bool:
-        """Whether the modules' parameters are still the slices of this weight (a weight
-        assigned since then is not)."""
-        start = 0
-        for linear, size in zip(linears, self.sizes):
-            parts = [(linear.weight, self.weight)] + (
-                [(linear.bias, self.bias)] if self.bias is not None else [])
-            if any(p.data_ptr() != whole[start].data_ptr() or p.shape[0] != size
-                   for p, whole in parts):
-                return False
-            start += size
-        return True
-
-
-def merge_linears(linears) -> MergedProjection:
-    """One weight (and bias) for the modules, their own parameters becoming its row slices
-    (no second copy: the old tensors are freed)."""
-    with torch.no_grad():
-        weight = torch.cat([m.weight for m in linears])
-        bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
-        start = 0
-        for m in linears:
-            size = m.weight.shape[0]
-            m.weight = torch.nn.Parameter(weight[start:start + size], requires_grad=False)
-            if bias is not None:
-                m.bias = torch.nn.Parameter(bias[start:start + size], requires_grad=False)
-            start += size
-    return MergedProjection(weight, bias, tuple(m.weight.shape[0] for m in linears))
-
-
-def plain_linears(linears) -> bool:
-    """Whether one GEMM can compute the modules: torch's own nn.Linear (not a LoRA or a
-    quantized layer), unswapped and without hooks, of one input size, dtype and device, all
-    with a bias or none, with real (not meta) weights."""
-    first = linears[0]
-    if not all(type(m) is torch.nn.Linear for m in linears):
-        return False
-    return all("forward" not in m.__dict__ and not m._forward_hooks
-               and not m._forward_pre_hooks and not hasattr(m, "_hf_hook")
-               and m.in_features == first.in_features and m.weight.dtype == first.weight.dtype
-               and m.weight.device == first.weight.device and not m.weight.is_meta
-               and (m.bias is None) == (first.bias is None) for m in linears)
-
-
-def _merged(owner, attr: str, linears) -> MergedProjection:
-    """The owner's merged projection of the modules: the one made before if it still backs
-    them (a model fused again after unfuse_ops), else a new one."""
-    merged = owner.__dict__.get(attr)
-    if merged is None or not merged.backs(linears):
-        merged = merge_linears(linears)
-        setattr(owner, attr, merged)
-    return merged
-
-
 _QKV = ("q_proj", "k_proj", "v_proj")
 
 
@@ -292,27 +225,6 @@ def qkv_linears(module: torch.nn.Module) -> list | None:
         return None
     linears = [getattr(module, n, None) for n in _QKV]
     return linears if plain_linears(linears) else None
-
-
-def _merged_first_forward(self, x):
-    """q_proj's call: the one GEMM for q, k and v; k's and v's outputs wait for their calls."""
-    merged = self._w2s_merged
-    first, *rest = F.linear(x, merged.weight, merged.bias).split(merged.sizes, dim=-1)
-    merged.in_flight = [x, *rest]
-    return first
-
-
-def _merged_later_forward(self, x):
-    """k_proj's or v_proj's call: its slice of the merged GEMM on the same input tensor (the
-    attention's code calls all three on one hidden_states), or a GEMM of its own on another."""
-    merged, i = self._w2s_merged, self._w2s_merged_index
-    in_flight = merged.in_flight
-    if in_flight is None or in_flight[0] is not x or in_flight[i] is None:
-        return F.linear(x, self.weight, self.bias)
-    out, in_flight[i] = in_flight[i], None
-    if all(o is None for o in in_flight[1:]):
-        merged.in_flight = None      # nothing of the call is held past it
-    return out
 
 
 # ---- residual add + norm ------------------------------------------------------------------
@@ -385,11 +297,7 @@ def fuse_ops(model: torch.nn.Module, norm=rms_norm, rope=rotary, act=silu_mul,
             continue
         linears = qkv_linears(module)
         if linears is not None:
-            merged = _merged(module, "_w2s_qkv", linears)
-            for i, linear in enumerate(linears):
-                linear._w2s_merged, linear._w2s_merged_index = merged, i
-                linear.forward = types.MethodType(
-                    _merged_later_forward if i else _merged_first_forward, linear)
+            install_merged_forwards(linears, merged_for(module, "_w2s_qkv", linears))
             count["qkv"] += 1
             merged_any = True
         if calls_llama_rotary(module):
@@ -403,7 +311,7 @@ def fuse_ops(model: torch.nn.Module, norm=rms_norm, rope=rotary, act=silu_mul,
             linears = [module.gate_proj, module.up_proj]
             merge = plain_linears(linears)
             if merge:
-                _merged(module, "_w2s_gate_up", linears)
+                merged_for(module, "_w2s_gate_up", linears)
                 count["gate_up"] += 1
                 merged_any = True
             else:       # a merge made before that no longer holds (a LoRA wraps them now)
@@ -433,8 +341,8 @@ def unfuse_ops(model: torch.nn.Module) -> FusedOps:
         elif "_w2s_rms_norm" in d:
             del module.forward, module._w2s_rms_norm, module._w2s_rms_norm_form
             count["norms"] += 1
-        elif "_w2s_merged" in d:
-            del module.forward, module._w2s_merged, module._w2s_merged_index
+        else:
+            remove_merged_forwards(module)
         if "_w2s_qkv" in d and "_w2s_merged" in module.q_proj.__dict__:
             count["qkv"] += 1
         if "_w2s_rotary" in d:
