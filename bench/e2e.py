@@ -228,6 +228,10 @@ def main():
     ap.add_argument("--both-schedulings", action="store_true",
                     help="each row waiting and then with async scheduling, on the same engine "
                          "(one model build and capture for both)")
+    ap.add_argument("--schedulings", default="",
+                    help="each row in these schedulings on the same engine, comma-separated: "
+                         "waiting, async, async-scoring-at-once (async scheduling with each "
+                         "scoring read in its own step)")
     ap.add_argument("--no-fused-ops", action="store_true",
                     help="fused_ops=False: transformers' norm, rotary and MLP ops (for comparison)")
     args = ap.parse_args()
@@ -243,7 +247,7 @@ def main():
                           fused_ops=False if args.no_fused_ops else None)
     if args.eager_scoring:
         eager_scoring(engine)
-    schedulings = [False, True] if args.both_schedulings else [args.async_scheduling]
+    schedulings = scheduling_list(args)
     for plen in map(int, args.prompt_lens.split(",")):
         for max_new in map(int, args.max_new.split(",")):
             for search in args.searches.split(","):
@@ -256,12 +260,35 @@ def main():
                             f.write(json.dumps(row) + "\n")
 
 
-def set_async_scheduling(engine, on: bool):
-    """Switch an idle engine's scheduling (the large model reads it at each step)."""
+SCHEDULINGS = {"waiting": (False, False), "async": (True, True),
+               "async-scoring-at-once": (True, False)}   # (async_scheduling, scoring_ahead)
+
+
+def scheduling_list(args) -> list[str]:
+    """The schedulings each row runs in: --schedulings, --both-schedulings (waiting, async)
+    or the one --async-scheduling picks."""
+    if args.schedulings:
+        names = args.schedulings.split(",")
+        unknown = [n for n in names if n not in SCHEDULINGS]
+        assert not unknown, f"--schedulings: {unknown} not among {sorted(SCHEDULINGS)}"
+        return names
+    if args.both_schedulings:
+        return ["waiting", "async"]
+    return ["async" if args.async_scheduling else "waiting"]
+
+
+def set_async_scheduling(engine, scheduling: str | bool):
+    """Switch an idle engine's scheduling (the large model and the engine read it at each
+    step): a name of SCHEDULINGS, or True / False for async / waiting."""
     assert not engine.has_unfinished() and getattr(engine.large, "in_flight", None) is None
+    assert engine.scoring_ahead is None
+    if isinstance(scheduling, bool):
+        scheduling = "async" if scheduling else "waiting"
+    on, ahead = SCHEDULINGS[scheduling]
     if hasattr(engine.large, "async_scheduling"):
         engine.large.async_scheduling = on
         engine.config.async_scheduling = on
+    engine.config.scoring_ahead = ahead
 
 
 def parse_search(search: str, max_new: int) -> SearchParams:
@@ -323,6 +350,7 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
         "cascade_attention": bool(engine.config.cascade_attention),
         "torch_compile": bool(engine.config.torch_compile),
         "async_scheduling": bool(engine.config.async_scheduling),
+        "scoring_ahead": bool(engine.config.async_scheduling and engine.config.scoring_ahead),
         "fused_ops": bool(engine.config.fused_ops),
         "device": machine(), "torch": torch.__version__, "commit": commit(),
     }
@@ -398,7 +426,7 @@ def print_table(path: Path):
             "large_tokens_per_s", "latency_p50_s", "latency_p95_s", "cbs_over_sampling",
             "engine_speedup_vs_baseline", "peak_kv_vs_ideal_large", "plain_step_over_floor",
             "cuda_graphs", "cascade_attention", "torch_compile", "async_scheduling",
-            "fused_ops",
+            "scoring_ahead", "fused_ops",
             "arrivals_every", "device", "commit"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

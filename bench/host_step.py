@@ -38,11 +38,13 @@ TINY = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden
             max_position_embeddings=4096)
 
 
-def build(cross: bool, static: bool = True, async_scheduling: bool = False) -> Engine:
+def build(cross: bool, static: bool = True, async_scheduling: bool = False,
+          scoring_ahead: bool = True) -> Engine:
     """Tiny large, tuned and untuned models; cross: the small pair has another vocabulary (the
     bridge re-tokenizes every chunk's text); static: decode on the static buffers a GPU's
     graphs replay (run eagerly here), so the host packs each step as it does on a GPU;
-    async_scheduling: each step launched before the previous step's tokens are read."""
+    async_scheduling: each step launched before the previous step's tokens are read;
+    scoring_ahead: with it, a scoring behind a decode step read the next step."""
     large_tok = word_tokenizer(VOCAB)
     small_tok = word_tokenizer(VOCAB - 1) if cross else large_tok
     models = [random_model(TINY, torch.float32, "cpu", seed) for seed in range(3)]
@@ -50,7 +52,7 @@ def build(cross: bool, static: bool = True, async_scheduling: bool = False) -> E
         m.generation_config.eos_token_id = 2
     return Engine((models[0], large_tok), (models[1], small_tok), (models[2], small_tok),
                   progress=False, cpu_kv_cache_bytes=1 << 30, cuda_graphs=static,
-                  async_scheduling=async_scheduling)
+                  async_scheduling=async_scheduling, scoring_ahead=scoring_ahead)
 
 
 def timed_steps(engine: Engine, prompts, params, every: int = 0) \
@@ -85,18 +87,22 @@ def main():
                     help="decode on packed lists (the eager path) instead of the static buffers")
     ap.add_argument("--async-scheduling", action="store_true",
                     help="launch each decode step before reading the previous step's tokens")
+    ap.add_argument("--scoring-at-once", action="store_true",
+                    help="with --async-scheduling: read each scoring in its own step")
     ap.add_argument("--arrivals-every", type=int, default=0,
                     help="admit a request every N steps instead of all at once")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    engine = build(args.cross, static=not args.packed, async_scheduling=args.async_scheduling)
+    engine = build(args.cross, static=not args.packed, async_scheduling=args.async_scheduling,
+                   scoring_ahead=not args.scoring_at_once)
     params = parse_search(args.search, args.max_new)
     prompts = [prompt_of(engine.large_tokenizer, args.prompt_len, seed=i)
                for i in range(args.concurrency)]
     engine.search(prompts[:1], params.copy(max_new_tokens=16))   # warm-up
     decode, scoring = [], []
+    ahead_before = engine.stats()["scorings_ahead"]
     profiler = cProfile.Profile() if args.profile else None
     if profiler:
         gc.disable()   # a collection would be charged to whatever function it lands in
@@ -112,7 +118,12 @@ def main():
     beams = args.concurrency * params.w * params.k
     row = {"search": args.search, "concurrency": args.concurrency, "beams": beams,
            "cross_vocabulary": args.cross, "static_decode": not args.packed,
-           "async_scheduling": args.async_scheduling, "arrivals_every": args.arrivals_every,
+           "async_scheduling": args.async_scheduling,
+           "scoring_ahead": args.async_scheduling and not args.scoring_at_once,
+           "arrivals_every": args.arrivals_every,
+           "steps_per_rep": (len(decode) + len(scoring)) // args.reps,
+           "scorings_ahead_per_rep": (engine.stats()["scorings_ahead"] - ahead_before)
+           // args.reps,
            "prompt_len": args.prompt_len,
            "max_new_tokens": args.max_new, "reps": args.reps,
            "decode_step_ms": round(1e3 * statistics.median(decode), 2),

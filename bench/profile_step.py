@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.e2e import RESULTS, arriving, build, commit, eager_scoring, machine, parse_search, \
-    prompt_of, set_async_scheduling  # noqa: E402
+    prompt_of, scheduling_list, set_async_scheduling  # noqa: E402
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
@@ -61,6 +61,9 @@ def main():
                     help="async_scheduling=True: step n+1 launched before step n's tokens are read")
     ap.add_argument("--both-schedulings", action="store_true",
                     help="profile waiting and then with async scheduling, on the same engine")
+    ap.add_argument("--schedulings", default="",
+                    help="profile in each of these schedulings on the same engine, "
+                         "comma-separated: waiting, async, async-scoring-at-once")
     ap.add_argument("--arrivals-every", type=int, default=0,
                     help="admit a request every N engine steps instead of all at once (their "
                          "chunks end on different steps)")
@@ -76,7 +79,7 @@ def main():
     params = parse_search(args.search, args.max_new)
     prompts = [prompt_of(engine.large_tokenizer, args.prompt_len, seed=i)
                for i in range(args.concurrency)]
-    schedulings = [False, True] if args.both_schedulings else [args.async_scheduling]
+    schedulings = scheduling_list(args)
     for asynchronous in schedulings:
         set_async_scheduling(engine, asynchronous)
         row = profile_one(engine, names, args, params, prompts)
@@ -118,6 +121,7 @@ def profile_one(engine, names, args, params, prompts) -> dict:
            "concurrency": args.concurrency, "cuda_graphs": bool(engine.config.cuda_graphs),
            "scoring_graphs": any(r.scoring_graphs is not None for r in engine.runners.values()),
            "async_scheduling": bool(engine.config.async_scheduling),
+           "scoring_ahead": bool(engine.config.async_scheduling and engine.config.scoring_ahead),
            "arrivals_every": args.arrivals_every,
            "fused_ops": bool(engine.config.fused_ops),
            "wall_s": round(wall_us / 1e6, 3), "gpu_busy": round(busy, 3),

@@ -8,12 +8,17 @@ stops computes one token more, dropped, and gives its slot back), min_tokens, bi
 penalties (the token in flight counted on the device), EFT (its small models fed the token
 in flight) and chunk ends (the next chunk waits for the read); a cancelled request or a
 failing batch or read with a step in flight loses nothing; every block comes back.
+
+A scoring queued while a decode step of other requests is in flight is read the next step
+(EngineConfig.scoring_ahead, on by default): the same results again, with a request cancelled
+or a read failing while it is in flight.
 """
 
 import pytest
 import torch
 
 import w2s_engine.large.local as local
+import w2s_engine.search.small_stream as small_stream
 from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
 from w2s_engine import Engine, SearchParams
 from w2s_engine.search.request import RequestStatus
@@ -280,8 +285,8 @@ def test_requests_that_arrive_and_leave_at_random_steps_search_as_when_the_engin
                        for i in range(5)], key=lambda a: a[0])
     cancel_at = (rng.randrange(5), rng.randint(1, 10))   # (request, steps after its arrival)
     results = []
-    for asynchronous in (False, True):
-        engine = make_engine(models, async_scheduling=asynchronous)
+    for asynchronous, ahead in ((False, False), (True, True), (True, False)):
+        engine = make_engine(models, async_scheduling=asynchronous, scoring_ahead=ahead)
         reqs, step = [], 0
         while len(reqs) < len(arrivals) or engine.has_unfinished():
             for at, prompt, params in arrivals[len(reqs):]:
@@ -294,14 +299,15 @@ def test_requests_that_arrive_and_leave_at_random_steps_search_as_when_the_engin
             step += 1
         engine.check_all_free()
         results.append([r for r, _ in reqs])
-    waits, overlapped = results
-    for i, (w, o) in enumerate(zip(waits, overlapped)):
-        # (async ends a request a step later when its last tokens were in flight: the
-        # cancel may find it running in one engine and done in the other)
-        if i == cancel_at[0] and RequestStatus.CANCELLED in (w.status, o.status):
-            continue
-        assert (w.status, w.error) == (RequestStatus.DONE, None) == (o.status, o.error)
-        assert_same([w.result], [o.result])
+    waits = results[0]
+    for overlapped in results[1:]:     # scorings read a step later, and at once
+        for i, (w, o) in enumerate(zip(waits, overlapped)):
+            # (async ends a request a step later when its last tokens were in flight: the
+            # cancel may find it running in one engine and done in the other)
+            if i == cancel_at[0] and RequestStatus.CANCELLED in (w.status, o.status):
+                continue
+            assert (w.status, w.error) == (RequestStatus.DONE, None) == (o.status, o.error)
+            assert_same([w.result], [o.result])
 
 
 @pytest.mark.parametrize("failing_read", [2, 4, 6, 9, 12])
@@ -334,3 +340,104 @@ def test_a_read_that_fails_puts_both_steps_back_and_the_requests_run_again(
     assert [r.error for r in reqs] == [None] * len(reqs)
     assert_same(want, [r.result for r in reqs])
     engine.check_all_free()
+
+
+def run_staggered(engine, params, prompts=PROMPTS, every=1, on_step=None):
+    """The prompts admitted one every `every` steps (their chunks end on different steps),
+    stepped to the end; on_step(engine, requests) before each step."""
+    reqs, step = [], 0
+    while len(reqs) < len(prompts) or engine.has_unfinished():
+        if step % every == 0 and len(reqs) < len(prompts):
+            reqs.append(engine.add_request(prompts[len(reqs)], params))
+        if on_step is not None:
+            on_step(engine, reqs)
+        engine.step()
+        step += 1
+    engine.check_all_free()
+    return reqs
+
+
+STAGGERED = SearchParams.cbs(2, 2, 4, max_new_tokens=14, seed=7, logit_bias={EOS: 1.0})
+
+
+def test_a_scoring_behind_another_requests_step_is_read_the_next_step(models):
+    """Requests a step apart: each one's scoring is queued behind the others' decode step and
+    read the step after (the request starts its next chunk a step later); read at once
+    instead, and with the engine waiting, the results are the same."""
+    want = run(make_engine(models), STAGGERED)
+    steps = {}
+    for ahead in (True, False):
+        engine = make_engine(models, async_scheduling=True, scoring_ahead=ahead)
+        reqs = run_staggered(engine, STAGGERED)
+        assert [r.error for r in reqs] == [None] * len(reqs)
+        assert_same(want, [r.result for r in reqs])
+        assert (engine.stats()["scorings_ahead"] > 0) == ahead
+        steps[ahead] = engine.stats()["decode_steps"]
+    assert steps[True] > steps[False]     # what it costs: a step per chunk end read ahead
+
+
+def test_a_request_cancelled_with_its_scoring_in_flight_leaves_the_others_as_they_were(models):
+    want = run(make_engine(models), STAGGERED, prompts=PROMPTS[:2])
+    cancelled = []
+
+    def cancel_in_flight(engine, reqs):
+        ahead = engine.scoring_ahead
+        if not cancelled and ahead is not None and len(reqs) == 3 \
+                and reqs[2] in ahead.requests:
+            engine.cancel(reqs[2])
+            cancelled.append(reqs[2])
+    engine = make_engine(models, async_scheduling=True)
+    reqs = run_staggered(engine, STAGGERED, on_step=cancel_in_flight)
+    assert cancelled and reqs[2].status is RequestStatus.CANCELLED
+    assert [r.error for r in reqs[:2]] == [None, None]
+    assert_same(want, [r.result for r in reqs[:2]])
+
+
+@pytest.mark.parametrize("together", [1, 2], ids=["one-request", "two-requests"])
+def test_a_scoring_read_that_fails_a_step_later_is_handled_as_a_failed_batch(
+        models, monkeypatch, together):
+    """The read of a scoring launched the step before fails (rolled back): as for any failed
+    batch, each request in it runs again alone, or, alone in it, fails; the others end as
+    when nothing failed and every block comes back."""
+    prompts = ["I really", "What a", "The plot of this film"]
+    want = run(make_engine(models), STAGGERED, prompts=prompts)
+    engine = make_engine(models, async_scheduling=True)
+    failing, failed = [False], []
+    read = small_stream.Launched.read
+
+    def flaky_read(self, blocks):
+        if failing[0]:
+            failing[0] = False
+            with small_stream.failing_as_batch(blocks, self.keep):
+                raise RuntimeError("an illegal memory access was encountered")
+        return read(self, blocks)
+    monkeypatch.setattr(small_stream.Launched, "read", flaky_read)
+    finish_scoring = engine._finish_scoring
+
+    def fail_once(ahead):
+        if not failed and len(ahead.requests) == together:
+            failing[0] = True
+            failed.append(list(ahead.requests))
+        return finish_scoring(ahead)
+    monkeypatch.setattr(engine, "_finish_scoring", fail_once)
+    # two requests admitted together (their chunks end on the same steps, scored in one
+    # batch) or a step apart, and a third two steps after the first, whose decode steps the
+    # others' scorings queue behind
+    engine_reqs = []
+    step = 0
+    admit = {0: [prompts[0], prompts[1]] if together == 2 else [prompts[0]],
+             1: [] if together == 2 else [prompts[1]], 2: [prompts[2]]}
+    while step in admit or engine.has_unfinished():
+        for p in admit.get(step, []):
+            engine_reqs.append(engine.add_request(p, STAGGERED))
+        engine.step()
+        step += 1
+    engine.check_all_free()
+    assert failed and not failing[0], "a scoring read a step later failed"
+    hit = failed[0]
+    for r, w in zip(engine_reqs, want):
+        if together == 1 and r in hit:
+            assert r.status is RequestStatus.FAILED and "illegal memory access" in r.error
+        else:
+            assert r.error is None
+            assert_same([w], [r.result])

@@ -47,6 +47,13 @@ class EngineConfig:
     # default until it is measured on a GPU (bench/e2e.py --async-scheduling); on a CPU
     # there is nothing to overlap. Results are the same either way.
     async_scheduling: bool = False
+    # With async_scheduling: the scoring of requests whose chunks end while a decode step of
+    # other requests is in flight is queued behind it and read the next step, after that
+    # step's decode is launched, so the device does not wait while the host reads rewards,
+    # selects and forks (out-of-step requests, as a server's arrivals make them, end chunks
+    # at most steps). Those requests start their next chunk a step later. False: read at
+    # once, as without async scheduling. Results are the same either way.
+    scoring_ahead: bool = True
 
     def resolve(self) -> "EngineConfig":
         if self.device is None:

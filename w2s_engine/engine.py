@@ -40,7 +40,7 @@ from w2s_engine.search.eft import EFT
 from w2s_engine.search.prompts import check_prompt, parse_templates, template_has_tool_role
 from w2s_engine.search.request import KVSpace, RequestStatus, SearchRequest
 from w2s_engine.search.reward_models import model_head, reward_model_parts
-from w2s_engine.search.scorer import Scorer
+from w2s_engine.search.scorer import Scorer, ScoringLaunch
 from w2s_engine.search.sequence import Beam
 from w2s_engine.search.stream import FinalText, SearchDelta
 
@@ -149,6 +149,10 @@ class Engine:
                                                       SCORING_GRAPH_MAX_ROWS,
                                                       capture=runner.device.type == "cuda")
         self.budget = KVBudget(num_blocks, config.block_size)
+        # Async scheduling: a scoring queued behind a decode step, read the next step
+        # (_launch_scoring); and how many were.
+        self.scoring_ahead: ScoringLaunch | None = None
+        self.scorings_ahead = 0
         if remote:
             self.large = RemoteLarge(remote)
         else:
@@ -291,19 +295,19 @@ class Engine:
             failed = self._run_batch("the large model's step", self.large.advance, running)
         for r, message in failed:
             self.scheduler.fail(r, message)
+        ahead, self.scoring_ahead = self.scoring_ahead, None
+        if ahead is not None:
+            with record_function("w2s.score"):
+                self._finish_scoring(ahead)
+            self._select(ahead.requests)
         ready = [r for r in self.scheduler.running if r.chunk_complete]
         if ready:
             with record_function("w2s.score"):
-                self._score(ready)
-            for r in ready:
-                if r.status is not RequestStatus.RUNNING:
-                    continue
-                try:
-                    if r.select(self.kv):
-                        r.finish(self.large.response_text)
-                        self.scheduler.finish(r)
-                except Exception as e:
-                    self.scheduler.fail(r, self._engine_error("selection", e))
+                if self.config.scoring_ahead and self.large.runs_ahead:
+                    ready = self._launch_scoring(ready)
+                else:
+                    self._score(ready)
+            self._select(ready)
         ended = self.scheduler.take_ended()
         self._stream(ended)
         return ended
@@ -377,7 +381,21 @@ class Engine:
             raise BatchFailed(retryable=True) from e
         return []
 
-    def _score(self, ready: list[SearchRequest]):
+    def _select(self, requests: list[SearchRequest]):
+        """Each scored request keeps its top W and forks its next chunk, or ends."""
+        for r in requests:
+            if r.status is not RequestStatus.RUNNING:
+                continue
+            try:
+                if r.select(self.kv):
+                    r.finish(self.large.response_text)
+                    self.scheduler.finish(r)
+            except Exception as e:
+                self.scheduler.fail(r, self._engine_error("selection", e))
+
+    def _plan(self, ready: list[SearchRequest]) -> list:
+        """The scoring updates of the requests whose chunks are complete: (request, updates)
+        each; a request that cannot be scored fails here, alone."""
         plans = []
         for r in ready:
             if not r.params.uses_small_models or r.params.method == "eft":
@@ -386,7 +404,13 @@ class Engine:
                 plans.append((r, self.scorer.plan(r, self.large)))
             except Exception as e:  # a bad request fails alone
                 self.scheduler.fail(r, f"{type(e).__name__}: {e}")
+        return plans
 
+    def _score(self, ready: list[SearchRequest]):
+        self._run_scoring(self._plan(ready))
+
+    def _run_scoring(self, plans: list):
+        """Score the plans now (the batch, or each request alone if the batch fails)."""
         def run(plans):
             self.scorer.run(plans)
             return []   # a stream that went through adds nothing when it runs again
@@ -394,9 +418,51 @@ class Engine:
             for r, message in self._run_batch("scoring", run, plans, lambda plan: plan[0]):
                 self.scheduler.fail(r, message)
         finally:
-            for r in ready:
+            for r, _ in plans:
                 if r.status is RequestStatus.RUNNING:
                     r.record_peak(self.scorer.stream_roles)
+
+    def _launch_scoring(self, ready: list[SearchRequest]) -> list[SearchRequest]:
+        """Async scheduling, with a decode step of other requests in flight: queue the
+        scoring behind it and read it next step, after that step's decode is launched, so
+        the device never waits for the host's reading, selecting and forking (these requests
+        start their next chunk a step later). Returns the ready requests to select now:
+        those not scored (plain sampling, EFT), or all of them if the launch failed (scored
+        now, each alone if need be)."""
+        plans = self._plan(ready)
+        if not plans:
+            return ready
+        try:
+            self.scoring_ahead = self.scorer.launch(plans)
+        except Exception:
+            self._run_scoring(plans)     # rolled back: as without run-ahead
+            return ready
+        self.scorings_ahead += 1
+        scored = {id(r) for r, _ in plans}
+        return [r for r in ready if id(r) not in scored]
+
+    def _finish_scoring(self, ahead: ScoringLaunch):
+        """Read a scoring launched the step before and set its requests' rewards. A failed
+        read (rolled back) is handled as _run_batch handles a failed batch: each request
+        still running is scored again alone when the batch could be put back, else fails."""
+        try:
+            self.scorer.finish(ahead)
+        except Exception as e:
+            live = [plan for plan in ahead.plans if plan[0].status is RequestStatus.RUNNING]
+            retry = isinstance(e, BatchFailed) and e.retryable and len(live) > 1
+            if retry:
+                log.warning("w2s engine: scoring of %d requests failed (%s: %s); running each "
+                            "alone", len(live), type(e.__cause__).__name__, e.__cause__)
+            for plan in live:
+                if retry:
+                    self._run_scoring([plan])
+                else:
+                    cause = e.__cause__ if isinstance(e, BatchFailed) and e.__cause__ else e
+                    self.scheduler.fail(plan[0], self._engine_error("scoring", cause))
+            return
+        for r in ahead.requests:
+            if r.status is RequestStatus.RUNNING:
+                r.record_peak(self.scorer.stream_roles)
 
     # ---- the API ---------------------------------------------------------------------------
 
@@ -505,7 +571,7 @@ class Engine:
         return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                 "kv_blocks_total": self.budget.num_blocks, "kv_blocks_used": used,
                 "requests": t.requests, "failed": t.failed, "tokens": dict(t.tokens),
-                "decode_steps": self.large.decode_steps}
+                "decode_steps": self.large.decode_steps, "scorings_ahead": self.scorings_ahead}
 
     def check_all_free(self):
         """The invariant after every request: every block of every pool is free."""

@@ -85,6 +85,9 @@ def add_runtime_args(p: argparse.ArgumentParser):
                         "eagerly)")
     g.add_argument("--async-scheduling", action="store_true",
                    help="launch decode step n+1 before reading step n's tokens")
+    g.add_argument("--scoring-at-once", action="store_true",
+                   help="with --async-scheduling: read each chunk's scoring in its own step, "
+                        "not the next (behind the other requests' decode step)")
     g.add_argument("--cascade-attention", action="store_true",
                    help="shared-prefix decode attention: a request's beams read their common "
                         "blocks once")
@@ -103,6 +106,7 @@ def runtime_config(args) -> dict:
               "max_batch_tokens": args.max_batch_tokens,
               "cuda_graph_max_batch": args.cuda_graph_max_batch,
               "async_scheduling": args.async_scheduling,
+              "scoring_ahead": not args.scoring_at_once,
               "cascade_attention": args.cascade_attention,
               "torch_compile": args.torch_compile}
     if args.no_fused_ops:

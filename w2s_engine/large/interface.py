@@ -16,6 +16,7 @@ class LargeModel(Protocol):
     blocks: BlockManager | None     # None: no KV pool here
     eft: EFT | None                 # steers sampling token by token where the models allow
     decode_steps: int               # decode steps launched here so far
+    runs_ahead: bool                # a decode step is in flight, its tokens not read yet
 
     def check_params(self, params: SearchParams):
         """Refuse (InvalidParam) or fit what this backend cannot run as asked."""

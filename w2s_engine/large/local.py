@@ -93,6 +93,12 @@ class LocalLarge:
                 parts[i].stats.tokens_forwarded["large"] = len(parts[i].large_prompt_ids)
         return [parts[i] for i in done]
 
+    @property
+    def runs_ahead(self) -> bool:
+        """Whether a decode step is in flight (async scheduling): work the engine queues now
+        runs after it, and can be read next step without the device waiting."""
+        return self.in_flight is not None
+
     def advance(self, requests: list[SearchRequest]) -> list[tuple[SearchRequest, str]]:
         """One token for every generating beam of every running request. Returns the requests
         that failed alone (recording a token), with why. When the batch's forward or sampling

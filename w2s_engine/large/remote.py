@@ -20,6 +20,7 @@ class RemoteLarge:
     blocks = None       # no KV pool
     eft = None          # EFT needs the large model's logits
     decode_steps = 0    # no decode here: the server samples
+    runs_ahead = False  # each chunk is waited for
 
     def __init__(self, client: OpenAICompletions):
         self.client = client

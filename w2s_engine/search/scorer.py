@@ -42,6 +42,23 @@ class Part:
     steps: Steps | None = None
 
 
+
+@dataclass
+class ScoringLaunch:
+    """Planned updates whose forwards and reward kernels are queued on the device, their
+    rewards not read yet: Scorer.launch, then Scorer.finish (or roll_back)."""
+    plans: list                 # (request, [(stream index, beam, update)]) per request
+    launched: list              # (stream, Launched) per stream with updates
+
+    @property
+    def requests(self) -> list[SearchRequest]:
+        return [r for r, _ in self.plans]
+
+    def roll_back(self):
+        """Each launched state back to what it kept (a table freed since holds nothing)."""
+        for stream, pending in self.launched:
+            pending.roll_back(stream.blocks)
+
 class Scorer:
 
     def __init__(self, pair: dict, templates: dict[str, Template], budget: KVBudget,
@@ -240,28 +257,42 @@ class Scorer:
 
     def run(self, plans: list[tuple[SearchRequest, list]]):
         """Forward every planned update (all requests, one batch per stream); set rewards."""
+        self.finish(self.launch(plans))
+
+    def launch(self, plans: list[tuple[SearchRequest, list]]) -> "ScoringLaunch":
+        """run()'s first half: queue every stream's forwards and reward kernels, reading
+        nothing, so that the host queues the next stream's while the device runs the last's
+        (and, with async scheduling, the engine reads them a step later). If one fails, the
+        others' launched updates roll back too (a retry runs each request alone from where
+        it was)."""
         per_stream = [[] for _ in self.streams]
         for _, ups in plans:
             for si, _, u in ups:
                 per_stream[si].append(u)
-        # Every stream's forwards queued before any is read, so that the host queues the
-        # next stream's while the device runs the last's. If one fails, the others' launched
-        # updates roll back too (a retry runs each request alone from where it was).
         launched = []
         try:
             for stream, ups in zip(self.streams, per_stream):
                 if ups:
                     launched.append((stream, stream.launch(ups)))
+        except BaseException:
+            ScoringLaunch(plans, launched).roll_back()
+            raise
+        return ScoringLaunch(plans, launched)
+
+    def finish(self, scoring: "ScoringLaunch"):
+        """run()'s second half: read each stream's rewards (the waits) and set the beams'
+        rewards. If a read fails, every update not finished rolls back."""
+        launched = list(scoring.launched)
+        try:
             while launched:
                 stream, pending = launched[0]
                 stream.finish(pending)
                 launched.pop(0)
         except BaseException:
-            for stream, pending in launched:
-                pending.roll_back(stream.blocks)
+            ScoringLaunch(scoring.plans, launched).roll_back()
             raise
         touched = {}
-        for r, ups in plans:
+        for r, ups in scoring.plans:
             for si, b, u in ups:
                 for role in self.streams[si].roles:
                     r.stats.tokens_forwarded[role] = r.stats.tokens_forwarded.get(role, 0) + u.forwarded
