@@ -47,7 +47,7 @@ from w2s_engine.kernels.kv_cache import copy_blocks_triton, store_kv_triton  # n
 from w2s_engine.kernels.paged_attention import (paged_decode_attention_triton,  # noqa: E402
                                                 paged_extend_attention_triton)
 from w2s_engine.kernels.activation import silu_mul_triton  # noqa: E402
-from w2s_engine.kernels.rms_norm import rms_norm_triton  # noqa: E402
+from w2s_engine.kernels.rms_norm import add_rms_norm_triton, rms_norm_triton  # noqa: E402
 from w2s_engine.kernels.rotary import rotary_triton  # noqa: E402
 from w2s_engine.kernels.sampling import sample_triton  # noqa: E402
 
@@ -131,6 +131,12 @@ def recipes():
                                 1e-5, unit_offset=gemma)
             yield f"rms_norm {name} {width}{' gemma' if gemma else ''}", norm
 
+            def add_norm(dtype=dtype, width=width, gemma=gemma):
+                x = torch.randn(4, width).to(dtype)
+                add_rms_norm_triton(x, x.clone(), torch.ones(width, dtype=dtype), 1e-5,
+                                    unit_offset=gemma)
+            yield f"add_rms_norm {name} {width}{' gemma' if gemma else ''}", add_norm
+
         def rope(dtype=dtype):     # an 8B Llama's heads: [B, T, H, D] projections as [B, H, T, D]
             q = torch.randn(1, 16, 32, 128).to(dtype).transpose(1, 2)
             k = torch.randn(1, 16, 8, 128).to(dtype).transpose(1, 2)
@@ -158,8 +164,10 @@ def recipes():
             yield label, decode
 
         for window, softcap, chunk, sink in ((None, None, 8, None), (None, None, 512, None),
-                                             (64, 30.0, 8, None), (64, None, 8, sinks)):
-            # a scoring chunk (8 tokens a beam) and a prefill-sized one (128-row query tiles)
+                                             (64, 30.0, 8, None), (64, None, 8, sinks),
+                                             (None, None, 16, None)):
+            # a scoring chunk (8 tokens a beam: the short-chunk kernel, 4 splits here) and a
+            # prefill-sized one (128-row query tiles); 16 tokens: 64 rows, one split
             def extend(dtype=dtype, window=window, softcap=softcap, chunk=chunk, sink=sink):
                 _, kc, vc, tables, lens = attention_inputs(dtype)
                 lens.fill_(1000)

@@ -36,6 +36,7 @@ from w2s_engine.kernels.paged_attention import (
     paged_decode_attention_ref,
     paged_decode_attention_triton,
     paged_extend_attention,
+    paged_extend_attention_grouped_triton,
     paged_extend_attention_ref,
     paged_extend_attention_sdpa,
     paged_extend_attention_triton,
@@ -132,6 +133,44 @@ def test_paged_extend_triton_matches_reference_for_mixed_query_lengths(dtype, hq
     assert torch.equal(given, out)
 
 
+def scoring_extend(dtype, hq, hkv, bs):
+    """A scorer's chunks: five sequences of 1-8 new queries (one with none) after contexts of
+    up to 40 tokens, as a chunk of each beam scores."""
+    lens, qlens = [12, 40, 9, 33, 25], [8, 3, 0, 8, 1]
+    k, v, bt, sl = paged_setup(dtype, hq, hkv, bs, lens)
+    cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32)
+    return torch.randn(sum(qlens), hq, 32).to(dtype), k, v, bt, cu, sl
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("hq, hkv, bs, window, softcap", CASES)
+def test_grouped_extend_for_short_chunks_matches_reference(dtype, hq, hkv, bs, window, softcap,
+                                                           splits):
+    """Each program attends a chunk's queries of all the query heads of one kv head (up to
+    8 x 8 rows here), causal per row, over one split of the keys; splits merged."""
+    q, k, v, bt, cu, sl = scoring_extend(dtype, hq, hkv, bs)
+    out = paged_extend_attention_grouped_triton(q, k, v, bt, cu, sl, 0.2, window, softcap,
+                                                max_query_len=8, num_splits=splits)
+    ref = paged_extend_attention_ref(q, k, v, bt, cu, sl, 0.2, window, softcap)
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    # the dispatcher takes it for chunks this short, the per-head kernel gives the same
+    routed = paged_extend_attention_triton(q, k, v, bt, cu, sl, 0.2, window, softcap, 8)
+    per_head = paged_extend_attention_triton(q, k, v, bt, cu, sl, 0.2, window, softcap, 8,
+                                             grouped=False)
+    torch.testing.assert_close(per_head.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    limit = 32 if dtype == torch.float32 else 64     # (fp32's dots would spill at 64 rows)
+    assert torch.equal(routed, paged_extend_attention_grouped_triton(
+        q, k, v, bt, cu, sl, 0.2, window, softcap, max_query_len=8)
+        if 8 * hq // hkv <= limit else per_head)
+
+
+def test_grouped_extend_refuses_chunks_that_do_not_fit_its_tile():
+    q, k, v, bt, cu, sl = scoring_extend(torch.float32, 16, 2, 4)
+    with pytest.raises(ValueError, match="past 64; use paged_extend_attention"):
+        paged_extend_attention_grouped_triton(q, k, v, bt, cu, sl, 0.2, max_query_len=9)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hq, hkv, bs, window, softcap", CASES)
 def test_cpu_extend_path_matches_reference_for_mixed_query_lengths(dtype, hq, hkv, bs, window,
@@ -190,6 +229,11 @@ def test_attention_sinks_are_one_more_logit_in_every_kernels_softmax(dtype, hq, 
     tol = TOL[dtype]
     extend = paged_extend_attention_ref(q, k, v, bt, cu, sl, 0.2, window, None, sinks)
     extend_t = paged_extend_attention_triton(q, k, v, bt, cu, sl, 0.2, window, None, None, sinks)
+    # the short-chunk kernel, where 25 queries of each kv head's query heads fit its tile:
+    # the sink in the kernel (one split) and in the merge (three)
+    grouped = [paged_extend_attention_grouped_triton(q, k, v, bt, cu, sl, 0.2, window, None,
+                                                     25, sinks, num_splits=n)
+               for n in (1, 3)] if 25 * (hq // hkv) <= 64 else []
     last = q[[3, 28, 29]]
     dec, dec_lse = paged_decode_attention_ref(last, k, v, bt, sl, 0.2, window, None, sinks=sinks)
     dec_t, dec_t_lse = paged_decode_attention_triton(last, k, v, bt, sl, 0.2, window, None, 3,
@@ -198,7 +242,7 @@ def test_attention_sinks_are_one_more_logit_in_every_kernels_softmax(dtype, hq, 
         kk, vv = contiguous_kv(k, bt[b], n), contiguous_kv(v, bt[b], n)
         expected = sink_reference(q[cu[b]:cu[b + 1]], kk, vv, torch.arange(n - m, n), 0.2,
                                   window, sinks)
-        for out in (extend, extend_t):
+        for out in (extend, extend_t, *grouped):
             torch.testing.assert_close(out[cu[b]:cu[b + 1]].float(), expected, atol=tol, rtol=tol)
         for out in (dec, dec_t):
             torch.testing.assert_close(out[b].float(), expected[-1], atol=tol, rtol=tol)
@@ -721,6 +765,21 @@ class TestOnGPU:
                                                       sinks=sink)
             torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
             torch.testing.assert_close(lse, ref_lse, atol=1e-2, rtol=1e-3)
+
+    def test_extend_of_scoring_chunks_over_long_contexts(self):
+        """A scorer's chunks: 64 beams of 8 new tokens (some shorter) after 600-2,000 tokens,
+        Llama-3's 32 query / 8 kv heads: the short-chunk kernel, split and merged."""
+        lens = torch.randint(600, 2048, (64,)).tolist()
+        qlens = [8] * 60 + [1, 3, 5, 0]
+        k, v, bt, sl = paged_setup(torch.bfloat16, 32, 8, 16, lens, head_dim=128, device="cuda")
+        cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32,
+                          device="cuda")
+        q = torch.randn(sum(qlens), 32, 128, device="cuda", dtype=torch.bfloat16)
+        ref = paged_extend_attention_ref(q, k, v, bt, cu, sl, 128 ** -0.5)
+        for splits in (None, 1, 4):
+            out = paged_extend_attention_grouped_triton(q, k, v, bt, cu, sl, 128 ** -0.5,
+                                                        max_query_len=8, num_splits=splits)
+            torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
     def test_extend_chunks_and_prefills(self):
         lens = [600, 1500, 64, 2048]

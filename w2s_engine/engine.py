@@ -407,20 +407,24 @@ class Engine:
         return plans
 
     def _score(self, ready: list[SearchRequest]):
-        self._run_scoring(self._plan(ready))
+        try:
+            self._run_scoring(self._plan(ready))
+        finally:
+            self._record_peaks(ready)
+
+    def _record_peaks(self, requests: list[SearchRequest]):
+        """Each running request's blocks at its chunk's end, scored: its peak moment."""
+        for r in requests:
+            if r.status is RequestStatus.RUNNING:
+                r.record_peak(self.scorer.stream_roles)
 
     def _run_scoring(self, plans: list):
         """Score the plans now (the batch, or each request alone if the batch fails)."""
         def run(plans):
             self.scorer.run(plans)
             return []   # a stream that went through adds nothing when it runs again
-        try:
-            for r, message in self._run_batch("scoring", run, plans, lambda plan: plan[0]):
-                self.scheduler.fail(r, message)
-        finally:
-            for r, _ in plans:
-                if r.status is RequestStatus.RUNNING:
-                    r.record_peak(self.scorer.stream_roles)
+        for r, message in self._run_batch("scoring", run, plans, lambda plan: plan[0]):
+            self.scheduler.fail(r, message)
 
     def _launch_scoring(self, ready: list[SearchRequest]) -> list[SearchRequest]:
         """Async scheduling, with a decode step of other requests in flight: queue the
@@ -430,16 +434,18 @@ class Engine:
         those not scored (plain sampling, EFT), or all of them if the launch failed (scored
         now, each alone if need be)."""
         plans = self._plan(ready)
-        if not plans:
-            return ready
         try:
-            self.scoring_ahead = self.scorer.launch(plans)
+            if plans:
+                self.scoring_ahead = self.scorer.launch(plans)
         except Exception:
             self._run_scoring(plans)     # rolled back: as without run-ahead
+            self._record_peaks(ready)
             return ready
-        self.scorings_ahead += 1
-        scored = {id(r) for r, _ in plans}
-        return [r for r in ready if id(r) not in scored]
+        ahead = {id(r) for r, _ in plans}
+        self.scorings_ahead += bool(plans)
+        now = [r for r in ready if id(r) not in ahead]
+        self._record_peaks(now)
+        return now
 
     def _finish_scoring(self, ahead: ScoringLaunch):
         """Read a scoring launched the step before and set its requests' rewards. A failed
@@ -459,10 +465,7 @@ class Engine:
                 else:
                     cause = e.__cause__ if isinstance(e, BatchFailed) and e.__cause__ else e
                     self.scheduler.fail(plan[0], self._engine_error("scoring", cause))
-            return
-        for r in ahead.requests:
-            if r.status is RequestStatus.RUNNING:
-                r.record_peak(self.scorer.stream_roles)
+        self._record_peaks(ahead.requests)
 
     # ---- the API ---------------------------------------------------------------------------
 

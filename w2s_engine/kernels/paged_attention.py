@@ -161,6 +161,12 @@ _ATTN_CONFIGS = [] if triton is None else configs(
      triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=3),
      triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2)],
     interpret=triton.Config({"BLOCK_N": 32}))
+# The short-chunk extend holds up to 64 query rows: also smaller key steps on more warps,
+# where fp32's full-precision dots would otherwise spill (bench/kernel_compile.py).
+_GROUPED_CONFIGS = [] if triton is None else configs(
+    [triton.Config({"BLOCK_N": 16}, num_warps=8, num_stages=2),
+     triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=2)] + list(_ATTN_CONFIGS),
+    interpret=triton.Config({"BLOCK_N": 32}))
 
 if triton is not None:
     @triton.jit
@@ -363,6 +369,84 @@ if triton is not None:
                  out.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
 
 
+    @triton.autotune(configs=_GROUPED_CONFIGS,
+                     key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_M", "NUM_SPLITS"])
+    @triton.jit
+    def _extend_grouped_kernel(
+        q_ptr, out_ptr,            # [Nq, Hq, D]; out written when NUM_SPLITS == 1
+        part_out_ptr,              # [Nq, Hq, NUM_SPLITS, D] fp32 (NUM_SPLITS > 1)
+        part_lse_ptr,              # [Nq, Hq, NUM_SPLITS] fp32 (NUM_SPLITS > 1)
+        k_cache_ptr, v_cache_ptr,  # [num_blocks, BLOCK_SIZE, Hkv, D]
+        block_tables_ptr, cu_seqlens_ptr, seq_lens_ptr,
+        sinks_ptr,                 # [Hq] fp32 (HAS_SINKS, NUM_SPLITS == 1)
+        scale, softcap, window,
+        stride_qn, stride_qh, stride_on, stride_oh,
+        stride_cb, stride_cs, stride_ch, stride_bt,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        BLOCK_M: tl.constexpr,     # >= the longest chunk * GROUP, >= 16 for tl.dot
+        BLOCK_N: tl.constexpr,
+        NUM_SPLITS: tl.constexpr,  # programs per (sequence, kv head) along the keys
+        HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        # grid: (B, Hkv, NUM_SPLITS). One program reads one split of one kv head's keys once
+        # for all of the sequence's new queries and the GROUP query heads that share the kv
+        # head: row r of the tile is query r // GROUP of the chunk, query head
+        # kvh * GROUP + r % GROUP; each row masks the keys after its own position (causal).
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        q_start = tl.load(cu_seqlens_ptr + b)
+        q_len = tl.load(cu_seqlens_ptr + b + 1) - q_start
+        if q_len == 0:
+            return
+        seq_len = tl.load(seq_lens_ptr + b)
+        r = tl.arange(0, BLOCK_M)
+        i = r // GROUP
+        qh = kvh * GROUP + r % GROUP
+        rmask = i < q_len
+        qpos = seq_len - q_len + i                                   # absolute positions
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < HEAD_DIM
+        tok = (q_start + i).to(tl.int64)
+        q = tl.load(q_ptr + tok[:, None] * stride_qn + qh[:, None] * stride_qh + d[None, :],
+                    mask=rmask[:, None] & dmask[None, :], other=0.0)
+        lo = 0
+        if HAS_WINDOW:      # the first query's window; later queries mask more
+            lo = tl.maximum(seq_len - q_len - window + 1, 0)
+        span = tl.cdiv(tl.maximum(seq_len - lo, 0), NUM_SPLITS)
+        start = lo + split * span
+        end = tl.minimum(start + span, seq_len)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            nmask = n < end
+            visible = nmask[None, :] & (n[None, :] <= qpos[:, None])
+            if HAS_WINDOW:
+                visible = visible & (n[None, :] > qpos[:, None] - window)
+            acc, m_i, l_i = _attend_keys(
+                q, acc, m_i, l_i, n, nmask, visible, block_tables_ptr + b * stride_bt,
+                k_cache_ptr, v_cache_ptr, kvh, d, dmask, scale, softcap,
+                stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HAS_SOFTCAP, DOT_PRECISION)
+        if NUM_SPLITS == 1:
+            if HAS_SINKS:   # one more logit in the softmax, without a value
+                sink = tl.load(sinks_ptr + qh, mask=rmask, other=0.0)
+                m_new = tl.maximum(m_i, sink)
+                alpha = tl.exp(m_i - m_new)
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha + tl.exp(sink - m_new)
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(out_ptr + tok[:, None] * stride_on + qh[:, None] * stride_oh + d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+        else:
+            base = (tok * (tl.num_programs(1) * GROUP) + qh) * NUM_SPLITS + split
+            _store_partial(part_out_ptr, part_lse_ptr, base, acc, m_i, l_i, d, rmask, dmask,
+                           HEAD_DIM)
+
+
 def _check(q, k_cache, v_cache, block_tables, seq_lens, name):
     if not q.is_floating_point() or q.dim() != 3:
         raise TypeError(f"{name}: q must be a floating-point [tokens, Hq, D] tensor; got "
@@ -479,7 +563,10 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, s
 
 def paged_extend_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
                                   scale, sliding_window=None, softcap=None, max_query_len=None,
-                                  sinks=None):
+                                  sinks=None, grouped: bool | None = None):
+    """grouped: the short-chunk kernel (paged_extend_attention_grouped_triton); None picks it
+    where the longest chunk times the query heads per kv head fits GROUPED_EXTEND_ROWS, else
+    one program per (sequence, query head, tile of queries)."""
     hq, hkv, d, bs = _check(q, k_cache, v_cache, block_tables, seq_lens, "paged_extend_attention")
     B = block_tables.shape[0]
     if cu_seqlens_q.dtype != torch.int32 or cu_seqlens_q.shape != (B + 1,):
@@ -491,6 +578,13 @@ def paged_extend_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_
     # from cu_seqlens_q waits for the device, at every layer of an eager forward.
     max_q = max_query_len if max_query_len is not None else \
         int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    if grouped is None:     # (fp32's full-precision dots spill at 64 rows: 32 there)
+        limit = GROUPED_EXTEND_ROWS // (2 if q.dtype == torch.float32 else 1)
+        grouped = max_q * (hq // hkv) <= limit
+    if grouped:
+        return paged_extend_attention_grouped_triton(
+            q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, sliding_window,
+            softcap, max_q, sinks)
     # Query tile: 128 rows for prefill-sized chunks (more reuse of each K/V tile; 64 under
     # the interpreter, which is slow with big tiles); no larger than the longest chunk needs.
     # From 64 rows tl.dot is Hopper's wgmma (bench/kernel_compile.py reads it in the PTX).
@@ -508,6 +602,56 @@ def paged_extend_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_
         HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None,
         DOT_PRECISION=dot_precision(q.dtype))
     return out
+
+
+# A chunk's queries times the query heads of a kv head, up to which an extend runs with them
+# all in one tile per (sequence, kv head): a scorer's chunk of 8 tokens on a Llama-3 model
+# (4 query heads a kv head) is 32 rows.
+GROUPED_EXTEND_ROWS = 64
+
+
+def paged_extend_attention_grouped_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q,
+                                          seq_lens, scale, sliding_window=None, softcap=None,
+                                          max_query_len=None, sinks=None, num_splits=None):
+    """paged_extend_attention for short chunks over long contexts (a scorer's chunk of each
+    beam): one program per (sequence, kv head, split of the keys) attends all of the chunk's
+    queries of all the query heads sharing that kv head, so each key and value is read once
+    per split, not once per query head and query tile; the keys are split (as in decode) so
+    that a batch of few sequences still fills the GPU, the splits merged by log-sum-exp.
+    Needs max_query_len * (Hq // Hkv) <= GROUPED_EXTEND_ROWS."""
+    hq, hkv, d, bs = _check(q, k_cache, v_cache, block_tables, seq_lens, "paged_extend_attention")
+    B = block_tables.shape[0]
+    if cu_seqlens_q.dtype != torch.int32 or cu_seqlens_q.shape != (B + 1,):
+        raise TypeError(f"paged_extend_attention: cu_seqlens_q must be int32 [B + 1 = {B + 1}]")
+    if q.shape[0] == 0:
+        return torch.empty_like(q)
+    group = hq // hkv
+    max_q = max_query_len if max_query_len is not None else \
+        int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    rows = max_q * group
+    if rows > GROUPED_EXTEND_ROWS:
+        raise ValueError(f"paged_extend_attention_grouped: a chunk of {max_q} queries times "
+                         f"{group} query heads per kv head is {rows} rows, past "
+                         f"{GROUPED_EXTEND_ROWS}; use paged_extend_attention")
+    if num_splits is None:
+        num_splits = _decode_num_splits(q, B * hkv, block_tables.shape[1] * bs)
+    sinks = _check_sinks(sinks, q)
+    out = torch.empty_like(q)
+    part_out, part_lse = _partials(q, num_splits) if num_splits > 1 else (out, out)
+    _extend_grouped_kernel[(B, hkv, num_splits)](
+        q, out, part_out, part_lse, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
+        sinks if sinks is not None and num_splits == 1 else seq_lens,
+        scale, softcap or 0.0, sliding_window or 0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_SIZE=bs,
+        BLOCK_M=max(16, triton.next_power_of_2(rows)), NUM_SPLITS=num_splits,
+        HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(softcap),
+        HAS_SINKS=sinks is not None and num_splits == 1, DOT_PRECISION=dot_precision(q.dtype))
+    if num_splits == 1:
+        return out
+    # each query token is a row of the decode merge: [Nq, Hq] partials -> [Nq, Hq, D]
+    return _launch_decode_merge(q, part_out, part_lse, sinks=sinks)[0]
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
