@@ -216,26 +216,36 @@ def test_cascade_decode_attention(benchmark, graph, impl):
 
 
 @pytest.mark.parametrize("chunk", [8, 512])
-@pytest.mark.parametrize("impl", ["paged_triton", "sdpa_gathered"])
+@pytest.mark.parametrize("impl", ["paged_triton", "paged_triton_per_head", "sdpa_gathered"])
 def test_extend_attention(benchmark, impl, chunk):
     """16 sequences of 2,048 tokens whose last `chunk` are new (queries). FLOPs: QK^T and PV
-    over the visible (causal) keys, 4 * D per (query, key, head)."""
+    over the visible (causal) keys, 4 * D per (query, key, head). paged_triton is what the
+    engine calls (for 8 new tokens the short-chunk kernel: a chunk's queries of a kv head's
+    query heads in one tile, the keys split); paged_triton_per_head the kernel of one
+    program per (sequence, query head, query tile) for every chunk."""
     batch, ctx, hq, d = 16, 2048, 32, 128
     _, k, v, bt, lens = decode_setup(batch, ctx)
     q = torch.randn(batch * chunk, hq, d, device="cuda", dtype=torch.bfloat16)
     cu = torch.arange(0, batch * chunk + 1, chunk, dtype=torch.int32, device="cuda")
     visible = sum(ctx - chunk + i + 1 for i in range(chunk))
     flops = 4 * d * hq * batch * visible
-    if impl == "paged_triton":
+    if impl.startswith("paged_triton"):
+        grouped = False if impl == "paged_triton_per_head" else None
+
         def fn():
-            return paged_extend_attention_triton(q, k, v, bt, cu, lens, d ** -0.5)
+            return paged_extend_attention_triton(q, k, v, bt, cu, lens, d ** -0.5,
+                                                 max_query_len=chunk, grouped=grouped)
     else:
         # The engine's CPU path on the GPU (what a prefill route would call): gather each
         # sequence's blocks, torch SDPA with the causal mask aligned to the end of the context.
         def fn():
             return paged_extend_attention_sdpa(q, k, v, bt, cu, lens, d ** -0.5)
+    # A short chunk is bound by reading each sequence's keys and values once (its peak is
+    # HBM's; in a CUDA graph, as the scorers run it), a prefill-sized one by the tensor cores.
+    short = chunk == 8
     timed(benchmark, fn, "extend_attention", f"16 seqs x 2048, {chunk} new, 32/8 x 128", impl,
-          flops=flops, baseline=impl != "paged_triton")
+          nbytes=2 * k.numel() * 2 if short else 0, flops=0 if short else flops,
+          baseline=impl != "paged_triton", graph=short and impl != "sdpa_gathered")
 
 
 # ---- cache maintenance and sampling -----------------------------------------------------------
