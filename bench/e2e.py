@@ -304,7 +304,9 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
     params = parse_search(search, max_new)
     tok = engine.large_tokenizer
     prompts = [prompt_of(tok, plen, seed=i) for i in range(conc)]
+    ahead_before = engine.stats()["scorings_ahead"]
     seconds, results, lat = run_engine(engine, prompts, params, args.reps, args.arrivals_every)
+    scorings_ahead = engine.stats()["scorings_ahead"] - ahead_before
     sampled = sum(r.stats.tokens_sampled for r in results)
     # The floor: plain sampling of the same W*K streams, same engine, no small models.
     base = SearchParams.base(n=params.w * params.k, max_new_tokens=max_new, temperature=0.7,
@@ -351,6 +353,7 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
         "torch_compile": bool(engine.config.torch_compile),
         "async_scheduling": bool(engine.config.async_scheduling),
         "scoring_ahead": bool(engine.config.async_scheduling and engine.config.scoring_ahead),
+        "scorings_read_ahead": scorings_ahead,     # scoring batches read a step later
         "fused_ops": bool(engine.config.fused_ops),
         "device": machine(), "torch": torch.__version__, "commit": commit(),
     }

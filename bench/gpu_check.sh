@@ -10,14 +10,15 @@
 #    over the weight-read floor, waiting and with async scheduling (the same engine); the
 #    same with transformers' ops instead of the engine's fused kernels and merged GEMMs;
 # 3. the kernel benchmarks (pytest-benchmark JSON + a markdown table); 4. profiled searches
-#    (GPU busy fraction), waiting and with async scheduling; 5. 16 concurrent under
-#    torch.compile; CBS(4,4,8) at prompt 2048 with and without the shared-prefix (cascade)
-#    decode attention; 16 concurrent with a random Qwen2.5-7B large model (different
-#    vocabularies); 16 requests admitted every 2 steps (chunks out of step), waiting, async
-#    (scorings read a step later) and async with scorings read at once, and profiled (async:
-#    where the device waits); one request at 1024 tokens
-#    against the reference baseline; the profile with the scorers' forwards eager; the
-#    host's share of a step (bench/host_step.py: tiny models on that machine's CPU). A step that would start with less than 45 s left is skipped, and
+#    (GPU busy fraction), waiting and with async scheduling; 5. 16 requests admitted every 2
+#    steps (chunks out of step), waiting, async (scorings read a step later) and async with
+#    scorings read at once, and profiled (async: where the device waits); 6. 16 concurrent
+#    under torch.compile; CBS(4,4,8) at prompt 2048 with and without the shared-prefix
+#    (cascade) decode attention; 16 concurrent with a random Qwen2.5-7B large model
+#    (different vocabularies); one request at 1024 tokens against the reference baseline; the
+#    profile with the scorers' forwards eager; the host's share of a step
+#    (bench/host_step.py: tiny models on that machine's CPU). A step that would start with
+#    less than 45 s left is skipped, and
 #    each step's limit is cut to the time left, so the summary is always written.
 # On an H200 at 74255bd, the first e2e step took 2 minutes (model build, compiles, autotuning),
 # a later e2e step 45-75 s (most of it the model build and capture, so the waiting and async
@@ -86,6 +87,12 @@ if [ -f "$out/kernels-$device.json" ]; then
 fi
 step "profile, waiting and async" 90 python3 bench/profile_step.py --preset gpu \
     --both-schedulings --out "$out"
+step "e2e 16 requests arriving every 2 steps: waiting, async, async with scorings read at once" \
+    150 $e2e --preset gpu --max-new 256 --concurrency 16 --arrivals-every 2 \
+    --schedulings waiting,async,async-scoring-at-once
+step "profile, 16 requests arriving every 2 steps, async scheduling" 90 python3 \
+    bench/profile_step.py --preset gpu --concurrency 16 --arrivals-every 2 --async-scheduling \
+    --out "$out"
 step "e2e 16 requests, 256 tokens, torch.compile" 240 $e2e --preset gpu --max-new 256 \
     --concurrency 16 --compile
 step "e2e 1 request, prompt 2048, cascade" 120 $e2e --preset gpu --max-new 256 --concurrency 1 \
@@ -94,12 +101,6 @@ step "e2e 1 request, prompt 2048, per-beam" 90 $e2e --preset gpu --max-new 256 \
     --concurrency 1 --prompt-lens 2048
 step "e2e cross vocabulary, 16 requests" 150 $e2e --preset gpu-cross --max-new 256 \
     --concurrency 16
-step "e2e 16 requests arriving every 2 steps: waiting, async, async with scorings read at once" \
-    150 $e2e --preset gpu --max-new 256 --concurrency 16 --arrivals-every 2 \
-    --schedulings waiting,async,async-scoring-at-once
-step "profile, 16 requests arriving every 2 steps, async scheduling" 90 python3 \
-    bench/profile_step.py --preset gpu --concurrency 16 --arrivals-every 2 --async-scheduling \
-    --out "$out"
 step "e2e 1 request, 1024 tokens, baseline" 240 $e2e --preset gpu --max-new 1024 \
     --concurrency 1 --baseline --baseline-budget 90
 step "profile, scoring eager" 60 python3 bench/profile_step.py --preset gpu --eager-scoring \
