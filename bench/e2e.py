@@ -353,7 +353,7 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
         "torch_compile": bool(engine.config.torch_compile),
         "async_scheduling": bool(engine.config.async_scheduling),
         "scoring_ahead": bool(engine.config.async_scheduling and engine.config.scoring_ahead),
-        "scorings_read_ahead": scorings_ahead,     # scoring batches read a step later
+        "scorings_read_ahead": scorings_ahead,   # batches read a step later, warm-up and reps
         "fused_ops": bool(engine.config.fused_ops),
         "device": machine(), "torch": torch.__version__, "commit": commit(),
     }
