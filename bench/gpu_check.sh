@@ -9,6 +9,9 @@
 #    one model build), with plain sampling of the same streams beside each and its step time
 #    over the weight-read floor, waiting and with async scheduling (the same engine); the
 #    same with transformers' ops instead of the engine's fused kernels and merged GEMMs;
+#    16 requests with the shared-prefix (cascade) decode attention (each prompt's blocks,
+#    shared by its 16 beams, read once: at 256 rows per-beam decode attention reads about
+#    0.6 GB a layer);
 # 3. the kernel benchmarks (pytest-benchmark JSON + a markdown table); 4. profiled searches
 #    (GPU busy fraction), waiting and with async scheduling; 5. 16 requests admitted every 2
 #    steps (chunks out of step), waiting, async (scorings read a step later) and async with
@@ -79,6 +82,8 @@ step "e2e 1 and 16 requests, 256 tokens, waiting and async" 180 $e2e --preset gp
     --max-new 256 --concurrency 1,16 --both-schedulings
 step "e2e 1 and 16 requests, 256 tokens, transformers' ops (no fused kernels, no merged GEMMs)" \
     90 $e2e --preset gpu --max-new 256 --concurrency 1,16 --no-fused-ops
+step "e2e 16 requests, 256 tokens, async, cascade" 100 $e2e --preset gpu --max-new 256 \
+    --concurrency 16 --async-scheduling --cascade
 step "kernel benchmarks" 150 python3 -m pytest -q bench/kernels.py --benchmark-only \
     -p no:cacheprovider --benchmark-json "$out/kernels-$device.json"
 if [ -f "$out/kernels-$device.json" ]; then

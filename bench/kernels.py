@@ -190,29 +190,38 @@ def test_decode_attention(benchmark, impl, batch, graph, seq_len):
 
 
 @pytest.mark.parametrize("impl", ["cascade", "per_beam"])
-@pytest.mark.parametrize("graph", [False, True])
-def test_cascade_decode_attention(benchmark, graph, impl):
-    """The issue's shape: prompt 2,048 shared by 16 beams with 64 own tokens each, 8 kv heads x
-    128, 32 query heads, bf16. Target: cascade <= 0.35x the per-beam kernel's time. Bytes: K
-    and V of the prompt once plus each beam's own tokens (what the cascade must read)."""
-    beams, prompt, own, bs = 16, 2048, 64, 16
+@pytest.mark.parametrize("layout, graph", [("1x16 beams, prompt 2048 + 64", False),
+                                           ("1x16 beams, prompt 2048 + 64", True),
+                                           ("16x16 beams, prompt 512 + 128", True)])
+def test_cascade_decode_attention(benchmark, layout, graph, impl):
+    """The issue's shape: prompt 2,048 shared by 16 beams with 64 own tokens each; and the
+    e2e rows' decode step of 16 concurrent CBS(4,4,8) requests (16 prompts of 512, each
+    shared by its 16 beams, 128 own tokens a beam midway through 256). 8 kv heads x 128, 32
+    query heads, bf16. Target: cascade <= 0.35x the per-beam kernel's time. Bytes: K and V of
+    each prompt once plus each beam's own tokens (what the cascade must read)."""
+    requests, prompt, own = (1, 2048, 64) if layout.startswith("1x") else (16, 512, 128)
+    beams, bs = 16, 16
     pb, ob = prompt // bs, own // bs
-    k = torch.randn(pb + beams * ob, bs, 8, 128, device="cuda", dtype=torch.bfloat16)
+    rows = requests * beams
+    k = torch.randn(requests * pb + rows * ob, bs, 8, 128, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    own_blocks = pb + torch.randperm(beams * ob, device="cuda").view(beams, ob)
-    bt = torch.cat([torch.arange(pb, device="cuda").expand(beams, pb), own_blocks], 1).int()
-    lens = torch.full((beams,), prompt + own, dtype=torch.int32, device="cuda")
-    q = torch.randn(beams, 32, 128, device="cuda", dtype=torch.bfloat16)
+    own_blocks = requests * pb + torch.randperm(rows * ob, device="cuda").view(rows, ob)
+    prompts = (torch.arange(requests, device="cuda")[:, None] * pb
+               + torch.arange(pb, device="cuda")).repeat_interleave(beams, 0)
+    bt = torch.cat([prompts, own_blocks], 1).int()
+    lens = torch.full((rows,), prompt + own, dtype=torch.int32, device="cuda")
+    q = torch.randn(rows, 32, 128, device="cuda", dtype=torch.bfloat16)
     groups = find_shared_prefixes(bt, lens, bs)       # found once per batch, as the engine will
+    assert groups.num_groups == requests
     if impl == "cascade":
         def fn():
             return cascade_decode_attention_triton(q, k, v, bt, lens, 128 ** -0.5, groups=groups)
     else:
         def fn():
             return paged_decode_attention_triton(q, k, v, bt, lens, 128 ** -0.5)
-    timed(benchmark, fn, "cascade_decode_attention", "prompt 2048 + 16 beams x 64, 32/8 x 128",
-          impl, nbytes=2 * (prompt + beams * own) * 8 * 128 * 2, baseline=impl == "per_beam",
-          graph=graph)
+    timed(benchmark, fn, "cascade_decode_attention", f"{layout}, 32/8 x 128", impl,
+          nbytes=2 * requests * (prompt + beams * own) * 8 * 128 * 2,
+          baseline=impl == "per_beam", graph=graph)
 
 
 @pytest.mark.parametrize("chunk", [8, 512])
