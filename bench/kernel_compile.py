@@ -163,6 +163,13 @@ def recipes():
                     torch.full((4,), 32, dtype=torch.int32) if start else None, sink)
             yield label, decode
 
+        def decode_direct(dtype=dtype, sink=sinks):
+            # a batch that fills the GPU by itself (64 x 8 kv heads): one split, no merge
+            q, kc, vc, tables, lens = attention_inputs(dtype, batch=64)
+            paged_decode_attention_triton(q, kc, vc, tables, lens, 0.1, 64, None, None, None,
+                                          sink)
+        yield f"decode {name} one split window+sinks", decode_direct
+
         for window, softcap, chunk, sink in ((None, None, 8, None), (None, None, 512, None),
                                              (64, 30.0, 8, None), (64, None, 8, sinks),
                                              (None, None, 16, None)):

@@ -99,12 +99,15 @@ CASES = [  # (Hq, Hkv, block_size, sliding_window, softcap)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits", [1, 3], ids=["one-split-no-merge", "three-splits-merged"])
 @pytest.mark.parametrize("hq, hkv, bs, window, softcap", CASES)
-def test_paged_decode_triton_matches_reference_with_lse(dtype, hq, hkv, bs, window, softcap):
+def test_paged_decode_triton_matches_reference_with_lse(dtype, hq, hkv, bs, window, softcap,
+                                                        splits):
     lens = [1, 7, 33, 20]
     k, v, bt, sl = paged_setup(dtype, hq, hkv, bs, lens)
     q = torch.randn(len(lens), hq, 32).to(dtype)
-    out, lse = paged_decode_attention_triton(q, k, v, bt, sl, 0.2, window, softcap, num_splits=3)
+    out, lse = paged_decode_attention_triton(q, k, v, bt, sl, 0.2, window, softcap,
+                                             num_splits=splits)
     ref, ref_lse = paged_decode_attention_ref(q, k, v, bt, sl, 0.2, window, softcap)
     torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
@@ -238,15 +241,19 @@ def test_attention_sinks_are_one_more_logit_in_every_kernels_softmax(dtype, hq, 
     dec, dec_lse = paged_decode_attention_ref(last, k, v, bt, sl, 0.2, window, None, sinks=sinks)
     dec_t, dec_t_lse = paged_decode_attention_triton(last, k, v, bt, sl, 0.2, window, None, 3,
                                                      sinks=sinks)
+    # one split: the sink in the kernel itself (no merge)
+    dec_1, dec_1_lse = paged_decode_attention_triton(last, k, v, bt, sl, 0.2, window, None, 1,
+                                                     sinks=sinks)
     for b, (n, m) in enumerate(zip(lens, qlens)):
         kk, vv = contiguous_kv(k, bt[b], n), contiguous_kv(v, bt[b], n)
         expected = sink_reference(q[cu[b]:cu[b + 1]], kk, vv, torch.arange(n - m, n), 0.2,
                                   window, sinks)
         for out in (extend, extend_t, *grouped):
             torch.testing.assert_close(out[cu[b]:cu[b + 1]].float(), expected, atol=tol, rtol=tol)
-        for out in (dec, dec_t):
+        for out in (dec, dec_t, dec_1):
             torch.testing.assert_close(out[b].float(), expected[-1], atol=tol, rtol=tol)
     torch.testing.assert_close(dec_t_lse, dec_lse, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dec_1_lse, dec_lse, atol=1e-4, rtol=1e-4)
     plain, plain_lse = paged_decode_attention_ref(last, k, v, bt, sl, 0.2, window)
     torch.testing.assert_close(dec_lse, torch.logaddexp(plain_lse, sinks[None]), atol=1e-5,
                                rtol=1e-5)

@@ -216,8 +216,10 @@ if triton is not None:
         kv_start_ptr,          # [B] int32: first position each query sees (if HAS_START)
         part_out_ptr,          # [B, Hq, PART_SPLITS, D] fp32
         part_lse_ptr,          # [B, Hq, PART_SPLITS] fp32
+        out_ptr, lse_ptr,      # [B, Hq, D], [B, Hq] fp32: written instead when DIRECT
+        sinks_ptr,             # [Hq] fp32 (DIRECT and HAS_SINKS)
         scale, softcap, window,
-        stride_qb, stride_qh,
+        stride_qb, stride_qh, stride_ob, stride_oh,
         stride_cb, stride_cs, stride_ch,     # cache strides: block, slot in block, kv head
         stride_bt,
         GROUP: tl.constexpr,        # Hq // Hkv query heads share one kv head
@@ -229,6 +231,8 @@ if triton is not None:
         SPLIT_BASE: tl.constexpr,   # this launch writes partials SPLIT_BASE + [0, NUM_SPLITS)
         HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_START: tl.constexpr,
         DOT_PRECISION: tl.constexpr,   # "ieee" for fp32 (no TF32), else "tf32" (ignored)
+        DIRECT: tl.constexpr,  # one split: the output and lse themselves, no merge launch
+        HAS_SINKS: tl.constexpr,
     ):
         # grid: (B, Hkv, NUM_SPLITS). One program reads one split of one kv head's cache once
         # for all GROUP query heads that share it.
@@ -264,8 +268,23 @@ if triton is not None:
                 q, acc, m_i, l_i, n, nmask, nmask[None, :], block_tables_ptr + b * stride_bt,
                 k_cache_ptr, v_cache_ptr, kvh, d, dmask, scale, softcap,
                 stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HAS_SOFTCAP, DOT_PRECISION)
-        base = (b * (tl.num_programs(1) * GROUP) + qh) * PART_SPLITS + SPLIT_BASE + split
-        _store_partial(part_out_ptr, part_lse_ptr, base, acc, m_i, l_i, d, hmask, dmask, HEAD_DIM)
+        if DIRECT:
+            if HAS_SINKS:   # one more logit in the softmax, without a value
+                sink = tl.load(sinks_ptr + qh, mask=hmask, other=0.0)
+                m_new = tl.maximum(m_i, sink)
+                alpha = tl.exp(m_i - m_new)
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha + tl.exp(sink - m_new)
+                m_i = m_new
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(out_ptr + b * stride_ob + qh[:, None] * stride_oh + d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=hmask[:, None] & dmask[None, :])
+            tl.store(lse_ptr + b * (tl.num_programs(1) * GROUP) + qh,
+                     tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf")), mask=hmask)
+        else:
+            base = (b * (tl.num_programs(1) * GROUP) + qh) * PART_SPLITS + SPLIT_BASE + split
+            _store_partial(part_out_ptr, part_lse_ptr, base, acc, m_i, l_i, d, hmask, dmask,
+                           HEAD_DIM)
 
     @triton.jit
     def _decode_merge_kernel(
@@ -500,23 +519,29 @@ def _decode_num_splits(q, batch_programs: int, max_len: int, cap: int = 16) -> i
 
 def _launch_decode_splits(q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse,
                           scale, sliding_window, softcap, num_splits, split_base=0,
-                          kv_start=None):
-    """The split-K pass: partials split_base + [0, num_splits) of part_out / part_lse."""
+                          kv_start=None, direct=None, sinks=None):
+    """The split-K pass: partials split_base + [0, num_splits) of part_out / part_lse; or,
+    with direct = (out, lse) and one split, the output and lse themselves (sinks too)."""
     B, hq, d = q.shape
     hkv, bs = k_cache.shape[2], k_cache.shape[1]
     group = hq // hkv
+    assert direct is None or (num_splits == 1 and split_base == 0)
+    out, lse = direct if direct is not None else (part_out, part_lse)
     _decode_split_kernel[(B, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens,
-        kv_start if kv_start is not None else seq_lens, part_out, part_lse,
+        kv_start if kv_start is not None else seq_lens, part_out, part_lse, out, lse,
+        sinks if sinks is not None else lse,
         scale, softcap or 0.0, sliding_window or 0,
-        q.stride(0), q.stride(1),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_SIZE=bs, NUM_SPLITS=num_splits, PART_SPLITS=part_out.shape[2], SPLIT_BASE=split_base,
+        BLOCK_SIZE=bs, NUM_SPLITS=num_splits,
+        PART_SPLITS=1 if direct is not None else part_out.shape[2], SPLIT_BASE=split_base,
         HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(softcap),
-        HAS_START=kv_start is not None, DOT_PRECISION=dot_precision(q.dtype))
+        HAS_START=kv_start is not None, DOT_PRECISION=dot_precision(q.dtype),
+        DIRECT=direct is not None, HAS_SINKS=direct is not None and sinks is not None)
 
 
 def _launch_decode_merge(q, part_out, part_lse, prefix_splits=0, prefix_lens=None, sinks=None):
@@ -555,10 +580,18 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, s
                         f"{kv_start.dtype} {tuple(kv_start.shape)}")
     if num_splits is None:
         num_splits = _decode_num_splits(q, B * hkv, block_tables.shape[1] * bs)
+    sinks = _check_sinks(sinks, q)
+    if num_splits == 1:     # a batch that fills the GPU by itself: no partials, no merge
+        out = torch.empty_like(q)
+        lse = torch.empty(B, q.shape[1], dtype=torch.float32, device=q.device)
+        _launch_decode_splits(q, k_cache, v_cache, block_tables, seq_lens, out, lse, scale,
+                              sliding_window, softcap, 1, kv_start=kv_start, direct=(out, lse),
+                              sinks=sinks)
+        return out, lse
     part_out, part_lse = _partials(q, num_splits)
     _launch_decode_splits(q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse,
                           scale, sliding_window, softcap, num_splits, kv_start=kv_start)
-    return _launch_decode_merge(q, part_out, part_lse, sinks=_check_sinks(sinks, q))
+    return _launch_decode_merge(q, part_out, part_lse, sinks=sinks)
 
 
 def paged_extend_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
