@@ -42,7 +42,6 @@ class Part:
     steps: Steps | None = None
 
 
-
 @dataclass
 class ScoringLaunch:
     """Planned updates whose forwards and reward kernels are queued on the device, their
@@ -58,6 +57,7 @@ class ScoringLaunch:
         """Each launched state back to what it kept (a table freed since holds nothing)."""
         for stream, pending in self.launched:
             pending.roll_back(stream.blocks)
+
 
 class Scorer:
 
@@ -259,7 +259,7 @@ class Scorer:
         """Forward every planned update (all requests, one batch per stream); set rewards."""
         self.finish(self.launch(plans))
 
-    def launch(self, plans: list[tuple[SearchRequest, list]]) -> "ScoringLaunch":
+    def launch(self, plans: list[tuple[SearchRequest, list]]) -> ScoringLaunch:
         """run()'s first half: queue every stream's forwards and reward kernels, reading
         nothing, so that the host queues the next stream's while the device runs the last's
         (and, with async scheduling, the engine reads them a step later). If one fails, the
@@ -279,7 +279,7 @@ class Scorer:
             raise
         return ScoringLaunch(plans, launched)
 
-    def finish(self, scoring: "ScoringLaunch"):
+    def finish(self, scoring: ScoringLaunch):
         """run()'s second half: read each stream's rewards (the waits) and set the beams'
         rewards. If a read fails, every update not finished rolls back."""
         launched = list(scoring.launched)
