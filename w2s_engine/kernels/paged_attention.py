@@ -205,6 +205,34 @@ if triton is not None:
                  mask=mask[:, None] & dmask[None, :])
         tl.store(part_lse_ptr + base, lse, mask=mask)
 
+    @triton.jit
+    def _attend_causal(q, acc, m_i, l_i, lo, hi, qpos, window, table_ptr, k_cache_ptr,
+                       v_cache_ptr, kvh, d, dmask, scale, softcap, stride_cb, stride_cs,
+                       stride_ch, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                       HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+        """_attend_keys over keys [lo, hi), each query row seeing the keys at or before its
+        position qpos [M] (and within its window) -> (acc, m_i, l_i)."""
+        for n0 in range(lo, hi, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            nmask = n < hi
+            visible = nmask[None, :] & (n[None, :] <= qpos[:, None])
+            if HAS_WINDOW:
+                visible = visible & (n[None, :] > qpos[:, None] - window)
+            acc, m_i, l_i = _attend_keys(
+                q, acc, m_i, l_i, n, nmask, visible, table_ptr, k_cache_ptr, v_cache_ptr, kvh,
+                d, dmask, scale, softcap, stride_cb, stride_cs, stride_ch, BLOCK_SIZE,
+                HAS_SOFTCAP, DOT_PRECISION)
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _with_sink(acc, m_i, l_i, sink):
+        """The online softmax state with one more logit per row (an attention sink), which
+        has no value -> (acc, m_i, l_i)."""
+        m_new = tl.maximum(m_i, sink)
+        alpha = tl.exp(m_i - m_new)
+        return acc * alpha[:, None], m_new, l_i * alpha + tl.exp(sink - m_new)
+
     @triton.autotune(configs=_ATTN_CONFIGS,
                      key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "NUM_SPLITS", "HAS_START"])
     @triton.jit
@@ -270,12 +298,8 @@ if triton is not None:
                 stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HAS_SOFTCAP, DOT_PRECISION)
         if DIRECT:
             if HAS_SINKS:   # one more logit in the softmax, without a value
-                sink = tl.load(sinks_ptr + qh, mask=hmask, other=0.0)
-                m_new = tl.maximum(m_i, sink)
-                alpha = tl.exp(m_i - m_new)
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha + tl.exp(sink - m_new)
-                m_i = m_new
+                acc, m_i, l_i = _with_sink(acc, m_i, l_i,
+                                           tl.load(sinks_ptr + qh, mask=hmask, other=0.0))
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             tl.store(out_ptr + b * stride_ob + qh[:, None] * stride_oh + d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=hmask[:, None] & dmask[None, :])
@@ -367,22 +391,12 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for n0 in range(lo, hi, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            nmask = n < hi
-            visible = nmask[None, :] & (n[None, :] <= qpos[:, None])
-            if HAS_WINDOW:
-                visible = visible & (n[None, :] > qpos[:, None] - window)
-            acc, m_i, l_i = _attend_keys(
-                q, acc, m_i, l_i, n, nmask, visible, block_tables_ptr + b * stride_bt,
-                k_cache_ptr, v_cache_ptr, kvh, d, dmask, scale, softcap,
-                stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HAS_SOFTCAP, DOT_PRECISION)
+        acc, m_i, l_i = _attend_causal(
+            q, acc, m_i, l_i, lo, hi, qpos, window, block_tables_ptr + b * stride_bt,
+            k_cache_ptr, v_cache_ptr, kvh, d, dmask, scale, softcap, stride_cb, stride_cs,
+            stride_ch, BLOCK_SIZE, BLOCK_N, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
         if HAS_SINKS:   # one more logit in the softmax, without a value
-            sink = tl.load(sinks_ptr + h)
-            m_new = tl.maximum(m_i, sink)
-            alpha = tl.exp(m_i - m_new)
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha + tl.exp(sink - m_new)
+            acc, m_i, l_i = _with_sink(acc, m_i, l_i, tl.load(sinks_ptr + h))
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + (q_start + m)[:, None] * stride_on + h * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
@@ -440,23 +454,14 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for n0 in range(start, end, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            nmask = n < end
-            visible = nmask[None, :] & (n[None, :] <= qpos[:, None])
-            if HAS_WINDOW:
-                visible = visible & (n[None, :] > qpos[:, None] - window)
-            acc, m_i, l_i = _attend_keys(
-                q, acc, m_i, l_i, n, nmask, visible, block_tables_ptr + b * stride_bt,
-                k_cache_ptr, v_cache_ptr, kvh, d, dmask, scale, softcap,
-                stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HAS_SOFTCAP, DOT_PRECISION)
+        acc, m_i, l_i = _attend_causal(
+            q, acc, m_i, l_i, start, end, qpos, window, block_tables_ptr + b * stride_bt,
+            k_cache_ptr, v_cache_ptr, kvh, d, dmask, scale, softcap, stride_cb, stride_cs,
+            stride_ch, BLOCK_SIZE, BLOCK_N, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
         if NUM_SPLITS == 1:
             if HAS_SINKS:   # one more logit in the softmax, without a value
-                sink = tl.load(sinks_ptr + qh, mask=rmask, other=0.0)
-                m_new = tl.maximum(m_i, sink)
-                alpha = tl.exp(m_i - m_new)
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha + tl.exp(sink - m_new)
+                acc, m_i, l_i = _with_sink(acc, m_i, l_i,
+                                           tl.load(sinks_ptr + qh, mask=rmask, other=0.0))
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             tl.store(out_ptr + tok[:, None] * stride_on + qh[:, None] * stride_oh + d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
