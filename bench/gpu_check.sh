@@ -3,6 +3,10 @@
 # within a deadline (default 540 s: one call of the device tool is at most 600 s, and the
 # session's 15 minutes should leave room for a rerun):
 #   bench/gpu_check.sh [OUT_DIR] [WHEELS_DIR]        (W2S_GPU_CHECK_SECONDS=540)
+# W2S_GPU_CHECK_SKIP: an extended regex of step names to skip, to run the rest in a second
+# call (e.g. W2S_GPU_CHECK_SKIP='^(gpu tests|e2e 1 and 16)'). A session's 15 device minutes
+# hold about two calls: the first with W2S_GPU_CHECK_SECONDS=480 (the gpu tests, the e2e
+# rows, the A/B rows), the second skipping what the first's summary lists as done.
 # 1. the `gpu` tests (only their files; four processes where pytest-xdist is there);
 # 2. the end-to-end rows: random-init Llama-3-8B steered by a random-init Llama-3.2-1B pair,
 #    bf16, prompt 512, CBS(4,4,8), one and 16 concurrent requests at 256 tokens (one process,
@@ -30,8 +34,8 @@
 #
 # The GPU machine may have an older transformers than ours and no internet: WHEELS_DIR holds
 # wheels to install first (made here with `pip download --no-deps --only-binary=:all:
-# --python-version 3.12 ... -d .whl transformers==5.24.0 regex gguf`, an ignored folder
-# carried with the call). Not huggingface_hub 2.x: it needs httpx2, which that machine lacks;
+# --python-version 3.12 ... -d .whl transformers==5.24.0 regex gguf pytest-xdist execnet`,
+# an ignored folder carried with the call; pytest-xdist runs the gpu tests in four processes). Not huggingface_hub 2.x: it needs httpx2, which that machine lacks;
 # its hub 1.33 satisfies transformers 5.24 (the H200 run of 2026-11-27). The package runs
 # from the checkout (PYTHONPATH), not installed.
 set -uo pipefail
@@ -58,6 +62,10 @@ step() {  # step NAME SECONDS COMMAND...: run within its limit and the deadline,
     local name=$1 limit=$2 left
     shift 2
     left=$((budget - (SECONDS - started)))
+    if [ -n "${W2S_GPU_CHECK_SKIP:-}" ] && [[ "$name" =~ $W2S_GPU_CHECK_SKIP ]]; then
+        echo "== $name: skipped (W2S_GPU_CHECK_SKIP)" | tee -a "$log"
+        return
+    fi
     if [ "$left" -lt 45 ]; then
         echo "== $name: skipped (${left} s left of ${budget})" | tee -a "$log"
         return
