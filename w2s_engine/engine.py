@@ -381,6 +381,7 @@ class Engine:
             raise BatchFailed(retryable=True) from e
         return []
 
+    @record_function("w2s.select")
     def _select(self, requests: list[SearchRequest]):
         """Each scored request keeps its top W and forks its next chunk, or ends."""
         for r in requests:
@@ -393,6 +394,7 @@ class Engine:
             except Exception as e:
                 self.scheduler.fail(r, self._engine_error("selection", e))
 
+    @record_function("w2s.score.plan")
     def _plan(self, ready: list[SearchRequest]) -> list:
         """The scoring updates of the requests whose chunks are complete: (request, updates)
         each; a request that cannot be scored fails here, alone."""

@@ -16,6 +16,7 @@ carried rows fed them on the device), and they are recorded while the device com
 
 import numpy as np
 import torch
+from torch.profiler import record_function   # names the read of a step in a profile
 
 from w2s_engine.cache.block_manager import BlockManager, BlockTable
 from w2s_engine.kernels.sampling import adjust_logits, sample
@@ -212,6 +213,7 @@ class LocalLarge:
         return DecodeStep(order, sampled, read, logprobs, steered, before,
                           {id(b) for _, b in forward})
 
+    @record_function("w2s.large.read")
     def _collect(self, step: DecodeStep, after: DecodeStep | None = None):
         """Read a launched step's tokens (the one wait) and record them, skipping the rows of
         requests that ended and of beams that finished since it was launched. `after`: the

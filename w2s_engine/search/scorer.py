@@ -19,6 +19,8 @@ one forward per model, and sets each candidate's reward.
 
 from dataclasses import dataclass
 
+from torch.profiler import record_function   # names the scoring's phases in a profile
+
 from w2s_engine.cache.block_manager import BlockManager
 from w2s_engine.cache.kv_budget import SMALL_TOKENS_PER_LARGE, KVBudget
 from w2s_engine.params import check_text, is_int
@@ -259,6 +261,7 @@ class Scorer:
         """Forward every planned update (all requests, one batch per stream); set rewards."""
         self.finish(self.launch(plans))
 
+    @record_function("w2s.score.launch")
     def launch(self, plans: list[tuple[SearchRequest, list]]) -> ScoringLaunch:
         """run()'s first half: queue every stream's forwards and reward kernels, reading
         nothing, so that the host queues the next stream's while the device runs the last's
@@ -279,6 +282,7 @@ class Scorer:
             raise
         return ScoringLaunch(plans, launched)
 
+    @record_function("w2s.score.read")
     def finish(self, scoring: ScoringLaunch):
         """run()'s second half: read each stream's rewards (the waits) and set the beams'
         rewards. If a read fails, every update not finished rolls back."""
