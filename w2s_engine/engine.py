@@ -381,31 +381,33 @@ class Engine:
             raise BatchFailed(retryable=True) from e
         return []
 
-    @record_function("w2s.select")
     def _select(self, requests: list[SearchRequest]):
         """Each scored request keeps its top W and forks its next chunk, or ends."""
-        for r in requests:
-            if r.status is not RequestStatus.RUNNING:
-                continue
-            try:
-                if r.select(self.kv):
-                    r.finish(self.large.response_text)
-                    self.scheduler.finish(r)
-            except Exception as e:
-                self.scheduler.fail(r, self._engine_error("selection", e))
+        # A new record_function per call: as a decorator one instance serves every call (and
+        # thread), which its enter and exit do not allow.
+        with record_function("w2s.select"):
+            for r in requests:
+                if r.status is not RequestStatus.RUNNING:
+                    continue
+                try:
+                    if r.select(self.kv):
+                        r.finish(self.large.response_text)
+                        self.scheduler.finish(r)
+                except Exception as e:
+                    self.scheduler.fail(r, self._engine_error("selection", e))
 
-    @record_function("w2s.score.plan")
     def _plan(self, ready: list[SearchRequest]) -> list:
         """The scoring updates of the requests whose chunks are complete: (request, updates)
         each; a request that cannot be scored fails here, alone."""
         plans = []
-        for r in ready:
-            if not r.params.uses_small_models or r.params.method == "eft":
-                continue  # base is not scored; EFT scored each token as it sampled it
-            try:
-                plans.append((r, self.scorer.plan(r, self.large)))
-            except Exception as e:  # a bad request fails alone
-                self.scheduler.fail(r, f"{type(e).__name__}: {e}")
+        with record_function("w2s.score.plan"):
+            for r in ready:
+                if not r.params.uses_small_models or r.params.method == "eft":
+                    continue  # base is not scored; EFT scored each token as it sampled it
+                try:
+                    plans.append((r, self.scorer.plan(r, self.large)))
+                except Exception as e:  # a bad request fails alone
+                    self.scheduler.fail(r, f"{type(e).__name__}: {e}")
         return plans
 
     def _score(self, ready: list[SearchRequest]):

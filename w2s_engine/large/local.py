@@ -213,7 +213,6 @@ class LocalLarge:
         return DecodeStep(order, sampled, read, logprobs, steered, before,
                           {id(b) for _, b in forward})
 
-    @record_function("w2s.large.read")
     def _collect(self, step: DecodeStep, after: DecodeStep | None = None):
         """Read a launched step's tokens (the one wait) and record them, skipping the rows of
         requests that ended and of beams that finished since it was launched. `after`: the
@@ -221,7 +220,8 @@ class LocalLarge:
         step appended for it (its row there is dropped when that step is collected). If the
         read fails, both steps' slots are rolled back and BatchFailed is raised."""
         try:
-            tokens, *host = step.read.result()
+            with record_function("w2s.large.read"):
+                tokens, *host = step.read.result()
         except Exception as e:
             for s in (after, step):
                 if s is not None:

@@ -261,7 +261,6 @@ class Scorer:
         """Forward every planned update (all requests, one batch per stream); set rewards."""
         self.finish(self.launch(plans))
 
-    @record_function("w2s.score.launch")
     def launch(self, plans: list[tuple[SearchRequest, list]]) -> ScoringLaunch:
         """run()'s first half: queue every stream's forwards and reward kernels, reading
         nothing, so that the host queues the next stream's while the device runs the last's
@@ -274,24 +273,25 @@ class Scorer:
                 per_stream[si].append(u)
         launched = []
         try:
-            for stream, ups in zip(self.streams, per_stream):
-                if ups:
-                    launched.append((stream, stream.launch(ups)))
+            with record_function("w2s.score.launch"):
+                for stream, ups in zip(self.streams, per_stream):
+                    if ups:
+                        launched.append((stream, stream.launch(ups)))
         except BaseException:
             ScoringLaunch(plans, launched).roll_back()
             raise
         return ScoringLaunch(plans, launched)
 
-    @record_function("w2s.score.read")
     def finish(self, scoring: ScoringLaunch):
         """run()'s second half: read each stream's rewards (the waits) and set the beams'
         rewards. If a read fails, every update not finished rolls back."""
         launched = list(scoring.launched)
         try:
-            while launched:
-                stream, pending = launched[0]
-                stream.finish(pending)
-                launched.pop(0)
+            with record_function("w2s.score.read"):
+                while launched:
+                    stream, pending = launched[0]
+                    stream.finish(pending)
+                    launched.pop(0)
         except BaseException:
             ScoringLaunch(scoring.plans, launched).roll_back()
             raise
