@@ -223,17 +223,7 @@ def main():
                     help="no scoring graphs: every scorer's forward eagerly (for comparison)")
     ap.add_argument("--arrivals-every", type=int, default=0,
                     help="admit a request every N engine steps instead of all at once")
-    ap.add_argument("--async-scheduling", action="store_true",
-                    help="async_scheduling=True: step n+1 launched before step n's tokens are read")
-    ap.add_argument("--both-schedulings", action="store_true",
-                    help="each row waiting and then with async scheduling, on the same engine "
-                         "(one model build and capture for both)")
-    ap.add_argument("--schedulings", default="",
-                    help="each row in these schedulings on the same engine, comma-separated: "
-                         "waiting, async, async-scoring-at-once (async scheduling with each "
-                         "scoring read in its own step)")
-    ap.add_argument("--no-fused-ops", action="store_true",
-                    help="fused_ops=False: transformers' norm, rotary and MLP ops (for comparison)")
+    add_scheduling_args(ap)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"e2e-{args.preset}.jsonl"
@@ -262,6 +252,23 @@ def main():
 
 SCHEDULINGS = {"waiting": (False, False), "async": (True, True),
                "async-scoring-at-once": (True, False)}   # (async_scheduling, scoring_ahead)
+
+
+def add_scheduling_args(ap):
+    """The flags e2e and profile_step share: the scheduling(s) each row runs in, and the
+    engine's fused ops off for comparison."""
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="async_scheduling=True: step n+1 launched before step n's tokens are read")
+    ap.add_argument("--both-schedulings", action="store_true",
+                    help="each row waiting and then with async scheduling, on the same engine "
+                         "(one model build and capture for both)")
+    ap.add_argument("--schedulings", default="",
+                    help="each row in these schedulings on the same engine, comma-separated: "
+                         "waiting, async, async-scoring-at-once (async scheduling with each "
+                         "scoring read in its own step)")
+    ap.add_argument("--no-fused-ops", action="store_true",
+                    help="fused_ops=False: transformers' own small ops and separate q/k/v and "
+                         "gate/up GEMMs (for comparison)")
 
 
 def scheduling_list(args) -> list[str]:

@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.e2e import RESULTS, arriving, build, commit, eager_scoring, machine, parse_search, \
-    prompt_of, scheduling_list, set_async_scheduling  # noqa: E402
+from bench.e2e import RESULTS, add_scheduling_args, arriving, build, commit, eager_scoring, \
+    machine, parse_search, prompt_of, scheduling_list, set_async_scheduling  # noqa: E402
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
@@ -57,18 +57,10 @@ def main():
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--eager-scoring", action="store_true",
                     help="no scoring graphs: every scorer's forward eagerly (for comparison)")
-    ap.add_argument("--async-scheduling", action="store_true",
-                    help="async_scheduling=True: step n+1 launched before step n's tokens are read")
-    ap.add_argument("--both-schedulings", action="store_true",
-                    help="profile waiting and then with async scheduling, on the same engine")
-    ap.add_argument("--schedulings", default="",
-                    help="profile in each of these schedulings on the same engine, "
-                         "comma-separated: waiting, async, async-scoring-at-once")
+    add_scheduling_args(ap)
     ap.add_argument("--arrivals-every", type=int, default=0,
                     help="admit a request every N engine steps instead of all at once (their "
                          "chunks end on different steps)")
-    ap.add_argument("--no-fused-ops", action="store_true",
-                    help="fused_ops=False: transformers' norm, rotary and MLP ops (for comparison)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     engine, names = build(args.preset, cuda_graphs=not args.no_graphs,

@@ -5,9 +5,9 @@ LM head itself, so a model whose layers attend by their own code, keep a state b
 keys and values, or transform their logits in a way the engine does not know would run, and
 run wrong, with no error. ModelRunner calls probe() once, at start, on its own pool: a model
 that fails is refused with the reason, before any request. Where the runner swapped the
-model's RMSNorms, rotary embeddings and MLP activations for the engine's kernels
-(models/fused_ops.py), the probe also holds the model's forward to its forward with
-transformers' own ops, and puts those back if the two differ (logged), so an op a kernel gets
+model's ops for the engine's kernels and merged its projections (models/fused_ops.py), the
+probe also holds the model's forward to its forward with transformers' own ops, and puts
+those back if the two differ or the swapped forward raises (logged), so an op a kernel gets
 wrong costs speed, never correctness.
 """
 
@@ -75,11 +75,8 @@ def probe(runner):
     if runner.lm_head is None or not torch.isfinite(own.logits).all():
         return
     expected = own.logits.reshape(-1, own.logits.shape[-1])[-1].float()
-    error = (runner.lm_head.logits(hidden)[-1] - expected).abs().max().item()
-    # fp32 agrees to rounding; half precision rounds each GEMM's output (0.4% in bf16),
-    # more so with another batch shape. A wrong scale is off by most of the logits.
-    tolerance = 1e-3 if runner.dtype == torch.float32 else 0.1
-    if not error <= tolerance * expected.abs().max().item() + 1e-4:
+    error = _logits_error(runner.lm_head.logits(hidden)[-1], expected, runner.dtype)
+    if error is not None:
         raise ValueError(
             f"{name}'s logits for a token decoded after a cached one differ from its own "
             f"forward's by up to {error:.3g}: it keeps a state besides its attention's "
@@ -104,12 +101,21 @@ def _check_fused_ops(runner, own_forward, name):
     else:
         if not torch.isfinite(plain).all():
             return      # nothing to compare (as probe's logits check skips them too)
-        tolerance = 1e-3 if runner.dtype == torch.float32 else 0.1
-        error = (fused - plain).abs().max().item()
-        if error <= tolerance * plain.abs().max().item() + 1e-4:
+        error = _logits_error(fused, plain, runner.dtype)
+        if error is None:
             return
         problem = f"differs from its own forward by up to {error:.3g}"
     unfuse_ops(runner.model)
     logger.warning("w2s engine: %s with the engine's fused kernels and merged projections %s; "
                    "running it with transformers' ops instead", name, problem)
     runner.fused_ops = FusedOps()
+
+
+def _logits_error(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> float | None:
+    """The largest difference of two fp32 logit tensors when it is past the dtype's rounding,
+    else None. fp32 agrees to rounding; half precision rounds each GEMM's output (0.4% in
+    bf16), more so with another batch shape or a merged GEMM. A wrong op or scale is off by
+    most of the logits."""
+    tolerance = 1e-3 if dtype == torch.float32 else 0.1
+    error = (got - want).abs().max().item()
+    return None if error <= tolerance * want.abs().max().item() + 1e-4 else error
