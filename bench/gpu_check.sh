@@ -84,8 +84,10 @@ e2e="python3 bench/e2e.py --out $out --prompt-lens 512 --searches cbs-4-4-8"
 # parallel where pytest-xdist is installed: tiny models, so the time is Python and compiles.
 gpu_files=$(grep -l "mark.gpu" tests/test_*.py)
 parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
-step "gpu tests" 200 python3 -m pytest -q -m gpu $gpu_files $parallel -p no:cacheprovider \
-    --continue-on-collection-errors --durations=15 -rfE
+# -v and W2S_FAILURES_AT_ONCE (tests/conftest.py): each test's result and each failure's
+# traceback in the log as it comes, so a run cut off by its limit still names its failures.
+step "gpu tests" 240 env W2S_FAILURES_AT_ONCE=1 python3 -m pytest -v -m gpu $gpu_files \
+    $parallel -p no:cacheprovider --continue-on-collection-errors --durations=15 -rfE
 step "e2e 1 and 16 requests, 256 tokens, waiting and async" 180 $e2e --preset gpu \
     --max-new 256 --concurrency 1,16 --both-schedulings
 step "e2e 1 and 16 requests, 256 tokens, transformers' ops (no fused kernels, no merged GEMMs)" \

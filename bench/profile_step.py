@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.e2e import RESULTS, add_scheduling_args, arriving, build, commit, eager_scoring, \
-    machine, parse_search, prompt_of, scheduling_list, set_async_scheduling  # noqa: E402
+    machine, parse_search, prompt_of, scheduling_list, set_async_scheduling, \
+    warm_up  # noqa: E402
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
@@ -81,8 +82,8 @@ def main():
 
 
 def profile_one(engine, names, args, params, prompts) -> dict:
-    """One profiled search (after a short warm-up): its row, printed."""
-    engine.search(prompts[:1], params.copy(max_new_tokens=min(16, args.max_new)))  # warm-up
+    """One profiled search (after warm_up): its row, printed."""
+    warm_up(engine, prompts, params)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)

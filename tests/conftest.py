@@ -17,3 +17,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def pytest_runtest_logreport(report):
+    """W2S_FAILURES_AT_ONCE=1 (bench/gpu_check.sh): print each failure, traceback and all, as
+    it happens. pytest prints them at the end, and a run cut off by its time limit (a lent
+    GPU's minutes) never gets there: an H200 run at 024353a saw one F and no name."""
+    if report.failed and os.environ.get("W2S_FAILURES_AT_ONCE"):
+        print(f"\n==== FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n====",
+              flush=True)
