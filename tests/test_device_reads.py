@@ -136,10 +136,10 @@ def test_the_scoring_forward_a_graph_captures_reads_nothing_from_the_device(arch
     runner = ModelRunner(tiny_model(arch), num_blocks=64, block_size=4)
     graphs = ScoringGraphs(runner, max_tokens=64, max_q=8, max_batch=32, capture=False)
     seqs = forked_streams(runner, BlockManager(64, 4), 3, 5, seed=1)
-    bucket, q = graphs.shape(seqs)
-    graphs.load(seqs, bucket, q)
+    bucket, tokens, q_cap = graphs.shape(seqs)
+    graphs.load(seqs, bucket, tokens)
     with reads:
-        graphs._forward(bucket, q)     # the captured region: unpack, forward
+        graphs._forward(bucket, tokens, q_cap)     # the captured region: unpack, forward
     assert not reads.reads, where(reads)
 
 

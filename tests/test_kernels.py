@@ -168,6 +168,39 @@ def test_grouped_extend_for_short_chunks_matches_reference(dtype, hq, hkv, bs, w
         if 8 * hq // hkv <= limit else per_head)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kernel", ["grouped", "grouped-3-splits", "per-head"])
+def test_extend_of_a_padded_scoring_batch_gives_the_real_rows_what_they_get_alone(dtype, kernel):
+    """The scoring graphs' padded batch (models/scoring_graphs.py): rows of different lengths
+    under one query cap; padding rows with no queries and no keys; their tables and the real
+    rows' unused columns on a scratch block; dead query tokens after the last row's. The
+    scratch block's keys and values and the dead queries are NaN: the real rows' outputs are
+    still the reference's for the real rows alone."""
+    hq, hkv, bs = 8, 2, 4
+    lens, qlens = [12, 40, 9], [3, 8, 1]
+    k, v, bt, sl = paged_setup(dtype, hq, hkv, bs, lens)
+    q = torch.randn(sum(qlens), hq, 32).to(dtype)
+    cu = torch.tensor([0, *np.cumsum(qlens)], dtype=torch.int32)
+    want = paged_extend_attention_ref(q, k, v, bt, cu, sl, 0.2)
+    scratch = k.shape[0]
+    k, v = (torch.cat([c, torch.full_like(c[:1], float("nan"))]) for c in (k, v))
+    tables = torch.full((5, bt.shape[1]), scratch, dtype=torch.int32)
+    for i, n in enumerate(lens):
+        tables[i, :-(-n // bs)] = bt[i, :-(-n // bs)]
+    seq_lens = torch.tensor(lens + [0, 0], dtype=torch.int32)
+    cu_padded = torch.cat([cu, cu[-1:], cu[-1:]])
+    q_padded = torch.cat([q, torch.full((5, hq, 32), float("nan")).to(dtype)])
+    if kernel == "per-head":
+        out = paged_extend_attention_triton(q_padded, k, v, tables, cu_padded, seq_lens, 0.2,
+                                            max_query_len=8, grouped=False)
+    else:
+        out = paged_extend_attention_grouped_triton(
+            q_padded, k, v, tables, cu_padded, seq_lens, 0.2, max_query_len=8,
+            num_splits=3 if kernel == "grouped-3-splits" else 1)
+    torch.testing.assert_close(out[:len(q)].float(), want.float(), atol=TOL[dtype],
+                               rtol=TOL[dtype])
+
+
 def test_grouped_extend_refuses_chunks_that_do_not_fit_its_tile():
     q, k, v, bt, cu, sl = scoring_extend(torch.float32, 16, 2, 4)
     with pytest.raises(ValueError, match="past 64; use paged_extend_attention"):

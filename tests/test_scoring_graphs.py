@@ -8,6 +8,7 @@ and replay them.
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,22 +18,24 @@ from tiny_models import tiny_llama
 from w2s_engine import Engine, SearchParams
 from w2s_engine.cache.block_manager import BlockManager
 from w2s_engine.models.runner import ModelRunner
-from w2s_engine.models.scoring_graphs import ScoringGraphs
+from w2s_engine.models.scoring_graphs import ScoringGraphs, token_buckets
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def forked_streams(runner, blocks, n, q, seed):
-    """n sequences forked from a few prompts at ragged lengths, each with q new tokens
-    appended (copy-on-write done): what a scoring forward sees after a chunk."""
+    """n sequences forked from a few prompts at ragged lengths, each with q new tokens (or
+    q[i], for a list) appended (copy-on-write done): what a scoring forward sees after a
+    chunk."""
     rng = random.Random(seed)
     vocab = runner.shape.vocab_size
     roots = prompt_roots(runner, blocks, rng)
     seqs, copies = [], []
     for i in range(n):
         t = blocks.fork(roots[i % 3])
-        copies += blocks.append(t, q)
-        seqs.append((t, [rng.randrange(vocab) for _ in range(q)]))
+        new = q[i] if isinstance(q, list) else q
+        copies += blocks.append(t, new)
+        seqs.append((t, [rng.randrange(vocab) for _ in range(new)]))
     runner.copy_blocks(copies)
     for t in roots:
         blocks.free(t)
@@ -41,14 +44,15 @@ def forked_streams(runner, blocks, n, q, seed):
 
 def static_against_eager(model, capture: bool, shapes, max_tokens=256):
     """Hidden states of runner.run on the scoring graphs' static buffers against eager runs,
-    for each (rows, new tokens per row); both must write the same KV."""
+    for each (rows, new tokens per row, or a list of each row's); both must write the same
+    KV."""
     runner = ModelRunner(model.to(DEVICE), num_blocks=400, block_size=4)
     blocks = BlockManager(400, 4)
-    graphs = ScoringGraphs(runner, max_tokens=max_tokens, max_q=16, max_batch=64,
+    graphs = ScoringGraphs(runner, max_tokens=max_tokens, max_q=32, max_batch=64,
                            capture=capture)
     for n, q in shapes:
         for _ in range(2 if capture else 1):       # on a GPU: the eager first run, then replay
-            seqs = forked_streams(runner, blocks, n, q, seed=n * q)
+            seqs = forked_streams(runner, blocks, n, q, seed=n * int(np.sum(q)))
             pool_before = runner.kv_pool.clone()
             runner.scoring_graphs = graphs
             assert graphs.shape(seqs) is not None
@@ -57,9 +61,9 @@ def static_against_eager(model, capture: bool, shapes, max_tokens=256):
             runner.kv_pool.copy_(pool_before)
             runner.scoring_graphs = None
             eager, eager_cu = runner.run(seqs)
-            assert cu == eager_cu == list(range(0, n * q + 1, q))
+            assert cu == eager_cu == [0, *np.cumsum([len(ids) for _, ids in seqs])]
             torch.testing.assert_close(hidden, eager, atol=1e-4, rtol=1e-4)
-            # Both wrote the same KV, and padding rows wrote only the scratch block.
+            # Both wrote the same KV, and the dead tokens wrote only the scratch block.
             torch.testing.assert_close(static_pool[:, :, :400], runner.kv_pool[:, :, :400])
             for t, _ in seqs:
                 blocks.free(t)
@@ -74,6 +78,21 @@ def test_uniform_extends_on_the_static_path_give_the_eager_hidden_states_and_kv(
                                                        (16, 16)])
 
 
+# Rows of different lengths: beams that stopped inside the chunk, or the small models'
+# re-tokenization of the large model's text (a row of one token among longer ones too).
+RAGGED = [(3, [2, 5, 3]), (5, [1, 8, 4, 7, 2]), (6, [9, 16, 1, 1, 12, 3]),
+          (4, [27, 2, 5, 1])]
+
+
+def test_ragged_extends_on_the_static_path_give_the_eager_hidden_states_and_kv():
+    static_against_eager(tiny_llama(97, seed=5, layers=2), capture=False, shapes=RAGGED)
+
+
+def test_ragged_extends_on_the_static_path_with_a_sliding_window_model():
+    static_against_eager(tiny_llama(97, seed=6, layers=2, sliding_window=5), capture=False,
+                         shapes=RAGGED)
+
+
 @pytest.mark.parametrize("arch", list(TINY_CONFIGS))
 def test_every_architecture_scores_on_the_static_path_as_it_does_eagerly(arch):
     static_against_eager(tiny_model(arch), capture=False, shapes=[(3, 5)])
@@ -84,7 +103,7 @@ def test_uniform_extends_on_the_static_path_with_a_sliding_window_model():
     static_against_eager(model, capture=False, shapes=[(3, 8), (7, 3)])
 
 
-def test_the_static_path_takes_uniform_extends_that_fit_and_leaves_the_rest_eager():
+def test_the_static_path_takes_extends_that_fit_and_leaves_the_rest_eager():
     runner = ModelRunner(tiny_llama(97, seed=5, layers=1), num_blocks=64, block_size=4)
     blocks = BlockManager(64, 4)
     graphs = ScoringGraphs(runner, max_tokens=64, max_q=8, max_batch=32, capture=False)
@@ -92,17 +111,24 @@ def test_the_static_path_takes_uniform_extends_that_fit_and_leaves_the_rest_eage
 
     def seqs(*lengths):
         return [(t[i], [1] * n) for i, n in enumerate(lengths)]
-    assert graphs.shape(seqs(3, 3, 3)) == (4, 3)          # padded to the bucket of 4 rows
-    assert graphs.shape(seqs(8, 8, 8, 8)) == (4, 8)
-    assert graphs.shape(seqs(3, 4)) is None                # ragged: eager
+    # (rows bucket, tokens bucket, longest row rounded up to a power of two)
+    assert graphs.shape(seqs(3, 3, 3)) == (4, 16, 4)
+    assert graphs.shape(seqs(8, 8, 8, 8)) == (4, 32, 8)
+    assert graphs.shape(seqs(3, 4)) == (2, 16, 4)          # ragged rows
+    assert graphs.shape(seqs(1, 5, 2)) == (4, 16, 8)       # a row of one token among them
     assert graphs.shape(seqs(1, 1)) is None                # a decode: the decode graphs' work
     assert graphs.shape(seqs(9, 9)) is None                # past max_q
-    assert graphs.shape(seqs(*[2] * 32)) == (32, 2)
-    assert graphs.shape(seqs(*[3] * 24)) is None           # 24 x 3 > 64 tokens
+    assert graphs.shape(seqs(2, 9)) is None
+    assert graphs.shape(seqs(*[2] * 32)) == (32, 64, 2)
+    assert graphs.shape(seqs(*[3] * 24)) is None           # 72 tokens > 64
+    assert graphs.shape(seqs(*[3] * 21, 1)) == (24, 64, 4)
     assert graphs.shape([]) is None
     few_rows = ScoringGraphs(runner, max_tokens=256, max_q=8, max_batch=16, capture=False)
-    assert few_rows.shape(seqs(*[2] * 16)) == (16, 2)
+    assert few_rows.shape(seqs(*[2] * 16)) == (16, 32, 2)
     assert few_rows.shape(seqs(*[2] * 17)) is None         # past max_batch rows
+    assert token_buckets(2048) == [16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792,
+                                   2048]
+    assert token_buckets(100) == [16, 32, 64, 100]
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +151,25 @@ def test_a_beam_search_scores_its_chunks_on_the_static_path_with_the_same_result
     want, got = same_results(eager, static, params)
     assert [r.reward for r in got] == pytest.approx([r.reward for r in want], abs=1e-5)
     # 3 prompts x 6 candidates, 4 new tokens each: padded to 24 rows, both models, each chunk.
-    assert (24, 4) in shapes
+    assert (24, 128, 4) in shapes
+    static.check_all_free()
+
+
+def test_a_cross_vocabulary_search_scores_its_ragged_chunks_on_the_static_path(models,
+                                                                               monkeypatch):
+    """The small models re-tokenize the large model's text: a chunk of 4 large tokens is a
+    varying number of small ones. Those forwards take the static path too (a CUDA graph per
+    shape on a GPU), with the eager path's results."""
+    eager, static = engine_pair(models, 1, max_batch=64)
+    row_lengths = []
+    for r in ("tuned", "untuned"):
+        graphs = static.runners[r].scoring_graphs
+        monkeypatch.setattr(graphs, "run", lambda seqs, shape, run=graphs.run:
+                            row_lengths.append({len(ids) for _, ids in seqs})
+                            or run(seqs, shape))
+    params = SearchParams.cbs(2, 3, 4, max_new_tokens=16, temperature=1.0, seed=5)
+    same_results(eager, static, params)
+    assert any(len(lengths) > 1 for lengths in row_lengths), row_lengths
     static.check_all_free()
 
 
@@ -138,10 +182,15 @@ class TestScoringGraphsOnGPU:
                                       shapes=[(1, 2), (3, 3), (5, 8), (13, 4), (16, 16)])
         assert len(graphs.graphs) == 5 and not graphs.failed
 
+    def test_replay_of_ragged_rows_gives_the_eager_hidden_states_and_kv(self):
+        graphs = static_against_eager(tiny_llama(97, seed=5, layers=2), capture=True,
+                                      shapes=RAGGED)
+        assert len(graphs.graphs) == 4 and not graphs.failed
+
     def test_replay_with_a_sliding_window_model(self):
         model = tiny_llama(97, seed=6, layers=2, sliding_window=5)
-        graphs = static_against_eager(model, capture=True, shapes=[(3, 8), (7, 3)])
-        assert len(graphs.graphs) == 2 and not graphs.failed
+        graphs = static_against_eager(model, capture=True, shapes=[(3, 8), (7, 3)] + RAGGED)
+        assert len(graphs.graphs) == 6 and not graphs.failed
 
     def test_a_whole_search_gives_the_same_tokens_with_scoring_graphs(self, models):
         eager, graphed = engine_pair(models, 0, max_batch=64)
@@ -165,7 +214,7 @@ def test_warm_up_runs_a_prefill_decodes_and_a_scored_chunk_and_holds_nothing(mod
                         lambda seqs, extra=None, tokens_from=None:
                         decodes.append(len(seqs)) or decode(seqs, extra, tokens_from))
     static.warm_up()
-    assert (4, 2) in shapes and decodes        # 4 candidates' chunks of 2 tokens, scored
+    assert (4, 16, 2) in shapes and decodes    # 4 candidates' chunks of 2 tokens, scored
     static.check_all_free()
     tok = models[0]
     alone = Engine((tiny_llama(len(tok), seed=1), tok), num_kv_blocks=100, block_size=4,

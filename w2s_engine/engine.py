@@ -46,11 +46,12 @@ from w2s_engine.search.stream import FinalText, SearchDelta
 
 log = logging.getLogger("w2s_engine")
 EFT_GRAPH_MAX_BATCH = 64    # EFT rows a step on the small models' graphs (more run eagerly)
-# A scorer's forward on static buffers (a graph per rows bucket and new tokens per row): at
-# most this many padded tokens (16 requests' CBS(4,4,8) chunks), new tokens per sequence and
-# sequences. Larger or ragged forwards run eagerly.
+# A scorer's forward on static buffers (a graph per rows bucket, tokens bucket and longest
+# row): at most this many tokens (16 requests' CBS(4,4,8) chunks), new tokens per sequence
+# (a chunk re-tokenized by another vocabulary can be several times L) and sequences. Larger
+# forwards run eagerly.
 SCORING_GRAPH_MAX_TOKENS = 2048
-SCORING_GRAPH_MAX_Q = 16
+SCORING_GRAPH_MAX_Q = 64
 SCORING_GRAPH_MAX_ROWS = 256
 
 

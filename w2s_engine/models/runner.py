@@ -132,7 +132,7 @@ class ModelRunner:
             head.weight, getattr(head, "bias", None),
             getattr(text_config, "final_logit_softcapping", None), logit_scale(text_config))
         self.graphs = None      # DecodeGraphs, when decodes run on static buffers
-        self.scoring_graphs = None  # ScoringGraphs, when uniform extends run on them
+        self.scoring_graphs = None  # ScoringGraphs, when scoring extends run on them
         self._decoder_call = self._decoder_forward
         if compile:
             self._decoder_call = torch.compile(
