@@ -201,6 +201,28 @@ def test_extend_of_a_padded_scoring_batch_gives_the_real_rows_what_they_get_alon
                                rtol=TOL[dtype])
 
 
+def test_every_autotuned_kernel_times_its_configurations_briefly():
+    """A shape first met while serving is autotuned then, with every request waiting: each
+    kernel times its configurations with quick_bench (about 25 ms each), not Triton's default
+    (125 ms each)."""
+    import importlib
+    import pkgutil
+
+    import triton
+
+    import w2s_engine.kernels as kernels
+    from w2s_engine.kernels._common import quick_bench
+    tuned = {}
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"w2s_engine.kernels.{info.name}")
+        tuned.update({f"{info.name}.{name}": obj for name, obj in vars(module).items()
+                      if isinstance(obj, triton.runtime.Autotuner)})
+    assert {"paged_attention._extend_kernel", "sampling._sample_kernel",
+            "chunk_reward._logits_lse_kernel"} <= set(tuned)
+    assert {name: k.do_bench for name, k in tuned.items()} == \
+        {name: quick_bench for name in tuned}
+
+
 def test_grouped_extend_refuses_chunks_that_do_not_fit_its_tile():
     q, k, v, bt, cu, sl = scoring_extend(torch.float32, 16, 2, 4)
     with pytest.raises(ValueError, match="past 64; use paged_extend_attention"):

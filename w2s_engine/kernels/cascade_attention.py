@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from w2s_engine.kernels._common import dot_precision, sm_count
+from w2s_engine.kernels._common import dot_precision, quick_bench, sm_count
 from w2s_engine.kernels.paged_attention import (
     _ATTN_CONFIGS,
     _attend_keys,
@@ -245,7 +245,7 @@ def cascade_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, sc
 
 if triton is not None:
     @triton.autotune(configs=_ATTN_CONFIGS, key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_M",
-                                                 "NUM_SPLITS"])
+                                                 "NUM_SPLITS"], do_bench=quick_bench)
     @triton.jit
     def _shared_prefix_kernel(
         q_ptr,                      # [B, Hq, D]

@@ -28,6 +28,7 @@ from w2s_engine.kernels._common import (
     configs,
     lse_reduce,
     online_lse_step,
+    quick_bench,
     sm_count,
 )
 
@@ -153,7 +154,7 @@ if triton is not None:
                          triton.Config({"BLOCK_V": 2048}, num_warps=8),
                          triton.Config({"BLOCK_V": 4096}, num_warps=8)],
                         interpret=triton.Config({"BLOCK_V": 1024})),
-        key=["v_bucket", "TWO"])
+        key=["v_bucket", "TWO"], do_bench=quick_bench)
     @triton.jit
     def _logits_lse_kernel(
         a_ptr, b_ptr,                 # [N, V] logits of the tuned / untuned model for the

@@ -15,7 +15,7 @@ GPU the keys per step, warps and stages are autotuned per shape; fp32 inputs use
 
 import torch
 
-from w2s_engine.kernels._common import INTERPRET, configs, dot_precision, sm_count
+from w2s_engine.kernels._common import INTERPRET, configs, dot_precision, quick_bench, sm_count
 
 try:
     import triton
@@ -234,7 +234,8 @@ if triton is not None:
         return acc * alpha[:, None], m_new, l_i * alpha + tl.exp(sink - m_new)
 
     @triton.autotune(configs=_ATTN_CONFIGS,
-                     key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "NUM_SPLITS", "HAS_START"])
+                     key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "NUM_SPLITS", "HAS_START"],
+                     do_bench=quick_bench)
     @triton.jit
     def _decode_split_kernel(
         q_ptr,                 # [B, Hq, D]
@@ -349,7 +350,8 @@ if triton is not None:
                  out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
         tl.store(lse_ptr + row, m + tl.log(total))
 
-    @triton.autotune(configs=_ATTN_CONFIGS, key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_M"])
+    @triton.autotune(configs=_ATTN_CONFIGS, key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_M"],
+                     do_bench=quick_bench)
     @triton.jit
     def _extend_kernel(
         q_ptr, out_ptr,            # [Nq, Hq, D]
@@ -403,7 +405,8 @@ if triton is not None:
 
 
     @triton.autotune(configs=_GROUPED_CONFIGS,
-                     key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_M", "NUM_SPLITS"])
+                     key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_M", "NUM_SPLITS"],
+                     do_bench=quick_bench)
     @triton.jit
     def _extend_grouped_kernel(
         q_ptr, out_ptr,            # [Nq, Hq, D]; out written when NUM_SPLITS == 1

@@ -28,7 +28,7 @@ tied token (transformers' rule, and the full reference's); the CPU top-k fast pa
 
 import torch
 
-from w2s_engine.kernels._common import configs, lse_reduce, online_lse_step
+from w2s_engine.kernels._common import configs, lse_reduce, online_lse_step, quick_bench
 
 try:
     import triton
@@ -238,7 +238,7 @@ if triton is not None:
              triton.Config({"BLOCK_V": 2048, "BLOCK_L": 256, "BLOCK_C": 256}, num_warps=8),
              triton.Config({"BLOCK_V": 4096, "BLOCK_L": 256, "BLOCK_C": 512}, num_warps=8)],
             interpret=triton.Config({"BLOCK_V": 1024, "BLOCK_L": 256, "BLOCK_C": 256})),
-        key=["V"])
+        key=["V"], do_bench=quick_bench)
     @triton.jit
     def _sample_kernel(
         logits_ptr,              # [B, V] fp32 / fp16 / bf16
