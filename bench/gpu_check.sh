@@ -5,39 +5,38 @@
 #   bench/gpu_check.sh [OUT_DIR] [WHEELS_DIR]        (W2S_GPU_CHECK_SECONDS=540)
 # W2S_GPU_CHECK_SKIP: an extended regex of step names to skip, to run the rest in a second
 # call (e.g. W2S_GPU_CHECK_SKIP='^(gpu tests|e2e 1 and 16)'). A session's 15 device minutes
-# hold about two calls: the first with W2S_GPU_CHECK_SECONDS=480 (the gpu tests, the e2e
-# rows, the A/B rows), the second skipping what the first's summary lists as done.
-# 1. the `gpu` tests (only their files; four processes where pytest-xdist is there);
+# hold about two calls in one lease (the machine stays warm 30 s after a call): the first
+# with W2S_GPU_CHECK_SECONDS=480 runs steps 1-4, the second (about 300 s) skips them.
+# 1. the `gpu` tests (only their files; eight processes where pytest-xdist is there; each
+#    test's result and each failure's traceback in the log as they come);
 # 2. the end-to-end rows: random-init Llama-3-8B steered by a random-init Llama-3.2-1B pair,
 #    bf16, prompt 512, CBS(4,4,8), one and 16 concurrent requests at 256 tokens (one process,
 #    one model build), with plain sampling of the same streams beside each and its step time
-#    over the weight-read floor, waiting and with async scheduling (the same engine); the
-#    same with transformers' ops instead of the engine's fused kernels and merged GEMMs;
-#    16 requests with the shared-prefix (cascade) decode attention (each prompt's blocks,
-#    shared by its 16 beams, read once: at 256 rows per-beam decode attention reads about
-#    0.6 GB a layer);
-# 3. the kernel benchmarks (pytest-benchmark JSON + a markdown table); 4. profiled searches
-#    (GPU busy fraction), waiting and with async scheduling; 5. 16 requests admitted every 2
-#    steps (chunks out of step), waiting, async (scorings read a step later) and async with
-#    scorings read at once, and profiled (async: where the device waits); 6. 16 concurrent
-#    under torch.compile; CBS(4,4,8) at prompt 2048 with and without the shared-prefix
-#    (cascade) decode attention; 16 concurrent with a random Qwen2.5-7B large model
-#    (different vocabularies); one request at 1024 tokens against the reference baseline; the
-#    profile with the scorers' forwards eager; the host's share of a step
-#    (bench/host_step.py: tiny models on that machine's CPU). A step that would start with
-#    less than 45 s left is skipped, and
-#    each step's limit is cut to the time left, so the summary is always written.
-# On an H200 at 74255bd, the first e2e step took 2 minutes (model build, compiles, autotuning),
-# a later e2e step 45-75 s (most of it the model build and capture, so the waiting and async
-# rows share one engine); the gpu tests ran 8 tests in 130 s in one process.
+#    over the weight-read floor, waiting and with async scheduling (the same engine);
+# 3. 16 requests, async, with the shared-prefix (cascade) decode attention;
+# 4. 16 requests with a random Qwen2.5-7B large model (different vocabularies: the small
+#    models re-tokenize each chunk), async, cascade;
+# 5. the kernel benchmarks (pytest-benchmark JSON + a markdown table); profiled searches (GPU
+#    busy fraction, the host's phases): one request waiting and async, 16 requests async with
+#    cascade; one request at prompt 2048 with and without cascade; transformers' ops instead
+#    of the engine's fused kernels and merged GEMMs; 16 requests admitted every 2 steps
+#    (chunks out of step: waiting, async, async with scorings read at once) and profiled;
+#    torch.compile; one request at 1024 tokens against the reference baseline; the profile
+#    with the scorers' forwards eager; the host's share of a step (bench/host_step.py: tiny
+#    models on that machine's CPU).
+# A step that would start with less than 45 s left is skipped, and each step's limit is cut
+# to the time left, so the summary is always written.
+# On an H200 at 024353a: the gpu tests (41, four processes) did not finish in 200 s; the first
+# e2e step took 95 s, a later one 40-100 s (model build, capture, autotuning: the waiting and
+# async rows share one engine); the kernel benchmarks 55 s.
 # Results go to OUT_DIR (default bench/results/): JSONL, logs and gpu-check-<device>.md.
 #
 # The GPU machine may have an older transformers than ours and no internet: WHEELS_DIR holds
 # wheels to install first (made here with `pip download --no-deps --only-binary=:all:
 # --python-version 3.12 ... -d .whl transformers==5.24.0 regex gguf pytest-xdist execnet`,
-# an ignored folder carried with the call; pytest-xdist runs the gpu tests in four processes). Not huggingface_hub 2.x: it needs httpx2, which that machine lacks;
-# its hub 1.33 satisfies transformers 5.24 (the H200 run of 2026-11-27). The package runs
-# from the checkout (PYTHONPATH), not installed.
+# an ignored folder carried with the call). Not huggingface_hub 2.x: it needs httpx2, which
+# that machine lacks; its hub 1.33 satisfies transformers 5.24 (the H200 runs of 2026-11-27).
+# The package runs from the checkout (PYTHONPATH), not installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results}
@@ -83,17 +82,18 @@ e2e="python3 bench/e2e.py --out $out --prompt-lens 512 --searches cbs-4-4-8"
 # Only the files that hold gpu tests (collecting the rest needs the server's packages), in
 # parallel where pytest-xdist is installed: tiny models, so the time is Python and compiles.
 gpu_files=$(grep -l "mark.gpu" tests/test_*.py)
-parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
+parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 # -v and W2S_FAILURES_AT_ONCE (tests/conftest.py): each test's result and each failure's
 # traceback in the log as it comes, so a run cut off by its limit still names its failures.
 step "gpu tests" 240 env W2S_FAILURES_AT_ONCE=1 python3 -m pytest -v -m gpu $gpu_files \
     $parallel -p no:cacheprovider --continue-on-collection-errors --durations=15 -rfE
 step "e2e 1 and 16 requests, 256 tokens, waiting and async" 180 $e2e --preset gpu \
     --max-new 256 --concurrency 1,16 --both-schedulings
-step "e2e 1 and 16 requests, 256 tokens, transformers' ops (no fused kernels, no merged GEMMs)" \
-    90 $e2e --preset gpu --max-new 256 --concurrency 1,16 --no-fused-ops
 step "e2e 16 requests, 256 tokens, async, cascade" 100 $e2e --preset gpu --max-new 256 \
     --concurrency 16 --async-scheduling --cascade
+step "e2e cross vocabulary, 16 requests, async, cascade" 150 $e2e --preset gpu-cross \
+    --max-new 256 --concurrency 16 --async-scheduling --cascade
+# (A first call of W2S_GPU_CHECK_SECONDS=480 ends about here.)
 step "kernel benchmarks" 150 python3 -m pytest -q bench/kernels.py --benchmark-only \
     -p no:cacheprovider --benchmark-json "$out/kernels-$device.json"
 if [ -f "$out/kernels-$device.json" ]; then
@@ -102,6 +102,14 @@ if [ -f "$out/kernels-$device.json" ]; then
 fi
 step "profile, waiting and async" 90 python3 bench/profile_step.py --preset gpu \
     --both-schedulings --out "$out"
+step "profile, 16 requests, async, cascade" 90 python3 bench/profile_step.py --preset gpu \
+    --concurrency 16 --async-scheduling --cascade --out "$out"
+step "e2e 1 request, prompt 2048, cascade" 120 $e2e --preset gpu --max-new 256 --concurrency 1 \
+    --prompt-lens 2048 --cascade
+step "e2e 1 request, prompt 2048, per-beam" 90 $e2e --preset gpu --max-new 256 \
+    --concurrency 1 --prompt-lens 2048
+step "e2e 1 and 16 requests, 256 tokens, transformers' ops (no fused kernels, no merged GEMMs)" \
+    90 $e2e --preset gpu --max-new 256 --concurrency 1,16 --no-fused-ops
 step "e2e 16 requests arriving every 2 steps: waiting, async, async with scorings read at once" \
     150 $e2e --preset gpu --max-new 256 --concurrency 16 --arrivals-every 2 \
     --schedulings waiting,async,async-scoring-at-once
@@ -110,12 +118,6 @@ step "profile, 16 requests arriving every 2 steps, async scheduling" 90 python3 
     --out "$out"
 step "e2e 16 requests, 256 tokens, torch.compile" 240 $e2e --preset gpu --max-new 256 \
     --concurrency 16 --compile
-step "e2e 1 request, prompt 2048, cascade" 120 $e2e --preset gpu --max-new 256 --concurrency 1 \
-    --prompt-lens 2048 --cascade
-step "e2e 1 request, prompt 2048, per-beam" 90 $e2e --preset gpu --max-new 256 \
-    --concurrency 1 --prompt-lens 2048
-step "e2e cross vocabulary, 16 requests" 150 $e2e --preset gpu-cross --max-new 256 \
-    --concurrency 16
 step "e2e 1 request, 1024 tokens, baseline" 240 $e2e --preset gpu --max-new 1024 \
     --concurrency 1 --baseline --baseline-budget 90
 step "profile, scoring eager" 60 python3 bench/profile_step.py --preset gpu --eager-scoring \

@@ -56,6 +56,8 @@ def main():
     ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--cascade", action="store_true",
+                    help="cascade_attention=True: shared-prefix decode attention")
     ap.add_argument("--eager-scoring", action="store_true",
                     help="no scoring graphs: every scorer's forward eagerly (for comparison)")
     add_scheduling_args(ap)
@@ -64,7 +66,8 @@ def main():
                          "chunks end on different steps)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    engine, names = build(args.preset, cuda_graphs=not args.no_graphs,
+    assert not (args.cascade and args.no_graphs), "--cascade runs on the static decode path"
+    engine, names = build(args.preset, cuda_graphs=not args.no_graphs, cascade=args.cascade,
                           async_scheduling=args.async_scheduling,
                           fused_ops=False if args.no_fused_ops else None)
     if args.eager_scoring:
@@ -112,6 +115,7 @@ def profile_one(engine, names, args, params, prompts) -> dict:
     row = {"preset": args.preset, "large": names["large"], "search": args.search,
            "prompt_len": args.prompt_len, "max_new_tokens": args.max_new,
            "concurrency": args.concurrency, "cuda_graphs": bool(engine.config.cuda_graphs),
+           "cascade_attention": bool(engine.config.cascade_attention),
            "scoring_graphs": any(r.scoring_graphs is not None for r in engine.runners.values()),
            "async_scheduling": bool(engine.config.async_scheduling),
            "scoring_ahead": bool(engine.config.async_scheduling and engine.config.scoring_ahead),
