@@ -6,6 +6,7 @@ path's hidden states and KV writes, and the same searches; the `gpu` tests captu
 and replay them.
 """
 
+import dataclasses
 import random
 
 import numpy as np
@@ -17,6 +18,7 @@ from test_runner import TINY_CONFIGS, tiny_model
 from tiny_models import tiny_llama
 from w2s_engine import Engine, SearchParams
 from w2s_engine.cache.block_manager import BlockManager
+from w2s_engine.kernels.paged_attention import GROUPED_EXTEND_ROWS
 from w2s_engine.models.runner import ModelRunner
 from w2s_engine.models.scoring_graphs import ScoringGraphs, token_buckets
 
@@ -128,6 +130,14 @@ def test_the_static_path_takes_extends_that_fit_and_leaves_the_rest_eager():
     assert few_rows.shape(seqs(*[2] * 17)) is None         # past max_batch rows
     assert token_buckets(2048) == [16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792,
                                    2048]
+    # The cap stays within the query tile of q x (query heads per kv head) rows, so a chunk
+    # short enough for the short-chunk kernel keeps it (64 rows): 7 heads a kv head, as in
+    # Qwen2.5-0.5B, take q 9 as 9 (63 rows), not 16 (112).
+    runner.shape = dataclasses.replace(runner.shape, num_heads=14, num_kv_heads=2)
+    wide = ScoringGraphs(runner, max_tokens=256, max_q=64, max_batch=16, capture=False)
+    assert [wide.q_cap(q) for q in (2, 3, 5, 9, 10, 19)] == [2, 4, 9, 9, 18, 36]
+    assert all(wide.q_cap(q) * 7 <= GROUPED_EXTEND_ROWS
+               for q in range(2, 10) if q * 7 <= GROUPED_EXTEND_ROWS)
     assert token_buckets(100) == [16, 32, 64, 100]
 
 

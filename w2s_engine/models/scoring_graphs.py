@@ -9,8 +9,8 @@ decode step. Here such a forward, when its longest row has 2 <= q <= max_q new t
 of them fit max_tokens:
 1. is padded to a shape (rows bucket, tokens bucket, q cap): the smallest batch bucket >= B
    (the decode graphs' buckets), the smallest token bucket >= the tokens, the longest row's q
-   rounded up to a power of two (the attention's query tile is a power of two anyway, so the
-   cap costs it nothing). The rows' tokens lie packed from the start, as in the eager path;
+   rounded up within the attention's query tile (q_cap: it costs the kernel nothing). The
+   rows' tokens lie packed from the start, as in the eager path;
    padding rows have no tokens and no keys; the dead tokens after the last row's (id 0,
    position 0) write their keys and values to the pool's scratch block, which no real row
    reads, and no row attends to them;
@@ -106,7 +106,15 @@ class ScoringGraphs:
         tokens = next((t for t in self.token_buckets if t >= sum(lengths)), None)
         if bucket is None or tokens is None:
             return None
-        return bucket, tokens, min(1 << (q - 1).bit_length(), self.max_q)
+        return bucket, tokens, self.q_cap(q)
+
+    def q_cap(self, q: int) -> int:
+        """The longest row q rounded up as far as the extend attention's query tile allows:
+        the tile holds the next power of two of q x (query heads per kv head) rows, so a cap
+        up to that many rows costs the kernel nothing and keeps its choice of kernel (the
+        short-chunk one up to GROUPED_EXTEND_ROWS rows), while one graph serves a range of q."""
+        group = max(1, self.runner.shape.num_heads // self.runner.shape.num_kv_heads)
+        return min(max(q, (1 << (q * group - 1).bit_length()) // group), self.max_q)
 
     def pack(self, seqs, bucket: int, tokens: int) -> tuple[np.ndarray, int]:
         """(int32 words of the padded batch and its tables, table columns in use)."""
