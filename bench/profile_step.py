@@ -37,6 +37,44 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of intervals as sorted disjoint intervals."""
+    out = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        elif b > a:
+            out.append((a, b))
+    return out
+
+
+def overlap_length(xs: list[tuple[float, float]], ys: list[tuple[float, float]]) -> float:
+    """Length of the intersection of two unions of sorted disjoint intervals."""
+    total, i, j = 0.0, 0, 0
+    while i < len(xs) and j < len(ys):
+        total += max(0.0, min(xs[i][1], ys[j][1]) - max(xs[i][0], ys[j][0]))
+        if xs[i][1] < ys[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def busy_outside(trace: dict, region: str, device: list, phase: str) -> float | None:
+    """Busy fraction of the region's time outside `phase` (its host and device ranges):
+    issue 16's "a profiled decode step", with the prompts' prefill left out."""
+    events = trace["traceEvents"]
+    span = next(e for e in events if e.get("name") == region and e.get("ph") == "X")
+    lo, hi = span["ts"], span["ts"] + span["dur"]
+    out = merged([(max(lo, e["ts"]), min(hi, e["ts"] + e["dur"])) for e in events
+                  if e.get("name") == phase and e.get("ph") == "X"])
+    wall = (hi - lo) - union_length(out)
+    if wall <= 0:
+        return None
+    busy = merged([(e["ts"], min(hi, e["ts"] + e["dur"])) for e in device])
+    return (union_length(busy) - overlap_length(busy, out)) / wall
+
+
 def busy_fraction(trace: dict, region: str) -> tuple[float, float, list]:
     """(busy fraction, wall us, device events) of the trace's `region` range."""
     events = trace["traceEvents"]
@@ -101,6 +139,7 @@ def profile_one(engine, names, args, params, prompts) -> dict:
         prof.export_chrome_trace(f.name)
         trace = json.loads(Path(f.name).read_text())
     busy, wall_us, device = busy_fraction(trace, "w2s_search")
+    decode_busy = busy_outside(trace, "w2s_search", device, "w2s.prefill")
     phases = {}
     for e in trace["traceEvents"]:
         if e.get("ph") == "X" and str(e.get("name", "")).startswith("w2s.") \
@@ -122,11 +161,14 @@ def profile_one(engine, names, args, params, prompts) -> dict:
            "arrivals_every": args.arrivals_every,
            "fused_ops": bool(engine.config.fused_ops),
            "wall_s": round(wall_us / 1e6, 3), "gpu_busy": round(busy, 3),
+           "gpu_busy_after_prefill": None if decode_busy is None else round(decode_busy, 3),
            "kernels_per_step": round(launches / steps, 1),
            "phase_share": {k: round(v / wall_us, 3) for k, v in sorted(phases.items())},
            "sampled": sum(r.stats.tokens_sampled for r in results),
            "top_device_us": {k[:80]: round(v) for k, v in top},
            "device": machine(), "torch": torch.__version__, "commit": commit()}
+    if decode_busy is not None:
+        print(f"GPU busy outside the prefill: {100 * decode_busy:.1f}%")
     print(f"GPU busy {100 * busy:.1f}% of {wall_us / 1e6:.2f} s; "
           f"{row['kernels_per_step']} device ops per step; device: {row['device']}")
     for name, share in row["phase_share"].items():
