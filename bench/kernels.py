@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from w2s_engine.kernels.cascade_attention import (
     cascade_decode_attention_triton,
     find_shared_prefixes,
+    shared_prefix_words,
+    static_shared_prefixes,
 )
 from w2s_engine.kernels.chunk_reward import (
     LMHead,
@@ -189,7 +191,7 @@ def test_decode_attention(benchmark, impl, batch, graph, seq_len):
           impl, nbytes=2 * k.numel() * 2, baseline=impl != "paged_triton", graph=graph)
 
 
-@pytest.mark.parametrize("impl", ["cascade", "per_beam"])
+@pytest.mark.parametrize("impl", ["cascade", "cascade_graph_layout", "per_beam"])
 @pytest.mark.parametrize("layout, graph", [("1x16 beams, prompt 2048 + 64", False),
                                            ("1x16 beams, prompt 2048 + 64", True),
                                            ("16x16 beams, prompt 512 + 128", True)])
@@ -213,7 +215,12 @@ def test_cascade_decode_attention(benchmark, layout, graph, impl):
     q = torch.randn(rows, 32, 128, device="cuda", dtype=torch.bfloat16)
     groups = find_shared_prefixes(bt, lens, bs)       # found once per batch, as the engine will
     assert groups.num_groups == requests
-    if impl == "cascade":
+    if impl == "cascade_graph_layout":
+        # What the engine's decode graphs run: the groups in a bucket's fixed layout (padding
+        # groups and tiles, splits sized by the bucket: a Llama-3-8B's 8,192 positions).
+        words = shared_prefix_words(bt.cpu().numpy(), lens.cpu().numpy(), bs, rows, 4)
+        groups = static_shared_prefixes(torch.from_numpy(words).cuda(), rows, 8192, 4)
+    if impl.startswith("cascade"):
         def fn():
             return cascade_decode_attention_triton(q, k, v, bt, lens, 128 ** -0.5, groups=groups)
     else:

@@ -13,6 +13,7 @@ import torch
 from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
 from w2s_engine import Engine, SearchParams
 from w2s_engine.cache.block_manager import BlockManager
+from w2s_engine.kernels.cascade_attention import static_shared_prefixes
 from w2s_engine.models.decode_graphs import DecodeGraphs, batch_buckets
 from w2s_engine.models.runner import ModelRunner
 
@@ -218,9 +219,11 @@ def test_a_beam_search_with_cascade_attention_reads_shared_prefixes_and_gives_th
     grouped = []
     find = decode_graphs.shared_prefix_words
 
-    def spy(tables, lens, block_size, bucket):
-        words = find(tables, lens, block_size, bucket)
-        grouped.append(int((words[-bucket:][:len(lens)] > 0).sum()))   # rows with a prefix
+    def spy(tables, lens, block_size, bucket, group):
+        words = find(tables, lens, block_size, bucket, group)
+        suffix_starts = static_shared_prefixes(torch.from_numpy(words), bucket, 1,
+                                               group).suffix_starts
+        grouped.append(int((suffix_starts[:len(lens)] > 0).sum()))   # rows with a prefix
         return words
     monkeypatch.setattr(decode_graphs, "shared_prefix_words", spy)
     eager, cascade = engine_pair(models, 0, max_batch=64, cascade=True)

@@ -404,9 +404,10 @@ def test_host_groups_of_a_bucket_are_find_shared_prefixes_groups_padded():
         tables = tables.astype(np.int32)
         lens = rng.integers(1, used * bs + 1, size=n).astype(np.int32)
         bucket = n + int(rng.integers(0, 4))
+        group = int(rng.choice([1, 4, 7, 32]))
         got = static_shared_prefixes(torch.from_numpy(shared_prefix_words(tables, lens, bs,
-                                                                          bucket)),
-                                     bucket, used * bs)
+                                                                          bucket, group)),
+                                     bucket, used * bs, group)
         want = find_shared_prefixes(torch.from_numpy(tables), torch.from_numpy(lens), bs)
         G, R = want.num_groups, want.group_rows.numel()
         assert got.group_rows[:R].tolist() == want.group_rows.tolist()
@@ -416,14 +417,23 @@ def test_host_groups_of_a_bucket_are_find_shared_prefixes_groups_padded():
         assert got.leaders[:G].tolist() == want.leaders.tolist()
         assert got.suffix_starts[:n].tolist() == want.suffix_starts.tolist()
         assert not got.suffix_starts[n:].any()
+        # The prefix tiles: each group's rows in order, rows_per_tile at a time, then none.
+        rpt, starts = got.rows_per_tile, want.group_starts.tolist()
+        tiles = [(g, r) for g in range(G) for r in range(0, starts[g + 1] - starts[g], rpt)]
+        assert rpt == max(1, 64 // group)
+        assert list(zip(got.tile_groups.tolist(), got.tile_starts.tolist()))[:len(tiles)] == tiles
+        assert set(got.tile_groups[len(tiles):].tolist()) <= {-1}
 
 
 @pytest.mark.parametrize("layout", ["beams", "two_requests", "unshared"])
 @pytest.mark.parametrize("window", [None, 6])
-def test_cascade_on_a_padded_buckets_static_groups_equals_per_beam_decode(layout, window):
+@pytest.mark.parametrize("hq", [8, 64], ids=["one-tile-a-group", "two-rows-a-tile"])
+def test_cascade_on_a_padded_buckets_static_groups_equals_per_beam_decode(layout, window, hq):
     # The layout a CUDA graph replays: groups found on the host, padded to the bucket (empty
-    # groups, padding rows on a scratch block at length 1), grids sized by the bucket alone.
-    bs, hq, hkv, pad = 8, 8, 2, 3
+    # groups, padding rows on a scratch block at length 1), the prefix kernel's tiles listed
+    # (32 query heads a kv head: 2 rows a tile, so a group spans tiles), grids sized by the
+    # bucket alone.
+    bs, hkv, pad = 8, 2, 3
     table, lens, num_blocks = shared_prefix_tables(layout, bs)
     n, width = table.shape
     bucket = n + pad
@@ -433,12 +443,13 @@ def test_cascade_on_a_padded_buckets_static_groups_equals_per_beam_decode(layout
     q = torch.randn(bucket, hq, 16, generator=g)
     padded = torch.cat([table, torch.full((pad, width), num_blocks, dtype=torch.int32)])
     padded_lens = torch.cat([lens, torch.ones(pad, dtype=torch.int32)])
-    words = shared_prefix_words(table.numpy(), lens.numpy(), bs, bucket)
-    groups = static_shared_prefixes(torch.from_numpy(words), bucket, width * bs)
+    words = shared_prefix_words(table.numpy(), lens.numpy(), bs, bucket, hq // hkv)
+    groups = static_shared_prefixes(torch.from_numpy(words), bucket, width * bs, hq // hkv)
     args = (q, k, v, padded, padded_lens, 0.3, window, None)
     expected, expected_lse = paged_decode_attention_triton(*args)
-    for cascade in (cascade_decode_attention_triton, cascade_decode_attention_ref):
-        out, lse = cascade(*args, groups)
+    for out, lse in (cascade_decode_attention_triton(*args, groups),
+                     cascade_decode_attention_triton(*args, groups, 3, 2),   # splits merged
+                     cascade_decode_attention_ref(*args, groups)):
         torch.testing.assert_close(out[:n], expected[:n], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lse[:n], expected_lse[:n], atol=1e-5, rtol=1e-5)
 

@@ -59,6 +59,11 @@ class SharedPrefixes:
     suffix_starts [B] int32    where each row's own part begins: its group's prefix length,
                                0 for a row in no group (all of its keys are its own)
     max_group_rows, max_prefix_len, max_suffix_len: host ints that size the launch grids.
+    The fixed layout of a CUDA graph's bucket (static_shared_prefixes) also lists the prefix
+    kernel's tiles, so that its grid is the tiles a bucket can have, not every group slot
+    times the tiles of a group of every row:
+    tile_groups   [T] int32    the group of each tile of up to rows_per_tile rows; -1: none
+    tile_starts   [T] int32    its first row within its group
     """
     group_rows: torch.Tensor
     group_starts: torch.Tensor
@@ -68,6 +73,9 @@ class SharedPrefixes:
     max_group_rows: int
     max_prefix_len: int
     max_suffix_len: int
+    tile_groups: torch.Tensor | None = None
+    tile_starts: torch.Tensor | None = None
+    rows_per_tile: int = 0
 
     @property
     def num_groups(self) -> int:
@@ -127,18 +135,34 @@ def find_shared_prefixes(block_tables, seq_lens, block_size: int, min_group_rows
 
 # ---- groups on the host, in a fixed layout per batch bucket (CUDA graphs) ----------------------
 
-def static_words(bucket: int) -> int:
+# A static tile holds up to this many (row, query head) pairs: a tile of rows_per_tile rows.
+STATIC_TILE_PAIRS = 64
+
+
+def rows_per_tile(group: int) -> int:
+    """Rows of a static prefix tile for `group` query heads per kv head."""
+    return max(1, STATIC_TILE_PAIRS // group)
+
+
+def static_tiles(bucket: int, group: int) -> int:
+    """Prefix tiles a bucket's groups can need: each group's rows in tiles of rows_per_tile,
+    at most cdiv(bucket, rows_per_tile) full ones and one partly filled per group."""
+    return -(-bucket // rows_per_tile(group)) + max(1, bucket // 2)
+
+
+def static_words(bucket: int, group: int) -> int:
     """int32 words of a bucket's groups: group_rows and suffix_starts [bucket] each, and
-    group_starts [G + 1], prefix_lens and leaders [G], G = bucket // 2 (a group has 2+ rows)."""
-    return 2 * bucket + 3 * max(1, bucket // 2) + 1
+    group_starts [G + 1], prefix_lens and leaders [G], G = bucket // 2 (a group has 2+ rows);
+    then tile_groups and tile_starts [static_tiles] each."""
+    return 2 * bucket + 3 * max(1, bucket // 2) + 1 + 2 * static_tiles(bucket, group)
 
 
 def shared_prefix_words(tables: np.ndarray, seq_lens: np.ndarray, block_size: int,
-                        bucket: int) -> np.ndarray:
+                        bucket: int, group: int) -> np.ndarray:
     """find_shared_prefixes on host arrays (tables [n, used] int32, seq_lens [n]) for a batch
-    padded to `bucket` rows, as static_words(bucket) int32 words; padding groups are empty
-    and padding rows have no prefix. Numpy, so a decode step finds its groups without a
-    device op; the same groups as find_shared_prefixes (tested)."""
+    padded to `bucket` rows, as static_words(bucket, group) int32 words; padding groups are
+    empty, padding rows have no prefix, padding tiles no group. Numpy, so a decode step finds
+    its groups without a device op; the same groups as find_shared_prefixes (tested)."""
     n, used = tables.shape
     g_max = max(1, bucket // 2)
     rows = np.arange(n)
@@ -160,7 +184,7 @@ def shared_prefix_words(tables: np.ndarray, seq_lens: np.ndarray, block_size: in
     sizes = counts[keep_key]
     g = sizes.size
     assert g <= g_max
-    words = np.zeros(static_words(bucket), dtype=np.int32)
+    words = np.zeros(static_words(bucket, group), dtype=np.int32)
     at = 0
     words[at:at + group_rows.size] = group_rows
     at += bucket
@@ -175,19 +199,33 @@ def shared_prefix_words(tables: np.ndarray, seq_lens: np.ndarray, block_size: in
     suffix = np.zeros(n, dtype=np.int64)
     suffix[in_group] = prefix_lens[gid[in_group]]
     words[at:at + n] = suffix
+    at += bucket
+    rpt, tiles = rows_per_tile(group), static_tiles(bucket, group)
+    per_group = -(-sizes // rpt)
+    t = int(per_group.sum())
+    assert t <= tiles
+    words[at:at + tiles] = -1                            # padding tiles: no group
+    words[at:at + t] = np.repeat(np.arange(g), per_group)
+    first_tile = np.cumsum(per_group) - per_group
+    words[at + tiles:at + tiles + t] = (np.arange(t) - np.repeat(first_tile, per_group)) * rpt
     return words
 
 
-def static_shared_prefixes(words: torch.Tensor, bucket: int, max_len: int) -> SharedPrefixes:
+def static_shared_prefixes(words: torch.Tensor, bucket: int, max_len: int,
+                           group: int) -> SharedPrefixes:
     """SharedPrefixes over a device buffer laid out by shared_prefix_words, with the host
     bounds fixed per bucket (a group may hold every row), so launch grids never change."""
     g_max = max(1, bucket // 2)
-    at = [0, bucket, bucket + g_max + 1, bucket + 2 * g_max + 1, bucket + 3 * g_max + 1]
+    tiles = static_tiles(bucket, group)
+    at = [0, bucket, bucket + g_max + 1, bucket + 2 * g_max + 1, bucket + 3 * g_max + 1,
+          2 * bucket + 3 * g_max + 1]
     return SharedPrefixes(
         group_rows=words[at[0]:at[0] + bucket], group_starts=words[at[1]:at[2]],
         prefix_lens=words[at[2]:at[3]], leaders=words[at[3]:at[4]],
         suffix_starts=words[at[4]:at[4] + bucket],
-        max_group_rows=bucket, max_prefix_len=max_len, max_suffix_len=max_len)
+        max_group_rows=bucket, max_prefix_len=max_len, max_suffix_len=max_len,
+        tile_groups=words[at[5]:at[5] + tiles], tile_starts=words[at[5] + tiles:at[5] + 2 * tiles],
+        rows_per_tile=rows_per_tile(group))
 
 
 # ---- PyTorch reference ---------------------------------------------------------------------------
@@ -245,7 +283,7 @@ def cascade_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, sc
 
 if triton is not None:
     @triton.autotune(configs=_ATTN_CONFIGS, key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_M",
-                                                 "NUM_SPLITS"], do_bench=quick_bench)
+                                                 "NUM_SPLITS", "TILED"], do_bench=quick_bench)
     @triton.jit
     def _shared_prefix_kernel(
         q_ptr,                      # [B, Hq, D]
@@ -256,9 +294,12 @@ if triton is not None:
         group_starts_ptr,           # [G + 1] int32
         prefix_lens_ptr,            # [G] int32: tokens of each group's shared run
         leaders_ptr,                # [G] int32: the row whose table is read for the run
+        tile_groups_ptr,            # [T] int32 (TILED): each program's group, -1 for none
+        tile_starts_ptr,            # [T] int32 (TILED): its first row within the group
         part_out_ptr,               # [B, Hq, PART_SPLITS, D] fp32: partials [0, NUM_SPLITS)
         part_lse_ptr,               # [B, Hq, PART_SPLITS] fp32
         scale, softcap, window, m_tiles,
+        min_span,                   # keys a split takes at least (later splits stay empty)
         stride_qb, stride_qh,
         stride_cb, stride_cs, stride_ch,
         stride_bt,
@@ -269,19 +310,30 @@ if triton is not None:
         NUM_SPLITS: tl.constexpr, PART_SPLITS: tl.constexpr,
         HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
+        TILED: tl.constexpr,        # programs from tile_groups / tile_starts (a fixed layout)
+        ROWS_PER_TILE: tl.constexpr,  # (TILED) rows a tile holds, x GROUP <= BLOCK_M
     ):
-        # grid: (G * m_tiles, Hkv, NUM_SPLITS). One program reads one split of its group's
-        # shared run for one kv head once, for BLOCK_M (row, query head) pairs: pair r is row
-        # r // GROUP of the group and query head kvh * GROUP + r % GROUP.
-        g = tl.program_id(0) // m_tiles
-        tile = tl.program_id(0) % m_tiles
+        # grid: (G * m_tiles, or T when TILED, Hkv, NUM_SPLITS). One program reads one split
+        # of its group's shared run for one kv head once, for up to BLOCK_M (row, query head)
+        # pairs: pair r is row r // GROUP of the group and query head kvh * GROUP + r % GROUP.
+        if TILED:
+            g = tl.load(tile_groups_ptr + tl.program_id(0))
+            if g < 0:
+                return
+            lo_pair = tl.load(tile_starts_ptr + tl.program_id(0)) * GROUP
+            first = tl.load(group_starts_ptr + g)
+            n_pairs = tl.minimum((tl.load(group_starts_ptr + g + 1) - first) * GROUP,
+                                 lo_pair + ROWS_PER_TILE * GROUP)
+        else:
+            g = tl.program_id(0) // m_tiles
+            lo_pair = (tl.program_id(0) % m_tiles) * BLOCK_M
+            first = tl.load(group_starts_ptr + g)
+            n_pairs = (tl.load(group_starts_ptr + g + 1) - first) * GROUP
         kvh = tl.program_id(1)
         split = tl.program_id(2)
-        first = tl.load(group_starts_ptr + g)
-        n_pairs = (tl.load(group_starts_ptr + g + 1) - first) * GROUP
-        if tile * BLOCK_M >= n_pairs:
+        if lo_pair >= n_pairs:
             return
-        r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        r = lo_pair + tl.arange(0, BLOCK_M)
         rmask = r < n_pairs
         row = tl.load(group_rows_ptr + first + r // GROUP, mask=rmask, other=0)
         qh = kvh * GROUP + r % GROUP
@@ -296,7 +348,7 @@ if triton is not None:
             qpos = tl.load(seq_lens_ptr + row, mask=rmask, other=1) - 1
             # Keys before every pair's window are skipped; the rest is masked per pair.
             lo = tl.maximum(tl.min(tl.where(rmask, qpos - window + 1, plen), 0), 0)
-        span = tl.cdiv(tl.maximum(plen - lo, 0), NUM_SPLITS)
+        span = tl.maximum(tl.cdiv(tl.maximum(plen - lo, 0), NUM_SPLITS), min_span)
         start = lo + split * span
         end = tl.minimum(start + span, plen)
 
@@ -339,27 +391,45 @@ def cascade_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens,
                                              sliding_window, softcap, suffix_splits,
                                              sinks=sinks)
     group = hq // hkv
-    pairs = groups.max_group_rows * group
-    block_m = max(16, min(64, triton.next_power_of_2(pairs)))
-    m_tiles = triton.cdiv(pairs, block_m)
     sms = sm_count(q.device)
+    tiled = groups.tile_groups is not None
+    if tiled:
+        # A fixed layout: a program per tile a bucket can have; how many hold rows is known
+        # only on the device, so the splits assume every row in a group (full tiles).
+        rpt = groups.rows_per_tile
+        assert rpt == rows_per_tile(group), "the tiles were laid out for another GROUP"
+        block_m = max(16, triton.next_power_of_2(rpt * group))
+        m_tiles, programs = 1, groups.tile_groups.numel()
+        busy = triton.cdiv(B, rpt)
+    else:
+        rpt = 1
+        pairs = groups.max_group_rows * group
+        block_m = max(16, min(64, triton.next_power_of_2(pairs)))
+        m_tiles = triton.cdiv(pairs, block_m)
+        programs = busy = groups.num_groups * m_tiles
+    # A split reads at least 128 keys (a short prefix leaves later splits empty), unless the
+    # caller chose the splits.
+    min_span = 128 if prefix_splits is None else 1
     if prefix_splits is None:
-        want = max(1, 2 * sms // (groups.num_groups * m_tiles * hkv))
-        prefix_splits = max(1, min(want, triton.cdiv(groups.max_prefix_len, 128), 64))
+        want = max(1, 2 * sms // (busy * hkv))
+        prefix_splits = max(1, min(want, triton.cdiv(groups.max_prefix_len, 128),
+                                   16 if tiled else 64))
     if suffix_splits is None:
         want = max(1, 2 * sms // max(1, B * hkv))
         suffix_splits = max(1, min(want, triton.cdiv(max(1, groups.max_suffix_len), 256), 16))
     part_out, part_lse = _partials(q, prefix_splits + suffix_splits)
-    _shared_prefix_kernel[(groups.num_groups * m_tiles, hkv, prefix_splits)](
+    tile_groups = groups.tile_groups if tiled else groups.group_starts   # (not read)
+    tile_starts = groups.tile_starts if tiled else groups.group_starts
+    _shared_prefix_kernel[(programs, hkv, prefix_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, groups.group_rows, groups.group_starts,
-        groups.prefix_lens, groups.leaders, part_out, part_lse,
-        scale, softcap or 0.0, sliding_window or 0, m_tiles,
+        groups.prefix_lens, groups.leaders, tile_groups, tile_starts, part_out, part_lse,
+        scale, softcap or 0.0, sliding_window or 0, m_tiles, min_span,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         GROUP=group, BLOCK_M=block_m, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
         BLOCK_SIZE=bs, NUM_SPLITS=prefix_splits, PART_SPLITS=prefix_splits + suffix_splits,
         HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(softcap),
-        DOT_PRECISION=dot_precision(q.dtype))
+        DOT_PRECISION=dot_precision(q.dtype), TILED=tiled, ROWS_PER_TILE=rpt)
     _launch_decode_splits(q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse,
                           scale, sliding_window, softcap, suffix_splits,
                           split_base=prefix_splits, kv_start=groups.suffix_starts)

@@ -65,13 +65,15 @@ class DecodeGraphs:
         dev = runner.device
         # Room for the rows, their tables and EXTRA_WORDS more per row (sampling parameters).
         self.cascade = cascade
-        cascade_words = static_words(max_batch) if cascade else 0
+        # query heads per kv head: the cascade's prefix tiles hold rows_per_tile(group) rows
+        self.group = max(1, runner.shape.num_heads // runner.shape.num_kv_heads)
+        cascade_words = static_words(max_batch, self.group) if cascade else 0
         self.staging = torch.zeros(max_batch * (ROW_WORDS + self.width + EXTRA_WORDS)
                                    + cascade_words, dtype=torch.int32, device=dev)
         self.groups_buffer = torch.zeros(cascade_words, dtype=torch.int32, device=dev)
         # Each bucket's view of it (fixed bounds, so fixed grids), made once.
         self.groups = {b: static_shared_prefixes(self.groups_buffer, b,
-                                                 self.width * self.block_size)
+                                                 self.width * self.block_size, self.group)
                        for b in self.buckets} if cascade else {}
         self.tables = torch.full((max_batch, self.width), runner.scratch_block,
                                  dtype=torch.int32, device=dev)
@@ -120,7 +122,7 @@ class DecodeGraphs:
         rows[3, :n] = lengths
         parts = [rows.ravel(), tables.ravel()]
         if self.cascade:
-            parts.append(shared_prefix_words(tables[:n], rows[3, :n], bs, bucket))
+            parts.append(shared_prefix_words(tables[:n], rows[3, :n], bs, bucket, self.group))
         return np.concatenate(parts), used
 
     def run(self, seqs: list[tuple[BlockTable, int]], extra: np.ndarray | None = None,
@@ -154,7 +156,7 @@ class DecodeGraphs:
                                           .view(bucket, used))
         if self.cascade:
             start += bucket * used
-            groups = static_words(bucket)
+            groups = static_words(bucket, self.group)
             self.groups_buffer[:groups].copy_(self.staging[start:start + groups])
         if bucket in self.graphs:
             self.graphs[bucket].replay()
@@ -208,7 +210,7 @@ class DecodeGraphs:
         self.staging[:rows.size].copy_(torch.from_numpy(rows.ravel()))
         self.tables[:bucket, :width].copy_(torch.from_numpy(tables))
         if self.cascade:
-            words = shared_prefix_words(tables, rows[3], bs, bucket)
+            words = shared_prefix_words(tables, rows[3], bs, bucket, self.group)
             self.groups_buffer[:words.size].copy_(torch.from_numpy(words))
 
     def _capture(self):
