@@ -93,6 +93,9 @@ def test_common_prefix_is_the_first_position_where_the_lists_differ(a, b):
     n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     assert common_prefix(a, b) == common_prefix(b, a) == n
     assert common_prefix(a, a + b) == len(a)
+    # and of two texts (the bridge: where a re-decoded response first differs)
+    chars = "ab\u00e9\U0001F600"
+    assert common_prefix("".join(chars[x] for x in a), "".join(chars[x] for x in b)) == n
 
 
 @settings(max_examples=100, deadline=None)

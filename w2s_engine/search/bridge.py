@@ -11,11 +11,12 @@ boundary, a multi-byte character completed), so:
   prefix in the KV cache and rolls back the rest.
 """
 
+import bisect
 from dataclasses import dataclass
 
 import tokenizers
 
-from w2s_engine.search.tokens import Tokenized, tokenize_many, tokenize_many_from
+from w2s_engine.search.tokens import Tokenized, common_prefix, tokenize_many, tokenize_many_from
 
 REPLACEMENT = "\ufffd"  # what a decoder yields for an incomplete UTF-8 sequence
 
@@ -92,14 +93,10 @@ def retokenize_many(tokenizer, special: bool, olds: list[Tokenized], texts: list
     todo = []                   # (stream, tokens of old that start before the change, tail)
     for i, (old, text) in enumerate(zip(olds, texts)):
         # First character where the texts differ; tokens starting well before it are kept.
-        n = min(len(old.text), len(text))
-        d = 0
-        if old.text[:n] == text[:n]:
-            d = n
-        else:
-            while d < n and old.text[d] == text[d]:
-                d += 1
-        todo.append((i, sum(1 for s in old.starts if s < d), tail))
+        # (Token starts never decrease: the tokens before it are a bisection away, not a scan
+        # of the prompt's and response's every token, per candidate and chunk.)
+        d = common_prefix(old.text, text)
+        todo.append((i, bisect.bisect_left(old.starts, d), tail))
     while todo:
         whole, windows = [], []
         for i, touched, t in todo:

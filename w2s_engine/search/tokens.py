@@ -96,8 +96,9 @@ def tokenize_many_from(tokenizer, texts: list[str], offsets: list[int]) -> list[
             for t, o, (ids, starts) in zip(texts, offsets, out)]
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix: slice compares (in C), bisected."""
+def common_prefix(a: list[int] | str, b: list[int] | str) -> int:
+    """Length of the longest common prefix of two lists or strings: slice compares (in C),
+    bisected."""
     n = min(len(a), len(b))
     if a[:n] == b[:n]:
         return n
