@@ -28,7 +28,13 @@ tied token (transformers' rule, and the full reference's); the CPU top-k fast pa
 
 import torch
 
-from w2s_engine.kernels._common import configs, lse_reduce, online_lse_step, quick_bench
+from w2s_engine.kernels._common import (
+    configs,
+    lse_reduce,
+    online_lse_step,
+    quick_bench,
+    sm_count,
+)
 
 try:
     import triton
@@ -236,9 +242,13 @@ if triton is not None:
         configs=configs(
             [triton.Config({"BLOCK_V": 1024, "BLOCK_L": 256, "BLOCK_C": 256}, num_warps=4),
              triton.Config({"BLOCK_V": 2048, "BLOCK_L": 256, "BLOCK_C": 256}, num_warps=8),
-             triton.Config({"BLOCK_V": 4096, "BLOCK_L": 256, "BLOCK_C": 512}, num_warps=8)],
+             triton.Config({"BLOCK_V": 4096, "BLOCK_L": 256, "BLOCK_C": 512}, num_warps=8),
+             # A few rows (one request's beams) leave most SMs idle, each program's passes
+             # over the row a chain of loads: more warps in flight per row may pay there.
+             # (8,192 lanes on 16 warps spill on sm_90: bench/kernel_compile.py.)
+             triton.Config({"BLOCK_V": 4096, "BLOCK_L": 256, "BLOCK_C": 512}, num_warps=16)],
             interpret=triton.Config({"BLOCK_V": 1024, "BLOCK_L": 256, "BLOCK_C": 256})),
-        key=["V"], do_bench=quick_bench)
+        key=["V", "FEW_ROWS"], do_bench=quick_bench)
     @triton.jit
     def _sample_kernel(
         logits_ptr,              # [B, V] fp32 / fp16 / bf16
@@ -254,6 +264,7 @@ if triton is not None:
         BLOCK_L: tl.constexpr,   # groups of lanes whose maxima bound the k-th largest
         BLOCK_C: tl.constexpr,   # candidates per step of the selects
         HAS_MIN_P: tl.constexpr,  # some row has a min_p (else log_min_p_ptr is not read)
+        FEW_ROWS: tl.constexpr,   # fewer rows than SMs / 4 (an autotuning key, not read)
     ):
         # grid: (B,). Per row, no sort:
         #  1. one pass: row max m, Z = sum exp(x - m), lane maxima (x = logits / T);
@@ -380,7 +391,8 @@ def sample_triton(logits, temperature, top_k, top_p, seeds, positions, min_p=Non
         _sample_kernel[(b,)](logits, temperature, top_p, top_k,
                              temperature if log_min_p is None else log_min_p, seeds,
                              positions.long(), cand, thr, out, v, logits.stride(0),
-                             cand.stride(0), HAS_MIN_P=log_min_p is not None)
+                             cand.stride(0), HAS_MIN_P=log_min_p is not None,
+                             FEW_ROWS=b < sm_count(logits.device) // 4)
     return (out, thr) if return_thresholds else out
 
 
