@@ -141,6 +141,31 @@ def test_the_static_path_takes_extends_that_fit_and_leaves_the_rest_eager():
     assert token_buckets(100) == [16, 32, 64, 100]
 
 
+def test_a_scorer_captures_at_most_max_graphs_and_runs_later_shapes_on_the_static_buffers(
+        monkeypatch, caplog):
+    """Shapes come as traffic brings them; a long-running server must not keep capturing. Past
+    max_graphs a new shape runs on the static buffers without a graph (said once), with the
+    eager path's hidden states."""
+    runner = ModelRunner(tiny_llama(97, seed=5, layers=1).to(DEVICE), num_blocks=200,
+                         block_size=4)
+    blocks = BlockManager(200, 4)
+    graphs = ScoringGraphs(runner, max_tokens=256, max_q=32, max_batch=64, capture=True)
+    graphs.max_graphs = 2
+    captured = []       # (a capture here only records the shape: no CUDA on a CPU)
+    monkeypatch.setattr(graphs, "_capture", lambda *shape: captured.append(shape))
+    for n, q in [(1, 2), (3, 3), (5, 8), (13, 4), (2, 2)]:     # five shapes
+        seqs = forked_streams(runner, blocks, n, q, seed=n)
+        runner.scoring_graphs = graphs
+        hidden, _ = runner.run(seqs)
+        runner.scoring_graphs = None
+        torch.testing.assert_close(hidden, runner.run(seqs)[0], atol=1e-4, rtol=1e-4)
+        graphs.graphs.update({shape: None for shape in captured})   # as if captured
+        for t, _ in seqs:
+            blocks.free(t)
+    assert captured == [(1, 16, 2), (4, 16, 4)]
+    assert caplog.text.count("scoring graphs captured; new shapes run") == 1
+
+
 @pytest.fixture(scope="module")
 def models():
     return make_models()

@@ -43,6 +43,10 @@ from w2s_engine.models.decode_graphs import batch_buckets
 
 logger = logging.getLogger(__name__)
 
+# Graphs a scorer captures at most: shapes come as traffic brings them (rows, tokens, longest
+# row), and each graph holds its kernels' parameters on the device for the process's life.
+MAX_GRAPHS = 256
+
 
 def token_buckets(max_tokens: int) -> list[int]:
     """Token counts that get a graph: powers of two to 256, then every 256, then max_tokens."""
@@ -80,6 +84,8 @@ class ScoringGraphs:
         self.failed: dict[tuple[int, int, int], str] = {}   # shapes whose capture failed, why
         self.pool = None
         self.capture_seconds = 0.0
+        self.max_graphs = MAX_GRAPHS
+        self.said_full = False
 
     @staticmethod
     def static_words(max_tokens: int, max_batch: int, context_blocks: int) -> int:
@@ -155,7 +161,12 @@ class ScoringGraphs:
         else:
             self._forward(bucket, tokens, q_cap)
             if self.capture and shape not in self.failed:
-                self._capture(bucket, tokens, q_cap)
+                if len(self.graphs) < self.max_graphs:
+                    self._capture(bucket, tokens, q_cap)
+                elif not self.said_full:
+                    self.said_full = True
+                    logger.warning("%d scoring graphs captured; new shapes run on the static "
+                                   "buffers without one", self.max_graphs)
         return self.hidden[:cu[-1]].clone(), cu
 
     def load(self, seqs, bucket: int, tokens: int) -> list[int]:
