@@ -66,7 +66,7 @@ class DecodeGraphs:
         # Room for the rows, their tables and EXTRA_WORDS more per row (sampling parameters).
         self.cascade = cascade
         # query heads per kv head: the cascade's prefix tiles hold rows_per_tile(group) rows
-        self.group = max(1, runner.shape.num_heads // runner.shape.num_kv_heads)
+        self.group = runner.shape.heads_per_kv_head
         cascade_words = static_words(max_batch, self.group) if cascade else 0
         self.staging = torch.zeros(max_batch * (ROW_WORDS + self.width + EXTRA_WORDS)
                                    + cascade_words, dtype=torch.int32, device=dev)

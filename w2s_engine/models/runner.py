@@ -62,6 +62,11 @@ class ModelShape:
                    num_heads=num_heads,
                    intermediate_size=getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size)
 
+    @property
+    def heads_per_kv_head(self) -> int:
+        """Query heads sharing one kv head (GQA's group; 1 where num_heads is unknown)."""
+        return max(1, self.num_heads // self.num_kv_heads)
+
     def kv_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
         return self.num_layers * 2 * block_size * self.num_kv_heads * self.head_dim * elem

@@ -119,7 +119,7 @@ class ScoringGraphs:
         the tile holds the next power of two of q x (query heads per kv head) rows, so a cap
         up to that many rows costs the kernel nothing and keeps its choice of kernel (the
         short-chunk one up to GROUPED_EXTEND_ROWS rows), while one graph serves a range of q."""
-        group = max(1, self.runner.shape.num_heads // self.runner.shape.num_kv_heads)
+        group = self.runner.shape.heads_per_kv_head
         return min(max(q, (1 << (q * group - 1).bit_length()) // group), self.max_q)
 
     def pack(self, seqs, bucket: int, tokens: int) -> tuple[np.ndarray, int]:
