@@ -277,7 +277,7 @@ def compile_all(launches: list, run, arch: int):
                     row.update(ok=True, shared=kernel.metadata.shared, mma=mma_kind(kernel),
                                **resources(kernel.asm["cubin"]))
                 except Exception as e:   # a compile error is what this is here to find
-                    row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:400]}")
+                    row.update(ok=False, error=f"{type(e).__name__}: {str(e)[-1500:]}")
                 row["seconds"] = round(time.perf_counter() - t, 2)
                 launch.results.append(row)
     finally:
@@ -289,12 +289,16 @@ def main():
     ap.add_argument("--arch", type=int, default=90, help="compute capability (90: H100/H200)")
     ap.add_argument("--out", type=Path, default=None,
                     help="write kernel-compile-sm<arch>-triton<version>.json there")
+    ap.add_argument("--only", default="",
+                    help="compile only the variants whose name contains this (e.g. 'decode')")
     args = ap.parse_args()
+    assert not (args.only and args.out), "--out records every kernel: drop --only"
     launches, variant = [], [""]
     with intercepted(launches, variant) as run:
         for name, call in recipes():
-            variant[0] = name
-            call()
+            if args.only in name:
+                variant[0] = name
+                call()
     # The same kernel with the same switches twice in a variant (the two models' LM heads) is
     # one compile.
     seen, unique = set(), []

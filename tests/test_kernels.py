@@ -114,9 +114,11 @@ def test_paged_decode_triton_matches_reference_with_lse(dtype, hq, hkv, bs, wind
 
 
 def mixed_extend(dtype, hq, hkv, bs):
-    """Four sequences whose new queries are nothing, a decode, a chunk after a prefix and a
-    whole prefill: (q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens)."""
-    lens, qlens = [3, 7, 33, 20], [0, 1, 5, 20]
+    """Five sequences whose new queries are nothing, a decode, a chunk after a prefix, a
+    whole prefill and a chunk of two query tiles after a prefix (whose second tile has whole
+    key steps before its first query, which run unmasked): (q, k_cache, v_cache,
+    block_tables, cu_seqlens_q, seq_lens)."""
+    lens, qlens = [3, 7, 33, 20, 100], [0, 1, 5, 20, 70]
     k, v, bt, sl = paged_setup(dtype, hq, hkv, bs, lens)
     cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32)
     return torch.randn(sum(qlens), hq, 32).to(dtype), k, v, bt, cu, sl
@@ -132,14 +134,15 @@ def test_paged_extend_triton_matches_reference_for_mixed_query_lengths(dtype, hq
     torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
     # The longest chunk from the caller (the engine knows it on the host): the same grid.
     given = paged_extend_attention_triton(q, k, v, bt, cu, sl, 0.2, window, softcap,
-                                          max_query_len=20)
+                                          max_query_len=70)
     assert torch.equal(given, out)
 
 
 def scoring_extend(dtype, hq, hkv, bs):
-    """A scorer's chunks: five sequences of 1-8 new queries (one with none) after contexts of
-    up to 40 tokens, as a chunk of each beam scores."""
-    lens, qlens = [12, 40, 9, 33, 25], [8, 3, 0, 8, 1]
+    """A scorer's chunks: six sequences of 1-8 new queries (one with none) after contexts of
+    up to 75 tokens (whole key steps before the first query run unmasked), as a chunk of
+    each beam scores."""
+    lens, qlens = [12, 40, 9, 33, 25, 75], [8, 3, 0, 8, 1, 6]
     k, v, bt, sl = paged_setup(dtype, hq, hkv, bs, lens)
     cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32)
     return torch.randn(sum(qlens), hq, 32).to(dtype), k, v, bt, cu, sl

@@ -26,6 +26,7 @@ import torch
 from w2s_engine.kernels._common import dot_precision, quick_bench, sm_count
 from w2s_engine.kernels.paged_attention import (
     _ATTN_CONFIGS,
+    _attend_all,
     _attend_keys,
     _check,
     _check_sinks,
@@ -355,16 +356,20 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for n0 in range(start, end, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            nmask = n < end
-            visible = nmask[None, :]
-            if HAS_WINDOW:
-                visible = visible & (n[None, :] > qpos[:, None] - window)
-            acc, m_i, l_i = _attend_keys(
-                q, acc, m_i, l_i, n, nmask, visible, block_tables_ptr + leader * stride_bt,
-                k_cache_ptr, v_cache_ptr, kvh, d, dmask, scale, softcap,
-                stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HAS_SOFTCAP, DOT_PRECISION)
+        if HAS_WINDOW:
+            for n0 in range(start, end, BLOCK_N):
+                n = n0 + tl.arange(0, BLOCK_N)
+                nmask = n < end
+                visible = nmask[None, :] & (n[None, :] > qpos[:, None] - window)
+                acc, m_i, l_i = _attend_keys(
+                    q, acc, m_i, l_i, n, nmask, visible, block_tables_ptr + leader * stride_bt,
+                    k_cache_ptr, v_cache_ptr, kvh, d, dmask, scale, softcap,
+                    stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HAS_SOFTCAP, DOT_PRECISION)
+        else:   # every pair sees the whole shared run
+            acc, m_i, l_i = _attend_all(
+                q, acc, m_i, l_i, start, end, block_tables_ptr + leader * stride_bt,
+                k_cache_ptr, v_cache_ptr, kvh, d, dmask, scale, softcap, stride_cb, stride_cs,
+                stride_ch, BLOCK_SIZE, BLOCK_N, HAS_SOFTCAP, DOT_PRECISION)
         base = (row.to(tl.int64) * (tl.num_programs(1) * GROUP) + qh) * PART_SPLITS + split
         _store_partial(part_out_ptr, part_lse_ptr, base, acc, m_i, l_i, d, rmask, dmask, HEAD_DIM)
 

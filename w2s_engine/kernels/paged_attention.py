@@ -169,51 +169,84 @@ _GROUPED_CONFIGS = [] if triton is None else configs(
     interpret=triton.Config({"BLOCK_N": 32}))
 
 if triton is not None:
+    # The attention kernels keep their online softmax in base 2 (exp2 with the scale folded in).
+    LOG2E = tl.constexpr(1.4426950408889634)   # (a compiled kernel reads only constexpr globals)
+    LN2 = tl.constexpr(0.6931471805599453)
+
     @triton.jit
     def _attend_keys(q, acc, m_i, l_i, n, nmask, visible, table_ptr, k_cache_ptr, v_cache_ptr,
                      kvh, d, dmask, scale, softcap, stride_cb, stride_cs, stride_ch,
                      BLOCK_SIZE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr = True):
         """One online-softmax step of queries q [M, BLOCK_D] over the keys at positions
         n [BLOCK_N] (nmask: in range) of one sequence's block table row (table_ptr), kv head
-        kvh; visible [M, BLOCK_N] masks per query. A query that sees nothing yet keeps m = -inf
-        without NaNs. -> (acc [M, BLOCK_D], m_i, l_i)."""
-        block = tl.load(table_ptr + n // BLOCK_SIZE, mask=nmask, other=0)
+        kvh; visible [M, BLOCK_N] masks per query. MASKED False: every key is in range and
+        visible to every query (the callers' whole steps before the causal edge), so neither
+        mask is applied: three fewer ops per score. A query that sees nothing yet keeps
+        m = -inf without NaNs. -> (acc [M, BLOCK_D], m_i, l_i).
+        The state is in base 2 (m_i: the running max of score * log2(e)), so each score's
+        exponential is one ex2 with the scale folded in; _store_partial and the callers'
+        lse stores convert back to natural log."""
+        if MASKED:
+            block = tl.load(table_ptr + n // BLOCK_SIZE, mask=nmask, other=0)
+        else:
+            block = tl.load(table_ptr + n // BLOCK_SIZE)
         off = block.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
-        k = tl.load(k_cache_ptr + off[:, None] + d[None, :],
-                    mask=nmask[:, None] & dmask[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale    # [M, BLOCK_N]
-        if HAS_SOFTCAP:
-            s = softcap * (2 * tl.sigmoid(2 * s / softcap) - 1)               # tanh, from sigmoid
-        s = tl.where(visible, s, float("-inf"))
+        kv_mask = dmask[None, :]
+        if MASKED:
+            kv_mask = nmask[:, None] & kv_mask
+        k = tl.load(k_cache_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)           # [M, BLOCK_N]
+        if HAS_SOFTCAP:     # tanh from sigmoid, on the natural-scale score
+            s = s * scale
+            s = softcap * (2 * tl.sigmoid(2 * s / softcap) - 1) * LOG2E
+        else:
+            s = s * (scale * LOG2E)
+        if MASKED:
+            s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        v = tl.load(v_cache_ptr + off[:, None] + d[None, :],
-                    mask=nmask[:, None] & dmask[None, :], other=0.0)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        v = tl.load(v_cache_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         return acc, m_new, l_i * alpha + tl.sum(p, 1)
+
+    @triton.jit
+    def _natural_lse(m_i, l_i):
+        """The base-2 online state (max, sum) -> natural log-sum-exp (-inf where empty)."""
+        return tl.where(l_i > 0, (m_i + tl.math.log2(l_i)) * LN2, float("-inf"))
 
     @triton.jit
     def _store_partial(part_out_ptr, part_lse_ptr, base, acc, m_i, l_i, d, mask, dmask,
                        HEAD_DIM: tl.constexpr):
         """Normalised output and log-sum-exp of one split (-inf where it saw no key)."""
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
+        lse = _natural_lse(m_i, l_i)
         tl.store(part_out_ptr + base[:, None] * HEAD_DIM + d[None, :], out,
                  mask=mask[:, None] & dmask[None, :])
         tl.store(part_lse_ptr + base, lse, mask=mask)
 
     @triton.jit
-    def _attend_causal(q, acc, m_i, l_i, lo, hi, qpos, window, table_ptr, k_cache_ptr,
-                       v_cache_ptr, kvh, d, dmask, scale, softcap, stride_cb, stride_cs,
-                       stride_ch, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _attend_causal(q, acc, m_i, l_i, lo, hi, first_qpos, qpos, window, table_ptr,
+                       k_cache_ptr, v_cache_ptr, kvh, d, dmask, scale, softcap, stride_cb,
+                       stride_cs, stride_ch, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                        HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                        DOT_PRECISION: tl.constexpr):
         """_attend_keys over keys [lo, hi), each query row seeing the keys at or before its
-        position qpos [M] (and within its window) -> (acc, m_i, l_i)."""
-        for n0 in range(lo, hi, BLOCK_N):
+        position qpos [M] (and within its window) -> (acc, m_i, l_i). Without a window, the
+        whole steps up to the earliest query's position first_qpos are seen by every row and
+        run unmasked; only the steps at the causal edge mask."""
+        full = lo
+        if not HAS_WINDOW:
+            full = lo + tl.maximum(tl.minimum(hi, first_qpos + 1) - lo, 0) // BLOCK_N * BLOCK_N
+        for n0 in range(lo, full, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            acc, m_i, l_i = _attend_keys(
+                q, acc, m_i, l_i, n, n < hi, n[None, :] < hi, table_ptr, k_cache_ptr,
+                v_cache_ptr, kvh, d, dmask, scale, softcap, stride_cb, stride_cs, stride_ch,
+                BLOCK_SIZE, HAS_SOFTCAP, DOT_PRECISION, False)
+        for n0 in range(full, hi, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             nmask = n < hi
             visible = nmask[None, :] & (n[None, :] <= qpos[:, None])
@@ -226,12 +259,36 @@ if triton is not None:
         return acc, m_i, l_i
 
     @triton.jit
+    def _attend_all(q, acc, m_i, l_i, start, end, table_ptr, k_cache_ptr, v_cache_ptr, kvh, d,
+                    dmask, scale, softcap, stride_cb, stride_cs, stride_ch,
+                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """_attend_keys over keys [start, end), all visible to every query (decode; a
+        shared prefix without a window): whole steps unmasked, the last partial one masked."""
+        full = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+        for n0 in range(start, full, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            acc, m_i, l_i = _attend_keys(
+                q, acc, m_i, l_i, n, n < end, n[None, :] < end, table_ptr, k_cache_ptr,
+                v_cache_ptr, kvh, d, dmask, scale, softcap, stride_cb, stride_cs, stride_ch,
+                BLOCK_SIZE, HAS_SOFTCAP, DOT_PRECISION, False)
+        for n0 in range(full, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            nmask = n < end
+            acc, m_i, l_i = _attend_keys(
+                q, acc, m_i, l_i, n, nmask, nmask[None, :], table_ptr, k_cache_ptr,
+                v_cache_ptr, kvh, d, dmask, scale, softcap, stride_cb, stride_cs, stride_ch,
+                BLOCK_SIZE, HAS_SOFTCAP, DOT_PRECISION)
+        return acc, m_i, l_i
+
+    @triton.jit
     def _with_sink(acc, m_i, l_i, sink):
-        """The online softmax state with one more logit per row (an attention sink), which
-        has no value -> (acc, m_i, l_i)."""
+        """The (base-2) online softmax state with one more logit per row, natural scale (an
+        attention sink), which has no value -> (acc, m_i, l_i)."""
+        sink = sink * LOG2E
         m_new = tl.maximum(m_i, sink)
-        alpha = tl.exp(m_i - m_new)
-        return acc * alpha[:, None], m_new, l_i * alpha + tl.exp(sink - m_new)
+        alpha = tl.math.exp2(m_i - m_new)
+        return acc * alpha[:, None], m_new, l_i * alpha + tl.math.exp2(sink - m_new)
 
     @triton.autotune(configs=_ATTN_CONFIGS,
                      key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "NUM_SPLITS", "HAS_START"],
@@ -290,13 +347,10 @@ if triton is not None:
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-        for n0 in range(start, end, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            nmask = n < end
-            acc, m_i, l_i = _attend_keys(
-                q, acc, m_i, l_i, n, nmask, nmask[None, :], block_tables_ptr + b * stride_bt,
-                k_cache_ptr, v_cache_ptr, kvh, d, dmask, scale, softcap,
-                stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HAS_SOFTCAP, DOT_PRECISION)
+        acc, m_i, l_i = _attend_all(
+            q, acc, m_i, l_i, start, end, block_tables_ptr + b * stride_bt, k_cache_ptr,
+            v_cache_ptr, kvh, d, dmask, scale, softcap, stride_cb, stride_cs, stride_ch,
+            BLOCK_SIZE, BLOCK_N, HAS_SOFTCAP, DOT_PRECISION)
         if DIRECT:
             if HAS_SINKS:   # one more logit in the softmax, without a value
                 acc, m_i, l_i = _with_sink(acc, m_i, l_i,
@@ -305,7 +359,7 @@ if triton is not None:
             tl.store(out_ptr + b * stride_ob + qh[:, None] * stride_oh + d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=hmask[:, None] & dmask[None, :])
             tl.store(lse_ptr + b * (tl.num_programs(1) * GROUP) + qh,
-                     tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf")), mask=hmask)
+                     _natural_lse(m_i, l_i), mask=hmask)
         else:
             base = (b * (tl.num_programs(1) * GROUP) + qh) * PART_SPLITS + SPLIT_BASE + split
             _store_partial(part_out_ptr, part_lse_ptr, base, acc, m_i, l_i, d, hmask, dmask,
@@ -394,7 +448,8 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         acc, m_i, l_i = _attend_causal(
-            q, acc, m_i, l_i, lo, hi, qpos, window, block_tables_ptr + b * stride_bt,
+            q, acc, m_i, l_i, lo, hi, seq_len - q_len + tile * BLOCK_M, qpos, window,
+            block_tables_ptr + b * stride_bt,
             k_cache_ptr, v_cache_ptr, kvh, d, dmask, scale, softcap, stride_cb, stride_cs,
             stride_ch, BLOCK_SIZE, BLOCK_N, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
         if HAS_SINKS:   # one more logit in the softmax, without a value
@@ -458,7 +513,8 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         acc, m_i, l_i = _attend_causal(
-            q, acc, m_i, l_i, start, end, qpos, window, block_tables_ptr + b * stride_bt,
+            q, acc, m_i, l_i, start, end, seq_len - q_len, qpos, window,
+            block_tables_ptr + b * stride_bt,
             k_cache_ptr, v_cache_ptr, kvh, d, dmask, scale, softcap, stride_cb, stride_cs,
             stride_ch, BLOCK_SIZE, BLOCK_N, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
         if NUM_SPLITS == 1:
