@@ -13,7 +13,12 @@ Per run: wall time, large-model tokens/s, per-request latency p50/p95, tokens fo
 model, peak KV blocks per model (and bytes), and the ratios engine / baseline and
 CBS / plain sampling of the same W*K streams. On a GPU, each row also gives plain sampling's
 step time against the floor of a decode step: reading the large model's weights once at the
-device's peak bandwidth (W2S_PEAK_GBPS, else a table: H100 SXM 3350 GB/s, H200 4800 GB/s).
+device's peak bandwidth (W2S_PEAK_GBPS, else a table: H100 SXM 3350 GB/s, H200 4800 GB/s),
+and the floor of CBS / plain sampling: plain sampling's time plus the small models' GEMM
+FLOPs (their tokens forwarded, prompts included) at the device's dense bf16 peak
+(W2S_PEAK_TFLOPS, else a table: 989 TFLOP/s on an H100 or H200 SXM). No scoring runs faster
+than that, so a CBS / plain target below it cannot be met by the engine, only by smaller
+small models.
 """
 
 import argparse
@@ -35,6 +40,7 @@ from w2s_engine.models.runner import ModelShape  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}   # dense, no sparsity
 
 # Real configurations (from the models' published config.json), randomly initialised: weight
 # values do not change speed.
@@ -57,14 +63,37 @@ def machine() -> str:
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def peak_gbps() -> float | None:
+def device_peak(env: str, table: dict) -> float | None:
+    """The device's peak from the environment variable `env`, else `table` by device name;
+    None off CUDA or for a device not in the table."""
     import os
-    if os.environ.get("W2S_PEAK_GBPS"):
-        return float(os.environ["W2S_PEAK_GBPS"])
+    if os.environ.get(env):
+        return float(os.environ[env])
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_GBPS.items() if k in name), None)
+    return next((v for k, v in table.items() if k in name), None)
+
+
+def peak_gbps() -> float | None:
+    return device_peak("W2S_PEAK_GBPS", PEAK_GBPS)
+
+
+def gemm_flops_per_token(model) -> int:
+    """2 x the weights of every nn.Linear, the LM head included (tied or not): one token's
+    GEMM FLOPs. Attention's own FLOPs are left out, so time from it is a lower bound."""
+    return 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def scoring_floor_s(engine, forwarded: dict) -> float | None:
+    """Seconds the small models' forwards take at least: their tokens forwarded times their
+    GEMM FLOPs per token, at the device's dense bf16 peak (None where it is not known)."""
+    tflops = device_peak("W2S_PEAK_TFLOPS", PEAK_BF16_TFLOPS)
+    if tflops is None:
+        return None
+    flops = sum(n * gemm_flops_per_token(engine.runners[role].model)
+                for role, n in forwarded.items() if role != "large")
+    return flops / (tflops * 1e12)
 
 
 def weight_read_floor_ms(model) -> float | None:
@@ -376,6 +405,10 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
     if floor is not None:
         row["weight_read_floor_ms"] = round(floor, 3)
         row["plain_step_over_floor"] = round(row["plain_step_ms"] / floor, 2)
+    small_floor = scoring_floor_s(engine, forwarded)
+    if small_floor is not None:
+        row["small_models_flop_floor_s"] = round(small_floor, 3)
+        row["cbs_over_sampling_floor"] = round((base_seconds + small_floor) / base_seconds, 3)
     if args.baseline and conc == 1 and search.startswith("cbs"):
         row.update(bench_baseline(engine, prompts[0], params, args.baseline_budget))
         row["engine_speedup_vs_baseline"] = round(row["baseline_seconds"] / seconds, 2)

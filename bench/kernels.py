@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.e2e import PEAK_BF16_TFLOPS, PEAK_GBPS
 from w2s_engine.kernels.cascade_attention import (
     cascade_decode_attention_triton,
     find_shared_prefixes,
@@ -56,8 +57,6 @@ from w2s_engine.kernels.sampling import sample_triton
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need CUDA")
 
-PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}   # dense, no sparsity
 
 
 def _peak(env: str, table: dict, default: float) -> float:
