@@ -512,6 +512,29 @@ def test_chunk_reward_triton_handles_a_32k_vocab_and_sliced_rows():
                                plain_reward(a, b, t, seg, 2)[0], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_chunk_reward_of_masked_logits_matches_log_softmax(dtype):
+    """Models mask tokens with -inf or the dtype's most negative value: whole vocabulary
+    splits of them, a row masked but for its target, a row mostly at the floor value. The
+    reward is log_softmax's, with no NaN from -inf minus -inf."""
+    vocab = 9000                          # three 4,096-id splits under the interpreter's grid
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(5, vocab, generator=g) * 3 for _ in range(2))
+    low = torch.finfo(dtype).min
+    a[0, :4096] = float("-inf")           # a whole split of -inf
+    b[1, 4096:] = low                     # two splits of the floor value
+    t = torch.tensor([5000, 17, 8999, 8500, 4200])
+    a[2] = float("-inf")
+    a[2, 8999] = 1.0                      # only the target is left: log p = 0
+    b[3, :8000] = low                     # most of the vocabulary at the floor
+    a, b = a.to(dtype), b.to(dtype)
+    seg = torch.tensor([0, 1, 2, 3, 4])
+    diff, _ = chunk_reward_triton(a, b, t, seg, 5)
+    want, _ = plain_reward(a, b, t, seg, 5)
+    assert torch.isfinite(diff).all()
+    torch.testing.assert_close(diff, want, atol=1e-4, rtol=1e-4)
+
+
 def test_chunk_reward_checks_its_bounds_unless_the_caller_has():
     """Out-of-range targets or segments are a clear error, not a device fault; a caller that
     checked them on the host (the engine) skips the device read-back and gets the same sums."""

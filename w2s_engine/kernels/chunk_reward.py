@@ -25,9 +25,10 @@ from dataclasses import dataclass
 import torch
 
 from w2s_engine.kernels._common import (
+    LSE_FLOOR,
     configs,
     lse_reduce,
-    online_lse_step,
+    online_lse_step_finite,
     quick_bench,
     sm_count,
 )
@@ -178,9 +179,9 @@ if triton is not None:
         split = tl.program_id(1)
         lo = split * split_size
         hi = tl.minimum(V, lo + split_size)
-        m_a = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        m_a = tl.full([BLOCK_V], LSE_FLOOR, tl.float32)
         s_a = tl.zeros([BLOCK_V], tl.float32)
-        m_b = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        m_b = tl.full([BLOCK_V], LSE_FLOOR, tl.float32)
         s_b = tl.zeros([BLOCK_V], tl.float32)
         for v0 in range(lo, hi, BLOCK_V):
             v = v0 + tl.arange(0, BLOCK_V)
@@ -188,13 +189,13 @@ if triton is not None:
             x = tl.load(a_ptr + row * stride_a + v, mask=mask, other=float("-inf")).to(tl.float32)
             if HAS_CAP_A:   # capped before masking: a cap maps -inf to -cap
                 x = tl.where(mask, _softcap(x, cap_a), float("-inf"))
-            m_a, s_a = online_lse_step(m_a, s_a, x)
+            m_a, s_a = online_lse_step_finite(m_a, s_a, x)
             if TWO:
                 y = tl.load(b_ptr + row * stride_b + v, mask=mask,
                             other=float("-inf")).to(tl.float32)
                 if HAS_CAP_B:
                     y = tl.where(mask, _softcap(y, cap_b), float("-inf"))
-                m_b, s_b = online_lse_step(m_b, s_b, y)
+                m_b, s_b = online_lse_step_finite(m_b, s_b, y)
         ma, sa = lse_reduce(m_a, s_a)
         mb, sb = lse_reduce(m_b, s_b)
         base = part_ptr + (row * total_splits + split_base + split) * 4
