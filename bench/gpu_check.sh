@@ -94,7 +94,7 @@ step "e2e 16 requests, 256 tokens, async, cascade" 100 $e2e --preset gpu --max-n
 step "e2e cross vocabulary, 16 requests, async, cascade" 150 $e2e --preset gpu-cross \
     --max-new 256 --concurrency 16 --async-scheduling --cascade
 # (A first call of W2S_GPU_CHECK_SECONDS=480 ends about here.)
-step "kernel benchmarks" 150 python3 -m pytest -q bench/kernels.py --benchmark-only \
+step "kernel benchmarks" 150 python3 -m pytest -q bench/kernel_bench.py --benchmark-only \
     -p no:cacheprovider --benchmark-json "$out/kernels-$device.json"
 if [ -f "$out/kernels-$device.json" ]; then
     step "kernel table" 30 python3 bench/kernels_table.py "$out/kernels-$device.json" \

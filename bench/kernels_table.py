@@ -1,4 +1,4 @@
-"""Turn bench/kernels.py's pytest-benchmark JSON into a markdown table, the torch path beside.
+"""Turn bench/kernel_bench.py's pytest-benchmark JSON into a markdown table, the torch path beside.
 
     python bench/kernels_table.py bench/results/kernels-H200.json [--markdown OUT.md]
 
@@ -22,7 +22,7 @@ def table(report: dict) -> str:
     device = next((r["device"] for r in infos), "unknown device")
     header = ("| kernel | shape | impl | ms | of peak | temporaries MB | baseline | baseline ms "
               "| baseline MB | speed-up |")
-    out = [f"Kernels on {device} (`bench/kernels.py`; best of 10 after warm-up).", "", header,
+    out = [f"Kernels on {device} (`bench/kernel_bench.py`; best of 10 after warm-up).", "", header,
            "|---|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for r in infos:
         if r.get("baseline"):
@@ -43,7 +43,7 @@ def table(report: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json", help="pytest-benchmark JSON from bench/kernels.py")
+    ap.add_argument("json", help="pytest-benchmark JSON from bench/kernel_bench.py")
     ap.add_argument("--markdown", metavar="OUT.md", help="write the table here (else stdout)")
     args = ap.parse_args(argv)
     with open(args.json) as f:

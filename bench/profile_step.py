@@ -6,8 +6,11 @@ GPU busy = the union of the intervals in which a kernel, copy or memset ran on t
 over the wall time of the search (both from the profiler's own clock). Prints it with the
 kernels that took the most time, the count of kernel launches per decode step, and each
 phase's share of the wall time (the engine names its phases: w2s.prefill, w2s.large,
-w2s.score), and appends a JSON line to <out>/profile_step.jsonl naming the device and the
-commit. The target (issue 16): at least 85% busy on an H100/H200.
+w2s.score), and what the GPU waited on: its idle time per step, charged to the innermost
+phase the host was in meanwhile (w2s.select: the GPU idles while the host picks the
+survivors; '(between phases)': outside every named phase). Appends a JSON line to
+<out>/profile_step.jsonl naming the device and the commit. The target (issue 16): at least
+85% busy on an H100/H200.
 """
 
 import argparse
@@ -75,6 +78,47 @@ def busy_outside(trace: dict, region: str, device: list, phase: str) -> float | 
     return (union_length(busy) - overlap_length(busy, out)) / wall
 
 
+BETWEEN_PHASES = "(between phases)"
+
+
+def idle_by_phase(trace: dict, region: str, device: list) -> dict[str, float]:
+    """The device's idle time inside the trace's `region` range (us), by the innermost w2s.*
+    host range open meanwhile (the engine's ranges nest on one thread): what the GPU waited
+    on. Time outside every named range goes to BETWEEN_PHASES."""
+    events = trace["traceEvents"]
+    span = next(e for e in events if e.get("name") == region and e.get("ph") == "X")
+    lo, hi = span["ts"], span["ts"] + span["dur"]
+    idle, t = [], lo
+    for a, b in merged([(max(lo, e["ts"]), min(hi, e["ts"] + e["dur"])) for e in device]):
+        if a > t:
+            idle.append((t, a))
+        t = max(t, b)
+    if t < hi:
+        idle.append((t, hi))
+    ranges = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+              if e.get("ph") == "X" and str(e.get("name", "")).startswith("w2s.")
+              and e.get("cat") != "gpu_user_annotation" and e["ts"] < hi
+              and e["ts"] + e["dur"] > lo]
+    # Boundaries in time order: (time, kind, payload); kinds apply in any order at one time.
+    marks = [(a, "idle", True) for a, _ in idle] + [(b, "idle", False) for _, b in idle]
+    marks += [(a, "open", i) for i, (a, _, _) in enumerate(ranges)]
+    marks += [(b, "close", i) for i, (_, b, _) in enumerate(ranges)]
+    marks.sort(key=lambda m: m[0])
+    out, open_ranges, in_idle, prev = {}, [], False, lo
+    for t, kind, payload in marks:
+        if in_idle and t > prev:
+            name = ranges[open_ranges[-1]][2] if open_ranges else BETWEEN_PHASES
+            out[name] = out.get(name, 0.0) + t - prev
+        prev = max(prev, t)
+        if kind == "idle":
+            in_idle = payload
+        elif kind == "open":
+            open_ranges.append(payload)
+        else:
+            open_ranges.remove(payload)
+    return out
+
+
 def busy_fraction(trace: dict, region: str) -> tuple[float, float, list]:
     """(busy fraction, wall us, device events) of the trace's `region` range."""
     events = trace["traceEvents"]
@@ -140,6 +184,7 @@ def profile_one(engine, names, args, params, prompts) -> dict:
         trace = json.loads(Path(f.name).read_text())
     busy, wall_us, device = busy_fraction(trace, "w2s_search")
     decode_busy = busy_outside(trace, "w2s_search", device, "w2s.prefill")
+    idle = idle_by_phase(trace, "w2s_search", device)
     phases = {}
     for e in trace["traceEvents"]:
         if e.get("ph") == "X" and str(e.get("name", "")).startswith("w2s.") \
@@ -164,6 +209,9 @@ def profile_one(engine, names, args, params, prompts) -> dict:
            "gpu_busy_after_prefill": None if decode_busy is None else round(decode_busy, 3),
            "kernels_per_step": round(launches / steps, 1),
            "phase_share": {k: round(v / wall_us, 3) for k, v in sorted(phases.items())},
+           # what the GPU waited on: idle ms per step by the host's innermost phase
+           "idle_ms_per_step": {k: round(v / 1e3 / steps, 3)
+                                for k, v in sorted(idle.items(), key=lambda kv: -kv[1])},
            "sampled": sum(r.stats.tokens_sampled for r in results),
            "top_device_us": {k[:80]: round(v) for k, v in top},
            "device": machine(), "torch": torch.__version__, "commit": commit()}
@@ -173,6 +221,9 @@ def profile_one(engine, names, args, params, prompts) -> dict:
           f"{row['kernels_per_step']} device ops per step; device: {row['device']}")
     for name, share in row["phase_share"].items():
         print(f"  {name}: {100 * share:.1f}% of the wall time")
+    print("GPU idle per step, by the host's phase meanwhile:")
+    for name, ms in row["idle_ms_per_step"].items():
+        print(f"  {name}: {ms:.3f} ms")
     for name, us in top:
         print(f"  {us / 1e3:9.2f} ms  {name[:100]}")
     return row

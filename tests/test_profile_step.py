@@ -1,0 +1,33 @@
+"""bench/profile_step.py's reading of a profiler trace: what the GPU waited on."""
+
+from bench.profile_step import BETWEEN_PHASES, idle_by_phase
+
+
+def host(name, ts, dur):
+    return {"name": name, "ph": "X", "cat": "user_annotation", "ts": ts, "dur": dur}
+
+
+def kernel(ts, dur):
+    return {"name": "k", "ph": "X", "cat": "kernel", "ts": ts, "dur": dur}
+
+
+def test_gpu_idle_time_is_charged_to_the_innermost_host_phase_open_meanwhile():
+    # One search of 100 us: the host is in w2s.large (0-60) with w2s.large.read inside it
+    # (40-60), then w2s.select (70-90); kernels run 0-30 and 45-50 and 85-100.
+    device = [kernel(0, 30), kernel(45, 5), kernel(85, 15)]
+    trace = {"traceEvents": [
+        host("w2s_search", 0, 100), host("w2s.large", 0, 60), host("w2s.large.read", 40, 20),
+        host("w2s.select", 70, 20),
+        # the device-side copy of an annotation is not a host phase
+        {"name": "w2s.large", "ph": "X", "cat": "gpu_user_annotation", "ts": 30, "dur": 10},
+        *device]}
+    idle = idle_by_phase(trace, "w2s_search", device)
+    assert idle == {"w2s.large": 10, "w2s.large.read": 15, BETWEEN_PHASES: 10,
+                    "w2s.select": 15}
+    assert sum(idle.values()) == 100 - 30 - 5 - 15
+
+
+def test_a_gpu_busy_all_along_waits_on_nothing():
+    device = [kernel(0, 60), kernel(50, 50)]      # overlapping kernels cover the search
+    trace = {"traceEvents": [host("w2s_search", 0, 100), host("w2s.score", 10, 20), *device]}
+    assert idle_by_phase(trace, "w2s_search", device) == {}
