@@ -6,7 +6,7 @@
 # W2S_GPU_CHECK_SKIP: an extended regex of step names to skip, to run the rest in a second
 # call (e.g. W2S_GPU_CHECK_SKIP='^(gpu tests|e2e 1 and 16)'). A session's 15 device minutes
 # hold about two calls in one lease (the machine stays warm 30 s after a call): the first
-# with W2S_GPU_CHECK_SECONDS=480 runs steps 1-4, the second (about 300 s) skips them.
+# with W2S_GPU_CHECK_SECONDS=480 runs steps 1-5, the second (about 300 s) skips them.
 # 1. the `gpu` tests (only their files; eight processes where pytest-xdist is there; each
 #    test's result and each failure's traceback in the log as they come);
 # 2. the end-to-end rows: random-init Llama-3-8B steered by a random-init Llama-3.2-1B pair,
@@ -14,11 +14,12 @@
 #    one model build), with plain sampling of the same streams beside each and its step time
 #    over the weight-read floor, waiting and with async scheduling (the same engine);
 # 3. 16 requests, async, with the shared-prefix (cascade) decode attention;
-# 4. 16 requests with a random Qwen2.5-7B large model (different vocabularies: the small
+# 4. profiled searches (GPU busy fraction, the host's phases, what the GPU waited on): one
+#    request waiting and async, 16 requests async with cascade (20-40 s);
+# 5. 16 requests with a random Qwen2.5-7B large model (different vocabularies: the small
 #    models re-tokenize each chunk), async, cascade;
-# 5. the kernel benchmarks (pytest-benchmark JSON + a markdown table); profiled searches (GPU
-#    busy fraction, the host's phases): one request waiting and async, 16 requests async with
-#    cascade; one request at prompt 2048 with and without cascade; transformers' ops instead
+# 6. the kernel benchmarks (pytest-benchmark JSON + a markdown table); one request at prompt
+#    2048 with and without cascade; transformers' ops instead
 #    of the engine's fused kernels and merged GEMMs; 16 requests admitted every 2 steps
 #    (chunks out of step: waiting, async, async with scorings read at once) and profiled;
 #    torch.compile; one request at 1024 tokens against the reference baseline; the profile
@@ -91,6 +92,10 @@ step "e2e 1 and 16 requests, 256 tokens, waiting and async" 180 $e2e --preset gp
     --max-new 256 --concurrency 1,16 --both-schedulings
 step "e2e 16 requests, 256 tokens, async, cascade" 100 $e2e --preset gpu --max-new 256 \
     --concurrency 16 --async-scheduling --cascade
+step "profile, waiting and async" 90 python3 bench/profile_step.py --preset gpu \
+    --both-schedulings --out "$out"
+step "profile, 16 requests, async, cascade" 90 python3 bench/profile_step.py --preset gpu \
+    --concurrency 16 --async-scheduling --cascade --out "$out"
 step "e2e cross vocabulary, 16 requests, async, cascade" 150 $e2e --preset gpu-cross \
     --max-new 256 --concurrency 16 --async-scheduling --cascade
 # (A first call of W2S_GPU_CHECK_SECONDS=480 ends about here.)
@@ -100,10 +105,6 @@ if [ -f "$out/kernels-$device.json" ]; then
     step "kernel table" 30 python3 bench/kernels_table.py "$out/kernels-$device.json" \
         --markdown "$out/kernels-$device.md"
 fi
-step "profile, waiting and async" 90 python3 bench/profile_step.py --preset gpu \
-    --both-schedulings --out "$out"
-step "profile, 16 requests, async, cascade" 90 python3 bench/profile_step.py --preset gpu \
-    --concurrency 16 --async-scheduling --cascade --out "$out"
 step "e2e 1 request, prompt 2048, cascade" 120 $e2e --preset gpu --max-new 256 --concurrency 1 \
     --prompt-lens 2048 --cascade
 step "e2e 1 request, prompt 2048, per-beam" 90 $e2e --preset gpu --max-new 256 \
