@@ -485,9 +485,20 @@ def plain_reward(a, b, t, seg, n):
     return diff, torch.zeros(n).index_add_(0, seg, diff)
 
 
+@pytest.fixture(params=["one-launch", "split"])
+def reward_form(request, monkeypatch):
+    """chunk_reward_triton's two forms: one program per row that ends the row itself (small
+    logits, or rows enough to fill the GPU), and rows split over the vocabulary, merged by a
+    second launch (forced here by leaving no logits small enough for the first)."""
+    import w2s_engine.kernels.chunk_reward as cr
+    if request.param == "split":
+        monkeypatch.setattr(cr, "DIRECT_MAX_ELEMENTS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("vocab", [1000, 4099])
-def test_chunk_reward_triton_matches_reference_and_plain_torch(dtype, vocab):
+def test_chunk_reward_triton_matches_reference_and_plain_torch(dtype, vocab, reward_form):
     g = torch.Generator().manual_seed(vocab)
     a = (torch.randn(7, vocab, generator=g) * 3).to(dtype)
     b = (torch.randn(7, vocab, generator=g) * 3).to(dtype)
@@ -503,7 +514,7 @@ def test_chunk_reward_triton_matches_reference_and_plain_torch(dtype, vocab):
     assert sums[2] == 0
 
 
-def test_chunk_reward_triton_handles_a_32k_vocab_and_sliced_rows():
+def test_chunk_reward_triton_handles_a_32k_vocab_and_sliced_rows(reward_form):
     big = torch.randn(4, 32768 + 100)
     a, b = big[:, :32000], torch.randn(4, 32000)    # a: row stride larger than V
     t = torch.tensor([0, 31999, 5, 17])
@@ -513,7 +524,7 @@ def test_chunk_reward_triton_handles_a_32k_vocab_and_sliced_rows():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_chunk_reward_of_masked_logits_matches_log_softmax(dtype):
+def test_chunk_reward_of_masked_logits_matches_log_softmax(dtype, reward_form):
     """Models mask tokens with -inf or the dtype's most negative value: whole vocabulary
     splits of them, a row masked but for its target, a row mostly at the floor value. The
     reward is log_softmax's, with no NaN from -inf minus -inf."""

@@ -155,7 +155,7 @@ if triton is not None:
                          triton.Config({"BLOCK_V": 2048}, num_warps=8),
                          triton.Config({"BLOCK_V": 4096}, num_warps=8)],
                         interpret=triton.Config({"BLOCK_V": 1024})),
-        key=["v_bucket", "TWO"], do_bench=quick_bench)
+        key=["v_bucket", "TWO", "DIRECT"], do_bench=quick_bench)
     @triton.jit
     def _logits_lse_kernel(
         a_ptr, b_ptr,                 # [N, V] logits of the tuned / untuned model for the
@@ -165,12 +165,17 @@ if triton is not None:
                                       #   (max_a, sum_a, max_b, sum_b)
         target_ptr,                   # [N, 2] fp32 out: both (capped) target logits, written by
                                       #   the one program whose range holds the target
+        segment_ptr,                  # [N] int (DIRECT)
+        diff_ptr,                     # [N] fp32 out (DIRECT): as _reward_finish_kernel's
+        sums_ptr,                     # [num_segments] fp32, zeroed (DIRECT): += diff
         V, v_offset, stride_a, stride_b, split_size, split_base, total_splits, cap_a, cap_b,
         v_bucket,                     # next power of two of V: the autotuning key, unused here
                                       #   (the LM-head chunks' widths vary with the rows; a
                                       #   key per width would tune again for each)
         TWO: tl.constexpr,            # both models' logits, or only a's (one model's log-prob)
         HAS_CAP_A: tl.constexpr, HAS_CAP_B: tl.constexpr,
+        DIRECT: tl.constexpr,         # one split over the whole vocabulary: the program ends
+                                      #   the row itself (diff, segment sum), no finish launch
         BLOCK_V: tl.constexpr,
     ):
         # grid: (N, splits). Both models' tiles stream through once, side by side; lane-wise
@@ -198,22 +203,35 @@ if triton is not None:
                 m_b, s_b = online_lse_step_finite(m_b, s_b, y)
         ma, sa = lse_reduce(m_a, s_a)
         mb, sb = lse_reduce(m_b, s_b)
-        base = part_ptr + (row * total_splits + split_base + split) * 4
-        tl.store(base + 0, ma)
-        tl.store(base + 1, sa)
-        tl.store(base + 2, mb)
-        tl.store(base + 3, sb)
         t = tl.load(targets_ptr + row).to(tl.int64) - v_offset
-        if (t >= lo) & (t < hi):
+        if DIRECT:
             x = tl.load(a_ptr + row * stride_a + t).to(tl.float32)
             if HAS_CAP_A:
                 x = _softcap(x, cap_a)
-            tl.store(target_ptr + row * 2, x)
+            diff = x - (ma + tl.log(sa))
             if TWO:
                 y = tl.load(b_ptr + row * stride_b + t).to(tl.float32)
                 if HAS_CAP_B:
                     y = _softcap(y, cap_b)
-                tl.store(target_ptr + row * 2 + 1, y)
+                diff -= y - (mb + tl.log(sb))
+            tl.store(diff_ptr + row, diff)
+            tl.atomic_add(sums_ptr + tl.load(segment_ptr + row), diff)
+        else:
+            base = part_ptr + (row * total_splits + split_base + split) * 4
+            tl.store(base + 0, ma)
+            tl.store(base + 1, sa)
+            tl.store(base + 2, mb)
+            tl.store(base + 3, sb)
+            if (t >= lo) & (t < hi):
+                x = tl.load(a_ptr + row * stride_a + t).to(tl.float32)
+                if HAS_CAP_A:
+                    x = _softcap(x, cap_a)
+                tl.store(target_ptr + row * 2, x)
+                if TWO:
+                    y = tl.load(b_ptr + row * stride_b + t).to(tl.float32)
+                    if HAS_CAP_B:
+                        y = _softcap(y, cap_b)
+                    tl.store(target_ptr + row * 2 + 1, y)
 
     @triton.jit
     def _merge_splits_tl(m, s):
@@ -300,10 +318,10 @@ class _Partials:
         b = a if b is None else b     # not read when one model
         assert a.shape == b.shape == (self.part.shape[0], hi - lo)
         _logits_lse_kernel[(a.shape[0], splits)](
-            a, b, self.targets, self.part, self.target, hi - lo, lo, a.stride(0), b.stride(0),
-            size, base, self.part.shape[1], cap_a or 0.0, cap_b or 0.0,
-            triton.next_power_of_2(hi - lo),
-            TWO=self.two, HAS_CAP_A=bool(cap_a), HAS_CAP_B=bool(cap_b))
+            a, b, self.targets, self.part, self.target, self.targets, self.part, self.part,
+            hi - lo, lo, a.stride(0), b.stride(0), size, base, self.part.shape[1], cap_a or 0.0,
+            cap_b or 0.0, triton.next_power_of_2(hi - lo),
+            TWO=self.two, HAS_CAP_A=bool(cap_a), HAS_CAP_B=bool(cap_b), DIRECT=False)
 
     def finish(self, segment_ids, num_segments):
         n, splits = self.part.shape[:2]
@@ -330,10 +348,31 @@ def chunk_reward_triton(logits_tuned, logits_untuned, targets, segment_ids, num_
     if n == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=logits_tuned.device)
         return empty, _segment_sums(empty, segment_ids, num_segments)
-    # The whole vocabulary is one chunk: two launches in all.
+    if _direct(logits_tuned.device, n, v):
+        diff = torch.empty(n, dtype=torch.float32, device=logits_tuned.device)
+        sums = torch.zeros(num_segments, dtype=torch.float32, device=logits_tuned.device)
+        _logits_lse_kernel[(n, 1)](
+            logits_tuned, logits_untuned, targets, diff, diff, segment_ids, diff, sums, v, 0,
+            logits_tuned.stride(0), logits_untuned.stride(0), v, 0, 1, 0.0, 0.0,
+            triton.next_power_of_2(v), TWO=True, HAS_CAP_A=False, HAS_CAP_B=False, DIRECT=True)
+        return diff, sums
+    # The whole vocabulary is one chunk, split for parallelism: two launches in all.
     partials = _Partials(targets, logits_tuned.device, n, v, v)
     partials.add(partials.chunks[0], logits_tuned, logits_untuned)
     return partials.finish(segment_ids, num_segments)
+
+
+# Logits of at most this many elements take the one-launch form at any row count: so small
+# that the host's cost of a launch outweighs the GPU parallelism of splitting each row (the
+# split form's two launches took 0.19-0.21 ms eager on an H200 up to 64 x 262,144, slower
+# than the torch path's 0.12-0.18 ms; main at 024353a).
+DIRECT_MAX_ELEMENTS = 1 << 24
+
+
+def _direct(device, n: int, v: int) -> bool:
+    """Whether a [n, v] chunk reward runs as one launch, a program per row ending its own
+    row: when the rows alone fill the GPU (two programs an SM), or the logits are small."""
+    return n >= 2 * sm_count(device) or n * v <= DIRECT_MAX_ELEMENTS
 
 
 def lmhead_chunk_width(n: int, v: int, element_size: int) -> int:
