@@ -475,7 +475,7 @@ def print_table(path: Path):
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     cols = ["search", "prompt_tokens", "max_new_tokens", "concurrency", "seconds",
             "large_tokens_per_s", "latency_p50_s", "latency_p95_s", "cbs_over_sampling",
-            "engine_speedup_vs_baseline", "peak_kv_vs_ideal_large", "plain_step_over_floor",
+            "cbs_over_sampling_floor", "engine_speedup_vs_baseline", "peak_kv_vs_ideal_large", "plain_step_over_floor",
             "cuda_graphs", "cascade_attention", "torch_compile", "async_scheduling",
             "scoring_ahead", "fused_ops",
             "arrivals_every", "device", "commit"]
