@@ -284,15 +284,49 @@ def compile_all(launches: list, run, arch: int):
         driver._active = before
 
 
+def variants_over_buckets(max_batch: int = 512) -> dict[str, int]:
+    """The distinct constexpr specializations (each compiled, and autotuned, once per process)
+    that the decode of every graph bucket (Llama-3-8B: 32 query heads, 8 kv heads of 128,
+    a table of 8,192 tokens) and a scoring chunk of 8 tokens for every rows bucket
+    (Llama-3.2-1B: 8 kv heads of 64) launch, per kernel. A switch that varies with the
+    batch (a split count as a constexpr) multiplies them: every one is compiled in every
+    autotune configuration when the engine captures its graphs, or mid-serving."""
+    from w2s_engine.models.decode_graphs import batch_buckets
+    launches, variant = [], ["buckets"]
+    width = 8192 // 16
+    large, small = (torch.zeros(64, 16, 8, d, dtype=BF16) for d in (128, 64))
+    with intercepted(launches, variant):
+        for b in batch_buckets(max_batch):
+            tables = torch.zeros(b, width, dtype=torch.int32)
+            lens = torch.full((b,), 600, dtype=torch.int32)
+            paged_decode_attention_triton(torch.zeros(b, 32, 128, dtype=BF16), large, large,
+                                          tables, lens, 0.1)
+            paged_extend_attention_triton(torch.zeros(8 * b, 32, 64, dtype=BF16), small, small,
+                                          tables, torch.arange(0, 8 * b + 1, 8, dtype=torch.int32),
+                                          lens, 0.1, max_query_len=8)
+    seen = {}
+    for launch in launches:
+        seen.setdefault(launch.fn.__name__, set()).add(
+            repr(sorted(switches(launch.kwargs).items())))
+    return {name: len(keys) for name, keys in seen.items()}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, default=90, help="compute capability (90: H100/H200)")
     ap.add_argument("--out", type=Path, default=None,
                     help="write kernel-compile-sm<arch>-triton<version>.json there")
+    ap.add_argument("--buckets", action="store_true",
+                    help="only count the kernels' compiled variants over every batch bucket "
+                         "(decode of Llama-3-8B, scoring chunks of Llama-3.2-1B)")
     ap.add_argument("--only", default="",
                     help="compile only the variants whose name contains this (e.g. 'decode')")
     args = ap.parse_args()
     assert not (args.only and args.out), "--out records every kernel: drop --only"
+    if args.buckets:
+        for name, count in variants_over_buckets().items():
+            print(f"{name}: {count} compiled variant(s) over the batch buckets")
+        return
     launches, variant = [], [""]
     with intercepted(launches, variant) as run:
         for name, call in recipes():

@@ -38,3 +38,20 @@ def test_every_triton_kernel_compiles_for_sm90_in_every_autotune_configuration()
                    "_logits_lse_kernel", "_reward_finish_kernel", "_sample_kernel"):
         assert kernel in out, f"{kernel} was not compiled"
     assert "FAILED" not in out
+
+
+@pytest.mark.skipif(compile_check_applies() is not None, reason=str(compile_check_applies()))
+def test_one_decode_and_one_scoring_kernel_serve_every_batch_bucket():
+    """A split count that is a constexpr compiles (and autotunes) the attention kernels again
+    for each bucket that picks another: at the engine's start, when it captures its graphs,
+    and mid-serving for a scoring batch of a new size. The count is the grid's, so the 23
+    buckets to 512 take two variants of each (one split writing its output directly, or
+    several merged), where they took 5, 8 and 5 (decode, merge, scoring extend)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_compile.py"), "--buckets"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    counts = dict(line.split(": ")[:2] for line in run.stdout.splitlines() if ": " in line)
+    counts = {name: int(text.split()[0]) for name, text in counts.items()}
+    assert counts == {"_decode_split_kernel": 2, "_decode_merge_kernel": 2,
+                      "_extend_grouped_kernel": 2}

@@ -284,7 +284,7 @@ def cascade_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, sc
 
 if triton is not None:
     @triton.autotune(configs=_ATTN_CONFIGS, key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_M",
-                                                 "NUM_SPLITS", "TILED"], do_bench=quick_bench)
+                                                 "TILED"], do_bench=quick_bench)
     @triton.jit
     def _shared_prefix_kernel(
         q_ptr,                      # [B, Hq, D]
@@ -297,24 +297,24 @@ if triton is not None:
         leaders_ptr,                # [G] int32: the row whose table is read for the run
         tile_groups_ptr,            # [T] int32 (TILED): each program's group, -1 for none
         tile_starts_ptr,            # [T] int32 (TILED): its first row within the group
-        part_out_ptr,               # [B, Hq, PART_SPLITS, D] fp32: partials [0, NUM_SPLITS)
-        part_lse_ptr,               # [B, Hq, PART_SPLITS] fp32
+        part_out_ptr,               # [B, Hq, part_splits, D] fp32: partials [0, splits)
+        part_lse_ptr,               # [B, Hq, part_splits] fp32
         scale, softcap, window, m_tiles,
         min_span,                   # keys a split takes at least (later splits stay empty)
         stride_qb, stride_qh,
         stride_cb, stride_cs, stride_ch,
         stride_bt,
+        part_splits,                # partials per (row, head): the prefix's and the suffix's
         GROUP: tl.constexpr,        # Hq // Hkv
         BLOCK_M: tl.constexpr,      # (row, query head) pairs per program, >= 16 for tl.dot
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, PART_SPLITS: tl.constexpr,
         HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         TILED: tl.constexpr,        # programs from tile_groups / tile_starts (a fixed layout)
         ROWS_PER_TILE: tl.constexpr,  # (TILED) rows a tile holds, x GROUP <= BLOCK_M
     ):
-        # grid: (G * m_tiles, or T when TILED, Hkv, NUM_SPLITS). One program reads one split
+        # grid: (G * m_tiles, or T when TILED, Hkv, splits). One program reads one split
         # of its group's shared run for one kv head once, for up to BLOCK_M (row, query head)
         # pairs: pair r is row r // GROUP of the group and query head kvh * GROUP + r % GROUP.
         if TILED:
@@ -349,7 +349,7 @@ if triton is not None:
             qpos = tl.load(seq_lens_ptr + row, mask=rmask, other=1) - 1
             # Keys before every pair's window are skipped; the rest is masked per pair.
             lo = tl.maximum(tl.min(tl.where(rmask, qpos - window + 1, plen), 0), 0)
-        span = tl.maximum(tl.cdiv(tl.maximum(plen - lo, 0), NUM_SPLITS), min_span)
+        span = tl.maximum(tl.cdiv(tl.maximum(plen - lo, 0), tl.num_programs(2)), min_span)
         start = lo + split * span
         end = tl.minimum(start + span, plen)
 
@@ -370,7 +370,7 @@ if triton is not None:
                 q, acc, m_i, l_i, start, end, block_tables_ptr + leader * stride_bt,
                 k_cache_ptr, v_cache_ptr, kvh, d, dmask, scale, softcap, stride_cb, stride_cs,
                 stride_ch, BLOCK_SIZE, BLOCK_N, HAS_SOFTCAP, DOT_PRECISION)
-        base = (row.to(tl.int64) * (tl.num_programs(1) * GROUP) + qh) * PART_SPLITS + split
+        base = (row.to(tl.int64) * (tl.num_programs(1) * GROUP) + qh) * part_splits + split
         _store_partial(part_out_ptr, part_lse_ptr, base, acc, m_i, l_i, d, rmask, dmask, HEAD_DIM)
 
 
@@ -430,9 +430,9 @@ def cascade_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens,
         groups.prefix_lens, groups.leaders, tile_groups, tile_starts, part_out, part_lse,
         scale, softcap or 0.0, sliding_window or 0, m_tiles, min_span,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0),
+        block_tables.stride(0), prefix_splits + suffix_splits,
         GROUP=group, BLOCK_M=block_m, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_SIZE=bs, NUM_SPLITS=prefix_splits, PART_SPLITS=prefix_splits + suffix_splits,
+        BLOCK_SIZE=bs,
         HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(softcap),
         DOT_PRECISION=dot_precision(q.dtype), TILED=tiled, ROWS_PER_TILE=rpt)
     _launch_decode_splits(q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse,

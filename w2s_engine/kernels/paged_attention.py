@@ -291,7 +291,7 @@ if triton is not None:
         return acc * alpha[:, None], m_new, l_i * alpha + tl.math.exp2(sink - m_new)
 
     @triton.autotune(configs=_ATTN_CONFIGS,
-                     key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "NUM_SPLITS", "HAS_START"],
+                     key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "HAS_START", "DIRECT"],
                      do_bench=quick_bench)
     @triton.jit
     def _decode_split_kernel(
@@ -300,28 +300,28 @@ if triton is not None:
         block_tables_ptr,      # [B, max_blocks] int32
         seq_lens_ptr,          # [B] int32
         kv_start_ptr,          # [B] int32: first position each query sees (if HAS_START)
-        part_out_ptr,          # [B, Hq, PART_SPLITS, D] fp32
-        part_lse_ptr,          # [B, Hq, PART_SPLITS] fp32
+        part_out_ptr,          # [B, Hq, part_splits, D] fp32
+        part_lse_ptr,          # [B, Hq, part_splits] fp32
         out_ptr, lse_ptr,      # [B, Hq, D], [B, Hq] fp32: written instead when DIRECT
         sinks_ptr,             # [Hq] fp32 (DIRECT and HAS_SINKS)
         scale, softcap, window,
         stride_qb, stride_qh, stride_ob, stride_oh,
         stride_cb, stride_cs, stride_ch,     # cache strides: block, slot in block, kv head
         stride_bt,
+        part_splits,           # partials per (sequence, head) in part_out / part_lse
+        split_base,            # this launch writes partials split_base + [0, splits)
         GROUP: tl.constexpr,        # Hq // Hkv query heads share one kv head
         BLOCK_H: tl.constexpr,      # >= GROUP, >= 16 for tl.dot
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr,   # programs per (sequence, kv head)
-        PART_SPLITS: tl.constexpr,  # partials per (sequence, head) in part_out / part_lse
-        SPLIT_BASE: tl.constexpr,   # this launch writes partials SPLIT_BASE + [0, NUM_SPLITS)
         HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_START: tl.constexpr,
         DOT_PRECISION: tl.constexpr,   # "ieee" for fp32 (no TF32), else "tf32" (ignored)
         DIRECT: tl.constexpr,  # one split: the output and lse themselves, no merge launch
         HAS_SINKS: tl.constexpr,
     ):
-        # grid: (B, Hkv, NUM_SPLITS). One program reads one split of one kv head's cache once
-        # for all GROUP query heads that share it.
+        # grid: (B, Hkv, splits). One program reads one split of one kv head's cache once for
+        # all GROUP query heads that share it. The split count is the grid's, not a constexpr:
+        # one compiled kernel (and one autotuning) serves every count.
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -332,7 +332,7 @@ if triton is not None:
             lo = tl.maximum(qpos - window + 1, 0)
         if HAS_START:
             lo = tl.maximum(lo, tl.load(kv_start_ptr + b))
-        span = tl.cdiv(tl.maximum(seq_len - lo, 0), NUM_SPLITS)
+        span = tl.cdiv(tl.maximum(seq_len - lo, 0), tl.num_programs(2))
         start = lo + split * span
         end = tl.minimum(start + span, seq_len)
 
@@ -361,20 +361,22 @@ if triton is not None:
             tl.store(lse_ptr + b * (tl.num_programs(1) * GROUP) + qh,
                      _natural_lse(m_i, l_i), mask=hmask)
         else:
-            base = (b * (tl.num_programs(1) * GROUP) + qh) * PART_SPLITS + SPLIT_BASE + split
+            base = (b * (tl.num_programs(1) * GROUP) + qh) * part_splits + split_base + split
             _store_partial(part_out_ptr, part_lse_ptr, base, acc, m_i, l_i, d, hmask, dmask,
                            HEAD_DIM)
 
     @triton.jit
     def _decode_merge_kernel(
-        part_out_ptr, part_lse_ptr,   # [B * Hq, NUM_SPLITS, D], [B * Hq, NUM_SPLITS]
-        prefix_len_ptr,               # [B] int32: > 0 where the PREFIX_SPLITS partials are used
+        part_out_ptr, part_lse_ptr,   # [B * Hq, num_splits, D], [B * Hq, num_splits]
+        prefix_len_ptr,               # [B] int32: > 0 where the prefix_splits partials are used
         out_ptr, lse_ptr,             # [B, Hq, D] (rows contiguous), [B, Hq]
         sinks_ptr,                    # [Hq] fp32 (HAS_SINKS): one more logit, without a value
         stride_ob, stride_oh, num_heads,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        BLOCK_S: tl.constexpr,
-        PREFIX_SPLITS: tl.constexpr,  # the first PREFIX_SPLITS partials: a shared prefix's
+        num_splits,                   # partials per row (<= BLOCK_S)
+        prefix_splits,                # (HAS_PREFIX) the first ones: a shared prefix's
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_S: tl.constexpr,        # a power of two >= 16: few compiled variants
+        HAS_PREFIX: tl.constexpr,
         HAS_SINKS: tl.constexpr,
     ):
         # grid: (B, Hq): combine the splits by their log-sum-exp. A row outside every shared
@@ -384,11 +386,11 @@ if triton is not None:
         row = b * num_heads + h
         s = tl.arange(0, BLOCK_S)
         d = tl.arange(0, BLOCK_D)
-        smask = s < NUM_SPLITS
-        if PREFIX_SPLITS > 0:
-            first = tl.where(tl.load(prefix_len_ptr + b) > 0, 0, PREFIX_SPLITS)
+        smask = s < num_splits
+        if HAS_PREFIX:
+            first = tl.where(tl.load(prefix_len_ptr + b) > 0, 0, prefix_splits)
             smask = smask & (s >= first)
-        lse = tl.load(part_lse_ptr + row * NUM_SPLITS + s, mask=smask, other=float("-inf"))
+        lse = tl.load(part_lse_ptr + row * num_splits + s, mask=smask, other=float("-inf"))
         m = tl.max(lse, 0)
         if HAS_SINKS:   # a partial with the sink's logit and no value
             sink = tl.load(sinks_ptr + h)
@@ -397,7 +399,7 @@ if triton is not None:
         total = tl.sum(w, 0)
         if HAS_SINKS:
             total += tl.exp(sink - m)
-        part = tl.load(part_out_ptr + (row * NUM_SPLITS + s[:, None]) * HEAD_DIM + d[None, :],
+        part = tl.load(part_out_ptr + (row * num_splits + s[:, None]) * HEAD_DIM + d[None, :],
                        mask=smask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
         out = tl.sum(part * w[:, None], 0) / total
         tl.store(out_ptr + b * stride_ob + h * stride_oh + d,
@@ -460,16 +462,16 @@ if triton is not None:
 
 
     @triton.autotune(configs=_GROUPED_CONFIGS,
-                     key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_M", "NUM_SPLITS"],
+                     key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_M", "DIRECT"],
                      do_bench=quick_bench)
     @triton.jit
     def _extend_grouped_kernel(
-        q_ptr, out_ptr,            # [Nq, Hq, D]; out written when NUM_SPLITS == 1
-        part_out_ptr,              # [Nq, Hq, NUM_SPLITS, D] fp32 (NUM_SPLITS > 1)
-        part_lse_ptr,              # [Nq, Hq, NUM_SPLITS] fp32 (NUM_SPLITS > 1)
+        q_ptr, out_ptr,            # [Nq, Hq, D]; out written when DIRECT
+        part_out_ptr,              # [Nq, Hq, splits, D] fp32 (not DIRECT)
+        part_lse_ptr,              # [Nq, Hq, splits] fp32 (not DIRECT)
         k_cache_ptr, v_cache_ptr,  # [num_blocks, BLOCK_SIZE, Hkv, D]
         block_tables_ptr, cu_seqlens_ptr, seq_lens_ptr,
-        sinks_ptr,                 # [Hq] fp32 (HAS_SINKS, NUM_SPLITS == 1)
+        sinks_ptr,                 # [Hq] fp32 (HAS_SINKS, DIRECT)
         scale, softcap, window,
         stride_qn, stride_qh, stride_on, stride_oh,
         stride_cb, stride_cs, stride_ch, stride_bt,
@@ -477,11 +479,11 @@ if triton is not None:
         BLOCK_SIZE: tl.constexpr,
         BLOCK_M: tl.constexpr,     # >= the longest chunk * GROUP, >= 16 for tl.dot
         BLOCK_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr,  # programs per (sequence, kv head) along the keys
+        DIRECT: tl.constexpr,      # one split: the output itself, no partials, no merge
         HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
-        # grid: (B, Hkv, NUM_SPLITS). One program reads one split of one kv head's keys once
+        # grid: (B, Hkv, splits). One program reads one split of one kv head's keys once
         # for all of the sequence's new queries and the GROUP query heads that share the kv
         # head: row r of the tile is query r // GROUP of the chunk, query head
         # kvh * GROUP + r % GROUP; each row masks the keys after its own position (causal).
@@ -506,7 +508,7 @@ if triton is not None:
         lo = 0
         if HAS_WINDOW:      # the first query's window; later queries mask more
             lo = tl.maximum(seq_len - q_len - window + 1, 0)
-        span = tl.cdiv(tl.maximum(seq_len - lo, 0), NUM_SPLITS)
+        span = tl.cdiv(tl.maximum(seq_len - lo, 0), tl.num_programs(2))
         start = lo + split * span
         end = tl.minimum(start + span, seq_len)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -517,7 +519,7 @@ if triton is not None:
             block_tables_ptr + b * stride_bt,
             k_cache_ptr, v_cache_ptr, kvh, d, dmask, scale, softcap, stride_cb, stride_cs,
             stride_ch, BLOCK_SIZE, BLOCK_N, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
-        if NUM_SPLITS == 1:
+        if DIRECT:
             if HAS_SINKS:   # one more logit in the softmax, without a value
                 acc, m_i, l_i = _with_sink(acc, m_i, l_i,
                                            tl.load(sinks_ptr + qh, mask=rmask, other=0.0))
@@ -525,7 +527,7 @@ if triton is not None:
             tl.store(out_ptr + tok[:, None] * stride_on + qh[:, None] * stride_oh + d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
         else:
-            base = (tok * (tl.num_programs(1) * GROUP) + qh) * NUM_SPLITS + split
+            base = (tok * (tl.num_programs(1) * GROUP) + qh) * tl.num_programs(2) + split
             _store_partial(part_out_ptr, part_lse_ptr, base, acc, m_i, l_i, d, rmask, dmask,
                            HEAD_DIM)
 
@@ -598,11 +600,9 @@ def _launch_decode_splits(q, k_cache, v_cache, block_tables, seq_lens, part_out,
         scale, softcap or 0.0, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0),
+        block_tables.stride(0), 1 if direct is not None else part_out.shape[2], split_base,
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_SIZE=bs, NUM_SPLITS=num_splits,
-        PART_SPLITS=1 if direct is not None else part_out.shape[2], SPLIT_BASE=split_base,
+        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_SIZE=bs,
         HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(softcap),
         HAS_START=kv_start is not None, DOT_PRECISION=dot_precision(q.dtype),
         DIRECT=direct is not None, HAS_SINKS=direct is not None and sinks is not None)
@@ -618,8 +618,8 @@ def _launch_decode_merge(q, part_out, part_lse, prefix_splits=0, prefix_lens=Non
     _decode_merge_kernel[(B, hq)](
         part_out, part_lse, prefix_lens if prefix_lens is not None else part_lse,
         out, lse, sinks if sinks is not None else lse, out.stride(0), out.stride(1), hq,
-        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), NUM_SPLITS=splits,
-        BLOCK_S=triton.next_power_of_2(splits), PREFIX_SPLITS=prefix_splits,
+        splits, prefix_splits, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_S=max(16, triton.next_power_of_2(splits)), HAS_PREFIX=prefix_splits > 0,
         HAS_SINKS=sinks is not None)
     return out, lse
 
@@ -742,7 +742,7 @@ def paged_extend_attention_grouped_triton(q, k_cache, v_cache, block_tables, cu_
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_SIZE=bs,
-        BLOCK_M=max(16, triton.next_power_of_2(rows)), NUM_SPLITS=num_splits,
+        BLOCK_M=max(16, triton.next_power_of_2(rows)), DIRECT=num_splits == 1,
         HAS_WINDOW=bool(sliding_window), HAS_SOFTCAP=bool(softcap),
         HAS_SINKS=sinks is not None and num_splits == 1, DOT_PRECISION=dot_precision(q.dtype))
     if num_splits == 1:
