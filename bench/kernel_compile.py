@@ -284,13 +284,14 @@ def compile_all(launches: list, run, arch: int):
         driver._active = before
 
 
-def variants_over_buckets(max_batch: int = 512) -> dict[str, int]:
+def variants_over_buckets(max_batch: int = 512) -> tuple[dict[str, int], list]:
     """The distinct constexpr specializations (each compiled, and autotuned, once per process)
     that the decode of every graph bucket (Llama-3-8B: 32 query heads, 8 kv heads of 128,
     a table of 8,192 tokens) and a scoring chunk of 8 tokens for every rows bucket
     (Llama-3.2-1B: 8 kv heads of 64) launch, per kernel. A switch that varies with the
     batch (a split count as a constexpr) multiplies them: every one is compiled in every
-    autotune configuration when the engine captures its graphs, or mid-serving."""
+    autotune configuration when the engine captures its graphs, or mid-serving. Returns the
+    counts and one launch of each variant."""
     from w2s_engine.models.decode_graphs import batch_buckets
     launches, variant = [], ["buckets"]
     width = 8192 // 16
@@ -304,11 +305,14 @@ def variants_over_buckets(max_batch: int = 512) -> dict[str, int]:
             paged_extend_attention_triton(torch.zeros(8 * b, 32, 64, dtype=BF16), small, small,
                                           tables, torch.arange(0, 8 * b + 1, 8, dtype=torch.int32),
                                           lens, 0.1, max_query_len=8)
-    seen = {}
+    seen, unique = {}, []
     for launch in launches:
-        seen.setdefault(launch.fn.__name__, set()).add(
-            repr(sorted(switches(launch.kwargs).items())))
-    return {name: len(keys) for name, keys in seen.items()}
+        keys = seen.setdefault(launch.fn.__name__, set())
+        key = repr(sorted(switches(launch.kwargs).items()))
+        if key not in keys:
+            keys.add(key)
+            unique.append(launch)
+    return {name: len(keys) for name, keys in seen.items()}, unique
 
 
 def main():
@@ -324,8 +328,14 @@ def main():
     args = ap.parse_args()
     assert not (args.only and args.out), "--out records every kernel: drop --only"
     if args.buckets:
-        for name, count in variants_over_buckets().items():
+        counts, unique = variants_over_buckets()
+        for name, count in counts.items():
             print(f"{name}: {count} compiled variant(s) over the batch buckets")
+        t = time.perf_counter()
+        compile_all(unique, JITFunction.run, args.arch)
+        print(f"{sum(len(u.results) for u in unique)} compiles (every autotune configuration) "
+              f"in {time.perf_counter() - t:.1f} s on this machine; Triton {triton.__version__}, "
+              f"sm_{args.arch}")
         return
     launches, variant = [], [""]
     with intercepted(launches, variant) as run:

@@ -3,6 +3,7 @@ with no GPU: bench/kernel_compile.py runs the wrappers with launches intercepted
 each launch for the target (Triton's CUDA backend ships its own ptxas). A kernel that does not
 compile would otherwise first fail on a lent GPU, in the middle of bench/gpu_check.sh."""
 
+import ast
 import inspect
 import os
 import subprocess
@@ -48,10 +49,10 @@ def test_one_decode_and_one_scoring_kernel_serve_every_batch_bucket():
     buckets to 512 take two variants of each (one split writing its output directly, or
     several merged), where they took 5, 8 and 5 (decode, merge, scoring extend)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_compile.py"), "--buckets"],
-                         capture_output=True, text=True, env=env, timeout=600)
+    code = "from bench.kernel_compile import variants_over_buckets as v; print(v()[0])"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    counts = dict(line.split(": ")[:2] for line in run.stdout.splitlines() if ": " in line)
-    counts = {name: int(text.split()[0]) for name, text in counts.items()}
+    counts = ast.literal_eval(run.stdout.strip().splitlines()[-1])
     assert counts == {"_decode_split_kernel": 2, "_decode_merge_kernel": 2,
                       "_extend_grouped_kernel": 2}
