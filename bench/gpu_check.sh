@@ -130,7 +130,7 @@ step "host step (CPU)" 60 env CUDA_VISIBLE_DEVICES= python3 bench/host_step.py -
     echo "# GPU check on $device ($(git rev-parse --short HEAD 2>/dev/null || echo unknown))"
     echo
     echo "## GPU tests"
-    sed -n '/^== gpu tests (/,/== gpu tests: /p' "$log" | grep -E '^==== FAILED|[0-9]+ (passed|failed)' \
+    sed -n '/^== gpu tests (/,/== gpu tests: /p' "$log" | grep -E '^==== FAILED|[0-9]+ (passed|failed|skipped)' \
         || echo "(no failure and no result line: see the log)"
     echo
     echo "## End to end"
