@@ -12,7 +12,9 @@ for parallelism (the split count comes from the SM count, so a short chunk still
 GPU): each (row, vocabulary split) program keeps an online max and sum of exponentials
 (fp32) per model and picks up the target logits when its range holds them. A second small
 kernel merges the splits and adds each token's difference (or log-prob) to its segment.
-Nothing reads the device back except the wrapper's optional bounds check.
+chunk_reward skips the split and the second launch where that wins (small logits, or rows
+enough to fill the GPU): one program per row ends its row itself. Nothing reads the device
+back except the wrapper's optional bounds check.
 
 Why GEMMs and not one kernel that forms logit tiles in registers: such a kernel (this file's
 first form) ran 2.9x slower than cuBLAS logits plus the reduction on an H200 (5.93 ms against
