@@ -228,6 +228,20 @@ if triton is not None:
         tl.store(part_lse_ptr + base, lse, mask=mask)
 
     @triton.jit
+    def _attend_whole_steps(q, acc, m_i, l_i, lo, full, table_ptr, k_cache_ptr, v_cache_ptr,
+                            kvh, d, dmask, scale, softcap, stride_cb, stride_cs, stride_ch,
+                            BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                            HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """_attend_keys over keys [lo, full), whole BLOCK_N steps every query sees: no masks."""
+        for n0 in range(lo, full, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            acc, m_i, l_i = _attend_keys(
+                q, acc, m_i, l_i, n, n < full, n[None, :] < full, table_ptr, k_cache_ptr,
+                v_cache_ptr, kvh, d, dmask, scale, softcap, stride_cb, stride_cs, stride_ch,
+                BLOCK_SIZE, HAS_SOFTCAP, DOT_PRECISION, False)
+        return acc, m_i, l_i
+
+    @triton.jit
     def _attend_causal(q, acc, m_i, l_i, lo, hi, first_qpos, qpos, window, table_ptr,
                        k_cache_ptr, v_cache_ptr, kvh, d, dmask, scale, softcap, stride_cb,
                        stride_cs, stride_ch, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -240,12 +254,10 @@ if triton is not None:
         full = lo
         if not HAS_WINDOW:
             full = lo + tl.maximum(tl.minimum(hi, first_qpos + 1) - lo, 0) // BLOCK_N * BLOCK_N
-        for n0 in range(lo, full, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            acc, m_i, l_i = _attend_keys(
-                q, acc, m_i, l_i, n, n < hi, n[None, :] < hi, table_ptr, k_cache_ptr,
-                v_cache_ptr, kvh, d, dmask, scale, softcap, stride_cb, stride_cs, stride_ch,
-                BLOCK_SIZE, HAS_SOFTCAP, DOT_PRECISION, False)
+        acc, m_i, l_i = _attend_whole_steps(
+            q, acc, m_i, l_i, lo, full, table_ptr, k_cache_ptr, v_cache_ptr, kvh, d, dmask,
+            scale, softcap, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, BLOCK_N, HAS_SOFTCAP,
+            DOT_PRECISION)
         for n0 in range(full, hi, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             nmask = n < hi
@@ -266,12 +278,10 @@ if triton is not None:
         """_attend_keys over keys [start, end), all visible to every query (decode; a
         shared prefix without a window): whole steps unmasked, the last partial one masked."""
         full = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
-        for n0 in range(start, full, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            acc, m_i, l_i = _attend_keys(
-                q, acc, m_i, l_i, n, n < end, n[None, :] < end, table_ptr, k_cache_ptr,
-                v_cache_ptr, kvh, d, dmask, scale, softcap, stride_cb, stride_cs, stride_ch,
-                BLOCK_SIZE, HAS_SOFTCAP, DOT_PRECISION, False)
+        acc, m_i, l_i = _attend_whole_steps(
+            q, acc, m_i, l_i, start, full, table_ptr, k_cache_ptr, v_cache_ptr, kvh, d, dmask,
+            scale, softcap, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, BLOCK_N, HAS_SOFTCAP,
+            DOT_PRECISION)
         for n0 in range(full, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             nmask = n < end
