@@ -285,7 +285,7 @@ def compile_all(launches: list, run, arch: int):
 
 
 def variants_over_buckets(max_batch: int = 512) -> tuple[dict[str, int], list]:
-    """The distinct constexpr specializations (each compiled, and autotuned, once per process)
+    """The distinct specializations (each compiled, and autotuned, once per process)
     that the decode of every graph bucket (Llama-3-8B: 32 query heads, 8 kv heads of 128,
     a table of 8,192 tokens) and a scoring chunk of 8 tokens for every rows bucket
     (Llama-3.2-1B: 8 kv heads of 64) launch, per kernel. A switch that varies with the
@@ -308,11 +308,32 @@ def variants_over_buckets(max_batch: int = 512) -> tuple[dict[str, int], list]:
     seen, unique = {}, []
     for launch in launches:
         keys = seen.setdefault(launch.fn.__name__, set())
-        key = repr(sorted(switches(launch.kwargs).items()))
+        key = specialization(launch)
         if key not in keys:
             keys.add(key)
             unique.append(launch)
     return {name: len(keys) for name, keys in seen.items()}, unique
+
+
+def specialization(launch: Launch, arch: int = 90) -> str:
+    """What Triton compiles a launch for: its constexprs, and how it specializes the other
+    arguments (an int of 1 or a multiple of 16, a pointer's alignment), from Triton's own
+    binder; the constexprs alone where this Triton's binder is not where we look for it."""
+    kwargs = dict(launch.kwargs)
+    if launch.configs:
+        kwargs.update(launch.configs[0].all_kwargs())
+    before = driver._active
+    driver.set_active(TargetOnly(arch))
+    try:
+        binder = launch.fn.device_caches[0][4]
+        _, spec, _ = binder(*launch.args, debug=False,
+                            instrumentation_mode=triton.knobs.compilation.instrumentation_mode,
+                            **kwargs)
+        return repr(spec)
+    except (AttributeError, IndexError, TypeError):
+        return repr(sorted(switches(launch.kwargs).items()))
+    finally:
+        driver._active = before
 
 
 def main():

@@ -285,7 +285,7 @@ def cascade_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, sc
 if triton is not None:
     @triton.autotune(configs=_ATTN_CONFIGS, key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_M",
                                                  "TILED"], do_bench=quick_bench)
-    @triton.jit
+    @triton.jit(do_not_specialize=["part_splits"])
     def _shared_prefix_kernel(
         q_ptr,                      # [B, Hq, D]
         k_cache_ptr, v_cache_ptr,   # [num_blocks, BLOCK_SIZE, Hkv, D]

@@ -303,7 +303,8 @@ if triton is not None:
     @triton.autotune(configs=_ATTN_CONFIGS,
                      key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "HAS_START", "DIRECT"],
                      do_bench=quick_bench)
-    @triton.jit
+    # (Triton would compile again for a count of 1 or a multiple of 16: not for these.)
+    @triton.jit(do_not_specialize=["part_splits", "split_base"])
     def _decode_split_kernel(
         q_ptr,                 # [B, Hq, D]
         k_cache_ptr, v_cache_ptr,   # [num_blocks, BLOCK_SIZE, Hkv, D]
@@ -375,7 +376,7 @@ if triton is not None:
             _store_partial(part_out_ptr, part_lse_ptr, base, acc, m_i, l_i, d, hmask, dmask,
                            HEAD_DIM)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_splits", "prefix_splits"])
     def _decode_merge_kernel(
         part_out_ptr, part_lse_ptr,   # [B * Hq, num_splits, D], [B * Hq, num_splits]
         prefix_len_ptr,               # [B] int32: > 0 where the prefix_splits partials are used
