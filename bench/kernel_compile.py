@@ -285,23 +285,36 @@ def compile_all(launches: list, run, arch: int):
 
 
 def variants_over_buckets(max_batch: int = 512) -> tuple[dict[str, int], list]:
-    """The distinct specializations (each compiled, and autotuned, once per process)
-    that the decode of every graph bucket (Llama-3-8B: 32 query heads, 8 kv heads of 128,
-    a table of 8,192 tokens) and a scoring chunk of 8 tokens for every rows bucket
-    (Llama-3.2-1B: 8 kv heads of 64) launch, per kernel. A switch that varies with the
-    batch (a split count as a constexpr) multiplies them: every one is compiled in every
-    autotune configuration when the engine captures its graphs, or mid-serving. Returns the
-    counts and one launch of each variant."""
+    """The distinct specializations (each compiled, and autotuned, once per process) that a
+    decode step of every graph bucket launches (Llama-3-8B: norms, rotary embedding, KV
+    store, attention over a table of 8,192 tokens, activation, sampling of 128,256 logits)
+    and a scoring chunk of 8 tokens for every rows bucket (Llama-3.2-1B's attention: 8 kv
+    heads of 64), per kernel. A switch or an argument Triton specializes that varies with the
+    batch (a split count as a constexpr, a row count of 1 or a multiple of 16) multiplies
+    them: every one is compiled in every autotune configuration when the engine captures its
+    graphs, or mid-serving. Returns the counts and one launch of each variant."""
     from w2s_engine.models.decode_graphs import batch_buckets
     launches, variant = [], ["buckets"]
     width = 8192 // 16
     large, small = (torch.zeros(64, 16, 8, d, dtype=BF16) for d in (128, 64))
     with intercepted(launches, variant):
         for b in batch_buckets(max_batch):
+            x = torch.zeros(b, 4096, dtype=BF16)
+            rms_norm_triton(x, torch.ones(4096, dtype=BF16), 1e-5)
+            add_rms_norm_triton(x, x.clone(), torch.ones(4096, dtype=BF16), 1e-5)
+            rotary_triton(torch.zeros(1, b, 32, 128, dtype=BF16).transpose(1, 2),
+                          torch.zeros(1, b, 8, 128, dtype=BF16).transpose(1, 2),
+                          *[torch.zeros(1, b, 128, dtype=BF16)] * 2)
+            keys = torch.zeros(b, 8, 128, dtype=BF16)
+            store_kv_triton(keys, keys.clone(), large, large.clone(), torch.arange(b) % 1024)
             tables = torch.zeros(b, width, dtype=torch.int32)
             lens = torch.full((b,), 600, dtype=torch.int32)
             paged_decode_attention_triton(torch.zeros(b, 32, 128, dtype=BF16), large, large,
                                           tables, lens, 0.1)
+            silu_mul_triton(*[torch.zeros(b, 14336, dtype=BF16)] * 2)
+            sample_triton(torch.zeros(b, 128256), torch.full((b,), 0.7),
+                          torch.full((b,), 50, dtype=torch.int32), torch.full((b,), 1.0),
+                          torch.arange(b, dtype=torch.int64), torch.arange(b, dtype=torch.int64))
             paged_extend_attention_triton(torch.zeros(8 * b, 32, 64, dtype=BF16), small, small,
                                           tables, torch.arange(0, 8 * b + 1, 8, dtype=torch.int32),
                                           lens, 0.1, max_query_len=8)

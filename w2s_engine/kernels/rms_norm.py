@@ -74,7 +74,9 @@ if triton is not None:
             return total.to(tl.float32)
         return x.to(tl.float32)
 
-    @triton.jit
+    # B (rows per slice) follows the batch: Triton would compile again for B of 1 or a
+    # multiple of 16, and it only divides the row index.
+    @triton.jit(do_not_specialize=["B"])
     def _rms_norm_kernel(
         x_ptr,               # [A, B, H], unit stride along H: row r = (r // B, r % B)
         res_ptr,             # [A, B, H], unit stride along H (HAS_RESIDUAL)

@@ -35,7 +35,9 @@ def rotary_ref(q, k, cos, sin, unsqueeze_dim: int = 1):
 
 
 if triton is not None:
-    @triton.jit
+    # T (tokens) follows the batch: Triton would compile again for T of 1 or a multiple of
+    # 16, and it only divides the program index.
+    @triton.jit(do_not_specialize=["T"])
     def _rotary_kernel(
         q_ptr, k_ptr,              # [B, Hq, T, D], [B, Hk, T, D] (any strides, unit along D)
         cos_ptr, sin_ptr,          # [B or 1, T, D] (unit stride along D)
