@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from unittest import mock
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)   # compile for real: triton.jit reads it at import
@@ -288,8 +289,8 @@ def variants_over_buckets(max_batch: int = 512) -> tuple[dict[str, int], list]:
     """The distinct specializations (each compiled, and autotuned, once per process) that a
     decode step of every graph bucket launches (Llama-3-8B: norms, rotary embedding, KV
     store, attention over a table of 8,192 tokens, activation, sampling of 128,256 logits)
-    and a scoring chunk of 8 tokens for every rows bucket (Llama-3.2-1B's attention: 8 kv
-    heads of 64), per kernel. A switch or an argument Triton specializes that varies with the
+    and a scoring chunk of 8 tokens for every rows bucket (Llama-3.2-1B's attention, 8 kv
+    heads of 64, and the reward over its 128,256-token vocabulary), per kernel. A switch or an argument Triton specializes that varies with the
     batch (a split count as a constexpr, a row count of 1 or a multiple of 16) multiplies
     them: every one is compiled in every autotune configuration when the engine captures its
     graphs, or mid-serving. Returns the counts and one launch of each variant."""
@@ -297,6 +298,12 @@ def variants_over_buckets(max_batch: int = 512) -> tuple[dict[str, int], list]:
     launches, variant = [], ["buckets"]
     width = 8192 // 16
     large, small = (torch.zeros(64, 16, 8, d, dtype=BF16) for d in (128, 64))
+    head = torch.empty(128256, 2048, dtype=BF16)
+
+    def logits_of_shape(self, hidden, lo=0, hi=None, out=None):
+        hi = self.weight.shape[0] if hi is None else hi
+        return torch.empty(hidden.shape[0], hi - lo, dtype=hidden.dtype)
+
     with intercepted(launches, variant):
         for b in batch_buckets(max_batch):
             x = torch.zeros(b, 4096, dtype=BF16)
@@ -318,6 +325,13 @@ def variants_over_buckets(max_batch: int = 512) -> tuple[dict[str, int], list]:
             paged_extend_attention_triton(torch.zeros(8 * b, 32, 64, dtype=BF16), small, small,
                                           tables, torch.arange(0, 8 * b + 1, 8, dtype=torch.int32),
                                           lens, 0.1, max_query_len=8)
+            # the chunk's reward over a 128,256 vocabulary (its GEMMs' outputs only allocated:
+            # nothing runs here but the launches' arguments matter)
+            rows = torch.zeros(8 * b, 2048, dtype=BF16)
+            ids = torch.zeros(8 * b, dtype=torch.long)
+            with mock.patch.object(LMHead, "columns", logits_of_shape):
+                fused_lmhead_chunk_reward_triton(rows, LMHead(head), rows, LMHead(head), ids, ids,
+                                                 b, bounds_checked=True)
     seen, unique = {}, []
     for launch in launches:
         keys = seen.setdefault(launch.fn.__name__, set())

@@ -158,7 +158,8 @@ if triton is not None:
                          triton.Config({"BLOCK_V": 4096}, num_warps=8)],
                         interpret=triton.Config({"BLOCK_V": 1024})),
         key=["v_bucket", "TWO", "DIRECT"], do_bench=quick_bench)
-    @triton.jit
+    # (The split counts follow the rows: Triton would compile again for 1 or a multiple of 16.)
+    @triton.jit(do_not_specialize=["split_base", "total_splits"])
     def _logits_lse_kernel(
         a_ptr, b_ptr,                 # [N, V] logits of the tuned / untuned model for the
                                       #   vocabulary ids [v_offset, v_offset + V) (b: only TWO)
@@ -241,7 +242,7 @@ if triton is not None:
         top = tl.max(m, 0)
         return top + tl.log(tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - top)), 0))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["splits"])
     def _reward_finish_kernel(
         part_ptr,                     # [N, splits, 4] fp32 from _logits_lse_kernel
         target_ptr,                   # [N, 2] fp32 target logits from _logits_lse_kernel
@@ -329,8 +330,9 @@ class _Partials:
         n, splits = self.part.shape[:2]
         diff = torch.empty(n, dtype=torch.float32, device=self.part.device)
         sums = torch.zeros(num_segments, dtype=torch.float32, device=self.part.device)
+        # BLOCK_S a power of two >= 16: few compiled variants as the split counts vary
         _reward_finish_kernel[(n,)](self.part, self.target, segment_ids, diff, sums, splits,
-                                    TWO=self.two, BLOCK_S=triton.next_power_of_2(splits))
+                                    TWO=self.two, BLOCK_S=max(16, triton.next_power_of_2(splits)))
         return diff, sums
 
 
