@@ -48,8 +48,9 @@ def test_a_decode_step_and_a_scoring_chunk_compile_the_same_kernels_for_every_ba
     again for each bucket that changes it: at the engine's start, when it captures its
     graphs, and mid-serving for a scoring batch of a new size. Over the 23 buckets to 512 a
     kernel takes only the variants its batch-independent switches make: one split written
-    directly or several merged (attention), a residual or none (norm), few rows or many
-    (sampling), up to 16 splits merged or more (the reward's). At b67ec04 the decode, merge,
+    directly or several merged (attention), the large and the small model's head sizes (the
+    merge), a residual or none (norm), few rows or many (sampling), up to 16 splits merged
+    or more (the reward's). At b67ec04 the decode, merge,
     scoring extend, norm, rotary, reward and reward-merge kernels took 5, 8, 5, 6, 3, 6
     and 5."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
