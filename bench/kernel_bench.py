@@ -20,13 +20,11 @@ contiguous cache; extend >= 50% of the dense bf16 peak; sampling <= 0.3 ms with 
 a kernels.py is what transformers finds when it probes for the `kernels` package.)
 """
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.e2e import PEAK_BF16_TFLOPS, PEAK_GBPS
+from bench.e2e import PEAK_BF16_TFLOPS, PEAK_GBPS, device_peak
 from w2s_engine.kernels.cascade_attention import (
     cascade_decode_attention_triton,
     find_shared_prefixes,
@@ -60,12 +58,9 @@ from w2s_engine.kernels.sampling import sample_triton
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need CUDA")
 
 
-
 def _peak(env: str, table: dict, default: float) -> float:
-    if os.environ.get(env):
-        return float(os.environ[env])
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in table.items() if k in name), default)
+    """e2e's device peak; a device not in the table is taken for an H100 SXM."""
+    return device_peak(env, table) or default
 
 
 def timed(benchmark, fn, kernel: str, shape: str, impl: str, nbytes: int = 0, flops: int = 0,
