@@ -206,16 +206,20 @@ if triton is not None:
                 m_b, s_b = online_lse_step_finite(m_b, s_b, y)
         ma, sa = lse_reduce(m_a, s_a)
         mb, sb = lse_reduce(m_b, s_b)
+        # the target logits, read by the program whose range holds the target (DIRECT: all)
         t = tl.load(targets_ptr + row).to(tl.int64) - v_offset
+        here = (t >= lo) & (t < hi)
+        x = tl.load(a_ptr + row * stride_a + t, mask=here, other=0.0).to(tl.float32)
+        if HAS_CAP_A:
+            x = _softcap(x, cap_a)
+        y = 0.0
+        if TWO:
+            y = tl.load(b_ptr + row * stride_b + t, mask=here, other=0.0).to(tl.float32)
+            if HAS_CAP_B:
+                y = _softcap(y, cap_b)
         if DIRECT:
-            x = tl.load(a_ptr + row * stride_a + t).to(tl.float32)
-            if HAS_CAP_A:
-                x = _softcap(x, cap_a)
             diff = x - (ma + tl.log(sa))
             if TWO:
-                y = tl.load(b_ptr + row * stride_b + t).to(tl.float32)
-                if HAS_CAP_B:
-                    y = _softcap(y, cap_b)
                 diff -= y - (mb + tl.log(sb))
             tl.store(diff_ptr + row, diff)
             tl.atomic_add(sums_ptr + tl.load(segment_ptr + row), diff)
@@ -225,16 +229,9 @@ if triton is not None:
             tl.store(base + 1, sa)
             tl.store(base + 2, mb)
             tl.store(base + 3, sb)
-            if (t >= lo) & (t < hi):
-                x = tl.load(a_ptr + row * stride_a + t).to(tl.float32)
-                if HAS_CAP_A:
-                    x = _softcap(x, cap_a)
-                tl.store(target_ptr + row * 2, x)
-                if TWO:
-                    y = tl.load(b_ptr + row * stride_b + t).to(tl.float32)
-                    if HAS_CAP_B:
-                        y = _softcap(y, cap_b)
-                    tl.store(target_ptr + row * 2 + 1, y)
+            tl.store(target_ptr + row * 2, x, mask=here)
+            if TWO:
+                tl.store(target_ptr + row * 2 + 1, y, mask=here)
 
     @triton.jit
     def _merge_splits_tl(m, s):
