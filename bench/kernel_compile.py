@@ -229,17 +229,24 @@ def recipes():
         yield "sampling fp32 logits" + (" min_p" if min_p else ""), sampling
 
 
-def resources(cubin: bytes) -> dict:
-    """Registers, local memory (spills) and static shared memory per thread/block, from the
-    cubin (cuobjdump, shipped with Triton's CUDA backend); {} if it is not there."""
+def cuobjdump(cubin: bytes, flag: str) -> str | None:
+    """cuobjdump's output for a cubin (the tool ships with Triton's CUDA backend); None where
+    this Triton has none."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not tool.exists():
-        return {}
+        return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([str(tool), "--dump-resource-usage", f.name],
-                             capture_output=True, text=True).stdout
+        return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True).stdout
+
+
+def resources(cubin: bytes) -> dict:
+    """Registers, local memory (spills) and static shared memory per thread/block, from the
+    cubin; {} where cuobjdump is not there."""
+    out = cuobjdump(cubin, "--dump-resource-usage")
+    if out is None:
+        return {}
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
     if not found:
         return {}

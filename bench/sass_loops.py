@@ -14,9 +14,7 @@ import argparse
 import collections
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)   # compile for real
@@ -26,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
-from bench.kernel_compile import TargetOnly, intercepted, recipes  # noqa: E402
+from bench.kernel_compile import TargetOnly, cuobjdump, intercepted, recipes  # noqa: E402
 
 
 def sass_of(variant: str, kernel: str, config: int, arch: int = 90) -> tuple[str, str]:
@@ -46,12 +44,8 @@ def sass_of(variant: str, kernel: str, config: int, arch: int = 90) -> tuple[str
     if chosen is not None:
         kwargs.update(chosen.all_kwargs())
     compiled = run(launch.fn, *launch.args, grid=(1,), warmup=True, **kwargs)
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True,
-                              text=True).stdout
+    sass = cuobjdump(compiled.asm["cubin"], "-sass")
+    assert sass is not None, "this Triton ships no cuobjdump"
     return str(chosen), sass
 
 
