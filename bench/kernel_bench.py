@@ -387,8 +387,11 @@ def test_copy_blocks(benchmark, impl):
 
 @pytest.mark.parametrize("cut", ["top_k 50", "top_p 0.9", "top_k 50, top_p 0.9"])
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_sampling(benchmark, impl, cut):
-    b, vocab = 256, 128256
+@pytest.mark.parametrize("b", [256, 16])
+def test_sampling(benchmark, impl, cut, b):
+    # 16 rows (one request's beams, in a CUDA graph as the decode step runs them): the
+    # vocabulary slices' case; 256 rows (16 requests) eager, as at 024353a.
+    vocab = 128256
     logits = torch.randn(b, vocab, device="cuda") * 3
     t = torch.full((b,), 0.7, device="cuda")
     k = torch.full((b,), 50 if "top_k" in cut else 0, dtype=torch.int32, device="cuda")
@@ -408,6 +411,6 @@ def test_sampling(benchmark, impl, cut):
                 drop = sx.softmax(-1).cumsum(-1) <= 0.1
                 x = x.masked_fill(drop.scatter(1, si, drop), float("-inf"))
             return torch.multinomial(torch.softmax(x, -1), 1)
-    timed(benchmark, fn, "sampling", f"256 x 128256 fp32, {cut}", impl,
-          nbytes=logits.numel() * 4, baseline=impl == "torch", logits_mb=round(
+    timed(benchmark, fn, "sampling", f"{b} x 128256 fp32, {cut}", impl,
+          nbytes=logits.numel() * 4, baseline=impl == "torch", graph=b == 16, logits_mb=round(
               logits.numel() * 4 / 2**20, 1))

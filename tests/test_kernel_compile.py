@@ -36,7 +36,8 @@ def test_every_triton_kernel_compiles_for_sm90_in_every_autotune_configuration()
     assert run.returncode == 0, out[-4000:] + run.stderr[-4000:]
     for kernel in ("_store_kv_kernel", "_copy_blocks_kernel", "_decode_split_kernel",
                    "_decode_merge_kernel", "_extend_kernel", "_shared_prefix_kernel",
-                   "_logits_lse_kernel", "_reward_finish_kernel", "_sample_kernel"):
+                   "_logits_lse_kernel", "_reward_finish_kernel", "_sample_slices_kernel",
+                   "_sample_kernel"):
         assert kernel in out, f"{kernel} was not compiled"
     assert "FAILED" not in out
 
@@ -61,5 +62,6 @@ def test_a_decode_step_and_a_scoring_chunk_compile_the_same_kernels_for_every_ba
     counts = ast.literal_eval(run.stdout.strip().splitlines()[-1])
     assert counts == {"_rms_norm_kernel": 2, "_rotary_kernel": 1, "_store_kv_kernel": 1,
                       "_decode_split_kernel": 2, "_decode_merge_kernel": 2,
-                      "_silu_mul_kernel": 1, "_sample_kernel": 2, "_extend_grouped_kernel": 2,
+                      "_silu_mul_kernel": 1, "_sample_slices_kernel": 1, "_sample_kernel": 2,
+                      "_extend_grouped_kernel": 2,
                       "_logits_lse_kernel": 1, "_reward_finish_kernel": 2}

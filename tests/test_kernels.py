@@ -685,12 +685,18 @@ def sampling_batch(mode, b=8, vocab=3000, seed=0):
     return logits, temperature, top_k, top_p, seeds, positions
 
 
+# Vocabulary slices of the Triton path: one for the whole row, or 3 and 6 of a 3,000-token
+# row, as a few rows of a real vocabulary take (kernels/sampling.py vocab_slices).
+SLICE_SIZES = [None, 1024, 500]
+
+
+@pytest.mark.parametrize("slice_size", SLICE_SIZES)
 @pytest.mark.parametrize("mode", ["top_k", "top_p", "top_k_and_top_p", "greedy", "mixed"])
-def test_sampling_triton_draws_the_references_tokens(mode):
+def test_sampling_triton_draws_the_references_tokens(mode, slice_size):
     from w2s_engine.kernels.sampling import _scaled, _thresholds
     for seed in range(3):
         args = sampling_batch(mode, seed=seed)
-        tokens, thr = sample_triton(*args, return_thresholds=True)
+        tokens, thr = sample_triton(*args, return_thresholds=True, slice_size=slice_size)
         assert tokens.tolist() == sample_ref(*args).tolist()
         # The kernel's cut (a radix select, no sort) is the sorted reference's, bit for bit.
         logits, temperature, top_k, top_p = args[:4]
@@ -701,7 +707,9 @@ def test_sampling_triton_draws_the_references_tokens(mode):
         assert torch.equal(sample_ref(*args), args[0].argmax(-1))
 
 
-def test_sampling_triton_keeps_ties_and_skips_minus_inf_logits_like_the_full_reference():
+@pytest.mark.parametrize("slice_size", SLICE_SIZES)
+def test_sampling_triton_keeps_ties_and_skips_minus_inf_logits_like_the_full_reference(
+        slice_size):
     g = torch.Generator().manual_seed(5)
     logits = (torch.randn(8, 2500, generator=g) * 2).round().half()   # many ties at every cut
     logits[:, ::3] = float("-inf")                                     # a masked vocabulary
@@ -711,7 +719,7 @@ def test_sampling_triton_keeps_ties_and_skips_minus_inf_logits_like_the_full_ref
     args = (logits, temperature, top_k, top_p, seeds, positions)
     for shift in range(3):
         moved = (*args[:5], positions + shift)
-        tokens = sample_triton(*moved)
+        tokens = sample_triton(*moved, slice_size=slice_size)
         assert tokens.tolist() == sample_ref(*moved).tolist()
         assert torch.isfinite(logits[torch.arange(8), tokens]).all()
 
@@ -741,13 +749,15 @@ def test_kept_set_equals_transformers_top_k_then_top_p_warpers():
     _, idx, keep = _top_k_candidates(logits[with_k], top_k[with_k], top_p[with_k])  # fast path
     fast = torch.zeros(int(with_k.sum()), 2000, dtype=torch.bool).scatter_(1, idx, keep)
     ones = torch.ones(12)
-    _, kernel_thr = sample_triton(logits, ones, top_k, top_p, torch.arange(12), torch.arange(12),
-                                  return_thresholds=True)
+    kernel_thrs = [sample_triton(logits, ones, top_k, top_p, torch.arange(12), torch.arange(12),
+                                 return_thresholds=True, slice_size=size)[1]
+                   for size in (None, 500)]     # one vocabulary slice, four
     for i in range(12):
         expected = transformers_kept(logits[i], int(top_k[i]), float(top_p[i]))
         assert 1 <= int(expected.sum()) < 2000
         assert torch.equal(logits[i] >= thr[i], expected), i
-        assert torch.equal(logits[i] >= kernel_thr[i], expected), i
+        for kernel_thr in kernel_thrs:
+            assert torch.equal(logits[i] >= kernel_thr[i], expected), i
         if with_k[i]:
             assert torch.equal(fast[int(with_k[:i].sum())], expected), i
 
@@ -768,8 +778,9 @@ def test_min_p_kept_set_equals_transformers_top_k_top_p_then_min_p_warpers():
                                      log_min_p[with_k])
     fast = torch.zeros(int(with_k.sum()), 2000, dtype=torch.bool).scatter_(1, idx, keep)
     ones = torch.ones(10)
-    _, kernel_thr = sample_triton(logits, ones, top_k, top_p, torch.arange(10),
-                                  torch.arange(10), min_p, return_thresholds=True)
+    kernel_thrs = [sample_triton(logits, ones, top_k, top_p, torch.arange(10), torch.arange(10),
+                                 min_p, return_thresholds=True, slice_size=size)[1]
+                   for size in (None, 500)]     # one vocabulary slice, four
     for i in range(10):
         x = logits[i][None].clone()
         x[0, ~transformers_kept(logits[i], int(top_k[i]), float(top_p[i]))] = float("-inf")
@@ -777,18 +788,21 @@ def test_min_p_kept_set_equals_transformers_top_k_top_p_then_min_p_warpers():
             x = MinPLogitsWarper(min_p=float(min_p[i]))(None, x)
         expected = torch.isfinite(x[0])
         assert torch.equal(logits[i] >= thr[i], expected), i
-        assert torch.equal(logits[i] >= kernel_thr[i], expected), i
+        for kernel_thr in kernel_thrs:
+            assert torch.equal(logits[i] >= kernel_thr[i], expected), i
         if with_k[i]:
             assert torch.equal(fast[int(with_k[:i].sum())], expected), i
 
 
-@pytest.mark.parametrize("mode", ["top_k", "top_p", "mixed"])
-def test_sampling_with_min_p_draws_the_same_tokens_on_both_paths(mode):
+@pytest.mark.parametrize("slice_size", SLICE_SIZES)
+@pytest.mark.parametrize("mode", ["none", "top_k", "top_p", "mixed"])
+def test_sampling_with_min_p_draws_the_same_tokens_on_both_paths(mode, slice_size):
     for seed in range(3):
         logits, temperature, top_k, top_p, seeds, positions = sampling_batch(mode, seed=seed)
         b = logits.shape[0]
         min_p = torch.tensor([0.0, 0.05, 0.2, 0.5, 0.01, 0.1, 0.3, 0.9])[:b]
-        tokens = sample_triton(logits, temperature, top_k, top_p, seeds, positions, min_p)
+        tokens = sample_triton(logits, temperature, top_k, top_p, seeds, positions, min_p,
+                               slice_size=slice_size)
         assert tokens.tolist() == sample_ref(logits, temperature, top_k, top_p, seeds,
                                              positions, min_p).tolist()
         scaled = logits.float() / torch.where(temperature > 0, temperature, 1.0)[:, None]
@@ -963,12 +977,14 @@ class TestOnGPU:
 
     @pytest.mark.parametrize("mode", ["top_k", "top_p", "top_k_and_top_p", "greedy", "mixed"])
     def test_sampling_matches_reference(self, mode):
-        # 256 rows of a 128k vocabulary: the batch of sampling_batch repeated with new seeds.
-        rows = [sampling_batch(mode, vocab=128256, seed=s) for s in range(32)]
-        args = [torch.cat(parts).cuda() for parts in zip(*rows)]
-        tokens, thr = sample_triton(*args, return_thresholds=True)
-        assert torch.equal(tokens, sample_ref(*args))
-        assert thr.shape == (256,)
+        # 256 and 16 rows of a 128k vocabulary (3 and 8 vocabulary slices): the batch of
+        # sampling_batch repeated with new seeds.
+        for copies in (32, 2):
+            rows = [sampling_batch(mode, vocab=128256, seed=s) for s in range(copies)]
+            args = [torch.cat(parts).cuda() for parts in zip(*rows)]
+            tokens, thr = sample_triton(*args, return_thresholds=True)
+            assert torch.equal(tokens, sample_ref(*args))
+            assert thr.shape == (8 * copies,)
 
     def test_store_kv_4096_tokens(self):
         k = torch.randn(4096, 8, 128, device="cuda", dtype=torch.bfloat16)

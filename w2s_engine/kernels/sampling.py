@@ -17,13 +17,20 @@ x = logits / T; log(min_p) comes in computed once, so both paths add the same fp
 Each row's cut is one threshold: the lowest allowed logit / T.
 
 CPU (the reference): torch sort / topk find the threshold (only the k best tokens get noise
-when every row has a top-k). GPU (the Triton kernel, one program per row): no sort. Two passes
-over the row find its max, softmax mass and a lower bound on the threshold and gather the few
-tokens above the bound; a radix select over those finds the k-th largest (by count) and then
-the top-p cutoff (by mass) exactly, so the kernel's threshold is the reference's value bit for
-bit, except where the top-p mass lands within rounding of top_p (sums run in another order).
-Scratch memory: one int32 per logit. With an exact tie at the k-th logit the kernel keeps every
-tied token (transformers' rule, and the full reference's); the CPU top-k fast path keeps k.
+when every row has a top-k). GPU (Triton): no sort. Each row's vocabulary is cut into slices,
+a program each (_sample_slices_kernel), so that a few rows (one request's beams) still fill
+the GPU: a row with no cut draws its slice's Gumbel-max; a top-k row (or min-p alone) gathers
+its slice's few tokens that can be allowed (each slice keeps at least its own k largest,
+which include every global top-k token it holds). One program per row then ends the row
+(_sample_kernel): the slices' best token; or, from the gathered tokens held in registers, a
+radix select finds the k-th largest (by count) and then the top-p cutoff (by mass) exactly;
+a top-p row without top-k (or a slice with too many candidates) takes two passes over its
+whole row instead, which find its max, softmax mass and a lower bound on the threshold, gather
+the tokens above the bound and select among them the same way. The kernel's threshold is the
+reference's value bit for bit, except where the top-p mass lands within rounding of top_p
+(sums run in another order). Scratch memory: one int32 per logit. With an exact tie at the
+k-th logit the kernel keeps every tied token (transformers' rule, and the full reference's);
+the CPU top-k fast path keeps k.
 """
 
 import torch
@@ -238,10 +245,142 @@ if triton is not None:
             prefix = _next_prefix(acc, prefix, target, 28 - 4 * r)
         return prefix, (total >= target) & (total > 0)
 
+    @triton.jit
+    def _row_filters(temp_ptr, top_k_ptr, top_p_ptr, log_min_p_ptr, row, V,
+                     HAS_MIN_P: tl.constexpr):
+        """A row's sampling switches -> (t, greedy, k, p, use_k, use_p, use_min_p, log_min_p,
+        cut_row, fast_row). t is 1 for greedy rows; a greedy row takes the argmax, kept by any
+        cut, so it never cuts. fast_row: the row's allowed tokens are among each vocabulary
+        slice's local candidates (top-k: the slice's k largest bound them; min-p alone: the
+        slice's max + log(min_p) does), so the slices can gather them."""
+        t = tl.load(temp_ptr + row)
+        greedy = t <= 0
+        t = tl.where(greedy, 1.0, t)
+        k = tl.load(top_k_ptr + row)
+        p = tl.load(top_p_ptr + row)
+        use_k = (k > 0) & (k < V) & ~greedy
+        use_p = (p < 1.0) & ~greedy
+        log_min_p = tl.full((), float("-inf"), tl.float32)
+        if HAS_MIN_P:
+            log_min_p = tl.load(log_min_p_ptr + row)
+        use_min_p = (log_min_p > float("-inf")) & ~greedy
+        cut_row = use_k | use_p | use_min_p
+        fast_row = use_k | (use_min_p & ~use_p)
+        return t, greedy, k, p, use_k, use_p, use_min_p, log_min_p, cut_row, fast_row
+
+    @triton.jit
+    def _row_key(seed_ptr, pos_ptr, row):
+        """The row's noise key: fmix32(seed_lo ^ fmix32(seed_hi ^ fmix32(position_lo + c)))."""
+        seed = tl.load(seed_ptr + row)
+        pos = tl.load(pos_ptr + row)
+        lo = (seed & 0xFFFFFFFF).to(tl.uint32)
+        hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        return _fmix32_tl(lo ^ _fmix32_tl(hi ^ _fmix32_tl(
+            ((pos + 0x9E3779B9) & 0xFFFFFFFF).to(tl.uint32))))
+
+    @triton.jit
+    def _gumbel_score(x, v, key, greedy):
+        """x + Gumbel noise of token ids v (x itself for a greedy row)."""
+        bits = _fmix32_tl(key ^ (v.to(tl.uint32) * 0x27D4EB2F))
+        u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+        return tl.where(greedy, x, x - tl.log(-tl.log(u)))
+
+    @triton.jit
+    def _gumbel_best(lrow, crow, key, t, greedy, thr, start, end, n_cand, V,
+                     BLOCK_V: tl.constexpr):
+        """Gumbel-max over positions [start, end) -> (best score, its token; -inf and 0 when
+        nothing there is allowed). Positions below n_cand are candidates (token ids read from
+        crow, ascending), the others token ids themselves; a token is allowed when its
+        logits / T >= thr. Ties go to the lowest id, as torch.argmax's."""
+        best = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        best_i = tl.zeros([BLOCK_V], tl.int64)
+        for i0 in range(start, end, BLOCK_V):
+            i = i0 + tl.arange(0, BLOCK_V)
+            mask = i < end
+            from_cand = mask & (i < n_cand)
+            v = tl.where(from_cand, tl.load(crow + i, mask=from_cand, other=0), i)
+            x = tl.load(lrow + v, mask=mask, other=float("-inf")).to(tl.float32)
+            x = tl.math.div_rn(x, t)                # IEEE division, as the reference's logits / T
+            score = tl.where(mask & (x >= thr), _gumbel_score(x, v, key, greedy), float("-inf"))
+            better = score > best
+            best = tl.where(better, score, best)
+            best_i = tl.where(better, v.to(tl.int64), best_i)
+        top = tl.max(best, 0)
+        return top, tl.min(tl.where(best == top, best_i, V), 0)
+
     @triton.autotune(
         configs=configs(
-            [triton.Config({"BLOCK_V": 1024, "BLOCK_L": 256, "BLOCK_C": 256}, num_warps=4),
-             triton.Config({"BLOCK_V": 2048, "BLOCK_L": 256, "BLOCK_C": 256}, num_warps=8),
+            [triton.Config({"BLOCK_V": 1024, "BLOCK_L": 256}, num_warps=4),
+             triton.Config({"BLOCK_V": 2048, "BLOCK_L": 256}, num_warps=8),
+             triton.Config({"BLOCK_V": 4096, "BLOCK_L": 256}, num_warps=8)],
+            interpret=triton.Config({"BLOCK_V": 1024, "BLOCK_L": 256})),
+        key=["slice_size"], do_bench=quick_bench)
+    @triton.jit(do_not_specialize=["slice_size"])
+    def _sample_slices_kernel(
+        logits_ptr,              # [B, V] fp32 / fp16 / bf16
+        temp_ptr, top_p_ptr,     # [B] fp32: temperature (0 = greedy), top-p (1 = off)
+        top_k_ptr,               # [B] int: top-k (0 or >= V = off)
+        log_min_p_ptr,           # [B] fp32: log(min_p) (-inf = off)
+        seed_ptr, pos_ptr,       # [B] int64
+        cand_ptr,                # [B, V] int32 out: slice s's candidates from s * slice_size
+        part_x_ptr,              # [B, S] fp32 out: the slice's best score, or its max
+        part_n_ptr,              # [B, S] int32 out: its best token, or its candidate count
+        V, slice_size, stride_l, stride_c,
+        BLOCK_V: tl.constexpr,   # lanes of the passes
+        BLOCK_L: tl.constexpr,   # groups of lanes whose maxima bound the slice's k-th largest
+        HAS_MIN_P: tl.constexpr,
+    ):
+        # grid: (B, S). Program (row, s) reads only vocabulary slice s, so a few rows still
+        # give every SM a program:
+        #  - a row with no cut: Gumbel-max over the slice -> (best score, its token);
+        #  - a fast row (top-k, or min-p alone): the slice's max m_s (x = logits / T), and the
+        #    ids of its tokens >= a local bound, in order, to cand: the k-th largest of the
+        #    slice's BLOCK_L group maxima (the global k-th largest is >= the slice's, so every
+        #    top-k token of the slice is kept), or m_s + log(min_p) -> (m_s, count);
+        #  - any other row (top-p without top-k) is left to _sample_kernel: (-inf, -1).
+        row = tl.program_id(0).to(tl.int64)
+        s = tl.program_id(1)
+        t, greedy, k, p, use_k, use_p, use_min_p, log_min_p, cut_row, fast_row = _row_filters(
+            temp_ptr, top_k_ptr, top_p_ptr, log_min_p_ptr, row, V, HAS_MIN_P)
+        lrow = logits_ptr + row * stride_l
+        lo = s * slice_size
+        hi = tl.minimum(V, lo + slice_size)
+        crow = cand_ptr + row * stride_c + lo       # this slice's part of the row's scratch
+        out = row * tl.num_programs(1) + s
+
+        top, token = _gumbel_best(lrow, crow, _row_key(seed_ptr, pos_ptr, row), t, greedy,
+                                  float("-inf"), lo, tl.where(cut_row, lo, hi), 0, V, BLOCK_V)
+
+        fast_hi = tl.where(fast_row, hi, lo)        # the passes below run only for fast rows
+        lane_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        for v0 in range(lo, fast_hi, BLOCK_V):
+            v = v0 + tl.arange(0, BLOCK_V)
+            x = tl.load(lrow + v, mask=v < hi, other=float("-inf")).to(tl.float32)
+            lane_max = tl.maximum(lane_max, tl.math.div_rn(x, t))
+        m_s = tl.max(lane_max, 0)
+        group_max = tl.max(tl.reshape(lane_max, [BLOCK_L, BLOCK_V // BLOCK_L]), 1)
+        bound_k, found = _select_in_block(_sort_key(group_max),
+                                          tl.full([BLOCK_L], 1.0, tl.float32), k.to(tl.float32))
+        bound = tl.where(use_k, tl.where(found, bound_k, 0), _sort_key(m_s + log_min_p))
+        n = 0
+        for v0 in range(lo, fast_hi, BLOCK_V):
+            v = v0 + tl.arange(0, BLOCK_V)
+            x = tl.load(lrow + v, mask=v < hi, other=float("-inf")).to(tl.float32)
+            take = (v < hi) & (_sort_key(tl.math.div_rn(x, t)) >= bound)
+            at = n + tl.cumsum(take.to(tl.int32), 0) - 1
+            tl.store(crow + at, v, mask=take)
+            n += tl.sum(take.to(tl.int32), 0)
+
+        tl.store(part_x_ptr + out, tl.where(cut_row, tl.where(fast_row, m_s, float("-inf")),
+                                            top))
+        tl.store(part_n_ptr + out, tl.where(cut_row, tl.where(fast_row, n, -1),
+                                            token.to(tl.int32)))
+
+    @triton.autotune(
+        configs=configs(
+            # (4 warps spill the fast path's [MAX_SLICES * SLICE_CANDIDATES, 16] digit counts
+            # on sm_90: 5 KB; bench/kernel_compile.py.)
+            [triton.Config({"BLOCK_V": 2048, "BLOCK_L": 256, "BLOCK_C": 256}, num_warps=8),
              triton.Config({"BLOCK_V": 4096, "BLOCK_L": 256, "BLOCK_C": 512}, num_warps=8),
              # A few rows (one request's beams) leave most SMs idle, each program's passes
              # over the row a chain of loads: more warps in flight per row may pay there.
@@ -249,7 +388,7 @@ if triton is not None:
              triton.Config({"BLOCK_V": 4096, "BLOCK_L": 256, "BLOCK_C": 512}, num_warps=16)],
             interpret=triton.Config({"BLOCK_V": 1024, "BLOCK_L": 256, "BLOCK_C": 256})),
         key=["V", "FEW_ROWS"], do_bench=quick_bench)
-    @triton.jit
+    @triton.jit(do_not_specialize=["slices", "slice_size"])
     def _sample_kernel(
         logits_ptr,              # [B, V] fp32 / fp16 / bf16
         temp_ptr, top_p_ptr,     # [B] fp32: temperature (0 = greedy), top-p (1 = off)
@@ -257,41 +396,76 @@ if triton is not None:
         log_min_p_ptr,           # [B] fp32: log(min_p) (-inf = off)
         seed_ptr, pos_ptr,       # [B] int64
         cand_ptr,                # [B, V] int32 scratch: each row's candidate token ids
+        part_x_ptr, part_n_ptr,  # [B, slices] fp32, int32: _sample_slices_kernel's results
         thr_ptr,                 # [B] fp32 out: the lowest allowed scaled logit (-inf: no cut)
         out_ptr,                 # [B] int64 out: the drawn token
         V, stride_l, stride_c,
+        slices, slice_size,      # the vocabulary slices of _sample_slices_kernel
         BLOCK_V: tl.constexpr,   # lanes of the full-row passes
         BLOCK_L: tl.constexpr,   # groups of lanes whose maxima bound the k-th largest
         BLOCK_C: tl.constexpr,   # candidates per step of the selects
+        MAX_SLICES: tl.constexpr,  # >= slices
+        SLICE_CANDIDATES: tl.constexpr,  # a slice's candidates the fast path holds
         HAS_MIN_P: tl.constexpr,  # some row has a min_p (else log_min_p_ptr is not read)
         FEW_ROWS: tl.constexpr,   # fewer rows than SMs / 4 (an autotuning key, not read)
     ):
-        # grid: (B,). Per row, no sort:
-        #  1. one pass: row max m, Z = sum exp(x - m), lane maxima (x = logits / T);
-        #  2. a lower bound L on the final threshold: the k-th largest of BLOCK_L group maxima
-        #     (k distinct tokens are >= it), or for top-p alone m + log((1 - p) Z / V) - 1
-        #     (tokens below it together hold less than 1 - p of the mass);
-        #  3. one pass: the ids of tokens >= L, in order, to cand (usually a few hundred);
-        #  4. radix selects over the candidates: the k-th largest (a count), then the top-p
-        #     cutoff (a mass; of the top-k survivors, renormalised, as transformers does);
-        #  5. Gumbel-max over the allowed candidates (or the whole row when nothing is cut).
+        # grid: (B,), after _sample_slices_kernel. Per row, no sort; one of three paths:
+        #  - no cut: the slices' best (score, token) pairs -> the best, ties to the lowest id;
+        #  - fast (top-k, or min-p alone), when every slice kept at most SLICE_CANDIDATES:
+        #    all the slices' candidates in registers, m = the max of the slices' maxima; a
+        #    radix select over them finds the k-th largest (by count), then the top-p cutoff
+        #    of the top-k survivors (by mass, renormalised as transformers does); Gumbel-max
+        #    over the allowed ones. No pass over the row;
+        #  - otherwise the whole row here:
+        #    1. one pass: row max m, Z = sum exp(x - m), lane maxima (x = logits / T);
+        #    2. a lower bound L on the final threshold: the k-th largest of BLOCK_L group
+        #       maxima (k distinct tokens are >= it), or for top-p alone
+        #       m + log((1 - p) Z / V) - 1 (tokens below it together hold less than 1 - p of
+        #       the mass);
+        #    3. one pass: the ids of tokens >= L, in order, to cand (usually a few hundred);
+        #    4. radix selects over the candidates: the k-th largest, then the top-p cutoff;
+        #    5. Gumbel-max over the allowed candidates (or the whole row when nothing is cut).
         row = tl.program_id(0).to(tl.int64)
-        t = tl.load(temp_ptr + row)
-        greedy = t <= 0
-        t = tl.where(greedy, 1.0, t)
-        k = tl.load(top_k_ptr + row)
-        p = tl.load(top_p_ptr + row)
-        use_k = (k > 0) & (k < V) & ~greedy         # greedy takes the argmax, kept by any cut
-        use_p = (p < 1.0) & ~greedy
-        cut_row = use_k | use_p
-        if HAS_MIN_P:
-            log_min_p = tl.load(log_min_p_ptr + row)
-            use_min_p = (log_min_p > float("-inf")) & ~greedy
-            cut_row = cut_row | use_min_p
+        t, greedy, k, p, use_k, use_p, use_min_p, log_min_p, cut_row, fast_row = _row_filters(
+            temp_ptr, top_k_ptr, top_p_ptr, log_min_p_ptr, row, V, HAS_MIN_P)
         lrow = logits_ptr + row * stride_l
         crow = cand_ptr + row * stride_c
-        v_cut = tl.where(cut_row, V, 0)             # the passes below run only for cut rows
+        key = _row_key(seed_ptr, pos_ptr, row)
 
+        # The slices' results.
+        s = tl.arange(0, MAX_SLICES)
+        smask = s < slices
+        part_x = tl.load(part_x_ptr + row * slices + s, mask=smask, other=float("-inf"))
+        part_n = tl.load(part_n_ptr + row * slices + s, mask=smask, other=0)
+        top = tl.max(part_x, 0)
+        token_uncut = tl.min(tl.where(smask & (part_x == top), part_n, V), 0)
+
+        # Fast path: the slices' candidates as one [MAX_SLICES * SLICE_CANDIDATES] block.
+        fast = fast_row & (tl.max(part_n, 0) <= SLICE_CANDIDATES)
+        c = tl.arange(0, SLICE_CANDIDATES)
+        held = smask[:, None] & (c[None, :] < tl.where(fast, part_n, 0)[:, None])
+        ids = tl.load(crow + s[:, None] * slice_size + c[None, :], mask=held, other=0)
+        xs = tl.load(lrow + ids, mask=held, other=float("-inf")).to(tl.float32)
+        ids = tl.reshape(ids, [MAX_SLICES * SLICE_CANDIDATES])
+        held = tl.reshape(held, [MAX_SLICES * SLICE_CANDIDATES])
+        xs = tl.math.div_rn(tl.reshape(xs, [MAX_SLICES * SLICE_CANDIDATES]), t)
+        keys = tl.where(held, _sort_key(xs), 0)
+        kth, found_k = _select_in_block(keys, tl.where(held, 1.0, 0.0), k.to(tl.float32))
+        floor = tl.where(use_k & found_k, kth, 0)
+        mass = tl.where(held & (keys >= floor), tl.exp(xs - top), 0.0)
+        total = tl.sum(mass, 0)
+        cut, found_p = _select_in_block(keys, mass, p * total)
+        cut = tl.where(use_p & found_p & (total > 0), cut, floor)
+        thr_fast = tl.where(cut > 0, _key_value(cut), float("-inf"))
+        thr_fast = tl.where(use_min_p, tl.maximum(thr_fast, top + log_min_p), thr_fast)
+        score = tl.where(held & (xs >= thr_fast), _gumbel_score(xs, ids, key, greedy),
+                         float("-inf"))
+        best = tl.max(score, 0)
+        token_fast = tl.min(tl.where(score == best, ids.to(tl.int64), V), 0)
+
+        # The whole row.
+        full = cut_row & ~fast
+        v_cut = tl.where(full, V, 0)                # the passes below run only for such rows
         lane_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
         lane_sum = tl.zeros([BLOCK_V], tl.float32)  # sum of exp(x - lane_max)
         for v0 in range(0, v_cut, BLOCK_V):
@@ -322,41 +496,17 @@ if triton is not None:
                                              tl.where(use_k, p, p * z), use_k, True, BLOCK_C)
         cut = tl.where(use_p & found_p, cut, floor)
         thr = tl.where(cut > 0, _key_value(cut), float("-inf"))
-        if HAS_MIN_P:
-            # min-p: tokens >= the max + log(min_p); with top-k or top-p, all among the
-            # candidates.
-            thr = tl.where(use_min_p, tl.maximum(thr, m + log_min_p), thr)
-        tl.store(thr_ptr + row, thr)
-
+        # min-p: tokens >= the max + log(min_p); with top-k or top-p, all among the candidates.
+        thr = tl.where(use_min_p, tl.maximum(thr, m + log_min_p), thr)
         # Gumbel-max over the allowed tokens; with a cut they are all among the candidates
         # (thr >= bound), stored in ascending id order, so ties still go to the lowest id.
-        use_cand = cut > 0
-        n_scan = tl.where(use_cand, n, V)
-        seed = tl.load(seed_ptr + row)
-        pos = tl.load(pos_ptr + row)
-        lo = (seed & 0xFFFFFFFF).to(tl.uint32)
-        hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-        key = _fmix32_tl(lo ^ _fmix32_tl(hi ^ _fmix32_tl(((pos + 0x9E3779B9) & 0xFFFFFFFF).to(tl.uint32))))
-        best = tl.full([BLOCK_V], float("-inf"), tl.float32)
-        best_i = tl.zeros([BLOCK_V], tl.int64)
-        for i0 in range(0, n_scan, BLOCK_V):
-            i = i0 + tl.arange(0, BLOCK_V)
-            mask = i < n_scan
-            from_cand = i < tl.where(use_cand, n_scan, 0)
-            v = tl.where(from_cand, tl.load(crow + i, mask=from_cand, other=0), i)
-            x = tl.load(lrow + v, mask=mask, other=float("-inf")).to(tl.float32)
-            x = tl.math.div_rn(x, t)                # IEEE division, as the reference's logits / T
-            bits = _fmix32_tl(key ^ (v.to(tl.uint32) * 0x27D4EB2F))
-            u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
-            g = -tl.log(-tl.log(u))
-            score = tl.where(greedy, x, x + g)
-            score = tl.where(mask & (x >= thr), score, float("-inf"))
-            better = score > best
-            best = tl.where(better, score, best)
-            best_i = tl.where(better, v.to(tl.int64), best_i)
-        # Ties between lanes go to the lowest index, as torch.argmax does.
-        top = tl.max(best, 0)
-        tl.store(out_ptr + row, tl.min(tl.where(best == top, best_i, V), 0))
+        n_scan = tl.where(cut > 0, n, V)
+        _, token_full = _gumbel_best(lrow, crow, key, t, greedy, thr, 0, tl.where(full, n_scan, 0),
+                                     tl.where(cut > 0, n_scan, 0), V, BLOCK_V)
+
+        tl.store(thr_ptr + row, tl.where(cut_row, tl.where(fast, thr_fast, thr), float("-inf")))
+        tl.store(out_ptr + row, tl.where(cut_row, tl.where(fast, token_fast, token_full),
+                                         token_uncut.to(tl.int64)))
 
 
 def _check(logits, temperature, top_k, top_p, seeds, positions, min_p=None):
@@ -377,21 +527,52 @@ def _check(logits, temperature, top_k, top_p, seeds, positions, min_p=None):
         raise ValueError("sample: logits need a contiguous last dimension")
 
 
+# _sample_slices_kernel's vocabulary slices: at most MAX_SLICES a row (the fast path holds
+# SLICE_CANDIDATES of each in registers), each a multiple of SLICE_GRANULE (the largest
+# BLOCK_V) of at least MIN_SLICE tokens, as many as give every SM about four programs.
+MAX_SLICES = 8
+SLICE_CANDIDATES = 128
+SLICE_GRANULE = 4096
+MIN_SLICE = 16384
+
+
+def vocab_slices(device, rows: int, v: int) -> tuple[int, int]:
+    """(slices, slice_size) of a [rows, v] sampling: 16 rows of a 128k vocabulary take 8
+    slices of 16k tokens (128 programs, not 16); 528 rows or more take one."""
+    want = max(1, -(-4 * sm_count(device) // max(1, rows)))
+    slices = max(1, min(MAX_SLICES, want, -(-v // MIN_SLICE)))
+    size = -(-(-(-v // slices)) // SLICE_GRANULE) * SLICE_GRANULE
+    return -(-v // size), size
+
+
 def sample_triton(logits, temperature, top_k, top_p, seeds, positions, min_p=None,
-                  return_thresholds: bool = False):
+                  return_thresholds: bool = False, slice_size: int | None = None):
     """The Triton path; with return_thresholds, also each row's lowest allowed scaled logit
-    ([B] fp32, -inf where nothing is cut; greedy rows are never cut)."""
+    ([B] fp32, -inf where nothing is cut; greedy rows are never cut). slice_size: the
+    vocabulary slices' size (by default vocab_slices')."""
     _check(logits, temperature, top_k, top_p, seeds, positions, min_p)
     b, v = logits.shape
     out = torch.empty(b, dtype=torch.int64, device=logits.device)
     thr = torch.empty(b, dtype=torch.float32, device=logits.device)
     if b:
+        if slice_size is None:
+            slices, slice_size = vocab_slices(logits.device, b, v)
+        else:
+            slices = -(-v // slice_size)
+        assert 1 <= slices <= MAX_SLICES, f"{slices} vocabulary slices; at most {MAX_SLICES}"
         cand = torch.empty(b, v, dtype=torch.int32, device=logits.device)   # <= 2x the logits
+        part_x = torch.empty(b, slices, dtype=torch.float32, device=logits.device)
+        part_n = torch.empty(b, slices, dtype=torch.int32, device=logits.device)
         log_min_p = log_min_p_of(min_p)
-        _sample_kernel[(b,)](logits, temperature, top_p, top_k,
-                             temperature if log_min_p is None else log_min_p, seeds,
-                             positions.long(), cand, thr, out, v, logits.stride(0),
-                             cand.stride(0), HAS_MIN_P=log_min_p is not None,
+        args = (logits, temperature, top_p, top_k,
+                temperature if log_min_p is None else log_min_p, seeds, positions.long(), cand,
+                part_x, part_n)
+        _sample_slices_kernel[(b, slices)](*args, v, slice_size, logits.stride(0),
+                                           cand.stride(0), HAS_MIN_P=log_min_p is not None)
+        _sample_kernel[(b,)](*args, thr, out, v, logits.stride(0), cand.stride(0), slices,
+                             slice_size, MAX_SLICES=MAX_SLICES,
+                             SLICE_CANDIDATES=SLICE_CANDIDATES,
+                             HAS_MIN_P=log_min_p is not None,
                              FEW_ROWS=b < sm_count(logits.device) // 4)
     return (out, thr) if return_thresholds else out
 
