@@ -50,6 +50,26 @@ def test_incremental_detokenization_equals_full_decode(other, pieces, chunk):
     assert d.update(state, ids, flush=True) == d.decode(ids)
 
 
+@settings(max_examples=100, deadline=None)
+@given(pieces=st.lists(st.sampled_from(PIECES), min_size=1, max_size=30),
+       chunk=st.integers(2, 6))
+def test_detokenized_text_depends_on_the_tokens_not_on_how_often_it_was_read(other, pieces,
+                                                                               chunk):
+    # The scorer reads a beam's text at chunk ends, a stream after every token: a search
+    # must score the same text either way (a window ending inside a character held back
+    # the complete characters before it too, so the two saw different chunk texts).
+    ids = other("".join(pieces), add_special_tokens=False)["input_ids"]
+    d = Detokenizer(other)
+    every_token, chunk_ends = DetokState(), DetokState()
+    for end in range(1, len(ids) + 1):
+        d.update(every_token, ids[:end])
+        if end % chunk == 0:
+            assert d.update(chunk_ends, ids[:end]) == every_token.text
+            assert every_token.text == d.decode(ids[:end]).rstrip("\ufffd") or \
+                "\ufffd" in d.decode(ids)
+    assert d.update(chunk_ends, ids, flush=True) == d.update(every_token, ids, flush=True)
+
+
 def test_fork_of_detokenizer_state_is_independent(other):
     d = Detokenizer(other)
     ids = other("I really liked it", add_special_tokens=False)["input_ids"]

@@ -49,6 +49,19 @@ def test_the_deltas_concatenate_to_the_result_of_the_same_search(engines, which,
     engine.check_all_free()
 
 
+def test_a_chunk_ending_inside_a_character_is_scored_alike_streamed_or_not(engines):
+    # With another tokenizer the scorer reads each candidate's text at its chunk's end. A
+    # first chunk here decodes to 'c' and half a character: the complete 'c' must be scored
+    # whether or not a stream read the text token by token on the way.
+    params = SearchParams.cbs(2, 3, 2, max_new_tokens=10, seed=0, trace=True)
+    engine = engines["cross"]
+    whole = engine.search(["This film"], params)[0]
+    streamed = list(engine.search_stream("This film", params))[-1].result
+    assert streamed.token_ids == whole.token_ids and streamed.reward == whole.reward
+    assert streamed.trace == whole.trace
+    engine.check_all_free()
+
+
 def test_a_cbs_stream_sends_text_before_the_search_ends_when_survivors_agree(engines):
     # Greedy candidates agree, so their common prefix grows as they sample.
     params = SearchParams.cbs(2, 2, 3, max_new_tokens=12, temperature=0.0, seed=1,

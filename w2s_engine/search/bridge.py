@@ -26,13 +26,17 @@ class DetokState:
     text: str = ""
     prefix_offset: int = 0   # first token of the decode window
     read_offset: int = 0     # tokens before this are already in `text`
+    held: int = 0            # characters of the tokens from read_offset on already in `text`
 
     def copy(self) -> "DetokState":
-        return DetokState(self.text, self.prefix_offset, self.read_offset)
+        return DetokState(self.text, self.prefix_offset, self.read_offset, self.held)
 
 
 class Detokenizer:
-    """Incremental decode: equal to tokenizer.decode(all ids) once flushed."""
+    """Incremental decode: equal to tokenizer.decode(all ids) once flushed. Before that, the
+    text of ids is their decode less a trailing incomplete character, however often update
+    ran on the way (the scorer reads it at chunk ends, a stream at every token: a search
+    must see the same text either way)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -51,10 +55,20 @@ class Detokenizer:
         # Decoding from one token earlier keeps tokenizer-specific leading-space rules right.
         prefix = self.decode(ids[state.prefix_offset:state.read_offset])
         full = self.decode(ids[state.prefix_offset:])
-        if len(full) > len(prefix) and (flush or not full.endswith(REPLACEMENT)):
-            state.text += full[len(prefix):]
+        if len(full) <= len(prefix):
+            return state.text
+        new = full[len(prefix):]
+        if flush or not new.endswith(REPLACEMENT):
+            state.text += new[state.held:]
             state.prefix_offset = state.read_offset
             state.read_offset = len(ids)
+            state.held = 0
+        else:
+            # The tokens end inside a character: what comes before it is final already.
+            complete = new.rstrip(REPLACEMENT)
+            if len(complete) > state.held:
+                state.text += complete[state.held:]
+                state.held = len(complete)
         return state.text
 
 
