@@ -95,6 +95,13 @@ def torch_has_cuda() -> bool:
     (["serve", "--max-batch-tokens", "0"], "0 is not a positive integer"),
     (["search", "x", "--method", "base", "--enforce-eager", "--cascade-attention"],
      "leave out --enforce-eager"),
+    (["search", "x", "--kv-blocks", "0"], "0 is not a positive integer"),
+    (["search", "x", "--method", "base", "--device", "foo"], "device='foo'"),
+    (["serve", "--port", "70000"], "70000 is not a TCP port"),
+    (["serve", "--max-queue", "-1"], "-1 is negative"),
+    (["serve", "--max-body-bytes", "0"], "0 is not a positive integer"),
+    (["demo", "--prompts", "0"], "0 is not a positive integer"),
+    (["demo", "--prompts", "99"], "the demo has 8 test prompts"),
 ])
 def test_user_mistakes_exit_nonzero_with_one_line_and_no_traceback(args, says):
     out = run(*args)
@@ -189,3 +196,15 @@ def test_serve_runs_with_an_api_key_from_the_environment_and_logs_each_request(t
     assert "serving tiny, alias" in err and "API key required" in err
     assert "POST /v1/completions 200 finished method=cbs" in err
     assert "GET /v1/models 401" in err, err
+
+
+@pytest.mark.parametrize("flags, method, w, k", [
+    ([], "cbs", 4, 4), (["--k", "6"], "cbs", 4, 6),
+    (["--method", "best_of_n", "--k", "8"], "best_of_n", 1, 8),
+    (["--method", "base"], "base", 1, 1), (["--method", "base", "--k", "3"], "base", 1, 3),
+    (["--method", "eft", "--k", "2"], "eft", 1, 2),
+])
+def test_k_sets_the_children_or_the_samples_of_each_method(flags, method, w, k):
+    from w2s_engine.cli import build_parser, params_from_args
+    params = params_from_args(build_parser().parse_args(["search", "x", *flags]))
+    assert (params.method, params.w, params.k) == (method, w, k)

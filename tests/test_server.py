@@ -127,6 +127,9 @@ def test_malformed_requests_get_4xx_naming_the_field_and_the_server_keeps_servin
 def test_models_health_and_metrics(server):
     assert [m.id for m in server.client.models.list().data] == ["tiny"]
     assert json.loads(urllib.request.urlopen(server.url + "/health").read())["status"] == "ok"
+    # Load balancers probe with HEAD.
+    head = urllib.request.urlopen(urllib.request.Request(server.url + "/health", method="HEAD"))
+    assert head.status == 200
     m = server.metrics()
     assert {"w2s_requests_total", "w2s_queue_length", 'w2s_kv_blocks_used{model="large"}',
             'w2s_tokens_forwarded_total{model="tuned"}', "w2s_decode_steps_total"} <= set(m)
@@ -229,6 +232,15 @@ def is_envelope(payload, status):
     ("/v1/completions", b'{"prompt": "x", "logit_bias": {"x": 1}}', 400, "logit_bias.x"),
     ("/v1/completions", b'{"prompt": "x", "logit_bias": {"99999": 1}}', 400, "logit_bias.99999"),
     ("/v1/completions", b'{"prompt": "\xff\xfe"}', 400, None),
+    ("/v1/completions", b'{"prompt": "x", "seed": ' + b"9" * 5000 + b'}', 400, None),
+    ("/v1/completions", b'{"prompt": "x", "metadata": ' + b"9" * 5000 + b'}', 400, None),
+    # Limits of the models and the pool name the field to change.
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 600}', 400, "max_tokens"),
+    ("/v1/completions", b'{"prompt": "' + b"a " * 600 + b'", "max_tokens": 4}', 400, "prompt"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "' + b"a " * 600
+     + b'"}], "max_tokens": 4}', 400, "messages"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 400, "w": 64, "k": 64}', 400,
+     "max_tokens"),
     ("/v1/completions", b"[" * 100000 + b"]" * 100000, 400, None),
     ("/v1/completions", b'{"prompt": "x", "w": }', 400, None),
     ("/v1/completions", b'[1, 2]', 400, None),
@@ -248,6 +260,15 @@ def test_hostile_bodies_get_400_in_the_envelope_naming_the_field(server, path, b
     assert payload["error"]["param"] == param
     if param:
         assert param.split(".")[-1] in payload["error"]["message"]
+
+
+def test_a_developer_message_is_taken_as_the_system_message(server):
+    # OpenAI's newer SDKs send "developer" where they sent "system" (vLLM takes both).
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
+    answers = [server.client.chat.completions.create(model="tiny", messages=m, max_tokens=5,
+                                                     seed=3, extra_body={"w": 2, "k": 2, "l": 3})
+               for m in (messages, [{**messages[0], "role": "developer"}, messages[1]])]
+    assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
 
 
 def test_a_bad_request_among_running_ones_fails_alone(server):

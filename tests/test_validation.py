@@ -7,12 +7,14 @@ queue bound counts the requests waiting for memory; model specs that cannot load
 """
 
 import json
+import re
 import subprocess
 import sys
 import threading
 import time
 
 import pytest
+import torch
 
 from test_server import tiny_engine
 from tiny_models import make_tokenizer, tiny_llama
@@ -284,6 +286,67 @@ def test_the_queue_bound_counts_requests_waiting_for_memory_not_a_burst_that_fit
         small.step()
     assert all(r.status is RequestStatus.DONE for r in reqs)
     small.check_all_free()
+
+
+def test_search_of_more_prompts_than_the_queue_bound_runs_them_all_as_room_comes():
+    # A pool that holds one such search at a time and a queue of one: search() still runs
+    # all five, taking them in as the queue has room, and leaves nothing behind.
+    tok = make_tokenizer(300)
+    small = Engine((tiny_llama(len(tok), seed=1, layers=3), tok), num_kv_blocks=60,
+                   block_size=4, progress=False, max_waiting=1)
+    params = SearchParams.base(n=4, max_new_tokens=40, seed=1)
+    prompts = ["I really", "This film", "What a", "Hmm", "Yes"]
+    results = small.search(prompts, params)
+    assert [r.prompt for r in results] == prompts
+    assert results[1].token_ids == small.search(["This film"], params)[0].token_ids
+    assert not small.has_unfinished()
+    small.check_all_free()
+
+
+def test_search_takes_one_conversation_as_one_prompt(engine):
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
+    one, = engine.search(messages, FAST)
+    assert one.token_ids == engine.search([messages], FAST)[0].token_ids
+
+
+def test_score_refuses_a_response_past_the_small_models_context(engine):
+    limit = engine.scorer.streams[0].runners["tuned"].shape.max_positions
+    with pytest.raises(ValueError, match=f"context is {limit}: shorten them"):
+        engine.score(["I really"], [[5] * (limit + 10)])
+    engine.check_all_free()
+
+
+@pytest.mark.parametrize("setting, error, says", [
+    ({"num_kv_blocks": 0}, ValueError, "num_kv_blocks=0"),
+    ({"num_kv_blocks": -5}, ValueError, "num_kv_blocks=-5"),
+    ({"num_kv_blocks": 2.5}, TypeError, "num_kv_blocks=2.5: give an int"),
+    ({"block_size": "16"}, TypeError, "block_size='16': give an int"),
+    ({"max_waiting": -1}, ValueError, "max_waiting=-1"),
+    ({"device": "foo"}, ValueError, "device='foo'"),
+    ({"device": "cuda"}, ValueError, "sees no CUDA device"),
+    ({"dtype": "float8"}, ValueError, "dtype='float8'"),
+    ({"dtype": torch.int32}, ValueError, "torch.float32, torch.float16 or torch.bfloat16"),
+    ({"progress": "no"}, TypeError, "progress='no': give True or False"),
+    ({"templates": ["{prompt}"]}, TypeError, "templates: expected a dict"),
+])
+def test_engine_settings_are_checked_before_any_model_loads(setting, error, says, monkeypatch):
+    if setting.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    loads = []
+    monkeypatch.setattr("w2s_engine.engine.load_role", lambda *a, **k: loads.append(a))
+    with pytest.raises(error, match=re.escape(says)):
+        Engine("any-model", **setting)
+    assert loads == []
+
+
+def test_engine_keywords_override_a_given_config_and_dtype_names_are_taken():
+    from w2s_engine.config import EngineConfig
+    tok = make_tokenizer(300)
+    engine = Engine((tiny_llama(len(tok), seed=1, layers=3), tok), progress=False,
+                    config=EngineConfig(block_size=16, num_kv_blocks=100), block_size=4,
+                    num_kv_blocks=7, dtype="float32")
+    assert (engine.config.block_size, engine.budget.num_blocks) == (4, 7)
+    assert engine.config.dtype == torch.float32
 
 
 def test_an_uncached_hub_id_fails_at_once_offline_naming_it(monkeypatch):

@@ -6,8 +6,9 @@ import sys
 
 import w2s_engine
 from w2s_engine.launch import (LOG_LEVELS, UserError, add_model_args, engine_from_args,
-                               setup_logging)
+                               nonnegative_int, port_number, positive_int, setup_logging)
 from w2s_engine.params import DEFAULTS, METHODS
+from w2s_engine.tasks.sentiment import TEST_PROMPTS
 
 HELP = {"cbs": "chunk-level beam search", "best_of_n": "Best-of-N", "base": "plain sampling",
         "eft": "token-level EFT / proxy-tuning"}
@@ -32,8 +33,9 @@ def _add_search_args(p: argparse.ArgumentParser):
     p.add_argument("--method", default=DEFAULTS.method, choices=METHODS,
                    help=", ".join(f"{m}: {HELP[m]}" for m in METHODS))
     p.add_argument("--w", type=int, default=DEFAULTS.w, help="beams kept after each chunk")
-    p.add_argument("--k", type=int, default=DEFAULTS.k,
-                   help="children per beam (N for best_of_n)")
+    p.add_argument("--k", type=int, default=None,
+                   help=f"children per beam (N for best_of_n, samples for base and eft) "
+                        f"(default: {DEFAULTS.k}; 1 sample for base and eft)")
     p.add_argument("--l", type=int, default=DEFAULTS.l, help="chunk length in large-model tokens")
     p.add_argument("--beta", type=float, default=DEFAULTS.beta, help="EFT strength")
     for name, kind, help_ in SAMPLING_FLAGS:
@@ -48,13 +50,14 @@ def params_from_args(args):
     from w2s_engine.params import SearchParams
     common = {name: getattr(args, name) for name, _, _ in SAMPLING_FLAGS}
     common.update(seed=args.seed, stop=args.stop)
+    k = DEFAULTS.k if args.k is None else args.k
     if args.method == "best_of_n":
-        return SearchParams.best_of_n(args.k, **common)
+        return SearchParams.best_of_n(k, **common)
     if args.method == "base":
-        return SearchParams.base(**common)
+        return SearchParams.base(n=args.k or 1, **common)
     if args.method == "eft":
-        return SearchParams.eft(args.beta, **common)
-    return SearchParams.cbs(args.w, args.k, args.l, **common)
+        return SearchParams.eft(args.beta, n=args.k or 1, **common)
+    return SearchParams.cbs(args.w, k, args.l, **common)
 
 
 def cmd_search(args):
@@ -84,6 +87,14 @@ def cmd_search(args):
     for r in results:
         reward = "" if r.reward is None else f"  [reward {r.reward:+.3f}]"
         print(f"{r.prompt}{r.text}{reward}")
+
+
+def demo_prompts(text: str) -> int:
+    value = positive_int(text)
+    if value > len(TEST_PROMPTS):
+        raise argparse.ArgumentTypeError(f"the demo has {len(TEST_PROMPTS)} test prompts: "
+                                         f"give 1-{len(TEST_PROMPTS)}")
+    return value
 
 
 def cmd_demo(args):
@@ -126,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", formatter_class=fmt,
                        help="the main job: base, Best-of-16 and CBS on the bundled models")
-    d.add_argument("--prompts", type=int, default=4, help="test prompts to run")
+    d.add_argument("--prompts", type=demo_prompts, default=4,
+                   help=f"test prompts to run (at most {len(TEST_PROMPTS)})")
     d.add_argument("--max-new-tokens", type=int, default=30, help="response length cap")
     d.add_argument("--seed", type=int, default=1, help="same seed, same results")
     d.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
@@ -136,14 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", formatter_class=fmt, help="OpenAI-compatible HTTP server")
     add_model_args(v)
     v.add_argument("--host", default="127.0.0.1", help="address to bind")
-    v.add_argument("--port", type=int, default=8000, help="port to bind")
+    v.add_argument("--port", type=port_number, default=8000, help="port to bind")
     v.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but /health "
                         "(default: $W2S_API_KEY; unset: no key)")
     v.add_argument("--allowed-origins", default=None,
                    help="comma-separated origins a browser may call from (CORS; '*' for any) "
                         "(default: none)")
-    v.add_argument("--max-queue", type=int, default=256,
+    v.add_argument("--max-queue", type=nonnegative_int, default=256,
                    help="requests waiting for KV memory before 429 (those that fit run at once)")
     v.add_argument("--served-model-name", nargs="+", default=None,
                    help="the model name(s) in /v1/models; responses carry the first, requests "
@@ -151,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--allowed-hosts", default=None,
                    help="comma-separated Host header names to answer ('*' for any) (default: "
                         "the loopback names when bound to loopback, else any)")
-    v.add_argument("--max-body-bytes", type=int, default=1 << 20,
+    v.add_argument("--max-body-bytes", type=positive_int, default=1 << 20,
                    help="request body limit; past it the answer is 413")
-    v.add_argument("--max-prompt-chars", type=int, default=None,
+    v.add_argument("--max-prompt-chars", type=positive_int, default=None,
                    help="prompt length limit in characters, checked before tokenizing "
                         "(default: 32 per token of the models' smallest context)")
     v.set_defaults(func=cmd_serve, log_level="info")

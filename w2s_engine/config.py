@@ -59,10 +59,32 @@ class EngineConfig:
     scoring_ahead: bool = True
 
     def resolve(self) -> "EngineConfig":
+        """Fill in the defaults and check every setting, before any model loads (ValueError
+        or TypeError naming the setting and what to give)."""
+        self._check_types()
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"EngineConfig.device={self.device!r}: give 'cpu', 'cuda' or "
+                             "'cuda:N'") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"EngineConfig.device={self.device!r}: the engine runs on 'cpu' "
+                             "or 'cuda'")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"EngineConfig.device={self.device!r}: this torch "
+                             f"({torch.__version__}) sees no CUDA device: use 'cpu'")
+        if isinstance(self.dtype, str):
+            if self.dtype not in DTYPE_NAMES:
+                raise ValueError(f"EngineConfig.dtype={self.dtype!r}: give one of "
+                                 f"{sorted(DTYPE_NAMES)} or a torch dtype")
+            self.dtype = DTYPE_NAMES[self.dtype]
         if self.dtype is None:
             self.dtype = torch.bfloat16 if str(self.device).startswith("cuda") else torch.float32
+        if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"EngineConfig.dtype={self.dtype}: give torch.float32, "
+                             "torch.float16 or torch.bfloat16")
         if self.cuda_graphs is None:
             self.cuda_graphs = str(self.device).startswith("cuda")
         if self.fused_ops is None:
@@ -76,7 +98,54 @@ class EngineConfig:
                 ("kv_cache_memory_fraction", 0 < self.kv_cache_memory_fraction <= 1,
                  "a value in (0, 1]"),
                 ("block_size", self.block_size > 0 and self.block_size & (self.block_size - 1)
-                 == 0, "a power of two")):
+                 == 0, "a power of two"),
+                ("num_kv_blocks", self.num_kv_blocks is None or self.num_kv_blocks >= 1,
+                 "None (sized from memory) or at least 1"),
+                ("kv_cache_memory_bytes", self.kv_cache_memory_bytes is None
+                 or self.kv_cache_memory_bytes >= 1, "None or a positive number of bytes"),
+                ("cpu_kv_cache_bytes", self.cpu_kv_cache_bytes >= 1, "a positive number of bytes"),
+                ("max_waiting", self.max_waiting is None or self.max_waiting >= 0,
+                 "None (no bound) or at least 0")):
             if not ok:
                 raise ValueError(f"EngineConfig.{name}={getattr(self, name)!r}: give {want}")
         return self
+
+    def _check_types(self):
+        def is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        for name, ok, want in (
+                ("block_size", is_int(self.block_size), "an int"),
+                ("num_kv_blocks", self.num_kv_blocks is None or is_int(self.num_kv_blocks),
+                 "an int or None"),
+                ("kv_cache_memory_fraction", isinstance(self.kv_cache_memory_fraction,
+                                                        (int, float))
+                 and not isinstance(self.kv_cache_memory_fraction, bool), "a number"),
+                ("kv_cache_memory_bytes", self.kv_cache_memory_bytes is None
+                 or is_int(self.kv_cache_memory_bytes), "an int or None"),
+                ("cpu_kv_cache_bytes", is_int(self.cpu_kv_cache_bytes), "an int"),
+                ("max_batch_tokens", is_int(self.max_batch_tokens), "an int"),
+                ("max_waiting", self.max_waiting is None or is_int(self.max_waiting),
+                 "an int or None"),
+                ("cuda_graph_max_batch", is_int(self.cuda_graph_max_batch), "an int"),
+                ("device", self.device is None or isinstance(self.device, (str, torch.device)),
+                 "a str such as 'cuda' or 'cpu', or None"),
+                ("dtype", self.dtype is None or isinstance(self.dtype, (str, torch.dtype)),
+                 "a torch dtype, its name, or None"),
+                ("cuda_graphs", self.cuda_graphs is None or isinstance(self.cuda_graphs, bool),
+                 "True, False or None"),
+                ("fused_ops", self.fused_ops is None or isinstance(self.fused_ops, bool),
+                 "True, False or None"),
+                ("torch_compile", isinstance(self.torch_compile, (bool, str)),
+                 "True, False or a backend name"),
+                *((name, isinstance(getattr(self, name), bool), "True or False")
+                  for name in ("small_special_tokens", "progress", "cascade_attention",
+                               "async_scheduling", "scoring_ahead"))):
+            if not ok:
+                raise TypeError(f"EngineConfig.{name}={getattr(self, name)!r}: give {want}")
+
+
+# dtype names as vLLM and transformers spell them
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+               "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+               "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}

@@ -12,6 +12,7 @@ the KV budget and the scheduler. One step of the loop reads schedule -> run -> p
    chunk; a request whose survivors have all finished ends with its result.
 """
 
+import dataclasses
 import functools
 import logging
 import random
@@ -32,9 +33,9 @@ from w2s_engine.models.scoring_graphs import ScoringGraphs
 from w2s_engine.models.loader import eos_ids, load_role
 from w2s_engine.models.runner import BatchFailed, ModelRunner, ModelShape
 from w2s_engine.outputs import SearchResult
-from w2s_engine.params import SearchParams
+from w2s_engine.params import InvalidParam, SearchParams
 from w2s_engine.precision import full_fp32_matmuls
-from w2s_engine.scheduler import Scheduler
+from w2s_engine.scheduler import QueueFull, Scheduler
 from w2s_engine.scoring import ImplicitReward, ProcessRewardModel, RewardModel, scorer_list
 from w2s_engine.search.eft import EFT
 from w2s_engine.search.prompts import check_prompt, parse_templates, template_has_tool_role
@@ -78,6 +79,8 @@ class Engine:
         tuned, untuned: the small pair of the implicit reward. scorer: ImplicitReward(),
         RewardModel(...) or a weighted list of them (w2s_engine/scoring.py); by default the
         implicit reward when the pair is given."""
+        if config is not None and overrides:
+            config = dataclasses.replace(config, **overrides)   # keywords win over config=
         self.config = config = (config or EngineConfig(**overrides)).resolve()
         remote = large if isinstance(large, OpenAICompletions) else None
         if (tuned is None) != (untuned is None):
@@ -236,10 +239,11 @@ class Engine:
              for i, sp in enumerate(small_prompts)])
         capacity = self.budget.num_blocks
         if any(v > capacity for v in req.reserved.values()):
-            raise ValueError(
+            raise InvalidParam("max_new_tokens", params.max_new_tokens, "needs more KV memory",
+                               message=(
                 f"request needs up to {max(req.reserved.values())} KV blocks in one pool, which "
                 f"holds {capacity}: lower w*k ({params.w}*{params.k}) or max_new_tokens "
-                f"({params.max_new_tokens}), or give the engine more KV memory")
+                f"({params.max_new_tokens}), or give the engine more KV memory"))
         return req
 
     def _tool_role(self) -> bool:
@@ -475,7 +479,9 @@ class Engine:
     # ---- the API ---------------------------------------------------------------------------
 
     def search(self, prompts, params: SearchParams | None = None) -> list[SearchResult]:
-        """Run one search per prompt, all batched together; results in prompt order."""
+        """Run one search per prompt, all batched together; results in prompt order. prompts:
+        a text, one conversation (a list of {"role", "content"} messages), or a list of
+        either."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, Iterable) or isinstance(prompts, (bytes, dict)):
@@ -484,6 +490,8 @@ class Engine:
         prompts = list(prompts)
         if not prompts:
             raise ValueError("prompts is empty: pass at least one prompt")
+        if all(isinstance(p, dict) for p in prompts):
+            prompts = [prompts]      # one conversation's messages, not a list of prompts
         params = params or SearchParams()
         requests = []
         for i, p in enumerate(prompts):
@@ -492,14 +500,19 @@ class Engine:
             except (ValueError, TypeError) as e:
                 kind = TypeError if isinstance(e, TypeError) else ValueError
                 raise kind(f"prompt {i}: {e}") from None
-        for r in requests:
-            self.enqueue(r)
         bar = tqdm(total=len(requests), desc=f"w2s {params.method}", unit="prompt",
                    disable=not self.config.progress or len(requests) < 2)
         try:
+            # A bounded queue (max_waiting) takes the prompts as it has room: a caller that
+            # waits for all of them is not turned away.
+            queued = self._enqueue_while_room(requests, 0)
             ended = 0
             while ended < len(requests):
+                if queued < len(requests) and not self.has_unfinished():
+                    raise QueueFull(f"max_waiting={self.config.max_waiting} admits none of "
+                                    "the prompts: raise it or pass None (no bound)")
                 self.step()
+                queued = self._enqueue_while_room(requests, queued)
                 now = sum(r.status.ended for r in requests)
                 bar.update(now - ended)
                 ended = now
@@ -514,6 +527,16 @@ class Engine:
             i, r = failed[0]
             raise SearchError(f"prompt {i} failed: {r.error}")
         return [r.result for r in requests]
+
+    def _enqueue_while_room(self, requests: list[SearchRequest], queued: int) -> int:
+        """Enqueue requests[queued:] until the queue is full -> how many are queued now."""
+        while queued < len(requests):
+            try:
+                self.enqueue(requests[queued])
+            except QueueFull:
+                break
+            queued += 1
+        return queued
 
     def warm_up(self):
         """One small search through the paths a request takes: a prefill, decode steps with

@@ -47,7 +47,7 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model and KV dtype (default: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--kv-blocks", type=int, default=None,
+    p.add_argument("--kv-blocks", type=positive_int, default=None,
                    help="KV blocks per model pool (default: from the memory budget)")
     p.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
                    help="how much the package logs on stderr")
@@ -58,6 +58,20 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative: give 0 or more")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port: give 0-65535")
     return value
 
 
@@ -174,7 +188,7 @@ def engine_from_args(args, need_small: bool, **config):
         overrides["device"] = args.device
     if args.dtype:
         overrides["dtype"] = getattr(torch, args.dtype)
-    if args.kv_blocks:
+    if args.kv_blocks is not None:
         overrides["num_kv_blocks"] = args.kv_blocks
     large = _remote(args) if remote else args.large
     started = time.perf_counter()

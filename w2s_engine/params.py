@@ -23,9 +23,9 @@ class InvalidParam(ValueError):
     """A value the engine cannot run: `field` names it ('top_k', 'prompt', 'messages.0.role'),
     `why` says what to change. `owner` prefixes the name in the message ('SearchParams.')."""
 
-    def __init__(self, field: str, value, why: str, owner: str = ""):
+    def __init__(self, field: str, value, why: str, owner: str = "", message: str | None = None):
         self.field, self.value, self.why = field, value, why
-        super().__init__(f"{owner}{field}={_short(value)}: {why}")
+        super().__init__(message or f"{owner}{field}={_short(value)}: {why}")
 
 
 def _short(value) -> str:

@@ -43,8 +43,10 @@ def check_prompt(prompt, tool_role: bool = False):
         role, content = m.get("role"), m.get("content")
         if not isinstance(role, str):
             raise TypeError(f"{where}.role: expected a str, got {type(role).__name__}")
+        if role == "developer":
+            role = "system"      # OpenAI's newer name for the system message (vLLM's rule)
         if role not in roles:
-            why = f"must be one of {', '.join(roles)}"
+            why = f"must be one of {', '.join(roles)} (or developer, taken as system)"
             if role == "tool":
                 why += " (these models' chat templates have no tool role)"
             raise InvalidParam(f"{where}.role", role, why)
@@ -153,6 +155,9 @@ class ResponseTemplate:
 
 def parse_templates(templates: dict | None, chat: bool) -> dict[str, Template]:
     """{'large': ..., 'small': ..., 'tuned': ..., 'untuned': ...} -> a Template per role."""
+    if templates is not None and not isinstance(templates, dict):
+        raise TypeError(f"templates: expected a dict such as {{'large': 'Review: {{prompt}}', "
+                        f"'small': '{{prompt}}'}}, got {type(templates).__name__}")
     templates = dict(templates or {})
     unknown = set(templates) - {"large", "small", "tuned", "untuned"}
     if unknown:
@@ -172,9 +177,12 @@ def parse_templates(templates: dict | None, chat: bool) -> dict[str, Template]:
 def check_context(role: str, limit: int | None, prompt_len: int, max_new: int):
     """A prompt and its longest response must fit the model's context."""
     if limit is not None and prompt_len + max_new > limit:
-        raise ValueError(f"the {role} model's context is {limit} tokens; the prompt has "
-                         f"{prompt_len} and max_new_tokens is {max_new}: shorten the prompt "
-                         "or lower max_new_tokens")
+        # The field to change: the prompt when it fills the context alone.
+        name, value = ("prompt", prompt_len) if prompt_len >= limit else ("max_new_tokens",
+                                                                          max_new)
+        raise InvalidParam(name, value, "too long for the context", message=(
+            f"the {role} model's context is {limit} tokens; the prompt has {prompt_len} and "
+            f"max_new_tokens is {max_new}: shorten the prompt or lower max_new_tokens"))
 
 
 @dataclass

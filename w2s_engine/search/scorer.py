@@ -348,6 +348,14 @@ class Scorer:
                     u = StreamUpdate(st, full + sp.suffix_ids, start, bool(fin))
                 if isinstance(stream, HeadStream) and self.steps[si] is None:
                     u.reads = [len(u.full_ids) - 1]
+                tokens = len(u.full_ids)     # (EOS is a target at the last position)
+                for role, runner in stream.runners.items():
+                    limit = runner.shape.max_positions
+                    if limit is not None and tokens > limit:
+                        raise ValueError(
+                            f"responses[{len(updates)}]: the prompt and response are {tokens} "
+                            f"tokens for the {role} model, whose context is {limit}: shorten "
+                            "them")
                 updates.append(u)
             # Tables for a group at once: groups that fit half the free pool (the other half
             # is the search's, which may run beside).

@@ -70,6 +70,9 @@ def parse_json(raw: bytes):
                                 f"{e.lineno} column {e.colno}") from None
     except RecursionError:
         raise RequestError(400, f"the request body nests deeper than {MAX_DEPTH} levels") from None
+    except ValueError:   # an integer past Python's 4,300-digit conversion limit
+        raise RequestError(400, "the request body holds an integer of thousands of digits: "
+                                "send numbers in the ranges the fields take") from None
     if not isinstance(obj, dict):
         raise RequestError(400, f"the request body must be a JSON object {{...}}, not "
                                 f"{_json_kind(obj)}")
@@ -171,6 +174,8 @@ def param_error(e: ValueError, prompt_field: str, names: dict | None = None) -> 
         message = field + message[len(e.field):]
     if field == "prompt" or field.startswith("messages"):
         field = field if field.startswith(prompt_field) else prompt_field
+    if e.field == "prompt" and prompt_field == "messages":   # a chat's prompt is its messages
+        message = message.replace("the prompt", "the messages")
     return RequestError(400, message, field)
 
 
@@ -424,7 +429,7 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    role: Literal[CHAT_ROLES]
+    role: Literal[(*CHAT_ROLES, "developer")]   # developer: OpenAI's newer name for system
     content: str | list[TextPart]
     name: str | None = None
 

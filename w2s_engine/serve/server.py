@@ -203,6 +203,9 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
             return error_response(500, f"the search failed: {e}")
         finally:
             task.cancel()
+            # A cancelled gather ends with an exception no one awaits: read it (asyncio logs
+            # an unread one as an error, and a client that leaves is no error).
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
             for h in handles:
                 h.cancel()
 
@@ -281,7 +284,7 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
         check_model(model_id)
         return model_card(model_id)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])   # HEAD: load balancers' probes
     async def health():
         alive = async_engine.is_alive()
         return JSONResponse({"status": "ok" if alive else "engine loop stopped"},
