@@ -211,18 +211,38 @@ def test_async_engine_stream_for_embedding_yields_deltas_and_cancels_when_left_e
         async_engine.shutdown()
 
 
-def test_a_search_in_flight_when_the_engine_loop_shuts_down_fails_rather_than_hangs():
-    async_engine = AsyncEngine(tiny_engine(num_kv_blocks=400))
+def test_searches_in_flight_or_queued_at_shutdown_fail_and_give_back_every_block(monkeypatch):
+    engine = tiny_engine(num_kv_blocks=400)
+    async_engine = AsyncEngine(engine)
+    real = engine.make_request
+
+    def slow(prompt, *args, **kwargs):   # a long prompt still being tokenized at shutdown
+        if prompt == "slow":
+            time.sleep(0.5)
+        return real(prompt, *args, **kwargs)
+    monkeypatch.setattr(engine, "make_request", slow)
 
     async def run():
         stream = async_engine.stream("I really", SearchParams.base(max_new_tokens=400, seed=1,
                                                                    ignore_eos=True))
         await anext(stream)
+        running = asyncio.create_task(async_engine.search("What a", SearchParams.cbs(
+            2, 2, 3, max_new_tokens=300, seed=2, ignore_eos=True)))
+        preparing = asyncio.create_task(async_engine.search("slow", SearchParams()))
+        await asyncio.sleep(0.2)
         await asyncio.get_running_loop().run_in_executor(None, async_engine.shutdown)
         with pytest.raises(SearchFailed, match="shutting down"):
             async for _ in stream:
                 pass
+        for task in (running, preparing):
+            with pytest.raises(SearchFailed, match="shutting down"):
+                await task
+        with pytest.raises(SearchFailed, match="shutting down"):   # and after it
+            await async_engine.search("I really", SearchParams())
     asyncio.run(asyncio.wait_for(run(), 60))
+    # The engine is clean to reuse: nothing left running, every block back.
+    assert not engine.has_unfinished()
+    engine.check_all_free()
 
 
 @pytest.mark.parametrize("name, extra", [METHODS[1], METHODS[5]], ids=[IDS[1], IDS[5]])

@@ -41,6 +41,9 @@ class SearchFailed(RuntimeError):
     """The engine failed this request (the server answers 500); the others went on."""
 
 
+SHUTTING_DOWN = "the server is shutting down"
+
+
 class SearchHandle:
     """A queued search, seen from asyncio: its deltas as they become final (async iteration,
     the last one carries the result), `result()`, and `cancel()`.
@@ -135,6 +138,10 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._pending: dict[int, SearchHandle] = {}   # request id -> its handle
         self._stop = False
+        # Set by the loop thread as it exits, under the lock that _send takes: a command
+        # sent after it is answered at once, never left in a queue nobody reads.
+        self._closed = False
+        self._inbox_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="w2s-engine-loop", daemon=True)
         self._thread.start()
 
@@ -147,8 +154,16 @@ class AsyncEngine:
         prepare: called with the SearchRequest before it is queued (the server's options)."""
         loop = asyncio.get_running_loop()
         arrived = time.perf_counter() if arrived is None else arrived
-        req = await loop.run_in_executor(
-            self._prepare_pool, partial(self.engine.make_request, prompt, params, stream=True))
+        if self._stop:
+            raise SearchFailed(SHUTTING_DOWN)
+        try:
+            req = await loop.run_in_executor(
+                self._prepare_pool, partial(self.engine.make_request, prompt, params,
+                                            stream=True))
+        except RuntimeError:
+            if self._stop:      # the preparing pool was shut down on the way
+                raise SearchFailed(SHUTTING_DOWN) from None
+            raise
         if prepare is not None:
             prepare(req)
         handle = SearchHandle(self, req, loop, label, arrived)
@@ -184,14 +199,22 @@ class AsyncEngine:
         return self._thread.is_alive()
 
     def shutdown(self):
+        """Stop the loop: every search in flight, queued or being prepared ends with
+        SearchFailed and its KV blocks come back; later submits raise SearchFailed."""
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10)
-        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+        # Preparations under way finish (tokenizing is quick) and are refused as they queue.
+        self._prepare_pool.shutdown(wait=False)
 
     def _send(self, command):
-        self._inbox.put(command)
-        self._wake.set()
+        with self._inbox_lock:
+            if not self._closed:
+                self._inbox.put(command)
+                self._wake.set()
+                return
+        if command[0] == "add":     # the loop has exited: refuse it here
+            command[1]._accept(SearchFailed(SHUTTING_DOWN))
 
     # ---- the loop thread ---------------------------------------------------------------------
 
@@ -207,8 +230,18 @@ class AsyncEngine:
                     self._step()
             except Exception:  # a bug in this loop: log it, keep serving
                 log.exception("w2s engine loop: unexpected error")
+        with self._inbox_lock:
+            self._closed = True
+        while True:     # commands sent before the loop closed: refuse the searches
+            try:
+                command, handle = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if command == "add":
+                handle._accept(SearchFailed(SHUTTING_DOWN))
         for handle in list(self._pending.values()):   # nobody will step them now
-            handle._push(SearchFailed("the server is shutting down"))
+            self.engine.cancel(handle.request)         # (their blocks come back)
+            handle._push(SearchFailed(SHUTTING_DOWN))
         self._pending.clear()
 
     def _step(self):
