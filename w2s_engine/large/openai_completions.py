@@ -96,9 +96,18 @@ class OpenAICompletions:
             except openai.APIError as e:
                 raise RemoteModelError(f"the large-model server at {self.base_url} failed "
                                        f"(after {self.max_retries} retries): {e}") from e
+            except ValueError as e:    # a 200 whose body is not JSON
+                raise RemoteModelError(f"the large-model server at {self.base_url} answered "
+                                       f"with a body that is not JSON ({e})") from e
+            if not isinstance(getattr(resp, "choices", None), list):
+                error = (getattr(resp, "model_extra", None) or {}).get("error")
+                got = f"the error {error}" if error else repr(str(resp)[:80])
+                raise RemoteModelError(
+                    f"the large-model server at {self.base_url} answered with no completion "
+                    f"object (got {got}): is it an OpenAI-compatible /v1 URL?")
             if not resp.choices:
                 raise RemoteModelError(f"the large-model server at {self.base_url} returned no choices")
-            choices += _choices(resp, job, want)
+            choices += _choices(resp, job, want, self.base_url)
         return choices
 
     def close(self):
@@ -108,16 +117,33 @@ class OpenAICompletions:
             self._thread.join(timeout=5)
 
 
-def _finish(reason) -> str:
-    # "stop" covers EOS and stop strings; anything else ends the chunk by length.
-    return "stop" if reason == "stop" else "length"
+# finish_reason values that mean the continuation ended (EOS or a stop string): OpenAI's and
+# vLLM's "stop", and older TGI's and other servers' names for the same.
+STOPPED = {"stop", "eos_token", "stop_sequence", "eos"}
+# ... and that it was cut by max_tokens (None: a server that does not say).
+CUT = {"length", "max_tokens", None}
 
 
-def _choices(resp, job: CompletionJob, want: int) -> list[Choice]:
+def _finish(reason, base_url: str) -> str:
+    """'stop' (the continuation ended) or 'length' (cut by max_tokens); a continuation the
+    server aborted or filtered is no sample of the model: the request fails."""
+    if reason in STOPPED:
+        return "stop"
+    if reason in CUT:
+        return "length"
+    raise RemoteModelError(f"the large-model server at {base_url} ended a continuation with "
+                           f"finish_reason={reason!r} (not a sample the search can use)")
+
+
+def _choices(resp, job: CompletionJob, want: int, base_url: str = "") -> list[Choice]:
     """Per-choice token counts without asking for logprobs (which some servers make slow):
     a continuation cut by length used max_tokens; the rest share what usage reports."""
     got = resp.choices[:want]
-    reasons = [_finish(c.finish_reason) for c in got]
+    for c in got:
+        if not isinstance(getattr(c, "text", None), str):
+            raise RemoteModelError(f"the large-model server at {base_url} returned a choice "
+                                   f"without text ({getattr(c, 'text', None)!r})")
+    reasons = [_finish(c.finish_reason, base_url) for c in got]
     n_stop = reasons.count("stop")
     usage = getattr(resp, "usage", None)
     total = usage.completion_tokens if usage is not None and len(resp.choices) == len(got) else None
@@ -125,5 +151,5 @@ def _choices(resp, job: CompletionJob, want: int) -> list[Choice]:
         per_stop = max(1, (total - job.max_tokens * (len(got) - n_stop)) // n_stop)
     else:
         per_stop = 1
-    return [Choice(c.text or "", r, job.max_tokens if r == "length" else per_stop)
+    return [Choice(c.text, r, job.max_tokens if r == "length" else per_stop)
             for c, r in zip(got, reasons)]

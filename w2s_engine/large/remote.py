@@ -3,14 +3,24 @@
 Text in, text out, no KV here: every chunk asks the server for continuations of at most L
 tokens of prompt + response text (large/openai_completions.py). Children of one parent share
 its text, so each family is one request for n=K continuations, and all families of all
-requests go out at once. The server tokenizes, checks its own context and cuts its own stop
-strings; a beam keeps its response as text and the server's token count.
+requests go out at once. The server tokenizes, checks its own context and cuts the stop
+strings inside each continuation it writes; the engine cuts one that spans two chunks (or one
+a server left in). A beam keeps its response as text and the server's token count.
 """
 
 from w2s_engine.large.openai_completions import CompletionJob, OpenAICompletions
 from w2s_engine.params import InvalidParam, SearchParams
 from w2s_engine.search.request import SearchRequest, mix_seed
 from w2s_engine.search.sequence import Beam
+
+
+def first_stop(text: str, stops, new_from: int) -> int | None:
+    """Where the first stop string in text starts, among those that end past new_from (the
+    text a call added): the server cuts the stop strings inside one continuation, not one
+    that spans two chunks' calls, and some servers leave the match in. None: no stop."""
+    hits = [i for stop in stops
+            if (i := text.find(stop, max(0, new_from - len(stop) + 1))) >= 0]
+    return min(hits) if hits else None
 
 
 class RemoteLarge:
@@ -77,6 +87,7 @@ class RemoteLarge:
                 failed[r.request_id] = (r, f"{type(answer).__name__}: {answer}")
                 continue
             for b, choice in zip(beams, answer):
+                before = len(b.text)
                 b.text += choice.text
                 b.num_large_tokens += choice.num_tokens
                 r.stats.tokens_sampled += choice.num_tokens
@@ -85,10 +96,14 @@ class RemoteLarge:
                     b.finished, b.finish_reason = True, "stop"
                 elif b.num_large_tokens >= r.params.max_new_tokens:
                     b.finished, b.finish_reason = True, "length"
+                cut = first_stop(b.text, r.params.stop, before)
+                if cut is not None:
+                    b.text = b.text[:cut]
+                    b.finished, b.finish_reason = True, "stop"
         return list(failed.values())
 
     def response_text(self, b: Beam) -> str:
-        return b.text  # the server already cut its stop strings
+        return b.text  # cut at its first stop string
 
     def num_tokens(self, b: Beam) -> int:
         return b.num_large_tokens
