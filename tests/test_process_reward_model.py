@@ -3,13 +3,14 @@ end at a separator, or at each chunk), aggregated; equal to a full forward of th
 rendering, in label mode (P(label) from the LM head) and head mode (a token classifier)."""
 
 import math
+import re
 
 import pytest
 import torch
 
 from tiny_models import clone, make_tokenizer, tiny_llama, tiny_reward_model
 from w2s_engine import Engine, SearchParams
-from w2s_engine.scoring import ProcessRewardModel
+from w2s_engine.scoring import ProcessRewardModel, RewardModel
 from w2s_engine.search.bridge import DetokState, Detokenizer
 from w2s_engine.search.steps import aggregate, tag_steps
 from w2s_engine.search.tokens import common_prefix
@@ -47,12 +48,15 @@ def scratch_prm(models, model, prompt, text, marks, separator, label_mode, how) 
     """Full forward of the tagged rendering; the step scores at every tag; aggregated."""
     tok = models["other"]
     before = TEMPLATE.split("{response}")[0].replace("{prompt}", prompt)
-    tagged, unfinished = tag_steps(text, TAG, separator, marks)
+    tagged, unfinished, offsets = tag_steps(text, TAG, separator, marks)
     prompt_ids = tok(before, add_special_tokens=False)["input_ids"]
-    ids = tok(before + tagged, add_special_tokens=False)["input_ids"]
+    enc = tok(before + tagged, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
     start = common_prefix(ids, prompt_ids)
     tag_id = tok(TAG, add_special_tokens=False)["input_ids"][0]
-    reads = [i for i in range(start, len(ids)) if ids[i] == tag_id]
+    inserted = {len(before) + o for o in offsets}   # not the tag's text in the response
+    reads = [i for i in range(start, len(ids))
+             if ids[i] == tag_id and enc["offset_mapping"][i][0] in inserted]
     if unfinished:
         reads.append(len(ids))
         ids = ids + [tag_id]
@@ -114,6 +118,28 @@ def test_head_mode_with_a_step_per_chunk_scores_every_chunk_end(models):
     engine.check_all_free()
 
 
+@torch.no_grad()
+def test_the_step_tag_written_in_a_response_is_text_not_a_step(models):
+    engine = engine_with(models, models["head"], step_separator="\n\n", head_index=1,
+                         aggregate="mean")
+    first = f"one step {TAG} still the same step"
+    got = engine.score(["Q:"], [first + "\n\nand a second"])[0]
+    # By hand: two steps, read at the tag inserted before the separator and at the one
+    # appended after the unfinished second step; the tag in the text is read by no one.
+    tok, head = models["other"], models["head"]
+    before = TEMPLATE.split("{response}")[0].replace("{prompt}", "Q:")
+    enc = tok(before + first + TAG + "\n\nand a second", add_special_tokens=False,
+              return_offsets_mapping=True)
+    ids = enc["input_ids"] + [tok.convert_tokens_to_ids(TAG)]
+    inserted = [i for i, (a, _) in enumerate(enc["offset_mapping"])
+                if a == len(before) + len(first)]
+    assert len(inserted) == 1
+    out = head(torch.tensor([ids])).logits[0]
+    want = (out[inserted[0], 1].item() + out[len(ids) - 1, 1].item()) / 2
+    assert got == pytest.approx(want, abs=1e-4)
+    engine.check_all_free()
+
+
 def test_a_step_tag_or_label_that_is_not_one_token_is_refused(models):
     with pytest.raises(ValueError, match="step_tag=.* must be one"):
         Engine((tiny_llama(300, seed=1), models["tok"]),
@@ -125,11 +151,33 @@ def test_a_step_tag_or_label_that_is_not_one_token_is_refused(models):
 
 
 def test_aggregates_and_tags():
-    assert tag_steps("a\n\nb", "<t>", "\n\n", []) == ("a<t>\n\nb", True)
-    assert tag_steps("a\n\n", "<t>", "\n\n", []) == ("a<t>\n\n", False)
-    assert tag_steps("abcdef", "<t>", None, [2, 4]) == ("ab<t>cd<t>ef", True)
-    assert tag_steps("abcd", "<t>", None, [2, 4]) == ("ab<t>cd<t>", False)
+    assert tag_steps("a\n\nb", "<t>", "\n\n", []) == ("a<t>\n\nb", True, [1])
+    assert tag_steps("a\n\n", "<t>", "\n\n", []) == ("a<t>\n\n", False, [1])
+    assert tag_steps("abcdef", "<t>", None, [2, 4]) == ("ab<t>cd<t>ef", True, [2, 7])
+    assert tag_steps("abcd", "<t>", None, [2, 4]) == ("ab<t>cd<t>", False, [2, 7])
+    # A tag written in the response is text, not a step's end.
+    assert tag_steps("x<t>y\n\nz", "<t>", "\n\n", []) == ("x<t>y<t>\n\nz", True, [5])
     values = [0.5, 0.25, 1.0]
     assert [aggregate(values, h) for h in ("last", "min", "product", "mean")] == \
         [1.0, 0.25, 0.125, pytest.approx(0.5833333)]
     assert aggregate([], "min") == 0.0
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda: RewardModel("m", head_index=True), "RewardModel.head_index=True"),
+    (lambda: RewardModel("m", head_index="1"), "RewardModel.head_index='1'"),
+    (lambda: ProcessRewardModel("m", step_tag="x", head_index=-1), "head_index=-1"),
+    (lambda: ProcessRewardModel("m", step_tag="x", label="+", other_label="+"),
+     "is the label itself"),
+])
+def test_a_reward_model_spec_that_cannot_score_is_refused_when_made(make, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        make()
+
+
+def test_label_mode_over_a_model_without_an_lm_head_is_refused_at_start(models):
+    prm = ProcessRewardModel((clone_head(models["head"]), models["other"]), step_tag=TAG,
+                             template=TEMPLATE, label="+", other_label="-")
+    with pytest.raises(ValueError, match="has none .a classification head"):
+        Engine((tiny_llama(len(models["tok"]), seed=1, layers=3), models["tok"]), scorer=prm,
+               num_kv_blocks=800, block_size=4, progress=False)

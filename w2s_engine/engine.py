@@ -574,7 +574,8 @@ class Engine:
     @exact_fp32
     def score(self, prompts, responses, finished=True) -> list[float]:
         """The reward of given responses under the engine's scorer (texts, or token ids in the
-        scorers' one vocabulary)."""
+        scorers' one vocabulary). A process reward model whose steps are the search's chunks
+        (step_separator=None) sees a given response as one step: there are no chunks here."""
         if not self.has_scorer:
             raise ValueError("score() needs a scorer: the tuned and untuned small models, or "
                              "scorer=RewardModel(...)")

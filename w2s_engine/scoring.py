@@ -42,6 +42,15 @@ class RewardModel:
     head_index: int = 0
     weight: float = 1.0
 
+    def __post_init__(self):
+        check_head_index(type(self).__name__, self.head_index)
+
+
+def check_head_index(owner: str, index):
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise ValueError(f"{owner}.head_index={index!r}: an int >= 0 (which output of the "
+                         "model's head is the reward)")
+
 
 AGGREGATES = ("last", "min", "product", "mean")
 
@@ -85,6 +94,11 @@ class ProcessRewardModel:
                              f"{', '.join(AGGREGATES)}")
         if self.other_label is not None and self.label is None:
             raise ValueError("ProcessRewardModel.other_label needs label")
+        if self.other_label is not None and self.other_label == self.label:
+            raise ValueError(f"ProcessRewardModel.other_label={self.other_label!r} is the "
+                             "label itself: give the other class's token (Math-Shepherd: "
+                             "label '+', other_label '-')")
+        check_head_index(type(self).__name__, self.head_index)
 
 
 SCORERS = (ImplicitReward, RewardModel, ProcessRewardModel)

@@ -38,6 +38,10 @@ def score_head(runner: ModelRunner, index: int) -> Callable:
 
 def label_probability(runner: ModelRunner, label: int, other: int | None) -> Callable:
     """hidden [N, H] -> P(label) [N] from the LM head, over {label, other} when other is given."""
+    if runner.lm_head is None:
+        raise ValueError("ProcessRewardModel.label reads a label token's probability from an "
+                         "LM head, and this model has none (a classification head): load a "
+                         "causal LM checkpoint, or leave label out to read its head")
     def read(hidden):
         logits = runner.compute_logits(hidden)
         if other is None:

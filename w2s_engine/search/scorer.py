@@ -198,11 +198,13 @@ class Scorer:
         all states' windows in one call into the tokenizer); a reward model's suffix is
         tokenized on its own and follows; a PRM's text has its step tags, and reads at each."""
         steps = self.steps[si]
-        rendered, suffixes = [], []
+        rendered, suffixes, tags = [], [], []
         for st, text in zip(states, texts):
             suffix = sp.suffix_ids
             if steps is not None:
-                tagged, unfinished = tag_steps(text, steps.tag, steps.separator, st.marks)
+                tagged, unfinished, offsets = tag_steps(text, steps.tag, steps.separator,
+                                                        st.marks)
+                tags.append(offsets)
                 if steps.separator is None and len(text) > (st.marks[-1] if st.marks else 0):
                     st.marks = st.marks + [len(text)]   # this chunk ends a step for the next
                 if unfinished:
@@ -212,14 +214,20 @@ class Scorer:
             suffixes.append(suffix)
         olds = [Tokenized(st.text, st.ids[:len(st.starts)], st.starts) for st in states]
         ups = []
-        for st, suffix, (new, start) in zip(states, suffixes, sp.extend_many(olds, rendered)):
+        for j, (st, suffix, (new, start)) in enumerate(zip(states, suffixes,
+                                                        sp.extend_many(olds, rendered))):
             if start == 0:
                 raise ValueError("the tokenization of prompt + response changed the prompt's "
                                  f"first token for the {self.streams[si].roles[0]} model: add "
                                  "text before {prompt} in its template")
             u = StreamUpdate(st, new.ids + suffix, start, False, text=new.text, starts=new.starts)
             if steps is not None:
-                u.reads = [i for i in range(start, len(new.ids)) if new.ids[i] == steps.tag_id]
+                # Read at the tags inserted after steps (the response is the text's tail), not
+                # at the same text written in the response.
+                base = len(new.text) - len(rendered[j])
+                inserted = {base + o for o in tags[j]}
+                u.reads = [i for i in range(start, len(new.ids))
+                           if new.ids[i] == steps.tag_id and new.starts[i] in inserted]
                 if len(suffix) > len(sp.suffix_ids):
                     u.reads.append(len(new.ids))
             ups.append(u)

@@ -12,16 +12,27 @@ import math
 from w2s_engine.scoring import AGGREGATES
 
 
-def tag_steps(text: str, tag: str, separator: str | None, marks: list[int]) -> tuple[str, bool]:
-    """(the response with a tag after each finished step, whether an unfinished step follows)."""
+def tag_steps(text: str, tag: str, separator: str | None,
+              marks: list[int]) -> tuple[str, bool, list[int]]:
+    """(the response with a tag after each finished step, whether an unfinished step follows,
+    where each inserted tag starts in it). The offsets tell the tags from the same text in
+    the response itself, which is no step's end."""
     if separator is not None:
         parts = text.split(separator)
-        return (tag + separator).join(parts), bool(parts[-1])
-    out, last = [], 0
+        offsets, at = [], 0
+        for part in parts[:-1]:
+            at += len(part)
+            offsets.append(at)
+            at += len(tag) + len(separator)
+        return (tag + separator).join(parts), bool(parts[-1]), offsets
+    out, last, offsets, at = [], 0, [], 0
     for end in marks:
         out += [text[last:end], tag]
+        at += end - last
+        offsets.append(at)
+        at += len(tag)
         last = end
-    return "".join(out) + text[last:], len(text) > last
+    return "".join(out) + text[last:], len(text) > last, offsets
 
 
 def aggregate(values: list[float], how: str) -> float:
