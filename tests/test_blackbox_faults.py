@@ -134,3 +134,30 @@ def test_an_answer_that_is_no_sample_fails_its_request_alone_naming_the_server(s
     assert good.status is RequestStatus.DONE and good.result.text == " ok ok ok"
     assert failed.status is RequestStatus.FAILED
     assert url in failed.error and says in failed.error
+
+
+def test_a_slow_answer_holds_up_its_own_request_only_and_cancel_aborts_its_call(small):
+    release = threading.Event()     # the slow request's call answers only when released
+
+    def answer(body):
+        if "SLOW" in body["prompt"]:
+            release.wait(60)
+        return completion([" ok"] * body["n"])
+    server = ScriptedServer(answer)
+    backend, engine = engine_over(server, small)
+    try:
+        params = SearchParams(w=1, k=2, l=3, max_new_tokens=9, seed=1)
+        fast, slow = (engine.add_request(p, params) for p in ("fine", "SLOW"))
+        for _ in range(1000):       # (each step waits at most remote.WAIT_S)
+            engine.step()
+            if fast.status.ended:
+                break
+        assert fast.status is RequestStatus.DONE and fast.result.text == " ok ok ok"
+        assert slow.status is RequestStatus.RUNNING and not release.is_set()
+        engine.cancel(slow)
+        assert engine.large.in_flight == {} and not engine.has_unfinished()
+        engine.check_all_free()
+    finally:
+        release.set()
+        backend.close()
+        server.stop()

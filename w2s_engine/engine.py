@@ -274,6 +274,7 @@ class Engine:
     def cancel(self, req: SearchRequest):
         """Drop a request wherever it is; its blocks return to the pools."""
         self.scheduler.cancel(req)
+        self.large.drop(req)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

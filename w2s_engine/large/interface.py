@@ -35,6 +35,9 @@ class LargeModel(Protocol):
         """Sample the next tokens of every generating beam; the requests that failed, and why.
         Raises BatchFailed when the batch as a whole failed."""
 
+    def drop(self, request: SearchRequest):
+        """Stop what runs for a request that ended (a black box's calls in flight)."""
+
     def response_text(self, beam: Beam) -> str:
         """The beam's response as text, cut before a matched stop string."""
 

@@ -270,6 +270,10 @@ class LocalLarge:
         steered += rows
         return logits
 
+    def drop(self, r: SearchRequest):
+        """Nothing runs for one request alone here: a decode step in flight is the batch's,
+        and it records no token of an ended request."""
+
     def response_text(self, b: Beam) -> str:
         """The response as text (incrementally decoded), cut before a matched stop string."""
         text = self.detokenizer.update(b.detok, b.token_ids, flush=b.finished)

@@ -7,6 +7,7 @@ the openai client retries 429 / 5xx / connection errors with exponential backoff
 """
 
 import asyncio
+import concurrent.futures
 import threading
 from dataclasses import dataclass, field
 
@@ -72,9 +73,14 @@ class OpenAICompletions:
 
     def complete_many(self, jobs: list[CompletionJob]) -> list[list[Choice] | Exception]:
         """Run all jobs concurrently; each gives its choices or the exception that ended it."""
+        return self.submit(jobs).result()
+
+    def submit(self, jobs: list[CompletionJob]) -> concurrent.futures.Future:
+        """Start all jobs concurrently -> a future of complete_many's list; cancelling it
+        aborts the calls still in flight."""
         async def gather():
             return await asyncio.gather(*(self._complete(j) for j in jobs), return_exceptions=True)
-        return self._run(gather())
+        return asyncio.run_coroutine_threadsafe(gather(), self._loop)
 
     async def _complete(self, job: CompletionJob) -> list[Choice]:
         import openai

@@ -6,7 +6,16 @@ its text, so each family is one request for n=K continuations, and all families 
 requests go out at once. The server tokenizes, checks its own context and cuts the stop
 strings inside each continuation it writes; the engine cuts one that spans two chunks (or one
 a server left in). A beam keeps its response as text and the server's token count.
+
+A request's calls are not waited for together with the others': each step starts the calls
+of the requests that need a chunk and takes the answers of those whose calls are all back
+(waiting at most WAIT_S for one), so a slow answer holds up its own request only, and a
+request that ends (cancelled, failed) has its calls in flight aborted.
 """
+
+import concurrent.futures
+from dataclasses import dataclass
+
 
 from w2s_engine.large.openai_completions import CompletionJob, OpenAICompletions
 from w2s_engine.params import InvalidParam, SearchParams
@@ -23,6 +32,19 @@ def first_stop(text: str, stops, new_from: int) -> int | None:
     return min(hits) if hits else None
 
 
+# How long a step waits for some request's calls to come back before it returns to the engine
+# (which then takes cancels and new requests and steps again).
+WAIT_S = 0.05
+
+
+@dataclass
+class Calls:
+    """A request's chunk calls in flight: one job per family of siblings."""
+    request: SearchRequest
+    families: list[list[Beam]]
+    answers: concurrent.futures.Future      # of a list: each job's choices, or its error
+
+
 class RemoteLarge:
 
     tokenizer = None    # the server's, unknown here
@@ -30,10 +52,11 @@ class RemoteLarge:
     blocks = None       # no KV pool
     eft = None          # EFT needs the large model's logits
     decode_steps = 0    # no decode here: the server samples
-    runs_ahead = False  # each chunk is waited for
+    runs_ahead = False  # no decode step of unread tokens (answers are taken as they come)
 
     def __init__(self, client: OpenAICompletions):
         self.client = client
+        self.in_flight: dict[int, Calls] = {}    # request id -> its calls
 
     def check_params(self, params: SearchParams):
         """Refuse what a completions API cannot do as the search means it, never ignore it."""
@@ -61,31 +84,59 @@ class RemoteLarge:
         return requests  # the server sees the prompt with every chunk
 
     def advance(self, requests: list[SearchRequest]) -> list[tuple[SearchRequest, str]]:
-        """Ask for every pending chunk of these requests at once (one whole chunk per beam).
-        Returns the requests whose server calls failed, with why."""
-        families = {}
+        """Start the chunk calls of these requests' beams that need one (one whole chunk per
+        beam, a call per family of siblings) and take the answers that are back. Returns the
+        requests whose server calls failed, with why."""
+        running = {r.request_id for r in requests}
+        for rid in [rid for rid in self.in_flight if rid not in running]:
+            self.drop(self.in_flight[rid].request)     # ended meanwhile
         for r in requests:
-            for b in r.generating:
-                families.setdefault((r.request_id, b.parent_id), (r, []))[1].append(b)
-        if not families:
+            if r.request_id not in self.in_flight:
+                self._start(r)
+        if not self.in_flight:
             return []
-        jobs = []
-        for r, beams in families.values():
-            p, b = r.params, beams[0]
-            jobs.append(CompletionJob(
-                prompt=r.large_prompt_text + b.text, n=len(beams),
-                max_tokens=min(p.chunk_len, p.max_new_tokens - b.num_large_tokens),
-                temperature=p.temperature, top_p=p.top_p, stop=list(p.stop),
-                logit_bias=dict(p.logit_bias),
-                seed=mix_seed(r.seed, b.beam_id) if p.seed is not None else None))
-        answers = self.client.complete_many(jobs)
-        failed = {}
-        for (r, beams), answer in zip(families.values(), answers):
-            if r.request_id in failed:
-                continue
+        concurrent.futures.wait([c.answers for c in self.in_flight.values()], timeout=WAIT_S,
+                                return_when=concurrent.futures.FIRST_COMPLETED)
+        failed = []
+        for rid, calls in list(self.in_flight.items()):
+            if calls.answers.done():
+                del self.in_flight[rid]
+                why = self._take(calls)
+                if why is not None:
+                    failed.append((calls.request, why))
+        return failed
+
+    def drop(self, r: SearchRequest):
+        """Abort an ended request's calls in flight."""
+        calls = self.in_flight.pop(r.request_id, None)
+        if calls is not None:
+            calls.answers.cancel()
+
+    def _start(self, r: SearchRequest):
+        families = {}
+        for b in r.generating:
+            families.setdefault(b.parent_id, []).append(b)
+        if not families:
+            return
+        p = r.params
+        jobs = [CompletionJob(
+            prompt=r.large_prompt_text + beams[0].text, n=len(beams),
+            max_tokens=min(p.chunk_len, p.max_new_tokens - beams[0].num_large_tokens),
+            temperature=p.temperature, top_p=p.top_p, stop=list(p.stop),
+            logit_bias=dict(p.logit_bias),
+            seed=mix_seed(r.seed, beams[0].beam_id) if p.seed is not None else None)
+            for beams in families.values()]
+        self.in_flight[r.request_id] = Calls(r, list(families.values()),
+                                             self.client.submit(jobs))
+
+    def _take(self, calls: Calls) -> str | None:
+        """Record a request's answered chunk in its beams -> why it failed, or None."""
+        r = calls.request
+        answers = calls.answers.result()
+        for answer in answers:
             if isinstance(answer, Exception):
-                failed[r.request_id] = (r, f"{type(answer).__name__}: {answer}")
-                continue
+                return f"{type(answer).__name__}: {answer}"
+        for beams, answer in zip(calls.families, answers):
             for b, choice in zip(beams, answer):
                 before = len(b.text)
                 b.text += choice.text
@@ -100,7 +151,7 @@ class RemoteLarge:
                 if cut is not None:
                     b.text = b.text[:cut]
                     b.finished, b.finish_reason = True, "stop"
-        return list(failed.values())
+        return None
 
     def response_text(self, b: Beam) -> str:
         return b.text  # cut at its first stop string
