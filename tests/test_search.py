@@ -91,6 +91,26 @@ def test_every_hypothesis_reward_equals_score_and_scratch_recompute(engine, tok,
     engine.check_all_free()
 
 
+def test_a_response_a_stop_string_ended_is_scored_on_the_text_returned(engine, cross_engine):
+    # The sampled tokens run past the stop string (its token, and what follows in it); the
+    # text stops before it, and so does what is scored: with one tokenizer as with two.
+    params = SearchParams(w=2, k=3, l=3, max_new_tokens=12, temperature=1.2, top_k=40,
+                          seed=11, stop=["e", "a"])
+    stopped = 0
+    for eng in (engine, cross_engine):
+        for res in eng.search(PROMPTS, params):
+            for h in res.hypotheses:
+                assert h.reward == pytest.approx(
+                    eng.score([res.prompt], [h.small_token_ids], finished=h.finished)[0],
+                    abs=1e-4)
+                if h.finish_reason == "stop":   # (other texts need not round-trip: bytes)
+                    assert h.reward == pytest.approx(
+                        eng.score([res.prompt], [h.text], finished=True)[0], abs=1e-4)
+                    stopped += eng is engine
+        eng.check_all_free()
+    assert stopped >= 2, "the workload should end responses on stop strings"
+
+
 def test_score_of_many_responses_at_once_equals_scoring_each_alone(engine, cross_engine):
     # Mixed prompts, lengths, finished flags and an empty response: score() batches them.
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(7)]
@@ -638,13 +658,17 @@ def test_min_tokens_holds_back_eos_and_stop_strings_until_then(engine, tok):
         == {0}
     held = engine.search(["I really"], eager_to_end.copy(min_tokens=5))[0]
     assert [(len(h.token_ids), h.finish_reason) for h in held.hypotheses] == [(5, "stop")] * 2
-    # A stop string counts once it ends past the text of the first min_tokens - 1 tokens.
+    # vLLM's rule: a stop string counts once it ends past the text of the first min_tokens
+    # tokens (as EOS may come at token min_tokens + 1).
     stop = tok.decode([77])
     repeat = SearchParams.base(max_new_tokens=10, seed=1, logit_bias={77: 100.0}, stop=[stop])
     assert engine.search(["I really"], repeat)[0].text == ""
     late = engine.search(["I really"], repeat.copy(min_tokens=4))[0]
-    assert late.token_ids == [77] * 4 and late.finish_reason == "stop"
-    assert late.text == tok.decode([77] * 3)   # the 4th token's stop string cut the text
+    assert late.token_ids == [77] * 5 and late.finish_reason == "stop"
+    assert late.text == tok.decode([77] * 4)   # the 5th token's stop string cut the text
+    # min_tokens = max_new_tokens: the length cap still ends it.
+    capped = engine.search(["I really"], repeat.copy(min_tokens=10))[0]
+    assert capped.token_ids == [77] * 10 and capped.finish_reason == "length"
     with pytest.raises(ValueError, match="min_tokens=11: must be at most max_new_tokens"):
         engine.search(["I really"], repeat.copy(min_tokens=11))
     engine.check_all_free()

@@ -140,11 +140,12 @@ class SearchRequest:
             return
         beam.token_ids.append(token)
         n = len(beam.token_ids)
-        if p.stop and n >= p.min_tokens - 1:
+        if p.stop and p.min_tokens and n == p.min_tokens:
+            # vLLM's rule: a stop string counts from token min_tokens + 1 on, and must end
+            # past the text of the first min_tokens tokens.
+            beam.min_text_len = len(text_of(beam))
+        elif p.stop and n > p.min_tokens:
             text = text_of(beam)
-            if n < p.min_tokens:    # one token short: a stop string must end past this text
-                beam.min_text_len = len(text)
-                return
             if beam.min_text_len is None:
                 beam.min_text_len = 0
             longest = max(len(s) for s in p.stop)

@@ -177,8 +177,7 @@ class Scorer:
         ups = []
         for si, sp in enumerate(r.small_prompts):
             if self.shared[si]:
-                mine = [StreamUpdate(b.small[si], sp.ids + b.token_ids + sp.suffix_ids,
-                                     len(sp.ids), b.finish_reason == "stop") for b in beams]
+                mine = [self._shared_update(si, sp, b, large) for b in beams]
             else:
                 if texts is None:
                     texts = [large.response_text(b) for b in beams]
@@ -191,6 +190,16 @@ class Scorer:
                 ups.append((si, b, u))
         self._check_growth(r, ups, large)
         return ups
+
+    def _shared_update(self, si: int, sp: SmallPrompt, b: Beam, large) -> StreamUpdate:
+        """A beam's update where the stream reads the large model's tokens: the sampled ids;
+        for a response a stop string cut, the tokens of the text returned (what score()
+        scores for it), not the sampled ones past the cut."""
+        if b.stop_text_len is None or self.steps[si] is not None:
+            return StreamUpdate(b.small[si], sp.ids + b.token_ids + sp.suffix_ids, len(sp.ids),
+                                b.finish_reason == "stop")
+        full, start = sp.full_ids(large.response_text(b))
+        return StreamUpdate(b.small[si], full + sp.suffix_ids, start, True)
 
     def _bridge(self, si: int, sp: SmallPrompt, states: list[SmallState],
                 texts: list[str]) -> list[StreamUpdate]:
@@ -241,8 +250,10 @@ class Scorer:
         pool has unreserved room; if not, this request fails here, alone."""
         for si, (sp, stream) in enumerate(zip(r.small_prompts, self.streams)):
             mine = [(b, u) for s, b, u in ups if s == si]
-            if not mine or self.shared[si]:
-                continue
+            if not mine or self.shared[si] and all(
+                    len(u.full_ids) <= len(sp.ids) + len(b.token_ids) + len(sp.suffix_ids)
+                    for b, u in mine):
+                continue    # the sampled ids: no more tokens than admission planned for
             limit = stream.runners[stream.roles[0]].shape.max_positions
             longest = max(len(u.full_ids) for _, u in mine)
             if limit is not None and longest > limit:
