@@ -223,6 +223,7 @@ def test_a_large_lm_head_padded_past_its_tokenizer_samples_only_real_tokens(tok,
     # Rows 300..363 of the large model's head are no token of the shared tokenizer; the small
     # models (300 rows) could not embed them, and the detokenizer could not write them.
     large = tiny_llama(len(tok) + 64, seed=1, layers=3)
+    reference = clone(large)      # transformers' own forward (the engine's runs paged)
     tuned, untuned = small_pair
     engine = Engine((large, tok), (clone(tuned), tok), (clone(untuned), tok),
                     templates={"large": LARGE_TEMPLATE, "small": SMALL_TEMPLATE},
@@ -232,6 +233,18 @@ def test_a_large_lm_head_padded_past_its_tokenizer_samples_only_real_tokens(tok,
                        SearchParams.base(n=2, max_new_tokens=16, seed=seed)):
             for res in engine.search(PROMPTS[:2], method):
                 assert all(t < len(tok) for h in res.hypotheses for t in h.token_ids)
+    # Nor are they log-prob alternatives, or part of the softmax the log-probs come from.
+    req = engine.add_request("I really", SearchParams.base(max_new_tokens=4, temperature=3.0,
+                                                           seed=1))
+    req.logprobs = 5      # as the server sets it
+    while engine.has_unfinished():
+        engine.step()
+    first = req.result.hypotheses[0].logprobs[0]
+    with torch.no_grad():
+        logits = reference(torch.tensor([req.large_prompt_ids])).logits[0, -1, :len(tok)]
+    assert first.logprob == pytest.approx(
+        logits.log_softmax(-1)[first.token_id].item(), abs=1e-4)
+    assert all(i < len(tok) for e in req.result.hypotheses[0].logprobs for i, _ in e.top)
     engine.check_all_free()
 
 

@@ -56,13 +56,15 @@ class LogprobRows:
     some request asked. Nothing is read here: `queue` gives what to read in the same copy as
     the sampled tokens, so a step that returns log-probs still waits once."""
 
-    def __init__(self, order, raw: list[torch.Tensor], upload):
+    def __init__(self, order, raw: list[torch.Tensor], upload, token_limit: int | None = None):
+        """token_limit: the tokenizer's size where the LM head has more rows (Qwen2.5's
+        padding): those rows are no tokens, neither alternatives nor part of the softmax."""
         self.rows = [i for i, (r, _) in enumerate(order) if r.logprobs is not None]
         if not self.rows:
             return
         logits = torch.cat(raw) if len(raw) > 1 else raw[0]
         self.index = upload(self.rows).long()
-        self.logp = torch.log_softmax(logits[self.index].float(), dim=-1)
+        self.logp = torch.log_softmax(logits[self.index, :token_limit].float(), dim=-1)
         self.counts = [min(order[i][0].logprobs, self.logp.shape[1]) for i in self.rows]
         self.top_values, self.top_ids = self.logp.topk(max(self.counts), dim=-1)
 

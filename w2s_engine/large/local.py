@@ -188,7 +188,8 @@ class LocalLarge:
                 rows.append(self._steer(logits, first, len(forward), steered))
             eft_started = False   # the EFT streams are through: a retry steers the same way
             logits = torch.cat(rows) if len(rows) > 1 else rows[0]
-            logprobs = LogprobRows(order, raw, self.runner.upload)   # before penalties
+            logprobs = LogprobRows(order, raw, self.runner.upload,   # before penalties
+                                   self.token_limit)
             if self.token_limit is not None:   # in place: the logits are the step's own
                 logits[:, self.token_limit:] = float("-inf")
             adjustments = adjustment_words(order, self.eos_ids,
