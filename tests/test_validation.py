@@ -91,7 +91,7 @@ def test_a_top_k_past_the_vocabulary_is_clamped_and_samples_like_no_top_k(engine
     (["hi"], TypeError, "messages.0: expected a dict"),
     ([{"role": "wizard", "content": "x"}], ValueError, "messages.0.role='wizard'"),
     ([{"role": "user: x\nassistant", "content": "x"}], ValueError, "must be one of"),
-    ([{"role": "tool", "content": "x"}], ValueError, "no tool role"),
+    ([{"role": "tool", "content": "x"}], ValueError, "tool messages need chat=True"),
     ([{"role": "user", "content": 5}], TypeError, "messages.0.content"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], ValueError,
      "only text parts"),

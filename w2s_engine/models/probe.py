@@ -63,6 +63,10 @@ def probe(runner):
                                 w2s_batch=second).last_hidden_state[0]
     except NotImplementedError as e:
         raise ValueError(f"{name} cannot run on the engine: {e}") from None
+    except Exception as e:      # its code needs what the paged attention does not give (MPT:
+        # a mask tensor) or fails on the engine's batch
+        raise ValueError(f"{name} cannot run on the engine: its forward fails on the engine's "
+                         f"paged attention ({type(e).__name__}: {e})") from e
     finally:
         current_batch[0] = None
     layers = runner.shape.num_layers

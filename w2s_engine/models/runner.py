@@ -51,7 +51,11 @@ class ModelShape:
     @classmethod
     def of(cls, model: PreTrainedModel) -> "ModelShape":
         cfg = model.config.get_text_config()
-        num_heads = cfg.num_attention_heads
+        num_heads = getattr(cfg, "num_attention_heads", None)
+        if not num_heads:
+            raise ValueError(f"{type(model).__name__} has no attention heads "
+                             "(num_attention_heads): the engine runs attention decoders, not "
+                             "state-space models such as Mamba")
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
         return cls(num_layers=cfg.num_hidden_layers,
                    num_kv_heads=getattr(cfg, "num_key_value_heads", None) or num_heads,

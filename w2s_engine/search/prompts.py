@@ -48,7 +48,7 @@ def check_prompt(prompt, tool_role: bool = False):
         if role not in roles:
             why = f"must be one of {', '.join(roles)} (or developer, taken as system)"
             if role == "tool":
-                why += " (these models' chat templates have no tool role)"
+                why += " (tool messages need chat=True and chat templates that render them)"
             raise InvalidParam(f"{where}.role", role, why)
         out.append({"role": role, "content": _content(f"{where}.content", content)})
     return out
