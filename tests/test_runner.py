@@ -226,6 +226,25 @@ def test_a_model_whose_attention_bypasses_the_engine_is_refused_at_load():
         ModelRunner(falcon, num_blocks=8, block_size=4)
 
 
+@pytest.mark.parametrize("config, says", [
+    # MPT takes the engine's attention at load, then needs a mask tensor the engine does not
+    # build; Mamba has no attention at all.
+    (lambda: transformers.MptConfig(n_layers=2, d_model=64, n_heads=4, vocab_size=VOCAB,
+                                    max_seq_len=256),
+     "MptForCausalLM cannot run on the engine: its forward fails on the engine's paged"),
+    (lambda: transformers.MambaConfig(num_hidden_layers=2, hidden_size=64, vocab_size=VOCAB),
+     "MambaForCausalLM has no attention heads"),
+], ids=["mpt", "mamba"])
+def test_models_whose_own_code_cannot_run_on_the_engine_are_refused_with_the_reason(
+        tmp_path, config, says):
+    from tiny_models import make_tokenizer
+    from w2s_engine import Engine
+    AutoModelForCausalLM.from_config(config()).save_pretrained(tmp_path)
+    make_tokenizer(VOCAB).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=says):
+        Engine(str(tmp_path), num_kv_blocks=20, progress=False)
+
+
 def test_a_recurrent_hybrid_whose_layers_all_attend_is_refused_at_load():
     # Falcon-H1 runs mamba heads beside attention in every layer: each layer calls the
     # engine's attention, but the recurrent state is not in the paged cache, so a decode
