@@ -125,3 +125,15 @@ def test_rust_backend_decode_gives_the_transformers_decode(other, ids):
     assert d.backend is not None
     assert d.decode(ids) == other.decode(ids, skip_special_tokens=True,
                                          clean_up_tokenization_spaces=False)
+
+
+@settings(max_examples=50, deadline=None)
+@given(pieces=st.lists(st.sampled_from(PIECES), min_size=1, max_size=20))
+def test_tokens_own_bytes_join_into_the_text_even_where_a_character_is_split(other, pieces):
+    # OpenAI's logprobs `bytes`: the UTF-8 of '电' is three byte-level tokens here, each of
+    # which decodes alone to U+FFFD; their bytes must still join into the text.
+    from w2s_engine.search.tokens import token_bytes
+    text = "".join(pieces)
+    ids = other(text, add_special_tokens=False)["input_ids"]
+    texts = other.batch_decode([[i] for i in ids])
+    assert b"".join(token_bytes(other, ids, texts)) == text.encode("utf-8")

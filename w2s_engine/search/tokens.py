@@ -110,3 +110,42 @@ def common_prefix(a: list[int] | str, b: list[int] | str) -> int:
         else:
             hi = mid
     return lo
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's (GPT-2's) printable stand-in for each byte -> the byte: the
+    printable Latin-1 bytes stand for themselves, the others for 256 + their rank."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+BYTE_OF = _byte_alphabet()
+
+
+def token_bytes(tokenizer, ids: list[int], texts: list[str]) -> list[bytes]:
+    """Each token's own bytes (OpenAI's logprobs `bytes`: a character split over tokens is
+    whole again when theirs are joined). Byte-level BPE tokens map their characters back to
+    bytes; SentencePiece's byte tokens <0xNN> are that byte; any other token (a special one,
+    a piece of whole characters) is its text's UTF-8 (`texts`: each decoded alone)."""
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    byte_level = type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
+    special = set(getattr(tokenizer, "all_special_ids", ()))
+    out = []
+    for i, piece, text in zip(ids, pieces, texts):
+        if (byte_level and i not in special and isinstance(piece, str)
+                and all(c in BYTE_OF for c in piece)):
+            out.append(bytes(BYTE_OF[c] for c in piece))
+        elif isinstance(piece, str) and len(piece) == 6 and piece.startswith("<0x") \
+                and piece.endswith(">"):
+            out.append(bytes([int(piece[3:5], 16)]))
+        else:
+            out.append(text.encode("utf-8"))
+    return out

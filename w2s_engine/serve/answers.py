@@ -6,6 +6,7 @@ import json
 import time
 
 from w2s_engine.outputs import SearchResult
+from w2s_engine.search.tokens import token_bytes
 from w2s_engine.serve.protocol import Plan
 
 
@@ -51,7 +52,9 @@ class Logprobs:
     def __init__(self, tokenizer, hypotheses):
         ids = sorted({i for h in hypotheses for e in h.logprobs or ()
                       for i in (e.token_id, *(t for t, _ in e.top))})
-        self.text = dict(zip(ids, tokenizer.batch_decode([[i] for i in ids]))) if ids else {}
+        texts = tokenizer.batch_decode([[i] for i in ids]) if ids else []
+        self.text = dict(zip(ids, texts))
+        self.bytes = dict(zip(ids, token_bytes(tokenizer, ids, texts)))
 
     def completion(self, entries) -> dict:
         tokens = [self.text[e.token_id] for e in entries]
@@ -66,7 +69,7 @@ class Logprobs:
 
     def _token(self, token_id: int, logprob: float) -> dict:
         text = self.text[token_id]
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": text, "logprob": logprob, "bytes": list(self.bytes[token_id])}
 
     def chat(self, entries) -> dict:
         return {"content": [{**self._token(e.token_id, e.logprob),
