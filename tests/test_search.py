@@ -544,6 +544,56 @@ def test_a_response_that_outgrows_the_pool_fails_alone_before_any_pool_runs_out(
     engine.check_all_free()
 
 
+def mid_word_tokenizer():
+    """A large tokenizer whose tokens are long phrases ending inside a word (" ... and th"):
+    the small byte-level BPE spells each in many tokens and, at every chunk's end, re-splits
+    the word the next chunk completes (' t', 'h' -> ' the'), rolling back across blocks."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation + " \n"))
+    pieces = [("<bos>", 0.0), ("<eos>", 0.0), *((c, -5.0) for c in chars),
+              *((p, -1.0) for p in MID_WORD_PIECES)]
+    t = Tokenizer(models.Unigram(pieces, unk_id=None))
+    t.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>")
+
+
+MID_WORD_PIECES = [" wonderful and th", "e plot of this film is simple but th",
+                   "e characters are wonderful th", "e story made no sense at all and th",
+                   "e acting was great and th", "e ending was awful but th"]
+
+
+@pytest.mark.parametrize("requests, num_kv_blocks", [(1, 86), (1, 88), (3, 216)])
+def test_rollbacks_across_shared_blocks_stay_within_the_reservation_or_fail_alone(
+        tok, small_pair, requests, num_kv_blocks):
+    # Each chunk re-tokenizes to ~15 small tokens per large token and rolls back into blocks
+    # the K siblings share: what a request holds while its streams are cut and regrown must
+    # be reserved first, or the request fails alone with the growth error. The pool never
+    # runs out under the requests (an OutOfBlocks here failed all three).
+    large_tok = mid_word_tokenizer()
+    bias = {large_tok.convert_tokens_to_ids(p): 40.0 for p in MID_WORD_PIECES}
+    tuned, untuned = small_pair
+    engine = Engine((tiny_llama(len(large_tok), seed=4), large_tok), (clone(tuned), tok),
+                    (clone(untuned), tok), num_kv_blocks=num_kv_blocks, block_size=4,
+                    progress=False)
+    reqs = [engine.add_request(p, SearchParams.cbs(1, 8, 2, max_new_tokens=10, seed=s,
+                                                   temperature=1.0, ignore_eos=True,
+                                                   logit_bias=bias))
+            for s, p in enumerate(["I really", "This film", "The plot"][:requests])]
+    while engine.has_unfinished():
+        engine.step()
+        for r in reqs:     # a request never holds more small blocks than it reserved
+            if r.status == "running" and r.small_prompts:
+                held = len({blk for b in r.beams for blk in b.small[0].table.blocks})
+                assert held <= r.reserved.get(0, 0), (held, r.reserved)
+    for r in reqs:
+        assert r.status == "done" or "small-model tokens per large-model token" in r.error, \
+            r.error
+    engine.check_all_free()
+
+
 def test_a_response_that_outgrows_the_small_models_context_fails_alone(tok, small_pair):
     # Admission checked prompt + 60 tokens against the 512-token context; the response
     # re-tokenizes to about 16 small tokens per large token.

@@ -31,7 +31,7 @@ from w2s_engine.search.sequence import Beam, SmallState
 from w2s_engine.search.small_stream import SmallStream, StreamUpdate
 from w2s_engine.search.steps import aggregate, tag_steps
 from w2s_engine.search.reward_models import RewardModelParts, Steps
-from w2s_engine.search.tokens import Tokenized
+from w2s_engine.search.tokens import Tokenized, common_prefix
 
 
 @dataclass
@@ -260,11 +260,17 @@ class Scorer:
                 raise ValueError(
                     f"the response re-tokenizes to {longest} tokens of prompt + response for the "
                     f"{stream.roles[0]} model, past its context of {limit}: lower max_new_tokens")
-            # Blocks held after this update, at most: those held now (shared prefixes once),
-            # each stream's new blocks, and one copy-on-write of the block it writes into.
+            # Blocks held during this update, at most: those held now (shared prefixes once;
+            # a block one stream cuts may stay held by a sibling that keeps it), and each
+            # stream's new blocks from where SmallStream._make_room cuts its table (one kept
+            # token before the first changed one) to its new length, and one copy-on-write.
+            def new_blocks(b, u):
+                st = b.small[si]
+                kept = max(0, min(common_prefix(st.ids, u.full_ids), len(st.ids)) - 1)
+                return max(0, stream.blocks.blocks_for(len(u.full_ids))
+                           - stream.blocks.blocks_for(kept)) + 1
             held = len({blk for b in r.beams for blk in b.small[si].table.blocks}) + sum(
-                max(0, stream.blocks.blocks_for(len(u.full_ids)) - len(b.small[si].table.blocks))
-                + 1 for b, u in mine)
+                new_blocks(b, u) for b, u in mine)
             missing = self.budget.grow(r.reserved, si, held)
             if missing:
                 rate = max((len(u.full_ids) - len(sp.ids)) / max(1, large.num_tokens(b))
