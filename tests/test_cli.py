@@ -151,6 +151,14 @@ def test_search_with_a_black_box_large_model_given_by_its_url(tiny_dirs):
         assert out.returncode == 2 and "top_k" in out.stderr and "Traceback" not in out.stderr
         out = run("search", "I really", "--large", live.url + "/v1", "--method", "base")
         assert out.returncode == 2 and "--tuned" in out.stderr
+        # Plain sampling through the black box, as the server runs it: its engine has the
+        # small models (a black box needs a scorer); the sample is the server's continuation.
+        out = run("search", "I really", "--large", live.url + "/v1", *small, "--method", "base",
+                  "--k", "2", "--max-new-tokens", "6", "--seed", "1", "--json")
+        assert out.returncode == 0, out.stderr
+        base = json.loads(out.stdout)[0]
+        assert len(base["hypotheses"]) == 2 and base["reward"] is None
+        assert all(0 < h["num_tokens"] <= 6 for h in base["hypotheses"])
     finally:
         live.stop()
 

@@ -179,6 +179,7 @@ def test_the_engines_own_server_is_a_black_box_large_model_for_another_engine():
         forced = searcher.search(["I really"], SearchParams(
             w=2, k=2, l=3, max_new_tokens=6, seed=4, logit_bias={77: 100.0}))[0]
         assert forced.text == tok.decode([77] * 6)
+        assert forced.hypotheses[0].num_tokens == 6     # the server's count (no ids here)
         # A server's penalties would count only the chunk each call writes: refused.
         for field, value in [("presence_penalty", 0.5), ("repetition_penalty", 1.2),
                              ("min_p", 0.1), ("min_tokens", 2)]:

@@ -177,12 +177,13 @@ def engine_from_args(args, need_small: bool, **config):
         templates["tuned"] = args.tuned_template
     if args.untuned_template:
         templates["untuned"] = args.untuned_template
-    if need_small and (tuned is None or untuned is None):
-        raise UserError("this method needs --tuned and --untuned small models (or use --method base)")
     remote = is_url(args.large)
-    if remote and not need_small:
+    if remote and (tuned is None or untuned is None):
         raise UserError("a black-box large model (--large URL) is steered by the small models: "
                         "give --tuned and --untuned")
+    if need_small and (tuned is None or untuned is None):
+        raise UserError("this method needs --tuned and --untuned small models (or use --method base)")
+    need_small = need_small or remote    # a black box's engine has its scorer, as the server's
     overrides = {**runtime_config(args), **config}
     if args.device:
         overrides["device"] = args.device

@@ -23,6 +23,9 @@ class Hypothesis:
     finish_reason: str            # "stop" or "length"
     logprobs: list[TokenLogprob] | None = None   # one per token_ids entry, when asked for
     chunk_rewards: list[float] | None = None     # its reward at each selection it survived
+    # large-model tokens of the response: len(token_ids), or a black box's count (its ids
+    # never come here)
+    num_tokens: int = 0
 
 
 @dataclass

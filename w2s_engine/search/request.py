@@ -251,6 +251,7 @@ class SearchRequest:
                                        len(b.small[0].ids) - len(self.small_prompts[0].suffix_ids)] \
                 if b.small else []
             hyps.append(Hypothesis(text=text, token_ids=list(b.token_ids),
+                                   num_tokens=max(len(b.token_ids), b.num_large_tokens),
                                    small_token_ids=list(small_ids),
                                    reward=b.reward if scored else None, finished=b.finish_reason == "stop",
                                    finish_reason=b.finish_reason or "length",

@@ -14,7 +14,7 @@ from w2s_engine.serve.protocol import Plan
 
 def usage(result: SearchResult, n: int) -> dict:
     prompt = result.stats.prompt_tokens
-    completion = sum(len(h.token_ids) for h in result.hypotheses[:n])
+    completion = sum(h.num_tokens for h in result.hypotheses[:n])
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
 
