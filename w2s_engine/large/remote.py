@@ -2,8 +2,8 @@
 
 Text in, text out, no KV here: every chunk asks the server for continuations of at most L
 tokens of prompt + response text (large/openai_completions.py). Children of one parent share
-its text, so each family is one request for n=K continuations, and all families of all
-requests go out at once. The server tokenizes, checks its own context and cuts the stop
+its text, so each family is one request for n=K continuations, and all families of a
+request go out at once. The server tokenizes, checks its own context and cuts the stop
 strings inside each continuation it writes; the engine cuts one that spans two chunks (or one
 a server left in). A beam keeps its response as text and the server's token count.
 
@@ -15,7 +15,6 @@ request that ends (cancelled, failed) has its calls in flight aborted.
 
 import concurrent.futures
 from dataclasses import dataclass
-
 
 from w2s_engine.large.openai_completions import CompletionJob, OpenAICompletions
 from w2s_engine.params import InvalidParam, SearchParams
