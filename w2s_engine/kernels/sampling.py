@@ -539,10 +539,11 @@ MIN_SLICE = 16384
 def vocab_slices(device, rows: int, v: int) -> tuple[int, int]:
     """(slices, slice_size) of a [rows, v] sampling: 16 rows of a 128k vocabulary take 8
     slices of 16k tokens (128 programs, not 16); 528 rows or more take one."""
-    want = max(1, -(-4 * sm_count(device) // max(1, rows)))
-    slices = max(1, min(MAX_SLICES, want, -(-v // MIN_SLICE)))
-    size = -(-(-(-v // slices)) // SLICE_GRANULE) * SLICE_GRANULE
-    return -(-v // size), size
+    cdiv = triton.cdiv
+    want = max(1, cdiv(4 * sm_count(device), max(1, rows)))
+    slices = max(1, min(MAX_SLICES, want, cdiv(v, MIN_SLICE)))
+    size = cdiv(cdiv(v, slices), SLICE_GRANULE) * SLICE_GRANULE
+    return cdiv(v, size), size
 
 
 def sample_triton(logits, temperature, top_k, top_p, seeds, positions, min_p=None,
@@ -558,7 +559,7 @@ def sample_triton(logits, temperature, top_k, top_p, seeds, positions, min_p=Non
         if slice_size is None:
             slices, slice_size = vocab_slices(logits.device, b, v)
         else:
-            slices = -(-v // slice_size)
+            slices = triton.cdiv(v, slice_size)
         assert 1 <= slices <= MAX_SLICES, f"{slices} vocabulary slices; at most {MAX_SLICES}"
         cand = torch.empty(b, v, dtype=torch.int32, device=logits.device)   # <= 2x the logits
         part_x = torch.empty(b, slices, dtype=torch.float32, device=logits.device)
