@@ -262,3 +262,116 @@ def test_chat_content_parts_are_text(server):
     a = server.client.chat.completions.create(model="tiny", messages=parts, max_tokens=5, seed=1)
     b = server.client.chat.completions.create(model="tiny", messages=joined, max_tokens=5, seed=1)
     assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_token_id_prompts_reach_the_large_model_as_sent_special_tokens_included(server):
+    tok = server.async_engine.engine.large_tokenizer
+    ids = tok("I really")["input_ids"] + [tok.eos_token_id] + tok("This film")["input_ids"]
+    c = server.client.completions.create(model="tiny", prompt=ids, max_tokens=3, seed=5,
+                                         echo=True)
+    assert c.usage.prompt_tokens == len(ids)              # not re-tokenized: nothing dropped
+    assert c.choices[0].text.startswith(tok.decode(ids))  # echo: the ids' text, specials in
+    assert "<eos>" in c.choices[0].text
+    code, payload = post(server, "/v1/completions", {"prompt": [tok.bos_token_id],
+                                                     "max_tokens": 2, "method": "base"})
+    assert code == 200, payload   # special tokens alone are a prompt too
+
+
+def chat_tokenizer():
+    tok = make_tokenizer(300)
+    tok.chat_template = ("{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}\n"
+                         "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    return tok
+
+
+def test_completions_on_a_chat_server_apply_no_chat_template():
+    tok = chat_tokenizer()
+    untuned = tiny_llama(len(tok), seed=2)
+    engine = Engine((tiny_llama(len(tok), seed=1), tok), (tuned_from(untuned, seed=3), tok),
+                    (clone(untuned), tok), chat=True, block_size=4, num_kv_blocks=2000,
+                    progress=False)
+    live = LiveServer(engine)
+    try:
+        prompt = "user: hello\nassistant:"
+        c = live.client.completions.create(model="tiny", prompt=prompt, max_tokens=3, seed=1)
+        assert c.usage.prompt_tokens == len(tok(prompt)["input_ids"])
+        ids = tok(prompt)["input_ids"]
+        by_ids = live.client.completions.create(model="tiny", prompt=ids, max_tokens=3, seed=1)
+        assert by_ids.usage.prompt_tokens == len(ids)
+        assert by_ids.choices[0].text == c.choices[0].text
+        chat = live.client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=3, seed=1)
+        rendered = tok.apply_chat_template([{"role": "user", "content": "hello"}],
+                                           tokenize=False, add_generation_prompt=True)
+        assert chat.usage.prompt_tokens == len(tok(rendered, add_special_tokens=False)
+                                               ["input_ids"])
+    finally:
+        live.stop()
+
+
+@pytest.mark.parametrize("path, field, value", [
+    ("/v1/completions", "stop_token_ids", [5]),
+    ("/v1/completions", "include_stop_str_in_output", True),
+    ("/v1/completions", "bad_words", ["x"]),
+    ("/v1/completions", "allowed_token_ids", [1, 2]),
+    ("/v1/completions", "skip_special_tokens", False),
+    ("/v1/completions", "truncate_prompt_tokens", 4),
+    ("/v1/completions", "add_special_tokens", False),
+    ("/v1/chat/completions", "continue_final_message", True),
+    ("/v1/chat/completions", "add_generation_prompt", False),
+    ("/v1/chat/completions", "chat_template", "{{ messages }}"),
+    ("/v1/chat/completions", "reasoning_effort", "high")])
+def test_vllm_fields_that_would_change_the_output_are_refused_naming_them(server, path, field,
+                                                                          value):
+    body = {"prompt": "x"} if path == "/v1/completions" else {"messages": CHAT}
+    code, payload = post(server, path, {**body, "max_tokens": 2, field: value})
+    assert code == 400 and payload["error"]["param"] == field, payload
+    assert "not supported" in payload["error"]["message"]
+
+
+def test_vllm_fields_at_their_defaults_are_accepted(server):
+    for path, body in [("/v1/completions", {"prompt": "x", "stop_token_ids": [],
+                                            "skip_special_tokens": True,
+                                            "include_stop_str_in_output": False}),
+                       ("/v1/chat/completions", {"messages": CHAT, "add_generation_prompt": True,
+                                                 "continue_final_message": False})]:
+        code, payload = post(server, path, {**body, "max_tokens": 2})
+        assert code == 200, payload
+
+
+def test_null_sampling_fields_mean_their_defaults(server):
+    common = dict(model="tiny", prompt="I really", max_tokens=6, seed=4)
+    plain = server.client.completions.create(**common)
+    nulls = server.client.completions.create(
+        **common, temperature=None, top_p=None, presence_penalty=None, frequency_penalty=None,
+        extra_body={"top_k": None, "min_p": None, "w": None, "k": None, "beta": None,
+                    "min_tokens": None, "repetition_penalty": None})
+    assert nulls.choices[0].text == plain.choices[0].text
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"method": "best_of_n", "k": 4, "l": 2}, "l"), ({"method": "base", "l": 3}, "l"),
+    ({"method": "base", "k": 8}, "k"), ({"method": "eft", "n": 2, "k": 3}, "k"),
+    ({"method": "cbs", "beta": 2.0}, "beta"), ({"method": "best_of_n", "beta": -1.0}, "beta")])
+def test_search_fields_the_method_does_not_use_are_refused(server, body, param):
+    code, payload = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2, **body})
+    assert code == 400 and payload["error"]["param"] == param, payload
+    ok = {k: v for k, v in body.items() if k != param}   # the same request without it runs
+    code, payload = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2, **ok})
+    assert code == 200, payload
+
+
+def test_a_body_that_is_not_json_by_its_content_type_is_refused_with_415(server):
+    import http.client
+    body = json.dumps({"prompt": "x", "max_tokens": 2}).encode()
+    for kind, want in [("text/plain", 415), ("application/x-www-form-urlencoded", 415),
+                       ("multipart/form-data; boundary=x", 415),
+                       ("application/json; charset=utf-8", 200), ("application/vnd.api+json", 200)]:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": kind})
+        response = conn.getresponse()
+        payload = json.loads(response.read())
+        conn.close()
+        assert response.status == want, (kind, payload)
+        if want == 415:
+            assert is_envelope(payload, 415) and "application/json" in payload["error"]["message"]

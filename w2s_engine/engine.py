@@ -38,7 +38,8 @@ from w2s_engine.precision import full_fp32_matmuls
 from w2s_engine.scheduler import QueueFull, Scheduler
 from w2s_engine.scoring import ImplicitReward, ProcessRewardModel, RewardModel, scorer_list
 from w2s_engine.search.eft import EFT
-from w2s_engine.search.prompts import check_prompt, parse_templates, template_has_tool_role
+from w2s_engine.search.prompts import check_context, check_prompt, parse_templates, \
+    template_has_tool_role
 from w2s_engine.search.request import KVSpace, RequestStatus, SearchRequest
 from w2s_engine.search.reward_models import model_head, reward_model_parts
 from w2s_engine.search.scorer import Scorer, ScoringLaunch
@@ -202,11 +203,16 @@ class Engine:
 
     # ---- requests --------------------------------------------------------------------------
 
-    def make_request(self, prompt, params: SearchParams, stream: bool = False) -> SearchRequest:
+    def make_request(self, prompt, params: SearchParams, stream: bool = False, *,
+                     chat: bool | None = None, prompt_ids=None) -> SearchRequest:
         """Validate, template and tokenize one request, and size its KV reservation (raises
         TypeError or ValueError saying what to change). Thread-safe: it reads no state that a
         step changes, so the server runs it off the engine thread; enqueue() then queues it.
-        stream: after every step, the text that became final is in the request's `deltas`."""
+        stream: after every step, the text that became final is in the request's `deltas`.
+        chat: False renders a string prompt with the text templates even where the engine
+        renders chat templates (OpenAI's completions endpoint); None: the engine's rule.
+        prompt_ids: the large model's prompt as token ids, which it reads as they are (where
+        its template is '{prompt}'); `prompt` is then their text, for the small models."""
         if not isinstance(params, SearchParams):
             raise TypeError(f"params: expected a SearchParams, got {type(params).__name__}")
         params = params.copy()
@@ -221,10 +227,15 @@ class Engine:
                              "large, tuned and untuned models to share one vocabulary (and the "
                              "small models one template); these do not: use cbs or best_of_n")
         self.large.check_params(params)
-        template = self.templates["large"]
-        large_text = template.apply(self.large.tokenizer, prompt)
-        large_ids = self.large.encode_prompt(large_text, not template.chat, params.max_new_tokens)
-        small_prompts = (self.scorer.prompts(prompt, params.max_new_tokens)
+        template = self.templates["large"].rendered_as(chat)
+        if prompt_ids is None:
+            large_text = template.apply(self.large.tokenizer, prompt)
+            large_ids = self.large.encode_prompt(large_text, not template.chat,
+                                                 params.max_new_tokens)
+        else:
+            large_ids = self._prompt_ids(prompt_ids, template, params.max_new_tokens)
+            large_text = self.large.tokenizer.decode(large_ids)
+        small_prompts = (self.scorer.prompts(prompt, params.max_new_tokens, chat)
                          if params.uses_small_models else [])
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         req = SearchRequest(-1, prompt, params, seed, large_ids, small_prompts,
@@ -245,6 +256,25 @@ class Engine:
                 f"holds {capacity}: lower w*k ({params.w}*{params.k}) or max_new_tokens "
                 f"({params.max_new_tokens}), or give the engine more KV memory"))
         return req
+
+    def _prompt_ids(self, ids, template, max_new_tokens: int) -> list[int]:
+        """Token ids the large model reads as they are, checked."""
+        if self.large.blocks is None:
+            raise ValueError("prompt_ids: the large model is a black box behind another "
+                             "server, which reads text: send the prompt as text")
+        if not template.is_identity:
+            raise ValueError("prompt_ids: the large model's template wraps the prompt's text "
+                             f"({template.text!r}{', chat' if template.chat else ''}); token "
+                             "ids go in as they are only under the template '{prompt}'")
+        vocab = len(self.large.tokenizer)
+        if not isinstance(ids, (list, tuple)) or not ids:
+            raise InvalidParam("prompt", ids, "must be a non-empty list of token ids")
+        for i, t in enumerate(ids):
+            if not (isinstance(t, int) and not isinstance(t, bool)) or not 0 <= t < vocab:
+                raise InvalidParam(f"prompt.{i}", t, f"must be a token id in [0, {vocab})")
+        check_context("large", self.runners["large"].shape.max_positions, len(ids),
+                      max_new_tokens)
+        return list(ids)
 
     def _tool_role(self) -> bool:
         """Chat messages may have role 'tool' when every model renders them with a chat

@@ -91,6 +91,16 @@ class Template:
     text: str = "{prompt}"
     chat: bool = False  # use the tokenizer's chat template (one user turn) instead of `text`
 
+    def rendered_as(self, chat: bool | None) -> "Template":
+        """This template, its chat rendering switched on or off for one request (None: as
+        it is): OpenAI's completions endpoint never applies a chat template."""
+        return self if chat is None or chat == self.chat else Template(self.text, chat)
+
+    @property
+    def is_identity(self) -> bool:
+        """The prompt goes in as it is."""
+        return not self.chat and self.text == "{prompt}"
+
     def apply(self, tokenizer, prompt) -> str:
         """prompt: a string, or chat messages [{'role': ..., 'content': ...}, ...]."""
         if self.chat:

@@ -138,11 +138,15 @@ class Scorer:
 
     # ---- requests ------------------------------------------------------------------------
 
-    def prompts(self, prompt, max_new_tokens: int) -> list[SmallPrompt]:
-        """Each stream's templated, tokenized prompt (raises ValueError saying what to change)."""
+    def prompts(self, prompt, max_new_tokens: int, chat: bool | None = None) -> list[SmallPrompt]:
+        """Each stream's templated, tokenized prompt (raises ValueError saying what to change).
+        chat: the small pair's chat rendering switched for this request (Template.rendered_as);
+        a reward model renders as it was configured."""
         out = []
         for stream, tok, template in zip(self.streams, self.tokenizers, self.templates):
             role = stream.roles[0]
+            if isinstance(template, Template):
+                template = template.rendered_as(chat)
             sp = SmallPrompt.make(tok, template, prompt, self.special_tokens)
             if not sp.ids:
                 raise ValueError(f"the {role} model's templated prompt is empty: give the "

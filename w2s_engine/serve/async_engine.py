@@ -148,10 +148,12 @@ class AsyncEngine:
     # ---- called from asyncio code -------------------------------------------------------------
 
     async def submit(self, prompt, params: SearchParams, label: str = "-",
-                     arrived: float | None = None, prepare=None) -> SearchHandle:
+                     arrived: float | None = None, prepare=None, **request_options
+                     ) -> SearchHandle:
         """Prepare a search off the engine thread (raises ValueError or TypeError saying what
         to change) and queue it (raises QueueFull past the queue bound); returns its handle.
-        prepare: called with the SearchRequest before it is queued (the server's options)."""
+        prepare: called with the SearchRequest before it is queued (the server's options).
+        request_options: Engine.make_request's (chat, prompt_ids)."""
         loop = asyncio.get_running_loop()
         arrived = time.perf_counter() if arrived is None else arrived
         if self._stop:
@@ -159,7 +161,7 @@ class AsyncEngine:
         try:
             req = await loop.run_in_executor(
                 self._prepare_pool, partial(self.engine.make_request, prompt, params,
-                                            stream=True))
+                                            stream=True, **request_options))
         except RuntimeError:
             if self._stop:      # the preparing pool was shut down on the way
                 raise SearchFailed(SHUTTING_DOWN) from None

@@ -2,8 +2,9 @@
 
 - the Host header is checked (a DNS-rebinding page cannot reach a loopback server);
 - Bearer auth with the API key on every route but /health, compared in constant time;
-- the body is bounded (413 past max_body_bytes, the rest read and dropped so that the client
-  gets its answer);
+- a body must be JSON (415 for a form or text/plain, which a browser may send cross-site
+  without a CORS preflight) and is bounded (413 past max_body_bytes, the rest read and
+  dropped so that the client gets its answer);
 - an X-Request-Id is echoed or made, and one access-log line is written per request (logger
   `w2s_engine.access`) with its id, method, path, status, tokens and seconds; generation
   requests are counted by outcome in the metrics.
@@ -27,7 +28,7 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 OPEN_PATHS = ("/health",)             # answered without the API key
-REASONS = {401: "auth", 404: "model", 413: "too_large", 429: "queue_full"}
+REASONS = {401: "auth", 404: "model", 413: "too_large", 415: "content_type", 429: "queue_full"}
 
 
 def _text(value: str | None) -> str | None:
@@ -155,6 +156,14 @@ class Guard:
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return None
+        kind = headers.get(b"content-type", b"").decode("latin-1")
+        if not json_content_type(kind):
+            # A browser sends a form or text/plain cross-site without asking first (CORS's
+            # simple requests): only JSON bodies are read, as FastAPI's body models do.
+            await error_response(415, f"Content-Type {kind[:100]!r}: the body must be JSON; send "
+                                      "the header 'Content-Type: application/json'")(
+                scope, receive, send)
+            return None
         # Read the whole body here, at most max_body_bytes of it; the app reads it from memory.
         limit = self.max_body_bytes
         length = headers.get(b"content-length", b"").decode("latin-1")
@@ -189,6 +198,14 @@ class Guard:
             return await receive()   # after the body: the disconnect, when it comes
         await self.app(scope, replay, send)
         return None
+
+
+def json_content_type(value: str) -> bool:
+    """A body's Content-Type is JSON: absent, application/json or application/*+json (with
+    any parameters, such as charset)."""
+    kind = value.split(";")[0].strip().lower()
+    return kind in ("", "application/json") or (kind.startswith("application/")
+                                                and kind.endswith("+json"))
 
 
 def default_allowed_hosts(bind_host: str) -> tuple[str, ...]:

@@ -11,9 +11,10 @@ Every OpenAI sampling field is honoured or refused: stream (+ stream_options.inc
 n, best_of, echo, logprobs / top_logprobs, stop, seed, max_tokens / max_completion_tokens,
 presence / frequency / repetition penalties, logit_bias, min_p, min_tokens and ignore_eos
 (vLLM's) are honoured (SearchFields.plan); OpenAI and vLLM features the engine does not
-implement (suffix, tools, response formats, ...) are
-accepted only at their neutral values (NEUTRAL), so that a request never silently gets
-something other than what it asked for. `user` is written in the access log; fields nobody
+implement (suffix, tools, response formats, vLLM's stop_token_ids, chat prefill, ...) are
+accepted only at their neutral values (NEUTRAL), and a search field the method does not use
+only at the value it takes, so that a request never silently gets something other than what it
+asked for. null is every field's default. `user` is written in the access log; fields nobody
 defines (metadata, x_...) are ignored.
 """
 
@@ -22,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from w2s_engine.params import DEFAULTS, METHODS, InvalidParam, SearchParams, is_real
 from w2s_engine.search.prompts import CHAT_ROLES
@@ -185,12 +186,28 @@ def param_error(e: ValueError, prompt_field: str, names: dict | None = None) -> 
 # (an empty tuple: only null). null is always taken: it means the default.
 NEUTRAL = {"suffix": ("",), "tools": ([],), "tool_choice": ("none",),
            "functions": ([],), "function_call": ("none",),
-           "length_penalty": (1,), "use_beam_search": (False,), "prompt_logprobs": (),
-           "response_format": ({"type": "text"},), "guided_json": (), "guided_regex": (),
-           "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
-           "modalities": (["text"],), "audio": (), "prediction": ()}
-CHAT_NEUTRAL = {"echo": (False,), "best_of": (1,)}          # completions' fields, not chat's
-COMPLETION_NEUTRAL = {"top_logprobs": (0,)}                # chat's field
+           "length_penalty": (1,), "use_beam_search": (False,), "early_stopping": (False,),
+           "prompt_logprobs": (), "response_format": ({"type": "text"},),
+           "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+           "guided_decoding_backend": (), "guided_whitespace_pattern": (),
+           "structured_outputs": (), "modalities": (["text"],), "audio": (), "prediction": (),
+           "reasoning_effort": (), "verbosity": (), "web_search_options": (),
+           # vLLM's sampling and tokenization extensions
+           "stop_token_ids": ([],), "include_stop_str_in_output": (False,), "bad_words": ([],),
+           "allowed_token_ids": (), "truncate_prompt_tokens": (),
+           "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
+           "return_tokens_as_token_ids": (False,), "return_token_ids": (False,),
+           "prompt_embeds": (), "priority": (0,), "mm_processor_kwargs": ()}
+# Chat: the template renders the messages and opens the assistant's turn (no prefill).
+CHAT_NEUTRAL = {"echo": (False,), "best_of": (1,),   # completions' fields, not chat's
+                "add_generation_prompt": (True,), "continue_final_message": (False,),
+                "chat_template": (), "chat_template_kwargs": ({},), "documents": (),
+                "add_special_tokens": (False,)}
+COMPLETION_NEUTRAL = {"top_logprobs": (0,),          # chat's field
+                      "add_special_tokens": (True,)}
+# Fields whose null means the default (OpenAI's clients send null for an argument left None).
+NULL_IS_DEFAULT = ("temperature", "top_p", "top_k", "min_p", "min_tokens", "w", "k", "beta",
+                   "presence_penalty", "frequency_penalty", "repetition_penalty")
 MAX_LOGPROBS = 20
 MAX_PROMPTS = 64   # searches one completions request may start
 
@@ -256,6 +273,13 @@ class SearchFields(BaseModel):
     logit_bias: dict[str, float] | None = None   # token id (a JSON key: a string) -> bias
 
     neutral: ClassVar[dict] = NEUTRAL
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if not (v is None and k in NULL_IS_DEFAULT)}
+        return data
 
     def check_neutral(self):
         for name, neutral in self.neutral.items():
@@ -332,10 +356,7 @@ class SearchFields(BaseModel):
             field = "best_of" if names.get("k") == "best_of" else "method"
             raise RequestError(400, f"method={method!r} needs a scorer, and this server runs "
                                     "the large model alone: use method='base'", field)
-        if method != "cbs" and "w" in sent and self.w != 1:
-            # Say so rather than ignore it: only CBS keeps several beams.
-            raise RequestError(400, f"w={self.w}: method={method!r} keeps one beam; use w=1 or "
-                                    "method='cbs'", "w")
+        self._check_unused(method, n, sent)
         params = self._params(method, n, best_of or self.k, common)
         stream = bool(self.stream)
         options = self.stream_options or StreamOptions()
@@ -356,6 +377,23 @@ class SearchFields(BaseModel):
             raise RequestError(400, "echo with logprobs would need the prompt's log-probs, "
                                     "which this server does not compute: leave one out", "echo")
         return Plan(params, n, stream, bool(options.include_usage), logprobs, echo, names)
+
+    def _check_unused(self, method: str, n: int, sent: set):
+        """A search field the method does not use, sent at another value than the one the
+        method takes, is refused: saying so rather than ignoring it."""
+        if method != "cbs" and "w" in sent and self.w != 1:
+            raise RequestError(400, f"w={self.w}: method={method!r} keeps one beam; use w=1 or "
+                                    "method='cbs'", "w")
+        if method != "cbs" and "l" in sent and self.l is not None:
+            raise RequestError(400, f"l={self.l}: method={method!r} scores whole responses, not "
+                                    "chunks; leave l out or use method='cbs'", "l")
+        if method in ("base", "eft") and "k" in sent and self.k != n:
+            raise RequestError(400, f"k={self.k}: method={method!r} draws n={n} samples; set n, "
+                                    "not k", "k")
+        if method != "eft" and "beta" in sent and self.beta != DEFAULTS.beta:
+            raise RequestError(400, f"beta={self.beta:g}: only method='eft' uses beta (the "
+                                    "weight of the small pair's logits); leave it out or use "
+                                    "method='eft'", "beta")
 
     def _params(self, method: str, n: int, big_n: int, common: dict) -> SearchParams:
         if method == "base":

@@ -119,9 +119,10 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
             raise RequestError(404, f"The model `{model[:100]}` does not exist: this server "
                                     f"serves {', '.join(names)}", "model")
 
-    async def token_prompt(ids: list[int], where: str = "prompt") -> str:
-        """A prompt of token ids, as the large model's text (it re-tokenizes it under its
-        template, as the small models do)."""
+    async def token_prompt(ids: list[int], where: str = "prompt") -> tuple[str, list | None]:
+        """A prompt of token ids: (its text, the ids). The large model reads the ids as they
+        are where its template is '{prompt}' (else the template wraps their text, and the ids
+        are None); the small models read the text, special tokens left out."""
         if tokenizer is None:
             raise RequestError(400, f"{where}: token ids need the large model's tokenizer, and "
                                     "the large model here is a black box: send text", where)
@@ -130,11 +131,14 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
         if bad is not None:
             raise RequestError(400, f"{where}.{bad}: token id {ids[bad]} is outside the large "
                                     f"model's vocabulary [0, {vocab})", f"{where}.{bad}")
+        as_is = engine.templates["large"].rendered_as(False).is_identity
+        # Ids of special tokens alone (a BOS) have no plain text: their text is the tokens'.
         text = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: tokenizer.decode(ids, skip_special_tokens=True))
+            None, lambda: tokenizer.decode(ids, skip_special_tokens=True)
+            or (tokenizer.decode(ids) if as_is else ""))
         if not text:
             raise RequestError(400, f"{where}: the token ids decode to no text", where)
-        return text
+        return text, ids if as_is else None
 
     async def generate(request: Request, body, chat: bool):
         state = request.state
@@ -146,18 +150,22 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                                     f"server's limit of {max_prompt_chars} (--max-prompt-chars):"
                                     " send a shorter prompt", field)
         prompts = body.the_prompts()
+        ids = [None] * len(prompts)
         if not chat:
             where = (lambda i: field) if len(prompts) == 1 else (lambda i: f"{field}.{i}")
-            prompts = [await token_prompt(p, where(i)) if isinstance(p, list) else p
-                       for i, p in enumerate(prompts)]
+            for i, p in enumerate(prompts):
+                if isinstance(p, list):
+                    prompts[i], ids[i] = await token_prompt(p, where(i))
         state.method, state.user = plan.params.method, body.user
         handles = []
         try:
             for i, prompt in enumerate(prompts):
                 label = state.request_id if len(prompts) == 1 else f"{state.request_id}/{i}"
+                # Completions' prompts are text: no chat template, as OpenAI's API and vLLM.
                 handles.append(await async_engine.submit(
                     prompt, plan.params, label=label, arrived=state.arrived,
-                    prepare=lambda req: setattr(req, "logprobs", plan.logprobs)))
+                    prepare=lambda req: setattr(req, "logprobs", plan.logprobs),
+                    chat=None if chat else False, prompt_ids=ids[i]))
         except (ValueError, TypeError, QueueFull) as e:
             for h in handles:   # one prompt refused: the request starts nothing
                 h.cancel()
@@ -170,9 +178,12 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
             if error.param is None:
                 error = RequestError(400, f"{where}: {error.message}", where)
             raise error from None
-        answers = [Answer(chat, names[0], state.request_id, plan,
-                          prompt if plan.echo and isinstance(prompt, str) else "",
-                          first_index=i * plan.n) for i, prompt in enumerate(prompts)]
+        # echo: the prompt as sent (token ids as the large model's text of them)
+        echoed = [("" if not plan.echo else prompt if ids[i] is None
+                   else h.request.large_prompt_text) for i, (prompt, h)
+                  in enumerate(zip(prompts, handles))]
+        answers = [Answer(chat, names[0], state.request_id, plan, echoed[i],
+                          first_index=i * plan.n) for i in range(len(prompts))]
         if plan.stream:
             return StreamingResponse(stream(request, handles, answers),
                                      media_type="text/event-stream",
