@@ -102,6 +102,9 @@ def torch_has_cuda() -> bool:
     (["serve", "--max-body-bytes", "0"], "0 is not a positive integer"),
     (["demo", "--prompts", "0"], "0 is not a positive integer"),
     (["demo", "--prompts", "99"], "the demo has 8 test prompts"),
+    (["search", "x", "--method", "base", "--k", "0"], "k=0"),
+    (["search", "x", "--method", "eft", "--w", "3", "--l", "2"], "--w, --l: --method eft does not"),
+    (["search", "x", "--method", "best_of_n", "--beta", "2"], "--beta: --method best_of_n"),
 ])
 def test_user_mistakes_exit_nonzero_with_one_line_and_no_traceback(args, says):
     out = run(*args)

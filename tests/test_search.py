@@ -330,6 +330,42 @@ def test_eft_with_n_samples_gives_n_steered_samples_in_order_each_scored(engine,
     engine.check_all_free()
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_eft_sample_a_stop_string_cut_is_scored_on_the_text_returned(tok, small_pair,
+                                                                     async_scheduling):
+    engine = make_engine(tok, small_pair, async_scheduling=async_scheduling)
+    common = dict(beta=1.5, max_new_tokens=12, seed=4, ignore_eos=True)
+    whole = engine.search(["I really"], SearchParams.eft(**common))[0]
+    stop = whole.text[5:7]          # most likely inside a token: the cut text re-tokenizes
+    cut = engine.search(["I really"], SearchParams.eft(stop=[stop], **common))[0]
+    assert cut.finished and len(cut.text) < len(whole.text) and stop not in cut.text
+    want = scratch_reward(small_pair, tok, "I really", cut.text, True)
+    assert cut.reward == pytest.approx(want, abs=1e-4)
+    assert cut.reward == pytest.approx(engine.score(["I really"], [cut.text], finished=True)[0],
+                                       abs=1e-4)
+    engine.check_all_free()
+
+
+def test_eft_reward_with_padded_small_heads_equals_score_and_a_narrow_head_is_refused(tok):
+    untuned = tiny_llama(len(tok) + 20, seed=2)     # Qwen-style: head rows past the tokenizer
+    padded = (tuned_from(untuned, seed=3, scale=0.3), untuned)
+    engine = make_engine(tok, padded)
+    r = engine.search(["I really"], SearchParams.eft(beta=1.5, max_new_tokens=10, seed=4))[0]
+    assert r.reward == pytest.approx(
+        scratch_reward(padded, tok, "I really", r.small_token_ids, r.finished), abs=1e-4)
+    narrow = tiny_llama(len(tok) - 1, seed=2)
+    engine = make_engine(tok, (tuned_from(narrow, seed=3), narrow))
+    with pytest.raises(ValueError, match="the tuned model's has 299 rows"):
+        engine.search(["I really"], SearchParams.eft(max_new_tokens=4))
+
+
+def test_sampling_methods_refuse_a_chunk_length():
+    for method in ("base", "eft", "best_of_n"):
+        with pytest.raises(ValueError, match="l=5: .*use l=None"):
+            SearchParams(method=method, w=1, k=2).validate()
+        SearchParams(method=method, w=1, k=2, l=None).validate()
+
+
 def test_eft_needs_one_vocabulary(cross_engine):
     with pytest.raises(ValueError, match="vocabulary"):
         cross_engine.search(["I really"], SearchParams.eft(max_new_tokens=5))
@@ -704,6 +740,14 @@ def test_logit_bias_gives_the_tokens_of_greedy_decoding_with_the_same_bias(tok, 
     engine.check_all_free()
 
 
+def test_a_temperature_below_1e_5_samples_greedily_as_vllm_takes_it(engine):
+    greedy = SearchParams.base(max_new_tokens=8, temperature=0.0, seed=3, ignore_eos=True)
+    want = engine.search(["I really"], greedy)[0].token_ids
+    for t in (1e-6, 1e-30, 1e-40):
+        assert engine.search(["I really"], greedy.copy(temperature=t))[0].token_ids == want, t
+    engine.check_all_free()
+
+
 def test_min_p_of_one_keeps_only_the_most_likely_token_so_sampling_is_greedy(engine):
     greedy = SearchParams.base(n=2, max_new_tokens=10, top_k=1, ignore_eos=True, seed=1)
     hot = SearchParams.base(n=2, max_new_tokens=10, temperature=1.5, ignore_eos=True, seed=1)
@@ -734,6 +778,30 @@ def test_min_tokens_holds_back_eos_and_stop_strings_until_then(engine, tok):
     assert capped.token_ids == [77] * 10 and capped.finish_reason == "length"
     with pytest.raises(ValueError, match="min_tokens=11: must be at most max_new_tokens"):
         engine.search(["I really"], repeat.copy(min_tokens=11))
+    engine.check_all_free()
+
+
+def test_a_stop_string_inside_a_long_token_cuts_at_its_first_match():
+    tok = make_tokenizer(300)
+    tok.add_tokens(["\n" + " " * 40, "b" + "-" * 30])   # as real vocabularies' long runs
+    long_run, dashes = tok.convert_tokens_to_ids(["\n" + " " * 40, "b" + "-" * 30])
+    engine = Engine((tiny_llama(len(tok), seed=1), tok), num_kv_blocks=200, block_size=4,
+                    progress=False)
+    forced = SearchParams.base(max_new_tokens=3, temperature=0.0, logit_bias={long_run: 100.0})
+    for stop, text in [("\n", ""), (" ", "\n"), ("  ", "\n")]:
+        r = engine.search(["I really"], forced.copy(stop=[stop]))[0]
+        assert (r.text, r.finish_reason) == (text, "stop"), stop
+    # a stop string spanning into a long token: "xa" then "b---...": "ab" matches there
+    from w2s_engine.search.request import SearchRequest
+    from w2s_engine.search.sequence import Beam
+    req = SearchRequest(0, "x", SearchParams.base(max_new_tokens=5, stop=["ab"]), 0, [1], [])
+    beam, text = Beam(beam_id=0, large=None, token_ids=[]), ""
+    for token, piece in enumerate(["xa", "b" + "-" * 30, "more"]):
+        text += piece
+        req.record_token(beam, token, set(), lambda b, t=text: t)
+        if beam.finished:
+            break
+    assert (beam.finish_reason, beam.stop_text_len, len(beam.token_ids)) == ("stop", 1, 2)
     engine.check_all_free()
 
 

@@ -32,12 +32,15 @@ def _add_search_args(p: argparse.ArgumentParser):
     # Defaults: SearchParams' (params.DEFAULTS), the same for the Python API and the server.
     p.add_argument("--method", default=DEFAULTS.method, choices=METHODS,
                    help=", ".join(f"{m}: {HELP[m]}" for m in METHODS))
-    p.add_argument("--w", type=int, default=DEFAULTS.w, help="beams kept after each chunk")
+    p.add_argument("--w", type=int, default=None,
+                   help=f"beams kept after each chunk (cbs; default: {DEFAULTS.w})")
     p.add_argument("--k", type=int, default=None,
                    help=f"children per beam (N for best_of_n, samples for base and eft) "
                         f"(default: {DEFAULTS.k}; 1 sample for base and eft)")
-    p.add_argument("--l", type=int, default=DEFAULTS.l, help="chunk length in large-model tokens")
-    p.add_argument("--beta", type=float, default=DEFAULTS.beta, help="EFT strength")
+    p.add_argument("--l", type=int, default=None,
+                   help=f"chunk length in large-model tokens (cbs; default: {DEFAULTS.l})")
+    p.add_argument("--beta", type=float, default=None,
+                   help=f"EFT strength (eft; default: {DEFAULTS.beta:g})")
     for name, kind, help_ in SAMPLING_FLAGS:
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(DEFAULTS, name),
                        help=help_)
@@ -50,14 +53,25 @@ def params_from_args(args):
     from w2s_engine.params import SearchParams
     common = {name: getattr(args, name) for name, _, _ in SAMPLING_FLAGS}
     common.update(seed=args.seed, stop=args.stop)
-    k = DEFAULTS.k if args.k is None else args.k
+    # A flag the method does not use is refused, not ignored (as the server does).
+    unused = [flag for flag, value, used in [
+        ("--w", args.w, args.method == "cbs" or args.w == 1),
+        ("--l", args.l, args.method == "cbs"),
+        ("--beta", args.beta, args.method == "eft" or args.beta == DEFAULTS.beta)]
+        if value is not None and not used]
+    if unused:
+        raise UserError(f"{', '.join(unused)}: --method {args.method} does not use "
+                        f"{'it' if len(unused) == 1 else 'them'}; leave "
+                        f"{'it' if len(unused) == 1 else 'them'} out")
+    pick = lambda value, default: default if value is None else value   # noqa: E731
     if args.method == "best_of_n":
-        return SearchParams.best_of_n(k, **common)
+        return SearchParams.best_of_n(pick(args.k, DEFAULTS.k), **common)
     if args.method == "base":
-        return SearchParams.base(n=args.k or 1, **common)
+        return SearchParams.base(n=pick(args.k, 1), **common)
     if args.method == "eft":
-        return SearchParams.eft(args.beta, n=args.k or 1, **common)
-    return SearchParams.cbs(args.w, k, args.l, **common)
+        return SearchParams.eft(pick(args.beta, DEFAULTS.beta), n=pick(args.k, 1), **common)
+    return SearchParams.cbs(pick(args.w, DEFAULTS.w), pick(args.k, DEFAULTS.k),
+                            pick(args.l, DEFAULTS.l), **common)
 
 
 def cmd_search(args):

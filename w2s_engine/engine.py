@@ -175,8 +175,10 @@ class Engine:
             config.max_batch_tokens, implicit.weight,
             [reward_model_parts(rm, role, self.runners[role], self.models[role])
              for role, rm in zip(rm_roles, reward_models)])
-        # EFT mixes logits token by token: one vocabulary for all three, one small stream.
-        if self.scorer.eft_stream is not None:
+        # EFT mixes logits token by token: one vocabulary for all three, one small stream,
+        # and LM heads that cover it. Otherwise, why a request for it is refused.
+        self.eft_refusal = self._eft_refusal(remote)
+        if self.eft_refusal is None:
             self.large.eft = EFT(self.scorer.eft_stream, len(self.large.tokenizer),
                                  self.large.eos_ids, implicit.weight)
             if eft_graphs:
@@ -192,6 +194,24 @@ class Engine:
         self.scheduler = Scheduler(self.budget, self.kv, list(self.runners), config.max_waiting,
                                    config.max_batch_tokens)
         self.next_request_id = 0
+
+    def _eft_refusal(self, remote) -> str | None:
+        """Why this engine cannot run EFT (None: it can)."""
+        if remote:
+            return ("method='eft' mixes the large model's next-token logits with the small "
+                    "pair's, and a black-box large model gives only text: use cbs or best_of_n")
+        if self.scorer.eft_stream is None:
+            return ("method='eft' needs the implicit reward alone as the scorer, and the large, "
+                    "tuned and untuned models to share one vocabulary (and the small models one "
+                    "template); these do not: use cbs or best_of_n")
+        vocab = len(self.large.tokenizer)
+        for role in ("large", "tuned", "untuned"):
+            rows = self.runners[role].shape.vocab_size
+            if rows < vocab:
+                return (f"method='eft' needs each model's LM head to cover the tokenizer's {vocab} "
+                        f"tokens, and the {role} model's has {rows} rows (its embeddings were not "
+                        "resized for added tokens?): use cbs or best_of_n")
+        return None
 
     @property
     def has_scorer(self) -> bool:
@@ -222,10 +242,8 @@ class Engine:
             raise ValueError(f"method={params.method!r} needs a scorer: pass tuned and untuned "
                              "small models (or scorer=RewardModel(...)) to Engine(...), or use "
                              "SearchParams.base()")
-        if params.method == "eft" and self.large.eft is None:
-            raise ValueError("method='eft' needs the implicit reward alone as the scorer, and the "
-                             "large, tuned and untuned models to share one vocabulary (and the "
-                             "small models one template); these do not: use cbs or best_of_n")
+        if params.method == "eft" and self.eft_refusal is not None:
+            raise InvalidParam("method", "eft", "", message=self.eft_refusal)
         self.large.check_params(params)
         template = self.templates["large"].rendered_as(chat)
         if prompt_ids is None:
@@ -438,10 +456,15 @@ class Engine:
         plans = []
         with record_function("w2s.score.plan"):
             for r in ready:
-                if not r.params.uses_small_models or r.params.method == "eft":
-                    continue  # base is not scored; EFT scored each token as it sampled it
+                if not r.params.uses_small_models:
+                    continue  # base is not scored
                 try:
-                    plans.append((r, self.scorer.plan(r, self.large)))
+                    if r.params.method == "eft":   # scored as it sampled, but for stop cuts
+                        ups = self.scorer.plan_cut_samples(r, self.large)
+                        if ups:
+                            plans.append((r, ups))
+                    else:
+                        plans.append((r, self.scorer.plan(r, self.large)))
                 except Exception as e:  # a bad request fails alone
                     self.scheduler.fail(r, f"{type(e).__name__}: {e}")
         return plans

@@ -12,6 +12,7 @@ METHODS = ("cbs", "best_of_n", "base", "eft")
 MAX_INT = 2**31 - 1          # w, k, l, max_new_tokens, top_k (top_k past the vocabulary: off)
 MAX_SEED = 2**63             # seeds are in [0, 2**63)
 MAX_TEMPERATURE = 100.0      # a sanity bound: OpenAI allows 2, sampling from fp32 needs < 3e38
+GREEDY_BELOW = 1e-5          # a temperature below it samples greedily (vLLM's _SAMPLING_EPS)
 MAX_ABS_BETA = 100.0
 MAX_REPETITION_PENALTY = 10.0
 MAX_LOGIT_BIAS = 1024        # token ids one request may bias (OpenAI allows 300)
@@ -158,8 +159,15 @@ class SearchParams:
             bad("w", "best_of_n keeps one beam: use w=1 (or method='cbs')")
         if self.method in ("base", "eft") and self.w != 1:
             bad("w", f"{self.method} runs no selection: use w=1")
+        if self.method != "cbs" and self.l is not None:
+            # (else each chunk's samples would fork k ways again, past the KV reserved)
+            bad("l", f"{self.method} draws whole samples, not chunks: use l=None "
+                     f"(SearchParams.{self.method}(...) sets it) or method='cbs'")
         real("temperature", "[0", f"{MAX_TEMPERATURE:g}] (0 = greedy)",
              lambda t: 0 <= t <= MAX_TEMPERATURE)
+        if self.temperature < GREEDY_BELOW:
+            # Greedy, as vLLM takes it: fp32 logits divided by it would overflow to ties.
+            self.temperature = 0.0
         integer("top_k", 0, " (0 = off; past the vocabulary it keeps every token)")
         real("top_p", "(0", "1] (1 = off)", lambda p: 0 < p <= 1)
         real("min_p", "[0", "1] (0 = off)", lambda p: 0 <= p <= 1)

@@ -62,7 +62,9 @@ class EFT:
         for (r, _), n in zip(eft, fed):
             for role in self.stream.roles:
                 r.stats.tokens_forwarded[role] += n
-        logp = {role: torch.log_softmax(x[:, :self.vocab_size], dim=-1)
+        # Normalized over the whole head (as the scorer and score() do: a padded head's rows
+        # count), then cut to the large tokenizer's tokens for the mixing.
+        logp = {role: torch.log_softmax(x, dim=-1)[:, :self.vocab_size]
                 for role, x in logits_small.items()}
         v = self.vocab_size
         logits = logits.clone()

@@ -107,7 +107,8 @@ class SearchRequest:
                      small=small, reward=parent.reward, parent_id=parent.beam_id,
                      chunk_rewards=list(parent.chunk_rewards),
                      text=parent.text, num_large_tokens=parent.num_large_tokens,
-                     detok=parent.detok.copy(), min_text_len=parent.min_text_len)
+                     detok=parent.detok.copy(), min_text_len=parent.min_text_len,
+                     stop_checked_len=parent.stop_checked_len)
         if self.logprobs is not None:
             self.token_logprobs[child.beam_id] = list(self.token_logprobs.get(parent.beam_id, ()))
         return child
@@ -148,10 +149,11 @@ class SearchRequest:
             text = text_of(beam)
             if beam.min_text_len is None:
                 beam.min_text_len = 0
-            longest = max(len(s) for s in p.stop)
-            tail_from = max(0, len(text) - longest - 16)
-            hits = [i for s in p.stop
-                    if (i := text.find(s, max(tail_from, beam.min_text_len - len(s) + 1))) >= 0]
+            # A new match ends in the text added since the last look (one token's, or more
+            # where the detokenizer held back a partial character; a token may be long).
+            seen = max(beam.stop_checked_len, beam.min_text_len)
+            hits = [i for s in p.stop if (i := text.find(s, max(0, seen - len(s) + 1))) >= 0]
+            beam.stop_checked_len = len(text)
             if hits:
                 beam.finished, beam.finish_reason = True, "stop"
                 beam.stop_text_len = min(hits)

@@ -195,6 +195,23 @@ class Scorer:
         self._check_growth(r, ups, large)
         return ups
 
+    def plan_cut_samples(self, r: SearchRequest, large) -> list[tuple[int, Beam, StreamUpdate]]:
+        """EFT scored each token as it sampled it; a sample a stop string cut is scored again
+        here, on the tokens of the text returned (_shared_update's rule), so that its reward
+        is score()'s for it. The token scored but not forwarded (and one fed in flight past
+        it) is dropped first: the update re-forwards from where the tokenizations part."""
+        si = 0   # EFT runs on one stream (eft_stream)
+        ups = []
+        for b in r.beams:
+            if b.stop_text_len is None:
+                continue
+            st = b.small[si]
+            st.keep_first(self.streams[si].blocks, min(st.table.num_tokens, len(st.ids)))
+            st.last_hidden = {}
+            ups.append((si, b, self._shared_update(si, r.small_prompts[si], b, large)))
+        self._check_growth(r, ups, large)
+        return ups
+
     def _shared_update(self, si: int, sp: SmallPrompt, b: Beam, large) -> StreamUpdate:
         """A beam's update where the stream reads the large model's tokens: the sampled ids;
         for a response a stop string cut, the tokens of the text returned (what score()

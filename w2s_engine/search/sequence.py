@@ -67,6 +67,7 @@ class Beam:
     finish_reason: str | None = None   # "stop" (EOS or stop string) or "length"
     stop_text_len: int | None = None   # response text is cut here when a stop string matched
     min_text_len: int | None = None    # text length at min_tokens: a stop string ends past it
+    stop_checked_len: int = 0          # text length already searched for stop strings
     detok: DetokState = field(default_factory=DetokState)  # incremental text of token_ids
     chunk_tokens: int = 0        # tokens sampled in the current chunk
     chunk_rewards: list[float] = field(default_factory=list)  # its lineage's, at each selection

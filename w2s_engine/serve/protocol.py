@@ -227,6 +227,9 @@ class StreamOptions(BaseModel):
 
     include_usage: bool | None = None            # a last chunk with the usage
     continuous_usage_stats: bool | None = None   # vLLM's: not supported (refused when true)
+    # OpenAI's random padding against a length side channel: taken, and none is added (it
+    # changes no content).
+    include_obfuscation: bool | None = None
 
 
 @dataclass
