@@ -4,9 +4,11 @@
 # session's 15 minutes should leave room for a rerun):
 #   bench/gpu_check.sh [OUT_DIR] [WHEELS_DIR]        (W2S_GPU_CHECK_SECONDS=540)
 # W2S_GPU_CHECK_SKIP: an extended regex of step names to skip, to run the rest in a second
-# call (e.g. W2S_GPU_CHECK_SKIP='^(gpu tests|e2e 1 and 16)'). A session's 15 device minutes
-# hold about two calls in one lease (the machine stays warm 30 s after a call): the first
-# with W2S_GPU_CHECK_SECONDS=480 runs steps 1-5, the second (about 300 s) skips them.
+# call; each step's name starts with its number (s01 ... s17), so skip by number, e.g.
+# W2S_GPU_CHECK_SKIP='^s0[1-6] '. A session's 15 device minutes hold about two calls in one
+# lease (the machine stays warm 30 s after a call): the first with W2S_GPU_CHECK_SECONDS=420
+# (setup and the summary take about 25 s more, outside the budget) runs steps s01-s06, the
+# second (about 300 s) skips them. The log's "== sNN ...: exit" lines say what ran.
 # 1. the `gpu` tests (only their files; eight processes where pytest-xdist is there; each
 #    test's result and each failure's traceback in the log as they come);
 # 2. the end-to-end rows: random-init Llama-3-8B steered by a random-init Llama-3.2-1B pair,
@@ -30,7 +32,9 @@
 # On an H200 at 024353a: the gpu tests (41, four processes) did not finish in 200 s; the first
 # e2e step took 95 s, a later one 40-100 s (model build, capture, autotuning: the waiting and
 # async rows share one engine); the kernel benchmarks 55 s.
-# Results go to OUT_DIR (default bench/results/): JSONL, logs and gpu-check-<device>.md.
+# Results go to OUT_DIR (default: a new bench/results/gpu-check-<time>/): JSONL, logs and
+# gpu-check-<device>.md, whose tables hold only the rows this run added.
+# The gpu tests need hypothesis only for one property test (skipped without it).
 #
 # The GPU machine may have an older transformers than ours and no internet: WHEELS_DIR holds
 # wheels to install first (made here with `pip download --no-deps --only-binary=:all:
@@ -40,7 +44,7 @@
 # The package runs from the checkout (PYTHONPATH), not installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-bench/results}
+out=${1:-bench/results/gpu-check-$(date -u +%Y%m%d-%H%M%S)}
 wheels=${2:-}
 mkdir -p "$out"
 if [ -n "$wheels" ] && compgen -G "$wheels/*.whl" >/dev/null; then
@@ -58,6 +62,14 @@ log="$out/gpu-check-$device.log"
 : >"$log"
 budget=${W2S_GPU_CHECK_SECONDS:-540}
 started=$SECONDS
+# Rows already in OUT_DIR's files: the summary shows only those this run adds.
+declare -A rows_before
+for f in e2e-gpu e2e-gpu-cross profile_step host_step; do
+    rows_before[$f]=$( [ -f "$out/$f.jsonl" ] && wc -l <"$out/$f.jsonl" || echo 0)
+done
+new_rows() {  # new_rows NAME: this run's rows of OUT_DIR/NAME.jsonl
+    [ -f "$out/$1.jsonl" ] && tail -n +$((rows_before[$1] + 1)) "$out/$1.jsonl"
+}
 step() {  # step NAME SECONDS COMMAND...: run within its limit and the deadline, log, go on
     local name=$1 limit=$2 left
     shift 2
@@ -86,63 +98,74 @@ gpu_files=$(grep -l "mark.gpu" tests/test_*.py)
 parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 # -v and W2S_FAILURES_AT_ONCE (tests/conftest.py): each test's result and each failure's
 # traceback in the log as it comes, so a run cut off by its limit still names its failures.
-step "gpu tests" 240 env W2S_FAILURES_AT_ONCE=1 python3 -m pytest -v -m gpu $gpu_files \
+step "s01 gpu tests" 240 env W2S_FAILURES_AT_ONCE=1 python3 -m pytest -v -m gpu $gpu_files \
     $parallel -p no:cacheprovider --continue-on-collection-errors --durations=15 -rfE
-step "e2e 1 and 16 requests, 256 tokens, waiting and async" 180 $e2e --preset gpu \
+step "s02 e2e 1 and 16 requests, 256 tokens, waiting and async" 180 $e2e --preset gpu \
     --max-new 256 --concurrency 1,16 --both-schedulings
-step "e2e 16 requests, 256 tokens, async, cascade" 100 $e2e --preset gpu --max-new 256 \
+step "s03 e2e 16 requests, 256 tokens, async, cascade" 100 $e2e --preset gpu --max-new 256 \
     --concurrency 16 --async-scheduling --cascade
-step "profile, waiting and async" 90 python3 bench/profile_step.py --preset gpu \
+step "s04 profile, waiting and async" 90 python3 bench/profile_step.py --preset gpu \
     --both-schedulings --out "$out"
-step "profile, 16 requests, async, cascade" 90 python3 bench/profile_step.py --preset gpu \
+step "s05 profile, 16 requests, async, cascade" 90 python3 bench/profile_step.py --preset gpu \
     --concurrency 16 --async-scheduling --cascade --out "$out"
-step "e2e cross vocabulary, 16 requests, async, cascade" 150 $e2e --preset gpu-cross \
+step "s06 e2e cross vocabulary, 16 requests, async, cascade" 150 $e2e --preset gpu-cross \
     --max-new 256 --concurrency 16 --async-scheduling --cascade
-# (A first call of W2S_GPU_CHECK_SECONDS=480 ends about here.)
-step "kernel benchmarks" 150 python3 -m pytest -q bench/kernel_bench.py --benchmark-only \
-    -p no:cacheprovider --benchmark-json "$out/kernels-$device.json"
-if [ -f "$out/kernels-$device.json" ]; then
-    step "kernel table" 30 python3 bench/kernels_table.py "$out/kernels-$device.json" \
+# (A first call of W2S_GPU_CHECK_SECONDS=420 ends about here.)
+# In three groups, each its own JSON: pytest-benchmark writes its file only at the end, so a
+# group its limit cuts loses only its own rows.
+for group in "reward-sampling:chunk_reward or fused_lmhead or sampling" \
+             "attention:decode_attention or cascade or extend" \
+             "layer:store_kv or rms_norm or rotary or silu_mul or decoder_layer or copy_blocks"; do
+    step "s07 kernel benchmarks, ${group%%:*}" 80 python3 -m pytest -q bench/kernel_bench.py \
+        --benchmark-only -p no:cacheprovider -k "${group#*:}" \
+        --benchmark-json "$out/kernels-$device-${group%%:*}.json"
+done
+kernel_json=$(find "$out" -maxdepth 1 -name "kernels-$device-*.json" -size +0 | sort)
+if [ -n "$kernel_json" ]; then
+    step "s08 kernel table" 30 python3 bench/kernels_table.py $kernel_json \
         --markdown "$out/kernels-$device.md"
 fi
-step "e2e 1 request, prompt 2048, cascade" 120 $e2e --preset gpu --max-new 256 --concurrency 1 \
+step "s09 e2e 1 request, prompt 2048, cascade" 120 $e2e --preset gpu --max-new 256 --concurrency 1 \
     --prompt-lens 2048 --cascade
-step "e2e 1 request, prompt 2048, per-beam" 90 $e2e --preset gpu --max-new 256 \
+step "s10 e2e 1 request, prompt 2048, per-beam" 90 $e2e --preset gpu --max-new 256 \
     --concurrency 1 --prompt-lens 2048
-step "e2e 1 and 16 requests, 256 tokens, transformers' ops (no fused kernels, no merged GEMMs)" \
+step "s11 e2e 1 and 16 requests, 256 tokens, transformers' ops (no fused kernels, no merged GEMMs)" \
     90 $e2e --preset gpu --max-new 256 --concurrency 1,16 --no-fused-ops
-step "e2e 16 requests arriving every 2 steps: waiting, async, async with scorings read at once" \
+step "s12 e2e 16 requests arriving every 2 steps: waiting, async, async with scorings read at once" \
     150 $e2e --preset gpu --max-new 256 --concurrency 16 --arrivals-every 2 \
     --schedulings waiting,async,async-scoring-at-once
-step "profile, 16 requests arriving every 2 steps, async scheduling" 90 python3 \
+step "s13 profile, 16 requests arriving every 2 steps, async scheduling" 90 python3 \
     bench/profile_step.py --preset gpu --concurrency 16 --arrivals-every 2 --async-scheduling \
     --out "$out"
-step "e2e 16 requests, 256 tokens, torch.compile" 240 $e2e --preset gpu --max-new 256 \
+step "s14 e2e 16 requests, 256 tokens, torch.compile" 240 $e2e --preset gpu --max-new 256 \
     --concurrency 16 --compile
-step "e2e 1 request, 1024 tokens, baseline" 240 $e2e --preset gpu --max-new 1024 \
+step "s15 e2e 1 request, 1024 tokens, baseline" 240 $e2e --preset gpu --max-new 1024 \
     --concurrency 1 --baseline --baseline-budget 90
-step "profile, scoring eager" 60 python3 bench/profile_step.py --preset gpu --eager-scoring \
+step "s16 profile, scoring eager" 60 python3 bench/profile_step.py --preset gpu --eager-scoring \
     --out "$out"
-step "host step (CPU)" 60 env CUDA_VISIBLE_DEVICES= python3 bench/host_step.py --reps 2 \
+step "s17 host step (CPU)" 60 env CUDA_VISIBLE_DEVICES= python3 bench/host_step.py --reps 2 \
     --out "$out"
 
 {
     echo "# GPU check on $device ($(git rev-parse --short HEAD 2>/dev/null || echo unknown))"
     echo
     echo "## GPU tests"
-    sed -n '/^== gpu tests (/,/== gpu tests: /p' "$log" | grep -E '^==== FAILED|[0-9]+ (passed|failed|skipped)' \
+    sed -n '/^== s01 gpu tests (/,/== s01 gpu tests: /p' "$log" | grep -E '^==== FAILED|[0-9]+ (passed|failed|skipped)' \
         || echo "(no failure and no result line: see the log)"
     echo
-    echo "## End to end"
+    echo "## End to end (this run's rows)"
+    fresh=$(mktemp -d)
     for preset in gpu gpu-cross; do
-        [ -f "$out/e2e-$preset.jsonl" ] && python3 bench/e2e.py --out "$out" --preset "$preset" --table
+        new_rows "e2e-$preset" >"$fresh/e2e-$preset.jsonl"
+        [ -s "$fresh/e2e-$preset.jsonl" ] && python3 bench/e2e.py --out "$fresh" \
+            --preset "$preset" --table
     done
     echo
-    echo "## Profile"
-    [ -f "$out/profile_step.jsonl" ] && tail -n 4 "$out/profile_step.jsonl"
+    echo "## Profile (this run's rows)"
+    new_rows profile_step
     echo
     echo "## Host step (this machine's CPU, tiny models)"
-    [ -f "$out/host_step.jsonl" ] && tail -n 1 "$out/host_step.jsonl"
+    new_rows host_step
     echo
     echo "## Steps"
     grep -E '^== .*(exit|skipped)' "$log"
