@@ -359,6 +359,27 @@ def test_eft_reward_with_padded_small_heads_equals_score_and_a_narrow_head_is_re
         engine.search(["I really"], SearchParams.eft(max_new_tokens=4))
 
 
+def test_a_response_another_eos_id_ended_scores_the_id_sampled(tok, small_pair):
+    """A chat model's end of turn is often not its tokenizer's eos_token (gemma-3-it's
+    <end_of_turn>, Llama-3's <|eot_id|>): the small models score the EOS id sampled."""
+    large = tiny_llama(len(tok), seed=1, layers=3)
+    large.generation_config.eos_token_id = [1, 7]
+    tuned, untuned = small_pair
+    engine = Engine((large, tok), (clone(tuned), tok), (clone(untuned), tok), block_size=4,
+                    num_kv_blocks=600, progress=False,
+                    templates={"large": LARGE_TEMPLATE, "small": SMALL_TEMPLATE})
+    common = dict(max_new_tokens=9, seed=2, temperature=1.0, logit_bias={1: -100.0, 7: 4.0})
+    for params in (SearchParams.cbs(2, 2, 3, **common), SearchParams.eft(beta=1.5, n=3,
+                                                                         **common)):
+        hyps = engine.search(["I really"], params)[0].hypotheses
+        ended = [h for h in hyps if h.finish_reason == "stop"]
+        assert ended, params.method
+        for h in ended:   # the EOS term is that of 7, as if 7 were one more response token
+            assert h.reward == pytest.approx(scratch_reward(
+                small_pair, tok, "I really", h.small_token_ids + [7], False), abs=1e-4)
+    engine.check_all_free()
+
+
 def test_sampling_methods_refuse_a_chunk_length():
     for method in ("base", "eft", "best_of_n"):
         with pytest.raises(ValueError, match="l=5: .*use l=None"):

@@ -629,7 +629,9 @@ class Engine:
     def score(self, prompts, responses, finished=True) -> list[float]:
         """The reward of given responses under the engine's scorer (texts, or token ids in the
         scorers' one vocabulary). A process reward model whose steps are the search's chunks
-        (step_separator=None) sees a given response as one step: there are no chunks here."""
+        (step_separator=None) sees a given response as one step: there are no chunks here.
+        finished: the response ended, so the small models also score their tokenizer's
+        eos_token after it (a search scores the EOS id it sampled, which may be another)."""
         if not self.has_scorer:
             raise ValueError("score() needs a scorer: the tuned and untuned small models, or "
                              "scorer=RewardModel(...)")

@@ -81,30 +81,29 @@ class EFT:
 
     def terms(self, steered: list[Steered], sampled: torch.Tensor) -> torch.Tensor:
         """After sampling (sampled: the batch's tokens [B], on the device): each steered row's
-        term log pi_tuned - log pi_untuned at its token and at the small models' EOS, [2, S]
-        in steered's order, on the device; the caller reads them with the tokens."""
-        eos = self.stream.eos_id
+        term log pi_tuned - log pi_untuned at its token, [1, S] in steered's order, on the
+        device; the caller reads them with the tokens. (A token that is an EOS id gives the
+        EOS term: the id sampled, as the scorer scores it.)"""
         parts = []
         for group in runs(steered):
             g = len(group)
             words = self.stream.upload([s.index for s in group] + [s.row for s in group]).long()
             index, token = words[:g], sampled[words[g:]].long()
             tuned, untuned = group[0].logp["tuned"], group[0].logp["untuned"]
-            parts.append(torch.stack([tuned[index, token] - untuned[index, token],
-                                      tuned[index, eos] - untuned[index, eos]]))
-        return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+            parts.append(tuned[index, token] - untuned[index, token])
+        return torch.cat(parts)[None] if len(parts) > 1 else parts[0][None]
 
     def record(self, steered: list[Steered], tokens: list[int], terms: list[list[float]],
                skip=lambda s: False):
-        """Each steered beam's reward term (terms: terms() read back, [2][S]), but the rows
+        """Each steered beam's reward term (terms: terms() read back, [1][S]), but the rows
         `skip` names (of failed requests; with async scheduling, rows of beams that had
         stopped before the step was read)."""
-        for s, term, eos_term in zip(steered, *terms):
+        for s, term in zip(steered, terms[0]):
             if skip(s):
                 continue
             b, t = s.beam, tokens[s.row]
             if b.finished and b.finish_reason == "stop" and t in self.large_eos:
-                b.eos_term = eos_term
+                b.eos_term = term
             else:
                 b.small[0].add_pending(t, term)
             b.reward = self.weight * (sum(b.small[0].terms) + b.eos_term)

@@ -137,7 +137,7 @@ class SearchRequest:
         beam.chunk_tokens += 1
         self.stats.tokens_sampled += 1
         if token in eos_ids and not p.ignore_eos:
-            beam.finished, beam.finish_reason = True, "stop"
+            beam.finished, beam.finish_reason, beam.eos_token = True, "stop", token
             return
         beam.token_ids.append(token)
         n = len(beam.token_ids)

@@ -217,8 +217,10 @@ class Scorer:
         for a response a stop string cut, the tokens of the text returned (what score()
         scores for it), not the sampled ones past the cut."""
         if b.stop_text_len is None or self.steps[si] is not None:
+            # A response an EOS ended scores the EOS id sampled (a chat model's end of turn
+            # may not be its tokenizer's eos_token).
             return StreamUpdate(b.small[si], sp.ids + b.token_ids + sp.suffix_ids, len(sp.ids),
-                                b.finish_reason == "stop")
+                                b.finish_reason == "stop", eos_id=b.eos_token)
         full, start = sp.full_ids(large.response_text(b))
         return StreamUpdate(b.small[si], full + sp.suffix_ids, start, True)
 

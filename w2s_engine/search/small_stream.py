@@ -58,6 +58,7 @@ class StreamUpdate:
     text: str = ""            # cross-tokenizer: the text full_ids tokenize, and token starts
     starts: list[int] | None = None
     reads: list[int] | None = None    # reward models: positions whose head value is wanted
+    eos_id: int | None = None # the EOS target when finished (None: the tokenizer's)
 
 
 class SmallStream:
@@ -196,7 +197,7 @@ class SmallStream:
                         index[role] += range(off + lo, off + end)
             targets += u.full_ids[start:]
             if u.finished:
-                targets.append(self.eos_id)
+                targets.append(self.eos_id if u.eos_id is None else u.eos_id)
             segments += [seg] * (end - start + 1)
             counts.append((len(u.full_ids) - feed_from, end - start + 1))
         rows = {}
