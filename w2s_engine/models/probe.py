@@ -31,6 +31,13 @@ def probe(runner):
     wrong. At start no sequence holds a block: the scratch block (and block 0 when a block
     holds one token) is free to write."""
     name = type(runner.model).__name__
+    _refuse_by_structure(runner.model, name)
+    full = getattr(runner.model.config.get_text_config(), "max_position_embeddings", None)
+    if runner.shape.max_positions and full and runner.shape.max_positions < full:
+        logger.warning("%s: context limited to %d of its %d positions: its longrope rotary "
+                       "switches factors by the longest position of a forward, and the "
+                       "engine's forwards pack many sequences (runner.context_limit)", name,
+                       runner.shape.max_positions, full)
     bs, scratch = runner.block_size, runner.scratch_block
     blocks = [scratch] if bs >= 2 else [0, scratch]
     slots = [blocks[p // bs] * bs + p % bs for p in (0, 1)]
@@ -69,6 +76,7 @@ def probe(runner):
                          f"paged attention ({type(e).__name__}: {e})") from e
     finally:
         current_batch[0] = None
+    _refuse_temperature_tuning(runner.model, name, runner.shape.max_positions)
     layers = runner.shape.num_layers
     if sorted(set(both.attended)) != list(range(layers)):
         raise ValueError(
@@ -88,6 +96,37 @@ def probe(runner):
             "engine's LM head does not know (it applies the output layer with its bias, "
             "final_logit_softcapping and the logit scales of Cohere and Granite); the "
             "engine cannot run this architecture")
+
+
+def _refuse_by_structure(model, name: str):
+    """What the two-token probe cannot see, refused from the model's structure: a token mixer
+    with a recurrent state beside attention (Falcon-H1's mamba heads: on two tokens its
+    error can stay within the probe's tolerance, and it would run across the sequences packed
+    in a forward)."""
+    for module in model.modules():
+        kind = type(module).__name__
+        if hasattr(module, "A_log") or "Mamba" in kind:
+            raise ValueError(f"{name} cannot run on the engine: its {kind} mixes tokens "
+                             "through a recurrent state beside attention, which the engine's "
+                             "paged keys and values do not hold")
+
+
+
+PACKED_ROWS = 16384   # rows of one forward a scale by row could reach (prefill chunks, decodes)
+
+
+def _refuse_temperature_tuning(model, name: str, context: int | None):
+    """Llama 4's attention temperature tuning (of its NoPE layers) scales queries from
+    floor_scale positions on, by their row in the forward rather than their position:
+    refused where a position or a packed forward's row reaches floor_scale. Checked after
+    the probe's forward, which names the chunked attention of the released configs first."""
+    for module in model.modules():
+        floor = getattr(module, "floor_scale", None)
+        if getattr(module, "attn_temperature_tuning", False) and floor is not None and \
+                not getattr(module, "use_rope", True) and floor <= max(context or 0, PACKED_ROWS):
+            raise ValueError(f"{name} cannot run on the engine: attn_temperature_tuning "
+                             f"scales its queries from position {floor} on by their row in "
+                             "the forward, which the engine packs with many sequences")
 
 
 def _check_fused_ops(runner, own_forward, name):

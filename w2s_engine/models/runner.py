@@ -47,6 +47,7 @@ class ModelShape:
     max_positions: int | None
     num_heads: int = 0
     intermediate_size: int = 0
+    output_size: int = 0     # the decoder's output width (OPT-350m projects to a narrower one)
 
     @classmethod
     def of(cls, model: PreTrainedModel) -> "ModelShape":
@@ -62,9 +63,11 @@ class ModelShape:
                    head_dim=head_dim, hidden_size=cfg.hidden_size,
                    vocab_size=(model.get_output_embeddings().weight.shape[0]
                                if model.get_output_embeddings() is not None else cfg.vocab_size),
-                   max_positions=getattr(cfg, "max_position_embeddings", None),
+                   max_positions=context_limit(cfg),
                    num_heads=num_heads,
-                   intermediate_size=getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size)
+                   intermediate_size=_widest(getattr(cfg, "intermediate_size", None))
+                   or 4 * cfg.hidden_size,
+                   output_size=getattr(cfg, "word_embed_proj_dim", None) or cfg.hidden_size)
 
     @property
     def heads_per_kv_head(self) -> int:
@@ -91,6 +94,30 @@ class ModelShape:
         hidden-state buffer it writes."""
         elem = torch.empty((), dtype=dtype).element_size()
         return tokens * (7 * self.hidden_size + 3 * self.intermediate_size) * elem
+
+
+def _widest(size):
+    """An MLP width, or the widest of per-layer widths (Gemma 3n's list)."""
+    return max(size) if isinstance(size, (list, tuple)) else size
+
+
+def context_limit(cfg) -> int | None:
+    """The longest sequence the engine runs a model for: its max_position_embeddings, but for
+    longrope (Phi-3/3.5/4-mini 128k) its original length. transformers picks longrope's long
+    or short factors by the longest position of the whole forward, and the engine packs many
+    sequences (and prompt chunks) into one: past the switch a sequence's result would depend
+    on its batch; below it the short factors always hold, as in transformers."""
+    limit = getattr(cfg, "max_position_embeddings", None)
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    per_layer_type = isinstance(rope, dict) and rope and all(isinstance(v, dict)
+                                                             for v in rope.values())
+    for r in rope.values() if per_layer_type else [rope]:
+        if isinstance(r, dict) and r.get("rope_type", r.get("type")) == "longrope":
+            original = (r.get("original_max_position_embeddings")
+                        or getattr(cfg, "original_max_position_embeddings", None))
+            if original and (limit is None or original < limit):
+                limit = original
+    return limit
 
 
 def logit_scale(config) -> float:

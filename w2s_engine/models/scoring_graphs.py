@@ -77,7 +77,7 @@ class ScoringGraphs:
                                    dtype=torch.int32, device=dev)
         self.tables = torch.full((self.max_batch, self.width), runner.scratch_block,
                                  dtype=torch.int32, device=dev)
-        self.hidden = torch.zeros(max_tokens, runner.shape.hidden_size, dtype=runner.dtype,
+        self.hidden = torch.zeros(max_tokens, runner.shape.output_size, dtype=runner.dtype,
                                   device=dev)
         self.capture = capture
         self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
