@@ -3,6 +3,7 @@
 import random
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -110,7 +111,52 @@ def test_growth_takes_unreserved_room_or_says_how_much_is_missing():
 
 def test_pool_size_comes_from_blocks_then_bytes_and_a_tiny_budget_says_what_to_raise():
     assert pool_blocks(1000, num_kv_blocks=7) == 7
-    assert pool_blocks(1000, budget_bytes=64_500) == 64
-    assert pool_blocks(1000, device="cpu", cpu_budget_bytes=10_000) == 10
-    with pytest.raises(ValueError, match="raise kv_cache_memory_bytes or num_kv_blocks"):
-        pool_blocks(1000, budget_bytes=3_999)
+    assert pool_blocks(1000, budget_bytes=64_500) == 63       # and each pool's scratch block
+    assert pool_blocks(1000, device="cpu", cpu_budget_bytes=10_000) == 9
+    with pytest.raises(ValueError, match="raise kv_cache_memory_bytes, or set num_kv_blocks"):
+        pool_blocks(1000, budget_bytes=4_999)
+    with pytest.raises(ValueError, match="raise cpu_kv_cache_bytes, or set num_kv_blocks"):
+        pool_blocks(1000, cpu_budget_bytes=4_999)
+
+
+def test_the_pools_fit_the_memory_budget_in_their_models_own_dtype():
+    """A (model, tokenizer) pair keeps its dtype: an fp32 model under a bf16 config still
+    has fp32 pools, and the pools with their scratch blocks fit kv_cache_memory_bytes."""
+    from tiny_models import make_tokenizer, tiny_llama
+    from w2s_engine import Engine
+    tok = make_tokenizer(300)
+    for dtype in ("float32", "bfloat16"):
+        engine = Engine((tiny_llama(len(tok), seed=1), tok), kv_cache_memory_bytes=1 << 20,
+                        dtype=dtype, progress=False, block_size=4)
+        pool = engine.runners["large"].kv_pool
+        assert pool.dtype == torch.float32
+        assert pool.numel() * pool.element_size() <= 1 << 20, dtype
+
+
+def test_check_all_free_raises_while_a_request_holds_blocks_even_without_asserts():
+    from tiny_models import make_tokenizer, tiny_llama
+    from w2s_engine import Engine, SearchParams
+    tok = make_tokenizer(300)
+    engine = Engine((tiny_llama(len(tok), seed=1), tok), num_kv_blocks=50, block_size=4,
+                    progress=False)
+    engine.add_request("I really", SearchParams.base(max_new_tokens=8))
+    engine.step()
+    with pytest.raises(RuntimeError, match="KV blocks still referenced"):
+        engine.check_all_free()
+    while engine.has_unfinished():
+        engine.step()
+    engine.check_all_free()
+
+
+def test_a_prompt_past_the_whole_pool_is_refused_naming_the_prompt():
+    from tiny_models import make_tokenizer, tiny_llama
+    from w2s_engine import Engine, SearchParams
+    from w2s_engine.params import InvalidParam
+    tok = make_tokenizer(300)
+    engine = Engine((tiny_llama(len(tok), seed=1), tok), num_kv_blocks=10, block_size=4,
+                    progress=False)
+    with pytest.raises(InvalidParam, match="the prompt's .* tokens need .* KV blocks") as e:
+        engine.make_request("word " * 60, SearchParams.base(max_new_tokens=1))
+    assert e.value.field == "prompt"
+    engine.warm_up()    # a pool too small for the usual warm-up search runs a smaller one
+

@@ -389,3 +389,9 @@ def test_a_model_whose_decoder_is_not_its_base_model_runs_like_transformers():
     for i in (4, 5):
         out = h.feed([(table, ids[i:i + 1])])[0]
         torch.testing.assert_close(out[0], h.reference(ids[:i + 1])[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_gemma_in_float16_is_refused_at_load_saying_which_dtype_to_use():
+    gemma = _model(transformers.Gemma2Config(**SMALL, head_dim=16), attn="eager").half()
+    with pytest.raises(ValueError, match="overflows float16 .* bfloat16 or float32"):
+        ModelRunner(gemma, num_blocks=8, block_size=4)

@@ -108,8 +108,10 @@ class Engine:
                                           head=model_head(rm))
 
         # Every pool has the same number of blocks; one block of each together fits the budget.
+        # Each pool is in its model's own dtype (a (model, tokenizer) pair keeps the one it
+        # came in).
         bytes_per_block = sum(ModelShape.of(m.model).kv_bytes_per_block(config.block_size,
-                                                                        config.dtype)
+                                                                        m.model.dtype)
                               for m in self.models.values())
         graphs = config.cuda_graphs and not remote
         # EFT steps the small models a token at a time: they get graphs too, for fewer rows,
@@ -267,6 +269,12 @@ class Engine:
             [(len(sp.ids), self.scorer.shared[i], len(sp.suffix_ids))
              for i, sp in enumerate(small_prompts)])
         capacity = self.budget.num_blocks
+        prompt_blocks = blocks_for(len(large_ids), self.config.block_size) + 1
+        if prompt_blocks > capacity:
+            raise InvalidParam("prompt", len(large_ids), "needs more KV memory", message=(
+                f"the prompt's {len(large_ids)} tokens need {prompt_blocks} KV blocks of the "
+                f"large model's pool, which holds {capacity} ({capacity * self.config.block_size}"
+                " tokens): shorten the prompt, or give the engine more KV memory"))
         if any(v > capacity for v in req.reserved.values()):
             raise InvalidParam("max_new_tokens", params.max_new_tokens, "needs more KV memory",
                                message=(
@@ -605,6 +613,11 @@ class Engine:
             params = (SearchParams.cbs(2, 2, 2, max_new_tokens=4, ignore_eos=True, seed=0)
                       if self.has_scorer else
                       SearchParams.base(n=2, max_new_tokens=4, ignore_eos=True, seed=0))
+            try:
+                self.make_request("Hello", params)
+            except ValueError:   # a pool too small for it: one sample, one token
+                params = params.copy(w=1, k=1, l=None, max_new_tokens=1,
+                                     method="best_of_n" if self.has_scorer else "base")
             self.search(["Hello"], params)
         self.check_all_free()
 

@@ -137,6 +137,12 @@ class BlockManager:
 
     def check_all_free(self):
         """The end-of-request invariant: nothing is held, no count went negative."""
-        assert all(c == 0 for c in self.refcount), "KV blocks still referenced"
-        assert len(self.free_blocks) == self.num_blocks
-        assert len(set(self.free_blocks)) == self.num_blocks, "a block is on the free list twice"
+        # Raised, not asserted: a public check that must hold under `python -O` too.
+        held = sum(c != 0 for c in self.refcount)
+        if held:
+            raise RuntimeError(f"KV blocks still referenced: {held} of {self.num_blocks}")
+        if len(self.free_blocks) != self.num_blocks or \
+                len(set(self.free_blocks)) != self.num_blocks:
+            raise RuntimeError(f"the free list holds {len(self.free_blocks)} entries "
+                               f"({len(set(self.free_blocks))} distinct) of {self.num_blocks} "
+                               "blocks")

@@ -26,20 +26,25 @@ def pool_blocks(bytes_per_block: int, num_kv_blocks: int | None = None,
                 other_bytes: int = 0) -> int:
     """Blocks per pool: all pools have the same count, and one block of every pool together
     takes bytes_per_block. An explicit num_kv_blocks wins, then an explicit budget, then a
-    fraction of the free device memory (CUDA) less other_bytes (what the decode graphs will
-    hold), or the CPU budget."""
+    fraction of the free device memory (CUDA) less other_bytes (what the graphs will hold),
+    or the CPU budget."""
     if num_kv_blocks is not None:
         return num_kv_blocks
+    setting = "kv_cache_memory_bytes"
     if budget_bytes is None:
         if str(device).startswith("cuda"):
             free, _ = torch.cuda.mem_get_info(torch.device(device))
             budget_bytes = int(free * memory_fraction) - other_bytes
+            setting = "kv_cache_memory_fraction (of the free GPU memory, less the graphs')"
         else:
             budget_bytes = cpu_budget_bytes
-    num_blocks = budget_bytes // bytes_per_block
+            setting = "cpu_kv_cache_bytes"
+    # Each pool has one more block than it hands out: the scratch block padding rows write to.
+    num_blocks = budget_bytes // bytes_per_block - 1
     if num_blocks < 4:
-        raise ValueError(f"a KV budget of {budget_bytes} bytes holds {num_blocks} blocks of "
-                         f"{bytes_per_block} bytes: raise kv_cache_memory_bytes or num_kv_blocks")
+        raise ValueError(f"a KV budget of {budget_bytes} bytes ({setting}) holds {num_blocks} "
+                         f"blocks of {bytes_per_block} bytes (and a scratch block): raise "
+                         f"{setting}, or set num_kv_blocks")
     return num_blocks
 
 

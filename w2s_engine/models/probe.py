@@ -84,6 +84,9 @@ def probe(runner):
             f"(it did in {len(set(both.attended))} of {layers}): its attention code does "
             "not use transformers' AttentionInterface, or some layers are not attention "
             "(a recurrent hybrid); the engine cannot run this architecture")
+    if torch.isnan(own.logits).any():
+        raise ValueError(f"{name} gives NaN logits in {runner.dtype} on its own forward (its "
+                         "activations overflow): load it in bfloat16 or float32")
     if runner.lm_head is None or not torch.isfinite(own.logits).all():
         return
     expected = own.logits.reshape(-1, own.logits.shape[-1])[-1].float()
@@ -98,11 +101,20 @@ def probe(runner):
             "engine cannot run this architecture")
 
 
+# Model types whose activations overflow float16 (vLLM refuses them too): Gemma 2/3's
+# logits become NaN a few tokens in, sampled as token 0 without an error.
+FP16_OVERFLOWS = ("gemma2", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text")
+
+
 def _refuse_by_structure(model, name: str):
     """What the two-token probe cannot see, refused from the model's structure: a token mixer
     with a recurrent state beside attention (Falcon-H1's mamba heads: on two tokens its
     error can stay within the probe's tolerance, and it would run across the sequences packed
-    in a forward)."""
+    in a forward), and a model in float16 whose activations overflow it."""
+    kind = model.config.get_text_config().model_type
+    if model.dtype == torch.float16 and kind in FP16_OVERFLOWS:
+        raise ValueError(f"{name} ({kind}) overflows float16 (its logits turn NaN): load it "
+                         "in bfloat16 or float32 (dtype='bfloat16')")
     for module in model.modules():
         kind = type(module).__name__
         if hasattr(module, "A_log") or "Mamba" in kind:
