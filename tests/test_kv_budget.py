@@ -155,8 +155,13 @@ def test_a_prompt_past_the_whole_pool_is_refused_naming_the_prompt():
     tok = make_tokenizer(300)
     engine = Engine((tiny_llama(len(tok), seed=1), tok), num_kv_blocks=10, block_size=4,
                     progress=False)
-    with pytest.raises(InvalidParam, match="the prompt's .* tokens need .* KV blocks") as e:
+    with pytest.raises(InvalidParam, match="the prompt .* needs up to .* KV blocks") as e:
         engine.make_request("word " * 60, SearchParams.base(max_new_tokens=1))
     assert e.value.field == "prompt"
+    for words in range(1, 40):   # one sample of one token: only the prompt can be at fault
+        try:
+            engine.make_request("word " * words, SearchParams.base(max_new_tokens=1))
+        except InvalidParam as e:
+            assert e.field == "prompt", (words, str(e))
     engine.warm_up()    # a pool too small for the usual warm-up search runs a smaller one
 

@@ -329,6 +329,17 @@ def test_vllm_fields_that_would_change_the_output_are_refused_naming_them(server
     assert "not supported" in payload["error"]["message"]
 
 
+def test_add_special_tokens_is_taken_at_what_the_endpoint_does_here(server):
+    # this server renders chat as a text transcript, which gets the tokenizer's BOS
+    for path, body, does in [("/v1/completions", {"prompt": "x"}, True),
+                             ("/v1/chat/completions", {"messages": CHAT}, True)]:
+        code, payload = post(server, path, {**body, "max_tokens": 2, "add_special_tokens": does})
+        assert code == 200, payload
+        code, payload = post(server, path, {**body, "max_tokens": 2,
+                                            "add_special_tokens": not does})
+        assert code == 400 and payload["error"]["param"] == "add_special_tokens", payload
+
+
 def test_vllm_fields_at_their_defaults_are_accepted(server):
     for path, body in [("/v1/completions", {"prompt": "x", "stop_token_ids": [],
                                             "skip_special_tokens": True,
@@ -344,7 +355,7 @@ def test_null_sampling_fields_mean_their_defaults(server):
     plain = server.client.completions.create(**common)
     nulls = server.client.completions.create(
         **common, temperature=None, top_p=None, presence_penalty=None, frequency_penalty=None,
-        extra_body={"top_k": None, "min_p": None, "w": None, "k": None, "beta": None,
+        extra_body={"top_k": None, "min_p": None, "w": None, "k": None, "l": None, "beta": None,
                     "min_tokens": None, "repetition_penalty": None})
     assert nulls.choices[0].text == plain.choices[0].text
 
@@ -375,3 +386,8 @@ def test_a_body_that_is_not_json_by_its_content_type_is_refused_with_415(server)
         assert response.status == want, (kind, payload)
         if want == 415:
             assert is_envelope(payload, 415) and "application/json" in payload["error"]["message"]
+    for method, path, want in [("POST", "/health", 405), ("POST", "/v1/nope", 404)]:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request(method, path, body=b"x", headers={"Content-Type": "text/plain"})
+        assert conn.getresponse().status == want, path   # routing first: not a body's fault
+        conn.close()

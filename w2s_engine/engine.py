@@ -120,11 +120,12 @@ class Engine:
             self.models[r].tokenizer.get_vocab() == self.models["large"].tokenizer.get_vocab()
             for r in ("tuned", "untuned"))
         eft_batch = min(EFT_GRAPH_MAX_BATCH, config.cuda_graph_max_batch)
+        dtype_of = {role: m.model.dtype for role, m in self.models.items()}   # their own
         graph_bytes = (ModelShape.of(self.models["large"].model).decode_activation_bytes(
-            config.cuda_graph_max_batch, config.dtype) if graphs else 0)
+            config.cuda_graph_max_batch, dtype_of["large"]) if graphs else 0)
         if eft_graphs:
             graph_bytes += sum(ModelShape.of(self.models[r].model).decode_activation_bytes(
-                eft_batch, config.dtype) for r in ("tuned", "untuned"))
+                eft_batch, dtype_of[r]) for r in ("tuned", "untuned"))
         # Every scorer's runner (the small pair, reward models) gets scoring graphs.
         scoring_roles = [role for role in self.models if role != "large"]
         scoring_tokens = min(SCORING_GRAPH_MAX_TOKENS, config.max_batch_tokens)
@@ -132,7 +133,7 @@ class Engine:
         for role in scoring_roles if scoring_graphs else ():
             shape = ModelShape.of(self.models[role].model)
             context_blocks = blocks_for(shape.max_positions or 0, config.block_size)
-            graph_bytes += (shape.extend_activation_bytes(scoring_tokens, config.dtype)
+            graph_bytes += (shape.extend_activation_bytes(scoring_tokens, dtype_of[role])
                             + ScoringGraphs.static_bytes(scoring_tokens, SCORING_GRAPH_MAX_ROWS,
                                                          context_blocks))
         num_blocks = pool_blocks(bytes_per_block, config.num_kv_blocks,
@@ -269,13 +270,18 @@ class Engine:
             [(len(sp.ids), self.scorer.shared[i], len(sp.suffix_ids))
              for i, sp in enumerate(small_prompts)])
         capacity = self.budget.num_blocks
-        prompt_blocks = blocks_for(len(large_ids), self.config.block_size) + 1
-        if prompt_blocks > capacity:
-            raise InvalidParam("prompt", len(large_ids), "needs more KV memory", message=(
-                f"the prompt's {len(large_ids)} tokens need {prompt_blocks} KV blocks of the "
-                f"large model's pool, which holds {capacity} ({capacity * self.config.block_size}"
-                " tokens): shorten the prompt, or give the engine more KV memory"))
         if any(v > capacity for v in req.reserved.values()):
+            # The prompt alone, with one sample of one token, does not fit: name the prompt.
+            least = self.budget.reservation(
+                1, 1, 1, 1, None if self.large.blocks is None else len(large_ids),
+                [(len(sp.ids), self.scorer.shared[i], len(sp.suffix_ids))
+                 for i, sp in enumerate(small_prompts)])
+            if any(v > capacity for v in least.values()):
+                raise InvalidParam("prompt", len(large_ids), "needs more KV memory", message=(
+                    f"the prompt ({len(large_ids)} tokens of the large model's) needs up to "
+                    f"{max(least.values())} KV blocks in one pool even for one token, and a "
+                    f"pool holds {capacity} ({capacity * self.config.block_size} tokens): "
+                    "shorten the prompt, or give the engine more KV memory"))
             raise InvalidParam("max_new_tokens", params.max_new_tokens, "needs more KV memory",
                                message=(
                 f"request needs up to {max(req.reserved.values())} KV blocks in one pool, which "

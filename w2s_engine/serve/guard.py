@@ -157,7 +157,7 @@ class Guard:
             await self.app(scope, receive, send)
             return None
         kind = headers.get(b"content-type", b"").decode("latin-1")
-        if not json_content_type(kind):
+        if scope["path"] in GENERATION_PATHS and not json_content_type(kind):
             # A browser sends a form or text/plain cross-site without asking first (CORS's
             # simple requests): only JSON bodies are read, as FastAPI's body models do.
             await error_response(415, f"Content-Type {kind[:100]!r}: the body must be JSON; send "

@@ -201,12 +201,11 @@ NEUTRAL = {"suffix": ("",), "tools": ([],), "tool_choice": ("none",),
 # Chat: the template renders the messages and opens the assistant's turn (no prefill).
 CHAT_NEUTRAL = {"echo": (False,), "best_of": (1,),   # completions' fields, not chat's
                 "add_generation_prompt": (True,), "continue_final_message": (False,),
-                "chat_template": (), "chat_template_kwargs": ({},), "documents": (),
-                "add_special_tokens": (False,)}
-COMPLETION_NEUTRAL = {"top_logprobs": (0,),          # chat's field
-                      "add_special_tokens": (True,)}
+                "chat_template": (), "chat_template_kwargs": ({},), "documents": ()}
+COMPLETION_NEUTRAL = {"top_logprobs": (0,)}          # chat's field
+# (vLLM's add_special_tokens: checked by the server, which knows the template in effect)
 # Fields whose null means the default (OpenAI's clients send null for an argument left None).
-NULL_IS_DEFAULT = ("temperature", "top_p", "top_k", "min_p", "min_tokens", "w", "k", "beta",
+NULL_IS_DEFAULT = ("temperature", "top_p", "top_k", "min_p", "min_tokens", "w", "k", "l", "beta",
                    "presence_penalty", "frequency_penalty", "repetition_penalty")
 MAX_LOGPROBS = 20
 MAX_PROMPTS = 64   # searches one completions request may start

@@ -149,6 +149,15 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
             raise RequestError(400, f"{field}: {body.prompt_chars} characters, past this "
                                     f"server's limit of {max_prompt_chars} (--max-prompt-chars):"
                                     " send a shorter prompt", field)
+        # vLLM's add_special_tokens: what the engine does is fixed by the template in effect
+        # (a chat template holds its own BOS; a text prompt gets the tokenizer's).
+        special = not (chat and engine.templates["large"].chat)
+        asked = (body.model_extra or {}).get("add_special_tokens")
+        if asked is not None and asked is not special:
+            raise RequestError(400, f"add_special_tokens: not supported by this server at "
+                                    f"{str(asked).lower()}; leave it out or send "
+                                    f"{str(special).lower()} (what this endpoint does here)",
+                               "add_special_tokens")
         prompts = body.the_prompts()
         ids = [None] * len(prompts)
         if not chat:
