@@ -26,9 +26,11 @@ BUILD_AND_SEARCH = textwrap.dedent('''
     probe = runner_module.probe      # the load-time check, run by each ModelRunner
     runner_module.probe = lambda runner: seen.append(precision()) or probe(runner)
     try:
-        engine = Engine((tiny_llama(len(tok), seed=1), tok), (tuned_from(untuned, 3, 0.3), tok),
-                        (clone(untuned), tok), num_kv_blocks=200, block_size=4, progress=False,
-                        device="cpu", dtype=DTYPE)
+        cast = (lambda m: m.to(DTYPE)) if CAST else (lambda m: m)
+        engine = Engine((cast(tiny_llama(len(tok), seed=1)), tok),
+                        (cast(tuned_from(untuned, 3, 0.3)), tok), (cast(clone(untuned)), tok),
+                        num_kv_blocks=200, block_size=4, progress=False, device="cpu",
+                        dtype=DTYPE)
         after_load = precision()
         engine.search(["I really"], SearchParams.cbs(2, 2, 3, max_new_tokens=6, seed=1))
         engine.score(["I really"], [" liked it"])
@@ -38,12 +40,14 @@ BUILD_AND_SEARCH = textwrap.dedent('''
 ''')
 
 
-def run_engine(dtype, precision) -> tuple[list, str, str]:
+def run_engine(dtype, precision, cast=False) -> tuple[list, str, str]:
     """(the precision of every forward of a load, a search and a score, the precision after
-    the load, the precision after all)."""
+    the load, the precision after all). The models are fp32 pairs in memory (which keep
+    their dtype whatever the config's), or cast to dtype."""
     scope = {"make_tokenizer": make_tokenizer, "tiny_llama": tiny_llama, "clone": clone,
              "tuned_from": tuned_from, "Engine": Engine, "SearchParams": SearchParams,
-             "ModelRunner": ModelRunner, "runner_module": runner_module, "DTYPE": dtype, "precision": precision}
+             "ModelRunner": ModelRunner, "runner_module": runner_module, "DTYPE": dtype,
+             "precision": precision, "CAST": cast}
     exec(BUILD_AND_SEARCH, scope)
     return scope["seen"], scope["after_load"], precision()
 
@@ -54,7 +58,10 @@ def test_an_fp32_engine_runs_its_forwards_at_full_precision_when_the_process_all
         seen, after_load, after = run_engine(torch.float32, torch.get_float32_matmul_precision)
         assert len(seen) > 3 and set(seen) == {"highest"}   # the probes, search, score()
         assert after_load == after == "high"        # the process's setting is back
+        # fp32 models in memory under a bf16 config keep fp32: their matmuls are fp32 ones
         seen, _, after = run_engine(torch.bfloat16, torch.get_float32_matmul_precision)
+        assert set(seen) == {"highest"} and after == "high"
+        seen, _, after = run_engine(torch.bfloat16, torch.get_float32_matmul_precision, True)
         assert set(seen) == {"high"} and after == "high"   # bf16 does not read it: untouched
     finally:
         torch.set_float32_matmul_precision("highest")

@@ -358,6 +358,13 @@ def test_keys_and_values_of_different_sizes_are_refused_at_load_naming_them():
     with pytest.raises(ValueError, match=r"DeepseekV2Attention gives keys of \(4, 24\) and values "
                                          r"of \(4, 16\)"):
         ModelRunner(mla, num_blocks=8, block_size=4)
+    # JetMoE's keys and values are of one size, but its layers repeat the kv heads per expert
+    jetmoe = _model(transformers.JetMoeConfig(
+        num_hidden_layers=2, hidden_size=64, num_key_value_heads=2, kv_channels=16,
+        intermediate_size=96, num_local_experts=4, num_experts_per_tok=2, vocab_size=VOCAB,
+        max_position_embeddings=128), attn="eager")
+    with pytest.raises(ValueError, match="more kv heads than its config names"):
+        ModelRunner(jetmoe, num_blocks=8, block_size=4)
 
 
 LLAMA4 = dict(SMALL, head_dim=16, num_local_experts=2, intermediate_size_mlp=96,

@@ -62,7 +62,7 @@ def exact_fp32(method):
     engine is fp32, whatever the process allows."""
     @functools.wraps(method)
     def run(self, *args, **kwargs):
-        with full_fp32_matmuls(self.config.dtype):
+        with full_fp32_matmuls(self.matmul_dtype):
             return method(self, *args, **kwargs)
     return run
 
@@ -121,6 +121,10 @@ class Engine:
             for r in ("tuned", "untuned"))
         eft_batch = min(EFT_GRAPH_MAX_BATCH, config.cuda_graph_max_batch)
         dtype_of = {role: m.model.dtype for role, m in self.models.items()}   # their own
+        # fp32 matmuls at full precision wherever a model runs in fp32 (a pair in memory keeps
+        # its dtype, whatever config.dtype says).
+        self.matmul_dtype = (torch.float32 if torch.float32 in dtype_of.values()
+                             else config.dtype)
         graph_bytes = (ModelShape.of(self.models["large"].model).decode_activation_bytes(
             config.cuda_graph_max_batch, dtype_of["large"]) if graphs else 0)
         if eft_graphs:
@@ -141,7 +145,7 @@ class Engine:
                                  config.kv_cache_memory_fraction, config.cpu_kv_cache_bytes,
                                  other_bytes=graph_bytes)
         # The probe and the graphs' capture run as the steps will: fp32 at full precision.
-        with full_fp32_matmuls(config.dtype):
+        with full_fp32_matmuls(self.matmul_dtype):
             self.runners = {role: ModelRunner(m.model, num_blocks, config.block_size,
                                               compile=config.torch_compile,
                                               fuse=config.fused_ops)
@@ -186,7 +190,7 @@ class Engine:
                                  self.large.eos_ids, implicit.weight)
             if eft_graphs:
                 for runner in self.scorer.eft_stream.runners.values():
-                    with full_fp32_matmuls(config.dtype):
+                    with full_fp32_matmuls(self.matmul_dtype):
                         runner.graphs = DecodeGraphs(runner, eft_batch,
                                                      capture=runner.device.type == "cuda")
         self.kv = KVSpace(self.large.blocks, self.scorer.blocks)

@@ -95,11 +95,15 @@ def check_supported(module, batch: ForwardBatch, q, k, v, kwargs):
         raise NotImplementedError(f"{name} attends bidirectionally; the engine runs causal "
                                   "decoders only")
     if k.shape[1:] != batch.kv_pool.shape[-2:] or v.shape[1:] != batch.kv_pool.shape[-2:]:
+        why = ("keys and values of different sizes, as in multi-head latent attention, do "
+               "not fit it" if k.shape[-1] != v.shape[-1] else
+               "its layers pass more kv heads than its config names (JetMoE repeats them per "
+               "expert)" if k.shape[1] != batch.kv_pool.shape[-2] else
+               "the head size differs from the config's")
         raise NotImplementedError(
             f"{name} gives keys of {tuple(k.shape[1:])} and values of {tuple(v.shape[1:])} "
             f"(heads, size) per token; the engine's pool, sized from the config, holds "
-            f"{tuple(batch.kv_pool.shape[-2:])} for both (keys and values of different sizes, "
-            "as in multi-head latent attention, do not fit it)")
+            f"{tuple(batch.kv_pool.shape[-2:])} for both ({why})")
     sinks = kwargs.get("s_aux")
     if sinks is not None and sinks.shape != q.shape[1:2]:
         raise NotImplementedError(
