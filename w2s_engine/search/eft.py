@@ -81,7 +81,7 @@ class EFT:
 
     def terms(self, steered: list[Steered], sampled: torch.Tensor) -> torch.Tensor:
         """After sampling (sampled: the batch's tokens [B], on the device): each steered row's
-        term log pi_tuned - log pi_untuned at its token, [1, S] in steered's order, on the
+        term log pi_tuned - log pi_untuned at its token, [S] in steered's order, on the
         device; the caller reads them with the tokens. (A token that is an EOS id gives the
         EOS term: the id sampled, as the scorer scores it.)"""
         parts = []
@@ -91,14 +91,14 @@ class EFT:
             index, token = words[:g], sampled[words[g:]].long()
             tuned, untuned = group[0].logp["tuned"], group[0].logp["untuned"]
             parts.append(tuned[index, token] - untuned[index, token])
-        return torch.cat(parts)[None] if len(parts) > 1 else parts[0][None]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def record(self, steered: list[Steered], tokens: list[int], terms: list[list[float]],
+    def record(self, steered: list[Steered], tokens: list[int], terms: list[float],
                skip=lambda s: False):
-        """Each steered beam's reward term (terms: terms() read back, [1][S]), but the rows
+        """Each steered beam's reward term (terms: terms() read back, [S]), but the rows
         `skip` names (of failed requests; with async scheduling, rows of beams that had
         stopped before the step was read)."""
-        for s, term in zip(steered, terms[0]):
+        for s, term in zip(steered, terms):
             if skip(s):
                 continue
             b, t = s.beam, tokens[s.row]

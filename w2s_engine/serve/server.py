@@ -187,12 +187,11 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
             if error.param is None:
                 error = RequestError(400, f"{where}: {error.message}", where)
             raise error from None
-        # echo: the prompt as sent (token ids as the large model's text of them)
-        echoed = [("" if not plan.echo else prompt if ids[i] is None
-                   else h.request.large_prompt_text) for i, (prompt, h)
-                  in enumerate(zip(prompts, handles))]
-        answers = [Answer(chat, names[0], state.request_id, plan, echoed[i],
-                          first_index=i * plan.n) for i in range(len(prompts))]
+        # echo: the prompt as sent (token ids: the large model's text of them)
+        answers = [Answer(chat, names[0], state.request_id, plan,
+                          "" if not plan.echo else prompt if ids[i] is None
+                          else h.request.large_prompt_text, first_index=i * plan.n)
+                   for i, (prompt, h) in enumerate(zip(prompts, handles))]
         if plan.stream:
             return StreamingResponse(stream(request, handles, answers),
                                      media_type="text/event-stream",
