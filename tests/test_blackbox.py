@@ -83,3 +83,13 @@ def test_a_server_that_is_down_fails_the_request_with_its_address(small):
         eng.search(["I really"], SearchParams(w=1, k=2, l=2, max_new_tokens=4))
     eng.check_all_free()
     backend.close()
+
+
+def test_prompt_tokens_are_the_servers_count_of_the_templated_prompt(engine, llama_server):
+    import openai
+    res = engine.search(["I really"], SearchParams(w=1, k=2, l=3, max_new_tokens=3, seed=3))[0]
+    client = openai.OpenAI(base_url=llama_server, api_key="none")
+    billed = client.completions.create(model="gemma", prompt=TEMPLATE.format(prompt="I really"),
+                                       max_tokens=1).usage.prompt_tokens
+    assert billed > 0 and res.stats.prompt_tokens == billed
+    engine.check_all_free()

@@ -30,7 +30,7 @@ class Hypothesis:
 
 @dataclass
 class SearchStats:
-    prompt_tokens: int = 0        # the large model's templated prompt (0 for a black box)
+    prompt_tokens: int = 0        # the large model's templated prompt (a black box's: its server's count)
     tokens_forwarded: dict[str, int] = field(default_factory=dict)  # per model role
     tokens_scored: int = 0        # reward terms computed (chunk tokens + EOS terms)
     tokens_sampled: int = 0       # large-model tokens sampled, over all candidates

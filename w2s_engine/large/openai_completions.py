@@ -33,6 +33,7 @@ class Choice:
     text: str
     finish_reason: str           # "stop" (EOS or stop string) or "length"
     num_tokens: int              # the server's tokens in this continuation
+    prompt_tokens: int = 0       # the server's tokens in the call's prompt (0: it did not say)
 
 
 class OpenAICompletions:
@@ -157,5 +158,7 @@ def _choices(resp, job: CompletionJob, want: int, base_url: str = "") -> list[Ch
         per_stop = max(1, (total - job.max_tokens * (len(got) - n_stop)) // n_stop)
     else:
         per_stop = 1
-    return [Choice(c.text, r, job.max_tokens if r == "length" else per_stop)
+    prompt_tokens = getattr(usage, "prompt_tokens", None)
+    prompt_tokens = prompt_tokens if isinstance(prompt_tokens, int) else 0
+    return [Choice(c.text, r, job.max_tokens if r == "length" else per_stop, prompt_tokens)
             for c, r in zip(got, reasons)]

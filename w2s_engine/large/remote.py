@@ -138,6 +138,10 @@ class RemoteLarge:
         for beams, answer in zip(calls.families, answers):
             for b, choice in zip(beams, answer):
                 before = len(b.text)
+                if not before and not b.num_large_tokens:
+                    # The first chunk's call sent the prompt alone: its size as the server
+                    # counts it is the request's prompt_tokens (usage), as it bills them.
+                    r.stats.prompt_tokens = max(r.stats.prompt_tokens, choice.prompt_tokens)
                 b.text += choice.text
                 b.num_large_tokens += choice.num_tokens
                 r.stats.tokens_sampled += choice.num_tokens
