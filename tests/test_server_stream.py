@@ -6,6 +6,7 @@ import asyncio
 import http.client
 import json
 import socket
+import threading
 import time
 
 import pytest
@@ -315,3 +316,60 @@ def test_streamed_logprobs_concatenate_to_the_whole_answers(server, name, extra)
     assert content == {c.index: [(t.token, t.logprob) for t in c.logprobs.content]
                        for c in whole.choices}
     assert all(len(v) == 9 for v in content.values())   # max_tokens, EOS ignored
+
+
+def test_a_refused_submit_cancelled_by_its_caller_never_takes_the_next_search_s_handle(
+        monkeypatch):
+    # A's add is refused (QueueFull) and its caller gives up (a timeout): its cancel arrives
+    # after B was queued. A refused request takes no search id, so the cancel cannot end the
+    # wait of B's caller, whose search runs on.
+    from w2s_engine.scheduler import QueueFull
+    engine = tiny_engine(num_kv_blocks=100, max_waiting=0)
+    small = SearchParams.base(max_new_tokens=5, seed=3)
+    expected = engine.search(["What a"], small)[0].text
+    async_engine = AsyncEngine(engine)
+    gate, in_step = threading.Event(), threading.Event()
+    real_step = engine.step
+
+    def held_step():      # the loop thread waits here while the three commands queue up
+        in_step.set()
+        gate.wait()
+        return real_step()
+    monkeypatch.setattr(engine, "step", held_step)
+    made = {}
+    try:
+        async def run():
+            hog = async_engine.stream("I really", SearchParams.base(
+                n=4, max_new_tokens=60, seed=1, ignore_eos=True))
+            gate.set()
+            await anext(hog)               # holds most of the pool's reservations
+            gate.clear()
+            in_step.clear()
+            await asyncio.get_running_loop().run_in_executor(None, in_step.wait)
+            big = SearchParams.base(n=8, max_new_tokens=40, seed=2, ignore_eos=True)
+            a = asyncio.create_task(async_engine.search(
+                "This film", big, prepare=lambda r: made.setdefault("A", r)))
+            while "A" not in made:         # seen once its add is in the inbox
+                await asyncio.sleep(0.01)
+            b = asyncio.create_task(async_engine.search(
+                "What a", small, prepare=lambda r: made.setdefault("B", r)))
+            while "B" not in made:
+                await asyncio.sleep(0.01)
+            a.cancel()                     # A's caller leaves: its cancel follows B's add
+            await asyncio.sleep(0.05)
+            gate.set()
+            with pytest.raises((asyncio.CancelledError, QueueFull)):
+                await a
+            result = await asyncio.wait_for(b, 30)
+            await hog.aclose()
+            return result
+        result = asyncio.run(asyncio.wait_for(run(), 60))
+        assert made["A"].request_id == -1 and made["B"].request_id != -1
+        assert result.text == expected
+        deadline = time.time() + 10
+        while engine.has_unfinished() and time.time() < deadline:
+            time.sleep(0.05)
+        engine.check_all_free()
+    finally:
+        gate.set()
+        async_engine.shutdown()

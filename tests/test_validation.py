@@ -288,6 +288,31 @@ def test_the_queue_bound_counts_requests_waiting_for_memory_not_a_burst_that_fit
     small.check_all_free()
 
 
+def test_a_request_is_queued_once_and_a_refused_one_takes_no_search_id():
+    from w2s_engine.scheduler import QueueFull
+    tok = make_tokenizer(300)
+    small = Engine((tiny_llama(len(tok), seed=1, layers=3), tok), num_kv_blocks=60,
+                   block_size=4, progress=False, max_waiting=0)
+    big = SearchParams.base(n=4, max_new_tokens=40, seed=1)
+    first = small.add_request("I really", big)
+    refused = small.make_request("This film", big)
+    with pytest.raises(QueueFull):
+        small.enqueue(refused)
+    assert refused.request_id == -1
+    with pytest.raises(ValueError, match="queued before .*make a new one with make_request"):
+        small.enqueue(first)                     # already waiting
+    while small.has_unfinished():
+        small.step()
+    with pytest.raises(ValueError, match="queued before"):
+        small.enqueue(first)                     # ended
+    second = small.add_request("This film", big)
+    assert second.request_id not in (-1, first.request_id)
+    while small.has_unfinished():
+        small.step()
+    assert first.status is second.status is RequestStatus.DONE
+    small.check_all_free()
+
+
 def test_search_of_more_prompts_than_the_queue_bound_runs_them_all_as_room_comes():
     # A pool that holds one such search at a time and a queue of one: search() still runs
     # all five, taking them in as the queue has room, and leaves nothing behind.

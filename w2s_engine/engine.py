@@ -332,8 +332,15 @@ class Engine:
     def enqueue(self, req: SearchRequest) -> SearchRequest:
         """Queue a request made by make_request (raises QueueFull past max_waiting requests
         waiting for KV memory). Not thread-safe: on the engine thread only."""
+        if req.request_id != -1 or req.status is not RequestStatus.WAITING:
+            raise ValueError(f"this request was queued before (search {req.request_id}, "
+                             f"{req.status.name.lower()}): make a new one with make_request")
         req.request_id = self.next_request_id
-        self.scheduler.add(req)
+        try:
+            self.scheduler.add(req)
+        except BaseException:
+            req.request_id = -1   # refused: its id goes to the next request, not to it
+            raise
         self.next_request_id += 1
         return req
 

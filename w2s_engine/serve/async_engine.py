@@ -318,7 +318,8 @@ class AsyncEngine:
                           handle.request.stats.prompt_tokens)
             elif command == "cancel":
                 req = handle.request
-                if self._pending.pop(req.request_id, None) is handle:
+                if self._pending.get(req.request_id) is handle:   # queued, not ended
+                    del self._pending[req.request_id]
                     self.engine.cancel(req)
                     log.info("request %s cancelled: its search stopped, its KV blocks are "
                              "free", handle.label)
