@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiny_models import make_tokenizer
+from tiny_models import make_byte_fallback_tokenizer, make_tokenizer
 from w2s_engine.search.bridge import DetokState, Detokenizer, retokenize
 from w2s_engine.search.tokens import _backend, _encode, common_prefix, encode, tokenize
 
@@ -68,6 +68,30 @@ def test_detokenized_text_depends_on_the_tokens_not_on_how_often_it_was_read(oth
             assert every_token.text == d.decode(ids[:end]).rstrip("\ufffd") or \
                 "\ufffd" in d.decode(ids)
     assert d.update(chunk_ends, ids, flush=True) == d.update(every_token, ids, flush=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(pieces=st.lists(st.sampled_from(PIECES + ["𠀀", "\u00e9"]), min_size=1, max_size=12),
+       cut=st.integers(0, 3), stray=st.lists(st.integers(0x80, 0xFF), max_size=3),
+       reads=st.lists(st.booleans(), min_size=60, max_size=60))
+def test_byte_fallback_text_is_the_decode_however_often_it_was_read(pieces, cut, stray, reads):
+    # SentencePiece's byte tokens: a run that ends inside a character decodes to U+FFFD for
+    # every byte of it, the complete characters before the cut too (Gemma's tokenizer). A
+    # stream reading every token and a search reading at chunk ends must get the same text,
+    # the decode of the tokens (a stream's text equal to the whole answer's).
+    tok = make_byte_fallback_tokenizer()
+    ids = tok("".join(pieces), add_special_tokens=False)["input_ids"]
+    ids = ids[:max(1, len(ids) - cut)]                     # maybe inside a character
+    ids += tok.convert_tokens_to_ids([f"<0x{b:02X}>" for b in stray])   # maybe invalid bytes
+    d = Detokenizer(tok)
+    every_token, some = DetokState(), DetokState()
+    for end in range(1, len(ids) + 1):
+        d.update(every_token, ids[:end])
+        if reads[end % len(reads)]:
+            assert d.update(some, ids[:end]) == every_token.text
+        assert tok.decode(ids).startswith(every_token.text)     # what is read is final
+    assert d.update(some, ids, flush=True) == d.update(every_token, ids, flush=True) \
+        == tok.decode(ids)
 
 
 def test_fork_of_detokenizer_state_is_independent(other):

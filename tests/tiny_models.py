@@ -4,7 +4,7 @@ import copy
 
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 CORPUS = [
@@ -29,6 +29,22 @@ def make_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     from tokenizers.processors import TemplateProcessing
     tok.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>")
+
+
+def make_byte_fallback_tokenizer() -> PreTrainedTokenizerFast:
+    """A SentencePiece-style tokenizer (Gemma's, Llama 2's kind): a few words, and byte tokens
+    <0x00> ... <0xFF> for every other character, decoded by ByteFallback (a run of bytes that
+    ends inside a character decodes to one U+FFFD a byte)."""
+    words = ["<unk>", "<bos>", "<eos>", *(f"<0x{b:02X}>" for b in range(256)),
+             "\u2581", "\u2581the", "\u2581film", "\u2581was", "a", "b", "c", "e", "i", "l"]
+    tok = Tokenizer(models.BPE({w: i for i, w in enumerate(words)}, [], unk_token="<unk>",
+                               byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse()])
+    tok.add_special_tokens(["<unk>", "<bos>", "<eos>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>",
+                                   eos_token="<eos>")
 
 
 def tiny_llama(vocab_size: int, seed: int, layers: int = 2, hidden: int = 64,

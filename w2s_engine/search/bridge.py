@@ -36,11 +36,17 @@ class Detokenizer:
     """Incremental decode: equal to tokenizer.decode(all ids) once flushed. Before that, the
     text of ids is their decode less a trailing incomplete character, however often update
     ran on the way (the scorer reads it at chunk ends, a stream at every token: a search
-    must see the same text either way)."""
+    must see the same text either way).
+
+    A byte-fallback decoder (SentencePiece's: Gemma, Llama 2) decodes a run of byte tokens
+    (<0xF0>...) as a whole, and where the run ends inside a character every byte of it
+    becomes U+FFFD, complete characters before the cut too. So the text of a run is final
+    only once a token that is no byte ends it: until then it is held back."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.backend = rust_decoder(tokenizer)
+        self.byte_tokens = byte_fallback_ids(tokenizer)
 
     def decode(self, ids: list[int]) -> str:
         if self.backend is not None:
@@ -58,18 +64,38 @@ class Detokenizer:
         if len(full) <= len(prefix):
             return state.text
         new = full[len(prefix):]
-        if flush or not new.endswith(REPLACEMENT):
+        run = self._byte_run_start(ids, state.read_offset)
+        if flush or (run == len(ids) and not new.endswith(REPLACEMENT)):
             state.text += new[state.held:]
             state.prefix_offset = state.read_offset
             state.read_offset = len(ids)
             state.held = 0
         else:
-            # The tokens end inside a character: what comes before it is final already.
+            # The tokens end inside a character, or in a run of byte tokens: what comes
+            # before it is final already.
+            if run < len(ids):
+                new = self.decode(ids[state.prefix_offset:run])[len(prefix):]
             complete = new.rstrip(REPLACEMENT)
             if len(complete) > state.held:
                 state.text += complete[state.held:]
                 state.held = len(complete)
         return state.text
+
+    def _byte_run_start(self, ids: list[int], start: int) -> int:
+        """Where the run of byte tokens that ends ids begins (len(ids): ids end in no byte
+        token); not before start, where the unread tokens begin."""
+        i = len(ids)
+        while i > start and ids[i - 1] in self.byte_tokens:
+            i -= 1
+        return i
+
+
+def byte_fallback_ids(tokenizer) -> frozenset[int]:
+    """The ids of a SentencePiece vocabulary's byte tokens <0x00> ... <0xFF> (none in a
+    byte-level BPE's, whose tokens are bytes already)."""
+    ids = tokenizer.convert_tokens_to_ids([f"<0x{b:02X}>" for b in range(256)])
+    unknown = tokenizer.unk_token_id
+    return frozenset(i for i in ids if i is not None and i != unknown)
 
 
 def rust_decoder(tokenizer):
