@@ -68,3 +68,31 @@ def test_a_request_cancelled_while_its_prompt_is_prefilled_frees_its_blocks(part
     engine.cancel(req)
     assert req.status is RequestStatus.CANCELLED and not engine.has_unfinished()
     engine.check_all_free()
+
+
+def test_every_model_forwards_at_most_max_batch_tokens_of_prompt_a_step(parts):
+    # The small models' prompts go in chunk by chunk beside the large model's, not whole in the
+    # step the large prompt completes (which stalled every running request for that step).
+    engine = make(parts, 16)
+    per_step = {}
+    req = engine.make_request(LONG, SearchParams.cbs(2, 2, 4, max_new_tokens=8, seed=1))
+    for role, runner in engine.runners.items():
+        def counting(items, _run=runner.run, _role=role):
+            if req.status is RequestStatus.PREFILLING:    # not the first decode after it
+                per_step[_role] = per_step.get(_role, 0) + sum(len(ids) for _, ids in items)
+            return _run(items)
+        runner.run = counting
+    engine.enqueue(req)
+    steps = 0
+    while req.status is not RequestStatus.RUNNING:
+        per_step.clear()
+        engine.step()
+        steps += 1
+        assert set(per_step) == {"large", "tuned", "untuned"}
+        assert max(per_step.values()) <= 16, per_step
+    longest = max(len(req.large_prompt_ids), *(len(sp.ids) for sp in req.small_prompts))
+    assert steps == -(-longest // 16)
+    while engine.has_unfinished():
+        engine.step()
+    assert req.status is RequestStatus.DONE
+    engine.check_all_free()

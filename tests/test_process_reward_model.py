@@ -118,6 +118,37 @@ def test_head_mode_with_a_step_per_chunk_scores_every_chunk_end(models):
     engine.check_all_free()
 
 
+def test_a_stop_string_across_a_chunk_end_leaves_the_cut_text_s_last_step_scored(models):
+    # Steps end at each chunk (l=1: each token); a stop string that starts in chunk 3 and ends
+    # in chunk 4 cuts the text before the third chunk end: the text's last step is the cut
+    # tail, read at the tag after it, as a full forward of the returned text reads it.
+    tok = models["tok"]
+    words = [tok(w, add_special_tokens=False)["input_ids"][0] for w in (" the", " and", " was")]
+    params = SearchParams(w=1, k=1, l=1, max_new_tokens=6, temperature=1.0,
+                          logit_bias={w: 100.0 for w in words})
+    engine = engine_with(models, models["head"], step_separator=None, head_index=1,
+                         aggregate="last")
+    for seed in range(20):
+        whole = engine.search(["I really"], params.copy(seed=seed))[0]
+        ends = [len(tok.decode(whole.token_ids[:i])) for i in range(1, 7)]
+        stop = whole.text[ends[2] - 2:ends[2] + 2]
+        if whole.text.find(stop) == ends[2] - 2:     # its first match straddles that end
+            break
+    cut = engine.search(["I really"], params.copy(seed=seed, stop=[stop]))[0]
+    assert cut.text == whole.text[:ends[2] - 2] and cut.finish_reason == "stop"
+    marks = [m for m in ends[:3] if m <= len(cut.text)]
+    want = scratch_prm(models, models["head"], "I really", cut.text, marks, None, False, "last")
+    assert cut.reward == pytest.approx(want, abs=1e-4)
+    engine.check_all_free()
+
+
+def test_score_of_token_ids_with_a_process_reward_model_asks_for_the_text(models):
+    engine = engine_with(models, models["head"], step_separator=None, head_index=1)
+    with pytest.raises(ValueError, match="process reward model reads the response's text"):
+        engine.score(["I really"], [[5, 6, 7]])
+    engine.check_all_free()
+
+
 @torch.no_grad()
 def test_the_step_tag_written_in_a_response_is_text_not_a_step(models):
     engine = engine_with(models, models["head"], step_separator="\n\n", head_index=1,
@@ -157,6 +188,8 @@ def test_aggregates_and_tags():
     assert tag_steps("abcd", "<t>", None, [2, 4]) == ("ab<t>cd<t>", False, [2, 7])
     # A tag written in the response is text, not a step's end.
     assert tag_steps("x<t>y\n\nz", "<t>", "\n\n", []) == ("x<t>y<t>\n\nz", True, [5])
+    # A stop string cut the text before a chunk end: no step ends past the cut.
+    assert tag_steps("abcde", "<t>", None, [2, 4, 6]) == ("ab<t>cd<t>e", True, [2, 7])
     values = [0.5, 0.25, 1.0]
     assert [aggregate(values, h) for h in ("last", "min", "product", "mean")] == \
         [1.0, 0.25, 0.125, pytest.approx(0.5833333)]

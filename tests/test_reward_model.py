@@ -107,6 +107,39 @@ def test_every_hypothesis_reward_equals_a_full_forward_of_the_reward_model(model
     engine.check_all_free()
 
 
+def test_a_reward_model_whose_template_ends_with_its_pad_token_is_read_where_transformers_pools(
+        models):
+    # pad == eos, as many reward models set it, and a template that ends with that token:
+    # transformers' *ForSequenceClassification reads the last token that is not the pad.
+    tok = models["tok"]
+    padded = clone_rm(models["rm"])
+    padded.config.pad_token_id = tok.eos_token_id
+    assert RM_TEMPLATE.endswith("<eos>") and tok.convert_tokens_to_ids("<eos>") == tok.eos_token_id
+    engine = Engine((tiny_llama(len(tok), seed=1, layers=3), tok),
+                    scorer=RewardModel((clone_rm(padded), tok), template=RM_TEMPLATE, head_index=1),
+                    templates={"large": LARGE_TEMPLATE}, num_kv_blocks=800, block_size=4,
+                    progress=False)
+    params = SearchParams(w=2, k=2, l=3, max_new_tokens=9, temperature=1.0, seed=5)
+    for res in engine.search(PROMPTS[:2], params):
+        for h in res.hypotheses:
+            want = scratch_rm(padded, tok, res.prompt, h.token_ids)
+            assert want != pytest.approx(scratch_rm(models["rm"], tok, res.prompt, h.token_ids))
+            assert h.reward == pytest.approx(want, abs=1e-4)
+            assert engine.score([res.prompt], [h.token_ids])[0] == pytest.approx(want, abs=1e-4)
+    engine.check_all_free()
+
+
+def test_score_takes_token_ids_only_where_every_scorer_reads_them_as_the_same_tokens(models):
+    ids = models["tok"](" liked this movie", add_special_tokens=False)["input_ids"]
+    one = make_engine(models, pair=True)                  # the pair and the RM share a tokenizer
+    assert one.score(["I really"], [ids]) == pytest.approx(
+        one.score(["I really"], [" liked this movie"]), abs=1e-4)
+    two = make_engine(models, rm="rm_other", pair=True)   # the RM has another tokenizer
+    with pytest.raises(ValueError, match="different tokenizers.*pass the response as a text"):
+        two.score(["I really"], [ids])
+    two.check_all_free()
+
+
 def test_a_reward_model_with_another_tokenizer_scores_the_response_text(models):
     engine = make_engine(models, large_tok="tok", rm="rm_other")
     params = SearchParams(w=2, k=2, l=2, max_new_tokens=12, temperature=1.0, seed=3)
@@ -188,6 +221,10 @@ def test_scorer_choices_that_cannot_work_say_what_to_change(models):
         Engine(large, scorer="a reward model", num_kv_blocks=50, progress=False)
     with pytest.raises(ValueError, match="template"):
         Engine(large, scorer=RewardModel((clone_rm(models["rm"]), tok), template="{response}"),
+               num_kv_blocks=50, progress=False)
+    # 'chat' over a tokenizer without a chat template: refused at load, naming the spec.
+    with pytest.raises(ValueError, match=r"RewardModel.template='chat', but .* no chat template"):
+        Engine(large, scorer=RewardModel((clone_rm(models["rm"]), tok), template="chat"),
                num_kv_blocks=50, progress=False)
     assert common_prefix([1, 2], [1, 3]) == 1
 

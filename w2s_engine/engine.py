@@ -439,20 +439,23 @@ class Engine:
             self.scheduler.fail(r, message)
 
     def _prefill_chunk(self, requests: list[SearchRequest]) -> list:
-        """The next chunk of the prompts being prefilled (max_batch_tokens in all, so that a
-        long prompt delays the others' decode by one chunk at most); the requests whose
-        prompts are in fork their roots into W*K children and run from this step. If it
-        fails, every request starts over as admitted (no blocks, beam ids, which seed
-        sampling, from 0), so that each can run again alone."""
+        """The next chunk of the prompts being prefilled (max_batch_tokens in all per model:
+        one forward each, so that a long prompt delays the others' decode by one chunk at
+        most); the requests whose prompts are in, in every model, fork their roots into W*K
+        children and run from this step. If it fails, every request starts over as admitted
+        (no blocks, beam ids, which seed sampling, from 0), so that each can run again alone."""
         try:
             for r in requests:
                 if r.root is None:
                     r.root = Beam(beam_id=r.new_beam_id(), token_ids=[],
                                   large=self.large.new_table())
-            done = self.large.prefill(requests, self.config.max_batch_tokens)
-            self.scorer.prefill([r for r in done if r.params.uses_small_models])
-            for r in done:
-                r.start(self.kv)
+            budget = self.config.max_batch_tokens
+            large_in = self.large.prefill(requests, budget)
+            small_in = {id(r) for r in self.scorer.prefill(
+                [r for r in requests if r.params.uses_small_models], budget)}
+            for r in large_in:
+                if not r.params.uses_small_models or id(r) in small_in:
+                    r.start(self.kv)
         except Exception as e:
             for r in requests:
                 r.free_all(self.kv)

@@ -29,7 +29,7 @@ class LargeModel(Protocol):
 
     def prefill(self, requests: list[SearchRequest], max_tokens: int) -> list[SearchRequest]:
         """Advance the prompts of admitted requests (their roots exist) by up to max_tokens in
-        all; returns those ready for their first tokens."""
+        all; returns those ready for their first tokens (now or before)."""
 
     def advance(self, requests: list[SearchRequest]) -> list[tuple[SearchRequest, str]]:
         """Sample the next tokens of every generating beam; the requests that failed, and why.

@@ -73,26 +73,30 @@ class LocalLarge:
 
     def prefill(self, requests: list[SearchRequest], max_tokens: int) -> list[SearchRequest]:
         """Forward the next chunk of these prompts (in order, max_tokens in all) in one batch;
-        returns the requests whose prompts are now all in, with their last logits kept."""
+        returns the requests whose prompts are all in (now or before), their last logits
+        kept."""
         items, parts = [], []
         for r in requests:
+            if max_tokens <= 0:
+                break
             take = min(len(r.large_prompt_ids) - r.prefilled, max_tokens)
             if take <= 0:
-                break
+                continue        # in already: its small models' prompts are still going in
             self.blocks.append(r.root.large, take)
             items.append((r.root.large, r.large_prompt_ids[r.prefilled:r.prefilled + take]))
             r.prefilled += take
             parts.append(r)
             max_tokens -= take
-        hidden, cu = self.runner.run(items)
-        done = [i for i, r in enumerate(parts) if r.prefilled == len(r.large_prompt_ids)]
-        if done:
-            ends = self.runner.upload([cu[i + 1] - 1 for i in done]).long()
-            last = self.runner.compute_logits(hidden[ends])
-            for j, i in enumerate(done):
-                parts[i].root_logits = last[j]
-                parts[i].stats.tokens_forwarded["large"] = len(parts[i].large_prompt_ids)
-        return [parts[i] for i in done]
+        if items:
+            hidden, cu = self.runner.run(items)
+            done = [i for i, r in enumerate(parts) if r.prefilled == len(r.large_prompt_ids)]
+            if done:
+                ends = self.runner.upload([cu[i + 1] - 1 for i in done]).long()
+                last = self.runner.compute_logits(hidden[ends])
+                for j, i in enumerate(done):
+                    parts[i].root_logits = last[j]
+                    parts[i].stats.tokens_forwarded["large"] = len(parts[i].large_prompt_ids)
+        return [r for r in requests if r.prefilled == len(r.large_prompt_ids)]
 
     @property
     def runs_ahead(self) -> bool:

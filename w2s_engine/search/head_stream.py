@@ -7,7 +7,7 @@ after the unfinished step). Each update brings the stream to the beam's new rend
 common prefix with what is cached stays, the rest (the old suffix, a re-tokenized tail) is
 rolled back, and only the new tokens are forwarded, all beams of all requests in one
 forward. The head is read at the positions the update asks for (a sequence reward model:
-the last token; a PRM: each step's tag); a value read at a kept position stands, since a
+the last token that is not its pad token; a PRM: each step's tag); a value read at a kept position stands, since a
 causal model's hidden state there depends on nothing after it. A chunk of L tokens costs
 L + |suffix| tokens.
 
@@ -22,8 +22,18 @@ import torch
 from w2s_engine.cache.block_manager import BlockManager
 from w2s_engine.models.runner import ModelRunner
 from w2s_engine.search.sequence import SmallState
-from w2s_engine.search.small_stream import Launched, StreamUpdate, batches, failing_as_batch
+from w2s_engine.search.small_stream import (Launched, StreamUpdate, batches, failing_as_batch,
+                                             next_prompt_chunk, prompt_in)
 from w2s_engine.search.tokens import common_prefix
+
+
+def pooled_position(ids: list[int], pad_id: int | None) -> int:
+    """Where a sequence classifier is read: its last token that is not its pad token, as
+    transformers' *ForSequenceClassification pools (a template that ends with the pad token,
+    an end-of-turn that is also the pad, is read before it; 0 where every token is one)."""
+    if pad_id is None:
+        return len(ids) - 1
+    return next((i for i in range(len(ids) - 1, -1, -1) if ids[i] != pad_id), 0)
 
 
 def score_head(runner: ModelRunner, index: int) -> Callable:
@@ -65,14 +75,19 @@ class HeadStream:
         return tuple(self.runners)
 
     def prefill(self, states: list[SmallState]):
-        """Forward the prompt part of fresh states (ids set, table empty)."""
+        """Forward the whole prompt part of fresh states (ids set, table empty)."""
+        while not all(prompt_in(st) for st in states):
+            self.prefill_chunk(states, self.max_batch_tokens)
+
+    def prefill_chunk(self, states: list[SmallState], max_tokens: int):
+        """Forward the next chunk of these states' prompts (in order, max_tokens in all)."""
+        chunk = next_prompt_chunk(states, max_tokens)
         copies = []
-        for st in states:
-            assert st.table.num_tokens == 0 and st.ids, "a prompt needs at least one token"
-            copies += self.blocks.append(st.table, len(st.ids))
+        for st, _, take in chunk:
+            copies += self.blocks.append(st.table, take)
         self.runner.copy_blocks(copies)
-        for chunk in batches([(st.table, st.ids) for st in states], self.max_batch_tokens):
-            self.runner.run(chunk)
+        if chunk:
+            self.runner.run([(st.table, st.ids[start:start + take]) for st, start, take in chunk])
 
     def update(self, updates: list[StreamUpdate]) -> None:
         """Advance every state to its full_ids; state.reads holds the values at u.reads.

@@ -152,6 +152,10 @@ class ResponseTemplate:
         if self.text != "chat":
             before, after = self.text.split("{response}")
             return Template(before).apply(tokenizer, prompt), after
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"template='chat', but the tokenizer of {tokenizer.name_or_path!r} "
+                             "has no chat template: pass a template string with '{prompt}' and "
+                             "then '{response}', such as '{prompt}\\n{response}'")
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         rendered = Template(chat=True).render(
             tokenizer, messages + [{"role": "assistant", "content": RESPONSE_MARK}], False)

@@ -32,6 +32,7 @@ class RewardModelParts:
     read: Callable              # hidden [N, H] -> value [N] (search/head_stream.py)
     weight: float
     steps: Steps | None = None  # a process reward model's
+    pad_id: int | None = None   # a sequence classifier's pad token: read before trailing ones
 
 
 def model_head(rm) -> str:
@@ -45,6 +46,11 @@ def reward_model_parts(rm, role: str, runner, loaded) -> RewardModelParts:
     """A RewardModel / ProcessRewardModel spec over its loaded model, as the scorer takes it."""
     tok = loaded.tokenizer
     template = ResponseTemplate(rm.template or loaded.template or "{prompt}{response}")
+    if template.text == "chat":     # refused now, naming the spec, not on every request
+        try:
+            template.around(tok, "Hi")
+        except ValueError as e:
+            raise ValueError(f"{type(rm).__name__}.{e}") from None
 
     def one_token(name: str, text: str) -> int:
         ids = encode(tok, text, False)
@@ -53,8 +59,9 @@ def reward_model_parts(rm, role: str, runner, loaded) -> RewardModelParts:
                              "model's tokenizer: it must be one")
         return ids[0]
     if isinstance(rm, RewardModel):
+        pad = getattr(runner.model.config, "pad_token_id", None)
         return RewardModelParts(role, runner, tok, template, score_head(runner, rm.head_index),
-                                rm.weight)
+                                rm.weight, pad_id=pad if isinstance(pad, int) else None)
     if rm.label is not None:
         read = label_probability(runner, one_token("label", rm.label),
                                  one_token("other_label", rm.other_label)

@@ -24,11 +24,11 @@ from torch.profiler import record_function   # names the scoring's phases in a p
 from w2s_engine.cache.block_manager import BlockManager
 from w2s_engine.cache.kv_budget import SMALL_TOKENS_PER_LARGE, KVBudget
 from w2s_engine.params import check_text, is_int
-from w2s_engine.search.head_stream import HeadStream
+from w2s_engine.search.head_stream import HeadStream, pooled_position
 from w2s_engine.search.prompts import ResponseTemplate, SmallPrompt, Template, check_context
 from w2s_engine.search.request import SearchRequest
 from w2s_engine.search.sequence import Beam, SmallState
-from w2s_engine.search.small_stream import SmallStream, StreamUpdate
+from w2s_engine.search.small_stream import SmallStream, StreamUpdate, prompt_in
 from w2s_engine.search.steps import aggregate, tag_steps
 from w2s_engine.search.reward_models import RewardModelParts, Steps
 from w2s_engine.search.tokens import Tokenized, common_prefix
@@ -97,9 +97,12 @@ class Scorer:
                                                tok.eos_token_id, max_batch_tokens),
                                    tok, templates[roles[0]]))
             self.parts.append(Part("implicit", implicit_weight, indices))
+        self.pads: dict[int, int | None] = {}   # sequence reward models' streams: pad token
         for rm in reward_models or []:
             i = add(HeadStream(rm.role, rm.runner, pool(), rm.read, max_batch_tokens),
                     rm.tokenizer, rm.template)
+            if rm.steps is None:
+                self.pads[i] = rm.pad_id
             kind = "reward_model" if rm.steps is None else "process_reward_model"
             self.parts.append(Part(kind, rm.weight, [i], rm.steps))
         # A stream whose tokenizer is the large model's scores the sampled ids as they are
@@ -108,6 +111,9 @@ class Scorer:
         self.steps: list[Steps | None] = [steps.get(i) for i in range(len(self.streams))]
         self.shared = [t.get_vocab() == large_vocab and self.steps[i] is None
                        for i, t in enumerate(self.tokenizers)]
+        # score() takes token ids where every stream reads them as the same tokens.
+        vocabs = [t.get_vocab() for t in self.tokenizers]
+        self.one_vocabulary = all(v == vocabs[0] for v in vocabs[1:])
 
     @property
     def stream_roles(self) -> list[tuple[str, ...]]:
@@ -157,18 +163,23 @@ class Scorer:
             out.append(sp)
         return out
 
-    def prefill(self, requests: list[SearchRequest]):
-        """Give each new request's root its states and forward their prompts."""
+    def prefill(self, requests: list[SearchRequest], max_tokens: int) -> list[SearchRequest]:
+        """Forward the next chunk of these requests' prompts in each small stream (in order,
+        max_tokens in all per stream: one forward per model), giving a new root its states
+        first; returns the requests whose prompts are all in, in every stream."""
         for r in requests:
-            r.root.small = [SmallState(s.blocks.new_table(), list(sp.ids), len(sp.ids), [], {},
-                                       sp.text, list(sp.starts))
-                            for s, sp in zip(self.streams, r.small_prompts)]
+            if not r.root.small:
+                r.root.small = [SmallState(s.blocks.new_table(), list(sp.ids), len(sp.ids), [],
+                                           {}, sp.text, list(sp.starts))
+                                for s, sp in zip(self.streams, r.small_prompts)]
         for si, stream in enumerate(self.streams):
-            if requests:
-                stream.prefill([r.root.small[si] for r in requests])
-                for r in requests:
-                    for role in stream.roles:
-                        r.stats.tokens_forwarded[role] = len(r.small_prompts[si].ids)
+            stream.prefill_chunk([r.root.small[si] for r in requests], max_tokens)
+        done = [r for r in requests if all(prompt_in(st) for st in r.root.small)]
+        for r in done:
+            for si, stream in enumerate(self.streams):
+                for role in stream.roles:
+                    r.stats.tokens_forwarded[role] = len(r.small_prompts[si].ids)
+        return done
 
     # ---- chunk scoring ---------------------------------------------------------------------
 
@@ -189,8 +200,8 @@ class Scorer:
                 for b, u in zip(beams, mine):
                     u.finished = b.finish_reason == "stop"
             for b, u in zip(beams, mine):
-                if isinstance(self.streams[si], HeadStream) and self.steps[si] is None:
-                    u.reads = [len(u.full_ids) - 1]     # a reward model reads the last token
+                if si in self.pads:     # a sequence reward model: one read, where it pools
+                    u.reads = [pooled_position(u.full_ids, self.pads[si])]
                 ups.append((si, b, u))
         self._check_growth(r, ups, large)
         return ups
@@ -239,6 +250,8 @@ class Scorer:
                 tags.append(offsets)
                 if steps.separator is None and len(text) > (st.marks[-1] if st.marks else 0):
                     st.marks = st.marks + [len(text)]   # this chunk ends a step for the next
+                elif steps.separator is None:   # cut by a stop string: no step ends past it
+                    st.marks = [m for m in st.marks if m <= len(text)]
                 if unfinished:
                     suffix = [steps.tag_id] + suffix
                 text = tagged
@@ -394,8 +407,8 @@ class Scorer:
                     else:
                         full, start = sp.ids + list(response), len(sp.ids)
                     u = StreamUpdate(st, full + sp.suffix_ids, start, bool(fin))
-                if isinstance(stream, HeadStream) and self.steps[si] is None:
-                    u.reads = [len(u.full_ids) - 1]
+                if si in self.pads:
+                    u.reads = [pooled_position(u.full_ids, self.pads[si])]
                 tokens = len(u.full_ids)     # (EOS is a target at the last position)
                 for role, runner in stream.runners.items():
                     limit = runner.shape.max_positions
@@ -448,6 +461,14 @@ class Scorer:
             if not isinstance(response, (list, tuple)) or not all(map(is_int, response)):
                 raise TypeError(f"responses[{i}]: expected a text or a list of int token ids, "
                                 f"got {type(response).__name__}")
+            if any(steps is not None for steps in self.steps):
+                raise ValueError(f"responses[{i}]: a process reward model reads the response's "
+                                 "text (its step tags go into the text): pass the response as "
+                                 "a text, not token ids")
+            if not self.one_vocabulary:
+                raise ValueError(f"responses[{i}]: the scorers have different tokenizers, so "
+                                 "token ids would be other tokens for each: pass the response "
+                                 "as a text")
             bad = next((t for t in response if not 0 <= t < vocab), None)
             if bad is not None:
                 raise ValueError(f"responses[{i}]: token id {bad} is outside the small models' "

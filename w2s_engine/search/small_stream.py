@@ -76,17 +76,23 @@ class SmallStream:
         return tuple(self.runners)
 
     def prefill(self, states: list[SmallState]):
-        """Forward the prompt of fresh states (ids set, table empty); keeps their last hidden."""
-        for st in states:
-            assert st.table.num_tokens == 0 and st.ids, "a small prompt needs at least one token"
-            self._append([(st.table, len(st.ids))])
+        """Forward the whole prompt of fresh states (ids set, table empty)."""
+        while not all(prompt_in(st) for st in states):
+            self.prefill_chunk(states, self.max_batch_tokens)
+
+    def prefill_chunk(self, states: list[SmallState], max_tokens: int):
+        """Forward the next chunk of these states' prompts (in order, max_tokens in all, one
+        forward per model); a state whose prompt is all in keeps its last hidden state."""
+        chunk = next_prompt_chunk(states, max_tokens)
+        self._append([(st.table, take) for st, _, take in chunk])
+        items = [(st.table, st.ids[start:start + take]) for st, start, take in chunk]
         for role, runner in self.runners.items():
-            done = 0
-            for chunk in batches([(st.table, st.ids) for st in states], self.max_batch_tokens):
-                hidden, cu = runner.run(chunk)
-                for end in cu[1:]:
-                    states[done].last_hidden[role] = hidden[end - 1]
-                    done += 1
+            if not items:
+                break
+            hidden, cu = runner.run(items)
+            for (st, start, take), end in zip(chunk, cu[1:]):
+                if start + take == len(st.ids):
+                    st.last_hidden[role] = hidden[end - 1]
 
     def update(self, updates: list[StreamUpdate]) -> None:
         """Advance every state to its full_ids and recompute its terms (and EOS term).
@@ -302,6 +308,27 @@ def failing_as_batch(blocks: BlockManager | None = None, keep: list | None = Non
         for st, n in keep or []:
             st.keep_first(blocks, n)
         raise BatchFailed(retryable=keep is not None) from e
+
+
+def prompt_in(st: SmallState) -> bool:
+    """Whether a state's prompt is all forwarded (its table holds every id)."""
+    return st.table.num_tokens == len(st.ids)
+
+
+def next_prompt_chunk(states: list[SmallState], max_tokens: int) -> list[tuple]:
+    """The next max_tokens prompt tokens of these states, first come first: (state, start,
+    count) each, from where each state's table ends."""
+    assert all(st.ids for st in states), "a small prompt needs at least one token"
+    chunk = []
+    for st in states:
+        if max_tokens <= 0:
+            break
+        start = st.table.num_tokens
+        take = min(len(st.ids) - start, max_tokens)
+        if take > 0:
+            chunk.append((st, start, take))
+            max_tokens -= take
+    return chunk
 
 
 def batches(items, max_tokens: int):

@@ -27,6 +27,8 @@ def tag_steps(text: str, tag: str, separator: str | None,
         return (tag + separator).join(parts), bool(parts[-1]), offsets
     out, last, offsets, at = [], 0, [], 0
     for end in marks:
+        if end > len(text):
+            break       # a chunk end past a stop string's cut: the cut text has no such step
         out += [text[last:end], tag]
         at += end - last
         offsets.append(at)
