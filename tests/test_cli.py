@@ -100,6 +100,8 @@ def torch_has_cuda() -> bool:
     (["serve", "--port", "70000"], "70000 is not a TCP port"),
     (["serve", "--max-queue", "-1"], "-1 is negative"),
     (["serve", "--max-body-bytes", "0"], "0 is not a positive integer"),
+    (["serve", "--shutdown-timeout", "-1"], "-1 is not a number of seconds"),
+    (["serve", "--shutdown-timeout", "nan"], "nan is not a number of seconds"),
     (["demo", "--prompts", "0"], "0 is not a positive integer"),
     (["demo", "--prompts", "99"], "the demo has 8 test prompts"),
     (["search", "x", "--method", "base", "--k", "0"], "k=0"),
@@ -207,6 +209,59 @@ def test_serve_runs_with_an_api_key_from_the_environment_and_logs_each_request(t
     assert "serving tiny, alias" in err and "API key required" in err
     assert "POST /v1/completions 200 finished method=cbs" in err
     assert "GET /v1/models 401" in err, err
+
+
+def test_serve_exits_on_sigterm_within_its_shutdown_timeout_whatever_its_clients_do(tiny_dirs):
+    # A client that sent half its body and one that stopped reading a stream would hold the
+    # exit up for ever: past --shutdown-timeout their requests end and the server exits.
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    from live_server import free_port
+    dirs, _ = tiny_dirs
+    port = free_port()
+    proc = subprocess.Popen(W2S + ["serve", "--large", dirs["large"], "--tuned", dirs["tuned"],
+                                   "--untuned", dirs["untuned"], "--kv-blocks", "400",
+                                   "--port", str(port), "--shutdown-timeout", "2"],
+                            stderr=subprocess.PIPE, text=True)
+    clients = []
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "w2s serve did not start"
+                time.sleep(0.3)
+        half = socket.create_connection(("127.0.0.1", port))
+        half.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\"")
+        body = json.dumps({"prompt": "I really", "max_tokens": 400, "stream": True,
+                           "method": "base", "ignore_eos": True}).encode()
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                        b"Content-Type: application/json\r\nContent-Length: "
+                        + str(len(body)).encode() + b"\r\n\r\n" + body)
+        clients = [half, stalled]
+        head = stalled.recv(2000)
+        assert head.startswith(b"HTTP/1.1 200"), head    # streaming, then never read
+        time.sleep(1)
+        sent = time.time()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        assert time.time() - sent < 30
+    finally:
+        for c in clients:
+            c.close()
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        err = proc.stderr.read()
+    assert "timeout graceful shutdown exceeded" in err, err[-2000:]
 
 
 @pytest.mark.parametrize("flags, method, w, k", [

@@ -6,7 +6,8 @@ import sys
 
 import w2s_engine
 from w2s_engine.launch import (LOG_LEVELS, UserError, add_model_args, engine_from_args,
-                               nonnegative_int, port_number, positive_int, setup_logging)
+                               nonnegative_int, port_number, positive_int, seconds,
+                               setup_logging)
 from w2s_engine.params import DEFAULTS, METHODS
 from w2s_engine.tasks.sentiment import TEST_PROMPTS
 
@@ -182,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-prompt-chars", type=positive_int, default=None,
                    help="prompt length limit in characters, checked before tokenizing "
                         "(default: 32 per token of the models' smallest context)")
+    v.add_argument("--shutdown-timeout", type=seconds, default=20.0,
+                   help="on SIGTERM / Ctrl-C, seconds the requests in flight have to finish; "
+                        "then they end (their searches cancelled) and the server exits, "
+                        "whatever its clients do")
     v.set_defaults(func=cmd_serve, log_level="info")
     return parser
 

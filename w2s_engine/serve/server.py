@@ -351,7 +351,11 @@ def serve(args):
              "search" if engine.has_scorer else "the large model alone",
              "required" if api_key else "off", ", ".join(origins) or "none")
     try:
+        # Past the shutdown timeout uvicorn cancels the requests still running (a client that
+        # stopped reading, or sent half a body, would hold the exit up for ever): their
+        # searches are cancelled as when a client leaves.
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                    access_log=False, log_config=None)
+                    access_log=False, log_config=None,
+                    timeout_graceful_shutdown=args.shutdown_timeout)
     finally:
         async_engine.shutdown()
