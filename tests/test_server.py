@@ -154,6 +154,23 @@ def test_past_the_queue_bound_requests_get_429_with_retry_after():
     engine.check_all_free()
 
 
+def test_a_request_of_more_prompts_than_the_queue_bound_runs_them_all_on_an_idle_server():
+    # The bound counts requests: a list of prompts longer than it starts together (it was
+    # refused with 429 for ever, on an idle server, and the client's retries with it).
+    engine = tiny_engine(num_kv_blocks=60, max_waiting=1)
+    live = LiveServer(engine)
+    try:
+        prompts = ["I really", "This film", "What a", "The plot", "Hmm"]
+        status, answer, _ = live.post("/v1/completions", json.dumps(
+            {"prompt": prompts, "max_tokens": 30, "method": "base", "n": 4,
+             "seed": 1}).encode())
+        assert status == 200, answer
+        assert len(answer["choices"]) == 4 * len(prompts)
+    finally:
+        live.stop()
+    engine.check_all_free()
+
+
 def test_the_engines_own_server_is_a_black_box_large_model_for_another_engine():
     from w2s_engine import SearchParams
     from w2s_engine.large.openai_completions import CompletionJob, OpenAICompletions

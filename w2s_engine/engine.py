@@ -329,15 +329,15 @@ class Engine:
     def add_request(self, prompt, params: SearchParams) -> SearchRequest:
         return self.enqueue(self.make_request(prompt, params))
 
-    def enqueue(self, req: SearchRequest) -> SearchRequest:
+    def enqueue(self, req: SearchRequest, bounded: bool = True) -> SearchRequest:
         """Queue a request made by make_request (raises QueueFull past max_waiting requests
-        waiting for KV memory). Not thread-safe: on the engine thread only."""
+        waiting for KV memory, if bounded). Not thread-safe: on the engine thread only."""
         if req.request_id != -1 or req.status is not RequestStatus.WAITING:
             raise ValueError(f"this request was queued before (search {req.request_id}, "
                              f"{req.status.name.lower()}): make a new one with make_request")
         req.request_id = self.next_request_id
         try:
-            self.scheduler.add(req)
+            self.scheduler.add(req, bounded)
         except BaseException:
             req.request_id = -1   # refused: its id goes to the next request, not to it
             raise

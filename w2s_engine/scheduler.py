@@ -40,11 +40,13 @@ class Scheduler:
         self.totals = Totals(tokens={role: 0 for role in roles})
         self._ended: list[SearchRequest] = []   # since the last take_ended()
 
-    def add(self, req: SearchRequest):
+    def add(self, req: SearchRequest, bounded: bool = True):
         """Queue a request. max_waiting bounds the requests waiting for KV memory, not those
-        the next step admits: a burst that fits beside the running requests is all taken."""
+        the next step admits: a burst that fits beside the running requests is all taken.
+        Unbounded: taken past it (the later prompts of an HTTP request whose first was taken:
+        its prompts start together or not at all)."""
         assert req.status is RequestStatus.WAITING
-        if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
+        if bounded and self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
             blocked = len(self.waiting) + 1 - self._admissible([*self.waiting, req])
             if blocked > self.max_waiting:
                 raise QueueFull(f"{blocked - 1} requests are waiting for KV memory, the bound "

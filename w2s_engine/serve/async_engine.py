@@ -59,6 +59,7 @@ class SearchHandle:
         self._loop = loop
         self._queue: asyncio.Queue = asyncio.Queue()
         self.accepted = loop.create_future()  # set when queued (or QueueFull)
+        self.past_bound = False               # queued past max_waiting (a request's later prompts)
         self.ended = False                    # the caller has seen the end, or cancelled
         self._buffer: list[SearchDelta] = []
         # the loop thread's bookkeeping
@@ -148,10 +149,11 @@ class AsyncEngine:
     # ---- called from asyncio code -------------------------------------------------------------
 
     async def submit(self, prompt, params: SearchParams, label: str = "-",
-                     arrived: float | None = None, prepare=None, **request_options
-                     ) -> SearchHandle:
+                     arrived: float | None = None, prepare=None, past_bound: bool = False,
+                     **request_options) -> SearchHandle:
         """Prepare a search off the engine thread (raises ValueError or TypeError saying what
-        to change) and queue it (raises QueueFull past the queue bound); returns its handle.
+        to change) and queue it (raises QueueFull past the queue bound, unless past_bound: the
+        later prompts of a request whose first was taken); returns its handle.
         prepare: called with the SearchRequest before it is queued (the server's options).
         request_options: Engine.make_request's (chat, prompt_ids)."""
         loop = asyncio.get_running_loop()
@@ -169,6 +171,7 @@ class AsyncEngine:
         if prepare is not None:
             prepare(req)
         handle = SearchHandle(self, req, loop, label, arrived)
+        handle.past_bound = past_bound
         self._send(("add", handle))
         try:
             await handle.accepted
@@ -300,7 +303,7 @@ class AsyncEngine:
                 return
             if command == "add":
                 try:
-                    self.engine.enqueue(handle.request)
+                    self.engine.enqueue(handle.request, bounded=not handle.past_bound)
                 except QueueFull as e:
                     log.warning("request %s refused: %s", handle.label, e)
                     handle._accept(e)

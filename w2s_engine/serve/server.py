@@ -171,10 +171,13 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
             for i, prompt in enumerate(prompts):
                 label = state.request_id if len(prompts) == 1 else f"{state.request_id}/{i}"
                 # Completions' prompts are text: no chat template, as OpenAI's API and vLLM.
+                # The queue bound is the request's: once its first prompt is taken, the
+                # others follow past it (a list longer than the bound is never refused for
+                # ever with 429s no retry can pass).
                 handles.append(await async_engine.submit(
                     prompt, plan.params, label=label, arrived=state.arrived,
                     prepare=lambda req: setattr(req, "logprobs", plan.logprobs),
-                    chat=None if chat else False, prompt_ids=ids[i]))
+                    past_bound=i > 0, chat=None if chat else False, prompt_ids=ids[i]))
         except (ValueError, TypeError, QueueFull) as e:
             for h in handles:   # one prompt refused: the request starts nothing
                 h.cancel()
