@@ -65,7 +65,7 @@ def scratch_reward(small_pair, tok, prompt, response, finished,
         if isinstance(response, str):
             full = tok(template.replace("{prompt}", prompt) + response,
                        add_special_tokens=False)["input_ids"]
-            start = common_prefix(full, prompt_ids)
+            start = max(1, common_prefix(full, prompt_ids))   # nothing predicts position 0
         else:
             full, start = prompt_ids + list(response), len(prompt_ids)
         if finished:
@@ -89,6 +89,29 @@ def test_every_hypothesis_reward_equals_score_and_scratch_recompute(engine, tok,
                 by_text = engine.score([res.prompt], [h.text], finished=h.finished)[0]
                 assert h.reward == pytest.approx(by_text, abs=1e-4)
     engine.check_all_free()
+
+
+def test_a_response_that_merges_into_a_one_token_prompt_is_scored_from_its_next_token(
+        tok, other_tok, small_pair):
+    # "h" is one small token, and "h" + "e..." tokenizes from "he": the prompt's only token
+    # changes. Nothing predicts position 0, so that token is context; the search runs (it
+    # failed) and scores the later tokens, as score() and a full forward do.
+    eng = make_engine(tok, small_pair, large_tok=other_tok, large_seed=4,
+                      templates={"large": LARGE_TEMPLATE, "small": "{prompt}"})
+    assert len(tok("h", add_special_tokens=False)["input_ids"]) == 1
+    e = other_tok("e", add_special_tokens=False)["input_ids"]
+    params = SearchParams(w=2, k=2, l=2, max_new_tokens=6, temperature=1.0, seed=0,
+                          logit_bias={e[0]: 100.0})
+    res = eng.search(["h"], params)[0]
+    assert tok("h" + res.text, add_special_tokens=False)["input_ids"][0] != \
+        tok("h", add_special_tokens=False)["input_ids"][0]
+    for h in res.hypotheses:
+        want = scratch_reward(small_pair, tok, "h", h.text, h.finished,
+                              templates=("{prompt}", "{prompt}"))
+        assert h.reward == pytest.approx(want, abs=1e-4)
+        assert eng.score(["h"], [h.text], finished=h.finished)[0] == pytest.approx(want,
+                                                                                     abs=1e-4)
+    eng.check_all_free()
 
 
 def test_a_response_a_stop_string_ended_is_scored_on_the_text_returned(engine, cross_engine):

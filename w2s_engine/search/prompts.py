@@ -225,9 +225,12 @@ class SmallPrompt:
                    encode(tokenizer, suffix, False) if suffix else [])
 
     def full_ids(self, response_text: str) -> tuple[list[int], int]:
-        """(tokenize(prompt + response), first position where it differs from the prompt's)."""
+        """(tokenize(prompt + response), first position where it differs from the prompt's,
+        and never 0: where the response merges into the prompt's first token ("The" + "se":
+        "These", a one-token prompt), nothing predicts position 0, so that token is context,
+        not scored; the response's later tokens are)."""
         full = encode(self.tokenizer, self.text + response_text, self.special)
-        return full, common_prefix(full, self.ids)
+        return full, max(1, common_prefix(full, self.ids))
 
     def extend_many(self, olds: list[Tokenized],
                     response_texts: list[str]) -> list[tuple[Tokenized, int]]:
@@ -235,4 +238,4 @@ class SmallPrompt:
         for many streams of this prompt at once."""
         news = retokenize_many(self.tokenizer, self.special, olds,
                                [self.text + text for text in response_texts])
-        return [(new, common_prefix(new.ids, self.ids)) for new in news]
+        return [(new, max(1, common_prefix(new.ids, self.ids))) for new in news]

@@ -261,10 +261,6 @@ class Scorer:
         ups = []
         for j, (st, suffix, (new, start)) in enumerate(zip(states, suffixes,
                                                         sp.extend_many(olds, rendered))):
-            if start == 0:
-                raise ValueError("the tokenization of prompt + response changed the prompt's "
-                                 f"first token for the {self.streams[si].roles[0]} model: add "
-                                 "text before {prompt} in its template")
             u = StreamUpdate(st, new.ids + suffix, start, False, text=new.text, starts=new.starts)
             if steps is not None:
                 # Read at the tags inserted after steps (the response is the text's tail), not

@@ -152,10 +152,8 @@ class SmallStream:
             if c == len(st.ids) and st.last_hidden:
                 feed_from = c                 # plain extension: the stored hidden predicts ids[c]
             else:
-                if c == 0:
-                    raise ValueError("the small models' tokenization of the prompt changed at its "
-                                     "first token; add text before {prompt} in the small template")
-                feed_from = c - 1             # re-forward one kept token to get the hidden at c-1
+                # Re-forward one kept token to get the hidden at c-1 (none kept: all of it).
+                feed_from = max(c - 1, 0)
                 self.blocks.truncate(st.table, feed_from)
                 st.last_hidden = {}
             feed = u.full_ids[feed_from:]
