@@ -402,3 +402,53 @@ def test_gemma_in_float16_is_refused_at_load_saying_which_dtype_to_use():
     gemma = _model(transformers.Gemma2Config(**SMALL, head_dim=16), attn="eager").half()
     with pytest.raises(ValueError, match="overflows float16 .* bfloat16 or float32"):
         ModelRunner(gemma, num_blocks=8, block_size=4)
+
+
+def test_two_engines_stepped_from_two_threads_each_run_their_own_batch():
+    # StableLM's decoder layer drops the forward's keywords, so its attention finds the batch
+    # the runner published; two engines in one process, each stepped by its own thread (two
+    # AsyncEngines), must not read each other's.
+    import sys
+    import threading
+
+    from tiny_models import make_tokenizer
+    from w2s_engine import Engine, SearchParams
+    tok = make_tokenizer(300)
+
+    def stablelm(seed, layers):
+        torch.manual_seed(seed)
+        cfg = transformers.StableLmConfig(
+            num_hidden_layers=layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
+            bos_token_id=0, eos_token_id=1)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+        with torch.no_grad():
+            model.lm_head.weight.mul_(8.0)
+        return model
+    engines = [Engine((stablelm(s, layers), tok), progress=False, block_size=4,
+                      num_kv_blocks=200) for s, layers in ((1, 2), (5, 3))]
+    params = SearchParams.base(n=4, max_new_tokens=24, temperature=0.0, ignore_eos=True)
+    prompts = ["I really liked this movie", "The plot of this film"]
+    alone = [[r.token_ids for r in e.search(prompts, params)] for e in engines]
+    got, errors = [[], []], []
+
+    def run(i):
+        try:
+            for _ in range(4):
+                got[i].append([r.token_ids for r in engines[i].search(prompts, params)])
+        except Exception as e:     # a batch of the other engine's shape fails the search
+            errors.append(e)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)    # switch threads often, inside forwards
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors
+    assert got == [[alone[0]] * 4, [alone[1]] * 4]
+    for e in engines:
+        e.check_all_free()

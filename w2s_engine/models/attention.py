@@ -7,6 +7,7 @@ through the block tables. The batch description travels as the `w2s_batch` keywo
 model's forward call, which transformers hands to each attention call unchanged.
 """
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,7 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
                             **kwargs):
     # Some architectures' layers drop the forward's keywords on the way (StableLM's decoder
     # layer): the runner publishes the batch of the forward in flight for them.
-    batch = w2s_batch if w2s_batch is not None else current_batch[0]
+    batch = w2s_batch if w2s_batch is not None else current_batch.batch
     assert batch is not None, (
         f"a model loaded with attn_implementation='{ATTN_IMPLEMENTATION}' must be run by the "
         "engine's ModelRunner")
@@ -164,14 +165,20 @@ def attend(batch: ForwardBatch, q, k, v, layer: int, scaling: float, sliding_win
 # pool as a side effect, declared pure as vLLM's attention op is: only the same op of the same
 # layer reads those slots, and each layer's call depends on the previous layer's output, so
 # compile cannot reorder them. Eager layers that drop the forward's keywords read it too.
-current_batch: list[ForwardBatch | None] = [None]
+# One per thread: two engines stepped from two threads (two AsyncEngines in one process) each
+# see their own forward's batch.
+class _CurrentBatch(threading.local):
+    batch: ForwardBatch | None = None
+
+
+current_batch = _CurrentBatch()
 
 
 @torch.library.custom_op("w2s::paged_attention", mutates_args=())
 def paged_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
                        scaling: float, sliding_window: int, softcap: float,
                        sinks: torch.Tensor | None) -> torch.Tensor:
-    batch = current_batch[0]
+    batch = current_batch.batch
     assert batch is not None, "a compiled forward runs with attention.current_batch set"
     return attend(batch, q, k, v, layer, scaling, sliding_window or None,
                   softcap or None, sinks).contiguous()

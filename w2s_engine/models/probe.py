@@ -60,11 +60,11 @@ def probe(runner):
                             use_cache=False)
 
     try:
-        current_batch[0] = both
+        current_batch.batch = both
         if runner.fused_ops:
             _check_fused_ops(runner, own_forward, name)
         own = own_forward()
-        current_batch[0] = second
+        current_batch.batch = second
         hidden = runner.decoder(input_ids=second.input_ids[None],
                                 position_ids=second.positions[None], use_cache=False,
                                 w2s_batch=second).last_hidden_state[0]
@@ -75,7 +75,7 @@ def probe(runner):
         raise ValueError(f"{name} cannot run on the engine: its forward fails on the engine's "
                          f"paged attention ({type(e).__name__}: {e})") from e
     finally:
-        current_batch[0] = None
+        current_batch.batch = None
     _refuse_temperature_tuning(runner.model, name, runner.shape.max_positions)
     layers = runner.shape.num_layers
     if sorted(set(both.attended)) != list(range(layers)):

@@ -223,11 +223,11 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Final hidden states [T, H] of the batch's new tokens."""
-        current_batch[0] = batch
+        current_batch.batch = batch
         try:
             return self._decoder_call(batch.input_ids, batch.positions, batch)
         finally:
-            current_batch[0] = None
+            current_batch.batch = None
 
     def _decoder_forward(self, input_ids, positions, batch: ForwardBatch) -> torch.Tensor:
         out = self.decoder(input_ids=input_ids[None], position_ids=positions[None],
