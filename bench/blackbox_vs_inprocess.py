@@ -18,7 +18,7 @@ from runner_decode import machine
 
 from w2s_engine import Engine, SearchParams
 from w2s_engine.large.openai_completions import OpenAICompletions
-from w2s_engine.tasks.sentiment import PROMPTED_TEMPLATES as TEMPLATES, TEST_PROMPTS
+from w2s_engine.tasks.sentiment import PROMPTED_TEMPLATES as TEMPLATES, OPENINGS
 from w2s_engine.models.loader import resolve_bundled
 
 # llama.cpp's own server, with its AMX weight repacking off (it crashes; see the script)
@@ -35,7 +35,7 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    prompts = TEST_PROMPTS[:args.prompts]
+    prompts = OPENINGS[:args.prompts]
     params = SearchParams.cbs(args.w, args.k, args.l, max_new_tokens=args.max_new_tokens,
                               temperature=0.7, top_k=50, seed=1)
     small = "smollm2-135m-instruct"

@@ -14,7 +14,7 @@ from pathlib import Path
 from runner_decode import machine
 
 from w2s_engine import Engine, SearchParams
-from w2s_engine.tasks.sentiment import PROMPTED_TEMPLATES as TEMPLATES, TEST_PROMPTS
+from w2s_engine.tasks.sentiment import PROMPTED_TEMPLATES as TEMPLATES, OPENINGS
 
 
 def main():
@@ -28,7 +28,7 @@ def main():
     engine = Engine(large=args.large, tuned=args.small, untuned=args.small, templates=TEMPLATES,
                     progress=False)
     load_s = time.perf_counter() - t
-    prompts = TEST_PROMPTS[:args.prompts]
+    prompts = OPENINGS[:args.prompts]
     common = dict(max_new_tokens=args.max_new_tokens, temperature=0.7, top_k=50, seed=1)
     methods = {"cbs(4,4,5)": SearchParams.cbs(4, 4, 5, **common),
                "best_of_16": SearchParams.best_of_n(16, **common),

@@ -25,6 +25,8 @@ def test_help_shows_each_command_with_defaults(command):
         text = " ".join(out.stdout.split())
         assert f"response length cap (default: {DEFAULTS.max_new_tokens})" in text
         assert "0 is off (default: 0)" in text
+        assert f"beams kept after each chunk (cbs) (default: {DEFAULTS.w})" in text
+        assert "(default: None)" not in text     # a flag's one default, not argparse's too
 
 
 def test_version_and_every_flags_help_says_its_default():
@@ -88,7 +90,7 @@ def torch_has_cuda() -> bool:
     (["search", "x", "--no-such-flag"], "unrecognized arguments"),
     (["search", "x", "--w", "zero"], "invalid int value"),
     (["search", "x", "--w", "0"], "w=0"),
-    (["search", "x", "--repetition-penalty", "0"], "repetition_penalty=0"),
+    (["search", "x", "--repetition-penalty", "0"], "--repetition-penalty=0"),
     (["search", "x", "--large", "/no/such/model.gguf", "--method", "base"], "no such GGUF file"),
     (["search", "x", "--large", SMOL], "--tuned and --untuned"),
     (["search", "x", "--kv-cache-memory-fraction", "1.5"], "1.5 is not in (0, 1]"),
@@ -107,6 +109,12 @@ def torch_has_cuda() -> bool:
     (["search", "x", "--method", "base", "--k", "0"], "k=0"),
     (["search", "x", "--method", "eft", "--w", "3", "--l", "2"], "--w, --l: --method eft does not"),
     (["search", "x", "--method", "best_of_n", "--beta", "2"], "--beta: --method best_of_n"),
+    (["search", "x", "--max-new-tokens", "0"], "--max-new-tokens=0"),
+    (["search", "x", "--stream", "--json"], "use one"),
+    (["search", "x", "--method", "base", "--k", "3", "--stream"], "leave --stream out"),
+    (["search", "x", "--method", "base", "--large-model", "m"], "leave --large-model out"),
+    (["search", "x", "--method", "base", "--scoring-at-once"], "add --async-scheduling"),
+    (["demo", "--max-new-tokens", "0"], "--max-new-tokens 0: give 1 or more"),
 ])
 def test_user_mistakes_exit_nonzero_with_one_line_and_no_traceback(args, says):
     out = run(*args)
@@ -131,6 +139,26 @@ def tiny_dirs(tmp_path_factory):
         model.save_pretrained(dirs[role])
         tok.save_pretrained(dirs[role])
     return {role: str(d) for role, d in dirs.items()}, tok
+
+
+def test_search_prints_every_sample_of_base_and_the_best_hypothesis_of_a_search(tiny_dirs):
+    dirs, _ = tiny_dirs
+    out = run("search", "I really", "This film", "--large", dirs["large"], "--method", "base",
+              "--k", "3", "--max-new-tokens", "4", "--seed", "1", "--kv-blocks", "400")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 6 and [ln.split(" ")[0] for ln in lines] == ["I"] * 3 + ["This"] * 3
+
+
+def test_a_search_that_fails_at_run_time_is_one_line_with_exit_1(tiny_dirs):
+    from live_server import free_port
+    dirs, _ = tiny_dirs
+    down = f"http://127.0.0.1:{free_port()}/v1"       # nothing listens there
+    out = run("search", "I really", "--large", down, "--large-model", "m", "--tuned",
+              dirs["tuned"], "--untuned", dirs["untuned"], "--kv-blocks", "400",
+              "--max-new-tokens", "4")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "w2s: error: prompt 0 failed" in out.stderr and down in out.stderr
 
 
 def test_search_with_a_black_box_large_model_given_by_its_url(tiny_dirs):

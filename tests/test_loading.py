@@ -111,6 +111,12 @@ def test_missing_path_unknown_name_and_bad_architecture_raise_clear_errors(tmp_p
     (bad / "config.json").write_text(json.dumps({"model_type": "not-a-model"}))
     with pytest.raises(ModelLoadError, match="cannot load"):
         load_model(str(bad))
+    # Weights saved without their tokenizer: said so, not blamed on the architecture.
+    from tiny_models import tiny_llama
+    tiny_llama(300, seed=1).save_pretrained(tmp_path / "no-tokenizer")
+    with pytest.raises(ModelLoadError, match="(?s)no tokenizer could be read.*save the model.s "
+                                             "tokenizer beside its weights"):
+        load_model(str(tmp_path / "no-tokenizer"))
 
 
 def test_a_checkpoint_whose_attention_the_engine_cannot_plug_into_says_so(tmp_path):

@@ -89,6 +89,7 @@ def test_label_mode_with_a_separator_scores_every_step_like_a_full_forward(model
             unfinished += not h.text.endswith(SEPARATOR)
         assert res.reward == pytest.approx(
             engine.score([res.prompt], [res.text])[0], abs=1e-4)
+        assert res.small_token_ids == []   # a PRM's tokens have step tags: no response's
     assert steps >= 3, "the workload should end several steps at the separator"
     assert unfinished, "and leave a last step unfinished (read at the tag after it)"
     engine.check_all_free()

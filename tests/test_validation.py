@@ -102,6 +102,15 @@ def test_prompts_of_the_wrong_type_or_value_say_what_was_expected(engine, prompt
     engine.check_all_free()
 
 
+def test_chat_over_a_model_with_no_chat_template_is_refused_at_start_naming_it():
+    tok = make_tokenizer(300)
+    assert not tok.chat_template
+    with pytest.raises(ValueError, match="the large model .* has none: leave chat off.*"
+                                         "--large-template without --chat"):
+        Engine((tiny_llama(len(tok), seed=1), tok), chat=True, num_kv_blocks=50,
+               progress=False)
+
+
 def test_messages_take_text_parts_joined_by_newlines(engine):
     parts = [{"role": "user", "content": [{"type": "text", "text": "I really"},
                                           {"type": "text", "text": "liked it"}]}]

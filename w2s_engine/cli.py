@@ -2,14 +2,15 @@
 
 import argparse
 import json
+import os
 import sys
 
 import w2s_engine
 from w2s_engine.launch import (LOG_LEVELS, UserError, add_model_args, engine_from_args,
                                nonnegative_int, port_number, positive_int, seconds,
                                setup_logging)
-from w2s_engine.params import DEFAULTS, METHODS
-from w2s_engine.tasks.sentiment import TEST_PROMPTS
+from w2s_engine.params import DEFAULTS, METHODS, InvalidParam
+from w2s_engine.tasks.sentiment import DEMO_PROMPTS
 
 HELP = {"cbs": "chunk-level beam search", "best_of_n": "Best-of-N", "base": "plain sampling",
         "eft": "token-level EFT / proxy-tuning"}
@@ -34,14 +35,14 @@ def _add_search_args(p: argparse.ArgumentParser):
     p.add_argument("--method", default=DEFAULTS.method, choices=METHODS,
                    help=", ".join(f"{m}: {HELP[m]}" for m in METHODS))
     p.add_argument("--w", type=int, default=None,
-                   help=f"beams kept after each chunk (cbs; default: {DEFAULTS.w})")
+                   help=f"beams kept after each chunk (cbs) (default: {DEFAULTS.w})")
     p.add_argument("--k", type=int, default=None,
                    help=f"children per beam (N for best_of_n, samples for base and eft) "
                         f"(default: {DEFAULTS.k}; 1 sample for base and eft)")
     p.add_argument("--l", type=int, default=None,
-                   help=f"chunk length in large-model tokens (cbs; default: {DEFAULTS.l})")
+                   help=f"chunk length in large-model tokens (cbs) (default: {DEFAULTS.l})")
     p.add_argument("--beta", type=float, default=None,
-                   help=f"EFT strength (eft; default: {DEFAULTS.beta:g})")
+                   help=f"EFT strength (eft) (default: {DEFAULTS.beta:g})")
     for name, kind, help_ in SAMPLING_FLAGS:
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(DEFAULTS, name),
                        help=help_)
@@ -75,14 +76,29 @@ def params_from_args(args):
                             pick(args.l, DEFAULTS.l), **common)
 
 
-def cmd_search(args):
+def checked_params(args):
+    """The search parameters the flags give, validated before any model loads; an invalid
+    value is named by its flag."""
     params = params_from_args(args)
     try:
         params.validate()
+    except InvalidParam as e:
+        flag = "--" + e.field.replace("_", "-")
+        raise UserError(str(e).replace(f"SearchParams.{e.field}", flag, 1)) from None
     except ValueError as e:
-        raise UserError(str(e))
+        raise UserError(str(e)) from None
+    return params
+
+
+def cmd_search(args):
+    params = checked_params(args)
     if args.stream and len(args.prompts) != 1:
         raise UserError("--stream runs one prompt: give one")
+    if args.stream and args.json:
+        raise UserError("--stream prints text as it comes, --json the whole results: use one")
+    if args.stream and params.samples and params.k > 1:
+        raise UserError(f"--stream prints one text, and --method {params.method} --k {params.k} "
+                        "draws several: leave --stream out to print them all")
     engine = engine_from_args(args, need_small=params.uses_small_models)
     if args.stream:
         out = sys.stdout
@@ -100,19 +116,25 @@ def cmd_search(args):
         print(json.dumps([r.to_dict() for r in results], indent=2))
         return
     for r in results:
-        reward = "" if r.reward is None else f"  [reward {r.reward:+.3f}]"
-        print(f"{r.prompt}{r.text}{reward}")
+        # A search's answer is its best hypothesis; base and EFT draw k samples: each is one.
+        for h in r.hypotheses if params.samples else r.hypotheses[:1]:
+            reward = "" if h.reward is None else f"  [reward {h.reward:+.3f}]"
+            print(f"{r.prompt}{h.text}{reward}")
 
 
 def demo_prompts(text: str) -> int:
     value = positive_int(text)
-    if value > len(TEST_PROMPTS):
-        raise argparse.ArgumentTypeError(f"the demo has {len(TEST_PROMPTS)} test prompts: "
-                                         f"give 1-{len(TEST_PROMPTS)}")
+    if value > len(DEMO_PROMPTS):
+        raise argparse.ArgumentTypeError(f"the demo has {len(DEMO_PROMPTS)} test prompts: "
+                                         f"give 1-{len(DEMO_PROMPTS)}")
     return value
 
 
 def cmd_demo(args):
+    for flag, value, least in (("--max-new-tokens", args.max_new_tokens, 1),
+                               ("--seed", args.seed, 0)):
+        if value < least:      # before the models load
+            raise UserError(f"{flag} {value}: give {least} or more")
     from w2s_engine.tasks.sentiment import run_demo
     run_demo(num_prompts=args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed)
 
@@ -153,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", formatter_class=fmt,
                        help="the main job: base, Best-of-16 and CBS on the bundled models")
     d.add_argument("--prompts", type=demo_prompts, default=4,
-                   help=f"test prompts to run (at most {len(TEST_PROMPTS)})")
+                   help=f"prompts to run, openings of the held-out test split (at most "
+                        f"{len(DEMO_PROMPTS)})")
     d.add_argument("--max-new-tokens", type=int, default=30, help="response length cap")
     d.add_argument("--seed", type=int, default=1, help="same seed, same results")
     d.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
@@ -204,6 +227,19 @@ def main(argv=None):
         # Model specs, templates and parameters: the engine's message says what to change.
         print(f"w2s: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as e:
+        from w2s_engine.engine import SearchError
+        from w2s_engine.large.openai_completions import RemoteModelError
+        if not isinstance(e, (SearchError, RemoteModelError)):
+            raise
+        # A search the engine failed (a black-box server down, say): what went wrong, no trace.
+        print(f"w2s: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except BrokenPipeError:
+        # stdout closed early (| head): quiet, as other commands are; Python's own flush at
+        # exit would raise again, so stdout goes to devnull first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

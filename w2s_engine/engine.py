@@ -106,6 +106,15 @@ class Engine:
         for role, rm in zip(rm_roles, reward_models):
             self.models[role] = load_role(rm.model, role, config.dtype, config.device, cache,
                                           head=model_head(rm))
+        if chat:    # refused now, naming the model, not on every request
+            for role in ("large", "tuned", "untuned"):
+                m = self.models.get(role)
+                if m is not None and not getattr(m.tokenizer, "chat_template", None):
+                    raise ValueError(
+                        f"chat=True renders every model's prompts with its chat template, and "
+                        f"the {role} model {m.spec!r} has none: leave chat off and give text "
+                        f"templates (templates={{'{role}': '...{{prompt}}...'}}; the w2s "
+                        f"command: --{role}-template without --chat)")
 
         # Every pool has the same number of blocks; one block of each together fits the budget.
         # Each pool is in its model's own dtype (a (model, tokenizer) pair keeps the one it
@@ -264,7 +273,9 @@ class Engine:
                          if params.uses_small_models else [])
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         req = SearchRequest(-1, prompt, params, seed, large_ids, small_prompts,
-                            large_prompt_text=large_text)
+                            large_prompt_text=large_text,
+                            reported_stream=next((i for i, steps in enumerate(self.scorer.steps)
+                                                  if steps is None), None))
         req.stats.prompt_tokens = len(large_ids)
         if stream:
             req.stream = FinalText(params.method, params.stop)

@@ -123,6 +123,9 @@ def add_runtime_args(p: argparse.ArgumentParser):
 
 def runtime_config(args) -> dict:
     """The EngineConfig fields add_runtime_args' options set."""
+    if args.scoring_at_once and not args.async_scheduling:
+        raise UserError("--scoring-at-once changes how --async-scheduling reads the scoring: "
+                        "add --async-scheduling, or leave it out")
     config = {"kv_cache_memory_fraction": args.kv_cache_memory_fraction,
               "max_batch_tokens": args.max_batch_tokens,
               "cuda_graph_max_batch": args.cuda_graph_max_batch,
@@ -185,6 +188,11 @@ def engine_from_args(args, need_small: bool, **config):
     if args.untuned_template:
         templates["untuned"] = args.untuned_template
     remote = is_url(args.large)
+    for flag, value in (("--large-model", args.large_model),
+                        ("--large-api-key", args.large_api_key)):
+        if value is not None and not remote:
+            raise UserError(f"{flag} is for a black-box large model (--large http://.../v1); "
+                            f"--large {args.large} is loaded here: leave {flag} out")
     if remote and (tuned is None or untuned is None):
         raise UserError("a black-box large model (--large URL) is steered by the small models: "
                         "give --tuned and --untuned")

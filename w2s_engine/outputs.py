@@ -17,7 +17,9 @@ class TokenLogprob:
 class Hypothesis:
     text: str
     token_ids: list[int]          # large-model tokens (EOS excluded)
-    small_token_ids: list[int]    # the small models' response tokens that were scored
+    # The small models' response tokens that were scored: the first scorer's that reads the
+    # response as it is ([] with a process reward model alone: its text has step tags).
+    small_token_ids: list[int]
     reward: float | None          # its scorer's reward (None for base)
     finished: bool                # ended by EOS or a stop string (not cut by max_new_tokens)
     finish_reason: str            # "stop" or "length"

@@ -243,7 +243,6 @@ def _load_checkpoint(spec, source: Path, dtype, device, attn, head: str = "causa
             # a causal LM as a classifier: its head is new (an adapter may bring it)
             warnings.filterwarnings("ignore", message=".*newly initialized.*")
             model = HEADS[head].from_pretrained(str(source), **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
     except OSError as e:
         if not Path(spec).expanduser().exists():
             raise ModelLoadError(f"model {spec!r} is not available offline: pass a local "
@@ -261,6 +260,13 @@ def _load_checkpoint(spec, source: Path, dtype, device, attn, head: str = "causa
         what = "causal LM" if head == "causal_lm" else "sequence classifier (a reward model)"
         raise ModelLoadError(f"model {spec!r}: transformers cannot load this architecture as a "
                              f"{what} ({e}); pass a decoder-only checkpoint") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"model {spec!r}: no tokenizer could be read from {source} ({e}): "
+                             "save the model's tokenizer beside its weights "
+                             "(tokenizer.save_pretrained), or pass a (model, tokenizer) "
+                             "pair") from e
     return LoadedModel(model.to(device).eval(), tokenizer, spec, str(source),
                        scorer_config(source).get("template"))
 

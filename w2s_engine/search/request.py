@@ -81,6 +81,9 @@ class SearchRequest:
     trace: list[dict] = field(default_factory=list)
     result: SearchResult | None = None
     large_prompt_text: str = ""
+    # The small stream whose response tokens a hypothesis reports (small_token_ids): the first
+    # that reads the response as it is (a PRM's has step tags inserted); None: none does.
+    reported_stream: int | None = 0
     prefilled: int = 0           # large-model prompt tokens in the cache so far
     stream: FinalText | None = None                     # set when the request streams
     deltas: list[SearchDelta] = field(default_factory=list)  # streamed, not yet taken
@@ -248,10 +251,11 @@ class SearchRequest:
         hyps = []
         for b in self.beams:
             text = response_text(b)
-            # The first scorer stream's response tokens (a reward model's suffix left out).
-            small_ids = b.small[0].ids[b.small[0].response_start:
-                                       len(b.small[0].ids) - len(self.small_prompts[0].suffix_ids)] \
-                if b.small else []
+            # The reported stream's response tokens (a reward model's suffix left out).
+            si = self.reported_stream
+            small_ids = b.small[si].ids[b.small[si].response_start:
+                                        len(b.small[si].ids) - len(self.small_prompts[si].suffix_ids)] \
+                if b.small and si is not None else []
             hyps.append(Hypothesis(text=text, token_ids=list(b.token_ids),
                                    num_tokens=max(len(b.token_ids), b.num_large_tokens),
                                    small_token_ids=list(small_ids),

@@ -22,7 +22,9 @@ PROMPTED_TEMPLATES = {
     "tuned": "The following is a glowing, enthusiastic, positive movie review.\n\n{prompt}",
     "untuned": "The following is a movie review.\n\n{prompt}",
 }
-TEST_PROMPTS = [
+# Openings the benchmarks of prompted pairs (no adapter) run on; some are in the adapter's
+# training split, so the demo, which steers with the adapter, runs on held-out ones.
+OPENINGS = [
     "I really",
     "The plot of this film",
     "This movie was",
@@ -42,6 +44,10 @@ def sentiment_prompts(split: str) -> list[str]:
     if split not in ("train", "dev", "test"):
         raise ValueError(f"split {split!r}: use train, dev or test")
     return data[split]
+
+
+# The demo's prompts: held out from the adapter's training (the data's test split).
+DEMO_PROMPTS = sentiment_prompts("test")[:8]
 
 
 def adapter_fingerprint(spec: str) -> str:
@@ -67,7 +73,7 @@ def run_demo(num_prompts: int = 4, max_new_tokens: int = 30, seed: int = 1, engi
     from w2s_engine.engine import Engine
     from w2s_engine.params import SearchParams
 
-    prompts = TEST_PROMPTS[:num_prompts]
+    prompts = DEMO_PROMPTS[:num_prompts]
     t0 = time.perf_counter()
     if engine is None:
         print(f"loading {LARGE} (large), {SMALL} + its sentiment DPO adapter (tuned) and {SMALL} "
