@@ -196,11 +196,22 @@ def test_search_with_a_black_box_large_model_given_by_its_url(tiny_dirs):
         live.stop()
 
 
+def wait_until_serving(proc, port: int, seconds: float = 120):
+    import time
+    import urllib.request
+    deadline = time.time() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, "w2s serve did not start"
+            time.sleep(0.3)
+
+
 def test_serve_runs_with_an_api_key_from_the_environment_and_logs_each_request(tiny_dirs):
     """(With async scheduling: the runtime flags reach the server's engine.)"""
     import os
-    import time
-    import urllib.request
 
     import openai
     from live_server import free_port
@@ -213,14 +224,7 @@ def test_serve_runs_with_an_api_key_from_the_environment_and_logs_each_request(t
                             env={**os.environ, "W2S_API_KEY": "k1"}, stderr=subprocess.PIPE,
                             text=True)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, "w2s serve did not start"
-                time.sleep(0.3)
+        wait_until_serving(proc, port)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k1",
                                max_retries=0)
         assert [m.id for m in client.models.list().data] == ["tiny", "alias"]
@@ -246,7 +250,6 @@ def test_serve_exits_on_sigterm_within_its_shutdown_timeout_whatever_its_clients
     import signal
     import socket
     import time
-    import urllib.request
 
     from live_server import free_port
     dirs, _ = tiny_dirs
@@ -257,14 +260,7 @@ def test_serve_exits_on_sigterm_within_its_shutdown_timeout_whatever_its_clients
                             stderr=subprocess.PIPE, text=True)
     clients = []
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, "w2s serve did not start"
-                time.sleep(0.3)
+        wait_until_serving(proc, port)
         half = socket.create_connection(("127.0.0.1", port))
         half.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                      b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\"")

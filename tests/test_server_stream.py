@@ -187,6 +187,14 @@ def test_a_search_that_fails_mid_stream_ends_with_an_error_event_and_counts_as_f
     server.async_engine.engine.check_all_free()
 
 
+def settle_and_check_all_free(engine, seconds: float = 10):
+    """The engine loop ends what was cancelled within a step or two; then every block is back."""
+    deadline = time.time() + seconds
+    while engine.has_unfinished() and time.time() < deadline:
+        time.sleep(0.05)
+    engine.check_all_free()
+
+
 def test_async_engine_stream_for_embedding_yields_deltas_and_cancels_when_left_early():
     engine = tiny_engine(num_kv_blocks=400)
     async_engine = AsyncEngine(engine)
@@ -205,10 +213,7 @@ def test_async_engine_stream_for_embedding_yields_deltas_and_cancels_when_left_e
         deltas, result, first = asyncio.run(run())
         assert "".join(d.text for d in deltas) == result.text == deltas[-1].result.text
         assert first.text and first.result is None
-        deadline = time.time() + 10
-        while engine.has_unfinished() and time.time() < deadline:
-            time.sleep(0.05)
-        engine.check_all_free()
+        settle_and_check_all_free(engine)
     finally:
         async_engine.shutdown()
 
@@ -366,10 +371,7 @@ def test_a_refused_submit_cancelled_by_its_caller_never_takes_the_next_search_s_
         result = asyncio.run(asyncio.wait_for(run(), 60))
         assert made["A"].request_id == -1 and made["B"].request_id != -1
         assert result.text == expected
-        deadline = time.time() + 10
-        while engine.has_unfinished() and time.time() < deadline:
-            time.sleep(0.05)
-        engine.check_all_free()
+        settle_and_check_all_free(engine)
     finally:
         gate.set()
         async_engine.shutdown()
