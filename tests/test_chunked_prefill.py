@@ -96,3 +96,40 @@ def test_every_model_forwards_at_most_max_batch_tokens_of_prompt_a_step(parts):
         engine.step()
     assert req.status is RequestStatus.DONE
     engine.check_all_free()
+
+
+@pytest.mark.parametrize("role", ["large", "untuned"])
+def test_a_prompt_whose_later_chunk_fails_fails_alone_and_the_batch_goes_on(parts, role):
+    # The failing batch puts every request back to admitted and runs each alone: each whole
+    # prompt, so the culprit fails now (run alone for one chunk it passed, and the next step's
+    # batch failed again: no request ever started).
+    params = SearchParams.cbs(2, 2, 3, max_new_tokens=6, seed=3, temperature=1.0)
+    alone = make(parts, 16).search([LONG, "This film"], params)
+    engine = make(parts, 16)
+    reqs = [engine.add_request(p, params) for p in ("POISON " + LONG, LONG, "This film")]
+    poison, run = reqs[0], engine.runners[role].run
+
+    def table(r):
+        if r.root is None:
+            return None
+        return r.root.large if role == "large" else (r.root.small[0].table if r.root.small
+                                                     else None)
+
+    def failing(items):     # any chunk of the culprit's prompt but its first
+        t = table(poison)
+        if poison.status is RequestStatus.PREFILLING and any(
+                tb is t and t.num_tokens > len(ids) for tb, ids in items):
+            raise RuntimeError("this chunk cannot run")
+        return run(items)
+    engine.runners[role].run = failing
+    for _ in range(60):
+        if not engine.has_unfinished():
+            break
+        engine.step()
+    assert [r.status for r in reqs] == [RequestStatus.FAILED, RequestStatus.DONE,
+                                        RequestStatus.DONE]
+    assert "this chunk cannot run" in poison.error
+    for r, want in zip(reqs[1:], alone):
+        assert r.result.token_ids == want.token_ids
+        assert r.result.reward == pytest.approx(want.reward, abs=1e-4)
+    engine.check_all_free()

@@ -114,6 +114,34 @@ def test_a_response_that_merges_into_a_one_token_prompt_is_scored_from_its_next_
     eng.check_all_free()
 
 
+def test_stop_strings_and_min_tokens_see_the_text_of_sentencepiece_byte_tokens():
+    # Gemma spells rare characters in byte tokens (<0xNN>); the detokenizer holds a run of
+    # them back until it ends (a byte-fallback decoder turns a run cut inside a character into
+    # U+FFFD), but a stop string in it is still found, at its token, and min_tokens' text
+    # counts it (vLLM's rule: a stop string must end past the first min_tokens tokens' text).
+    from tiny_models import make_byte_fallback_tokenizer
+    tok = make_byte_fallback_tokenizer()
+    eng = Engine((tiny_llama(len(tok), seed=1), tok), num_kv_blocks=200, block_size=4,
+                 progress=False)
+    a, small_a = tok.convert_tokens_to_ids(["<0x41>", "a"])
+    for n in (1, 4):
+        h = eng.search(["the film"], SearchParams.base(max_new_tokens=n, seed=0, stop=["A"],
+                                                       logit_bias={a: 100.0}))[0].hypotheses[0]
+        assert (h.text, h.finish_reason, h.token_ids) == ("", "stop", [a])
+    params = SearchParams.base(max_new_tokens=6, seed=0, stop=["A"], min_tokens=2,
+                               logit_bias={a: 5.0, small_a: 5.0})
+    checked = 0
+    for seed in range(12):
+        h = eng.search(["the film"], params.copy(seed=seed))[0].hypotheses[0]
+        tokens = tok.convert_ids_to_tokens(h.token_ids)
+        text = tok.decode(h.token_ids)
+        cut = text.find("A", len(tok.decode(h.token_ids[:2])))     # past min_tokens' text
+        assert h.text == (text if cut < 0 else text[:cut]), (tokens, h.text)
+        checked += "<0x41>" in tokens[2:]
+    assert checked, "some samples should have a byte-token A past min_tokens"
+    eng.check_all_free()
+
+
 def test_a_response_a_stop_string_ended_is_scored_on_the_text_returned(engine, cross_engine):
     # The sampled tokens run past the stop string (its token, and what follows in it); the
     # text stops before it, and so does what is scored: with one tokenizer as with two.

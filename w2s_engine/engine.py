@@ -402,11 +402,14 @@ class Engine:
         self._stream(ended)
         return ended
 
-    def _run_batch(self, where: str, run, items: list, request_of=lambda item: item):
+    def _run_batch(self, where: str, run, items: list, request_of=lambda item: item,
+                   alone=None):
         """run(items) -> the requests that failed, with why. When the batch fails with every
-        sequence put back as it was (BatchFailed.retryable), each item runs again alone, so
-        only the request that causes it fails (and a batch too large for the device's memory
-        still finishes); otherwise the batch's requests fail."""
+        sequence put back as it was (BatchFailed.retryable), each item runs again alone
+        (alone([item]), run's by default), so only the request that causes it fails (and a
+        batch too large for the device's memory still finishes); otherwise the batch's
+        requests fail."""
+        alone = alone or run
         try:
             return run(items)
         except BatchFailed as e:
@@ -421,7 +424,7 @@ class Engine:
         failed = []
         for item in items:
             try:
-                failed += run([item])
+                failed += alone([item])
             except Exception as e:
                 failed.append((request_of(item), self._engine_error(where, e.__cause__ or e)))
         return failed
@@ -446,8 +449,18 @@ class Engine:
         return f"engine error in {where}: {type(e).__name__}: {e}"
 
     def _prefill(self, requests: list[SearchRequest]):
-        for r, message in self._run_batch("prefill", self._prefill_chunk, requests):
+        for r, message in self._run_batch("prefill", self._prefill_chunk, requests,
+                                          alone=self._prefill_whole):
             self.scheduler.fail(r, message)
+
+    def _prefill_whole(self, requests: list[SearchRequest]) -> list:
+        """After a prefill batch failed (every request in it back to admitted): one request's
+        whole prompt, a chunk at a time, so that a prompt whose later chunk fails fails now,
+        alone, rather than each step's batch failing again and starting every request over."""
+        (r,) = requests
+        while r.status is RequestStatus.PREFILLING:
+            self._prefill_chunk([r])
+        return []
 
     def _prefill_chunk(self, requests: list[SearchRequest]) -> list:
         """The next chunk of the prompts being prefilled (max_batch_tokens in all per model:

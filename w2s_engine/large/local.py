@@ -244,7 +244,7 @@ class LocalLarge:
                 n = len(b.token_ids)
                 if n:
                     r.stats.tokens_forwarded["large"] += 1
-                r.record_token(b, tok, self.eos_ids, self.response_text)
+                r.record_token(b, tok, self.eos_ids, self.text_as_it_stands)
                 if i in logprobs and len(b.token_ids) > n:   # (EOS is not a returned token)
                     r.record_logprob(b, logprobs[i])
                 recorded.add(i)
@@ -283,6 +283,12 @@ class LocalLarge:
         """The response as text (incrementally decoded), cut before a matched stop string."""
         text = self.detokenizer.update(b.detok, b.token_ids, flush=b.finished)
         return text if b.stop_text_len is None else text[:b.stop_text_len]
+
+    def text_as_it_stands(self, b: Beam) -> str:
+        """The response's text with what the detokenizer holds back of a run of byte tokens
+        (its complete characters): where stop strings and min_tokens' text are measured."""
+        self.detokenizer.update(b.detok, b.token_ids, flush=b.finished)
+        return self.detokenizer.unsettled(b.detok, b.token_ids)
 
     def num_tokens(self, b: Beam) -> int:
         return len(b.token_ids)

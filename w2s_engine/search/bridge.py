@@ -41,7 +41,8 @@ class Detokenizer:
     A byte-fallback decoder (SentencePiece's: Gemma, Llama 2) decodes a run of byte tokens
     (<0xF0>...) as a whole, and where the run ends inside a character every byte of it
     becomes U+FFFD, complete characters before the cut too. So the text of a run is final
-    only once a token that is no byte ends it: until then it is held back."""
+    only once a token that is no byte ends it: until then it is held back, and `unsettled`
+    gives its complete characters as they stand (where stop strings are looked for)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -80,6 +81,16 @@ class Detokenizer:
                 state.text += complete[state.held:]
                 state.held = len(complete)
         return state.text
+
+    def unsettled(self, state: DetokState, ids: list[int]) -> str:
+        """state.text (after update) and the complete characters of a run of byte tokens it
+        holds back: the text as it stands now. A stop string is looked for in it, at every
+        token (the rare run that turns invalid later reads as U+FFFD once flushed)."""
+        if self._byte_run_start(ids, state.read_offset) == len(ids):
+            return state.text      # nothing held back but a partial character
+        prefix = self.decode(ids[state.prefix_offset:state.read_offset])
+        now = self.decode(ids[state.prefix_offset:])[len(prefix):].rstrip(REPLACEMENT)
+        return state.text + now[state.held:]
 
     def _byte_run_start(self, ids: list[int], start: int) -> int:
         """Where the run of byte tokens that ends ids begins (len(ids): ids end in no byte
