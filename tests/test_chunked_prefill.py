@@ -133,3 +133,51 @@ def test_a_prompt_whose_later_chunk_fails_fails_alone_and_the_batch_goes_on(part
         assert r.result.token_ids == want.token_ids
         assert r.result.reward == pytest.approx(want.reward, abs=1e-4)
     engine.check_all_free()
+
+
+def counting_forwards(engine) -> dict:
+    """role -> tokens its runner forwarded (updated as the engine runs)."""
+    forwarded = {}
+    for role, runner in engine.runners.items():
+        def counting(items, _run=runner.run, _role=role):
+            forwarded[_role] = forwarded.get(_role, 0) + sum(len(ids) for _, ids in items)
+            return _run(items)
+        runner.run = counting
+    return forwarded
+
+
+def test_a_request_cancelled_mid_prefill_counts_the_prompt_tokens_it_forwarded(parts):
+    engine = make(parts, 16)
+    forwarded = counting_forwards(engine)
+    req = engine.add_request(LONG, SearchParams.cbs(2, 2, 4, max_new_tokens=8, seed=1))
+    for _ in range(3):
+        engine.step()
+    assert req.status is RequestStatus.PREFILLING
+    engine.cancel(req)
+    assert forwarded == {"large": 48, "tuned": 48, "untuned": 48}
+    assert req.stats.tokens_forwarded == forwarded == engine.stats()["tokens"]
+    engine.check_all_free()
+
+
+def test_with_async_scheduling_a_scoring_read_after_its_request_ended_is_counted_once(parts):
+    tok, large, tuned, untuned = parts
+    engine = Engine((clone(large), tok), (clone(tuned), tok), (clone(untuned), tok),
+                    num_kv_blocks=600, block_size=4, progress=False, async_scheduling=True)
+    forwarded = counting_forwards(engine)
+    params = SearchParams.cbs(2, 2, 3, max_new_tokens=12, ignore_eos=True)
+    reqs = [engine.add_request("I really", params.copy(seed=1))]
+    engine.step()
+    reqs.append(engine.add_request("This film", params.copy(seed=2)))
+    for _ in range(100):
+        engine.step()
+        if engine.scoring_ahead:
+            break
+    assert engine.scoring_ahead, "a scoring should be queued behind a decode step"
+    engine.cancel(engine.scoring_ahead.requests[0])    # read at the next step, after it ended
+    while engine.has_unfinished():
+        engine.step()
+    totals = engine.stats()["tokens"]
+    assert all(totals[role] == forwarded[role] for role in ("tuned", "untuned"))
+    assert totals == {role: sum(r.stats.tokens_forwarded.get(role, 0) for r in reqs)
+                      for role in totals}
+    engine.check_all_free()

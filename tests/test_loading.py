@@ -209,3 +209,20 @@ def test_a_reward_model_adapter_that_brings_its_head_loads_without_an_untrained_
         assert [r for r in reports if "LOAD REPORT" in r and "score.weight" in r]
     finally:
         report_logger.removeHandler(handler)
+
+
+def test_only_a_report_of_the_new_head_alone_is_dropped_a_missing_base_weight_is_shown():
+    import logging
+
+    from w2s_engine.models.loader import _DropLoadReport
+    head_only = ("X LOAD REPORT from: base\nKey | Status | \n---+---+-\n"
+                 "lm_head.weight | UNEXPECTED | \nscore.weight | MISSING | \n")
+    base_missing = head_only + "model.layers.1.mlp.up_proj.weight | MISSING | \n"
+
+    def record(msg):
+        return logging.LogRecord("transformers.modeling_utils", logging.WARNING, "", 0, msg,
+                                 None, None)
+    drop = _DropLoadReport()
+    assert not drop.filter(record(head_only))
+    assert drop.filter(record(base_missing))
+    assert drop.filter(record("another warning"))

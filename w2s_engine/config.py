@@ -14,7 +14,9 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.85   # of free device memory after loading (cuda)
     kv_cache_memory_bytes: int | None = None # explicit budget for all pools together
     cpu_kv_cache_bytes: int = 2 << 30   # default budget on cpu
-    max_batch_tokens: int = 8192        # cap on new tokens in one prefill / scoring forward
+    # Cap on the prompt tokens a step forwards per model (long prompts go in chunks of it), and
+    # on the new tokens a scoring forward batches (one beam's own update goes whole).
+    max_batch_tokens: int = 8192
     max_waiting: int | None = None      # queue bound (the server answers 429 past it)
     small_special_tokens: bool = False  # add BOS etc. to the small models' prompts
     progress: bool = True               # tqdm bar for a list of prompts

@@ -484,6 +484,7 @@ class Engine:
             for r in requests:
                 r.free_all(self.kv)
                 r.prefilled, r.next_beam_id, r.status = 0, 0, RequestStatus.PREFILLING
+                r.stats.tokens_forwarded = {}   # its prompt's work is redone from the start
             raise BatchFailed(retryable=True) from e
         return []
 
@@ -566,6 +567,10 @@ class Engine:
         """Read a scoring launched the step before and set its requests' rewards. A failed
         read (rolled back) is handled as _run_batch handles a failed batch: each request
         still running is scored again alone when the batch could be put back, else fails."""
+        # A request that ended (cancelled) while its scoring ran: its counts went into the
+        # totals when it ended, so what this read adds to it goes there too.
+        ended = {id(r): (r, dict(r.stats.tokens_forwarded)) for r, _ in ahead.plans
+                 if r.status is not RequestStatus.RUNNING}
         try:
             self.scorer.finish(ahead)
         except Exception as e:
@@ -580,6 +585,10 @@ class Engine:
                 else:
                     cause = e.__cause__ if isinstance(e, BatchFailed) and e.__cause__ else e
                     self.scheduler.fail(plan[0], self._engine_error("scoring", cause))
+        for r, before in ended.values():
+            for role, n in r.stats.tokens_forwarded.items():
+                totals = self.scheduler.totals.tokens
+                totals[role] = totals.get(role, 0) + n - before.get(role, 0)
         self._record_peaks(ahead.requests)
 
     # ---- the API ---------------------------------------------------------------------------

@@ -97,8 +97,9 @@ def add_runtime_args(p: argparse.ArgumentParser):
                    help="share of the device memory free after loading that the KV pools and "
                         "the CUDA graphs take (cuda)")
     g.add_argument("--max-batch-tokens", type=positive_int, default=8192,
-                   help="new tokens in one prefill or scoring forward at most (a long prompt "
-                        "is prefilled in chunks of this size)")
+                   help="prompt tokens a step forwards per model at most (a long prompt is "
+                        "prefilled in chunks of this size), and the new tokens a scoring "
+                        "forward batches (one beam's own update goes whole)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: every decode step runs eagerly (as vLLM's flag)")
     g.add_argument("--cuda-graph-max-batch", type=positive_int, default=512,

@@ -89,13 +89,15 @@ class LocalLarge:
             max_tokens -= take
         if items:
             hidden, cu = self.runner.run(items)
+            for r, (_, ids) in zip(parts, items):   # counted as it is done: a request ended
+                forwarded = r.stats.tokens_forwarded   # part-way counts the work it took
+                forwarded["large"] = forwarded.get("large", 0) + len(ids)
             done = [i for i, r in enumerate(parts) if r.prefilled == len(r.large_prompt_ids)]
             if done:
                 ends = self.runner.upload([cu[i + 1] - 1 for i in done]).long()
                 last = self.runner.compute_logits(hidden[ends])
                 for j, i in enumerate(done):
                     parts[i].root_logits = last[j]
-                    parts[i].stats.tokens_forwarded["large"] = len(parts[i].large_prompt_ids)
         return [r for r in requests if r.prefilled == len(r.large_prompt_ids)]
 
     @property

@@ -286,8 +286,20 @@ def _without_load_report(quiet: bool):
 
 
 class _DropLoadReport(logging.Filter):
+    """Drops a report whose every row is the new head (score / classifier MISSING) or the
+    causal LM's unused lm_head (UNEXPECTED); one that names anything else is kept."""
+
     def filter(self, record) -> bool:
-        return "LOAD REPORT" not in str(record.msg)
+        message = str(record.msg)
+        if "LOAD REPORT" not in message:
+            return True
+        rows = [[cell.strip() for cell in line.split("|")] for line in message.splitlines()
+                if "|" in line]
+        rows = [r for r in rows[1:] if len(r) >= 2 and not set(r[0]) <= {"-", "+"}]
+        expected = all((status == "MISSING" and key.split(".")[0] in ("score", "classifier"))
+                       or (status == "UNEXPECTED" and key.startswith("lm_head."))
+                       for key, status, *_ in rows)
+        return not (rows and expected)
 
 
 def _load_adapter(spec, adapter_dir: Path, dtype, device, attn, chain: tuple,

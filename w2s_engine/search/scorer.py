@@ -173,13 +173,14 @@ class Scorer:
                                            {}, sp.text, list(sp.starts))
                                 for s, sp in zip(self.streams, r.small_prompts)]
         for si, stream in enumerate(self.streams):
-            stream.prefill_chunk([r.root.small[si] for r in requests], max_tokens)
-        done = [r for r in requests if all(prompt_in(st) for st in r.root.small)]
-        for r in done:
-            for si, stream in enumerate(self.streams):
+            states = [r.root.small[si] for r in requests]
+            before = [st.table.num_tokens for st in states]
+            stream.prefill_chunk(states, max_tokens)
+            for r, st, n in zip(requests, states, before):   # the work as it is done
                 for role in stream.roles:
-                    r.stats.tokens_forwarded[role] = len(r.small_prompts[si].ids)
-        return done
+                    r.stats.tokens_forwarded[role] = (r.stats.tokens_forwarded.get(role, 0)
+                                                      + st.table.num_tokens - n)
+        return [r for r in requests if all(prompt_in(st) for st in r.root.small)]
 
     # ---- chunk scoring ---------------------------------------------------------------------
 
