@@ -274,8 +274,7 @@ class Engine:
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         req = SearchRequest(-1, prompt, params, seed, large_ids, small_prompts,
                             large_prompt_text=large_text,
-                            reported_stream=next((i for i, steps in enumerate(self.scorer.steps)
-                                                  if steps is None), None))
+                            reported_stream=self.scorer.reported_stream)
         req.stats.prompt_tokens = len(large_ids)
         if stream:
             req.stream = FinalText(params.method, params.stop)

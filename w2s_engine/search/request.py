@@ -81,9 +81,7 @@ class SearchRequest:
     trace: list[dict] = field(default_factory=list)
     result: SearchResult | None = None
     large_prompt_text: str = ""
-    # The small stream whose response tokens a hypothesis reports (small_token_ids): the first
-    # that reads the response as it is (a PRM's has step tags inserted); None: none does.
-    reported_stream: int | None = 0
+    reported_stream: int | None = 0    # whose response tokens are small_token_ids (Scorer's)
     prefilled: int = 0           # large-model prompt tokens in the cache so far
     stream: FinalText | None = None                     # set when the request streams
     deltas: list[SearchDelta] = field(default_factory=list)  # streamed, not yet taken

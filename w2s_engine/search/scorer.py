@@ -111,6 +111,9 @@ class Scorer:
         self.steps: list[Steps | None] = [steps.get(i) for i in range(len(self.streams))]
         self.shared = [t.get_vocab() == large_vocab and self.steps[i] is None
                        for i, t in enumerate(self.tokenizers)]
+        # The stream whose response tokens a hypothesis reports: the first that reads the
+        # response as it is (a PRM's has step tags in it); None: none does.
+        self.reported_stream = next((i for i, st in enumerate(self.steps) if st is None), None)
         # score() takes token ids where every stream reads them as the same tokens.
         vocabs = [t.get_vocab() for t in self.tokenizers]
         self.one_vocabulary = all(v == vocabs[0] for v in vocabs[1:])
@@ -251,8 +254,6 @@ class Scorer:
                 tags.append(offsets)
                 if steps.separator is None and len(text) > (st.marks[-1] if st.marks else 0):
                     st.marks = st.marks + [len(text)]   # this chunk ends a step for the next
-                elif steps.separator is None:   # cut by a stop string: no step ends past it
-                    st.marks = [m for m in st.marks if m <= len(text)]
                 if unfinished:
                     suffix = [steps.tag_id] + suffix
                 text = tagged
