@@ -10,7 +10,9 @@ a stand-in driver that only names the target. Per compile it prints the register
 spilled per thread, the shared memory and which tensor-core instruction tl.dot became (wgmma,
 Hopper's, or the older mma.sync); it exits 1 when a compile fails (on the GPU
 that would stop the autotuner, which skips only configurations short of resources) or a
-launch has no configuration that fits a block's shared memory. A GPU minute is then not spent finding a kernel
+launch has no configuration that fits a block's shared memory, a configuration the autotuner
+would time spills more than SPILL_LIMIT bytes a thread, or a kernel that promises torch's
+rounding compiled a multiply and an add into one fma. A GPU minute is then not spent finding a kernel
 that does not compile. The Triton here (see the header line) may be newer than the GPU
 machine's; the interpreter (TRITON_INTERPRET=1) must be off.
 """
@@ -53,6 +55,14 @@ from w2s_engine.kernels.rotary import rotary_triton  # noqa: E402
 from w2s_engine.kernels.sampling import sample_triton  # noqa: E402
 
 SHARED_PER_BLOCK = 227 * 1024      # an H100/H200 block's most shared memory (opt-in)
+# Kernels that promise torch's rounding op for op: a multiply and an add contracted into one
+# fma round once where torch's two ops round twice (the rotary kernel's were, on an H200: 23%
+# of its bf16 outputs one ulp off transformers'). They must compile to no floating fma.
+ROUNDS_AS_TORCH = {"_rotary_kernel"}
+# Bytes a thread may spill in a configuration the autotuner times. fp32's full-precision dots
+# in 128-row tiles spilled 14-32 KB: each such configuration took tens of seconds to compile
+# and ran so slowly that autotuning one fp32 extend took minutes on an H200.
+SPILL_LIMIT = 2048
 BF16, FP32 = torch.bfloat16, torch.float32
 
 
@@ -92,7 +102,11 @@ def intercepted(launches: list, variant: list):
 
     def record_tuner(self, *args, **kwargs):
         kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
-        launches.append(Launch(variant[0], self.fn, list(self.configs), args, kwargs))
+        tuned = self.configs    # those the autotuner would time: after its early prune
+        if self.early_config_prune:
+            tuned = self.early_config_prune(self.configs, dict(zip(self.arg_names, args)),
+                                            **kwargs)
+        launches.append(Launch(variant[0], self.fn, list(tuned), args, kwargs))
 
     JITFunction.run, Autotuner.run = record_jit, record_tuner
     try:
@@ -262,6 +276,12 @@ def mma_kind(kernel) -> str:
     return "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "-"
 
 
+def contractions(kernel) -> int:
+    """Floating-point fma instructions in the kernel's PTX (contracted multiply-adds, or
+    explicit tl.fma)."""
+    return len(re.findall(r"\bfma\.rn\.(?:f32|f16|bf16|f64)", kernel.asm["ptx"]))
+
+
 def switches(kwargs: dict) -> dict:
     """The launch's constexpr switches and block sizes (upper-case names), and warps/stages."""
     return {k: v for k, v in kwargs.items()
@@ -283,7 +303,7 @@ def compile_all(launches: list, run, arch: int):
                 try:
                     kernel = run(launch.fn, *launch.args, grid=(1,), warmup=True, **kwargs)
                     row.update(ok=True, shared=kernel.metadata.shared, mma=mma_kind(kernel),
-                               **resources(kernel.asm["cubin"]))
+                               fma=contractions(kernel), **resources(kernel.asm["cubin"]))
                 except Exception as e:   # a compile error is what this is here to find
                     row.update(ok=False, error=f"{type(e).__name__}: {str(e)[-1500:]}")
                 row["seconds"] = round(time.perf_counter() - t, 2)
@@ -424,6 +444,13 @@ def main():
         errors = sum(not r["ok"] for r in launch.results)
         if errors:   # the autotuner skips only resource errors: this one would stop the run
             problems.append(f"{where}: {errors} configuration(s) do not compile")
+        spills = [r for r in launch.results if r["ok"] and r.get("spilled", 0) > SPILL_LIMIT]
+        if spills:
+            problems.append(f"{where}: {len(spills)} configuration(s) spill more than "
+                            f"{SPILL_LIMIT} B a thread (smaller tiles, or prune them)")
+        if launch.fn.__name__ in ROUNDS_AS_TORCH and any(r.get("fma") for r in launch.results):
+            problems.append(f"{where}: compiled with fma, so it does not round as torch's ops "
+                            "do (launch it with enable_fp_fusion=False)")
         if not fits:
             problems.append(f"{where}: no configuration fits {SHARED_PER_BLOCK} B of shared "
                             "memory")

@@ -26,6 +26,7 @@ import torch
 from w2s_engine.kernels._common import dot_precision, quick_bench, sm_count
 from w2s_engine.kernels.paged_attention import (
     _ATTN_CONFIGS,
+    FP32_PRUNE,
     _attend_all,
     _attend_keys,
     _check,
@@ -284,7 +285,8 @@ def cascade_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, sc
 
 if triton is not None:
     @triton.autotune(configs=_ATTN_CONFIGS, key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_M",
-                                                 "TILED"], do_bench=quick_bench)
+                                                 "TILED"], do_bench=quick_bench,
+                     prune_configs_by=FP32_PRUNE)
     @triton.jit(do_not_specialize=["part_splits"])
     def _shared_prefix_kernel(
         q_ptr,                      # [B, Hq, D]
@@ -409,7 +411,10 @@ def cascade_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens,
     else:
         rpt = 1
         pairs = groups.max_group_rows * group
-        block_m = max(16, min(64, triton.next_power_of_2(pairs)))
+        # (fp32's full-precision dots hold the tile in registers: 64 rows spilled 6 KB a
+        # thread, bench/kernel_compile.py)
+        block_m = max(16, min(32 if q.dtype == torch.float32 else 64,
+                              triton.next_power_of_2(pairs)))
         m_tiles = triton.cdiv(pairs, block_m)
         programs = busy = groups.num_groups * m_tiles
     # A split reads at least 128 keys (a short prefix leaves later splits empty), unless the

@@ -168,6 +168,19 @@ _GROUPED_CONFIGS = [] if triton is None else configs(
      triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=2)] + list(_ATTN_CONFIGS),
     interpret=triton.Config({"BLOCK_N": 32}))
 
+
+def fp32_small_key_steps(configs, named_args, **kwargs):
+    """The autotuner's early prune: fp32's full-precision dots (DOT_PRECISION "ieee") run on
+    the FMA units with their tiles in registers, and key steps over 32 spill kilobytes a
+    thread (bench/kernel_compile.py); timing those on a GPU took minutes. fp32 tunes over the
+    small steps; bf16/fp16 over all."""
+    if kwargs.get("DOT_PRECISION") != "ieee":
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_N"] <= 32] or configs[:1]
+
+
+FP32_PRUNE = {"early_config_prune": fp32_small_key_steps}
+
 if triton is not None:
     # The attention kernels keep their online softmax in base 2 (exp2 with the scale folded in).
     LOG2E = tl.constexpr(1.4426950408889634)   # (a compiled kernel reads only constexpr globals)
@@ -302,7 +315,7 @@ if triton is not None:
 
     @triton.autotune(configs=_ATTN_CONFIGS,
                      key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "HAS_START", "DIRECT"],
-                     do_bench=quick_bench)
+                     do_bench=quick_bench, prune_configs_by=FP32_PRUNE)
     # (Triton would compile again for a count of 1 or a multiple of 16: not for these.)
     @triton.jit(do_not_specialize=["part_splits", "split_base"])
     def _decode_split_kernel(
@@ -418,7 +431,7 @@ if triton is not None:
         tl.store(lse_ptr + row, m + tl.log(total))
 
     @triton.autotune(configs=_ATTN_CONFIGS, key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_M"],
-                     do_bench=quick_bench)
+                     do_bench=quick_bench, prune_configs_by=FP32_PRUNE)
     @triton.jit
     def _extend_kernel(
         q_ptr, out_ptr,            # [Nq, Hq, D]
@@ -474,7 +487,7 @@ if triton is not None:
 
     @triton.autotune(configs=_GROUPED_CONFIGS,
                      key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "BLOCK_M", "DIRECT"],
-                     do_bench=quick_bench)
+                     do_bench=quick_bench, prune_configs_by=FP32_PRUNE)
     @triton.jit
     def _extend_grouped_kernel(
         q_ptr, out_ptr,            # [Nq, Hq, D]; out written when DIRECT
@@ -696,7 +709,10 @@ def paged_extend_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_
     # Query tile: 128 rows for prefill-sized chunks (more reuse of each K/V tile; 64 under
     # the interpreter, which is slow with big tiles); no larger than the longest chunk needs.
     # From 64 rows tl.dot is Hopper's wgmma (bench/kernel_compile.py reads it in the PTX).
-    block_m = (128 if not INTERPRET and max_q >= 128 else 64) if d <= 128 else 32
+    # fp32's full-precision dots have no tensor cores and hold the tile in registers: 128
+    # rows spilled 14-32 KB a thread; 32 there.
+    block_m = (128 if not INTERPRET and max_q >= 128 else 64) \
+        if d <= 128 and q.dtype != torch.float32 else 32
     block_m = min(block_m, max(16, triton.next_power_of_2(max_q)))
     grid = (B, hq, triton.cdiv(max_q, block_m))
     sinks = _check_sinks(sinks, q)

@@ -10,7 +10,10 @@ of both tensors reads the head's row and its token's cos and sin once.
 The arithmetic is torch's: each of the five ops rounds to the output dtype (the promoted dtype
 of the inputs, bf16 for a bf16 model, whose cos and sin come cast to it), and so does the
 kernel, op for op, so results are the same bit for bit up to the rounding of fp32 products
-(which torch computes in fp32 as well).
+(which torch computes in fp32 as well). That needs the kernel compiled without floating-point
+contraction: with it (Triton's default), LLVM narrows each rounded product to a bf16 multiply
+and the GPU fuses it with the add into one fma, which rounds once where torch rounds twice (on
+an H200, 23% of an 8B Llama's bf16 rotated values were one ulp off transformers').
 """
 
 import torch
@@ -121,7 +124,8 @@ def _rotary_launch(q, k, cos, sin):
         k_out.stride(0), k_out.stride(1), k_out.stride(2),
         cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
         HQ=hq, HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2),
-        num_warps=1 if d <= 256 else 4)
+        num_warps=1 if d <= 256 else 4,
+        enable_fp_fusion=False)    # each product rounded on its own, as torch's ops round it
     return q_out, k_out
 
 
