@@ -76,9 +76,13 @@ def test_runtime_flags_set_the_engine_config_and_default_to_its_defaults():
     assert runtime_config(args) == {
         "kv_cache_memory_fraction": 0.5, "max_batch_tokens": 1024, "cuda_graphs": False,
         "cuda_graph_max_batch": 64, "async_scheduling": True, "scoring_ahead": False,
-        "cascade_attention": False, "torch_compile": True, "fused_ops": False}
+        "cascade_attention": None, "torch_compile": True, "fused_ops": False}
     cascade = runtime_config(parser.parse_args(["serve", "--cascade-attention"]))
     assert cascade["cascade_attention"] and cascade["cuda_graphs"]   # its static path
+    # on with CUDA unless turned off
+    off = runtime_config(parser.parse_args(["serve", "--no-cascade-attention",
+                                            "--no-async-scheduling"]))
+    assert (off["cascade_attention"], off["async_scheduling"]) == (False, False)
 
 
 def torch_has_cuda() -> bool:
@@ -113,7 +117,8 @@ def torch_has_cuda() -> bool:
     (["search", "x", "--stream", "--json"], "use one"),
     (["search", "x", "--method", "base", "--k", "3", "--stream"], "leave --stream out"),
     (["search", "x", "--method", "base", "--large-model", "m"], "leave --large-model out"),
-    (["search", "x", "--method", "base", "--scoring-at-once"], "add --async-scheduling"),
+    (["search", "x", "--method", "base", "--no-async-scheduling", "--scoring-at-once"],
+     "leave out --no-async-scheduling"),
     (["demo", "--max-new-tokens", "0"], "--max-new-tokens 0: give 1 or more"),
 ])
 def test_user_mistakes_exit_nonzero_with_one_line_and_no_traceback(args, says):

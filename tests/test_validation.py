@@ -383,6 +383,19 @@ def test_engine_keywords_override_a_given_config_and_dtype_names_are_taken():
     assert engine.config.dtype == torch.float32
 
 
+def test_async_scheduling_and_cascade_attention_are_on_with_cuda_unless_turned_off(monkeypatch):
+    from w2s_engine.config import EngineConfig
+    cpu = EngineConfig(device="cpu").resolve()
+    assert (cpu.async_scheduling, cpu.cascade_attention) == (False, False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # resolve() asks only this
+    gpu = EngineConfig(device="cuda").resolve()
+    assert (gpu.cuda_graphs, gpu.async_scheduling, gpu.cascade_attention) == (True, True, True)
+    eager = EngineConfig(device="cuda", cuda_graphs=False).resolve()   # no static path
+    assert (eager.async_scheduling, eager.cascade_attention) == (True, False)
+    off = EngineConfig(device="cuda", async_scheduling=False, cascade_attention=False).resolve()
+    assert (off.async_scheduling, off.cascade_attention) == (False, False)
+
+
 def test_an_uncached_hub_id_fails_at_once_offline_naming_it(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.time()

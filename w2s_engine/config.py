@@ -33,11 +33,11 @@ class EngineConfig:
     # reference ops through the swapped modules.
     fused_ops: bool | None = None
     # Shared-prefix (cascade) decode attention on that static path: the beams of a request
-    # read their common blocks (the prompt, a shared history) once per group. On an H200 at
-    # 024353a it made 16 concurrent CBS(4,4,8) requests 16% faster (async scheduling, prompt
-    # 512) and one request at prompt 2,048 3% faster. Off by default until the gpu tests pass
-    # on a GPU in one run (one of 41 failed there, unnamed); on CPU it runs the reference.
-    cascade_attention: bool = False
+    # read their common blocks (the prompt, a shared history) once per group. None: on with
+    # CUDA graphs on CUDA. On an H200 at 111ea9f it made one CBS(4,4,8) request at prompt
+    # 2,048 15% faster and 16 concurrent requests at prompt 512 1% faster (16% at 024353a),
+    # and every cascade test of the gpu run passed. On CPU, True runs the reference.
+    cascade_attention: bool | None = None
     # torch.compile of every model's forward (the paged attention stays one opaque op), under
     # the graphs where they run: fuses the norms, rotary embedding and activations. Off by
     # default until it is measured on a GPU (bench/e2e.py --compile); compiling takes a while
@@ -47,11 +47,11 @@ class EngineConfig:
     # before it reads step n's tokens, which step n+1 takes from the device; it then records
     # them while the device computes. A request whose chunk ends at step n forks its next
     # chunk once step n is read, into step n+2. A beam that stops on EOS or a stop string
-    # computes one token more, which is dropped. On an H200 at 024353a it made one CBS(4,4,8)
-    # request 10% faster (2,370 -> 2,596 large tokens/s). Off by default until the gpu tests
-    # pass on a GPU in one run (one of 41 failed there, unnamed); on a CPU there is nothing
-    # to overlap. Results are the same either way.
-    async_scheduling: bool = False
+    # computes one token more, which is dropped. Results are the same either way. None: on
+    # with CUDA (vLLM's name and default); on a CPU there is nothing to overlap. On an H200
+    # at 111ea9f it made CBS(4,4,8) 1.11x faster at one request, 1.10x at 16 and 1.21x with
+    # 16 requests arriving every 2 steps, and every async test of the gpu run passed.
+    async_scheduling: bool | None = None
     # With async_scheduling: the scoring of requests whose chunks end while a decode step of
     # other requests is in flight is queued behind it and read the next step, after that
     # step's decode is launched, so the device does not wait while the host reads rewards,
@@ -91,6 +91,10 @@ class EngineConfig:
             self.cuda_graphs = str(self.device).startswith("cuda")
         if self.fused_ops is None:
             self.fused_ops = str(self.device).startswith("cuda")
+        if self.async_scheduling is None:
+            self.async_scheduling = str(self.device).startswith("cuda")
+        if self.cascade_attention is None:
+            self.cascade_attention = str(self.device).startswith("cuda") and self.cuda_graphs
         if self.cascade_attention and not self.cuda_graphs:
             raise ValueError("cascade_attention runs on the static decode path: set "
                              "cuda_graphs=True (on a CPU too, where it runs eagerly)")
@@ -140,9 +144,10 @@ class EngineConfig:
                  "True, False or None"),
                 ("torch_compile", isinstance(self.torch_compile, (bool, str)),
                  "True, False or a backend name"),
+                *((name, getattr(self, name) is None or isinstance(getattr(self, name), bool),
+                   "True, False or None") for name in ("cascade_attention", "async_scheduling")),
                 *((name, isinstance(getattr(self, name), bool), "True or False")
-                  for name in ("small_special_tokens", "progress", "cascade_attention",
-                               "async_scheduling", "scoring_ahead"))):
+                  for name in ("small_special_tokens", "progress", "scoring_ahead"))):
             if not ok:
                 raise TypeError(f"EngineConfig.{name}={getattr(self, name)!r}: give {want}")
 

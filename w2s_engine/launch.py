@@ -105,14 +105,15 @@ def add_runtime_args(p: argparse.ArgumentParser):
     g.add_argument("--cuda-graph-max-batch", type=positive_int, default=512,
                    help="beams in a decode step that a CUDA graph covers at most (more run "
                         "eagerly)")
-    g.add_argument("--async-scheduling", action="store_true",
-                   help="launch decode step n+1 before reading step n's tokens")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                   help="launch decode step n+1 before reading step n's tokens (default: on "
+                        "with CUDA)")
     g.add_argument("--scoring-at-once", action="store_true",
-                   help="with --async-scheduling: read each chunk's scoring in its own step, "
+                   help="with async scheduling: read each chunk's scoring in its own step, "
                         "not the next (behind the other requests' decode step)")
-    g.add_argument("--cascade-attention", action="store_true",
+    g.add_argument("--cascade-attention", action=argparse.BooleanOptionalAction,
                    help="shared-prefix decode attention: a request's beams read their common "
-                        "blocks once")
+                        "blocks once (default: on with CUDA graphs)")
     g.add_argument("--torch-compile", action="store_true",
                    help="run every model's forward through torch.compile")
     g.add_argument("--no-fused-ops", action="store_true",
@@ -124,9 +125,9 @@ def add_runtime_args(p: argparse.ArgumentParser):
 
 def runtime_config(args) -> dict:
     """The EngineConfig fields add_runtime_args' options set."""
-    if args.scoring_at_once and not args.async_scheduling:
-        raise UserError("--scoring-at-once changes how --async-scheduling reads the scoring: "
-                        "add --async-scheduling, or leave it out")
+    if args.scoring_at_once and args.async_scheduling is False:
+        raise UserError("--scoring-at-once changes how async scheduling reads the scoring: "
+                        "leave out --no-async-scheduling, or --scoring-at-once")
     config = {"kv_cache_memory_fraction": args.kv_cache_memory_fraction,
               "max_batch_tokens": args.max_batch_tokens,
               "cuda_graph_max_batch": args.cuda_graph_max_batch,
@@ -137,7 +138,7 @@ def runtime_config(args) -> dict:
     if args.no_fused_ops:
         config["fused_ops"] = False
     if args.enforce_eager:
-        if args.cascade_attention:
+        if args.cascade_attention:    # (left out: off, as the static path is)
             raise UserError("--cascade-attention runs on the CUDA graphs' static decode path: "
                             "leave out --enforce-eager")
         config["cuda_graphs"] = False
