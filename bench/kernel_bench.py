@@ -385,14 +385,21 @@ def test_copy_blocks(benchmark, impl):
           nbytes=2 * 256 * pool[:, :, 0].numel() * 2, baseline=impl == "torch")
 
 
-@pytest.mark.parametrize("cut", ["top_k 50", "top_p 0.9", "top_k 50, top_p 0.9"])
+@pytest.mark.parametrize("cut", ["top_k 50", "top_p 0.9", "top_k 50, top_p 0.9",
+                                 "top_p 0.9, zipf"])
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("b", [256, 16])
 def test_sampling(benchmark, impl, cut, b):
     # 16 rows (one request's beams, in a CUDA graph as the decode step runs them): the
-    # vocabulary slices' case; 256 rows (16 requests) eager, as at 024353a.
+    # vocabulary slices' case; 256 rows (16 requests) eager, as at 024353a. Gaussian logits
+    # (a flat tail: a top-p nucleus of 200-400 tokens among 11k candidates), or "zipf":
+    # probabilities falling as 1 / rank^1.1 in a random order, a trained model's shape (a
+    # nucleus of about 33 tokens at T 0.7).
     vocab = 128256
     logits = torch.randn(b, vocab, device="cuda") * 3
+    if "zipf" in cut:
+        rank = torch.rand(b, vocab, device="cuda").argsort(-1).float() + 1
+        logits = -1.1 * rank.log()
     t = torch.full((b,), 0.7, device="cuda")
     k = torch.full((b,), 50 if "top_k" in cut else 0, dtype=torch.int32, device="cuda")
     p = torch.full((b,), 0.9 if "top_p" in cut else 1.0, device="cuda")

@@ -671,6 +671,28 @@ def test_sampling_triton_draws_the_references_tokens(mode, slice_size):
 
 
 @pytest.mark.parametrize("slice_size", SLICE_SIZES)
+def test_top_p_on_peaked_rows_draws_the_references_tokens_and_cut(slice_size):
+    """A trained model's rows: a few tokens hold most of the mass over a long flat tail. The
+    kernel bounds the nucleus by the group maxima there (not the loose bound of a flat row);
+    the tokens and the cut are still the sorted reference's, bit for bit, for nuclei of one
+    token to a few hundred."""
+    from w2s_engine.kernels.sampling import _scaled, _thresholds
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(8, 3000, generator=g)
+    for row, (lifted, by) in enumerate([(1, 12.0), (3, 8.0), (10, 6.0), (40, 5.0), (200, 4.0),
+                                        (5, 2.0), (1, 1.0), (600, 3.0)]):
+        logits[row, torch.randperm(3000, generator=g)[:lifted]] += by
+    temperature = torch.tensor([0.7, 1.0, 1.3, 0.5, 2.0, 0.9, 1.0, 0.8])
+    top_k = torch.zeros(8, dtype=torch.int32)
+    top_p = torch.tensor([0.9, 0.5, 0.95, 0.3, 0.99, 0.8, 0.7, 0.6])
+    for shift in range(2):
+        args = (logits, temperature, top_k, top_p, torch.arange(8) + 11, torch.arange(8) + shift)
+        tokens, thr = sample_triton(*args, return_thresholds=True, slice_size=slice_size)
+        assert tokens.tolist() == sample_ref(*args).tolist()
+        assert torch.equal(thr, _thresholds(_scaled(logits, temperature), top_k, top_p))
+
+
+@pytest.mark.parametrize("slice_size", SLICE_SIZES)
 def test_sampling_triton_keeps_ties_and_skips_minus_inf_logits_like_the_full_reference(
         slice_size):
     g = torch.Generator().manual_seed(5)

@@ -421,7 +421,7 @@ if triton is not None:
         #    2. a lower bound L on the final threshold: the k-th largest of BLOCK_L group
         #       maxima (k distinct tokens are >= it), or for top-p alone
         #       m + log((1 - p) Z / V) - 1 (tokens below it together hold less than 1 - p of
-        #       the mass);
+        #       the mass), raised to where the group maxima alone reach p Z when they do;
         #    3. one pass: the ids of tokens >= L, in order, to cand (usually a few hundred);
         #    4. radix selects over the candidates: the k-th largest, then the top-p cutoff;
         #    5. Gumbel-max over the allowed candidates (or the whole row when nothing is cut).
@@ -478,6 +478,15 @@ if triton is not None:
                                           k.to(tl.float32))
         bound_k = tl.where(found, bound_k, 0)
         bound_p = _sort_key(m + tl.log((1.0 - p) * z / V) - 1.0)
+        # That bound is loose (on an H200, 11k candidates for a nucleus of 200-400 tokens, and
+        # the selects' passes over them most of a top-p row's time). A tight one where the
+        # groups' best tokens alone hold the nucleus's mass (a peaked distribution, a trained
+        # model's usual one): the tokens >= e hold at least the mass of the group maxima >= e,
+        # so the nucleus lies at or above the largest e where those reach p Z (with a margin
+        # of 1e-3 of the mass for rounding; otherwise the loose bound stands).
+        group_w = tl.where(group_max > float("-inf"), tl.exp(group_max - m), 0.0)
+        tight_p, found_tight = _select_in_block(_sort_key(group_max), group_w, p * z * 1.001)
+        bound_p = tl.where(found_tight & (z > 0), tl.maximum(bound_p, tight_p), bound_p)
         bound = tl.where(use_k, bound_k, bound_p)
 
         n = 0
