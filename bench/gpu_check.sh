@@ -29,9 +29,11 @@
 #    models on that machine's CPU).
 # A step that would start with less than 45 s left is skipped, and each step's limit is cut
 # to the time left, so the summary is always written.
-# On an H200 at 024353a: the gpu tests (41, four processes) did not finish in 200 s; the first
-# e2e step took 95 s, a later one 40-100 s (model build, capture, autotuning: the waiting and
-# async rows share one engine); the kernel benchmarks 55 s.
+# On an H200 at 111ea9f: the gpu tests (42, eight processes) ran 240 s and were cut: 40
+# finished, the fp32 test's autotuning of spilling tiles did not (fixed since: 32-row tiles,
+# small key steps for fp32), and one test queued behind it never started. s02 took 87 s,
+# s03 44 s, s04 46 s, s06 60 s, the kernel benchmarks 91 s in all, s09 26 s. Two calls
+# (420 s, then 360 s skipping s01-s05) left s05 and s14-s17 unrun.
 # Results go to OUT_DIR (default: a new bench/results/gpu-check-<time>/): JSONL, logs and
 # gpu-check-<device>.md, whose tables hold only the rows this run added.
 # The gpu tests need hypothesis only for one property test (skipped without it).

@@ -79,6 +79,28 @@ def busy_outside(trace: dict, region: str, device: list, phase: str) -> float | 
 
 
 BETWEEN_PHASES = "(between phases)"
+LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")   # cudaLaunchKernel, cuLaunchKernel (Triton)
+
+
+def phase_detail(trace: dict, device: list, phase: str) -> dict | None:
+    """Per occurrence of the host phase `phase` (its host ranges): how often it ran, its mean
+    host ms, the kernel and graph launches the host made in it, and the device's busy ms
+    meanwhile. A phase whose host ms far exceed its device ms with many launches is bound by
+    launching (each eager op's Python and launch); few launches and a long host time, by the
+    host's own work or a wait. None when the phase never ran."""
+    events = trace["traceEvents"]
+    spans = merged([(e["ts"], e["ts"] + e["dur"]) for e in events
+                    if e.get("ph") == "X" and e.get("name") == phase
+                    and e.get("cat") != "gpu_user_annotation"])
+    if not spans:
+        return None
+    launches = sorted(e["ts"] for e in events if e.get("ph") == "X"
+                      and e.get("cat") in LAUNCH_CATEGORIES and "Launch" in str(e.get("name")))
+    inside = sum(1 for t in launches for a, b in spans if a <= t < b)
+    busy = overlap_length(merged([(e["ts"], e["ts"] + e["dur"]) for e in device]), spans)
+    n = len(spans)
+    return {"occurrences": n, "host_ms": round(union_length(spans) / n / 1e3, 3),
+            "launches": round(inside / n, 1), "device_busy_ms": round(busy / n / 1e3, 3)}
 
 
 def idle_by_phase(trace: dict, region: str, device: list) -> dict[str, float]:
@@ -212,6 +234,10 @@ def profile_one(engine, names, args, params, prompts) -> dict:
            # what the GPU waited on: idle ms per step by the host's innermost phase
            "idle_ms_per_step": {k: round(v / 1e3 / steps, 3)
                                 for k, v in sorted(idle.items(), key=lambda kv: -kv[1])},
+           # per occurrence: host ms, launches made, device busy ms meanwhile
+           "phase_detail": {name: d for name in ("w2s.prefill", "w2s.large", "w2s.score.launch",
+                                                 "w2s.select")
+                            if (d := phase_detail(trace, device, name)) is not None},
            "sampled": sum(r.stats.tokens_sampled for r in results),
            "top_device_us": {k[:80]: round(v) for k, v in top},
            "device": machine(), "torch": torch.__version__, "commit": commit()}
@@ -224,6 +250,10 @@ def profile_one(engine, names, args, params, prompts) -> dict:
     print("GPU idle per step, by the host's phase meanwhile:")
     for name, ms in row["idle_ms_per_step"].items():
         print(f"  {name}: {ms:.3f} ms")
+    print("Per occurrence of a phase: host ms, launches, device busy ms meanwhile:")
+    for name, d in row["phase_detail"].items():
+        print(f"  {name}: {d['occurrences']} x {d['host_ms']} ms, {d['launches']} launches, "
+              f"device busy {d['device_busy_ms']} ms")
     for name, us in top:
         print(f"  {us / 1e3:9.2f} ms  {name[:100]}")
     return row

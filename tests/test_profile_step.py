@@ -1,6 +1,6 @@
 """bench/profile_step.py's reading of a profiler trace: what the GPU waited on."""
 
-from bench.profile_step import BETWEEN_PHASES, idle_by_phase
+from bench.profile_step import BETWEEN_PHASES, idle_by_phase, phase_detail
 
 
 def host(name, ts, dur):
@@ -31,3 +31,19 @@ def test_a_gpu_busy_all_along_waits_on_nothing():
     device = [kernel(0, 60), kernel(50, 50)]      # overlapping kernels cover the search
     trace = {"traceEvents": [host("w2s_search", 0, 100), host("w2s.score", 10, 20), *device]}
     assert idle_by_phase(trace, "w2s_search", device) == {}
+
+
+def launch(ts):
+    return {"name": "cudaLaunchKernel", "ph": "X", "cat": "cuda_runtime", "ts": ts, "dur": 1}
+
+
+def test_a_phase_is_described_per_occurrence_by_its_host_time_launches_and_device_work():
+    # w2s.prefill twice (0-40, 60-80), launching 3 and 1 kernels; the device works 10-30 and
+    # 70-100 (10 us of it inside the second prefill); a launch outside any prefill at 50.
+    device = [kernel(10, 20), kernel(70, 30)]
+    trace = {"traceEvents": [
+        host("w2s_search", 0, 100), host("w2s.prefill", 0, 40), host("w2s.prefill", 60, 20),
+        launch(5), launch(8), launch(30), launch(50), launch(65), *device]}
+    assert phase_detail(trace, device, "w2s.prefill") == {
+        "occurrences": 2, "host_ms": 0.03, "launches": 2.0, "device_busy_ms": 0.015}
+    assert phase_detail(trace, device, "w2s.select") is None
