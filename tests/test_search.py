@@ -10,6 +10,7 @@ import torch
 from tiny_models import (clone, make_tokenizer, tiny_gemma2, tiny_granite, tiny_llama, tiny_phi,
                          tuned_from)
 from w2s_engine import Engine, SearchParams
+from w2s_engine.params import InvalidParam
 from w2s_engine.search.tokens import common_prefix
 
 PROMPTS = ["I really", "This film", "The plot of this film", "What a"]
@@ -342,6 +343,19 @@ def test_best_of_n_draws_exactly_n_samples_and_returns_the_best(engine):
     assert res.stats.tokens_sampled == sum(c["num_tokens"] + (c["finish_reason"] == "stop")
                                            for c in cands)
     assert res.reward == max(c["reward"] for c in cands)
+
+
+def test_best_of_n_keeping_several_returns_the_best_of_the_same_n_samples_in_order(engine):
+    one = engine.search(["I really"], SearchParams.best_of_n(5, max_new_tokens=10, seed=2,
+                                                             trace=True))[0]
+    three = engine.search(["I really"], SearchParams.best_of_n(5, keep=3, max_new_tokens=10,
+                                                               seed=2))[0]
+    rewards = sorted((c["reward"] for c in one.trace[0]["candidates"]), reverse=True)
+    assert [h.reward for h in three.hypotheses] == rewards[:3]      # 3 of 5: no multiple
+    assert three.hypotheses[0].text == one.text
+    assert three.stats.tokens_sampled == one.stats.tokens_sampled
+    with pytest.raises(InvalidParam, match="use w <= k"):
+        SearchParams.best_of_n(2, keep=3).validate()
 
 
 def test_base_is_a_plain_sample_and_runs_no_small_model(engine, tok):

@@ -59,7 +59,7 @@ def test_n_is_the_n_best_hypotheses_of_a_search_and_n_samples_of_base(server):
                                            seed=2, n=2, extra_body={"method": "eft"})
     assert len(eft.choices) == 2 and eft.choices[0].text != eft.choices[1].text
     for body, param in [({"n": 3, "w": 2}, "n"),
-                        ({"n": 2, "method": "best_of_n", "k": 3}, "n"), ({"n": 0}, "n")]:
+                        ({"n": 4, "method": "best_of_n", "k": 3}, "n"), ({"n": 0}, "n")]:
         code, payload = post(server, "/v1/completions", {"prompt": "x", **body})
         assert code == 400 and payload["error"]["param"] == param, payload
 
@@ -73,8 +73,16 @@ def test_best_of_is_best_of_n_and_n_takes_its_best(server):
     two = server.client.completions.create(**common, best_of=4, n=2)
     rewards = [h["reward"] for h in two.model_extra["w2s"]["hypotheses"]]
     assert len(two.choices) == 2 and rewards == sorted(rewards, reverse=True)
-    assert two.model_extra["w2s"]["stats"]["tokens_sampled"] >= \
-        a.model_extra["w2s"]["stats"]["tokens_sampled"] * 0.5
+    # the same 4 samples: the best of them first, then the second best
+    assert two.choices[0].text == a.choices[0].text
+    assert two.model_extra["w2s"]["stats"]["tokens_sampled"] == \
+        a.model_extra["w2s"]["stats"]["tokens_sampled"]
+    # N need not be a multiple of n: the 2 best of 3
+    one_of_3 = server.client.completions.create(**common, best_of=3)
+    two_of_3 = server.client.completions.create(**common, best_of=3, n=2)
+    assert len(two_of_3.choices) == 2 and two_of_3.choices[0].text == one_of_3.choices[0].text
+    rewards = [h["reward"] for h in two_of_3.model_extra["w2s"]["hypotheses"]]
+    assert rewards == sorted(rewards, reverse=True)
     for body, param in [({"best_of": 2, "n": 3}, "best_of"),
                         ({"best_of": 4, "method": "cbs"}, "best_of"),
                         ({"best_of": 4, "k": 3}, "best_of"), ({"best_of": 0}, "best_of")]:

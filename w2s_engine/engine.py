@@ -279,7 +279,7 @@ class Engine:
         if stream:
             req.stream = FinalText(params.method, params.stop)
         req.reserved = self.budget.reservation(
-            params.w, params.k, params.max_new_tokens, params.chunk_len,
+            *params.tree, params.max_new_tokens, params.chunk_len,
             None if self.large.blocks is None else len(large_ids),
             [(len(sp.ids), self.scorer.shared[i], len(sp.suffix_ids))
              for i, sp in enumerate(small_prompts)])
@@ -299,7 +299,9 @@ class Engine:
             raise InvalidParam("max_new_tokens", params.max_new_tokens, "needs more KV memory",
                                message=(
                 f"request needs up to {max(req.reserved.values())} KV blocks in one pool, which "
-                f"holds {capacity}: lower w*k ({params.w}*{params.k}) or max_new_tokens "
+                f"holds {capacity}: lower "
+                f"{'N' if params.method == 'best_of_n' else 'w*k'} ({params.candidates}) or "
+                "max_new_tokens "
                 f"({params.max_new_tokens}), or give the engine more KV memory"))
         return req
 

@@ -58,7 +58,8 @@ class SearchParams:
     """Chunk-level beam search CBS(W, K, L) and its special cases.
 
     cbs:        keep the top `w` of w·k candidates every `l` sampled tokens.
-    best_of_n:  CBS(1, N, inf): N full samples, the best by reward wins.
+    best_of_n:  N full samples (k), the best `w` by reward kept (1 by default; OpenAI's n
+                with best_of).
     base:       `k` plain samples from the large model, no small model runs.
     eft:        token-level proxy-tuning, logits_large + beta * (logits_tuned - logits_untuned);
                 `k` samples; needs one shared vocabulary.
@@ -94,8 +95,9 @@ class SearchParams:
         return cls(method="cbs", w=w, k=k, l=l, **kw)
 
     @classmethod
-    def best_of_n(cls, n: int = 16, **kw) -> "SearchParams":
-        return cls(method="best_of_n", w=1, k=n, l=None, **kw)
+    def best_of_n(cls, n: int = 16, keep: int = 1, **kw) -> "SearchParams":
+        """N full samples; the `keep` best by reward are the results, best first."""
+        return cls(method="best_of_n", w=keep, k=n, l=None, **kw)
 
     @classmethod
     def base(cls, n: int = 1, **kw) -> "SearchParams":
@@ -110,6 +112,17 @@ class SearchParams:
         """k independent samples, each a result in sampling order (base and EFT): no
         selection among them."""
         return self.method in ("base", "eft")
+
+    @property
+    def candidates(self) -> int:
+        """The prompt's children: N for best_of_n (w of them kept), W*K otherwise."""
+        return self.k if self.method == "best_of_n" else self.w * self.k
+
+    @property
+    def tree(self) -> tuple[int, int]:
+        """(W, K) of the search tree the KV reservation sizes: a search without chunks (l None)
+        is one fork of the prompt into all its candidates."""
+        return (self.w, self.k) if self.l is not None else (1, self.candidates)
 
     @property
     def chunk_len(self) -> int:
@@ -155,8 +168,8 @@ class SearchParams:
         integer("min_tokens", 0, "")
         if self.min_tokens > self.max_new_tokens:
             bad("min_tokens", f"must be at most max_new_tokens ({self.max_new_tokens})")
-        if self.method == "best_of_n" and self.w != 1:
-            bad("w", "best_of_n keeps one beam: use w=1 (or method='cbs')")
+        if self.method == "best_of_n" and self.w > self.k:
+            bad("w", f"best_of_n keeps the best w of its k={self.k} samples: use w <= k")
         if self.method in ("base", "eft") and self.w != 1:
             bad("w", f"{self.method} runs no selection: use w=1")
         if self.method != "cbs" and self.l is not None:

@@ -115,9 +115,10 @@ class SearchRequest:
         return child
 
     def start(self, kv: KVSpace):
-        """After the prefill: the root becomes W*K children (the root's tables go to the last)."""
+        """After the prefill: the root becomes its candidates, W*K children (N for Best-of-N;
+        the root's tables go to the last)."""
         p = self.params
-        n = p.w * p.k
+        n = p.candidates
         self.beams = [self._fork(self.root, kv, take_over=(i == n - 1)) for i in range(n)]
         self.root = None    # its tables are the last child's now
         self.status = RequestStatus.RUNNING

@@ -403,13 +403,10 @@ class SearchFields(BaseModel):
         if method == "eft":
             return SearchParams.eft(self.beta, n=n, **common)
         if method == "best_of_n":
-            if n == 1:
-                return SearchParams.best_of_n(big_n, **common)
-            if big_n % n:
-                raise RequestError(400, f"n={n}: the n best of N={big_n} samples need N to be a "
-                                        "multiple of n", "n")
-            # The n best of N full samples: one selection of n among N = n * (N / n).
-            return SearchParams.cbs(n, big_n // n, None, **common)
+            if n > big_n:
+                raise RequestError(400, f"n={n}: Best-of-N returns the n best of its N={big_n} "
+                                        "samples: ask for at most N choices, or a larger N", "n")
+            return SearchParams.best_of_n(big_n, keep=n, **common)
         if n > self.w:
             raise RequestError(400, f"n={n}: a search returns its w={self.w} survivors; ask for "
                                     f"at most w choices, or a larger w", "n")
