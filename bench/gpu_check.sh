@@ -19,7 +19,7 @@
 # 4. profiled searches (GPU busy fraction, the host's phases, what the GPU waited on): one
 #    request waiting and async, 16 requests async with cascade (20-40 s);
 # 5. 16 requests with a random Qwen2.5-7B large model (different vocabularies: the small
-#    models re-tokenize each chunk), async, cascade;
+#    models re-tokenize each chunk), async, cascade, and its profile (s06b);
 # 6. the kernel benchmarks (pytest-benchmark JSON + a markdown table); one request at prompt
 #    2048 with and without cascade; transformers' ops instead
 #    of the engine's fused kernels and merged GEMMs; 16 requests admitted every 2 steps
@@ -112,6 +112,9 @@ step "s05 profile, 16 requests, async, cascade" 90 python3 bench/profile_step.py
     --concurrency 16 --async-scheduling --cascade --out "$out"
 step "s06 e2e cross vocabulary, 16 requests, async, cascade" 150 $e2e --preset gpu-cross \
     --max-new 256 --concurrency 16 --async-scheduling --cascade
+step "s06b profile, cross vocabulary, 16 requests, async, cascade" 70 python3 \
+    bench/profile_step.py --preset gpu-cross --concurrency 16 --async-scheduling --cascade \
+    --out "$out"
 # (A first call of W2S_GPU_CHECK_SECONDS=420 ends about here.)
 # In three groups, each its own JSON: pytest-benchmark writes its file only at the end, so a
 # group its limit cuts loses only its own rows.
