@@ -208,3 +208,40 @@ def test_metrics_parse_and_the_request_counters_add_up_after_a_mix(server, monke
     assert delta["w2s_request_seconds_count"] == outcomes["finished"]
     assert m["w2s_max_running_requests"] >= 1
     server.async_engine.engine.check_all_free()
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408_and_its_connection_closed():
+    """A client that sends its headers and half a body, then waits (a slow or hostile one),
+    is answered 408 once --body-timeout passes and its connection is closed, instead of
+    holding it and its handler for ever; the server serves others meanwhile."""
+    live = LiveServer(tiny_engine(), body_timeout=1.0)
+    try:
+        before = live.metrics()
+        body = json.dumps({"prompt": "I really", "max_tokens": 3, "method": "base"}).encode()
+        with socket.create_connection(("127.0.0.1", live.port)) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      b"Content-Type: application/json\r\n"
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+            started = time.time()
+            # meanwhile a whole request is answered
+            other = live.client.completions.create(model="tiny", prompt="I really",
+                                                   max_tokens=3, extra_body={"method": "base"})
+            assert other.choices[0].text is not None
+            s.settimeout(30)
+            got = b""
+            while True:
+                part = s.recv(65536)
+                if not part:            # closed by the server
+                    break
+                got += part
+            waited = time.time() - started
+        head, _, payload = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), got[:200]
+        error = json.loads(payload)
+        assert is_envelope(error, 408) and "--body-timeout" in error["error"]["message"]
+        assert 0.5 < waited < 20
+        after = live.metrics()
+        key = 'w2s_requests_rejected_by_reason_total{reason="body_timeout"}'
+        assert after.get(key, 0) - before.get(key, 0) == 1
+    finally:
+        live.stop()

@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the loopback names when bound to loopback, else any)")
     v.add_argument("--max-body-bytes", type=positive_int, default=1 << 20,
                    help="request body limit; past it the answer is 413")
+    v.add_argument("--body-timeout", type=seconds, default=60.0,
+                   help="seconds a request's body has to arrive whole after its headers; "
+                        "past them the answer is 408 and the connection is closed")
     v.add_argument("--max-prompt-chars", type=positive_int, default=None,
                    help="prompt length limit in characters, checked before tokenizing "
                         "(default: 32 per token of the models' smallest context)")

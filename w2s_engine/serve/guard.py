@@ -4,7 +4,9 @@
 - Bearer auth with the API key on every route but /health, compared in constant time;
 - a body must be JSON (415 for a form or text/plain, which a browser may send cross-site
   without a CORS preflight) and is bounded (413 past max_body_bytes, the rest read and
-  dropped so that the client gets its answer);
+  dropped so that the client gets its answer), and must arrive whole within body_timeout
+  seconds of the request (408 and the connection closed: a client that sends half a body
+  and waits would otherwise hold its connection and handler for ever);
 - an X-Request-Id is echoed or made, and one access-log line is written per request (logger
   `w2s_engine.access`) with its id, method, path, status, tokens and seconds; generation
   requests are counted by outcome in the metrics.
@@ -25,10 +27,12 @@ from w2s_engine.serve.metrics import ServerMetrics
 access_log = logging.getLogger("w2s_engine.access")
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_BODY_TIMEOUT = 60.0           # seconds from a request's headers to its body's end
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 OPEN_PATHS = ("/health",)             # answered without the API key
-REASONS = {401: "auth", 404: "model", 413: "too_large", 415: "content_type", 429: "queue_full"}
+REASONS = {401: "auth", 404: "model", 408: "body_timeout", 413: "too_large",
+           415: "content_type", 429: "queue_full"}
 
 
 def _text(value: str | None) -> str | None:
@@ -79,10 +83,11 @@ class Guard:
     of ServerMetrics' outcomes)."""
 
     def __init__(self, app, metrics: ServerMetrics, max_body_bytes: int, allowed_hosts,
-                 api_key: str | None = None):
+                 api_key: str | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT):
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
         self.allowed_hosts = tuple(allowed_hosts)
         self.api_key = None if api_key is None else b"Bearer " + api_key.encode()
 
@@ -169,8 +174,17 @@ class Guard:
         length = headers.get(b"content-length", b"").decode("latin-1")
         too_large = length.isdigit() and int(length) > limit
         chunks, size, more = [], 0, True
+        deadline = state["arrived"] + self.body_timeout
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - time.perf_counter())
+            except TimeoutError:
+                state["reason"] = "body_timeout"
+                await error_response(408, f"the request body did not arrive within "
+                                          f"{self.body_timeout:g} s of its headers "
+                                          "(--body-timeout): send the whole body at once",
+                                     headers={"Connection": "close"})(scope, receive, send)
+                return None
             if message["type"] == "http.disconnect":
                 return "cancelled"
             body = message.get("body", b"")

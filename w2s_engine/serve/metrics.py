@@ -3,7 +3,8 @@
 Requests: every generation request counts once in `w2s_requests_total` when it arrives and,
 when it ends, once in exactly one outcome: finished (answered 200, a stream sent to its end),
 failed (5xx, or a stream whose search failed), cancelled (the client went away), rejected
-(4xx: invalid, unauthorized, unknown model, too large, not JSON, wrong host, queue full; the reason in
+(4xx: invalid, unauthorized, unknown model, too large, a body too slow, not JSON, wrong host,
+queue full; the reason in
 `w2s_requests_rejected_by_reason_total`). At rest, requests = the sum of the outcomes.
 
 Timings (histograms): time to first token (from arrival to the first text that became

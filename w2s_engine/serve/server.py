@@ -39,8 +39,8 @@ from w2s_engine.outputs import SearchResult
 from w2s_engine.scheduler import QueueFull
 from w2s_engine.serve.answers import Answer, combine, sum_usage, usage
 from w2s_engine.serve.async_engine import AsyncEngine, SearchFailed
-from w2s_engine.serve.guard import (DEFAULT_MAX_BODY_BYTES, LOOPBACK_HOSTS, Guard,
-                                    default_allowed_hosts, envelope, error_response)
+from w2s_engine.serve.guard import (DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, LOOPBACK_HOSTS,
+                                    Guard, default_allowed_hosts, envelope, error_response)
 from w2s_engine.serve.metrics import ServerMetrics, parse_metrics  # noqa: F401 (re-exported)
 from w2s_engine.serve.protocol import (ChatCompletionRequest, CompletionRequest, RequestError,
                                        param_error, parse_body)
@@ -66,7 +66,7 @@ def served_name(spec) -> str:
 def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allowed_hosts=LOOPBACK_HOSTS,
                max_prompt_chars: int | None = None, api_key: str | None = None,
-               allowed_origins=()) -> FastAPI:
+               allowed_origins=(), body_timeout: float = DEFAULT_BODY_TIMEOUT) -> FastAPI:
     """model_name: the served name, or several (the first in responses; a request may name
     any). max_prompt_chars: None: CHARS_PER_TOKEN characters per token of the smallest
     context. api_key: None: no auth. allowed_origins: CORS origins ('*' for any)."""
@@ -79,7 +79,7 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
         context = engine.max_prompt_tokens
         max_prompt_chars = CHARS_PER_TOKEN * context if context else max_body_bytes
     app.add_middleware(Guard, metrics=async_engine.metrics, max_body_bytes=max_body_bytes,
-                       allowed_hosts=allowed_hosts, api_key=api_key)
+                       allowed_hosts=allowed_hosts, api_key=api_key, body_timeout=body_timeout)
     if allowed_origins:   # outside the Guard: a preflight carries no API key
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins),
                            allow_methods=["*"], allow_headers=["*"],
@@ -342,7 +342,7 @@ def serve(args):
     api_key = args.api_key or os.environ.get("W2S_API_KEY") or None
     app = create_app(async_engine, model_name=names, max_body_bytes=args.max_body_bytes,
                      allowed_hosts=hosts, max_prompt_chars=args.max_prompt_chars,
-                     api_key=api_key, allowed_origins=origins)
+                     api_key=api_key, allowed_origins=origins, body_timeout=args.body_timeout)
     # What is loaded now (models, tokenizers, torch and transformers' modules: some 400k
     # objects) lives as long as the server. A full collection walks all of it, some 0.2 s on
     # a 2-core CPU, stalling every request in flight; frozen, collections walk only what the
