@@ -84,8 +84,8 @@ LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")   # cudaLaunchKernel, cuLaun
 
 def phase_detail(trace: dict, device: list, phase: str) -> dict | None:
     """Per occurrence of the host phase `phase` (its host ranges): how often it ran, its mean
-    host ms, the kernel and graph launches the host made in it, and the device's busy ms
-    meanwhile. A phase whose host ms far exceed its device ms with many launches is bound by
+    host ms, the kernel and graph launches the host made in it, the device's busy ms
+    meanwhile, and the CUDA runtime / driver calls the host spent longest in. A phase whose host ms far exceed its device ms with many launches is bound by
     launching (each eager op's Python and launch); few launches and a long host time, by the
     host's own work or a wait. None when the phase never ran."""
     events = trace["traceEvents"]
@@ -94,13 +94,20 @@ def phase_detail(trace: dict, device: list, phase: str) -> dict | None:
                     and e.get("cat") != "gpu_user_annotation"])
     if not spans:
         return None
-    launches = sorted(e["ts"] for e in events if e.get("ph") == "X"
-                      and e.get("cat") in LAUNCH_CATEGORIES and "Launch" in str(e.get("name")))
-    inside = sum(1 for t in launches for a, b in spans if a <= t < b)
+    runtime = [e for e in events if e.get("ph") == "X" and e.get("cat") in LAUNCH_CATEGORIES
+               and any(a <= e["ts"] < b for a, b in spans)]
+    inside = sum(1 for e in runtime if "Launch" in str(e.get("name")))
+    # The runtime calls the host spent longest in: a synchronize or a blocking copy here is
+    # the host waiting for the device inside the phase.
+    calls = {}
+    for e in runtime:
+        calls[e["name"]] = calls.get(e["name"], 0.0) + e["dur"]
     busy = overlap_length(merged([(e["ts"], e["ts"] + e["dur"]) for e in device]), spans)
     n = len(spans)
     return {"occurrences": n, "host_ms": round(union_length(spans) / n / 1e3, 3),
-            "launches": round(inside / n, 1), "device_busy_ms": round(busy / n / 1e3, 3)}
+            "launches": round(inside / n, 1), "device_busy_ms": round(busy / n / 1e3, 3),
+            "runtime_ms": {k: round(v / n / 1e3, 3)
+                           for k, v in sorted(calls.items(), key=lambda kv: -kv[1])[:4]}}
 
 
 def idle_by_phase(trace: dict, region: str, device: list) -> dict[str, float]:
@@ -253,7 +260,7 @@ def profile_one(engine, names, args, params, prompts) -> dict:
     print("Per occurrence of a phase: host ms, launches, device busy ms meanwhile:")
     for name, d in row["phase_detail"].items():
         print(f"  {name}: {d['occurrences']} x {d['host_ms']} ms, {d['launches']} launches, "
-              f"device busy {d['device_busy_ms']} ms")
+              f"device busy {d['device_busy_ms']} ms; longest runtime calls {d['runtime_ms']}")
     for name, us in top:
         print(f"  {us / 1e3:9.2f} ms  {name[:100]}")
     return row

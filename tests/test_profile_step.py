@@ -37,13 +37,16 @@ def launch(ts):
     return {"name": "cudaLaunchKernel", "ph": "X", "cat": "cuda_runtime", "ts": ts, "dur": 1}
 
 
-def test_a_phase_is_described_per_occurrence_by_its_host_time_launches_and_device_work():
+def test_a_phase_is_described_per_occurrence_by_its_host_time_launches_device_work_and_waits():
     # w2s.prefill twice (0-40, 60-80), launching 3 and 1 kernels; the device works 10-30 and
     # 70-100 (10 us of it inside the second prefill); a launch outside any prefill at 50.
     device = [kernel(10, 20), kernel(70, 30)]
     trace = {"traceEvents": [
         host("w2s_search", 0, 100), host("w2s.prefill", 0, 40), host("w2s.prefill", 60, 20),
         launch(5), launch(8), launch(30), launch(50), launch(65), *device]}
+    trace["traceEvents"].append({"name": "cudaStreamSynchronize", "ph": "X",
+                                 "cat": "cuda_runtime", "ts": 31, "dur": 8})
     assert phase_detail(trace, device, "w2s.prefill") == {
-        "occurrences": 2, "host_ms": 0.03, "launches": 2.0, "device_busy_ms": 0.015}
+        "occurrences": 2, "host_ms": 0.03, "launches": 2.0, "device_busy_ms": 0.015,
+        "runtime_ms": {"cudaStreamSynchronize": 0.004, "cudaLaunchKernel": 0.002}}
     assert phase_detail(trace, device, "w2s.select") is None
