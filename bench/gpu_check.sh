@@ -98,10 +98,13 @@ e2e="python3 bench/e2e.py --out $out --prompt-lens 512 --searches cbs-4-4-8"
 # parallel where pytest-xdist is installed: tiny models, so the time is Python and compiles.
 gpu_files=$(grep -l "mark.gpu" tests/test_*.py)
 parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+# A test past 150 s fails with its traceback (pytest-timeout, where installed) instead of
+# holding its worker, and the tests queued behind it, to the step's limit.
+per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 150")
 # -v and W2S_FAILURES_AT_ONCE (tests/conftest.py): each test's result and each failure's
 # traceback in the log as it comes, so a run cut off by its limit still names its failures.
 step "s01 gpu tests" 240 env W2S_FAILURES_AT_ONCE=1 python3 -m pytest -v -m gpu $gpu_files \
-    $parallel -p no:cacheprovider --continue-on-collection-errors --durations=15 -rfE
+    $parallel $per_test -p no:cacheprovider --continue-on-collection-errors --durations=15 -rfE
 step "s02 e2e 1 and 16 requests, 256 tokens, waiting and async" 180 $e2e --preset gpu \
     --max-new 256 --concurrency 1,16 --both-schedulings
 step "s03 e2e 16 requests, 256 tokens, async, cascade" 100 $e2e --preset gpu --max-new 256 \
