@@ -325,8 +325,6 @@ def test_completions_on_a_chat_server_apply_no_chat_template():
     ("/v1/completions", "skip_special_tokens", False),
     ("/v1/completions", "truncate_prompt_tokens", 4),
     ("/v1/completions", "add_special_tokens", False),
-    ("/v1/chat/completions", "continue_final_message", True),
-    ("/v1/chat/completions", "add_generation_prompt", False),
     ("/v1/chat/completions", "chat_template", "{{ messages }}"),
     ("/v1/chat/completions", "reasoning_effort", "high")])
 def test_vllm_fields_that_would_change_the_output_are_refused_naming_them(server, path, field,
@@ -335,6 +333,43 @@ def test_vllm_fields_that_would_change_the_output_are_refused_naming_them(server
     code, payload = post(server, path, {**body, "max_tokens": 2, field: value})
     assert code == 400 and payload["error"]["param"] == field, payload
     assert "not supported" in payload["error"]["message"]
+
+
+def test_continue_final_message_continues_the_assistants_text_as_vllm_does():
+    """An assistant prefill: with continue_final_message=true and add_generation_prompt=false
+    the prompt is the chat template's rendering with the last message left open (transformers'
+    continue_final_message), the answer is only what follows; vLLM's refusals of the other
+    combinations."""
+    tok = chat_tokenizer()
+    untuned = tiny_llama(len(tok), seed=2)
+    engine = Engine((tiny_llama(len(tok), seed=1), tok), (tuned_from(untuned, seed=3), tok),
+                    (clone(untuned), tok), chat=True, block_size=4, num_kv_blocks=2000,
+                    progress=False)
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Sure, it"}]
+    # the same search from the Python API (before the server's thread owns the engine)
+    want = engine.search(messages, SearchParams.cbs(2, 2, 2, max_new_tokens=4, seed=1),
+                         continue_final_message=True)[0]
+    live = LiveServer(engine)
+    try:
+        c = live.client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=4, seed=1,
+            extra_body={"continue_final_message": True, "add_generation_prompt": False,
+                        "w": 2, "k": 2, "l": 2})
+        rendered = tok.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+        assert rendered.endswith("assistant: Sure, it")
+        assert c.usage.prompt_tokens == len(tok(rendered, add_special_tokens=False)["input_ids"])
+        assert c.choices[0].message.content == want.text     # the continuation alone
+        for extra, param in [({"continue_final_message": True}, "add_generation_prompt"),
+                             ({"add_generation_prompt": False}, "add_generation_prompt")]:
+            code, payload = post(live, "/v1/chat/completions",
+                                 {"messages": messages, "max_tokens": 2, **extra})
+            assert code == 400 and payload["error"]["param"] == param, payload
+        code, payload = post(live, "/v1/chat/completions",
+                             {"messages": messages[:1], "max_tokens": 2,
+                              "continue_final_message": True, "add_generation_prompt": False})
+        assert code == 400 and payload["error"]["param"] == "continue_final_message", payload
+    finally:
+        live.stop()
 
 
 def test_add_special_tokens_is_taken_at_what_the_endpoint_does_here(server):

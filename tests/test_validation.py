@@ -119,6 +119,38 @@ def test_messages_take_text_parts_joined_by_newlines(engine):
     assert a.large_prompt_ids == b.large_prompt_ids
 
 
+PREFILLED = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Sure, it"}]
+
+
+def test_continue_final_message_leaves_the_assistants_text_open_in_every_models_prompt(engine):
+    from w2s_engine.search.prompts import ResponseTemplate
+    # a plain transcript (no chat templates): the assistant's line, not a new one
+    r = engine.make_request(PREFILLED, FAST, continue_final_message=True)
+    assert r.large_prompt_text.endswith("user: hello\nassistant: Sure, it")
+    assert all(sp.text.endswith("assistant: Sure, it") for sp in r.small_prompts)
+    opened = engine.make_request(PREFILLED, FAST)
+    assert opened.large_prompt_text.endswith("assistant: Sure, it\nassistant:")
+    # chat templates: transformers' continue_final_message, the large and the small models'
+    tok = make_tokenizer(300)
+    tok.chat_template = ("{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}\n"
+                         "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    chat = Engine((tiny_llama(len(tok), seed=1), tok), (tiny_llama(len(tok), seed=2), tok),
+                  (tiny_llama(len(tok), seed=3), tok), chat=True, num_kv_blocks=200,
+                  progress=False)
+    r = chat.make_request(PREFILLED, FAST, continue_final_message=True)
+    rendered = tok.apply_chat_template(PREFILLED, tokenize=False, continue_final_message=True)
+    assert r.large_prompt_text == rendered and rendered.endswith("<bos>assistant: Sure, it")
+    assert all(sp.text == rendered for sp in r.small_prompts)
+    # a reward model's chat rendering: the response goes on inside the assistant's message
+    before, after = ResponseTemplate("chat").around(tok, PREFILLED, continue_final=True)
+    assert (before, after) == (rendered, "\n")
+    # what it needs
+    for prompt in ("hello", PREFILLED[:1]):
+        with pytest.raises(InvalidParam, match="needs chat messages whose last is the "
+                                               "assistant's"):
+            engine.make_request(prompt, FAST, continue_final_message=True)
+
+
 def test_search_and_score_refuse_wrong_types_and_token_ids_past_the_vocabulary(engine):
     with pytest.raises(TypeError, match="prompts: expected a str or a list"):
         engine.search(5, FAST)

@@ -67,6 +67,13 @@ def exact_fp32(method):
     return run
 
 
+def _last_role(prompt) -> str:
+    """What a prompt ends with, for an error message."""
+    if isinstance(prompt, str):
+        return "a text prompt"
+    return f"a last message of role {prompt[-1]['role']!r}"
+
+
 class SearchError(RuntimeError):
     """A request failed while running; the engine and the other requests went on."""
 
@@ -240,7 +247,8 @@ class Engine:
     # ---- requests --------------------------------------------------------------------------
 
     def make_request(self, prompt, params: SearchParams, stream: bool = False, *,
-                     chat: bool | None = None, prompt_ids=None) -> SearchRequest:
+                     chat: bool | None = None, prompt_ids=None,
+                     continue_final_message: bool = False) -> SearchRequest:
         """Validate, template and tokenize one request, and size its KV reservation (raises
         TypeError or ValueError saying what to change). Thread-safe: it reads no state that a
         step changes, so the server runs it off the engine thread; enqueue() then queues it.
@@ -248,12 +256,22 @@ class Engine:
         chat: False renders a string prompt with the text templates even where the engine
         renders chat templates (OpenAI's completions endpoint); None: the engine's rule.
         prompt_ids: the large model's prompt as token ids, which it reads as they are (where
-        its template is '{prompt}'); `prompt` is then their text, for the small models."""
+        its template is '{prompt}'); `prompt` is then their text, for the small models.
+        continue_final_message: chat messages whose last is the assistant's; the response
+        continues its text (an assistant prefill, vLLM's option) rather than a new turn."""
         if not isinstance(params, SearchParams):
             raise TypeError(f"params: expected a SearchParams, got {type(params).__name__}")
         params = params.copy()
         params.validate()
         prompt = check_prompt(prompt, tool_role=self._tool_role())
+        if continue_final_message is not False and (
+                continue_final_message is not True or not isinstance(prompt, list)
+                or prompt[-1]["role"] != "assistant" or prompt_ids is not None):
+            raise InvalidParam("continue_final_message", continue_final_message, "", message=(
+                f"continue_final_message={continue_final_message!r}: continuing the last message "
+                "needs chat messages whose last is the assistant's (the text to go on from), "
+                f"not {_last_role(prompt)}; leave continue_final_message out, or end the "
+                "messages with an assistant message"))
         if params.uses_small_models and not self.has_scorer:
             raise ValueError(f"method={params.method!r} needs a scorer: pass tuned and untuned "
                              "small models (or scorer=RewardModel(...)) to Engine(...), or use "
@@ -263,13 +281,14 @@ class Engine:
         self.large.check_params(params)
         template = self.templates["large"].rendered_as(chat)
         if prompt_ids is None:
-            large_text = template.apply(self.large.tokenizer, prompt)
+            large_text = template.apply(self.large.tokenizer, prompt, continue_final_message)
             large_ids = self.large.encode_prompt(large_text, not template.chat,
                                                  params.max_new_tokens)
         else:
             large_ids = self._prompt_ids(prompt_ids, template, params.max_new_tokens)
             large_text = self.large.tokenizer.decode(large_ids)
-        small_prompts = (self.scorer.prompts(prompt, params.max_new_tokens, chat)
+        small_prompts = (self.scorer.prompts(prompt, params.max_new_tokens, chat,
+                                             continue_final_message)
                          if params.uses_small_models else [])
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         req = SearchRequest(-1, prompt, params, seed, large_ids, small_prompts,
@@ -594,10 +613,12 @@ class Engine:
 
     # ---- the API ---------------------------------------------------------------------------
 
-    def search(self, prompts, params: SearchParams | None = None) -> list[SearchResult]:
+    def search(self, prompts, params: SearchParams | None = None, *,
+               continue_final_message: bool = False) -> list[SearchResult]:
         """Run one search per prompt, all batched together; results in prompt order. prompts:
         a text, one conversation (a list of {"role", "content"} messages), or a list of
-        either."""
+        either. continue_final_message: each conversation ends with an assistant message whose
+        text the response continues (make_request)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, Iterable) or isinstance(prompts, (bytes, dict)):
@@ -612,7 +633,8 @@ class Engine:
         requests = []
         for i, p in enumerate(prompts):
             try:
-                requests.append(self.make_request(p, params))
+                requests.append(self.make_request(
+                    p, params, continue_final_message=continue_final_message))
             except (ValueError, TypeError) as e:
                 kind = TypeError if isinstance(e, TypeError) else ValueError
                 raise kind(f"prompt {i}: {e}") from None
@@ -675,11 +697,13 @@ class Engine:
             self.search(["Hello"], params)
         self.check_all_free()
 
-    def search_stream(self, prompt, params: SearchParams | None = None) -> Iterator[SearchDelta]:
+    def search_stream(self, prompt, params: SearchParams | None = None, *,
+                      continue_final_message: bool = False) -> Iterator[SearchDelta]:
         """Run one search and yield its text as it becomes final (SearchDelta); the last
         delta carries the SearchResult. The deltas concatenate to the result's text (for
         plain sampling of n streams: per index, to each hypothesis's text)."""
-        req = self.enqueue(self.make_request(prompt, params or SearchParams(), stream=True))
+        req = self.enqueue(self.make_request(prompt, params or SearchParams(), stream=True,
+                                             continue_final_message=continue_final_message))
         try:
             while not req.status.ended:
                 self.step()

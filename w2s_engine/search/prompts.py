@@ -101,27 +101,41 @@ class Template:
         """The prompt goes in as it is."""
         return not self.chat and self.text == "{prompt}"
 
-    def apply(self, tokenizer, prompt) -> str:
-        """prompt: a string, or chat messages [{'role': ..., 'content': ...}, ...]."""
+    def apply(self, tokenizer, prompt, continue_final: bool = False) -> str:
+        """prompt: a string, or chat messages [{'role': ..., 'content': ...}, ...].
+        continue_final: the last message (the assistant's) is left open, and the response
+        continues its text (vLLM's continue_final_message), instead of a new turn opened."""
         if self.chat:
             messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            return self.render(tokenizer, messages, True)
+            return self.render(tokenizer, messages, not continue_final, continue_final)
         if isinstance(prompt, list):
             # Messages without a chat template: a plain transcript the template wraps.
-            prompt = "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant:"
+            head = prompt[:-1] if continue_final else prompt
+            prompt = "".join(f"{m['role']}: {m['content']}\n" for m in head) + "assistant:" + (
+                f" {prompt[-1]['content']}" if continue_final else "")
         # replace, not format: prompts and templates may hold other braces
         return self.text.replace("{prompt}", prompt)
 
     @staticmethod
-    def render(tokenizer, messages: list, generation_prompt: bool) -> str:
-        """The tokenizer's chat template over messages, as text."""
+    def render(tokenizer, messages: list, generation_prompt: bool,
+               continue_final: bool = False) -> str:
+        """The tokenizer's chat template over messages, as text (continue_final: the last
+        message left open, transformers' continue_final_message)."""
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"chat=True but the tokenizer of {tokenizer.name_or_path!r} has no "
                              "chat template: pass a template string with {prompt} instead")
         try:
             return tokenizer.apply_chat_template(messages, tokenize=False,
-                                                 add_generation_prompt=generation_prompt)
+                                                 add_generation_prompt=generation_prompt,
+                                                 continue_final_message=continue_final)
         except Exception as e:  # jinja2's TemplateError: raise_exception() in the template
+            if continue_final and isinstance(e, ValueError) and "final message" in str(e):
+                # transformers': the template does not render the last message's text as
+                # given (it strips or rewrites it), so there is no end of it to continue
+                raise InvalidParam("continue_final_message", True, "", message=(
+                    f"continue_final_message: the chat template of {tokenizer.name_or_path!r} "
+                    "does not render the last message's text as it is, so it cannot be "
+                    "continued; leave continue_final_message out")) from None
             if type(e).__module__.split(".")[0] != "jinja2":
                 raise
             raise InvalidParam("messages", messages, f"the chat template of "
@@ -147,18 +161,23 @@ class ResponseTemplate:
             raise ValueError(f"reward model template {self.text!r}: use 'chat', or a string with "
                              "'{prompt}' and then '{response}' once")
 
-    def around(self, tokenizer, prompt) -> tuple[str, str]:
-        """(the text before the response, the text after it) for this prompt."""
+    def around(self, tokenizer, prompt, continue_final: bool = False) -> tuple[str, str]:
+        """(the text before the response, the text after it) for this prompt (continue_final:
+        the response continues the last message, the assistant's)."""
         if self.text != "chat":
             before, after = self.text.split("{response}")
-            return Template(before).apply(tokenizer, prompt), after
+            return Template(before).apply(tokenizer, prompt, continue_final), after
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"template='chat', but the tokenizer of {tokenizer.name_or_path!r} "
                              "has no chat template: pass a template string with '{prompt}' and "
                              "then '{response}', such as '{prompt}\\n{response}'")
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        rendered = Template(chat=True).render(
-            tokenizer, messages + [{"role": "assistant", "content": RESPONSE_MARK}], False)
+        if continue_final:   # the response goes on from the assistant's text
+            messages = messages[:-1] + [{"role": "assistant",
+                                         "content": messages[-1]["content"] + RESPONSE_MARK}]
+        else:
+            messages = messages + [{"role": "assistant", "content": RESPONSE_MARK}]
+        rendered = Template(chat=True).render(tokenizer, messages, False)
         if rendered.count(RESPONSE_MARK) != 1:
             raise ValueError(f"the chat template of {tokenizer.name_or_path!r} does not render an "
                              "assistant turn as given: pass a template string with {prompt} and "
@@ -211,14 +230,16 @@ class SmallPrompt:
     suffix_ids: list[int] = field(default_factory=list)   # a reward model's, after the response
 
     @classmethod
-    def make(cls, tokenizer, template, prompt, special: bool) -> "SmallPrompt":
+    def make(cls, tokenizer, template, prompt, special: bool,
+             continue_final: bool = False) -> "SmallPrompt":
         """template: a Template (the implicit pair's models) or a ResponseTemplate (a reward
-        model's: what follows the response is tokenized on its own, as suffix_ids)."""
+        model's: what follows the response is tokenized on its own, as suffix_ids).
+        continue_final: the response continues the last message (Template.apply)."""
         if isinstance(template, ResponseTemplate):
-            text, suffix = template.around(tokenizer, prompt)
+            text, suffix = template.around(tokenizer, prompt, continue_final)
             special = special and template.text != "chat"
         else:
-            text, suffix = template.apply(tokenizer, prompt), ""
+            text, suffix = template.apply(tokenizer, prompt, continue_final), ""
             special = special and not template.chat  # a rendered chat template has its own
         tok = tokenize(tokenizer, text, special)
         return cls(tokenizer, text, tok.ids, tok.starts, special,

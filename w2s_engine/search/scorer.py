@@ -147,16 +147,18 @@ class Scorer:
 
     # ---- requests ------------------------------------------------------------------------
 
-    def prompts(self, prompt, max_new_tokens: int, chat: bool | None = None) -> list[SmallPrompt]:
+    def prompts(self, prompt, max_new_tokens: int, chat: bool | None = None,
+                continue_final: bool = False) -> list[SmallPrompt]:
         """Each stream's templated, tokenized prompt (raises ValueError saying what to change).
         chat: the small pair's chat rendering switched for this request (Template.rendered_as);
-        a reward model renders as it was configured."""
+        a reward model renders as it was configured. continue_final: the response continues
+        the last message (Template.apply)."""
         out = []
         for stream, tok, template in zip(self.streams, self.tokenizers, self.templates):
             role = stream.roles[0]
             if isinstance(template, Template):
                 template = template.rendered_as(chat)
-            sp = SmallPrompt.make(tok, template, prompt, self.special_tokens)
+            sp = SmallPrompt.make(tok, template, prompt, self.special_tokens, continue_final)
             if not sp.ids:
                 raise ValueError(f"the {role} model's templated prompt is empty: give the "
                                  "template some text or turn small_special_tokens on")
@@ -394,7 +396,7 @@ class Scorer:
             updates = []
             si = len(values)
             for prompt, response, fin in zip(prompts, responses, finished):
-                sp = SmallPrompt.make(tok, template, prompt, self.special_tokens)
+                sp = SmallPrompt.make(tok, template, prompt, self.special_tokens, continue_final)
                 st = SmallState(stream.blocks.new_table(), list(sp.ids), len(sp.ids), [], {},
                                 sp.text, list(sp.starts))
                 if isinstance(response, str) and self.steps[si] is not None:

@@ -198,9 +198,9 @@ NEUTRAL = {"suffix": ("",), "tools": ([],), "tool_choice": ("none",),
            "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
            "return_tokens_as_token_ids": (False,), "return_token_ids": (False,),
            "prompt_embeds": (), "priority": (0,), "mm_processor_kwargs": ()}
-# Chat: the template renders the messages and opens the assistant's turn (no prefill).
+# Chat: the template renders the messages and opens the assistant's turn, or continues the
+# last message (continue_final_message with add_generation_prompt false, vLLM's pair).
 CHAT_NEUTRAL = {"echo": (False,), "best_of": (1,),   # completions' fields, not chat's
-                "add_generation_prompt": (True,), "continue_final_message": (False,),
                 "chat_template": (), "chat_template_kwargs": ({},), "documents": ()}
 COMPLETION_NEUTRAL = {"top_logprobs": (0,)}          # chat's field
 # (vLLM's add_special_tokens: checked by the server, which knows the template in effect)
@@ -242,6 +242,7 @@ class Plan:
     logprobs: int | None         # alternatives per token (None: no logprobs)
     echo: bool
     names: dict                  # SearchParams field -> the request field that set it
+    continue_final: bool = False  # the response continues the last (assistant) message
 
 
 class SearchFields(BaseModel):
@@ -312,6 +313,9 @@ class SearchFields(BaseModel):
     def _echo(self) -> bool:
         return False
 
+    def _continue_final(self) -> bool:
+        return False
+
     def _max_tokens(self) -> tuple[int | None, str]:
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens, "max_completion_tokens"
@@ -378,7 +382,8 @@ class SearchFields(BaseModel):
         if echo and logprobs is not None:
             raise RequestError(400, "echo with logprobs would need the prompt's log-probs, "
                                     "which this server does not compute: leave one out", "echo")
-        return Plan(params, n, stream, bool(options.include_usage), logprobs, echo, names)
+        return Plan(params, n, stream, bool(options.include_usage), logprobs, echo, names,
+                    self._continue_final())
 
     def _check_unused(self, method: str, n: int, sent: set):
         """A search field the method does not use, sent at another value than the one the
@@ -475,6 +480,9 @@ class ChatCompletionRequest(SearchFields):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    # vLLM's: continue the last message (an assistant prefill) instead of opening a new turn
+    continue_final_message: bool | None = None
+    add_generation_prompt: bool | None = None
 
     neutral: ClassVar[dict] = {**NEUTRAL, **CHAT_NEUTRAL}
 
@@ -482,6 +490,26 @@ class ChatCompletionRequest(SearchFields):
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError(400, "top_logprobs: needs logprobs=true", "top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None, "logprobs"
+
+    def _continue_final(self) -> bool:
+        """vLLM's pair: continue_final_message=true needs add_generation_prompt=false (a new
+        turn and a continued message are two different prompts), and the messages must end
+        with the assistant's; add_generation_prompt=false is taken only with it."""
+        cont = bool(self.continue_final_message)
+        opens = self.add_generation_prompt is not False
+        if cont and opens:
+            raise RequestError(400, "continue_final_message=true continues the last message, "
+                                    "add_generation_prompt opens a new turn: send "
+                                    "add_generation_prompt=false with it", "add_generation_prompt")
+        if not cont and not opens:
+            raise RequestError(400, "add_generation_prompt=false: taken only with "
+                                    "continue_final_message=true (the last message continued); "
+                                    "leave it out", "add_generation_prompt")
+        if cont and self.messages[-1].role != "assistant":
+            raise RequestError(400, "continue_final_message=true continues the last message, "
+                                    "which must be the assistant's; it is "
+                                    f"{self.messages[-1].role!r}", "continue_final_message")
+        return cont
 
     def the_prompts(self) -> list[list[dict]]:
         """One prompt: the messages."""

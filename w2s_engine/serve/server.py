@@ -177,7 +177,8 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                 handles.append(await async_engine.submit(
                     prompt, plan.params, label=label, arrived=state.arrived,
                     prepare=lambda req: setattr(req, "logprobs", plan.logprobs),
-                    past_bound=i > 0, chat=None if chat else False, prompt_ids=ids[i]))
+                    past_bound=i > 0, chat=None if chat else False, prompt_ids=ids[i],
+                    continue_final_message=plan.continue_final))
         except (ValueError, TypeError, QueueFull) as e:
             for h in handles:   # one prompt refused: the request starts nothing
                 h.cancel()
