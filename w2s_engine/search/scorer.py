@@ -396,7 +396,7 @@ class Scorer:
             updates = []
             si = len(values)
             for prompt, response, fin in zip(prompts, responses, finished):
-                sp = SmallPrompt.make(tok, template, prompt, self.special_tokens, continue_final)
+                sp = SmallPrompt.make(tok, template, prompt, self.special_tokens)
                 st = SmallState(stream.blocks.new_table(), list(sp.ids), len(sp.ids), [], {},
                                 sp.text, list(sp.starts))
                 if isinstance(response, str) and self.steps[si] is not None:
