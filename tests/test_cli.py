@@ -108,6 +108,7 @@ def torch_has_cuda() -> bool:
     (["serve", "--max-body-bytes", "0"], "0 is not a positive integer"),
     (["serve", "--shutdown-timeout", "-1"], "-1 is not a number of seconds"),
     (["serve", "--shutdown-timeout", "nan"], "nan is not a number of seconds"),
+    (["serve", "--body-timeout", "0"], "0 seconds: give a time above 0"),
     (["demo", "--prompts", "0"], "0 is not a positive integer"),
     (["demo", "--prompts", "99"], "the demo has 8 test prompts"),
     (["search", "x", "--method", "base", "--k", "0"], "k=0"),

@@ -403,3 +403,27 @@ def test_the_public_model_name_is_never_a_local_path(tmp_path):
     assert served_name("org/name") == "org/name"
     assert default_allowed_hosts("127.0.0.1") == ("localhost", "127.0.0.1", "::1")
     assert default_allowed_hosts("0.0.0.0") == ("*",)
+
+
+def test_building_a_heavy_logprobs_answer_does_not_hold_up_other_requests(server,
+                                                                          monkeypatch):
+    """A whole answer's log-probs (every token's and alternatives' strings: seconds for 64
+    prompts x 4 choices x 256 tokens x 20) are built off the event loop: /health and other
+    requests are answered meanwhile."""
+    from w2s_engine.serve.answers import Answer
+    whole = Answer.whole
+
+    def slow_whole(self, result, tokenizer):
+        time.sleep(2.0)                       # a heavy build, holding its thread
+        return whole(self, result, tokenizer)
+    monkeypatch.setattr(Answer, "whole", slow_whole)
+    body = json.dumps({"prompt": "I really", "max_tokens": 3, "method": "base",
+                       "logprobs": 2}).encode()
+    heavy = threading.Thread(target=raw_post, args=(server.port, "/v1/completions", body))
+    heavy.start()
+    time.sleep(1.0)                           # its answer is being built now
+    started = time.time()
+    code, _ = raw_post(server.port, "/health", b"", method="GET")
+    waited = time.time() - started
+    heavy.join()
+    assert code == 200 and waited < 0.8, waited

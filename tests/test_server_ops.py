@@ -245,3 +245,29 @@ def test_a_body_that_does_not_arrive_in_time_gets_408_and_its_connection_closed(
         assert after.get(key, 0) - before.get(key, 0) == 1
     finally:
         live.stop()
+
+
+def test_the_usage_clients_are_answered_with_adds_up_in_the_token_counters(server):
+    """w2s_prompt_tokens_total and w2s_generation_tokens_total (vLLM's pair) count the usage
+    of finished requests: several prompts, n of a Best-of-N, a stream with its usage chunk."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    before = server.metrics()
+    got = [client.completions.create(model="tiny", prompt=["I really", "The film"], max_tokens=3,
+                                     extra_body={"method": "base"}).usage,
+           client.completions.create(model="tiny", prompt="I really", max_tokens=4, best_of=3,
+                                     n=2).usage]
+    for chunk in client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+            stream=True, stream_options={"include_usage": True}, extra_body={"method": "base"}):
+        if chunk.usage is not None:
+            got.append(chunk.usage)
+    deadline = time.time() + 30   # each request's outcome is counted as its handler ends
+    while time.time() < deadline and server.metrics()["w2s_requests_in_flight"]:
+        time.sleep(0.05)
+    after = server.metrics()
+    assert len(got) == 3
+    assert after["w2s_prompt_tokens_total"] - before.get("w2s_prompt_tokens_total", 0) == \
+        sum(u.prompt_tokens for u in got)
+    assert after["w2s_generation_tokens_total"] - before.get("w2s_generation_tokens_total", 0) == \
+        sum(u.completion_tokens for u in got)
+    assert "w2s_kv_blocks_capacity" in after and "w2s_kv_blocks_total" not in after

@@ -7,8 +7,8 @@ import sys
 
 import w2s_engine
 from w2s_engine.launch import (LOG_LEVELS, UserError, add_model_args, engine_from_args,
-                               nonnegative_int, port_number, positive_int, seconds,
-                               setup_logging)
+                               nonnegative_int, port_number, positive_int, positive_seconds,
+                               seconds, setup_logging)
 from w2s_engine.params import DEFAULTS, METHODS, InvalidParam
 from w2s_engine.tasks.sentiment import DEMO_PROMPTS
 
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the loopback names when bound to loopback, else any)")
     v.add_argument("--max-body-bytes", type=positive_int, default=1 << 20,
                    help="request body limit; past it the answer is 413")
-    v.add_argument("--body-timeout", type=seconds, default=60.0,
+    v.add_argument("--body-timeout", type=positive_seconds, default=60.0,
                    help="seconds a request's body has to arrive whole after its headers; "
                         "past them the answer is 408 and the connection is closed")
     v.add_argument("--max-prompt-chars", type=positive_int, default=None,

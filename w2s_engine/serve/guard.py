@@ -87,6 +87,7 @@ class Guard:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        assert body_timeout > 0, "a body_timeout of 0 would cut every body, even a whole one"
         self.body_timeout = body_timeout
         self.allowed_hosts = tuple(allowed_hosts)
         self.api_key = None if api_key is None else b"Bearer " + api_key.encode()
@@ -125,7 +126,8 @@ class Guard:
             if counted:
                 outcome = outcome or state.get("outcome") or (
                     "finished" if status < 400 else "failed" if status >= 500 else "rejected")
-                self.metrics.ended(outcome, state.get("reason") or REASONS.get(status), seconds)
+                self.metrics.ended(outcome, state.get("reason") or REASONS.get(status), seconds,
+                                   state.get("tokens"))
             self._access(scope, state, status, outcome, seconds)
 
     def _access(self, scope, state, status, outcome, seconds):

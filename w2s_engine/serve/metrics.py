@@ -26,7 +26,7 @@ OUTCOME_HELP = {"finished": "answered 200 (a stream: sent to its end)",
                 "failed": "answered 5xx, or a stream whose search failed",
                 "cancelled": "the client went away",
                 "rejected": "answered 4xx: invalid, unauthorized, unknown model, too large, "
-                            "wrong host, queue full"}
+                            "a body too slow, not JSON, wrong host, queue full"}
 SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250)
 
 
@@ -58,6 +58,13 @@ class ServerMetrics:
         self.request_time = Histogram(
             "w2s_request_seconds", "from arrival to the last byte, finished requests",
             buckets=SECONDS, registry=r)
+        # What the clients were answered (their usage), as vLLM's prompt_tokens_total and
+        # generation_tokens_total: what an operator reconciles with billing. (The work the
+        # search took, every candidate in every model, is w2s_tokens_forwarded_total.)
+        self.prompt_tokens = Counter("w2s_prompt_tokens", "prompt tokens in the usage of "
+                                     "finished requests", registry=r)
+        self.generation_tokens = Counter("w2s_generation_tokens", "completion tokens in the "
+                                         "usage of finished requests", registry=r)
         self._most_running = 0
         if engine_stats is not None:
             r.register(_EngineCollector(engine_stats, self))
@@ -69,7 +76,9 @@ class ServerMetrics:
             self._arrived += 1
         self.requests.inc()
 
-    def ended(self, outcome: str, reason: str | None = None, seconds: float | None = None):
+    def ended(self, outcome: str, reason: str | None = None, seconds: float | None = None,
+              tokens: tuple[int, int] | None = None):
+        """tokens: (prompt, completion) of the usage a finished request was answered with."""
         assert outcome in OUTCOMES, outcome
         with self._lock:
             self._ended += 1
@@ -78,6 +87,9 @@ class ServerMetrics:
             self.rejected_by.labels(reason or "invalid").inc()
         if outcome == "finished" and seconds is not None:
             self.request_time.observe(seconds)
+        if outcome == "finished" and tokens is not None:
+            self.prompt_tokens.inc(tokens[0])
+            self.generation_tokens.inc(tokens[1])
 
     @property
     def in_flight(self) -> int:
@@ -115,7 +127,7 @@ class _EngineCollector:
                                 value=stats["running"])
         yield GaugeMetricFamily("w2s_queue_length", "searches waiting for KV memory",
                                 value=stats["waiting"])
-        yield GaugeMetricFamily("w2s_kv_blocks_total", "KV blocks per pool",
+        yield GaugeMetricFamily("w2s_kv_blocks_capacity", "KV blocks per pool",
                                 value=stats["kv_blocks_total"])
         used = GaugeMetricFamily("w2s_kv_blocks_used", "KV blocks in use, per model's pool",
                                  labels=["model"])
