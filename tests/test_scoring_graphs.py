@@ -190,6 +190,31 @@ def test_a_beam_search_scores_its_chunks_on_the_static_path_with_the_same_result
     static.check_all_free()
 
 
+def test_every_models_prompt_chunks_take_the_static_path_with_the_eager_results(models,
+                                                                              monkeypatch):
+    """A prefill is an extend of long rows: eager, three models' modules are hundreds of
+    launches a chunk, which leave a GPU idle. The large model's prompt chunks and the small
+    models' take the extend graphs' static path (a graph per shape on a GPU), prompts chunked
+    by max_batch_tokens, with the eager path's results."""
+    eager, static = engine_pair(models, 0, max_batch=64)
+    assert eager.runners["large"].scoring_graphs is None
+    rows = {role: [] for role in static.runners}
+    for role, r in static.runners.items():
+        run = r.scoring_graphs.run
+        monkeypatch.setattr(r.scoring_graphs, "run", lambda seqs, shape, run=run, role=role:
+                            rows[role].append(max(len(ids) for _, ids in seqs))
+                            or run(seqs, shape))
+    for engine in (eager, static):
+        engine.config.max_batch_tokens = 16       # every prompt in chunks of up to 16 tokens
+    params = SearchParams.cbs(2, 2, 3, max_new_tokens=6, temperature=1.0, seed=3)
+    want, got = same_results(eager, static, params)
+    assert [r.reward for r in got] == pytest.approx([r.reward for r in want], abs=1e-5)
+    # the large model runs only its prompts' chunks there (its decode has its own graphs)
+    assert rows["large"] and max(rows["large"]) > 8
+    assert all(max(rows[r]) > 8 for r in ("tuned", "untuned"))   # prompt chunks, not just L
+    static.check_all_free()
+
+
 def test_a_cross_vocabulary_search_scores_its_ragged_chunks_on_the_static_path(models,
                                                                                monkeypatch):
     """The small models re-tokenize the large model's text: a chunk of 4 large tokens is a

@@ -48,12 +48,12 @@ from w2s_engine.search.stream import FinalText, SearchDelta
 
 log = logging.getLogger("w2s_engine")
 EFT_GRAPH_MAX_BATCH = 64    # EFT rows a step on the small models' graphs (more run eagerly)
-# A scorer's forward on static buffers (a graph per rows bucket, tokens bucket and longest
-# row): at most this many tokens (16 requests' CBS(4,4,8) chunks), new tokens per sequence
-# (a chunk re-tokenized by another vocabulary can be several times L) and sequences. Larger
-# forwards run eagerly.
+# An extend on static buffers (a graph per rows bucket, tokens bucket and longest row): a
+# scorer's chunks, and every model's prefill chunks (eager, a prompt's chunk is some 700
+# launches of three models' modules, which leave the GPU waiting). At most this many tokens
+# (16 requests' CBS(4,4,8) chunks; a prompt's chunk of max_batch_tokens up to it) and
+# sequences; larger forwards run eagerly.
 SCORING_GRAPH_MAX_TOKENS = 2048
-SCORING_GRAPH_MAX_Q = 64
 SCORING_GRAPH_MAX_ROWS = 256
 
 
@@ -146,10 +146,12 @@ class Engine:
         if eft_graphs:
             graph_bytes += sum(ModelShape.of(self.models[r].model).decode_activation_bytes(
                 eft_batch, dtype_of[r]) for r in ("tuned", "untuned"))
-        # Every scorer's runner (the small pair, reward models) gets scoring graphs.
-        scoring_roles = [role for role in self.models if role != "large"]
+        # Every runner gets extend graphs: the scorers' (the small pair, reward models) for
+        # their chunks and prefills, the large model's for its prefills (a black box's
+        # scorers too).
+        scoring_roles = [role for role in self.models if role != "large" or graphs]
         scoring_tokens = min(SCORING_GRAPH_MAX_TOKENS, config.max_batch_tokens)
-        scoring_graphs = config.cuda_graphs and scoring_tokens >= 2   # a black box's too
+        scoring_graphs = config.cuda_graphs and scoring_tokens >= 2
         for role in scoring_roles if scoring_graphs else ():
             shape = ModelShape.of(self.models[role].model)
             context_blocks = blocks_for(shape.max_positions or 0, config.block_size)
@@ -173,7 +175,7 @@ class Engine:
                                              cascade=config.cascade_attention)
             for role in scoring_roles if scoring_graphs else ():
                 runner = self.runners[role]
-                runner.scoring_graphs = ScoringGraphs(runner, scoring_tokens, SCORING_GRAPH_MAX_Q,
+                runner.scoring_graphs = ScoringGraphs(runner, scoring_tokens, scoring_tokens,
                                                       SCORING_GRAPH_MAX_ROWS,
                                                       capture=runner.device.type == "cuda")
         self.budget = KVBudget(num_blocks, config.block_size)

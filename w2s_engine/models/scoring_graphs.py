@@ -1,12 +1,16 @@
-"""ScoringGraphs: a small model's scoring forward on static buffers, a CUDA graph per shape.
+"""ScoringGraphs: an extend forward on static buffers, a CUDA graph per shape: a small model's
+scoring chunks, and any model's prompt chunks.
 
 Scoring a chunk forwards each candidate's new tokens through each small model: an extend of B
 sequences with a few new tokens each (the chunk length L when every candidate extends its
 stream by L tokens of one tokenizer; fewer for a beam that stopped inside the chunk; a varying
 number when the small models re-tokenize the large model's text). That is a few hundred kernel
 launches through transformers' modules for a few hundred rows, as launch-bound on a GPU as a
-decode step. Here such a forward, when its longest row has 2 <= q <= max_q new tokens and all
-of them fit max_tokens:
+decode step. A prefill chunk (a few rows of up to max_batch_tokens tokens) is the same
+forward with longer rows: eager, three models' chunks are some 700 launches, which on an H200
+left the GPU idle through most of each prefill (11 ms a step with requests arriving every 2
+steps, at 111ea9f). Here such a forward, when its longest row has 2 <= q <= max_q new tokens
+and all of them fit max_tokens:
 1. is padded to a shape (rows bucket, tokens bucket, q cap): the smallest batch bucket >= B
    (the decode graphs' buckets), the smallest token bucket >= the tokens, the longest row's q
    rounded up within the attention's query tile (q_cap: it costs the kernel nothing). The
