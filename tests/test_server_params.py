@@ -10,6 +10,7 @@ from live_server import LiveServer
 from test_server import is_envelope, raw_post, tiny_engine
 from tiny_models import clone, make_tokenizer, tiny_granite, tiny_llama, tuned_from
 from w2s_engine import Engine, SearchParams
+from w2s_engine.params import InvalidParam
 
 CHAT = [{"role": "user", "content": "Write a review."}]
 
@@ -146,11 +147,13 @@ def test_logprobs_are_the_large_models_own_for_every_method(large_arch):
     for params in (SearchParams.cbs(2, 2, 3, max_new_tokens=9, seed=1),
                    SearchParams.base(n=2, max_new_tokens=7, seed=2),
                    SearchParams.eft(1.0, max_new_tokens=6, seed=1)):
-        req = engine.make_request("I really", params)
-        req.logprobs = 3
-        engine.enqueue(req)
+        req = engine.enqueue(engine.make_request("I really", params, logprobs=3))
         while not req.status.ended:
             engine.step()
+        # the Python API's keyword gives the same
+        same = engine.search("I really", params, logprobs=3)[0]
+        assert [h.logprobs for h in same.hypotheses] == [h.logprobs for h in
+                                                         req.result.hypotheses]
         for h in req.result.hypotheses:
             assert [e.token_id for e in h.logprobs] == h.token_ids
             ids = req.large_prompt_ids + h.token_ids
@@ -163,6 +166,9 @@ def test_logprobs_are_the_large_models_own_for_every_method(large_arch):
                 assert [t for t, _ in e.top] == top.indices.tolist()
     plain = engine.search(["I really"], SearchParams.cbs(2, 2, 3, max_new_tokens=9, seed=1))[0]
     assert all(h.logprobs is None for h in plain.hypotheses)
+    for bad in (21, -1, "3", 2.0):
+        with pytest.raises(InvalidParam, match=r"logprobs=.*integer in \[0, 20\]"):
+            engine.search("I really", SearchParams.base(max_new_tokens=2), logprobs=bad)
     assert [h.token_ids for h in plain.hypotheses] == [h.token_ids for h in
                                                        engine.search(["I really"], SearchParams.cbs(
                                                            2, 2, 3, max_new_tokens=9, seed=1))[0]

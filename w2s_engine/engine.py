@@ -33,7 +33,7 @@ from w2s_engine.models.scoring_graphs import ScoringGraphs
 from w2s_engine.models.loader import eos_ids, load_role
 from w2s_engine.models.runner import BatchFailed, ModelRunner, ModelShape
 from w2s_engine.outputs import SearchResult
-from w2s_engine.params import InvalidParam, SearchParams
+from w2s_engine.params import MAX_LOGPROBS, InvalidParam, SearchParams, is_int
 from w2s_engine.precision import full_fp32_matmuls
 from w2s_engine.scheduler import QueueFull, Scheduler
 from w2s_engine.scoring import ImplicitReward, ProcessRewardModel, RewardModel, scorer_list
@@ -65,6 +65,13 @@ def exact_fp32(method):
         with full_fp32_matmuls(self.matmul_dtype):
             return method(self, *args, **kwargs)
     return run
+
+
+def check_logprobs(logprobs):
+    """None, or the alternatives per token: an integer in [0, MAX_LOGPROBS]."""
+    if logprobs is not None and (not is_int(logprobs) or not 0 <= logprobs <= MAX_LOGPROBS):
+        raise InvalidParam("logprobs", logprobs, f"give None or the alternatives per token, "
+                           f"an integer in [0, {MAX_LOGPROBS}]")
 
 
 def _last_role(prompt) -> str:
@@ -250,7 +257,8 @@ class Engine:
 
     def make_request(self, prompt, params: SearchParams, stream: bool = False, *,
                      chat: bool | None = None, prompt_ids=None,
-                     continue_final_message: bool = False) -> SearchRequest:
+                     continue_final_message: bool = False,
+                     logprobs: int | None = None) -> SearchRequest:
         """Validate, template and tokenize one request, and size its KV reservation (raises
         TypeError or ValueError saying what to change). Thread-safe: it reads no state that a
         step changes, so the server runs it off the engine thread; enqueue() then queues it.
@@ -260,7 +268,10 @@ class Engine:
         prompt_ids: the large model's prompt as token ids, which it reads as they are (where
         its template is '{prompt}'); `prompt` is then their text, for the small models.
         continue_final_message: chat messages whose last is the assistant's; the response
-        continues its text (an assistant prefill, vLLM's option) rather than a new turn."""
+        continues its text (an assistant prefill, vLLM's option) rather than a new turn.
+        logprobs: each returned token's log-probability under the large model (its raw
+        distribution) and this many most likely alternatives (0 to MAX_LOGPROBS), in each
+        hypothesis's `logprobs`; None: none."""
         if not isinstance(params, SearchParams):
             raise TypeError(f"params: expected a SearchParams, got {type(params).__name__}")
         params = params.copy()
@@ -274,6 +285,11 @@ class Engine:
                 "needs chat messages whose last is the assistant's (the text to go on from), "
                 f"not {_last_role(prompt)}; leave continue_final_message out, or end the "
                 "messages with an assistant message"))
+        check_logprobs(logprobs)
+        if logprobs is not None and self.large.blocks is None:
+            raise InvalidParam("logprobs", logprobs, "the large model is a black box behind "
+                               "another server here; its log-probs are not available: leave "
+                               "logprobs out")
         if params.uses_small_models and not self.has_scorer:
             raise ValueError(f"method={params.method!r} needs a scorer: pass tuned and untuned "
                              "small models (or scorer=RewardModel(...)) to Engine(...), or use "
@@ -297,6 +313,7 @@ class Engine:
                             large_prompt_text=large_text,
                             reported_stream=self.scorer.reported_stream)
         req.stats.prompt_tokens = len(large_ids)
+        req.logprobs = logprobs
         if stream:
             req.stream = FinalText(params.method, params.stop)
         req.reserved = self.budget.reservation(
@@ -616,11 +633,13 @@ class Engine:
     # ---- the API ---------------------------------------------------------------------------
 
     def search(self, prompts, params: SearchParams | None = None, *,
-               continue_final_message: bool = False) -> list[SearchResult]:
+               continue_final_message: bool = False,
+               logprobs: int | None = None) -> list[SearchResult]:
         """Run one search per prompt, all batched together; results in prompt order. prompts:
         a text, one conversation (a list of {"role", "content"} messages), or a list of
         either. continue_final_message: each conversation ends with an assistant message whose
-        text the response continues (make_request)."""
+        text the response continues; logprobs: each token's log-probability and this many
+        alternatives in the hypotheses (make_request)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, Iterable) or isinstance(prompts, (bytes, dict)):
@@ -632,11 +651,13 @@ class Engine:
         if all(isinstance(p, dict) for p in prompts):
             prompts = [prompts]      # one conversation's messages, not a list of prompts
         params = params or SearchParams()
+        check_logprobs(logprobs)      # (once, not as prompt 0's)
         requests = []
         for i, p in enumerate(prompts):
             try:
                 requests.append(self.make_request(
-                    p, params, continue_final_message=continue_final_message))
+                    p, params, continue_final_message=continue_final_message,
+                    logprobs=logprobs))
             except (ValueError, TypeError) as e:
                 kind = TypeError if isinstance(e, TypeError) else ValueError
                 raise kind(f"prompt {i}: {e}") from None
@@ -700,12 +721,14 @@ class Engine:
         self.check_all_free()
 
     def search_stream(self, prompt, params: SearchParams | None = None, *,
-                      continue_final_message: bool = False) -> Iterator[SearchDelta]:
+                      continue_final_message: bool = False,
+                      logprobs: int | None = None) -> Iterator[SearchDelta]:
         """Run one search and yield its text as it becomes final (SearchDelta); the last
         delta carries the SearchResult. The deltas concatenate to the result's text (for
         plain sampling of n streams: per index, to each hypothesis's text)."""
         req = self.enqueue(self.make_request(prompt, params or SearchParams(), stream=True,
-                                             continue_final_message=continue_final_message))
+                                             continue_final_message=continue_final_message,
+                                             logprobs=logprobs))
         try:
             while not req.status.ended:
                 self.step()

@@ -16,6 +16,7 @@ GREEDY_BELOW = 1e-5          # a temperature below it samples greedily (vLLM's _
 MAX_ABS_BETA = 100.0
 MAX_REPETITION_PENALTY = 10.0
 MAX_LOGIT_BIAS = 1024        # token ids one request may bias (OpenAI allows 300)
+MAX_LOGPROBS = 20            # alternatives per token (OpenAI's and vLLM's default bound)
 MAX_STOP_STRINGS = 16        # each is searched for after every sampled token
 MAX_STOP_CHARS = 256
 

@@ -155,7 +155,8 @@ class AsyncEngine:
         to change) and queue it (raises QueueFull past the queue bound, unless past_bound: the
         later prompts of a request whose first was taken); returns its handle.
         prepare: called with the SearchRequest before it is queued (the server's options).
-        request_options: Engine.make_request's (chat, prompt_ids, continue_final_message)."""
+        request_options: Engine.make_request's (chat, prompt_ids, continue_final_message,
+        logprobs)."""
         loop = asyncio.get_running_loop()
         arrived = time.perf_counter() if arrived is None else arrived
         if self._stop:

@@ -25,7 +25,8 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from w2s_engine.params import DEFAULTS, METHODS, InvalidParam, SearchParams, is_real
+from w2s_engine.params import DEFAULTS, MAX_LOGPROBS, METHODS, InvalidParam, SearchParams, \
+    is_real
 from w2s_engine.search.prompts import CHAT_ROLES
 
 MAX_DEPTH = 32
@@ -207,7 +208,6 @@ COMPLETION_NEUTRAL = {"top_logprobs": (0,)}          # chat's field
 # Fields whose null means the default (OpenAI's clients send null for an argument left None).
 NULL_IS_DEFAULT = ("temperature", "top_p", "top_k", "min_p", "min_tokens", "w", "k", "l", "beta",
                    "presence_penalty", "frequency_penalty", "repetition_penalty")
-MAX_LOGPROBS = 20
 MAX_PROMPTS = 64   # searches one completions request may start
 
 

@@ -176,9 +176,8 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                 # ever with 429s no retry can pass).
                 handles.append(await async_engine.submit(
                     prompt, plan.params, label=label, arrived=state.arrived,
-                    prepare=lambda req: setattr(req, "logprobs", plan.logprobs),
                     past_bound=i > 0, chat=None if chat else False, prompt_ids=ids[i],
-                    continue_final_message=plan.continue_final))
+                    continue_final_message=plan.continue_final, logprobs=plan.logprobs))
         except (ValueError, TypeError, QueueFull) as e:
             for h in handles:   # one prompt refused: the request starts nothing
                 h.cancel()
