@@ -271,3 +271,32 @@ def test_the_usage_clients_are_answered_with_adds_up_in_the_token_counters(serve
     assert after["w2s_generation_tokens_total"] - before.get("w2s_generation_tokens_total", 0) == \
         sum(u.completion_tokens for u in got)
     assert "w2s_kv_blocks_capacity" in after and "w2s_kv_blocks_total" not in after
+
+
+def settled_metrics(server) -> dict:
+    """/metrics once every request has ended (each is counted as its handler ends)."""
+    deadline = time.time() + 30
+    while time.time() < deadline and server.metrics()["w2s_requests_in_flight"]:
+        time.sleep(0.05)
+    return server.metrics()
+
+
+def test_a_request_of_several_prompts_is_timed_once_and_a_bad_prompt_starts_none(server):
+    """Time to first token is one observation per client request (not per prompt or choice),
+    and a request whose later prompt is refused starts no search at all (its good prompts
+    did run, and their text was timed, though the client got a 400)."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    key = "w2s_time_to_first_token_seconds_count"
+    work = 'w2s_tokens_forwarded_total{model="large"}'
+    before = settled_metrics(server)
+    client.completions.create(model="tiny", prompt=["I really", "The film", "It was"],
+                              max_tokens=3, extra_body={"method": "base"})
+    after = settled_metrics(server)
+    assert after[key] - before[key] == 1
+    too_long = "word " * 600                  # past the tiny models' 512-token context
+    with pytest.raises(openai.BadRequestError) as refusal:
+        client.completions.create(model="tiny", prompt=["I really", too_long, "It was"],
+                                  max_tokens=3, extra_body={"method": "base"})
+    assert refusal.value.body["param"] == "prompt.1"
+    refused = settled_metrics(server)
+    assert refused[key] == after[key] and refused[work] == after[work]

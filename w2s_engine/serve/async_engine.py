@@ -44,6 +44,14 @@ class SearchFailed(RuntimeError):
 SHUTTING_DOWN = "the server is shutting down"
 
 
+class FirstText:
+    """Whether a client request's first text has been timed (time to first token is one
+    observation per request, whatever its searches: several prompts, n choices)."""
+
+    def __init__(self):
+        self.timed = False
+
+
 class SearchHandle:
     """A queued search, seen from asyncio: its deltas as they become final (async iteration,
     the last one carries the result), `result()`, and `cancel()`.
@@ -64,6 +72,7 @@ class SearchHandle:
         self._buffer: list[SearchDelta] = []
         # the loop thread's bookkeeping
         self.sent_text = False
+        self.first_text = FirstText()         # shared by the searches of one client request
         self.sent_result = False
         self.mark: float | None = None        # the last selection (or admission)
         self.chunks = 0
@@ -151,28 +160,47 @@ class AsyncEngine:
     async def submit(self, prompt, params: SearchParams, label: str = "-",
                      arrived: float | None = None, prepare=None, past_bound: bool = False,
                      **request_options) -> SearchHandle:
-        """Prepare a search off the engine thread (raises ValueError or TypeError saying what
-        to change) and queue it (raises QueueFull past the queue bound, unless past_bound: the
-        later prompts of a request whose first was taken); returns its handle.
-        prepare: called with the SearchRequest before it is queued (the server's options).
-        request_options: Engine.make_request's (chat, prompt_ids, continue_final_message,
-        logprobs)."""
-        loop = asyncio.get_running_loop()
+        """prepare_request, then queue: a search prepared off the engine thread (raises
+        ValueError or TypeError saying what to change) and queued (raises QueueFull past the
+        queue bound, unless past_bound); returns its handle. prepare: called with the
+        SearchRequest before it is queued. request_options: Engine.make_request's (chat,
+        prompt_ids, continue_final_message, logprobs)."""
         arrived = time.perf_counter() if arrived is None else arrived
+        req = await self.prepare_request(prompt, params, **request_options)
+        return await self.queue(req, label, arrived, prepare, past_bound)
+
+    async def prepare_request(self, prompt, params: SearchParams,
+                              **request_options) -> SearchRequest:
+        """Validate, template and tokenize a search off the engine thread (Engine.make_request;
+        raises ValueError or TypeError saying what to change). Nothing runs until queue():
+        a client request of several prompts prepares them all first, so that a bad one
+        starts none."""
+        loop = asyncio.get_running_loop()
         if self._stop:
             raise SearchFailed(SHUTTING_DOWN)
         try:
-            req = await loop.run_in_executor(
+            return await loop.run_in_executor(
                 self._prepare_pool, partial(self.engine.make_request, prompt, params,
                                             stream=True, **request_options))
         except RuntimeError:
             if self._stop:      # the preparing pool was shut down on the way
                 raise SearchFailed(SHUTTING_DOWN) from None
             raise
+
+    async def queue(self, req: SearchRequest, label: str = "-", arrived: float | None = None,
+                    prepare=None, past_bound: bool = False,
+                    first_text: FirstText | None = None) -> SearchHandle:
+        """Queue a prepared search (raises QueueFull past the queue bound, unless past_bound:
+        the later prompts of a request whose first was taken); returns its handle.
+        first_text: shared by a client request's searches, whose first text is timed once."""
+        loop = asyncio.get_running_loop()
+        arrived = time.perf_counter() if arrived is None else arrived
         if prepare is not None:
             prepare(req)
         handle = SearchHandle(self, req, loop, label, arrived)
         handle.past_bound = past_bound
+        if first_text is not None:
+            handle.first_text = first_text
         self._send(("add", handle))
         try:
             await handle.accepted
@@ -293,7 +321,9 @@ class AsyncEngine:
             deltas, req.deltas = req.deltas, []
             if not handle.sent_text and any(d.text for d in deltas):
                 handle.sent_text = True
-                self.metrics.first_token.observe(now - handle.arrived)
+                if not handle.first_text.timed:   # once per client request
+                    handle.first_text.timed = True
+                    self.metrics.first_token.observe(now - handle.arrived)
             handle._push(deltas)
 
     def _drain(self):

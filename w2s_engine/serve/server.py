@@ -38,7 +38,7 @@ import w2s_engine
 from w2s_engine.outputs import SearchResult
 from w2s_engine.scheduler import QueueFull
 from w2s_engine.serve.answers import Answer, combine, sum_usage, usage
-from w2s_engine.serve.async_engine import AsyncEngine, SearchFailed
+from w2s_engine.serve.async_engine import AsyncEngine, FirstText, SearchFailed
 from w2s_engine.serve.guard import (DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, LOOPBACK_HOSTS,
                                     Guard, default_allowed_hosts, envelope, error_response)
 from w2s_engine.serve.metrics import ServerMetrics, parse_metrics  # noqa: F401 (re-exported)
@@ -166,18 +166,23 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                 if isinstance(p, list):
                     prompts[i], ids[i] = await token_prompt(p, where(i))
         state.method, state.user = plan.params.method, body.user
-        handles = []
+        prepared, handles = [], []
+        first_text = FirstText()       # time to first token: once for the whole request
         try:
+            # Every prompt prepared before any is queued: a bad one starts none of them.
+            # Completions' prompts are text: no chat template, as OpenAI's API and vLLM.
             for i, prompt in enumerate(prompts):
+                prepared.append(await async_engine.prepare_request(
+                    prompt, plan.params, chat=None if chat else False, prompt_ids=ids[i],
+                    continue_final_message=plan.continue_final, logprobs=plan.logprobs))
+            for i, req in enumerate(prepared):
                 label = state.request_id if len(prompts) == 1 else f"{state.request_id}/{i}"
-                # Completions' prompts are text: no chat template, as OpenAI's API and vLLM.
                 # The queue bound is the request's: once its first prompt is taken, the
                 # others follow past it (a list longer than the bound is never refused for
                 # ever with 429s no retry can pass).
-                handles.append(await async_engine.submit(
-                    prompt, plan.params, label=label, arrived=state.arrived,
-                    past_bound=i > 0, chat=None if chat else False, prompt_ids=ids[i],
-                    continue_final_message=plan.continue_final, logprobs=plan.logprobs))
+                handles.append(await async_engine.queue(req, label, state.arrived,
+                                                        past_bound=i > 0,
+                                                        first_text=first_text))
         except (ValueError, TypeError, QueueFull) as e:
             for h in handles:   # one prompt refused: the request starts nothing
                 h.cancel()
@@ -185,7 +190,7 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                 return error_response(429, str(e), headers={"Retry-After": "1"})
             if len(prompts) == 1:
                 raise param_error(e, field, plan.names) from None
-            where = f"{field}.{len(handles)}"   # which prompt it was
+            where = f"{field}.{len(prepared)}"   # which prompt it was
             error = param_error(e, where, plan.names)
             if error.param is None:
                 error = RequestError(400, f"{where}: {error.message}", where)
