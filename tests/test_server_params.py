@@ -231,10 +231,15 @@ def test_penalties_and_logit_bias_are_the_python_apis_and_out_of_range_ones_are_
         max_new_tokens=8, seed=5, temperature=1.0, min_p=0.3))[0].text
     for field, value in [("presence_penalty", 2.5), ("frequency_penalty", -2.1),
                          ("repetition_penalty", 0), ("repetition_penalty", True),
+                         ("repetition_penalty", 1e-45),   # fp32 divides a logit to inf
                          ("min_p", 1.5), ("min_p", -0.1), ("min_tokens", 10**6),
                          ("min_tokens", -1)]:
         code, payload = post(server, "/v1/completions", {"prompt": "x", field: value})
         assert code == 400 and payload["error"]["param"] == field, payload
+    # a key of thousands of digits: not a token id (int() of it raised: a 500), and not echoed
+    code, payload = post(server, "/v1/completions", {"prompt": "x", "logit_bias": {"9" * 5000: 1}})
+    assert code == 400 and payload["error"]["param"] == "logit_bias." + "9" * 40, payload
+    assert len(payload["error"]["message"]) < 300
 
 
 def test_models_by_name_and_a_request_for_another_model_is_404(server):

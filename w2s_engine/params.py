@@ -15,6 +15,9 @@ MAX_TEMPERATURE = 100.0      # a sanity bound: OpenAI allows 2, sampling from fp
 GREEDY_BELOW = 1e-5          # a temperature below it samples greedily (vLLM's _SAMPLING_EPS)
 MAX_ABS_BETA = 100.0
 MAX_REPETITION_PENALTY = 10.0
+# Below it the step's fp32 division of a positive logit overflows to inf, and every seen
+# token ties at inf (a greedy sample of 1e-45 repeated the lowest seen id).
+MIN_REPETITION_PENALTY = 1e-6
 MAX_LOGIT_BIAS = 1024        # token ids one request may bias (OpenAI allows 300)
 MAX_LOGPROBS = 20            # alternatives per token (OpenAI's and vLLM's default bound)
 MAX_STOP_STRINGS = 16        # each is searched for after every sampled token
@@ -188,8 +191,9 @@ class SearchParams:
         real("beta", f"[-{MAX_ABS_BETA:g}", f"{MAX_ABS_BETA:g}]", lambda b: abs(b) <= MAX_ABS_BETA)
         for name in ("presence_penalty", "frequency_penalty"):
             real(name, "[-2", "2] (0 = off), as OpenAI's", lambda x: abs(x) <= 2)
-        real("repetition_penalty", "(0", f"{MAX_REPETITION_PENALTY:g}] (1 = off)",
-             lambda x: 0 < x <= MAX_REPETITION_PENALTY)
+        real("repetition_penalty", f"[{MIN_REPETITION_PENALTY:g}",
+             f"{MAX_REPETITION_PENALTY:g}] (1 = off)",
+             lambda x: MIN_REPETITION_PENALTY <= x <= MAX_REPETITION_PENALTY)
         if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS:
             bad("logit_bias", f"must be a dict of at most {MAX_LOGIT_BIAS} token ids to biases")
         for token, value in self.logit_bias.items():

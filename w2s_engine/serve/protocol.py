@@ -296,7 +296,8 @@ class SearchFields(BaseModel):
         """OpenAI's logit_bias: its keys are token ids written as strings."""
         bias = {}
         for key, value in (self.logit_bias or {}).items():
-            if not key.isascii() or not key.isdigit():
+            # (a token id has at most 10 digits; int() of thousands of them raises)
+            if not key.isascii() or not key.isdigit() or len(key) > 10:
                 raise RequestError(400, f"logit_bias: the key {key[:40]!r} is not a token id "
                                         "(a non-negative integer, as a string)",
                                    f"logit_bias.{key[:40]}")
