@@ -4,8 +4,10 @@ Requests: every generation request counts once in `w2s_requests_total` when it a
 when it ends, once in exactly one outcome: finished (answered 200, a stream sent to its end),
 failed (5xx, or a stream whose search failed), cancelled (the client went away), rejected
 (4xx: invalid, unauthorized, unknown model, too large, a body too slow, not JSON, wrong host,
-queue full; the reason in
-`w2s_requests_rejected_by_reason_total`). At rest, requests = the sum of the outcomes.
+queue full; the reason in `w2s_requests_rejected_by_reason_total`). At rest, requests = the
+sum of the outcomes. Tokens: the usage finished requests were answered with
+(`w2s_prompt_tokens_total`, `w2s_generation_tokens_total`), and the work the searches took in
+each model (`w2s_tokens_forwarded_total`).
 
 Timings (histograms): time to first token (from arrival to the first text that became
 final), time per chunk (between a request's selections, the first from its admission), and
