@@ -5,9 +5,9 @@
 #   bench/gpu_check.sh [OUT_DIR] [WHEELS_DIR]        (W2S_GPU_CHECK_SECONDS=540)
 # W2S_GPU_CHECK_SKIP: an extended regex of step names to skip, to run the rest in a second
 # call; each step's name starts with its number (s01 ... s17), so skip by number, e.g.
-# W2S_GPU_CHECK_SKIP='^s0[1-6] '. A session's 15 device minutes hold about two calls in one
+# W2S_GPU_CHECK_SKIP='^s0[1-6]b? '. A session's 15 device minutes hold about two calls in one
 # lease (the machine stays warm 30 s after a call): the first with W2S_GPU_CHECK_SECONDS=420
-# (setup and the summary take about 25 s more, outside the budget) runs steps s01-s06, the
+# (setup and the summary take about 25 s more, outside the budget) runs steps s01-s06b, the
 # second (about 300 s) skips them. The log's "== sNN ...: exit" lines say what ran.
 # 1. the `gpu` tests (only their files; eight processes where pytest-xdist is there; each
 #    test's result and each failure's traceback in the log as they come);
