@@ -181,8 +181,9 @@ def build(preset: str, cpu_kv_gib: float = 8, cuda_graphs: bool = True, cascade:
 
 
 def eager_scoring(engine):
-    """Every scorer's forward eagerly, as before scoring graphs (for comparison; the memory
-    the engine set aside for them stays set aside)."""
+    """Every extend forward eagerly (the scorers' chunks, every model's prefill), as before
+    the extend graphs (for comparison; the memory the engine set aside for them stays set
+    aside)."""
     for runner in engine.runners.values():
         runner.scoring_graphs = None
 
@@ -383,8 +384,12 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
         "cuda_graphs": bool(engine.config.cuda_graphs),
         "graphs_captured": len(getattr(engine.runners["large"].graphs, "graphs", {}) or {}),
         "capture_error": getattr(engine.runners["large"].graphs, "capture_error", None),
-        # The scorers' graphs: whether they ran, (rows bucket, q) shapes captured, failures.
+        # The extend graphs (from 1a14841 every model's: the scorers' chunks and every
+        # prompt's chunks): whether they ran, shapes captured, failures; the large model's
+        # (its prefills) also on their own.
         "scoring_graphs": any(r.scoring_graphs is not None for r in engine.runners.values()),
+        "prefill_graphs_captured": len(getattr(engine.runners["large"].scoring_graphs,
+                                               "graphs", {}) or {}),
         "scoring_graphs_captured": sum(len(r.scoring_graphs.graphs) for r in engine.runners.values()
                                        if r.scoring_graphs is not None),
         "scoring_capture_seconds": round(sum(r.scoring_graphs.capture_seconds
