@@ -74,13 +74,6 @@ def check_logprobs(logprobs):
                            f"an integer in [0, {MAX_LOGPROBS}]")
 
 
-def _last_role(prompt) -> str:
-    """What a prompt ends with, for an error message."""
-    if isinstance(prompt, str):
-        return "a text prompt"
-    return f"a last message of role {prompt[-1]['role']!r}"
-
-
 class SearchError(RuntimeError):
     """A request failed while running; the engine and the other requests went on."""
 
@@ -277,14 +270,14 @@ class Engine:
         params = params.copy()
         params.validate()
         prompt = check_prompt(prompt, tool_role=self._tool_role())
-        if continue_final_message is not False and (
-                continue_final_message is not True or not isinstance(prompt, list)
-                or prompt[-1]["role"] != "assistant" or prompt_ids is not None):
-            raise InvalidParam("continue_final_message", continue_final_message, "", message=(
-                f"continue_final_message={continue_final_message!r}: continuing the last message "
-                "needs chat messages whose last is the assistant's (the text to go on from), "
-                f"not {_last_role(prompt)}; leave continue_final_message out, or end the "
-                "messages with an assistant message"))
+        if continue_final_message and not (isinstance(prompt, list)
+                                           and prompt[-1]["role"] == "assistant"):
+            ends = "a text prompt" if isinstance(prompt, str) else \
+                f"messages ending with a {prompt[-1]['role']!r} one"
+            raise InvalidParam("continue_final_message", True, "", message=(
+                "continue_final_message: continuing the last message needs chat messages whose "
+                f"last is the assistant's (the text to go on from), not {ends}; leave it out, "
+                "or end the messages with an assistant message"))
         check_logprobs(logprobs)
         if logprobs is not None and self.large.blocks is None:
             raise InvalidParam("logprobs", logprobs, "the large model is a black box behind "

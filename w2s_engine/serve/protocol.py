@@ -494,8 +494,9 @@ class ChatCompletionRequest(SearchFields):
 
     def _continue_final(self) -> bool:
         """vLLM's pair: continue_final_message=true needs add_generation_prompt=false (a new
-        turn and a continued message are two different prompts), and the messages must end
-        with the assistant's; add_generation_prompt=false is taken only with it."""
+        turn and a continued message are two different prompts); add_generation_prompt=false
+        is taken only with it. (That the messages end with the assistant's, the engine
+        checks.)"""
         cont = bool(self.continue_final_message)
         opens = self.add_generation_prompt is not False
         if cont and opens:
@@ -506,10 +507,6 @@ class ChatCompletionRequest(SearchFields):
             raise RequestError(400, "add_generation_prompt=false: taken only with "
                                     "continue_final_message=true (the last message continued); "
                                     "leave it out", "add_generation_prompt")
-        if cont and self.messages[-1].role != "assistant":
-            raise RequestError(400, "continue_final_message=true continues the last message, "
-                                    "which must be the assistant's; it is "
-                                    f"{self.messages[-1].role!r}", "continue_final_message")
         return cont
 
     def the_prompts(self) -> list[list[dict]]:
