@@ -10,8 +10,13 @@ This runs the engine's whole loop with tiny random Llama models (hidden 32, one 
 each step and what remains is mostly that host work; it is an upper bound on the host time per step (the CPU reference
 kernels are in it too). 16 concurrent CBS(4,4,8) requests = 256 beams per step, prompt 64,
 64 tokens each, EOS ignored. Reports the median wall time of the decode-only steps and of
-the steps that also score a chunk, and appends a JSON line to <out>/host_step.jsonl naming
-the machine and the commit. --profile prints the engine's functions by their own time.
+the steps that also score a chunk, and the host's share of each: the step less the time
+inside the device's stand-ins (the models' forwards, the LM head, sampling, the reward
+kernels), which a GPU runs as kernels while the host goes on, except at a chunk's end, where
+the host's reading, scoring bookkeeping, selection and forking sit between the device's last
+decode and its next; appends a JSON line to <out>/host_step.jsonl naming the machine and the
+commit. --prompt-len 512 --max-new 256 is bench/e2e.py's GPU shape (the host's bookkeeping
+grows with each beam's history). --profile prints the engine's functions by their own time.
 """
 
 import argparse
@@ -55,25 +60,58 @@ def build(cross: bool, static: bool = True, async_scheduling: bool = False,
                   async_scheduling=async_scheduling, scoring_ahead=scoring_ahead)
 
 
-def timed_steps(engine: Engine, prompts, params, every: int = 0) \
-        -> tuple[list[float], list[float]]:
+class DeviceStandIns:
+    """Time spent inside what a GPU runs as kernels or graph replays (the models' forwards,
+    the LM head, sampling, the reward kernels): on this CPU they run eagerly in the step; a
+    step's wall time less this is its host work, which a GPU waits on at a chunk's end."""
+
+    def __init__(self):
+        import w2s_engine.large.local as local
+        import w2s_engine.models.runner as runner
+        import w2s_engine.search.small_stream as small_stream
+        self.seconds, self.depth = 0.0, 0
+        for owner, name in [(runner.ModelRunner, "forward"), (runner.ModelRunner, "compute_logits"),
+                            (local, "sample"), (small_stream, "fused_lmhead_chunk_reward"),
+                            (small_stream, "lmhead_chunk_logprob")]:
+            setattr(owner, name, self._timed(getattr(owner, name)))
+
+    def _timed(self, fn):
+        def timed(*args, **kwargs):
+            self.depth += 1
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.depth -= 1
+                if not self.depth:     # nested stand-ins counted once
+                    self.seconds += time.perf_counter() - t
+        return timed
+
+
+def timed_steps(engine: Engine, prompts, params, every: int = 0,
+                device: DeviceStandIns | None = None) -> dict[str, list[float]]:
     """Run the requests to the end, all admitted at once, or one every `every` steps (as a
-    server's arrivals: their chunks end on different steps); (decode-only step seconds,
-    scoring step seconds)."""
+    server's arrivals: their chunks end on different steps). Seconds per step: "decode"
+    (decode-only steps) and "scoring" (steps that also score a chunk), wall time; with
+    `device`, "decode_host" and "scoring_host" too: the same steps less their device stand-ins."""
     requests = [] if every else [engine.add_request(p, params) for p in prompts]
-    decode, scoring = [], []
+    out = {"decode": [], "scoring": [], "decode_host": [], "scoring_host": []}
     step = 0
     while len(requests) < len(prompts) or not all(r.status.ended for r in requests):
         if every and step % every == 0 and len(requests) < len(prompts):
             requests.append(engine.add_request(prompts[len(requests)], params))
         step += 1
         scored = sum(r.stats.tokens_scored for r in requests)
+        on_device = device.seconds if device else 0.0
         t = time.perf_counter()
         engine.step()
         dt = time.perf_counter() - t
-        (scoring if sum(r.stats.tokens_scored for r in requests) > scored else decode).append(dt)
+        kind = "scoring" if sum(r.stats.tokens_scored for r in requests) > scored else "decode"
+        out[kind].append(dt)
+        if device:
+            out[kind + "_host"].append(dt - (device.seconds - on_device))
     assert all(r.error is None for r in requests), [r.error for r in requests]
-    return decode, scoring
+    return out
 
 
 def main():
@@ -101,7 +139,8 @@ def main():
     prompts = [prompt_of(engine.large_tokenizer, args.prompt_len, seed=i)
                for i in range(args.concurrency)]
     engine.search(prompts[:1], params.copy(max_new_tokens=16))   # warm-up
-    decode, scoring = [], []
+    device = DeviceStandIns()
+    times = {}
     ahead_before = engine.stats()["scorings_ahead"]
     profiler = cProfile.Profile() if args.profile else None
     if profiler:
@@ -109,11 +148,12 @@ def main():
     for _ in range(args.reps):
         if profiler:
             profiler.enable()
-        d, s = timed_steps(engine, prompts, params, args.arrivals_every)
+        for kind, seconds in timed_steps(engine, prompts, params, args.arrivals_every,
+                                         device).items():
+            times.setdefault(kind, []).extend(seconds)
         if profiler:
             profiler.disable()
-        decode += d
-        scoring += s
+    decode, scoring = times["decode"], times["scoring"]
     engine.check_all_free()
     beams = args.concurrency * params.w * params.k
     row = {"search": args.search, "concurrency": args.concurrency, "beams": beams,
@@ -128,9 +168,14 @@ def main():
            "max_new_tokens": args.max_new, "reps": args.reps,
            "decode_step_ms": round(1e3 * statistics.median(decode), 2),
            "scoring_step_ms": round(1e3 * statistics.median(scoring), 2),
+           # the same steps less the time inside the models' forwards, the LM head, sampling
+           # and the reward kernels (a GPU's kernels and graph replays): the host's share
+           "decode_host_ms": round(1e3 * statistics.median(times["decode_host"]), 2),
+           "scoring_host_ms": round(1e3 * statistics.median(times["scoring_host"]), 2),
            "device": machine(), "torch": torch.__version__, "commit": commit()}
     print(f"{beams} beams: decode step {row['decode_step_ms']} ms, step with scoring "
-          f"{row['scoring_step_ms']} ms (median of {len(decode)} and {len(scoring)}; "
+          f"{row['scoring_step_ms']} ms (median of {len(decode)} and {len(scoring)}); host's "
+          f"share {row['decode_host_ms']} and {row['scoring_host_ms']} ms ("
           f"{row['device']}, {row['commit']})")
     if profiler:
         stats = pstats.Stats(profiler)

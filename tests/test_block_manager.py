@@ -76,6 +76,24 @@ def test_append_on_full_shared_block_needs_no_copy():
     assert m.refcount[parent.blocks[0]] == 2
 
 
+def test_fork_into_makes_a_dropped_table_the_parents_fork():
+    m = BlockManager(num_blocks=16, block_size=4)
+    pool = ShadowPool(m)
+    root = m.new_table()
+    pool.append(root, list(range(8)))          # a prompt of two full blocks
+    parent, loser = m.fork(root), m.fork(root)
+    pool.append(parent, [100, 101, 102, 103, 104])
+    pool.append(loser, [200, 201, 202, 203, 204, 205])
+    own = loser.blocks[2:]
+    m.free(root)
+    m.fork_into(loser, parent)
+    assert loser.blocks == parent.blocks and loser is not parent
+    assert pool.read(loser) == list(range(8)) + [100, 101, 102, 103, 104]
+    assert all(m.refcount[b] == 2 for b in parent.blocks)
+    assert set(own) <= set(m.free_blocks)      # the loser's own blocks went back
+    check_invariants(m, [parent, loser])
+
+
 def test_truncate_releases_blocks_past_the_new_length():
     m = BlockManager(num_blocks=8, block_size=4)
     pool = ShadowPool(m)
@@ -99,7 +117,7 @@ def test_out_of_blocks_raises_and_changes_nothing():
 
 
 ops = st.lists(
-    st.tuples(st.sampled_from(["fork", "append", "truncate", "free"]),
+    st.tuples(st.sampled_from(["fork", "fork_into", "append", "truncate", "free"]),
               st.integers(0, 1000), st.integers(1, 9)),
     max_size=60)
 
@@ -119,6 +137,11 @@ def test_random_fork_append_truncate_free_keeps_invariants(ops, block_size):
         if op == "fork":
             tables.append(m.fork(tables[i]))
             contents.append(list(contents[i]))
+        elif op == "fork_into":   # table j becomes a fork of table i, its old blocks let go
+            j = n % len(tables)
+            if j != i:
+                m.fork_into(tables[j], tables[i])
+                contents[j] = list(contents[i])
         elif op == "append":
             values = list(range(next_value, next_value + n))
             next_value += n

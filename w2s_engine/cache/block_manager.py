@@ -75,6 +75,23 @@ class BlockManager:
         if self.refcount[block] == 0:
             self.free_blocks.append(block)
 
+    def _release_all(self, blocks: list[int]):
+        """_release of each block, in one loop (a chunk's end frees hundreds of tables)."""
+        refcount, free_blocks = self.refcount, self.free_blocks
+        for block in blocks:
+            count = refcount[block]
+            assert count > 0, f"block {block} released more often than taken"
+            refcount[block] = count - 1
+            if count == 1:
+                free_blocks.append(block)
+
+    def _share_all(self, blocks: list[int]):
+        """One more reference to each block (every one is held already)."""
+        refcount = self.refcount
+        for block in blocks:
+            assert refcount[block] > 0
+            refcount[block] += 1
+
     def blocks_needed(self, table: BlockTable, num_new_tokens: int) -> int:
         """Free blocks an append of num_new_tokens would take (new blocks plus a copy-on-write)."""
         grow, cow = self._growth(table, num_new_tokens)
@@ -112,23 +129,35 @@ class BlockManager:
         return copies
 
     def fork(self, table: BlockTable) -> BlockTable:
-        for block in table.blocks:
-            assert self.refcount[block] > 0
-            self.refcount[block] += 1
+        self._share_all(table.blocks)
         return BlockTable(list(table.blocks), table.num_tokens)
+
+    def fork_into(self, table: BlockTable, parent: BlockTable):
+        """free(table), then make it fork(parent), in place. At a chunk's end the losers' tables
+        become the survivors' children's: all of a request's beams share the prompt's blocks
+        and their lineages' older ones, so only the blocks past the run the two tables share
+        change counts, not every block of a long history twice."""
+        old, new = table.blocks, parent.blocks
+        shared = 0
+        for a, b in zip(old, new):
+            if a != b:
+                break
+            shared += 1
+        self._share_all(new[shared:])      # before the release: a block in both stays held
+        self._release_all(old[shared:])
+        old[shared:] = new[shared:]
+        table.num_tokens = parent.num_tokens
 
     def truncate(self, table: BlockTable, num_tokens: int):
         """Roll the table back to its first num_tokens positions, releasing blocks past them."""
         assert 0 <= num_tokens <= table.num_tokens
         keep = self.blocks_for(num_tokens)
-        for block in table.blocks[keep:]:
-            self._release(block)
+        self._release_all(table.blocks[keep:])
         del table.blocks[keep:]
         table.num_tokens = num_tokens
 
     def free(self, table: BlockTable):
-        for block in table.blocks:
-            self._release(block)
+        self._release_all(table.blocks)
         table.blocks.clear()
         table.num_tokens = 0
 

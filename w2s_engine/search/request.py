@@ -97,10 +97,18 @@ class SearchRequest:
         self.next_beam_id += 1
         return self.next_beam_id - 1
 
-    def _fork(self, parent: Beam, kv: KVSpace, take_over: bool) -> Beam:
-        """A child with the parent's history; `take_over` hands it the parent's own tables."""
+    def _fork(self, parent: Beam, kv: KVSpace, take_over: bool, reuse: Beam | None = None) \
+            -> Beam:
+        """A child with the parent's history; `take_over` hands it the parent's own tables;
+        `reuse`: a beam being dropped, whose tables become the child's (fork_into)."""
         if take_over:
             large, small = parent.large, parent.small
+        elif reuse is not None:
+            large = reuse.large
+            if parent.large is not None:
+                kv.large.fork_into(large, parent.large)
+            small = [s.fork(m, into=mine) for s, m, mine in zip(parent.small, kv.small,
+                                                                 reuse.small)]
         else:
             large = kv.large.fork(parent.large) if parent.large is not None else None
             small = [s.fork(m) for s, m in zip(parent.small, kv.small)]
@@ -180,8 +188,7 @@ class SearchRequest:
             order = sorted(range(len(cands)), key=lambda i: (-cands[i].reward, i))
             keep = p.w
         survivors = [cands[i] for i in order[:keep]]
-        for i in order[keep:]:
-            self.free_beam(cands[i], kv)
+        losers = [cands[i] for i in order[keep:]]   # their tables go to the next children
         if p.uses_small_models:
             for b in survivors:
                 if b.chunk_tokens:   # scored at this chunk (not a finished beam carried over)
@@ -198,6 +205,8 @@ class SearchRequest:
                 "survivors": [b.beam_id for b in survivors],
             })
         if all(b.finished for b in survivors):
+            for b in losers:
+                self.free_beam(b, kv)
             self.beams = survivors
             return True
         nxt = []
@@ -205,7 +214,12 @@ class SearchRequest:
             if b.finished:
                 nxt.append(b)  # a final hypothesis: carried once, never duplicated
             else:
-                nxt += [self._fork(b, kv, take_over=(j == p.k - 1)) for j in range(p.k)]
+                for j in range(p.k):
+                    last = j == p.k - 1
+                    nxt.append(self._fork(b, kv, take_over=last,
+                                          reuse=losers.pop() if losers and not last else None))
+        for b in losers:
+            self.free_beam(b, kv)
         for b in nxt:
             b.chunk_tokens = 0
         self.beams = nxt

@@ -48,9 +48,16 @@ class SmallState:
             self.text, self.starts = self.text[:self.starts[n]], self.starts[:n]
         self.reads = {p: v for p, v in self.reads.items() if p < n}
 
-    def fork(self, blocks: BlockManager) -> "SmallState":
+    def fork(self, blocks: BlockManager, into: "SmallState | None" = None) -> "SmallState":
+        """A child with this state's history. into: a state being dropped (a loser's), whose
+        table becomes the child's (BlockManager.fork_into: cheaper than a free and a fork)."""
+        if into is None:
+            table = blocks.fork(self.table)
+        else:
+            blocks.fork_into(into.table, self.table)
+            table = into.table
         # Hidden states are never written in place, so children share the tensors.
-        return SmallState(blocks.fork(self.table), list(self.ids), self.response_start,
+        return SmallState(table, list(self.ids), self.response_start,
                           list(self.terms), dict(self.last_hidden), self.text, list(self.starts),
                           dict(self.reads), list(self.marks))
 
