@@ -26,7 +26,7 @@
 #    (chunks out of step: waiting, async, async with scorings read at once) and profiled;
 #    torch.compile; one request at 1024 tokens against the reference baseline; the profile
 #    with the scorers' forwards eager; the host's share of a step (bench/host_step.py: tiny
-#    models on that machine's CPU).
+#    models on that machine's CPU, at e2e's prompt of 512, both vocabularies).
 # A step that would start with less than 45 s left is skipped, and each step's limit is cut
 # to the time left, so the summary is always written.
 # On an H200 at 111ea9f: the gpu tests (42, eight processes) ran 240 s and were cut: 40
@@ -151,8 +151,10 @@ step "s15 e2e 1 request, 1024 tokens, baseline" 240 $e2e --preset gpu --max-new 
     --concurrency 1 --baseline --baseline-budget 90
 step "s16 profile, scoring eager" 60 python3 bench/profile_step.py --preset gpu --eager-scoring \
     --out "$out"
-step "s17 host step (CPU)" 60 env CUDA_VISIBLE_DEVICES= python3 bench/host_step.py --reps 2 \
-    --out "$out"
+step "s17 host step (CPU), e2e's prompt" 60 env CUDA_VISIBLE_DEVICES= python3 bench/host_step.py \
+    --prompt-len 512 --max-new 128 --reps 1 --out "$out"
+step "s17b host step (CPU), e2e's prompt, cross vocabulary" 60 env CUDA_VISIBLE_DEVICES= python3 \
+    bench/host_step.py --prompt-len 512 --max-new 128 --reps 1 --cross --out "$out"
 
 {
     echo "# GPU check on $device ($(git rev-parse --short HEAD 2>/dev/null || echo unknown))"

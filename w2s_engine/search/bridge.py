@@ -165,8 +165,10 @@ def retokenize_many(tokenizer, special: bool, olds: list[Tokenized], texts: list
             old, keep = olds[i], touched - t          # tokens kept as they are
             if (tail_tok.ids[:anchor] == old.ids[first:keep]
                     and tail_tok.starts[:anchor] == old.starts[first:keep]):
-                out[i] = Tokenized(texts[i], old.ids[:keep] + tail_tok.ids[anchor:],
-                                   old.starts[:keep] + tail_tok.starts[anchor:])
+                ids, starts = old.ids[:keep], old.starts[:keep]   # one copy each, extended
+                ids += tail_tok.ids[anchor:]
+                starts += tail_tok.starts[anchor:]
+                out[i] = Tokenized(texts[i], ids, starts)
             else:
                 todo.append((i, touched, 2 * t))   # the anchor moved: the change reaches back
     return out

@@ -261,11 +261,15 @@ class Scorer:
                 text = tagged
             rendered.append(text)
             suffixes.append(suffix)
-        olds = [Tokenized(st.text, st.ids[:len(st.starts)], st.starts) for st in states]
+        # A state's ids are its text's tokens, then a reward model's suffix, if any (copied
+        # only then: the bridge reads the old tokens and builds new lists).
+        olds = [Tokenized(st.text, st.ids if len(st.ids) == len(st.starts) else
+                          st.ids[:len(st.starts)], st.starts) for st in states]
         ups = []
         for j, (st, suffix, (new, start)) in enumerate(zip(states, suffixes,
                                                         sp.extend_many(olds, rendered))):
-            u = StreamUpdate(st, new.ids + suffix, start, False, text=new.text, starts=new.starts)
+            u = StreamUpdate(st, new.ids + suffix if suffix else new.ids, start, False,
+                             text=new.text, starts=new.starts)
             if steps is not None:
                 # Read at the tags inserted after steps (the response is the text's tail), not
                 # at the same text written in the response.

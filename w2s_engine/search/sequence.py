@@ -15,7 +15,9 @@ class SmallState:
     ids are the tokens in `table` (the small prompt, then the response), then at most one
     pending token that EFT scored but has not forwarded yet (SmallStream.forward_pending).
     Reward terms are kept per response token so a cross-tokenizer re-tokenization can roll
-    back a tail.
+    back a tail. The lists (ids, terms, starts, marks) are replaced, never changed in place,
+    but by add_pending: a fork shares them (a prompt's ids are hundreds of tokens, and a
+    chunk's end forks every survivor K times), and add_pending copies a shared pair first.
     """
 
     table: BlockTable
@@ -27,11 +29,14 @@ class SmallState:
     starts: list[int] = field(default_factory=list)  # and where each token starts in it
     reads: dict[int, float] = field(default_factory=dict)  # reward models: position -> value
     marks: list[int] = field(default_factory=list)  # a PRM's step ends in the response text
+    owns_lists: bool = True     # False: ids and terms may be shared with a fork
 
     def add_pending(self, token: int, term: float):
         """A token scored from the stored hidden state, to be forwarded at the next step (or
         forwarded already: async scheduling fed it to the step launched before it was read)."""
         assert self.table.num_tokens - len(self.ids) in (0, 1), "one pending token at a time"
+        if not self.owns_lists:     # EFT: once per beam, after its fork
+            self.ids, self.terms, self.owns_lists = list(self.ids), list(self.terms), True
         self.ids.append(token)
         self.terms.append(term)
 
@@ -56,10 +61,12 @@ class SmallState:
         else:
             blocks.fork_into(into.table, self.table)
             table = into.table
-        # Hidden states are never written in place, so children share the tensors.
-        return SmallState(table, list(self.ids), self.response_start,
-                          list(self.terms), dict(self.last_hidden), self.text, list(self.starts),
-                          dict(self.reads), list(self.marks))
+        # Hidden states are never written in place, so children share the tensors; the lists
+        # are shared too (see the class).
+        self.owns_lists = False
+        return SmallState(table, self.ids, self.response_start, self.terms,
+                          dict(self.last_hidden), self.text, self.starts, dict(self.reads),
+                          self.marks, owns_lists=False)
 
 
 @dataclass

@@ -116,8 +116,9 @@ class SmallStream:
         """update()'s second half: read the rewards (the one wait) and set the states."""
         plans, (hidden, counts) = launched.plans, launched.extra
         terms = launched.read(self.blocks)
+        last = self._last_hidden(plans, hidden)
         pos = 0
-        for (u, c, feed_from, fi), (forwarded, scored) in zip(plans, counts):
+        for i, ((u, c, feed_from, fi), (forwarded, scored)) in enumerate(zip(plans, counts)):
             st = u.state
             start = max(c, u.response_start)
             n_new = len(u.full_ids) - start
@@ -127,17 +128,32 @@ class SmallStream:
             kept_lo, kept_hi = u.response_start - st.response_start, c - st.response_start
             kept = st.terms[kept_lo:kept_hi] if c > u.response_start else []
             st.terms = kept + new_terms
-            st.ids = list(u.full_ids)
+            st.ids = u.full_ids   # the update's own list (a retry compares it, never changes it)
             st.response_start = u.response_start
             if u.starts is not None:
                 st.text, st.starts = u.text, u.starts
             if fi is not None:
                 for role in self.runners:
-                    off = hidden[role + "_offsets"][fi]
-                    st.last_hidden[role] = hidden[role][off + len(u.full_ids) - feed_from - 1]
+                    st.last_hidden[role] = last[role][i]
             u.eos_term = eos_term
             u.forwarded += forwarded   # +=: a request run again alone after a failed batch
             u.scored += scored         # adds what its second run did
+
+    def _last_hidden(self, plans, hidden) -> dict[str, list]:
+        """Per model, the final hidden state [H] of each plan's last fed token (rows of the
+        forward's output, one gather per model; None where a plan fed nothing)."""
+        fed = [(i, fi, len(u.full_ids) - feed_from - 1)
+               for i, (u, _, feed_from, fi) in enumerate(plans) if fi is not None]
+        out = {}
+        for role, runner in self.runners.items():
+            rows = [None] * len(plans)
+            if fed:
+                offsets = hidden[role + "_offsets"]
+                index = runner.upload([offsets[fi] + k for _, fi, k in fed]).long()
+                for (i, _, _), h in zip(fed, hidden[role][index].unbind(0)):
+                    rows[i] = h
+            out[role] = rows
+        return out
 
     def _make_room(self, updates: list[StreamUpdate]):
         """Each state's table cut to what it keeps and grown by what it feeds. Returns the

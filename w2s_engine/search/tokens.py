@@ -99,8 +99,12 @@ def tokenize_many_from(tokenizer, texts: list[str], offsets: list[int]) -> list[
 def common_prefix(a: list[int] | str, b: list[int] | str) -> int:
     """Length of the longest common prefix of two lists or strings: slice compares (in C),
     bisected."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
+    if a is b:
+        return len(a)
+    if len(a) > len(b):
+        a, b = b, a
+    n = len(a)
+    if a == b[:n]:          # the usual case (a stream extended): one slice, not two
         return n
     lo, hi = 0, n          # a[:lo] == b[:lo] and a[:hi] != b[:hi]
     while hi - lo > 1:
