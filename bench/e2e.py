@@ -261,6 +261,10 @@ def main():
                     help="no scoring graphs: every scorer's forward eagerly (for comparison)")
     ap.add_argument("--arrivals-every", type=int, default=0,
                     help="admit a request every N engine steps instead of all at once")
+    ap.add_argument("--scoring-parts", default="2",
+                    help="EngineConfig.scoring_parts for each row, comma-separated: chunk ends "
+                         "with no decode in flight scored in up to this many parts (1: one "
+                         "batch); each value on the same engine")
     add_scheduling_args(ap)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -281,11 +285,13 @@ def main():
             for search in args.searches.split(","):
                 for conc in map(int, args.concurrency.split(",")):
                     for asynchronous in schedulings:
-                        set_async_scheduling(engine, asynchronous)
-                        row = bench_one(engine, names, args, plen, max_new, search, conc)
-                        print(json.dumps(row), flush=True)
-                        with out.open("a") as f:
-                            f.write(json.dumps(row) + "\n")
+                        for parts in map(int, args.scoring_parts.split(",")):
+                            set_async_scheduling(engine, asynchronous)
+                            engine.config.scoring_parts = parts   # read at each chunk end
+                            row = bench_one(engine, names, args, plen, max_new, search, conc)
+                            print(json.dumps(row), flush=True)
+                            with out.open("a") as f:
+                                f.write(json.dumps(row) + "\n")
 
 
 SCHEDULINGS = {"waiting": (False, False), "async": (True, True),
@@ -403,6 +409,7 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
         "async_scheduling": bool(engine.config.async_scheduling),
         "scoring_ahead": bool(engine.config.async_scheduling and engine.config.scoring_ahead),
         "scorings_read_ahead": scorings_ahead,   # batches read a step later, warm-up and reps
+        "scoring_parts": engine.config.scoring_parts,
         "fused_ops": bool(engine.config.fused_ops),
         "device": machine(), "torch": torch.__version__, "commit": commit(),
     }
@@ -482,7 +489,7 @@ def print_table(path: Path):
             "large_tokens_per_s", "latency_p50_s", "latency_p95_s", "cbs_over_sampling",
             "cbs_over_sampling_floor", "engine_speedup_vs_baseline", "peak_kv_vs_ideal_large", "plain_step_over_floor",
             "cuda_graphs", "cascade_attention", "torch_compile", "async_scheduling",
-            "scoring_ahead", "fused_ops",
+            "scoring_ahead", "scoring_parts", "fused_ops",
             "arrivals_every", "device", "commit"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

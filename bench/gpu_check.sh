@@ -107,14 +107,16 @@ step "s01 gpu tests" 240 env W2S_FAILURES_AT_ONCE=1 python3 -m pytest -v -m gpu 
     $parallel $per_test -p no:cacheprovider --continue-on-collection-errors --durations=15 -rfE
 step "s02 e2e 1 and 16 requests, 256 tokens, waiting and async" 180 $e2e --preset gpu \
     --max-new 256 --concurrency 1,16 --both-schedulings
-step "s03 e2e 16 requests, 256 tokens, async, cascade" 100 $e2e --preset gpu --max-new 256 \
-    --concurrency 16 --async-scheduling --cascade
+step "s03 e2e 16 requests, 256 tokens, async, cascade, chunk ends in one batch and in parts" 120 \
+    $e2e --preset gpu --max-new 256 --concurrency 16 --async-scheduling --cascade \
+    --scoring-parts 1,2
 step "s04 profile, waiting and async" 90 python3 bench/profile_step.py --preset gpu \
     --both-schedulings --out "$out"
 step "s05 profile, 16 requests, async, cascade" 90 python3 bench/profile_step.py --preset gpu \
     --concurrency 16 --async-scheduling --cascade --out "$out"
-step "s06 e2e cross vocabulary, 16 requests, async, cascade" 150 $e2e --preset gpu-cross \
-    --max-new 256 --concurrency 16 --async-scheduling --cascade
+step "s06 e2e cross vocabulary, 16 requests, async, cascade, one batch and parts" 150 $e2e \
+    --preset gpu-cross --max-new 256 --concurrency 16 --async-scheduling --cascade \
+    --scoring-parts 1,2
 step "s06b profile, cross vocabulary, 16 requests, async, cascade" 70 python3 \
     bench/profile_step.py --preset gpu-cross --concurrency 16 --async-scheduling --cascade \
     --out "$out"

@@ -44,7 +44,7 @@ TINY = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden
 
 
 def build(cross: bool, static: bool = True, async_scheduling: bool = False,
-          scoring_ahead: bool = True) -> Engine:
+          scoring_ahead: bool = True, scoring_parts: int = 2) -> Engine:
     """Tiny large, tuned and untuned models; cross: the small pair has another vocabulary (the
     bridge re-tokenizes every chunk's text); static: decode on the static buffers a GPU's
     graphs replay (run eagerly here), so the host packs each step as it does on a GPU;
@@ -57,7 +57,8 @@ def build(cross: bool, static: bool = True, async_scheduling: bool = False,
         m.generation_config.eos_token_id = 2
     return Engine((models[0], large_tok), (models[1], small_tok), (models[2], small_tok),
                   progress=False, cpu_kv_cache_bytes=1 << 30, cuda_graphs=static,
-                  async_scheduling=async_scheduling, scoring_ahead=scoring_ahead)
+                  async_scheduling=async_scheduling, scoring_ahead=scoring_ahead,
+                  scoring_parts=scoring_parts)
 
 
 class DeviceStandIns:
@@ -129,12 +130,14 @@ def main():
                     help="with --async-scheduling: read each scoring in its own step")
     ap.add_argument("--arrivals-every", type=int, default=0,
                     help="admit a request every N steps instead of all at once")
+    ap.add_argument("--scoring-parts", type=int, default=2,
+                    help="EngineConfig.scoring_parts (1: each chunk end scored in one batch)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     engine = build(args.cross, static=not args.packed, async_scheduling=args.async_scheduling,
-                   scoring_ahead=not args.scoring_at_once)
+                   scoring_ahead=not args.scoring_at_once, scoring_parts=args.scoring_parts)
     params = parse_search(args.search, args.max_new)
     prompts = [prompt_of(engine.large_tokenizer, args.prompt_len, seed=i)
                for i in range(args.concurrency)]
@@ -160,7 +163,7 @@ def main():
            "cross_vocabulary": args.cross, "static_decode": not args.packed,
            "async_scheduling": args.async_scheduling,
            "scoring_ahead": args.async_scheduling and not args.scoring_at_once,
-           "arrivals_every": args.arrivals_every,
+           "arrivals_every": args.arrivals_every, "scoring_parts": args.scoring_parts,
            "steps_per_rep": (len(decode) + len(scoring)) // args.reps,
            "scorings_ahead_per_rep": (engine.stats()["scorings_ahead"] - ahead_before)
            // args.reps,

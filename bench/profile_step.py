@@ -175,6 +175,8 @@ def main():
     ap.add_argument("--arrivals-every", type=int, default=0,
                     help="admit a request every N engine steps instead of all at once (their "
                          "chunks end on different steps)")
+    ap.add_argument("--scoring-parts", type=int, default=2,
+                    help="EngineConfig.scoring_parts (1: each chunk end scored in one batch)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     assert not (args.cascade and args.no_graphs), "--cascade runs on the static decode path"
@@ -183,6 +185,7 @@ def main():
                           fused_ops=False if args.no_fused_ops else None)
     if args.eager_scoring:
         eager_scoring(engine)
+    engine.config.scoring_parts = args.scoring_parts    # read at each chunk end
     params = parse_search(args.search, args.max_new)
     prompts = [prompt_of(engine.large_tokenizer, args.prompt_len, seed=i)
                for i in range(args.concurrency)]
@@ -232,7 +235,7 @@ def profile_one(engine, names, args, params, prompts) -> dict:
            "scoring_graphs": any(r.scoring_graphs is not None for r in engine.runners.values()),
            "async_scheduling": bool(engine.config.async_scheduling),
            "scoring_ahead": bool(engine.config.async_scheduling and engine.config.scoring_ahead),
-           "arrivals_every": args.arrivals_every,
+           "arrivals_every": args.arrivals_every, "scoring_parts": engine.config.scoring_parts,
            "fused_ops": bool(engine.config.fused_ops),
            "wall_s": round(wall_us / 1e6, 3), "gpu_busy": round(busy, 3),
            "gpu_busy_after_prefill": None if decode_busy is None else round(decode_busy, 3),

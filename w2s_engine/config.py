@@ -59,6 +59,12 @@ class EngineConfig:
     # at most steps). Those requests start their next chunk a step later. False: read at
     # once, as without async scheduling. Results are the same either way.
     scoring_ahead: bool = True
+    # Chunk ends with no decode step in flight (requests in step, as a batch of prompts makes
+    # them, or waiting scheduling) are scored in up to this many parts by request, each of
+    # 512 scoring tokens or more, each launched before the one before it is read: the device
+    # computes a part while the host plans the next one, or reads, selects and forks the last
+    # one. 1: one batch. Results are the same either way. Not yet measured on a GPU.
+    scoring_parts: int = 2
 
     def resolve(self) -> "EngineConfig":
         """Fill in the defaults and check every setting, before any model loads (ValueError
@@ -101,6 +107,7 @@ class EngineConfig:
         for name, ok, want in (
                 ("cuda_graph_max_batch", self.cuda_graph_max_batch >= 1, "a value of at least 1"),
                 ("max_batch_tokens", self.max_batch_tokens >= 1, "a value of at least 1"),
+                ("scoring_parts", self.scoring_parts >= 1, "a value of at least 1 (1: one batch)"),
                 ("kv_cache_memory_fraction", 0 < self.kv_cache_memory_fraction <= 1,
                  "a value in (0, 1]"),
                 ("block_size", self.block_size > 0 and self.block_size & (self.block_size - 1)
@@ -134,6 +141,7 @@ class EngineConfig:
                 ("max_waiting", self.max_waiting is None or is_int(self.max_waiting),
                  "an int or None"),
                 ("cuda_graph_max_batch", is_int(self.cuda_graph_max_batch), "an int"),
+                ("scoring_parts", is_int(self.scoring_parts), "an int"),
                 ("device", self.device is None or isinstance(self.device, (str, torch.device)),
                  "a str such as 'cuda' or 'cpu', or None"),
                 ("dtype", self.dtype is None or isinstance(self.dtype, (str, torch.dtype)),

@@ -27,6 +27,28 @@ class Totals:
     tokens: dict[str, int] = field(default_factory=dict)   # forwarded, per model role
 
 
+# Scoring tokens per part of a chunk end's scoring (scoring_parts), on average at least: with
+# fewer, its forwards are a few hundred rows, and the device's time on them no longer covers
+# the host's work on the next part.
+MIN_PART_TOKENS = 512
+
+
+def scoring_parts(ready: list[SearchRequest], parts: int) -> list[list[SearchRequest]]:
+    """The requests whose chunks ended, in order, in at most `parts` groups of about equal
+    scoring work (the tokens their candidates sampled in the chunk), MIN_PART_TOKENS or more
+    on average: the engine launches each group's scoring before it reads the one before.
+    A request goes to the group its work's midpoint falls in."""
+    work = [sum(b.chunk_tokens for b in r.beams) for r in ready]
+    total = sum(work)
+    n = max(1, min(parts, len(ready), total // MIN_PART_TOKENS))
+    groups = [[] for _ in range(n)]
+    done = 0
+    for r, w in zip(ready, work):
+        groups[min(n - 1, int((done + w / 2) * n / total))].append(r)
+        done += w
+    return [g for g in groups if g]
+
+
 class Scheduler:
 
     def __init__(self, budget: KVBudget, kv: KVSpace, roles: list[str],
