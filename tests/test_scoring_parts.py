@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import w2s_engine.search.small_stream as small_stream
-from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
-from w2s_engine import Engine, SearchParams
+from tiny_models import search_engines
+from w2s_engine import SearchParams
 from w2s_engine.models.runner import BatchFailed
 from w2s_engine.scheduler import MIN_PART_TOKENS, scoring_parts
 from w2s_engine.search.request import RequestStatus
@@ -23,25 +23,17 @@ PROMPTS = ["I really", "The plot of this film", "What a", "This movie", "Honestl
            "A long and", "My friends", "The actors in it"]
 # 8 requests x 16 candidates x 8 tokens = 1,024 scoring tokens at each chunk end: two parts
 PARAMS = SearchParams.cbs(4, 4, 8, max_new_tokens=16, seed=3, ignore_eos=True)
+# EOS made likely: beams stop inside chunks, finished survivors are carried, the parts' work
+# differs from chunk to chunk (12 requests, so that a chunk end still has work for two parts)
+MORE_PROMPTS = PROMPTS + ["It was", "Nobody in", "The ending", "Why would"]
+STOPPING = SearchParams.cbs(4, 4, 8, max_new_tokens=24, seed=5, logit_bias={1: 1.0})
 TEMPLATES = {"large": "Here is a movie review: {prompt}", "small": "Review: {prompt}"}
 
 
-@pytest.fixture(scope="module")
-def models():
-    tok, other = make_tokenizer(300), make_tokenizer(420)
-    untuned = tiny_llama(len(tok), seed=2)
-    return {"tok": tok, "other": other, "tuned": tuned_from(untuned, seed=3, scale=0.3),
-            "untuned": untuned, "large": tiny_llama(len(tok), seed=1, layers=2),
-            "large_other": tiny_llama(len(other), seed=4, layers=2)}
-
-
-def make_engine(models, cross=False, **config):
-    large, large_tok = ((models["large_other"], models["other"]) if cross
-                        else (models["large"], models["tok"]))
-    return Engine((clone(large), large_tok), (clone(models["tuned"]), models["tok"]),
-                  (clone(models["untuned"]), models["tok"]), templates=TEMPLATES,
-                  num_kv_blocks=3000, block_size=4, progress=False, dtype=torch.float32,
-                  device="cpu", **config)
+def make_engine(cross=False, **config):
+    """An engine over the tiny models (tiny_models.search_engines), fp32 on the CPU."""
+    config = {"num_kv_blocks": 3000, "dtype": torch.float32, "device": "cpu", **config}
+    return search_engines(TEMPLATES, **config)["cross" if cross else "shared"]
 
 
 def launches(monkeypatch) -> list[int]:
@@ -56,8 +48,8 @@ def launches(monkeypatch) -> list[int]:
     return sizes
 
 
-def run(engine, prompts=PROMPTS):
-    reqs = [engine.add_request(p, PARAMS) for p in prompts]
+def run(engine, prompts=PROMPTS, params=PARAMS):
+    reqs = [engine.add_request(p, params) for p in prompts]
     while engine.has_unfinished():
         engine.step()
     engine.check_all_free()
@@ -93,23 +85,30 @@ def test_scoring_parts_group_requests_in_order_by_their_work():
     assert scoring_parts(big, 3) == [big[:1], big[1:]]
 
 
+@pytest.mark.parametrize("params", [PARAMS, STOPPING], ids=["full-chunks", "stopping"])
 @pytest.mark.parametrize("cross", [False, True], ids=["one-vocabulary", "two-vocabularies"])
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["waiting", "async"])
-def test_chunk_ends_scored_in_parts_give_the_searches_of_one_batch(models, monkeypatch, cross,
-                                                                  async_scheduling):
-    want = run(make_engine(models, cross=cross, scoring_parts=1,
-                           async_scheduling=async_scheduling))
+def test_chunk_ends_scored_in_parts_give_the_searches_of_one_batch(monkeypatch, cross,
+                                                                  async_scheduling, params):
+    prompts = PROMPTS if params is PARAMS else MORE_PROMPTS
+    want = run(make_engine(cross=cross, scoring_parts=1, async_scheduling=async_scheduling),
+               prompts, params)
     sizes = launches(monkeypatch)
-    got = run(make_engine(models, cross=cross, async_scheduling=async_scheduling))
-    assert sizes and all(n == 4 for n in sizes), "each chunk end was scored in two parts of 4"
+    got = run(make_engine(cross=cross, async_scheduling=async_scheduling), prompts, params)
+    assert sizes[0] < len(prompts), "the first chunk end was scored in parts"
+    if params is PARAMS:
+        assert all(n == 4 for n in sizes), "each chunk end was scored in two parts of 4"
+    else:
+        assert any(h.finish_reason == "stop" and len(h.token_ids) < 16
+                   for r in want for h in r.result.hypotheses), "beams stopped inside chunks"
     assert_same(want, got)
 
 
 def test_a_part_whose_scoring_read_fails_is_scored_again_per_request_the_other_part_goes_on(
-        models, monkeypatch):
+        monkeypatch):
     """The read of the second part fails once (rolled back, as a device error would): its
     requests are scored again one at a time, and every search ends as when nothing failed."""
-    want = run(make_engine(models, scoring_parts=1))
+    want = run(make_engine(scoring_parts=1))
     read = small_stream.Launched.read
     reads, failed = [0], []
 
@@ -122,18 +121,18 @@ def test_a_part_whose_scoring_read_fails_is_scored_again_per_request_the_other_p
         return read(self, blocks)
     monkeypatch.setattr(small_stream.Launched, "read", flaky)
     sizes = launches(monkeypatch)
-    got = run(make_engine(models))
+    got = run(make_engine())
     assert failed and sizes[:2] == [4, 4] and sizes[2:6] == [1, 1, 1, 1], \
         "the failed part's four requests were scored again one by one"
     assert_same(want, got)
 
 
-def test_a_request_whose_scoring_fails_in_a_part_fails_alone(models, monkeypatch):
+def test_a_request_whose_scoring_fails_in_a_part_fails_alone(monkeypatch):
     """One request's scoring forward fails whenever it is in the batch: it fails with the
     error, the three others of its part and the other part's four end as when nothing
     failed, and every block comes back."""
-    want = run(make_engine(models, scoring_parts=1))
-    engine = make_engine(models)
+    want = run(make_engine(scoring_parts=1))
+    engine = make_engine()
     culprit = []
     launch = small_stream.SmallStream.launch
 
