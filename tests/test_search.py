@@ -486,6 +486,24 @@ def test_small_model_work_is_prompt_plus_every_candidate_chunk(engine, tok):
     assert res.stats.tokens_scored == chunk_tokens + eos_terms
 
 
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["waiting", "async"])
+def test_a_survivors_children_take_one_large_forward_at_their_chunks_first_step(
+        tok, small_pair, asynchronous):
+    """The K children of a survivor feed its last token over its history: one row forwards it
+    for all of them, and each samples its own token from it (LocalLarge: sibling_rows). The
+    first chunk's children sample from the prompt's logits, with no forward at all."""
+    w, k, l, chunks = 2, 3, 4, 3
+    engine = make_engine(tok, small_pair, async_scheduling=asynchronous)
+    params = SearchParams.cbs(w, k, l, max_new_tokens=l * chunks, seed=8, ignore_eos=True)
+    res = engine.search(["I really"], params)[0]
+    engine.check_all_free()
+    prompt_len = len(engine.make_request("I really", params).large_prompt_ids)
+    per_chunk = w * k * (l - 1)             # each candidate feeds its own tokens after the first
+    assert res.stats.tokens_forwarded["large"] == \
+        prompt_len + per_chunk + (chunks - 1) * (w + per_chunk)
+    assert all(len(h.token_ids) == l * chunks for h in res.hypotheses)
+
+
 def test_all_blocks_come_back_and_peak_kv_is_shared(engine):
     params = SearchParams(w=4, k=4, l=5, max_new_tokens=10, seed=1)
     res = engine.search(["The plot of this film"], params)[0]

@@ -99,6 +99,8 @@ class DecodeStep:
     steered: list                # EFT's rows (search/eft.py Steered)
     before: list                 # (table, tokens before the step) of the rows it fed
     appended: set[int]           # id(beam) of those rows
+    forwarded: int               # the first rows, which it forwarded (the others sample from
+                                 # a sibling's forward, or from their prompt's logits)
 
 
 def continues_after(r, b) -> bool:

@@ -12,6 +12,10 @@ back in one copy: one upload and one sync per step. The detokenizer turns each b
 into text incrementally, for stop strings, the bridge to other tokenizers and the result.
 With async_scheduling, a step is launched before the previous step's tokens are read (its
 carried rows fed them on the device), and they are recorded while the device computes.
+At a chunk's first step the K children of a survivor feed the same token (its last) over the
+same history (its blocks, forked): one row forwards it for all of them, and each samples its
+own token from that row's logits (sibling_rows), as a prompt's children sample from its
+prefill's.
 """
 
 import numpy as np
@@ -31,6 +35,30 @@ from w2s_engine.search.prompts import check_context
 from w2s_engine.search.request import RequestStatus, SearchRequest
 from w2s_engine.search.sequence import Beam
 from w2s_engine.search.tokens import encode
+
+
+def sibling_rows(fed: list) -> tuple[list, list]:
+    """The fed rows (request, beam) to forward, and the others: [((request, beam), j)], each
+    to sample from the forward of fed row j (which comes after the carried rows). The children of one survivor, at their chunk's
+    first step, feed its last token over its history (their tables are its own, forked, or
+    given back by losers and made its), so their forwards are one; each samples its own token
+    from it (its seed is its beam's). Checked, not assumed: the same table, length and token."""
+    forwarded, siblings, first_of = [], [], {}
+    for r, b in fed:
+        key = (id(r), b.parent_id) if b.chunk_tokens == 0 and r.params.method != "eft" \
+            else None
+        if key in first_of:
+            j = first_of[key]
+            other = forwarded[j][1]
+            if other.large.blocks == b.large.blocks and \
+                    other.large.num_tokens == b.large.num_tokens and \
+                    other.token_ids[-1] == b.token_ids[-1]:
+                siblings.append(((r, b), j))
+                continue
+        elif key is not None:
+            first_of[key] = len(forwarded)
+        forwarded.append((r, b))
+    return forwarded, siblings
 
 
 class LocalLarge:
@@ -157,16 +185,20 @@ class LocalLarge:
         carried = [(r, b) for r, b in work if id(b) in pending]
         fed = [(r, b) for r, b in work if id(b) not in pending and b.token_ids]
         first = [(r, b) for r, b in work if id(b) not in pending and not b.token_ids]
+        fed, siblings = sibling_rows(fed)
         forward = carried + fed
-        order = forward + first
+        fed_rows = forward + [row for row, _ in siblings]     # the rows that take a slot
+        order = forward + first + [row for row, _ in siblings]
         words = sampling_words(order, len(carried))
         # Slots for the new tokens; a copy-on-write copy cannot be taken back, so a failure
         # here is not retryable (the pool or the device is in trouble, not one request).
-        before = [(b.large, b.large.num_tokens) for _, b in forward]
+        before = [(b.large, b.large.num_tokens) for _, b in fed_rows]
         try:
             copies = []
             for _, b in forward:
                 copies += self.blocks.append(b.large, 1)
+            for (_, b), j in siblings:     # the slot its forwarded sibling writes, shared
+                self.blocks.fork_into(b.large, fed[j][1].large)
             self.runner.copy_blocks(copies)
         except Exception as e:
             raise BatchFailed(retryable=False) from e
@@ -192,6 +224,11 @@ class LocalLarge:
                 raw.append(logits)
                 eft_started = self.eft is not None
                 rows.append(self._steer(logits, first, len(forward), steered))
+            if siblings:
+                # Their forwarded siblings' logits (no EFT row: those are not siblings).
+                shared = self.runner.upload([len(carried) + j for _, j in siblings]).long()
+                raw.append(raw[0][shared])
+                rows.append(raw[-1])
             eft_started = False   # the EFT streams are through: a retry steers the same way
             logits = torch.cat(rows) if len(rows) > 1 else rows[0]
             logprobs = LogprobRows(order, raw, self.runner.upload,   # before penalties
@@ -218,7 +255,7 @@ class LocalLarge:
             # A failure inside the EFT streams' forward leaves them part-way: not retryable.
             raise BatchFailed(retryable=not eft_started) from e
         return DecodeStep(order, sampled, read, logprobs, steered, before,
-                          {id(b) for _, b in forward})
+                          {id(b) for _, b in fed_rows}, len(forward))
 
     def _collect(self, step: DecodeStep, after: DecodeStep | None = None):
         """Read a launched step's tokens (the one wait) and record them, skipping the rows of
@@ -244,7 +281,7 @@ class LocalLarge:
                 continue
             try:
                 n = len(b.token_ids)
-                if n:
+                if n and i < step.forwarded:   # a sibling's token was fed by another row
                     r.stats.tokens_forwarded["large"] += 1
                 r.record_token(b, tok, self.eos_ids, self.text_as_it_stands)
                 if i in logprobs and len(b.token_ids) > n:   # (EOS is not a returned token)
