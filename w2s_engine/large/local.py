@@ -39,10 +39,11 @@ from w2s_engine.search.tokens import encode
 
 def sibling_rows(fed: list) -> tuple[list, list]:
     """The fed rows (request, beam) to forward, and the others: [((request, beam), j)], each
-    to sample from the forward of fed row j (which comes after the carried rows). The children of one survivor, at their chunk's
-    first step, feed its last token over its history (their tables are its own, forked, or
-    given back by losers and made its), so their forwards are one; each samples its own token
-    from it (its seed is its beam's). Checked, not assumed: the same table, length and token."""
+    to sample from the forward of row j of the first list (whose rows follow the carried
+    ones). The children of one survivor, at their chunk's first step, feed its last token
+    over its history (their tables are its own, forked, or losers' made its), so their
+    forwards are one; each samples its own token from it (its seed is its beam's). Checked,
+    not assumed: the same table, length and token."""
     forwarded, siblings, first_of = [], [], {}
     for r, b in fed:
         key = (id(r), b.parent_id) if b.chunk_tokens == 0 and r.params.method != "eft" \
