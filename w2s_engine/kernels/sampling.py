@@ -24,9 +24,10 @@ its slice's few tokens that can be allowed (each slice keeps at least its own k 
 which include every global top-k token it holds). One program per row then ends the row
 (_sample_kernel): the slices' best token; or, from the gathered tokens held in registers, a
 radix select finds the k-th largest (by count) and then the top-p cutoff (by mass) exactly;
-a top-p row without top-k (or a slice with too many candidates) takes two passes over its
-whole row instead, which find its max, softmax mass and a lower bound on the threshold, gather
-the tokens above the bound and select among them the same way. The kernel's threshold is the
+a top-p row without top-k (or a slice with too many candidates) takes three passes over its
+whole row instead: the first finds its max, softmax mass and a lower bound on the threshold,
+the second packs the sort keys of the tokens above the bound, among which the selects find the
+threshold the same way, and the third draws the Gumbel-max of the tokens it allows. The kernel's threshold is the
 reference's value bit for bit, except where the top-p mass lands within rounding of top_p
 (sums run in another order). Scratch memory: one int32 per logit. With an exact tie at the
 k-th logit the kernel keeps every tied token (transformers' rule, and the full reference's);
@@ -207,41 +208,41 @@ if triton is not None:
         return prefix, tl.sum(w, 0) >= target
 
     @triton.jit
-    def _candidate_digits(lrow, crow, n, t, m, floor, prefix, SHIFT: tl.constexpr,
+    def _candidate_digits(crow, n, m, floor, prefix, SHIFT: tl.constexpr,
                           MASS: tl.constexpr, BLOCK_C: tl.constexpr):
-        """_digit_weights over a row's n candidates (token ids at crow), weight 1 (a count) or
-        exp(x - m) (a mass); candidates with a key below `floor` weigh nothing."""
-        acc = tl.zeros([16], tl.float32)
+        """_digit_weights over a row's n candidates (their sort keys at crow, contiguous: no
+        gather through token ids), weight 1 (a count) or exp(x - m) (a mass); candidates with
+        a key below `floor` weigh nothing. The [BLOCK_C, 16] sums stay in registers across
+        the steps and are reduced once (a reduction per step is a shared-memory round trip)."""
+        j = tl.arange(0, 16).to(tl.uint32)
+        pivot = prefix + (j << SHIFT)
+        acc = tl.zeros([BLOCK_C, 16], tl.float32)
         for c0 in range(0, n, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             cmask = c < n
-            idx = tl.load(crow + c, mask=cmask, other=0)
-            x = tl.load(lrow + idx, mask=cmask, other=float("-inf")).to(tl.float32)
-            x = tl.math.div_rn(x, t)
-            key = _sort_key(x)
+            key = tl.load(crow + c, mask=cmask, other=0).to(tl.uint32, bitcast=True)
             if MASS:
-                w = tl.exp(x - m)
+                w = tl.exp(_key_value(key) - m)
             else:
                 w = tl.full([BLOCK_C], 1.0, tl.float32)
             w = tl.where(cmask & (key >= floor), w, 0.0)
-            acc += _digit_weights(key, w, prefix, SHIFT)
-        return acc
+            acc += tl.where(key[:, None] >= pivot[None, :], w[:, None], 0.0)
+        return tl.sum(acc, 0)
 
     @triton.jit
-    def _select_in_candidates(lrow, crow, n, t, m, floor, target, relative,
+    def _select_in_candidates(crow, n, m, floor, target, relative,
                               MASS: tl.constexpr, BLOCK_C: tl.constexpr):
         """Largest K with W(key >= K) >= target over the candidates -> (K, found). With
         `relative`, the target is target x the candidates' total weight (top-p of the top-k
         survivors). Eight passes over the candidates, four bits each."""
         j = tl.arange(0, 16)
         prefix = tl.full((), 0, tl.uint32)
-        acc = _candidate_digits(lrow, crow, n, t, m, floor, prefix, 28, MASS, BLOCK_C)
+        acc = _candidate_digits(crow, n, m, floor, prefix, 28, MASS, BLOCK_C)
         total = tl.sum(tl.where(j == 0, acc, 0.0), 0)
         target = tl.where(relative, target * total, target)
         prefix = _next_prefix(acc, prefix, target, 28)
         for r in tl.static_range(1, 8):
-            acc = _candidate_digits(lrow, crow, n, t, m, floor, prefix, 28 - 4 * r, MASS,
-                                    BLOCK_C)
+            acc = _candidate_digits(crow, n, m, floor, prefix, 28 - 4 * r, MASS, BLOCK_C)
             prefix = _next_prefix(acc, prefix, target, 28 - 4 * r)
         return prefix, (total >= target) & (total > 0)
 
@@ -286,19 +287,15 @@ if triton is not None:
         return tl.where(greedy, x, x - tl.log(-tl.log(u)))
 
     @triton.jit
-    def _gumbel_best(lrow, crow, key, t, greedy, thr, start, end, n_cand, V,
-                     BLOCK_V: tl.constexpr):
-        """Gumbel-max over positions [start, end) -> (best score, its token; -inf and 0 when
-        nothing there is allowed). Positions below n_cand are candidates (token ids read from
-        crow, ascending), the others token ids themselves; a token is allowed when its
-        logits / T >= thr. Ties go to the lowest id, as torch.argmax's."""
+    def _gumbel_best(lrow, key, t, greedy, thr, start, end, V, BLOCK_V: tl.constexpr):
+        """Gumbel-max over token ids [start, end) -> (best score, its token; -inf and 0 when
+        nothing there is allowed); a token is allowed when its logits / T >= thr. Ties go to
+        the lowest id, as torch.argmax's."""
         best = tl.full([BLOCK_V], float("-inf"), tl.float32)
         best_i = tl.zeros([BLOCK_V], tl.int64)
-        for i0 in range(start, end, BLOCK_V):
-            i = i0 + tl.arange(0, BLOCK_V)
-            mask = i < end
-            from_cand = mask & (i < n_cand)
-            v = tl.where(from_cand, tl.load(crow + i, mask=from_cand, other=0), i)
+        for v0 in range(start, end, BLOCK_V):
+            v = v0 + tl.arange(0, BLOCK_V)
+            mask = v < end
             x = tl.load(lrow + v, mask=mask, other=float("-inf")).to(tl.float32)
             x = tl.math.div_rn(x, t)                # IEEE division, as the reference's logits / T
             score = tl.where(mask & (x >= thr), _gumbel_score(x, v, key, greedy), float("-inf"))
@@ -348,8 +345,8 @@ if triton is not None:
         crow = cand_ptr + row * stride_c + lo       # this slice's part of the row's scratch
         out = row * tl.num_programs(1) + s
 
-        top, token = _gumbel_best(lrow, crow, _row_key(seed_ptr, pos_ptr, row), t, greedy,
-                                  float("-inf"), lo, tl.where(cut_row, lo, hi), 0, V, BLOCK_V)
+        top, token = _gumbel_best(lrow, _row_key(seed_ptr, pos_ptr, row), t, greedy,
+                                  float("-inf"), lo, tl.where(cut_row, lo, hi), V, BLOCK_V)
 
         fast_hi = tl.where(fast_row, hi, lo)        # the passes below run only for fast rows
         lane_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
@@ -395,7 +392,8 @@ if triton is not None:
         top_k_ptr,               # [B] int: top-k (0 or >= V = off)
         log_min_p_ptr,           # [B] fp32: log(min_p) (-inf = off)
         seed_ptr, pos_ptr,       # [B] int64
-        cand_ptr,                # [B, V] int32 scratch: each row's candidate token ids
+        cand_ptr,                # [B, V] int32 scratch: the slices' candidate token ids, or
+                                 # the whole-row path's candidate sort keys (bitcast)
         part_x_ptr, part_n_ptr,  # [B, slices] fp32, int32: _sample_slices_kernel's results
         thr_ptr,                 # [B] fp32 out: the lowest allowed scaled logit (-inf: no cut)
         out_ptr,                 # [B] int64 out: the drawn token
@@ -422,9 +420,10 @@ if triton is not None:
         #       maxima (k distinct tokens are >= it), or for top-p alone
         #       m + log((1 - p) Z / V) - 1 (tokens below it together hold less than 1 - p of
         #       the mass), raised to where the group maxima alone reach p Z when they do;
-        #    3. one pass: the ids of tokens >= L, in order, to cand (usually a few hundred);
+        #    3. one pass: the sort keys of the tokens >= L, packed into cand (the
+        #       candidates: a few hundred to some 10k);
         #    4. radix selects over the candidates: the k-th largest, then the top-p cutoff;
-        #    5. Gumbel-max over the allowed candidates (or the whole row when nothing is cut).
+        #    5. one pass: Gumbel-max over the tokens >= the cutoff.
         row = tl.program_id(0).to(tl.int64)
         t, greedy, k, p, use_k, use_p, use_min_p, log_min_p, cut_row, fast_row = _row_filters(
             temp_ptr, top_k_ptr, top_p_ptr, log_min_p_ptr, row, V, HAS_MIN_P)
@@ -489,29 +488,32 @@ if triton is not None:
         bound_p = tl.where(found_tight & (z > 0), tl.maximum(bound_p, tight_p), bound_p)
         bound = tl.where(use_k, bound_k, bound_p)
 
+        # The candidates' sort keys, packed: the selects' eight passes then read them in
+        # order (a gather through token ids is a chain of dependent loads per step: most of
+        # a top-p row's time on an H200 at 111ea9f, with 11k candidates).
         n = 0
         for v0 in range(0, v_cut, BLOCK_V):
             v = v0 + tl.arange(0, BLOCK_V)
             x = tl.load(lrow + v, mask=v < V, other=float("-inf")).to(tl.float32)
-            take = (v < V) & (_sort_key(tl.math.div_rn(x, t)) >= bound)
+            keys_v = _sort_key(tl.math.div_rn(x, t))
+            take = (v < V) & (keys_v >= bound)
             at = n + tl.cumsum(take.to(tl.int32), 0) - 1
-            tl.store(crow + at, v, mask=take)
+            tl.store(crow + at, keys_v.to(tl.int32, bitcast=True), mask=take)
             n += tl.sum(take.to(tl.int32), 0)
 
-        kth, found_k = _select_in_candidates(lrow, crow, tl.where(use_k, n, 0), t, m, 0,
+        kth, found_k = _select_in_candidates(crow, tl.where(use_k, n, 0), m, 0,
                                              k.to(tl.float32), False, False, BLOCK_C)
         floor = tl.where(use_k & found_k, kth, 0)
-        cut, found_p = _select_in_candidates(lrow, crow, tl.where(use_p, n, 0), t, m, floor,
+        cut, found_p = _select_in_candidates(crow, tl.where(use_p, n, 0), m, floor,
                                              tl.where(use_k, p, p * z), use_k, True, BLOCK_C)
         cut = tl.where(use_p & found_p, cut, floor)
         thr = tl.where(cut > 0, _key_value(cut), float("-inf"))
         # min-p: tokens >= the max + log(min_p); with top-k or top-p, all among the candidates.
         thr = tl.where(use_min_p, tl.maximum(thr, m + log_min_p), thr)
-        # Gumbel-max over the allowed tokens; with a cut they are all among the candidates
-        # (thr >= bound), stored in ascending id order, so ties still go to the lowest id.
-        n_scan = tl.where(cut > 0, n, V)
-        _, token_full = _gumbel_best(lrow, crow, key, t, greedy, thr, 0, tl.where(full, n_scan, 0),
-                                     tl.where(cut > 0, n_scan, 0), V, BLOCK_V)
+        # Gumbel-max over the allowed tokens: one pass over the row in id order (ties to the
+        # lowest id), coalesced, where the candidates would be a gather.
+        _, token_full = _gumbel_best(lrow, key, t, greedy, thr, 0, tl.where(full, V, 0), V,
+                                     BLOCK_V)
 
         tl.store(thr_ptr + row, tl.where(cut_row, tl.where(fast, thr_fast, thr), float("-inf")))
         tl.store(out_ptr + row, tl.where(cut_row, tl.where(fast, token_fast, token_full),
