@@ -692,6 +692,38 @@ def test_top_p_on_peaked_rows_draws_the_references_tokens_and_cut(slice_size):
         assert torch.equal(thr, _thresholds(_scaled(logits, temperature), top_k, top_p))
 
 
+def test_top_p_alone_over_a_vocabulary_of_many_lanes_draws_the_references_tokens_and_cut():
+    """top-p without top-k reads its whole row (no vocabulary slices can bound it), and bounds
+    the nucleus from below before its selects: by the lanes' maxima where those alone hold the
+    nucleus's mass (peaked rows), else by the mass above 16 levels (flat rows: a nucleus of
+    thousands). Over a vocabulary of 23 lanes' worth of tokens each kind comes up (checked
+    here against the kernel's lane count), and every row still draws the sorted reference's
+    token and cut, bit for bit."""
+    from w2s_engine.kernels.sampling import _sample_kernel, _scaled, _thresholds
+    vocab = 24_000
+    g = torch.Generator().manual_seed(3)
+    scale = torch.tensor([0.3, 1.0, 3.0, 3.0, 6.0, 1.0, 0.3, 3.0])[:, None]
+    logits = torch.randn(8, vocab, generator=g) * scale
+    rank = torch.rand(vocab, generator=g).argsort().float() + 1
+    logits[5] = -1.1 * rank.log()                               # zipf: a trained model's shape
+    temperature = torch.tensor([1.0, 1.0, 0.7, 1.0, 1.0, 0.7, 1.0, 1.3])
+    top_k = torch.zeros(8, dtype=torch.int32)
+    top_p = torch.tensor([0.9, 0.5, 0.9, 0.98, 0.3, 0.9, 0.05, 0.95])
+    args = (logits, temperature, top_k, top_p, torch.arange(8) + 101, torch.arange(8) * 3)
+    tokens, thr = sample_triton(*args, return_thresholds=True)
+    assert tokens.tolist() == sample_ref(*args).tolist()
+    scaled = _scaled(logits, temperature)
+    assert torch.equal(thr, _thresholds(scaled, top_k, top_p))
+    # Which bound each row took: do its lanes' maxima hold the nucleus's mass?
+    lanes = _sample_kernel.configs[0].kwargs["BLOCK_V"]
+    pad = torch.full((8, (-vocab) % lanes), float("-inf"))
+    lane_max = torch.cat([scaled, pad], 1).view(8, -1, lanes).amax(1)
+    mass = (scaled - scaled.amax(1, keepdim=True)).exp()
+    lanes_hold = ((lane_max - scaled.amax(1, keepdim=True)).exp().sum(1)
+                  >= top_p * mass.sum(1) * 1.001)
+    assert 0 < int(lanes_hold.sum()) < 8, lanes_hold
+
+
 @pytest.mark.parametrize("slice_size", SLICE_SIZES)
 def test_sampling_triton_keeps_ties_and_skips_minus_inf_logits_like_the_full_reference(
         slice_size):

@@ -25,7 +25,8 @@ which include every global top-k token it holds). One program per row then ends 
 (_sample_kernel): the slices' best token; or, from the gathered tokens held in registers, a
 radix select finds the k-th largest (by count) and then the top-p cutoff (by mass) exactly;
 a top-p row without top-k (or a slice with too many candidates) takes three passes over its
-whole row instead: the first finds its max, softmax mass and a lower bound on the threshold,
+whole row instead: the first finds its max, softmax mass and a lower bound on the threshold
+(tight where the lanes' maxima alone hold the nucleus; else one more pass weighs 16 levels),
 the second packs the sort keys of the tokens above the bound, among which the selects find the
 threshold the same way, and the third draws the Gumbel-max of the tokens it allows. The kernel's threshold is the
 reference's value bit for bit, except where the top-p mass lands within rounding of top_p
@@ -419,7 +420,8 @@ if triton is not None:
         #    2. a lower bound L on the final threshold: the k-th largest of BLOCK_L group
         #       maxima (k distinct tokens are >= it), or for top-p alone
         #       m + log((1 - p) Z / V) - 1 (tokens below it together hold less than 1 - p of
-        #       the mass), raised to where the group maxima alone reach p Z when they do;
+        #       the mass), raised to where the BLOCK_V lane maxima alone reach p Z when they
+        #       do, or else by one more pass to the lowest of 16 levels that holds p Z;
         #    3. one pass: the sort keys of the tokens >= L, packed into cand (the
         #       candidates: a few hundred to some 10k);
         #    4. radix selects over the candidates: the k-th largest, then the top-p cutoff;
@@ -476,17 +478,47 @@ if triton is not None:
         bound_k, found = _select_in_block(_sort_key(group_max), tl.full([BLOCK_L], 1.0, tl.float32),
                                           k.to(tl.float32))
         bound_k = tl.where(found, bound_k, 0)
-        bound_p = _sort_key(m + tl.log((1.0 - p) * z / V) - 1.0)
-        # That bound is loose (on an H200, 11k candidates for a nucleus of 200-400 tokens, and
-        # the selects' passes over them most of a top-p row's time). A tight one where the
-        # groups' best tokens alone hold the nucleus's mass (a peaked distribution, a trained
-        # model's usual one): the tokens >= e hold at least the mass of the group maxima >= e,
-        # so the nucleus lies at or above the largest e where those reach p Z (with a margin
-        # of 1e-3 of the mass for rounding; otherwise the loose bound stands).
-        group_w = tl.where(group_max > float("-inf"), tl.exp(group_max - m), 0.0)
-        tight_p, found_tight = _select_in_block(_sort_key(group_max), group_w, p * z * 1.001)
-        bound_p = tl.where(found_tight & (z > 0), tl.maximum(bound_p, tight_p), bound_p)
+        # top-p alone: a lower bound on the nucleus's threshold, as tight as can be had
+        # cheaply (the selects below make eight passes over every token at or above it).
+        # Loose: the tokens below lo_x together hold less than 1 - p of the mass.
+        p_alone = full & use_p & ~use_k
+        lo_x = m + tl.log((1.0 - p) * z / V) - 1.0
+        bound_p = _sort_key(lo_x)
+        target = p * z * 1.001     # a margin of 1e-3 of the mass for the sums' rounding
+        # Tight where the lanes' best tokens alone hold the nucleus's mass (a peaked
+        # distribution, a trained model's usual one): the tokens >= e hold at least the mass
+        # of the lane maxima >= e, so the nucleus lies at or above the largest e where those
+        # reach p Z. (Gaussian logits, 128k at T 0.7: 207 candidates for a nucleus of 195,
+        # where the loose bound leaves 11k.) A select over the BLOCK_V lane maxima, their keys
+        # parked in the scratch that the candidates overwrite next.
+        lanes = tl.arange(0, BLOCK_V)
+        tl.store(crow + lanes, _sort_key(lane_max).to(tl.int32, bitcast=True),
+                 mask=lanes < tl.where(p_alone, V, 0))
+        tl.debug_barrier()
+        tight_p, found_tight = _select_in_candidates(
+            crow, tl.where(p_alone, tl.minimum(V, BLOCK_V), 0), m, 0, target, False, True,
+            BLOCK_C)
+        found_tight = found_tight & (z > 0)
+        bound_p = tl.where(found_tight, tl.maximum(bound_p, tight_p), bound_p)
+        # Otherwise (a flat distribution: a nucleus of thousands) one pass weighs the mass at
+        # or above 16 levels between lo_x and the max, and the lowest level that still holds
+        # the nucleus's mass is the bound (Gaussian logits at T 1: 9k candidates for a
+        # nucleus of 5.4k, where the loose bound leaves 44k).
+        j = tl.arange(0, 16)
+        level = m - (j + 1).to(tl.float32) * ((m - lo_x) / 16.0)
+        level_acc = tl.zeros([BLOCK_C, 16], tl.float32)
+        for v0 in range(0, tl.where(p_alone & ~found_tight, V, 0), BLOCK_C):
+            v = v0 + tl.arange(0, BLOCK_C)
+            x = tl.math.div_rn(tl.load(lrow + v, mask=v < V, other=float("-inf"))
+                               .to(tl.float32), t)
+            level_acc += tl.where(x[:, None] >= level[None, :], tl.exp(x - m)[:, None], 0.0)
+        level_mass = tl.sum(level_acc, 0)
+        first = tl.min(tl.where(level_mass >= target, j, 16), 0)   # levels fall with j
+        at_level = tl.sum(tl.where(j == first, level, 0.0), 0)
+        bound_p = tl.where(p_alone & ~found_tight & (first < 16) & (z > 0),
+                           tl.maximum(bound_p, _sort_key(at_level)), bound_p)
         bound = tl.where(use_k, bound_k, bound_p)
+        tl.debug_barrier()         # the lane maxima's keys are read: the candidates go there
 
         # The candidates' sort keys, packed: the selects' eight passes then read them in
         # order (a gather through token ids is a chain of dependent loads per step: most of
