@@ -532,6 +532,7 @@ if triton is not None:
             at = n + tl.cumsum(take.to(tl.int32), 0) - 1
             tl.store(crow + at, keys_v.to(tl.int32, bitcast=True), mask=take)
             n += tl.sum(take.to(tl.int32), 0)
+        tl.debug_barrier()         # every lane's candidates written before the selects read
 
         kth, found_k = _select_in_candidates(crow, tl.where(use_k, n, 0), m, 0,
                                              k.to(tl.float32), False, False, BLOCK_C)
