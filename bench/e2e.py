@@ -206,18 +206,35 @@ def arriving(engine, prompts, params, every: int):
     return [r.result for r in requests]
 
 
-def warm_up(engine, prompts, params):
+def warm_up(engine, prompts, params, every: int = 0):
     """Search every prompt for two chunks (16 tokens), so that the row's batch shapes (the
     scorers' graphs, the kernels' autotuning for them) are met before the clock starts: a
     warm-up of one prompt left them to the first timed row of a process (on an H200 at
-    024353a, the waiting 16-request row paid them: 11.0 s)."""
-    engine.search(prompts, params.copy(max_new_tokens=min(16, params.max_new_tokens)))
+    024353a, the waiting 16-request row paid them: 11.0 s). every: the row admits a request
+    every that many steps, so the warm-up does too, for up to 64 tokens: a prompt prefilled
+    alone beside running decodes, and scoring batches of the requests whose chunks end
+    together, are shapes that prompts admitted at once never meet (their graphs would be
+    captured, and their kernels tuned, inside the timed row)."""
+    if every:
+        arriving(engine, prompts, params.copy(max_new_tokens=min(64, params.max_new_tokens)),
+                 every)
+    else:
+        engine.search(prompts, params.copy(max_new_tokens=min(16, params.max_new_tokens)))
+
+
+def extend_captures(engine) -> tuple[int, float]:
+    """(extend graphs captured, seconds spent capturing them) over every model so far: the
+    scorers' chunks and the prompts' chunks."""
+    graphs = [r.scoring_graphs for r in engine.runners.values() if r.scoring_graphs is not None]
+    return sum(len(g.graphs) for g in graphs), sum(g.capture_seconds for g in graphs)
 
 
 def run_engine(engine, prompts, params, reps: int, every: int = 0):
-    """Median wall time over reps (after warm_up); returns (seconds, results, latencies).
+    """Median wall time over reps (after warm_up); returns (seconds, results, latencies,
+    (extend graphs captured, capture seconds) inside the timed reps).
     every: admit a request every that many steps instead of all at once."""
-    warm_up(engine, prompts, params)
+    warm_up(engine, prompts, params, every)
+    captured_before, capture_s_before = extend_captures(engine)
     times, results, latencies = [], None, []
     for _ in range(reps):
         sync()
@@ -227,7 +244,9 @@ def run_engine(engine, prompts, params, reps: int, every: int = 0):
         sync()
         times.append(time.perf_counter() - t)
         latencies += [r.stats.seconds for r in results]
-    return statistics.median(times), results, latencies
+    captured, capture_s = extend_captures(engine)
+    return (statistics.median(times), results, latencies,
+            (captured - captured_before, round(capture_s - capture_s_before, 3)))
 
 
 def kv_bytes(engine, role: str, blocks: int) -> int:
@@ -356,13 +375,14 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
     tok = engine.large_tokenizer
     prompts = [prompt_of(tok, plen, seed=i) for i in range(conc)]
     ahead_before = engine.stats()["scorings_ahead"]
-    seconds, results, lat = run_engine(engine, prompts, params, args.reps, args.arrivals_every)
+    seconds, results, lat, timed_captures = run_engine(engine, prompts, params, args.reps,
+                                                       args.arrivals_every)
     scorings_ahead = engine.stats()["scorings_ahead"] - ahead_before
     sampled = sum(r.stats.tokens_sampled for r in results)
     # The floor: plain sampling of the same W*K streams, same engine, no small models.
     base = SearchParams.base(n=params.w * params.k, max_new_tokens=max_new, temperature=0.7,
                              top_k=50, seed=1, ignore_eos=True)
-    base_seconds, _, _ = run_engine(engine, prompts, base, args.reps, args.arrivals_every)
+    base_seconds, _, _, _ = run_engine(engine, prompts, base, args.reps, args.arrivals_every)
     forwarded, peak = {}, {}
     for r in results:
         for role, n in r.stats.tokens_forwarded.items():
@@ -401,6 +421,10 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
         "scoring_capture_seconds": round(sum(r.scoring_graphs.capture_seconds
                                              for r in engine.runners.values()
                                              if r.scoring_graphs is not None), 3),
+        # ... of which inside this row's timed reps (after its warm-up): a shape first met
+        # there, its eager run, capture and kernel tuning timed with the row
+        "extend_graphs_captured_in_row": timed_captures[0],
+        "extend_capture_seconds_in_row": timed_captures[1],
         "scoring_capture_failed": sorted({why for r in engine.runners.values()
                                           if r.scoring_graphs is not None
                                           for why in r.scoring_graphs.failed.values()}),

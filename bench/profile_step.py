@@ -200,7 +200,7 @@ def main():
 
 def profile_one(engine, names, args, params, prompts) -> dict:
     """One profiled search (after warm_up): its row, printed."""
-    warm_up(engine, prompts, params)
+    warm_up(engine, prompts, params, args.arrivals_every)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
