@@ -488,9 +488,9 @@ if triton is not None:
         # Tight where the lanes' best tokens alone hold the nucleus's mass (a peaked
         # distribution, a trained model's usual one): the tokens >= e hold at least the mass
         # of the lane maxima >= e, so the nucleus lies at or above the largest e where those
-        # reach p Z. (Gaussian logits, 128k at T 0.7: 207 candidates for a nucleus of 195,
-        # where the loose bound leaves 11k.) A select over the BLOCK_V lane maxima, their keys
-        # parked in the scratch that the candidates overwrite next.
+        # reach p Z. (Gaussian logits x 3 over 128k at T 0.7: 400 candidates for a nucleus of
+        # 325, where the loose bound leaves 12.9k: bench/top_p_candidates.py.) A select over
+        # the BLOCK_V lane maxima, their keys parked in the scratch the candidates overwrite.
         lanes = tl.arange(0, BLOCK_V)
         tl.store(crow + lanes, _sort_key(lane_max).to(tl.int32, bitcast=True),
                  mask=lanes < tl.where(p_alone, V, 0))
@@ -502,8 +502,8 @@ if triton is not None:
         bound_p = tl.where(found_tight, tl.maximum(bound_p, tight_p), bound_p)
         # Otherwise (a flat distribution: a nucleus of thousands) one pass weighs the mass at
         # or above 16 levels between lo_x and the max, and the lowest level that still holds
-        # the nucleus's mass is the bound (Gaussian logits at T 1: 9k candidates for a
-        # nucleus of 5.4k, where the loose bound leaves 44k).
+        # the nucleus's mass is the bound (the same logits at T 1: 6.9k candidates for a
+        # nucleus of 5.7k, where the loose bound leaves 44.7k).
         j = tl.arange(0, 16)
         level = m - (j + 1).to(tl.float32) * ((m - lo_x) / 16.0)
         level_acc = tl.zeros([BLOCK_C, 16], tl.float32)
