@@ -28,11 +28,11 @@ a top-p row without top-k (or a slice with too many candidates) takes three pass
 whole row instead: the first finds its max, softmax mass and a lower bound on the threshold
 (tight where the lanes' maxima alone hold the nucleus; else one more pass weighs 16 levels),
 the second packs the sort keys of the tokens above the bound, among which the selects find the
-threshold the same way, and the third draws the Gumbel-max of the tokens it allows. The kernel's threshold is the
-reference's value bit for bit, except where the top-p mass lands within rounding of top_p
-(sums run in another order). Scratch memory: one int32 per logit. With an exact tie at the
-k-th logit the kernel keeps every tied token (transformers' rule, and the full reference's);
-the CPU top-k fast path keeps k.
+threshold the same way, and the third draws the Gumbel-max of the tokens it allows. The
+kernel's threshold is the reference's value bit for bit, except where the top-p mass lands
+within rounding of top_p (sums run in another order). Scratch memory: one int32 per logit.
+With an exact tie at the k-th logit the kernel keeps every tied token (transformers' rule, and
+the full reference's); the CPU top-k fast path keeps k.
 """
 
 import torch
