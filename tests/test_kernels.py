@@ -724,6 +724,34 @@ def test_top_p_alone_over_a_vocabulary_of_many_lanes_draws_the_references_tokens
     assert 0 < int(lanes_hold.sum()) < 8, lanes_hold
 
 
+def test_top_p_bound_counts_negative_zero_logits_as_their_sort_key_does():
+    """The flat-row bound weighs 16 levels; a level can land exactly on +0.0 while the row's
+    tokens sit at -0.0, which float compares count at that level and the candidates' sort
+    keys leave below it. The levels are compared as keys, so every top_p around that point
+    (one float step apart) keeps the reference's cut: a nucleus short of its mass would have
+    left the row uncut."""
+    import math
+
+    import numpy as np
+
+    from w2s_engine.kernels.sampling import _scaled, _thresholds
+    vocab, top = 3072, 0.5625
+    row = torch.full((vocab,), -0.0)
+    row[100] = top
+    row[torch.arange(8) * 300 + 7] = -3.0
+    z = 1 + 3063 * math.exp(-top) + 8 * math.exp(-3.0 - top)
+    ps = [np.float32(1 - math.exp(1 - 4 * top) * vocab / z)]   # level 3 is exactly +0.0
+    for _ in range(8):
+        ps = [np.nextafter(ps[0], np.float32(0)), *ps, np.nextafter(ps[-1], np.float32(1))]
+    b = len(ps)
+    logits = row[None].repeat(b, 1)
+    args = (logits, torch.ones(b), torch.zeros(b, dtype=torch.int32),
+            torch.tensor(np.array(ps, np.float32)), torch.arange(b) + 5, torch.arange(b))
+    tokens, thr = sample_triton(*args, return_thresholds=True)
+    assert tokens.tolist() == sample_ref(*args).tolist()
+    assert torch.equal(thr, _thresholds(_scaled(logits, args[1]), args[2], args[3]))
+
+
 @pytest.mark.parametrize("slice_size", SLICE_SIZES)
 def test_sampling_triton_keeps_ties_and_skips_minus_inf_logits_like_the_full_reference(
         slice_size):

@@ -214,7 +214,9 @@ if triton is not None:
         """_digit_weights over a row's n candidates (their sort keys at crow, contiguous: no
         gather through token ids), weight 1 (a count) or exp(x - m) (a mass); candidates with
         a key below `floor` weigh nothing. The [BLOCK_C, 16] sums stay in registers across
-        the steps and are reduced once (a reduction per step is a shared-memory round trip)."""
+        the steps and are reduced once (a reduction per step is a shared-memory round trip),
+        and not at all where there are no candidates (most rows: the selects are called for
+        every row, their counts 0 where a row does not need them)."""
         j = tl.arange(0, 16).to(tl.uint32)
         pivot = prefix + (j << SHIFT)
         acc = tl.zeros([BLOCK_C, 16], tl.float32)
@@ -228,7 +230,10 @@ if triton is not None:
                 w = tl.full([BLOCK_C], 1.0, tl.float32)
             w = tl.where(cmask & (key >= floor), w, 0.0)
             acc += tl.where(key[:, None] >= pivot[None, :], w[:, None], 0.0)
-        return tl.sum(acc, 0)
+        digits = tl.zeros([16], tl.float32)
+        if n > 0:
+            digits = tl.sum(acc, 0)
+        return digits
 
     @triton.jit
     def _select_in_candidates(crow, n, m, floor, target, relative,
@@ -481,10 +486,11 @@ if triton is not None:
         # top-p alone: a lower bound on the nucleus's threshold, as tight as can be had
         # cheaply (the selects below make eight passes over every token at or above it).
         # Loose: the tokens below lo_x together hold less than 1 - p of the mass.
-        p_alone = full & use_p & ~use_k
         lo_x = m + tl.log((1.0 - p) * z / V) - 1.0
         bound_p = _sort_key(lo_x)
         target = p * z * 1.001     # a margin of 1e-3 of the mass for the sums' rounding
+        # (Neither raise can succeed where the target exceeds the whole mass: p >= 0.999.)
+        p_alone = full & use_p & ~use_k & (target < z)
         # Tight where the lanes' best tokens alone hold the nucleus's mass (a peaked
         # distribution, a trained model's usual one): the tokens >= e hold at least the mass
         # of the lane maxima >= e, so the nucleus lies at or above the largest e where those
@@ -503,20 +509,25 @@ if triton is not None:
         # Otherwise (a flat distribution: a nucleus of thousands) one pass weighs the mass at
         # or above 16 levels between lo_x and the max, and the lowest level that still holds
         # the nucleus's mass is the bound (the same logits at T 1: 6.9k candidates for a
-        # nucleus of 5.7k, where the loose bound leaves 44.7k).
+        # nucleus of 5.7k, where the loose bound leaves 44.7k). Compared as sort keys, as the
+        # packing compares (as floats -0.0 would weigh at a level of +0.0, then be left out).
         j = tl.arange(0, 16)
-        level = m - (j + 1).to(tl.float32) * ((m - lo_x) / 16.0)
+        level = _sort_key(m - (j + 1).to(tl.float32) * ((m - lo_x) / 16.0))
         level_acc = tl.zeros([BLOCK_C, 16], tl.float32)
-        for v0 in range(0, tl.where(p_alone & ~found_tight, V, 0), BLOCK_C):
+        n_level = tl.where(p_alone & ~found_tight, V, 0)
+        for v0 in range(0, n_level, BLOCK_C):
             v = v0 + tl.arange(0, BLOCK_C)
             x = tl.math.div_rn(tl.load(lrow + v, mask=v < V, other=float("-inf"))
                                .to(tl.float32), t)
-            level_acc += tl.where(x[:, None] >= level[None, :], tl.exp(x - m)[:, None], 0.0)
-        level_mass = tl.sum(level_acc, 0)
+            level_acc += tl.where(_sort_key(x)[:, None] >= level[None, :],
+                                  tl.exp(x - m)[:, None], 0.0)
+        level_mass = tl.zeros([16], tl.float32)
+        if n_level > 0:
+            level_mass = tl.sum(level_acc, 0)
         first = tl.min(tl.where(level_mass >= target, j, 16), 0)   # levels fall with j
-        at_level = tl.sum(tl.where(j == first, level, 0.0), 0)
+        at_level = tl.max(tl.where(j == first, level, 0), 0)
         bound_p = tl.where(p_alone & ~found_tight & (first < 16) & (z > 0),
-                           tl.maximum(bound_p, _sort_key(at_level)), bound_p)
+                           tl.maximum(bound_p, at_level), bound_p)
         bound = tl.where(use_k, bound_k, bound_p)
         tl.debug_barrier()         # the lane maxima's keys are read: the candidates go there
 
