@@ -24,15 +24,16 @@ its slice's few tokens that can be allowed (each slice keeps at least its own k 
 which include every global top-k token it holds). One program per row then ends the row
 (_sample_kernel): the slices' best token; or, from the gathered tokens held in registers, a
 radix select finds the k-th largest (by count) and then the top-p cutoff (by mass) exactly;
-a top-p row without top-k (or a slice with too many candidates) takes three passes over its
-whole row instead: the first finds its max, softmax mass and a lower bound on the threshold
-(tight where the lanes' maxima alone hold the nucleus; else one more pass weighs 16 levels),
-the second packs the sort keys of the tokens above the bound, among which the selects find the
-threshold the same way, and the third draws the Gumbel-max of the tokens it allows. The
-kernel's threshold is the reference's value bit for bit, except where the top-p mass lands
-within rounding of top_p (sums run in another order). Scratch memory: one int32 per logit.
-With an exact tie at the k-th logit the kernel keeps every tied token (transformers' rule, and
-the full reference's); the CPU top-k fast path keeps k.
+a top-p row without top-k (or a slice with too many candidates) takes passes over its whole
+row instead: the first finds its max, softmax mass and a lower bound on the threshold (tight
+where the lanes' maxima alone hold the nucleus; else one more pass weighs 16 levels), the
+second packs the sort keys and ids of the tokens above the bound (the candidates), among whose
+keys the selects find the threshold the same way, and the Gumbel-max of the tokens it allows
+is drawn from the candidates (or, when they fill more than half the row, from a third pass
+over it). The kernel's threshold is the reference's value bit for bit, except where the
+top-p mass lands within rounding of top_p (sums run in another order). Scratch memory: one
+int32 per logit. With an exact tie at the k-th logit the kernel keeps every tied token
+(transformers' rule, and the full reference's); the CPU top-k fast path keeps k.
 """
 
 import torch
@@ -311,6 +312,25 @@ if triton is not None:
         top = tl.max(best, 0)
         return top, tl.min(tl.where(best == top, best_i, V), 0)
 
+    @triton.jit
+    def _gumbel_best_packed(crow, key, greedy, thr, n, V, BLOCK_C: tl.constexpr):
+        """_gumbel_best over n packed candidates: their sort keys at crow[0, n) and their
+        token ids, in the same (ascending) order, at crow[V - 1], crow[V - 2], ... Both read
+        in order, and a candidate's logits / T is its key's value: no pass over the row."""
+        best = tl.full([BLOCK_C], float("-inf"), tl.float32)
+        best_i = tl.zeros([BLOCK_C], tl.int64)
+        for c0 in range(0, n, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            mask = c < n
+            x = _key_value(tl.load(crow + c, mask=mask, other=0).to(tl.uint32, bitcast=True))
+            v = tl.load(crow + (V - 1 - c), mask=mask, other=0)
+            score = tl.where(mask & (x >= thr), _gumbel_score(x, v, key, greedy), float("-inf"))
+            better = score > best
+            best = tl.where(better, score, best)
+            best_i = tl.where(better, v.to(tl.int64), best_i)
+        top = tl.max(best, 0)
+        return top, tl.min(tl.where(best == top, best_i, V), 0)
+
     @triton.autotune(
         configs=configs(
             [triton.Config({"BLOCK_V": 1024, "BLOCK_L": 256}, num_warps=4),
@@ -430,7 +450,8 @@ if triton is not None:
         #    3. one pass: the sort keys of the tokens >= L, packed into cand (the
         #       candidates: a few hundred to some 10k);
         #    4. radix selects over the candidates: the k-th largest, then the top-p cutoff;
-        #    5. one pass: Gumbel-max over the tokens >= the cutoff.
+        #    5. Gumbel-max over the candidates >= the cutoff (their keys and ids packed), or
+        #       one pass over the row when there were too many to keep their ids.
         row = tl.program_id(0).to(tl.int64)
         t, greedy, k, p, use_k, use_p, use_min_p, log_min_p, cut_row, fast_row = _row_filters(
             temp_ptr, top_k_ptr, top_p_ptr, log_min_p_ptr, row, V, HAS_MIN_P)
@@ -533,7 +554,13 @@ if triton is not None:
 
         # The candidates' sort keys, packed: the selects' eight passes then read them in
         # order (a gather through token ids is a chain of dependent loads per step: most of
-        # a top-p row's time on an H200 at 111ea9f, with 11k candidates).
+        # a top-p row's time on an H200 at 111ea9f, with 11k candidates). Their token ids go
+        # to the scratch's other end, from crow[V - 1] down, for the final draw, as long as
+        # the two cannot meet: candidate a's id lands at V - 1 - a > V / 2 + BLOCK_V for
+        # a < ids_room, where only a key written at least one step later can land (the
+        # barrier orders the two), and a row with more candidates than that draws over its
+        # whole row instead.
+        ids_room = V // 2 - BLOCK_V
         n = 0
         for v0 in range(0, v_cut, BLOCK_V):
             v = v0 + tl.arange(0, BLOCK_V)
@@ -542,8 +569,9 @@ if triton is not None:
             take = (v < V) & (keys_v >= bound)
             at = n + tl.cumsum(take.to(tl.int32), 0) - 1
             tl.store(crow + at, keys_v.to(tl.int32, bitcast=True), mask=take)
+            tl.store(crow + (V - 1 - at), v, mask=take & (at < ids_room))
             n += tl.sum(take.to(tl.int32), 0)
-        tl.debug_barrier()         # every lane's candidates written before the selects read
+            tl.debug_barrier()
 
         kth, found_k = _select_in_candidates(crow, tl.where(use_k, n, 0), m, 0,
                                              k.to(tl.float32), False, False, BLOCK_C)
@@ -554,10 +582,15 @@ if triton is not None:
         thr = tl.where(cut > 0, _key_value(cut), float("-inf"))
         # min-p: tokens >= the max + log(min_p); with top-k or top-p, all among the candidates.
         thr = tl.where(use_min_p, tl.maximum(thr, m + log_min_p), thr)
-        # Gumbel-max over the allowed tokens: one pass over the row in id order (ties to the
-        # lowest id), coalesced, where the candidates would be a gather.
-        _, token_full = _gumbel_best(lrow, key, t, greedy, thr, 0, tl.where(full, V, 0), V,
-                                     BLOCK_V)
+        # Gumbel-max over the allowed tokens (ties to the lowest id): with a cut they are all
+        # among the candidates (thr >= bound), drawn from their packed keys and ids where
+        # every id was kept; otherwise one pass over the row.
+        packed = full & (cut > 0) & (n <= ids_room)
+        _, token_packed = _gumbel_best_packed(crow, key, greedy, thr, tl.where(packed, n, 0),
+                                              V, BLOCK_C)
+        _, token_row = _gumbel_best(lrow, key, t, greedy, thr, 0,
+                                    tl.where(full & ~packed, V, 0), V, BLOCK_V)
+        token_full = tl.where(packed, token_packed, token_row)
 
         tl.store(thr_ptr + row, tl.where(cut_row, tl.where(fast, thr_fast, thr), float("-inf")))
         tl.store(out_ptr + row, tl.where(cut_row, tl.where(fast, token_fast, token_full),
