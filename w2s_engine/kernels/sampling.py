@@ -294,6 +294,20 @@ if triton is not None:
         return tl.where(greedy, x, x - tl.log(-tl.log(u)))
 
     @triton.jit
+    def _gumbel_step(x, v, allowed, key, greedy, best, best_i):
+        """One step of a Gumbel-max: the lanes' best (score, token) so far, updated with the
+        tokens v (scaled logits x) that are allowed; a tie keeps the earlier, lower id."""
+        score = tl.where(allowed, _gumbel_score(x, v, key, greedy), float("-inf"))
+        better = score > best
+        return tl.where(better, score, best), tl.where(better, v.to(tl.int64), best_i)
+
+    @triton.jit
+    def _gumbel_pick(best, best_i, V):
+        """The lanes' best -> (its score, its token: the lowest id among equal scores)."""
+        top = tl.max(best, 0)
+        return top, tl.min(tl.where(best == top, best_i, V), 0)
+
+    @triton.jit
     def _gumbel_best(lrow, key, t, greedy, thr, start, end, V, BLOCK_V: tl.constexpr):
         """Gumbel-max over token ids [start, end) -> (best score, its token; -inf and 0 when
         nothing there is allowed); a token is allowed when its logits / T >= thr. Ties go to
@@ -305,12 +319,8 @@ if triton is not None:
             mask = v < end
             x = tl.load(lrow + v, mask=mask, other=float("-inf")).to(tl.float32)
             x = tl.math.div_rn(x, t)                # IEEE division, as the reference's logits / T
-            score = tl.where(mask & (x >= thr), _gumbel_score(x, v, key, greedy), float("-inf"))
-            better = score > best
-            best = tl.where(better, score, best)
-            best_i = tl.where(better, v.to(tl.int64), best_i)
-        top = tl.max(best, 0)
-        return top, tl.min(tl.where(best == top, best_i, V), 0)
+            best, best_i = _gumbel_step(x, v, mask & (x >= thr), key, greedy, best, best_i)
+        return _gumbel_pick(best, best_i, V)
 
     @triton.jit
     def _gumbel_best_packed(crow, key, greedy, thr, n, V, BLOCK_C: tl.constexpr):
@@ -324,12 +334,8 @@ if triton is not None:
             mask = c < n
             x = _key_value(tl.load(crow + c, mask=mask, other=0).to(tl.uint32, bitcast=True))
             v = tl.load(crow + (V - 1 - c), mask=mask, other=0)
-            score = tl.where(mask & (x >= thr), _gumbel_score(x, v, key, greedy), float("-inf"))
-            better = score > best
-            best = tl.where(better, score, best)
-            best_i = tl.where(better, v.to(tl.int64), best_i)
-        top = tl.max(best, 0)
-        return top, tl.min(tl.where(best == top, best_i, V), 0)
+            best, best_i = _gumbel_step(x, v, mask & (x >= thr), key, greedy, best, best_i)
+        return _gumbel_pick(best, best_i, V)
 
     @triton.autotune(
         configs=configs(
