@@ -187,11 +187,16 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _digit_weights(key, w, prefix, SHIFT: tl.constexpr):
-        """[16]: total weight w of the keys >= prefix + j << SHIFT, for the digits j = 0..15."""
+    def _digit_terms(key, w, prefix, SHIFT: tl.constexpr):
+        """[N, 16]: each key's weight w where it is >= prefix + j << SHIFT (digit j), else 0."""
         j = tl.arange(0, 16).to(tl.uint32)
         pivot = prefix + (j << SHIFT)
-        return tl.sum(tl.where(key[:, None] >= pivot[None, :], w[:, None], 0.0), 0)
+        return tl.where(key[:, None] >= pivot[None, :], w[:, None], 0.0)
+
+    @triton.jit
+    def _digit_weights(key, w, prefix, SHIFT: tl.constexpr):
+        """[16]: total weight w of the keys >= prefix + j << SHIFT, for the digits j = 0..15."""
+        return tl.sum(_digit_terms(key, w, prefix, SHIFT), 0)
 
     @triton.jit
     def _next_prefix(weights, prefix, target, SHIFT: tl.constexpr):
@@ -218,8 +223,6 @@ if triton is not None:
         the steps and are reduced once (a reduction per step is a shared-memory round trip),
         and not at all where there are no candidates (most rows: the selects are called for
         every row, their counts 0 where a row does not need them)."""
-        j = tl.arange(0, 16).to(tl.uint32)
-        pivot = prefix + (j << SHIFT)
         acc = tl.zeros([BLOCK_C, 16], tl.float32)
         for c0 in range(0, n, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
@@ -230,7 +233,7 @@ if triton is not None:
             else:
                 w = tl.full([BLOCK_C], 1.0, tl.float32)
             w = tl.where(cmask & (key >= floor), w, 0.0)
-            acc += tl.where(key[:, None] >= pivot[None, :], w[:, None], 0.0)
+            acc += _digit_terms(key, w, prefix, SHIFT)
         digits = tl.zeros([16], tl.float32)
         if n > 0:
             digits = tl.sum(acc, 0)
