@@ -361,6 +361,57 @@ def test_a_prompt_past_the_character_limit_is_refused_before_tokenizing(monkeypa
         live.stop()
 
 
+def test_the_character_limit_holds_each_prompt_of_a_list_not_their_sum():
+    engine = tiny_engine(num_kv_blocks=400)
+    live = LiveServer(engine, max_prompt_chars=100)
+    try:
+        # Four prompts of 80 characters: 320 in all, each under the limit.
+        code, payload = raw_post(live.port, "/v1/completions", json.dumps(
+            {"prompt": ["y " * 40] * 4, "max_tokens": 2, "method": "base"}).encode())
+        assert code == 200 and len(payload["choices"]) == 4
+        code, payload = raw_post(live.port, "/v1/completions", json.dumps(
+            {"prompt": ["y " * 40, "y" * 101], "max_tokens": 2}).encode())
+        assert code == 400 and payload["error"]["param"] == "prompt.1"
+        assert payload["error"]["message"].startswith("prompt.1: 101 characters")
+    finally:
+        live.stop()
+    engine.check_all_free()
+
+
+def test_a_search_that_cannot_start_is_a_5xx_and_cancels_the_requests_other_prompts(monkeypatch):
+    engine = tiny_engine(num_kv_blocks=400)
+    live = LiveServer(engine)
+    real, queued = engine.enqueue, []
+
+    def enqueue(req, **kwargs):   # the engine refuses a list's second prompt
+        if queued:
+            raise RuntimeError("the engine refused it")
+        queued.append(req)
+        return real(req, **kwargs)
+    monkeypatch.setattr(engine, "enqueue", enqueue)
+    try:
+        code, payload = raw_post(live.port, "/v1/completions", json.dumps(
+            {"prompt": ["I really", "What a"], "max_tokens": 200, "ignore_eos": True,
+             "method": "base"}).encode())
+        assert code == 500 and is_envelope(payload, 500)
+        assert "could not start" in payload["error"]["message"]
+        deadline = time.time() + 10        # the engine loop ends the first prompt's search
+        while not queued[0].status.ended and time.time() < deadline:
+            time.sleep(0.05)
+        assert queued[0].status.ended and queued[0].status.name == "CANCELLED"
+        monkeypatch.setattr(engine, "enqueue", real)
+        live.async_engine.shutdown()                 # the HTTP server still answers
+        code, payload = raw_post(live.port, "/v1/completions", json.dumps(
+            {"prompt": "I really", "max_tokens": 2}).encode())
+        assert code == 503 and "shutting down" in payload["error"]["message"]
+        m = live.metrics()
+        assert m["w2s_requests_failed_total"] == 2 and m["w2s_requests_total"] == 2
+    finally:
+        live.stop()
+    assert not engine.has_unfinished()
+    engine.check_all_free()
+
+
 def test_a_burst_that_fits_the_kv_cache_is_admitted_whatever_the_queue_bound():
     engine = tiny_engine(max_waiting=2)
     live = LiveServer(engine)

@@ -453,13 +453,12 @@ class CompletionRequest(SearchFields):
                 raise RequestError(400, f"{where}: no token ids: send a non-empty prompt", where)
         return prompts
 
-    @property
-    def prompt_chars(self) -> int:
-        """Characters (a token id counts as one)."""
+    def prompt_chars(self) -> list[int]:
+        """Characters of each prompt (a token id counts as one), in the_prompts' order: the
+        limit is a prompt's, as each prompt is its own search."""
         p = self.prompt
-        if isinstance(p, str):
-            return len(p)
-        return sum(len(x) if isinstance(x, (str, list)) else 1 for x in p)
+        many = isinstance(p, list) and p and isinstance(p[0], (str, list))
+        return [len(x) for x in p] if many else [len(p)]
 
 
 class TextPart(BaseModel):
@@ -514,7 +513,7 @@ class ChatCompletionRequest(SearchFields):
         return [[{"role": m.role, "content": m.content if isinstance(m.content, str) else
                   [p.model_dump() for p in m.content]} for m in self.messages]]
 
-    @property
-    def prompt_chars(self) -> int:
-        return sum(len(m.content) if isinstance(m.content, str) else
-                   sum(len(p.text) for p in m.content) for m in self.messages)
+    def prompt_chars(self) -> list[int]:
+        """Characters of the one prompt: every message's text."""
+        return [sum(len(m.content) if isinstance(m.content, str) else
+                    sum(len(p.text) for p in m.content) for m in self.messages)]

@@ -38,7 +38,7 @@ import w2s_engine
 from w2s_engine.outputs import SearchResult
 from w2s_engine.scheduler import QueueFull
 from w2s_engine.serve.answers import Answer, combine, sum_usage, usage
-from w2s_engine.serve.async_engine import AsyncEngine, FirstText, SearchFailed
+from w2s_engine.serve.async_engine import SHUTTING_DOWN, AsyncEngine, FirstText, SearchFailed
 from w2s_engine.serve.guard import (DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, LOOPBACK_HOSTS,
                                     Guard, default_allowed_hosts, envelope, error_response)
 from w2s_engine.serve.metrics import ServerMetrics, parse_metrics  # noqa: F401 (re-exported)
@@ -145,10 +145,13 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
         check_model(body.model)
         plan = body.plan(default_method, engine.has_scorer, tokenizer is not None)
         field = "messages" if chat else "prompt"
-        if body.prompt_chars > max_prompt_chars:
-            raise RequestError(400, f"{field}: {body.prompt_chars} characters, past this "
-                                    f"server's limit of {max_prompt_chars} (--max-prompt-chars):"
-                                    " send a shorter prompt", field)
+        chars = body.prompt_chars()
+        long = next((i for i, n in enumerate(chars) if n > max_prompt_chars), None)
+        if long is not None:
+            where = field if len(chars) == 1 else f"{field}.{long}"
+            raise RequestError(400, f"{where}: {chars[long]} characters, past this server's "
+                                    f"limit of {max_prompt_chars} a prompt "
+                                    "(--max-prompt-chars): send a shorter prompt", where)
         # vLLM's add_special_tokens: what the engine does is fixed by the template in effect
         # (a chat template holds its own BOS; a text prompt gets the tokenizer's).
         special = not (chat and engine.templates["large"].chat)
@@ -183,11 +186,14 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                 handles.append(await async_engine.queue(req, label, state.arrived,
                                                         past_bound=i > 0,
                                                         first_text=first_text))
-        except (ValueError, TypeError, QueueFull) as e:
+        except (ValueError, TypeError, QueueFull, SearchFailed) as e:
             for h in handles:   # one prompt refused: the request starts nothing
                 h.cancel()
             if isinstance(e, QueueFull):
                 return error_response(429, str(e), headers={"Retry-After": "1"})
+            if isinstance(e, SearchFailed):   # shutting down, or the engine refused it
+                return error_response(503 if str(e) == SHUTTING_DOWN else 500,
+                                      f"the search could not start: {e}")
             if len(prompts) == 1:
                 raise param_error(e, field, plan.names) from None
             where = f"{field}.{len(prepared)}"   # which prompt it was
