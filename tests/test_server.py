@@ -125,7 +125,12 @@ def test_malformed_requests_get_4xx_naming_the_field_and_the_server_keeps_servin
 
 
 def test_models_health_and_metrics(server):
-    assert [m.id for m in server.client.models.list().data] == ["tiny"]
+    models = server.client.models.list().data
+    assert [m.id for m in models] == ["tiny"]
+    assert abs(models[0].created - time.time()) < 3600   # when the server began, not 1970
+    c = server.client.chat.completions.create(model="tiny", max_tokens=2, messages=[
+        {"role": "user", "content": "Hi"}], extra_body={"method": "base"})
+    assert "system_fingerprint" in c.model_dump(exclude_unset=True)   # null, as OpenAI's
     assert json.loads(urllib.request.urlopen(server.url + "/health").read())["status"] == "ok"
     # Load balancers probe with HEAD.
     head = urllib.request.urlopen(urllib.request.Request(server.url + "/health", method="HEAD"))
@@ -478,3 +483,18 @@ def test_building_a_heavy_logprobs_answer_does_not_hold_up_other_requests(server
     waited = time.time() - started
     heavy.join()
     assert code == 200 and waited < 0.8, waited
+
+
+def test_a_chat_past_the_context_names_the_messages_or_max_tokens_in_plain_words(server):
+    # The tiny models' context is 512 tokens; "good " is 5 of make_tokenizer's.
+    def chat(words, **extra):
+        return raw_post(server.port, "/v1/chat/completions", json.dumps(
+            {"messages": [{"role": "user", "content": "good " * words}], **extra}).encode())
+    code, payload = chat(200)
+    assert code == 400 and payload["error"]["param"] == "messages"
+    assert "the messages' prompt has" in payload["error"]["message"]
+    assert "shorten the messages" in payload["error"]["message"]
+    code, payload = chat(20, max_tokens=450)
+    assert code == 400 and payload["error"]["param"] == "max_tokens"
+    assert "the messages' prompt has" in payload["error"]["message"]
+    assert "max_tokens is 450" in payload["error"]["message"]

@@ -90,7 +90,10 @@ class Answer:
         self.created = int(time.time())
 
     def _head(self, obj: str) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+        # system_fingerprint: OpenAI's field for the backend's configuration; none here (null,
+        # as OpenAI sends it where it has none)
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": None}
 
     def whole(self, result: SearchResult, tokenizer) -> dict:
         hyps = result.hypotheses[:self.plan.n]

@@ -176,8 +176,9 @@ def param_error(e: ValueError, prompt_field: str, names: dict | None = None) -> 
         message = field + message[len(e.field):]
     if field == "prompt" or field.startswith("messages"):
         field = field if field.startswith(prompt_field) else prompt_field
-    if e.field == "prompt" and prompt_field == "messages":   # a chat's prompt is its messages
-        message = message.replace("the prompt", "the messages")
+    if prompt_field == "messages":   # a chat's prompt is its messages, rendered
+        message = message.replace("the prompt has", "the messages' prompt has").replace(
+            "the prompt (", "the messages' prompt (").replace("the prompt", "the messages")
     return RequestError(400, message, field)
 
 

@@ -24,6 +24,7 @@ Every error is in OpenAI's envelope {"error": {"message", "type", "param", "code
 import asyncio
 import json
 import logging
+import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -75,6 +76,7 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
     names = [model_name] if isinstance(model_name, str) else list(model_name)
     tokenizer = engine.large_tokenizer           # None: a black-box large model
     default_method = "cbs" if engine.has_scorer else "base"
+    started = int(time.time())     # the models' "created": when this server began serving them
     if max_prompt_chars is None:
         context = engine.max_prompt_tokens
         max_prompt_chars = CHARS_PER_TOKEN * context if context else max_body_bytes
@@ -315,7 +317,7 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                               True)
 
     def model_card(name: str) -> dict:
-        return {"id": name, "object": "model", "created": 0, "owned_by": "w2s-engine"}
+        return {"id": name, "object": "model", "created": started, "owned_by": "w2s-engine"}
 
     @app.get("/v1/models")
     async def models():
