@@ -813,6 +813,35 @@ def test_penalties_give_the_tokens_of_greedy_decoding_with_the_same_penalties(
     engine.check_all_free()
 
 
+@pytest.mark.parametrize("prompt", ["This film", "The plot of this film"])
+def test_eft_with_a_repetition_penalty_is_greedy_decoding_of_the_mixed_logits(tok, small_pair,
+                                                                             prompt):
+    # DESIGN.md's EFT: logits_large + beta * (logits_tuned - logits_untuned). Sampling is the
+    # same for log-probs in place of the small models' logits (a shift per row), but a
+    # repetition penalty, which scales positive and negative logits apart, is not.
+    engine = make_engine(tok, small_pair)
+    large = clone(tiny_llama(len(tok), seed=1, layers=3))    # the engine's large model
+    tuned, untuned = small_pair
+    beta, steps, penalty = 3.0, 16, 1.3   # where the two rules part here
+    params = SearchParams.eft(beta=beta, max_new_tokens=steps, top_k=1, ignore_eos=True,
+                              seed=1, repetition_penalty=penalty)
+    large_ids = engine.make_request(prompt, params).large_prompt_ids
+    small_ids = tok(SMALL_TEMPLATE.replace("{prompt}", prompt),
+                    add_special_tokens=False)["input_ids"]
+    from transformers import RepetitionPenaltyLogitsProcessor
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            def last(model, ids):
+                return model(torch.tensor([ids + out])).logits[:, -1].float()
+            mixed = last(large, large_ids) + beta * (last(tuned, small_ids)
+                                                     - last(untuned, small_ids))
+            mixed = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([large_ids + out]), mixed)
+            out.append(int(mixed.argmax()))
+    assert engine.search([prompt], params)[0].token_ids == out
+    engine.check_all_free()
+
+
 def test_penalties_apply_to_their_own_request_in_a_batch(engine):
     params = SearchParams.cbs(2, 2, 3, max_new_tokens=9, seed=3)
     penalised = params.copy(frequency_penalty=2.0, repetition_penalty=1.5)

@@ -1,10 +1,11 @@
-"""EFT / proxy-tuning: sample from logits_large + beta * (logp_tuned - logp_untuned), token by token.
+"""EFT / proxy-tuning: sample from logits_large + beta * (logits_tuned - logits_untuned), token by
+token.
 
 A peer of the search on the same machinery (Mitchell et al. 2023, Liu et al. 2024), for
 comparison: it needs the three models to share one vocabulary, so the sampled ids go to the
 small models as they are. The small models step in lockstep with the large one, on the
 beam's own small stream: each step forwards the token sampled at the last step and reads
-both models' next-token log-probs (SmallStream.next_logits: a decode on the small models'
+both models' next-token logits (SmallStream.next_logits: a decode on the small models'
 graphs where they have them), and steers the large model's logits with them. After
 sampling, the token's term log pi_tuned - log pi_untuned is recorded as the stream's pending
 token, so the reward of an EFT sample equals the implicit reward of the same response scored
@@ -73,7 +74,11 @@ class EFT:
         words = self.stream.upload(np.concatenate([np.array(rows, dtype=np.int32), betas]))
         index = words[:len(rows)].long()
         beta = words[len(rows):].view(torch.float32)[:, None]
-        combined = logits[index, :v] + beta * (logp["tuned"] - logp["untuned"])
+        # DESIGN.md's mix is of logits. Log-probs differ from them by a shift per row, which
+        # sampling ignores, but a repetition penalty (positive and negative logits scaled
+        # apart) does not.
+        combined = logits[index, :v] + beta * (logits_small["tuned"][:, :v]
+                                               - logits_small["untuned"][:, :v])
         logits[index] = float("-inf")
         logits[index, :v] = combined
         return logits, [Steered(row_offset + i, b, logp, j)
