@@ -445,3 +445,47 @@ def test_a_body_that_is_not_json_by_its_content_type_is_refused_with_415(server)
         conn.request(method, path, body=b"x", headers={"Content-Type": "text/plain"})
         assert conn.getresponse().status == want, path   # routing first: not a body's fault
         conn.close()
+
+
+def test_chat_template_kwargs_reach_every_models_chat_template_as_vllms_do():
+    # A template with a variable of its own (Qwen3's enable_thinking): every model that renders
+    # the messages with its chat template gets it, through the Python API and the server.
+    tok = make_tokenizer(300)
+    tok.chat_template = ("{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}\n"
+                         "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+                         "{% if enable_thinking is defined and not enable_thinking %} no think:"
+                         "{% endif %}")
+    untuned = tiny_llama(len(tok), seed=2)
+    engine = Engine((tiny_llama(len(tok), seed=1), tok), (tuned_from(untuned, seed=3), tok),
+                    (clone(untuned), tok), chat=True, block_size=4, num_kv_blocks=2000,
+                    progress=False)
+    messages = [{"role": "user", "content": "hello"}]
+    params = SearchParams.cbs(2, 2, 2, max_new_tokens=4, seed=1)
+    off = {"enable_thinking": False}
+    req = engine.make_request(messages, params, chat_template_kwargs=off)
+    assert req.large_prompt_text.endswith("assistant: no think:")
+    assert all(sp.text.endswith("assistant: no think:") for sp in req.small_prompts)
+    plain = engine.make_request(messages, params)
+    assert plain.large_prompt_text.endswith("assistant:")
+    want = engine.search(messages, params, chat_template_kwargs=off)[0]
+    for bad, says in [({"tokenize": True}, "tokenize is set by the engine"),
+                      ([1], "must be an object")]:
+        with pytest.raises(ValueError, match=says):
+            engine.search(messages, params, chat_template_kwargs=bad)
+    live = LiveServer(engine)
+    try:
+        c = live.client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=4, seed=1,
+            extra_body={"chat_template_kwargs": off, "w": 2, "k": 2, "l": 2})
+        assert c.choices[0].message.content == want.text
+        assert c.usage.prompt_tokens == len(req.large_prompt_ids)
+        code, payload = post(live, "/v1/chat/completions", {
+            "messages": messages, "max_tokens": 2, "chat_template_kwargs": {"messages": []}})
+        assert code == 400 and payload["error"]["param"] == "chat_template_kwargs", payload
+        assert "leave it out" in payload["error"]["message"]
+        code, payload = post(live, "/v1/chat/completions", {
+            "messages": messages, "max_tokens": 2, "chat_template_kwargs": "x"})
+        assert code == 400 and payload["error"]["param"] == "chat_template_kwargs", payload
+    finally:
+        live.stop()
+    engine.check_all_free()

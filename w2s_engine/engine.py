@@ -38,8 +38,8 @@ from w2s_engine.precision import full_fp32_matmuls
 from w2s_engine.scheduler import QueueFull, Scheduler, scoring_parts
 from w2s_engine.scoring import ImplicitReward, ProcessRewardModel, RewardModel, scorer_list
 from w2s_engine.search.eft import EFT
-from w2s_engine.search.prompts import check_context, check_prompt, parse_templates, \
-    template_has_tool_role
+from w2s_engine.search.prompts import check_context, check_prompt, check_template_kwargs, \
+    parse_templates, template_has_tool_role
 from w2s_engine.search.request import KVSpace, RequestStatus, SearchRequest
 from w2s_engine.search.reward_models import model_head, reward_model_parts
 from w2s_engine.search.scorer import Scorer, ScoringLaunch
@@ -251,6 +251,7 @@ class Engine:
     def make_request(self, prompt, params: SearchParams, stream: bool = False, *,
                      chat: bool | None = None, prompt_ids=None,
                      continue_final_message: bool = False,
+                     chat_template_kwargs: dict | None = None,
                      logprobs: int | None = None) -> SearchRequest:
         """Validate, template and tokenize one request, and size its KV reservation (raises
         TypeError or ValueError saying what to change). Thread-safe: it reads no state that a
@@ -262,6 +263,9 @@ class Engine:
         its template is '{prompt}'); `prompt` is then their text, for the small models.
         continue_final_message: chat messages whose last is the assistant's; the response
         continues its text (an assistant prefill, vLLM's option) rather than a new turn.
+        chat_template_kwargs: the chat templates' own variables (vLLM's option), e.g.
+        {"enable_thinking": False} for Qwen3; every model that renders the prompt with its
+        chat template gets them (a text template has none).
         logprobs: each returned token's log-probability under the large model (its raw
         distribution) and this many most likely alternatives (0 to MAX_LOGPROBS), in each
         hypothesis's `logprobs`; None: none."""
@@ -279,6 +283,7 @@ class Engine:
                 f"last is the assistant's (the text to go on from), not {ends}; leave it out, "
                 "or end the messages with an assistant message"))
         check_logprobs(logprobs)
+        template_kwargs = check_template_kwargs(chat_template_kwargs)
         if logprobs is not None and self.large.blocks is None:
             raise InvalidParam("logprobs", logprobs, "the large model is a black box behind "
                                "another server here; its log-probs are not available: leave "
@@ -292,14 +297,15 @@ class Engine:
         self.large.check_params(params)
         template = self.templates["large"].rendered_as(chat)
         if prompt_ids is None:
-            large_text = template.apply(self.large.tokenizer, prompt, continue_final_message)
+            large_text = template.apply(self.large.tokenizer, prompt, continue_final_message,
+                                        template_kwargs)
             large_ids = self.large.encode_prompt(large_text, not template.chat,
                                                  params.max_new_tokens)
         else:
             large_ids = self._prompt_ids(prompt_ids, template, params.max_new_tokens)
             large_text = self.large.tokenizer.decode(large_ids)
         small_prompts = (self.scorer.prompts(prompt, params.max_new_tokens, chat,
-                                             continue_final_message)
+                                             continue_final_message, template_kwargs)
                          if params.uses_small_models else [])
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         req = SearchRequest(-1, prompt, params, seed, large_ids, small_prompts,
@@ -648,12 +654,14 @@ class Engine:
 
     def search(self, prompts, params: SearchParams | None = None, *,
                continue_final_message: bool = False,
+               chat_template_kwargs: dict | None = None,
                logprobs: int | None = None) -> list[SearchResult]:
         """Run one search per prompt, all batched together; results in prompt order. prompts:
         a text, one conversation (a list of {"role", "content"} messages), or a list of
         either. continue_final_message: each conversation ends with an assistant message whose
-        text the response continues; logprobs: each token's log-probability and this many
-        alternatives in the hypotheses (make_request)."""
+        text the response continues; chat_template_kwargs: the chat templates' variables;
+        logprobs: each token's log-probability and this many alternatives in the hypotheses
+        (make_request)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, Iterable) or isinstance(prompts, (bytes, dict)):
@@ -666,12 +674,13 @@ class Engine:
             prompts = [prompts]      # one conversation's messages, not a list of prompts
         params = params or SearchParams()
         check_logprobs(logprobs)      # (once, not as prompt 0's)
+        check_template_kwargs(chat_template_kwargs)
         requests = []
         for i, p in enumerate(prompts):
             try:
                 requests.append(self.make_request(
                     p, params, continue_final_message=continue_final_message,
-                    logprobs=logprobs))
+                    chat_template_kwargs=chat_template_kwargs, logprobs=logprobs))
             except (ValueError, TypeError) as e:
                 kind = TypeError if isinstance(e, TypeError) else ValueError
                 raise kind(f"prompt {i}: {e}") from None
@@ -736,12 +745,14 @@ class Engine:
 
     def search_stream(self, prompt, params: SearchParams | None = None, *,
                       continue_final_message: bool = False,
+                      chat_template_kwargs: dict | None = None,
                       logprobs: int | None = None) -> Iterator[SearchDelta]:
         """Run one search and yield its text as it becomes final (SearchDelta); the last
         delta carries the SearchResult. The deltas concatenate to the result's text (for
         plain sampling of n streams: per index, to each hypothesis's text)."""
         req = self.enqueue(self.make_request(prompt, params or SearchParams(), stream=True,
                                              continue_final_message=continue_final_message,
+                                             chat_template_kwargs=chat_template_kwargs,
                                              logprobs=logprobs))
         try:
             while not req.status.ended:

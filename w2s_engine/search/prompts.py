@@ -101,13 +101,17 @@ class Template:
         """The prompt goes in as it is."""
         return not self.chat and self.text == "{prompt}"
 
-    def apply(self, tokenizer, prompt, continue_final: bool = False) -> str:
+    def apply(self, tokenizer, prompt, continue_final: bool = False,
+              template_kwargs: dict | None = None) -> str:
         """prompt: a string, or chat messages [{'role': ..., 'content': ...}, ...].
         continue_final: the last message (the assistant's) is left open, and the response
-        continues its text (vLLM's continue_final_message), instead of a new turn opened."""
+        continues its text (vLLM's continue_final_message), instead of a new turn opened.
+        template_kwargs: more variables for a chat template (vLLM's chat_template_kwargs,
+        such as enable_thinking); a text template has none to take."""
         if self.chat:
             messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            return self.render(tokenizer, messages, not continue_final, continue_final)
+            return self.render(tokenizer, messages, not continue_final, continue_final,
+                               template_kwargs)
         if isinstance(prompt, list):
             # Messages without a chat template: a plain transcript the template wraps.
             head = prompt[:-1] if continue_final else prompt
@@ -118,16 +122,18 @@ class Template:
 
     @staticmethod
     def render(tokenizer, messages: list, generation_prompt: bool,
-               continue_final: bool = False) -> str:
+               continue_final: bool = False, template_kwargs: dict | None = None) -> str:
         """The tokenizer's chat template over messages, as text (continue_final: the last
-        message left open, transformers' continue_final_message)."""
+        message left open, transformers' continue_final_message; template_kwargs: the
+        template's own variables, checked by check_template_kwargs)."""
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"chat=True but the tokenizer of {tokenizer.name_or_path!r} has no "
                              "chat template: pass a template string with {prompt} instead")
         try:
             return tokenizer.apply_chat_template(messages, tokenize=False,
                                                  add_generation_prompt=generation_prompt,
-                                                 continue_final_message=continue_final)
+                                                 continue_final_message=continue_final,
+                                                 **(template_kwargs or {}))
         except Exception as e:  # jinja2's TemplateError: raise_exception() in the template
             if continue_final and isinstance(e, ValueError) and "final message" in str(e):
                 # transformers': the template does not render the last message's text as
@@ -161,9 +167,11 @@ class ResponseTemplate:
             raise ValueError(f"reward model template {self.text!r}: use 'chat', or a string with "
                              "'{prompt}' and then '{response}' once")
 
-    def around(self, tokenizer, prompt, continue_final: bool = False) -> tuple[str, str]:
+    def around(self, tokenizer, prompt, continue_final: bool = False,
+               template_kwargs: dict | None = None) -> tuple[str, str]:
         """(the text before the response, the text after it) for this prompt (continue_final:
-        the response continues the last message, the assistant's)."""
+        the response continues the last message, the assistant's; template_kwargs: the chat
+        template's variables)."""
         if self.text != "chat":
             before, after = self.text.split("{response}")
             return Template(before).apply(tokenizer, prompt, continue_final), after
@@ -177,13 +185,40 @@ class ResponseTemplate:
                                          "content": messages[-1]["content"] + RESPONSE_MARK}]
         else:
             messages = messages + [{"role": "assistant", "content": RESPONSE_MARK}]
-        rendered = Template(chat=True).render(tokenizer, messages, False)
+        rendered = Template(chat=True).render(tokenizer, messages, False,
+                                              template_kwargs=template_kwargs)
         if rendered.count(RESPONSE_MARK) != 1:
             raise ValueError(f"the chat template of {tokenizer.name_or_path!r} does not render an "
                              "assistant turn as given: pass a template string with {prompt} and "
                              "{response}")
         before, after = rendered.split(RESPONSE_MARK)
         return before, after
+
+
+# apply_chat_template's own arguments (and the template's messages): not a template's variables
+_RENDER_ARGUMENTS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+def check_template_kwargs(kwargs) -> dict | None:
+    """chat_template_kwargs (vLLM's): the chat templates' own variables, e.g.
+    {"enable_thinking": false}; None or {}: none. Names of apply_chat_template's arguments are
+    refused: the engine sets those."""
+    if kwargs is None or kwargs == {}:
+        return None
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise InvalidParam("chat_template_kwargs", kwargs,
+                           "must be an object of the chat template's variables, such as "
+                           "{\"enable_thinking\": false}")
+    taken = sorted(set(kwargs) & _RENDER_ARGUMENTS)
+    if taken:
+        raise InvalidParam("chat_template_kwargs", taken, "", message=(
+            f"chat_template_kwargs: {', '.join(taken)} {'is' if len(taken) == 1 else 'are'} "
+            "set by the engine, not a chat template's variable: leave "
+            f"{'it' if len(taken) == 1 else 'them'} out"))
+    return dict(kwargs)
 
 
 def parse_templates(templates: dict | None, chat: bool) -> dict[str, Template]:
@@ -230,16 +265,16 @@ class SmallPrompt:
     suffix_ids: list[int] = field(default_factory=list)   # a reward model's, after the response
 
     @classmethod
-    def make(cls, tokenizer, template, prompt, special: bool,
-             continue_final: bool = False) -> "SmallPrompt":
+    def make(cls, tokenizer, template, prompt, special: bool, continue_final: bool = False,
+             template_kwargs: dict | None = None) -> "SmallPrompt":
         """template: a Template (the implicit pair's models) or a ResponseTemplate (a reward
         model's: what follows the response is tokenized on its own, as suffix_ids).
-        continue_final: the response continues the last message (Template.apply)."""
+        continue_final, template_kwargs: Template.apply's."""
         if isinstance(template, ResponseTemplate):
-            text, suffix = template.around(tokenizer, prompt, continue_final)
+            text, suffix = template.around(tokenizer, prompt, continue_final, template_kwargs)
             special = special and template.text != "chat"
         else:
-            text, suffix = template.apply(tokenizer, prompt, continue_final), ""
+            text, suffix = template.apply(tokenizer, prompt, continue_final, template_kwargs), ""
             special = special and not template.chat  # a rendered chat template has its own
         tok = tokenize(tokenizer, text, special)
         return cls(tokenizer, text, tok.ids, tok.starts, special,

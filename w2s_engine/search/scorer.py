@@ -148,17 +148,19 @@ class Scorer:
     # ---- requests ------------------------------------------------------------------------
 
     def prompts(self, prompt, max_new_tokens: int, chat: bool | None = None,
-                continue_final: bool = False) -> list[SmallPrompt]:
+                continue_final: bool = False,
+                template_kwargs: dict | None = None) -> list[SmallPrompt]:
         """Each stream's templated, tokenized prompt (raises ValueError saying what to change).
         chat: the small pair's chat rendering switched for this request (Template.rendered_as);
         a reward model renders as it was configured. continue_final: the response continues
-        the last message (Template.apply)."""
+        the last message; template_kwargs: the chat templates' variables (Template.apply)."""
         out = []
         for stream, tok, template in zip(self.streams, self.tokenizers, self.templates):
             role = stream.roles[0]
             if isinstance(template, Template):
                 template = template.rendered_as(chat)
-            sp = SmallPrompt.make(tok, template, prompt, self.special_tokens, continue_final)
+            sp = SmallPrompt.make(tok, template, prompt, self.special_tokens, continue_final,
+                                  template_kwargs)
             if not sp.ids:
                 raise ValueError(f"the {role} model's templated prompt is empty: give the "
                                  "template some text or turn small_special_tokens on")

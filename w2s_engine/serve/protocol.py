@@ -21,7 +21,7 @@ defines (metadata, x_...) are ignored.
 import json
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -203,7 +203,7 @@ NEUTRAL = {"suffix": ("",), "tools": ([],), "tool_choice": ("none",),
 # Chat: the template renders the messages and opens the assistant's turn, or continues the
 # last message (continue_final_message with add_generation_prompt false, vLLM's pair).
 CHAT_NEUTRAL = {"echo": (False,), "best_of": (1,),   # completions' fields, not chat's
-                "chat_template": (), "chat_template_kwargs": ({},), "documents": ()}
+                "chat_template": (), "documents": ()}
 COMPLETION_NEUTRAL = {"top_logprobs": (0,)}          # chat's field
 # (vLLM's add_special_tokens: checked by the server, which knows the template in effect)
 # Fields whose null means the default (OpenAI's clients send null for an argument left None).
@@ -484,6 +484,8 @@ class ChatCompletionRequest(SearchFields):
     # vLLM's: continue the last message (an assistant prefill) instead of opening a new turn
     continue_final_message: bool | None = None
     add_generation_prompt: bool | None = None
+    # vLLM's: the chat templates' own variables, e.g. {"enable_thinking": false} (Qwen3)
+    chat_template_kwargs: dict[str, Any] | None = None
 
     neutral: ClassVar[dict] = {**NEUTRAL, **CHAT_NEUTRAL}
 
