@@ -498,3 +498,22 @@ def test_a_chat_past_the_context_names_the_messages_or_max_tokens_in_plain_words
     assert code == 400 and payload["error"]["param"] == "max_tokens"
     assert "the messages' prompt has" in payload["error"]["message"]
     assert "max_tokens is 450" in payload["error"]["message"]
+
+
+def test_without_max_tokens_a_prompt_near_the_context_gets_the_room_left_as_vllm_gives(server):
+    # The tiny models' context is 512 tokens: "good " * 100 leaves fewer than the default 128.
+    prompt = "good " * 100
+    c = server.client.completions.create(model="tiny", prompt=prompt, seed=1, extra_body={
+        "method": "base", "ignore_eos": True})
+    room = 512 - c.usage.prompt_tokens
+    assert 0 < room < 128
+    assert c.usage.completion_tokens == room and c.choices[0].finish_reason == "length"
+    cbs = server.client.completions.create(model="tiny", prompt=prompt, seed=1, extra_body={
+        "w": 2, "k": 2, "l": 8, "ignore_eos": True})           # the small models' contexts too
+    assert cbs.usage.completion_tokens == room
+    code, payload = raw_post(server.port, "/v1/completions", json.dumps(
+        {"prompt": prompt, "max_tokens": 128}).encode())      # sent: still refused
+    assert code == 400 and payload["error"]["param"] == "max_tokens"
+    code, payload = raw_post(server.port, "/v1/completions", json.dumps(
+        {"prompt": "good " * 103}).encode())                   # the prompt alone fills it
+    assert code == 400 and payload["error"]["param"] == "prompt"

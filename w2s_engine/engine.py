@@ -252,7 +252,8 @@ class Engine:
                      chat: bool | None = None, prompt_ids=None,
                      continue_final_message: bool = False,
                      chat_template_kwargs: dict | None = None,
-                     logprobs: int | None = None) -> SearchRequest:
+                     logprobs: int | None = None,
+                     fit_max_new_tokens: bool = False) -> SearchRequest:
         """Validate, template and tokenize one request, and size its KV reservation (raises
         TypeError or ValueError saying what to change). Thread-safe: it reads no state that a
         step changes, so the server runs it off the engine thread; enqueue() then queues it.
@@ -268,7 +269,10 @@ class Engine:
         chat template gets them (a text template has none).
         logprobs: each returned token's log-probability under the large model (its raw
         distribution) and this many most likely alternatives (0 to MAX_LOGPROBS), in each
-        hypothesis's `logprobs`; None: none."""
+        hypothesis's `logprobs`; None: none.
+        fit_max_new_tokens: params.max_new_tokens is a cap, lowered to the room the prompt
+        leaves in every model's context (a server's default where the client sent no
+        max_tokens, as vLLM's); False: a response that may not fit is refused."""
         if not isinstance(params, SearchParams):
             raise TypeError(f"params: expected a SearchParams, got {type(params).__name__}")
         params = params.copy()
@@ -296,17 +300,26 @@ class Engine:
             raise InvalidParam("method", "eft", "", message=self.eft_refusal)
         self.large.check_params(params)
         template = self.templates["large"].rendered_as(chat)
+        # The contexts must hold the prompt and max_new_tokens; fitting, the prompt and one.
+        needs = 1 if fit_max_new_tokens else params.max_new_tokens
         if prompt_ids is None:
             large_text = template.apply(self.large.tokenizer, prompt, continue_final_message,
                                         template_kwargs)
-            large_ids = self.large.encode_prompt(large_text, not template.chat,
-                                                 params.max_new_tokens)
+            large_ids = self.large.encode_prompt(large_text, not template.chat, needs)
         else:
-            large_ids = self._prompt_ids(prompt_ids, template, params.max_new_tokens)
+            large_ids = self._prompt_ids(prompt_ids, template, needs)
             large_text = self.large.tokenizer.decode(large_ids)
-        small_prompts = (self.scorer.prompts(prompt, params.max_new_tokens, chat,
-                                             continue_final_message, template_kwargs)
+        small_prompts = (self.scorer.prompts(prompt, needs, chat, continue_final_message,
+                                             template_kwargs)
                          if params.uses_small_models else [])
+        if fit_max_new_tokens:
+            rooms = [self.scorer.context_room(small_prompts)] if small_prompts else []
+            if "large" in self.runners and self.runners["large"].shape.max_positions:
+                rooms.append(self.runners["large"].shape.max_positions - len(large_ids))
+            room = min((r for r in rooms if r is not None), default=params.max_new_tokens)
+            if room < params.max_new_tokens:
+                params.max_new_tokens = room
+                params.validate()     # (min_tokens past the room: refused, naming it)
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         req = SearchRequest(-1, prompt, params, seed, large_ids, small_prompts,
                             large_prompt_text=large_text,

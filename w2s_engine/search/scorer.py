@@ -170,6 +170,14 @@ class Scorer:
             out.append(sp)
         return out
 
+    def context_room(self, prompts: list[SmallPrompt]) -> int | None:
+        """New tokens these prompts (prompts()'s) leave in the smallest of the streams' model
+        contexts, counted as prompts() checks them (None: no model says)."""
+        rooms = [runner.shape.max_positions - len(sp.ids) - len(sp.suffix_ids)
+                 for stream, sp in zip(self.streams, prompts)
+                 for runner in stream.runners.values() if runner.shape.max_positions]
+        return min(rooms) if rooms else None
+
     def prefill(self, requests: list[SearchRequest], max_tokens: int) -> list[SearchRequest]:
         """Forward the next chunk of these requests' prompts in each small stream (in order,
         max_tokens in all per stream: one forward per model), giving a new root its states

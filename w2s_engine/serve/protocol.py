@@ -244,6 +244,7 @@ class Plan:
     echo: bool
     names: dict                  # SearchParams field -> the request field that set it
     continue_final: bool = False  # the response continues the last (assistant) message
+    fit_max_tokens: bool = False  # no token limit sent: the default, lowered to fit the context
 
 
 class SearchFields(BaseModel):
@@ -385,7 +386,7 @@ class SearchFields(BaseModel):
             raise RequestError(400, "echo with logprobs would need the prompt's log-probs, "
                                     "which this server does not compute: leave one out", "echo")
         return Plan(params, n, stream, bool(options.include_usage), logprobs, echo, names,
-                    self._continue_final())
+                    self._continue_final(), fit_max_tokens=max_tokens is None)
 
     def _check_unused(self, method: str, n: int, sent: set):
         """A search field the method does not use, sent at another value than the one the

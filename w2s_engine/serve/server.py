@@ -180,7 +180,8 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                 prepared.append(await async_engine.prepare_request(
                     prompt, plan.params, chat=None if chat else False, prompt_ids=ids[i],
                     continue_final_message=plan.continue_final, logprobs=plan.logprobs,
-                    chat_template_kwargs=body.chat_template_kwargs if chat else None))
+                    chat_template_kwargs=body.chat_template_kwargs if chat else None,
+                    fit_max_new_tokens=plan.fit_max_tokens))
             for i, req in enumerate(prepared):
                 label = state.request_id if len(prompts) == 1 else f"{state.request_id}/{i}"
                 # The queue bound is the request's: once its first prompt is taken, the
