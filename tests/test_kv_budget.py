@@ -165,3 +165,21 @@ def test_a_prompt_past_the_whole_pool_is_refused_naming_the_prompt():
             assert e.field == "prompt", (words, str(e))
     engine.warm_up()    # a pool too small for the usual warm-up search runs a smaller one
 
+
+
+def test_a_request_past_the_pool_names_the_samples_or_max_new_tokens_whichever_is_at_fault():
+    from tiny_models import make_tokenizer, tiny_llama
+    from w2s_engine import Engine, SearchParams
+    from w2s_engine.params import InvalidParam
+    tok = make_tokenizer(300)
+    engine = Engine((tiny_llama(len(tok), seed=1), tok), num_kv_blocks=60, block_size=4,
+                    progress=False)
+    # 200 samples need a block each even for one token: n is at fault, not max_new_tokens.
+    with pytest.raises(InvalidParam, match=r"lower n \(200\), which does not fit even for one "
+                                           "token") as e:
+        engine.make_request("I really", SearchParams.base(n=200, max_new_tokens=4))
+    assert e.value.field == "n"
+    # Two samples of 400 tokens: their length is.
+    with pytest.raises(InvalidParam, match=r"lower n \(2\) or max_new_tokens \(400\)") as e:
+        engine.make_request("I really", SearchParams.base(n=2, max_new_tokens=400))
+    assert e.value.field == "max_new_tokens"

@@ -328,31 +328,35 @@ class Engine:
         req.logprobs = logprobs
         if stream:
             req.stream = FinalText(params.method, params.stop)
-        req.reserved = self.budget.reservation(
-            *params.tree, params.max_new_tokens, params.chunk_len,
-            None if self.large.blocks is None else len(large_ids),
-            [(len(sp.ids), self.scorer.shared[i], len(sp.suffix_ids))
-             for i, sp in enumerate(small_prompts)])
+        large_len = None if self.large.blocks is None else len(large_ids)
+        smalls = [(len(sp.ids), self.scorer.shared[i], len(sp.suffix_ids))
+                  for i, sp in enumerate(small_prompts)]
+        req.reserved = self.budget.reservation(*params.tree, params.max_new_tokens,
+                                               params.chunk_len, large_len, smalls)
         capacity = self.budget.num_blocks
         if any(v > capacity for v in req.reserved.values()):
             # The prompt alone, with one sample of one token, does not fit: name the prompt.
-            least = self.budget.reservation(
-                1, 1, 1, 1, None if self.large.blocks is None else len(large_ids),
-                [(len(sp.ids), self.scorer.shared[i], len(sp.suffix_ids))
-                 for i, sp in enumerate(small_prompts)])
+            least = self.budget.reservation(1, 1, 1, 1, large_len, smalls)
             if any(v > capacity for v in least.values()):
                 raise InvalidParam("prompt", len(large_ids), "needs more KV memory", message=(
                     f"the prompt ({len(large_ids)} tokens of the large model's) needs up to "
                     f"{max(least.values())} KV blocks in one pool even for one token, and a "
                     f"pool holds {capacity} ({capacity * self.config.block_size} tokens): "
                     "shorten the prompt, or give the engine more KV memory"))
-            raise InvalidParam("max_new_tokens", params.max_new_tokens, "needs more KV memory",
-                               message=(
+            samples = {"cbs": "w*k", "best_of_n": "N"}.get(params.method, "n")
+            # The field to change: the samples where a one-token response does not fit either.
+            one = self.budget.reservation(*params.tree, 1, 1, large_len, smalls)
+            if any(v > capacity for v in one.values()):
+                field, value = {"cbs": ("w", params.w), "best_of_n": ("k", params.k)}.get(
+                    params.method, ("n", params.k))
+                lower = f"{samples} ({params.candidates}), which does not fit even for one token"
+            else:
+                field, value = "max_new_tokens", params.max_new_tokens
+                lower = (f"{samples} ({params.candidates}) or max_new_tokens "
+                         f"({params.max_new_tokens})")
+            raise InvalidParam(field, value, "needs more KV memory", message=(
                 f"request needs up to {max(req.reserved.values())} KV blocks in one pool, which "
-                f"holds {capacity}: lower "
-                f"{'N' if params.method == 'best_of_n' else 'w*k'} ({params.candidates}) or "
-                "max_new_tokens "
-                f"({params.max_new_tokens}), or give the engine more KV memory"))
+                f"holds {capacity}: lower {lower}, or give the engine more KV memory"))
         return req
 
     def _prompt_ids(self, ids, template, max_new_tokens: int) -> list[int]:
