@@ -262,7 +262,9 @@ def is_envelope(payload, status):
     ("/v1/completions", b'{"prompt": "' + b"a " * 600 + b'", "max_tokens": 4}', 400, "prompt"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "' + b"a " * 600
      + b'"}], "max_tokens": 4}', 400, "messages"),
-    ("/v1/completions", b'{"prompt": "x", "max_tokens": 400, "w": 64, "k": 64}', 400,
+    # 4,096 samples do not fit the pool even for one token each: w is at fault
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 400, "w": 64, "k": 64}', 400, "w"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 500, "w": 32, "k": 32}', 400,
      "max_tokens"),
     ("/v1/completions", b"[" * 100000 + b"]" * 100000, 400, None),
     ("/v1/completions", b'{"prompt": "x", "w": }', 400, None),
