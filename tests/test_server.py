@@ -519,3 +519,11 @@ def test_without_max_tokens_a_prompt_near_the_context_gets_the_room_left_as_vllm
     code, payload = raw_post(server.port, "/v1/completions", json.dumps(
         {"prompt": "good " * 103}).encode())                   # the prompt alone fills it
     assert code == 400 and payload["error"]["param"] == "prompt"
+
+
+def test_an_error_in_one_prompt_of_a_list_names_that_prompt_in_param_and_message(server):
+    for prompts, where in [(["", "a"], "prompt.0"), (["a", ""], "prompt.1")]:
+        code, payload = raw_post(server.port, "/v1/completions", json.dumps(
+            {"prompt": prompts, "max_tokens": 2}).encode())
+        assert code == 400 and payload["error"]["param"] == where
+        assert payload["error"]["message"].startswith(f"{where}=''")

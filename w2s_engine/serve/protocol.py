@@ -172,10 +172,10 @@ def param_error(e: ValueError, prompt_field: str, names: dict | None = None) -> 
     if not isinstance(e, InvalidParam):
         return RequestError(400, message, None)
     field = names.get(e.field, e.field)
-    if field != e.field and message.startswith(f"{e.field}="):
-        message = field + message[len(e.field):]
     if field == "prompt" or field.startswith("messages"):
         field = field if field.startswith(prompt_field) else prompt_field
+    if field != e.field and message.startswith(f"{e.field}="):   # the name as sent
+        message = field + message[len(e.field):]
     if prompt_field == "messages":   # a chat's prompt is its messages, rendered
         message = message.replace("the prompt has", "the messages' prompt has").replace(
             "the prompt (", "the messages' prompt (").replace("the prompt", "the messages")
