@@ -11,7 +11,7 @@ import pytest
 
 from live_server import LiveServer
 from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
-from w2s_engine import Engine
+from w2s_engine import Engine, SearchParams
 
 
 def tiny_engine(**kw):
@@ -527,3 +527,21 @@ def test_an_error_in_one_prompt_of_a_list_names_that_prompt_in_param_and_message
             {"prompt": prompts, "max_tokens": 2}).encode())
         assert code == 400 and payload["error"]["param"] == where
         assert payload["error"]["message"].startswith(f"{where}=''")
+
+
+def test_a_stop_cut_text_that_re_tokenizes_past_the_reservation_fails_alone_saying_so():
+    # Random models sample invalid UTF-8, and the text a stop string leaves holds U+FFFD for
+    # it: three byte tokens each when the small models re-tokenize the text returned. Past
+    # the reservation with no room left, the request fails alone, saying what happened.
+    engine = tiny_engine(num_kv_blocks=36)
+    params = SearchParams(method="cbs", w=2, k=4, l=2, max_new_tokens=26, seed=73543, top_k=50,
+                          stop=["e", "a", "the"])
+    req = engine.enqueue(engine.make_request("Hmm", params))
+    while engine.has_unfinished():
+        engine.step()
+    assert req.status.name == "FAILED"
+    assert "the text a stop string left re-tokenizes to" in req.error
+    assert "were sampled (KV was reserved for those)" in req.error
+    engine.check_all_free()
+    assert engine.search(["Hmm"], params.copy(stop=[]))[0].hypotheses   # the engine goes on
+    engine.check_all_free()

@@ -62,7 +62,10 @@ class KVSpace:
     small: list[BlockManager]
 
 
-@dataclass
+# eq=False: a request is itself, not its fields' values (the scheduler finds it in its queues
+# by identity: comparing some 25 fields per queued request made cancelling a deep queue O(N^2)
+# tuple builds, seconds with the engine loop stalled)
+@dataclass(eq=False)
 class SearchRequest:
     request_id: int
     prompt: str

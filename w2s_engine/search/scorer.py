@@ -323,14 +323,20 @@ class Scorer:
                 new_blocks(b, u) for b, u in mine)
             missing = self.budget.grow(r.reserved, si, held)
             if missing:
+                room = (f"the {stream.roles[0]} model's pool has no unreserved room for the "
+                        f"{missing} more blocks it needs: retry when the engine is less busy, "
+                        "lower max_new_tokens or w*k, or give the engine more KV memory")
+                if self.shared[si]:    # reserved as sampled; a stop string's cut re-tokenized
+                    b, u = max(mine, key=lambda m: len(m[1].full_ids) - len(m[0].token_ids))
+                    raise ValueError(
+                        f"the text a stop string left re-tokenizes to "
+                        f"{len(u.full_ids) - len(sp.ids) - len(sp.suffix_ids)} tokens where "
+                        f"{len(b.token_ids)} were sampled (KV was reserved for those), and {room}")
                 rate = max((len(u.full_ids) - len(sp.ids)) / max(1, large.num_tokens(b))
                            for b, u in mine)
                 raise ValueError(
                     f"the response re-tokenizes to {rate:.1f} small-model tokens per large-model "
-                    f"token (KV was reserved for {SMALL_TOKENS_PER_LARGE}), and the "
-                    f"{stream.roles[0]} model's pool has no unreserved room for the {missing} "
-                    "more blocks it needs: lower max_new_tokens or w*k, or give the engine more "
-                    "KV memory")
+                    f"token (KV was reserved for {SMALL_TOKENS_PER_LARGE}), and {room}")
 
     def run(self, plans: list[tuple[SearchRequest, list]]):
         """Forward every planned update (all requests, one batch per stream); set rewards."""

@@ -8,7 +8,7 @@ from w2s_engine.cache.block_manager import BlockManager, BlockTable
 from w2s_engine.search.bridge import DetokState
 
 
-@dataclass
+@dataclass(eq=False)   # a stream state is itself (identity), as a request is
 class SmallState:
     """A beam's token stream in one small-model KV pool (scored by one or both small models).
 
@@ -69,7 +69,7 @@ class SmallState:
                           self.marks, owns_lists=False)
 
 
-@dataclass
+@dataclass(eq=False)   # a beam is itself (identity), as a request is
 class Beam:
     beam_id: int                 # unique within its request; seeds its sampling noise
     large: BlockTable | None     # None for a black-box large model
