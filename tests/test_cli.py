@@ -304,3 +304,21 @@ def test_k_sets_the_children_or_the_samples_of_each_method(flags, method, w, k):
     from w2s_engine.cli import build_parser, params_from_args
     params = params_from_args(build_parser().parse_args(["search", "x", *flags]))
     assert (params.method, params.w, params.k) == (method, w, k)
+
+
+def test_ctrl_c_in_search_exits_130_with_one_line_and_no_traceback(tiny_dirs):
+    import signal
+    import time
+    dirs, _ = tiny_dirs
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "w2s_engine.cli", "search", "I really", "--large", dirs["large"],
+         "--tuned", dirs["tuned"], "--untuned", dirs["untuned"], "--w", "2", "--k", "4",
+         "--l", "4", "--max-new-tokens", "480", "--min-tokens", "480", "--kv-blocks", "4000",
+         "--stream"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.read(1)          # a token is out: the search runs
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "w2s: interrupted" in err

@@ -238,6 +238,11 @@ def main(argv=None):
         # A search the engine failed (a black-box server down, say): what went wrong, no trace.
         print(f"w2s: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        # Ctrl-C: a stop the user asked for, not a failure to report with a trace (the
+        # engine gives back every block on the way out); 130, as shells exit on SIGINT.
+        print("w2s: interrupted", file=sys.stderr)
+        sys.exit(130)
     except BrokenPipeError:
         # stdout closed early (| head): quiet, as other commands are; Python's own flush at
         # exit would raise again, so stdout goes to devnull first.
