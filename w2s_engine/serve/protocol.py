@@ -458,9 +458,7 @@ class CompletionRequest(SearchFields):
     def prompt_chars(self) -> list[int]:
         """Characters of each prompt (a token id counts as one), in the_prompts' order: the
         limit is a prompt's, as each prompt is its own search."""
-        p = self.prompt
-        many = isinstance(p, list) and p and isinstance(p[0], (str, list))
-        return [len(x) for x in p] if many else [len(p)]
+        return [len(p) for p in self.the_prompts()]
 
 
 class TextPart(BaseModel):
