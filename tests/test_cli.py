@@ -102,7 +102,7 @@ def torch_has_cuda() -> bool:
     (["search", "x", "--method", "base", "--enforce-eager", "--cascade-attention"],
      "leave out --enforce-eager"),
     (["search", "x", "--kv-blocks", "0"], "0 is not a positive integer"),
-    (["search", "x", "--method", "base", "--device", "foo"], "device='foo'"),
+    (["search", "x", "--method", "base", "--device", "foo"], "error: --device 'foo': give 'cpu'"),
     (["serve", "--port", "70000"], "70000 is not a TCP port"),
     (["serve", "--max-queue", "-1"], "-1 is negative"),
     (["serve", "--max-body-bytes", "0"], "0 is not a positive integer"),

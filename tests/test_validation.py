@@ -6,6 +6,7 @@ an error inside a step fails only the requests it touched, and every block comes
 queue bound counts the requests waiting for memory; model specs that cannot load fail fast.
 """
 
+import asyncio
 import json
 import re
 import subprocess
@@ -20,8 +21,10 @@ from test_server import tiny_engine
 from tiny_models import make_tokenizer, tiny_llama
 from w2s_engine import Engine, SearchError, SearchParams
 from w2s_engine.models.loader import ModelLoadError, load_model
+from w2s_engine.one_thread import EngineBusy
 from w2s_engine.params import InvalidParam
 from w2s_engine.search.request import RequestStatus
+from w2s_engine.serve.async_engine import AsyncEngine
 
 NAN, INF = float("nan"), float("inf")
 
@@ -354,6 +357,11 @@ def test_a_request_is_queued_once_and_a_refused_one_takes_no_search_id():
     small.check_all_free()
 
 
+def test_cancel_of_something_not_a_request_is_refused_not_ignored(engine):
+    with pytest.raises(TypeError, match="expected the SearchRequest that add_request"):
+        engine.cancel(None)
+
+
 def test_search_of_more_prompts_than_the_queue_bound_runs_them_all_as_room_comes():
     # A pool that holds one such search at a time and a queue of one: search() still runs
     # all five, taking them in as the queue has room, and leaves nothing behind.
@@ -394,6 +402,8 @@ def test_score_refuses_a_response_past_the_small_models_context(engine):
     ({"dtype": torch.int32}, ValueError, "torch.float32, torch.float16 or torch.bfloat16"),
     ({"progress": "no"}, TypeError, "progress='no': give True or False"),
     ({"templates": ["{prompt}"]}, TypeError, "templates: expected a dict"),
+    ({"config": {"num_kv_blocks": 50}}, TypeError,
+     "config: expected an EngineConfig, got dict; or pass its fields as keywords"),
 ])
 def test_engine_settings_are_checked_before_any_model_loads(setting, error, says, monkeypatch):
     if setting.get("device") == "cuda" and torch.cuda.is_available():
@@ -403,6 +413,24 @@ def test_engine_settings_are_checked_before_any_model_loads(setting, error, says
     with pytest.raises(error, match=re.escape(says)):
         Engine("any-model", **setting)
     assert loads == []
+
+
+def test_a_model_given_in_the_wrong_shape_is_refused_naming_what_came_and_what_to_pass():
+    tok = make_tokenizer(300)
+    model = tiny_llama(len(tok), seed=1)
+    for large, says in [
+            (model, "large: got a MistralForCausalLM (a model alone has no tokenizer); pass a "
+                    "model spec string"),
+            ((tok, model), "large: got (tokenizer, model); pass (model, tokenizer)"),
+            ((model, "tok"), "large: got (a MistralForCausalLM, a str); pass (model, tokenizer)"),
+            ((model, tok, 3), "large: got (a MistralForCausalLM, a "),   # (tokenizer), an int
+            (None, "large: got None; pass a model spec string")]:
+        with pytest.raises(TypeError) as e:
+            Engine(large, num_kv_blocks=50, progress=False)
+        assert str(e.value).startswith(says) and len(str(e.value)) < 300   # no model repr
+    with pytest.raises(TypeError, match="tuned: got"):
+        Engine((model, tok), model, (tiny_llama(len(tok), seed=2), tok), num_kv_blocks=50,
+               progress=False)
 
 
 def test_engine_keywords_override_a_given_config_and_dtype_names_are_taken():
@@ -457,3 +485,60 @@ def test_an_adapter_whose_base_chain_loops_fails_clearly_and_the_cli_prints_one_
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert [ln for ln in out.stderr.splitlines() if ln.startswith("w2s")] == [
         ln for ln in out.stderr.splitlines() if "loops" in ln]
+
+
+def test_a_search_from_a_second_thread_while_one_runs_is_refused_and_the_first_finishes(engine):
+    params = SearchParams.cbs(2, 2, 3, max_new_tokens=9, seed=3)
+    alone = engine.search("I really", params)[0]
+    stream = engine.search_stream("I really", params)
+    deltas = [next(stream)]                  # the stream's search is running on this thread
+    refused = []
+
+    def other():
+        for call in (lambda: engine.search("This film", params), engine.step,
+                     lambda: engine.score(["This film"], [" is good"])):
+            try:
+                call()
+            except EngineBusy as e:
+                refused.append(str(e))
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    assert len(refused) == 3 and all("AsyncEngine" in m and "one thread" in m for m in refused)
+    deltas += list(stream)
+    assert deltas[-1].result.text == alone.text
+    assert deltas[-1].result.reward == pytest.approx(alone.reward)
+    engine.check_all_free()
+    assert engine.search("This film", params)[0].text     # this thread again: fine
+    result = []
+    thread = threading.Thread(target=lambda: result.append(engine.search("I really", params)))
+    thread.start()
+    thread.join()
+    assert result[0][0].text == alone.text    # and from another once the first is done
+
+
+def test_an_engine_an_async_engine_drives_refuses_other_callers_until_it_shuts_down():
+    engine = tiny_engine(num_kv_blocks=400)
+    params = SearchParams.cbs(2, 2, 3, max_new_tokens=9, seed=3)
+    async_engine = AsyncEngine(engine)
+    try:
+        with pytest.raises(EngineBusy, match="an AsyncEngine on thread 'w2s-engine-loop'"):
+            engine.search("I really", params)
+        with pytest.raises(EngineBusy):
+            AsyncEngine(engine)
+        served = asyncio.run(async_engine.search("I really", params))
+    finally:
+        async_engine.shutdown()
+    assert engine.search("I really", params)[0].text == served.text   # the caller's again
+    engine.check_all_free()
+
+
+def test_search_refuses_bad_params_once_as_the_invalid_param_that_names_the_field(engine):
+    with pytest.raises(InvalidParam) as e:
+        engine.search(["I really", "This film"], FAST.copy(top_k=-1))
+    assert e.value.field == "top_k" and str(e.value).startswith("SearchParams.top_k=-1")
+    with pytest.raises(InvalidParam) as e:   # a prompt's own error keeps its field, named
+        engine.search(["I really", [{"role": "wizard", "content": "x"}]], FAST)
+    assert e.value.field == "messages.0.role"
+    assert str(e.value).startswith("prompt 1: messages.0.role='wizard'")
+    engine.check_all_free()

@@ -32,6 +32,7 @@ from w2s_engine.models.decode_graphs import DecodeGraphs
 from w2s_engine.models.scoring_graphs import ScoringGraphs
 from w2s_engine.models.loader import eos_ids, load_role
 from w2s_engine.models.runner import BatchFailed, ModelRunner, ModelShape
+from w2s_engine.one_thread import OneThread
 from w2s_engine.outputs import SearchResult
 from w2s_engine.params import MAX_LOGPROBS, InvalidParam, SearchParams, is_int
 from w2s_engine.precision import full_fp32_matmuls
@@ -67,6 +68,15 @@ def exact_fp32(method):
     return run
 
 
+def one_thread(method):
+    """An Engine method that drives the engine: on one thread at a time (one_thread.py)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self.one_thread.claim(f"Engine.{method.__name__}()"):
+            return method(self, *args, **kwargs)
+    return run
+
+
 def check_logprobs(logprobs):
     """None, or the alternatives per token: an integer in [0, MAX_LOGPROBS]."""
     if logprobs is not None and (not is_int(logprobs) or not 0 <= logprobs <= MAX_LOGPROBS):
@@ -87,6 +97,10 @@ class Engine:
         tuned, untuned: the small pair of the implicit reward. scorer: ImplicitReward(),
         RewardModel(...) or a weighted list of them (w2s_engine/scoring.py); by default the
         implicit reward when the pair is given."""
+        self.one_thread = OneThread()   # the thread driving it now (step, search, ...)
+        if config is not None and not isinstance(config, EngineConfig):
+            raise TypeError(f"config: expected an EngineConfig, got {type(config).__name__}; "
+                            "or pass its fields as keywords: Engine(..., num_kv_blocks=...)")
         if config is not None and overrides:
             config = dataclasses.replace(config, **overrides)   # keywords win over config=
         self.config = config = (config or EngineConfig(**overrides)).resolve()
@@ -273,10 +287,7 @@ class Engine:
         fit_max_new_tokens: params.max_new_tokens is a cap, lowered to the room the prompt
         leaves in every model's context (a server's default where the client sent no
         max_tokens, as vLLM's); False: a response that may not fit is refused."""
-        if not isinstance(params, SearchParams):
-            raise TypeError(f"params: expected a SearchParams, got {type(params).__name__}")
-        params = params.copy()
-        params.validate()
+        params = self._checked_params(params)
         prompt = check_prompt(prompt, tool_role=self._tool_role())
         if continue_final_message and not (isinstance(prompt, list)
                                            and prompt[-1]["role"] == "assistant"):
@@ -292,13 +303,6 @@ class Engine:
             raise InvalidParam("logprobs", logprobs, "the large model is a black box behind "
                                "another server here; its log-probs are not available: leave "
                                "logprobs out")
-        if params.uses_small_models and not self.has_scorer:
-            raise ValueError(f"method={params.method!r} needs a scorer: pass tuned and untuned "
-                             "small models (or scorer=RewardModel(...)) to Engine(...), or use "
-                             "SearchParams.base()")
-        if params.method == "eft" and self.eft_refusal is not None:
-            raise InvalidParam("method", "eft", "", message=self.eft_refusal)
-        self.large.check_params(params)
         template = self.templates["large"].rendered_as(chat)
         # The contexts must hold the prompt and max_new_tokens; fitting, the prompt and one.
         needs = 1 if fit_max_new_tokens else params.max_new_tokens
@@ -359,6 +363,22 @@ class Engine:
                 f"holds {capacity}: lower {lower}, or give the engine more KV memory"))
         return req
 
+    def _checked_params(self, params: SearchParams) -> SearchParams:
+        """A validated copy of params that this engine can run, whatever the prompt (raises
+        InvalidParam, ValueError or TypeError saying what to change)."""
+        if not isinstance(params, SearchParams):
+            raise TypeError(f"params: expected a SearchParams, got {type(params).__name__}")
+        params = params.copy()
+        params.validate()
+        if params.uses_small_models and not self.has_scorer:
+            raise ValueError(f"method={params.method!r} needs a scorer: pass tuned and untuned "
+                             "small models (or scorer=RewardModel(...)) to Engine(...), or use "
+                             "SearchParams.base()")
+        if params.method == "eft" and self.eft_refusal is not None:
+            raise InvalidParam("method", "eft", "", message=self.eft_refusal)
+        self.large.check_params(params)
+        return params
+
     def _prompt_ids(self, ids, template, max_new_tokens: int) -> list[int]:
         """Token ids the large model reads as they are, checked."""
         if self.large.blocks is None:
@@ -395,6 +415,7 @@ class Engine:
     def add_request(self, prompt, params: SearchParams) -> SearchRequest:
         return self.enqueue(self.make_request(prompt, params))
 
+    @one_thread
     def enqueue(self, req: SearchRequest, bounded: bool = True) -> SearchRequest:
         """Queue a request made by make_request (raises QueueFull past max_waiting requests
         waiting for KV memory, if bounded). Not thread-safe: on the engine thread only."""
@@ -410,8 +431,15 @@ class Engine:
         self.next_request_id += 1
         return req
 
+    @one_thread
     def cancel(self, req: SearchRequest):
         """Drop a request wherever it is; its blocks return to the pools."""
+        if not isinstance(req, SearchRequest):
+            raise TypeError(f"cancel: expected the SearchRequest that add_request or enqueue "
+                            f"returned, got {type(req).__name__}")
+        self._drop(req)
+
+    def _drop(self, req: SearchRequest):
         self.scheduler.cancel(req)
         self.large.drop(req)
 
@@ -420,6 +448,7 @@ class Engine:
 
     # ---- the loop --------------------------------------------------------------------------
 
+    @one_thread
     @torch.inference_mode()   # no autograd records anywhere in a step (the reward math too)
     @exact_fp32
     def step(self) -> list[SearchRequest]:
@@ -669,6 +698,7 @@ class Engine:
 
     # ---- the API ---------------------------------------------------------------------------
 
+    @one_thread
     def search(self, prompts, params: SearchParams | None = None, *,
                continue_final_message: bool = False,
                chat_template_kwargs: dict | None = None,
@@ -690,7 +720,10 @@ class Engine:
         if all(isinstance(p, dict) for p in prompts):
             prompts = [prompts]      # one conversation's messages, not a list of prompts
         params = params or SearchParams()
-        check_logprobs(logprobs)      # (once, not as prompt 0's)
+        # What is wrong whatever the prompt is refused once, as it is (an InvalidParam keeps
+        # its field), not as prompt 0's.
+        self._checked_params(params)
+        check_logprobs(logprobs)
         check_template_kwargs(chat_template_kwargs)
         requests = []
         for i, p in enumerate(prompts):
@@ -699,8 +732,11 @@ class Engine:
                     p, params, continue_final_message=continue_final_message,
                     chat_template_kwargs=chat_template_kwargs, logprobs=logprobs))
             except (ValueError, TypeError) as e:
-                kind = TypeError if isinstance(e, TypeError) else ValueError
-                raise kind(f"prompt {i}: {e}") from None
+                named = f"prompt {i}: {e}"
+                if type(e).__str__ is BaseException.__str__:   # its text is its args
+                    e.args = (named,)        # the same error (type, InvalidParam's field)
+                    raise
+                raise (TypeError if isinstance(e, TypeError) else ValueError)(named) from e
         bar = tqdm(total=len(requests), desc=f"w2s {params.method}", unit="prompt",
                    disable=not self.config.progress or len(requests) < 2)
         try:
@@ -767,21 +803,26 @@ class Engine:
         """Run one search and yield its text as it becomes final (SearchDelta); the last
         delta carries the SearchResult. The deltas concatenate to the result's text (for
         plain sampling of n streams: per index, to each hypothesis's text)."""
-        req = self.enqueue(self.make_request(prompt, params or SearchParams(), stream=True,
-                                             continue_final_message=continue_final_message,
-                                             chat_template_kwargs=chat_template_kwargs,
-                                             logprobs=logprobs))
-        try:
-            while not req.status.ended:
-                self.step()
-                yield from req.deltas
-                req.deltas = []
-        finally:
-            if not req.status.ended:   # the caller stopped early (or an error): drop it
-                self.cancel(req)
+        with self.one_thread.claim("Engine.search_stream()"):   # until it ends or is closed
+            req = self.enqueue(self.make_request(prompt, params or SearchParams(), stream=True,
+                                                 continue_final_message=continue_final_message,
+                                                 chat_template_kwargs=chat_template_kwargs,
+                                                 logprobs=logprobs))
+            try:
+                while not req.status.ended:
+                    self.step()
+                    yield from req.deltas
+                    req.deltas = []
+            finally:
+                # The caller stopped early (or an error): drop it. Not cancel(), which
+                # claims: a generator left open is closed by the garbage collector, on any
+                # thread, and this claim is held until then.
+                if not req.status.ended:
+                    self._drop(req)
         if req.status is RequestStatus.FAILED:
             raise SearchError(f"the search failed: {req.error}")
 
+    @one_thread
     @torch.inference_mode()
     @exact_fp32
     def score(self, prompts, responses, finished=True) -> list[float]:

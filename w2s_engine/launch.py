@@ -184,6 +184,20 @@ def _remote(args):
     return OpenAICompletions(args.large, model=model, api_key=args.large_api_key)
 
 
+# The EngineConfig fields the options set, as the engine's errors name them.
+CONFIG_FLAGS = {"device": "--device", "dtype": "--dtype", "num_kv_blocks": "--kv-blocks",
+                "max_batch_tokens": "--max-batch-tokens",
+                "cuda_graph_max_batch": "--cuda-graph-max-batch",
+                "kv_cache_memory_fraction": "--kv-cache-memory-fraction"}
+
+
+def flag_named(message: str) -> str:
+    """An engine setting's error as the command's user reads it: by its option's name."""
+    for field, flag in CONFIG_FLAGS.items():
+        message = message.replace(f"EngineConfig.{field}=", f"{flag} ")
+    return message
+
+
 def engine_from_args(args, need_small: bool, **config):
     """The engine the model options describe; config: more EngineConfig fields."""
     import torch
@@ -219,8 +233,14 @@ def engine_from_args(args, need_small: bool, **config):
     started = time.perf_counter()
     log.info("loading the models: large %s, tuned %s, untuned %s", args.large,
              tuned if need_small else "-", untuned if need_small else "-")
-    engine = Engine(large, tuned if need_small else None, untuned if need_small else None,
-                    templates=templates, chat=args.chat, **overrides)
+    try:
+        engine = Engine(large, tuned if need_small else None, untuned if need_small else None,
+                        templates=templates, chat=args.chat, **overrides)
+    except (ValueError, TypeError) as e:
+        named = flag_named(str(e))
+        if named == str(e):
+            raise
+        raise UserError(named) from None
     log.info("engine ready in %.1f s: %d KV blocks of %d tokens per pool, on %s",
              time.perf_counter() - started, engine.budget.num_blocks, engine.config.block_size,
              engine.config.device)

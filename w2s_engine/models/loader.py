@@ -242,7 +242,8 @@ def _load_checkpoint(spec, source: Path, dtype, device, attn, head: str = "causa
         with warnings.catch_warnings(), _without_load_report(quiet_new_head):
             # a causal LM as a classifier: its head is new (an adapter may bring it)
             warnings.filterwarnings("ignore", message=".*newly initialized.*")
-            model = HEADS[head].from_pretrained(str(source), **kwargs)
+            model, info = HEADS[head].from_pretrained(str(source), output_loading_info=True,
+                                                      **kwargs)
     except OSError as e:
         if not Path(spec).expanduser().exists():
             raise ModelLoadError(f"model {spec!r} is not available offline: pass a local "
@@ -260,6 +261,15 @@ def _load_checkpoint(spec, source: Path, dtype, device, attn, head: str = "causa
         what = "causal LM" if head == "causal_lm" else "sequence classifier (a reward model)"
         raise ModelLoadError(f"model {spec!r}: transformers cannot load this architecture as a "
                              f"{what} ({e}); pass a decoder-only checkpoint") from e
+    new_head = sorted(k for k in info.get("missing_keys", ())
+                      if k.split(".")[0] in ("score", "classifier"))
+    if head != "causal_lm" and new_head and not quiet_new_head:
+        # transformers would start the head at random: rewards of noise, a new noise per load
+        raise ModelLoadError(
+            f"model {spec!r} has no trained reward head: its checkpoint lacks "
+            f"{', '.join(new_head)}, so the head would be random and its rewards noise. Pass a "
+            "reward model (a sequence classifier saved with its head, as trl's RewardTrainer "
+            "saves one), or a LoRA adapter that saves the head (modules_to_save=['score'])")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError, KeyError) as e:
@@ -348,20 +358,43 @@ def load_role(spec, role: str, dtype: torch.dtype, device: str, cache: dict,
               head: str = "causal_lm") -> LoadedModel:
     """One of the engine's models: a spec string (loaded once per engine even when two roles
     name it: `cache`), a LoadedModel, or a (model, tokenizer) pair already in memory."""
-    if isinstance(spec, tuple):
-        model, tokenizer = spec
+    if isinstance(spec, (tuple, list)):
+        model, tokenizer = _model_pair(spec, role)
         return LoadedModel(model.to(device), tokenizer, type(model).__name__, "in memory")
     if hasattr(spec, "model") and hasattr(spec, "tokenizer"):  # a LoadedModel
         return LoadedModel(spec.model.to(device), spec.tokenizer, getattr(spec, "spec", role),
                            getattr(spec, "source", "in memory"))
     if not isinstance(spec, str):
-        raise TypeError(f"{role}={spec!r}: pass a model spec string (bundled name, directory, "
-                        "GGUF file, LoRA adapter dir) or a (model, tokenizer) pair")
+        # (named by type: a model's repr is pages long)
+        alone = " (a model alone has no tokenizer)" if isinstance(spec, torch.nn.Module) else ""
+        raise TypeError(f"{role}: got {_kind(spec)}{alone}; pass a model spec string (bundled "
+                        "name, directory, GGUF file, LoRA adapter dir) or a (model, tokenizer) "
+                        "pair")
     if (spec, head) not in cache:
         from w2s_engine.models.attention import ATTN_IMPLEMENTATION
         cache[spec, head] = load_model(spec, dtype=dtype, device=device,
                                        attn_implementation=ATTN_IMPLEMENTATION, head=head)
     return cache[spec, head]
+
+
+def _kind(value) -> str:
+    name = type(value).__name__
+    return "None" if value is None else f"{'an' if name[0] in 'AEIOUaeiou' else 'a'} {name}"
+
+
+def _is_tokenizer(value) -> bool:
+    return callable(getattr(value, "encode", None)) and callable(getattr(value, "get_vocab", None))
+
+
+def _model_pair(pair, role: str) -> tuple:
+    """A (model, tokenizer) pair in memory, checked: an error names what came instead."""
+    if len(pair) == 2 and isinstance(pair[1], torch.nn.Module) and _is_tokenizer(pair[0]):
+        raise TypeError(f"{role}: got (tokenizer, model); pass (model, tokenizer)")
+    if len(pair) != 2 or not isinstance(pair[0], torch.nn.Module) or not _is_tokenizer(pair[1]):
+        got = ", ".join(_kind(v) for v in pair)
+        raise TypeError(f"{role}: got ({got}); pass (model, tokenizer): a "
+                        "transformers causal LM (a torch module) and its tokenizer")
+    return tuple(pair)
 
 
 def eos_ids(model, tokenizer) -> set[int]:
