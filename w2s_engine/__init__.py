@@ -1,12 +1,14 @@
 """w2s-engine: a fast decoding engine for weak-to-strong search (Zhou et al. 2024)."""
 
 from w2s_engine.config import EngineConfig
+from w2s_engine.one_thread import EngineBusy
 from w2s_engine.outputs import Hypothesis, SearchResult, SearchStats, TokenLogprob
 from w2s_engine.params import SearchParams
 from w2s_engine.search.stream import SearchDelta
 
-__all__ = ["Engine", "EngineConfig", "Hypothesis", "OpenAICompletions", "SearchDelta", "SearchError",
-           "SearchParams", "SearchResult", "SearchStats", "TokenLogprob", "__version__"]
+__all__ = ["Engine", "EngineBusy", "EngineConfig", "Hypothesis", "OpenAICompletions",
+           "SearchDelta", "SearchError", "SearchParams", "SearchResult", "SearchStats",
+           "TokenLogprob", "__version__"]
 LAZY = {"Engine": "w2s_engine.engine", "SearchError": "w2s_engine.engine",
         # the black-box large model; it needs the openai client: pip install 'w2s-engine[remote]'
         "OpenAICompletions": "w2s_engine.large.openai_completions"}

@@ -7,9 +7,12 @@ the KV budget and the scheduler. One step of the loop reads schedule -> run -> p
    model and fork the root into W*K children;
 2. run: the large model advances every generating beam of every running request (one token,
    or one whole chunk from a black box); when a request's candidates have all finished their
-   chunk, the scorer scores those chunks, all requests together, one forward per small model;
+   chunk, the scorer scores those chunks, the requests in a few parts by request (each part
+   launched before the one before it is read; with async scheduling, queued behind the next
+   decode step and read the step after);
 3. postprocess: those requests select their survivors, free the losers and fork the next
    chunk; a request whose survivors have all finished ends with its result.
+One thread drives an Engine at a time (one_thread.py); AsyncEngine serves many callers.
 """
 
 import dataclasses
@@ -418,7 +421,8 @@ class Engine:
     @one_thread
     def enqueue(self, req: SearchRequest, bounded: bool = True) -> SearchRequest:
         """Queue a request made by make_request (raises QueueFull past max_waiting requests
-        waiting for KV memory, if bounded). Not thread-safe: on the engine thread only."""
+        waiting for KV memory, if bounded). On the thread driving the engine (another's
+        call raises EngineBusy)."""
         if req.request_id != -1 or req.status is not RequestStatus.WAITING:
             raise ValueError(f"this request was queued before (search {req.request_id}, "
                              f"{req.status.name.lower()}): make a new one with make_request")

@@ -143,10 +143,6 @@ class AsyncEngine:
     def __init__(self, engine: Engine, prepare_threads: int = 2):
         self.engine = engine
         self._thread = threading.Thread(target=self._run, name="w2s-engine-loop", daemon=True)
-        # The loop thread drives the engine for the AsyncEngine's whole life: a search on
-        # another thread meanwhile (engine.search via asyncio.to_thread, a second
-        # AsyncEngine) is refused saying so, rather than failing every search in flight.
-        engine.one_thread.acquire("an AsyncEngine", self._thread)
         self.metrics = ServerMetrics(engine.stats)
         self._prepare_pool = ThreadPoolExecutor(prepare_threads, thread_name_prefix="w2s-prepare")
         self._inbox: queue.Queue = queue.Queue()
@@ -157,6 +153,10 @@ class AsyncEngine:
         # sent after it is answered at once, never left in a queue nobody reads.
         self._closed = False
         self._inbox_lock = threading.Lock()
+        # The loop thread drives the engine for the AsyncEngine's whole life: a search on
+        # another thread meanwhile (engine.search via asyncio.to_thread, a second
+        # AsyncEngine) is refused saying so, rather than failing every search in flight.
+        engine.one_thread.acquire("an AsyncEngine", self._thread)
         self._thread.start()
 
     # ---- called from asyncio code -------------------------------------------------------------

@@ -9,9 +9,10 @@ RequestError (a 400 the server answers in OpenAI's error envelope), naming the f
   prepared (Engine.make_request), so that the API, the command and the server agree.
 Every OpenAI sampling field is honoured or refused: stream (+ stream_options.include_usage),
 n, best_of, echo, logprobs / top_logprobs, stop, seed, max_tokens / max_completion_tokens,
-presence / frequency / repetition penalties, logit_bias, min_p, min_tokens and ignore_eos
+presence / frequency / repetition penalties, logit_bias, min_p, min_tokens and ignore_eos,
+and a chat's continue_final_message / add_generation_prompt and chat_template_kwargs
 (vLLM's) are honoured (SearchFields.plan); OpenAI and vLLM features the engine does not
-implement (suffix, tools, response formats, vLLM's stop_token_ids, chat prefill, ...) are
+implement (suffix, tools, response formats, vLLM's stop_token_ids, ...) are
 accepted only at their neutral values (NEUTRAL), and a search field the method does not use
 only at the value it takes, so that a request never silently gets something other than what it
 asked for. null is every field's default. `user` is written in the access log; fields nobody
