@@ -113,6 +113,22 @@ def test_paged_decode_triton_matches_reference_with_lse(dtype, hq, hkv, bs, wind
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("splits", [1, 2], ids=["one-split-no-merge", "two-splits-merged"])
+def test_paged_decode_of_a_row_that_sees_no_keys_is_zero_with_lse_minus_inf(splits):
+    """A row of length 0 (or whose keys all lie before kv_start) attends to nothing: 0 and
+    -inf, as the reference gives, however many splits (merging was 0 / 0, NaN)."""
+    k, v, bt, sl = paged_setup(torch.float32, 4, 2, 4, [5, 9])
+    sl = torch.tensor([5, 0], dtype=torch.int32)
+    q = torch.randn(2, 4, 32)
+    for kv_start in (None, torch.tensor([0, 0], dtype=torch.int32)):
+        out, lse = paged_decode_attention_triton(q, k, v, bt, sl, 0.2, num_splits=splits,
+                                                 kv_start=kv_start)
+        ref, ref_lse = paged_decode_attention_ref(q, k, v, bt, sl, 0.2)
+        assert not out.isnan().any() and (out[1] == 0).all() and (lse[1] == float("-inf")).all()
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, ref_lse)
+
+
 def mixed_extend(dtype, hq, hkv, bs):
     """Five sequences whose new queries are nothing, a decode, a chunk after a prefix, a
     whole prefill and a chunk of two query tiles after a prefix (whose second tile has whole
@@ -867,6 +883,33 @@ def test_top_k_fast_path_draws_the_same_tokens_as_the_full_vocabulary_path():
     fast = _sample_top_k_ref(scaled, t, k, p, seeds, pos)
     assert torch.equal(fast, _sample_full_ref(scaled, t, k, p, seeds, pos))
     assert torch.equal(fast, sample_triton(logits, t, k, p, seeds, pos))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_with_ties_at_the_kth_logit_the_cpu_and_the_kernel_keep_every_tied_token(temperature):
+    """transformers' top-k keeps every token tied with the k-th largest; so do the kernel and
+    the CPU's full path, and the CPU's top-k fast path gives way to it when a tie crosses the
+    k-th (bf16 logits of a 32k vocabulary tie there in about half the rows). Greedy ties go to
+    the lowest id, as argmax."""
+    from w2s_engine.kernels.sampling import _sample_full_ref, _scaled
+    g = torch.Generator().manual_seed(5)
+    flat = torch.zeros(6, 16)
+    flat[0, [3, 9, 12]] = 1.0      # k=4: the 4th is a 0 tied with 12 others
+    flat[1] = 0.5                  # all tied
+    flat[2, [2, 7]] = 2.0          # the two best tied, k=1
+    rounded = (torch.randn(3, 16, generator=g) * 2).round() / 2   # coarse: many ties
+    logits = torch.cat([flat[:3], rounded])
+    b = logits.shape[0]
+    t = torch.full((b,), temperature)
+    k = torch.tensor([4, 4, 1, 3, 5, 2], dtype=torch.int32)
+    p = torch.ones(b)
+    for seed in range(4):
+        seeds, pos = torch.arange(b) * 7 + seed, torch.arange(b)
+        cpu = sample_ref(logits, t, k, p, seeds, pos)
+        assert cpu.tolist() == sample_triton(logits, t, k, p, seeds, pos).tolist()
+        assert torch.equal(cpu, _sample_full_ref(_scaled(logits, t), t, k, p, seeds, pos))
+        if temperature == 0:
+            assert cpu.tolist() == logits.argmax(-1).tolist()
 
 
 def test_sampled_token_depends_only_on_its_own_row():

@@ -425,7 +425,8 @@ if triton is not None:
             total += tl.exp(sink - m)
         part = tl.load(part_out_ptr + (row * num_splits + s[:, None]) * HEAD_DIM + d[None, :],
                        mask=smask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-        out = tl.sum(part * w[:, None], 0) / total
+        # A row that sees no keys (no sink): 0 and lse -inf, as with one split (not 0 / 0).
+        out = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
         tl.store(out_ptr + b * stride_ob + h * stride_oh + d,
                  out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
         tl.store(lse_ptr + row, m + tl.log(total))

@@ -32,8 +32,9 @@ keys the selects find the threshold the same way, and the Gumbel-max of the toke
 is drawn from the candidates (or, when they fill more than half the row, from a third pass
 over it). The kernel's threshold is the reference's value bit for bit, except where the
 top-p mass lands within rounding of top_p (sums run in another order). Scratch memory: one
-int32 per logit. With an exact tie at the k-th logit the kernel keeps every tied token
-(transformers' rule, and the full reference's); the CPU top-k fast path keeps k.
+int32 per logit. With an exact tie at the k-th logit both keep every tied token
+(transformers' rule): the CPU's top-k fast path gives way to the full path for such a batch.
+Equal scores (greedy rows' ties) go to the lowest token id, as argmax.
 """
 
 import torch
@@ -133,13 +134,20 @@ def _top_k_candidates(scaled, top_k, top_p, log_min_p=None):
 
 def _sample_top_k_ref(scaled, temperature, top_k, top_p, seeds, positions, log_min_p=None):
     """Noise for the top-k candidates alone (the CPU path's cost drops from O(V log V) to
-    O(V + k log k) per row). Same tokens as the full path, except that the full path also keeps
-    ties with the k-th."""
+    O(V + k log k) per row): the full path's tokens, or None where a row's k-th largest logit
+    ties one outside its k best (transformers keeps every tied token; topk keeps k of them,
+    in an order of its own), for the full path to draw."""
     vals, idx, keep = _top_k_candidates(scaled, top_k, top_p, log_min_p)
+    kth = vals.gather(1, (top_k.long() - 1)[:, None])
+    if not bool(((scaled >= kth).sum(-1) == top_k).all()):
+        return None
     greedy = (temperature <= 0)[:, None]
     score = torch.where(greedy, vals, vals + _noise_at(seeds, positions, idx))
-    best = score.masked_fill(~keep, float("-inf")).argmax(-1)
-    return idx.gather(1, best[:, None])[:, 0]
+    score = score.masked_fill(~keep, float("-inf"))
+    # The lowest id among equal best scores, as argmax over the whole row takes (topk's order
+    # among equal logits is its own).
+    best = score.max(-1, keepdim=True).values
+    return idx.masked_fill(score != best, scaled.shape[1]).min(-1).values
 
 
 def log_min_p_of(min_p) -> torch.Tensor | None:
@@ -151,7 +159,10 @@ def sample_ref(logits, temperature, top_k, top_p, seeds, positions, min_p=None):
     scaled = _scaled(logits, temperature)
     log_min_p = log_min_p_of(min_p)
     if scaled.shape[0] and bool(((top_k > 0) & (top_k < scaled.shape[1])).all()):
-        return _sample_top_k_ref(scaled, temperature, top_k, top_p, seeds, positions, log_min_p)
+        tokens = _sample_top_k_ref(scaled, temperature, top_k, top_p, seeds, positions,
+                                   log_min_p)
+        if tokens is not None:
+            return tokens
     return _sample_full_ref(scaled, temperature, top_k, top_p, seeds, positions, log_min_p)
 
 

@@ -277,5 +277,8 @@ class ModelRunner:
         """Copy-on-write: copy each src block to dst, all layers, K and V, in one launch."""
         if not pairs:
             return
+        # The kernel reads and writes in one launch, unordered: a block both copied from and
+        # to would race (copy-on-write pairs a shared block with a fresh one: it never is).
+        assert not {s for s, _ in pairs} & {d for _, d in pairs}, "a block is a src and a dst"
         words = self.upload(np.asarray(pairs, dtype=np.int32).T)   # src row, then dst row
         copy_blocks(self.kv_pool, words[:len(pairs)], words[len(pairs):])
