@@ -716,7 +716,9 @@ def adjust_logits(logits, rows, occurrences, presence, frequency, repetition, bi
 
 def sample(logits, temperature, top_k, top_p, seeds, positions, min_p=None):
     """One token per row: logits [B, V]; temperature, top_p, min_p (None: off) [B] fp32;
-    top_k [B] int; seeds [B] int64; positions [B] int."""
+    top_k [B] int; seeds [B] int64; positions [B] int. Values as SearchParams.validate
+    leaves them (top_p in (0, 1], no NaN logits): they are not checked here, which would
+    read them back from the device."""
     if logits.is_cuda and triton is not None:
         return sample_triton(logits, temperature, top_k, top_p, seeds, positions, min_p)
     _check(logits, temperature, top_k, top_p, seeds, positions, min_p)
