@@ -10,18 +10,20 @@ block comes back.
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
-from w2s_engine import Engine, SearchParams
+from w2s_engine import Engine, SearchError, SearchParams
 from w2s_engine.large.openai_completions import OpenAICompletions
 from w2s_engine.search.request import RequestStatus
 
 
 class ScriptedServer:
-    """/v1/completions answered by answer(body) -> (status, content type, bytes or a dict)."""
+    """/v1/completions answered by answer(body) -> (status, content type, bytes or a dict),
+    or with a fourth item, seconds between the body's bytes (a server that trickles)."""
 
     def __init__(self, answer):
         class Handler(BaseHTTPRequestHandler):
@@ -30,13 +32,20 @@ class ScriptedServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                status, kind, data = answer(body)
+                status, kind, data, *trickle = answer(body)
                 data = data if isinstance(data, bytes) else json.dumps(data).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                try:
+                    for i in range(0, len(data), 1 if trickle else len(data)):
+                        self.wfile.write(data[i:i + 1] if trickle else data)
+                        self.wfile.flush()
+                        if trickle:
+                            time.sleep(trickle[0])
+                except (BrokenPipeError, ConnectionResetError):   # the client gave up
+                    pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -62,16 +71,17 @@ def small():
     return tok, tuned_from(untuned, seed=3, scale=0.3), untuned
 
 
-def engine_over(server, small):
+def engine_over(server, small, **backend_options):
     tok, tuned, untuned = small
-    backend = OpenAICompletions(server.url, model="m", max_retries=0, timeout=10)
+    backend_options = {"max_retries": 0, "timeout": 10, **backend_options}
+    backend = OpenAICompletions(server.url, model="m", **backend_options)
     return backend, Engine(backend, (clone(tuned), tok), (clone(untuned), tok),
                            num_kv_blocks=800, block_size=4, progress=False)
 
 
-def run(small, answer, prompts, params):
+def run(small, answer, prompts, params, **backend_options):
     server = ScriptedServer(answer)
-    backend, engine = engine_over(server, small)
+    backend, engine = engine_over(server, small, **backend_options)
     try:
         requests = [engine.add_request(p, params) for p in prompts]
         while engine.has_unfinished():
@@ -125,7 +135,9 @@ def test_every_servers_name_for_an_ended_continuation_finishes_the_beam(small, r
                                 "model": "m", "choices": [{"index": 0, "text": None,
                                                            "finish_reason": "length"}]}),
      "a choice without text"),
-], ids=["abort", "content-filter", "html", "truncated-json", "error-in-a-200", "null-text"])
+    (completion([" a\ud800b"]), "text that is not valid Unicode"),
+], ids=["abort", "content-filter", "html", "truncated-json", "error-in-a-200", "null-text",
+        "lone-surrogate"])
 def test_an_answer_that_is_no_sample_fails_its_request_alone_naming_the_server(small, bad, says):
     def answer(body):
         return bad if "BAD" in body["prompt"] else completion([" ok"] * body["n"])
@@ -161,3 +173,95 @@ def test_a_slow_answer_holds_up_its_own_request_only_and_cancel_aborts_its_call(
         release.set()
         backend.close()
         server.stop()
+
+
+def test_a_call_that_trickles_past_the_timeout_fails_its_request_alone_in_time(small):
+    """httpx's timeout restarts with every byte: a server that sends a byte a second would
+    hold a request for ever. The backend's timeout is each call's, retries included."""
+    def answer(body):
+        if "SLOW" in body["prompt"]:
+            return (*completion([" ok"] * body["n"]), 0.5)
+        return completion([" ok"] * body["n"])
+    started = time.perf_counter()
+    (good, slow), url = run(small, answer, ["fine", "SLOW"],
+                            SearchParams(w=1, k=2, l=3, max_new_tokens=9, seed=1), timeout=1.5)
+    assert time.perf_counter() - started < 30
+    assert good.status is RequestStatus.DONE and good.result.text == " ok ok ok"
+    assert slow.status is RequestStatus.FAILED
+    assert f"{url} did not answer a call within 1.5 s" in slow.error
+    assert "--large-timeout" in slow.error
+
+
+@pytest.mark.parametrize("status, says", [
+    (401, "check the API key (--large-api-key"),
+    (404, "check the model name (--large-model) and that the URL is the server's /v1 base"),
+])
+def test_a_refusal_the_client_does_not_retry_is_not_called_retried_and_says_what_to_check(
+        small, status, says):
+    def answer(body):
+        return status, "application/json", {"error": {"message": "no", "type": "x"}}
+    (r,), url = run(small, answer, ["fine"], SearchParams(w=1, k=2, l=3, max_new_tokens=9,
+                                                          seed=1), max_retries=2)
+    assert r.status is RequestStatus.FAILED and url in r.error and says in r.error
+    assert "retries" not in r.error
+
+
+def test_token_counts_from_usage_are_capped_at_max_tokens_and_a_count_as_text_is_ignored(small):
+    def answer(body):
+        count = "7" if "TEXT" in body["prompt"] else 10**6
+        return (200, "application/json", {**completion([" end"] * body["n"], "stop")[2],
+                                          "usage": {"prompt_tokens": 1,
+                                                    "completion_tokens": count}})
+    params = SearchParams(w=1, k=2, l=3, max_new_tokens=9, seed=1)
+    huge, text = run(small, answer, ["fine", "TEXT"], params)[0]
+    for r in (huge, text):
+        assert r.status is RequestStatus.DONE and r.result.text == " end"
+        assert all(1 <= h.num_tokens <= 3 for h in r.result.hypotheses)
+        assert r.stats.tokens_sampled <= 2 * 3
+
+
+def test_a_search_over_a_closed_backend_fails_saying_so_rather_than_waiting_for_ever(small):
+    server = ScriptedServer(lambda body: completion([" ok"] * body["n"]))
+    backend, engine = engine_over(server, small)
+    params = SearchParams(w=1, k=2, l=3, max_new_tokens=9, seed=1)
+    try:
+        assert engine.search("fine", params)[0].text == " ok ok ok"
+        backend.close()
+        with pytest.raises(SearchError, match="was closed: make a new OpenAICompletions"):
+            engine.search("fine", params)
+        engine.check_all_free()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("status, page, says", [
+    (200, b"<html>hello</html>", "is --large the server's OpenAI-compatible /v1 base URL"),
+    (404, b'{"error": "not found"}', "is --large the server's OpenAI-compatible /v1 base URL"),
+], ids=["an-html-page", "not-found"])
+def test_w2s_over_a_url_that_is_no_models_endpoint_says_so_in_one_line(capsys, status, page,
+                                                                       says):
+    from w2s_engine.cli import main
+
+    class Page(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html" if page.startswith(b"<") else
+                             "application/json")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(["search", "hi", "--large", url, "--tuned", "t", "--untuned", "u"])
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"w2s: error: --large {url}: cannot list")
+    assert says in err and "--large-model" in err and "Traceback" not in err

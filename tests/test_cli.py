@@ -118,6 +118,8 @@ def torch_has_cuda() -> bool:
     (["search", "x", "--stream", "--json"], "use one"),
     (["search", "x", "--method", "base", "--k", "3", "--stream"], "leave --stream out"),
     (["search", "x", "--method", "base", "--large-model", "m"], "leave --large-model out"),
+    (["search", "x", "--method", "base", "--large-timeout", "5"], "leave --large-timeout out"),
+    (["search", "x", "--large-timeout", "0"], "0 seconds: give a time above 0"),
     (["search", "x", "--method", "base", "--no-async-scheduling", "--scoring-at-once"],
      "leave out --no-async-scheduling"),
     (["demo", "--max-new-tokens", "0"], "--max-new-tokens 0: give 1 or more"),

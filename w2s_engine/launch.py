@@ -33,6 +33,13 @@ def add_model_args(p: argparse.ArgumentParser):
                         "first it lists)")
     p.add_argument("--large-api-key", default=None,
                    help="with a URL for --large: that server's API key (default: none)")
+    p.add_argument("--large-timeout", type=positive_seconds, default=None,
+                   help="with a URL for --large: seconds one call to that server may take in "
+                        "all, retries included; past them the search it belongs to fails "
+                        "(default: 120)")
+    p.add_argument("--large-max-in-flight", type=positive_int, default=None,
+                   help="with a URL for --large: calls to that server at once, for all "
+                        "searches together (default: 32)")
     p.add_argument("--tuned", default=None, help="tuned small model spec, e.g. sentiment-dpo (default: none; "
                                                       "the search needs one)")
     p.add_argument("--untuned", default=None, help="untuned small model spec, e.g. smollm2-135m-instruct "
@@ -174,14 +181,23 @@ def _remote(args):
         try:
             listed = openai.OpenAI(base_url=args.large, api_key=args.large_api_key or "none",
                                    max_retries=2, timeout=30).models.list().data
-        except openai.APIError as e:
-            raise UserError(f"--large {args.large}: cannot list its models ({e}); name one "
-                            "with --large-model") from None
+            if not all(isinstance(getattr(m, "id", None), str) for m in listed):
+                raise TypeError("the answer is no list of models")
+        # (a 200 that is no model list, an HTML page say, fails in the client as one of these)
+        except (openai.APIError, AttributeError, TypeError, ValueError) as e:
+            status = getattr(e, "status_code", None)
+            hint = ("is --large the server's OpenAI-compatible /v1 base URL "
+                    "(http://host:port/v1)? " if status in (None, 404) else "")
+            raise UserError(f"--large {args.large}: cannot list its models ({type(e).__name__}: "
+                            f"{e}); {hint}or name the model with --large-model") from None
         if not listed:
             raise UserError(f"--large {args.large} lists no models: name one with --large-model")
         model = listed[0].id
     log.info("large model: %s at %s (a black box)", model, args.large)
-    return OpenAICompletions(args.large, model=model, api_key=args.large_api_key)
+    options = {name: value for name, value in (("timeout", args.large_timeout),
+                                               ("max_in_flight", args.large_max_in_flight))
+               if value is not None}
+    return OpenAICompletions(args.large, model=model, api_key=args.large_api_key, **options)
 
 
 # The EngineConfig fields the options set, as the engine's errors name them.
@@ -212,7 +228,9 @@ def engine_from_args(args, need_small: bool, **config):
         templates["untuned"] = args.untuned_template
     remote = is_url(args.large)
     for flag, value in (("--large-model", args.large_model),
-                        ("--large-api-key", args.large_api_key)):
+                        ("--large-api-key", args.large_api_key),
+                        ("--large-timeout", args.large_timeout),
+                        ("--large-max-in-flight", args.large_max_in_flight)):
         if value is not None and not remote:
             raise UserError(f"{flag} is for a black-box large model (--large http://.../v1); "
                             f"--large {args.large} is loaded here: leave {flag} out")

@@ -2,8 +2,10 @@
 
 The engine asks it for K continuations of at most L tokens of prompt + response text and
 scores them locally with the small models. All chunks of one engine step go out at once, on
-an event loop owned by this backend (async HTTP, a bounded number of requests in flight);
-the openai client retries 429 / 5xx / connection errors with exponential backoff.
+an event loop owned by this backend (async HTTP, at most max_in_flight calls in flight for
+all requests together); the openai client retries 408 / 409 / 429 / 5xx and connection errors
+with exponential backoff, and each call, its retries included, has `timeout` seconds in all
+(httpx's own timeout restarts with every byte a slow server sends).
 """
 
 import asyncio
@@ -36,10 +38,31 @@ class Choice:
     prompt_tokens: int = 0       # the server's tokens in the call's prompt (0: it did not say)
 
 
+# What the openai client retries: connection errors and timeouts, and these statuses.
+RETRIED_STATUSES = {408, 409, 429} | set(range(500, 600))
+
+
+def _failure(e, base_url: str, max_retries: int) -> str:
+    """The message of a call that failed: what the server said, and what to change."""
+    import openai
+    status = getattr(e, "status_code", None)
+    retried = status is None or status in RETRIED_STATUSES
+    tried = f" (after {max_retries} retries)" if retried and max_retries else ""
+    hint = {401: ": check the API key (--large-api-key, or api_key=)",
+            403: ": check the API key (--large-api-key, or api_key=)",
+            404: ": check the model name (--large-model) and that the URL is the server's "
+                 "/v1 base (http://host:port/v1)"}.get(status, "")
+    if isinstance(e, openai.APIConnectionError) and not isinstance(e, openai.APITimeoutError):
+        hint = ": is the server up at that URL?"
+    return f"the large-model server at {base_url} failed{tried}: {e}{hint}"
+
+
 class OpenAICompletions:
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None,
                  timeout: float = 120.0, max_retries: int = 4, max_in_flight: int = 32):
+        """timeout: seconds one call may take in all, retries included (then the request it
+        belongs to fails); max_in_flight: calls at once, for all requests together."""
         try:
             import openai  # noqa: F401
         except ImportError as e:
@@ -51,6 +74,7 @@ class OpenAICompletions:
         self.timeout = timeout
         self.max_retries = max_retries
         self.max_in_flight = max_in_flight
+        self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="w2s-openai-backend")
@@ -79,6 +103,9 @@ class OpenAICompletions:
     def submit(self, jobs: list[CompletionJob]) -> concurrent.futures.Future:
         """Start all jobs concurrently -> a future of complete_many's list; cancelling it
         aborts the calls still in flight."""
+        if self._closed:   # its loop is stopped: the future would never resolve
+            raise RemoteModelError(f"this backend for {self.base_url} was closed: make a new "
+                                   "OpenAICompletions")
         async def gather():
             return await asyncio.gather(*(self._complete(j) for j in jobs), return_exceptions=True)
         return asyncio.run_coroutine_threadsafe(gather(), self._loop)
@@ -98,11 +125,16 @@ class OpenAICompletions:
                 # Servers that ignore n answer one choice per request: vary the seed per try.
                 kwargs["seed"] = (job.seed + len(choices)) % (1 << 31)
             try:
-                async with self._limit:
-                    resp = await self._client.completions.create(**kwargs)
+                async with self._limit:   # (the deadline counts from the call, not the queue)
+                    resp = await asyncio.wait_for(self._client.completions.create(**kwargs),
+                                                  self.timeout)
+            except asyncio.TimeoutError as e:
+                raise RemoteModelError(
+                    f"the large-model server at {self.base_url} did not answer a call within "
+                    f"{self.timeout:g} s, retries included: raise the timeout "
+                    "(--large-timeout, or timeout=) if it is busy rather than stuck") from e
             except openai.APIError as e:
-                raise RemoteModelError(f"the large-model server at {self.base_url} failed "
-                                       f"(after {self.max_retries} retries): {e}") from e
+                raise RemoteModelError(_failure(e, self.base_url, self.max_retries)) from e
             except ValueError as e:    # a 200 whose body is not JSON
                 raise RemoteModelError(f"the large-model server at {self.base_url} answered "
                                        f"with a body that is not JSON ({e})") from e
@@ -118,6 +150,8 @@ class OpenAICompletions:
         return choices
 
     def close(self):
+        """Close the connections and stop the loop; later searches over it fail, saying so."""
+        self._closed = True
         if self._loop.is_running():
             self._run(self._client.close())
             self._loop.call_soon_threadsafe(self._loop.stop)
@@ -150,12 +184,19 @@ def _choices(resp, job: CompletionJob, want: int, base_url: str = "") -> list[Ch
         if not isinstance(getattr(c, "text", None), str):
             raise RemoteModelError(f"the large-model server at {base_url} returned a choice "
                                    f"without text ({getattr(c, 'text', None)!r})")
+        try:
+            c.text.encode("utf-8")
+        except UnicodeEncodeError as e:   # a lone surrogate (\ud800) in its JSON
+            raise RemoteModelError(f"the large-model server at {base_url} returned text that "
+                                   f"is not valid Unicode ({e.reason} at {e.start})") from None
     reasons = [_finish(c.finish_reason, base_url) for c in got]
     n_stop = reasons.count("stop")
     usage = getattr(resp, "usage", None)
-    total = usage.completion_tokens if usage is not None and len(resp.choices) == len(got) else None
-    if total is not None and n_stop:
-        per_stop = max(1, (total - job.max_tokens * (len(got) - n_stop)) // n_stop)
+    total = getattr(usage, "completion_tokens", None) if len(resp.choices) == len(got) else None
+    if isinstance(total, int) and not isinstance(total, bool) and n_stop:
+        # (a count past max_tokens is the server's mistake: a continuation has at most that)
+        per_stop = min(job.max_tokens,
+                       max(1, (total - job.max_tokens * (len(got) - n_stop)) // n_stop))
     else:
         per_stop = 1
     prompt_tokens = getattr(usage, "prompt_tokens", None)

@@ -10,7 +10,8 @@ a server left in). A beam keeps its response as text and the server's token coun
 A request's calls are not waited for together with the others': each step starts the calls
 of the requests that need a chunk and takes the answers of those whose calls are all back
 (waiting at most WAIT_S for one), so a slow answer holds up its own request only, and a
-request that ends (cancelled, failed) has its calls in flight aborted.
+request that ends (cancelled, failed) has its calls in flight aborted. (Calls share the
+backend's max_in_flight slots: slow calls that fill them all delay the others' calls too.)
 """
 
 import concurrent.futures
