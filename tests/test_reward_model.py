@@ -327,3 +327,42 @@ def test_a_reward_model_whose_checkpoint_has_no_head_is_refused_and_one_with_its
                     num_kv_blocks=50, progress=False)
     assert engine.score(["This film"], [" is good"])[0] == pytest.approx(
         scratch_rm(models["rm"], tok, "This film", " is good"), abs=1e-4)
+
+
+def test_score_of_a_response_past_the_free_kv_pool_says_so_and_the_search_beside_goes_on(models):
+    tok = models["tok"]
+    engine = Engine((tiny_llama(len(tok), seed=1, layers=3), tok),
+                    scorer=RewardModel((clone_rm(models["rm"]), tok), template=RM_TEMPLATE),
+                    num_kv_blocks=60, block_size=4, progress=False)
+    r = engine.add_request("I really", SearchParams(w=2, k=2, l=2, max_new_tokens=8, seed=1))
+    engine.step()
+    with pytest.raises(ValueError, match=r"responses\[1\]: .* tokens for the scorer, and its "
+                                         r"KV pool has room for .* score fewer or shorter"):
+        engine.score(["I really", "This film"], [" ok", "x" * 400])
+    while engine.has_unfinished():
+        engine.step()
+    assert r.status.name == "DONE"
+    engine.check_all_free()
+
+
+def test_a_chat_template_that_changes_the_assistants_text_is_named_at_load(models, caplog):
+    """Llama 3's template trims a message's text; the engine scores each response as it is
+    inside the turn (incrementally), so where a response has whitespace at its ends its reward
+    differs from the template's own rendering: said at load, not left to be found."""
+    import logging
+    tok = copy.deepcopy(models["tok"])
+    large = (tiny_llama(len(tok), seed=1), models["tok"])
+    for template, changes in [
+            ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] | trim }}<eos>{% endfor %}",
+             True),
+            ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<eos>{% endfor %}", False)]:
+        tok.chat_template = template
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="w2s_engine"):
+            Engine(large, scorer=RewardModel((clone_rm(models["rm"]), tok), template="chat"),
+                   num_kv_blocks=50, progress=False)
+        said = [r.getMessage() for r in caplog.records if "changes the assistant's text" in
+                r.getMessage()]
+        assert bool(said) == changes
+        if changes:
+            assert "assistant: <think>\\nw\\n</think>\\n\\n{response}<eos>'" in said[0]

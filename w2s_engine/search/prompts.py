@@ -194,6 +194,22 @@ class ResponseTemplate:
         before, after = rendered.split(RESPONSE_MARK)
         return before, after
 
+    def content_change(self, tokenizer) -> tuple[str, str] | None:
+        """(a probe response, what the chat template renders of it) where the template changes
+        the assistant's text (Llama 3's trims it, Qwen3's moves a reasoning block), else None.
+        The engine puts each response into the turn as it is (around()), to score it
+        incrementally: there, such a template's own rendering differs."""
+        if self.text != "chat":
+            return None
+        probe = " \n<think>\nw\n</think>\n\n" + RESPONSE_MARK + "\n "
+        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}]
+        rendered = Template(chat=True).render(tokenizer, messages, False)
+        if probe in rendered:
+            return None
+        turn = rendered[rendered.rindex("Hi") + 2:] if "Hi" in rendered else rendered
+        return (probe.replace(RESPONSE_MARK, "{response}"),
+                turn.replace(RESPONSE_MARK, "{response}")[:120])
+
 
 # apply_chat_template's own arguments (and the template's messages): not a template's variables
 _RENDER_ARGUMENTS = frozenset({

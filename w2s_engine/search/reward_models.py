@@ -2,6 +2,7 @@
 scorer runs: the head its model is loaded with, the function that reads a value from a
 hidden state, its template and, for a PRM, its steps."""
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ from w2s_engine.search.head_stream import label_probability, score_head
 from w2s_engine.search.prompts import ResponseTemplate
 from w2s_engine.search.tokens import encode
 
+log = logging.getLogger("w2s_engine")
 
 @dataclass
 class Steps:
@@ -51,6 +53,15 @@ def reward_model_parts(rm, role: str, runner, loaded) -> RewardModelParts:
             template.around(tok, "Hi")
         except ValueError as e:
             raise ValueError(f"{type(rm).__name__}.{e}") from None
+        change = template.content_change(tok)
+        if change is not None:
+            log.warning(
+                "%s over %s: its chat template changes the assistant's text (it renders "
+                "%r as %r), and the engine scores each response as it is inside the turn: "
+                "where a response has what the template would change (whitespace at its ends, "
+                "a reasoning block), its reward differs from that of apply_chat_template's "
+                "rendering; pass a template string to score exactly what it says",
+                type(rm).__name__, loaded.spec, *change)
 
     def one_token(name: str, text: str) -> int:
         ids = encode(tok, text, False)

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 from torch.profiler import record_function   # names the scoring's phases in a profile
 
-from w2s_engine.cache.block_manager import BlockManager
+from w2s_engine.cache.block_manager import BlockManager, OutOfBlocks
 from w2s_engine.cache.kv_budget import SMALL_TOKENS_PER_LARGE, KVBudget
+from w2s_engine.models.runner import BatchFailed
 from w2s_engine.params import check_text, is_int
 from w2s_engine.search.head_stream import HeadStream, pooled_position
 from w2s_engine.search.prompts import ResponseTemplate, SmallPrompt, Template, check_context
@@ -452,6 +453,16 @@ class Scorer:
                 try:
                     stream.prefill([u.state for u in group])
                     stream.update(group)
+                except BatchFailed as e:
+                    if not isinstance(e.__cause__, OutOfBlocks):
+                        raise
+                    # (one response alone past half the free pool: the search's have the rest)
+                    which = (f"{i - 1}" if len(group) == 1 else f"{i - len(group)}:{i}")
+                    raise ValueError(
+                        f"responses[{which}]: {tokens} tokens for the scorer, "
+                        f"and its KV pool has room for {room} beside the searches now "
+                        f"({e.__cause__}): score fewer or shorter responses at once, or give "
+                        "the engine more KV memory") from None
                 finally:
                     for u in group:
                         stream.blocks.free(u.state.table)
