@@ -215,3 +215,22 @@ def test_label_mode_over_a_model_without_an_lm_head_is_refused_at_start(models):
     with pytest.raises(ValueError, match="has none .a classification head"):
         Engine((tiny_llama(len(models["tok"]), seed=1, layers=3), models["tok"]), scorer=prm,
                num_kv_blocks=800, block_size=4, progress=False)
+
+
+def test_a_step_tag_that_merges_with_the_text_before_it_is_named_at_load(models, caplog):
+    """A finished step's tag goes into the text; where it merges with the step's last
+    characters ('th' + 'e' -> 'the') no tag token stands there and that step is not read:
+    said at load, with the endings it merges after."""
+    import logging
+    for tag, merges in (("e", True), (TAG, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="w2s_engine"):
+            Engine((tiny_llama(300, seed=1), models["tok"]),
+                   scorer=ProcessRewardModel((clone(models["lm"]), models["other"]),
+                                             step_tag=tag, label="+", template=TEMPLATE),
+                   num_kv_blocks=50, progress=False)
+        said = [r.getMessage() for r in caplog.records if "merges with the text" in
+                r.getMessage()]
+        assert bool(said) == merges
+        if merges:
+            assert "step_tag 'e'" in said[0] and "'th'" in said[0]

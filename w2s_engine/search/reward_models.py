@@ -12,6 +12,8 @@ from w2s_engine.search.prompts import ResponseTemplate
 from w2s_engine.search.tokens import encode
 
 log = logging.getLogger("w2s_engine")
+# Text a step may end with, to find a step tag that merges with it into another token.
+STEP_ENDINGS = ("a", "e", "s", "t", "th", "in", "1", ".", ",", ")", " ")
 
 @dataclass
 class Steps:
@@ -81,4 +83,13 @@ def reward_model_parts(rm, role: str, runner, loaded) -> RewardModelParts:
         read = score_head(runner, rm.head_index)
     steps = Steps(rm.step_tag, one_token("step_tag", rm.step_tag), rm.step_separator,
                   rm.aggregate)
+    merged = [end for end in STEP_ENDINGS
+              if encode(tok, end + rm.step_tag, False)[-1:] != [steps.tag_id]]
+    if merged:
+        log.warning(
+            "ProcessRewardModel over %s: step_tag %r merges with the text before it into "
+            "another token (after %s), so a step that ends so has no tag token and is not "
+            "read; pick a tag that stays one token wherever it stands (a special token, or "
+            "Math-Shepherd's ' ки')", loaded.spec, rm.step_tag,
+            ", ".join(repr(end) for end in merged))
     return RewardModelParts(role, runner, tok, template, read, rm.weight, steps)
