@@ -345,17 +345,57 @@ def test_score_of_a_response_past_the_free_kv_pool_says_so_and_the_search_beside
     engine.check_all_free()
 
 
-def test_a_chat_template_that_changes_the_assistants_text_is_named_at_load(models, caplog):
-    """Llama 3's template trims a message's text; the engine scores each response as it is
-    inside the turn (incrementally), so where a response has whitespace at its ends its reward
-    differs from the template's own rendering: said at load, not left to be found."""
+TRIMMING = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] | trim }}<eos>"
+            "{% endfor %}")
+
+
+@torch.no_grad()
+def scratch_chat_rm(model, tok, prompt, response) -> float:
+    """The reward model's head at the last token of apply_chat_template's rendering."""
+    text = tok.apply_chat_template([{"role": "user", "content": prompt},
+                                    {"role": "assistant", "content": response}], tokenize=False)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return model(torch.tensor([ids])).logits[0, 1].item()
+
+
+@pytest.mark.parametrize("rm_tok, rm", [("tok", "rm"), ("other", "rm_other")],
+                         ids=["large-models-tokenizer", "another-tokenizer"])
+def test_a_chat_template_that_trims_the_response_scores_what_it_renders(models, rm_tok, rm):
+    """Llama 3's template trims a message's text: the scorer trims each response as it does,
+    so a response with whitespace at its ends (a chunk often ends in one) is scored on the
+    template's own rendering, in score() and in a search."""
+    tok = copy.deepcopy(models[rm_tok])
+    tok.chat_template = TRIMMING
+    engine = Engine((tiny_llama(len(models["tok"]), seed=1, layers=3), models["tok"]),
+                    scorer=RewardModel((clone_rm(models[rm]), tok), template="chat",
+                                       head_index=1),
+                    num_kv_blocks=800, block_size=4, progress=False)
+    responses = [" the film was great.", "the film was great.\n", " the film  ", "ok"]
+    got = engine.score(["I really"] * len(responses), responses)
+    want = [scratch_chat_rm(models[rm], tok, "I really", r) for r in responses]
+    assert got == pytest.approx(want, abs=1e-4)
+    assert got[0] == pytest.approx(got[1], abs=1e-5)   # the same text once trimmed
+    for r in engine.search(PROMPTS, SearchParams(w=2, k=2, l=3, max_new_tokens=9, seed=4)):
+        for h in r.hypotheses:
+            assert h.reward == pytest.approx(scratch_chat_rm(models[rm], tok, r.prompt, h.text),
+                                             abs=1e-4)
+    with pytest.raises(ValueError, match="pass the response as text|one vocabulary"):
+        engine.score(["I really"], [[5, 6, 7]])
+    engine.check_all_free()
+
+
+def test_a_chat_template_that_changes_the_response_otherwise_is_named_at_load(models, caplog):
+    """A template that moves a reasoning block out of the assistant's text (Qwen3's) is not
+    followed: each response is scored as it is inside the turn, and a warning at load says
+    so. One that only trims it is followed (above), and one that keeps it says nothing."""
     import logging
     tok = copy.deepcopy(models["tok"])
     large = (tiny_llama(len(tok), seed=1), models["tok"])
-    for template, changes in [
-            ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] | trim }}<eos>{% endfor %}",
-             True),
-            ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<eos>{% endfor %}", False)]:
+    moving = ("{% for m in messages %}{{ m['role'] }}: {% if m['role'] == 'assistant' %}"
+              "{{ m['content'].split('</think>')[-1] }}{% else %}{{ m['content'] }}{% endif %}"
+              "<eos>{% endfor %}")
+    keeping = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<eos>{% endfor %}"
+    for template, warns in [(moving, True), (TRIMMING, False), (keeping, False)]:
         tok.chat_template = template
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="w2s_engine"):
@@ -363,6 +403,6 @@ def test_a_chat_template_that_changes_the_assistants_text_is_named_at_load(model
                    num_kv_blocks=50, progress=False)
         said = [r.getMessage() for r in caplog.records if "changes the assistant's text" in
                 r.getMessage()]
-        assert bool(said) == changes
-        if changes:
-            assert "assistant: <think>\\nw\\n</think>\\n\\n{response}<eos>'" in said[0]
+        assert bool(said) == warns
+        if warns:
+            assert "as '<eos>assistant: \\n\\n{response}\\n <eos>'" in said[0], said[0]

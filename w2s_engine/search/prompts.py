@@ -194,18 +194,41 @@ class ResponseTemplate:
         before, after = rendered.split(RESPONSE_MARK)
         return before, after
 
-    def content_change(self, tokenizer) -> tuple[str, str] | None:
-        """(a probe response, what the chat template renders of it) where the template changes
-        the assistant's text (Llama 3's trims it, Qwen3's moves a reasoning block), else None.
-        The engine puts each response into the turn as it is (around()), to score it
-        incrementally: there, such a template's own rendering differs."""
+    def content_rule(self, tokenizer, template_kwargs: dict | None = None) -> str | None:
+        """What the chat template does to the assistant's text, which the scorer then does to
+        each response (SmallPrompt.response): "" nothing; "l", "r", "lr": strips whitespace
+        on the left, the right, both (Llama 3's trims it); None: something else (Qwen3's
+        moves a reasoning block), which the scorer does not follow. A text template: ""."""
         if self.text != "chat":
+            return ""
+        before, after = self.around(tokenizer, "Hi", template_kwargs=template_kwargs)
+        pad = " \n"
+        rule = ""
+        for body in (pad + RESPONSE_MARK + pad[::-1], "<think>\nw\n</think>\n\n" + RESPONSE_MARK):
+            messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": body}]
+            rendered = Template(chat=True).render(tokenizer, messages, False,
+                                                  template_kwargs=template_kwargs)
+            if body.startswith(pad):   # which edges it strips
+                left = rendered.startswith(before + pad + RESPONSE_MARK)
+                right = rendered.endswith(RESPONSE_MARK + pad[::-1] + after)
+                rule = ("" if left else "l") + ("" if right else "r")
+                expect = (before + (pad if left else "") + RESPONSE_MARK
+                          + (pad[::-1] if right else "") + after)
+            else:                      # and nothing else
+                expect = before + body + after
+            if rendered != expect:
+                return None
+        return rule
+
+    def content_change(self, tokenizer) -> tuple[str, str] | None:
+        """(a probe response, what the chat template renders of it) where the template
+        changes the assistant's text in a way the scorer does not follow (content_rule:
+        None), for the warning at load; else None."""
+        if self.content_rule(tokenizer) is not None:
             return None
         probe = " \n<think>\nw\n</think>\n\n" + RESPONSE_MARK + "\n "
         messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}]
         rendered = Template(chat=True).render(tokenizer, messages, False)
-        if probe in rendered:
-            return None
         turn = rendered[rendered.rindex("Hi") + 2:] if "Hi" in rendered else rendered
         return (probe.replace(RESPONSE_MARK, "{response}"),
                 turn.replace(RESPONSE_MARK, "{response}")[:120])
@@ -279,6 +302,9 @@ class SmallPrompt:
     starts: list[int]   # character offset of each prompt token
     special: bool
     suffix_ids: list[int] = field(default_factory=list)   # a reward model's, after the response
+    # What a reward model's chat template does to the assistant's text, done to each response
+    # (ResponseTemplate.content_rule): "l", "r" strip whitespace on the left, the right.
+    strip: str = ""
 
     @classmethod
     def make(cls, tokenizer, template, prompt, special: bool, continue_final: bool = False,
@@ -286,22 +312,32 @@ class SmallPrompt:
         """template: a Template (the implicit pair's models) or a ResponseTemplate (a reward
         model's: what follows the response is tokenized on its own, as suffix_ids).
         continue_final, template_kwargs: Template.apply's."""
+        strip = ""
         if isinstance(template, ResponseTemplate):
             text, suffix = template.around(tokenizer, prompt, continue_final, template_kwargs)
             special = special and template.text != "chat"
+            strip = template.content_rule(tokenizer, template_kwargs) or ""
+            if continue_final:   # the left edge is the continued message's, already rendered
+                strip = strip.replace("l", "")
         else:
             text, suffix = template.apply(tokenizer, prompt, continue_final, template_kwargs), ""
             special = special and not template.chat  # a rendered chat template has its own
         tok = tokenize(tokenizer, text, special)
         return cls(tokenizer, text, tok.ids, tok.starts, special,
-                   encode(tokenizer, suffix, False) if suffix else [])
+                   encode(tokenizer, suffix, False) if suffix else [], strip)
+
+    def response(self, text: str) -> str:
+        """A response's text as the template renders it (strip)."""
+        if "l" in self.strip:
+            text = text.lstrip()
+        return text.rstrip() if "r" in self.strip else text
 
     def full_ids(self, response_text: str) -> tuple[list[int], int]:
         """(tokenize(prompt + response), first position where it differs from the prompt's,
         and never 0: where the response merges into the prompt's first token ("The" + "se":
         "These", a one-token prompt), nothing predicts position 0, so that token is context,
         not scored; the response's later tokens are)."""
-        full = encode(self.tokenizer, self.text + response_text, self.special)
+        full = encode(self.tokenizer, self.text + self.response(response_text), self.special)
         return full, max(1, common_prefix(full, self.ids))
 
     def extend_many(self, olds: list[Tokenized],
@@ -309,5 +345,5 @@ class SmallPrompt:
         """full_ids() computed incrementally from each stream's last tokenization (`olds`),
         for many streams of this prompt at once."""
         news = retokenize_many(self.tokenizer, self.special, olds,
-                               [self.text + text for text in response_texts])
+                               [self.text + self.response(text) for text in response_texts])
         return [(new, max(1, common_prefix(new.ids, self.ids))) for new in news]

@@ -59,10 +59,11 @@ def reward_model_parts(rm, role: str, runner, loaded) -> RewardModelParts:
         if change is not None:
             log.warning(
                 "%s over %s: its chat template changes the assistant's text (it renders "
-                "%r as %r), and the engine scores each response as it is inside the turn: "
-                "where a response has what the template would change (whitespace at its ends, "
-                "a reasoning block), its reward differs from that of apply_chat_template's "
-                "rendering; pass a template string to score exactly what it says",
+                "%r as %r) in a way the scorer does not follow (it follows whitespace "
+                "stripped at the ends), and scores each response as it is inside the turn: "
+                "where a response has what the template would change (a reasoning block, "
+                "say), its reward differs from that of apply_chat_template's rendering; pass "
+                "a template string to score exactly what it says",
                 type(rm).__name__, loaded.spec, *change)
 
     def one_token(name: str, text: str) -> int:

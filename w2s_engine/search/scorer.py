@@ -110,7 +110,11 @@ class Scorer:
         # (a PRM reads tags inserted in the text: never).
         steps = {i: p.steps for p in self.parts for i in p.streams if p.steps is not None}
         self.steps: list[Steps | None] = [steps.get(i) for i in range(len(self.streams))]
+        # ... nor does one whose chat template strips the response's edges (Llama 3's), which
+        # the stream does to the response's text (SmallPrompt.response).
         self.shared = [t.get_vocab() == large_vocab and self.steps[i] is None
+                       and not (isinstance(self.templates[i], ResponseTemplate)
+                                and self.templates[i].content_rule(t))
                        for i, t in enumerate(self.tokenizers)]
         # The stream whose response tokens a hypothesis reports: the first that reads the
         # response as it is (a PRM's has step tags in it); None: none does.
@@ -425,6 +429,11 @@ class Scorer:
                 else:
                     if isinstance(response, str):
                         full, start = sp.full_ids(response)
+                    elif sp.strip:
+                        raise ValueError(
+                            f"responses[{len(updates)}]: token ids, but the reward model's chat "
+                            "template strips the response's text at its edges (as the scorer "
+                            "then does): pass the response as text")
                     else:
                         full, start = sp.ids + list(response), len(sp.ids)
                     u = StreamUpdate(st, full + sp.suffix_ids, start, bool(fin))
