@@ -194,31 +194,23 @@ class ResponseTemplate:
         before, after = rendered.split(RESPONSE_MARK)
         return before, after
 
-    def content_rule(self, tokenizer, template_kwargs: dict | None = None) -> str | None:
+    def content_rule(self, tokenizer) -> str | None:
         """What the chat template does to the assistant's text, which the scorer then does to
         each response (SmallPrompt.response): "" nothing; "l", "r", "lr": strips whitespace
         on the left, the right, both (Llama 3's trims it); None: something else (Qwen3's
         moves a reasoning block), which the scorer does not follow. A text template: ""."""
         if self.text != "chat":
             return ""
-        before, after = self.around(tokenizer, "Hi", template_kwargs=template_kwargs)
-        pad = " \n"
-        rule = ""
-        for body in (pad + RESPONSE_MARK + pad[::-1], "<think>\nw\n</think>\n\n" + RESPONSE_MARK):
-            messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": body}]
-            rendered = Template(chat=True).render(tokenizer, messages, False,
-                                                  template_kwargs=template_kwargs)
-            if body.startswith(pad):   # which edges it strips
-                left = rendered.startswith(before + pad + RESPONSE_MARK)
-                right = rendered.endswith(RESPONSE_MARK + pad[::-1] + after)
-                rule = ("" if left else "l") + ("" if right else "r")
-                expect = (before + (pad if left else "") + RESPONSE_MARK
-                          + (pad[::-1] if right else "") + after)
-            else:                      # and nothing else
-                expect = before + body + after
-            if rendered != expect:
-                return None
-        return rule
+        before, after = self.around(tokenizer, "Hi")
+        edges = _render_reply(tokenizer, " \n" + RESPONSE_MARK + "\n ")
+        left = "" if edges.startswith(before + " \n") else "l"
+        right = "" if edges.endswith("\n " + after) else "r"
+        kept = (before + ("" if left else " \n") + RESPONSE_MARK + ("" if right else "\n ")
+                + after)
+        reasoning = "<think>\nw\n</think>\n\n" + RESPONSE_MARK
+        if edges != kept or _render_reply(tokenizer, reasoning) != before + reasoning + after:
+            return None
+        return left + right
 
     def content_change(self, tokenizer) -> tuple[str, str] | None:
         """(a probe response, what the chat template renders of it) where the template
@@ -227,11 +219,16 @@ class ResponseTemplate:
         if self.content_rule(tokenizer) is not None:
             return None
         probe = " \n<think>\nw\n</think>\n\n" + RESPONSE_MARK + "\n "
-        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}]
-        rendered = Template(chat=True).render(tokenizer, messages, False)
+        rendered = _render_reply(tokenizer, probe)
         turn = rendered[rendered.rindex("Hi") + 2:] if "Hi" in rendered else rendered
         return (probe.replace(RESPONSE_MARK, "{response}"),
                 turn.replace(RESPONSE_MARK, "{response}")[:120])
+
+
+def _render_reply(tokenizer, reply: str) -> str:
+    """The chat template's rendering of the user's 'Hi' and this assistant's reply."""
+    return Template(chat=True).render(tokenizer, [{"role": "user", "content": "Hi"},
+                                                  {"role": "assistant", "content": reply}], False)
 
 
 # apply_chat_template's own arguments (and the template's messages): not a template's variables
@@ -308,15 +305,14 @@ class SmallPrompt:
 
     @classmethod
     def make(cls, tokenizer, template, prompt, special: bool, continue_final: bool = False,
-             template_kwargs: dict | None = None) -> "SmallPrompt":
+             template_kwargs: dict | None = None, strip: str = "") -> "SmallPrompt":
         """template: a Template (the implicit pair's models) or a ResponseTemplate (a reward
         model's: what follows the response is tokenized on its own, as suffix_ids).
-        continue_final, template_kwargs: Template.apply's."""
-        strip = ""
+        continue_final, template_kwargs: Template.apply's. strip: the ResponseTemplate's
+        content_rule, found once per stream."""
         if isinstance(template, ResponseTemplate):
             text, suffix = template.around(tokenizer, prompt, continue_final, template_kwargs)
             special = special and template.text != "chat"
-            strip = template.content_rule(tokenizer, template_kwargs) or ""
             if continue_final:   # the left edge is the continued message's, already rendered
                 strip = strip.replace("l", "")
         else:

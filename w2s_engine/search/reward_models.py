@@ -15,6 +15,7 @@ log = logging.getLogger("w2s_engine")
 # Text a step may end with, to find a step tag that merges with it into another token.
 STEP_ENDINGS = ("a", "e", "s", "t", "th", "in", "1", ".", ",", ")", " ")
 
+
 @dataclass
 class Steps:
     """A process reward model's steps: where they end, the tag it scores, how to aggregate."""

@@ -112,10 +112,10 @@ class Scorer:
         self.steps: list[Steps | None] = [steps.get(i) for i in range(len(self.streams))]
         # ... nor does one whose chat template strips the response's edges (Llama 3's), which
         # the stream does to the response's text (SmallPrompt.response).
+        self.strips = [(template.content_rule(t) or "") if isinstance(template, ResponseTemplate)
+                       else "" for t, template in zip(self.tokenizers, self.templates)]
         self.shared = [t.get_vocab() == large_vocab and self.steps[i] is None
-                       and not (isinstance(self.templates[i], ResponseTemplate)
-                                and self.templates[i].content_rule(t))
-                       for i, t in enumerate(self.tokenizers)]
+                       and not self.strips[i] for i, t in enumerate(self.tokenizers)]
         # The stream whose response tokens a hypothesis reports: the first that reads the
         # response as it is (a PRM's has step tags in it); None: none does.
         self.reported_stream = next((i for i, st in enumerate(self.steps) if st is None), None)
@@ -160,12 +160,13 @@ class Scorer:
         a reward model renders as it was configured. continue_final: the response continues
         the last message; template_kwargs: the chat templates' variables (Template.apply)."""
         out = []
-        for stream, tok, template in zip(self.streams, self.tokenizers, self.templates):
+        for stream, tok, template, strip in zip(self.streams, self.tokenizers, self.templates,
+                                                self.strips):
             role = stream.roles[0]
             if isinstance(template, Template):
                 template = template.rendered_as(chat)
             sp = SmallPrompt.make(tok, template, prompt, self.special_tokens, continue_final,
-                                  template_kwargs)
+                                  template_kwargs, strip)
             if not sp.ids:
                 raise ValueError(f"the {role} model's templated prompt is empty: give the "
                                  "template some text or turn small_special_tokens on")
@@ -421,7 +422,8 @@ class Scorer:
             updates = []
             si = len(values)
             for prompt, response, fin in zip(prompts, responses, finished):
-                sp = SmallPrompt.make(tok, template, prompt, self.special_tokens)
+                sp = SmallPrompt.make(tok, template, prompt, self.special_tokens,
+                                      strip=self.strips[si])
                 st = SmallState(stream.blocks.new_table(), list(sp.ids), len(sp.ids), [], {},
                                 sp.text, list(sp.starts))
                 if isinstance(response, str) and self.steps[si] is not None:
