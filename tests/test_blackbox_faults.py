@@ -13,8 +13,10 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import openai
 import pytest
 
+from live_server import LiveServer
 from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
 from w2s_engine import Engine, SearchError, SearchParams
 from w2s_engine.large.openai_completions import OpenAICompletions
@@ -265,3 +267,41 @@ def test_w2s_over_a_url_that_is_no_models_endpoint_says_so_in_one_line(capsys, s
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"w2s: error: --large {url}: cannot list")
     assert says in err and "--large-model" in err and "Traceback" not in err
+
+
+def test_w2s_serve_answers_400_for_a_request_the_large_server_refuses_and_502_when_it_fails(
+        small):
+    """A w2s server fronting a black box: the large server's 400 (a prompt past its context)
+    is the client's to change, so the client gets a 400 with the large server's words; the
+    large server failing is a gateway's 502, not w2s's own 500; the other requests go on."""
+
+    def answer(body):
+        if "LONG" in body["prompt"]:
+            return 400, "application/json", {"error": {
+                "message": "This model's maximum context length is 8 tokens", "type": "x"}}
+        if "BROKEN" in body["prompt"]:
+            return 500, "application/json", {"error": {"message": "CUDA error", "type": "x"}}
+        return completion([" ok"] * body["n"], "stop")
+    server = ScriptedServer(answer)
+    backend, engine = engine_over(server, small)
+    live = LiveServer(engine)
+    try:
+        options = dict(model="tiny", max_tokens=6, seed=1)
+        with pytest.raises(openai.BadRequestError, match="maximum context length is 8") as e:
+            live.client.completions.create(prompt="LONG", **options)
+        assert e.value.status_code == 400
+        with pytest.raises(openai.InternalServerError, match="CUDA error") as e:
+            live.client.completions.create(prompt="BROKEN", **options)
+        assert e.value.status_code == 502
+        streamed = live.client.completions.create(prompt="LONG", stream=True, **options)
+        with pytest.raises(openai.APIError, match="maximum context length is 8"):
+            list(streamed)
+        assert live.client.completions.create(prompt="fine", **options).choices[0].text == " ok"
+        deadline = time.time() + 10    # the engine loop ends the stream's search in a step
+        while engine.has_unfinished() and time.time() < deadline:
+            time.sleep(0.05)
+        engine.check_all_free()
+    finally:
+        live.stop()
+        backend.close()
+        server.stop()

@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 
 
 class RemoteModelError(RuntimeError):
-    """The server kept failing (after retries) or answered something unusable."""
+    """The server kept failing (after retries) or answered something unusable; refused: it
+    answered that the call itself is invalid (a prompt past its context, a parameter it does
+    not take), which the request's sender has to change rather than retry."""
+
+    def __init__(self, message: str, refused: bool = False):
+        super().__init__(message)
+        self.refused = refused
 
 
 @dataclass
@@ -40,6 +46,9 @@ class Choice:
 
 # What the openai client retries: connection errors and timeouts, and these statuses.
 RETRIED_STATUSES = {408, 409, 429} | set(range(500, 600))
+# What a server answers for a call it takes as invalid (vLLM: 400 for a prompt past the
+# model's context; 413 a body too large; 422 a field it cannot parse).
+REFUSED_STATUSES = {400, 413, 422}
 
 
 def _failure(e, base_url: str, max_retries: int) -> str:
@@ -134,7 +143,9 @@ class OpenAICompletions:
                     f"{self.timeout:g} s, retries included: raise the timeout "
                     "(--large-timeout, or timeout=) if it is busy rather than stuck") from e
             except openai.APIError as e:
-                raise RemoteModelError(_failure(e, self.base_url, self.max_retries)) from e
+                refused = getattr(e, "status_code", None) in REFUSED_STATUSES
+                raise RemoteModelError(_failure(e, self.base_url, self.max_retries),
+                                       refused) from e
             except ValueError as e:    # a 200 whose body is not JSON
                 raise RemoteModelError(f"the large-model server at {self.base_url} answered "
                                        f"with a body that is not JSON ({e})") from e

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from w2s_engine.large.openai_completions import CompletionJob, OpenAICompletions
 from w2s_engine.params import InvalidParam, SearchParams
-from w2s_engine.search.request import SearchRequest, mix_seed
+from w2s_engine.search.request import FailedBy, SearchRequest, mix_seed
 from w2s_engine.search.sequence import Beam
 
 
@@ -135,6 +135,8 @@ class RemoteLarge:
         answers = calls.answers.result()
         for answer in answers:
             if isinstance(answer, Exception):
+                r.failed_by = (FailedBy.REQUEST if getattr(answer, "refused", False)
+                               else FailedBy.LARGE_SERVER)
                 return f"{type(answer).__name__}: {answer}"
         for beams, answer in zip(calls.families, answers):
             for b, choice in zip(beams, answer):

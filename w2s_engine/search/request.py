@@ -54,6 +54,16 @@ class RequestStatus(str, Enum):
         return self in (RequestStatus.DONE, RequestStatus.FAILED, RequestStatus.CANCELLED)
 
 
+class FailedBy(str, Enum):
+    """Whose fault a failed request's end is (a server answers 500, 502 or 400 for it)."""
+
+    ENGINE = "engine"                # an error inside this engine
+    LARGE_SERVER = "large server"    # the black-box large model's server failed or answered
+                                     # something unusable
+    REQUEST = "request"              # that server refused what the request asks of it as
+                                     # invalid (a prompt past its context, a parameter it refuses)
+
+
 @dataclass
 class KVSpace:
     """The block managers a request's beams live in: the large pool and one per small stream."""
@@ -76,6 +86,7 @@ class SearchRequest:
     reserved: dict = field(default_factory=dict)        # pool name -> blocks reserved
     status: RequestStatus = RequestStatus.WAITING
     error: str | None = None
+    failed_by: FailedBy = FailedBy.ENGINE   # (when FAILED)
     root: Beam | None = None
     root_logits: object = None   # [V] logits after the prompt, shared by the first children
     beams: list[Beam] = field(default_factory=list)     # the current candidates

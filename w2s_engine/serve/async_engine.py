@@ -30,7 +30,7 @@ from w2s_engine.engine import Engine
 from w2s_engine.outputs import SearchResult
 from w2s_engine.params import SearchParams
 from w2s_engine.scheduler import QueueFull
-from w2s_engine.search.request import RequestStatus, SearchRequest
+from w2s_engine.search.request import FailedBy, RequestStatus, SearchRequest
 from w2s_engine.search.stream import SearchDelta
 from w2s_engine.serve.metrics import ServerMetrics
 
@@ -38,7 +38,13 @@ log = logging.getLogger("w2s_engine.serve")
 
 
 class SearchFailed(RuntimeError):
-    """The engine failed this request (the server answers 500); the others went on."""
+    """The engine failed this request; the others went on. by: whose fault it was (the
+    server answers 500 for the engine's, 502 for the large model's server's, 400 for a
+    request that server refused)."""
+
+    def __init__(self, message: str, by: FailedBy = FailedBy.ENGINE):
+        super().__init__(message)
+        self.by = by
 
 
 SHUTTING_DOWN = "the server is shutting down"
@@ -315,7 +321,7 @@ class AsyncEngine:
                     handle._push([SearchDelta("", 0, req.result)])
             else:
                 log.warning("request %s failed: %s", handle.label, req.error)
-                handle._push(SearchFailed(req.error or "search failed"))
+                handle._push(SearchFailed(req.error or "search failed", req.failed_by))
 
     def _after_step(self, handle: SearchHandle, started: float, now: float):
         """Hand a search its new deltas; time its first text and its selections."""

@@ -38,6 +38,7 @@ import w2s_engine
 
 from w2s_engine.outputs import SearchResult
 from w2s_engine.scheduler import QueueFull
+from w2s_engine.search.request import FailedBy
 from w2s_engine.serve.answers import Answer, combine, sum_usage, usage
 from w2s_engine.serve.async_engine import SHUTTING_DOWN, AsyncEngine, FirstText, SearchFailed
 from w2s_engine.serve.guard import (DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, LOOPBACK_HOSTS,
@@ -60,6 +61,12 @@ def served_name(spec) -> str:
     if spec.startswith((".", "/", "~")) or path.exists():
         return path.stem if path.suffix == ".gguf" else path.name
     return spec   # a bundled name or a hub id
+
+
+# A failed search's status: an error inside the engine (500), the black-box large model's
+# server failing or answering something unusable (502, as a gateway answers), or that server
+# refusing the request as invalid, a prompt past its context say (400: the sender's to change).
+FAILED_STATUS = {FailedBy.ENGINE: 500, FailedBy.LARGE_SERVER: 502, FailedBy.REQUEST: 400}
 
 
 # ---- the app ----------------------------------------------------------------------------------
@@ -242,7 +249,7 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                     request.state.outcome = "cancelled"
                     return error_response(499, "the client closed the request")
         except SearchFailed as e:
-            return error_response(500, f"the search failed: {e}")
+            return error_response(FAILED_STATUS[e.by], f"the search failed: {e}")
         finally:
             task.cancel()
             # A cancelled gather ends with an exception no one awaits: read it (asyncio logs
@@ -281,7 +288,8 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                 if isinstance(item, SearchFailed):
                     state.outcome = "failed"
                     ended = True
-                    yield f"data: {json.dumps(envelope(500, f'the search failed: {item}'))}\n\n"
+                    failure = envelope(FAILED_STATUS[item.by], f"the search failed: {item}")
+                    yield f"data: {json.dumps(failure)}\n\n"
                     break
                 if plan.logprobs is None:
                     chunks = answers[i].step(item, tokenizer)
