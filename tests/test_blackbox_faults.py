@@ -305,3 +305,24 @@ def test_w2s_serve_answers_400_for_a_request_the_large_server_refuses_and_502_wh
         live.stop()
         backend.close()
         server.stop()
+
+
+def test_a_server_that_ignores_max_tokens_is_named_when_its_long_chunks_outgrow_the_kv(small):
+    """A server sending far more text than max_tokens a call (its tokens counted as
+    max_tokens) outgrows the small models' reservation: the request fails alone, and the
+    error names the server's max_tokens rather than only the request's max_new_tokens."""
+    def answer(body):
+        return completion(["abcdefghij" * 8] * body["n"])   # 80 characters for 3 tokens
+    server = ScriptedServer(answer)
+    backend = OpenAICompletions(server.url, model="m", max_retries=0, timeout=10)
+    tok, tuned, untuned = small
+    engine = Engine(backend, (clone(tuned), tok), (clone(untuned), tok), num_kv_blocks=120,
+                    block_size=4, progress=False)
+    try:
+        with pytest.raises(SearchError, match="its chunks are longer than counted: check that "
+                                              "it honours max_tokens"):
+            engine.search("Q:", SearchParams(w=2, k=2, l=3, max_new_tokens=30, seed=1))
+        engine.check_all_free()
+    finally:
+        backend.close()
+        server.stop()

@@ -340,9 +340,14 @@ class Scorer:
                         f"{len(b.token_ids)} were sampled (KV was reserved for those), and {room}")
                 rate = max((len(u.full_ids) - len(sp.ids)) / max(1, large.num_tokens(b))
                            for b, u in mine)
+                # A black box's tokens are its server's count, at most max_tokens a call: a
+                # server that ignores max_tokens sends more text than was counted.
+                server = ("; if the large model's server ignores max_tokens, its chunks are "
+                          "longer than counted: check that it honours max_tokens"
+                          if large.tokenizer is None else "")
                 raise ValueError(
                     f"the response re-tokenizes to {rate:.1f} small-model tokens per large-model "
-                    f"token (KV was reserved for {SMALL_TOKENS_PER_LARGE}), and {room}")
+                    f"token (KV was reserved for {SMALL_TOKENS_PER_LARGE}), and {room}{server}")
 
     def run(self, plans: list[tuple[SearchRequest, list]]):
         """Forward every planned update (all requests, one batch per stream); set rewards."""
