@@ -785,6 +785,27 @@ def test_sampling_triton_keeps_ties_and_skips_minus_inf_logits_like_the_full_ref
         assert torch.isfinite(logits[torch.arange(8), tokens]).all()
 
 
+@pytest.mark.parametrize("slice_size", [None, 500])
+@pytest.mark.parametrize("mode", ["top_k", "mixed"])   # mixed: every kind of row
+def test_sampling_never_draws_a_nan_logit_and_both_paths_draw_the_same_token(mode, slice_size):
+    """A model that overflows (float16) writes NaN logits: both paths read them as -inf, so
+    the CPU and the GPU draw the same token, never a NaN one; a row with no finite logit at
+    all draws token 0 on both."""
+    for seed in range(2):
+        logits, *rest = sampling_batch(mode, seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        logits[torch.rand(logits.shape, generator=g) < 0.3] = float("nan")
+        logits[:, 7] = float("nan")                     # (the unmasked argmax, if NaN won)
+        logits[3] = float("nan")                        # nothing finite in this row
+        logits[5, :2000] = float("nan")                 # the first slices all NaN
+        args = (logits, *rest)
+        tokens = sample_triton(*args, slice_size=slice_size)
+        assert tokens.tolist() == sample_ref(*args).tolist()
+        finite = [i for i in range(logits.shape[0]) if i != 3]
+        assert torch.isfinite(logits[finite, tokens[finite]]).all()
+        assert tokens[3] == 0
+
+
 def transformers_kept(scaled, k, p):
     """The tokens transformers' TopKLogitsWarper then TopPLogitsWarper leave finite, one row."""
     from transformers.generation.logits_process import (

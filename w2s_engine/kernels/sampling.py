@@ -34,7 +34,9 @@ over it). The kernel's threshold is the reference's value bit for bit, except wh
 top-p mass lands within rounding of top_p (sums run in another order). Scratch memory: one
 int32 per logit. With an exact tie at the k-th logit both keep every tied token
 (transformers' rule): the CPU's top-k fast path gives way to the full path for such a batch.
-Equal scores (greedy rows' ties) go to the lowest token id, as argmax.
+Equal scores (greedy rows' ties) go to the lowest token id, as argmax. A NaN logit (a model
+that overflows in float16) is read as -inf by both paths, so it is never drawn and the CPU and
+the GPU draw alike; a row with no finite logit draws token 0 on both.
 """
 
 import torch
@@ -103,8 +105,11 @@ def _thresholds(scaled, top_k, top_p, log_min_p=None):
 
 
 def _scaled(logits, temperature):
+    """logits / T in fp32, a NaN logit read as -inf (the kernel's _no_nan)."""
     t = temperature.float()
-    return logits.float() / torch.where(t > 0, t, torch.ones_like(t))[:, None]
+    x = logits.float()
+    x = x.masked_fill(x.isnan(), float("-inf"))
+    return x / torch.where(t > 0, t, torch.ones_like(t))[:, None]
 
 
 def _noise_at(seeds, positions, index):
@@ -184,6 +189,12 @@ if triton is not None:
         x = x ^ (x >> 13)
         x = x * 0xC2B2AE35
         return x ^ (x >> 16)
+
+    @triton.jit
+    def _no_nan(x):
+        """A NaN logit (a model that overflows in float16) read as -inf: never drawn, never
+        counted in a cut, on both paths (the reference's _scaled)."""
+        return tl.where(x == x, x, float("-inf"))
 
     @triton.jit
     def _sort_key(x):
@@ -331,7 +342,7 @@ if triton is not None:
         for v0 in range(start, end, BLOCK_V):
             v = v0 + tl.arange(0, BLOCK_V)
             mask = v < end
-            x = tl.load(lrow + v, mask=mask, other=float("-inf")).to(tl.float32)
+            x = _no_nan(tl.load(lrow + v, mask=mask, other=float("-inf")).to(tl.float32))
             x = tl.math.div_rn(x, t)                # IEEE division, as the reference's logits / T
             best, best_i = _gumbel_step(x, v, mask & (x >= thr), key, greedy, best, best_i)
         return _gumbel_pick(best, best_i, V)
@@ -398,7 +409,7 @@ if triton is not None:
         lane_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
         for v0 in range(lo, fast_hi, BLOCK_V):
             v = v0 + tl.arange(0, BLOCK_V)
-            x = tl.load(lrow + v, mask=v < hi, other=float("-inf")).to(tl.float32)
+            x = _no_nan(tl.load(lrow + v, mask=v < hi, other=float("-inf")).to(tl.float32))
             lane_max = tl.maximum(lane_max, tl.math.div_rn(x, t))
         m_s = tl.max(lane_max, 0)
         group_max = tl.max(tl.reshape(lane_max, [BLOCK_L, BLOCK_V // BLOCK_L]), 1)
@@ -408,7 +419,7 @@ if triton is not None:
         n = 0
         for v0 in range(lo, fast_hi, BLOCK_V):
             v = v0 + tl.arange(0, BLOCK_V)
-            x = tl.load(lrow + v, mask=v < hi, other=float("-inf")).to(tl.float32)
+            x = _no_nan(tl.load(lrow + v, mask=v < hi, other=float("-inf")).to(tl.float32))
             take = (v < hi) & (_sort_key(tl.math.div_rn(x, t)) >= bound)
             at = n + tl.cumsum(take.to(tl.int32), 0) - 1
             tl.store(crow + at, v, mask=take)
@@ -492,7 +503,7 @@ if triton is not None:
         c = tl.arange(0, SLICE_CANDIDATES)
         held = smask[:, None] & (c[None, :] < tl.where(fast, part_n, 0)[:, None])
         ids = tl.load(crow + s[:, None] * slice_size + c[None, :], mask=held, other=0)
-        xs = tl.load(lrow + ids, mask=held, other=float("-inf")).to(tl.float32)
+        xs = _no_nan(tl.load(lrow + ids, mask=held, other=float("-inf")).to(tl.float32))
         ids = tl.reshape(ids, [MAX_SLICES * SLICE_CANDIDATES])
         held = tl.reshape(held, [MAX_SLICES * SLICE_CANDIDATES])
         xs = tl.math.div_rn(tl.reshape(xs, [MAX_SLICES * SLICE_CANDIDATES]), t)
@@ -517,7 +528,7 @@ if triton is not None:
         lane_sum = tl.zeros([BLOCK_V], tl.float32)  # sum of exp(x - lane_max)
         for v0 in range(0, v_cut, BLOCK_V):
             v = v0 + tl.arange(0, BLOCK_V)
-            x = tl.load(lrow + v, mask=v < V, other=float("-inf")).to(tl.float32)
+            x = _no_nan(tl.load(lrow + v, mask=v < V, other=float("-inf")).to(tl.float32))
             lane_max, lane_sum = online_lse_step(lane_max, lane_sum, tl.math.div_rn(x, t))
         m, z = lse_reduce(lane_max, lane_sum)
         group_max = tl.max(tl.reshape(lane_max, [BLOCK_L, BLOCK_V // BLOCK_L]), 1)
@@ -558,8 +569,8 @@ if triton is not None:
         n_level = tl.where(p_alone & ~found_tight, V, 0)
         for v0 in range(0, n_level, BLOCK_C):
             v = v0 + tl.arange(0, BLOCK_C)
-            x = tl.math.div_rn(tl.load(lrow + v, mask=v < V, other=float("-inf"))
-                               .to(tl.float32), t)
+            x = tl.math.div_rn(_no_nan(tl.load(lrow + v, mask=v < V, other=float("-inf"))
+                                       .to(tl.float32)), t)
             level_acc += tl.where(_sort_key(x)[:, None] >= level[None, :],
                                   tl.exp(x - m)[:, None], 0.0)
         level_mass = tl.zeros([16], tl.float32)
@@ -584,7 +595,7 @@ if triton is not None:
         n = 0
         for v0 in range(0, v_cut, BLOCK_V):
             v = v0 + tl.arange(0, BLOCK_V)
-            x = tl.load(lrow + v, mask=v < V, other=float("-inf")).to(tl.float32)
+            x = _no_nan(tl.load(lrow + v, mask=v < V, other=float("-inf")).to(tl.float32))
             keys_v = _sort_key(tl.math.div_rn(x, t))
             take = (v < V) & (keys_v >= bound)
             at = n + tl.cumsum(take.to(tl.int32), 0) - 1
@@ -717,8 +728,8 @@ def adjust_logits(logits, rows, occurrences, presence, frequency, repetition, bi
 def sample(logits, temperature, top_k, top_p, seeds, positions, min_p=None):
     """One token per row: logits [B, V]; temperature, top_p, min_p (None: off) [B] fp32;
     top_k [B] int; seeds [B] int64; positions [B] int. Values as SearchParams.validate
-    leaves them (top_p in (0, 1], no NaN logits): they are not checked here, which would
-    read them back from the device."""
+    leaves them (top_p in (0, 1]): they are not checked here, which would read them back
+    from the device. A NaN logit is read as -inf."""
     if logits.is_cuda and triton is not None:
         return sample_triton(logits, temperature, top_k, top_p, seeds, positions, min_p)
     _check(logits, temperature, top_k, top_p, seeds, positions, min_p)
