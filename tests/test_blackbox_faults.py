@@ -326,3 +326,25 @@ def test_a_server_that_ignores_max_tokens_is_named_when_its_long_chunks_outgrow_
     finally:
         backend.close()
         server.stop()
+
+
+def test_search_of_several_prompts_keeps_the_others_results_when_one_fails(small):
+    """engine.search([...]) where one prompt fails: the SearchError says which, and carries
+    every other prompt's result (None for the failed one), so no finished search is lost."""
+    def answer(body):
+        if "LONG" in body["prompt"]:
+            return 400, "application/json", {"error": {"message": "too long", "type": "x"}}
+        return completion([" ok"] * body["n"], "stop")
+    server = ScriptedServer(answer)
+    backend, engine = engine_over(server, small)
+    try:
+        params = SearchParams(w=1, k=2, l=3, max_new_tokens=9, seed=1)
+        with pytest.raises(SearchError, match="prompt 1 failed: .*too long.*the other prompts' "
+                                              "results are in this error's .results") as e:
+            engine.search(["fine", "LONG", "fine too"], params)
+        assert [r is None for r in e.value.results] == [False, True, False]
+        assert e.value.results[2].text == " ok" and list(e.value.errors) == [1]
+        engine.check_all_free()
+    finally:
+        backend.close()
+        server.stop()

@@ -88,7 +88,14 @@ def check_logprobs(logprobs):
 
 
 class SearchError(RuntimeError):
-    """A request failed while running; the engine and the other requests went on."""
+    """A request failed while running; the engine and the other requests went on.
+    From search() of several prompts: results, each prompt's SearchResult or None where it
+    failed (the others' are not lost); errors, each failed prompt's index -> why."""
+
+    def __init__(self, message: str, results: list | None = None, errors: dict | None = None):
+        super().__init__(message)
+        self.results = results or []
+        self.errors = errors or {}
 
 
 class Engine:
@@ -763,10 +770,15 @@ class Engine:
             raise
         finally:
             bar.close()
-        failed = [(i, r) for i, r in enumerate(requests) if r.status is RequestStatus.FAILED]
-        if failed:
-            i, r = failed[0]
-            raise SearchError(f"prompt {i} failed: {r.error}")
+        errors = {i: r.error for i, r in enumerate(requests) if r.status is RequestStatus.FAILED}
+        if errors:
+            i, more = next(iter(errors)), len(errors) - 1
+            message = f"prompt {i} failed: {errors[i]}"
+            if more:
+                message += f" (and {more} more prompt{'s' * (more > 1)})"
+            if len(errors) < len(requests):
+                message += "; the other prompts' results are in this error's .results"
+            raise SearchError(message, [r.result for r in requests], errors)
         return [r.result for r in requests]
 
     def _enqueue_while_room(self, requests: list[SearchRequest], queued: int) -> int:
