@@ -69,6 +69,11 @@ def served_name(spec) -> str:
 FAILED_STATUS = {FailedBy.ENGINE: 500, FailedBy.LARGE_SERVER: 502, FailedBy.REQUEST: 400}
 
 
+def failed_status(e: SearchFailed) -> int:
+    """A failed search's status; 503 for one the server's shutdown ended (queued or running)."""
+    return 503 if str(e) == SHUTTING_DOWN else FAILED_STATUS[e.by]
+
+
 # ---- the app ----------------------------------------------------------------------------------
 
 def create_app(async_engine: AsyncEngine, model_name="w2s", *,
@@ -203,8 +208,7 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
             if isinstance(e, QueueFull):
                 return error_response(429, str(e), headers={"Retry-After": "1"})
             if isinstance(e, SearchFailed):   # shutting down, or the engine refused it
-                return error_response(503 if str(e) == SHUTTING_DOWN else 500,
-                                      f"the search could not start: {e}")
+                return error_response(failed_status(e), f"the search could not start: {e}")
             if len(prompts) == 1:
                 raise param_error(e, field, plan.names) from None
             where = f"{field}.{len(prepared)}"   # which prompt it was
@@ -249,7 +253,7 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                     request.state.outcome = "cancelled"
                     return error_response(499, "the client closed the request")
         except SearchFailed as e:
-            return error_response(FAILED_STATUS[e.by], f"the search failed: {e}")
+            return error_response(failed_status(e), f"the search failed: {e}")
         finally:
             task.cancel()
             # A cancelled gather ends with an exception no one awaits: read it (asyncio logs
@@ -288,16 +292,17 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                 if isinstance(item, SearchFailed):
                     state.outcome = "failed"
                     ended = True
-                    failure = envelope(FAILED_STATUS[item.by], f"the search failed: {item}")
+                    failure = envelope(failed_status(item), f"the search failed: {item}")
                     yield f"data: {json.dumps(failure)}\n\n"
                     break
-                if plan.logprobs is None:
+                result = next((d.result for d in item if d.result is not None), None)
+                if result is None or plan.logprobs is None:
                     chunks = answers[i].step(item, tokenizer)
-                else:   # a choice's log-probs come whole at its end: built off the loop
-                    chunks = await asyncio.to_thread(list, answers[i].step(item, tokenizer))
+                else:   # the last step builds every choice's log-probs (seconds for many
+                    # choices of many tokens): off the event loop, which serves everyone else
+                    chunks = await asyncio.to_thread(answers[i].step, item, tokenizer)
                 for chunk in chunks:
                     yield chunk
-                result = next((d.result for d in item if d.result is not None), None)
                 if result is not None:
                     results[i] = result
             else:
@@ -306,6 +311,15 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                 if plan.include_usage:
                     yield answers[0].chunk([], usage=sum_usage(
                         [usage(r, plan.n) for r in results.values()]))
+        except Exception as e:
+            # A bug past the headers: the 500 handler cannot answer any more (the status is
+            # sent), and raising would cut the connection mid-body; say so as an error event,
+            # then [DONE], as for a failed search.
+            log.error("request %s: internal error mid-stream", state.request_id,
+                      exc_info=(type(e), e, e.__traceback__))
+            state.outcome, ended = "failed", True
+            error = envelope(500, f"internal error: {type(e).__name__}: {e}")
+            yield f"data: {json.dumps(error)}\n\n"
         finally:
             for p in pumps:
                 p.cancel()
