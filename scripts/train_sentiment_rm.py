@@ -385,7 +385,8 @@ def main():
     cfg_path.write_text(json.dumps(cfg, indent=2))
     suffix = split_template(args.template)[1]
     (out / "w2s_scorer.json").write_text(json.dumps({
-        "kind": "reward_model", "template": args.template, "head_index": 0, "base": BASE,
+        "kind": "reward_model", "template": args.template, "special_tokens": False,
+        "head_index": 0, "base": BASE,
         "notes": (
             "reward(prompt, response) = the score head (output index 0, fp32) at the LAST token "
             "of tok(prefix + response, add_special_tokens=False).input_ids + tok(suffix, "

@@ -49,8 +49,8 @@ def scratch_prm(models, model, prompt, text, marks, separator, label_mode, how) 
     tok = models["other"]
     before = TEMPLATE.split("{response}")[0].replace("{prompt}", prompt)
     tagged, unfinished, offsets = tag_steps(text, TAG, separator, marks)
-    prompt_ids = tok(before, add_special_tokens=False)["input_ids"]
-    enc = tok(before + tagged, add_special_tokens=False, return_offsets_mapping=True)
+    prompt_ids = tok(before)["input_ids"]              # its BOS first, as tok(text) adds it
+    enc = tok(before + tagged, return_offsets_mapping=True)
     ids = enc["input_ids"]
     start = common_prefix(ids, prompt_ids)
     tag_id = tok(TAG, add_special_tokens=False)["input_ids"][0]
@@ -160,8 +160,7 @@ def test_the_step_tag_written_in_a_response_is_text_not_a_step(models):
     # appended after the unfinished second step; the tag in the text is read by no one.
     tok, head = models["other"], models["head"]
     before = TEMPLATE.split("{response}")[0].replace("{prompt}", "Q:")
-    enc = tok(before + first + TAG + "\n\nand a second", add_special_tokens=False,
-              return_offsets_mapping=True)
+    enc = tok(before + first + TAG + "\n\nand a second", return_offsets_mapping=True)
     ids = enc["input_ids"] + [tok.convert_tokens_to_ids(TAG)]
     inserted = [i for i, (a, _) in enumerate(enc["offset_mapping"])
                 if a == len(before) + len(first)]

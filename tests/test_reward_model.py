@@ -52,13 +52,14 @@ def clone_rm(model):
 
 @torch.no_grad()
 def scratch_rm(model, tok, prompt, response) -> float:
-    """The reward model's head at the last token of its rendering, in one full forward."""
+    """The reward model's head at the last token of its rendering, in one full forward: the
+    rendering as tok(text) tokenizes it, its BOS first (RewardModel.special_tokens)."""
     before, after = RM_TEMPLATE.split("{response}")
     before = before.replace("{prompt}", prompt)
     if isinstance(response, str):
-        ids = tok(before + response, add_special_tokens=False)["input_ids"]
+        ids = tok(before + response)["input_ids"]
     else:
-        ids = tok(before, add_special_tokens=False)["input_ids"] + list(response)
+        ids = tok(before)["input_ids"] + list(response)
     ids = ids + tok(after, add_special_tokens=False)["input_ids"]
     return model(torch.tensor([ids])).logits[0, 1].item()
 
@@ -171,7 +172,7 @@ def test_the_reward_model_forwards_the_prompt_once_and_each_chunk_with_its_suffi
     params = SearchParams(w=2, k=2, l=3, max_new_tokens=9, seed=8, trace=True)
     res = engine.search(["I really"], params)[0]
     tok = models["tok"]
-    prompt_len = len(tok("Rate this review. I really", add_special_tokens=False)["input_ids"])
+    prompt_len = len(tok("Rate this review. I really")["input_ids"])   # its BOS first
     suffix_len = len(tok("<eos>", add_special_tokens=False)["input_ids"])
     lengths, expected = {}, prompt_len
     for entry in res.trace:
@@ -406,3 +407,43 @@ def test_a_chat_template_that_changes_the_response_otherwise_is_named_at_load(mo
         assert bool(said) == warns
         if warns:
             assert "as '<eos>assistant: \\n\\n{response}\\n <eos>'" in said[0], said[0]
+
+
+def test_a_text_templated_reward_model_reads_its_bos_unless_its_spec_or_checkpoint_says_not(
+        models, tmp_path):
+    """A reward model is trained on tok(text), its BOS first (trl's RewardTrainer): a text
+    template's rendering is scored with it by default; special_tokens=False, or a
+    checkpoint's w2s_scorer.json saying false, scores it without (the bundled RM's rule)."""
+    import json
+    tok = models["tok"]
+    large = (tiny_llama(len(tok), seed=1), tok)
+    before = RM_TEMPLATE.split("{response}")[0].replace("{prompt}", "This film")
+
+    @torch.no_grad()
+    def forward(ids):
+        ids = ids + tok("<eos>", add_special_tokens=False)["input_ids"]
+        return models["rm"](torch.tensor([ids])).logits[0, 1].item()
+    with_bos = forward(tok(before + " is good")["input_ids"])
+    without = forward(tok(before + " is good", add_special_tokens=False)["input_ids"])
+    assert abs(with_bos - without) > 1e-3      # (the test tells the two apart)
+
+    def score(**spec):
+        engine = Engine(large, scorer=RewardModel(head_index=1, **spec), num_kv_blocks=50,
+                        progress=False)
+        return engine.score(["This film"], [" is good"])[0]
+    pair = (clone_rm(models["rm"]), tok)
+    assert score(model=pair, template=RM_TEMPLATE) == pytest.approx(with_bos, abs=1e-4)
+    assert score(model=pair, template=RM_TEMPLATE, special_tokens=False) == pytest.approx(
+        without, abs=1e-4)
+    models["rm"].save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    (tmp_path / "rm" / "w2s_scorer.json").write_text(json.dumps(
+        {"template": RM_TEMPLATE, "special_tokens": False}))
+    assert score(model=str(tmp_path / "rm")) == pytest.approx(without, abs=1e-4)
+    assert score(model=str(tmp_path / "rm"), special_tokens=True) == pytest.approx(
+        with_bos, abs=1e-4)
+    with pytest.raises(ValueError, match="RewardModel.special_tokens='no': True, False, or None"):
+        RewardModel(pair, special_tokens="no")
+    (tmp_path / "rm" / "w2s_scorer.json").write_text(json.dumps({"special_tokens": "no"}))
+    with pytest.raises(ModelLoadError, match="special_tokens='no': true or false"):
+        score(model=str(tmp_path / "rm"))

@@ -35,15 +35,27 @@ class RewardModel:
         the prompt as the user's turn and the response as the assistant's. None: the one the
         checkpoint names in its w2s_scorer.json, else "{prompt}{response}".
     head_index: which output of the head is the reward (for heads with several).
+    special_tokens: whether a text template's rendering is tokenized with the tokenizer's
+        special tokens (its BOS), as tokenizer(text) tokenizes it and as reward models are
+        trained (trl's RewardTrainer); None: as the checkpoint's w2s_scorer.json says, else
+        True. A chat template renders its own.
     """
 
     model: object
     template: str | None = None
     head_index: int = 0
     weight: float = 1.0
+    special_tokens: bool | None = None
 
     def __post_init__(self):
         check_head_index(type(self).__name__, self.head_index)
+        check_special_tokens(type(self).__name__, self.special_tokens)
+
+
+def check_special_tokens(owner: str, special):
+    if special is not None and not isinstance(special, bool):
+        raise ValueError(f"{owner}.special_tokens={special!r}: True, False, or None (the "
+                         "checkpoint's w2s_scorer.json says, else True)")
 
 
 def check_head_index(owner: str, index):
@@ -69,6 +81,7 @@ class ProcessRewardModel:
     - label mode (`label` given, a causal LM): P(label) at the tag, normalised over {label,
       other_label} when other_label is given (Math-Shepherd: label "+", other_label "-");
     - head mode (label None, a token-classification head): the head's output head_index.
+    special_tokens: as RewardModel's (Math-Shepherd's own example encodes with its BOS).
     """
 
     model: object
@@ -80,6 +93,7 @@ class ProcessRewardModel:
     head_index: int = 0
     aggregate: str = "min"
     weight: float = 1.0
+    special_tokens: bool | None = None
 
     def __post_init__(self):
         if not isinstance(self.step_tag, str) or not self.step_tag:
@@ -99,6 +113,7 @@ class ProcessRewardModel:
                              "label itself: give the other class's token (Math-Shepherd: "
                              "label '+', other_label '-')")
         check_head_index(type(self).__name__, self.head_index)
+        check_special_tokens(type(self).__name__, self.special_tokens)
 
 
 SCORERS = (ImplicitReward, RewardModel, ProcessRewardModel)

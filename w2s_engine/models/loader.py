@@ -37,6 +37,7 @@ class LoadedModel:
     spec: str           # what the user passed
     source: str         # the directory or file actually loaded
     template: str | None = None   # a reward model's rendering, from its w2s_scorer.json
+    special_tokens: bool | None = None   # ... and whether it starts with BOS (None: unsaid)
 
 
 # A head that a model is loaded with: the LM head (the large and small models) or a
@@ -163,7 +164,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device="cpu",
 
 
 def scorer_config(source: Path) -> dict:
-    """A reward model's w2s_scorer.json ({"template": ..., "num_labels": ...}), or {}."""
+    """A reward model's w2s_scorer.json ({"template": ..., "num_labels": ...,
+    "special_tokens": ...}), or {}."""
     path = Path(source) / SCORER_FILE
     if not path.is_file():
         return {}
@@ -173,6 +175,9 @@ def scorer_config(source: Path) -> dict:
         raise ModelLoadError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(config, dict):
         raise ModelLoadError(f"{path}: expected a JSON object")
+    if not isinstance(config.get("special_tokens", False), bool):
+        raise ModelLoadError(f"{path}: special_tokens={config['special_tokens']!r}: true or "
+                             "false (whether the tokenizer's BOS starts the rendering)")
     return config
 
 
@@ -277,8 +282,9 @@ def _load_checkpoint(spec, source: Path, dtype, device, attn, head: str = "causa
                              "save the model's tokenizer beside its weights "
                              "(tokenizer.save_pretrained), or pass a (model, tokenizer) "
                              "pair") from e
+    scorer = scorer_config(source)
     return LoadedModel(model.to(device).eval(), tokenizer, spec, str(source),
-                       scorer_config(source).get("template"))
+                       scorer.get("template"), scorer.get("special_tokens"))
 
 
 @contextmanager
@@ -351,7 +357,8 @@ def _load_adapter(spec, adapter_dir: Path, dtype, device, attn, chain: tuple,
     if (adapter_dir / "tokenizer_config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     return LoadedModel(merged.eval(), tokenizer, spec, str(adapter_dir),
-                       scorer.get("template", base.template))
+                       scorer.get("template", base.template),
+                       scorer.get("special_tokens", base.special_tokens))
 
 
 def load_role(spec, role: str, dtype: torch.dtype, device: str, cache: dict,

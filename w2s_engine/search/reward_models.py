@@ -38,6 +38,7 @@ class RewardModelParts:
     weight: float
     steps: Steps | None = None  # a process reward model's
     pad_id: int | None = None   # a sequence classifier's pad token: read before trailing ones
+    special_tokens: bool = True  # a text template's rendering starts with the tokenizer's BOS
 
 
 def model_head(rm) -> str:
@@ -51,6 +52,7 @@ def reward_model_parts(rm, role: str, runner, loaded) -> RewardModelParts:
     """A RewardModel / ProcessRewardModel spec over its loaded model, as the scorer takes it."""
     tok = loaded.tokenizer
     template = ResponseTemplate(rm.template or loaded.template or "{prompt}{response}")
+    special = next(s for s in (rm.special_tokens, loaded.special_tokens, True) if s is not None)
     if template.text == "chat":     # refused now, naming the spec, not on every request
         try:
             template.around(tok, "Hi")
@@ -76,7 +78,8 @@ def reward_model_parts(rm, role: str, runner, loaded) -> RewardModelParts:
     if isinstance(rm, RewardModel):
         pad = getattr(runner.model.config, "pad_token_id", None)
         return RewardModelParts(role, runner, tok, template, score_head(runner, rm.head_index),
-                                rm.weight, pad_id=pad if isinstance(pad, int) else None)
+                                rm.weight, pad_id=pad if isinstance(pad, int) else None,
+                                special_tokens=special)
     if rm.label is not None:
         read = label_probability(runner, one_token("label", rm.label),
                                  one_token("other_label", rm.other_label)
@@ -94,4 +97,5 @@ def reward_model_parts(rm, role: str, runner, loaded) -> RewardModelParts:
             "read; pick a tag that stays one token wherever it stands (a special token, or "
             "Math-Shepherd's ' ки')", loaded.spec, rm.step_tag,
             ", ".join(repr(end) for end in merged))
-    return RewardModelParts(role, runner, tok, template, read, rm.weight, steps)
+    return RewardModelParts(role, runner, tok, template, read, rm.weight, steps,
+                            special_tokens=special)

@@ -73,16 +73,19 @@ class Scorer:
         large model. reward_models: explicit reward models, after the pair in the sum."""
         assert set(pair) in (set(), {"tuned", "untuned"})
         self.budget = budget
-        self.special_tokens = special_tokens
         self.streams: list[SmallStream | HeadStream] = []
         self.tokenizers = []
         self.templates: list[Template | ResponseTemplate] = []
+        # Whether each stream's prompt is tokenized with its special tokens: the small pair's
+        # as the engine says (small_special_tokens), a reward model's as its spec says.
+        self.specials: list[bool] = []
         self.parts: list[Part] = []
 
-        def add(stream, tokenizer, template) -> int:
+        def add(stream, tokenizer, template, special) -> int:
             self.streams.append(stream)
             self.tokenizers.append(tokenizer)
             self.templates.append(template)
+            self.specials.append(special)
             return len(self.streams) - 1
 
         def pool():
@@ -96,12 +99,12 @@ class Scorer:
                 tok = pair[roles[0]][1]
                 indices.append(add(SmallStream({r: pair[r][0] for r in roles}, pool(),
                                                tok.eos_token_id, max_batch_tokens),
-                                   tok, templates[roles[0]]))
+                                   tok, templates[roles[0]], special_tokens))
             self.parts.append(Part("implicit", implicit_weight, indices))
         self.pads: dict[int, int | None] = {}   # sequence reward models' streams: pad token
         for rm in reward_models or []:
             i = add(HeadStream(rm.role, rm.runner, pool(), rm.read, max_batch_tokens),
-                    rm.tokenizer, rm.template)
+                    rm.tokenizer, rm.template, rm.special_tokens)
             if rm.steps is None:
                 self.pads[i] = rm.pad_id
             kind = "reward_model" if rm.steps is None else "process_reward_model"
@@ -160,12 +163,12 @@ class Scorer:
         a reward model renders as it was configured. continue_final: the response continues
         the last message; template_kwargs: the chat templates' variables (Template.apply)."""
         out = []
-        for stream, tok, template, strip in zip(self.streams, self.tokenizers, self.templates,
-                                                self.strips):
+        for stream, tok, template, strip, special in zip(
+                self.streams, self.tokenizers, self.templates, self.strips, self.specials):
             role = stream.roles[0]
             if isinstance(template, Template):
                 template = template.rendered_as(chat)
-            sp = SmallPrompt.make(tok, template, prompt, self.special_tokens, continue_final,
+            sp = SmallPrompt.make(tok, template, prompt, special, continue_final,
                                   template_kwargs, strip)
             if not sp.ids:
                 raise ValueError(f"the {role} model's templated prompt is empty: give the "
@@ -427,7 +430,7 @@ class Scorer:
             updates = []
             si = len(values)
             for prompt, response, fin in zip(prompts, responses, finished):
-                sp = SmallPrompt.make(tok, template, prompt, self.special_tokens,
+                sp = SmallPrompt.make(tok, template, prompt, self.specials[si],
                                       strip=self.strips[si])
                 st = SmallState(stream.blocks.new_table(), list(sp.ids), len(sp.ids), [], {},
                                 sp.text, list(sp.starts))
