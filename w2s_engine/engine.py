@@ -463,7 +463,8 @@ class Engine:
     @torch.inference_mode()   # no autograd records anywhere in a step (the reward math too)
     @exact_fp32
     def step(self) -> list[SearchRequest]:
-        """One engine step; returns the requests that ended (done or failed) in it.
+        """One engine step; returns the requests that ended in it (done or failed, and those
+        cancelled since the last step).
 
         An error is kept to the requests it touched: select and finish run per request, and
         a prefill, decode or scoring batch that fails is run again one request at a time, so
