@@ -37,6 +37,7 @@ compare it with the eager path on packed lists.
 
 import logging
 import time
+from itertools import chain
 
 import numpy as np
 import torch
@@ -135,10 +136,17 @@ class ScoringGraphs:
         assert used <= self.width, "a sequence is longer than the model's context"
         tables = np.full((bucket, used), scratch, dtype=np.int32)
         seq_lens = np.zeros(bucket, dtype=np.int32)          # padding rows: no keys
-        for i, (table, _) in enumerate(seqs):
-            tables[i, :len(table.blocks)] = table.blocks
-            seq_lens[i] = table.num_tokens
-        q_lens = np.fromiter((len(ids) for _, ids in seqs), dtype=np.int32, count=n)
+        # The tables in one scatter, not a numpy row assignment per sequence (each converts
+        # its list on its own: ~2 us, hundreds of rows a scoring): every table's blocks
+        # flattened in C (chain), placed by (row, column) indices.
+        n_blocks = np.fromiter(map(len, (t.blocks for t, _ in seqs)), dtype=np.int64, count=n)
+        flat = np.fromiter(chain.from_iterable(t.blocks for t, _ in seqs), dtype=np.int32,
+                           count=int(n_blocks.sum()))
+        brow = np.repeat(np.arange(n), n_blocks)
+        bstart = np.cumsum(n_blocks) - n_blocks
+        tables[brow, np.arange(flat.size) - bstart[brow]] = flat
+        seq_lens[:n] = np.fromiter((t.num_tokens for t, _ in seqs), dtype=np.int32, count=n)
+        q_lens = np.fromiter(map(len, (ids for _, ids in seqs)), dtype=np.int32, count=n)
         assert (seq_lens[:n] >= q_lens).all(), "append the new tokens to the block table first"
         cu = np.zeros(bucket + 1, dtype=np.int32)
         np.cumsum(q_lens, out=cu[1:n + 1])
@@ -148,8 +156,9 @@ class ScoringGraphs:
         # each row's new tokens end at its length; the dead tokens sit at position 0
         pos = seq_lens[row] - q_lens[row] + (np.arange(real, dtype=np.int32) - cu[row])
         words = np.zeros((3, tokens), dtype=np.int32)
-        words[0, :real] = np.fromiter((i for _, ids in seqs for i in ids), dtype=np.int32,
-                                      count=real)
+        # chain flattens the ids in C: a generator's frame per token cost ~80 ns each
+        words[0, :real] = np.fromiter(chain.from_iterable(ids for _, ids in seqs),
+                                      dtype=np.int32, count=real)
         words[1, :real] = pos
         words[2, :real] = tables[row, pos // bs] * bs + pos % bs
         words[2, real:] = scratch * bs

@@ -392,11 +392,19 @@ class Scorer:
             raise
         touched = {}
         for r, ups in scoring.plans:
+            # A request's counts summed here and added to its stats once per stream, not per
+            # update (its hundreds of updates each did a dict read and write per model).
+            forwarded = [0] * len(self.streams)
+            scored = 0
             for si, b, u in ups:
-                for role in self.streams[si].roles:
-                    r.stats.tokens_forwarded[role] = r.stats.tokens_forwarded.get(role, 0) + u.forwarded
-                r.stats.tokens_scored += u.scored
+                forwarded[si] += u.forwarded
+                scored += u.scored
                 touched.setdefault(id(b), (b, []))[1].append(u)
+            for si in sorted({si for si, _, _ in ups}):
+                for role in self.streams[si].roles:
+                    r.stats.tokens_forwarded[role] = (r.stats.tokens_forwarded.get(role, 0)
+                                                      + forwarded[si])
+            r.stats.tokens_scored += scored
         for b, ups in touched.values():
             b.eos_term = sum(u.eos_term for u in ups)
             b.reward = self.reward(b)
