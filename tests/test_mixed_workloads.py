@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
-from w2s_engine import Engine, SearchParams
+from w2s_engine import Engine, SearchError, SearchParams
 from w2s_engine.search.request import RequestStatus
 
 PROMPTS = ["I really", "The plot of this film", "What a", "This film was a waste"]
@@ -118,3 +118,42 @@ def test_a_mixed_workload_in_a_small_pool_ends_each_request_as_alone(models, sce
         assert (h.status, h.error) == (RequestStatus.DONE, None)
         assert_same(want, h.result)
         assert_scored_as_returned(engine, models["tok"], spec[i][0], h.result)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_stop_cut_that_outgrows_its_reservation_waits_for_room_and_ends_as_alone(
+        models, async_scheduling, deadline):
+    """A response a stop string cut re-tokenizes to more small tokens than were sampled (22
+    for 13 here) and reserved: beside a request holding the rest of the pool, it waits for
+    that one to end and then scores as it does alone (it failed, saying to retry when the
+    engine is less busy); admissions pause meanwhile. Alone, past what the pool can ever
+    give, it still fails with that error."""
+    params = SearchParams.cbs(2, 3, 5, max_new_tokens=14, temperature=0.0, min_p=0.05, seed=70,
+                              stop=["e", "th"], min_tokens=2, presence_penalty=0.8,
+                              frequency_penalty=0.5, logit_bias={EOS: 1.5})
+    other = SearchParams.cbs(2, 2, 4, max_new_tokens=16, seed=1, ignore_eos=True)
+    solo = make_engine(models)
+    alone = solo.search(["The plot of this film"], params)[0]
+    assert len(alone.hypotheses[0].small_token_ids) > len(alone.hypotheses[0].token_ids)
+    need = {k: solo.make_request("The plot of this film", params).reserved[k]
+            + solo.make_request("I really", other).reserved[k] for k in ("large", 0)}
+    engine = make_engine(models, num_kv_blocks=max(need.values()),
+                         async_scheduling=async_scheduling)
+    first = engine.add_request("I really", other)
+    grows = engine.add_request("The plot of this film", params)
+    late = engine.add_request("What a", other)     # queued: admitted after the wait
+    waited = False
+    while engine.has_unfinished():
+        engine.step()
+        waited |= bool(grows.waits_for_room)
+        if grows.waits_for_room:
+            assert late.status is RequestStatus.WAITING   # admissions pause for it
+    assert waited, "the pool was meant to make the cut response wait for room"
+    assert [r.status for r in (first, grows, late)] == [RequestStatus.DONE] * 3, grows.error
+    assert_same(alone, grows.result)
+    engine.check_all_free()
+    tight = make_engine(models, num_kv_blocks=solo.make_request(
+        "The plot of this film", params).reserved[0] + 4)
+    with pytest.raises(SearchError, match="were sampled .KV was reserved for those.*less busy"):
+        tight.search(["The plot of this film"], params)
+    tight.check_all_free()

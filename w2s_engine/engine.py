@@ -46,7 +46,7 @@ from w2s_engine.search.prompts import check_context, check_prompt, check_templat
     parse_templates, template_has_tool_role
 from w2s_engine.search.request import KVSpace, RequestStatus, SearchRequest
 from w2s_engine.search.reward_models import model_head, reward_model_parts
-from w2s_engine.search.scorer import Scorer, ScoringLaunch
+from w2s_engine.search.scorer import NoRoomYet, Scorer, ScoringLaunch
 from w2s_engine.search.sequence import Beam
 from w2s_engine.search.stream import FinalText, SearchDelta
 
@@ -493,6 +493,7 @@ class Engine:
             self._select(ready)
         elif ready:
             self._score_in_parts(ready)
+        self._fail_one_if_all_wait_for_room()
         ended = self.scheduler.take_ended()
         self._stream(ended)
         return ended
@@ -589,8 +590,8 @@ class Engine:
         # thread), which its enter and exit do not allow.
         with record_function("w2s.select"):
             for r in requests:
-                if r.status is not RequestStatus.RUNNING:
-                    continue
+                if r.status is not RequestStatus.RUNNING or r.waits_for_room:
+                    continue    # (one waiting for room is not scored: it selects later)
                 try:
                     if r.select(self.kv):
                         r.finish(self.large.response_text)
@@ -606,6 +607,7 @@ class Engine:
             for r in ready:
                 if not r.params.uses_small_models:
                     continue  # base is not scored
+                r.waits_for_room = None
                 try:
                     if r.params.method == "eft":   # scored as it sampled, but for stop cuts
                         ups = self.scorer.plan_cut_samples(r, self.large)
@@ -613,9 +615,22 @@ class Engine:
                             plans.append((r, ups))
                     else:
                         plans.append((r, self.scorer.plan(r, self.large)))
+                except NoRoomYet as e:   # tried again next step, when room may be free
+                    r.waits_for_room = f"{type(e).__name__}: {e}"
                 except Exception as e:  # a bad request fails alone
                     self.scheduler.fail(r, f"{type(e).__name__}: {e}")
         return plans
+
+    def _fail_one_if_all_wait_for_room(self):
+        """A request waits for KV room only while another can end and free it (admissions
+        pause meanwhile: Scheduler.schedule). When every running request waits and none
+        ended in this step (whose room they try next step), none will: the last admitted
+        fails, and its reservation goes to the others."""
+        running = [r for r in self.scheduler.running if not r.status.ended]
+        waiting = [r for r in running if r.waits_for_room]
+        if waiting and len(waiting) == len(running) and not self.scheduler.ended_in_step:
+            r = waiting[-1]
+            self.scheduler.fail(r, r.waits_for_room.replace("NoRoomYet", "ValueError", 1))
 
     def _record_peaks(self, requests: list[SearchRequest]):
         """Each running request's blocks at its chunk's end, scored: its peak moment."""

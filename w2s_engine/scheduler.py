@@ -96,6 +96,10 @@ class Scheduler:
         """Admit waiting requests in order while their reservations fit; their prompts are
         prefilled from now (`prefilling`)."""
         admitted, tokens = [], 0
+        if any(r.waits_for_room for r in self.running):
+            # A running request's scoring waits for reservation room: what an ending request
+            # frees goes to it, not to a new admission (which could take it for ever).
+            return admitted
         while self.waiting:
             req = self.waiting[0]
             if not self.budget.fits(req.reserved):
@@ -135,6 +139,11 @@ class Scheduler:
         elif req in self.running:
             req.status, req.error = RequestStatus.CANCELLED, "cancelled"
             self._end(req)
+
+    @property
+    def ended_in_step(self) -> bool:
+        """Whether a request ended since the last take_ended() (its room is free)."""
+        return bool(self._ended)
 
     def take_ended(self) -> list[SearchRequest]:
         """The requests that ended since the last call, in the order they ended."""

@@ -87,6 +87,9 @@ class SearchRequest:
     status: RequestStatus = RequestStatus.WAITING
     error: str | None = None
     failed_by: FailedBy = FailedBy.ENGINE   # (when FAILED)
+    # Why its chunk's scoring waits for KV room that another request's end frees (its
+    # response re-tokenized longer than reserved: Scorer.NoRoomYet); None: it does not.
+    waits_for_room: str | None = None
     root: Beam | None = None
     root_logits: object = None   # [V] logits after the prompt, shared by the first children
     beams: list[Beam] = field(default_factory=list)     # the current candidates

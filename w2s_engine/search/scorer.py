@@ -62,6 +62,12 @@ class ScoringLaunch:
             pending.roll_back(stream.blocks)
 
 
+class NoRoomYet(ValueError):
+    """A request's scoring needs more KV than its pools have unreserved now (its response
+    re-tokenized to more small tokens than admission reserved): the room another request's
+    end frees may let it go on, and the engine keeps it waiting while one can."""
+
+
 class Scorer:
 
     def __init__(self, pair: dict, templates: dict[str, Template], budget: KVBudget,
@@ -337,7 +343,7 @@ class Scorer:
                         "lower max_new_tokens or w*k, or give the engine more KV memory")
                 if self.shared[si]:    # reserved as sampled; a stop string's cut re-tokenized
                     b, u = max(mine, key=lambda m: len(m[1].full_ids) - len(m[0].token_ids))
-                    raise ValueError(
+                    raise NoRoomYet(
                         f"the text a stop string left re-tokenizes to "
                         f"{len(u.full_ids) - len(sp.ids) - len(sp.suffix_ids)} tokens where "
                         f"{len(b.token_ids)} were sampled (KV was reserved for those), and {room}")
@@ -348,7 +354,7 @@ class Scorer:
                 server = ("; if the large model's server ignores max_tokens, its chunks are "
                           "longer than counted: check that it honours max_tokens"
                           if large.tokenizer is None else "")
-                raise ValueError(
+                raise NoRoomYet(
                     f"the response re-tokenizes to {rate:.1f} small-model tokens per large-model "
                     f"token (KV was reserved for {SMALL_TOKENS_PER_LARGE}), and {room}{server}")
 
