@@ -245,8 +245,9 @@ def profile_one(engine, names, args, params, prompts) -> dict:
            "idle_ms_per_step": {k: round(v / 1e3 / steps, 3)
                                 for k, v in sorted(idle.items(), key=lambda kv: -kv[1])},
            # per occurrence: host ms, launches made, device busy ms meanwhile
-           "phase_detail": {name: d for name in ("w2s.prefill", "w2s.large", "w2s.score.launch",
-                                                 "w2s.select")
+           "phase_detail": {name: d for name in ("w2s.prefill", "w2s.prefill.large",
+                                                 "w2s.prefill.small", "w2s.large",
+                                                 "w2s.score.launch", "w2s.select")
                             if (d := phase_detail(trace, device, name)) is not None},
            "sampled": sum(r.stats.tokens_sampled for r in results),
            "top_device_us": {k[:80]: round(v) for k, v in top},
