@@ -233,14 +233,15 @@ def recipes():
                                         1)
         yield f"one model's LM-head log-prob {name}", logprob
 
-    for min_p in (False, True):
-        def sampling(min_p=min_p):
-            b = 4
+    # 4 rows: 8 vocabulary slices (8 slots in the fast path); 256 rows: 3 (4 slots).
+    for min_p, b in ((False, 4), (True, 4), (False, 256)):
+        def sampling(min_p=min_p, b=b):
             sample_triton(torch.randn(b, 128256), torch.full((b,), 0.7),
                           torch.full((b,), 50, dtype=torch.int32), torch.full((b,), 0.9),
                           torch.arange(b, dtype=torch.int64), torch.arange(b, dtype=torch.int64),
                           torch.full((b,), 0.05) if min_p else None)
-        yield "sampling fp32 logits" + (" min_p" if min_p else ""), sampling
+        yield (f"sampling fp32 logits{' min_p' if min_p else ''}"
+               f"{f' {b} rows' if b != 4 else ''}"), sampling
 
 
 def cuobjdump(cubin: bytes, flag: str) -> str | None:

@@ -432,8 +432,8 @@ if triton is not None:
 
     @triton.autotune(
         configs=configs(
-            # (4 warps spill the fast path's [MAX_SLICES * SLICE_CANDIDATES, 16] digit counts
-            # on sm_90: 5 KB; bench/kernel_compile.py.)
+            # (4 warps spill the fast path's [SLICE_SLOTS * SLICE_CANDIDATES, 16] digit counts
+            # on sm_90 at 8 slots: 5 KB; bench/kernel_compile.py.)
             [triton.Config({"BLOCK_V": 2048, "BLOCK_L": 256, "BLOCK_C": 256}, num_warps=8),
              triton.Config({"BLOCK_V": 4096, "BLOCK_L": 256, "BLOCK_C": 512}, num_warps=8),
              # A few rows (one request's beams) leave most SMs idle, each program's passes
@@ -441,7 +441,7 @@ if triton is not None:
              # (8,192 lanes on 16 warps spill on sm_90: bench/kernel_compile.py.)
              triton.Config({"BLOCK_V": 4096, "BLOCK_L": 256, "BLOCK_C": 512}, num_warps=16)],
             interpret=triton.Config({"BLOCK_V": 1024, "BLOCK_L": 256, "BLOCK_C": 256})),
-        key=["V", "FEW_ROWS"], do_bench=quick_bench)
+        key=["V", "FEW_ROWS", "SLICE_SLOTS"], do_bench=quick_bench)
     @triton.jit(do_not_specialize=["slices", "slice_size"])
     def _sample_kernel(
         logits_ptr,              # [B, V] fp32 / fp16 / bf16
@@ -459,7 +459,7 @@ if triton is not None:
         BLOCK_V: tl.constexpr,   # lanes of the full-row passes
         BLOCK_L: tl.constexpr,   # groups of lanes whose maxima bound the k-th largest
         BLOCK_C: tl.constexpr,   # candidates per step of the selects
-        MAX_SLICES: tl.constexpr,  # >= slices
+        SLICE_SLOTS: tl.constexpr,  # a power of 2 >= slices: the fast path's slots
         SLICE_CANDIDATES: tl.constexpr,  # a slice's candidates the fast path holds
         HAS_MIN_P: tl.constexpr,  # some row has a min_p (else log_min_p_ptr is not read)
         FEW_ROWS: tl.constexpr,   # fewer rows than SMs / 4 (an autotuning key, not read)
@@ -491,22 +491,22 @@ if triton is not None:
         key = _row_key(seed_ptr, pos_ptr, row)
 
         # The slices' results.
-        s = tl.arange(0, MAX_SLICES)
+        s = tl.arange(0, SLICE_SLOTS)
         smask = s < slices
         part_x = tl.load(part_x_ptr + row * slices + s, mask=smask, other=float("-inf"))
         part_n = tl.load(part_n_ptr + row * slices + s, mask=smask, other=0)
         top = tl.max(part_x, 0)
         token_uncut = tl.min(tl.where(smask & (part_x == top), part_n, V), 0)
 
-        # Fast path: the slices' candidates as one [MAX_SLICES * SLICE_CANDIDATES] block.
+        # Fast path: the slices' candidates as one [SLICE_SLOTS * SLICE_CANDIDATES] block.
         fast = fast_row & (tl.max(part_n, 0) <= SLICE_CANDIDATES)
         c = tl.arange(0, SLICE_CANDIDATES)
         held = smask[:, None] & (c[None, :] < tl.where(fast, part_n, 0)[:, None])
         ids = tl.load(crow + s[:, None] * slice_size + c[None, :], mask=held, other=0)
         xs = _no_nan(tl.load(lrow + ids, mask=held, other=float("-inf")).to(tl.float32))
-        ids = tl.reshape(ids, [MAX_SLICES * SLICE_CANDIDATES])
-        held = tl.reshape(held, [MAX_SLICES * SLICE_CANDIDATES])
-        xs = tl.math.div_rn(tl.reshape(xs, [MAX_SLICES * SLICE_CANDIDATES]), t)
+        ids = tl.reshape(ids, [SLICE_SLOTS * SLICE_CANDIDATES])
+        held = tl.reshape(held, [SLICE_SLOTS * SLICE_CANDIDATES])
+        xs = tl.math.div_rn(tl.reshape(xs, [SLICE_SLOTS * SLICE_CANDIDATES]), t)
         keys = tl.where(held, _sort_key(xs), 0)
         kth, found_k = _select_in_block(keys, tl.where(held, 1.0, 0.0), k.to(tl.float32))
         floor = tl.where(use_k & found_k, kth, 0)
@@ -680,6 +680,11 @@ def sample_triton(logits, temperature, top_k, top_p, seeds, positions, min_p=Non
         else:
             slices = triton.cdiv(v, slice_size)
         assert 1 <= slices <= MAX_SLICES, f"{slices} vocabulary slices; at most {MAX_SLICES}"
+        # The fast path holds [slots, SLICE_CANDIDATES] candidates in registers: as many
+        # slots as slices (a power of 2), not MAX_SLICES, whose empty slots cost the selects
+        # their work and registers all the same (256 rows take 3 slices: 8 slots did 8/3 of
+        # the work, at 255 registers a thread).
+        slots = triton.next_power_of_2(slices)
         cand = torch.empty(b, v, dtype=torch.int32, device=logits.device)   # <= 2x the logits
         part_x = torch.empty(b, slices, dtype=torch.float32, device=logits.device)
         part_n = torch.empty(b, slices, dtype=torch.int32, device=logits.device)
@@ -690,7 +695,7 @@ def sample_triton(logits, temperature, top_k, top_p, seeds, positions, min_p=Non
         _sample_slices_kernel[(b, slices)](*args, v, slice_size, logits.stride(0),
                                            cand.stride(0), HAS_MIN_P=log_min_p is not None)
         _sample_kernel[(b,)](*args, thr, out, v, logits.stride(0), cand.stride(0), slices,
-                             slice_size, MAX_SLICES=MAX_SLICES,
+                             slice_size, SLICE_SLOTS=slots,
                              SLICE_CANDIDATES=SLICE_CANDIDATES,
                              HAS_MIN_P=log_min_p is not None,
                              FEW_ROWS=b < sm_count(logits.device) // 4)
