@@ -324,3 +324,120 @@ def test_ctrl_c_in_search_exits_130_with_one_line_and_no_traceback(tiny_dirs):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "w2s: interrupted" in err
+
+
+# ---- the audit's: errors that name their flag, a server that binds first and exits 0 ---------
+
+def main_fails(capsys, argv) -> tuple[int, str]:
+    """`w2s ARGV` in this process: (exit code, its one error line; transformers' loading
+    bars aside)."""
+    from w2s_engine.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("w2s")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return e.value.code, lines[0]
+
+
+def test_serve_refuses_a_port_in_use_before_loading_the_models(capsys):
+    import socket
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:    # (a model that does not exist: the port is said first, before any loading)
+        code, err = main_fails(capsys, ["serve", "--port", str(port), "--large", "/no/such/dir",
+                                        "--log-level", "warning"])
+    finally:
+        busy.close()
+    assert code == 2
+    assert err == (f"w2s: error: --port {port}: 127.0.0.1:{port} is in use (another "
+                           "server?): stop what listens there or pick another --port"), err
+    code, err = main_fails(capsys, ["serve", "--host", "no-such-host.invalid",
+                                    "--large", "/no/such/dir"])
+    assert code == 2 and err.startswith("w2s: error: --host no-such-host.invalid: cannot bind")
+
+
+def test_a_model_that_cannot_load_is_named_by_its_flag_before_any_loads(tiny_dirs, capsys,
+                                                                         tmp_path):
+    dirs, _ = tiny_dirs
+    small = ["--tuned", dirs["tuned"], "--untuned", dirs["untuned"]]
+    code, err = main_fails(capsys, ["search", "x", "--large", dirs["large"], "--tuned",
+                                    dirs["tuned"], "--untuned", dirs["untuned"] + "x"])
+    assert code == 2 and err.startswith(f"w2s: error: --untuned {dirs['untuned']}x: no such "
+                                        "directory"), err
+    for command in (["search", "x", "--method", "base"], ["serve", "--port", "0"]):  # a half pair
+        code, err = main_fails(capsys, [*command, "--large", dirs["large"], "--tuned",
+                                        dirs["tuned"]])
+        assert code == 2 and err.startswith("w2s: error: --tuned without --untuned"), err
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    code, err = main_fails(capsys, ["search", "x", "--large", str(empty), *small])
+    assert code == 2 and err.startswith(f"w2s: error: --large {empty}: transformers cannot "
+                                        "read it as a GGUF model"), err
+
+
+def test_what_a_black_box_large_model_cannot_run_is_named_by_its_flag(tiny_dirs, capsys):
+    from live_server import free_port
+    dirs, _ = tiny_dirs
+    down = f"http://127.0.0.1:{free_port()}/v1"    # refused before any call goes there
+    remote = ["--large", down, "--large-model", "m", "--tuned", dirs["tuned"], "--untuned",
+              dirs["untuned"], "--kv-blocks", "100", "--max-new-tokens", "4"]
+    code, err = main_fails(capsys, ["search", "x", *remote, "--chat"])
+    assert code == 2 and err.startswith("w2s: error: --chat renders"), err
+    code, err = main_fails(capsys, ["search", "x", *remote, "--method", "eft"])
+    assert code == 2 and err.startswith("w2s: error: --method='eft' mixes"), err
+    code, err = main_fails(capsys, ["search", "x", *remote, "--min-p", "0.1"])
+    assert code == 2 and err.startswith("w2s: error: --min-p=0.1: the large model is a black"), err
+
+
+
+def test_a_streamed_search_that_fails_half_way_still_ends_its_line(tiny_dirs, capsys):
+    from live_server import free_port
+
+    from w2s_engine.cli import main
+    dirs, _ = tiny_dirs
+    down = f"http://127.0.0.1:{free_port()}/v1"       # nothing listens there
+    with pytest.raises(SystemExit) as e:
+        main(["search", "I really", "--large", down, "--large-model", "m", "--tuned",
+              dirs["tuned"], "--untuned", dirs["untuned"], "--kv-blocks", "100",
+              "--large-timeout", "1", "--max-new-tokens", "4", "--stream"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 1 and "the search failed" in err
+    assert out == "I really\n"    # the error, and the shell's prompt, on lines of their own
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_serve_exits_0_on_sigterm_and_ctrl_c_once_the_requests_in_flight_are_answered(tiny_dirs,
+                                                                                     sig):
+    import signal
+    import threading
+    import time
+    import urllib.request
+
+    from live_server import free_port
+    dirs, _ = tiny_dirs
+    port = free_port()
+    proc = subprocess.Popen(W2S + ["serve", "--large", dirs["large"], "--kv-blocks", "400",
+                                   "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    answered = []
+    try:
+        wait_until_serving(proc, port)
+        body = json.dumps({"prompt": "I really", "max_tokens": 300, "ignore_eos": True}).encode()
+        call = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                      headers={"Content-Type": "application/json"})
+        client = threading.Thread(target=lambda: answered.append(
+            json.load(urllib.request.urlopen(call, timeout=60))))
+        client.start()
+        time.sleep(0.3)     # the request is in flight
+        proc.send_signal(getattr(signal, sig))
+        client.join(timeout=60)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert answered and answered[0]["usage"]["completion_tokens"] == 300
+    # (frozen objects freed at exit: no "leaked function" lines from triton's bindings)
+    assert "Traceback" not in err and "leaked" not in err, err[-2000:]

@@ -76,6 +76,24 @@ def params_from_args(args):
                             pick(args.l, DEFAULTS.l), **common)
 
 
+# The SearchParams fields that have a flag of their own ("--" + the field, dashed).
+PARAM_FLAGS = {name for name, _, _ in SAMPLING_FLAGS} | {"method", "w", "k", "l", "beta",
+                                                          "seed", "stop"}
+
+
+def flag_error(e: InvalidParam) -> UserError:
+    """A refused search parameter as the command's user reads it: by its flag (the params
+    and the engine name the field, 'SearchParams.min_p=...' or 'min_p=...')."""
+    message = str(e)
+    if e.field in PARAM_FLAGS:
+        flag = "--" + e.field.replace("_", "-")
+        for name in (f"SearchParams.{e.field}=", f"{e.field}="):
+            if message.startswith(name):
+                message = f"{flag}={message[len(name):]}"
+                break
+    return UserError(message)
+
+
 def checked_params(args):
     """The search parameters the flags give, validated before any model loads; an invalid
     value is named by its flag."""
@@ -83,8 +101,7 @@ def checked_params(args):
     try:
         params.validate()
     except InvalidParam as e:
-        flag = "--" + e.field.replace("_", "-")
-        raise UserError(str(e).replace(f"SearchParams.{e.field}", flag, 1)) from None
+        raise flag_error(e) from None
     except ValueError as e:
         raise UserError(str(e)) from None
     return params
@@ -100,16 +117,27 @@ def cmd_search(args):
         raise UserError(f"--stream prints one text, and --method {params.method} --k {params.k} "
                         "draws several: leave --stream out to print them all")
     engine = engine_from_args(args, need_small=params.uses_small_models)
+    try:
+        run_search(engine, args, params)
+    except InvalidParam as e:   # what these models cannot run (EFT over a black box, say)
+        raise flag_error(e) from None
+
+
+def run_search(engine, args, params):
     if args.stream:
         out = sys.stdout
         out.write(args.prompts[0])
-        for delta in engine.search_stream(args.prompts[0], params):
-            if delta.index == 0:
-                out.write(delta.text)
-                out.flush()
-            if delta.result is not None and delta.result.reward is not None:
-                out.write(f"  [reward {delta.result.reward:+.3f}]")
-        out.write("\n")
+        try:
+            for delta in engine.search_stream(args.prompts[0], params):
+                if delta.index == 0:
+                    out.write(delta.text)
+                    out.flush()
+                if delta.result is not None and delta.result.reward is not None:
+                    out.write(f"  [reward {delta.result.reward:+.3f}]")
+        finally:
+            # The line ends also when the search fails or is interrupted half-way: the
+            # error, and the shell's prompt, start a line of their own.
+            out.write("\n")
         return
     results = engine.search(args.prompts, params)
     if args.json:

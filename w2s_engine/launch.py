@@ -214,6 +214,27 @@ def flag_named(message: str) -> str:
     return message
 
 
+def model_flag_named(message: str, specs: dict) -> str:
+    """A model's load error as the command's user reads it: by the flag that named the model
+    (the loader names it by its spec alone, and --tuned and --untuned may differ by a letter)."""
+    for flag, spec in specs.items():
+        for kind in ("model", "adapter"):
+            if message.startswith(f"{kind} {spec!r}"):
+                return f"{flag} {spec}" + message[len(f"{kind} {spec!r}"):]
+    return message
+
+
+def check_model_specs(specs: dict):
+    """Every model the flags name exists, checked before the first loads (which can take
+    minutes): a typo in --untuned is not said after the large model is in memory."""
+    from w2s_engine.models.loader import ModelLoadError, check_spec
+    for flag, spec in specs.items():
+        try:
+            check_spec(spec)
+        except ModelLoadError as e:
+            raise UserError(model_flag_named(str(e), {flag: spec})) from None
+
+
 def engine_from_args(args, need_small: bool, **config):
     """The engine the model options describe; config: more EngineConfig fields."""
     import torch
@@ -234,6 +255,15 @@ def engine_from_args(args, need_small: bool, **config):
         if value is not None and not remote:
             raise UserError(f"{flag} is for a black-box large model (--large http://.../v1); "
                             f"--large {args.large} is loaded here: leave {flag} out")
+    if (tuned is None) != (untuned is None):
+        # (a method without small models would ignore the one given: a mistake either way)
+        given, missing = ("--tuned", "--untuned") if untuned is None else ("--untuned", "--tuned")
+        raise UserError(f"{given} without {missing}: the small models are a pair: give "
+                        f"{missing} too, or neither (the large model alone: plain sampling)")
+    if remote and args.chat:
+        raise UserError("--chat renders each prompt with each model's chat template, and a "
+                        "black-box large model's is not here: leave --chat out and write the "
+                        "chat format into --large-template and --small-template")
     if remote and (tuned is None or untuned is None):
         raise UserError("a black-box large model (--large URL) is steered by the small models: "
                         "give --tuned and --untuned")
@@ -247,6 +277,11 @@ def engine_from_args(args, need_small: bool, **config):
         overrides["dtype"] = getattr(torch, args.dtype)
     if args.kv_blocks is not None:
         overrides["num_kv_blocks"] = args.kv_blocks
+    specs = {flag: spec for flag, spec in (("--large", None if remote else args.large),
+                                           ("--tuned", tuned if need_small else None),
+                                           ("--untuned", untuned if need_small else None))
+             if spec is not None}
+    check_model_specs(specs)
     large = _remote(args) if remote else args.large
     started = time.perf_counter()
     log.info("loading the models: large %s, tuned %s, untuned %s", args.large,
@@ -255,7 +290,7 @@ def engine_from_args(args, need_small: bool, **config):
         engine = Engine(large, tuned if need_small else None, untuned if need_small else None,
                         templates=templates, chat=args.chat, **overrides)
     except (ValueError, TypeError) as e:
-        named = flag_named(str(e))
+        named = model_flag_named(flag_named(str(e)), specs)
         if named == str(e):
             raise
         raise UserError(named) from None

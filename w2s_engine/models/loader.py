@@ -118,9 +118,15 @@ def convert_gguf(gguf: Path) -> Path:
     target = cache_dir() / "converted" / _file_hash(gguf)
     if (target / "config.json").exists():
         return target
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                 dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (ValueError, KeyError, OSError) as e:
+        # (transformers' words alone name no file: "cannot mmap an empty file", say)
+        raise ModelLoadError(f"model {str(gguf)!r}: transformers cannot read it as a GGUF "
+                             f"model ({type(e).__name__}: {e}): pass a GGUF file of a "
+                             "decoder-only model, whole (not one of a split's parts)") from e
     # The weights are plain fp32 now; transformers refuses to save while the GGUF quantizer
     # is attached, so detach it.
     model.hf_quantizer = None
@@ -215,7 +221,27 @@ def _resolve_hub_id(spec: str) -> Path:
     return Path(spec)  # from_pretrained downloads it
 
 
+def check_spec(spec: str):
+    """Refuse a spec that names no model, as _resolve does, without loading or converting
+    anything: a typo in the last model named is said before the first one loads."""
+    if spec in BUNDLED_MODELS or spec in BUNDLED_ADAPTERS:
+        return
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"model {spec!r}: no such GGUF file")
+        return
+    if path.is_dir():
+        return
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelLoadError(
+            f"model {spec!r}: no such directory or GGUF file, and not a bundled name "
+            f"({', '.join(sorted(BUNDLED_MODELS) + sorted(BUNDLED_ADAPTERS))}) or a hub id "
+            "like 'org/name'")
+
+
 def _resolve(spec: str) -> Path:
+    check_spec(spec)
     if spec in BUNDLED_MODELS:
         return convert_gguf(resolve_bundled(spec))
     if spec in BUNDLED_ADAPTERS:
@@ -223,16 +249,9 @@ def _resolve(spec: str) -> Path:
         return Path(str(files("w2s_engine").joinpath(BUNDLED_ADAPTERS[spec])))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelLoadError(f"model {spec!r}: no such GGUF file")
         return convert_gguf(path)
     if path.is_dir():
         return path
-    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise ModelLoadError(
-            f"model {spec!r}: no such directory or GGUF file, and not a bundled name "
-            f"({', '.join(sorted(BUNDLED_MODELS) + sorted(BUNDLED_ADAPTERS))}) or a hub id "
-            "like 'org/name'")
     return _resolve_hub_id(spec)
 
 

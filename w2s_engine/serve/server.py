@@ -365,6 +365,55 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
     return app
 
 
+def bind(host: str, port: int):
+    """The listening socket, bound before the models load: a port in use, or a host that is
+    not this machine's, is said at once in one line, not after minutes of loading."""
+    import errno
+    import socket
+
+    from w2s_engine.launch import UserError
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"--port {port}: {host}:{port} is in use (another server?): stop "
+                            "what listens there or pick another --port") from None
+        if e.errno == errno.EACCES:
+            raise UserError(f"--port {port}: not allowed to bind it here ({e.strerror}): "
+                            "pick a port from 1024 up") from None
+        raise UserError(f"--host {host}: cannot bind it ({e.strerror or e}): give an address "
+                        "of this machine, e.g. 127.0.0.1, or 0.0.0.0 for all") from None
+    return sock
+
+
+def graceful_server(config):
+    """uvicorn's server, except that a SIGTERM or Ctrl-C that stopped it gracefully is a
+    clean exit: uvicorn raises the signal again once it has shut down, which kills the
+    process (143, the engine's shutdown skipped) or turns it into a KeyboardInterrupt (130)."""
+    import contextlib
+
+    import uvicorn
+
+    if not hasattr(uvicorn.Server, "capture_signals"):   # (an older uvicorn raises none)
+        return uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    captured = getattr(self, "_captured_signals", None)
+                    if isinstance(captured, list):
+                        captured.clear()    # asked for: nothing to raise again
+
+    return Server(config)
+
+
 def serve(args):
     """`w2s serve`: load the models, start the engine loop and uvicorn."""
     import gc
@@ -374,8 +423,14 @@ def serve(args):
     import uvicorn
 
     from w2s_engine.launch import engine_from_args, remote_model_name
-    engine = engine_from_args(args, need_small=bool(args.tuned or args.untuned),
-                              max_waiting=args.max_queue, progress=False)
+    sock = bind(args.host, args.port)
+    port = sock.getsockname()[1]    # (--port 0: the one the system picked)
+    try:
+        engine = engine_from_args(args, need_small=bool(args.tuned or args.untuned),
+                                  max_waiting=args.max_queue, progress=False)
+    except BaseException:
+        sock.close()
+        raise
     if str(engine.config.device).startswith("cuda"):
         t = time.perf_counter()
         engine.warm_up()    # the kernels' compiles and autotuning, before the first request
@@ -396,15 +451,19 @@ def serve(args):
     gc.collect()
     gc.freeze()
     log.info("serving %s on http://%s:%d/v1 (%s; API key %s; CORS origins: %s)",
-             ", ".join(names), args.host, args.port,
+             ", ".join(names), args.host, port,
              "search" if engine.has_scorer else "the large model alone",
              "required" if api_key else "off", ", ".join(origins) or "none")
+    # Past the shutdown timeout uvicorn cancels the requests still running (a client that
+    # stopped reading, or sent half a body, would hold the exit up for ever): their
+    # searches are cancelled as when a client leaves.
+    server = graceful_server(uvicorn.Config(
+        app, host=args.host, port=port, log_level=args.log_level.lower(), access_log=False,
+        log_config=None, timeout_graceful_shutdown=args.shutdown_timeout))
     try:
-        # Past the shutdown timeout uvicorn cancels the requests still running (a client that
-        # stopped reading, or sent half a body, would hold the exit up for ever): their
-        # searches are cancelled as when a client leaves.
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                    access_log=False, log_config=None,
-                    timeout_graceful_shutdown=args.shutdown_timeout)
+        server.run(sockets=[sock])
     finally:
         async_engine.shutdown()
+        # Frozen objects are never freed at exit: triton's bindings (nanobind) would print
+        # dozens of "leaked function" lines on stderr as the interpreter ends.
+        gc.unfreeze()
