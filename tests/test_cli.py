@@ -251,6 +251,23 @@ def test_serve_runs_with_an_api_key_from_the_environment_and_logs_each_request(t
     assert "GET /v1/models 401" in err, err
 
 
+def test_serve_on_all_interfaces_without_an_api_key_warns_that_anyone_can_use_it(tiny_dirs):
+    from live_server import free_port
+    dirs, _ = tiny_dirs
+    port = free_port()
+    proc = subprocess.Popen(W2S + ["serve", "--large", dirs["large"], "--kv-blocks", "100",
+                                   "--host", "0.0.0.0", "--port", str(port)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until_serving(proc, port)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert "API key off" in err
+    assert f"--host 0.0.0.0 without --api-key: anyone who can reach this machine's port {port}" \
+        in err, err
+
+
 def test_serve_exits_on_sigterm_within_its_shutdown_timeout_whatever_its_clients_do(tiny_dirs):
     # A client that sent half its body and one that stopped reading a stream would hold the
     # exit up for ever: past --shutdown-timeout their requests end and the server exits.

@@ -454,6 +454,10 @@ def serve(args):
              ", ".join(names), args.host, port,
              "search" if engine.has_scorer else "the large model alone",
              "required" if api_key else "off", ", ".join(origins) or "none")
+    if not api_key and args.host not in LOOPBACK_HOSTS:
+        log.warning("--host %s without --api-key: anyone who can reach this machine's port %d "
+                    "can run searches on it; give --api-key (or W2S_API_KEY) unless a proxy "
+                    "in front checks who calls", args.host, port)
     # Past the shutdown timeout uvicorn cancels the requests still running (a client that
     # stopped reading, or sent half a body, would hold the exit up for ever): their
     # searches are cancelled as when a client leaves.
