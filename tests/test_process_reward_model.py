@@ -143,6 +143,20 @@ def test_a_stop_string_across_a_chunk_end_leaves_the_cut_text_s_last_step_scored
     engine.check_all_free()
 
 
+@pytest.mark.parametrize("separator", ["\n\n", None])
+def test_an_empty_response_is_one_step_the_prm_reads_after_the_prompt_not_a_zero(models,
+                                                                                 separator):
+    """A candidate that wrote nothing (EOS first) is scored by the PRM at the tag right after
+    the prompt, as search-and-learn scores an empty completion: with a head's scores a made-up
+    0.0 could beat every candidate that wrote something."""
+    engine = engine_with(models, models["head"], step_separator=separator, head_index=1,
+                         aggregate="min")
+    got = engine.score(["Q:"], [""])[0]
+    want = scratch_prm(models, models["head"], "Q:", "", [], separator, False, "min")
+    assert got == pytest.approx(want, abs=1e-4) and abs(got) > 1e-3
+    engine.check_all_free()
+
+
 def test_score_of_token_ids_with_a_process_reward_model_asks_for_the_text(models):
     engine = engine_with(models, models["head"], step_separator=None, head_index=1)
     with pytest.raises(ValueError, match="process reward model reads the response's text"):
@@ -190,6 +204,8 @@ def test_aggregates_and_tags():
     assert tag_steps("x<t>y\n\nz", "<t>", "\n\n", []) == ("x<t>y<t>\n\nz", True, [5])
     # A stop string cut the text before a chunk end: no step ends past the cut.
     assert tag_steps("abcde", "<t>", None, [2, 4, 6]) == ("ab<t>cd<t>e", True, [2, 7])
+    # An empty response is one empty, unfinished step (read at the tag after the prompt).
+    assert tag_steps("", "<t>", "\n\n", []) == tag_steps("", "<t>", None, []) == ("", True, [])
     values = [0.5, 0.25, 1.0]
     assert [aggregate(values, h) for h in ("last", "min", "product", "mean")] == \
         [1.0, 0.25, 0.125, pytest.approx(0.5833333)]

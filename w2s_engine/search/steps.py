@@ -16,7 +16,11 @@ def tag_steps(text: str, tag: str, separator: str | None,
               marks: list[int]) -> tuple[str, bool, list[int]]:
     """(the response with a tag after each finished step, whether an unfinished step follows,
     where each inserted tag starts in it). The offsets tell the tags from the same text in
-    the response itself, which is no step's end."""
+    the response itself, which is no step's end. An empty response is one empty, unfinished
+    step, read at the tag right after the prompt: the PRM's own judgment of nothing written
+    yet (search-and-learn scores an empty completion so), not a made-up 0.0."""
+    if not text:
+        return "", True, []
     if separator is not None:
         parts = text.split(separator)
         offsets, at = [], 0
@@ -38,7 +42,7 @@ def tag_steps(text: str, tag: str, separator: str | None,
 
 
 def aggregate(values: list[float], how: str) -> float:
-    """One reward from the step scores (0.0 for a response with no step yet)."""
+    """One reward from the step scores (0.0 for none: no response has none, tag_steps)."""
     assert how in AGGREGATES
     if not values:
         return 0.0
