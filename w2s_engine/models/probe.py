@@ -85,10 +85,26 @@ def probe(runner):
             "not use transformers' AttentionInterface, or some layers are not attention "
             "(a recurrent hybrid); the engine cannot run this architecture")
     if torch.isnan(own.logits).any():
+        if runner.dtype == torch.float32:   # no wider dtype to load it in: its weights
+            bad = [n for n, p in runner.model.named_parameters() if not torch.isfinite(p).all()]
+            raise ValueError(
+                f"{name} gives NaN logits in float32 on its own forward"
+                + (f": its weights hold NaN or inf ({', '.join(bad[:3])}"
+                   + (", ..." if len(bad) > 3 else "") + ")" if bad else "")
+                + "; check the checkpoint (or the adapter merged into it)")
         raise ValueError(f"{name} gives NaN logits in {runner.dtype} on its own forward (its "
                          "activations overflow): load it in bfloat16 or float32")
     if runner.lm_head is None or not torch.isfinite(own.logits).all():
         return
+    width = runner.lm_head.weight.shape[-1] if hasattr(runner.lm_head, "weight") else None
+    if width is not None and width != hidden.shape[-1]:
+        # ELECTRA's generator: a dense layer and a norm between the decoder and its output
+        # layer, which the engine's LM head (the output layer alone) would skip
+        raise ValueError(
+            f"{name}'s output layer takes vectors of {width}, but its decoder gives "
+            f"{hidden.shape[-1]}: its head transforms the hidden state before the output "
+            "layer, which the engine's LM head does not apply; the engine cannot run this "
+            "architecture")
     expected = own.logits.reshape(-1, own.logits.shape[-1])[-1].float()
     error = _logits_error(runner.lm_head.logits(hidden)[-1], expected, runner.dtype)
     if error is not None:

@@ -52,6 +52,7 @@ class ModelShape:
     @classmethod
     def of(cls, model: PreTrainedModel) -> "ModelShape":
         cfg = model.config.get_text_config()
+        _refuse_per_layer_shapes(model, cfg)
         num_heads = getattr(cfg, "num_attention_heads", None)
         if not num_heads:
             raise ValueError(f"{type(model).__name__} has no attention heads "
@@ -94,6 +95,31 @@ class ModelShape:
         hidden-state buffer it writes."""
         elem = torch.empty((), dtype=dtype).element_size()
         return tokens * (7 * self.hidden_size + 3 * self.intermediate_size) * elem
+
+
+# What sizes the KV pool (one shape for every layer) and the engine's buffers.
+POOL_SIZES = ("num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
+              "num_hidden_layers", "vocab_size", "max_position_embeddings",
+              "intermediate_size", "word_embed_proj_dim")
+
+
+def _refuse_per_layer_shapes(model, cfg):
+    """A heterogeneous config (transformers' per_layer_config: Gemma 4's full-attention layers
+    with their global_head_dim) raises on a global read of an attribute its layers set
+    differently: refused here with what differs, not with transformers' error from inside."""
+    for name in POOL_SIZES:
+        try:
+            getattr(cfg, name, None)
+        except Exception as e:     # transformers' AmbiguousGlobalPerLayerAttributeError
+            if type(e).__name__ != "AmbiguousGlobalPerLayerAttributeError":
+                raise
+            layers = getattr(cfg, "per_layer_config", None) or []
+            sizes = sorted({getattr(c, name, None) for c in layers}, key=str)
+            raise ValueError(
+                f"{type(model).__name__} ({cfg.model_type}) sets {name} per layer"
+                + (f" ({', '.join(map(str, sizes))})" if sizes else "")
+                + ": the engine's paged KV cache holds one shape for every layer; the engine "
+                "cannot run this architecture with layers of different attention shapes") from None
 
 
 def _widest(size):
