@@ -126,7 +126,9 @@ def tuned_from(model, seed: int, scale: float = 0.05):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in twin.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale * p.std().clamp_min(1e-3))
+            # (the std of a one-element parameter, xIELU's alpha say, is NaN)
+            spread = p.std() if p.numel() > 1 else p.abs().reshape(())
+            p.add_(torch.randn(p.shape, generator=g) * scale * spread.clamp_min(1e-3))
     return twin
 
 
