@@ -95,8 +95,17 @@ class EngineConfig:
                              "torch.float16 or torch.bfloat16")
         if self.cuda_graphs is None:
             self.cuda_graphs = str(self.device).startswith("cuda")
-        if self.fused_ops is None:
-            self.fused_ops = str(self.device).startswith("cuda")
+        if self.torch_compile == "":
+            raise ValueError("EngineConfig.torch_compile='': give True, False or a backend name "
+                             "such as 'inductor'")
+        if self.fused_ops is None:   # (torch.compile fuses the small ops itself)
+            self.fused_ops = str(self.device).startswith("cuda") and not self.torch_compile
+        if self.fused_ops and self.torch_compile:
+            # The runner would drop one of them silently: the compiled forward traces the
+            # model's own ops, not the swapped modules.
+            raise ValueError("fused_ops=True and torch_compile both fuse the small ops, and "
+                             "only one runs: set fused_ops=False (or None) with torch_compile, "
+                             "or leave torch_compile off")
         if self.async_scheduling is None:
             self.async_scheduling = str(self.device).startswith("cuda")
         if self.cascade_attention is None:

@@ -26,7 +26,7 @@ from torch.profiler import record_function   # names the step's phases in a prof
 from tqdm.auto import tqdm
 
 from w2s_engine.cache.block_manager import BlockManager, blocks_for
-from w2s_engine.cache.kv_budget import KVBudget, pool_blocks
+from w2s_engine.cache.kv_budget import KVBudget, check_fits, pool_blocks
 from w2s_engine.config import EngineConfig
 from w2s_engine.large.local import LocalLarge
 from w2s_engine.large.openai_completions import OpenAICompletions
@@ -186,6 +186,12 @@ class Engine:
                                  config.kv_cache_memory_bytes, config.device,
                                  config.kv_cache_memory_fraction, config.cpu_kv_cache_bytes,
                                  other_bytes=graph_bytes)
+        sized_by = ("num_kv_blocks" if config.num_kv_blocks is not None else
+                    "kv_cache_memory_bytes" if config.kv_cache_memory_bytes is not None else
+                    "kv_cache_memory_fraction" if str(config.device).startswith("cuda") else
+                    "cpu_kv_cache_bytes")
+        check_fits(num_blocks, bytes_per_block, config.block_size, config.device, graph_bytes,
+                   sized_by)
         # The probe and the graphs' capture run as the steps will: fp32 at full precision.
         with full_fp32_matmuls(self.matmul_dtype):
             self.runners = {role: ModelRunner(m.model, num_blocks, config.block_size,
@@ -384,6 +390,11 @@ class Engine:
             raise ValueError(f"method={params.method!r} needs a scorer: pass tuned and untuned "
                              "small models (or scorer=RewardModel(...)) to Engine(...), or use "
                              "SearchParams.base()")
+        if params.method != "eft" and params.beta != 1.0:
+            # As the server and the w2s command refuse it: a setting that would do nothing.
+            raise InvalidParam("beta", params.beta, "only method='eft' uses beta (the weight "
+                               "of the small pair's logits): leave it at 1.0 or use "
+                               "SearchParams.eft(beta=...)", "SearchParams.")
         if params.method == "eft" and self.eft_refusal is not None:
             raise InvalidParam("method", "eft", "", message=self.eft_refusal)
         self.large.check_params(params)
@@ -897,8 +908,16 @@ class Engine:
                 "decode_steps": self.large.decode_steps, "scorings_ahead": self.scorings_ahead}
 
     def check_all_free(self):
-        """The invariant after every request: every block of every pool is free."""
-        if self.large.blocks is not None:
-            self.large.blocks.check_all_free()
-        for blocks in self.scorer.blocks:
-            blocks.check_all_free()
+        """The invariant after every request: every block of every pool is free (RuntimeError
+        naming the pool, and the requests still running or waiting that may hold them)."""
+        pools = [("large", self.large.blocks)] if self.large.blocks is not None else []
+        pools += [("/".join(s.roles), s.blocks) for s in self.scorer.streams]
+        for name, blocks in pools:
+            try:
+                blocks.check_all_free()
+            except RuntimeError as e:
+                live = len(self.scheduler.waiting) + len(self.scheduler.running)
+                why = (f"{live} request(s) still running or waiting hold them: step() until "
+                       "has_unfinished() is False, or cancel them, before checking" if live
+                       else "no request is unfinished, so they leaked")
+                raise RuntimeError(f"the {name} model's KV pool: {e}; {why}") from None

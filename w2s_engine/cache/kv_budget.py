@@ -9,6 +9,7 @@ the block manager's own rounding (blocks_for); no model, tensor or block table i
 Pools are named by key: "large" for the large model's, 0, 1, ... for the small streams'.
 """
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,34 @@ def pool_blocks(bytes_per_block: int, num_kv_blocks: int | None = None,
                          f"blocks of {bytes_per_block} bytes (and a scratch block): raise "
                          f"{setting}, or set num_kv_blocks")
     return num_blocks
+
+
+def device_memory_bytes(device: str) -> int | None:
+    """The memory the pools and graphs can take on `device`: the free GPU memory on CUDA, the
+    physical memory on a CPU; None where the system does not say."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits(num_blocks: int, bytes_per_block: int, block_size: int, device: str,
+               graph_bytes: int = 0, sized_by: str = "num_kv_blocks"):
+    """Refuse, naming the settings, pools and graphs larger than the device's memory: an
+    explicit num_kv_blocks, block_size or cuda_graph_max_batch past it would otherwise fail
+    in the allocator, with its bytes and no setting."""
+    memory = device_memory_bytes(device)
+    pools = (num_blocks + 1) * bytes_per_block     # (+1: each pool's scratch block)
+    if memory is None or pools + graph_bytes <= memory:
+        return
+    graphs = (f" and the CUDA graphs' static buffers {graph_bytes} (cuda_graph_max_batch)"
+              if graph_bytes else "")
+    raise ValueError(f"the KV pools take {pools} bytes ({num_blocks} blocks, from {sized_by}, "
+                     f"of block_size={block_size} tokens: {bytes_per_block} bytes a block for "
+                     f"all the models){graphs}, more than the {memory} bytes of memory "
+                     f"{device} has: lower {sized_by}, block_size or cuda_graph_max_batch")
 
 
 def tree_blocks(block_size: int, w: int, k: int, prompt_len: int, response_len: int,
