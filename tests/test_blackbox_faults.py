@@ -240,8 +240,8 @@ def test_a_search_over_a_closed_backend_fails_saying_so_rather_than_waiting_for_
     (200, b"<html>hello</html>", "is --large the server's OpenAI-compatible /v1 base URL"),
     (404, b'{"error": "not found"}', "is --large the server's OpenAI-compatible /v1 base URL"),
 ], ids=["an-html-page", "not-found"])
-def test_w2s_over_a_url_that_is_no_models_endpoint_says_so_in_one_line(capsys, status, page,
-                                                                       says):
+def test_w2s_over_a_url_that_is_no_models_endpoint_says_so_in_one_line(capsys, tmp_path, status,
+                                                                       page, says):
     from w2s_engine.cli import main
 
     class Page(BaseHTTPRequestHandler):
@@ -260,7 +260,9 @@ def test_w2s_over_a_url_that_is_no_models_endpoint_says_so_in_one_line(capsys, s
     url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
     try:
         with pytest.raises(SystemExit) as e:
-            main(["search", "hi", "--large", url, "--tuned", "t", "--untuned", "u"])
+            # (directories, as the small models' flags are checked before the URL is read)
+            main(["search", "hi", "--large", url, "--tuned", str(tmp_path), "--untuned",
+                  str(tmp_path)])
     finally:
         httpd.shutdown()
         httpd.server_close()
