@@ -50,8 +50,8 @@ def test_a_decode_step_and_a_scoring_chunk_compile_the_same_kernels_for_every_ba
     graphs, and mid-serving for a scoring batch of a new size. Over the 23 buckets to 512 a
     kernel takes only the variants its batch-independent switches make: one split written
     directly or several merged (attention), the large and the small model's head sizes (the
-    merge), a residual or none (norm), few rows or many (sampling), up to 16 splits merged
-    or more (the reward's). At b67ec04 the decode, merge,
+    merge), a residual or none (norm), few rows or many and 8 candidate slots or 4 (sampling:
+    8 for few rows, and for many either), up to 16 splits merged or more (the reward's). At b67ec04 the decode, merge,
     scoring extend, norm, rotary, reward and reward-merge kernels took 5, 8, 5, 6, 3, 6
     and 5."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -62,6 +62,6 @@ def test_a_decode_step_and_a_scoring_chunk_compile_the_same_kernels_for_every_ba
     counts = ast.literal_eval(run.stdout.strip().splitlines()[-1])
     assert counts == {"_rms_norm_kernel": 2, "_rotary_kernel": 1, "_store_kv_kernel": 1,
                       "_decode_split_kernel": 2, "_decode_merge_kernel": 2,
-                      "_silu_mul_kernel": 1, "_sample_slices_kernel": 1, "_sample_kernel": 2,
+                      "_silu_mul_kernel": 1, "_sample_slices_kernel": 1, "_sample_kernel": 3,
                       "_extend_grouped_kernel": 2,
                       "_logits_lse_kernel": 1, "_reward_finish_kernel": 2}

@@ -680,11 +680,13 @@ def sample_triton(logits, temperature, top_k, top_p, seeds, positions, min_p=Non
         else:
             slices = triton.cdiv(v, slice_size)
         assert 1 <= slices <= MAX_SLICES, f"{slices} vocabulary slices; at most {MAX_SLICES}"
-        # The fast path holds [slots, SLICE_CANDIDATES] candidates in registers: as many
-        # slots as slices (a power of 2), not MAX_SLICES, whose empty slots cost the selects
-        # their work and registers all the same (256 rows take 3 slices: 8 slots did 8/3 of
-        # the work, at 255 registers a thread).
-        slots = triton.next_power_of_2(slices)
+        # The fast path holds [slots, SLICE_CANDIDATES] candidates in registers; empty slots
+        # cost the selects their work and registers all the same, so rows of 4 slices or
+        # fewer (132 rows or more of a 128k vocabulary, on 132 SMs) take 4 slots, not 8
+        # (256 rows take 3 slices: 8 slots did 8/3 of the work, at 255 registers a thread).
+        # Two sizes only: each is a kernel variant, compiled and tuned when a batch bucket
+        # first meets it (tests/test_kernel_compile.py counts them).
+        slots = 4 if slices <= 4 else MAX_SLICES
         cand = torch.empty(b, v, dtype=torch.int32, device=logits.device)   # <= 2x the logits
         part_x = torch.empty(b, slices, dtype=torch.float32, device=logits.device)
         part_n = torch.empty(b, slices, dtype=torch.int32, device=logits.device)
