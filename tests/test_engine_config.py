@@ -1,7 +1,6 @@
 """The Python API's settings refused up front, naming what to change (an audit's findings)."""
 
 import pytest
-import torch
 
 from tiny_models import make_tokenizer, tiny_llama, tuned_from
 from w2s_engine import Engine, SearchParams
