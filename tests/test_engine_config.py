@@ -58,3 +58,11 @@ def test_check_all_free_names_the_pool_and_the_requests_holding_it(tok):
     engine.cancel(req)
     engine.step()
     engine.check_all_free()
+
+
+def test_an_unknown_torch_compile_backend_is_refused_naming_the_known_ones():
+    with pytest.raises(ValueError, match=r"torch_compile='inductr' is not a torch.compile "
+                                         r"backend here: give True \(inductor\) or one of "
+                                         r".*inductor"):
+        EngineConfig(torch_compile="inductr").resolve()
+    assert EngineConfig(torch_compile="eager").resolve().torch_compile == "eager"

@@ -98,6 +98,13 @@ class EngineConfig:
         if self.torch_compile == "":
             raise ValueError("EngineConfig.torch_compile='': give True, False or a backend name "
                              "such as 'inductor'")
+        if isinstance(self.torch_compile, str):   # named now, not by torch.compile mid-load
+            from torch._dynamo import list_backends
+            known = list_backends(exclude_tags=())
+            if self.torch_compile not in known:
+                raise ValueError(f"EngineConfig.torch_compile={self.torch_compile!r} is not a "
+                                 f"torch.compile backend here: give True (inductor) or one of "
+                                 f"{', '.join(list_backends())}")
         if self.fused_ops is None:   # (torch.compile fuses the small ops itself)
             self.fused_ops = str(self.device).startswith("cuda") and not self.torch_compile
         if self.fused_ops and self.torch_compile:

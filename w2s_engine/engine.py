@@ -896,7 +896,12 @@ class Engine:
         return self.scorer.score(prompts, list(responses), list(flags))
 
     def stats(self) -> dict:
-        """Queue, KV and counters, for monitoring (read without locking: it may lag a step)."""
+        """Queue, KV and counters, for monitoring (read without locking: it may lag a step):
+        waiting, running (requests now); kv_blocks_total (blocks per pool), kv_blocks_used
+        (per model role: "large", "tuned", ...; models sharing a pool show its count);
+        requests (queued since the start, cancelled ones included), failed; tokens
+        (forwarded per model role); decode_steps; scorings_ahead (scorings read a step
+        later, async scheduling)."""
         used = {"large": self.large.blocks.num_used if self.large.blocks else 0}
         for stream in self.scorer.streams:
             for role in stream.roles:
