@@ -26,7 +26,7 @@ from torch.profiler import record_function   # names the step's phases in a prof
 from tqdm.auto import tqdm
 
 from w2s_engine.cache.block_manager import BlockManager, blocks_for
-from w2s_engine.cache.kv_budget import KVBudget, check_fits, pool_blocks
+from w2s_engine.cache.kv_budget import KVBudget, pool_blocks
 from w2s_engine.config import EngineConfig
 from w2s_engine.large.local import LocalLarge
 from w2s_engine.large.openai_completions import OpenAICompletions
@@ -186,12 +186,6 @@ class Engine:
                                  config.kv_cache_memory_bytes, config.device,
                                  config.kv_cache_memory_fraction, config.cpu_kv_cache_bytes,
                                  other_bytes=graph_bytes)
-        sized_by = ("num_kv_blocks" if config.num_kv_blocks is not None else
-                    "kv_cache_memory_bytes" if config.kv_cache_memory_bytes is not None else
-                    "kv_cache_memory_fraction" if str(config.device).startswith("cuda") else
-                    "cpu_kv_cache_bytes")
-        check_fits(num_blocks, bytes_per_block, config.block_size, config.device, graph_bytes,
-                   sized_by)
         # The probe and the graphs' capture run as the steps will: fp32 at full precision.
         with full_fp32_matmuls(self.matmul_dtype):
             self.runners = {role: ModelRunner(m.model, num_blocks, config.block_size,
@@ -631,7 +625,7 @@ class Engine:
                     else:
                         plans.append((r, self.scorer.plan(r, self.large)))
                 except NoRoomYet as e:   # tried again next step, when room may be free
-                    r.waits_for_room = f"{type(e).__name__}: {e}"
+                    r.waits_for_room = f"ValueError: {e}"   # (what it fails with, if it does)
                 except Exception as e:  # a bad request fails alone
                     self.scheduler.fail(r, f"{type(e).__name__}: {e}")
         return plans
@@ -645,7 +639,7 @@ class Engine:
         waiting = [r for r in running if r.waits_for_room]
         if waiting and len(waiting) == len(running) and not self.scheduler.ended_in_step:
             r = waiting[-1]
-            self.scheduler.fail(r, r.waits_for_room.replace("NoRoomYet", "ValueError", 1))
+            self.scheduler.fail(r, r.waits_for_room)
 
     def _record_peaks(self, requests: list[SearchRequest]):
         """Each running request's blocks at its chunk's end, scored: its peak moment."""

@@ -28,24 +28,35 @@ def pool_blocks(bytes_per_block: int, num_kv_blocks: int | None = None,
     """Blocks per pool: all pools have the same count, and one block of every pool together
     takes bytes_per_block. An explicit num_kv_blocks wins, then an explicit budget, then a
     fraction of the free device memory (CUDA) less other_bytes (what the graphs will hold),
-    or the CPU budget."""
+    or the CPU budget. Pools and graphs past the device's memory are refused, naming the
+    setting they came from (the allocator's error names none)."""
+    memory = device_memory_bytes(device)
     if num_kv_blocks is not None:
-        return num_kv_blocks
-    setting = "kv_cache_memory_bytes"
-    if budget_bytes is None:
-        if str(device).startswith("cuda"):
-            free, _ = torch.cuda.mem_get_info(torch.device(device))
-            budget_bytes = int(free * memory_fraction) - other_bytes
-            setting = "kv_cache_memory_fraction (of the free GPU memory, less the graphs')"
-        else:
-            budget_bytes = cpu_budget_bytes
-            setting = "cpu_kv_cache_bytes"
-    # Each pool has one more block than it hands out: the scratch block padding rows write to.
-    num_blocks = budget_bytes // bytes_per_block - 1
-    if num_blocks < 4:
-        raise ValueError(f"a KV budget of {budget_bytes} bytes ({setting}) holds {num_blocks} "
-                         f"blocks of {bytes_per_block} bytes (and a scratch block): raise "
-                         f"{setting}, or set num_kv_blocks")
+        num_blocks, setting = num_kv_blocks, "num_kv_blocks"
+    else:
+        setting = "kv_cache_memory_bytes"
+        if budget_bytes is None:
+            if str(device).startswith("cuda"):
+                budget_bytes = int(memory * memory_fraction) - other_bytes
+                setting = "kv_cache_memory_fraction (of the free GPU memory, less the graphs')"
+            else:
+                budget_bytes = cpu_budget_bytes
+                setting = "cpu_kv_cache_bytes"
+        # Each pool has one more block than it hands out: the scratch block padding rows
+        # write to.
+        num_blocks = budget_bytes // bytes_per_block - 1
+        if num_blocks < 4:
+            raise ValueError(f"a KV budget of {budget_bytes} bytes ({setting}) holds "
+                             f"{num_blocks} blocks of {bytes_per_block} bytes (and a scratch "
+                             f"block): raise {setting}, or set num_kv_blocks")
+    pools = (num_blocks + 1) * bytes_per_block
+    if memory is not None and pools + other_bytes > memory:
+        graphs = (f" and the CUDA graphs' static buffers {other_bytes} (cuda_graph_max_batch)"
+                  if other_bytes else "")
+        raise ValueError(f"the KV pools take {pools} bytes ({num_blocks} blocks, from "
+                         f"{setting}: {bytes_per_block} bytes a block for all the models, with "
+                         f"block_size){graphs}, more than the {memory} bytes of memory {device} "
+                         f"has: lower {setting}, block_size or cuda_graph_max_batch")
     return num_blocks
 
 
@@ -58,23 +69,6 @@ def device_memory_bytes(device: str) -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return None
-
-
-def check_fits(num_blocks: int, bytes_per_block: int, block_size: int, device: str,
-               graph_bytes: int = 0, sized_by: str = "num_kv_blocks"):
-    """Refuse, naming the settings, pools and graphs larger than the device's memory: an
-    explicit num_kv_blocks, block_size or cuda_graph_max_batch past it would otherwise fail
-    in the allocator, with its bytes and no setting."""
-    memory = device_memory_bytes(device)
-    pools = (num_blocks + 1) * bytes_per_block     # (+1: each pool's scratch block)
-    if memory is None or pools + graph_bytes <= memory:
-        return
-    graphs = (f" and the CUDA graphs' static buffers {graph_bytes} (cuda_graph_max_batch)"
-              if graph_bytes else "")
-    raise ValueError(f"the KV pools take {pools} bytes ({num_blocks} blocks, from {sized_by}, "
-                     f"of block_size={block_size} tokens: {bytes_per_block} bytes a block for "
-                     f"all the models){graphs}, more than the {memory} bytes of memory "
-                     f"{device} has: lower {sized_by}, block_size or cuda_graph_max_batch")
 
 
 def tree_blocks(block_size: int, w: int, k: int, prompt_len: int, response_len: int,
