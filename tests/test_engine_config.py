@@ -66,3 +66,17 @@ def test_an_unknown_torch_compile_backend_is_refused_naming_the_known_ones():
                                          r".*inductor"):
         EngineConfig(torch_compile="inductr").resolve()
     assert EngineConfig(torch_compile="eager").resolve().torch_compile == "eager"
+
+
+def test_two_settings_that_size_the_kv_pools_are_refused_not_one_dropped():
+    # num_kv_blocks won silently over kv_cache_memory_bytes.
+    with pytest.raises(ValueError, match="num_kv_blocks=8 and kv_cache_memory_bytes=.*give one"):
+        EngineConfig(device="cpu", num_kv_blocks=8, kv_cache_memory_bytes=1 << 20).resolve()
+
+
+def test_a_gpu_memory_fraction_on_a_cpu_is_said_to_do_nothing(caplog):
+    with caplog.at_level("WARNING", logger="w2s_engine.config"):
+        assert EngineConfig(device="cpu").resolve().kv_cache_memory_fraction == 0.85
+        assert not caplog.records   # the default says nothing
+        EngineConfig(device="cpu", kv_cache_memory_fraction=0.5).resolve()
+    assert "does nothing on a CPU" in caplog.text and "cpu_kv_cache_bytes" in caplog.text

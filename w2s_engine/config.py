@@ -1,8 +1,11 @@
 """EngineConfig: memory, precision and batching settings of one Engine."""
 
+import logging
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -11,7 +14,7 @@ class EngineConfig:
     dtype: torch.dtype | None = None    # None: bfloat16 on cuda, float32 on cpu
     block_size: int = 16                # CBS forks every few tokens: small pages waste little
     num_kv_blocks: int | None = None    # blocks per KV pool; None: from the memory budget
-    kv_cache_memory_fraction: float = 0.85   # of free device memory after loading (cuda)
+    kv_cache_memory_fraction: float | None = None  # of free GPU memory after loading; None: 0.85
     kv_cache_memory_bytes: int | None = None # explicit budget for all pools together
     cpu_kv_cache_bytes: int = 2 << 30   # default budget on cpu
     # Cap on the prompt tokens a step forwards per model (long prompts go in chunks of it), and
@@ -95,6 +98,18 @@ class EngineConfig:
                              "torch.float16 or torch.bfloat16")
         if self.cuda_graphs is None:
             self.cuda_graphs = str(self.device).startswith("cuda")
+        if self.num_kv_blocks is not None and self.kv_cache_memory_bytes is not None:
+            raise ValueError(f"EngineConfig.num_kv_blocks={self.num_kv_blocks} and "
+                             f"kv_cache_memory_bytes={self.kv_cache_memory_bytes} both size the "
+                             "KV pools: give one of them")
+        if self.kv_cache_memory_fraction is None:
+            self.kv_cache_memory_fraction = 0.85
+        elif device.type == "cpu":
+            # Said, not silently dropped: a setting that does nothing looks like it worked.
+            log.warning("EngineConfig.kv_cache_memory_fraction=%s is a share of a GPU's free "
+                        "memory and does nothing on a CPU: the KV pools there take "
+                        "cpu_kv_cache_bytes (%d), or kv_cache_memory_bytes or num_kv_blocks",
+                        self.kv_cache_memory_fraction, self.cpu_kv_cache_bytes)
         if self.torch_compile == "":
             raise ValueError("EngineConfig.torch_compile='': give True, False or a backend name "
                              "such as 'inductor'")
@@ -147,9 +162,9 @@ class EngineConfig:
                 ("block_size", is_int(self.block_size), "an int"),
                 ("num_kv_blocks", self.num_kv_blocks is None or is_int(self.num_kv_blocks),
                  "an int or None"),
-                ("kv_cache_memory_fraction", isinstance(self.kv_cache_memory_fraction,
-                                                        (int, float))
-                 and not isinstance(self.kv_cache_memory_fraction, bool), "a number"),
+                ("kv_cache_memory_fraction", self.kv_cache_memory_fraction is None
+                 or isinstance(self.kv_cache_memory_fraction, (int, float))
+                 and not isinstance(self.kv_cache_memory_fraction, bool), "a number or None"),
                 ("kv_cache_memory_bytes", self.kv_cache_memory_bytes is None
                  or is_int(self.kv_cache_memory_bytes), "an int or None"),
                 ("cpu_kv_cache_bytes", is_int(self.cpu_kv_cache_bytes), "an int"),

@@ -107,9 +107,9 @@ def add_runtime_args(p: argparse.ArgumentParser):
     """How the engine runs on the device (EngineConfig): memory, batching, the decode's CUDA
     graphs and the switches a GPU is still to measure."""
     g = p.add_argument_group("engine runtime")
-    g.add_argument("--kv-cache-memory-fraction", type=fraction, default=0.85,
-                   help="share of the device memory free after loading that the KV pools and "
-                        "the CUDA graphs take (cuda)")
+    g.add_argument("--kv-cache-memory-fraction", type=fraction, default=None,
+                   help="share of the GPU memory free after loading that the KV pools and "
+                        "the CUDA graphs take (default: 0.85; a CPU's pools take 2 GiB)")
     g.add_argument("--max-batch-tokens", type=positive_int, default=8192,
                    help="prompt tokens a step forwards per model at most (a long prompt is "
                         "prefilled in chunks of this size), and the new tokens a scoring "
