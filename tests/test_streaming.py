@@ -121,3 +121,24 @@ def test_a_stop_string_that_spans_two_tokens_is_never_streamed_in_part(engines):
     texts, deltas = collect(engine, "I really", params.copy(stop=[stop]))
     assert deltas[-1].result.text == text[:p - 1]
     assert texts[0] == text[:p - 1]
+
+
+def test_a_stream_whose_last_text_fails_still_ends_with_its_result_and_logs_why(
+        engines, monkeypatch, caplog):
+    # An engine error finishing the text of a search that is already done loses no result: the
+    # stream's last delta still carries it (it was dropped without a word).
+    engine = engines["shared"]
+    params = SearchParams.cbs(2, 2, 3, max_new_tokens=9, seed=1)
+    want = engine.search(["I really"], params)[0]
+
+    def broken(self, result):
+        raise RuntimeError("finish broke")
+
+    monkeypatch.setattr(FinalText, "finish", broken)
+    with caplog.at_level("ERROR", logger="w2s_engine.engine"):
+        deltas = list(engine.search_stream("I really", params))
+    assert deltas[-1].result is not None
+    assert [h.token_ids for h in deltas[-1].result.hypotheses] == \
+        [h.token_ids for h in want.hypotheses]
+    assert "finish broke" in caplog.text
+    engine.check_all_free()

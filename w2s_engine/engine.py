@@ -541,8 +541,11 @@ class Engine:
                 elif r.status is RequestStatus.DONE:
                     r.deltas += r.stream.finish(r.result)
             except Exception as e:
+                message = self._engine_error("streaming", e)
                 if r.status is RequestStatus.RUNNING:
-                    self.scheduler.fail(r, self._engine_error("streaming", e))
+                    self.scheduler.fail(r, message)
+                else:   # its result stands: the stream still ends with it
+                    r.deltas.append(SearchDelta("", 0, r.result))
 
     def _engine_error(self, where: str, e: Exception) -> str:
         """Log an unexpected error with its traceback; the message its requests fail with."""
