@@ -758,7 +758,8 @@ class Engine:
             raise ValueError("prompts is empty: pass at least one prompt")
         if all(isinstance(p, dict) for p in prompts):
             prompts = [prompts]      # one conversation's messages, not a list of prompts
-        params = params or SearchParams()
+        # (None is the defaults; a falsy wrong type, {} or 0, is refused below, not replaced)
+        params = SearchParams() if params is None else params
         # What is wrong whatever the prompt is refused once, as it is (an InvalidParam keeps
         # its field), not as prompt 0's.
         self._checked_params(params)
@@ -776,8 +777,10 @@ class Engine:
                     e.args = (named,)        # the same error (type, InvalidParam's field)
                     raise
                 raise (TypeError if isinstance(e, TypeError) else ValueError)(named) from e
-        bar = tqdm(total=len(requests), desc=f"w2s {params.method}", unit="prompt",
-                   disable=not self.config.progress or len(requests) < 2)
+        # No tqdm at all without a bar: even a disabled one starts tqdm's monitor thread,
+        # which a host program that embeds the engine did not ask for.
+        bar = (tqdm(total=len(requests), desc=f"w2s {params.method}", unit="prompt")
+               if self.config.progress and len(requests) > 1 else None)
         try:
             # A bounded queue (max_waiting) takes the prompts as it has room: a caller that
             # waits for all of them is not turned away.
@@ -790,14 +793,16 @@ class Engine:
                 self.step()
                 queued = self._enqueue_while_room(requests, queued)
                 now = sum(r.status.ended for r in requests)
-                bar.update(now - ended)
+                if bar is not None:
+                    bar.update(now - ended)
                 ended = now
         except BaseException:
             for r in requests:
                 self.cancel(r)
             raise
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
         errors = {i: r.error for i, r in enumerate(requests) if r.status is RequestStatus.FAILED}
         if errors:
             i, more = next(iter(errors)), len(errors) - 1
@@ -846,12 +851,23 @@ class Engine:
                       logprobs: int | None = None) -> Iterator[SearchDelta]:
         """Run one search and yield its text as it becomes final (SearchDelta); the last
         delta carries the SearchResult. The deltas concatenate to the result's text (for
-        plain sampling of n streams: per index, to each hypothesis's text)."""
-        with self.one_thread.claim("Engine.search_stream()"):   # until it ends or is closed
-            req = self.enqueue(self.make_request(prompt, params or SearchParams(), stream=True,
-                                                 continue_final_message=continue_final_message,
-                                                 chat_template_kwargs=chat_template_kwargs,
-                                                 logprobs=logprobs))
+        plain sampling of n streams: per index, to each hypothesis's text). Bad arguments
+        raise here, at the call, as search() raises them; the search starts at the first
+        delta asked for."""
+        # Checked before a generator is returned (make_request is thread-safe): a host that
+        # hands the stream to a streaming response learns of a bad argument before the
+        # response begins, not half-way through it.
+        req = self.make_request(prompt, SearchParams() if params is None else params,
+                                stream=True, continue_final_message=continue_final_message,
+                                chat_template_kwargs=chat_template_kwargs, logprobs=logprobs)
+        return self._stream_deltas(req)
+
+    def _stream_deltas(self, req: SearchRequest) -> Iterator[SearchDelta]:
+        # Claimed until it ends or is closed: an open generator, left half-read, keeps the
+        # engine its thread's, and another thread's call is told how to let go of it.
+        with self.one_thread.claim("Engine.search_stream() (until its generator is exhausted "
+                                   "or closed: g.close())"):
+            self.enqueue(req)
             try:
                 while not req.status.ended:
                     self.step()

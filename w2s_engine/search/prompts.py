@@ -38,8 +38,12 @@ def check_prompt(prompt, tool_role: bool = False):
     for i, m in enumerate(prompt):
         where = f"messages.{i}"
         if not isinstance(m, dict):
+            # Texts where one prompt goes (search_stream, score's items, AsyncEngine): said so.
+            several = ("; a list of texts is several prompts, and one goes here: pass them "
+                       "one at a time, or as Engine.search()'s list of prompts"
+                       if all(isinstance(x, str) for x in prompt) else "")
             raise TypeError(f"{where}: expected a dict {{'role': str, 'content': str}}, got "
-                            f"{type(m).__name__}")
+                            f"{type(m).__name__}{several}")
         role, content = m.get("role"), m.get("content")
         if not isinstance(role, str):
             raise TypeError(f"{where}.role: expected a str, got {type(role).__name__}")

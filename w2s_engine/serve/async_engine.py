@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from w2s_engine.engine import Engine
+from w2s_engine.one_thread import EngineBusy
 from w2s_engine.outputs import SearchResult
 from w2s_engine.params import SearchParams
 from w2s_engine.scheduler import QueueFull
@@ -162,7 +163,15 @@ class AsyncEngine:
         # The loop thread drives the engine for the AsyncEngine's whole life: a search on
         # another thread meanwhile (engine.search via asyncio.to_thread, a second
         # AsyncEngine) is refused saying so, rather than failing every search in flight.
-        engine.one_thread.acquire("an AsyncEngine", self._thread)
+        try:
+            engine.one_thread.acquire("an AsyncEngine", self._thread)
+        except EngineBusy:
+            if engine.one_thread.by != "an AsyncEngine":
+                raise
+            # (its message would name the same thread name twice: each loop's)
+            raise EngineBusy("this Engine is driven by another AsyncEngine until that one's "
+                             "shutdown(): share that AsyncEngine among your callers, or shut "
+                             "it down before making a new one") from None
         self._thread.start()
 
     # ---- called from asyncio code -------------------------------------------------------------
@@ -222,18 +231,26 @@ class AsyncEngine:
             raise
         return handle
 
-    async def stream(self, prompt, params: SearchParams, **options) -> AsyncIterator[SearchDelta]:
+    async def stream(self, prompt, params: SearchParams | None = None,
+                     **options) -> AsyncIterator[SearchDelta]:
         """Run one search and yield its text as it becomes final; the last delta carries the
-        SearchResult (raises SearchFailed if the engine failed it). Leaving early cancels it."""
-        handle = await self.submit(prompt, params, **options)
+        SearchResult (raises SearchFailed if the engine failed it). Leaving early cancels it.
+        params: SearchParams() (the defaults) when None, as in Engine.search_stream."""
+        handle = await self.submit(prompt, SearchParams() if params is None else params,
+                                   **options)
         try:
             async for delta in handle:
                 yield delta
         finally:
             handle.cancel()
 
-    async def search(self, prompt, params: SearchParams, **options) -> SearchResult:
-        handle = await self.submit(prompt, params, **options)
+    async def search(self, prompt, params: SearchParams | None = None,
+                     **options) -> SearchResult:
+        """Run one search -> its SearchResult (raises SearchFailed if the engine failed it);
+        cancelling the awaiting task cancels it. params: SearchParams() when None, as in
+        Engine.search."""
+        handle = await self.submit(prompt, SearchParams() if params is None else params,
+                                   **options)
         try:
             return await handle.result()
         finally:
@@ -266,7 +283,14 @@ class AsyncEngine:
         try:
             self._serve()
         finally:
-            self.engine.one_thread.release(self._thread)   # the engine is the caller's again
+            # Also when a BaseException (SystemExit, KeyboardInterrupt raised in a step)
+            # ends the loop: its searches and later submits are refused, never left awaiting
+            # a thread that is gone.
+            self._stop = True
+            try:
+                self._close()
+            finally:
+                self.engine.one_thread.release(self._thread)   # the engine is the caller's again
 
     def _serve(self):
         while not self._stop:
@@ -280,6 +304,9 @@ class AsyncEngine:
                     self._step()
             except Exception:  # a bug in this loop: log it, keep serving
                 log.exception("w2s engine loop: unexpected error")
+
+    def _close(self):
+        """The loop has stopped: refuse what is queued and end what is in flight."""
         with self._inbox_lock:
             self._closed = True
         while True:     # commands sent before the loop closed: refuse the searches

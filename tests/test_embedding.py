@@ -1,0 +1,142 @@
+"""The engine embedded in a host program: what a host sees of it besides its answers.
+
+No threads it did not ask for; bad arguments refused at the call (search_stream too, before
+its generator is handed on) and never replaced by the defaults; errors that say what to
+change (several prompts where one goes, a half-read stream holding the engine, a second
+AsyncEngine); AsyncEngine taking the defaults as Engine does; and an AsyncEngine whose loop
+thread ended by a BaseException refusing its searches rather than leaving them awaited
+forever."""
+
+import asyncio
+import threading
+
+import pytest
+from tqdm.auto import tqdm
+
+from test_server import tiny_engine
+from w2s_engine import SearchParams
+from w2s_engine.one_thread import EngineBusy
+from w2s_engine.serve.async_engine import AsyncEngine, SearchFailed
+
+PARAMS = SearchParams.cbs(2, 2, 3, max_new_tokens=6, seed=3)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return tiny_engine(num_kv_blocks=400)
+
+
+def tqdm_monitors():
+    return [t for t in threading.enumerate() if t.name == "tqdm_monitor" and t.is_alive()]
+
+
+def test_search_with_progress_off_starts_no_tqdm_monitor_thread(engine):
+    # tqdm starts its monitor thread for any bar, a disabled one too: with progress=False the
+    # engine makes none.
+    if tqdm.monitor is not None:
+        tqdm.monitor.exit()
+        tqdm.monitor = None
+    assert not tqdm_monitors()
+    engine.search(["I really", "This film"], PARAMS)
+    assert not tqdm_monitors()
+
+
+def test_search_stream_of_a_list_of_texts_says_it_takes_one_prompt(engine):
+    with pytest.raises(TypeError, match=r"a list of texts is several prompts.*Engine\.search"):
+        engine.search_stream(["I really", "This film"], PARAMS)
+    with pytest.raises(TypeError, match="a list of texts is several prompts"):
+        engine.score([["I really", "This film"]], [" liked it"])
+    engine.check_all_free()
+
+
+def test_async_engine_search_and_stream_take_default_params_when_none(engine):
+    async def run(async_engine):
+        result = await async_engine.search("I really")
+        deltas = [d async for d in async_engine.stream("I really", None)]
+        return result, deltas
+
+    async_engine = AsyncEngine(engine)
+    try:
+        result, deltas = asyncio.run(run(async_engine))
+    finally:
+        async_engine.shutdown()
+    assert result.text is not None and deltas[-1].result is not None
+    engine.check_all_free()
+
+
+def test_a_second_async_engine_is_refused_naming_the_first(engine):
+    first = AsyncEngine(engine)
+    try:
+        with pytest.raises(EngineBusy, match="another AsyncEngine.*shutdown"):
+            AsyncEngine(engine)
+    finally:
+        first.shutdown()
+    AsyncEngine(engine).shutdown()    # once the first is shut down, fine
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_async_engine_loop_ended_by_a_base_exception_fails_searches_instead_of_hanging(engine):
+    def interrupted():
+        raise KeyboardInterrupt   # as a hook raising SystemExit would, on the loop thread
+
+    async def run(async_engine):
+        with pytest.raises(SearchFailed):
+            await asyncio.wait_for(async_engine.search("I really", PARAMS), 10)
+        with pytest.raises(SearchFailed):   # and later searches are refused, not queued
+            await asyncio.wait_for(async_engine.search("I really", PARAMS), 10)
+
+    engine.step = interrupted
+    async_engine = AsyncEngine(engine)
+    try:
+        asyncio.run(run(async_engine))
+    finally:
+        del engine.step          # the class's again
+        async_engine.shutdown()
+    engine.check_all_free()
+    assert engine.search("I really", PARAMS)[0].text is not None   # the caller's again
+
+
+def test_another_thread_blocked_by_a_half_read_stream_is_told_to_close_it(engine):
+    stream = engine.search_stream("I really", SearchParams(max_new_tokens=40, seed=1))
+    next(stream)
+    refused = []
+
+    def other():
+        try:
+            engine.search("This film", PARAMS)
+        except EngineBusy as e:
+            refused.append(str(e))
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    stream.close()
+    assert refused and "exhausted or closed" in refused[0]
+    engine.check_all_free()
+    engine.search("This film", PARAMS)   # any thread's once it is closed
+
+
+@pytest.mark.parametrize("params", [{}, 0, "", []])
+def test_falsy_params_of_a_wrong_type_are_refused_not_replaced_by_the_defaults(engine, params):
+    with pytest.raises(TypeError, match="params: expected a SearchParams"):
+        engine.search("I really", params)
+    with pytest.raises(TypeError, match="params: expected a SearchParams"):
+        engine.search_stream("I really", params)
+    async_engine = AsyncEngine(engine)
+    try:
+        with pytest.raises(TypeError, match="params: expected a SearchParams"):
+            asyncio.run(async_engine.search("I really", params))
+    finally:
+        async_engine.shutdown()
+    engine.check_all_free()
+
+
+def test_search_stream_refuses_bad_arguments_at_the_call_not_at_the_first_delta(engine):
+    with pytest.raises(ValueError, match="SearchParams.w=0"):
+        engine.search_stream("I really", SearchParams(w=0))
+    with pytest.raises(ValueError, match="logprobs"):
+        engine.search_stream("I really", PARAMS, logprobs=-1)
+    stream = engine.search_stream("I really", PARAMS)    # nothing runs until asked
+    assert not engine.has_unfinished()
+    assert list(stream)[-1].result.text == engine.search("I really", PARAMS)[0].text
+    engine.check_all_free()
