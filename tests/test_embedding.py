@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from test_server import tiny_engine
 from w2s_engine import SearchParams
 from w2s_engine.one_thread import EngineBusy
+from w2s_engine.search.request import FailedBy
 from w2s_engine.serve.async_engine import AsyncEngine, SearchFailed
 
 PARAMS = SearchParams.cbs(2, 2, 3, max_new_tokens=6, seed=3)
@@ -140,3 +141,12 @@ def test_search_stream_refuses_bad_arguments_at_the_call_not_at_the_first_delta(
     assert not engine.has_unfinished()
     assert list(stream)[-1].result.text == engine.search("I really", PARAMS)[0].text
     engine.check_all_free()
+
+
+def test_an_embedded_async_engine_after_shutdown_says_the_engine_shut_down_not_a_server(engine):
+    # (it said "the server is shutting down" to a program with no server)
+    async_engine = AsyncEngine(engine)
+    async_engine.shutdown()
+    with pytest.raises(SearchFailed, match="the engine is shutting down") as e:
+        asyncio.run(async_engine.search("I really", SearchParams.base(max_new_tokens=2)))
+    assert e.value.by is FailedBy.SHUTDOWN     # which the server answers 503 for

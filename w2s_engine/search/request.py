@@ -62,6 +62,7 @@ class FailedBy(str, Enum):
                                      # something unusable
     REQUEST = "request"              # that server refused what the request asks of it as
                                      # invalid (a prompt past its context, a parameter it refuses)
+    SHUTDOWN = "shutdown"            # the engine's driver shut down before the request ended
 
 
 @dataclass

@@ -48,7 +48,8 @@ class SearchFailed(RuntimeError):
         self.by = by
 
 
-SHUTTING_DOWN = "the server is shutting down"
+# (an embedded AsyncEngine is no server: the engine is what shuts down, for both)
+SHUTTING_DOWN = "the engine is shutting down"
 
 
 class FirstText:
@@ -196,14 +197,14 @@ class AsyncEngine:
         starts none."""
         loop = asyncio.get_running_loop()
         if self._stop:
-            raise SearchFailed(SHUTTING_DOWN)
+            raise SearchFailed(SHUTTING_DOWN, FailedBy.SHUTDOWN)
         try:
             return await loop.run_in_executor(
                 self._prepare_pool, partial(self.engine.make_request, prompt, params,
                                             stream=True, **request_options))
         except RuntimeError:
             if self._stop:      # the preparing pool was shut down on the way
-                raise SearchFailed(SHUTTING_DOWN) from None
+                raise SearchFailed(SHUTTING_DOWN, FailedBy.SHUTDOWN) from None
             raise
 
     async def queue(self, req: SearchRequest, label: str = "-", arrived: float | None = None,
@@ -275,7 +276,7 @@ class AsyncEngine:
                 self._wake.set()
                 return
         if command[0] == "add":     # the loop has exited: refuse it here
-            command[1]._accept(SearchFailed(SHUTTING_DOWN))
+            command[1]._accept(SearchFailed(SHUTTING_DOWN, FailedBy.SHUTDOWN))
 
     # ---- the loop thread ---------------------------------------------------------------------
 
@@ -315,10 +316,10 @@ class AsyncEngine:
             except queue.Empty:
                 break
             if command == "add":
-                handle._accept(SearchFailed(SHUTTING_DOWN))
+                handle._accept(SearchFailed(SHUTTING_DOWN, FailedBy.SHUTDOWN))
         for handle in list(self._pending.values()):   # nobody will step them now
             self.engine.cancel(handle.request)         # (their blocks come back)
-            handle._push(SearchFailed(SHUTTING_DOWN))
+            handle._push(SearchFailed(SHUTTING_DOWN, FailedBy.SHUTDOWN))
         self._pending.clear()
 
     def _step(self):

@@ -40,7 +40,7 @@ from w2s_engine.outputs import SearchResult
 from w2s_engine.scheduler import QueueFull
 from w2s_engine.search.request import FailedBy
 from w2s_engine.serve.answers import Answer, combine, sum_usage, usage
-from w2s_engine.serve.async_engine import SHUTTING_DOWN, AsyncEngine, FirstText, SearchFailed
+from w2s_engine.serve.async_engine import AsyncEngine, FirstText, SearchFailed
 from w2s_engine.serve.guard import (DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, LOOPBACK_HOSTS,
                                     Guard, default_allowed_hosts, envelope, error_response)
 from w2s_engine.serve.metrics import ServerMetrics, parse_metrics  # noqa: F401 (re-exported)
@@ -65,13 +65,15 @@ def served_name(spec) -> str:
 
 # A failed search's status: an error inside the engine (500), the black-box large model's
 # server failing or answering something unusable (502, as a gateway answers), or that server
-# refusing the request as invalid, a prompt past its context say (400: the sender's to change).
-FAILED_STATUS = {FailedBy.ENGINE: 500, FailedBy.LARGE_SERVER: 502, FailedBy.REQUEST: 400}
+# refusing the request as invalid, a prompt past its context say (400: the sender's to change),
+# or the shutdown ending it, queued or running (503: another server may take it).
+FAILED_STATUS = {FailedBy.ENGINE: 500, FailedBy.LARGE_SERVER: 502, FailedBy.REQUEST: 400,
+                 FailedBy.SHUTDOWN: 503}
 
 
 def failed_status(e: SearchFailed) -> int:
     """A failed search's status; 503 for one the server's shutdown ended (queued or running)."""
-    return 503 if str(e) == SHUTTING_DOWN else FAILED_STATUS[e.by]
+    return FAILED_STATUS[e.by]
 
 
 # ---- the app ----------------------------------------------------------------------------------
