@@ -150,3 +150,8 @@ def test_an_embedded_async_engine_after_shutdown_says_the_engine_shut_down_not_a
     with pytest.raises(SearchFailed, match="the engine is shutting down") as e:
         asyncio.run(async_engine.search("I really", SearchParams.base(max_new_tokens=2)))
     assert e.value.by is FailedBy.SHUTDOWN     # which the server answers 503 for
+
+
+def test_dir_of_the_package_lists_its_lazily_imported_names():
+    import w2s_engine
+    assert {"Engine", "SearchError", "OpenAICompletions", "SearchParams"} <= set(dir(w2s_engine))

@@ -27,3 +27,8 @@ def __getattr__(name):
         except PackageNotFoundError:
             return "0+unknown"
     raise AttributeError(f"module 'w2s_engine' has no attribute {name!r}")
+
+
+def __dir__():
+    # dir() and completion in a REPL or editor list the lazy names too
+    return sorted(set(globals()) | set(__all__))
