@@ -155,3 +155,18 @@ def test_an_embedded_async_engine_after_shutdown_says_the_engine_shut_down_not_a
 def test_dir_of_the_package_lists_its_lazily_imported_names():
     import w2s_engine
     assert {"Engine", "SearchError", "OpenAICompletions", "SearchParams"} <= set(dir(w2s_engine))
+
+
+def test_async_engine_as_a_context_manager_shuts_down_and_gives_the_engine_back(engine):
+    async def run():
+        async with AsyncEngine(engine) as async_engine:
+            result = await async_engine.search("I really", SearchParams.base(max_new_tokens=3))
+        return async_engine, result
+
+    async_engine, result = asyncio.run(run())
+    assert result.text is not None and not async_engine._thread.is_alive()
+    with AsyncEngine(engine) as again:     # the engine is free for the next one
+        assert asyncio.run(again.search("I really", SearchParams.base(max_new_tokens=2)))
+    assert not again._thread.is_alive()
+    engine.search(["I really"], SearchParams.base(max_new_tokens=2))   # and for plain use
+    engine.check_all_free()

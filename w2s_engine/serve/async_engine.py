@@ -269,6 +269,21 @@ class AsyncEngine:
         # Preparations under way finish (tokenizing is quick) and are refused as they queue.
         self._prepare_pool.shutdown(wait=False)
 
+    # `with AsyncEngine(engine) as a:` and `async with ...`: shut down on the way out, so
+    # that the loop thread and the engine it holds do not outlive the block that used them.
+    def __enter__(self) -> "AsyncEngine":
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    async def __aenter__(self) -> "AsyncEngine":
+        return self
+
+    async def __aexit__(self, *exc):
+        # shutdown() joins the loop thread: off the event loop, which other tasks share
+        await asyncio.get_running_loop().run_in_executor(None, self.shutdown)
+
     def _send(self, command):
         with self._inbox_lock:
             if not self._closed:
