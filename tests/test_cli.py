@@ -1,6 +1,7 @@
 """The `w2s` command through a subprocess, as a user runs it."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -458,3 +459,16 @@ def test_serve_exits_0_on_sigterm_and_ctrl_c_once_the_requests_in_flight_are_ans
     assert answered and answered[0]["usage"]["completion_tokens"] == 300
     # (frozen objects freed at exit: no "leaked function" lines from triton's bindings)
     assert "Traceback" not in err and "leaked" not in err, err[-2000:]
+
+
+@pytest.mark.parametrize("imported_first", [False, True])
+def test_log_level_error_quiets_transformers_loading_bars_and_warnings(imported_first):
+    # They print through transformers' own handlers, whatever --log-level said.
+    code = ("import transformers; " if imported_first else "") + (
+        "from w2s_engine.launch import setup_logging; setup_logging('error'); "
+        "import transformers; from transformers.utils import logging as l; "
+        "print(l.is_progress_bar_enabled(), l.get_verbosity() == l.ERROR)")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.split() == ["False", "True"], out.stderr

@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=30, help="response length cap")
     d.add_argument("--seed", type=int, default=1, help="same seed, same results")
     d.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
-                   help="how much the package logs on stderr")
+                   help="how much the package logs on stderr (error: transformers' loading "
+                        "bars and warnings too)")
     d.set_defaults(func=cmd_demo)
 
     v = sub.add_parser("serve", formatter_class=fmt, help="OpenAI-compatible HTTP server")

@@ -7,6 +7,8 @@ completions server (large/openai_completions.py); anything else is loaded here.
 
 import argparse
 import logging
+import os
+import sys
 import time
 
 DEFAULT_LARGE = "gemma-3-270m"
@@ -57,7 +59,8 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--kv-blocks", type=positive_int, default=None,
                    help="KV blocks per model pool (default: from the memory budget)")
     p.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
-                   help="how much the package logs on stderr")
+                   help="how much the package logs on stderr (error: transformers' loading "
+                        "bars and warnings too)")
     add_runtime_args(p)
 
 
@@ -162,9 +165,20 @@ def runtime_config(args) -> dict:
 
 
 def setup_logging(level: str):
-    """The package's log lines (and uvicorn's) on stderr, with time and logger name."""
+    """The package's log lines (and uvicorn's) on stderr, with time and logger name. At
+    "error", transformers' and the hub's loading bars and warnings go quiet too: they print
+    through their own handlers, whatever this level says."""
     logging.basicConfig(level=getattr(logging, level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level == "error":
+        # Read when transformers and huggingface_hub are imported (not yet, in the command);
+        # a variable the user set wins.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        if "transformers" in sys.modules:
+            import transformers
+            transformers.utils.logging.disable_progress_bar()
+            transformers.utils.logging.set_verbosity_error()
 
 
 def remote_model_name(engine) -> str | None:
