@@ -81,10 +81,13 @@ def failed_status(e: SearchFailed) -> int:
 def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allowed_hosts=LOOPBACK_HOSTS,
                max_prompt_chars: int | None = None, api_key: str | None = None,
-               allowed_origins=(), body_timeout: float = DEFAULT_BODY_TIMEOUT) -> FastAPI:
+               allowed_origins=(), body_timeout: float = DEFAULT_BODY_TIMEOUT,
+               root: str | None = None) -> FastAPI:
     """model_name: the served name, or several (the first in responses; a request may name
-    any). max_prompt_chars: None: CHARS_PER_TOKEN characters per token of the smallest
-    context. api_key: None: no auth. allowed_origins: CORS origins ('*' for any)."""
+    any). root: the model the names serve, /v1/models' `root` as in vLLM's (a hub id, or a
+    local path's base name, never the path; None: the first name). max_prompt_chars: None:
+    CHARS_PER_TOKEN characters per token of the smallest context. api_key: None: no auth.
+    allowed_origins: CORS origins ('*' for any)."""
     app = FastAPI(title="w2s-engine", version=w2s_engine.__version__)
     engine = async_engine.engine
     names = [model_name] if isinstance(model_name, str) else list(model_name)
@@ -266,7 +269,8 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
 
     async def stream(request: Request, handles, answers: list[Answer]):
         """Server-sent events: the chunks of every search as its steps come (several prompts
-        interleave, each under its own choice indices), the usage of all, then [DONE].
+        interleave, each under its own choice indices; a prompt's opening, chat's role or
+        echo's prompt, with its first text), the usage of all, then [DONE].
         Leaving early (the client went away) cancels the searches."""
         state = request.state
         plan = answers[0].plan
@@ -282,10 +286,8 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
 
         pumps = [asyncio.ensure_future(pump(i)) for i in range(len(handles))]
         results, open_streams, ended = {}, len(handles), False
+        opened = set()   # the prompts whose opening chunks (chat's role, echo's prompt) went
         try:
-            for answer in answers:
-                for chunk in answer.opening():
-                    yield chunk
             while open_streams:
                 i, item = await queue.get()
                 if item is None:
@@ -298,6 +300,17 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                     yield f"data: {json.dumps(failure)}\n\n"
                     break
                 result = next((d.result for d in item if d.result is not None), None)
+                if i not in opened and (result is not None or any(d.text for d in item)):
+                    # A prompt's opening goes with its first text (when the server's
+                    # w2s_time_to_first_token_seconds is timed), not when the request is taken
+                    # (vLLM too sends the role only once a token is out): benchmarks (vllm
+                    # bench serve, ...) take the first chunk with choices for the first
+                    # token, and a role chunk sent up front would make their time to first
+                    # token the HTTP round trip, and a search that fails before any text a
+                    # success.
+                    opened.add(i)
+                    for chunk in answers[i].opening():
+                        yield chunk
                 if result is None or plan.logprobs is None:
                     chunks = answers[i].step(item, tokenizer)
                 else:   # the last step builds every choice's log-probs (seconds for many
@@ -343,7 +356,10 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                               True)
 
     def model_card(name: str) -> dict:
-        return {"id": name, "object": "model", "created": started, "owned_by": "w2s-engine"}
+        # root and parent as vLLM's cards have them: `vllm bench serve` without --model reads
+        # data[0]["root"] (the model, for its tokenizer) and fails with a KeyError without it.
+        return {"id": name, "object": "model", "created": started, "owned_by": "w2s-engine",
+                "root": root or names[0], "parent": None}
 
     @app.get("/v1/models")
     async def models():
@@ -445,7 +461,8 @@ def serve(args):
     api_key = args.api_key or os.environ.get("W2S_API_KEY") or None
     app = create_app(async_engine, model_name=names, max_body_bytes=args.max_body_bytes,
                      allowed_hosts=hosts, max_prompt_chars=args.max_prompt_chars,
-                     api_key=api_key, allowed_origins=origins, body_timeout=args.body_timeout)
+                     api_key=api_key, allowed_origins=origins, body_timeout=args.body_timeout,
+                     root=remote_model_name(engine) or served_name(args.large))
     # What is loaded now (models, tokenizers, torch and transformers' modules: some 400k
     # objects) lives as long as the server. A full collection walks all of it, some 0.2 s on
     # a 2-core CPU, stalling every request in flight; frozen, collections walk only what the
