@@ -6,7 +6,9 @@ from hypothesis import strategies as st
 
 from tiny_models import make_byte_fallback_tokenizer, make_tokenizer
 from w2s_engine.search.bridge import DetokState, Detokenizer, retokenize
-from w2s_engine.search.tokens import _backend, _encode, common_prefix, encode, tokenize
+from w2s_engine.search.prompts import SmallPrompt
+from w2s_engine.search.tokens import _backend, _encode, common_prefix, common_prefix_after, \
+    encode, tokenize
 
 PIECES = ["I", " really", " liked", " it", ".", "  ", "   ", "\n", "\n\n", "🎬", "电影", "é",
           "don't", " the", "plot", "!", "?", " ", "ab", "x", "—", "👍🏽"]
@@ -34,6 +36,27 @@ def test_tail_retokenization_equals_full_tokenization_at_every_chunk(tok, pieces
         state = retokenize(tok, special, state, text[:pos])
         full = tokenize(tok, text[:pos], special)
         assert state.ids == full.ids and state.starts == full.starts
+
+
+@settings(max_examples=150, deadline=None)
+@given(prompt=st.lists(st.sampled_from(PIECES), min_size=1, max_size=20),
+       chunks=st.lists(st.lists(st.lists(st.sampled_from(PIECES), max_size=4), min_size=1,
+                                max_size=4), min_size=1, max_size=6),
+       special=st.booleans())
+def test_extend_many_of_siblings_sharing_a_parent_equals_full_ids(tok, prompt, chunks,
+                                                                  special):
+    # A chunk's candidates share their parent's lists (SmallState.fork): the prompt prefix
+    # found once per list must be each candidate's own.
+    text = "Review: I really liked the plot. " + "".join(prompt)   # tokens kept before it
+    sp = SmallPrompt(tok, text, *(lambda t: (t.ids, t.starts))(tokenize(tok, text, special)),
+                     special)
+    parent, response = tokenize(tok, text, special), ""
+    for candidates in chunks:
+        responses = [response + "".join(c) for c in candidates]
+        news = sp.extend_many([parent] * len(responses), responses)
+        for (new, start, _), r in zip(news, responses):
+            assert (new.ids, start) == sp.full_ids(r)
+        parent, response = news[-1][0], responses[-1]
 
 
 @settings(max_examples=150, deadline=None)
@@ -140,6 +163,10 @@ def test_common_prefix_is_the_first_position_where_the_lists_differ(a, b):
     # and of two texts (the bridge: where a re-decoded response first differs)
     chars = "ab\u00e9\U0001F600"
     assert common_prefix("".join(chars[x] for x in a), "".join(chars[x] for x in b)) == n
+    # told a known equal prefix (the bridge's kept tokens), however long (a list cut shorter)
+    for same in {0, n // 2, n, len(a), len(a) + 2}:
+        if a[:min(same, len(b))] == b[:min(same, len(a))]:
+            assert common_prefix_after(a, b, same) == n
 
 
 @settings(max_examples=100, deadline=None)

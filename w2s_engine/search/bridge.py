@@ -140,7 +140,15 @@ def retokenize_many(tokenizer, special: bool, olds: list[Tokenized], texts: list
     """retokenize() of many streams (every candidate of a chunk), their tail windows in one
     call into the tokenizer per round; a stream whose anchor moved widens its window and goes
     again in the next round."""
-    out: list[Tokenized | None] = [None] * len(texts)
+    return [new for new, _ in retokenize_kept(tokenizer, special, olds, texts, tail, anchor)]
+
+
+def retokenize_kept(tokenizer, special: bool, olds: list[Tokenized], texts: list[str],
+                    tail: int = 6, anchor: int = 2) -> list[tuple[Tokenized, int]]:
+    """retokenize_many(), each with how many of its old tokens it kept as they are (its
+    ids[:kept] are old.ids[:kept]; 0 where the text was tokenized whole): what the old
+    tokenization already tells of the new one need not be compared again (extend_many)."""
+    out: list[tuple[Tokenized, int] | None] = [None] * len(texts)
     todo = []                   # (stream, tokens of old that start before the change, tail)
     for i, (old, text) in enumerate(zip(olds, texts)):
         # First character where the texts differ; tokens starting well before it are kept.
@@ -157,7 +165,7 @@ def retokenize_many(tokenizer, special: bool, olds: list[Tokenized], texts: list
             else:
                 windows.append((i, touched, t, first))
         for i, tok in zip(whole, tokenize_many(tokenizer, [texts[i] for i in whole], special)):
-            out[i] = tok
+            out[i] = (tok, 0)
         tails = tokenize_many_from(tokenizer, [texts[i] for i, *_ in windows],
                                    [olds[i].starts[first] for i, _, _, first in windows])
         todo = []
@@ -168,7 +176,7 @@ def retokenize_many(tokenizer, special: bool, olds: list[Tokenized], texts: list
                 ids, starts = old.ids[:keep], old.starts[:keep]   # one copy each, extended
                 ids += tail_tok.ids[anchor:]
                 starts += tail_tok.starts[anchor:]
-                out[i] = Tokenized(texts[i], ids, starts)
+                out[i] = (Tokenized(texts[i], ids, starts), keep)
             else:
                 todo.append((i, touched, 2 * t))   # the anchor moved: the change reaches back
     return out

@@ -10,8 +10,9 @@ The rules follow the reference implementation, so that both score the same text 
 from dataclasses import dataclass, field
 
 from w2s_engine.params import InvalidParam, check_text
-from w2s_engine.search.bridge import retokenize_many
-from w2s_engine.search.tokens import Tokenized, common_prefix, encode, tokenize
+from w2s_engine.search.bridge import retokenize_kept
+from w2s_engine.search.tokens import Tokenized, common_prefix, common_prefix_after, encode, \
+    tokenize
 
 ROLES = ("large", "tuned", "untuned")
 CHAT_ROLES = ("system", "user", "assistant", "tool")   # "tool" only where the template has it
@@ -341,9 +342,26 @@ class SmallPrompt:
         return full, max(1, common_prefix(full, self.ids))
 
     def extend_many(self, olds: list[Tokenized],
-                    response_texts: list[str]) -> list[tuple[Tokenized, int]]:
+                    response_texts: list[str]) -> list[tuple[Tokenized, int, int]]:
         """full_ids() computed incrementally from each stream's last tokenization (`olds`),
-        for many streams of this prompt at once."""
-        news = retokenize_many(self.tokenizer, self.special, olds,
+        for many streams of this prompt at once; third, how many of its old tokens each kept
+        as they are (retokenize_kept)."""
+        news = retokenize_kept(self.tokenizer, self.special, olds,
                                [self.text + self.response(text) for text in response_texts])
-        return [(new, max(1, common_prefix(new.ids, self.ids))) for new in news]
+        known: dict[int, int] = {}
+        return [(new, max(1, self._prompt_prefix(old.ids, new.ids, kept, known)), kept)
+                for old, (new, kept) in zip(olds, news)]
+
+    def _prompt_prefix(self, old: list[int], new: list[int], kept: int,
+                       known: dict[int, int]) -> int:
+        """common_prefix(new, self.ids), where new[:kept] is old[:kept]: within those tokens
+        old's own prefix decides it, found once per list (`known`, by id: a chunk's K
+        candidates of a beam share their parent's list), and only the rest is compared, not
+        the prompt's hundreds of tokens per candidate."""
+        k = min(kept, len(self.ids))
+        if not k:
+            return common_prefix(new, self.ids)
+        c = known.get(id(old))
+        if c is None:
+            c = known[id(old)] = common_prefix(old, self.ids)
+        return c if c < k else common_prefix_after(new, self.ids, k)

@@ -32,7 +32,7 @@ from w2s_engine.search.sequence import Beam, SmallState
 from w2s_engine.search.small_stream import SmallStream, StreamUpdate, prompt_in
 from w2s_engine.search.steps import aggregate, tag_steps
 from w2s_engine.search.reward_models import RewardModelParts, Steps
-from w2s_engine.search.tokens import Tokenized, common_prefix
+from w2s_engine.search.tokens import Tokenized, common_prefix_after
 
 
 @dataclass
@@ -291,10 +291,10 @@ class Scorer:
         olds = [Tokenized(st.text, st.ids if len(st.ids) == len(st.starts) else
                           st.ids[:len(st.starts)], st.starts) for st in states]
         ups = []
-        for j, (st, suffix, (new, start)) in enumerate(zip(states, suffixes,
-                                                        sp.extend_many(olds, rendered))):
+        for j, (st, suffix, (new, start, kept)) in enumerate(zip(states, suffixes,
+                                                              sp.extend_many(olds, rendered))):
             u = StreamUpdate(st, new.ids + suffix if suffix else new.ids, start, False,
-                             text=new.text, starts=new.starts)
+                             text=new.text, starts=new.starts, same=kept)
             if steps is not None:
                 # Read at the tags inserted after steps (the response is the text's tail), not
                 # at the same text written in the response.
@@ -331,7 +331,8 @@ class Scorer:
             # token before the first changed one) to its new length, and one copy-on-write.
             def new_blocks(b, u):
                 st = b.small[si]
-                kept = max(0, min(common_prefix(st.ids, u.full_ids), len(st.ids)) - 1)
+                kept = max(0, min(common_prefix_after(st.ids, u.full_ids, u.same),
+                                  len(st.ids)) - 1)
                 return max(0, stream.blocks.blocks_for(len(u.full_ids))
                            - stream.blocks.blocks_for(kept)) + 1
             held = len({blk for b in r.beams for blk in b.small[si].table.blocks}) + sum(

@@ -20,7 +20,7 @@ from w2s_engine.cache.block_manager import BlockManager
 from w2s_engine.kernels.chunk_reward import fused_lmhead_chunk_reward, lmhead_chunk_logprob
 from w2s_engine.models.runner import BatchFailed, ModelRunner
 from w2s_engine.search.sequence import SmallState
-from w2s_engine.search.tokens import common_prefix
+from w2s_engine.search.tokens import common_prefix_after
 
 SIGN = {"tuned": 1.0, "untuned": -1.0}
 
@@ -59,6 +59,7 @@ class StreamUpdate:
     starts: list[int] | None = None
     reads: list[int] | None = None    # reward models: positions whose head value is wanted
     eos_id: int | None = None # the EOS target when finished (None: the tokenizer's)
+    same: int = 0             # full_ids[:same] are state.ids[:same] (the bridge kept them)
 
 
 class SmallStream:
@@ -162,7 +163,7 @@ class SmallStream:
         feeds, copies, plans = [], [], []
         for u in updates:
             st = u.state
-            c = common_prefix(st.ids, u.full_ids)
+            c = common_prefix_after(st.ids, u.full_ids, u.same)
             if u.response_start < st.response_start:
                 c = min(c, u.response_start)  # terms before the old response start were never kept
             if c == len(st.ids) and st.last_hidden:

@@ -116,6 +116,13 @@ def common_prefix(a: list[int] | str, b: list[int] | str) -> int:
     return lo
 
 
+def common_prefix_after(a: list[int], b: list[int], same: int) -> int:
+    """common_prefix(a, b) where a[:same] == b[:same] is known (the bridge kept those tokens):
+    only the rest is compared, not a prompt's hundreds of tokens per beam and chunk."""
+    same = min(same, len(a), len(b))
+    return same + common_prefix(a[same:], b[same:]) if same else common_prefix(a, b)
+
+
 def _byte_alphabet() -> dict[str, int]:
     """Byte-level BPE's (GPT-2's) printable stand-in for each byte -> the byte: the
     printable Latin-1 bytes stand for themselves, the others for 256 + their rank."""
