@@ -68,6 +68,12 @@ class EngineConfig:
     # computes a part while the host plans the next one, or reads, selects and forks the last
     # one. 1: one batch. Results are the same either way. Not yet measured on a GPU.
     scoring_parts: int = 2
+    # True: what the engine loaded is frozen out of Python's full collections (gc.freeze),
+    # which otherwise walk its ~400k objects every few seconds of searching and stall every
+    # search (0.2 s each on a 2-core CPU, once in some 256 steps of 16 requests). Off by
+    # default: it is the process's collector (what is alive at the freeze and dies later in
+    # a reference cycle is never reclaimed); `w2s serve` freezes its own (frozen_heap.py).
+    freeze_gc: bool = False
 
     def resolve(self) -> "EngineConfig":
         """Fill in the defaults and check every setting, before any model loads (ValueError
@@ -186,7 +192,8 @@ class EngineConfig:
                 *((name, getattr(self, name) is None or isinstance(getattr(self, name), bool),
                    "True, False or None") for name in ("cascade_attention", "async_scheduling")),
                 *((name, isinstance(getattr(self, name), bool), "True or False")
-                  for name in ("small_special_tokens", "progress", "scoring_ahead"))):
+                  for name in ("small_special_tokens", "progress", "scoring_ahead",
+                               "freeze_gc"))):
             if not ok:
                 raise TypeError(f"EngineConfig.{name}={getattr(self, name)!r}: give {want}")
 

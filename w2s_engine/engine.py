@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from w2s_engine.cache.block_manager import BlockManager, blocks_for
 from w2s_engine.cache.kv_budget import KVBudget, pool_blocks
 from w2s_engine.config import EngineConfig
+from w2s_engine.frozen_heap import freeze_loaded_objects
 from w2s_engine.large.local import LocalLarge
 from w2s_engine.large.openai_completions import OpenAICompletions
 from w2s_engine.large.remote import RemoteLarge
@@ -243,6 +244,8 @@ class Engine:
         self.scheduler = Scheduler(self.budget, self.kv, list(self.runners), config.max_waiting,
                                    config.max_batch_tokens)
         self.next_request_id = 0
+        if config.freeze_gc:
+            freeze_loaded_objects()   # full collections skip what was loaded (frozen_heap.py)
 
     def _eft_refusal(self, remote) -> str | None:
         """Why this engine cannot run EFT (None: it can)."""

@@ -36,6 +36,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 import w2s_engine
 
+from w2s_engine.frozen_heap import freeze_loaded_objects
 from w2s_engine.outputs import SearchResult
 from w2s_engine.scheduler import QueueFull
 from w2s_engine.search.request import FailedBy
@@ -434,7 +435,6 @@ def graceful_server(config):
 
 def serve(args):
     """`w2s serve`: load the models, start the engine loop and uvicorn."""
-    import gc
     import os
     import time
 
@@ -463,12 +463,9 @@ def serve(args):
                      allowed_hosts=hosts, max_prompt_chars=args.max_prompt_chars,
                      api_key=api_key, allowed_origins=origins, body_timeout=args.body_timeout,
                      root=remote_model_name(engine) or served_name(args.large))
-    # What is loaded now (models, tokenizers, torch and transformers' modules: some 400k
-    # objects) lives as long as the server. A full collection walks all of it, some 0.2 s on
-    # a 2-core CPU, stalling every request in flight; frozen, collections walk only what the
-    # requests create.
-    gc.collect()
-    gc.freeze()
+    # What is loaded now lives as long as the server: frozen out of full collections, which
+    # would otherwise stall every request in flight (frozen_heap.py).
+    freeze_loaded_objects()
     log.info("serving %s on http://%s:%d/v1 (%s; API key %s; CORS origins: %s)",
              ", ".join(names), args.host, port,
              "search" if engine.has_scorer else "the large model alone",
@@ -487,6 +484,3 @@ def serve(args):
         server.run(sockets=[sock])
     finally:
         async_engine.shutdown()
-        # Frozen objects are never freed at exit: triton's bindings (nanobind) would print
-        # dozens of "leaked function" lines on stderr as the interpreter ends.
-        gc.unfreeze()
