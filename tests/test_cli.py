@@ -96,6 +96,8 @@ def torch_has_cuda() -> bool:
     (["search", "x", "--w", "zero"], "invalid int value"),
     (["search", "x", "--w", "0"], "w=0"),
     (["search", "x", "--repetition-penalty", "0"], "--repetition-penalty=0"),
+    (["search", "x", "--min-tokens", "500"], "at most --max-new-tokens (128)"),   # not the field
+    (["search", "x", "--seed", "-1"], "or leave it out for a random one"),       # nor None
     (["search", "x", "--large", "/no/such/model.gguf", "--method", "base"], "no such GGUF file"),
     (["search", "x", "--large", SMOL], "--tuned and --untuned"),
     (["search", "x", "--kv-cache-memory-fraction", "1.5"], "1.5 is not in (0, 1]"),

@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import re
 import sys
 
 import w2s_engine
@@ -91,7 +92,13 @@ def flag_error(e: InvalidParam) -> UserError:
             if message.startswith(name):
                 message = f"{flag}={message[len(name):]}"
                 break
-    return UserError(message)
+    # Other fields the message names ("must be at most max_new_tokens (128)"), and the
+    # Python API's None, as the command spells them.
+    message = re.sub(r"(?<![\w-])(" + "|".join(sorted((n for n in PARAM_FLAGS if "_" in n),
+                                                       key=len, reverse=True)) + r")\b",
+                     lambda m: "--" + m.group(1).replace("_", "-"), message)
+    return UserError(message.replace("or None for a random one", "or leave it out for a "
+                                     "random one"))
 
 
 def checked_params(args):
