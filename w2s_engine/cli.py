@@ -82,9 +82,11 @@ PARAM_FLAGS = {name for name, _, _ in SAMPLING_FLAGS} | {"method", "w", "k", "l"
                                                           "seed", "stop"}
 
 
-def flag_error(e: InvalidParam) -> UserError:
+def flag_error(e: InvalidParam, params_rule: bool = False) -> UserError:
     """A refused search parameter as the command's user reads it: by its flag (the params
-    and the engine name the field, 'SearchParams.min_p=...' or 'min_p=...')."""
+    and the engine name the field, 'SearchParams.min_p=...' or 'min_p=...'). params_rule:
+    SearchParams' own check, whose text names other fields too (not the engine's refusals,
+    which may name another server's parameter: 'an OpenAI API, which has no top_k')."""
     message = str(e)
     if e.field in PARAM_FLAGS:
         flag = "--" + e.field.replace("_", "-")
@@ -92,6 +94,8 @@ def flag_error(e: InvalidParam) -> UserError:
             if message.startswith(name):
                 message = f"{flag}={message[len(name):]}"
                 break
+    if not params_rule:
+        return UserError(message)
     # Other fields the message names ("must be at most max_new_tokens (128)"), and the
     # Python API's None, as the command spells them.
     message = re.sub(r"(?<![\w-])(" + "|".join(sorted((n for n in PARAM_FLAGS if "_" in n),
@@ -108,7 +112,7 @@ def checked_params(args):
     try:
         params.validate()
     except InvalidParam as e:
-        raise flag_error(e) from None
+        raise flag_error(e, params_rule=True) from None
     except ValueError as e:
         raise UserError(str(e)) from None
     return params

@@ -7,8 +7,12 @@
 
     Engine(large, scorer=ProcessRewardModel("prm", step_tag=" ки", label="+", other_label="-"))
 
-A beam's reward is the weighted sum of its scorers' rewards; every scorer is incremental on
-its own paged KV (the response goes through each model once per chunk).
+A beam's reward is the weighted sum of its scorers' rewards, each in its own units (none is
+rescaled): ImplicitReward's a sum of log-ratios in nats over the response's tokens, growing
+with its length; RewardModel's its head's raw logit; ProcessRewardModel's a probability per
+step in label mode or with probability=True, else its head's raw output, aggregated. Every
+scorer is incremental on its own paged KV (the response goes through each model once per
+chunk).
 """
 
 from dataclasses import dataclass
@@ -34,7 +38,9 @@ class RewardModel:
         say) is appended for each read and rolled back. "chat": the model's chat template,
         the prompt as the user's turn and the response as the assistant's. None: the one the
         checkpoint names in its w2s_scorer.json, else "{prompt}{response}".
-    head_index: which output of the head is the reward (for heads with several).
+    head_index: which output of the head is the reward (for heads with several), as it is:
+        a raw logit, no sigmoid (trl's RewardTrainer trains it so), unbounded: set `weight`
+        against the other scorers' scales (scoring.py's docstring).
     special_tokens: whether a text template's rendering is tokenized with the tokenizer's
         special tokens (its BOS), as tokenizer(text) tokenizes it and as reward models are
         trained (trl's RewardTrainer); None: as the checkpoint's w2s_scorer.json says, else
@@ -80,7 +86,16 @@ class ProcessRewardModel:
     Each step's score:
     - label mode (`label` given, a causal LM): P(label) at the tag, normalised over {label,
       other_label} when other_label is given (Math-Shepherd: label "+", other_label "-");
-    - head mode (label None, a token-classification head): the head's output head_index.
+    - head mode (label None, a token-classification head): the head's raw output head_index
+      (a logit); with probability=True, the probability of class head_index, a softmax over
+      the head's outputs (a sigmoid for a head of one output): what a two-class step
+      classifier (trl's PRMTrainer, Qwen2.5-Math-PRM, read with head_index=1) means by a
+      step's score, and what "product" needs.
+    aggregate, as search-and-learn defines its choices (sal/utils/score.py; its default is
+    "last", this one's "min", Math-Shepherd's): "last", the last step's score (an unfinished
+    last step's, read at the tag after it); "min"; "product" (its "prod"), a product of
+    probabilities, refused over raw head outputs; "mean". A separator right after another
+    makes an empty step, scored at its tag, as search-and-learn's tagging does.
     special_tokens: as RewardModel's (Math-Shepherd's own example encodes with its BOS).
     """
 
@@ -94,6 +109,7 @@ class ProcessRewardModel:
     aggregate: str = "min"
     weight: float = 1.0
     special_tokens: bool | None = None
+    probability: bool = False
 
     def __post_init__(self):
         if not isinstance(self.step_tag, str) or not self.step_tag:
@@ -112,6 +128,19 @@ class ProcessRewardModel:
             raise ValueError(f"ProcessRewardModel.other_label={self.other_label!r} is the "
                              "label itself: give the other class's token (Math-Shepherd: "
                              "label '+', other_label '-')")
+        if not isinstance(self.probability, bool):
+            raise ValueError(f"ProcessRewardModel.probability={self.probability!r}: True or "
+                             "False")
+        if self.probability and self.label is not None:
+            raise ValueError("ProcessRewardModel.probability is for head mode (label None): "
+                             "label mode reads a probability already; leave probability out")
+        # A product of logits (signed, unbounded) ranks nothing: its sign flips with the
+        # number of negative steps.
+        if self.aggregate == "product" and self.label is None and not self.probability:
+            raise ValueError("ProcessRewardModel.aggregate='product' multiplies step "
+                             "probabilities, and head mode reads the head's raw outputs: give "
+                             "probability=True (a softmax over the head's outputs), or "
+                             "aggregate 'last', 'min' or 'mean'")
         check_head_index(type(self).__name__, self.head_index)
         check_special_tokens(type(self).__name__, self.special_tokens)
 

@@ -11,8 +11,9 @@ the last token that is not its pad token; a PRM: each step's tag); a value read 
 causal model's hidden state there depends on nothing after it. A chunk of L tokens costs
 L + |suffix| tokens.
 
-Two heads: a classification head's output (`score_head`), or the probability of a label
-token from the LM head (`label_probability`, Math-Shepherd's P("+") at its tag).
+Two heads: a classification head's output (`score_head`, raw; `head_probability`, a softmax
+over its outputs), or the probability of a label token from the LM head
+(`label_probability`, Math-Shepherd's P("+") at its tag).
 """
 
 from collections.abc import Callable
@@ -44,6 +45,17 @@ def score_head(runner: ModelRunner, index: int) -> Callable:
                          "(model.score): load a *ForSequenceClassification / "
                          "*ForTokenClassification checkpoint, or give a valid head_index")
     return lambda hidden: head(hidden)[:, index].float()
+
+
+def head_probability(runner: ModelRunner, index: int) -> Callable:
+    """hidden [N, H] -> P(class index) [N] fp32: a softmax over the classification head's
+    outputs (a sigmoid for one output), as a step classifier's score is read (Qwen2.5-Math-PRM:
+    softmax, class 1)."""
+    raw = score_head(runner, index)     # raises for a missing head or output
+    head = runner.model.score
+    if head.out_features == 1:
+        return lambda hidden: raw(hidden).sigmoid()
+    return lambda hidden: head(hidden).float().softmax(-1)[:, index]
 
 
 def label_probability(runner: ModelRunner, label: int, other: int | None) -> Callable:

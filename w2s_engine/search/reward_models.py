@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from w2s_engine.scoring import RewardModel
-from w2s_engine.search.head_stream import label_probability, score_head
+from w2s_engine.search.head_stream import head_probability, label_probability, score_head
 from w2s_engine.search.prompts import ResponseTemplate
 from w2s_engine.search.tokens import encode
 
@@ -84,6 +84,8 @@ def reward_model_parts(rm, role: str, runner, loaded) -> RewardModelParts:
         read = label_probability(runner, one_token("label", rm.label),
                                  one_token("other_label", rm.other_label)
                                  if rm.other_label is not None else None)
+    elif rm.probability:
+        read = head_probability(runner, rm.head_index)
     else:
         read = score_head(runner, rm.head_index)
     steps = Steps(rm.step_tag, one_token("step_tag", rm.step_tag), rm.step_separator,
