@@ -25,6 +25,8 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoModelForTokenClassification, AutoTokenizer)
 
+logger = logging.getLogger(__name__)
+
 
 class ModelLoadError(ValueError):
     """A model spec that cannot be loaded; the message names it and says what to do."""
@@ -46,6 +48,9 @@ HEADS = {"causal_lm": AutoModelForCausalLM,
          "sequence_classification": AutoModelForSequenceClassification,
          "token_classification": AutoModelForTokenClassification}
 SCORER_FILE = "w2s_scorer.json"   # a reward model's template and head, shipped beside it
+# A tokenizer's own files (fast, SentencePiece, BPE vocabulary, tiktoken), whichever it has.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer.tiktoken",
+                   "spiece.model", "vocab.txt")
 
 
 def _smollm2() -> Path:
@@ -122,6 +127,14 @@ def convert_gguf(gguf: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                      dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except NotImplementedError as e:
+        # the gguf package dequantizes most types, not all ("Dequantization for Q8_1 is not
+        # yet implemented"), and says so from deep inside transformers' loader
+        raise ModelLoadError(f"model {str(gguf)!r}: its weights are in a GGUF quantization "
+                             f"that the gguf package cannot dequantize ({e}): pass a GGUF "
+                             "file of another type (F16, Q8_0, Q4_K_M, ...), or the model's "
+                             "Hugging Face directory; a newer gguf (pip install -U gguf) may "
+                             "read it") from e
     except (ValueError, KeyError, OSError) as e:
         # (transformers' words alone name no file: "cannot mmap an empty file", say)
         raise ModelLoadError(f"model {str(gguf)!r}: transformers cannot read it as a GGUF "
@@ -233,6 +246,11 @@ def check_spec(spec: str):
         return
     if path.is_dir():
         return
+    if path.is_file():
+        raise ModelLoadError(
+            f"model {spec!r} is a file, not a model directory or a GGUF file (*.gguf): pass "
+            f"the directory that holds the checkpoint's config.json, weights and tokenizer "
+            f"({str(path.parent)!r}?)")
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise ModelLoadError(
             f"model {spec!r}: no such directory or GGUF file, and not a bundled name "
@@ -255,9 +273,33 @@ def _resolve(spec: str) -> Path:
     return _resolve_hub_id(spec)
 
 
+def _remote_code_error(spec, what: str, e: Exception) -> ModelLoadError | None:
+    """A checkpoint whose config names its own code (auto_map, trust_remote_code): the engine
+    loads with trust_remote_code=False, so transformers neither asks on the terminal (nor
+    blocks a server) nor runs code from a downloaded directory; its error asks for an
+    argument the engine has no flag for, so say what the user can do instead."""
+    if "trust_remote_code" not in str(e):
+        return None
+    return ModelLoadError(
+        f"model {spec!r}: its {what} is custom code shipped in the checkpoint (auto_map in its "
+        "config), which the engine does not run (it loads transformers' built-in "
+        "architectures and tokenizers only, trust_remote_code=False): pass a checkpoint of a "
+        "built-in architecture, or load the model yourself with trust_remote_code=True and "
+        "pass a (model, tokenizer) pair")
+
+
+# What a weights file cut short or damaged raises while it is read (safetensors' own error,
+# torch.load's RuntimeError for a .bin), so that it is named, not a traceback from inside.
+try:
+    from safetensors import SafetensorError as _SafetensorError
+except ImportError:   # (older safetensors)
+    _SafetensorError = OSError
+
+
 def _load_checkpoint(spec, source: Path, dtype, device, attn, head: str = "causal_lm",
                      num_labels: int | None = None, quiet_new_head: bool = False) -> LoadedModel:
-    kwargs = {"dtype": dtype}
+    # trust_remote_code=False: never transformers' interactive prompt (see _remote_code_error)
+    kwargs = {"dtype": dtype, "trust_remote_code": False}
     if attn is not None:
         kwargs["attn_implementation"] = attn
     if num_labels is not None:
@@ -273,7 +315,16 @@ def _load_checkpoint(spec, source: Path, dtype, device, attn, head: str = "causa
             raise ModelLoadError(f"model {spec!r} is not available offline: pass a local "
                                  f"directory, a GGUF file or a bundled name ({e})") from e
         raise ModelLoadError(f"model {spec!r}: cannot read a checkpoint from {source}: {e}") from e
+    except (_SafetensorError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _damaged_weights(e):
+            raise
+        raise ModelLoadError(f"model {spec!r}: a weights file in {source} is damaged or cut "
+                             f"short ({type(e).__name__}: {e}): download or save the checkpoint "
+                             "again") from e
     except (ValueError, KeyError) as e:
+        remote = _remote_code_error(spec, "architecture", e)
+        if remote is not None:
+            raise remote from e
         if attn is not None and (e.args == (attn,) or
                                  f'"{attn}"' in str(e) and "not supported" in str(e)):
             # transformers takes a registered attention function only in the classes whose
@@ -283,10 +334,15 @@ def _load_checkpoint(spec, source: Path, dtype, device, attn, head: str = "causa
                 "transformers' AttentionInterface, where the engine's paged attention plugs "
                 "in; the engine cannot run it") from e
         what = "causal LM" if head == "causal_lm" else "sequence classifier (a reward model)"
+        # (transformers' words go on with every config class it knows: hundreds of names)
+        reason = str(e).split("\nModel type should be one of")[0]
         raise ModelLoadError(f"model {spec!r}: transformers cannot load this architecture as a "
-                             f"{what} ({e}); pass a decoder-only checkpoint") from e
-    new_head = sorted(k for k in info.get("missing_keys", ())
-                      if k.split(".")[0] in ("score", "classifier"))
+                             f"{what} ({reason}); pass a decoder-only checkpoint") from e
+    missing = sorted(info.get("missing_keys", ()))
+    new_head = [k for k in missing if k.split(".")[0] in ("score", "classifier")]
+    if len(missing) > len(new_head):
+        _refuse_missing_weights(spec, [k for k in missing if k not in new_head],
+                                sorted(info.get("unexpected_keys", ())), head)
     if head != "causal_lm" and new_head and not quiet_new_head:
         # transformers would start the head at random: rewards of noise, a new noise per load
         raise ModelLoadError(
@@ -295,8 +351,19 @@ def _load_checkpoint(spec, source: Path, dtype, device, attn, head: str = "causa
             "reward model (a sequence classifier saved with its head, as trl's RewardTrainer "
             "saves one), or a LoRA adapter that saves the head (modules_to_save=['score'])")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
+        remote = _remote_code_error(spec, "tokenizer", e)
+        if remote is not None:
+            raise remote from e
+        if any((source / name).is_file() for name in TOKENIZER_FILES):
+            # files that are there but unreadable: saving them again is no advice
+            raise ModelLoadError(
+                f"model {spec!r}: no tokenizer could be read from {source} ({e}): its tokenizer "
+                "files are there but transformers cannot read them here: install the package "
+                "transformers names, if it names one (sentencepiece, tiktoken), or save the "
+                "tokenizer as tokenizer.json (a fast tokenizer's save_pretrained), or pass a "
+                "(model, tokenizer) pair") from e
         raise ModelLoadError(f"model {spec!r}: no tokenizer could be read from {source} ({e}): "
                              "save the model's tokenizer beside its weights "
                              "(tokenizer.save_pretrained), or pass a (model, tokenizer) "
@@ -304,6 +371,29 @@ def _load_checkpoint(spec, source: Path, dtype, device, attn, head: str = "causa
     scorer = scorer_config(source)
     return LoadedModel(model.to(device).eval(), tokenizer, spec, str(source),
                        scorer.get("template"), scorer.get("special_tokens"))
+
+
+def _damaged_weights(e: RuntimeError) -> bool:
+    """torch.load's error for a .bin file cut short (a zip archive without its directory)."""
+    return any(word in str(e) for word in ("PytorchStreamReader", "corrupted", "zip archive"))
+
+
+def _refuse_missing_weights(spec, missing: list, unexpected: list, head: str):
+    """Weights the model has and its checkpoint lacks: transformers starts them at random (and
+    says so in a log line), which the engine would run as if trained: noise for logits. A
+    sequence classifier (a reward model) passed as a causal LM is the common case: its
+    checkpoint has a score head and no LM head."""
+    shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+    if head == "causal_lm" and any(k.split(".")[0] in ("score", "classifier") for k in unexpected):
+        raise ModelLoadError(
+            f"model {spec!r} is a classifier (a reward model: its checkpoint has a score head and "
+            f"lacks {shown}), not a causal LM: the large, tuned and untuned models are causal "
+            "LMs; a reward model scores the search from Python, "
+            "Engine(..., scorer=RewardModel(path))")
+    raise ModelLoadError(
+        f"model {spec!r}: its checkpoint lacks {shown}, which transformers would start at "
+        "random (its outputs noise): pass a complete checkpoint, saved with save_pretrained "
+        "(every shard its index names)")
 
 
 @contextmanager
@@ -359,11 +449,18 @@ def _load_adapter(spec, adapter_dir: Path, dtype, device, attn, chain: tuple,
             "model itself")
     scorer = scorer_config(adapter_dir)
     saved = config.get("modules_to_save") or []
-    base = load_model(base_spec, dtype=dtype, device=device, attn_implementation=attn,
-                      head=head, _chain=chain,
-                      _num_labels=scorer.get("num_labels", 1) if head != "causal_lm" else None,
-                      _head_from_adapter=head != "causal_lm" and bool(
-                          {"score", "classifier"} & set(saved)))
+    try:
+        check_spec(base_spec)
+    except ModelLoadError as e:
+        raise _base_error(spec, base_spec, e, missing=True) from e
+    try:
+        base = load_model(base_spec, dtype=dtype, device=device, attn_implementation=attn,
+                          head=head, _chain=chain,
+                          _num_labels=scorer.get("num_labels", 1) if head != "causal_lm" else None,
+                          _head_from_adapter=head != "causal_lm" and bool(
+                              {"score", "classifier"} & set(saved)))
+    except ModelLoadError as e:
+        raise _base_error(spec, base_spec, e, missing=False) from e
     try:
         with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
             warnings.filterwarnings("ignore", category=FutureWarning)
@@ -374,10 +471,29 @@ def _load_adapter(spec, adapter_dir: Path, dtype, device, attn, chain: tuple,
             f"trained on that model (target modules and shapes must match): {e}") from e
     tokenizer = base.tokenizer
     if (adapter_dir / "tokenizer_config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=False)
     return LoadedModel(merged.eval(), tokenizer, spec, str(adapter_dir),
                        scorer.get("template", base.template),
                        scorer.get("special_tokens", base.special_tokens))
+
+
+def _base_error(spec, base_spec: str, e: ModelLoadError, missing: bool) -> ModelLoadError:
+    """The base's error as the adapter's: the user named the adapter (--tuned), not its base,
+    which only its adapter_config.json names. missing: no such base (a relative path there is
+    read from the working directory, as peft reads it), so say where to change it."""
+    message = str(e)
+    for kind in ("model", "adapter"):
+        if message.startswith(f"{kind} {base_spec!r}"):
+            message = message[len(f"{kind} {base_spec!r}"):]
+            where = "base_model_name_or_path in its adapter_config.json"
+            if missing and not Path(base_spec).expanduser().is_absolute() and (
+                    base_spec.startswith(".") or base_spec.count("/") != 1):
+                where += f", a relative path read from {os.getcwd()}"
+            fix = ("; set base_model_name_or_path to the base model's directory, GGUF file, "
+                   "bundled name or hub id" if missing else "")
+            return ModelLoadError(f"adapter {spec!r}: its base model {base_spec!r} ({where})"
+                                  f"{message}{fix}")
+    return e
 
 
 def load_role(spec, role: str, dtype: torch.dtype, device: str, cache: dict,
@@ -400,7 +516,26 @@ def load_role(spec, role: str, dtype: torch.dtype, device: str, cache: dict,
         from w2s_engine.models.attention import ATTN_IMPLEMENTATION
         cache[spec, head] = load_model(spec, dtype=dtype, device=device,
                                        attn_implementation=ATTN_IMPLEMENTATION, head=head)
+        warn_tokens_past_embeddings(cache[spec, head], role)
     return cache[spec, head]
+
+
+def warn_tokens_past_embeddings(loaded: LoadedModel, role: str):
+    """A tokenizer with tokens past the model's embedding rows (tokens added to it and the
+    embeddings not resized; more rows than tokens, Qwen's padding, is fine): a text with one
+    of them fails deep in the forward ("index out of range"), so name them at load. Loaded
+    still: a text without them runs as transformers runs it."""
+    embeddings = loaded.model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None:
+        return
+    past = sorted((i, t) for t, i in loaded.tokenizer.get_vocab().items() if i >= rows)
+    if past:
+        names = ", ".join(repr(t) for _, t in past[:5]) + (" ..." if len(past) > 5 else "")
+        logger.warning("%s model %r: its tokenizer has %d token(s) past its %d embedding rows "
+                       "(%s): a text with one fails; add them to the model "
+                       "(model.resize_token_embeddings(len(tokenizer))) and save it again",
+                       role, loaded.spec, len(past), rows, names)
 
 
 def _kind(value) -> str:
