@@ -1004,3 +1004,41 @@ def test_an_fp32_engine_on_a_gpu_scores_fp32_rewards_even_with_tf32_allowed(
             response = h.text if cross else h.small_token_ids
             scratch = scratch_reward(small_pair, tok, res.prompt, response, h.finished)
             assert h.reward == pytest.approx(scratch, abs=1e-4)
+
+
+def test_rewards_of_responses_ending_in_invalid_utf8_equal_score_with_the_hypothesis_finished_flag(
+        cross_engine, other_tok):
+    # The large model pushed toward lead and continuation bytes (and EOS): chunks end inside
+    # or after invalid UTF-8, whose trailing U+FFFD the detokenizer holds back until the beam
+    # ends (EOS or max_new_tokens). The reward is score() of the text returned with the
+    # hypothesis's own finished flag (a response cut by max_new_tokens is scored without EOS,
+    # score()'s default finished=True adds the EOS term).
+    vocab = other_tok.get_vocab()
+    alphabet = _byte_level_alphabet()
+    bias = {vocab[alphabet[b]]: 3.0 for b in range(0x80, 0xf5) if alphabet[b] in vocab}
+    bias[other_tok.eos_token_id] = 6.5
+    seen = set()
+    for params in [SearchParams(w=2, k=2, l=2, max_new_tokens=9, temperature=1.0, seed=3,
+                                logit_bias=bias),
+                   SearchParams.best_of_n(n=3, max_new_tokens=9, temperature=1.0, seed=5,
+                                          logit_bias=bias)]:
+        for res in cross_engine.search(PROMPTS, params):
+            for h in res.hypotheses:
+                seen.add((h.finish_reason, "\ufffd" in h.text))
+                assert h.reward == pytest.approx(
+                    cross_engine.score([res.prompt], [h.text], finished=h.finished)[0], abs=1e-4)
+    assert {("stop", True), ("length", True)} <= seen
+    cross_engine.check_all_free()
+
+
+def _byte_level_alphabet() -> list[str]:
+    """GPT-2's byte-level alphabet: the character each byte 0..255 is spelled with."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xa1, 0xad), *range(0xae, 0x100)]
+    out, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return [out[b] for b in range(256)]

@@ -893,7 +893,9 @@ class Engine:
         scorers' one vocabulary). A process reward model whose steps are the search's chunks
         (step_separator=None) sees a given response as one step: there are no chunks here.
         finished: the response ended, so the small models also score their tokenizer's
-        eos_token after it (a search scores the EOS id it sampled, which may be another)."""
+        eos_token after it (a search scores the EOS id it sampled, which may be another). To
+        check a search's reward, pass its own flag, finished=result.finished: a response cut
+        by max_new_tokens is scored without EOS, and the default True adds that term."""
         if not self.has_scorer:
             raise ValueError("score() needs a scorer: the tuned and untuned small models, or "
                              "scorer=RewardModel(...)")
