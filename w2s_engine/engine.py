@@ -44,7 +44,7 @@ from w2s_engine.scheduler import QueueFull, Scheduler, scoring_parts
 from w2s_engine.scoring import ImplicitReward, ProcessRewardModel, RewardModel, scorer_list
 from w2s_engine.search.eft import EFT
 from w2s_engine.search.prompts import check_context, check_prompt, check_template_kwargs, \
-    parse_templates, template_has_tool_role
+    generation_prompt_change, parse_templates, template_has_tool_role
 from w2s_engine.search.request import KVSpace, RequestStatus, SearchRequest
 from w2s_engine.search.reward_models import model_head, reward_model_parts
 from w2s_engine.search.scorer import NoRoomYet, Scorer, ScoringLaunch
@@ -99,6 +99,18 @@ class SearchError(RuntimeError):
         self.errors = errors or {}
 
 
+
+def _check_continued(prompt, continue_final_message: bool):
+    """continue_final_message needs chat messages whose last is the assistant's."""
+    if continue_final_message and not (isinstance(prompt, list)
+                                       and prompt[-1]["role"] == "assistant"):
+        ends = "a text prompt" if isinstance(prompt, str) else \
+            f"messages ending with a {prompt[-1]['role']!r} one"
+        raise InvalidParam("continue_final_message", True, "", message=(
+            "continue_final_message: continuing the last message needs chat messages whose "
+            f"last is the assistant's (the text to go on from), not {ends}; leave it out, "
+            "or end the messages with an assistant message"))
+
 class Engine:
 
     def __init__(self, large, tuned=None, untuned=None, templates: dict | None = None,
@@ -147,6 +159,19 @@ class Engine:
                         f"the {role} model {m.spec!r} has none: leave chat off and give text "
                         f"templates (templates={{'{role}': '...{{prompt}}...'}}; the w2s "
                         f"command: --{role}-template without --chat)")
+            for role in ("tuned", "untuned"):
+                m = self.models.get(role)
+                change = m and generation_prompt_change(m.tokenizer)
+                if change:
+                    log.warning(
+                        "the %s model %s: its chat template opens the assistant's turn with "
+                        "%r when asked for a reply (add_generation_prompt), but renders a "
+                        "reply's turn as %r; the small models score a response after the "
+                        "former, as the large model wrote it, so the reward differs from "
+                        "that of apply_chat_template's rendering of the reply%s", role, m.spec,
+                        *change, " (an empty reasoning block, Qwen3's: chat_template_kwargs="
+                        "{'enable_thinking': False} renders both alike)"
+                        if "<think>" in change[1] else "")
 
         # Every pool has the same number of blocks; one block of each together fits the budget.
         # Each pool is in its model's own dtype (a (model, tokenizer) pair keeps the one it
@@ -302,14 +327,7 @@ class Engine:
         max_tokens, as vLLM's); False: a response that may not fit is refused."""
         params = self._checked_params(params)
         prompt = check_prompt(prompt, tool_role=self._tool_role())
-        if continue_final_message and not (isinstance(prompt, list)
-                                           and prompt[-1]["role"] == "assistant"):
-            ends = "a text prompt" if isinstance(prompt, str) else \
-                f"messages ending with a {prompt[-1]['role']!r} one"
-            raise InvalidParam("continue_final_message", True, "", message=(
-                "continue_final_message: continuing the last message needs chat messages whose "
-                f"last is the assistant's (the text to go on from), not {ends}; leave it out, "
-                "or end the messages with an assistant message"))
+        _check_continued(prompt, continue_final_message)
         check_logprobs(logprobs)
         template_kwargs = check_template_kwargs(chat_template_kwargs)
         if logprobs is not None and self.large.blocks is None:
@@ -888,14 +906,20 @@ class Engine:
     @one_thread
     @torch.inference_mode()
     @exact_fp32
-    def score(self, prompts, responses, finished=True) -> list[float]:
+    def score(self, prompts, responses, finished=True, continue_final_message: bool = False,
+              chat_template_kwargs: dict | None = None) -> list[float]:
         """The reward of given responses under the engine's scorer (texts, or token ids in the
         scorers' one vocabulary). A process reward model whose steps are the search's chunks
         (step_separator=None) sees a given response as one step: there are no chunks here.
         finished: the response ended, so the small models also score their tokenizer's
         eos_token after it (a search scores the EOS id it sampled, which may be another). To
         check a search's reward, pass its own flag, finished=result.finished: a response cut
-        by max_new_tokens is scored without EOS, and the default True adds that term."""
+        by max_new_tokens is scored without EOS, and the default True adds that term. Under a
+        chat template the EOS scored is the template's end of turn (<end_of_turn>, <|end|>,
+        ...: SmallPrompt.end_id) where that is not the eos_token.
+        continue_final_message, chat_template_kwargs: search()'s, to render each prompt as a
+        search with them did (a prefilled assistant message continued, not a new turn after
+        it; Qwen3's enable_thinking), so that its reward is reproduced."""
         if not self.has_scorer:
             raise ValueError("score() needs a scorer: the tuned and untuned small models, or "
                              "scorer=RewardModel(...)")
@@ -911,7 +935,10 @@ class Engine:
         if len(flags) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(flags)} finished flags")
         prompts = [check_prompt(p, tool_role=self._tool_role()) for p in prompts]
-        return self.scorer.score(prompts, list(responses), list(flags))
+        for p in prompts:
+            _check_continued(p, continue_final_message)
+        return self.scorer.score(prompts, list(responses), list(flags), continue_final_message,
+                                 check_template_kwargs(chat_template_kwargs))
 
     def stats(self) -> dict:
         """Queue, KV and counters, for monitoring (read without locking: it may lag a step):

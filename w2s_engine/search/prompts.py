@@ -7,6 +7,7 @@ The rules follow the reference implementation, so that both score the same text 
   from the first position where that differs from tokenize(templated prompt).
 """
 
+import os
 from dataclasses import dataclass, field
 
 from w2s_engine.params import InvalidParam, check_text
@@ -230,6 +231,45 @@ class ResponseTemplate:
                 turn.replace(RESPONSE_MARK, "{response}")[:120])
 
 
+def end_of_turn_id(tokenizer, prompt, continue_final: bool = False,
+                   template_kwargs: dict | None = None) -> int | None:
+    """The token a chat template ends the assistant's turn with after this prompt: the first
+    token it renders after the assistant's text, where that is a special token (ChatML's
+    <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>, Phi-3's <|end|>, Mistral's </s>).
+    A finished response is scored with it: the tokenizer's eos_token is not always the end of
+    turn (Gemma's is <eos>, Phi-3's <|endoftext|>, which its template writes after <|end|>).
+    None: the template ends the turn with text, or none (the eos_token is scored then)."""
+    try:
+        after = ResponseTemplate("chat").around(tokenizer, prompt, continue_final,
+                                                template_kwargs)[1]
+    except ValueError:   # no assistant turn as given: the eos_token, as before
+        return None
+    ids = encode(tokenizer, after, False) if after else []
+    added = getattr(tokenizer, "added_tokens_decoder", {}).get(ids[0]) if ids else None
+    special = ids and (ids[0] == tokenizer.eos_token_id
+                       or (added is not None and getattr(added, "special", False)))
+    return ids[0] if special else None
+
+
+def generation_prompt_change(tokenizer) -> tuple[str, str] | None:
+    """(the tail of the prompt the chat template ends with for a reply, the tail of what it
+    renders before a reply's text) where they differ: Qwen3's puts an empty reasoning block
+    before the last reply but not after its generation prompt (unless enable_thinking is
+    false), DeepSeek's old one writes 'Assistant:' and then 'Assistant: ' + the reply. The
+    small models score a response after the generation prompt, as the large model wrote it,
+    so Engine warns at load. None: alike (or no assistant turn to compare)."""
+    messages = [{"role": "user", "content": "Hi"}]
+    try:
+        opened = Template(chat=True).apply(tokenizer, messages)
+        before = ResponseTemplate("chat").around(tokenizer, messages)[0]
+    except ValueError:
+        return None
+    if opened == before:
+        return None
+    start = max(0, len(os.path.commonprefix([opened, before])) - 20)   # a little context
+    return opened[start:][:80], before[start:][:80]
+
+
 def _render_reply(tokenizer, reply: str) -> str:
     """The chat template's rendering of the user's 'Hi' and this assistant's reply."""
     return Template(chat=True).render(tokenizer, [{"role": "user", "content": "Hi"},
@@ -307,6 +347,9 @@ class SmallPrompt:
     # What a reward model's chat template does to the assistant's text, done to each response
     # (ResponseTemplate.content_rule): "l", "r" strip whitespace on the left, the right.
     strip: str = ""
+    # A chat template's end of turn, scored after a finished response in place of the
+    # tokenizer's eos_token (end_of_turn_id); None: the eos_token.
+    end_id: int | None = None
 
     @classmethod
     def make(cls, tokenizer, template, prompt, special: bool, continue_final: bool = False,
@@ -323,9 +366,11 @@ class SmallPrompt:
         else:
             text, suffix = template.apply(tokenizer, prompt, continue_final, template_kwargs), ""
             special = special and not template.chat  # a rendered chat template has its own
+        end_id = (end_of_turn_id(tokenizer, prompt, continue_final, template_kwargs)
+                  if isinstance(template, Template) and template.chat else None)
         tok = tokenize(tokenizer, text, special)
         return cls(tokenizer, text, tok.ids, tok.starts, special,
-                   encode(tokenizer, suffix, False) if suffix else [], strip)
+                   encode(tokenizer, suffix, False) if suffix else [], strip, end_id)
 
     def response(self, text: str) -> str:
         """A response's text as the template renders it (strip)."""

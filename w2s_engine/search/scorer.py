@@ -230,6 +230,9 @@ class Scorer:
                 mine = self._bridge(si, sp, [b.small[si] for b in beams], texts)
                 for b, u in zip(beams, mine):
                     u.finished = b.finish_reason == "stop"
+                    # another vocabulary's EOS was sampled: the small model's chat template's
+                    # end of turn is scored (SmallPrompt.end_id; None: its eos_token)
+                    u.eos_id = sp.end_id
             for b, u in zip(beams, mine):
                 if si in self.pads:     # a sequence reward model: one read, where it pools
                     u.reads = [pooled_position(u.full_ids, self.pads[si])]
@@ -260,7 +263,7 @@ class Scorer:
         scores for it), not the sampled ones past the cut."""
         if b.stop_text_len is None or self.steps[si] is not None:
             # A response an EOS ended scores the EOS id sampled (a chat model's end of turn
-            # may not be its tokenizer's eos_token).
+            # may not be its tokenizer's eos_token; EFT scored it so too).
             return StreamUpdate(b.small[si], sp.ids + b.token_ids + sp.suffix_ids, len(sp.ids),
                                 b.finish_reason == "stop", eos_id=b.eos_token)
         full, start = sp.full_ids(large.response_text(b))
@@ -436,17 +439,19 @@ class Scorer:
 
     # ---- given responses -------------------------------------------------------------------
 
-    def score(self, prompts: list, responses: list, finished: list[bool]) -> list[float]:
+    def score(self, prompts: list, responses: list, finished: list[bool],
+              continue_final: bool = False,
+              template_kwargs: dict | None = None) -> list[float]:
         """The reward of given responses: texts, or (one vocabulary for all scorers) their
-        token ids."""
+        token ids. continue_final, template_kwargs: as prompts() takes them."""
         self._check_responses(responses, finished)
         values = []      # per stream, per response
         for stream, tok, template in zip(self.streams, self.tokenizers, self.templates):
             updates = []
             si = len(values)
             for prompt, response, fin in zip(prompts, responses, finished):
-                sp = SmallPrompt.make(tok, template, prompt, self.specials[si],
-                                      strip=self.strips[si])
+                sp = SmallPrompt.make(tok, template, prompt, self.specials[si], continue_final,
+                                      template_kwargs, self.strips[si])
                 st = SmallState(stream.blocks.new_table(), list(sp.ids), len(sp.ids), [], {},
                                 sp.text, list(sp.starts))
                 if isinstance(response, str) and self.steps[si] is not None:
@@ -461,7 +466,8 @@ class Scorer:
                             "then does): pass the response as text")
                     else:
                         full, start = sp.ids + list(response), len(sp.ids)
-                    u = StreamUpdate(st, full + sp.suffix_ids, start, bool(fin))
+                    u = StreamUpdate(st, full + sp.suffix_ids, start, bool(fin),
+                                     eos_id=sp.end_id)
                 if si in self.pads:
                     u.reads = [pooled_position(u.full_ids, self.pads[si])]
                 tokens = len(u.full_ids)     # (EOS is a target at the last position)
