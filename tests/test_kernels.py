@@ -933,6 +933,47 @@ def test_with_ties_at_the_kth_logit_the_cpu_and_the_kernel_keep_every_tied_token
             assert cpu.tolist() == logits.argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_top_k_fast_path_keeps_every_token_tied_at_the_top_p_cut_whatever_the_batch(
+        temperature):
+    """With a top-k and a top-p, two best tokens tied (bf16 logits tie often) are both in the
+    nucleus on the full path and in the kernel (one threshold); the CPU's top-k fast path cut
+    by topk's rank, keeping one of them: a seeded row drew another token alone (every row has
+    a top-k: the fast path) than batched with a row without one (the full path), and a greedy
+    row could take the higher id where vLLM's argmax takes the lowest."""
+    g = torch.Generator().manual_seed(11)
+    rows = torch.randn(24, 40, generator=g)
+    ties = torch.stack([torch.randperm(40, generator=g)[:2] for _ in range(24)])
+    rows.scatter_(1, ties, 9.0)     # each holding ~half the mass: top_p=0.3 keeps the best
+    t = torch.full((24,), temperature)
+    k, p = torch.full((24,), 3, dtype=torch.int32), torch.full((24,), 0.3)
+    seeds, pos = torch.arange(24) * 13, torch.arange(24)
+    alone = sample_ref(rows, t, k, p, seeds, pos)                       # the fast path
+    mixed = sample_ref(torch.cat([rows, rows[:1]]), torch.cat([t, t[:1]]),
+                       torch.cat([k, torch.zeros(1, dtype=torch.int32)]), torch.cat([p, p[:1]]),
+                       torch.cat([seeds, seeds[:1]]), torch.cat([pos, pos[:1]]))[:24]
+    assert alone.tolist() == mixed.tolist()
+    assert set(alone.tolist()) <= set(ties.flatten().tolist())
+    if temperature == 0:
+        assert alone.tolist() == ties.min(-1).values.tolist()     # argmax: the lowest id
+    else:
+        assert alone.tolist() != ties.min(-1).values.tolist()     # both tied tokens drawn
+    assert alone.tolist() == sample_triton(rows, t, k, p, seeds, pos).tolist()
+
+
+def test_top_k_fast_path_with_top_p_off_keeps_all_k_tokens_of_a_peaked_row():
+    """top_p=1 is off on the full path and in the kernel; the fast path still cut where the
+    mass before a token rounds to 1 in fp32 (one token holding all but ~1e-8 of it), so the
+    k-th token was allowed or not depending on the batch."""
+    from w2s_engine.kernels.sampling import _thresholds, _top_k_candidates
+    x = torch.tensor([[20.0, 0.0, -1.0, 3.0], [17.0, 0.5, 9.0, -4.0]])
+    k, p = torch.tensor([3, 4], dtype=torch.int32), torch.ones(2)
+    _, idx, keep = _top_k_candidates(x, k, p)
+    fast = torch.zeros(2, 4, dtype=torch.bool).scatter_(1, idx, keep)
+    assert fast.tolist() == (x >= _thresholds(x, k, p)[:, None]).tolist()
+    assert fast.sum(-1).tolist() == [3, 4]
+
+
 def test_sampled_token_depends_only_on_its_own_row():
     logits, temperature, top_k, top_p, seeds, positions = sampling_rows()
     batched = sample_ref(logits, temperature, top_k, top_p, seeds, positions)

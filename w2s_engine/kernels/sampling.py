@@ -131,7 +131,13 @@ def _top_k_candidates(scaled, top_k, top_p, log_min_p=None):
     keep = rank < top_k[:, None].long()
     probs = torch.softmax(vals.masked_fill(~keep, float("-inf")), dim=-1)
     before = torch.cumsum(probs, dim=-1) - probs
-    keep &= (before < top_p[:, None]) | (rank == 0)
+    # The nucleus is a threshold, as the full path's and the kernel's: every token tied with
+    # its last one is kept (topk ranks equal logits in an order of its own; a cut by rank
+    # kept one of two tied best tokens, which then depended on the batch, and a greedy row
+    # could take the higher id).
+    # top_p 1 is off, as there (a mass that rounds to 1 before the k-th token cut the rest).
+    n_keep = (before < top_p[:, None]).sum(-1).clamp_min(1)
+    keep &= (vals >= vals.gather(1, (n_keep - 1)[:, None])) | (top_p >= 1.0)[:, None]
     if log_min_p is not None:
         keep &= vals >= vals[:, :1] + log_min_p[:, None]
     return vals, idx, keep
