@@ -99,7 +99,6 @@ class SearchError(RuntimeError):
         self.errors = errors or {}
 
 
-
 def _check_continued(prompt, continue_final_message: bool):
     """continue_final_message needs chat messages whose last is the assistant's."""
     if continue_final_message and not (isinstance(prompt, list)
@@ -110,6 +109,7 @@ def _check_continued(prompt, continue_final_message: bool):
             "continue_final_message: continuing the last message needs chat messages whose "
             f"last is the assistant's (the text to go on from), not {ends}; leave it out, "
             "or end the messages with an assistant message"))
+
 
 class Engine:
 
