@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from w2s_engine.cache.block_manager import BlockManager, OutOfBlocks
+from w2s_engine.cache.block_manager import BlockManager, OutOfBlocks, shared_prefix
 
 
 class ShadowPool:
@@ -165,3 +165,14 @@ def test_random_fork_append_truncate_free_keeps_invariants(ops, block_size):
     for t in tables:
         m.free(t)
     m.check_all_free()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 3), max_size=8), st.lists(st.integers(0, 3), max_size=8))
+def test_shared_prefix_is_the_longest_common_prefix(a, b):
+    """fork_into's shortcut (scan back to the last equal block, check the rest in C) agrees
+    with a forward scan, also where lists differ before an equal block."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    assert shared_prefix(a, b) == n

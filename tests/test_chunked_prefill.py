@@ -77,10 +77,10 @@ def test_every_model_forwards_at_most_max_batch_tokens_of_prompt_a_step(parts):
     per_step = {}
     req = engine.make_request(LONG, SearchParams.cbs(2, 2, 4, max_new_tokens=8, seed=1))
     for role, runner in engine.runners.items():
-        def counting(items, _run=runner.run, _role=role):
+        def counting(items, *rest, _run=runner.run, _role=role):
             if req.status is RequestStatus.PREFILLING:    # not the first decode after it
                 per_step[_role] = per_step.get(_role, 0) + sum(len(ids) for _, ids in items)
-            return _run(items)
+            return _run(items, *rest)
         runner.run = counting
     engine.enqueue(req)
     steps = 0
@@ -115,12 +115,12 @@ def test_a_prompt_whose_later_chunk_fails_fails_alone_and_the_batch_goes_on(part
         return r.root.large if role == "large" else (r.root.small[0].table if r.root.small
                                                      else None)
 
-    def failing(items):     # any chunk of the culprit's prompt but its first
+    def failing(items, *rest):     # any chunk of the culprit's prompt but its first
         t = table(poison)
         if poison.status is RequestStatus.PREFILLING and any(
                 tb is t and t.num_tokens > len(ids) for tb, ids in items):
             raise RuntimeError("this chunk cannot run")
-        return run(items)
+        return run(items, *rest)
     engine.runners[role].run = failing
     for _ in range(60):
         if not engine.has_unfinished():
@@ -139,9 +139,9 @@ def counting_forwards(engine) -> dict:
     """role -> tokens its runner forwarded (updated as the engine runs)."""
     forwarded = {}
     for role, runner in engine.runners.items():
-        def counting(items, _run=runner.run, _role=role):
+        def counting(items, *rest, _run=runner.run, _role=role):
             forwarded[_role] = forwarded.get(_role, 0) + sum(len(ids) for _, ids in items)
-            return _run(items)
+            return _run(items, *rest)
         runner.run = counting
     return forwarded
 

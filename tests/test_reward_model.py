@@ -247,8 +247,8 @@ def fail_forwards(monkeypatch, engine, fails):
         return {id(tables[id(t)]): tables[id(t)] for t, _ in items if id(t) in tables}
 
     for runner in scorer_runners(engine):
-        def run(items, real=runner.run):
-            out = real(items)
+        def run(items, *rest, real=runner.run):
+            out = real(items, *rest)
             if fails(list(owners(items).values())):
                 raise RuntimeError("CUDA out of memory")
             return out
@@ -299,7 +299,7 @@ def test_a_reward_model_scores_on_the_static_path_with_the_same_rewards(models, 
     shapes = []
     run = runner.scoring_graphs.run
     monkeypatch.setattr(runner.scoring_graphs, "run",
-                        lambda seqs, shape: shapes.append(shape) or run(seqs, shape))
+                        lambda seqs, shape, *rest: shapes.append(shape) or run(seqs, shape, *rest))
     params = SearchParams(w=2, k=3, l=4, max_new_tokens=12, temperature=1.0, seed=4,
                           ignore_eos=True)
     for res in engine.search(PROMPTS, params):

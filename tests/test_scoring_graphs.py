@@ -180,8 +180,8 @@ def test_a_beam_search_scores_its_chunks_on_the_static_path_with_the_same_result
     shapes = []
     for r in runners:
         run = r.scoring_graphs.run
-        monkeypatch.setattr(r.scoring_graphs, "run", lambda seqs, shape, run=run:
-                            shapes.append(shape) or run(seqs, shape))
+        monkeypatch.setattr(r.scoring_graphs, "run", lambda seqs, shape, *rest, run=run:
+                            shapes.append(shape) or run(seqs, shape, *rest))
     params = SearchParams.cbs(2, 3, 4, max_new_tokens=14, temperature=1.0, seed=5)
     want, got = same_results(eager, static, params)
     assert [r.reward for r in got] == pytest.approx([r.reward for r in want], abs=1e-5)
@@ -201,9 +201,9 @@ def test_every_models_prompt_chunks_take_the_static_path_with_the_eager_results(
     rows = {role: [] for role in static.runners}
     for role, r in static.runners.items():
         run = r.scoring_graphs.run
-        monkeypatch.setattr(r.scoring_graphs, "run", lambda seqs, shape, run=run, role=role:
+        monkeypatch.setattr(r.scoring_graphs, "run", lambda seqs, shape, *rest, run=run, role=role:
                             rows[role].append(max(len(ids) for _, ids in seqs))
-                            or run(seqs, shape))
+                            or run(seqs, shape, *rest))
     for engine in (eager, static):
         engine.config.max_batch_tokens = 16       # every prompt in chunks of up to 16 tokens
     params = SearchParams.cbs(2, 2, 3, max_new_tokens=6, temperature=1.0, seed=3)
@@ -224,9 +224,9 @@ def test_a_cross_vocabulary_search_scores_its_ragged_chunks_on_the_static_path(m
     row_lengths = []
     for r in ("tuned", "untuned"):
         graphs = static.runners[r].scoring_graphs
-        monkeypatch.setattr(graphs, "run", lambda seqs, shape, run=graphs.run:
+        monkeypatch.setattr(graphs, "run", lambda seqs, shape, *rest, run=graphs.run:
                             row_lengths.append({len(ids) for _, ids in seqs})
-                            or run(seqs, shape))
+                            or run(seqs, shape, *rest))
     params = SearchParams.cbs(2, 3, 4, max_new_tokens=16, temperature=1.0, seed=5)
     same_results(eager, static, params)
     assert any(len(lengths) > 1 for lengths in row_lengths), row_lengths
@@ -267,7 +267,7 @@ def test_warm_up_runs_a_prefill_decodes_and_a_scored_chunk_and_holds_nothing(mod
     shapes = []
     run = static.runners["tuned"].scoring_graphs.run
     monkeypatch.setattr(static.runners["tuned"].scoring_graphs, "run",
-                        lambda seqs, shape: shapes.append(shape) or run(seqs, shape))
+                        lambda seqs, shape, *rest: shapes.append(shape) or run(seqs, shape, *rest))
     decodes = []
     decode = static.runners["large"].graphs.run
     monkeypatch.setattr(static.runners["large"].graphs, "run",

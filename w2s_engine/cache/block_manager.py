@@ -20,6 +20,22 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two block lists. Two tables of one request
+    share the prompt's blocks and their lineages' older ones and differ in their last few:
+    scanned back from the end to the last equal block, the prefix before it checked with one
+    slice compare (in C), not a Python loop over a long prompt's tens of blocks."""
+    n = min(len(a), len(b))
+    while n and a[n - 1] != b[n - 1]:
+        n -= 1
+    if a[:n] == b[:n]:
+        return n
+    n = 0                   # they differ before their last equal block too: scan forward
+    while a[n] == b[n]:
+        n += 1
+    return n
+
+
 @dataclass
 class BlockTable:
     """The blocks of one beam in one KV pool and how many token positions are filled."""
@@ -133,11 +149,7 @@ class BlockManager:
         and their lineages' older ones, so only the blocks past the run the two tables share
         change counts, not every block of a long history twice."""
         old, new = table.blocks, parent.blocks
-        shared = 0
-        for a, b in zip(old, new):
-            if a != b:
-                break
-            shared += 1
+        shared = shared_prefix(old, new)
         self._share_all(new[shared:])      # before the release: a block in both stays held
         self._release_all(old[shared:])
         old[shared:] = new[shared:]

@@ -260,15 +260,18 @@ class ModelRunner:
                            use_cache=False, w2s_batch=batch)
         return out.last_hidden_state[0]
 
-    def run(self, seqs: list[tuple[BlockTable, list[int]]]) -> tuple[torch.Tensor, list[int]]:
+    def run(self, seqs: list[tuple[BlockTable, list[int]]], packed: dict | None = None) \
+            -> tuple[torch.Tensor, list[int]]:
         """Forward a batch; returns (hidden [T, H], cu_seqlens [B + 1] as host ints: sequence
         b's new tokens are rows cu[b]:cu[b + 1]). The offsets come from the host, not from the
         device: reading them there would wait for the forward, and the host could not queue
-        the next model's forward while the GPU runs this one."""
+        the next model's forward while the GPU runs this one. packed: where models that
+        forward the same batch (a small pair on one stream) share its packed static inputs
+        (ScoringGraphs.load)."""
         if self.scoring_graphs is not None:
             shape = self.scoring_graphs.shape(seqs)
             if shape is not None:
-                return self.scoring_graphs.run(seqs, shape)
+                return self.scoring_graphs.run(seqs, shape, packed)
         batch, offsets = self.prepare(seqs)
         return self.forward(batch), offsets
 

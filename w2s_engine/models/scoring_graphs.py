@@ -164,11 +164,12 @@ class ScoringGraphs:
         words[2, real:] = scratch * bs
         return np.concatenate([words.ravel(), seq_lens, cu, tables.ravel()]), used
 
-    def run(self, seqs: list[tuple[BlockTable, list[int]]], shape: tuple[int, int, int]):
+    def run(self, seqs: list[tuple[BlockTable, list[int]]], shape: tuple[int, int, int],
+            packed: dict | None = None):
         """Hidden states [T, H] of the batch's new tokens (a copy) and its cu_seqlens as host
-        ints. shape: what shape() said of this batch."""
+        ints. shape: what shape() said of this batch; packed: as load() takes it."""
         bucket, tokens, q_cap = shape
-        cu = self.load(seqs, bucket, tokens)
+        cu = self.load(seqs, bucket, tokens, packed)
         if shape in self.graphs:
             self.graphs[shape].replay()
         else:
@@ -182,10 +183,19 @@ class ScoringGraphs:
                                    "buffers without one", self.max_graphs)
         return self.hidden[:cu[-1]].clone(), cu
 
-    def load(self, seqs, bucket: int, tokens: int) -> list[int]:
+    def load(self, seqs, bucket: int, tokens: int, packed: dict | None = None) -> list[int]:
         """The batch into the static inputs: one upload, one device copy of the tables.
-        Returns the real rows' cu_seqlens as host ints."""
-        words, used = self.pack(seqs, bucket, tokens)
+        Returns the real rows' cu_seqlens as host ints. packed: pack()'s words of this batch,
+        kept for the next model that forwards it (both models of a small pair forward the
+        same tables and tokens: packed once, not once per model), by what else they depend on."""
+        key = (bucket, tokens, self.runner.scratch_block, self.block_size)
+        if packed is None or key not in packed:
+            words, used = self.pack(seqs, bucket, tokens)
+            if packed is not None:
+                packed[key] = words, used
+        else:
+            words, used = packed[key]
+            assert used <= self.width, "a sequence is longer than the model's context"
         self.staging[:words.size].copy_(self.runner.pinned(words), non_blocking=True)
         start = 3 * tokens + 2 * bucket + 1
         self.tables[:bucket, :used].copy_(self.staging[start:start + bucket * used]

@@ -263,9 +263,13 @@ class Scorer:
         scores for it), not the sampled ones past the cut."""
         if b.stop_text_len is None or self.steps[si] is not None:
             # A response an EOS ended scores the EOS id sampled (a chat model's end of turn
-            # may not be its tokenizer's eos_token; EFT scored it so too).
-            return StreamUpdate(b.small[si], sp.ids + b.token_ids + sp.suffix_ids, len(sp.ids),
-                                b.finish_reason == "stop", eos_id=b.eos_token)
+            # may not be its tokenizer's eos_token; EFT scored it so too). One copy of the
+            # prompt's hundreds of ids per beam, not two (the suffix is extended in place).
+            full = sp.ids + b.token_ids
+            if sp.suffix_ids:
+                full += sp.suffix_ids
+            return StreamUpdate(b.small[si], full, len(sp.ids), b.finish_reason == "stop",
+                                eos_id=b.eos_token)
         full, start = sp.full_ids(large.response_text(b))
         return StreamUpdate(b.small[si], full + sp.suffix_ids, start, True)
 

@@ -87,10 +87,11 @@ class SmallStream:
         chunk = next_prompt_chunk(states, max_tokens)
         self._append([(st.table, take) for st, _, take in chunk])
         items = [(st.table, st.ids[start:start + take]) for st, start, take in chunk]
+        packed = {}     # the inputs, packed once for every model
         for role, runner in self.runners.items():
             if not items:
                 break
-            hidden, cu = runner.run(items)
+            hidden, cu = runner.run(items, packed)
             for (st, start, take), end in zip(chunk, cu[1:]):
                 if start + take == len(st.ids):
                     st.last_hidden[role] = hidden[end - 1]
@@ -186,10 +187,12 @@ class SmallStream:
         """One forward per model over every stream with new tokens; the rows to score (target
         position p is predicted by the hidden state at p - 1), and (forwarded, scored) per plan."""
         hidden = {}
+        chunks = list(batches(feeds, self.max_batch_tokens))
+        packed = [{} for _ in chunks]   # each forward's inputs, packed once for every model
         for role, runner in self.runners.items():
             parts, offsets, base = [], [], 0
-            for chunk in batches(feeds, self.max_batch_tokens):
-                h, cu = runner.run(chunk)
+            for chunk, pk in zip(chunks, packed):
+                h, cu = runner.run(chunk, pk)
                 parts.append(h)
                 offsets += [base + x for x in cu[:-1]]
                 base += h.shape[0]
@@ -198,37 +201,38 @@ class SmallStream:
 
         # Each scored target at position p is predicted by the hidden state at p - 1: a row of
         # this forward's output, or (the first one of a plain extension) the state's stored
-        # last hidden. One index per model picks them all: stored rows go after the output.
-        index = {role: [] for role in self.runners}
-        stored = {role: [] for role in self.runners}
+        # last hidden. One index picks them all: stored rows go after the output. Every model
+        # forwarded the same feeds, so the index is the same for each (built once, not once
+        # per model and plan); only the stored rows are each model's own.
+        offsets = next(hidden[role + "_offsets"] for role in self.runners)
+        assert all(hidden[role + "_offsets"] == offsets for role in self.runners)
+        index, stored = [], []      # stored: the states whose stored hidden is a predictor
         produced = sum(len(ids) for _, ids in feeds)   # output rows; stored ones come after
         targets, segments, counts = [], [], []
         for seg, (u, c, feed_from, fi) in enumerate(plans):
             start = max(c, u.response_start)
             end = len(u.full_ids) - 1 + int(u.finished)    # predictors are [start - 1, end)
             if end > start - 1:
-                for role in self.runners:
-                    lo = start - 1
-                    if lo < feed_from:       # only lo == feed_from - 1 happens
-                        index[role].append(produced + len(stored[role]))
-                        stored[role].append(u.state.last_hidden[role])
-                        lo += 1
-                    if lo < end:
-                        off = hidden[role + "_offsets"][fi] - feed_from
-                        index[role] += range(off + lo, off + end)
+                lo = start - 1
+                if lo < feed_from:       # only lo == feed_from - 1 happens
+                    index.append(produced + len(stored))
+                    stored.append(u.state)
+                    lo += 1
+                if lo < end:
+                    off = offsets[fi] - feed_from
+                    index += range(off + lo, off + end)
             targets += u.full_ids[start:]
             if u.finished:
                 targets.append(self.eos_id if u.eos_id is None else u.eos_id)
             segments += [seg] * (end - start + 1)
             counts.append((len(u.full_ids) - feed_from, end - start + 1))
         rows = {}
-        for role in self.runners:
-            if not index[role]:
-                continue
-            parts = ([hidden[role]] if hidden[role] is not None else []) + \
-                ([torch.stack(stored[role])] if stored[role] else [])
-            out = parts[0] if len(parts) == 1 else torch.cat(parts)
-            rows[role] = out[self.runners[role].upload(index[role]).long()]
+        if index:
+            for role, runner in self.runners.items():
+                parts = ([hidden[role]] if hidden[role] is not None else []) + \
+                    ([torch.stack([st.last_hidden[role] for st in stored])] if stored else [])
+                out = parts[0] if len(parts) == 1 else torch.cat(parts)
+                rows[role] = out[runner.upload(index).long()]
         return hidden, rows, targets, segments, counts
 
     def forward_pending(self, states: list[SmallState]) -> list[int]:
