@@ -23,7 +23,8 @@ TAG = "<eos>"   # a special token: one token wherever it stands
 def models():
     tok, other = make_tokenizer(300), make_tokenizer(420)
     return {"tok": tok, "other": other,
-            "rm": tiny_reward_model(len(tok), seed=7), "rm_other": tiny_reward_model(len(other), seed=8),
+            "rm": tiny_reward_model(len(tok), seed=7),
+            "rm_other": tiny_reward_model(len(other), seed=8),
             "lm": tiny_llama(len(other), seed=9),
             "head": tiny_reward_model(len(other), seed=10, per_token=True)}
 
@@ -72,12 +73,13 @@ def test_cbs_with_a_reward_model_keeps_the_top_w_of_a_from_scratch_reward_at_eve
         models, large_tok, rm):
     engine = rm_engine(models, large_tok, rm)
     rm_tok = models["tok"] if rm == "rm" else models["other"]
+
     def read(ids, final=True):   # what the reward model reads of a sampled response
         return ids if rm == "rm" else response_text(models[large_tok], ids, final)
     w, k = 2, 3
     params = SearchParams(w=w, k=k, l=3, max_new_tokens=12, temperature=1.2, seed=11, trace=True)
     for res in engine.search(PROMPTS, params):
-        survivors = None
+        survivors, finished = None, {}
         for entry in res.trace:
             cands = entry["candidates"]
             if survivors is not None:    # the children of the last chunk's survivors, K each
@@ -85,8 +87,9 @@ def test_cbs_with_a_reward_model_keeps_the_top_w_of_a_from_scratch_reward_at_eve
                 assert sorted(set(parents)) == sorted(s for s in survivors if not
                                                       finished[s])
                 assert all(parents.count(p) == k for p in set(parents))
-            ref = [reference_rm(models[rm], rm_tok, res.prompt, read(c["token_ids"], c["finished"] or
-                                                        c["num_tokens"] >= params.max_new_tokens))
+            ref = [reference_rm(models[rm], rm_tok, res.prompt,
+                                read(c["token_ids"], c["finished"]
+                                     or c["num_tokens"] >= params.max_new_tokens))
                    for c in cands]
             for c, r in zip(cands, ref):
                 assert c["reward"] == pytest.approx(r, abs=1e-4)
