@@ -37,9 +37,9 @@ def tqdm_monitors():
 def test_search_with_progress_off_starts_no_tqdm_monitor_thread(engine):
     # tqdm starts its monitor thread for any bar, a disabled one too: with progress=False the
     # engine makes none.
-    if tqdm.monitor is not None:
-        tqdm.monitor.exit()
-        tqdm.monitor = None
+    for monitor in tqdm_monitors():   # earlier tests' bars, of any tqdm class
+        monitor.exit()
+    tqdm.monitor = None
     assert not tqdm_monitors()
     engine.search(["I really", "This film"], PARAMS)
     assert not tqdm_monitors()
