@@ -4,12 +4,12 @@ the reference reward at every chunk and Best-of-N returns the reference's argmax
 large model's tokenizer and with another; a PRM's steps are tagged and aggregated as
 search-and-learn does it (sal/models/reward_models.py, sal/utils/score.py)."""
 
-import copy
 import math
 
 import pytest
 import torch
 
+from test_reward_model import clone_rm
 from tiny_models import make_tokenizer, tiny_llama, tiny_reward_model
 from w2s_engine import Engine, SearchParams
 from w2s_engine.scoring import ProcessRewardModel, RewardModel
@@ -27,12 +27,6 @@ def models():
             "rm_other": tiny_reward_model(len(other), seed=8),
             "lm": tiny_llama(len(other), seed=9),
             "head": tiny_reward_model(len(other), seed=10, per_token=True)}
-
-
-def twin(model):
-    out = type(model)(copy.deepcopy(model.config)).eval()
-    out.load_state_dict(model.state_dict())
-    return out
 
 
 @torch.no_grad()
@@ -60,7 +54,7 @@ def response_text(tok, ids, final) -> str:
 def rm_engine(models, large_tok, rm):
     rm_tok = models["tok"] if rm == "rm" else models["other"]
     return Engine((tiny_llama(len(models[large_tok]), seed=1, layers=3), models[large_tok]),
-                  scorer=RewardModel((twin(models[rm]), rm_tok), template=RM_TEMPLATE,
+                  scorer=RewardModel((clone_rm(models[rm]), rm_tok), template=RM_TEMPLATE,
                                      head_index=1),
                   num_kv_blocks=800, block_size=4, progress=False)
 
@@ -142,7 +136,7 @@ RESPONSES = ["", " liked it", " liked it\n\nthe plot", " liked it\n\nthe plot\n\
 @pytest.mark.parametrize("how", ["last", "min", "product", "mean"])
 def test_label_mode_prm_scores_steps_as_search_and_learn_does_for_math_shepherd(models, how):
     tok = models["other"]
-    prm = ProcessRewardModel((twin(models["lm"]), tok), step_tag=TAG, template=RM_TEMPLATE,
+    prm = ProcessRewardModel((clone_rm(models["lm"]), tok), step_tag=TAG, template=RM_TEMPLATE,
                              label="+", other_label="-", aggregate=how)
     engine = Engine((tiny_llama(len(models["tok"]), seed=1, layers=3), models["tok"]),
                     scorer=prm, num_kv_blocks=800, block_size=4, progress=False)
@@ -165,7 +159,7 @@ def test_head_mode_probability_reads_the_softmax_of_a_step_classifier_as_qwen_pr
     # P(class 1), a softmax over the head's outputs at the tag (sal's make_step_rewards),
     # the product of those over the steps.
     tok = models["other"]
-    prm = ProcessRewardModel((twin(models["head"]), tok), step_tag=TAG, template=RM_TEMPLATE,
+    prm = ProcessRewardModel((clone_rm(models["head"]), tok), step_tag=TAG, template=RM_TEMPLATE,
                              head_index=1, probability=True, aggregate="product")
     engine = Engine((tiny_llama(len(models["tok"]), seed=1, layers=3), models["tok"]),
                     scorer=prm, num_kv_blocks=800, block_size=4, progress=False)

@@ -132,20 +132,14 @@ def rust_decoder(tokenizer):
 def retokenize(tokenizer, special: bool, old: Tokenized, text: str, tail: int = 6,
                anchor: int = 2) -> Tokenized:
     """tokenize(text), computed from `old` by re-tokenizing a tail window only."""
-    return retokenize_many(tokenizer, special, [old], [text], tail, anchor)[0]
+    return retokenize_many(tokenizer, special, [old], [text], tail, anchor)[0][0]
 
 
 def retokenize_many(tokenizer, special: bool, olds: list[Tokenized], texts: list[str],
-                    tail: int = 6, anchor: int = 2) -> list[Tokenized]:
+                    tail: int = 6, anchor: int = 2) -> list[tuple[Tokenized, int]]:
     """retokenize() of many streams (every candidate of a chunk), their tail windows in one
     call into the tokenizer per round; a stream whose anchor moved widens its window and goes
-    again in the next round."""
-    return [new for new, _ in retokenize_kept(tokenizer, special, olds, texts, tail, anchor)]
-
-
-def retokenize_kept(tokenizer, special: bool, olds: list[Tokenized], texts: list[str],
-                    tail: int = 6, anchor: int = 2) -> list[tuple[Tokenized, int]]:
-    """retokenize_many(), each with how many of its old tokens it kept as they are (its
+    again in the next round. Each with how many of its old tokens it kept as they are (its
     ids[:kept] are old.ids[:kept]; 0 where the text was tokenized whole): what the old
     tokenization already tells of the new one need not be compared again (extend_many)."""
     out: list[tuple[Tokenized, int] | None] = [None] * len(texts)

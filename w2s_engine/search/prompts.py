@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from w2s_engine.params import InvalidParam, check_text
-from w2s_engine.search.bridge import retokenize_kept
+from w2s_engine.search.bridge import retokenize_many
 from w2s_engine.search.tokens import Tokenized, common_prefix, common_prefix_after, encode, \
     tokenize
 
@@ -390,8 +390,8 @@ class SmallPrompt:
                     response_texts: list[str]) -> list[tuple[Tokenized, int, int]]:
         """full_ids() computed incrementally from each stream's last tokenization (`olds`),
         for many streams of this prompt at once; third, how many of its old tokens each kept
-        as they are (retokenize_kept)."""
-        news = retokenize_kept(self.tokenizer, self.special, olds,
+        as they are (retokenize_many)."""
+        news = retokenize_many(self.tokenizer, self.special, olds,
                                [self.text + self.response(text) for text in response_texts])
         known: dict[int, int] = {}
         return [(new, max(1, self._prompt_prefix(old.ids, new.ids, kept, known)), kept)
