@@ -576,6 +576,47 @@ def test_chunk_reward_checks_its_bounds_unless_the_caller_has():
                                chunk_reward_triton(a, b, t, seg, 2)[1], atol=0, rtol=0)
 
 
+def test_chunk_reward_sums_survive_the_autotuners_timed_runs(reward_form, monkeypatch):
+    """On a GPU the autotuner times every configuration on the call's own arguments, hundreds
+    of runs each, the first time a key is met: the one-launch form adds into the segment sums
+    at each run, so they must start from zero before each (and before the real run), and the
+    split form's placeholder for them (a buffer its other vocabulary chunks wrote) must not
+    be zeroed. Here the interpreter's one configuration is made two, each timed by running
+    it three times."""
+    import triton
+
+    import w2s_engine.kernels.chunk_reward as cr
+    kernel = cr._logits_lse_kernel
+    monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_V": 1024}),
+                                            triton.Config({"BLOCK_V": 2048})])
+    monkeypatch.setattr(kernel, "cache", {})
+
+    def timed_three_times(kernel_call, quantiles=None):
+        for _ in range(3):
+            kernel_call()
+        return [1.0, 1.0, 1.0]
+    monkeypatch.setattr(kernel, "do_bench", timed_three_times, raising=False)
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(7, 1000, generator=g) * 3, torch.randn(7, 1000, generator=g) * 3
+    t = torch.randint(0, 1000, (7,), generator=g)
+    seg = torch.tensor([0, 3, 0, 1, 3, 3, 0])
+    diff, sums = chunk_reward_triton(a, b, t, seg, 4)
+    pdiff, psums = plain_reward(a, b, t, seg, 4)
+    torch.testing.assert_close(diff, pdiff, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sums, psums, atol=1e-4, rtol=1e-4)
+    # The LM-head form over three vocabulary chunks: each chunk's launch is tuned anew (its
+    # width's key) after the chunks before it wrote their partials.
+    h = torch.randn(5, 16, generator=g)
+    heads = LMHead(torch.randn(9000, 16, generator=g)), LMHead(torch.randn(9000, 16, generator=g))
+    t, seg = torch.tensor([0, 4100, 8999, 17, 8300]), torch.tensor([0, 1, 1, 0, 2])
+    monkeypatch.setattr(kernel, "cache", {})
+    got = fused_lmhead_chunk_reward_triton(h, heads[0], h, heads[1], t, seg, 3,
+                                           vocab_chunk=4096)
+    want = fused_lmhead_chunk_reward_ref(h, heads[0], h, heads[1], t, seg, 3)
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("softcap, bias", [(None, False), (None, True), (30.0, True)])
 @pytest.mark.parametrize("vocab_chunk", [None, 300])

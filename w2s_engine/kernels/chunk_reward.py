@@ -152,12 +152,20 @@ if triton is not None:
         """cap * tanh(x / cap), written with a sigmoid (Triton has no tanh on every backend)."""
         return cap * (2 * tl.sigmoid(2 * x / cap) - 1)
 
+    def _zero_direct_sums(nargs, reset_only=False):
+        """The autotuner's hook before each timed run and before the real one: a DIRECT launch
+        adds into the segment sums, so each run starts them from zero again (else the first
+        call of a key returns its sums times the hundreds of timed runs). Not the other
+        form's placeholder (a buffer other chunks wrote)."""
+        if nargs["DIRECT"]:
+            nargs["sums_ptr"].zero_()
+
     @triton.autotune(
         configs=configs([triton.Config({"BLOCK_V": 1024}, num_warps=4),
                          triton.Config({"BLOCK_V": 2048}, num_warps=8),
                          triton.Config({"BLOCK_V": 4096}, num_warps=8)],
                         interpret=triton.Config({"BLOCK_V": 1024})),
-        key=["v_bucket", "TWO", "DIRECT"], do_bench=quick_bench)
+        key=["v_bucket", "TWO", "DIRECT"], do_bench=quick_bench, pre_hook=_zero_direct_sums)
     # (The split counts follow the rows: Triton would compile again for 1 or a multiple of 16.)
     @triton.jit(do_not_specialize=["split_base", "total_splits"])
     def _logits_lse_kernel(
