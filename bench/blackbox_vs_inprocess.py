@@ -45,10 +45,12 @@ def main():
     try:
         backend = OpenAICompletions(url, model="gemma")
         modes = {
+            # (no prefix caching: the in-process engine would skip prefills the server does)
             "black-box (llama.cpp server)": lambda: Engine(backend, small, small, templates=TEMPLATES,
-                                                           progress=False),
+                                                           progress=False, prefix_caching=False),
             "in-process (paged runner)": lambda: Engine("gemma-3-270m", small, small,
-                                                        templates=TEMPLATES, progress=False),
+                                                        templates=TEMPLATES, progress=False,
+                                                        prefix_caching=False),
         }
         for mode, make in modes.items():
             engine = make()

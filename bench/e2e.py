@@ -150,8 +150,10 @@ def prompt_of(tokenizer, n_tokens: int, seed: int) -> str:
 
 def build(preset: str, cpu_kv_gib: float = 8, cuda_graphs: bool = True, cascade: bool = False,
           torch_compile: bool = False, async_scheduling: bool = False,
-          fused_ops: bool | None = None):
-    """(engine, baseline models or None, description) for a preset."""
+          fused_ops: bool | None = None, prefix_caching: bool = False):
+    """(engine, baseline models or None, description) for a preset. Prefix caching is off
+    unless asked for: the warm-up and every rep search the same prompts, which would read
+    their prompts from the cache, unlike the rows before it and the reference baseline."""
     if preset in ("cpu", "cpu-shared"):
         from w2s_engine.tasks.sentiment import PROMPTED_TEMPLATES as TEMPLATES
         large = "gemma-3-270m" if preset == "cpu" else "smollm2-135m-instruct"
@@ -159,7 +161,7 @@ def build(preset: str, cpu_kv_gib: float = 8, cuda_graphs: bool = True, cascade:
         engine = Engine(large=large, tuned=small, untuned=small, templates=TEMPLATES,
                         progress=False, cpu_kv_cache_bytes=int(cpu_kv_gib * (1 << 30)),
                         torch_compile=torch_compile, async_scheduling=async_scheduling,
-                        fused_ops=fused_ops,
+                        fused_ops=fused_ops, prefix_caching=prefix_caching,
                         **({"cuda_graphs": True, "cascade_attention": True} if cascade else {}))
         return engine, {"large": large, "small": small}
     assert torch.cuda.is_available(), f"preset {preset} needs a GPU"
@@ -175,7 +177,8 @@ def build(preset: str, cpu_kv_gib: float = 8, cuda_graphs: bool = True, cascade:
     engine = Engine((large, large_tok), (tuned, small_tok), (untuned, small_tok),
                     progress=False, kv_cache_memory_fraction=0.5, cuda_graphs=cuda_graphs,
                     cascade_attention=cascade, torch_compile=torch_compile,
-                    async_scheduling=async_scheduling, fused_ops=fused_ops)
+                    async_scheduling=async_scheduling, fused_ops=fused_ops,
+                    prefix_caching=prefix_caching)
     return engine, {"large": "random " + ("Llama-3-8B" if preset == "gpu" else "Qwen2.5-7B"),
                     "small": "random Llama-3.2-1B"}
 
@@ -278,6 +281,8 @@ def main():
                     help="torch_compile=True: every model's forward through torch.compile")
     ap.add_argument("--eager-scoring", action="store_true",
                     help="no scoring graphs: every scorer's forward eagerly (for comparison)")
+    ap.add_argument("--prefix-caching", action="store_true",
+                    help="EngineConfig.prefix_caching (off here: the reps repeat the prompts)")
     ap.add_argument("--arrivals-every", type=int, default=0,
                     help="admit a request every N engine steps instead of all at once")
     ap.add_argument("--scoring-parts", default="2",
@@ -295,7 +300,8 @@ def main():
     engine, names = build(args.preset, args.cpu_kv_gib, cuda_graphs=not args.no_graphs,
                           cascade=args.cascade, torch_compile=args.compile,
                           async_scheduling=args.async_scheduling,
-                          fused_ops=False if args.no_fused_ops else None)
+                          fused_ops=False if args.no_fused_ops else None,
+                          prefix_caching=args.prefix_caching)
     if args.eager_scoring:
         eager_scoring(engine)
     schedulings = scheduling_list(args)
@@ -431,6 +437,7 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
         "cascade_attention": bool(engine.config.cascade_attention),
         "torch_compile": bool(engine.config.torch_compile),
         "async_scheduling": bool(engine.config.async_scheduling),
+        "prefix_caching": engine.config.prefix_caching,
         "scoring_ahead": bool(engine.config.async_scheduling and engine.config.scoring_ahead),
         "scorings_read_ahead": scorings_ahead,   # batches read a step later, warm-up and reps
         "scoring_parts": engine.config.scoring_parts,

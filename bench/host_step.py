@@ -58,7 +58,7 @@ def build(cross: bool, static: bool = True, async_scheduling: bool = False,
     return Engine((models[0], large_tok), (models[1], small_tok), (models[2], small_tok),
                   progress=False, cpu_kv_cache_bytes=1 << 30, cuda_graphs=static,
                   async_scheduling=async_scheduling, scoring_ahead=scoring_ahead,
-                  scoring_parts=scoring_parts)
+                  scoring_parts=scoring_parts, prefix_caching=False)   # (the reps' prompts repeat)
 
 
 class DeviceStandIns:

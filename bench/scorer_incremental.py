@@ -91,7 +91,8 @@ def main():
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     engine = Engine(large=LARGE, scorer=RewardModel(args.rm), templates=TEMPLATES,
-                    progress=False, cpu_kv_cache_bytes=8 << 30)
+                    progress=False, cpu_kv_cache_bytes=8 << 30,
+                    prefix_caching=False)   # (each run's prompt prefilled, as before)
     clock = timed_scoring(engine)
     prompt = prompt_of(engine.large_tokenizer, args.prompt_len, seed=0)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,9 @@ def main():
     ap.add_argument("--prompts", type=int, default=8)
     args = ap.parse_args()
     t = time.perf_counter()
+    # (no prefix caching: each method searches the same prompts, and is timed on its own)
     engine = Engine(large=args.large, tuned=args.small, untuned=args.small, templates=TEMPLATES,
-                    progress=False)
+                    progress=False, prefix_caching=False)
     load_s = time.perf_counter() - t
     prompts = OPENINGS[:args.prompts]
     common = dict(max_new_tokens=args.max_new_tokens, temperature=0.7, top_k=50, seed=1)

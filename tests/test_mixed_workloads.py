@@ -127,7 +127,7 @@ def test_a_stop_cut_that_outgrows_its_reservation_waits_for_room_and_ends_as_alo
     for 13 here) and reserved: beside a request holding the rest of the pool, it waits for
     that one to end and then scores as it does alone (it failed, saying to retry when the
     engine is less busy); admissions pause meanwhile. Alone, past what the pool can ever
-    give, it still fails with that error."""
+    give, it fails at once, saying what to change."""
     params = SearchParams.cbs(2, 3, 5, max_new_tokens=14, temperature=0.0, min_p=0.05, seed=70,
                               stop=["e", "th"], min_tokens=2, presence_penalty=0.8,
                               frequency_penalty=0.5, logit_bias={EOS: 1.5})
@@ -154,6 +154,7 @@ def test_a_stop_cut_that_outgrows_its_reservation_waits_for_room_and_ends_as_alo
     engine.check_all_free()
     tight = make_engine(models, num_kv_blocks=solo.make_request(
         "The plot of this film", params).reserved[0] + 4)
-    with pytest.raises(SearchError, match="were sampled .KV was reserved for those.*less busy"):
+    with pytest.raises(SearchError, match="were sampled .KV was reserved for those.*pool of "
+                                          r"\d+ blocks cannot hold the \d+ it needs: lower"):
         tight.search(["The plot of this film"], params)
     tight.check_all_free()

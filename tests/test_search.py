@@ -481,8 +481,9 @@ def test_small_model_work_is_prompt_plus_every_candidate_chunk(engine, tok):
             chunk_tokens += c["num_tokens"] - lengths.get(c["parent_id"], 0)
             eos_terms += c["finish_reason"] == "stop"
             lengths[c["beam_id"]] = c["num_tokens"]
-    assert res.stats.tokens_forwarded["tuned"] == prompt_len + chunk_tokens
-    assert res.stats.tokens_forwarded["untuned"] == prompt_len + chunk_tokens
+    for role in ("tuned", "untuned"):   # the prompt's blocks an earlier test cached are read
+        cached = res.stats.cached_prompt_tokens[role]
+        assert res.stats.tokens_forwarded[role] == prompt_len - cached + chunk_tokens
     assert res.stats.tokens_scored == chunk_tokens + eos_terms
 
 
@@ -732,6 +733,73 @@ def test_rollbacks_across_shared_blocks_stay_within_the_reservation_or_fail_alon
         assert r.status == "done" or "small-model tokens per large-model token" in r.error, \
             r.error
     engine.check_all_free()
+
+
+def test_a_response_past_the_whole_pool_fails_at_once_and_leaves_the_room_to_one_that_fits(
+        tok, small_pair):
+    # Both re-tokenize to ~18 small tokens per large token and outgrow their reservations.
+    # The first admitted needs more small-model blocks than the pool has (it fails alone too);
+    # the second fits the pool alone. The hopeless one must fail at once, saying what to
+    # change (not "retry when the engine is less busy"), and the one that fits must end as
+    # alone; it failed in its stead, as the last admitted of two requests waiting for room.
+    large_tok = mid_word_tokenizer()
+    bias = {large_tok.convert_tokens_to_ids(p): 40.0 for p in MID_WORD_PIECES}
+    tuned, untuned = small_pair
+
+    def make():
+        return Engine((tiny_llama(len(large_tok), seed=4), large_tok), (clone(tuned), tok),
+                      (clone(untuned), tok), num_kv_blocks=50, block_size=4, progress=False)
+    hopeless = SearchParams.cbs(3, 1, 5, max_new_tokens=8, seed=829, temperature=0.0,
+                                min_tokens=1, logit_bias=bias)
+    fits = SearchParams.best_of_n(1, max_new_tokens=4, seed=670, temperature=0.0,
+                                  logit_bias=bias)
+    alone = make().search(["I really"], fits)[0]
+    engine = make()
+    first = engine.add_request("I really", hopeless)
+    second = engine.add_request("I really", fits)
+    while engine.has_unfinished():
+        engine.step()
+    assert second.status == "done", second.error
+    assert first.status == "failed"
+    assert "small-model tokens per large-model token" in first.error
+    assert "give the engine more KV memory" in first.error
+    assert "less busy" not in first.error
+    assert [h.token_ids for h in second.result.hypotheses] == \
+        [h.token_ids for h in alone.hypotheses]
+    assert second.result.reward == pytest.approx(alone.reward, abs=1e-4)
+    engine.check_all_free()
+
+
+def test_two_responses_that_outgrow_their_reservations_at_once_both_end_as_alone(
+        tok, small_pair):
+    # Each fits the pool alone once grown, but not both: both wait for room, and neither can
+    # end to free it. The last admitted is preempted and recomputed after the other (it
+    # failed, "retry when the engine is less busy"), and ends as it does alone.
+    large_tok = mid_word_tokenizer()
+    bias = {large_tok.convert_tokens_to_ids(p): 40.0 for p in MID_WORD_PIECES}
+    tuned, untuned = small_pair
+
+    def make():
+        return Engine((tiny_llama(len(large_tok), seed=4), large_tok), (clone(tuned), tok),
+                      (clone(untuned), tok), num_kv_blocks=27, block_size=4, progress=False)
+    params = [SearchParams.best_of_n(1, max_new_tokens=4, seed=s, temperature=0.0,
+                                     logit_bias=bias) for s in (670, 671)]
+    prompts = ["I really", "This film"]
+    alone = [make().search([p], ps)[0] for p, ps in zip(prompts, params)]
+    engine = make()
+    reqs = [engine.add_request(p, ps) for p, ps in zip(prompts, params)]
+    waited = False
+    while engine.has_unfinished():
+        engine.step()
+        waited |= any(r.waits_for_room for r in reqs)
+    assert waited, "the pool was meant to make them wait for room"
+    for r, want in zip(reqs, alone):
+        assert r.status == "done", r.error
+        assert [h.token_ids for h in r.result.hypotheses] == \
+            [h.token_ids for h in want.hypotheses]
+        assert r.result.reward == pytest.approx(want.reward, abs=1e-4)
+    engine.check_all_free()
+    assert set(engine.budget.reserved.values()) == {0}
 
 
 def test_a_response_that_outgrows_the_small_models_context_fails_alone(tok, small_pair):

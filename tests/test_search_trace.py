@@ -65,7 +65,11 @@ def run_case(engine, params) -> list[dict]:
                             "small_token_ids": h.small_token_ids, "reward": h.reward,
                             "finish_reason": h.finish_reason} for h in res.hypotheses],
             "trace": res.trace,
-            "stats": {"tokens_forwarded": s.tokens_forwarded, "tokens_scored": s.tokens_scored,
+            # the work: tokens forwarded, or read from the prefix cache (an earlier case's
+            # prompt), as the pinned runs forwarded them
+            "stats": {"tokens_forwarded": {role: n + s.cached_prompt_tokens.get(role, 0)
+                                           for role, n in s.tokens_forwarded.items()},
+                      "tokens_scored": s.tokens_scored,
                       "tokens_sampled": s.tokens_sampled, "chunks": s.chunks,
                       "peak_kv_blocks": s.peak_kv_blocks},
         })

@@ -57,8 +57,14 @@ def test_a_chunk_ending_inside_a_character_is_scored_alike_streamed_or_not(engin
     engine = engines["cross"]
     whole = engine.search(["This film"], params)[0]
     streamed = list(engine.search_stream("This film", params))[-1].result
-    assert streamed.token_ids == whole.token_ids and streamed.reward == whole.reward
-    assert streamed.trace == whole.trace
+    # (to rounding: the second search reads the prompt's keys and values the first cached)
+    assert streamed.token_ids == whole.token_ids
+    assert streamed.reward == pytest.approx(whole.reward, abs=1e-5)
+
+    def rewards(trace):
+        return [c.pop("reward") for e in trace for c in e["candidates"]]
+    assert rewards(streamed.trace) == pytest.approx(rewards(whole.trace), abs=1e-5)
+    assert streamed.trace == whole.trace     # all but the rewards, exactly
     engine.check_all_free()
 
 

@@ -68,6 +68,14 @@ class EngineConfig:
     # computes a part while the host plans the next one, or reads, selects and forks the last
     # one. 1: one batch. Results are the same either way. Not yet measured on a GPU.
     scoring_parts: int = 2
+    # A prompt's full KV blocks, in every model, stay cached by their tokens after its request
+    # ends (until the memory is needed), and a later prompt that starts with the same tokens
+    # (a system prompt, few-shot examples, the same prompt searched again) reads them instead
+    # of forwarding those tokens (vLLM's automatic prefix caching, on by default there too).
+    # The cached tokens' keys and values were computed in another batch: results equal those
+    # without it up to the model's floating-point rounding, as a seeded request's do in any
+    # batch.
+    prefix_caching: bool = True
     # True: what the engine loaded is frozen out of Python's full collections (gc.freeze),
     # which otherwise walk its ~400k objects every few seconds of searching and stall every
     # search (0.2 s each on a 2-core CPU, once in some 256 steps of 16 requests). Off by
@@ -193,7 +201,7 @@ class EngineConfig:
                    "True, False or None") for name in ("cascade_attention", "async_scheduling")),
                 *((name, isinstance(getattr(self, name), bool), "True or False")
                   for name in ("small_special_tokens", "progress", "scoring_ahead",
-                               "freeze_gc"))):
+                               "freeze_gc", "prefix_caching"))):
             if not ok:
                 raise TypeError(f"EngineConfig.{name}={getattr(self, name)!r}: give {want}")
 

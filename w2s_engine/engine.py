@@ -239,7 +239,8 @@ class Engine:
             m = self.models["large"]
             self.large = LocalLarge(self.runners["large"], m.tokenizer,
                                     eos_ids(m.model, m.tokenizer),
-                                    BlockManager(num_blocks, config.block_size),
+                                    BlockManager(num_blocks, config.block_size,
+                                                 config.prefix_caching),
                                     config.async_scheduling)
         pair = {role: (self.runners[role], self.models[role].tokenizer)
                 for role in ("tuned", "untuned") if role in self.models}
@@ -249,7 +250,7 @@ class Engine:
             None if remote else self.large.tokenizer.get_vocab(), config.small_special_tokens,
             config.max_batch_tokens, implicit.weight,
             [reward_model_parts(rm, role, self.runners[role], self.models[role])
-             for role, rm in zip(rm_roles, reward_models)])
+             for role, rm in zip(rm_roles, reward_models)], config.prefix_caching)
         # EFT mixes logits token by token: one vocabulary for all three, one small stream,
         # and LM heads that cover it. Otherwise, why a request for it is refused.
         self.eft_refusal = self._eft_refusal(remote)
@@ -614,6 +615,7 @@ class Engine:
                 r.free_all(self.kv)
                 r.prefilled, r.next_beam_id, r.status = 0, 0, RequestStatus.PREFILLING
                 r.stats.tokens_forwarded = {}   # its prompt's work is redone from the start
+                r.stats.cached_prompt_tokens = {}
             raise BatchFailed(retryable=True) from e
         return []
 
@@ -657,13 +659,20 @@ class Engine:
     def _fail_one_if_all_wait_for_room(self):
         """A request waits for KV room only while another can end and free it (admissions
         pause meanwhile: Scheduler.schedule). When every running request waits and none
-        ended in this step (whose room they try next step), none will: the last admitted
-        fails, and its reservation goes to the others."""
+        ended in this step (whose room they try next step), none will: the last admitted is
+        preempted (back to the head of the queue, recomputed later from its prompt) and its
+        reservation goes to the others; one waiting alone fails, and so does one that has
+        streamed text already (a recomputed search equals it only up to rounding, and a
+        stream's text is never taken back)."""
         running = [r for r in self.scheduler.running if not r.status.ended]
         waiting = [r for r in running if r.waits_for_room]
         if waiting and len(waiting) == len(running) and not self.scheduler.ended_in_step:
             r = waiting[-1]
-            self.scheduler.fail(r, r.waits_for_room)
+            streamed = r.stream is not None and any(r.stream.sent.values())
+            if len(waiting) > 1 and not streamed:
+                self.scheduler.preempt(r)
+            else:
+                self.scheduler.fail(r, r.waits_for_room)
 
     def _record_peaks(self, requests: list[SearchRequest]):
         """Each running request's blocks at its chunk's end, scored: its peak moment."""
@@ -945,8 +954,9 @@ class Engine:
         waiting, running (requests now); kv_blocks_total (blocks per pool), kv_blocks_used
         (per model role: "large", "tuned", ...; models sharing a pool show its count);
         requests (queued since the start, cancelled ones included), failed; tokens
-        (forwarded per model role); decode_steps; scorings_ahead (scorings read a step
-        later, async scheduling)."""
+        (forwarded per model role); cached_tokens (prompt tokens read from the prefix cache
+        instead, per model role); decode_steps; scorings_ahead (scorings read a step later,
+        async scheduling). Both token counts are of the requests that ended."""
         used = {"large": self.large.blocks.num_used if self.large.blocks else 0}
         for stream in self.scorer.streams:
             for role in stream.roles:
@@ -955,6 +965,7 @@ class Engine:
         return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                 "kv_blocks_total": self.budget.num_blocks, "kv_blocks_used": used,
                 "requests": t.requests, "failed": t.failed, "tokens": dict(t.tokens),
+                "cached_tokens": dict(t.cached),
                 "decode_steps": self.large.decode_steps, "scorings_ahead": self.scorings_ahead}
 
     def check_all_free(self):

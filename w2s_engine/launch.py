@@ -131,6 +131,10 @@ def add_runtime_args(p: argparse.ArgumentParser):
     g.add_argument("--cascade-attention", action=argparse.BooleanOptionalAction,
                    help="shared-prefix decode attention: a request's beams read their common "
                         "blocks once (default: on with CUDA graphs)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help="keep prompts' KV blocks by their tokens for later prompts that start "
+                        "alike (as vLLM's flag; default: on)")
     g.add_argument("--torch-compile", action="store_true",
                    help="run every model's forward through torch.compile")
     g.add_argument("--no-fused-ops", action="store_true",
@@ -151,6 +155,7 @@ def runtime_config(args) -> dict:
               "async_scheduling": args.async_scheduling,
               "scoring_ahead": not args.scoring_at_once,
               "cascade_attention": args.cascade_attention,
+              "prefix_caching": args.enable_prefix_caching,
               "torch_compile": args.torch_compile}
     if args.no_fused_ops:
         config["fused_ops"] = False

@@ -34,6 +34,8 @@ class Hypothesis:
 class SearchStats:
     prompt_tokens: int = 0        # the large model's templated prompt (a black box's: its server's count)
     tokens_forwarded: dict[str, int] = field(default_factory=dict)  # per model role
+    # prompt tokens each model read from the prefix cache instead of forwarding them
+    cached_prompt_tokens: dict[str, int] = field(default_factory=dict)
     tokens_scored: int = 0        # reward terms computed (chunk tokens + EOS terms)
     tokens_sampled: int = 0       # large-model tokens sampled, over all candidates
     peak_kv_blocks: dict[str, int] = field(default_factory=dict)    # per model role

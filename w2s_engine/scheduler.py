@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from w2s_engine.cache.kv_budget import KVBudget
+from w2s_engine.outputs import SearchStats
 from w2s_engine.search.request import KVSpace, RequestStatus, SearchRequest
 
 
@@ -25,6 +26,7 @@ class Totals:
     requests: int = 0
     failed: int = 0
     tokens: dict[str, int] = field(default_factory=dict)   # forwarded, per model role
+    cached: dict[str, int] = field(default_factory=dict)   # prompt tokens read from the cache
 
 
 # Scoring tokens per part of a chunk end's scoring (scoring_parts), on average at least: with
@@ -140,6 +142,25 @@ class Scheduler:
             req.status, req.error = RequestStatus.CANCELLED, "cancelled"
             self._end(req)
 
+    def preempt(self, req: SearchRequest):
+        """A running request gives back its blocks and reservation and waits at the head of
+        the queue, to run again from its prompt (recomputed: its seed gives the same search).
+        Its reservation keeps what it grew to, so that it is not stopped there again."""
+        req.free_all(self.kv)
+        self.budget.release(req.reserved)
+        self._count_work(req)     # the work done counts
+        self.running.remove(req)
+        req.status, req.waits_for_room = RequestStatus.WAITING, None
+        req.prefilled, req.next_beam_id, req.trace = 0, 0, []
+        req.stats = SearchStats(prompt_tokens=req.stats.prompt_tokens)
+        self.waiting.appendleft(req)
+
+    def _count_work(self, req: SearchRequest):
+        for role, n in req.stats.tokens_forwarded.items():
+            self.totals.tokens[role] = self.totals.tokens.get(role, 0) + n
+        for role, n in req.stats.cached_prompt_tokens.items():
+            self.totals.cached[role] = self.totals.cached.get(role, 0) + n
+
     @property
     def ended_in_step(self) -> bool:
         """Whether a request ended since the last take_ended() (its room is free)."""
@@ -154,8 +175,7 @@ class Scheduler:
         req.free_all(self.kv)
         self.budget.release(req.reserved)
         req.reserved = {}
-        for role, n in req.stats.tokens_forwarded.items():
-            self.totals.tokens[role] = self.totals.tokens.get(role, 0) + n
+        self._count_work(req)
         if req in self.running:
             self.running.remove(req)
             self._ended.append(req)

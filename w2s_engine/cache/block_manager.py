@@ -5,10 +5,16 @@ block (refcount + 1) and copies nothing. The only block a beam ever writes is th
 its next position; if that block is shared (a fork happened after it was partly filled), it
 is copied first, and the (src, dst) pair is handed to the caller, who copies all such blocks
 in one batched kernel before the forward that writes them.
+
+With a prefix cache, a prompt's full blocks are kept by their content after the request ends
+(cache/prefix_cache.py): free, on the free list, until an allocation needs them for other
+tokens; a later prompt that starts with the same tokens takes them back (take_cached_prefix).
 """
 
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
+
+from w2s_engine.cache.prefix_cache import PrefixCache
 
 
 class OutOfBlocks(RuntimeError):
@@ -52,13 +58,17 @@ class BlockTable:
 
 class BlockManager:
 
-    def __init__(self, num_blocks: int, block_size: int = 16):
+    def __init__(self, num_blocks: int, block_size: int = 16, prefix_caching: bool = False):
+        """prefix_caching: keep prompts' full blocks by their content for later prompts."""
         assert num_blocks > 0 and block_size > 0
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.refcount = [0] * num_blocks
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        # Free blocks, the least recently freed first (an ordered dict: a prefix hit takes a
+        # free block out of the middle): a freed prompt block stays cached the longest.
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.peak_used = 0
+        self.prefix_cache = PrefixCache(block_size) if prefix_caching else None
 
     @property
     def num_free(self) -> int:
@@ -77,8 +87,10 @@ class BlockManager:
     def _take(self) -> int:
         if not self.free_blocks:
             raise OutOfBlocks(f"all {self.num_blocks} KV blocks are in use")
-        block = self.free_blocks.popleft()
+        block, _ = self.free_blocks.popitem(last=False)
         assert self.refcount[block] == 0
+        if self.prefix_cache is not None:
+            self.prefix_cache.forget(block)     # taken for other tokens
         self.refcount[block] = 1
         used = self.num_blocks - len(self.free_blocks)
         if used > self.peak_used:
@@ -94,7 +106,7 @@ class BlockManager:
             assert count > 0, f"block {block} released more often than taken"
             refcount[block] = count - 1
             if count == 1:
-                free_blocks.append(block)
+                free_blocks[block] = None
 
     def _share_all(self, blocks: list[int]):
         """One more reference to each block (every one is held already)."""
@@ -134,10 +146,38 @@ class BlockManager:
             self._release_all([src])
             table.blocks[last] = dst
             copies.append((src, dst))
+        elif self.prefix_cache is not None and num_new_tokens > 0 \
+                and table.num_tokens % self.block_size:
+            # written in place past the cut a truncate left in it: no longer the prefix it named
+            self.prefix_cache.forget(table.blocks[table.num_tokens // self.block_size])
         table.num_tokens += max(num_new_tokens, 0)
         for _ in range(grow):
             table.blocks.append(self._take())
         return copies
+
+    def take_cached_prefix(self, table: BlockTable, ids: list[int]) -> int:
+        """An empty table takes the cached blocks of the longest prefix of the prompt ids,
+        leaving at least its last token to forward (whose logits or hidden state the caller
+        needs); returns the tokens it holds now (0 without a prefix cache or a hit)."""
+        assert not table.blocks and table.num_tokens == 0, "a prompt's table starts empty"
+        if self.prefix_cache is None:
+            return 0
+        blocks = self.prefix_cache.lookup(ids, len(ids) - 1)
+        for block in blocks:
+            if self.refcount[block] == 0:
+                del self.free_blocks[block]
+            self.refcount[block] += 1
+        used = self.num_blocks - len(self.free_blocks)
+        self.peak_used = max(self.peak_used, used)
+        table.blocks = list(blocks)
+        table.num_tokens = len(blocks) * self.block_size
+        return table.num_tokens
+
+    def cache_prompt(self, table: BlockTable, ids: list[int]):
+        """The prompt ids are all in the table: name its full blocks for later prompts."""
+        if self.prefix_cache is not None:
+            assert table.num_tokens >= len(ids), "cache a prompt once it is all forwarded"
+            self.prefix_cache.register(ids, table.blocks)
 
     def fork(self, table: BlockTable) -> BlockTable:
         self._share_all(table.blocks)

@@ -108,6 +108,9 @@ class LocalLarge:
         for r in requests:
             if max_tokens <= 0:
                 break
+            if not r.root.large.blocks:     # its first chunk: what the prefix cache holds
+                r.prefilled = self.blocks.take_cached_prefix(r.root.large, r.large_prompt_ids)
+                r.stats.cached_prompt_tokens["large"] = r.prefilled
             take = min(len(r.large_prompt_ids) - r.prefilled, max_tokens)
             if take <= 0:
                 continue        # in already: its small models' prompts are still going in
@@ -122,6 +125,8 @@ class LocalLarge:
                 forwarded = r.stats.tokens_forwarded   # part-way counts the work it took
                 forwarded["large"] = forwarded.get("large", 0) + len(ids)
             done = [i for i, r in enumerate(parts) if r.prefilled == len(r.large_prompt_ids)]
+            for i in done:
+                self.blocks.cache_prompt(parts[i].root.large, parts[i].large_prompt_ids)
             if done:
                 ends = self.runner.upload([cu[i + 1] - 1 for i in done]).long()
                 last = self.runner.compute_logits(hidden[ends])

@@ -265,13 +265,14 @@ class SearchRequest:
     def record_peak(self, stream_roles: list[tuple[str, ...]]):
         """Blocks held by the current candidates, per model (shared blocks counted once).
         Called when every candidate holds its whole chunk in every model: the peak moment."""
+        # set().union(*lists) walks the tables in C: hundreds of beams' tens of blocks each
         peak = self.stats.peak_kv_blocks
         if any(b.large is not None for b in self.beams):  # not with a black-box large model
-            large = {blk for b in self.beams for blk in b.large.blocks}
+            large = set().union(*(b.large.blocks for b in self.beams))
             peak["large"] = max(peak.get("large", 0), len(large))
         if self.params.uses_small_models:
             for si, roles in enumerate(stream_roles):
-                n = len({blk for b in self.beams for blk in b.small[si].table.blocks})
+                n = len(set().union(*(b.small[si].table.blocks for b in self.beams)))
                 for role in roles:
                     peak[role] = max(peak.get(role, 0), n)
 

@@ -73,10 +73,12 @@ class Scorer:
     def __init__(self, pair: dict, templates: dict[str, Template], budget: KVBudget,
                  large_vocab: dict | None, special_tokens: bool, max_batch_tokens: int,
                  implicit_weight: float = 1.0,
-                 reward_models: list[RewardModelParts] | None = None):
+                 reward_models: list[RewardModelParts] | None = None,
+                 prefix_caching: bool = False):
         """pair: role -> (ModelRunner, tokenizer) for "tuned" and "untuned", or empty (no
         implicit reward). large_vocab: the large tokenizer's vocabulary, None for a black-box
-        large model. reward_models: explicit reward models, after the pair in the sum."""
+        large model. reward_models: explicit reward models, after the pair in the sum.
+        prefix_caching: the streams' pools keep prompts' blocks for later prompts."""
         assert set(pair) in (set(), {"tuned", "untuned"})
         self.budget = budget
         self.streams: list[SmallStream | HeadStream] = []
@@ -95,7 +97,7 @@ class Scorer:
             return len(self.streams) - 1
 
         def pool():
-            return BlockManager(budget.num_blocks, budget.block_size)
+            return BlockManager(budget.num_blocks, budget.block_size, prefix_caching)
 
         if pair:
             (_, tok_t), (_, tok_u) = pair["tuned"], pair["untuned"]
@@ -202,6 +204,10 @@ class Scorer:
                 r.root.small = [SmallState(s.blocks.new_table(), list(sp.ids), len(sp.ids), [],
                                            {}, sp.text, list(sp.starts))
                                 for s, sp in zip(self.streams, r.small_prompts)]
+                for s, st in zip(self.streams, r.root.small):   # what the prefix cache holds
+                    cached = s.blocks.take_cached_prefix(st.table, st.ids)
+                    for role in s.roles:
+                        r.stats.cached_prompt_tokens[role] = cached
         for si, stream in enumerate(self.streams):
             states = [r.root.small[si] for r in requests]
             before = [st.table.num_tokens for st in states]
@@ -210,6 +216,8 @@ class Scorer:
                 for role in stream.roles:
                     r.stats.tokens_forwarded[role] = (r.stats.tokens_forwarded.get(role, 0)
                                                       + st.table.num_tokens - n)
+                if n < len(st.ids) == st.table.num_tokens:   # all in now: cached for others
+                    stream.blocks.cache_prompt(st.table, st.ids)
         return [r for r in requests if all(prompt_in(st) for st in r.root.small)]
 
     # ---- chunk scoring ---------------------------------------------------------------------
@@ -346,12 +354,19 @@ class Scorer:
                 new_blocks(b, u) for b, u in mine)
             missing = self.budget.grow(r.reserved, si, held)
             if missing:
-                room = (f"the {stream.roles[0]} model's pool has no unreserved room for the "
+                # Past the whole pool, no other request's end can make the room: the request
+                # fails now (it would alone), not after holding its blocks while others wait.
+                never = held > self.budget.num_blocks
+                wait = ValueError if never else NoRoomYet
+                room = (f"the {stream.roles[0]} model's pool of {self.budget.num_blocks} blocks "
+                        f"cannot hold the {held} it needs: lower max_new_tokens or w*k, or give "
+                        "the engine more KV memory" if never else
+                        f"the {stream.roles[0]} model's pool has no unreserved room for the "
                         f"{missing} more blocks it needs: retry when the engine is less busy, "
                         "lower max_new_tokens or w*k, or give the engine more KV memory")
                 if self.shared[si]:    # reserved as sampled; a stop string's cut re-tokenized
                     b, u = max(mine, key=lambda m: len(m[1].full_ids) - len(m[0].token_ids))
-                    raise NoRoomYet(
+                    raise wait(
                         f"the text a stop string left re-tokenizes to "
                         f"{len(u.full_ids) - len(sp.ids) - len(sp.suffix_ids)} tokens where "
                         f"{len(b.token_ids)} were sampled (KV was reserved for those), and {room}")
@@ -362,7 +377,7 @@ class Scorer:
                 server = ("; if the large model's server ignores max_tokens, its chunks are "
                           "longer than counted: check that it honours max_tokens"
                           if large.tokenizer is None else "")
-                raise NoRoomYet(
+                raise wait(
                     f"the response re-tokenizes to {rate:.1f} small-model tokens per large-model "
                     f"token (KV was reserved for {SMALL_TOKENS_PER_LARGE}), and {room}{server}")
 

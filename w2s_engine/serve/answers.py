@@ -40,6 +40,7 @@ def _extra(result: SearchResult) -> dict:
                             "finish_reason": h.finish_reason, "chunk_rewards": h.chunk_rewards}
                            for h in result.hypotheses],
             "stats": {"tokens_forwarded": result.stats.tokens_forwarded,
+                      "cached_prompt_tokens": result.stats.cached_prompt_tokens,
                       "tokens_sampled": result.stats.tokens_sampled,
                       "peak_kv_blocks": result.stats.peak_kv_blocks,
                       "chunks": result.stats.chunks, "seconds": result.stats.seconds}}

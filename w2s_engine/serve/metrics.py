@@ -141,6 +141,12 @@ class _EngineCollector:
         for model, n in stats["tokens"].items():
             tokens.add_metric([model], n)
         yield tokens
+        cached = CounterMetricFamily("w2s_prefix_cache_hit_tokens", "prompt tokens each model "
+                                     "read from the prefix cache instead of forwarding them, of "
+                                     "requests that ended", labels=["model"])
+        for model, n in stats["cached_tokens"].items():
+            cached.add_metric([model], n)
+        yield cached
         yield CounterMetricFamily("w2s_decode_steps", "decode steps of the large model here",
                                   value=stats["decode_steps"])
 
