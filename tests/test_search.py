@@ -706,6 +706,17 @@ MID_WORD_PIECES = [" wonderful and th", "e plot of this film is simple but th",
                    "e acting was great and th", "e ending was awful but th"]
 
 
+def mid_word_engine(tok, small_pair, num_kv_blocks: int):
+    """(engine, logit_bias): a large model whose tokens are the mid-word pieces, which the
+    bias makes it sample, so each re-tokenizes to ~15-20 small tokens."""
+    large_tok = mid_word_tokenizer()
+    bias = {large_tok.convert_tokens_to_ids(p): 40.0 for p in MID_WORD_PIECES}
+    tuned, untuned = small_pair
+    return Engine((tiny_llama(len(large_tok), seed=4), large_tok), (clone(tuned), tok),
+                  (clone(untuned), tok), num_kv_blocks=num_kv_blocks, block_size=4,
+                  progress=False), bias
+
+
 @pytest.mark.parametrize("requests, num_kv_blocks", [(1, 86), (1, 88), (3, 216)])
 def test_rollbacks_across_shared_blocks_stay_within_the_reservation_or_fail_alone(
         tok, small_pair, requests, num_kv_blocks):
@@ -713,12 +724,7 @@ def test_rollbacks_across_shared_blocks_stay_within_the_reservation_or_fail_alon
     # the K siblings share: what a request holds while its streams are cut and regrown must
     # be reserved first, or the request fails alone with the growth error. The pool never
     # runs out under the requests (an OutOfBlocks here failed all three).
-    large_tok = mid_word_tokenizer()
-    bias = {large_tok.convert_tokens_to_ids(p): 40.0 for p in MID_WORD_PIECES}
-    tuned, untuned = small_pair
-    engine = Engine((tiny_llama(len(large_tok), seed=4), large_tok), (clone(tuned), tok),
-                    (clone(untuned), tok), num_kv_blocks=num_kv_blocks, block_size=4,
-                    progress=False)
+    engine, bias = mid_word_engine(tok, small_pair, num_kv_blocks)
     reqs = [engine.add_request(p, SearchParams.cbs(1, 8, 2, max_new_tokens=10, seed=s,
                                                    temperature=1.0, ignore_eos=True,
                                                    logit_bias=bias))
@@ -742,19 +748,13 @@ def test_a_response_past_the_whole_pool_fails_at_once_and_leaves_the_room_to_one
     # the second fits the pool alone. The hopeless one must fail at once, saying what to
     # change (not "retry when the engine is less busy"), and the one that fits must end as
     # alone; it failed in its stead, as the last admitted of two requests waiting for room.
-    large_tok = mid_word_tokenizer()
-    bias = {large_tok.convert_tokens_to_ids(p): 40.0 for p in MID_WORD_PIECES}
-    tuned, untuned = small_pair
-
-    def make():
-        return Engine((tiny_llama(len(large_tok), seed=4), large_tok), (clone(tuned), tok),
-                      (clone(untuned), tok), num_kv_blocks=50, block_size=4, progress=False)
+    solo, bias = mid_word_engine(tok, small_pair, 50)
     hopeless = SearchParams.cbs(3, 1, 5, max_new_tokens=8, seed=829, temperature=0.0,
                                 min_tokens=1, logit_bias=bias)
     fits = SearchParams.best_of_n(1, max_new_tokens=4, seed=670, temperature=0.0,
                                   logit_bias=bias)
-    alone = make().search(["I really"], fits)[0]
-    engine = make()
+    alone = solo.search(["I really"], fits)[0]
+    engine, _ = mid_word_engine(tok, small_pair, 50)
     first = engine.add_request("I really", hopeless)
     second = engine.add_request("I really", fits)
     while engine.has_unfinished():
@@ -775,18 +775,13 @@ def test_two_responses_that_outgrow_their_reservations_at_once_both_end_as_alone
     # Each fits the pool alone once grown, but not both: both wait for room, and neither can
     # end to free it. The last admitted is preempted and recomputed after the other (it
     # failed, "retry when the engine is less busy"), and ends as it does alone.
-    large_tok = mid_word_tokenizer()
-    bias = {large_tok.convert_tokens_to_ids(p): 40.0 for p in MID_WORD_PIECES}
-    tuned, untuned = small_pair
-
-    def make():
-        return Engine((tiny_llama(len(large_tok), seed=4), large_tok), (clone(tuned), tok),
-                      (clone(untuned), tok), num_kv_blocks=27, block_size=4, progress=False)
+    _, bias = mid_word_engine(tok, small_pair, 27)
     params = [SearchParams.best_of_n(1, max_new_tokens=4, seed=s, temperature=0.0,
                                      logit_bias=bias) for s in (670, 671)]
     prompts = ["I really", "This film"]
-    alone = [make().search([p], ps)[0] for p, ps in zip(prompts, params)]
-    engine = make()
+    alone = [mid_word_engine(tok, small_pair, 27)[0].search([p], ps)[0]
+             for p, ps in zip(prompts, params)]
+    engine, _ = mid_word_engine(tok, small_pair, 27)
     reqs = [engine.add_request(p, ps) for p, ps in zip(prompts, params)]
     waited = False
     while engine.has_unfinished():

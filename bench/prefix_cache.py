@@ -1,0 +1,85 @@
+"""Prefix caching: searches whose prompts share a long beginning (few-shot examples, a system
+prompt), one after another as a server gets them, with EngineConfig.prefix_caching off and on.
+
+    python bench/prefix_cache.py [--preset cpu-shared] [--prefix-len 512] [--requests 8]
+
+Each prompt is the same prefix of about --prefix-len tokens and a question of its own (about
+--question-len tokens); the first search warms up (with the cache, it forwards the prefix),
+the other --requests - 1 are timed. Reports the median seconds per search and the prompt
+tokens each model read from the cache, for both settings, with the texts of the two runs compared (the cached keys and
+values were computed in another batch: equal up to rounding, so a text may differ where two
+candidates' rewards nearly tie); appends a JSON line to <out>/prefix_cache.jsonl naming the
+machine and the commit. The presets are bench/e2e.py's (cpu-shared: SmolLM2-135M for all three
+models; gpu: random Llama-3-8B steered by random Llama-3.2-1B).
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.e2e import RESULTS, build, commit, machine, parse_search, prompt_of  # noqa: E402
+
+
+def run(engine, prompts, params) -> tuple[list[float], list]:
+    """Each prompt searched alone, in order: the seconds of each, and the results."""
+    seconds, results = [], []
+    for p in prompts:
+        t = time.perf_counter()
+        results.append(engine.search([p], params)[0])
+        seconds.append(time.perf_counter() - t)
+    return seconds, results
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="cpu-shared", choices=["cpu", "cpu-shared", "gpu"])
+    ap.add_argument("--prefix-len", type=int, default=512)
+    ap.add_argument("--question-len", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--search", default="cbs-4-4-8")
+    ap.add_argument("--max-new", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    params = parse_search(args.search, args.max_new)
+    row = {"preset": args.preset, "search": args.search, "prefix_len": args.prefix_len,
+           "question_len": args.question_len, "requests": args.requests,
+           "max_new_tokens": args.max_new}
+    texts = {}
+    for caching in (False, True):
+        engine, names = build(args.preset, prefix_caching=caching)
+        tok = engine.large_tokenizer
+        prefix = prompt_of(tok, args.prefix_len, seed=0)
+        prompts = [f"{prefix}\n{prompt_of(tok, args.question_len, seed=i + 1)}"
+                   for i in range(args.requests)]
+        # The first search warms up (and, with the cache, is the one that forwards the
+        # prefix); the others are timed.
+        run(engine, prompts[:1], params.copy(max_new_tokens=8))
+        seconds, results = run(engine, prompts[1:], params)
+        key = "on" if caching else "off"
+        row[f"seconds_per_search_{key}"] = round(statistics.median(seconds), 3)
+        row[f"cached_prompt_tokens_{key}"] = {
+            role: sum(r.stats.cached_prompt_tokens.get(role, 0) for r in results)
+            for role in results[0].stats.cached_prompt_tokens}
+        texts[key] = [r.text for r in results]
+        row["models"] = names
+        del engine
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    row["same_texts"] = sum(a == b for a, b in zip(texts["off"], texts["on"]))
+    row["speedup"] = round(row["seconds_per_search_off"] / row["seconds_per_search_on"], 2)
+    row.update(device=machine(), torch=torch.__version__, commit=commit())
+    print(json.dumps(row))
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / "prefix_cache.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
