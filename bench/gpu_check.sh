@@ -4,11 +4,15 @@
 # session's 15 minutes should leave room for a rerun):
 #   bench/gpu_check.sh [OUT_DIR] [WHEELS_DIR]        (W2S_GPU_CHECK_SECONDS=540)
 # W2S_GPU_CHECK_SKIP: an extended regex of step names to skip, to run the rest in a second
-# call; each step's name starts with its number (s01 ... s17), so skip by number, e.g.
-# W2S_GPU_CHECK_SKIP='^s0[1-6]b? '. A session's 15 device minutes hold about two calls in one
-# lease (the machine stays warm 30 s after a call): the first with W2S_GPU_CHECK_SECONDS=420
-# (setup and the summary take about 25 s more, outside the budget) runs steps s01-s06b, the
-# second (about 300 s) skips them. The log's "== sNN ...: exit" lines say what ran.
+# call; each step's name starts with its number (s01 ... s17), so skip by number. A session's
+# 15 device minutes hold about two calls in one lease (the machine stays warm 30 s after a
+# call): the first with W2S_GPU_CHECK_SECONDS=420 (setup and the summary take about 25 s
+# more, outside the budget), the second skipping what the first ran, which its log (back
+# from the first call's OUT_DIR) says in its "== sNN ...: exit N" lines: steps the deadline
+# skipped are not among them. Each call gets an empty OUT_DIR, so build the regex here:
+#   ran=$(sed -nE 's/^== (s[0-9]+b?) .*: exit [0-9]+$/\1/p' FIRST/gpu-check-*.log | paste -sd'|')
+#   W2S_GPU_CHECK_SKIP="^($ran) "
+# (At 111ea9f, s01-s04 alone took about 417 s.)
 # 1. the `gpu` tests (only their files; eight processes where pytest-xdist is there; each
 #    test's result and each failure's traceback in the log as they come);
 # 2. the end-to-end rows: random-init Llama-3-8B steered by a random-init Llama-3.2-1B pair,
@@ -24,6 +28,7 @@
 #    2048 with and without cascade; transformers' ops instead
 #    of the engine's fused kernels and merged GEMMs; 16 requests admitted every 2 steps
 #    (chunks out of step: waiting, async, async with scorings read at once) and profiled;
+#    8 searches one after another sharing a 2,048-token beginning, prefix caching off and on;
 #    torch.compile; one request at 1024 tokens against the reference baseline; the profile
 #    with the scorers' forwards eager; the host's share of a step (bench/host_step.py: tiny
 #    models on that machine's CPU, at e2e's prompt of 512, both vocabularies).
@@ -66,7 +71,7 @@ budget=${W2S_GPU_CHECK_SECONDS:-540}
 started=$SECONDS
 # Rows already in OUT_DIR's files: the summary shows only those this run adds.
 declare -A rows_before
-for f in e2e-gpu e2e-gpu-cross profile_step host_step; do
+for f in e2e-gpu e2e-gpu-cross profile_step host_step prefix_cache; do
     rows_before[$f]=$( [ -f "$out/$f.jsonl" ] && wc -l <"$out/$f.jsonl" || echo 0)
 done
 new_rows() {  # new_rows NAME: this run's rows of OUT_DIR/NAME.jsonl
@@ -147,6 +152,9 @@ step "s12 e2e 16 requests arriving every 2 steps: waiting, async, async with sco
 step "s13 profile, 16 requests arriving every 2 steps, async scheduling" 90 python3 \
     bench/profile_step.py --preset gpu --concurrency 16 --arrivals-every 2 --async-scheduling \
     --out "$out"
+step "s13b prefix caching off and on, 8 searches sharing a 2,048-token beginning" 150 \
+    python3 bench/prefix_cache.py --preset gpu --prefix-len 2048 --requests 8 --max-new 64 \
+    --out "$out"
 step "s14 e2e 16 requests, 256 tokens, torch.compile" 240 $e2e --preset gpu --max-new 256 \
     --concurrency 16 --compile
 step "s15 e2e 1 request, 1024 tokens, baseline" 240 $e2e --preset gpu --max-new 1024 \
@@ -178,6 +186,9 @@ step "s17b host step (CPU), e2e's prompt, cross vocabulary" 60 env CUDA_VISIBLE_
     echo
     echo "## Host step (this machine's CPU, tiny models)"
     new_rows host_step
+    echo
+    echo "## Prefix caching (this run's rows)"
+    new_rows prefix_cache
     echo
     echo "## Steps"
     grep -E '^== .*(exit|skipped)' "$log"

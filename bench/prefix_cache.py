@@ -14,6 +14,7 @@ models; gpu: random Llama-3-8B steered by random Llama-3.2-1B).
 """
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -69,7 +70,8 @@ def main():
             for role in results[0].stats.cached_prompt_tokens}
         texts[key] = [r.text for r in results]
         row["models"] = names
-        del engine
+        del engine, results
+        gc.collect()                    # the first engine's pools go before the second's
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     row["same_texts"] = sum(a == b for a, b in zip(texts["off"], texts["on"]))
