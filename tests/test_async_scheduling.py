@@ -238,12 +238,12 @@ def test_a_decode_batch_that_fails_with_a_step_in_flight_fails_only_its_culprit(
     real = engine.large.runner.decode_logits
     failures = []
 
-    def decode_logits(items, words, tokens_from=None):
+    def decode_logits(items, words, tokens_from=None, requests=None):
         poisoned = any(table is b.large for table, _ in items for b in reqs[1].beams)
         if poisoned and len(reqs[1].beams[0].token_ids) >= 3:
             failures.append(tokens_from is not None)
             raise RuntimeError("a row this kernel cannot take")
-        return real(items, words, tokens_from)
+        return real(items, words, tokens_from, requests)
     monkeypatch.setattr(engine.large.runner, "decode_logits", decode_logits)
     while engine.has_unfinished():
         engine.step()

@@ -219,8 +219,8 @@ def test_a_beam_search_with_cascade_attention_reads_shared_prefixes_and_gives_th
     grouped = []
     find = decode_graphs.shared_prefix_words
 
-    def spy(tables, lens, block_size, bucket, group):
-        words = find(tables, lens, block_size, bucket, group)
+    def spy(tables, lens, block_size, bucket, group, requests=None):
+        words = find(tables, lens, block_size, bucket, group, requests)
         suffix_starts = static_shared_prefixes(torch.from_numpy(words), bucket, 1,
                                                group).suffix_starts
         grouped.append(int((suffix_starts[:len(lens)] > 0).sum()))   # rows with a prefix
@@ -244,8 +244,9 @@ def test_eft_steps_the_small_models_on_their_static_path_with_the_same_results(m
     calls = []
     for r in runners:
         run = r.graphs.run
-        monkeypatch.setattr(r.graphs, "run", lambda seqs, extra=None, tokens_from=None, run=run:
-                            calls.append(len(seqs)) or run(seqs, extra, tokens_from))
+        monkeypatch.setattr(r.graphs, "run", lambda seqs, extra=None, tokens_from=None,
+                            requests=None, run=run:
+                            calls.append(len(seqs)) or run(seqs, extra, tokens_from, requests))
     params = SearchParams.eft(beta=1.5, n=3, max_new_tokens=10, seed=4)
     same_results(eager, static, params, PROMPTS[:2])
     assert calls and max(calls) == 6      # both prompts' 3 samples in one decode per model

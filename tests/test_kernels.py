@@ -412,6 +412,38 @@ def test_cascade_decode_equals_per_beam_decode(layout, hq, hkv, bs, window, soft
     torch.testing.assert_close(ref_lse, per_beam_lse, atol=1e-5, rtol=1e-5)
 
 
+def test_host_groups_follow_requests_where_that_reads_fewer_blocks():
+    """Prefix caching lets requests share their first blocks. Two requests of four beams on a
+    cached 2-block beginning and 4 blocks of their own prompts: one group by first block
+    would save 7 x 2 block reads a step, one per request 2 x 3 x 6, so the groups follow the
+    requests (as they did before requests shared blocks). Eight one-beam requests on that
+    beginning save nothing apart, so they stay one group. Either way the cascade gives the
+    per-beam attention."""
+    bs = 4
+    rows = [[0, 1, *range(10 + 10 * r, 14 + 10 * r), 100 + 4 * r + b]
+            for r in range(2) for b in range(4)]
+    tables, lens = np.array(rows, dtype=np.int32), np.full(8, 6 * bs + 2, dtype=np.int32)
+
+    def groups(tables, lens, requests):
+        words = shared_prefix_words(tables, lens, bs, 8, 2, requests)
+        return static_shared_prefixes(torch.from_numpy(words), 8, 7 * bs, 2)
+    by_request = groups(tables, lens, np.repeat([0, 1], 4))
+    assert by_request.suffix_starts[:8].tolist() == [6 * bs] * 8
+    assert groups(tables, lens, None).suffix_starts[:8].tolist() == [2 * bs] * 8
+    singles = np.array([[0, 1, 100 + i] for i in range(8)], dtype=np.int32)
+    single_lens = np.full(8, 2 * bs + 3, dtype=np.int32)
+    assert groups(singles, single_lens, np.arange(8)).suffix_starts[:8].tolist() == [2 * bs] * 8
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(200, bs, 2, 16, generator=g)
+    v = torch.randn(200, bs, 2, 16, generator=g)
+    q = torch.randn(8, 4, 16, generator=g)
+    args = (q, k, v, torch.from_numpy(tables), torch.from_numpy(lens), 0.3, None, None)
+    expected, expected_lse = paged_decode_attention_ref(*args)
+    out, lse = cascade_decode_attention_triton(*args, by_request, 2, 2)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=1e-5)
+
+
 def test_host_groups_of_a_bucket_are_find_shared_prefixes_groups_padded():
     rng = np.random.default_rng(0)
     for _ in range(300):

@@ -81,7 +81,7 @@ def test_cached_blocks_are_free_blocks_and_the_least_recently_freed_go_first():
     m.free(a)
     assert m.num_free == 6 and len(m.prefix_cache) == 2
     b = m.new_table()
-    m.append(b, 12)                # takes the 3 never-used blocks first, then a's partial one
+    m.append(b, 12)                # the 3 never-used blocks: the least recently freed
     assert len(m.prefix_cache) == 2
     c = m.new_table()
     assert m.take_cached_prefix(c, list(range(9))) == 8
@@ -92,6 +92,18 @@ def test_cached_blocks_are_free_blocks_and_the_least_recently_freed_go_first():
     assert len(m.prefix_cache) == 0
     m.free(d)
     m.check_all_free()
+
+
+def test_a_freed_prompt_gives_its_last_blocks_first_so_its_beginning_stays_cached():
+    m = BlockManager(num_blocks=4, block_size=BS, prefix_caching=True)
+    a = m.new_table()
+    m.append(a, 13)                # all 4 blocks; 3 full ones named
+    m.cache_prompt(a, list(range(13)))
+    m.free(a)
+    b = m.new_table()
+    m.append(b, 8)                 # 2 blocks: the partial last one and the third
+    c = m.new_table()
+    assert m.take_cached_prefix(c, list(range(13))) == 8    # the first two still read
 
 
 def test_without_prefix_caching_no_block_is_kept_by_its_tokens():

@@ -81,7 +81,8 @@ def test_a_top_k_past_the_vocabulary_is_clamped_and_samples_like_no_top_k(engine
     assert req.params.top_k == engine.runners["large"].shape.vocab_size
     huge, off = engine.search(["I really"], FAST.copy(top_k=10**6))[0], \
         engine.search(["I really"], FAST.copy(top_k=0))[0]
-    assert huge.text == off.text and huge.reward == off.reward
+    # (the reward to rounding: the second reads the prompt the first left in the prefix cache)
+    assert huge.text == off.text and huge.reward == pytest.approx(off.reward, abs=1e-5)
     engine.check_all_free()
 
 
@@ -258,10 +259,10 @@ def test_a_decode_batch_that_fails_for_one_request_is_run_again_alone_and_only_i
     real = engine.large.runner.decode_logits
     reqs = [engine.add_request(p, FAST) for p in ("I really", "POISON", "This film")]
 
-    def decode_logits(items, words, tokens_from=None):
+    def decode_logits(items, words, tokens_from=None, requests=None):
         if any(table is b.large for table, _ in items for b in reqs[1].beams):
             raise RuntimeError("a row this kernel cannot take")
-        return real(items, words, tokens_from)
+        return real(items, words, tokens_from, requests)
     monkeypatch.setattr(engine.large.runner, "decode_logits", decode_logits)
     while engine.has_unfinished():
         engine.step()
@@ -280,10 +281,10 @@ def test_a_decode_batch_too_large_for_the_device_runs_each_request_alone_and_all
     real = engine.large.runner.decode_logits
     rows = FAST.w * FAST.k
 
-    def decode_logits(items, words, tokens_from=None):
+    def decode_logits(items, words, tokens_from=None, requests=None):
         if len(items) > rows:   # as a CUDA out-of-memory error on a batch past one request
             raise RuntimeError("CUDA out of memory")
-        return real(items, words, tokens_from)
+        return real(items, words, tokens_from, requests)
     monkeypatch.setattr(engine.large.runner, "decode_logits", decode_logits)
     results = engine.search(prompts, FAST)
     assert [r.token_ids for r in results] == [r.token_ids for r in expected]

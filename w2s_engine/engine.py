@@ -956,7 +956,8 @@ class Engine:
         requests (queued since the start, cancelled ones included), failed; tokens
         (forwarded per model role); cached_tokens (prompt tokens read from the prefix cache
         instead, per model role); decode_steps; scorings_ahead (scorings read a step later,
-        async scheduling). Both token counts are of the requests that ended."""
+        async scheduling). Both token counts are of the requests that ended (or were
+        preempted, whose work is done again)."""
         used = {"large": self.large.blocks.num_used if self.large.blocks else 0}
         for stream in self.scorer.streams:
             for role in stream.roles:

@@ -61,7 +61,8 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.waiting: deque[SearchRequest] = deque()
         self.running: list[SearchRequest] = []
-        self.totals = Totals(tokens={role: 0 for role in roles})
+        self.totals = Totals(tokens={role: 0 for role in roles},
+                             cached={role: 0 for role in roles})
         self._ended: list[SearchRequest] = []   # since the last take_ended()
 
     def add(self, req: SearchRequest, bounded: bool = True):

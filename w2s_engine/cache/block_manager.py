@@ -199,12 +199,14 @@ class BlockManager:
         """Roll the table back to its first num_tokens positions, releasing blocks past them."""
         assert 0 <= num_tokens <= table.num_tokens
         keep = self.blocks_for(num_tokens)
-        self._release_all(table.blocks[keep:])
+        self._release_all(table.blocks[keep:][::-1])    # last first, as free()
         del table.blocks[keep:]
         table.num_tokens = num_tokens
 
     def free(self, table: BlockTable):
-        self._release_all(table.blocks)
+        # Last block first: the free list hands out the least recently freed, and a cached
+        # prompt is found from its beginning (chained keys), so its end should go first.
+        self._release_all(table.blocks[::-1])
         table.blocks.clear()
         table.num_tokens = 0
 

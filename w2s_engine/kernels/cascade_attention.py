@@ -159,25 +159,55 @@ def static_words(bucket: int, group: int) -> int:
     return 2 * bucket + 3 * max(1, bucket // 2) + 1 + 2 * static_tiles(bucket, group)
 
 
+def _common_runs(key: np.ndarray, tables: np.ndarray, full: np.ndarray):
+    """Rows grouped by key: (group of each row, rows per group, leader per group, the leading
+    blocks every row of a group shares with its leader, cut to the rows' filled blocks)."""
+    n, used = tables.shape
+    _, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
+    leader = np.full(counts.size, n, dtype=np.int64)
+    np.minimum.at(leader, inv, np.arange(n))
+    same = np.cumprod(tables == tables[leader[inv]], axis=1).sum(axis=1)
+    run_of_key = np.full(counts.size, used, dtype=np.int64)
+    np.minimum.at(run_of_key, inv, np.minimum(same, full))
+    return inv, counts, leader, run_of_key
+
+
+def _by_request_where_it_reads_less(key: np.ndarray, requests: np.ndarray,
+                                    tables: np.ndarray, full: np.ndarray) -> np.ndarray:
+    """Group keys that split a first-block group by request where that saves more reads.
+    Requests share their first blocks when one prompt's beginning is another's (prefix
+    caching): grouped by first block, the group's run is only what they all share, and each
+    request's beams read the rest of their own prompt once each; grouped by request, the
+    shared beginning is read once per request. A group's reads saved per step are (rows - 1)
+    x run blocks: each first-block group takes whichever of the two saves more."""
+    inv0, counts0, _, run0 = _common_runs(key, tables, full)
+    sub = inv0 * (int(requests.max()) + 1) + requests      # request groups within each
+    inv1, counts1, leader1, run1 = _common_runs(sub, tables, full)
+    saved_split = np.zeros(counts0.size, dtype=np.int64)
+    np.add.at(saved_split, inv0[leader1], (counts1 - 1) * run1)   # into each one's parent
+    split = saved_split > (counts0 - 1) * run0
+    return np.where(split[inv0], counts0.size + inv1, inv0)
+
+
 def shared_prefix_words(tables: np.ndarray, seq_lens: np.ndarray, block_size: int,
-                        bucket: int, group: int) -> np.ndarray:
+                        bucket: int, group: int, requests: np.ndarray | None = None) \
+        -> np.ndarray:
     """find_shared_prefixes on host arrays (tables [n, used] int32, seq_lens [n]) for a batch
     padded to `bucket` rows, as static_words(bucket, group) int32 words; padding groups are
     empty, padding rows have no prefix, padding tiles no group. Numpy, so a decode step finds
-    its groups without a device op; the same groups as find_shared_prefixes (tested)."""
+    its groups without a device op; the same groups as find_shared_prefixes (tested).
+    requests: [n] ints >= 0, each row's request; with them a first-block group that spans
+    requests is split by request where that reads less (_by_request_where_it_reads_less)."""
     n, used = tables.shape
     g_max = max(1, bucket // 2)
     rows = np.arange(n)
     full = np.minimum(seq_lens.astype(np.int64) // block_size, used)
     eligible = full >= 1
     key = np.where(eligible, tables[:, 0].astype(np.int64), -1 - rows)
-    _, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
-    leader = np.full(counts.size, n, dtype=np.int64)
-    np.minimum.at(leader, inv, rows)
-    same = np.cumprod(tables == tables[leader[inv]], axis=1).sum(axis=1)
-    run = np.minimum(same, full)
-    run_of_key = np.full(counts.size, used, dtype=np.int64)
-    np.minimum.at(run_of_key, inv, run)
+    if requests is not None and n:
+        key = np.where(eligible, _by_request_where_it_reads_less(
+            key, np.asarray(requests, dtype=np.int64), tables, full), -1 - rows)
+    inv, counts, leader, run_of_key = _common_runs(key, tables, full)
     keep_key = (counts >= 2) & (run_of_key >= 1)
     in_group = keep_key[inv] & eligible
     gid = (np.cumsum(keep_key) - 1)[inv]

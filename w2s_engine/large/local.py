@@ -216,9 +216,13 @@ class LocalLarge:
                 if carried:
                     tokens_from = (ahead.sampled,
                                    np.array([pending[id(b)] for _, b in carried], np.int32))
+                # (each row's request: prefix caching shares first blocks across requests)
+                index = {}
+                requests = np.fromiter((index.setdefault(id(r), len(index)) for r, _ in forward),
+                                       dtype=np.int64, count=len(forward))
                 logits, params = self.runner.decode_logits(
                     [(b.large, b.token_ids[-1] if i >= len(carried) else 0)
-                     for i, (_, b) in enumerate(forward)], words, tokens_from)
+                     for i, (_, b) in enumerate(forward)], words, tokens_from, requests)
                 raw.append(logits)
                 eft_started = self.eft is not None
                 rows.append(self._steer(logits, forward, 0, steered, tokens_from))

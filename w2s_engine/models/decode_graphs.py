@@ -100,8 +100,10 @@ class DecodeGraphs:
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def pack(self, seqs: list[tuple[BlockTable, int]], bucket: int) -> tuple[np.ndarray, int]:
-        """(int32 words of the padded rows and their tables, table columns in use)."""
+    def pack(self, seqs: list[tuple[BlockTable, int]], bucket: int,
+             requests: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """(int32 words of the padded rows and their tables, table columns in use).
+        requests: each row's request, which the cascade's groups may follow."""
         bs = self.block_size
         scratch = self.runner.scratch_block
         used = max(len(t.blocks) for t, _ in seqs)
@@ -122,20 +124,22 @@ class DecodeGraphs:
         rows[3, :n] = lengths
         parts = [rows.ravel(), tables.ravel()]
         if self.cascade:
-            parts.append(shared_prefix_words(tables[:n], rows[3, :n], bs, bucket, self.group))
+            parts.append(shared_prefix_words(tables[:n], rows[3, :n], bs, bucket, self.group,
+                                             requests))
         return np.concatenate(parts), used
 
     def run(self, seqs: list[tuple[BlockTable, int]], extra: np.ndarray | None = None,
-            tokens_from: tuple[torch.Tensor, np.ndarray] | None = None):
+            tokens_from: tuple[torch.Tensor, np.ndarray] | None = None,
+            requests: np.ndarray | None = None):
         """Logits [B, V] of each sequence's new token (a view of the static buffer, valid until
         the next run) and the `extra` words on the device (None if none). tokens_from:
         (tokens [P] on the device, rows [m]): the first m rows' tokens are tokens[rows]; the
         rows ride in the upload after the extra words, and one gather writes the tokens
-        into the staged rows before the replay."""
+        into the staged rows before the replay. requests: as pack takes them."""
         n = len(seqs)
         assert 0 < n <= self.max_batch
         bucket = self.bucket(n)
-        words, used = self.pack(seqs, bucket)
+        words, used = self.pack(seqs, bucket, requests)
         head = words.size
         extra_size = 0 if extra is None else extra.size
         rows = None if tokens_from is None else tokens_from[1].astype(np.int32)

@@ -276,15 +276,18 @@ class ModelRunner:
         return self.forward(batch), offsets
 
     def decode_logits(self, seqs: list[tuple[BlockTable, int]], extra: np.ndarray | None = None,
-                      tokens_from: tuple[torch.Tensor, np.ndarray] | None = None):
+                      tokens_from: tuple[torch.Tensor, np.ndarray] | None = None,
+                      requests: np.ndarray | None = None):
         """Logits [B, V] fp32 of one new token per sequence (tables already appended), and
         `extra` int32 words (sampling parameters, say) on the device, from the same upload.
         tokens_from: (tokens [P] on the device, rows [m]): the first m sequences' tokens are
         tokens[rows] (a step still in flight sampled them), not the ones in seqs.
         On static buffers (a CUDA graph per bucket) when the runner has DecodeGraphs and the
-        batch fits them; else an eager forward. The logits are valid until the next decode."""
+        batch fits them; else an eager forward. The logits are valid until the next decode.
+        requests: each sequence's request (ints), which cascade attention's groups may follow
+        (DecodeGraphs.pack)."""
         if self.graphs is not None and len(seqs) <= self.graphs.max_batch:
-            return self.graphs.run(seqs, extra, tokens_from)
+            return self.graphs.run(seqs, extra, tokens_from, requests)
         # The extra words and the carried rows' indices in one upload beside the batch's.
         extra_size = 0 if extra is None else extra.size
         rows = None if tokens_from is None else tokens_from[1]
