@@ -271,8 +271,7 @@ def test_warm_up_runs_a_prefill_decodes_and_a_scored_chunk_and_holds_nothing(mod
     decodes = []
     decode = static.runners["large"].graphs.run
     monkeypatch.setattr(static.runners["large"].graphs, "run",
-                        lambda seqs, extra=None, tokens_from=None:
-                        decodes.append(len(seqs)) or decode(seqs, extra, tokens_from))
+                        lambda seqs, *rest: decodes.append(len(seqs)) or decode(seqs, *rest))
     static.warm_up()
     assert (4, 16, 2) in shapes and decodes    # 4 candidates' chunks of 2 tokens, scored
     static.check_all_free()
