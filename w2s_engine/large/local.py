@@ -216,10 +216,13 @@ class LocalLarge:
                 if carried:
                     tokens_from = (ahead.sampled,
                                    np.array([pending[id(b)] for _, b in carried], np.int32))
-                # (each row's request: prefix caching shares first blocks across requests)
-                index = {}
-                requests = np.fromiter((index.setdefault(id(r), len(index)) for r, _ in forward),
-                                       dtype=np.int64, count=len(forward))
+                # Each row's request, for the cascade's groups (prefix caching shares first
+                # blocks across requests); only they read it.
+                requests = None
+                if getattr(self.runner.graphs, "cascade", False):
+                    index = {}
+                    requests = np.fromiter((index.setdefault(id(r), len(index))
+                                            for r, _ in forward), np.int64, count=len(forward))
                 logits, params = self.runner.decode_logits(
                     [(b.large, b.token_ids[-1] if i >= len(carried) else 0)
                      for i, (_, b) in enumerate(forward)], words, tokens_from, requests)
