@@ -63,11 +63,19 @@ def overlap_length(xs: list[tuple[float, float]], ys: list[tuple[float, float]])
     return total
 
 
+def host_span(events: list, region: str) -> dict:
+    """The host's range named `region`: with CUDA activities the profiler also records a
+    device-side copy of each annotation (cat gpu_user_annotation, the device's part of it),
+    which may come first in the trace."""
+    return next(e for e in events if e.get("name") == region and e.get("ph") == "X"
+                and e.get("cat") != "gpu_user_annotation")
+
+
 def busy_outside(trace: dict, region: str, device: list, phase: str) -> float | None:
     """Busy fraction of the region's time outside `phase` (its host and device ranges):
     issue 16's "a profiled decode step", with the prompts' prefill left out."""
     events = trace["traceEvents"]
-    span = next(e for e in events if e.get("name") == region and e.get("ph") == "X")
+    span = host_span(events, region)
     lo, hi = span["ts"], span["ts"] + span["dur"]
     out = merged([(max(lo, e["ts"]), min(hi, e["ts"] + e["dur"])) for e in events
                   if e.get("name") == phase and e.get("ph") == "X"])
@@ -115,7 +123,7 @@ def idle_by_phase(trace: dict, region: str, device: list) -> dict[str, float]:
     host range open meanwhile (the engine's ranges nest on one thread): what the GPU waited
     on. Time outside every named range goes to BETWEEN_PHASES."""
     events = trace["traceEvents"]
-    span = next(e for e in events if e.get("name") == region and e.get("ph") == "X")
+    span = host_span(events, region)
     lo, hi = span["ts"], span["ts"] + span["dur"]
     idle, t = [], lo
     for a, b in merged([(max(lo, e["ts"]), min(hi, e["ts"] + e["dur"])) for e in device]):
@@ -151,7 +159,7 @@ def idle_by_phase(trace: dict, region: str, device: list) -> dict[str, float]:
 def busy_fraction(trace: dict, region: str) -> tuple[float, float, list]:
     """(busy fraction, wall us, device events) of the trace's `region` range."""
     events = trace["traceEvents"]
-    span = next(e for e in events if e.get("name") == region and e.get("ph") == "X")
+    span = host_span(events, region)
     lo, hi = span["ts"], span["ts"] + span["dur"]
     device = [e for e in events if e.get("cat") in DEVICE_CATEGORIES and e.get("ph") == "X"
               and lo <= e["ts"] <= hi]

@@ -1,6 +1,6 @@
 """bench/profile_step.py's reading of a profiler trace: what the GPU waited on."""
 
-from bench.profile_step import BETWEEN_PHASES, idle_by_phase, phase_detail
+from bench.profile_step import BETWEEN_PHASES, busy_fraction, idle_by_phase, phase_detail
 
 
 def host(name, ts, dur):
@@ -50,3 +50,13 @@ def test_a_phase_is_described_per_occurrence_by_its_host_time_launches_device_wo
         "occurrences": 2, "host_ms": 0.03, "launches": 2.0, "device_busy_ms": 0.015,
         "runtime_ms": {"cudaStreamSynchronize": 0.004, "cudaLaunchKernel": 0.002}}
     assert phase_detail(trace, device, "w2s.select") is None
+
+
+def test_the_busy_fraction_is_of_the_host_span_not_its_device_side_copy():
+    # The profiler's device-side copy of the search's annotation (20 us of kernels) comes
+    # first in the trace; the search itself took 100 us, busy 30 of them.
+    trace = {"traceEvents": [
+        {"name": "w2s_search", "ph": "X", "cat": "gpu_user_annotation", "ts": 10, "dur": 20},
+        host("w2s_search", 0, 100), kernel(10, 20), kernel(50, 10)]}
+    busy, wall, device = busy_fraction(trace, "w2s_search")
+    assert wall == 100 and busy == 0.3 and len(device) == 2
