@@ -612,10 +612,8 @@ class Engine:
                         r.start(self.kv)
         except Exception as e:
             for r in requests:
-                r.free_all(self.kv)
-                r.prefilled, r.next_beam_id, r.status = 0, 0, RequestStatus.PREFILLING
-                r.stats.tokens_forwarded = {}   # its prompt's work is redone from the start
-                r.stats.cached_prompt_tokens = {}
+                r.start_over(self.kv)   # its prompt's work is redone from the start
+                r.status = RequestStatus.PREFILLING
             raise BatchFailed(retryable=True) from e
         return []
 

@@ -11,7 +11,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from w2s_engine.cache.kv_budget import KVBudget
-from w2s_engine.outputs import SearchStats
 from w2s_engine.search.request import KVSpace, RequestStatus, SearchRequest
 
 
@@ -147,13 +146,11 @@ class Scheduler:
         """A running request gives back its blocks and reservation and waits at the head of
         the queue, to run again from its prompt (recomputed: its seed gives the same search).
         Its reservation keeps what it grew to, so that it is not stopped there again."""
-        req.free_all(self.kv)
         self.budget.release(req.reserved)
         self._count_work(req)     # the work done counts
         self.running.remove(req)
-        req.status, req.waits_for_room = RequestStatus.WAITING, None
-        req.prefilled, req.next_beam_id, req.trace = 0, 0, []
-        req.stats = SearchStats(prompt_tokens=req.stats.prompt_tokens)
+        req.start_over(self.kv)
+        req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
 
     def _count_work(self, req: SearchRequest):

@@ -262,6 +262,13 @@ class SearchRequest:
         self.root_logits = None
         self.token_logprobs = {}
 
+    def start_over(self, kv: KVSpace):
+        """Back to before its prefill, to run again from its prompt (a failed prefill batch, a
+        preemption): no blocks, beam ids (which seed sampling) from 0, no work counted."""
+        self.free_all(kv)
+        self.prefilled, self.next_beam_id, self.trace, self.waits_for_room = 0, 0, [], None
+        self.stats = SearchStats(prompt_tokens=self.stats.prompt_tokens)
+
     def record_peak(self, stream_roles: list[tuple[str, ...]]):
         """Blocks held by the current candidates, per model (shared blocks counted once).
         Called when every candidate holds its whole chunk in every model: the peak moment."""
