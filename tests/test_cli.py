@@ -119,6 +119,7 @@ def torch_has_cuda() -> bool:
     (["search", "x", "--method", "eft", "--w", "3", "--l", "2"], "--w, --l: --method eft does not"),
     (["search", "x", "--method", "best_of_n", "--beta", "2"], "--beta: --method best_of_n"),
     (["search", "x", "--max-new-tokens", "0"], "--max-new-tokens=0"),
+    (["search", "x", "--stop-token-ids", "-3"], "--stop-token-ids=[-3]: must be a list"),
     (["search", "x", "--stream", "--json"], "use one"),
     (["search", "x", "--method", "base", "--k", "3", "--stream"], "leave --stream out"),
     (["search", "x", "--method", "base", "--large-model", "m"], "leave --large-model out"),
@@ -411,6 +412,9 @@ def test_what_a_black_box_large_model_cannot_run_is_named_by_its_flag(tiny_dirs,
     assert code == 2 and err.startswith("w2s: error: --method='eft' mixes"), err
     code, err = main_fails(capsys, ["search", "x", *remote, "--min-p", "0.1"])
     assert code == 2 and err.startswith("w2s: error: --min-p=0.1: the large model is a black"), err
+    code, err = main_fails(capsys, ["search", "x", *remote, "--stop-token-ids", "5", "9"])
+    assert code == 2 and err.startswith("w2s: error: --stop-token-ids=[5, 9]: the large model "
+                                        "is a black"), err
 
 
 

@@ -212,3 +212,48 @@ def test_a_cross_vocabulary_search_reads_each_models_own_cached_prompt(tok, smal
     assert again.reward == pytest.approx(first.reward, abs=1e-4)
     engine.check_all_free()
 
+
+
+def count_forwarded(engine, monkeypatch) -> dict:
+    """Tokens each small model forwards from now on: {role: count}."""
+    counts = {}
+    for stream in engine.scorer.streams:
+        for role, runner in stream.runners.items():
+            counts[role] = 0
+
+            def forward(batch, runner=runner, role=role, original=runner.forward):
+                counts[role] += batch.input_ids.numel()
+                return original(batch)
+            monkeypatch.setattr(runner, "forward", forward)
+    return counts
+
+
+def test_scoring_many_responses_to_one_prompt_forwards_the_prompt_once(
+        tok, small_pair, monkeypatch):
+    """score() of N responses to one prompt (reranking N samples): the prompt's full blocks are
+    forwarded once, the other N - 1 read them, and every reward is the from-scratch one."""
+    responses = [" a dog", " the man and his dog", " nothing at all", " a cat finds a dog"]
+    engine = make_engine(tok, small_pair)
+    forwarded = count_forwarded(engine, monkeypatch)
+    rewards = engine.score([PROMPT] * len(responses), responses)
+    uncached = make_engine(tok, small_pair, prefix_caching=False)
+    forwarded_uncached = count_forwarded(uncached, monkeypatch)
+    assert uncached.score([PROMPT] * len(responses), responses) == pytest.approx(rewards,
+                                                                                 abs=1e-5)
+    small_len = len(tok(SMALL_TEMPLATE.replace("{prompt}", PROMPT),
+                        add_special_tokens=False)["input_ids"])
+    saved = (len(responses) - 1) * blocks_below(small_len, 4)
+    assert saved > 0
+    for role in ("tuned", "untuned"):
+        assert forwarded[role] == forwarded_uncached[role] - saved
+    for r, response in zip(rewards, responses):
+        assert r == pytest.approx(scratch_reward(small_pair, tok, PROMPT, response, True),
+                                  abs=1e-4)
+    # A later call reads the prompt too, and a search after it.
+    before = dict(forwarded)
+    engine.score([PROMPT], [" one more"])
+    assert forwarded["tuned"] - before["tuned"] < small_len
+    res = engine.search([PROMPT], PARAMS)[0]
+    assert res.stats.cached_prompt_tokens["tuned"] == blocks_below(small_len, 4)
+    engine.check_all_free()
+    uncached.check_all_free()

@@ -977,6 +977,55 @@ def test_min_tokens_holds_back_eos_and_stop_strings_until_then(engine, tok):
     engine.check_all_free()
 
 
+def test_a_stop_token_id_ends_a_response_as_eos_does_and_is_scored_as_its_end(engine, tok,
+                                                                             small_pair):
+    """vLLM's stop_token_ids (Llama-3's <|eot_id|> where the model's EOS is another): the
+    token ends the response, is not in its tokens or text, and the small models score it as
+    the response's end, as an EOS id sampled; ignore_eos leaves it on."""
+    common = dict(max_new_tokens=9, seed=2, temperature=1.0, logit_bias={7: 4.0})
+    for params in (SearchParams.cbs(2, 2, 3, **common),
+                   SearchParams.eft(beta=1.5, n=3, **common)):
+        free = engine.search(["I really"], params)[0].hypotheses
+        assert any(7 in h.token_ids for h in free), params.method   # it is sampled
+        for ignore_eos in (False, True):
+            stopped = params.copy(stop_token_ids=[7], ignore_eos=ignore_eos)
+            hyps = engine.search(["I really"], stopped)[0].hypotheses
+            ended = [h for h in hyps if h.finish_reason == "stop"]
+            assert ended, params.method
+            for h in hyps:
+                assert 7 not in h.token_ids and h.text == tok.decode(h.token_ids)
+            for h in ended:
+                assert h.reward == pytest.approx(scratch_reward(
+                    small_pair, tok, "I really", h.small_token_ids + [7], False), abs=1e-4)
+    engine.check_all_free()
+
+
+def test_min_tokens_holds_back_stop_token_ids_until_then(engine):
+    forced = SearchParams.cbs(2, 2, 3, max_new_tokens=10, seed=1, logit_bias={77: 100.0},
+                              stop_token_ids=[77])
+    assert {(len(h.token_ids), h.finish_reason)
+            for h in engine.search(["I really"], forced)[0].hypotheses} == {(0, "stop")}
+    for ignore_eos in (False, True):   # (ignore_eos bans no EOS, but the stop ids still)
+        held = engine.search(["I really"], forced.copy(min_tokens=4, ignore_eos=ignore_eos))[0]
+        assert [(len(h.token_ids), h.finish_reason) for h in held.hypotheses] == \
+            [(4, "stop")] * 2
+        assert all(77 not in h.token_ids for h in held.hypotheses)
+    engine.check_all_free()
+
+
+def test_stop_token_ids_outside_the_large_vocabulary_or_not_ids_are_refused(engine):
+    base = SearchParams.base(max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"stop_token_ids=300: not a token id of the large "
+                                         r"model, whose vocabulary is \[0, 300\)"):
+        engine.search(["I really"], base.copy(stop_token_ids=[5, 300]))
+    for bad in ([-1], ["7"], [True], 7, list(range(65))):
+        with pytest.raises(ValueError, match="stop_token_ids=.*must be a list of at most 64"):
+            engine.search(["I really"], base.copy(stop_token_ids=bad))
+    req = engine.make_request("I really", base.copy(stop_token_ids=(9, 9, 5)))
+    assert req.params.stop_token_ids == [5, 9]
+    engine.check_all_free()
+
+
 def test_a_stop_string_inside_a_long_token_cuts_at_its_first_match():
     tok = make_tokenizer(300)
     tok.add_tokens(["\n" + " " * 40, "b" + "-" * 30])   # as real vocabularies' long runs

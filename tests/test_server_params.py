@@ -199,6 +199,28 @@ def test_stop_seed_user_and_ignore_eos(server):
     assert server.client.completions.create(**base).usage.completion_tokens == 12
 
 
+def test_stop_token_ids_end_a_response_as_the_python_apis_and_bad_ones_are_refused(server):
+    engine = tiny_engine()      # the same models (the server's engine is its loop thread's)
+    body = dict(prompt="I really", max_tokens=10, seed=3, temperature=1.0)
+    free = server.client.completions.create(model="tiny", **body,
+                                            extra_body={"method": "base", "ignore_eos": True})
+    ids = engine.search(["I really"], SearchParams.base(max_new_tokens=10, seed=3,
+                                                        temperature=1.0, ignore_eos=True))[0]
+    assert free.choices[0].text == ids.text and len(ids.token_ids) == 10
+    stop_id = ids.token_ids[3]          # a token it samples: the response ends before it
+    cut = server.client.completions.create(
+        model="tiny", **body,
+        extra_body={"method": "base", "ignore_eos": True, "stop_token_ids": [stop_id]})
+    first = ids.token_ids.index(stop_id)
+    assert cut.choices[0].text == engine.large_tokenizer.decode(ids.token_ids[:first])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens == first
+    for value in ([10**6], [-1], ["7"], 7, [1.5]):
+        code, payload = post(server, "/v1/completions", {"prompt": "x", "stop_token_ids": value})
+        assert code == 400 and payload["error"]["param"].startswith("stop_token_ids"), payload
+    engine.check_all_free()
+
+
 @pytest.mark.parametrize("field, value", [
     ("response_format", {"type": "json_object"}), ("suffix", "x"),
     ("stream_options", {"include_usage": True}),
@@ -334,7 +356,6 @@ def test_completions_on_a_chat_server_apply_no_chat_template():
 
 
 @pytest.mark.parametrize("path, field, value", [
-    ("/v1/completions", "stop_token_ids", [5]),
     ("/v1/completions", "include_stop_str_in_output", True),
     ("/v1/completions", "bad_words", ["x"]),
     ("/v1/completions", "allowed_token_ids", [1, 2]),

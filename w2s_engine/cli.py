@@ -27,7 +27,7 @@ SAMPLING_FLAGS = (
     ("presence_penalty", float, "-2 to 2, 0 is off"),
     ("frequency_penalty", float, "-2 to 2, 0 is off"),
     ("repetition_penalty", float, "above 1 discourages repeats, 1.0 is off"),
-    ("min_tokens", int, "no EOS or stop string before this many tokens"),
+    ("min_tokens", int, "no EOS, stop token or stop string before this many tokens"),
 )
 
 
@@ -48,6 +48,8 @@ def _add_search_args(p: argparse.ArgumentParser):
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(DEFAULTS, name),
                        help=help_)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop-token-ids", type=int, nargs="+", default=[], metavar="ID",
+                   help="large-model token ids that end a response as EOS does (vLLM's)")
     p.add_argument("--seed", type=int, default=None,
                    help="same seed, same results (default: a random seed)")
 
@@ -55,7 +57,7 @@ def _add_search_args(p: argparse.ArgumentParser):
 def params_from_args(args):
     from w2s_engine.params import SearchParams
     common = {name: getattr(args, name) for name, _, _ in SAMPLING_FLAGS}
-    common.update(seed=args.seed, stop=args.stop)
+    common.update(seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_ids)
     # A flag the method does not use is refused, not ignored (as the server does).
     unused = [flag for flag, value, used in [
         ("--w", args.w, args.method == "cbs" or args.w == 1),
@@ -79,7 +81,7 @@ def params_from_args(args):
 
 # The SearchParams fields that have a flag of their own ("--" + the field, dashed).
 PARAM_FLAGS = {name for name, _, _ in SAMPLING_FLAGS} | {"method", "w", "k", "l", "beta",
-                                                          "seed", "stop"}
+                                                          "seed", "stop", "stop_token_ids"}
 
 
 def flag_error(e: InvalidParam, params_rule: bool = False) -> UserError:

@@ -256,7 +256,7 @@ class Engine:
         self.eft_refusal = self._eft_refusal(remote)
         if self.eft_refusal is None:
             self.large.eft = EFT(self.scorer.eft_stream, len(self.large.tokenizer),
-                                 self.large.eos_ids, implicit.weight)
+                                 implicit.weight)
             if eft_graphs:
                 for runner in self.scorer.eft_stream.runners.values():
                     with full_fp32_matmuls(self.matmul_dtype):

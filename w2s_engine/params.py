@@ -22,6 +22,7 @@ MAX_LOGIT_BIAS = 1024        # token ids one request may bias (OpenAI allows 300
 MAX_LOGPROBS = 20            # alternatives per token (OpenAI's and vLLM's default bound)
 MAX_STOP_STRINGS = 16        # each is searched for after every sampled token
 MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64      # vLLM's stop_token_ids: a set looked up per sampled token
 
 
 class InvalidParam(ValueError):
@@ -80,8 +81,12 @@ class SearchParams:
     min_p: float = 0.0           # 0.0 = off; keeps tokens >= min_p x the most likely one's
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # vLLM's: large-model token ids that end a response as its EOS does (the token is not
+    # in the text, and is scored as the response's end where the small models share the
+    # vocabulary); ignore_eos leaves them on.
+    stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    min_tokens: int = 0          # vLLM's: no EOS and no stop string before this many tokens
+    min_tokens: int = 0          # vLLM's: no EOS, stop token or stop string before this many
     # Penalties on tokens already there (vLLM's and OpenAI's rules, before temperature):
     # presence and frequency on the response's tokens (logit - presence - frequency * count),
     # repetition on the prompt's and the response's (a logit > 0 divided by it, < 0 times it).
@@ -137,6 +142,12 @@ class SearchParams:
         """Penalties or biases change this request's logits before sampling."""
         return bool(self.presence_penalty or self.frequency_penalty
                     or self.repetition_penalty != 1.0 or self.logit_bias)
+
+    @property
+    def stops_on_a_token(self) -> bool:
+        """Some token ends a response when sampled: the model's EOS (unless ignore_eos), or a
+        stop token id."""
+        return not self.ignore_eos or bool(self.stop_token_ids)
 
     @property
     def uses_small_models(self) -> bool:
@@ -216,6 +227,12 @@ class SearchParams:
         self.stop = list(self.stop)
         for s in self.stop:
             check_text("stop", s)
+        if not isinstance(self.stop_token_ids, (list, tuple)) or len(
+                self.stop_token_ids) > MAX_STOP_TOKEN_IDS or not all(
+                is_int(t) and 0 <= t <= MAX_INT for t in self.stop_token_ids):
+            bad("stop_token_ids", f"must be a list of at most {MAX_STOP_TOKEN_IDS} token ids "
+                                  "(integers >= 0, of the large model's vocabulary)")
+        self.stop_token_ids = sorted({int(t) for t in self.stop_token_ids})
         for name in ("ignore_eos", "trace"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be True or False")

@@ -84,12 +84,16 @@ class LocalLarge:
     def check_params(self, params: SearchParams):
         """Fit the parameters to this model's vocabulary: a top_k at or past it keeps every
         token, as transformers' top-k warper does (clamped, not refused); a logit_bias id
-        past it is refused."""
+        or stop token id past it is refused."""
         vocab = self.runner.shape.vocab_size
         params.top_k = min(params.top_k, vocab)
         for token in params.logit_bias:
             if token >= vocab:
                 raise InvalidParam(f"logit_bias.{token}", token, "not a token id of the large "
+                                   f"model, whose vocabulary is [0, {vocab})")
+        for token in params.stop_token_ids:
+            if token >= vocab:
+                raise InvalidParam("stop_token_ids", token, "not a token id of the large "
                                    f"model, whose vocabulary is [0, {vocab})")
 
     def encode_prompt(self, text: str, special: bool, max_new_tokens: int) -> list[int]:

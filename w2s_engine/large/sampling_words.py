@@ -43,9 +43,9 @@ def sampling_words(order, ahead: int = 0) -> np.ndarray:
 
 
 def before_min_tokens(p, b, in_flight: bool = False) -> bool:
-    """The beam may not end yet: its EOS is banned (min_tokens). in_flight: it has one token
-    more than it has recorded."""
-    return len(b.token_ids) + in_flight < p.min_tokens and not p.ignore_eos
+    """The beam may not end yet: its EOS and stop token ids are banned (min_tokens).
+    in_flight: it has one token more than it has recorded."""
+    return len(b.token_ids) + in_flight < p.min_tokens and p.stops_on_a_token
 
 
 def adjustment_words(order, eos_ids, in_flight: list[int] = ()) \
@@ -62,7 +62,7 @@ def adjustment_words(order, eos_ids, in_flight: list[int] = ()) \
     holds their last token, which the host has not read yet (adjustment_tensors gathers it)."""
     # Most steps have no such row: answer that per request, not per beam.
     requests = {id(r): r.params for r, _ in order}.values()
-    if not any(p.adjusts_logits or (p.min_tokens and not p.ignore_eos) for p in requests):
+    if not any(p.adjusts_logits or (p.min_tokens and p.stops_on_a_token) for p in requests):
         return None
     ahead = len(in_flight)
     picked = [(i, r, b) for i, (r, b) in enumerate(order)
@@ -74,7 +74,8 @@ def adjustment_words(order, eos_ids, in_flight: list[int] = ()) \
         p = r.params
         bias = dict(p.logit_bias)
         if before_min_tokens(p, b, i < ahead):
-            bias.update((e, float("-inf")) for e in eos_ids)
+            ended_by = p.stop_token_ids if p.ignore_eos else [*eos_ids, *p.stop_token_ids]
+            bias.update((e, float("-inf")) for e in ended_by)
         penalised = p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
         response = b.token_ids if penalised else []
         if penalised and i < ahead:

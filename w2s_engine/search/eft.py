@@ -33,13 +33,11 @@ class Steered:
 
 class EFT:
 
-    def __init__(self, stream: SmallStream, vocab_size: int, large_eos: set[int],
-                 weight: float = 1.0):
+    def __init__(self, stream: SmallStream, vocab_size: int, weight: float = 1.0):
         assert stream.roles == ("tuned", "untuned"), "EFT needs both models on one stream"
         self.stream = stream
         self.weight = weight           # the implicit reward's, in the reported reward
         self.vocab_size = vocab_size   # the large tokenizer's; the small models' logits are cut to it
-        self.large_eos = large_eos
 
     def steer(self, logits: torch.Tensor, items: list, row_offset: int = 0,
               in_flight: tuple[torch.Tensor, np.ndarray] | None = None):
@@ -107,7 +105,7 @@ class EFT:
             if skip(s):
                 continue
             b, t = s.beam, tokens[s.row]
-            if b.finished and b.finish_reason == "stop" and t in self.large_eos:
+            if b.finished and b.eos_token == t:   # an EOS or stop token id ended it
                 b.eos_term = term
             else:
                 b.small[0].add_pending(t, term)

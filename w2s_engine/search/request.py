@@ -160,11 +160,13 @@ class SearchRequest:
         return self.status is RequestStatus.RUNNING and not self.generating
 
     def record_token(self, beam: Beam, token: int, eos_ids: set[int], text_of) -> None:
-        """Add a sampled token; mark the beam finished on EOS, a stop string or the length cap."""
+        """Add a sampled token; mark the beam finished on EOS or a stop token id (neither is
+        added: it is not text, and the scorer scores it as the end), a stop string or the
+        length cap."""
         p = self.params
         beam.chunk_tokens += 1
         self.stats.tokens_sampled += 1
-        if token in eos_ids and not p.ignore_eos:
+        if (token in eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             beam.finished, beam.finish_reason, beam.eos_token = True, "stop", token
             return
         beam.token_ids.append(token)

@@ -77,9 +77,22 @@ class SmallStream:
         return tuple(self.runners)
 
     def prefill(self, states: list[SmallState]):
-        """Forward the whole prompt of fresh states (ids set, table empty)."""
-        while not all(prompt_in(st) for st in states):
-            self.prefill_chunk(states, self.max_batch_tokens)
+        """Forward the whole prompt of fresh states (ids set, table empty), each starting
+        from what the prefix cache holds of it. A prompt met twice here (score() of many
+        responses to one prompt) is forwarded once: the first of each goes first, and the
+        others then read its blocks, all but its last token (whose hidden state each needs)."""
+        seen, first, again = set(), [], []
+        for st in states:
+            key = tuple(st.ids)
+            (again if key in seen else first).append(st)
+            seen.add(key)
+        for part in (first, again):
+            for st in part:
+                self.blocks.take_cached_prefix(st.table, st.ids)
+            while not all(prompt_in(st) for st in part):
+                self.prefill_chunk(part, self.max_batch_tokens)
+            for st in part:
+                self.blocks.cache_prompt(st.table, st.ids)
 
     def prefill_chunk(self, states: list[SmallState], max_tokens: int):
         """Forward the next chunk of these states' prompts (in order, max_tokens in all, one
