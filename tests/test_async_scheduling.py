@@ -97,6 +97,12 @@ SEARCHES = {
                                                    frequency_penalty=1.5, logit_bias={EOS: 2.5}),
     # EFT's small models are fed the token in flight too
     "eft": SearchParams.eft(beta=1.5, n=2, max_new_tokens=12, seed=6, logit_bias={EOS: 2.0}),
+    # stop token ids (vLLM's) end beams as EOS does, and min_tokens bans them until then
+    "cbs-stop-token-ids": SearchParams.cbs(2, 3, 4, max_new_tokens=24, seed=5, ignore_eos=True,
+                                           stop_token_ids=[7], logit_bias={7: 3.0}),
+    "eft-stop-token-ids-min-tokens": SearchParams.eft(beta=1.5, n=3, max_new_tokens=16, seed=6,
+                                                      min_tokens=4, stop_token_ids=[7],
+                                                      logit_bias={7: 3.0}),
 }
 
 
@@ -108,7 +114,7 @@ def test_async_scheduling_gives_the_same_search_results(models, search, static):
     want = run(make_engine(models, **config), params, logprobs=2)
     got = run(make_engine(models, async_scheduling=True, **config), params, logprobs=2)
     assert_same(want, got)
-    if search.startswith("cbs-eos"):    # the case this test is for did happen
+    if search.startswith(("cbs-eos", "cbs-stop-token")):   # the case it is for did happen
         assert any(h.finish_reason == "stop" and 0 < len(h.token_ids) for r in want
                    for h in r.hypotheses)
 
