@@ -1013,6 +1013,53 @@ def test_min_tokens_holds_back_stop_token_ids_until_then(engine):
     engine.check_all_free()
 
 
+def test_include_stop_str_in_output_keeps_the_stop_string_and_scores_the_text_returned(
+        engine, tok):
+    """vLLM's include_stop_str_in_output: the text ends with the stop string that ended it,
+    the rewards are score()'s of that text, and stop_reason names what ended each
+    hypothesis."""
+    free = SearchParams.base(n=3, max_new_tokens=12, seed=7, temperature=1.0, ignore_eos=True)
+    texts = [h.text for h in engine.search(["I really"], free)[0].hypotheses]
+    stop = next(c for c in texts[0][1:] if c.isalnum())
+    longer = stop + texts[0][texts[0].find(stop) + 1:][:1]   # starts where `stop` does
+    for stops in ([stop], [stop, longer], [longer, stop]):
+        cut = engine.search(["I really"], free.copy(stop=stops))[0].hypotheses
+        kept = engine.search(["I really"], free.copy(
+            stop=stops, include_stop_str_in_output=True))[0].hypotheses
+        for text, c, k in zip(texts, cut, kept):
+            assert c.token_ids == k.token_ids and c.finish_reason == k.finish_reason
+            if c.finish_reason == "stop":
+                s = c.stop_reason
+                assert s in stops and text.startswith(s, len(c.text)) and k.stop_reason == s
+                assert k.text == c.text + s and text.startswith(k.text)
+            else:
+                assert k.text == c.text == text and c.stop_reason is None
+        assert cut[0].finish_reason == "stop"
+    common = sorted({c for t in texts for c in t if c.isascii() and c.isalnum()})[:8]
+    params = SearchParams.cbs(2, 2, 3, max_new_tokens=12, seed=7, temperature=1.0,
+                              stop=common, include_stop_str_in_output=True)
+    res = engine.search(["I really"], params)[0]
+    assert any(h.stop_reason in common and h.text.endswith(h.stop_reason)
+               for h in res.hypotheses)
+    for h in res.hypotheses:
+        assert h.reward == pytest.approx(engine.score(
+            ["I really"], [h.small_token_ids], finished=h.finished)[0], abs=1e-4)
+        if h.stop_reason is not None:   # the tokens scored are those of the text returned
+            assert h.small_token_ids == tok(h.text, add_special_tokens=False)["input_ids"]
+    # a stop token id is its own stop_reason; EOS and the length cap have none (vLLM's)
+    eos = min(engine.large.eos_ids)
+    by_id = engine.search(["I really"], SearchParams.base(
+        n=2, max_new_tokens=6, seed=1, logit_bias={9: 100.0}, stop_token_ids=[9]))[0]
+    by_eos = engine.search(["I really"], SearchParams.base(
+        n=2, max_new_tokens=6, seed=1, logit_bias={eos: 100.0}, stop_token_ids=[9]))[0]
+    capped = engine.search(["I really"], SearchParams.base(max_new_tokens=3, seed=1,
+                                                           ignore_eos=True))[0]
+    assert [h.stop_reason for h in by_id.hypotheses] == [9, 9]
+    assert [h.stop_reason for h in by_eos.hypotheses] == [None, None]
+    assert by_eos.finish_reason == "stop" and capped.hypotheses[0].stop_reason is None
+    engine.check_all_free()
+
+
 def test_stop_token_ids_outside_the_large_vocabulary_or_not_ids_are_refused(engine):
     base = SearchParams.base(max_new_tokens=4)
     with pytest.raises(ValueError, match=r"stop_token_ids=300: not a token id of the large "

@@ -204,7 +204,8 @@ def test_the_engines_own_server_is_a_black_box_large_model_for_another_engine():
         assert forced.hypotheses[0].num_tokens == 6     # the server's count (no ids here)
         # A server's penalties would count only the chunk each call writes: refused.
         for field, value in [("presence_penalty", 0.5), ("repetition_penalty", 1.2),
-                             ("min_p", 0.1), ("min_tokens", 2), ("stop_token_ids", [5])]:
+                             ("min_p", 0.1), ("min_tokens", 2), ("stop_token_ids", [5]),
+                             ("include_stop_str_in_output", True)]:
             with pytest.raises(ValueError, match=f"{field}=.*black box"):
                 searcher.search(["I really"], SearchParams(**{field: value}))
         searcher.check_all_free()

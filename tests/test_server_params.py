@@ -196,6 +196,17 @@ def test_stop_seed_user_and_ignore_eos(server):
     cut = server.client.completions.create(**base, stop=[stop])
     assert cut.choices[0].text == text[:text.find(stop)]
     assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].model_extra["stop_reason"] == stop
+    # vLLM's include_stop_str_in_output, whole and streamed
+    kept = server.client.completions.create(
+        **{**base, "extra_body": {**base["extra_body"], "include_stop_str_in_output": True}},
+        stop=[stop])
+    assert kept.choices[0].text == text[:text.find(stop) + 1]
+    chunks = list(server.client.completions.create(
+        **{**base, "extra_body": {**base["extra_body"], "include_stop_str_in_output": True}},
+        stop=[stop], stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == kept.choices[0].text
+    assert chunks[-1].choices[0].model_extra["stop_reason"] == stop
     assert server.client.completions.create(**base).usage.completion_tokens == 12
 
 
@@ -215,6 +226,8 @@ def test_stop_token_ids_end_a_response_as_the_python_apis_and_bad_ones_are_refus
     assert cut.choices[0].text == engine.large_tokenizer.decode(ids.token_ids[:first])
     assert cut.choices[0].finish_reason == "stop"
     assert cut.usage.completion_tokens == first
+    assert cut.choices[0].model_extra["stop_reason"] == stop_id      # vLLM's field
+    assert free.choices[0].model_extra["stop_reason"] is None
     for value in ([10**6], [-1], ["7"], 7, [1.5]):
         code, payload = post(server, "/v1/completions", {"prompt": "x", "stop_token_ids": value})
         assert code == 400 and payload["error"]["param"].startswith("stop_token_ids"), payload
@@ -356,7 +369,6 @@ def test_completions_on_a_chat_server_apply_no_chat_template():
 
 
 @pytest.mark.parametrize("path, field, value", [
-    ("/v1/completions", "include_stop_str_in_output", True),
     ("/v1/completions", "bad_words", ["x"]),
     ("/v1/completions", "allowed_token_ids", [1, 2]),
     ("/v1/completions", "skip_special_tokens", False),

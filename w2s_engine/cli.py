@@ -50,6 +50,8 @@ def _add_search_args(p: argparse.ArgumentParser):
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stop-token-ids", type=int, nargs="+", default=[], metavar="ID",
                    help="large-model token ids that end a response as EOS does (vLLM's)")
+    p.add_argument("--include-stop-str-in-output", action="store_true",
+                   help="keep the stop string that ended a response at its end (vLLM's)")
     p.add_argument("--seed", type=int, default=None,
                    help="same seed, same results (default: a random seed)")
 
@@ -57,7 +59,8 @@ def _add_search_args(p: argparse.ArgumentParser):
 def params_from_args(args):
     from w2s_engine.params import SearchParams
     common = {name: getattr(args, name) for name, _, _ in SAMPLING_FLAGS}
-    common.update(seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_ids)
+    common.update(seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_ids,
+                  include_stop_str_in_output=args.include_stop_str_in_output)
     # A flag the method does not use is refused, not ignored (as the server does).
     unused = [flag for flag, value, used in [
         ("--w", args.w, args.method == "cbs" or args.w == 1),
@@ -81,7 +84,8 @@ def params_from_args(args):
 
 # The SearchParams fields that have a flag of their own ("--" + the field, dashed).
 PARAM_FLAGS = {name for name, _, _ in SAMPLING_FLAGS} | {"method", "w", "k", "l", "beta",
-                                                          "seed", "stop", "stop_token_ids"}
+                                                          "seed", "stop", "stop_token_ids",
+                                                          "include_stop_str_in_output"}
 
 
 def flag_error(e: InvalidParam, params_rule: bool = False) -> UserError:

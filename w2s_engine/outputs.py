@@ -28,6 +28,9 @@ class Hypothesis:
     # large-model tokens of the response: len(token_ids), or a black box's count (its ids
     # never come here)
     num_tokens: int = 0
+    # what ended it (vLLM's stop_reason): the stop string or the stop token id; None for EOS,
+    # the length cap, and with a black-box large model (its server's stops are unnamed)
+    stop_reason: str | int | None = None
 
 
 @dataclass

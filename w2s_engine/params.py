@@ -85,6 +85,9 @@ class SearchParams:
     # in the text, and is scored as the response's end where the small models share the
     # vocabulary); ignore_eos leaves them on.
     stop_token_ids: list[int] = field(default_factory=list)
+    # vLLM's: the stop string that ended a response stays at its text's end (and is scored
+    # with it); by default the text is cut before it.
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     min_tokens: int = 0          # vLLM's: no EOS, stop token or stop string before this many
     # Penalties on tokens already there (vLLM's and OpenAI's rules, before temperature):
@@ -233,7 +236,7 @@ class SearchParams:
             bad("stop_token_ids", f"must be a list of at most {MAX_STOP_TOKEN_IDS} token ids "
                                   "(integers >= 0, of the large model's vocabulary)")
         self.stop_token_ids = sorted({int(t) for t in self.stop_token_ids})
-        for name in ("ignore_eos", "trace"):
+        for name in ("ignore_eos", "include_stop_str_in_output", "trace"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be True or False")
 

@@ -166,8 +166,10 @@ class SearchRequest:
         p = self.params
         beam.chunk_tokens += 1
         self.stats.tokens_sampled += 1
-        if (token in eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        eos = token in eos_ids and not p.ignore_eos
+        if eos or token in p.stop_token_ids:
             beam.finished, beam.finish_reason, beam.eos_token = True, "stop", token
+            beam.stop_reason = None if eos else token   # (vLLM's: None for EOS)
             return
         beam.token_ids.append(token)
         n = len(beam.token_ids)
@@ -182,11 +184,13 @@ class SearchRequest:
             # A new match ends in the text added since the last look (one token's, or more
             # where the detokenizer held back a partial character; a token may be long).
             seen = max(beam.stop_checked_len, beam.min_text_len)
-            hits = [i for s in p.stop if (i := text.find(s, max(0, seen - len(s) + 1))) >= 0]
+            hits = [(i, j, s) for j, s in enumerate(p.stop)
+                    if (i := text.find(s, max(0, seen - len(s) + 1))) >= 0]
             beam.stop_checked_len = len(text)
-            if hits:
-                beam.finished, beam.finish_reason = True, "stop"
-                beam.stop_text_len = min(hits)
+            if hits:   # the earliest (of two starting there, the one listed first)
+                at, _, s = min(hits)
+                beam.finished, beam.finish_reason, beam.stop_reason = True, "stop", s
+                beam.stop_text_len = at + len(s) if p.include_stop_str_in_output else at
                 return
         if len(beam.token_ids) >= p.max_new_tokens:
             beam.finished, beam.finish_reason = True, "length"
@@ -302,6 +306,7 @@ class SearchRequest:
                                    small_token_ids=list(small_ids),
                                    reward=b.reward if scored else None, finished=b.finish_reason == "stop",
                                    finish_reason=b.finish_reason or "length",
+                                   stop_reason=b.stop_reason,
                                    logprobs=None if self.logprobs is None else
                                    self.token_logprobs.get(b.beam_id, []),
                                    chunk_rewards=list(b.chunk_rewards) if scored else None))

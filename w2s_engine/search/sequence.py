@@ -80,7 +80,8 @@ class Beam:
     finished: bool = False
     finish_reason: str | None = None   # "stop" (EOS or stop string) or "length"
     stop_text_len: int | None = None   # response text is cut here when a stop string matched
-    eos_token: int | None = None       # the EOS id that ended it (a model may have several)
+    eos_token: int | None = None       # the EOS or stop token id that ended it
+    stop_reason: str | int | None = None   # the stop string or stop token id that ended it
     min_text_len: int | None = None    # text length at min_tokens: a stop string ends past it
     stop_checked_len: int = 0          # text length already searched for stop strings
     detok: DetokState = field(default_factory=DetokState)  # incremental text of token_ids

@@ -103,11 +103,13 @@ class Answer:
             choices = [{"index": self.first_index + i,
                         "message": {"role": "assistant", "content": h.text},
                         "logprobs": lp.chat(h.logprobs) if lp else None,
-                        "finish_reason": h.finish_reason} for i, h in enumerate(hyps)]
+                        "finish_reason": h.finish_reason, "stop_reason": h.stop_reason}
+                       for i, h in enumerate(hyps)]
         else:
             choices = [{"index": self.first_index + i, "text": self.echo_text + h.text,
                         "logprobs": lp.completion(h.logprobs) if lp else None,
-                        "finish_reason": h.finish_reason} for i, h in enumerate(hyps)]
+                        "finish_reason": h.finish_reason, "stop_reason": h.stop_reason}
+                       for i, h in enumerate(hyps)]
         return {**self._head(self.object), "choices": choices,
                 "usage": usage(result, self.plan.n), "w2s": _extra(result)}
 
@@ -121,15 +123,15 @@ class Answer:
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     def piece(self, index: int, text: str | None, finish_reason=None, role=False,
-              logprobs=None) -> dict:
+              logprobs=None, stop_reason=None) -> dict:
         index += self.first_index
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else (
                 {} if text is None else {"content": text})
             return {"index": index, "delta": delta, "logprobs": logprobs,
-                    "finish_reason": finish_reason}
+                    "finish_reason": finish_reason, "stop_reason": stop_reason}
         return {"index": index, "text": text or "", "logprobs": logprobs,
-                "finish_reason": finish_reason}
+                "finish_reason": finish_reason, "stop_reason": stop_reason}
 
     def opening(self) -> list[str]:
         """Chat: the role first; completions with echo: the prompt first."""
@@ -163,6 +165,6 @@ class Answer:
             logprobs = None if lp is None else (lp.chat(h.logprobs) if self.chat
                                                 else lp.completion(h.logprobs))
             out.append(self.chunk([self.piece(i, text or None, h.finish_reason,
-                                              logprobs=logprobs)],
+                                              logprobs=logprobs, stop_reason=h.stop_reason)],
                                   **({"w2s": _extra(result)} if i == len(hyps) - 1 else {})))
         return out

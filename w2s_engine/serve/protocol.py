@@ -9,8 +9,8 @@ RequestError (a 400 the server answers in OpenAI's error envelope), naming the f
   prepared (Engine.make_request), so that the API, the command and the server agree.
 Every OpenAI sampling field is honoured or refused: stream (+ stream_options.include_usage),
 n, best_of, echo, logprobs / top_logprobs, stop, seed, max_tokens / max_completion_tokens,
-presence / frequency / repetition penalties, logit_bias, min_p, vLLM's min_tokens, ignore_eos
-and stop_token_ids, and a chat's continue_final_message / add_generation_prompt and
+presence / frequency / repetition penalties, logit_bias, min_p, vLLM's min_tokens, ignore_eos,
+stop_token_ids and include_stop_str_in_output, and a chat's continue_final_message / add_generation_prompt and
 chat_template_kwargs (vLLM's) are honoured (SearchFields.plan); OpenAI and vLLM features the
 engine does not implement (suffix, tools, response formats, vLLM's bad_words, ...) are
 accepted only at their neutral values (NEUTRAL), and a search field the method does not use
@@ -196,7 +196,7 @@ NEUTRAL = {"suffix": ("",), "tools": ([],), "tool_choice": ("none",),
            "structured_outputs": (), "modalities": (["text"],), "audio": (), "prediction": (),
            "reasoning_effort": (), "verbosity": (), "web_search_options": (),
            # vLLM's sampling and tokenization extensions
-           "include_stop_str_in_output": (False,), "bad_words": ([],),
+           "bad_words": ([],),
            "allowed_token_ids": (), "truncate_prompt_tokens": (),
            "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
            "return_tokens_as_token_ids": (False,), "return_token_ids": (False,),
@@ -268,6 +268,7 @@ class SearchFields(BaseModel):
     ignore_eos: bool | None = None            # vLLM's: sample past EOS
     min_tokens: int = DEFAULTS.min_tokens     # vLLM's: no EOS or stop string before these
     stop_token_ids: list[int] | None = None   # vLLM's: large-model token ids that end a response
+    include_stop_str_in_output: bool | None = None   # vLLM's: the stop string stays in the text
     # None: cbs, or base when the engine has no scorer
     method: Literal[METHODS] | None = None
     w: int = DEFAULTS.w
@@ -340,6 +341,7 @@ class SearchFields(BaseModel):
                       stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
                       ignore_eos=bool(self.ignore_eos), min_tokens=self.min_tokens,
                       stop_token_ids=list(self.stop_token_ids or []),
+                      include_stop_str_in_output=bool(self.include_stop_str_in_output),
                       presence_penalty=self.presence_penalty,
                       frequency_penalty=self.frequency_penalty,
                       repetition_penalty=self.repetition_penalty,
