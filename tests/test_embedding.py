@@ -155,6 +155,26 @@ def test_an_embedded_async_engine_after_shutdown_says_the_engine_shut_down_not_a
     assert e.value.by is FailedBy.SHUTDOWN     # which the server answers 503 for
 
 
+def test_async_engine_score_runs_on_its_thread_and_says_what_to_change_or_that_it_shut_down(
+        engine):
+    async def run(async_engine):
+        rewards = await async_engine.score(["I really"] * 2, [" a dog", " a cat"])
+        with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+            await async_engine.score(["I really"] * 2, [" a dog"])
+        return rewards
+
+    async_engine = AsyncEngine(engine)
+    try:
+        rewards = asyncio.run(run(async_engine))
+    finally:
+        async_engine.shutdown()
+    assert rewards == pytest.approx(engine.score(["I really"] * 2, [" a dog", " a cat"]),
+                                    abs=1e-5)
+    with pytest.raises(SearchFailed, match="the engine is shutting down"):
+        asyncio.run(async_engine.score(["I really"], [" a dog"]))
+    engine.check_all_free()
+
+
 def test_dir_of_the_package_lists_its_lazily_imported_names():
     import w2s_engine
     assert {"Engine", "SearchError", "OpenAICompletions", "SearchParams"} <= set(dir(w2s_engine))

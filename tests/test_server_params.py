@@ -234,6 +234,80 @@ def test_stop_token_ids_end_a_response_as_the_python_apis_and_bad_ones_are_refus
     engine.check_all_free()
 
 
+def test_the_score_api_gives_the_scorers_rewards_as_the_python_api_and_refuses_bad_pairs(
+        server):
+    """vLLM's score API (POST /v1/score and /score) over the engine's scorer: one prompt and
+    many responses, or one prompt per response; `finished` (w2s's) as score() takes it."""
+    engine = tiny_engine()     # the same models (the server's engine is its loop thread's)
+    responses = [" a dog", " the man and his dog", " nothing at all"]
+    want = engine.score(["I really"] * 3, responses)
+    code, one_to_many = post(server, "/v1/score", {"model": "tiny", "text_1": "I really",
+                                                   "text_2": responses})
+    assert code == 200, one_to_many
+    assert one_to_many["object"] == "list" and one_to_many["model"] == "tiny"
+    assert [d["index"] for d in one_to_many["data"]] == [0, 1, 2]
+    assert [d["object"] for d in one_to_many["data"]] == ["score"] * 3
+    assert [d["score"] for d in one_to_many["data"]] == pytest.approx(want, abs=1e-5)
+    prompts = ["I really", "What a", "This film"]
+    flags = [True, False, True]
+    code, pairwise = post(server, "/score", {"text_1": prompts, "text_2": responses,
+                                             "finished": flags})
+    assert code == 200, pairwise
+    assert [d["score"] for d in pairwise["data"]] == pytest.approx(
+        engine.score(prompts, responses, finished=flags), abs=1e-5)
+    code, single = post(server, "/v1/score", {"text_1": "I really", "text_2": " a dog",
+                                              "finished": False})
+    assert code == 200 and single["data"][0]["score"] == pytest.approx(
+        engine.score(["I really"], [" a dog"], finished=False)[0], abs=1e-5)
+    for body, param in [({"text_1": ["a", "b"], "text_2": ["x", "y", "z"]}, "text_2"),
+                        ({"text_1": [], "text_2": ["x"]}, "text_1"),
+                        ({"text_1": "a", "text_2": []}, "text_2"),
+                        ({"text_1": "a", "text_2": ["x", "y"], "finished": [True]}, "finished"),
+                        ({"text_1": "a", "text_2": ["x"] * 257}, "text_2"),
+                        ({"text_1": "a", "text_2": 7}, "text_2"),
+                        ({"text_2": "x"}, "text_1"),
+                        ({"text_1": "a", "text_2": "x", "truncate_prompt_tokens": 3},
+                         "truncate_prompt_tokens")]:
+        code, payload = post(server, "/v1/score", body)
+        assert code == 400 and is_envelope(payload, 400), (body, payload)
+        assert payload["error"]["param"] == param, (body, payload)
+    code, payload = post(server, "/v1/score", {"model": "gpt-4", "text_1": "a", "text_2": "x"})
+    assert code == 404 and payload["error"]["param"] == "model"
+    engine.check_all_free()
+
+
+def test_the_score_api_runs_beside_searches_and_a_server_without_a_scorer_refuses_it():
+    import threading
+    live = LiveServer(tiny_engine())
+    try:
+        results = {}
+
+        def search():
+            results["search"] = live.client.completions.create(
+                model="tiny", prompt="I really", max_tokens=24, seed=1,
+                extra_body={"w": 2, "k": 2, "l": 3, "ignore_eos": True})
+        t = threading.Thread(target=search)
+        t.start()
+        scores = [post(live, "/v1/score", {"text_1": "I really", "text_2": [" a dog"] * 4})
+                  for _ in range(6)]
+        t.join()
+        assert all(code == 200 for code, _ in scores), scores
+        first = [d["score"] for d in scores[0][1]["data"]]
+        for _, payload in scores:   # (to rounding: the prompt's keys may come from the cache)
+            assert [d["score"] for d in payload["data"]] == pytest.approx(first, abs=1e-5)
+        assert results["search"].usage.completion_tokens == 24
+    finally:
+        live.stop()
+    tok = make_tokenizer(300)
+    alone = LiveServer(Engine((tiny_llama(len(tok), seed=1), tok), num_kv_blocks=200,
+                              block_size=4, progress=False))
+    try:
+        code, payload = post(alone, "/v1/score", {"text_1": "a", "text_2": "x"})
+        assert code == 400 and "no scorer" in payload["error"]["message"], payload
+    finally:
+        alone.stop()
+
+
 @pytest.mark.parametrize("field, value", [
     ("response_format", {"type": "json_object"}), ("suffix", "x"),
     ("stream_options", {"include_usage": True}),

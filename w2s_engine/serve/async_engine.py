@@ -52,6 +52,28 @@ class SearchFailed(RuntimeError):
 SHUTTING_DOWN = "the engine is shutting down"
 
 
+class ScoreJob:
+    """An Engine.score() call the loop thread runs between two steps (the scorer's pools are
+    the steps'), its rewards or its error handed back to the awaiting coroutine."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, args: tuple, kwargs: dict):
+        self.args, self.kwargs = args, kwargs
+        self._loop = loop
+        self.done = loop.create_future()
+
+    def _settle(self, rewards=None, error: BaseException | None = None):
+        def settle():
+            if not self.done.done():
+                if error is None:
+                    self.done.set_result(rewards)
+                else:
+                    self.done.set_exception(error)
+        try:
+            self._loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the event loop is closed: nobody waits
+            pass
+
+
 class FirstText:
     """Whether a client request's first text has been timed (time to first token is one
     observation per request, whatever its searches: several prompts, n choices)."""
@@ -257,6 +279,15 @@ class AsyncEngine:
         finally:
             handle.cancel()
 
+    async def score(self, prompts, responses, finished=True, **options) -> list[float]:
+        """Engine.score() on the loop thread, between two steps (raises its ValueError or
+        TypeError saying what to change; SearchFailed once shutting down)."""
+        if self._stop:
+            raise SearchFailed(SHUTTING_DOWN, FailedBy.SHUTDOWN)
+        job = ScoreJob(asyncio.get_running_loop(), (prompts, responses, finished), options)
+        self._send(("score", job))
+        return await job.done
+
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
@@ -292,6 +323,8 @@ class AsyncEngine:
                 return
         if command[0] == "add":     # the loop has exited: refuse it here
             command[1]._accept(SearchFailed(SHUTTING_DOWN, FailedBy.SHUTDOWN))
+        elif command[0] == "score":
+            command[1]._settle(error=SearchFailed(SHUTTING_DOWN, FailedBy.SHUTDOWN))
 
     # ---- the loop thread ---------------------------------------------------------------------
 
@@ -332,6 +365,8 @@ class AsyncEngine:
                 break
             if command == "add":
                 handle._accept(SearchFailed(SHUTTING_DOWN, FailedBy.SHUTDOWN))
+            elif command == "score":
+                handle._settle(error=SearchFailed(SHUTTING_DOWN, FailedBy.SHUTDOWN))
         for handle in list(self._pending.values()):   # nobody will step them now
             self.engine.cancel(handle.request)         # (their blocks come back)
             handle._push(SearchFailed(SHUTTING_DOWN, FailedBy.SHUTDOWN))
@@ -409,6 +444,16 @@ class AsyncEngine:
                           "max_new_tokens=%d, %d prompt tokens", handle.label,
                           handle.request.request_id, p.method, p.w, p.k, p.l, p.max_new_tokens,
                           handle.request.stats.prompt_tokens)
+            elif command == "score":
+                job = handle
+                try:
+                    job._settle(self.engine.score(*job.args, **job.kwargs))
+                except (ValueError, TypeError) as e:   # the caller's to change
+                    job._settle(error=e)
+                except Exception as e:
+                    log.exception("w2s engine loop: a score() call failed")
+                    job._settle(error=SearchFailed(f"engine error in score(): "
+                                                   f"{type(e).__name__}: {e}"))
             elif command == "cancel":
                 req = handle.request
                 if self._pending.get(req.request_id) is handle:   # queued, not ended

@@ -524,3 +524,54 @@ class ChatCompletionRequest(SearchFields):
         """Characters of the one prompt: every message's text."""
         return [sum(len(m.content) if isinstance(m.content, str) else
                     sum(len(p.text) for p in m.content) for m in self.messages)]
+
+
+MAX_SCORE_PAIRS = 256   # (prompt, response) pairs one score request may hold
+
+
+class ScoreRequest(BaseModel):
+    """vLLM's score API (POST /score, /v1/score), here the engine's scorer: the reward of each
+    response (text_2) to its prompt (text_1), what a search ranks its candidates by (the
+    small pair's log-likelihood ratio, or the reward models'). Pairs as vLLM's: one prompt
+    and one response, one prompt and many responses, or as many prompts as responses."""
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str | None = None
+    text_1: str | list[str]
+    text_2: str | list[str]
+    # w2s's: the response ended (its EOS is scored too, as a search scores a response that
+    # stopped), one flag for all or one per response; null: true
+    finished: bool | list[bool] | None = None
+    user: str | None = None
+
+    neutral: ClassVar[dict] = {"truncate_prompt_tokens": (), "encoding_format": (),
+                               "priority": (0,), "mm_processor_kwargs": ()}
+
+    def pairs(self) -> tuple[list[str], list[str], list[bool]]:
+        """(prompts, responses, finished), one entry per pair; raises RequestError."""
+        for name, neutral in self.neutral.items():
+            value = (self.model_extra or {}).get(name)
+            if value is not None and not any(_same(value, v) for v in neutral):
+                raise RequestError(400, f"{name}: not supported by this server; leave it out "
+                                        f"(got {_brief(value)})", name)
+        prompts = [self.text_1] if isinstance(self.text_1, str) else list(self.text_1)
+        responses = [self.text_2] if isinstance(self.text_2, str) else list(self.text_2)
+        for name, texts in (("text_1", prompts), ("text_2", responses)):
+            if not texts:
+                raise RequestError(400, f"{name}: an empty list: send at least one text", name)
+        if len(prompts) == 1:
+            prompts = prompts * len(responses)
+        elif len(prompts) != len(responses):
+            raise RequestError(400, f"text_1 has {len(prompts)} prompts and text_2 "
+                                    f"{len(responses)} responses: send one prompt, or one per "
+                                    "response", "text_2")
+        if len(responses) > MAX_SCORE_PAIRS:
+            raise RequestError(400, f"text_2: {len(responses)} responses in one request, past "
+                                    f"{MAX_SCORE_PAIRS}: split them over several requests",
+                               "text_2")
+        finished = True if self.finished is None else self.finished
+        flags = [finished] * len(responses) if isinstance(finished, bool) else list(finished)
+        if len(flags) != len(responses):
+            raise RequestError(400, f"finished: {len(flags)} flags for {len(responses)} "
+                                    "responses: send one flag, or one per response", "finished")
+        return prompts, responses, flags

@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP server over one engine: `w2s serve`.
 
 POST /v1/completions, POST /v1/chat/completions (the search is picked with extra body fields:
-method, w, k, l, beta, top_k), GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics
+method, w, k, l, beta, top_k), POST /v1/score and /score (vLLM's score API: the scorer's
+reward of given responses), GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics
 (Prometheus). Every handler awaits its search on the shared engine loop, so concurrent
 requests are batched together; a list of prompts in one completions request runs as that
 many searches, answered as OpenAI does (prompt i's choices at i * n ... i * n + n - 1).
@@ -46,13 +47,13 @@ from w2s_engine.serve.guard import (DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES
                                     Guard, default_allowed_hosts, envelope, error_response)
 from w2s_engine.serve.metrics import ServerMetrics, parse_metrics  # noqa: F401 (re-exported)
 from w2s_engine.serve.protocol import (ChatCompletionRequest, CompletionRequest, RequestError,
-                                       param_error, parse_body)
+                                       ScoreRequest, param_error, parse_body)
 
 log = logging.getLogger("w2s_engine.serve")
 
 CHARS_PER_TOKEN = 32   # a prompt longer than this many characters per context token cannot fit
-ROUTES = ("POST /v1/completions, POST /v1/chat/completions, GET /v1/models, "
-          "GET /v1/models/{id}, GET /health, GET /metrics")
+ROUTES = ("POST /v1/completions, POST /v1/chat/completions, POST /v1/score, POST /score, "
+          "GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics")
 
 
 def served_name(spec) -> str:
@@ -355,6 +356,38 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
         # with chat=True; otherwise the messages become a plain transcript its template wraps.
         return await generate(request, parse_body(await request.body(), ChatCompletionRequest),
                               True)
+
+    async def score(request: Request):
+        """vLLM's score API over the engine's scorer: each response's reward, as a search
+        ranks its candidates (Engine.score, run on the engine's thread between two steps)."""
+        body = parse_body(await request.body(), ScoreRequest)
+        check_model(body.model)
+        if not engine.has_scorer:
+            raise RequestError(400, "this server runs the large model alone: it has no scorer "
+                                    "(the tuned and untuned small models, or reward models) to "
+                                    "score with", "model")
+        prompts, responses, finished = body.pairs()
+        for name, texts in (("text_1", prompts), ("text_2", responses)):
+            long = next((i for i, t in enumerate(texts) if len(t) > max_prompt_chars), None)
+            if long is not None:
+                raise RequestError(400, f"{name}.{long}: {len(texts[long])} characters, past "
+                                        f"this server's limit of {max_prompt_chars} a text "
+                                        "(--max-prompt-chars): send a shorter one",
+                                   f"{name}.{long}")
+        request.state.method, request.state.user = "score", body.user
+        try:
+            rewards = await async_engine.score(prompts, responses, finished)
+        except (ValueError, TypeError) as e:
+            raise RequestError(400, str(e).replace("responses[", "text_2[")) from None
+        except SearchFailed as e:
+            return error_response(failed_status(e), f"the scoring failed: {e}")
+        return {"id": f"score-{request.state.request_id}", "object": "list",
+                "created": int(time.time()), "model": names[0],
+                "data": [{"index": i, "object": "score", "score": r}
+                         for i, r in enumerate(rewards)]}
+
+    app.post("/v1/score")(score)
+    app.post("/score")(score)     # vLLM serves both
 
     def model_card(name: str) -> dict:
         # root and parent as vLLM's cards have them: `vllm bench serve` without --model reads
