@@ -308,6 +308,42 @@ def test_the_score_api_runs_beside_searches_and_a_server_without_a_scorer_refuse
         alone.stop()
 
 
+def test_tokenize_gives_the_large_models_prompt_tokens_of_each_endpoint_and_detokenize_its_text(
+        server):
+    """vLLM's /tokenize and /detokenize: the ids a completions or chat request's large model
+    reads (its template applied), so that `count` is that request's prompt_tokens."""
+    c = server.client.completions.create(model="tiny", prompt="I really", max_tokens=2, seed=1)
+    code, by_text = post(server, "/tokenize", {"model": "tiny", "prompt": "I really",
+                                               "return_token_strs": True})
+    assert code == 200, by_text
+    assert by_text["count"] == len(by_text["tokens"]) == c.usage.prompt_tokens
+    assert by_text["max_model_len"] == 512 and len(by_text["token_strs"]) == by_text["count"]
+    chat = server.client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2,
+                                                 seed=1)
+    code, by_chat = post(server, "/tokenize", {"messages": CHAT})
+    assert code == 200 and by_chat["count"] == chat.usage.prompt_tokens, by_chat
+    assert by_chat["token_strs"] is None
+    code, text = post(server, "/detokenize", {"model": "tiny", "tokens": by_text["tokens"]})
+    assert code == 200 and text["prompt"].endswith("I really"), text
+    for path, body, param in [
+            ("/tokenize", {"prompt": "x", "messages": CHAT}, "messages"),
+            ("/tokenize", {}, "prompt"),
+            ("/tokenize", {"prompt": "x", "add_generation_prompt": True}, "add_generation_prompt"),
+            ("/tokenize", {"prompt": "x", "add_special_tokens": False}, "add_special_tokens"),
+            ("/tokenize", {"messages": CHAT, "add_generation_prompt": False},
+             "add_generation_prompt"),
+            ("/tokenize", {"prompt": ""}, "prompt"),
+            ("/detokenize", {"tokens": [5, 300]}, "tokens.1"),
+            ("/detokenize", {"tokens": ["5"]}, "tokens.0")]:
+        code, payload = post(server, path, body)
+        assert code == 400 and is_envelope(payload, 400), (body, payload)
+        assert payload["error"]["param"] == param, (body, payload)
+    code, payload = post(server, "/tokenize", {"model": "gpt-4", "prompt": "x"})
+    assert code == 404
+    code, payload = raw_post(server.port, "/version", b"", method="GET")
+    assert code == 200 and payload["version"]
+
+
 @pytest.mark.parametrize("field, value", [
     ("response_format", {"type": "json_object"}), ("suffix", "x"),
     ("stream_options", {"include_usage": True}),

@@ -50,6 +50,7 @@ from w2s_engine.search.reward_models import model_head, reward_model_parts
 from w2s_engine.search.scorer import NoRoomYet, Scorer, ScoringLaunch
 from w2s_engine.search.sequence import Beam
 from w2s_engine.search.stream import FinalText, SearchDelta
+from w2s_engine.search.tokens import encode
 
 log = logging.getLogger("w2s_engine")
 EFT_GRAPH_MAX_BATCH = 64    # EFT rows a step on the small models' graphs (more run eagerly)
@@ -434,6 +435,22 @@ class Engine:
         check_context("large", self.runners["large"].shape.max_positions, len(ids),
                       max_new_tokens)
         return list(ids)
+
+    def large_prompt_ids(self, prompt, chat: bool | None = None,
+                         continue_final_message: bool = False,
+                         chat_template_kwargs: dict | None = None) -> list[int]:
+        """The large model's token ids of a prompt as a search of it reads them, its template
+        applied (chat: make_request's), its context not checked: vLLM's /tokenize. Thread-safe,
+        as make_request."""
+        if self.large.blocks is None:
+            raise ValueError("the large model is a black box behind another server, which "
+                             "tokenizes its prompts itself: there are no token ids here")
+        prompt = check_prompt(prompt, tool_role=self._tool_role())
+        _check_continued(prompt, continue_final_message)
+        template = self.templates["large"].rendered_as(chat)
+        text = template.apply(self.large.tokenizer, prompt, continue_final_message,
+                              check_template_kwargs(chat_template_kwargs))
+        return encode(self.large.tokenizer, text, not template.chat)
 
     def _tool_role(self) -> bool:
         """Chat messages may have role 'tool' when every model renders them with a chat

@@ -575,3 +575,43 @@ class ScoreRequest(BaseModel):
             raise RequestError(400, f"finished: {len(flags)} flags for {len(responses)} "
                                     "responses: send one flag, or one per response", "finished")
         return prompts, responses, flags
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: the large model's token ids of a prompt, as /v1/completions (a
+    `prompt`: the text templates) or /v1/chat/completions (`messages`) would feed it."""
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_special_tokens: bool | None = None
+    return_token_strs: bool | None = None
+
+    def the_prompt(self) -> tuple[str | list[dict], bool]:
+        """(the prompt, whether it is chat messages); raises RequestError."""
+        if (self.prompt is None) == (self.messages is None):
+            raise RequestError(400, "send a `prompt` (text) or `messages` (a chat), one of them",
+                               "prompt" if self.prompt is None else "messages")
+        if self.prompt is not None:
+            for name in ("add_generation_prompt", "continue_final_message",
+                         "chat_template_kwargs"):
+                if getattr(self, name) is not None:
+                    raise RequestError(400, f"{name}: for `messages` only", name)
+            return self.prompt, False
+        chat = ChatCompletionRequest(messages=self.messages,
+                                     add_generation_prompt=self.add_generation_prompt,
+                                     continue_final_message=self.continue_final_message)
+        chat._continue_final()      # vLLM's pair, checked as the chat endpoint checks it
+        return chat.the_prompts()[0], True
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's /detokenize: the large model's text of token ids."""
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str | None = None
+    tokens: list[int]

@@ -2,7 +2,8 @@
 
 POST /v1/completions, POST /v1/chat/completions (the search is picked with extra body fields:
 method, w, k, l, beta, top_k), POST /v1/score and /score (vLLM's score API: the scorer's
-reward of given responses), GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics
+reward of given responses), POST /tokenize and /detokenize (vLLM's: the large model's
+tokens), GET /v1/models, GET /v1/models/{id}, GET /version, GET /health, GET /metrics
 (Prometheus). Every handler awaits its search on the shared engine loop, so concurrent
 requests are batched together; a list of prompts in one completions request runs as that
 many searches, answered as OpenAI does (prompt i's choices at i * n ... i * n + n - 1).
@@ -46,14 +47,16 @@ from w2s_engine.serve.async_engine import AsyncEngine, FirstText, SearchFailed
 from w2s_engine.serve.guard import (DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, LOOPBACK_HOSTS,
                                     Guard, default_allowed_hosts, envelope, error_response)
 from w2s_engine.serve.metrics import ServerMetrics, parse_metrics  # noqa: F401 (re-exported)
-from w2s_engine.serve.protocol import (ChatCompletionRequest, CompletionRequest, RequestError,
-                                       ScoreRequest, param_error, parse_body)
+from w2s_engine.serve.protocol import (ChatCompletionRequest, CompletionRequest,
+                                       DetokenizeRequest, RequestError, ScoreRequest,
+                                       TokenizeRequest, param_error, parse_body)
 
 log = logging.getLogger("w2s_engine.serve")
 
 CHARS_PER_TOKEN = 32   # a prompt longer than this many characters per context token cannot fit
 ROUTES = ("POST /v1/completions, POST /v1/chat/completions, POST /v1/score, POST /score, "
-          "GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics")
+          "POST /tokenize, POST /detokenize, GET /v1/models, GET /v1/models/{id}, "
+          "GET /version, GET /health, GET /metrics")
 
 
 def served_name(spec) -> str:
@@ -388,6 +391,65 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
 
     app.post("/v1/score")(score)
     app.post("/score")(score)     # vLLM serves both
+
+    def large_tokenizer(where: str):
+        if tokenizer is None:
+            raise RequestError(400, f"the large model is a black box behind another server, "
+                                    f"which tokenizes its prompts itself: there is no {where} "
+                                    "here", None)
+        return tokenizer
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        """vLLM's: the large model's token ids of a prompt as /v1/completions (a `prompt`) or
+        /v1/chat/completions (`messages`) would feed it, its template applied."""
+        body = parse_body(await request.body(), TokenizeRequest)
+        check_model(body.model)
+        tok = large_tokenizer("tokenizer")
+        prompt, chat = body.the_prompt()
+        chars = (len(prompt) if isinstance(prompt, str) else
+                 sum(len(m["content"]) if isinstance(m["content"], str) else
+                     sum(len(p["text"]) for p in m["content"]) for m in prompt))
+        field = "messages" if chat else "prompt"
+        if chars > max_prompt_chars:
+            raise RequestError(400, f"{field}: {chars} characters, past this server's limit "
+                                    f"of {max_prompt_chars} a prompt (--max-prompt-chars)",
+                               field)
+        special = not (chat and engine.templates["large"].chat)
+        if body.add_special_tokens is not None and body.add_special_tokens is not special:
+            raise RequestError(400, f"add_special_tokens: not supported at "
+                                    f"{str(body.add_special_tokens).lower()}; leave it out or "
+                                    f"send {str(special).lower()} (what the search does here)",
+                               "add_special_tokens")
+        try:
+            ids = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: engine.large_prompt_ids(
+                    prompt, chat=None if chat else False,
+                    continue_final_message=bool(body.continue_final_message),
+                    chat_template_kwargs=body.chat_template_kwargs))
+        except (ValueError, TypeError) as e:
+            raise param_error(e, field) from None
+        strs = tok.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": engine.runners["large"].shape.max_positions,
+                "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        """vLLM's: the large model's text of token ids (special tokens included)."""
+        body = parse_body(await request.body(), DetokenizeRequest)
+        check_model(body.model)
+        tok = large_tokenizer("tokenizer")
+        bad = next((i for i, t in enumerate(body.tokens) if not 0 <= t < len(tok)), None)
+        if bad is not None:
+            raise RequestError(400, f"tokens.{bad}: token id {body.tokens[bad]} is outside the "
+                                    f"large model's vocabulary [0, {len(tok)})", f"tokens.{bad}")
+        text = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: tok.decode(body.tokens))
+        return {"prompt": text}
+
+    @app.get("/version")
+    async def version():
+        return {"version": w2s_engine.__version__}
 
     def model_card(name: str) -> dict:
         # root and parent as vLLM's cards have them: `vllm bench serve` without --model reads
