@@ -276,6 +276,34 @@ def test_the_score_api_gives_the_scorers_rewards_as_the_python_api_and_refuses_b
     engine.check_all_free()
 
 
+def test_rerank_orders_the_documents_by_the_scorers_reward_best_first(server):
+    engine = tiny_engine()
+    docs = [" a dog", " the man and his dog", " nothing at all", " a cat finds a dog"]
+    want = engine.score(["I really"] * 4, docs)
+    best_first = sorted(range(4), key=lambda i: -want[i])
+    code, ranked = post(server, "/v1/rerank", {"model": "tiny", "query": "I really",
+                                               "documents": docs})
+    assert code == 200, ranked
+    assert [r["index"] for r in ranked["results"]] == best_first
+    assert [r["relevance_score"] for r in ranked["results"]] == pytest.approx(
+        [want[i] for i in best_first], abs=1e-5)
+    assert [r["document"]["text"] for r in ranked["results"]] == [docs[i] for i in best_first]
+    code, top = post(server, "/rerank", {"query": "I really", "documents": docs, "top_n": 2,
+                                         "return_documents": False, "finished": False})
+    unfinished = engine.score(["I really"] * 4, docs, finished=False)
+    assert code == 200 and [r["index"] for r in top["results"]] == sorted(
+        range(4), key=lambda i: -unfinished[i])[:2]
+    assert all(r["document"] is None for r in top["results"])
+    for body, param in [({"query": "x", "documents": []}, "documents"),
+                        ({"query": "x", "documents": ["a"], "top_n": 0}, "top_n"),
+                        ({"documents": ["a"]}, "query"),
+                        ({"query": "x", "documents": ["a"], "truncate_prompt_tokens": 5},
+                         "truncate_prompt_tokens")]:
+        code, payload = post(server, "/v1/rerank", body)
+        assert code == 400 and payload["error"]["param"] == param, (body, payload)
+    engine.check_all_free()
+
+
 def test_the_score_api_runs_beside_searches_and_a_server_without_a_scorer_refuses_it():
     import threading
     live = LiveServer(tiny_engine())

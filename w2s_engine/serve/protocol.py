@@ -527,6 +527,17 @@ class ChatCompletionRequest(SearchFields):
 
 
 MAX_SCORE_PAIRS = 256   # (prompt, response) pairs one score request may hold
+# vLLM's score and rerank fields the engine does not implement: at their neutral values only
+SCORE_NEUTRAL = {"truncate_prompt_tokens": (), "encoding_format": (), "priority": (0,),
+                 "mm_processor_kwargs": (), "activation": (), "use_activation": ()}
+
+
+def refuse_unless_neutral(extra: dict | None, neutral: dict):
+    for name, values in neutral.items():
+        value = (extra or {}).get(name)
+        if value is not None and not any(_same(value, v) for v in values):
+            raise RequestError(400, f"{name}: not supported by this server; leave it out "
+                                    f"(got {_brief(value)})", name)
 
 
 class ScoreRequest(BaseModel):
@@ -544,16 +555,9 @@ class ScoreRequest(BaseModel):
     finished: bool | list[bool] | None = None
     user: str | None = None
 
-    neutral: ClassVar[dict] = {"truncate_prompt_tokens": (), "encoding_format": (),
-                               "priority": (0,), "mm_processor_kwargs": ()}
-
     def pairs(self) -> tuple[list[str], list[str], list[bool]]:
         """(prompts, responses, finished), one entry per pair; raises RequestError."""
-        for name, neutral in self.neutral.items():
-            value = (self.model_extra or {}).get(name)
-            if value is not None and not any(_same(value, v) for v in neutral):
-                raise RequestError(400, f"{name}: not supported by this server; leave it out "
-                                        f"(got {_brief(value)})", name)
+        refuse_unless_neutral(self.model_extra, SCORE_NEUTRAL)
         prompts = [self.text_1] if isinstance(self.text_1, str) else list(self.text_1)
         responses = [self.text_2] if isinstance(self.text_2, str) else list(self.text_2)
         for name, texts in (("text_1", prompts), ("text_2", responses)):
@@ -575,6 +579,23 @@ class ScoreRequest(BaseModel):
             raise RequestError(400, f"finished: {len(flags)} flags for {len(responses)} "
                                     "responses: send one flag, or one per response", "finished")
         return prompts, responses, flags
+
+
+class RerankRequest(BaseModel):
+    """vLLM's rerank API (Jina's and Cohere's shape): documents (responses) ranked by the
+    scorer's reward for the query (the prompt), best first; top_n: that many (null: all)."""
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str | None = None
+    query: str
+    documents: list[str] = Field(min_length=1, max_length=MAX_SCORE_PAIRS)
+    top_n: int | None = Field(default=None, ge=1)
+    return_documents: bool | None = None      # Cohere's: the text beside each result
+    finished: bool | None = None              # w2s's: as ScoreRequest's, one for all
+    user: str | None = None
+
+    def check(self):
+        refuse_unless_neutral(self.model_extra, SCORE_NEUTRAL)
 
 
 class TokenizeRequest(BaseModel):

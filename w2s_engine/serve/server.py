@@ -2,8 +2,8 @@
 
 POST /v1/completions, POST /v1/chat/completions (the search is picked with extra body fields:
 method, w, k, l, beta, top_k), POST /v1/score and /score (vLLM's score API: the scorer's
-reward of given responses), POST /tokenize and /detokenize (vLLM's: the large model's
-tokens), GET /v1/models, GET /v1/models/{id}, GET /version, GET /health, GET /metrics
+reward of given responses; POST /v1/rerank and /rerank ranks them), POST /tokenize and
+/detokenize (vLLM's: the large model's tokens), GET /v1/models, GET /v1/models/{id}, GET /version, GET /health, GET /metrics
 (Prometheus). Every handler awaits its search on the shared engine loop, so concurrent
 requests are batched together; a list of prompts in one completions request runs as that
 many searches, answered as OpenAI does (prompt i's choices at i * n ... i * n + n - 1).
@@ -48,14 +48,14 @@ from w2s_engine.serve.guard import (DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES
                                     Guard, default_allowed_hosts, envelope, error_response)
 from w2s_engine.serve.metrics import ServerMetrics, parse_metrics  # noqa: F401 (re-exported)
 from w2s_engine.serve.protocol import (ChatCompletionRequest, CompletionRequest,
-                                       DetokenizeRequest, RequestError, ScoreRequest,
-                                       TokenizeRequest, param_error, parse_body)
+                                       DetokenizeRequest, RequestError, RerankRequest,
+                                       ScoreRequest, TokenizeRequest, param_error, parse_body)
 
 log = logging.getLogger("w2s_engine.serve")
 
 CHARS_PER_TOKEN = 32   # a prompt longer than this many characters per context token cannot fit
 ROUTES = ("POST /v1/completions, POST /v1/chat/completions, POST /v1/score, POST /score, "
-          "POST /tokenize, POST /detokenize, GET /v1/models, GET /v1/models/{id}, "
+          "POST /v1/rerank, POST /rerank, POST /tokenize, POST /detokenize, GET /v1/models, GET /v1/models/{id}, "
           "GET /version, GET /health, GET /metrics")
 
 
@@ -360,28 +360,35 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
         return await generate(request, parse_body(await request.body(), ChatCompletionRequest),
                               True)
 
-    async def score(request: Request):
-        """vLLM's score API over the engine's scorer: each response's reward, as a search
-        ranks its candidates (Engine.score, run on the engine's thread between two steps)."""
-        body = parse_body(await request.body(), ScoreRequest)
+    async def rewards_of(request: Request, body, prompts, responses, finished, names_of):
+        """The scorer's rewards (Engine.score on the engine's thread, between two steps), or
+        the RequestError that says what to change. names_of: (prompts' field, responses')."""
         check_model(body.model)
         if not engine.has_scorer:
             raise RequestError(400, "this server runs the large model alone: it has no scorer "
                                     "(the tuned and untuned small models, or reward models) to "
                                     "score with", "model")
-        prompts, responses, finished = body.pairs()
-        for name, texts in (("text_1", prompts), ("text_2", responses)):
+        for name, texts in zip(names_of, (prompts, responses)):
             long = next((i for i, t in enumerate(texts) if len(t) > max_prompt_chars), None)
             if long is not None:
-                raise RequestError(400, f"{name}.{long}: {len(texts[long])} characters, past "
-                                        f"this server's limit of {max_prompt_chars} a text "
-                                        "(--max-prompt-chars): send a shorter one",
-                                   f"{name}.{long}")
+                where = name if name == "query" else f"{name}.{long}"
+                raise RequestError(400, f"{where}: {len(texts[long])} characters, past this "
+                                        f"server's limit of {max_prompt_chars} a text "
+                                        "(--max-prompt-chars): send a shorter one", where)
         request.state.method, request.state.user = "score", body.user
         try:
-            rewards = await async_engine.score(prompts, responses, finished)
+            return await async_engine.score(prompts, responses, finished)
         except (ValueError, TypeError) as e:
-            raise RequestError(400, str(e).replace("responses[", "text_2[")) from None
+            raise RequestError(400, str(e).replace("responses[", f"{names_of[1]}[")) from None
+
+    async def score(request: Request):
+        """vLLM's score API over the engine's scorer: each response's reward, as a search
+        ranks its candidates."""
+        body = parse_body(await request.body(), ScoreRequest)
+        prompts, responses, finished = body.pairs()
+        try:
+            rewards = await rewards_of(request, body, prompts, responses, finished,
+                                       ("text_1", "text_2"))
         except SearchFailed as e:
             return error_response(failed_status(e), f"the scoring failed: {e}")
         return {"id": f"score-{request.state.request_id}", "object": "list",
@@ -389,8 +396,28 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                 "data": [{"index": i, "object": "score", "score": r}
                          for i, r in enumerate(rewards)]}
 
-    app.post("/v1/score")(score)
-    app.post("/score")(score)     # vLLM serves both
+    async def rerank(request: Request):
+        """vLLM's rerank API: the documents (responses) by the scorer's reward for the query
+        (the prompt), best first (ties in the order sent); top_n of them."""
+        body = parse_body(await request.body(), RerankRequest)
+        body.check()
+        docs = body.documents
+        finished = True if body.finished is None else body.finished
+        try:
+            rewards = await rewards_of(request, body, [body.query] * len(docs), docs,
+                                       [finished] * len(docs), ("query", "documents"))
+        except SearchFailed as e:
+            return error_response(failed_status(e), f"the scoring failed: {e}")
+        order = sorted(range(len(docs)), key=lambda i: -rewards[i])[:body.top_n or len(docs)]
+        return {"id": f"rerank-{request.state.request_id}", "model": names[0],
+                "results": [{"index": i, "relevance_score": rewards[i],
+                             "document": {"text": docs[i]} if body.return_documents is not False
+                             else None} for i in order]}
+
+    for path in ("/v1/score", "/score"):       # vLLM serves both
+        app.post(path)(score)
+    for path in ("/v1/rerank", "/rerank"):
+        app.post(path)(rerank)
 
     def large_tokenizer(where: str):
         if tokenizer is None:
