@@ -249,3 +249,94 @@ def test_fuzzed_bodies_get_4xx_in_the_envelope_while_well_formed_requests_run_un
     assert outcomes == after["w2s_requests_total"] and after["w2s_requests_in_flight"] == 0
     assert after["w2s_requests_running"] == 0
     live.async_engine.engine.check_all_free()
+
+
+# ---- the scorer's and the tokenizer's routes -------------------------------------------------------
+
+TOOL_WELL_FORMED = [
+    ("/v1/score", {"text_1": "I really", "text_2": [" a dog", " the man"]}),
+    ("/v1/rerank", {"query": "This film", "documents": [" a dog", " a cat"], "top_n": 1}),
+    ("/tokenize", {"prompt": "I really"}),
+    ("/detokenize", {"tokens": [5, 6, 7]}),
+]
+TOOL_BREAKERS = {   # path -> (field, invalid values)
+    "/v1/score": {"text_1": [5, None, [], [1], {"a": 1}, ["a", "b", "c"], "a\ud800"],
+                  "text_2": [5, None, [], [None], ["x"] * 257, "\udfff"],
+                  "finished": ["yes", 1, [True] * 5, [1, 0]],
+                  "truncate_prompt_tokens": [5]},
+    "/v1/rerank": {"query": [None, 5, ["x"], "\ud800"],
+                   "documents": [[], "x", [5], ["x"] * 257, ["\udc00"]],
+                   "top_n": [0, -1, "2", 2.5, True], "return_documents": ["no", 0],
+                   "finished": [[True], "true"]},
+    "/tokenize": {"prompt": [5, [1], "", "\ud800"], "messages": [[], "hi", [{"role": "x"}]],
+                  "add_special_tokens": [False, "yes"], "return_token_strs": ["yes"],
+                  "add_generation_prompt": [True, 1]},
+    "/detokenize": {"tokens": [[-1], [300], [2**63], ["5"], [True], "5", None, [[5]]]},
+}
+
+
+@st.composite
+def hostile_tool_body(draw):
+    path, base = draw(st.sampled_from(TOOL_WELL_FORMED))
+    body = Body(path, json.loads(json.dumps(base)))
+    kind = draw(st.sampled_from(["field", "field", "deep", "bytes", "size", "top"]))
+    if kind == "field":
+        name = draw(st.sampled_from(sorted(TOOL_BREAKERS[path])))
+        body.fields[name] = draw(st.sampled_from(TOOL_BREAKERS[path][name]))
+    elif kind == "deep":
+        depth = draw(st.sampled_from([33, 5000]))
+        body.fields["x_deep"] = body.raw("[" * depth + "]" * depth)
+    elif kind == "bytes":
+        body.bytes_edit = draw(st.sampled_from([lambda d: d[:len(d) // 2],
+                                                lambda d: b"\xff\xfe" + d, lambda d: b""]))
+    elif kind == "size":
+        body.fields["x_pad"] = "a" * (BODY_LIMIT + 10)
+    else:
+        body.bytes_edit = lambda d: b"[1, 2]"
+    return body, kind
+
+
+def test_fuzzed_score_rerank_and_tokenize_bodies_get_4xx_while_good_ones_answer_the_same(live):
+    expected = {}
+    for path, body in TOOL_WELL_FORMED:
+        code, data = post(live.port, path, json.dumps(body).encode())
+        assert code == 200, data
+        expected[path] = json.loads(data)
+
+    stop, answers = threading.Event(), []
+
+    def well_formed():
+        i = 0
+        while not stop.is_set():
+            path, body = TOOL_WELL_FORMED[i % len(TOOL_WELL_FORMED)]
+            code, data = post(live.port, path, json.dumps(body).encode())
+            answers.append((path, code, data))
+            i += 1
+    worker = threading.Thread(target=well_formed)
+    worker.start()
+    try:
+        @settings(max_examples=150, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(hostile_tool_body())
+        def send(case):
+            body, kind = case
+            code, data = post(live.port, body.path, body.encode())
+            assert 400 <= code < 500, (kind, body, code, data[:300])
+            error = json.loads(data)["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        send()
+    finally:
+        stop.set()
+        worker.join(timeout=120)
+    assert answers
+    for path, code, data in answers:
+        assert code == 200, data[:300]
+        got, want = json.loads(data), expected[path]
+        if path == "/v1/score":
+            assert [d["score"] for d in got["data"]] == pytest.approx(
+                [d["score"] for d in want["data"]], abs=1e-5)
+        elif path == "/v1/rerank":
+            assert [r["index"] for r in got["results"]] == [r["index"] for r in want["results"]]
+        else:
+            assert got == want
+    live.async_engine.engine.check_all_free()
