@@ -151,3 +151,30 @@ def test_a_chat_template_whose_reply_turn_differs_from_its_generation_prompt_is_
                                    ["<|im_start|>", "<think>", "</think>"]))
     assert "the tuned model" in caplog.text and "<think>\\n\\n</think>" in caplog.text
     assert "enable_thinking': False" in caplog.text
+
+
+@pytest.mark.parametrize("method", ["cbs", "eft"])
+@pytest.mark.parametrize("include", [False, True])
+def test_a_stop_string_end_scores_the_templates_end_of_turn_with_one_vocabulary(method, include):
+    """A response a stop string ended, with one vocabulary and a chat template whose end of
+    turn is not the tokenizer's eos_token (Gemma's <end_of_turn> vs <eos>): the small models
+    score the text returned and then the template's end of turn, as score(text,
+    finished=True) and a search across vocabularies do (SmallPrompt.end_id)."""
+    tok = chat_tokenizer(GEMMA3, "<bos>", "<eos>", ["<start_of_turn>", "<end_of_turn>"])
+    engine, pair = chat_engine(tok)
+    stopped = 0
+    for seed in range(5):
+        common = dict(max_new_tokens=10, seed=seed, temperature=1.0,
+                      stop=["e", "a", "o", "i"], include_stop_str_in_output=include)
+        params = (SearchParams.cbs(2, 2, 3, **common) if method == "cbs"
+                  else SearchParams.eft(beta=1.2, n=2, **common))
+        for h in engine.search([USER], params)[0].hypotheses:
+            if not isinstance(h.stop_reason, str):
+                continue
+            stopped += 1
+            assert h.reward == pytest.approx(
+                engine.score([USER], [h.text], finished=True)[0], abs=1e-4)
+            assert h.reward == pytest.approx(
+                rendered_reward(pair, tok, USER, h.text, True), abs=1e-4)
+    assert stopped, "the workload should end responses on stop strings"
+    engine.check_all_free()

@@ -161,6 +161,18 @@ def test_search_prints_every_sample_of_base_and_the_best_hypothesis_of_a_search(
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert len(lines) == 6 and [ln.split(" ")[0] for ln in lines] == ["I"] * 3 + ["This"] * 3
+    # vLLM's stop flags, the prompt after them: the same seeded sample ends before the first
+    # of its tokens that is a stop id, and the JSON names that id as the stop_reason
+    common = ["--large", dirs["large"], "--method", "base", "--max-new-tokens", "6", "--seed",
+              "1", "--kv-blocks", "400", "--json"]
+    free = json.loads(run("search", "I really", *common).stdout)[0]["token_ids"]
+    assert len(free) >= 3
+    out = run("search", "--stop-token-ids", str(free[2]), "--stop-token-ids", "0", "I really",
+              *common, "--include-stop-str-in-output")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)[0]["hypotheses"][0]
+    first = free.index(free[2])
+    assert got["token_ids"] == free[:first] and got["stop_reason"] == free[2]
 
 
 def test_a_search_that_fails_at_run_time_is_one_line_with_exit_1(tiny_dirs):
@@ -412,7 +424,8 @@ def test_what_a_black_box_large_model_cannot_run_is_named_by_its_flag(tiny_dirs,
     assert code == 2 and err.startswith("w2s: error: --method='eft' mixes"), err
     code, err = main_fails(capsys, ["search", "x", *remote, "--min-p", "0.1"])
     assert code == 2 and err.startswith("w2s: error: --min-p=0.1: the large model is a black"), err
-    code, err = main_fails(capsys, ["search", "x", *remote, "--stop-token-ids", "5", "9"])
+    code, err = main_fails(capsys, ["search", "x", *remote, "--stop-token-ids", "5",
+                                    "--stop-token-ids", "9"])
     assert code == 2 and err.startswith("w2s: error: --stop-token-ids=[5, 9]: the large model "
                                         "is a black"), err
 

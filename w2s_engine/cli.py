@@ -48,8 +48,9 @@ def _add_search_args(p: argparse.ArgumentParser):
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(DEFAULTS, name),
                        help=help_)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--stop-token-ids", type=int, nargs="+", default=[], metavar="ID",
-                   help="large-model token ids that end a response as EOS does (vLLM's)")
+    p.add_argument("--stop-token-ids", type=int, action="append", default=[], metavar="ID",
+                   help="a large-model token id that ends a response as EOS does (vLLM's; "
+                        "repeatable)")
     p.add_argument("--include-stop-str-in-output", action="store_true",
                    help="keep the stop string that ended a response at its end (vLLM's)")
     p.add_argument("--seed", type=int, default=None,

@@ -22,7 +22,7 @@ MAX_LOGIT_BIAS = 1024        # token ids one request may bias (OpenAI allows 300
 MAX_LOGPROBS = 20            # alternatives per token (OpenAI's and vLLM's default bound)
 MAX_STOP_STRINGS = 16        # each is searched for after every sampled token
 MAX_STOP_CHARS = 256
-MAX_STOP_TOKEN_IDS = 64      # vLLM's stop_token_ids: a set looked up per sampled token
+MAX_STOP_TOKEN_IDS = 64      # vLLM's stop_token_ids: looked up per sampled token
 
 
 class InvalidParam(ValueError):

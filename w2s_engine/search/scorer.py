@@ -278,8 +278,10 @@ class Scorer:
                 full += sp.suffix_ids
             return StreamUpdate(b.small[si], full, len(sp.ids), b.finish_reason == "stop",
                                 eos_id=b.eos_token)
+        # scored as score(text, finished=True) and a search across vocabularies score it: the
+        # text, then the template's end of turn (SmallPrompt.end_id; None: the eos_token)
         full, start = sp.full_ids(large.response_text(b))
-        return StreamUpdate(b.small[si], full + sp.suffix_ids, start, True)
+        return StreamUpdate(b.small[si], full + sp.suffix_ids, start, True, eos_id=sp.end_id)
 
     def _bridge(self, si: int, sp: SmallPrompt, states: list[SmallState],
                 texts: list[str]) -> list[StreamUpdate]:

@@ -266,7 +266,7 @@ class SearchFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None                   # written in the access log
     ignore_eos: bool | None = None            # vLLM's: sample past EOS
-    min_tokens: int = DEFAULTS.min_tokens     # vLLM's: no EOS or stop string before these
+    min_tokens: int = DEFAULTS.min_tokens     # vLLM's: no EOS, stop id or stop string before
     stop_token_ids: list[int] | None = None   # vLLM's: large-model token ids that end a response
     include_stop_str_in_output: bool | None = None   # vLLM's: the stop string stays in the text
     # None: cbs, or base when the engine has no scorer
