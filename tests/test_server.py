@@ -197,6 +197,15 @@ def test_the_engines_own_server_is_a_black_box_large_model_for_another_engine():
             for h in r.hypotheses:
                 assert h.reward == pytest.approx(
                     searcher.score([r.prompt], [h.text], finished=h.finished)[0], abs=1e-4)
+        # A stop string the server cut (it names it, vLLM's stop_reason) or one across two
+        # chunks' calls (cut here): either way the hypothesis names it.
+        free = searcher.search(["I really"], SearchParams(w=1, k=3, l=3, max_new_tokens=9,
+                                                          seed=5, temperature=1.0))[0]
+        stops = sorted({c for h in free.hypotheses for c in h.text[1:] if c.isalpha()})[:6]
+        stopped = searcher.search(["I really"], SearchParams(
+            w=1, k=3, l=3, max_new_tokens=9, seed=5, temperature=1.0, stop=stops))[0]
+        named = [h.stop_reason for h in stopped.hypotheses if h.finish_reason == "stop"]
+        assert named and all(s in stops for s in named), (stops, named)
         # logit_bias goes to the server, in its own token ids (the same tokenizer here).
         forced = searcher.search(["I really"], SearchParams(
             w=2, k=2, l=3, max_new_tokens=6, seed=4, logit_bias={77: 100.0}))[0]

@@ -29,7 +29,7 @@ class Hypothesis:
     # never come here)
     num_tokens: int = 0
     # what ended it (vLLM's stop_reason): the stop string or the stop token id; None for EOS,
-    # the length cap, and with a black-box large model (its server's stops are unnamed)
+    # the length cap, and a black-box large model's server's stop that it does not name
     stop_reason: str | int | None = None
 
 

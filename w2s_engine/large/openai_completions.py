@@ -42,6 +42,7 @@ class Choice:
     finish_reason: str           # "stop" (EOS or stop string) or "length"
     num_tokens: int              # the server's tokens in this continuation
     prompt_tokens: int = 0       # the server's tokens in the call's prompt (0: it did not say)
+    stop_reason: str | None = None   # the stop string it ended on, where the server says
 
 
 # What the openai client retries: connection errors and timeouts, and these statuses.
@@ -212,5 +213,13 @@ def _choices(resp, job: CompletionJob, want: int, base_url: str = "") -> list[Ch
         per_stop = 1
     prompt_tokens = getattr(usage, "prompt_tokens", None)
     prompt_tokens = prompt_tokens if isinstance(prompt_tokens, int) else 0
-    return [Choice(c.text, r, job.max_tokens if r == "length" else per_stop, prompt_tokens)
+    return [Choice(c.text, r, job.max_tokens if r == "length" else per_stop, prompt_tokens,
+                   _stop_string(c, job) if r == "stop" else None)
             for c, r in zip(got, reasons)]
+
+
+def _stop_string(choice, job: CompletionJob) -> str | None:
+    """The stop string a continuation ended on, where its server names it (vLLM's
+    stop_reason, one of the job's stop strings); None for EOS or a server that does not say."""
+    reason = (getattr(choice, "model_extra", None) or {}).get("stop_reason")
+    return reason if isinstance(reason, str) and reason in job.stop else None

@@ -23,13 +23,14 @@ from w2s_engine.search.request import FailedBy, SearchRequest, mix_seed
 from w2s_engine.search.sequence import Beam
 
 
-def first_stop(text: str, stops, new_from: int) -> int | None:
-    """Where the first stop string in text starts, among those that end past new_from (the
-    text a call added): the server cuts the stop strings inside one continuation, not one
-    that spans two chunks' calls, and some servers leave the match in. None: no stop."""
-    hits = [i for stop in stops
+def first_stop(text: str, stops, new_from: int) -> tuple[int, str] | None:
+    """(where the first stop string in text starts, which), among those that end past
+    new_from (the text a call added): the server cuts the stop strings inside one
+    continuation, not one that spans two chunks' calls, and some servers leave the match in.
+    None: no stop."""
+    hits = [(i, j, stop) for j, stop in enumerate(stops)
             if (i := text.find(stop, max(0, new_from - len(stop) + 1))) >= 0]
-    return min(hits) if hits else None
+    return min(hits)[::2] if hits else None
 
 
 # How long a step waits for some request's calls to come back before it returns to the engine
@@ -152,12 +153,13 @@ class RemoteLarge:
                 b.chunk_tokens = r.params.chunk_len  # one call is one whole chunk
                 if choice.finish_reason == "stop":
                     b.finished, b.finish_reason = True, "stop"
+                    b.stop_reason = choice.stop_reason
                 elif b.num_large_tokens >= r.params.max_new_tokens:
                     b.finished, b.finish_reason = True, "length"
                 cut = first_stop(b.text, r.params.stop, before)
                 if cut is not None:
-                    b.text = b.text[:cut]
-                    b.finished, b.finish_reason = True, "stop"
+                    b.text = b.text[:cut[0]]
+                    b.finished, b.finish_reason, b.stop_reason = True, "stop", cut[1]
         return None
 
     def response_text(self, b: Beam) -> str:
