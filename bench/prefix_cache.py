@@ -2,6 +2,7 @@
 prompt), one after another as a server gets them, with EngineConfig.prefix_caching off and on.
 
     python bench/prefix_cache.py [--preset cpu-shared] [--prefix-len 512] [--requests 8]
+    python bench/prefix_cache.py --score 16     # Engine.score() of 16 responses to one prompt
 
 Each prompt is the same prefix of about --prefix-len tokens and a question of its own (about
 --question-len tokens); the first search warms up (with the cache, it forwards the prefix),
@@ -9,7 +10,10 @@ the other --requests - 1 are timed. Reports the median seconds per search and th
 tokens each model read from the cache, for both settings, with the texts of the two runs compared (the cached keys and
 values were computed in another batch: equal up to rounding, so a text may differ where two
 candidates' rewards nearly tie); appends a JSON line to <out>/prefix_cache.jsonl naming the
-machine and the commit. The presets are bench/e2e.py's (cpu-shared: SmolLM2-135M for all three
+machine and the commit. With --score N: Engine.score() of N responses (about --max-new tokens
+each) to one prompt of about --prefix-len tokens (reranking N samples), median seconds of
+three calls after a warm-up, off and on (on, the prompt is forwarded once per call, and after
+the first call not at all). The presets are bench/e2e.py's (cpu-shared: SmolLM2-135M for all three
 models; gpu: random Llama-3-8B steered by random Llama-3.2-1B).
 """
 
@@ -38,6 +42,35 @@ def run(engine, prompts, params) -> tuple[list[float], list]:
     return seconds, results
 
 
+def score_row(args) -> dict:
+    """Engine.score() of --score responses to one prompt, the cache off and on."""
+    row = {"preset": args.preset, "mode": "score", "prefix_len": args.prefix_len,
+           "responses": args.score, "response_len": args.max_new}
+    rewards = {}
+    for caching in (False, True):
+        engine, names = build(args.preset, prefix_caching=caching)
+        tok = engine.large_tokenizer
+        prompt = prompt_of(tok, args.prefix_len, seed=0)
+        responses = [" " + prompt_of(tok, args.max_new, seed=i + 1) for i in range(args.score)]
+        engine.score([prompt], responses[:1])           # warm-up
+        seconds = []
+        for _ in range(3):
+            t = time.perf_counter()
+            got = engine.score([prompt] * len(responses), responses)
+            seconds.append(time.perf_counter() - t)
+        key = "on" if caching else "off"
+        row[f"seconds_{key}"] = round(statistics.median(seconds), 3)
+        rewards[key] = got
+        row["models"] = names
+        del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    row["max_reward_difference"] = max(abs(a - b) for a, b in zip(rewards["off"], rewards["on"]))
+    row["speedup"] = round(row["seconds_off"] / row["seconds_on"], 2)
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="cpu-shared", choices=["cpu", "cpu-shared", "gpu"])
@@ -46,8 +79,18 @@ def main():
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--search", default="cbs-4-4-8")
     ap.add_argument("--max-new", type=int, default=32)
+    ap.add_argument("--score", type=int, default=0,
+                    help="time Engine.score() of this many responses to one prompt instead")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    if args.score:
+        row = score_row(args)
+        row.update(device=machine(), torch=torch.__version__, commit=commit())
+        print(json.dumps(row))
+        args.out.mkdir(parents=True, exist_ok=True)
+        with (args.out / "prefix_cache.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        return
     params = parse_search(args.search, args.max_new)
     row = {"preset": args.preset, "search": args.search, "prefix_len": args.prefix_len,
            "question_len": args.question_len, "requests": args.requests,
