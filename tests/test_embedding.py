@@ -175,6 +175,45 @@ def test_async_engine_score_runs_on_its_thread_and_says_what_to_change_or_that_i
     engine.check_all_free()
 
 
+def test_a_big_async_score_runs_in_slices_between_the_steps_of_the_searches_in_flight(
+        engine, monkeypatch):
+    """A score() of many pairs holds up the searches in flight one slice at a time, gives the
+    rewards of the whole call, and names a bad pair by its place in the whole call."""
+    from w2s_engine.serve import async_engine as module
+    calls = []
+    score, step = engine.score, engine.step
+    monkeypatch.setattr(engine, "score", lambda *a, **k: calls.append(("score", len(a[0])))
+                        or score(*a, **k))
+    monkeypatch.setattr(engine, "step", lambda: calls.append(("step",)) or step())
+    n = 2 * module.SCORE_SLICE_PAIRS + 3
+    responses = [f" response number {i}" for i in range(n)]
+
+    async def run(async_engine):
+        search = asyncio.ensure_future(async_engine.search(
+            "I really", SearchParams.base(max_new_tokens=40, seed=1, ignore_eos=True)))
+        while not any(c[0] == "step" for c in calls):
+            await asyncio.sleep(0.01)
+        rewards = await async_engine.score(["I really"] * n, responses)
+        bad = responses[:-1] + [[10**6]]
+        with pytest.raises(ValueError, match=rf"responses\[{n - 1}\]: token id 1000000"):
+            await async_engine.score(["I really"] * n, bad)
+        await search
+        return rewards
+
+    async_engine = AsyncEngine(engine)
+    try:
+        rewards = asyncio.run(run(async_engine))
+    finally:
+        async_engine.shutdown()
+    at = [i for i, c in enumerate(calls) if c[0] == "score"]
+    assert [calls[i][1] for i in at[:3]] == [module.SCORE_SLICE_PAIRS] * 2 + [3]
+    assert ("step",) in calls[at[0]:at[1]] and ("step",) in calls[at[1]:at[2]], \
+        "the search steps between the slices"
+    monkeypatch.undo()
+    assert rewards == pytest.approx(engine.score(["I really"] * n, responses), abs=1e-5)
+    engine.check_all_free()
+
+
 def test_dir_of_the_package_lists_its_lazily_imported_names():
     import w2s_engine
     assert {"Engine", "SearchError", "OpenAICompletions", "SearchParams"} <= set(dir(w2s_engine))

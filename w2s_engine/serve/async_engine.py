@@ -18,8 +18,10 @@ flight. The loop thread itself never dies.
 """
 
 import asyncio
+import collections
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -52,14 +54,65 @@ class SearchFailed(RuntimeError):
 SHUTTING_DOWN = "the engine is shutting down"
 
 
-class ScoreJob:
-    """An Engine.score() call the loop thread runs between two steps (the scorer's pools are
-    the steps'), its rewards or its error handed back to the awaiting coroutine."""
+# Pairs an Engine.score() call takes at a time: the loop thread runs a score job in slices of
+# this many between the steps, so that a request of hundreds of long responses holds up the
+# searches in flight by one slice at a time, not by all of it (a prompt shared by the slices
+# is forwarded once all the same: the later slices read it from the prefix cache).
+SCORE_SLICE_PAIRS = 16
+_INDEXED = re.compile(r"\b(responses|finished)\[(\d+)(?::(\d+))?\]")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, args: tuple, kwargs: dict):
-        self.args, self.kwargs = args, kwargs
+
+def _offset_indices(message: str, offset: int) -> str:
+    """'responses[3]' and 'responses[2:5]' in a slice's error, as indices of the whole call."""
+    return _INDEXED.sub(lambda m: f"{m[1]}[{int(m[2]) + offset}"
+                        + (f":{int(m[3]) + offset}" if m[3] else "") + "]", message)
+
+
+class ScoreJob:
+    """An Engine.score() call the loop thread runs between steps (the scorer's pools are the
+    steps'), a slice of pairs at a time; its rewards or its error handed back to the awaiting
+    coroutine."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, prompts, responses, finished,
+                 kwargs: dict):
+        self.prompts, self.responses, self.finished = prompts, responses, finished
+        self.kwargs = kwargs
+        self.rewards: list[float] = []
         self._loop = loop
         self.done = loop.create_future()
+
+    def run_slice(self, engine: Engine) -> bool:
+        """Score the next slice (all of it where the arguments are not lists of pairs, for
+        Engine.score to check); True when the job is over (its result or error handed
+        back, or its caller gone)."""
+        if self.done.cancelled():      # (a read from this thread: at worst one slice late)
+            return True
+        pairs = (isinstance(self.prompts, list) and isinstance(self.responses, list)
+                 and len(self.prompts) == len(self.responses)
+                 and (not isinstance(self.finished, list)
+                      or len(self.finished) == len(self.prompts)))
+        i = len(self.rewards)
+        end = i + SCORE_SLICE_PAIRS if pairs else None
+        flags = self.finished[i:end] if isinstance(self.finished, list) else self.finished
+        try:
+            self.rewards += (engine.score(self.prompts[i:end], self.responses[i:end], flags,
+                                          **self.kwargs) if pairs else
+                             engine.score(self.prompts, self.responses, flags, **self.kwargs))
+        except (ValueError, TypeError) as e:   # the caller's to change
+            if i:   # a slice's pairs are named from its first: name them in the whole call
+                e = (TypeError if isinstance(e, TypeError) else ValueError)(
+                    _offset_indices(str(e), i))
+            self._settle(error=e)
+            return True
+        except Exception as e:
+            log.exception("w2s engine loop: a score() call failed")
+            self._settle(error=SearchFailed(f"engine error in score(): {type(e).__name__}: "
+                                            f"{e}"))
+            return True
+        if pairs and len(self.rewards) < len(self.prompts):
+            return False
+        self._settle(self.rewards)
+        return True
 
     def _settle(self, rewards=None, error: BaseException | None = None):
         def settle():
@@ -178,6 +231,7 @@ class AsyncEngine:
         self._inbox: queue.Queue = queue.Queue()
         self._wake = threading.Event()
         self._pending: dict[int, SearchHandle] = {}   # request id -> its handle
+        self._scoring: collections.deque[ScoreJob] = collections.deque()   # score() calls
         self._stop = False
         # Set by the loop thread as it exits, under the lock that _send takes: a command
         # sent after it is answered at once, never left in a queue nobody reads.
@@ -284,7 +338,7 @@ class AsyncEngine:
         TypeError saying what to change; SearchFailed once shutting down)."""
         if self._stop:
             raise SearchFailed(SHUTTING_DOWN, FailedBy.SHUTDOWN)
-        job = ScoreJob(asyncio.get_running_loop(), (prompts, responses, finished), options)
+        job = ScoreJob(asyncio.get_running_loop(), prompts, responses, finished, options)
         self._send(("score", job))
         return await job.done
 
@@ -344,11 +398,14 @@ class AsyncEngine:
     def _serve(self):
         while not self._stop:
             try:
-                if not self.engine.has_unfinished() and self._inbox.empty():
+                if (not self.engine.has_unfinished() and self._inbox.empty()
+                        and not self._scoring):
                     self._wake.wait()
                     self._wake.clear()
                     continue
                 self._drain()
+                if self._scoring and self._scoring[0].run_slice(self.engine):
+                    self._scoring.popleft()
                 if self.engine.has_unfinished():
                     self._step()
             except Exception:  # a bug in this loop: log it, keep serving
@@ -367,6 +424,8 @@ class AsyncEngine:
                 handle._accept(SearchFailed(SHUTTING_DOWN, FailedBy.SHUTDOWN))
             elif command == "score":
                 handle._settle(error=SearchFailed(SHUTTING_DOWN, FailedBy.SHUTDOWN))
+        while self._scoring:     # score() calls part-way or not begun
+            self._scoring.popleft()._settle(error=SearchFailed(SHUTTING_DOWN, FailedBy.SHUTDOWN))
         for handle in list(self._pending.values()):   # nobody will step them now
             self.engine.cancel(handle.request)         # (their blocks come back)
             handle._push(SearchFailed(SHUTTING_DOWN, FailedBy.SHUTDOWN))
@@ -445,15 +504,7 @@ class AsyncEngine:
                           handle.request.request_id, p.method, p.w, p.k, p.l, p.max_new_tokens,
                           handle.request.stats.prompt_tokens)
             elif command == "score":
-                job = handle
-                try:
-                    job._settle(self.engine.score(*job.args, **job.kwargs))
-                except (ValueError, TypeError) as e:   # the caller's to change
-                    job._settle(error=e)
-                except Exception as e:
-                    log.exception("w2s engine loop: a score() call failed")
-                    job._settle(error=SearchFailed(f"engine error in score(): "
-                                                   f"{type(e).__name__}: {e}"))
+                self._scoring.append(handle)
             elif command == "cancel":
                 req = handle.request
                 if self._pending.get(req.request_id) is handle:   # queued, not ended
