@@ -7,16 +7,16 @@ RequestError (a 400 the server answers in OpenAI's error envelope), naming the f
 - the models are strict: 4 is an integer, "4", 4.0 and true are not (a float field takes 4);
 - the search parameters' ranges are SearchParams.validate's, checked when the request is
   prepared (Engine.make_request), so that the API, the command and the server agree.
-Every OpenAI sampling field is honoured or refused: stream (+ stream_options.include_usage),
-n, best_of, echo, logprobs / top_logprobs, stop, seed, max_tokens / max_completion_tokens,
+Every OpenAI sampling field is honoured or refused: stream (+ stream_options.include_usage), n,
+best_of, echo, logprobs / top_logprobs, stop, seed, max_tokens / max_completion_tokens,
 presence / frequency / repetition penalties, logit_bias, min_p, vLLM's min_tokens, ignore_eos,
-stop_token_ids and include_stop_str_in_output, and a chat's continue_final_message / add_generation_prompt and
-chat_template_kwargs (vLLM's) are honoured (SearchFields.plan); OpenAI and vLLM features the
-engine does not implement (suffix, tools, response formats, vLLM's bad_words, ...) are
-accepted only at their neutral values (NEUTRAL), and a search field the method does not use
-only at the value it takes, so that a request never silently gets something other than what it
-asked for. null is every field's default. `user` is written in the access log; fields nobody
-defines (metadata, x_...) are ignored.
+stop_token_ids and include_stop_str_in_output, and a chat's continue_final_message /
+add_generation_prompt and chat_template_kwargs (vLLM's) are honoured (SearchFields.plan);
+OpenAI and vLLM features the engine does not implement (suffix, tools, response formats, vLLM's
+bad_words, ...) are accepted only at their neutral values (NEUTRAL), and a search field the
+method does not use only at the value it takes, so that a request never silently gets something
+other than what it asked for. null is every field's default. `user` is written in the access
+log; fields nobody defines (metadata, x_...) are ignored.
 """
 
 import json
@@ -612,8 +612,8 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: bool | None = None
     return_token_strs: bool | None = None
 
-    def the_prompt(self) -> tuple[str | list[dict], bool]:
-        """(the prompt, whether it is chat messages); raises RequestError."""
+    def the_prompt(self) -> tuple[str | list[dict], bool, int]:
+        """(the prompt, whether it is chat messages, its characters); raises RequestError."""
         if (self.prompt is None) == (self.messages is None):
             raise RequestError(400, "send a `prompt` (text) or `messages` (a chat), one of them",
                                "prompt" if self.prompt is None else "messages")
@@ -622,12 +622,12 @@ class TokenizeRequest(BaseModel):
                          "chat_template_kwargs"):
                 if getattr(self, name) is not None:
                     raise RequestError(400, f"{name}: for `messages` only", name)
-            return self.prompt, False
+            return self.prompt, False, len(self.prompt)
         chat = ChatCompletionRequest(messages=self.messages,
                                      add_generation_prompt=self.add_generation_prompt,
                                      continue_final_message=self.continue_final_message)
         chat._continue_final()      # vLLM's pair, checked as the chat endpoint checks it
-        return chat.the_prompts()[0], True
+        return chat.the_prompts()[0], True, chat.prompt_chars()[0]
 
 
 class DetokenizeRequest(BaseModel):

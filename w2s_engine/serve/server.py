@@ -1,12 +1,12 @@
 """OpenAI-compatible HTTP server over one engine: `w2s serve`.
 
 POST /v1/completions, POST /v1/chat/completions (the search is picked with extra body fields:
-method, w, k, l, beta, top_k), POST /v1/score and /score (vLLM's score API: the scorer's
-reward of given responses; POST /v1/rerank and /rerank ranks them), POST /tokenize and
-/detokenize (vLLM's: the large model's tokens), GET /v1/models, GET /v1/models/{id}, GET /version, GET /health, GET /metrics
-(Prometheus). Every handler awaits its search on the shared engine loop, so concurrent
-requests are batched together; a list of prompts in one completions request runs as that
-many searches, answered as OpenAI does (prompt i's choices at i * n ... i * n + n - 1).
+method, w, k, l, beta, top_k), POST /v1/score and /score (vLLM's score API: the scorer's reward
+of given responses; POST /v1/rerank and /rerank ranks them), POST /tokenize and /detokenize
+(vLLM's: the large model's tokens), GET /v1/models, GET /v1/models/{id}, GET /version, GET
+/health, GET /metrics (Prometheus). Every handler awaits its search on the shared engine loop,
+so concurrent requests are batched together; a list of prompts in one completions request runs
+as that many searches, answered as OpenAI does (prompt i's choices at i * n ... i * n + n - 1).
 `stream=true` sends the text that became final at each engine step as server-sent events in
 OpenAI's chunk format (search/stream.py says what is final); a client that disconnects
 cancels its searches and frees their KV blocks; past the queue bound (requests waiting for KV
@@ -55,8 +55,8 @@ log = logging.getLogger("w2s_engine.serve")
 
 CHARS_PER_TOKEN = 32   # a prompt longer than this many characters per context token cannot fit
 ROUTES = ("POST /v1/completions, POST /v1/chat/completions, POST /v1/score, POST /score, "
-          "POST /v1/rerank, POST /rerank, POST /tokenize, POST /detokenize, GET /v1/models, GET /v1/models/{id}, "
-          "GET /version, GET /health, GET /metrics")
+          "POST /v1/rerank, POST /rerank, POST /tokenize, POST /detokenize, GET /v1/models, "
+          "GET /v1/models/{id}, GET /version, GET /health, GET /metrics")
 
 
 def served_name(spec) -> str:
@@ -433,10 +433,7 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
         body = parse_body(await request.body(), TokenizeRequest)
         check_model(body.model)
         tok = large_tokenizer("tokenizer")
-        prompt, chat = body.the_prompt()
-        chars = (len(prompt) if isinstance(prompt, str) else
-                 sum(len(m["content"]) if isinstance(m["content"], str) else
-                     sum(len(p["text"]) for p in m["content"]) for m in prompt))
+        prompt, chat, chars = body.the_prompt()
         field = "messages" if chat else "prompt"
         if chars > max_prompt_chars:
             raise RequestError(400, f"{field}: {chars} characters, past this server's limit "
