@@ -404,8 +404,11 @@ class AsyncEngine:
                     self._wake.clear()
                     continue
                 self._drain()
-                if self._scoring and self._scoring[0].run_slice(self.engine):
-                    self._scoring.popleft()
+                if self._scoring:
+                    if self._scoring[0].run_slice(self.engine):
+                        self._scoring.popleft()
+                    else:   # the score calls take turns a slice at a time: a small one
+                        self._scoring.rotate(-1)   # is not held up by a big one before it
                 if self.engine.has_unfinished():
                     self._step()
             except Exception:  # a bug in this loop: log it, keep serving

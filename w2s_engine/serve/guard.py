@@ -30,6 +30,9 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_BODY_TIMEOUT = 60.0           # seconds from a request's headers to its body's end
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+# The routes whose body is a JSON object (the others are refused by routing first)
+JSON_BODY_PATHS = GENERATION_PATHS + ("/v1/score", "/score", "/v1/rerank", "/rerank",
+                                      "/tokenize", "/detokenize")
 OPEN_PATHS = ("/health",)             # answered without the API key
 REASONS = {401: "auth", 404: "model", 408: "body_timeout", 413: "too_large",
            415: "content_type", 429: "queue_full"}
@@ -164,7 +167,7 @@ class Guard:
             await self.app(scope, receive, send)
             return None
         kind = headers.get(b"content-type", b"").decode("latin-1")
-        if scope["path"] in GENERATION_PATHS and not json_content_type(kind):
+        if scope["path"] in JSON_BODY_PATHS and not json_content_type(kind):
             # A browser sends a form or text/plain cross-site without asking first (CORS's
             # simple requests): only JSON bodies are read, as FastAPI's body models do.
             await error_response(415, f"Content-Type {kind[:100]!r}: the body must be JSON; send "

@@ -26,6 +26,7 @@ Every error is in OpenAI's envelope {"error": {"message", "type", "param", "code
 import asyncio
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -361,8 +362,9 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                               True)
 
     async def rewards_of(request: Request, body, prompts, responses, finished, names_of):
-        """The scorer's rewards (Engine.score on the engine's thread, between two steps), or
-        the RequestError that says what to change. names_of: (prompts' field, responses')."""
+        """The scorer's rewards (Engine.score on the engine's thread, between two steps), the
+        RequestError that says what to change, or the 499 response answering a client that
+        went away (its job stopped). names_of: (prompts' field, responses')."""
         check_model(body.model)
         if not engine.has_scorer:
             raise RequestError(400, "this server runs the large model alone: it has no scorer "
@@ -375,11 +377,30 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                 raise RequestError(400, f"{where}: {len(texts[long])} characters, past this "
                                         f"server's limit of {max_prompt_chars} a text "
                                         "(--max-prompt-chars): send a shorter one", where)
+        empty = next((i for i, t in enumerate(prompts) if not t), None)
+        if empty is not None:   # (Engine.score would name it 'prompt', not where it is)
+            where = names_of[0] if names_of[0] == "query" else f"{names_of[0]}.{empty}"
+            raise RequestError(400, f"{where}: an empty text: send a prompt", where)
         request.state.method, request.state.user = "score", body.user
+        # Awaited as wait_for awaits searches: a client that goes away cancels the call, and
+        # its job stops at its next slice (it would otherwise score hundreds of pairs for
+        # nobody, holding up the score calls queued behind it).
+        task = asyncio.ensure_future(async_engine.score(prompts, responses, finished))
         try:
-            return await async_engine.score(prompts, responses, finished)
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.25)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    request.state.outcome = "cancelled"
+                    return error_response(499, "the client closed the request")
         except (ValueError, TypeError) as e:
-            raise RequestError(400, str(e).replace("responses[", f"{names_of[1]}[")) from None
+            message = str(e).replace("responses[", f"{names_of[1]}[")
+            one = re.match(rf"{names_of[1]}\[(\d+)\]", message)   # one pair named: the param
+            raise RequestError(400, message, f"{names_of[1]}.{one[1]}" if one else None) from None
+        finally:
+            task.cancel()
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def score(request: Request):
         """vLLM's score API over the engine's scorer: each response's reward, as a search
@@ -391,6 +412,8 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                                        ("text_1", "text_2"))
         except SearchFailed as e:
             return error_response(failed_status(e), f"the scoring failed: {e}")
+        if not isinstance(rewards, list):      # the client went away
+            return rewards
         return {"id": f"score-{request.state.request_id}", "object": "list",
                 "created": int(time.time()), "model": names[0],
                 "data": [{"index": i, "object": "score", "score": r}
@@ -408,6 +431,8 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                                        [finished] * len(docs), ("query", "documents"))
         except SearchFailed as e:
             return error_response(failed_status(e), f"the scoring failed: {e}")
+        if not isinstance(rewards, list):      # the client went away
+            return rewards
         order = sorted(range(len(docs)), key=lambda i: -rewards[i])[:body.top_n or len(docs)]
         return {"id": f"rerank-{request.state.request_id}", "model": names[0],
                 "results": [{"index": i, "relevance_score": rewards[i],
