@@ -214,6 +214,24 @@ def test_a_big_async_score_runs_in_slices_between_the_steps_of_the_searches_in_f
     engine.check_all_free()
 
 
+def test_a_score_slice_of_long_responses_holds_about_one_prefill_chunk_of_text():
+    """Slices of long responses are cut by their text too, as a long prompt's prefill is cut
+    into chunks: about max_batch_tokens tokens of new text at a time, one pair at least."""
+    engine = tiny_engine(num_kv_blocks=400, max_batch_tokens=64)    # ~256 characters a slice
+    sizes = []
+    score = engine.score
+    engine.score = lambda *a, **k: sizes.append(len(a[0])) or score(*a, **k)
+    responses = [" " + "a b c d e " * 10] * 6 + [" short"] * 8     # 101 characters, then 6
+    with AsyncEngine(engine) as async_engine:
+        rewards = asyncio.run(async_engine.score(["I really"] * len(responses), responses))
+    # 8 + 101 + 101 (the prompt counted once, with the first pair), 101 + 101, 101 + 101 + 8 x 6
+    assert sizes == [2, 2, 10]
+    engine.score = score       # (to rounding: the slices read the prompt from the cache)
+    assert rewards == pytest.approx(engine.score(["I really"] * len(responses), responses),
+                                    abs=1e-4)
+    engine.check_all_free()
+
+
 def test_dir_of_the_package_lists_its_lazily_imported_names():
     import w2s_engine
     assert {"Engine", "SearchError", "OpenAICompletions", "SearchParams"} <= set(dir(w2s_engine))

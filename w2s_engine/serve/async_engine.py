@@ -54,12 +54,25 @@ class SearchFailed(RuntimeError):
 SHUTTING_DOWN = "the engine is shutting down"
 
 
-# Pairs an Engine.score() call takes at a time: the loop thread runs a score job in slices of
-# this many between the steps, so that a request of hundreds of long responses holds up the
-# searches in flight by one slice at a time, not by all of it (a prompt shared by the slices
-# is forwarded once all the same: the later slices read it from the prefix cache).
+# What an Engine.score() call takes at a time: the loop thread runs a score job in slices of at
+# most this many pairs, and of new text about the tokens of one prefill chunk (CHARS_PER_TOKEN
+# characters a token of max_batch_tokens; at least one pair), between the steps, so that a
+# request of hundreds of long responses holds up the searches in flight as a long prompt
+# does, a chunk at a time (a prompt the slices share is forwarded once all the same: the later
+# slices read it from the prefix cache).
 SCORE_SLICE_PAIRS = 16
+CHARS_PER_TOKEN = 4
 _INDEXED = re.compile(r"\b(responses|finished)\[(\d+)(?::(\d+))?\]")
+
+
+def _chars(text) -> int:
+    """A prompt's or response's size in characters (token ids: CHARS_PER_TOKEN each; chat
+    messages: their text's)."""
+    if isinstance(text, str):
+        return len(text)
+    if isinstance(text, (list, tuple)) and all(isinstance(t, int) for t in text):
+        return CHARS_PER_TOKEN * len(text)
+    return len(str(text))
 
 
 def _offset_indices(message: str, offset: int) -> str:
@@ -92,7 +105,8 @@ class ScoreJob:
                  and (not isinstance(self.finished, list)
                       or len(self.finished) == len(self.prompts)))
         i = len(self.rewards)
-        end = i + SCORE_SLICE_PAIRS if pairs else None
+        end = self._slice_end(i, CHARS_PER_TOKEN * engine.config.max_batch_tokens) \
+            if pairs else None
         flags = self.finished[i:end] if isinstance(self.finished, list) else self.finished
         try:
             self.rewards += (engine.score(self.prompts[i:end], self.responses[i:end], flags,
@@ -113,6 +127,21 @@ class ScoreJob:
             return False
         self._settle(self.rewards)
         return True
+
+    def _slice_end(self, start: int, chars: int) -> int:
+        """The end of the slice from pair `start`: SCORE_SLICE_PAIRS pairs at most, and no
+        more than `chars` characters of new text (a response, and its prompt where it is not
+        the previous pair's), one pair at least."""
+        end, used = start, 0
+        while end < len(self.prompts) and end - start < SCORE_SLICE_PAIRS:
+            new = _chars(self.responses[end])
+            if end == 0 or self.prompts[end] != self.prompts[end - 1]:
+                new += _chars(self.prompts[end])
+            if end > start and used + new > chars:
+                break
+            used += new
+            end += 1
+        return end
 
     def _settle(self, rewards=None, error: BaseException | None = None):
         def settle():
