@@ -11,6 +11,7 @@ import asyncio
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from test_server import tiny_engine
 from w2s_engine import SearchParams
 from w2s_engine.one_thread import EngineBusy
-from w2s_engine.search.request import FailedBy
+from w2s_engine.search.request import FailedBy, RequestStatus
 from w2s_engine.serve.async_engine import AsyncEngine, SearchFailed
 
 PARAMS = SearchParams.cbs(2, 2, 3, max_new_tokens=6, seed=3)
@@ -229,6 +230,56 @@ def test_a_score_slice_of_long_responses_holds_about_one_prefill_chunk_of_text()
     engine.score = score       # (to rounding: the slices read the prompt from the cache)
     assert rewards == pytest.approx(engine.score(["I really"] * len(responses), responses),
                                     abs=1e-4)
+    engine.check_all_free()
+
+
+def test_an_async_score_that_needs_the_blocks_a_search_holds_waits_for_them_not_fails():
+    """A response that fits the scorer's pool but not beside a running search's blocks: the
+    synchronous score() says so (NoRoomYet), AsyncEngine.score waits until the search gives
+    them back and then scores it; one past the whole pool is refused at once."""
+    from w2s_engine.search.scorer import NoRoomYet
+    engine = tiny_engine(num_kv_blocks=100)      # 400 tokens a pool; the context is 512
+    long = " x" * 175                            # 357 tokens for the scorer, with the prompt
+    # A search whose long prompt holds most of each small model's pool while it runs.
+    hog = SearchParams.cbs(1, 2, 4, max_new_tokens=40, seed=1, ignore_eos=True)
+    hog_prompt = "I really" + " y" * 150
+    req = engine.add_request(hog_prompt, hog)
+    while req.status.name != "RUNNING":
+        engine.step()
+    with pytest.raises(NoRoomYet, match=r"responses\[0\]: 357 tokens .* holds 400 in all"):
+        engine.score(["I really"], [long])
+    engine.cancel(req)
+    engine.step()
+    refused = []
+    score = engine.score
+
+    def counting(*args, **kwargs):
+        try:
+            return score(*args, **kwargs)
+        except NoRoomYet:
+            refused.append(1)
+            raise
+    engine.score = counting
+    step = engine.step
+    engine.step = lambda: time.sleep(0.02) or step()   # the search outlasts the wait below
+
+    async def run(async_engine):
+        handle = await async_engine.submit(hog_prompt, hog)
+        while handle.request.status is not RequestStatus.RUNNING:
+            await asyncio.sleep(0.01)
+        scoring = asyncio.ensure_future(async_engine.score(["I really"], [long]))
+        await asyncio.sleep(0.5)
+        assert refused and not scoring.done(), "it waits while the search holds the blocks"
+        handle.cancel()                 # the search's blocks come back
+        (reward,) = await scoring
+        with pytest.raises(ValueError, match="holds 400 in all"):
+            await async_engine.score(["I really"], [" x" * 250])   # past the pool: at once
+        return reward
+
+    with AsyncEngine(engine) as async_engine:
+        reward = asyncio.run(run(async_engine))
+    engine.score, engine.step = score, step
+    assert reward == pytest.approx(engine.score(["I really"], [long])[0], abs=1e-4)
     engine.check_all_free()
 
 

@@ -517,13 +517,17 @@ class Scorer:
                 except BatchFailed as e:
                     if not isinstance(e.__cause__, OutOfBlocks):
                         raise
-                    # (one response alone past half the free pool: the search's have the rest)
+                    # (one response alone past the free pool: the searches' hold the rest)
                     which = (f"{i - 1}" if len(group) == 1 else f"{i - len(group)}:{i}")
-                    raise ValueError(
+                    capacity = stream.blocks.num_blocks * stream.blocks.block_size
+                    # NoRoomYet where the searches' blocks are what it lacks: it fits once
+                    # they end (AsyncEngine.score waits for that), else it never will here.
+                    wait = ValueError if tokens > capacity else NoRoomYet
+                    raise wait(
                         f"responses[{which}]: {tokens} tokens for the scorer, "
                         f"and its KV pool has room for {room} beside the searches now "
-                        f"({e.__cause__}): score fewer or shorter responses at once, or give "
-                        "the engine more KV memory") from None
+                        f"({e.__cause__}) and holds {capacity} in all: score fewer or shorter "
+                        "responses at once, or give the engine more KV memory") from None
                 finally:
                     for u in group:
                         stream.blocks.free(u.state.table)

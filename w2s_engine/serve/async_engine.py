@@ -34,6 +34,7 @@ from w2s_engine.outputs import SearchResult
 from w2s_engine.params import SearchParams
 from w2s_engine.scheduler import QueueFull
 from w2s_engine.search.request import FailedBy, RequestStatus, SearchRequest
+from w2s_engine.search.scorer import NoRoomYet
 from w2s_engine.search.stream import SearchDelta
 from w2s_engine.serve.metrics import ServerMetrics
 
@@ -93,6 +94,9 @@ class ScoreJob:
         self.rewards: list[float] = []
         self._loop = loop
         self.done = loop.create_future()
+        # Waiting for room: the scorer pools' free blocks when a slice found too few (searches
+        # held them); tried again once more are free.
+        self.free_when_refused: list[int] | None = None
 
     def run_slice(self, engine: Engine) -> bool:
         """Score the next slice (all of it where the arguments are not lists of pairs, for
@@ -100,6 +104,11 @@ class ScoreJob:
         back, or its caller gone)."""
         if self.done.cancelled():      # (a read from this thread: at worst one slice late)
             return True
+        free = [s.blocks.num_free for s in engine.scorer.streams]
+        if self.free_when_refused is not None:
+            if all(f <= was for f, was in zip(free, self.free_when_refused)):
+                return False       # no search has given back a block since: not yet
+            self.free_when_refused = None
         pairs = (isinstance(self.prompts, list) and isinstance(self.responses, list)
                  and len(self.prompts) == len(self.responses)
                  and (not isinstance(self.finished, list)
@@ -112,6 +121,12 @@ class ScoreJob:
             self.rewards += (engine.score(self.prompts[i:end], self.responses[i:end], flags,
                                           **self.kwargs) if pairs else
                              engine.score(self.prompts, self.responses, flags, **self.kwargs))
+        except NoRoomYet as e:
+            if engine.has_unfinished():   # the searches' blocks: it fits once they end
+                self.free_when_refused = free
+                return False
+            self._settle(error=ValueError(_offset_indices(str(e), i)))
+            return True
         except (ValueError, TypeError) as e:   # the caller's to change
             if i:   # a slice's pairs are named from its first: name them in the whole call
                 e = (TypeError if isinstance(e, TypeError) else ValueError)(
