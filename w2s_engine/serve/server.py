@@ -252,9 +252,10 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
         return (sum(r.stats.prompt_tokens for r in results),
                 sum(usage(r, n)["completion_tokens"] for r in results))
 
-    async def wait_for(request: Request, handles):
-        """The searches' results, or the response that answers the request instead."""
-        task = asyncio.ensure_future(asyncio.gather(*(h.result() for h in handles)))
+    async def unless_client_leaves(request: Request, awaitable):
+        """The awaitable's result, or the 499 response once the client went away (it is
+        cancelled then: its searches, or its score job at the next slice)."""
+        task = asyncio.ensure_future(awaitable)
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=0.25)
@@ -263,13 +264,20 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                 if await request.is_disconnected():
                     request.state.outcome = "cancelled"
                     return error_response(499, "the client closed the request")
+        finally:
+            task.cancel()
+            # A cancelled task ends with an exception no one awaits: read it (asyncio logs an
+            # unread one as an error, and a client that leaves is no error).
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def wait_for(request: Request, handles):
+        """The searches' results, or the response that answers the request instead."""
+        try:
+            return await unless_client_leaves(
+                request, asyncio.gather(*(h.result() for h in handles)))
         except SearchFailed as e:
             return error_response(failed_status(e), f"the search failed: {e}")
         finally:
-            task.cancel()
-            # A cancelled gather ends with an exception no one awaits: read it (asyncio logs
-            # an unread one as an error, and a client that leaves is no error).
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
             for h in handles:
                 h.cancel()
 
@@ -382,25 +390,15 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
             where = names_of[0] if names_of[0] == "query" else f"{names_of[0]}.{empty}"
             raise RequestError(400, f"{where}: an empty text: send a prompt", where)
         request.state.method, request.state.user = "score", body.user
-        # Awaited as wait_for awaits searches: a client that goes away cancels the call, and
-        # its job stops at its next slice (it would otherwise score hundreds of pairs for
-        # nobody, holding up the score calls queued behind it).
-        task = asyncio.ensure_future(async_engine.score(prompts, responses, finished))
+        # A client that goes away cancels the call, and its job stops at its next slice (it
+        # would otherwise score hundreds of pairs for nobody, holding up the calls behind it).
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=0.25)
-                if done:
-                    return task.result()
-                if await request.is_disconnected():
-                    request.state.outcome = "cancelled"
-                    return error_response(499, "the client closed the request")
+            return await unless_client_leaves(
+                request, async_engine.score(prompts, responses, finished))
         except (ValueError, TypeError) as e:
             message = str(e).replace("responses[", f"{names_of[1]}[")
             one = re.match(rf"{names_of[1]}\[(\d+)\]", message)   # one pair named: the param
             raise RequestError(400, message, f"{names_of[1]}.{one[1]}" if one else None) from None
-        finally:
-            task.cancel()
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def score(request: Request):
         """vLLM's score API over the engine's scorer: each response's reward, as a search
