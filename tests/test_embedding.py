@@ -164,11 +164,8 @@ def test_async_engine_score_runs_on_its_thread_and_says_what_to_change_or_that_i
             await async_engine.score(["I really"] * 2, [" a dog"])
         return rewards
 
-    async_engine = AsyncEngine(engine)
-    try:
+    with AsyncEngine(engine) as async_engine:
         rewards = asyncio.run(run(async_engine))
-    finally:
-        async_engine.shutdown()
     assert rewards == pytest.approx(engine.score(["I really"] * 2, [" a dog", " a cat"]),
                                     abs=1e-5)
     with pytest.raises(SearchFailed, match="the engine is shutting down"):
@@ -201,11 +198,8 @@ def test_a_big_async_score_runs_in_slices_between_the_steps_of_the_searches_in_f
         await search
         return rewards
 
-    async_engine = AsyncEngine(engine)
-    try:
+    with AsyncEngine(engine) as async_engine:
         rewards = asyncio.run(run(async_engine))
-    finally:
-        async_engine.shutdown()
     at = [i for i, c in enumerate(calls) if c[0] == "score"]
     assert [calls[i][1] for i in at[:3]] == [module.SCORE_SLICE_PAIRS] * 2 + [3]
     assert ("step",) in calls[at[0]:at[1]] and ("step",) in calls[at[1]:at[2]], \

@@ -223,6 +223,17 @@ def _same(value, neutral) -> bool:
     return type(value) is type(neutral) and value == neutral
 
 
+def refuse_unless_neutral(extra: dict | None, neutral: dict):
+    """A field the engine does not implement, sent at another value than its neutral ones
+    (`neutral`: name -> the values taken; none: only null): a 400 naming it."""
+    for name, values in neutral.items():
+        value = (extra or {}).get(name)
+        if value is not None and not any(_same(value, v) for v in values):
+            hint = "".join(f" or send {_brief(v)}" for v in values[:1])
+            raise RequestError(400, f"{name}: not supported by this server; leave it out"
+                                    f"{hint} (got {_brief(value)})", name)
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -290,12 +301,7 @@ class SearchFields(BaseModel):
         return data
 
     def check_neutral(self):
-        for name, neutral in self.neutral.items():
-            value = (self.model_extra or {}).get(name)
-            if value is not None and not any(_same(value, v) for v in neutral):
-                hint = "".join(f" or send {_brief(v)}" for v in neutral[:1])
-                raise RequestError(400, f"{name}: not supported by this server; leave it out"
-                                        f"{hint} (got {_brief(value)})", name)
+        refuse_unless_neutral(self.model_extra, self.neutral)
 
     def _logit_bias(self) -> dict[int, float]:
         """OpenAI's logit_bias: its keys are token ids written as strings."""
@@ -530,14 +536,6 @@ MAX_SCORE_PAIRS = 256   # (prompt, response) pairs one score request may hold
 # vLLM's score and rerank fields the engine does not implement: at their neutral values only
 SCORE_NEUTRAL = {"truncate_prompt_tokens": (), "encoding_format": (), "priority": (0,),
                  "mm_processor_kwargs": (), "activation": (), "use_activation": ()}
-
-
-def refuse_unless_neutral(extra: dict | None, neutral: dict):
-    for name, values in neutral.items():
-        value = (extra or {}).get(name)
-        if value is not None and not any(_same(value, v) for v in values):
-            raise RequestError(400, f"{name}: not supported by this server; leave it out "
-                                    f"(got {_brief(value)})", name)
 
 
 class ScoreRequest(BaseModel):

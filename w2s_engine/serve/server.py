@@ -442,10 +442,10 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
     for path in ("/v1/rerank", "/rerank"):
         app.post(path)(rerank)
 
-    def large_tokenizer(where: str):
+    def large_tokenizer():
         if tokenizer is None:
-            raise RequestError(400, f"the large model is a black box behind another server, "
-                                    f"which tokenizes its prompts itself: there is no {where} "
+            raise RequestError(400, "the large model is a black box behind another server, "
+                                    "which tokenizes its prompts itself: there is no tokenizer "
                                     "here", None)
         return tokenizer
 
@@ -455,7 +455,7 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
         /v1/chat/completions (`messages`) would feed it, its template applied."""
         body = parse_body(await request.body(), TokenizeRequest)
         check_model(body.model)
-        tok = large_tokenizer("tokenizer")
+        tok = large_tokenizer()
         prompt, chat, chars = body.the_prompt()
         field = "messages" if chat else "prompt"
         if chars > max_prompt_chars:
@@ -485,7 +485,7 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
         """vLLM's: the large model's text of token ids (special tokens included)."""
         body = parse_body(await request.body(), DetokenizeRequest)
         check_model(body.model)
-        tok = large_tokenizer("tokenizer")
+        tok = large_tokenizer()
         bad = next((i for i, t in enumerate(body.tokens) if not 0 <= t < len(tok)), None)
         if bad is not None:
             raise RequestError(400, f"tokens.{bad}: token id {body.tokens[bad]} is outside the "
