@@ -246,6 +246,13 @@ def test_scoring_many_responses_to_one_prompt_forwards_the_prompt_once(
     assert saved > 0
     for role in ("tuned", "untuned"):
         assert forwarded[role] == forwarded_uncached[role] - saved
+    # stats() counts score()'s work as a search's: forwarded, read from the cache, read in all
+    for eng, ran, cached in ((engine, forwarded, saved), (uncached, forwarded_uncached, 0)):
+        stats = eng.stats()
+        assert stats["score_tokens"] == ran["tuned"] + cached
+        for role in ("tuned", "untuned"):
+            assert stats["tokens"][role] == ran[role]
+            assert stats["cached_tokens"][role] == cached
     for r, response in zip(rewards, responses):
         assert r == pytest.approx(scratch_reward(small_pair, tok, PROMPT, response, True),
                                   abs=1e-4)

@@ -1201,3 +1201,31 @@ def _byte_level_alphabet() -> list[str]:
             out[b] = chr(256 + extra)
             extra += 1
     return [out[b] for b in range(256)]
+
+
+def test_a_candidate_whose_reward_is_nan_never_outranks_one_with_a_number(tok, small_pair, engine):
+    """A small model whose forward overflows (float16, broken weights) gives NaN rewards to
+    the candidates it overflows on. Python's sort leaves a NaN where it stands, so the first
+    candidate could win every selection with it, and the search return NaN; it ranks last."""
+    params = SearchParams(w=2, k=4, l=4, max_new_tokens=12, seed=5, ignore_eos=True,
+                          trace=True)
+    healthy = engine.search("The plot of", params)[0]
+    # The tuned model breaks on the first candidate's first token (a NaN embedding row), so
+    # that the candidate every sort leaves first scores NaN, and so does any that samples it.
+    bad = healthy.trace[0]["candidates"][0]["token_ids"][0]
+    tuned, untuned = clone(small_pair[0]), small_pair[1]
+    with torch.no_grad():
+        tuned.model.embed_tokens.weight[bad] = float("nan")
+    broken = make_engine(tok, (tuned, untuned))
+    result = broken.search("The plot of", params)[0]
+    chunks = result.trace
+    assert any(c["reward"] != c["reward"] for c in chunks[0]["candidates"])   # NaN met
+    for chunk in chunks:
+        by_id = {c["beam_id"]: c["reward"] for c in chunk["candidates"]}
+        numbers = sorted((r for r in by_id.values() if r == r), reverse=True)
+        kept = [by_id[i] for i in chunk["survivors"]]
+        assert kept[:len(numbers)] == numbers[:len(kept)]
+    assert result.reward == result.reward
+    rewards = [h.reward for h in result.hypotheses]
+    assert rewards[0] == max(r for r in rewards if r == r)
+    broken.check_all_free()

@@ -248,6 +248,12 @@ def test_the_score_api_gives_the_scorers_rewards_as_the_python_api_and_refuses_b
     assert [d["index"] for d in one_to_many["data"]] == [0, 1, 2]
     assert [d["object"] for d in one_to_many["data"]] == ["score"] * 3
     assert [d["score"] for d in one_to_many["data"]] == pytest.approx(want, abs=1e-5)
+    # usage (vLLM's): the tokens the scorer read, each pair's prompt and response in the
+    # small models' tokens (one stream here: the pair shares its tokenizer and template)
+    tok = engine.large_tokenizer      # the small models' too
+    read = sum(len(tok("I really" + r, add_special_tokens=False).input_ids) for r in responses)
+    assert one_to_many["usage"] == {"prompt_tokens": read, "total_tokens": read,
+                                    "completion_tokens": 0}
     prompts = ["I really", "What a", "This film"]
     flags = [True, False, True]
     code, pairwise = post(server, "/score", {"text_1": prompts, "text_2": responses,
@@ -288,6 +294,9 @@ def test_rerank_orders_the_documents_by_the_scorers_reward_best_first(server):
     assert [r["relevance_score"] for r in ranked["results"]] == pytest.approx(
         [want[i] for i in best_first], abs=1e-5)
     assert [r["document"]["text"] for r in ranked["results"]] == [docs[i] for i in best_first]
+    read = sum(len(engine.large_tokenizer("I really" + d, add_special_tokens=False).input_ids)
+               for d in docs)
+    assert ranked["usage"] == {"prompt_tokens": read, "total_tokens": read}
     code, top = post(server, "/rerank", {"query": "I really", "documents": docs, "top_n": 2,
                                          "return_documents": False, "finished": False})
     unfinished = engine.score(["I really"] * 4, docs, finished=False)

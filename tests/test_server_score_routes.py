@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 from live_server import LiveServer
 from test_server import tiny_engine
 
@@ -118,3 +119,64 @@ def test_a_small_score_call_is_not_held_up_by_a_big_one_queued_before_it(monkeyp
             a.engine.check_all_free()
     asyncio.run(main())
     assert order == [1, 256]
+
+
+def strict_json(text: str):
+    """JSON as JavaScript's JSON.parse reads it: no NaN or Infinity."""
+    def refuse(word):
+        raise ValueError(f"{word} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_nan_reward_is_null_in_every_answer_and_ranks_last_not_a_500():
+    """A small model whose forward overflows gives a NaN reward. JSON has no NaN: the
+    answers carry null there (strict parsers read them), rerank puts it last, and the
+    searches, the score and the streams are not lost to a 500."""
+    from tiny_models import clone, make_tokenizer, tiny_llama, tuned_from
+    from w2s_engine import Engine
+    tok = make_tokenizer(300)
+    untuned = tiny_llama(len(tok), seed=2)
+    tuned = tuned_from(untuned, seed=3, scale=0.3)
+    bad = tok(" dog", add_special_tokens=False).input_ids[-1]
+    with torch.no_grad():      # the tuned model breaks on one token's embedding
+        tuned.model.embed_tokens.weight[bad] = float("nan")
+    engine = Engine((tiny_llama(len(tok), seed=1, layers=3), tok), (tuned, tok),
+                    (clone(untuned), tok), block_size=4, progress=False, num_kv_blocks=3000)
+    live = LiveServer(engine)
+
+    def post(path, body):
+        conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=120)
+        try:
+            conn.request("POST", path, body=json.dumps(body),
+                         headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            return r.status, r.read().decode()
+        finally:
+            conn.close()
+    try:
+        docs = [" a cat", " a dog", " the man"]
+        code, text = post("/v1/score", {"text_1": "I really", "text_2": docs})
+        assert code == 200, text
+        scores = [d["score"] for d in strict_json(text)["data"]]
+        assert scores[1] is None and all(isinstance(s, float) for s in scores[::2])
+        code, text = post("/v1/rerank", {"query": "I really", "documents": docs})
+        assert code == 200, text
+        ranked = strict_json(text)["results"]
+        assert [r["index"] for r in ranked][-1] == 1 and ranked[-1]["relevance_score"] is None
+        # A prompt with the token: every candidate's reward is NaN, the search still answers.
+        body = {"prompt": "I really like a dog", "max_tokens": 6, "seed": 1, "w": 2, "k": 2,
+                "l": 3, "method": "cbs"}
+        code, text = post("/v1/completions", body)
+        assert code == 200, text
+        whole = strict_json(text)
+        assert whole["w2s"]["reward"] is None and whole["choices"][0]["text"] is not None
+        code, text = post("/v1/completions", {**body, "stream": True})
+        assert code == 200, text
+        events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [strict_json(e) for e in events[:-1]]
+        assert chunks[-1]["w2s"]["reward"] is None
+        assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+        live.async_engine.engine.check_all_free()
+    finally:
+        live.stop()

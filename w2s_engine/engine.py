@@ -970,18 +970,25 @@ class Engine:
         (per model role: "large", "tuned", ...; models sharing a pool show its count);
         requests (queued since the start, cancelled ones included), failed; tokens
         (forwarded per model role); cached_tokens (prompt tokens read from the prefix cache
-        instead, per model role); decode_steps; scorings_ahead (scorings read a step later,
-        async scheduling). Both token counts are of the requests that ended (or were
-        preempted, whose work is done again)."""
+        instead, per model role); score_tokens (the tokens score() calls read: each pair's
+        prompt and response, in each scorer stream's tokens); decode_steps; scorings_ahead
+        (scorings read a step later, async scheduling). Both per-role token counts are of
+        the requests that ended (or were preempted, whose work is done again) and of the
+        score() calls."""
         used = {"large": self.large.blocks.num_used if self.large.blocks else 0}
         for stream in self.scorer.streams:
             for role in stream.roles:
                 used[role] = stream.blocks.num_used
-        t = self.scheduler.totals
+        t, scored = self.scheduler.totals, self.scorer.scored
+        tokens, cached = dict(t.tokens), dict(t.cached)
+        for role, n in scored.forwarded.items():
+            tokens[role] = tokens.get(role, 0) + n
+        for role, n in scored.cached.items():
+            cached[role] = cached.get(role, 0) + n
         return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                 "kv_blocks_total": self.budget.num_blocks, "kv_blocks_used": used,
-                "requests": t.requests, "failed": t.failed, "tokens": dict(t.tokens),
-                "cached_tokens": dict(t.cached),
+                "requests": t.requests, "failed": t.failed, "tokens": tokens,
+                "cached_tokens": cached, "score_tokens": scored.tokens,
                 "decode_steps": self.large.decode_steps, "scorings_ahead": self.scorings_ahead}
 
     def check_all_free(self):

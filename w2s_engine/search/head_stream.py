@@ -24,7 +24,7 @@ from w2s_engine.cache.block_manager import BlockManager
 from w2s_engine.models.runner import ModelRunner
 from w2s_engine.search.sequence import SmallState
 from w2s_engine.search.small_stream import (Launched, StreamUpdate, batches, failing_as_batch,
-                                             next_prompt_chunk, prompt_in)
+                                             next_prompt_chunk, prefill_once)
 from w2s_engine.search.tokens import common_prefix
 
 
@@ -86,10 +86,9 @@ class HeadStream:
     def roles(self) -> tuple[str, ...]:
         return tuple(self.runners)
 
-    def prefill(self, states: list[SmallState]):
-        """Forward the whole prompt part of fresh states (ids set, table empty)."""
-        while not all(prompt_in(st) for st in states):
-            self.prefill_chunk(states, self.max_batch_tokens)
+    def prefill(self, states: list[SmallState]) -> int:
+        """Forward the whole prompt part of fresh states (prefill_once)."""
+        return prefill_once(self, states)
 
     def prefill_chunk(self, states: list[SmallState], max_tokens: int):
         """Forward the next chunk of these states' prompts (in order, max_tokens in all)."""

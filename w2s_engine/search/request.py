@@ -11,6 +11,8 @@ CBS(W, K, L), as DESIGN.md specifies it:
 - the search ends when every survivor is finished (EOS, stop string or max_new_tokens).
 """
 
+import logging
+import math
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -22,6 +24,18 @@ from w2s_engine.outputs import Hypothesis, SearchResult, SearchStats, TokenLogpr
 from w2s_engine.params import SearchParams
 from w2s_engine.search.sequence import Beam
 from w2s_engine.search.stream import FinalText, SearchDelta
+
+log = logging.getLogger("w2s_engine")
+
+
+def best_first(rewards: list[float]) -> list[int]:
+    """Indices by reward, best first, ties in their order. A NaN reward (a small model's
+    forward that overflowed: float16, broken weights) ranks below every number: Python's
+    sort would leave it wherever it stood, where it could win the selection, and keep its
+    NaN in every descendant's reward."""
+    return sorted(range(len(rewards)),
+                  key=lambda i: (True, 0.0, i) if math.isnan(rewards[i]) else
+                  (False, -rewards[i], i))
 
 def mix_seeds(seeds: np.ndarray, beam_ids: np.ndarray) -> np.ndarray:
     """splitmix64 of (seed, beam) pairs, uint64 arrays in (arithmetic wraps mod 2**64), uint64
@@ -108,6 +122,7 @@ class SearchRequest:
     # (None: not recorded); per beam id, inherited on fork (a local large model only).
     logprobs: int | None = None
     token_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
+    warned_nan: bool = False     # a NaN reward was logged (once a request)
 
     # ---- beams -------------------------------------------------------------------------
 
@@ -209,8 +224,13 @@ class SearchRequest:
             order = list(range(len(cands)))  # no selection: every sample is a result
             keep = len(cands)
         else:
-            order = sorted(range(len(cands)), key=lambda i: (-cands[i].reward, i))
+            order = best_first([b.reward for b in cands])
             keep = p.w
+            if not self.warned_nan and math.isnan(cands[order[-1]].reward):
+                self.warned_nan = True
+                log.warning("request %s: a candidate's reward is NaN (a small model's forward "
+                            "overflowed? float16 overflows where bfloat16 does not); such "
+                            "candidates rank below every other", self.request_id)
         survivors = [cands[i] for i in order[:keep]]
         losers = [cands[i] for i in order[keep:]]   # their tables go to the next children
         if p.uses_small_models:
@@ -311,7 +331,7 @@ class SearchRequest:
                                    self.token_logprobs.get(b.beam_id, []),
                                    chunk_rewards=list(b.chunk_rewards) if scored else None))
         if scored and not self.params.samples:
-            hyps.sort(key=lambda h: -h.reward)  # stable: ties keep candidate order
+            hyps = [hyps[i] for i in best_first([h.reward for h in hyps])]
         best = hyps[0]
         self.stats.seconds = time.perf_counter() - self.started
         self.result = SearchResult(

@@ -17,7 +17,7 @@ reservation), which then fails alone; run() forwards the updates of all requests
 one forward per model, and sets each candidate's reward.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch.profiler import record_function   # names the scoring's phases in a profile
 
@@ -62,6 +62,23 @@ class ScoringLaunch:
             pending.roll_back(stream.blocks)
 
 
+@dataclass
+class ScoreWork:
+    """What score() calls have read, for their usage and the engine's stats: the pairs'
+    tokens (prompt, response and template suffix in each scorer stream's own tokens, summed
+    over the streams), and per model, those it forwarded and those read from the prefix
+    cache instead."""
+    tokens: int = 0
+    forwarded: dict[str, int] = field(default_factory=dict)
+    cached: dict[str, int] = field(default_factory=dict)
+
+    def add(self, roles: list[str], tokens: int, cached: int):
+        self.tokens += tokens
+        for role in roles:
+            self.forwarded[role] = self.forwarded.get(role, 0) + tokens - cached
+            self.cached[role] = self.cached.get(role, 0) + cached
+
+
 class NoRoomYet(ValueError):
     """A request's scoring needs more KV than its pools have unreserved now (its response
     re-tokenized to more small tokens than admission reserved): the room another request's
@@ -81,6 +98,7 @@ class Scorer:
         prefix_caching: the streams' pools keep prompts' blocks for later prompts."""
         assert set(pair) in (set(), {"tuned", "untuned"})
         self.budget = budget
+        self.scored = ScoreWork()     # score()'s reads, summed over its calls
         self.streams: list[SmallStream | HeadStream] = []
         self.tokenizers = []
         self.templates: list[Template | ResponseTemplate] = []
@@ -512,8 +530,10 @@ class Scorer:
                     tokens += len(updates[i].full_ids) + 1
                     i += 1
                 try:
-                    stream.prefill([u.state for u in group])
+                    cached = stream.prefill([u.state for u in group])
                     stream.update(group)
+                    self.scored.add(stream.roles, sum(len(u.full_ids) for u in group),
+                                    cached)
                 except BatchFailed as e:
                     if not isinstance(e.__cause__, OutOfBlocks):
                         raise

@@ -76,23 +76,9 @@ class SmallStream:
     def roles(self) -> tuple[str, ...]:
         return tuple(self.runners)
 
-    def prefill(self, states: list[SmallState]):
-        """Forward the whole prompt of fresh states (ids set, table empty), each starting
-        from what the prefix cache holds of it. A prompt met twice here (score() of many
-        responses to one prompt) is forwarded once: the first of each goes first, and the
-        others then read its blocks, all but its last token (whose hidden state each needs)."""
-        seen, first, again = set(), [], []
-        for st in states:
-            key = tuple(st.ids)
-            (again if key in seen else first).append(st)
-            seen.add(key)
-        for part in (first, again):
-            for st in part:
-                self.blocks.take_cached_prefix(st.table, st.ids)
-            while not all(prompt_in(st) for st in part):
-                self.prefill_chunk(part, self.max_batch_tokens)
-            for st in part:
-                self.blocks.cache_prompt(st.table, st.ids)
+    def prefill(self, states: list[SmallState]) -> int:
+        """Forward the whole prompt of fresh states (prefill_once)."""
+        return prefill_once(self, states)
 
     def prefill_chunk(self, states: list[SmallState], max_tokens: int):
         """Forward the next chunk of these states' prompts (in order, max_tokens in all, one
@@ -340,6 +326,28 @@ def failing_as_batch(blocks: BlockManager | None = None, keep: list | None = Non
         for st, n in keep or []:
             st.keep_first(blocks, n)
         raise BatchFailed(retryable=keep is not None) from e
+
+
+def prefill_once(stream, states: list[SmallState]) -> int:
+    """Forward the whole prompt of fresh states (ids set, table empty) through a stream
+    (SmallStream, HeadStream), each starting from what the prefix cache holds of it; returns
+    the prompt tokens read from the cache. A prompt met twice here (score() of many
+    responses to one prompt) is forwarded once: the first of each goes first, and the others
+    then read its blocks, all but its last token (whose hidden state each needs)."""
+    seen, first, again = set(), [], []
+    for st in states:
+        key = tuple(st.ids)
+        (again if key in seen else first).append(st)
+        seen.add(key)
+    cached = 0
+    for part in (first, again):
+        for st in part:
+            cached += stream.blocks.take_cached_prefix(st.table, st.ids)
+        while not all(prompt_in(st) for st in part):
+            stream.prefill_chunk(part, stream.max_batch_tokens)
+        for st in part:
+            stream.blocks.cache_prompt(st.table, st.ids)
+    return cached
 
 
 def prompt_in(st: SmallState) -> bool:

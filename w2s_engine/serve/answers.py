@@ -2,11 +2,11 @@
 server-sent event chunks of a streamed one (text deltas per choice, finish reasons, usage),
 with the large model's log-probabilities in OpenAI's format."""
 
-import json
 import time
 
 from w2s_engine.outputs import SearchResult
 from w2s_engine.search.tokens import token_bytes
+from w2s_engine.serve.finite_json import dumps
 from w2s_engine.serve.protocol import Plan
 
 
@@ -120,7 +120,7 @@ class Answer:
                 "choices": choices, **more}
         if self.plan.include_usage and "usage" not in body:
             body["usage"] = None
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        return f"data: {dumps(body)}\n\n"
 
     def piece(self, index: int, text: str | None, finish_reason=None, role=False,
               logprobs=None, stop_reason=None) -> dict:

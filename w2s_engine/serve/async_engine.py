@@ -92,6 +92,7 @@ class ScoreJob:
         self.prompts, self.responses, self.finished = prompts, responses, finished
         self.kwargs = kwargs
         self.rewards: list[float] = []
+        self.tokens = 0          # what the scorer read for them (ScoreWork.tokens)
         self._loop = loop
         self.done = loop.create_future()
         # Waiting for room: the scorer pools' free blocks when a slice found too few (searches
@@ -117,6 +118,7 @@ class ScoreJob:
         end = self._slice_end(i, CHARS_PER_TOKEN * engine.config.max_batch_tokens) \
             if pairs else None
         flags = self.finished[i:end] if isinstance(self.finished, list) else self.finished
+        before = engine.scorer.scored.tokens
         try:
             self.rewards += (engine.score(self.prompts[i:end], self.responses[i:end], flags,
                                           **self.kwargs) if pairs else
@@ -138,9 +140,10 @@ class ScoreJob:
             self._settle(error=SearchFailed(f"engine error in score(): {type(e).__name__}: "
                                             f"{e}"))
             return True
+        self.tokens += engine.scorer.scored.tokens - before
         if pairs and len(self.rewards) < len(self.prompts):
             return False
-        self._settle(self.rewards)
+        self._settle((self.rewards, self.tokens))
         return True
 
     def _slice_end(self, start: int, chars: int) -> int:
@@ -380,6 +383,12 @@ class AsyncEngine:
     async def score(self, prompts, responses, finished=True, **options) -> list[float]:
         """Engine.score() on the loop thread, between two steps (raises its ValueError or
         TypeError saying what to change; SearchFailed once shutting down)."""
+        return (await self.score_counted(prompts, responses, finished, **options))[0]
+
+    async def score_counted(self, prompts, responses, finished=True,
+                            **options) -> tuple[list[float], int]:
+        """score()'s rewards, and the tokens the scorer read for them (each pair's prompt
+        and response in each scorer stream's tokens: the usage of vLLM's score API)."""
         if self._stop:
             raise SearchFailed(SHUTTING_DOWN, FailedBy.SHUTDOWN)
         job = ScoreJob(asyncio.get_running_loop(), prompts, responses, finished, options)

@@ -137,13 +137,13 @@ class _EngineCollector:
             used.add_metric([model], n)
         yield used
         tokens = CounterMetricFamily("w2s_tokens_forwarded", "tokens through each model, "
-                                     "of requests that ended", labels=["model"])
+                                     "of requests that ended and score calls", labels=["model"])
         for model, n in stats["tokens"].items():
             tokens.add_metric([model], n)
         yield tokens
         cached = CounterMetricFamily("w2s_prefix_cache_hit_tokens", "prompt tokens each model "
                                      "read from the prefix cache instead of forwarding them, of "
-                                     "requests that ended", labels=["model"])
+                                     "requests that ended and score calls", labels=["model"])
         for model, n in stats["cached_tokens"].items():
             cached.add_metric([model], n)
         yield cached

@@ -42,9 +42,10 @@ import w2s_engine
 from w2s_engine.frozen_heap import freeze_loaded_objects
 from w2s_engine.outputs import SearchResult
 from w2s_engine.scheduler import QueueFull
-from w2s_engine.search.request import FailedBy
+from w2s_engine.search.request import FailedBy, best_first
 from w2s_engine.serve.answers import Answer, combine, sum_usage, usage
 from w2s_engine.serve.async_engine import AsyncEngine, FirstText, SearchFailed
+from w2s_engine.serve.finite_json import FiniteJSONResponse
 from w2s_engine.serve.guard import (DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, LOOPBACK_HOSTS,
                                     Guard, default_allowed_hosts, envelope, error_response)
 from w2s_engine.serve.metrics import ServerMetrics, parse_metrics  # noqa: F401 (re-exported)
@@ -94,7 +95,8 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
     local path's base name, never the path; None: the first name). max_prompt_chars: None:
     CHARS_PER_TOKEN characters per token of the smallest context. api_key: None: no auth.
     allowed_origins: CORS origins ('*' for any)."""
-    app = FastAPI(title="w2s-engine", version=w2s_engine.__version__)
+    app = FastAPI(title="w2s-engine", version=w2s_engine.__version__,
+                  default_response_class=FiniteJSONResponse)
     engine = async_engine.engine
     names = [model_name] if isinstance(model_name, str) else list(model_name)
     tokenizer = engine.large_tokenizer           # None: a black-box large model
@@ -370,9 +372,10 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                               True)
 
     async def rewards_of(request: Request, body, prompts, responses, finished, names_of):
-        """The scorer's rewards (Engine.score on the engine's thread, between two steps), the
-        RequestError that says what to change, or the 499 response answering a client that
-        went away (its job stopped). names_of: (prompts' field, responses')."""
+        """The scorer's rewards and the tokens it read for them (Engine.score on the engine's
+        thread, between two steps), the RequestError that says what to change, or the 499
+        response answering a client that went away (its job stopped). names_of: (prompts'
+        field, responses')."""
         check_model(body.model)
         if not engine.has_scorer:
             raise RequestError(400, "this server runs the large model alone: it has no scorer "
@@ -394,7 +397,7 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
         # would otherwise score hundreds of pairs for nobody, holding up the calls behind it).
         try:
             return await unless_client_leaves(
-                request, async_engine.score(prompts, responses, finished))
+                request, async_engine.score_counted(prompts, responses, finished))
         except (ValueError, TypeError) as e:
             message = str(e).replace("responses[", f"{names_of[1]}[")
             one = re.match(rf"{names_of[1]}\[(\d+)\]", message)   # one pair named: the param
@@ -406,16 +409,20 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
         body = parse_body(await request.body(), ScoreRequest)
         prompts, responses, finished = body.pairs()
         try:
-            rewards = await rewards_of(request, body, prompts, responses, finished,
-                                       ("text_1", "text_2"))
+            scored = await rewards_of(request, body, prompts, responses, finished,
+                                      ("text_1", "text_2"))
         except SearchFailed as e:
             return error_response(failed_status(e), f"the scoring failed: {e}")
-        if not isinstance(rewards, list):      # the client went away
-            return rewards
+        if not isinstance(scored, tuple):      # the client went away
+            return scored
+        rewards, tokens = scored
+        request.state.tokens = (tokens, 0)
         return {"id": f"score-{request.state.request_id}", "object": "list",
                 "created": int(time.time()), "model": names[0],
                 "data": [{"index": i, "object": "score", "score": r}
-                         for i, r in enumerate(rewards)]}
+                         for i, r in enumerate(rewards)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens,
+                          "completion_tokens": 0}}
 
     async def rerank(request: Request):
         """vLLM's rerank API: the documents (responses) by the scorer's reward for the query
@@ -425,14 +432,17 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
         docs = body.documents
         finished = True if body.finished is None else body.finished
         try:
-            rewards = await rewards_of(request, body, [body.query] * len(docs), docs,
-                                       [finished] * len(docs), ("query", "documents"))
+            scored = await rewards_of(request, body, [body.query] * len(docs), docs,
+                                      [finished] * len(docs), ("query", "documents"))
         except SearchFailed as e:
             return error_response(failed_status(e), f"the scoring failed: {e}")
-        if not isinstance(rewards, list):      # the client went away
-            return rewards
-        order = sorted(range(len(docs)), key=lambda i: -rewards[i])[:body.top_n or len(docs)]
+        if not isinstance(scored, tuple):      # the client went away
+            return scored
+        rewards, tokens = scored
+        request.state.tokens = (tokens, 0)
+        order = best_first(rewards)[:body.top_n or len(docs)]    # (a NaN reward last)
         return {"id": f"rerank-{request.state.request_id}", "model": names[0],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
                 "results": [{"index": i, "relevance_score": rewards[i],
                              "document": {"text": docs[i]} if body.return_documents is not False
                              else None} for i in order]}
