@@ -277,6 +277,29 @@ def test_an_async_score_that_needs_the_blocks_a_search_holds_waits_for_them_not_
     engine.check_all_free()
 
 
+def test_a_score_whose_prompt_needs_the_blocks_a_search_holds_waits_and_one_past_the_pool_is_refused():
+    """As a long response does (the test above), a long prompt that fits the scorer's pool but
+    not beside a running search's blocks is NoRoomYet (AsyncEngine.score waits for it), and one
+    past the whole pool a ValueError naming it: not the block manager's OutOfBlocks, which the
+    server answers as an engine error."""
+    from w2s_engine.search.scorer import NoRoomYet
+    engine = tiny_engine(num_kv_blocks=100)      # 400 tokens a pool; the context is 512
+    hog = SearchParams.cbs(1, 2, 4, max_new_tokens=40, seed=1, ignore_eos=True)
+    req = engine.add_request("I really" + " y" * 150, hog)
+    while req.status.name != "RUNNING":
+        engine.step()
+    with pytest.raises(NoRoomYet, match=r"responses\[0\]: .* tokens for the scorer"):
+        engine.score(["I really" + " x" * 175], [" ok"])
+    engine.cancel(req)
+    engine.step()
+    engine.check_all_free()
+    with pytest.raises(ValueError, match=r"responses\[0\]: .* holds 400 in all") as e:
+        engine.score(["I really" + " x" * 240], [" ok"])
+    assert not isinstance(e.value, NoRoomYet)
+    engine.check_all_free()
+    assert engine.score(["I really" + " x" * 175], [" ok"])    # alone, it fits
+
+
 def test_dir_of_the_package_lists_its_lazily_imported_names():
     import w2s_engine
     assert {"Engine", "SearchError", "OpenAICompletions", "SearchParams"} <= set(dir(w2s_engine))

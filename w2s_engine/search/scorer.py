@@ -534,8 +534,10 @@ class Scorer:
                     stream.update(group)
                     self.scored.add(stream.roles, sum(len(u.full_ids) for u in group),
                                     cached)
-                except BatchFailed as e:
-                    if not isinstance(e.__cause__, OutOfBlocks):
+                except (BatchFailed, OutOfBlocks) as e:
+                    # (the prefill's appends raise OutOfBlocks as it is: a long prompt)
+                    short = e if isinstance(e, OutOfBlocks) else e.__cause__
+                    if not isinstance(short, OutOfBlocks):
                         raise
                     # (one response alone past the free pool: the searches' hold the rest)
                     which = (f"{i - 1}" if len(group) == 1 else f"{i - len(group)}:{i}")
@@ -546,7 +548,7 @@ class Scorer:
                     raise wait(
                         f"responses[{which}]: {tokens} tokens for the scorer, "
                         f"and its KV pool has room for {room} beside the searches now "
-                        f"({e.__cause__}) and holds {capacity} in all: score fewer or shorter "
+                        f"({short}) and holds {capacity} in all: score fewer or shorter "
                         "responses at once, or give the engine more KV memory") from None
                 finally:
                     for u in group:
