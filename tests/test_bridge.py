@@ -188,3 +188,42 @@ def test_tokens_own_bytes_join_into_the_text_even_where_a_character_is_split(oth
     ids = other(text, add_special_tokens=False)["input_ids"]
     texts = other.batch_decode([[i] for i in ids])
     assert b"".join(token_bytes(other, ids, texts)) == text.encode("utf-8")
+
+
+@settings(max_examples=200, deadline=None)
+@given(pieces=st.lists(st.sampled_from(["a", "the", " film", "电", "🎬", "\u00e9", "<bos>",
+                                        "<eos>", "<unk>"]), min_size=1, max_size=12),
+       cut=st.integers(0, 3), reads=st.lists(st.booleans(), min_size=40, max_size=40))
+def test_byte_fallback_run_across_a_skipped_special_token_reads_the_same_however_often(
+        pieces, cut, reads):
+    # A special token the decode skips (a model may sample <pad>, <bos> ... mid-response) does
+    # not end a run of byte tokens for the decoder: <0x46><bos><0xE4> then a word decodes to
+    # U+FFFD U+FFFD, the 'F' too. Text read at every token and at chunk ends must agree, and
+    # be the decode of the tokens.
+    tok = make_byte_fallback_tokenizer()
+    specials = {"<bos>", "<eos>", "<unk>"}
+    ids = []
+    for p in pieces:
+        ids += (tok.convert_tokens_to_ids([p]) if p in specials else
+                tok(p, add_special_tokens=False)["input_ids"])
+    ids = ids[:max(1, len(ids) - cut)]
+    d = Detokenizer(tok)
+    every_token, some = DetokState(), DetokState()
+    for end in range(1, len(ids) + 1):
+        d.update(every_token, ids[:end])
+        if reads[end % len(reads)]:
+            assert d.update(some, ids[:end]) == every_token.text
+        assert tok.decode(ids, skip_special_tokens=True).startswith(every_token.text)
+    assert d.update(some, ids, flush=True) == d.update(every_token, ids, flush=True) \
+        == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_text_before_a_skipped_special_token_inside_a_byte_run_is_not_sent_early():
+    tok = make_byte_fallback_tokenizer()
+    ids = tok.convert_tokens_to_ids(["<0x46>", "<bos>", "<0xE4>", "\u2581the"])
+    d = Detokenizer(tok)
+    every_token, at_end = DetokState(), DetokState()
+    for end in range(1, len(ids) + 1):
+        d.update(every_token, ids[:end])
+    assert d.update(at_end, ids) == every_token.text == tok.decode(ids, skip_special_tokens=True) \
+        == "\ufffd\ufffd the"

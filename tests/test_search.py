@@ -143,6 +143,48 @@ def test_stop_strings_and_min_tokens_see_the_text_of_sentencepiece_byte_tokens()
     eng.check_all_free()
 
 
+def test_a_stop_string_in_the_u_fffd_of_a_character_left_incomplete_at_max_new_tokens_cuts():
+    # A response cut by max_new_tokens inside a character (or after invalid bytes) ends in
+    # U+FFFD once flushed; the detokenizer held it back at every token, so a stop string
+    # holding it must still be looked for in the final text, as in any other text returned.
+    from tiny_models import make_byte_fallback_tokenizer
+    tok = make_byte_fallback_tokenizer()
+    eng = Engine((tiny_llama(len(tok), seed=1), tok), num_kv_blocks=200, block_size=4,
+                 progress=False)
+    e4 = tok.convert_tokens_to_ids("<0xE4>")
+    for n in (1, 2):
+        h = eng.search(["the film"], SearchParams.base(max_new_tokens=n, seed=0, stop=["\ufffd"],
+                                                       logit_bias={e4: 100.0}))[0].hypotheses[0]
+        assert h.token_ids == [e4] * n and tok.decode(h.token_ids).startswith("\ufffd")
+        assert (h.text, h.finish_reason) == ("", "stop")
+    eng.check_all_free()
+
+
+def test_a_special_token_inside_a_run_of_byte_tokens_gives_the_same_text_with_stop_strings():
+    # A special token the decode skips (<unk> here, <pad> or <mask> in Gemma's vocabulary)
+    # does not end a run of byte tokens: <0x46><unk><0xE4> decodes to U+FFFD U+FFFD, the 'F'
+    # too. Reading the text at every token (for a stop string) must not settle the 'F' early:
+    # the same seed gives the same text with an unmatched stop string as without.
+    from tiny_models import make_byte_fallback_tokenizer
+    tok = make_byte_fallback_tokenizer()
+    eng = Engine((tiny_llama(len(tok), seed=1), tok), num_kv_blocks=200, block_size=4,
+                 progress=False)
+    f, unk, e4 = tok.convert_tokens_to_ids(["<0x46>", "<unk>", "<0xE4>"])
+    seen = 0
+    for seed in (11, 22):
+        texts = []
+        for stop in ([], ["Z"]):
+            params = SearchParams.base(max_new_tokens=3, seed=seed, stop=stop,
+                                       logit_bias={f: 99.0, unk: 99.5, e4: 98.0})
+            h = eng.search(["the film"], params)[0].hypotheses[0]
+            texts.append(h.text)
+            assert h.text == tok.decode(h.token_ids, skip_special_tokens=True)
+            seen += h.token_ids == [f, unk, e4]
+        assert texts[0] == texts[1]
+    assert seen, "the workload should sample <0x46> <unk> <0xE4>"
+    eng.check_all_free()
+
+
 def test_a_response_a_stop_string_ended_is_scored_on_the_text_returned(engine, cross_engine):
     # The sampled tokens run past the stop string (its token, and what follows in it); the
     # text stops before it, and so does what is scored: with one tokenizer as with two.

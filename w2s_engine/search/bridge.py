@@ -48,6 +48,10 @@ class Detokenizer:
         self.tokenizer = tokenizer
         self.backend = rust_decoder(tokenizer)
         self.byte_tokens = byte_fallback_ids(tokenizer)
+        # Tokens the decode skips (skip_special_tokens) vanish before the decoder sees the
+        # rest: a run of byte tokens goes on across them (<0xE4><pad><0xB8><0xAD> is one
+        # character), so they end no run.
+        self.skipped = skipped_ids(tokenizer) if self.byte_tokens else frozenset()
 
     def decode(self, ids: list[int]) -> str:
         if self.backend is not None:
@@ -94,11 +98,13 @@ class Detokenizer:
 
     def _byte_run_start(self, ids: list[int], start: int) -> int:
         """Where the run of byte tokens that ends ids begins (len(ids): ids end in no byte
-        token); not before start, where the unread tokens begin."""
-        i = len(ids)
-        while i > start and ids[i - 1] in self.byte_tokens:
+        token, skipped tokens aside); not before start, where the unread tokens begin."""
+        i, run = len(ids), len(ids)
+        while i > start and (ids[i - 1] in self.byte_tokens or ids[i - 1] in self.skipped):
             i -= 1
-        return i
+            if ids[i] in self.byte_tokens:
+                run = i
+        return run
 
 
 def byte_fallback_ids(tokenizer) -> frozenset[int]:
@@ -107,6 +113,14 @@ def byte_fallback_ids(tokenizer) -> frozenset[int]:
     ids = tokenizer.convert_tokens_to_ids([f"<0x{b:02X}>" for b in range(256)])
     unknown = tokenizer.unk_token_id
     return frozenset(i for i in ids if i is not None and i != unknown)
+
+
+def skipped_ids(tokenizer) -> frozenset[int]:
+    """The ids decode(skip_special_tokens=True) leaves out: the special tokens (more at
+    worst: such a token only holds a run's text back until a token that is no byte)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return frozenset(i for i, t in added.items() if getattr(t, "special", False)) | \
+        frozenset(getattr(tokenizer, "all_special_ids", ()))
 
 
 def rust_decoder(tokenizer):

@@ -192,23 +192,33 @@ class SearchRequest:
             # vLLM's rule: a stop string counts from token min_tokens + 1 on, and must end
             # past the text of the first min_tokens tokens.
             beam.min_text_len = len(text_of(beam))
-        elif p.stop and n > p.min_tokens:
-            text = text_of(beam)
-            if beam.min_text_len is None:
-                beam.min_text_len = 0
-            # A new match ends in the text added since the last look (one token's, or more
-            # where the detokenizer held back a partial character; a token may be long).
-            seen = max(beam.stop_checked_len, beam.min_text_len)
-            hits = [(i, j, s) for j, s in enumerate(p.stop)
-                    if (i := text.find(s, max(0, seen - len(s) + 1))) >= 0]
-            beam.stop_checked_len = len(text)
-            if hits:   # the earliest (of two starting there, the one listed first)
-                at, _, s = min(hits)
-                beam.finished, beam.finish_reason, beam.stop_reason = True, "stop", s
-                beam.stop_text_len = at + len(s) if p.include_stop_str_in_output else at
-                return
+        elif p.stop and n > p.min_tokens and self._stop_string(beam, text_of(beam)):
+            return
         if len(beam.token_ids) >= p.max_new_tokens:
             beam.finished, beam.finish_reason = True, "length"
+            if p.stop and n > p.min_tokens:
+                # Finished, the text is flushed: a character left incomplete reads as U+FFFD
+                # now, which a stop string may hold (the detokenizer held it back till now).
+                self._stop_string(beam, text_of(beam))
+
+    def _stop_string(self, beam: Beam, text: str) -> bool:
+        """Whether a stop string ends in the text added since the last look; if so the beam
+        ends there (its text cut at the first match)."""
+        p = self.params
+        if beam.min_text_len is None:
+            beam.min_text_len = 0
+        # A new match ends in the text added since the last look (one token's, or more
+        # where the detokenizer held back a partial character; a token may be long).
+        seen = max(beam.stop_checked_len, beam.min_text_len)
+        hits = [(i, j, s) for j, s in enumerate(p.stop)
+                if (i := text.find(s, max(0, seen - len(s) + 1))) >= 0]
+        beam.stop_checked_len = len(text)
+        if not hits:
+            return False
+        at, _, s = min(hits)   # the earliest (of two starting there, the one listed first)
+        beam.finished, beam.finish_reason, beam.stop_reason = True, "stop", s
+        beam.stop_text_len = at + len(s) if p.include_stop_str_in_output else at
+        return True
 
     def record_logprob(self, beam: Beam, entry: TokenLogprob):
         """The log-prob of the token record_token just appended to the beam."""
