@@ -150,7 +150,8 @@ def prompt_of(tokenizer, n_tokens: int, seed: int) -> str:
 
 def build(preset: str, cpu_kv_gib: float = 8, cuda_graphs: bool = True, cascade: bool = False,
           torch_compile: bool = False, async_scheduling: bool = False,
-          fused_ops: bool | None = None, prefix_caching: bool = False):
+          fused_ops: bool | None = None, prefix_caching: bool = False,
+          quantization: str | None = None):
     """(engine, baseline models or None, description) for a preset. Prefix caching is off
     unless asked for: the warm-up and every rep search the same prompts, which would read
     their prompts from the cache, unlike the rows before it and the reference baseline."""
@@ -162,6 +163,7 @@ def build(preset: str, cpu_kv_gib: float = 8, cuda_graphs: bool = True, cascade:
                         progress=False, cpu_kv_cache_bytes=int(cpu_kv_gib * (1 << 30)),
                         torch_compile=torch_compile, async_scheduling=async_scheduling,
                         fused_ops=fused_ops, prefix_caching=prefix_caching,
+                        quantization=quantization,
                         **({"cuda_graphs": True, "cascade_attention": True} if cascade else {}))
         return engine, {"large": large, "small": small}
     assert torch.cuda.is_available(), f"preset {preset} needs a GPU"
@@ -178,7 +180,7 @@ def build(preset: str, cpu_kv_gib: float = 8, cuda_graphs: bool = True, cascade:
                     progress=False, kv_cache_memory_fraction=0.5, cuda_graphs=cuda_graphs,
                     cascade_attention=cascade, torch_compile=torch_compile,
                     async_scheduling=async_scheduling, fused_ops=fused_ops,
-                    prefix_caching=prefix_caching)
+                    prefix_caching=prefix_caching, quantization=quantization)
     return engine, {"large": "random " + ("Llama-3-8B" if preset == "gpu" else "Qwen2.5-7B"),
                     "small": "random Llama-3.2-1B"}
 
@@ -283,6 +285,8 @@ def main():
                     help="no scoring graphs: every scorer's forward eagerly (for comparison)")
     ap.add_argument("--prefix-caching", action="store_true",
                     help="EngineConfig.prefix_caching (off here: the reps repeat the prompts)")
+    ap.add_argument("--quantization", choices=["fp8"], default=None,
+                    help="EngineConfig.quantization: the large model's linears in FP8")
     ap.add_argument("--arrivals-every", type=int, default=0,
                     help="admit a request every N engine steps instead of all at once")
     ap.add_argument("--scoring-parts", default="2",
@@ -301,7 +305,7 @@ def main():
                           cascade=args.cascade, torch_compile=args.compile,
                           async_scheduling=args.async_scheduling,
                           fused_ops=False if args.no_fused_ops else None,
-                          prefix_caching=args.prefix_caching)
+                          prefix_caching=args.prefix_caching, quantization=args.quantization)
     if args.eager_scoring:
         eager_scoring(engine)
     schedulings = scheduling_list(args)
@@ -438,6 +442,7 @@ def bench_one(engine, names, args, plen, max_new, search, conc) -> dict:
         "torch_compile": bool(engine.config.torch_compile),
         "async_scheduling": bool(engine.config.async_scheduling),
         "prefix_caching": engine.config.prefix_caching,
+        "quantization": engine.config.quantization,
         "scoring_ahead": bool(engine.config.async_scheduling and engine.config.scoring_ahead),
         "scorings_read_ahead": scorings_ahead,   # batches read a step later, warm-up and reps
         "scoring_parts": engine.config.scoring_parts,
@@ -520,7 +525,7 @@ def print_table(path: Path):
             "large_tokens_per_s", "latency_p50_s", "latency_p95_s", "cbs_over_sampling",
             "cbs_over_sampling_floor", "engine_speedup_vs_baseline", "peak_kv_vs_ideal_large", "plain_step_over_floor",
             "cuda_graphs", "cascade_attention", "torch_compile", "async_scheduling",
-            "scoring_ahead", "scoring_parts", "fused_ops",
+            "scoring_ahead", "scoring_parts", "fused_ops", "quantization",
             "arrivals_every", "device", "commit"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

@@ -19,7 +19,8 @@
 #    bf16, prompt 512, CBS(4,4,8), one and 16 concurrent requests at 256 tokens (one process,
 #    one model build), with plain sampling of the same streams beside each and its step time
 #    over the weight-read floor, waiting and with async scheduling (the same engine);
-# 3. 16 requests, async, with the shared-prefix (cascade) decode attention;
+# 3. 16 requests, async, with the shared-prefix (cascade) decode attention; one and 16
+#    requests with the large model's linears in FP8 (quantization='fp8', s03b);
 # 4. profiled searches (GPU busy fraction, the host's phases, what the GPU waited on): one
 #    request waiting and async, 16 requests async with cascade (20-40 s);
 # 5. 16 requests with a random Qwen2.5-7B large model (different vocabularies: the small
@@ -115,6 +116,8 @@ step "s02 e2e 1 and 16 requests, 256 tokens, waiting and async" 180 $e2e --prese
 step "s03 e2e 16 requests, 256 tokens, async, cascade, chunk ends in one batch and in parts" 120 \
     $e2e --preset gpu --max-new 256 --concurrency 16 --async-scheduling --cascade \
     --scoring-parts 1,2
+step "s03b e2e 1 and 16 requests, 256 tokens, async, the large model in FP8" 120 $e2e \
+    --preset gpu --max-new 256 --concurrency 1,16 --async-scheduling --quantization fp8
 step "s04 profile, waiting and async" 90 python3 bench/profile_step.py --preset gpu \
     --both-schedulings --out "$out"
 step "s05 profile, 16 requests, async, cascade" 90 python3 bench/profile_step.py --preset gpu \

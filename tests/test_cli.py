@@ -73,12 +73,13 @@ def test_runtime_flags_set_the_engine_config_and_default_to_its_defaults():
     args = parser.parse_args(["serve", "--kv-cache-memory-fraction", "0.5", "--max-batch-tokens",
                               "1024", "--enforce-eager", "--cuda-graph-max-batch", "64",
                               "--async-scheduling", "--scoring-at-once", "--torch-compile",
-                              "--no-fused-ops", "--no-enable-prefix-caching"])
+                              "--no-fused-ops", "--no-enable-prefix-caching",
+                              "--quantization", "fp8"])
     assert runtime_config(args) == {
         "kv_cache_memory_fraction": 0.5, "max_batch_tokens": 1024, "cuda_graphs": False,
         "cuda_graph_max_batch": 64, "async_scheduling": True, "scoring_ahead": False,
         "cascade_attention": None, "torch_compile": True, "fused_ops": False,
-        "prefix_caching": False}
+        "prefix_caching": False, "quantization": "fp8"}
     cascade = runtime_config(parser.parse_args(["serve", "--cascade-attention"]))
     assert cascade["cascade_attention"] and cascade["cuda_graphs"]   # its static path
     # on with CUDA unless turned off

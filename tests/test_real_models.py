@@ -132,3 +132,24 @@ def test_rust_backend_decode_equals_the_transformers_decode(spec, reference):
         ids = [ids[i] for i in torch.randperm(len(ids), generator=g).tolist()]
         assert d.decode(ids) == tok.decode(ids, skip_special_tokens=True,
                                            clean_up_tokenization_spaces=False)
+
+
+REVIEW = ("The plot of this film is simple, but the characters are wonderful. I really liked the "
+          "acting, and the ending surprised me. What a beautiful, moving and funny picture; I "
+          "loved every minute of it, and I would watch it again with my friends next week.")
+
+
+@torch.no_grad()
+def test_fp8_weights_keep_smollm2s_predictions(reference):
+    """quantization='fp8' on a real model: SmolLM2-135M's next-token picks over a review agree
+    with its fp32 weights' at 90% of positions or more, and its loss on the review moves by
+    under 2% (small models lose the most to FP8; measured when it was written: 96%, +0.5%)."""
+    from w2s_engine.models.fp8_linear import quantize_fp8
+    plain = reference[SMOL]
+    quantized = load_model(SMOL).model
+    assert quantize_fp8(quantized)["layers"] == 7 * 30       # q, k, v, o, gate, up, down
+    ids = plain.tokenizer(REVIEW, return_tensors="pt").input_ids
+    want, got = plain.model(ids).logits[0].float(), quantized(ids).logits[0].float()
+    assert (want.argmax(-1) == got.argmax(-1)).float().mean() >= 0.9
+    loss = [torch.nn.functional.cross_entropy(x[:-1], ids[0, 1:]) for x in (want, got)]
+    assert abs(loss[1] / loss[0] - 1) < 0.02

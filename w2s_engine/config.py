@@ -82,6 +82,14 @@ class EngineConfig:
     # default: it is the process's collector (what is alive at the freeze and dies later in
     # a reference cycle is never reclaimed); `w2s serve` freezes its own (frozen_heap.py).
     freeze_gc: bool = False
+    # "fp8": the large model's linear layers (not its LM head) hold float8 weights with a
+    # scale per output row, and each token's input is quantized as it comes (vLLM's
+    # `--quantization fp8`, models/fp8_linear.py): half the weight bytes a decode step reads,
+    # and their room goes to the KV pools. The model loads in `dtype` first (it must fit once
+    # so) and a model passed in memory is changed in place. On CUDA it needs an FP8 GPU
+    # (compute capability 8.9: Ada, Hopper) and bfloat16. The small models keep their dtype:
+    # the rewards are theirs. None: the weights as they load. Not yet measured on a GPU.
+    quantization: str | None = None
 
     def resolve(self) -> "EngineConfig":
         """Fill in the defaults and check every setting, before any model loads (ValueError
@@ -144,6 +152,19 @@ class EngineConfig:
                              "or leave torch_compile off")
         if self.async_scheduling is None:
             self.async_scheduling = str(self.device).startswith("cuda")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"EngineConfig.quantization={self.quantization!r}: give 'fp8' or "
+                             "None (the weights as they load)")
+        if self.quantization == "fp8" and device.type == "cuda":
+            if self.dtype != torch.bfloat16:
+                raise ValueError(f"EngineConfig.quantization='fp8' on CUDA runs a bfloat16 "
+                                 f"model (the scaled FP8 GEMM writes bfloat16), not {self.dtype}: "
+                                 "set dtype=torch.bfloat16")
+            capability = torch.cuda.get_device_capability(device)
+            if capability < (8, 9):
+                raise ValueError(f"EngineConfig.quantization='fp8': this GPU (compute capability "
+                                 f"{capability[0]}.{capability[1]}) has no FP8 tensor cores; "
+                                 "they start at 8.9 (Ada, Hopper): leave quantization None")
         if self.cascade_attention is None:
             self.cascade_attention = str(self.device).startswith("cuda") and self.cuda_graphs
         if self.cascade_attention and not self.cuda_graphs:
@@ -187,6 +208,8 @@ class EngineConfig:
                  "an int or None"),
                 ("cuda_graph_max_batch", is_int(self.cuda_graph_max_batch), "an int"),
                 ("scoring_parts", is_int(self.scoring_parts), "an int"),
+                ("quantization", self.quantization is None or isinstance(self.quantization, str),
+                 "'fp8' or None"),
                 ("device", self.device is None or isinstance(self.device, (str, torch.device)),
                  "a str such as 'cuda' or 'cpu', or None"),
                 ("dtype", self.dtype is None or isinstance(self.dtype, (str, torch.dtype)),
@@ -205,6 +228,8 @@ class EngineConfig:
             if not ok:
                 raise TypeError(f"EngineConfig.{name}={getattr(self, name)!r}: give {want}")
 
+
+QUANTIZATIONS = (None, "fp8")
 
 # dtype names as vLLM and transformers spell them
 DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,

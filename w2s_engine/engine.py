@@ -34,6 +34,7 @@ from w2s_engine.large.openai_completions import OpenAICompletions
 from w2s_engine.large.remote import RemoteLarge
 from w2s_engine.models.decode_graphs import DecodeGraphs
 from w2s_engine.models.scoring_graphs import ScoringGraphs
+from w2s_engine.models.fp8_linear import quantize_fp8
 from w2s_engine.models.loader import eos_ids, load_role
 from w2s_engine.models.runner import BatchFailed, ModelRunner, ModelShape
 from w2s_engine.one_thread import OneThread
@@ -174,6 +175,14 @@ class Engine:
                         "{'enable_thinking': False} renders both alike)"
                         if "<think>" in change[1] else "")
 
+        if remote and config.quantization:
+            raise ValueError(f"EngineConfig.quantization={config.quantization!r} quantizes a "
+                             "local large model's weights, and this one is a black box behind "
+                             "its server: quantize it there (vLLM's --quantization), and leave "
+                             "quantization None here")
+        # (quantize_fp8's counts where the large model is in FP8, else None)
+        self.quantized = (self._quantize_large_fp8() if config.quantization == "fp8"
+                          and not remote else None)
         # Every pool has the same number of blocks; one block of each together fits the budget.
         # Each pool is in its model's own dtype (a (model, tokenizer) pair keeps the one it
         # came in).
@@ -779,6 +788,29 @@ class Engine:
                 totals = self.scheduler.totals.tokens
                 totals[role] = totals.get(role, 0) + n - before.get(role, 0)
         self._record_peaks(ahead.requests)
+
+    def _quantize_large_fp8(self) -> dict:
+        """EngineConfig.quantization='fp8': the large model's linears in FP8, before its runner
+        merges them and the KV pools take the memory they free (quantize_fp8's counts)."""
+        large = self.models["large"].model
+        shared = next((role for role, m in self.models.items()
+                       if role != "large" and m.model is large), None)
+        if shared is not None:
+            raise ValueError(f"quantization='fp8' quantizes the large model, and it is the same "
+                             f"module as the {shared} model, whose rewards would change with "
+                             f"it: give the {shared} model its own copy, or leave quantization "
+                             "None")
+        counts = quantize_fp8(large)
+        if counts["layers"] == 0:
+            raise ValueError(f"quantization='fp8': the large model {self.models['large'].spec!r} "
+                             "has no linear layer the FP8 GEMM takes (torch's nn.Linear with "
+                             "sizes that are multiples of 16): leave quantization None")
+        if large.device.type == "cuda":
+            torch.cuda.empty_cache()       # the bf16 weights' memory, for the KV pools
+        log.info("fp8: %d linear layers of the large model quantized (%d kept), weights "
+                 "%.2f GB -> %.2f GB", counts["layers"], counts["kept"],
+                 counts["bytes_before"] / 1e9, counts["bytes_after"] / 1e9)
+        return counts
 
     # ---- the API ---------------------------------------------------------------------------
 

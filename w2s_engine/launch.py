@@ -135,6 +135,11 @@ def add_runtime_args(p: argparse.ArgumentParser):
                    default=True,
                    help="keep prompts' KV blocks by their tokens for later prompts that start "
                         "alike (as vLLM's flag; default: on)")
+    g.add_argument("--quantization", choices=["fp8"], default=None,
+                   help="fp8: the large model's linear layers in float8 with a scale per "
+                        "weight row, each token's input quantized as it comes (vLLM's "
+                        "dynamic FP8; on CUDA it needs bfloat16 and an FP8 GPU: Ada, Hopper) "
+                        "(default: none, the weights as they load)")
     g.add_argument("--torch-compile", action="store_true",
                    help="run every model's forward through torch.compile")
     g.add_argument("--no-fused-ops", action="store_true",
@@ -156,6 +161,7 @@ def runtime_config(args) -> dict:
               "scoring_ahead": not args.scoring_at_once,
               "cascade_attention": args.cascade_attention,
               "prefix_caching": args.enable_prefix_caching,
+              "quantization": args.quantization,
               "torch_compile": args.torch_compile}
     if args.no_fused_ops:
         config["fused_ops"] = False
@@ -223,7 +229,8 @@ def _remote(args):
 CONFIG_FLAGS = {"device": "--device", "dtype": "--dtype", "num_kv_blocks": "--kv-blocks",
                 "max_batch_tokens": "--max-batch-tokens",
                 "cuda_graph_max_batch": "--cuda-graph-max-batch",
-                "kv_cache_memory_fraction": "--kv-cache-memory-fraction"}
+                "kv_cache_memory_fraction": "--kv-cache-memory-fraction",
+                "quantization": "--quantization"}
 
 
 def flag_named(message: str) -> str:

@@ -35,7 +35,6 @@ import types
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import activations
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama import modeling_llama
@@ -202,7 +201,7 @@ def _fused_mlp_forward(self, x):
     if merged is None:
         gate, up = self.gate_proj(x), self.up_proj(x)
     else:
-        gate, up = F.linear(x, merged.weight, merged.bias).split(merged.sizes, dim=-1)
+        gate, up = merged.project(x).split(merged.sizes, dim=-1)
     silu_mul_fn = self._w2s_silu_mul
     if silu_mul_fn is None:
         return self.down_proj(self.act_fn(gate) * up)

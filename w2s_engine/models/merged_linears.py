@@ -17,18 +17,25 @@ import types
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+
+from w2s_engine.models.fp8_linear import Fp8Linear, apply_linear
 
 
 @dataclass(eq=False)
 class MergedProjection:
     """Projections of one input as one GEMM. weight [sum(sizes), in] (and bias): the modules'
-    own parameters are its row slices. in_flight: the input of the last merged call and the
-    outputs of its later projections, until they are asked for."""
+    own parameters are its row slices; scale [sum(sizes), 1]: their FP8 row scales (None:
+    not FP8). in_flight: the input of the last merged call and the outputs of its later
+    projections, until they are asked for."""
     weight: torch.Tensor
     bias: torch.Tensor | None
     sizes: tuple[int, ...]
+    scale: torch.Tensor | None = None
     in_flight: list | None = field(default=None, repr=False)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The one GEMM: every projection's output, side by side [..., sum(sizes)]."""
+        return apply_linear(x, self.weight, self.bias, self.scale)
 
     def backs(self, linears) -> bool:
         """Whether the modules' parameters are still the slices of this weight (a weight
@@ -50,22 +57,27 @@ def merge_linears(linears) -> MergedProjection:
     with torch.no_grad():
         weight = torch.cat([m.weight for m in linears])
         bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
+        fp8 = isinstance(linears[0], Fp8Linear)
+        scale = torch.cat([m.weight_scale for m in linears]) if fp8 else None
         start = 0
         for m in linears:
             size = m.weight.shape[0]
             m.weight = torch.nn.Parameter(weight[start:start + size], requires_grad=False)
             if bias is not None:
                 m.bias = torch.nn.Parameter(bias[start:start + size], requires_grad=False)
+            if fp8:
+                m.weight_scale = scale[start:start + size]
             start += size
-    return MergedProjection(weight, bias, tuple(m.weight.shape[0] for m in linears))
+    return MergedProjection(weight, bias, tuple(m.weight.shape[0] for m in linears), scale)
 
 
 def plain_linears(linears) -> bool:
-    """Whether one GEMM can compute the modules: torch's own nn.Linear (not a LoRA or a
-    quantized layer), unswapped and without hooks, of one input size, dtype and device, all
-    with a bias or none, with real (not meta) weights."""
+    """Whether one GEMM can compute the modules: torch's own nn.Linear, or all the engine's
+    Fp8Linear (not a LoRA or another quantized layer), unswapped and without hooks, of one
+    input size, dtype and device, all with a bias or none, with real (not meta) weights."""
     first = linears[0]
-    if not all(type(m) is torch.nn.Linear for m in linears):
+    if type(first) not in (torch.nn.Linear, Fp8Linear) or \
+            not all(type(m) is type(first) for m in linears):
         return False
     return all("forward" not in m.__dict__ and not m._forward_hooks
                and not m._forward_pre_hooks and not hasattr(m, "_hf_hook")
@@ -87,7 +99,7 @@ def merged_for(owner, attr: str, linears) -> MergedProjection:
 def _merged_first_forward(self, x):
     """q_proj's call: the one GEMM for q, k and v; k's and v's outputs wait for their calls."""
     merged = self._w2s_merged
-    first, *rest = F.linear(x, merged.weight, merged.bias).split(merged.sizes, dim=-1)
+    first, *rest = merged.project(x).split(merged.sizes, dim=-1)
     merged.in_flight = [x, *rest]
     return first
 
@@ -98,7 +110,7 @@ def _merged_later_forward(self, x):
     merged, i = self._w2s_merged, self._w2s_merged_index
     in_flight = merged.in_flight
     if in_flight is None or in_flight[0] is not x or in_flight[i] is None:
-        return F.linear(x, self.weight, self.bias)
+        return apply_linear(x, self.weight, self.bias, getattr(self, "weight_scale", None))
     out, in_flight[i] = in_flight[i], None
     if all(o is None for o in in_flight[1:]):
         merged.in_flight = None      # nothing of the call is held past it
