@@ -120,3 +120,36 @@ def test_a_search_the_shutdown_ends_mid_flight_is_a_503_whole_or_streamed():
     finally:
         live.stop()
     live.async_engine.engine.check_all_free()
+
+
+def test_a_streamed_response_the_shutdown_ends_says_so_in_an_error_event_and_response_failed():
+    """The Responses API's stream of a search that fails mid-flight: an `error` event with the
+    status, then `response.failed` carrying the text sent so far (OpenAI's stream ends so),
+    and every KV block comes back."""
+    live = LiveServer(tiny_engine(num_kv_blocks=400))
+    body = {"input": "I really", "max_output_tokens": 400, "ignore_eos": True,
+            "method": "base", "stream": True}
+    got = {}
+    try:
+        streamed = threading.Thread(target=lambda: got.update(streamed=sse(
+            live.port, "/v1/responses", body)))
+        streamed.start()
+        deadline = time.time() + 20
+        while live.async_engine.engine.stats()["running"] < 1 and time.time() < deadline:
+            time.sleep(0.02)
+        live.async_engine.shutdown()
+        streamed.join(timeout=20)
+        code, _, _, lines = got["streamed"]
+        assert code == 200
+        kinds = [ln[len("event: "):] for ln in lines if ln.startswith("event: ")]
+        payloads = [json.loads(ln[len("data: "):]) for ln in lines if ln.startswith("data: ")]
+        assert [p["type"] for p in payloads] == kinds      # each event named twice, alike
+        assert kinds[:2] == ["response.created", "response.in_progress"]
+        assert kinds[-2:] == ["error", "response.failed"]
+        assert payloads[-2]["code"] == "503" and "shutting down" in payloads[-2]["message"]
+        failed = payloads[-1]["response"]
+        sent = "".join(p["delta"] for p in payloads if p["type"] == "response.output_text.delta")
+        assert failed["status"] == "failed" and failed["output"][0]["content"][0]["text"] == sent
+    finally:
+        live.stop()
+    live.async_engine.engine.check_all_free()

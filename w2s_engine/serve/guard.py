@@ -29,7 +29,7 @@ access_log = logging.getLogger("w2s_engine.access")
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_BODY_TIMEOUT = 60.0           # seconds from a request's headers to its body's end
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
-GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 # The routes whose body is a JSON object (the others are refused by routing first)
 JSON_BODY_PATHS = GENERATION_PATHS + ("/v1/score", "/score", "/v1/rerank", "/rerank",
                                       "/tokenize", "/detokenize")

@@ -46,6 +46,7 @@ from w2s_engine.search.request import FailedBy, best_first
 from w2s_engine.serve.answers import Answer, combine, sum_usage, usage
 from w2s_engine.serve.async_engine import AsyncEngine, FirstText, SearchFailed
 from w2s_engine.serve.finite_json import FiniteJSONResponse
+from w2s_engine.serve.responses_api import ResponseShape, ResponsesRequest
 from w2s_engine.serve.guard import (DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, LOOPBACK_HOSTS,
                                     Guard, default_allowed_hosts, envelope, error_response)
 from w2s_engine.serve.metrics import ServerMetrics, parse_metrics  # noqa: F401 (re-exported)
@@ -56,7 +57,8 @@ from w2s_engine.serve.protocol import (ChatCompletionRequest, CompletionRequest,
 log = logging.getLogger("w2s_engine.serve")
 
 CHARS_PER_TOKEN = 32   # a prompt longer than this many characters per context token cannot fit
-ROUTES = ("POST /v1/completions, POST /v1/chat/completions, POST /v1/score, POST /score, "
+ROUTES = ("POST /v1/completions, POST /v1/chat/completions, POST /v1/responses, "
+          "POST /v1/score, POST /score, "
           "POST /v1/rerank, POST /rerank, POST /tokenize, POST /detokenize, GET /v1/models, "
           "GET /v1/models/{id}, GET /version, GET /health, GET /metrics")
 
@@ -167,11 +169,14 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
             raise RequestError(400, f"{where}: the token ids decode to no text", where)
         return text, ids if as_is else None
 
-    async def generate(request: Request, body, chat: bool):
+    async def generate(request: Request, body, chat: bool, prompt_field: str | None = None,
+                       shape: ResponseShape | None = None):
+        """A completion or chat completion; prompt_field: what errors call the prompt
+        (default: messages or prompt); shape: the Responses API's answer instead."""
         state = request.state
         check_model(body.model)
         plan = body.plan(default_method, engine.has_scorer, tokenizer is not None)
-        field = "messages" if chat else "prompt"
+        field = prompt_field or ("messages" if chat else "prompt")
         chars = body.prompt_chars()
         long = next((i for i, n in enumerate(chars) if n > max_prompt_chars), None)
         if long is not None:
@@ -235,14 +240,17 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                           else h.request.large_prompt_text, first_index=i * plan.n)
                    for i, (prompt, h) in enumerate(zip(prompts, handles))]
         if plan.stream:
-            return StreamingResponse(stream(request, handles, answers),
+            events = stream(request, handles, answers)
+            return StreamingResponse(events if shape is None else shape.events(events),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         results = await wait_for(request, handles)
         if not isinstance(results, list):
             return results
         state.tokens = total_tokens(results, plan.n)
-        build = lambda: combine([a.whole(r, tokenizer) for a, r in zip(answers, results)])  # noqa: E731
+        def build():
+            whole = combine([a.whole(r, tokenizer) for a, r in zip(answers, results)])
+            return whole if shape is None else shape.whole(whole)
         if plan.logprobs is None:
             return build()
         # Log-probs: every token's and alternatives' strings (64 prompts x 4 choices x 256
@@ -370,6 +378,14 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
         # with chat=True; otherwise the messages become a plain transcript its template wraps.
         return await generate(request, parse_body(await request.body(), ChatCompletionRequest),
                               True)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        # OpenAI's Responses API: the chat endpoint's search, answered as a Response object
+        # or the Responses API's stream events (serve/responses_api.py).
+        body = parse_body(await request.body(), ResponsesRequest)
+        shape = ResponseShape(body, request.state.request_id, body.model or names[0])
+        return await generate(request, body.chat(), True, "input", shape)
 
     async def rewards_of(request: Request, body, prompts, responses, finished, names_of):
         """The scorer's rewards and the tokens it read for them (Engine.score on the engine's
