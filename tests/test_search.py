@@ -839,6 +839,39 @@ def test_two_responses_that_outgrow_their_reservations_at_once_both_end_as_alone
     assert set(engine.budget.reserved.values()) == {0}
 
 
+def test_a_stream_that_outgrows_its_reservation_beside_a_plain_search_is_not_failed(
+        tok, small_pair):
+    # Both outgrow their reservations at once and neither can end to free the room. The last
+    # admitted has streamed text (it cannot be recomputed), the first has not: the first is
+    # preempted and recomputed, and both end as alone (the stream failed, "retry when the
+    # engine is less busy", though each fits the pool alone).
+    _, bias = mid_word_engine(tok, small_pair, 48)
+    plain = SearchParams.cbs(2, 2, 1, max_new_tokens=3, seed=600, temperature=1.0,
+                             logit_bias=bias)
+    streamed = SearchParams.cbs(1, 2, 1, max_new_tokens=3, seed=700, temperature=1.0,
+                                logit_bias=bias)
+    alone = [mid_word_engine(tok, small_pair, 48)[0].search([p], ps)[0]
+             for p, ps in (("I really", plain), ("This film", streamed))]
+    engine, _ = mid_word_engine(tok, small_pair, 48)
+    first = engine.enqueue(engine.make_request("I really", plain))
+    second = engine.enqueue(engine.make_request("This film", streamed, stream=True))
+    text, waited = "", False
+    while engine.has_unfinished():
+        engine.step()
+        waited |= bool(second.waits_for_room)
+        text += "".join(d.text for d in second.deltas)
+        second.deltas = []
+    assert waited, "the pool was meant to make the stream wait for room"
+    for r, want in zip((first, second), alone):
+        assert r.status == "done", r.error
+        assert [h.token_ids for h in r.result.hypotheses] == \
+            [h.token_ids for h in want.hypotheses]
+        assert r.result.reward == pytest.approx(want.reward, abs=1e-4)
+    assert text == second.result.text
+    engine.check_all_free()
+    assert set(engine.budget.reserved.values()) == {0}
+
+
 def test_a_response_that_outgrows_the_small_models_context_fails_alone(tok, small_pair):
     # Admission checked prompt + 60 tokens against the 512-token context; the response
     # re-tokenizes to about 16 small tokens per large token.

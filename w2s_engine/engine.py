@@ -683,19 +683,24 @@ class Engine:
     def _fail_one_if_all_wait_for_room(self):
         """A request waits for KV room only while another can end and free it (admissions
         pause meanwhile: Scheduler.schedule). When every running request waits and none
-        ended in this step (whose room they try next step), none will: the last admitted is
-        preempted (back to the head of the queue, recomputed later from its prompt) and its
-        reservation goes to the others; one waiting alone fails, and so does one that has
-        streamed text already (a recomputed search equals it only up to rounding, and a
-        stream's text is never taken back)."""
+        ended in this step (whose room they try next step), none will: the last admitted
+        that has streamed no text is preempted (back to the head of the queue, recomputed
+        later from its prompt) and its reservation goes to the others; one waiting alone
+        fails, and so does the last admitted where every one has streamed text already (a
+        recomputed search equals it only up to rounding, and a stream's text is never taken
+        back)."""
         running = [r for r in self.scheduler.running if not r.status.ended]
         waiting = [r for r in running if r.waits_for_room]
         if waiting and len(waiting) == len(running) and not self.scheduler.ended_in_step:
-            r = waiting[-1]
-            streamed = r.stream is not None and any(r.stream.sent.values())
-            if len(waiting) > 1 and not streamed:
-                self.scheduler.preempt(r)
+            # The last admitted that has streamed nothing is preempted, whatever the later
+            # ones streamed: a stream's text is never taken back, but a request that sent none
+            # can give its room to the others and run again; only where every one streamed
+            # does the last admitted fail.
+            quiet = [r for r in waiting if r.stream is None or not any(r.stream.sent.values())]
+            if len(waiting) > 1 and quiet:
+                self.scheduler.preempt(quiet[-1])
             else:
+                r = waiting[-1]
                 self.scheduler.fail(r, r.waits_for_room)
 
     def _record_peaks(self, requests: list[SearchRequest]):
