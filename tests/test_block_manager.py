@@ -176,3 +176,50 @@ def test_shared_prefix_is_the_longest_common_prefix(a, b):
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     assert shared_prefix(a, b) == n
+
+
+def test_a_block_copied_from_then_handed_out_again_in_one_pass_keeps_both_copies_right():
+    """A prefix hit takes cached blocks out of the middle of the free list; one freed again is
+    valid where it stood, maybe first. Within one pass of appends (a scorer's _make_room), a
+    cached prompt block can be copied from (one beam writes into it), released by a beam cut
+    before it, and handed to the next copy-on-write as its destination: the batched copy must
+    read it before it overwrites it (the runner asserted, failing the batch)."""
+    import torch
+
+    from tiny_models import make_tokenizer, tiny_llama
+    from w2s_engine.models.runner import ModelRunner
+
+    bm = BlockManager(10, 2, prefix_caching=True)
+    prompt, other, rest = bm.new_table(), bm.new_table(), bm.new_table()
+    bm.append(prompt, 4)
+    bm.cache_prompt(prompt, [1, 2, 3, 4])
+    bm.append(other, 4)
+    bm.append(rest, 12)
+    for t in (other, prompt, rest):          # the prompt's blocks behind two free ones
+        bm.free(t)
+    root = bm.new_table()
+    assert bm.take_cached_prefix(root, [1, 2, 3, 4, 5]) == 4
+    bm.append(root, 1)
+    a, c = bm.fork(root), bm.fork(root)
+    bm.free(root)
+    copies = []
+    bm.truncate(a, 3)                        # a writes into the cached block at position 3
+    copies += bm.append(a, 1)
+    bm.truncate(c, 1)                        # c cuts before it: the block is free again
+    copies += bm.append(c, 1)
+    src, dst = {s for s, _ in copies}, {d for _, d in copies}
+    assert src & dst, f"the pass was meant to copy from and to one block: {copies}"
+
+    runner = ModelRunner(tiny_llama(len(make_tokenizer(300)), seed=1), num_blocks=10,
+                         block_size=2)
+    with torch.no_grad():
+        for b in range(10):
+            runner.kv_pool[:, :, b] = b
+    want = runner.kv_pool.clone()
+    for s, d in copies:                      # as queued, one at a time
+        want[:, :, d] = want[:, :, s]
+    runner.copy_blocks(copies)
+    assert torch.equal(runner.kv_pool, want)
+    for t in (a, c):
+        bm.free(t)
+    bm.check_all_free()

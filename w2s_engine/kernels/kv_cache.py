@@ -137,6 +137,23 @@ def copy_blocks_triton(kv_pool, src, dst):
     _copy_blocks_kernel[grid](kv_pool, src, dst, num_blocks, block_numel, BLOCK=BLOCK)
 
 
+def ordered_runs(pairs: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """Copy-on-write pairs in the order they were queued, cut into runs in which no block is
+    both read and written (one launch each: a launch's programs run unordered). A block a pass
+    copied from can be freed and handed out again in the same pass (a prefix hit's block is
+    valid again where it stood in the free list, maybe first): its copy to a new owner comes
+    after its copy away, so copying the runs in turn reads it before it is overwritten."""
+    runs, read, written = [[]], set(), set()
+    for src, dst in pairs:
+        if dst in read or src in written:
+            runs.append([])
+            read, written = set(), set()
+        runs[-1].append((src, dst))
+        read.add(src)
+        written.add(dst)
+    return runs if pairs else []
+
+
 def copy_blocks(kv_pool, src, dst):
     if kv_pool.is_cuda and triton is not None:
         return copy_blocks_triton(kv_pool, src, dst)

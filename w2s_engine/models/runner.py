@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 
 from w2s_engine.cache.block_manager import BlockTable
 from w2s_engine.kernels.chunk_reward import LMHead
-from w2s_engine.kernels.kv_cache import copy_blocks
+from w2s_engine.kernels.kv_cache import copy_blocks, ordered_runs
 from w2s_engine.models.attention import ATTN_IMPLEMENTATION, ForwardBatch, current_batch
 from w2s_engine.models.fused_ops import FusedOps, fuse_ops
 from w2s_engine.models.probe import probe
@@ -309,8 +309,8 @@ class ModelRunner:
         """Copy-on-write: copy each src block to dst, all layers, K and V, in one launch."""
         if not pairs:
             return
-        # The kernel reads and writes in one launch, unordered: a block both copied from and
-        # to would race (copy-on-write pairs a shared block with a fresh one: it never is).
-        assert not {s for s, _ in pairs} & {d for _, d in pairs}, "a block is a src and a dst"
-        words = self.upload(np.asarray(pairs, dtype=np.int32).T)   # src row, then dst row
-        copy_blocks(self.kv_pool, words[:len(pairs)], words[len(pairs):])
+        # The kernel reads and writes in one launch, unordered: a block copied from and then
+        # (freed and handed out again in the same pass) to is copied in two (ordered_runs).
+        for run in ordered_runs(pairs):
+            words = self.upload(np.asarray(run, dtype=np.int32).T)   # src row, then dst row
+            copy_blocks(self.kv_pool, words[:len(run)], words[len(run):])
