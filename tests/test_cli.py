@@ -429,6 +429,9 @@ def test_what_a_black_box_large_model_cannot_run_is_named_by_its_flag(tiny_dirs,
                                     "--stop-token-ids", "9"])
     assert code == 2 and err.startswith("w2s: error: --stop-token-ids=[5, 9]: the large model "
                                         "is a black"), err
+    for flag, value in (("--allowed-token-ids", "5"), ("--bad-words", "awful")):
+        code, err = main_fails(capsys, ["search", "x", *remote, flag, value])
+        assert code == 2 and err.startswith(f"w2s: error: {flag}=") and "black box" in err, err
 
 
 
@@ -493,3 +496,12 @@ def test_log_level_error_quiets_transformers_loading_bars_and_warnings(imported_
            if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.stdout.split() == ["False", "True"], out.stderr
+
+
+def test_allowed_token_ids_and_bad_words_flags_repeat_into_the_search_params():
+    from w2s_engine.cli import build_parser, params_from_args
+    params = params_from_args(build_parser().parse_args(
+        ["search", "x", "--allowed-token-ids", "7", "--allowed-token-ids", "3",
+         "--bad-words", "awful", "--bad-words", "boring film"]))
+    params.validate()
+    assert params.allowed_token_ids == [3, 7] and params.bad_words == ["awful", "boring film"]

@@ -1304,3 +1304,63 @@ def test_a_candidate_whose_reward_is_nan_never_outranks_one_with_a_number(tok, s
     rewards = [h.reward for h in result.hypotheses]
     assert rewards[0] == max(r for r in rewards if r == r)
     broken.check_all_free()
+
+
+def occurs(word: tuple, tokens: list[int]) -> bool:
+    return any(tuple(tokens[i:i + len(word)]) == word for i in range(len(tokens) - len(word) + 1))
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_allowed_token_ids_confine_every_sampled_token_and_bad_words_never_occur(
+        tok, small_pair, async_scheduling):
+    """vLLM's allowed_token_ids and bad_words: every token of every hypothesis (CBS, each
+    beam, through forks) is an allowed one; no bad word's token sequence occurs in any, also
+    where the beam's last token is still in flight when the next is drawn (async
+    scheduling); the rewards are still the scorer's of what was written."""
+    engine = make_engine(tok, small_pair, async_scheduling=async_scheduling)
+    greedy = SearchParams.base(max_new_tokens=24, top_k=1, ignore_eos=True, seed=1)
+    free = engine.search(["I really"], greedy)[0].token_ids
+    # Two-token words from greedy decoding's own text: banning them changes what it picks.
+    words = [tok.decode(free[i:i + 2]) for i in (3, 9)]
+    banned = greedy.copy(bad_words=words)
+    req = engine.make_request("I really", banned)
+    assert any(occurs(w, free) for w in req.bad_word_ids if len(w) > 1)
+    got = engine.search(["I really"], banned)[0].token_ids
+    assert got != free and not any(occurs(w, got) for w in req.bad_word_ids)
+    allowed = sorted(set(free[:12]) | {tok.eos_token_id})
+    params = SearchParams(w=2, k=3, l=4, max_new_tokens=14, seed=4, temperature=1.5,
+                          allowed_token_ids=allowed, bad_words=words)
+    for res in engine.search(PROMPTS[:2], params):
+        for h in res.hypotheses:
+            assert set(h.token_ids) <= set(allowed)
+            assert not any(occurs(w, h.token_ids) for w in req.bad_word_ids)
+            want = engine.score([res.prompt], [h.small_token_ids], finished=h.finished)[0]
+            assert h.reward == pytest.approx(want, abs=1e-4)
+    engine.check_all_free()
+
+
+def test_a_bad_word_is_banned_where_the_tokens_end_with_the_rest_of_it():
+    from w2s_engine.large.sampling_words import bad_word_ban
+    assert bad_word_ban((7,), [], None) is True                 # one token: always
+    assert bad_word_ban((5, 7), [1, 5], None) is True
+    assert bad_word_ban((5, 7), [5, 1], None) is None
+    assert bad_word_ban((5, 7), [], None) is None
+    assert bad_word_ban((4, 5, 7), [4, 5], None) is True
+    assert bad_word_ban((4, 5, 7), [5], None) is None
+    # the beam's last token in flight (row 3 of the step that sampled it): the device decides
+    assert bad_word_ban((5, 7), [1], 3) == 3                     # if it is 5
+    assert bad_word_ban((4, 5, 7), [2, 4], 0) == 0               # if it is 5, after a known 4
+    assert bad_word_ban((4, 5, 7), [4, 2], 0) is None
+    assert bad_word_ban((7,), [1], 2) is True
+
+
+def test_allowed_token_ids_and_bad_words_are_checked_against_the_large_model(tok, small_pair,
+                                                                             engine):
+    with pytest.raises(InvalidParam, match="allowed_token_ids=300"):
+        engine.make_request("x", SearchParams(allowed_token_ids=[3, 300]))
+    with pytest.raises(InvalidParam, match="every allowed token ends the response"):
+        engine.make_request("x", SearchParams(allowed_token_ids=[tok.eos_token_id],
+                                              min_tokens=2))
+    for bad in (["  "], "word", [3], ["x"] * 65):
+        with pytest.raises(InvalidParam, match="bad_words"):
+            SearchParams(bad_words=bad).validate()

@@ -516,8 +516,6 @@ def test_completions_on_a_chat_server_apply_no_chat_template():
 
 
 @pytest.mark.parametrize("path, field, value", [
-    ("/v1/completions", "bad_words", ["x"]),
-    ("/v1/completions", "allowed_token_ids", [1, 2]),
     ("/v1/completions", "skip_special_tokens", False),
     ("/v1/completions", "truncate_prompt_tokens", 4),
     ("/v1/completions", "add_special_tokens", False),
@@ -673,4 +671,29 @@ def test_chat_template_kwargs_reach_every_models_chat_template_as_vllms_do():
         assert code == 400 and payload["error"]["param"] == "chat_template_kwargs", payload
     finally:
         live.stop()
+    engine.check_all_free()
+
+
+def test_allowed_token_ids_and_bad_words_are_honoured_as_vllm_names_them(server):
+    """The server's search with them is the Python API's (the engine tests check the tokens)."""
+    engine = tiny_engine()     # the same models (the server's engine is its loop thread's)
+    greedy = SearchParams.base(max_new_tokens=10, top_k=1, ignore_eos=True, seed=1)
+    free = engine.search(["I really"], greedy)[0]
+    tok, ids = engine.large_tokenizer, free.token_ids
+    # a word of greedy decoding's own: two of its tokens whose text tokenizes back to them
+    word = next(tok.decode(ids[i:i + 2]) for i in range(len(ids) - 1)
+                if tok(tok.decode(ids[i:i + 2]), add_special_tokens=False)["input_ids"]
+                == ids[i:i + 2])
+    for extra in ({"allowed_token_ids": sorted(set(ids[:4]))}, {"bad_words": [word]}):
+        want = engine.search(["I really"], greedy.copy(**extra))[0]
+        assert want.text != free.text       # they change greedy decoding here
+        c = server.client.completions.create(
+            model="tiny", prompt="I really", max_tokens=10, seed=1,
+            extra_body={"method": "base", "top_k": 1, "ignore_eos": True, **extra})
+        assert c.choices[0].text == want.text
+    for body, param in [({"allowed_token_ids": [10**6]}, "allowed_token_ids"),
+                        ({"allowed_token_ids": "1"}, "allowed_token_ids"),
+                        ({"bad_words": [""]}, "bad_words")]:
+        code, payload = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2, **body})
+        assert code == 400 and payload["error"]["param"] == param, payload
     engine.check_all_free()

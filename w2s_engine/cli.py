@@ -51,6 +51,11 @@ def _add_search_args(p: argparse.ArgumentParser):
     p.add_argument("--stop-token-ids", type=int, action="append", default=[], metavar="ID",
                    help="a large-model token id that ends a response as EOS does (vLLM's; "
                         "repeatable)")
+    p.add_argument("--allowed-token-ids", type=int, action="append", default=[], metavar="ID",
+                   help="the large-model token ids a response may hold, no other (vLLM's; "
+                        "repeatable) (default: every id)")
+    p.add_argument("--bad-words", action="append", default=[], metavar="WORD",
+                   help="a word the response never holds (vLLM's; repeatable)")
     p.add_argument("--include-stop-str-in-output", action="store_true",
                    help="keep the stop string that ended a response at its end (vLLM's)")
     p.add_argument("--seed", type=int, default=None,
@@ -61,7 +66,8 @@ def params_from_args(args):
     from w2s_engine.params import SearchParams
     common = {name: getattr(args, name) for name, _, _ in SAMPLING_FLAGS}
     common.update(seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_ids,
-                  include_stop_str_in_output=args.include_stop_str_in_output)
+                  include_stop_str_in_output=args.include_stop_str_in_output,
+                  allowed_token_ids=args.allowed_token_ids, bad_words=args.bad_words)
     # A flag the method does not use is refused, not ignored (as the server does).
     unused = [flag for flag, value, used in [
         ("--w", args.w, args.method == "cbs" or args.w == 1),
@@ -86,7 +92,8 @@ def params_from_args(args):
 # The SearchParams fields that have a flag of their own ("--" + the field, dashed).
 PARAM_FLAGS = {name for name, _, _ in SAMPLING_FLAGS} | {"method", "w", "k", "l", "beta",
                                                           "seed", "stop", "stop_token_ids",
-                                                          "include_stop_str_in_output"}
+                                                          "include_stop_str_in_output",
+                                                          "allowed_token_ids", "bad_words"}
 
 
 def flag_error(e: InvalidParam, params_rule: bool = False) -> UserError:

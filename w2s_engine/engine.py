@@ -372,6 +372,8 @@ class Engine:
                             reported_stream=self.scorer.reported_stream)
         req.stats.prompt_tokens = len(large_ids)
         req.logprobs = logprobs
+        if params.bad_words:   # (a black box refused them: check_params)
+            req.bad_word_ids = self.large.bad_word_ids(params.bad_words)
         if stream:
             req.stream = FinalText(params.method, params.stop)
         large_len = None if self.large.blocks is None else len(large_ids)

@@ -23,6 +23,9 @@ MAX_LOGPROBS = 20            # alternatives per token (OpenAI's and vLLM's defau
 MAX_STOP_STRINGS = 16        # each is searched for after every sampled token
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64      # vLLM's stop_token_ids: looked up per sampled token
+MAX_ALLOWED_TOKEN_IDS = 1024  # vLLM's allowed_token_ids: sent with every beam's step
+MAX_BAD_WORDS = 64           # vLLM's bad_words: matched against every beam's last tokens
+MAX_BAD_WORD_CHARS = 256
 
 
 class InvalidParam(ValueError):
@@ -99,6 +102,12 @@ class SearchParams:
     # OpenAI's logit_bias: large-model token id -> a bias in [-100, 100] added to its logit
     # after the penalties, before temperature (-100 bans a token, 100 all but forces it).
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # vLLM's: the large-model token ids a response may hold, no other (empty: every id).
+    allowed_token_ids: list[int] = field(default_factory=list)
+    # vLLM's: words the response never holds, by the large model's tokens of the word and of
+    # the word after a space: the last token of one is banned where the response's tokens
+    # end with the rest of it (a one-token word: always).
+    bad_words: list[str] = field(default_factory=list)
     beta: float = 1.0            # eft only
     trace: bool = False          # record every selection (candidates, rewards, survivors)
 
@@ -144,7 +153,8 @@ class SearchParams:
     def adjusts_logits(self) -> bool:
         """Penalties or biases change this request's logits before sampling."""
         return bool(self.presence_penalty or self.frequency_penalty
-                    or self.repetition_penalty != 1.0 or self.logit_bias)
+                    or self.repetition_penalty != 1.0 or self.logit_bias
+                    or self.allowed_token_ids or self.bad_words)
 
     @property
     def stops_on_a_token(self) -> bool:
@@ -236,6 +246,21 @@ class SearchParams:
             bad("stop_token_ids", f"must be a list of at most {MAX_STOP_TOKEN_IDS} token ids "
                                   "(integers >= 0, of the large model's vocabulary)")
         self.stop_token_ids = sorted({int(t) for t in self.stop_token_ids})
+        if not isinstance(self.allowed_token_ids, (list, tuple)) or len(
+                self.allowed_token_ids) > MAX_ALLOWED_TOKEN_IDS or not all(
+                is_int(t) and 0 <= t <= MAX_INT for t in self.allowed_token_ids):
+            bad("allowed_token_ids", f"must be a list of at most {MAX_ALLOWED_TOKEN_IDS} token "
+                                     "ids (integers >= 0, of the large model's vocabulary; "
+                                     "empty: every id)")
+        self.allowed_token_ids = sorted({int(t) for t in self.allowed_token_ids})
+        if not isinstance(self.bad_words, (list, tuple)) or len(self.bad_words) > MAX_BAD_WORDS \
+                or any(not isinstance(w, str) or not 0 < len(w.strip()) <= MAX_BAD_WORD_CHARS
+                       for w in self.bad_words):
+            bad("bad_words", f"must be a list of at most {MAX_BAD_WORDS} words (strings with "
+                             f"some text, of at most {MAX_BAD_WORD_CHARS} characters)")
+        self.bad_words = list(self.bad_words)
+        for w in self.bad_words:
+            check_text("bad_words", w)
         for name in ("ignore_eos", "include_stop_str_in_output", "trace"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be True or False")

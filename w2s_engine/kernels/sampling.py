@@ -710,9 +710,11 @@ def sample_triton(logits, temperature, top_k, top_p, seeds, positions, min_p=Non
     return (out, thr) if return_thresholds else out
 
 
-def adjust_logits(logits, rows, occurrences, presence, frequency, repetition, biased, bias):
+def adjust_logits(logits, rows, occurrences, presence, frequency, repetition, biased, bias,
+                  allowed=None):
     """Penalties on tokens already there (vLLM's rules), then biases (OpenAI's logit_bias),
-    before temperature. PyTorch, any device.
+    then the allowed tokens (vLLM's allowed_token_ids), before temperature. PyTorch, any
+    device.
 
     logits [B, V] fp32 -> a new [B, V] changed at `rows` [R] int64 (the rows that adjust);
     occurrences [3, N] int64: each token occurrence as (row in 0..R-1, token id, 1 if in the
@@ -721,7 +723,8 @@ def adjust_logits(logits, rows, occurrences, presence, frequency, repetition, bi
     Repetition: a logit > 0 of a token in the prompt or the response is divided by it, one
     < 0 multiplied (transformers' RepetitionPenaltyLogitsProcessor); then
     logit -= frequency * (times in the response) + presence * (in the response at all);
-    then logit += bias."""
+    then logit += bias; allowed [2, A] int64 (row in 0..R-1, token id): a row named there
+    keeps those tokens' logits only, the others -inf."""
     R, V = rows.numel(), logits.shape[1]
     sub = logits[rows]
     row, token, in_response = occurrences
@@ -735,6 +738,12 @@ def adjust_logits(logits, rows, occurrences, presence, frequency, repetition, bi
         sub = sub - frequency[:, None] * counts - presence[:, None] * (counts > 0).float()
     if bias.numel():
         sub = sub.index_put((biased[0], biased[1]), bias, accumulate=True)
+    if allowed is not None and allowed.numel():
+        keep = torch.zeros(R, V, dtype=torch.bool, device=logits.device)
+        keep[allowed[0], allowed[1]] = True
+        limited = torch.zeros(R, dtype=torch.bool, device=logits.device)
+        limited[allowed[0]] = True
+        sub = sub.masked_fill(limited[:, None] & ~keep, float("-inf"))
     return logits.index_copy(0, rows, sub)
 
 

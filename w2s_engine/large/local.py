@@ -95,6 +95,30 @@ class LocalLarge:
             if token >= vocab:
                 raise InvalidParam("stop_token_ids", token, "not a token id of the large "
                                    f"model, whose vocabulary is [0, {vocab})")
+        tokens = self.token_limit or vocab    # (an LM head's padding rows are no token)
+        for token in params.allowed_token_ids:
+            if token >= tokens:
+                raise InvalidParam("allowed_token_ids", token, "not a token id of the large "
+                                   f"model, whose vocabulary is [0, {tokens})")
+        ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
+        if params.min_tokens and params.allowed_token_ids and set(
+                params.allowed_token_ids) <= ends:
+            raise InvalidParam("allowed_token_ids", params.allowed_token_ids, "every allowed "
+                               "token ends the response, which min_tokens bans before its "
+                               "min_tokens tokens: allow another token, or leave min_tokens out")
+
+    def bad_word_ids(self, words: list[str]) -> tuple[tuple[int, ...], ...]:
+        """vLLM's bad_words as token sequences: each word's tokens, and those of the word after
+        a space where that is another word's tokens of the same length (a word at the text's
+        start and one within it)."""
+        sequences = []
+        for word in words:
+            alone = tuple(encode(self.tokenizer, word.lstrip(), False))
+            spaced = tuple(encode(self.tokenizer, " " + word.lstrip(), False))
+            sequences.append(alone)
+            if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
+                sequences.append(spaced)
+        return tuple(s for s in sequences if s)
 
     def encode_prompt(self, text: str, special: bool, max_new_tokens: int) -> list[int]:
         ids = encode(self.tokenizer, text, special)

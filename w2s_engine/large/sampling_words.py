@@ -49,15 +49,19 @@ def before_min_tokens(p, b, in_flight: bool = False) -> bool:
 
 
 def adjustment_words(order, eos_ids, in_flight: list[int] = ()) \
-        -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
-    """The R rows whose logits a penalty or a bias adjusts, and what they need, as int32 words
-    for one upload: the rows [R], the N token occurrences [3, N] (row among the R, token, 1 if
-    in the response), the M biased tokens [2, M] (row among the R, token), then fp32 bits:
-    the presence, frequency and repetition factors [3, R] and the biases [M] (logit_bias, and
-    -inf on EOS before min_tokens), then the E response tokens still in flight [2, E] (row
-    among the R, the row of the step that sampled it); with (R, N, M, E). None if no row
-    adjusts. Each step sends each such beam's whole history (the prompt's only for
-    repetition): a second upload in the steps that have adjustments.
+        -> tuple[np.ndarray, tuple[int, int, int, int, int, int]] | None:
+    """The R rows whose logits a penalty, a bias or a ban adjusts, and what they need, as int32
+    words for one upload: the rows [R], the N token occurrences [3, N] (row among the R,
+    token, 1 if in the response), the M biased tokens [2, M] (row among the R, token), then
+    fp32 bits: the presence, frequency and repetition factors [3, R] and the biases [M]
+    (logit_bias; -inf on EOS before min_tokens, and on a bad word's last token where the
+    response ends with the rest of it), then the E response tokens still in flight [2, E] (row
+    among the R, the row of the step that sampled it), the A allowed tokens [2, A] (row among
+    the R, token: allowed_token_ids), and the C bans that wait on a token in flight [4, C] (row
+    among the R, the bad word's last token, the token the one in flight must be to ban it,
+    the row of the step that sampled it); with (R, N, M, E, A, C). None if no row adjusts.
+    Each step sends each such beam's whole history (the prompt's only for repetition): a
+    second upload in the steps that have adjustments.
     in_flight: for the first rows (async scheduling), the row of the step in flight that
     holds their last token, which the host has not read yet (adjustment_tensors gathers it)."""
     # Most steps have no such row: answer that per request, not per beam.
@@ -69,13 +73,20 @@ def adjustment_words(order, eos_ids, in_flight: list[int] = ()) \
               if r.params.adjusts_logits or before_min_tokens(r.params, b, i < ahead)]
     if not picked:
         return None
-    occurrences, biased, biases, pending = [], [], [], []
+    occurrences, biased, biases, pending, allowed, waiting = [], [], [], [], [], []
     for j, (i, r, b) in enumerate(picked):
         p = r.params
         bias = dict(p.logit_bias)
         if before_min_tokens(p, b, i < ahead):
             ended_by = p.stop_token_ids if p.ignore_eos else [*eos_ids, *p.stop_token_ids]
             bias.update((e, float("-inf")) for e in ended_by)
+        for word in r.bad_word_ids:
+            ban = bad_word_ban(word, b.token_ids, in_flight[i] if i < ahead else None)
+            if ban is True:
+                bias[word[-1]] = float("-inf")
+            elif ban is not None:        # decided by the token in flight
+                waiting.append((j, word[-1], word[-2], ban))
+        allowed += [(j, t) for t in p.allowed_token_ids]
         penalised = p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
         response = b.token_ids if penalised else []
         if penalised and i < ahead:
@@ -93,15 +104,35 @@ def adjustment_words(order, eos_ids, in_flight: list[int] = ()) \
     words = np.concatenate([np.array([i for i, _, _ in picked], np.int32), occurrences.ravel(),
                             biased.ravel(), factors.T.ravel().view(np.int32),
                             np.asarray(biases, np.float32).view(np.int32),
-                            np.asarray(pending, np.int32).reshape(-1, 2).T.ravel()])
-    return words, (len(picked), occurrences.shape[1], biased.shape[1], len(pending))
+                            np.asarray(pending, np.int32).reshape(-1, 2).T.ravel(),
+                            np.asarray(allowed, np.int32).reshape(-1, 2).T.ravel(),
+                            np.asarray(waiting, np.int32).reshape(-1, 4).T.ravel()])
+    return words, (len(picked), occurrences.shape[1], biased.shape[1], len(pending),
+                   len(allowed), len(waiting))
 
 
-def adjustment_tensors(words: torch.Tensor, R: int, N: int, M: int, E: int = 0,
-                       in_flight: torch.Tensor | None = None):
+def bad_word_ban(word: tuple[int, ...], tokens: list[int], in_flight_row: int | None):
+    """Whether a bad word's last token is banned at a beam's next token: True where its tokens
+    end with the rest of the word (a one-token word: always), None where they do not. With
+    the beam's last token still in flight (in_flight_row: the row of the step that sampled
+    it, async scheduling), the row where the known tokens match all but that last one: the
+    device bans it if that token is the word's one before last."""
+    rest = word[:-1]
+    if in_flight_row is None or not rest:
+        return True if not rest or tuple(tokens[-len(rest):]) == rest and \
+            len(tokens) >= len(rest) else None
+    known = rest[:-1]          # the tokens before the one in flight
+    if len(tokens) < len(known) or known and tuple(tokens[-len(known):]) != known:
+        return None
+    return in_flight_row
+
+
+def adjustment_tensors(words: torch.Tensor, R: int, N: int, M: int, E: int = 0, A: int = 0,
+                       C: int = 0, in_flight: torch.Tensor | None = None):
     """adjustment_words on the device -> adjust_logits' arguments after the logits; the E
     tokens in flight are gathered from `in_flight` (the tokens [P] of the step that sampled
-    them) into the occurrences."""
+    them) into the occurrences, and the C bans that wait on them become biases (-inf where
+    the token in flight is the one the ban needs, else 0)."""
     rows = words[:R].long()
     at = R
     occurrences = words[at:at + 3 * N].view(3, N).long()
@@ -116,7 +147,15 @@ def adjustment_tensors(words: torch.Tensor, R: int, N: int, M: int, E: int = 0,
         row, source = words[at:at + 2 * E].view(2, E).long()
         occurrences = torch.cat([occurrences, torch.stack(
             [row, in_flight[source], torch.ones_like(row)])], dim=1)
-    return rows, occurrences, factors[0], factors[1], factors[2], biased, bias
+    at += 2 * E
+    allowed = words[at:at + 2 * A].view(2, A).long()
+    at += 2 * A
+    if C:
+        row, token, needed, source = words[at:at + 4 * C].view(4, C).long()
+        biased = torch.cat([biased, torch.stack([row, token])], dim=1)
+        bias = torch.cat([bias, torch.where(in_flight[source] == needed, float("-inf"),
+                                            0.0).float()])
+    return rows, occurrences, factors[0], factors[1], factors[2], biased, bias, allowed
 
 
 def sampling_tensors(words: torch.Tensor, n: int):

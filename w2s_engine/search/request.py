@@ -123,6 +123,8 @@ class SearchRequest:
     logprobs: int | None = None
     token_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
     warned_nan: bool = False     # a NaN reward was logged (once a request)
+    # params.bad_words as the large model's token sequences (LocalLarge.bad_word_ids)
+    bad_word_ids: tuple[tuple[int, ...], ...] = ()
 
     # ---- beams -------------------------------------------------------------------------
 

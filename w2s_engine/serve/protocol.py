@@ -10,10 +10,10 @@ RequestError (a 400 the server answers in OpenAI's error envelope), naming the f
 Every OpenAI sampling field is honoured or refused: stream (+ stream_options.include_usage), n,
 best_of, echo, logprobs / top_logprobs, stop, seed, max_tokens / max_completion_tokens,
 presence / frequency / repetition penalties, logit_bias, min_p, vLLM's min_tokens, ignore_eos,
-stop_token_ids and include_stop_str_in_output, and a chat's continue_final_message /
-add_generation_prompt and chat_template_kwargs (vLLM's) are honoured (SearchFields.plan);
-OpenAI and vLLM features the engine does not implement (suffix, tools, response formats, vLLM's
-bad_words, ...) are accepted only at their neutral values (NEUTRAL), and a search field the
+stop_token_ids, include_stop_str_in_output, allowed_token_ids and bad_words, and a chat's
+continue_final_message / add_generation_prompt and chat_template_kwargs (vLLM's) are honoured
+(SearchFields.plan); OpenAI and vLLM features the engine does not implement (suffix, tools,
+response formats, vLLM's truncate_prompt_tokens, ...) are accepted only at their neutral values (NEUTRAL), and a search field the
 method does not use only at the value it takes, so that a request never silently gets something
 other than what it asked for. null is every field's default. `user` is written in the access
 log; fields nobody defines (metadata, x_...) are ignored.
@@ -196,8 +196,7 @@ NEUTRAL = {"suffix": ("",), "tools": ([],), "tool_choice": ("none",),
            "structured_outputs": (), "modalities": (["text"],), "audio": (), "prediction": (),
            "reasoning_effort": (), "verbosity": (), "web_search_options": (),
            # vLLM's sampling and tokenization extensions
-           "bad_words": ([],),
-           "allowed_token_ids": (), "truncate_prompt_tokens": (),
+           "truncate_prompt_tokens": (),
            "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
            "return_tokens_as_token_ids": (False,), "return_token_ids": (False,),
            "prompt_embeds": (), "priority": (0,), "mm_processor_kwargs": ()}
@@ -290,6 +289,8 @@ class SearchFields(BaseModel):
     frequency_penalty: float = DEFAULTS.frequency_penalty
     repetition_penalty: float = DEFAULTS.repetition_penalty   # vLLM's
     logit_bias: dict[str, float] | None = None   # token id (a JSON key: a string) -> bias
+    allowed_token_ids: list[int] | None = None   # vLLM's: the large-model ids a response may hold
+    bad_words: list[str] | None = None           # vLLM's: words a response never holds
 
     neutral: ClassVar[dict] = NEUTRAL
 
@@ -351,7 +352,9 @@ class SearchFields(BaseModel):
                       presence_penalty=self.presence_penalty,
                       frequency_penalty=self.frequency_penalty,
                       repetition_penalty=self.repetition_penalty,
-                      logit_bias=self._logit_bias())
+                      logit_bias=self._logit_bias(),
+                      allowed_token_ids=list(self.allowed_token_ids or []),
+                      bad_words=list(self.bad_words or []))
         try:
             # Every search field is checked, also those this method does not use (k=0 with
             # method=base is a mistake too): SearchParams.validate's ranges, field by field.
