@@ -505,3 +505,13 @@ def test_allowed_token_ids_and_bad_words_flags_repeat_into_the_search_params():
          "--bad-words", "awful", "--bad-words", "boring film"]))
     params.validate()
     assert params.allowed_token_ids == [3, 7] and params.bad_words == ["awful", "boring film"]
+
+
+def test_structured_output_flag_takes_json_and_says_when_it_is_not(capsys):
+    from w2s_engine.cli import build_parser, params_from_args
+    params = params_from_args(build_parser().parse_args(
+        ["search", "x", "--structured-output", '{"choice": ["good", "bad"]}']))
+    assert params.structured_output == {"choice": ["good", "bad"]}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["search", "x", "--structured-output", "{choice"])
+    assert "--structured-output: not JSON" in capsys.readouterr().err

@@ -56,10 +56,22 @@ def _add_search_args(p: argparse.ArgumentParser):
                         "repeatable) (default: every id)")
     p.add_argument("--bad-words", action="append", default=[], metavar="WORD",
                    help="a word the response never holds (vLLM's; repeatable)")
+    p.add_argument("--structured-output", type=json_value, default=None, metavar="JSON",
+                   help="a structure every response follows (vLLM's structured outputs), as "
+                        "JSON: '{\"json\": SCHEMA}', '{\"json_object\": true}', "
+                        "'{\"regex\": \"...\"}', '{\"choice\": [...]}' or "
+                        "'{\"grammar\": \"EBNF\"}' (default: free text)")
     p.add_argument("--include-stop-str-in-output", action="store_true",
                    help="keep the stop string that ended a response at its end (vLLM's)")
     p.add_argument("--seed", type=int, default=None,
                    help="same seed, same results (default: a random seed)")
+
+
+def json_value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
 
 
 def params_from_args(args):
@@ -67,7 +79,8 @@ def params_from_args(args):
     common = {name: getattr(args, name) for name, _, _ in SAMPLING_FLAGS}
     common.update(seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_ids,
                   include_stop_str_in_output=args.include_stop_str_in_output,
-                  allowed_token_ids=args.allowed_token_ids, bad_words=args.bad_words)
+                  allowed_token_ids=args.allowed_token_ids, bad_words=args.bad_words,
+                  structured_output=args.structured_output)
     # A flag the method does not use is refused, not ignored (as the server does).
     unused = [flag for flag, value, used in [
         ("--w", args.w, args.method == "cbs" or args.w == 1),
@@ -93,7 +106,8 @@ def params_from_args(args):
 PARAM_FLAGS = {name for name, _, _ in SAMPLING_FLAGS} | {"method", "w", "k", "l", "beta",
                                                           "seed", "stop", "stop_token_ids",
                                                           "include_stop_str_in_output",
-                                                          "allowed_token_ids", "bad_words"}
+                                                          "allowed_token_ids", "bad_words",
+                                                          "structured_output"}
 
 
 def flag_error(e: InvalidParam, params_rule: bool = False) -> UserError:

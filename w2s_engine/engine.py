@@ -374,6 +374,8 @@ class Engine:
         req.logprobs = logprobs
         if params.bad_words:   # (a black box refused them: check_params)
             req.bad_word_ids = self.large.bad_word_ids(params.bad_words)
+        if params.structured_output is not None:
+            req.grammar = self.large.compile_guide(params.structured_output)
         if stream:
             req.stream = FinalText(params.method, params.stop)
         large_len = None if self.large.blocks is None else len(large_ids)
@@ -626,7 +628,7 @@ class Engine:
             for r in requests:
                 if r.root is None:
                     r.root = Beam(beam_id=r.new_beam_id(), token_ids=[],
-                                  large=self.large.new_table())
+                                  large=self.large.new_table(), guide=self.large.new_guide(r))
             budget = self.config.max_batch_tokens
             # (named apart: a profile charges the device's idle time to the innermost phase)
             with record_function("w2s.prefill.large"):

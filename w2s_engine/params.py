@@ -1,5 +1,6 @@
 """SearchParams: which search to run and how to sample, with presets for the paper's methods."""
 
+import json
 import math
 import numbers
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,11 @@ MAX_STOP_TOKEN_IDS = 64      # vLLM's stop_token_ids: looked up per sampled toke
 MAX_ALLOWED_TOKEN_IDS = 1024  # vLLM's allowed_token_ids: sent with every beam's step
 MAX_BAD_WORDS = 64           # vLLM's bad_words: matched against every beam's last tokens
 MAX_BAD_WORD_CHARS = 256
+# Structured outputs (vLLM's kinds): a JSON schema, any JSON object, a regex, one of some
+# strings, an EBNF grammar (large/guide.py compiles them)
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+MAX_STRUCTURE_CHARS = 1 << 16
+MAX_CHOICES = 256
 
 
 class InvalidParam(ValueError):
@@ -108,6 +114,13 @@ class SearchParams:
     # the word after a space: the last token of one is banned where the response's tokens
     # end with the rest of it (a one-token word: always).
     bad_words: list[str] = field(default_factory=list)
+    # A structure every response follows (vLLM's structured outputs; OpenAI's response_format):
+    # one of {"json": a JSON schema (a dict or its text)}, {"json_object": True}, {"regex":
+    # str}, {"choice": [str, ...]}, {"grammar": EBNF str}; a JSON one may add "any_whitespace":
+    # False (JSON without free whitespace between its tokens: vLLM's disable_any_whitespace,
+    # for models that would pad it for ever). A response ends where its structure does, with
+    # the model's EOS. None: free text.
+    structured_output: dict | None = None
     beta: float = 1.0            # eft only
     trace: bool = False          # record every selection (candidates, rewards, survivors)
 
@@ -261,6 +274,46 @@ class SearchParams:
         self.bad_words = list(self.bad_words)
         for w in self.bad_words:
             check_text("bad_words", w)
+        if self.structured_output is not None:
+            self._check_structure()
+
+    def _check_structure(self):
+        def bad(why):
+            raise InvalidParam("structured_output", self.structured_output, why, "SearchParams.")
+        spec = self.structured_output
+        kinds = [k for k in spec if k in STRUCTURED_KINDS] if isinstance(spec, dict) else []
+        if len(kinds) != 1 or len(spec) != 1 + ("any_whitespace" in spec):
+            bad(f"must be a dict of one of {', '.join(STRUCTURED_KINDS)} (or None)")
+        kind, value = kinds[0], spec[kinds[0]]
+        if "any_whitespace" in spec and (kind not in ("json", "json_object")
+                                         or not isinstance(spec["any_whitespace"], bool)):
+            bad("any_whitespace (True or False) is a JSON structure's option")
+        text = value if isinstance(value, str) else None
+        if kind == "json" and isinstance(value, dict):
+            try:
+                text = json.dumps(value)
+            except (TypeError, ValueError):
+                bad("a JSON schema must be JSON (a dict of JSON values, or its text)")
+        if kind == "json_object" and value is not True:
+            bad("json_object takes True")
+        elif kind == "choice":
+            if not isinstance(value, (list, tuple)) or not 0 < len(value) <= MAX_CHOICES or \
+                    not all(isinstance(c, str) and c for c in value):
+                bad(f"choice takes a list of 1 to {MAX_CHOICES} non-empty strings")
+            text = "".join(value)
+        elif kind != "json_object" and (not isinstance(text, str) or not text.strip()):
+            bad(f"{kind} takes a non-empty string{' or a dict' if kind == 'json' else ''}")
+        if text is not None:
+            if len(text) > MAX_STRUCTURE_CHARS:
+                bad(f"at most {MAX_STRUCTURE_CHARS} characters")
+            check_text("structured_output", text)
+        # A finished structure leaves only the end tokens: these would leave no token at all.
+        if self.ignore_eos:
+            bad("ignore_eos samples past the end, where a finished structure allows no token: "
+                "leave ignore_eos out")
+        if self.min_tokens:
+            bad("min_tokens bans the end, which a structure finished sooner needs: leave "
+                "min_tokens out")
         for name in ("ignore_eos", "include_stop_str_in_output", "trace"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be True or False")

@@ -109,4 +109,6 @@ def continues_after(r, b) -> bool:
     its chunk or its length is left out of the next step: its request scores, selects and
     forks once the tokens are read, and its next chunk joins the step after."""
     p = r.params
-    return b.chunk_tokens + 1 < p.chunk_len and len(b.token_ids) + 1 < p.max_new_tokens
+    # (a structured output's next mask needs the token: large/guide.py)
+    return b.chunk_tokens + 1 < p.chunk_len and len(b.token_ids) + 1 < p.max_new_tokens \
+        and b.guide is None

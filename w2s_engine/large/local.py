@@ -24,6 +24,7 @@ from torch.profiler import record_function   # names the read of a step in a pro
 
 from w2s_engine.cache.block_manager import BlockManager, BlockTable
 from w2s_engine.kernels.sampling import adjust_logits, sample
+from w2s_engine.large.guide import Guides, apply_bitmask
 from w2s_engine.large.in_flight import DecodeStep, DeviceRead, LogprobRows, continues_after
 from w2s_engine.large.sampling_words import (adjustment_tensors, adjustment_words,
                                              sampling_tensors, sampling_words)
@@ -80,6 +81,7 @@ class LocalLarge:
         # never sampled (a small model sharing the tokenizer could not even embed them).
         rows = runner.shape.vocab_size
         self.token_limit = len(tokenizer) if len(tokenizer) < rows else None
+        self.guides = Guides(tokenizer, min(len(tokenizer), rows), set(eos_ids))
 
     def check_params(self, params: SearchParams):
         """Fit the parameters to this model's vocabulary: a top_k at or past it keeps every
@@ -106,6 +108,17 @@ class LocalLarge:
             raise InvalidParam("allowed_token_ids", params.allowed_token_ids, "every allowed "
                                "token ends the response, which min_tokens bans before its "
                                "min_tokens tokens: allow another token, or leave min_tokens out")
+
+    def compile_guide(self, spec: dict):
+        """params.structured_output compiled against this model's vocabulary (InvalidParam
+        where it is no grammar xgrammar reads)."""
+        return self.guides.compile(spec)
+
+    def new_guide(self, r: SearchRequest):
+        """A root beam's matcher (None: the request has no structured output)."""
+        if r.grammar is None:
+            return None
+        return self.guides.matcher(r.grammar, r.params.stop_token_ids)
 
     def bad_word_ids(self, words: list[str]) -> tuple[tuple[int, ...], ...]:
         """vLLM's bad_words as token sequences: each word's tokens, and those of the word after
@@ -283,6 +296,12 @@ class LocalLarge:
                 logits = adjust_logits(logits, *adjustment_tensors(
                     self.runner.upload(adjust), *sizes,
                     in_flight=ahead.sampled if carried else None))
+            guided = [i for i, (_, b) in enumerate(order) if b.guide is not None]
+            if guided:     # (never carried: a guided beam waits for its token's read)
+                bitmask = self.guides.bitmask([order[i][1].guide for i in guided])
+                logits = apply_bitmask(logits, self.runner.upload(guided).long(),
+                                       self.runner.upload(bitmask).view(len(guided), -1),
+                                       self.guides.vocab_size)
             *sampling, min_p = sampling_tensors(params, len(order))
             uses_min_p = any(r.params.min_p for r, _ in order)
             sampled = sample(logits, *sampling, min_p if uses_min_p else None)

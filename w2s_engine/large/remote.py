@@ -62,7 +62,8 @@ class RemoteLarge:
     def check_params(self, params: SearchParams):
         """Refuse what a completions API cannot do as the search means it, never ignore it."""
         for name in ("top_k", "min_p", "min_tokens", "ignore_eos", "stop_token_ids",
-                     "include_stop_str_in_output", "allowed_token_ids", "bad_words"):
+                     "include_stop_str_in_output", "allowed_token_ids", "bad_words",
+                     "structured_output"):
             if getattr(params, name):
                 raise InvalidParam(name, getattr(params, name), "the large model is a black "
                                    "box behind an OpenAI completions API, which has no "

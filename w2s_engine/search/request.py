@@ -125,6 +125,7 @@ class SearchRequest:
     warned_nan: bool = False     # a NaN reward was logged (once a request)
     # params.bad_words as the large model's token sequences (LocalLarge.bad_word_ids)
     bad_word_ids: tuple[tuple[int, ...], ...] = ()
+    grammar: object = None        # params.structured_output compiled (large/guide.py)
 
     # ---- beams -------------------------------------------------------------------------
 
@@ -152,7 +153,8 @@ class SearchRequest:
                      chunk_rewards=list(parent.chunk_rewards),
                      text=parent.text, num_large_tokens=parent.num_large_tokens,
                      detok=parent.detok.copy(), min_text_len=parent.min_text_len,
-                     stop_checked_len=parent.stop_checked_len)
+                     stop_checked_len=parent.stop_checked_len,
+                     guide=None if parent.guide is None else parent.guide.fork())
         if self.logprobs is not None:
             self.token_logprobs[child.beam_id] = list(self.token_logprobs.get(parent.beam_id, ()))
         return child
@@ -189,6 +191,9 @@ class SearchRequest:
             beam.stop_reason = None if eos else token   # (vLLM's: None for EOS)
             return
         beam.token_ids.append(token)
+        if beam.guide is not None and not beam.guide.accept_token(token):
+            raise ValueError(f"token {token} does not follow the structured output (a step "
+                             "masks every token that would not)")
         n = len(beam.token_ids)
         if p.stop and p.min_tokens and n == p.min_tokens:
             # vLLM's rule: a stop string counts from token min_tokens + 1 on, and must end

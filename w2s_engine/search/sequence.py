@@ -90,3 +90,5 @@ class Beam:
     text: str = ""               # black-box large model only: the response as text
     num_large_tokens: int = 0    # black-box large model only: the server's token count
     parent_id: int | None = None
+    # Structured outputs: its grammar matcher (large/guide.py), advanced by each token
+    guide: object = None

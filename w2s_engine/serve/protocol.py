@@ -26,8 +26,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from w2s_engine.params import DEFAULTS, MAX_LOGPROBS, METHODS, InvalidParam, SearchParams, \
-    is_real
+from w2s_engine.params import DEFAULTS, MAX_LOGPROBS, METHODS, STRUCTURED_KINDS, InvalidParam, \
+    SearchParams, is_real
 from w2s_engine.search.prompts import CHAT_ROLES
 
 MAX_DEPTH = 32
@@ -190,10 +190,9 @@ def param_error(e: ValueError, prompt_field: str, names: dict | None = None) -> 
 NEUTRAL = {"suffix": ("",), "tools": ([],), "tool_choice": ("none",),
            "functions": ([],), "function_call": ("none",),
            "length_penalty": (1,), "use_beam_search": (False,), "early_stopping": (False,),
-           "prompt_logprobs": (), "response_format": ({"type": "text"},),
-           "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+           "prompt_logprobs": (),
            "guided_decoding_backend": (), "guided_whitespace_pattern": (),
-           "structured_outputs": (), "modalities": (["text"],), "audio": (), "prediction": (),
+           "modalities": (["text"],), "audio": (), "prediction": (),
            "reasoning_effort": (), "verbosity": (), "web_search_options": (),
            # vLLM's sampling and tokenization extensions
            "truncate_prompt_tokens": (),
@@ -291,6 +290,14 @@ class SearchFields(BaseModel):
     logit_bias: dict[str, float] | None = None   # token id (a JSON key: a string) -> bias
     allowed_token_ids: list[int] | None = None   # vLLM's: the large-model ids a response may hold
     bad_words: list[str] | None = None           # vLLM's: words a response never holds
+    # A structure the response follows: OpenAI's response_format (json_object, json_schema),
+    # vLLM's structured_outputs and its older guided_* fields (structured())
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     neutral: ClassVar[dict] = NEUTRAL
 
@@ -315,6 +322,53 @@ class SearchFields(BaseModel):
                                    f"logit_bias.{key[:40]}")
             bias[int(key)] = value
         return bias
+
+    def structured(self) -> tuple[dict | None, str]:
+        """SearchParams.structured_output from whichever field asks for one, and that field's
+        name (for its errors): OpenAI's response_format, vLLM's structured_outputs or a
+        guided_* field; two of them are refused."""
+        asked = [(name, value) for name, value in (
+            ("response_format", self.response_format),
+            ("structured_outputs", self.structured_outputs),
+            ("guided_json", self.guided_json), ("guided_regex", self.guided_regex),
+            ("guided_choice", self.guided_choice), ("guided_grammar", self.guided_grammar))
+            if value is not None and value != {"type": "text"}]
+        if len(asked) > 1:
+            raise RequestError(400, f"{asked[0][0]} and {asked[1][0]} both ask for a "
+                                    "structured output: send one", asked[1][0])
+        if not asked:
+            return None, "response_format"
+        name, value = asked[0]
+        if name.startswith("guided_"):
+            return {name[len("guided_"):]: value}, name
+        if name == "structured_outputs":
+            kinds = [k for k in STRUCTURED_KINDS if value.get(k) not in (None, False)]
+            # (vLLM's other options, disable_fallback and the like: at their defaults)
+            other = sorted(k for k, v in value.items() if k not in STRUCTURED_KINDS
+                           and k != "disable_any_whitespace" and v not in (None, False))
+            if other:
+                raise RequestError(400, f"{name}.{other[0]}: not supported by this server; "
+                                        "leave it out", f"{name}.{other[0]}")
+            if len(kinds) != 1:
+                raise RequestError(400, f"{name}: send exactly one of "
+                                        f"{', '.join(STRUCTURED_KINDS)}", name)
+            spec = {kinds[0]: value[kinds[0]]}
+            if value.get("disable_any_whitespace") not in (None, False):
+                spec["any_whitespace"] = not value["disable_any_whitespace"]
+            return spec, name
+        kind = value.get("type")
+        if kind == "json_object":
+            return {"json_object": True}, name
+        if kind == "json_schema":
+            schema = (value.get("json_schema") or {}).get("schema") \
+                if isinstance(value.get("json_schema"), dict) else None
+            if schema is None:
+                raise RequestError(400, "response_format.json_schema.schema: a JSON schema "
+                                        "is needed with type json_schema",
+                                   "response_format.json_schema.schema")
+            return {"json": schema}, name
+        raise RequestError(400, f"response_format.type: {_brief(kind)} is not one of text, "
+                                "json_object, json_schema", "response_format.type")
 
     # Which fields ask for logprobs, echo, best_of and the token limit: per endpoint.
     def _logprobs(self) -> tuple[int | None, str]:
@@ -355,6 +409,7 @@ class SearchFields(BaseModel):
                       logit_bias=self._logit_bias(),
                       allowed_token_ids=list(self.allowed_token_ids or []),
                       bad_words=list(self.bad_words or []))
+        common["structured_output"], names["structured_output"] = self.structured()
         try:
             # Every search field is checked, also those this method does not use (k=0 with
             # method=base is a mistake too): SearchParams.validate's ranges, field by field.

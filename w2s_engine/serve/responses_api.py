@@ -7,14 +7,14 @@ strictly and becomes a ChatCompletionRequest; ResponseShape turns the chat answe
 Response object, and a chat stream into the Responses API's typed events (response.created,
 response.output_text.delta, ..., response.completed). One message per response: OpenAI's
 Responses API has no `n` (the chat endpoint has). Nothing is stored: `store` and
-`previous_response_id` are refused (send the conversation in `input`), as are tools, reasoning
-options and structured text formats.
+`previous_response_id` are refused (send the conversation in `input`), as are tools and
+reasoning options; text.format (json_object, json_schema) is the chat's response_format.
 """
 
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -26,7 +26,7 @@ from w2s_engine.serve.protocol import _validation_error as validation_error
 # The Responses API's features the engine does not implement, at their neutral values only
 # (protocol.NEUTRAL's rule: an empty tuple takes only null).
 RESPONSES_NEUTRAL = {"store": (False,), "previous_response_id": (), "conversation": (),
-                     "text": ({"format": {"type": "text"}},), "reasoning": (), "include": ([],),
+                     "reasoning": (), "include": ([],),
                      "background": (False,), "truncation": ("disabled",),
                      "tool_choice": ("auto", "none"), "max_tool_calls": (), "prompt": (),
                      "top_logprobs": (0,)}
@@ -56,6 +56,7 @@ class ResponsesRequest(SearchFields):
     instructions: str | None = None
     max_output_tokens: int | None = None
     metadata: dict[str, str] | None = None
+    text: dict[str, Any] | None = None    # {"format": text, json_object or json_schema}
 
     neutral: ClassVar[dict] = {**NEUTRAL, **CHAT_NEUTRAL, **RESPONSES_NEUTRAL}
 
@@ -83,12 +84,45 @@ class ResponsesRequest(SearchFields):
         fields = {name: getattr(self, name) for name in self.model_fields_set
                   if name in SearchFields.model_fields}
         body = {**fields, "messages": messages, "max_completion_tokens": self.max_output_tokens}
+        response_format = self.chat_response_format()
+        if response_format is not None:
+            if "response_format" in fields:
+                raise RequestError(400, "response_format: the Responses API's is text.format: "
+                                        "send that", "response_format")
+            body["response_format"] = response_format
         if self.stream:       # the usage comes in the last event's response
             body["stream_options"] = {"include_usage": True}
         try:
             return ResponsesChat.model_validate(body)
         except ValidationError as e:
             raise validation_error(e) from None
+
+
+    def text_format(self) -> dict:
+        fmt = (self.text or {}).get("format")
+        return {"type": "text"} if fmt is None else fmt
+
+    def chat_response_format(self) -> dict | None:
+        """text.format as the chat endpoint's response_format (its json_schema is flat here:
+        name, schema and strict beside the type)."""
+        fmt = self.text_format()
+        other = sorted(set(self.text or {}) - {"format", "verbosity"})
+        if other:
+            raise RequestError(400, f"text.{other[0]}: not supported by this server; leave it "
+                                    "out", f"text.{other[0]}")
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return {"type": "json_object"}
+        if kind == "json_schema":
+            if not isinstance(fmt.get("schema"), dict):
+                raise RequestError(400, "text.format.schema: a JSON schema (an object) is "
+                                        "needed with type json_schema", "text.format.schema")
+            return {"type": "json_schema", "json_schema": {"name": fmt.get("name", "schema"),
+                                                           "schema": fmt["schema"]}}
+        raise RequestError(400, "text.format.type: give text, json_object or json_schema",
+                           "text.format.type")
 
 
 class ResponsesChat(ChatCompletionRequest):
@@ -135,7 +169,7 @@ class ResponseShape:
                "instructions": b.instructions, "max_output_tokens": b.max_output_tokens,
                "model": self.model, "output": output, "parallel_tool_calls": True,
                "temperature": b.temperature, "top_p": b.top_p, "tool_choice": "auto",
-               "tools": [], "text": {"format": {"type": "text"}}, "truncation": "disabled",
+               "tools": [], "text": {"format": b.text_format()}, "truncation": "disabled",
                "store": False, "background": False, "metadata": b.metadata or {},
                "usage": _usage(usage, _cached(w2s)), "user": b.user}
         if w2s is not None:
