@@ -1364,3 +1364,21 @@ def test_allowed_token_ids_and_bad_words_are_checked_against_the_large_model(tok
     for bad in (["  "], "word", [3], ["x"] * 65):
         with pytest.raises(InvalidParam, match="bad_words"):
             SearchParams(bad_words=bad).validate()
+
+
+def test_allowed_token_ids_that_bad_words_all_ban_are_refused_not_answered_with_other_ids(
+        tok, engine):
+    """Every allowed id a one-token bad word (banned at every step): no token is left to
+    sample, and the sampler's pick of an all -inf row (token 0) is no allowed id."""
+    y, z = tok.convert_tokens_to_ids(["y", "z"])
+    for extra in ({}, {"min_tokens": 2}):
+        with pytest.raises(InvalidParam, match="bad_words ban every allowed token"):
+            engine.make_request("x", SearchParams(allowed_token_ids=[y], bad_words=["y"],
+                                                  **extra))
+    with pytest.raises(InvalidParam, match="bad_words ban every allowed token"):
+        engine.make_request("x", SearchParams(allowed_token_ids=[y, tok.eos_token_id],
+                                              bad_words=["y"], min_tokens=2))
+    res = engine.search(["I really"], SearchParams.base(
+        n=2, max_new_tokens=6, seed=1, allowed_token_ids=[y, z], bad_words=["y"]))[0]
+    assert all(set(h.token_ids) <= {z} for h in res.hypotheses)
+    engine.check_all_free()

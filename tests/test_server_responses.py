@@ -88,7 +88,7 @@ def test_a_streamed_response_sends_the_responses_events_in_order_and_the_same_te
     ({"input": "x", "store": True}, "store"),
     ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
-    ({"input": "x", "text": {"format": {"type": "json_object"}}}, "text"),
+    ({"input": "x", "text": {"format": {"type": "grammar"}}}, "text.format.type"),
     ({"input": "x", "reasoning": {"effort": "low"}}, "reasoning"),
     ({"input": "x", "n": 2}, "n"),
     ({"input": "x", "max_tokens": 5}, "max_tokens"),
@@ -112,3 +112,19 @@ def test_the_client_reads_a_refusal_as_its_bad_request_error(server):
                                        truncation="disabled", prompt_cache_key="k",
                                        metadata={"run": "7"}, extra_body=SEARCH)
     assert r.metadata == {"run": "7"} and r.store is False
+
+
+def test_a_failed_streamed_response_holds_only_what_openai_types_allow(server):
+    """A search that fails part-way (here: a guided choice no allowed token can start, which
+    fails at its first token): an error event, then response.failed whose message item has
+    one of a message's statuses (in_progress, completed, incomplete; 'failed' is a
+    response's)."""
+    events = list(server.client.responses.create(
+        model="tiny", input="x", max_output_tokens=4, stream=True,
+        extra_body={"method": "base", "guided_choice": ["yes"], "allowed_token_ids": [5]}))
+    assert [e.type for e in events][-2:] == ["error", "response.failed"]
+    failed = events[-1].response
+    assert failed.status == "failed" and failed.error.code == "server_error"
+    for item in failed.output:
+        assert item.status in ("in_progress", "completed", "incomplete"), item
+    server.async_engine.engine.check_all_free()

@@ -89,6 +89,17 @@ def test_what_xgrammar_cannot_read_is_refused_naming_structured_output(engine, s
     assert e.value.field == "structured_output"
 
 
+def test_a_choice_past_the_basic_plane_is_written_as_given(engine):
+    """guided_choice strings with emoji (characters past U+FFFF): a finished response is one
+    of them, not the bytes of their JSON-escaped surrogate halves (U+FFFD in the text)."""
+    choices = ["\U0001F44D yes", "\U0001F44E no"]
+    res = engine.search(["I really"], SearchParams.base(
+        n=3, max_new_tokens=40, seed=5, structured_output={"choice": choices}))[0]
+    for h in res.hypotheses:
+        assert h.finish_reason == "stop" and h.text in choices, h.text
+    engine.check_all_free()
+
+
 def test_a_structure_with_ignore_eos_or_min_tokens_is_refused(engine):
     for extra in ({"ignore_eos": True}, {"min_tokens": 3}):
         with pytest.raises(InvalidParam, match="leave (ignore_eos|min_tokens) out"):
@@ -156,6 +167,14 @@ def test_the_server_takes_openai_response_format_and_vllm_structured_outputs(ser
      "response_format"),
     ("/v1/responses", {"input": "x", "text": {"format": {"type": "json_schema"}}},
      "text.format.schema"),
+    # (the Responses API's structure is its text.format: never the chat's response_format)
+    ("/v1/responses", {"input": "x", "text": {"format": {"type": "json_object"}},
+                       "ignore_eos": True}, "text.format"),
+    ("/v1/responses", {"input": "x", "text": {"format": {
+        "type": "json_schema", "name": "x", "schema": {"type": "no such type"}}}},
+     "text.format"),
+    ("/v1/responses", {"input": "x", "text": {"format": {"type": "json_object"}},
+                       "guided_regex": "a"}, "guided_regex"),
 ])
 def test_a_structure_the_engine_cannot_follow_is_refused_naming_its_field(server, path, body,
                                                                          param):
@@ -166,3 +185,5 @@ def test_a_structure_the_engine_cannot_follow_is_refused_naming_its_field(server
                              if path != "/v1/responses" else json.dumps(body).encode())
     assert code == 400 and is_envelope(payload, 400), payload
     assert payload["error"]["param"] == param, payload
+    if path == "/v1/responses":    # (a field it has not)
+        assert "response_format" not in payload["error"]["message"], payload

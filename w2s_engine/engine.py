@@ -374,6 +374,7 @@ class Engine:
         req.logprobs = logprobs
         if params.bad_words:   # (a black box refused them: check_params)
             req.bad_word_ids = self.large.bad_word_ids(params.bad_words)
+            self.large.check_bans(params, req.bad_word_ids)
         if params.structured_output is not None:
             req.grammar = self.large.compile_guide(params.structured_output)
         if stream:

@@ -67,7 +67,10 @@ class Guides:
                 return compiler.compile_regex(value)
             if kind == "choice":
                 return compiler.compile_grammar(
-                    "root ::= " + " | ".join(json.dumps(c) for c in value))
+                    "root ::= " + " | ".join(
+                        # (characters as they are: xgrammar reads the \uD83D\uDC4D of
+                        # ensure_ascii as two code points, not one character)
+                        json.dumps(c, ensure_ascii=False) for c in value))
             return compiler.compile_grammar(value)
         except (RuntimeError, ValueError) as e:   # xgrammar's errors on what it cannot read
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -109,6 +109,21 @@ class LocalLarge:
                                "token ends the response, which min_tokens bans before its "
                                "min_tokens tokens: allow another token, or leave min_tokens out")
 
+    def check_bans(self, params: SearchParams, bad_word_ids):
+        """Refuse bad_words whose one-token words ban every allowed token (every one left by
+        min_tokens' ban of the end): no token would be left to sample."""
+        if not params.allowed_token_ids:
+            return
+        left = set(params.allowed_token_ids) - {w[0] for w in bad_word_ids if len(w) == 1}
+        if params.min_tokens:
+            left -= set(params.stop_token_ids) | (set() if params.ignore_eos
+                                                  else set(self.eos_ids))
+        if not left:
+            raise InvalidParam("bad_words", params.bad_words, "the bad_words ban every allowed "
+                               "token (allowed_token_ids)" + (" that min_tokens does not" if
+                                                             params.min_tokens else "") +
+                               ": allow another token, or ban fewer words")
+
     def compile_guide(self, spec: dict):
         """params.structured_output compiled against this model's vocabulary (InvalidParam
         where it is no grammar xgrammar reads)."""

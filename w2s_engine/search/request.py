@@ -192,8 +192,10 @@ class SearchRequest:
             return
         beam.token_ids.append(token)
         if beam.guide is not None and not beam.guide.accept_token(token):
-            raise ValueError(f"token {token} does not follow the structured output (a step "
-                             "masks every token that would not)")
+            # (a step masks every token that would not: none was left to sample)
+            raise ValueError(f"no token could continue the structured output here (token "
+                             f"{token} was drawn from none): allowed_token_ids, bad_words or "
+                             "the token limit leave the structure no token; allow more")
         n = len(beam.token_ids)
         if p.stop and p.min_tokens and n == p.min_tokens:
             # vLLM's rule: a stop string counts from token min_tokens + 1 on, and must end

@@ -131,6 +131,17 @@ class ResponsesChat(ChatCompletionRequest):
     def _max_tokens(self):
         return self.max_completion_tokens, "max_output_tokens"
 
+    def structured(self):
+        """Its response_format is the body's text.format (a Responses body has no
+        response_format: ResponsesRequest.chat refuses one): its errors name that."""
+        try:
+            spec, name = super().structured()
+        except RequestError as e:
+            raise RequestError(e.status, e.message.replace("response_format", "text.format"),
+                               e.param and e.param.replace("response_format",
+                                                           "text.format")) from None
+        return spec, "text.format" if name == "response_format" else name
+
 
 def _usage(chat_usage: dict | None, cached: int) -> dict | None:
     if chat_usage is None:
@@ -161,7 +172,10 @@ class ResponseShape:
         """The Response object; status: in_progress, completed or incomplete (the token
         limit cut the message: incomplete_details.reason max_output_tokens)."""
         b = self.body
-        output = [] if status == "in_progress" else [self._item(status, text)]
+        # (a message's statuses are in_progress, completed and incomplete: a failed
+        # response's message is incomplete)
+        output = [] if status == "in_progress" else [
+            self._item("incomplete" if status == "failed" else status, text)]
         out = {"id": self.id, "object": "response", "created_at": self.created,
                "status": status, "error": None,
                "incomplete_details": {"reason": "max_output_tokens"}
@@ -191,10 +205,11 @@ class ResponseShape:
                              choice["message"]["content"] or "", reason, chat["usage"],
                              chat.get("w2s"))
 
-    async def events(self, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    async def events(self, chunks: AsyncIterator[str], handles=()) -> AsyncIterator[str]:
         """The chat stream's chunks ("data: {...}" lines, then [DONE]) as the Responses
         API's events, each with its sequence_number; a failed search is an `error` event
-        (and response.failed), as OpenAI's stream ends on one."""
+        (and response.failed), as OpenAI's stream ends on one. handles: the searches, which
+        a client gone before the chat stream started (its own finally never runs) cancels."""
         seq = 0
         text, reason, usage, w2s, opened = [], None, None, None, False
 
@@ -205,9 +220,9 @@ class ResponseShape:
             return f"event: {kind}\ndata: {body}\n\n"
 
         where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
-        yield event("response.created", response=self.response("in_progress"))
-        yield event("response.in_progress", response=self.response("in_progress"))
         try:
+            yield event("response.created", response=self.response("in_progress"))
+            yield event("response.in_progress", response=self.response("in_progress"))
             async for chunk in chunks:
                 payload = chunk[len("data: "):].strip()
                 if payload == "[DONE]":
@@ -218,6 +233,8 @@ class ResponseShape:
                     yield event("error", code=str(error.get("code")), message=error["message"],
                                 param=error.get("param"))
                     failed = self.response("failed", "".join(text))
+                    if not opened:     # (no message was announced: none failed)
+                        failed["output"] = []
                     failed["error"] = {"code": "server_error", "message": error["message"]}
                     yield event("response.failed", response=failed)
                     return
@@ -240,6 +257,8 @@ class ResponseShape:
                         reason = choice["finish_reason"]
         finally:     # (its own finally cancels the searches of a client that went away)
             await chunks.aclose()
+            for h in handles:
+                h.cancel()
         whole = "".join(text)
         status = "incomplete" if reason == "length" else "completed"
         if opened:

@@ -241,7 +241,7 @@ def create_app(async_engine: AsyncEngine, model_name="w2s", *,
                    for i, (prompt, h) in enumerate(zip(prompts, handles))]
         if plan.stream:
             events = stream(request, handles, answers)
-            return StreamingResponse(events if shape is None else shape.events(events),
+            return StreamingResponse(events if shape is None else shape.events(events, handles),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         results = await wait_for(request, handles)
