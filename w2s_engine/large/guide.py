@@ -38,6 +38,7 @@ class Guides:
         sampled); end_ids: the model's EOS ids, which end a complete structure."""
         self.tokenizer, self.vocab_size, self.end_ids = tokenizer, vocab_size, sorted(end_ids)
         self._compiler = None
+        self._batch = None       # xgrammar's threads filling a step's bitmasks
 
     def compiler(self):
         if self._compiler is None:     # (a few hundred ms for a real vocabulary: when first used)
@@ -86,11 +87,14 @@ class Guides:
 
     def bitmask(self, matchers: list) -> np.ndarray:
         """The tokens each matcher takes next: int32 words [len(matchers), ceil(V / 32)], bit
-        t % 32 of word t // 32 set where token t may come."""
+        t % 32 of word t // 32 set where token t may come. Filled by xgrammar's threads (half
+        the cores): the device waits meanwhile, and a row of a 262k vocabulary can take
+        tens of microseconds (bench/structured_host.py)."""
         import xgrammar as xgr
         mask = xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
-        for i, m in enumerate(matchers):
-            m.fill_next_token_bitmask(mask, i)
+        if self._batch is None:
+            self._batch = xgr.BatchGrammarMatcher()
+        self._batch.batch_fill_next_token_bitmask(matchers, mask)
         return mask.numpy()
 
 
