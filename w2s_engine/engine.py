@@ -628,8 +628,10 @@ class Engine:
         try:
             for r in requests:
                 if r.root is None:
+                    # (a structured output's matcher: a local large model's only)
                     r.root = Beam(beam_id=r.new_beam_id(), token_ids=[],
-                                  large=self.large.new_table(), guide=self.large.new_guide(r))
+                                  large=self.large.new_table(),
+                                  guide=None if r.grammar is None else self.large.new_guide(r))
             budget = self.config.max_batch_tokens
             # (named apart: a profile charges the device's idle time to the innermost phase)
             with record_function("w2s.prefill.large"):

@@ -130,9 +130,7 @@ class LocalLarge:
         return self.guides.compile(spec)
 
     def new_guide(self, r: SearchRequest):
-        """A root beam's matcher (None: the request has no structured output)."""
-        if r.grammar is None:
-            return None
+        """A root beam's matcher at its structured output's start."""
         return self.guides.matcher(r.grammar, r.params.stop_token_ids)
 
     def bad_word_ids(self, words: list[str]) -> tuple[tuple[int, ...], ...]:
