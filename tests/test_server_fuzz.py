@@ -95,7 +95,7 @@ FLOAT_FIELDS = {"temperature": [-0.1, 101, 1e308], "top_p": [0, -1, 1.5, 1e308],
                 "beta": [1e308, -1e308, 101], "repetition_penalty": [0, -1, 11, 1e308]}
 UNSUPPORTED = {  # refused features, and supported ones at values invalid on both endpoints
     "presence_penalty": 2.5, "frequency_penalty": -3, "logit_bias": {"5": -101}, "suffix": "x",
-    "tools": [{"type": "function"}], "min_p": 1.5, "response_format": {"type": "json_object"},
+    "tools": [{"type": "function"}], "min_p": 1.5, "response_format": {"type": "xml"},
     "logprobs": 30, "top_logprobs": 3, "echo": "yes", "best_of": 0, "stream": "yes",
     "stream_options": {"include_usage": True}}
 

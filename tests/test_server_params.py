@@ -382,7 +382,7 @@ def test_tokenize_gives_the_large_models_prompt_tokens_of_each_endpoint_and_deto
 
 
 @pytest.mark.parametrize("field, value", [
-    ("response_format", {"type": "json_object"}), ("suffix", "x"),
+    ("prediction", {"type": "content", "content": "x"}), ("suffix", "x"),
     ("stream_options", {"include_usage": True}),
     ("tools", [{"type": "function", "function": {"name": "f"}}])])
 def test_features_the_engine_lacks_are_refused_naming_them(server, field, value):
@@ -392,7 +392,7 @@ def test_features_the_engine_lacks_are_refused_naming_them(server, field, value)
         assert code == 400 and is_envelope(payload, 400), payload
         assert payload["error"]["param"] == field and field in payload["error"]["message"]
     # and accepted at their neutral values
-    neutral = {"response_format": {"type": "text"}}
+    neutral = {"suffix": ""}
     if field in neutral:
         code, _ = post(server, "/v1/completions",
                        {"prompt": "x", "max_tokens": 2, field: neutral[field]})

@@ -133,6 +133,11 @@ def test_the_server_takes_openai_response_format_and_vllm_structured_outputs(ser
     assert follows_so_far(server, {"json": SCHEMA}, text)
     if chat.choices[0].finish_reason == "stop":
         assert json.loads(text)["verdict"] in ("good", "bad")
+    free = client.completions.create(model="tiny", prompt="The film was", max_tokens=6,
+                                     extra_body=search)
+    text = client.completions.create(model="tiny", prompt="The film was", max_tokens=6,
+                                     extra_body={**search, "response_format": {"type": "text"}})
+    assert text.choices[0].text == free.choices[0].text      # text: free text, as without
     c = client.completions.create(model="tiny", prompt="The film was", max_tokens=20,
                                   extra_body={**search, "guided_choice": ["good", "bad"]})
     assert c.choices[0].text in ("good", "bad") and c.choices[0].finish_reason == "stop"

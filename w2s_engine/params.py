@@ -274,6 +274,9 @@ class SearchParams:
         self.bad_words = list(self.bad_words)
         for w in self.bad_words:
             check_text("bad_words", w)
+        for name in ("ignore_eos", "include_stop_str_in_output", "trace"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be True or False")
         if self.structured_output is not None:
             self._check_structure()
 
@@ -314,9 +317,6 @@ class SearchParams:
         if self.min_tokens:
             bad("min_tokens bans the end, which a structure finished sooner needs: leave "
                 "min_tokens out")
-        for name in ("ignore_eos", "include_stop_str_in_output", "trace"):
-            if not isinstance(getattr(self, name), bool):
-                bad(name, "must be True or False")
 
 
 # The one set of defaults: the Python API (SearchParams()), `w2s search` and the server's
