@@ -15,6 +15,7 @@ token's read before its next step (large/in_flight.continues_after).
 """
 
 import json
+import re
 
 import numpy as np
 import torch
@@ -75,6 +76,9 @@ class Guides:
             return compiler.compile_grammar(value)
         except (RuntimeError, ValueError) as e:   # xgrammar's errors on what it cannot read
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            # (its C++ log prefix, "[22:40:21] /project/cpp/regex_converter.cc:94: ", says
+            # nothing to the client)
+            first = re.sub(r"^\[[0-9:]+\] \S+:\d+: ", "", first)
             raise InvalidParam(field, spec, f"not a {kind} this engine can follow: "
                                f"{first[:300]}") from None
 
