@@ -1382,3 +1382,42 @@ def test_allowed_token_ids_that_bad_words_all_ban_are_refused_not_answered_with_
         n=2, max_new_tokens=6, seed=1, allowed_token_ids=[y, z], bad_words=["y"]))[0]
     assert all(set(h.token_ids) <= {z} for h in res.hypotheses)
     engine.check_all_free()
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_an_eft_forward_failing_for_one_request_fails_it_alone_not_the_step(
+        tok, small_pair, monkeypatch, async_scheduling):
+    """EFT's small models step inside the large model's decode step. When their forward fails
+    for one EFT request, the step gives every state back (the EFT states too) and each request
+    runs again alone: only that one fails; a CBS, a plain sampling and another EFT request in
+    the same step end as they do alone (the step failed them all)."""
+    import w2s_engine.search.small_stream as small_stream
+    params = {"cbs": SearchParams(w=2, k=2, l=3, max_new_tokens=8, seed=1),
+              "base": SearchParams.base(n=2, max_new_tokens=8, seed=2),
+              "eft": SearchParams.eft(beta=1.5, n=2, max_new_tokens=8, seed=3)}
+    prompts = {"cbs": "I really", "base": "This film", "eft": "The plot of"}
+    alone = {k: make_engine(tok, small_pair, async_scheduling=async_scheduling).search(
+        [prompts[k]], p)[0] for k, p in params.items()}
+    engine = make_engine(tok, small_pair, async_scheduling=async_scheduling)
+    good = {k: engine.enqueue(engine.make_request(prompts[k], p)) for k, p in params.items()}
+    bad = engine.enqueue(engine.make_request("What a", params["eft"]))
+    bad_ids = bad.small_prompts[0].ids
+    next_logits = small_stream.SmallStream.next_logits
+    failures = []
+
+    def failing(self, states, tokens_from=None):
+        if any(st.ids[:len(bad_ids)] == bad_ids for st in states) and \
+                any(len(st.ids) > len(bad_ids) + 2 for st in states):   # a few tokens in
+            failures.append(len(states))
+            raise RuntimeError("injected failure in the EFT small models' forward")
+        return next_logits(self, states, tokens_from)
+    monkeypatch.setattr(small_stream.SmallStream, "next_logits", failing)
+    while engine.has_unfinished():
+        engine.step()
+    assert failures and bad.status.name == "FAILED" and "injected" in bad.error
+    for k, r in good.items():
+        assert r.status.name == "DONE", (k, r.error)
+        assert [h.token_ids for h in r.result.hypotheses] == \
+            [h.token_ids for h in alone[k].hypotheses], k
+        assert r.result.reward == pytest.approx(alone[k].reward, abs=1e-4)
+    engine.check_all_free()

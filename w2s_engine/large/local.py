@@ -262,7 +262,6 @@ class LocalLarge:
             self.runner.copy_blocks(copies)
         except Exception as e:
             raise BatchFailed(retryable=False) from e
-        eft_started = False
         try:
             rows, steered, raw = [], [], []
             if forward:
@@ -281,7 +280,6 @@ class LocalLarge:
                     [(b.large, b.token_ids[-1] if i >= len(carried) else 0)
                      for i, (_, b) in enumerate(forward)], words, tokens_from, requests)
                 raw.append(logits)
-                eft_started = self.eft is not None
                 rows.append(self._steer(logits, forward, 0, steered, tokens_from))
             else:
                 params = self.runner.upload(words)
@@ -289,14 +287,12 @@ class LocalLarge:
                 # Beams with no token yet sample from their root's prompt logits: no forward.
                 logits = torch.stack([r.root_logits for r, _ in first])
                 raw.append(logits)
-                eft_started = self.eft is not None
                 rows.append(self._steer(logits, first, len(forward), steered))
             if siblings:
                 # Their forwarded siblings' logits (no EFT row: those are not siblings).
                 shared = self.runner.upload([len(carried) + j for _, j in siblings]).long()
                 raw.append(raw[0][shared])
                 rows.append(raw[-1])
-            eft_started = False   # the EFT streams are through: a retry steers the same way
             logits = torch.cat(rows) if len(rows) > 1 else rows[0]
             logprobs = LogprobRows(order, raw, self.runner.upload,   # before penalties
                                    self.token_limit)
@@ -325,8 +321,8 @@ class LocalLarge:
             read = DeviceRead([sampled] + riders)
         except Exception as e:
             self._roll_back(before)
-            # A failure inside the EFT streams' forward leaves them part-way: not retryable.
-            raise BatchFailed(retryable=not eft_started) from e
+            # (a failure inside the EFT streams' forward gave their states back: EFT.steer)
+            raise BatchFailed(retryable=True) from e
         return DecodeStep(order, sampled, read, logprobs, steered, before,
                           {id(b) for _, b in fed_rows}, len(forward))
 

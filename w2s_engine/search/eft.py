@@ -57,7 +57,16 @@ class EFT:
             carried = [sources[i] for i in rows if i < len(sources)]   # a prefix of rows
             if carried:
                 tokens_from = (tokens, np.array(carried, np.int32))
-        logits_small, fed = self.stream.next_logits(states, tokens_from)
+        # A failure part-way gives each state back as it was (its slots, its last hidden
+        # state), so that the large model's step can run again, each request alone.
+        before = [(st, st.table.num_tokens, dict(st.last_hidden)) for st in states]
+        try:
+            logits_small, fed = self.stream.next_logits(states, tokens_from)
+        except Exception:
+            for st, n, hidden in before:
+                self.stream.blocks.truncate(st.table, min(n, st.table.num_tokens))
+                st.last_hidden = hidden
+            raise
         for (r, _), n in zip(eft, fed):
             for role in self.stream.roles:
                 r.stats.tokens_forwarded[role] += n
