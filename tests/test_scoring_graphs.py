@@ -280,3 +280,31 @@ def test_warm_up_runs_a_prefill_decodes_and_a_scored_chunk_and_holds_nothing(mod
                    progress=False)
     alone.warm_up()                            # no scorer: plain sampling
     alone.check_all_free()
+
+
+def test_a_model_naming_no_context_gets_tables_the_engine_counted_and_longer_rows_run_eager():
+    """Without max_position_embeddings the static tables cover UNBOUNDED_CONTEXT_TOKENS (the
+    engine's memory budget counts them before the pool exists; they were as wide as the whole
+    pool), and a row whose table is wider runs eagerly, with the eager results."""
+    from w2s_engine.models.scoring_graphs import UNBOUNDED_CONTEXT_TOKENS, context_blocks
+    model = tiny_llama(97, seed=5, layers=1)
+    runner = ModelRunner(model, num_blocks=40000, block_size=1)
+    runner.shape = dataclasses.replace(runner.shape, max_positions=None)
+    graphs = ScoringGraphs(runner, max_tokens=64, max_q=8, max_batch=4, capture=False)
+    assert graphs.width == context_blocks(None, 1) == UNBOUNDED_CONTEXT_TOKENS
+    counted = ScoringGraphs.static_bytes(64, 4, context_blocks(None, 1))
+    assert 4 * (graphs.staging.numel() + graphs.tables.numel()) == counted
+    narrow = ScoringGraphs(runner, max_tokens=64, max_q=8, max_batch=4, capture=False)
+    narrow.width = 8          # (a small cap, so that a short row outgrows it here)
+    blocks = BlockManager(40000, 1)
+    short, long = blocks.new_table(), blocks.new_table()
+    blocks.append(short, 4)
+    blocks.append(long, 12)
+    seqs = [(short, [3, 4, 5, 6]), (long, [7] * 12)]
+    assert narrow.shape(seqs[:1]) is not None and narrow.shape(seqs) is None
+    eager, _ = runner.run(seqs)
+    runner.scoring_graphs = narrow
+    again, _ = runner.run(seqs)       # (the static path declines it: the eager forward)
+    torch.testing.assert_close(again, eager)
+    for t, _ in seqs:
+        blocks.free(t)

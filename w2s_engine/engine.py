@@ -25,7 +25,7 @@ import torch
 from torch.profiler import record_function   # names the step's phases in a profile
 from tqdm.auto import tqdm
 
-from w2s_engine.cache.block_manager import BlockManager, blocks_for
+from w2s_engine.cache.block_manager import BlockManager
 from w2s_engine.cache.kv_budget import KVBudget, pool_blocks
 from w2s_engine.config import EngineConfig
 from w2s_engine.frozen_heap import freeze_loaded_objects
@@ -33,7 +33,7 @@ from w2s_engine.large.local import LocalLarge
 from w2s_engine.large.openai_completions import OpenAICompletions
 from w2s_engine.large.remote import RemoteLarge
 from w2s_engine.models.decode_graphs import DecodeGraphs
-from w2s_engine.models.scoring_graphs import ScoringGraphs
+from w2s_engine.models.scoring_graphs import ScoringGraphs, context_blocks
 from w2s_engine.models.fp8_linear import quantize_fp8
 from w2s_engine.models.loader import eos_ids, load_role
 from w2s_engine.models.runner import BatchFailed, ModelRunner, ModelShape
@@ -214,10 +214,10 @@ class Engine:
         scoring_graphs = config.cuda_graphs and scoring_tokens >= 2
         for role in scoring_roles if scoring_graphs else ():
             shape = ModelShape.of(self.models[role].model)
-            context_blocks = blocks_for(shape.max_positions or 0, config.block_size)
             graph_bytes += (shape.extend_activation_bytes(scoring_tokens, dtype_of[role])
-                            + ScoringGraphs.static_bytes(scoring_tokens, SCORING_GRAPH_MAX_ROWS,
-                                                         context_blocks))
+                            + ScoringGraphs.static_bytes(
+                                scoring_tokens, SCORING_GRAPH_MAX_ROWS,
+                                context_blocks(shape.max_positions, config.block_size)))
         num_blocks = pool_blocks(bytes_per_block, config.num_kv_blocks,
                                  config.kv_cache_memory_bytes, config.device,
                                  config.kv_cache_memory_fraction, config.cpu_kv_cache_bytes,

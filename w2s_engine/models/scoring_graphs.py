@@ -61,6 +61,18 @@ def token_buckets(max_tokens: int) -> list[int]:
     return out + [max_tokens]
 
 
+# A model that names no context (no max_position_embeddings): its static tables cover this
+# many tokens, and a row with a longer table runs eagerly (the tables would otherwise be as
+# wide as the whole pool, which the engine's memory budget, made before the pool, cannot know).
+UNBOUNDED_CONTEXT_TOKENS = 32768
+
+
+def context_blocks(max_positions: int | None, block_size: int) -> int:
+    """Block-table columns of the static tables: the model's context, or
+    UNBOUNDED_CONTEXT_TOKENS where it names none."""
+    return blocks_for(max_positions or UNBOUNDED_CONTEXT_TOKENS, block_size)
+
+
 class ScoringGraphs:
 
     def __init__(self, runner, max_tokens: int, max_q: int, max_batch: int, capture: bool):
@@ -75,8 +87,8 @@ class ScoringGraphs:
         self.buckets = batch_buckets(self.max_batch)
         self.token_buckets = token_buckets(max_tokens)
         self.block_size = runner.block_size
-        limit = runner.shape.max_positions or runner.num_blocks * runner.block_size
-        self.width = min(blocks_for(limit, runner.block_size), runner.num_blocks)
+        self.width = min(context_blocks(runner.shape.max_positions, runner.block_size),
+                         runner.num_blocks)
         dev = runner.device
         self.staging = torch.zeros(self.static_words(max_tokens, max_batch, self.width),
                                    dtype=torch.int32, device=dev)
@@ -112,6 +124,8 @@ class ScoringGraphs:
         lengths = [len(ids) for _, ids in seqs]
         q = max(lengths)
         if not 2 <= q <= self.max_q or min(lengths) < 1:
+            return None
+        if max(len(t.blocks) for t, _ in seqs) > self.width:   # (a model naming no context)
             return None
         bucket = next((b for b in self.buckets if b >= len(seqs)), None)
         tokens = next((t for t in self.token_buckets if t >= sum(lengths)), None)
