@@ -188,3 +188,16 @@ class TestFp8OnGPU:
         spread = picked.max(-1).values - picked.min(-1).values
         assert (best - chosen <= 0.01 * spread).all(), (best - chosen) / spread
         engine.check_all_free()
+
+
+def test_dequantized_layers_compute_with_full_precision_inputs():
+    """What the load-time probe runs FP8 layers with: the weight dequantized, the input as it
+    is (no FP8 rounding of it), so that a decode and a full forward agree as in fp32."""
+    from w2s_engine.models.fp8_linear import dequantized
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(5, 64, generator=g), torch.randn(32, 64, generator=g)
+    q, scale = quantize_rows(w)
+    with dequantized():
+        got = fp8_linear(x, q, scale)
+    torch.testing.assert_close(got, x @ (q.float() * scale).t())
+    assert not torch.equal(fp8_linear(x, q, scale), got)     # outside: inputs quantized too

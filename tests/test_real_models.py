@@ -153,3 +153,31 @@ def test_fp8_weights_keep_smollm2s_predictions(reference):
     assert (want.argmax(-1) == got.argmax(-1)).float().mean() >= 0.9
     loss = [torch.nn.functional.cross_entropy(x[:-1], ids[0, 1:]) for x in (want, got)]
     assert abs(loss[1] / loss[0] - 1) < 0.02
+
+
+def test_fp8_streams_smollm2_in_as_it_loads_and_its_engine_runs_a_search(reference):
+    """quantization='fp8' of a checkpoint the engine loads: each linear's weight is quantized
+    as it arrives (the bf16/fp32 model is never whole in memory), to the very weights and
+    scales of quantizing after loading; the engine's load-time probe takes the FP8 model and
+    a search runs with the small models as they were."""
+    from w2s_engine.models.fp8_linear import Fp8Linear, quantize_fp8
+    streamed = load_model(SMOL, quantization="fp8").model
+    assert getattr(streamed, "is_quantized", False)     # by transformers' loader, as it loaded
+    after = load_model(SMOL).model
+    quantize_fp8(after)
+    layers = {n: m for n, m in streamed.named_modules() if isinstance(m, Fp8Linear)}
+    assert len(layers) == 7 * 30
+    for name, m in after.named_modules():
+        if isinstance(m, Fp8Linear):
+            assert torch.equal(layers[name].weight.view(torch.uint8), m.weight.view(torch.uint8))
+            assert torch.equal(layers[name].weight_scale, m.weight_scale)
+    engine = Engine(large=SMOL, tuned=SMOL, untuned=SMOL, templates=TEMPLATES, progress=False,
+                    quantization="fp8")
+    assert engine.quantized["layers"] == 7 * 30
+    assert not any(isinstance(m, Fp8Linear) for m in engine.models["tuned"].model.modules())
+    res = engine.search(["The plot of this film"], SearchParams(w=2, k=2, l=4,
+                                                                max_new_tokens=12, seed=1))[0]
+    for h in res.hypotheses:
+        want = engine.score([res.prompt], [h.small_token_ids], finished=h.finished)[0]
+        assert h.reward == pytest.approx(want, abs=1e-3)
+    engine.check_all_free()

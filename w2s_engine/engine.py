@@ -147,7 +147,10 @@ class Engine:
         rm_roles = ["reward_model" if i == 0 else f"reward_model_{i + 1}"
                     for i in range(len(reward_models))]
         cache = {}
-        self.models = {role: load_role(spec, role, config.dtype, config.device, cache)
+        # (the large model's checkpoint in FP8 as it loads; the small models' as they are)
+        self.models = {role: load_role(spec, role, config.dtype, config.device, cache,
+                                       quantization=config.quantization if role == "large"
+                                       else None)
                        for role, spec in specs.items()}
         for role, rm in zip(rm_roles, reward_models):
             self.models[role] = load_role(rm.model, role, config.dtype, config.device, cache,

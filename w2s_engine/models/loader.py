@@ -25,6 +25,8 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoModelForTokenClassification, AutoTokenizer)
 
+from w2s_engine.models.fp8_linear import streaming_config
+
 logger = logging.getLogger(__name__)
 
 
@@ -166,8 +168,10 @@ MAX_ADAPTER_DEPTH = 8   # an adapter on an adapter on ... its base
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device="cpu",
                attn_implementation: str | None = None, head: str = "causal_lm",
                _chain: tuple = (), _num_labels: int | None = None,
-               _head_from_adapter: bool = False) -> LoadedModel:
+               _head_from_adapter: bool = False, quantization: str | None = None) -> LoadedModel:
     """head: "causal_lm" or "sequence_classification" (a reward model).
+    quantization: "fp8" quantizes a checkpoint's linears as they load (models/fp8_linear.py;
+    an adapter's base loads whole, its merge is quantized after, by the engine).
     _chain: the adapter directories that led here, base by base (to catch a loop).
     _head_from_adapter: the adapter over this base brings its trained head (modules_to_save),
     so transformers' report of a new, untrained head is no news to the user."""
@@ -179,7 +183,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device="cpu",
     if (source / "adapter_config.json").exists() if source.is_dir() else False:
         return _load_adapter(spec, source, dtype, device, attn_implementation, _chain, head)
     return _load_checkpoint(spec, source, dtype, device, attn_implementation, head, _num_labels,
-                            quiet_new_head=_head_from_adapter)
+                            quiet_new_head=_head_from_adapter, quantization=quantization)
 
 
 def scorer_config(source: Path) -> dict:
@@ -297,9 +301,14 @@ except ImportError:   # (older safetensors)
 
 
 def _load_checkpoint(spec, source: Path, dtype, device, attn, head: str = "causal_lm",
-                     num_labels: int | None = None, quiet_new_head: bool = False) -> LoadedModel:
+                     num_labels: int | None = None, quiet_new_head: bool = False,
+                     quantization: str | None = None) -> LoadedModel:
     # trust_remote_code=False: never transformers' interactive prompt (see _remote_code_error)
     kwargs = {"dtype": dtype, "trust_remote_code": False}
+    if quantization == "fp8" and head == "causal_lm":
+        config = streaming_config()     # (None: quantized after loading, by the engine)
+        if config is not None:
+            kwargs["quantization_config"] = config
     if attn is not None:
         kwargs["attn_implementation"] = attn
     if num_labels is not None:
@@ -497,9 +506,10 @@ def _base_error(spec, base_spec: str, e: ModelLoadError, missing: bool) -> Model
 
 
 def load_role(spec, role: str, dtype: torch.dtype, device: str, cache: dict,
-              head: str = "causal_lm") -> LoadedModel:
+              head: str = "causal_lm", quantization: str | None = None) -> LoadedModel:
     """One of the engine's models: a spec string (loaded once per engine even when two roles
-    name it: `cache`), a LoadedModel, or a (model, tokenizer) pair already in memory."""
+    name it with the same quantization: `cache`), a LoadedModel, or a (model, tokenizer) pair
+    already in memory (quantization: the engine's, after)."""
     if isinstance(spec, (tuple, list)):
         model, tokenizer = _model_pair(spec, role)
         return LoadedModel(model.to(device), tokenizer, type(model).__name__, "in memory")
@@ -512,12 +522,14 @@ def load_role(spec, role: str, dtype: torch.dtype, device: str, cache: dict,
         raise TypeError(f"{role}: got {_kind(spec)}{alone}; pass a model spec string (bundled "
                         "name, directory, GGUF file, LoRA adapter dir) or a (model, tokenizer) "
                         "pair")
-    if (spec, head) not in cache:
+    key = (spec, head, quantization)
+    if key not in cache:
         from w2s_engine.models.attention import ATTN_IMPLEMENTATION
-        cache[spec, head] = load_model(spec, dtype=dtype, device=device,
-                                       attn_implementation=ATTN_IMPLEMENTATION, head=head)
-        warn_tokens_past_embeddings(cache[spec, head], role)
-    return cache[spec, head]
+        cache[key] = load_model(spec, dtype=dtype, device=device,
+                                attn_implementation=ATTN_IMPLEMENTATION, head=head,
+                                quantization=quantization)
+        warn_tokens_past_embeddings(cache[key], role)
+    return cache[key]
 
 
 def warn_tokens_past_embeddings(loaded: LoadedModel, role: str):

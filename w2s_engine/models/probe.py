@@ -16,6 +16,7 @@ import logging
 import torch
 
 from w2s_engine.models.attention import ForwardBatch, current_batch
+from w2s_engine.models.fp8_linear import dequantized
 from w2s_engine.models.fused_ops import FusedOps, fuse_ops, fused_with, unfuse_ops
 
 logger = logging.getLogger(__name__)
@@ -59,15 +60,18 @@ def probe(runner):
         return runner.model(input_ids=both.input_ids[None], position_ids=both.positions[None],
                             use_cache=False)
 
+    # (FP8 layers: weights dequantized, inputs as they are, so that the check sees the
+    # architecture, not FP8's rounding of rows the two forwards compute a hair apart)
     try:
-        current_batch.batch = both
-        if runner.fused_ops:
-            _check_fused_ops(runner, own_forward, name)
-        own = own_forward()
-        current_batch.batch = second
-        hidden = runner.decoder(input_ids=second.input_ids[None],
-                                position_ids=second.positions[None], use_cache=False,
-                                w2s_batch=second).last_hidden_state[0]
+        with dequantized():
+            current_batch.batch = both
+            if runner.fused_ops:
+                _check_fused_ops(runner, own_forward, name)
+            own = own_forward()
+            current_batch.batch = second
+            hidden = runner.decoder(input_ids=second.input_ids[None],
+                                    position_ids=second.positions[None], use_cache=False,
+                                    w2s_batch=second).last_hidden_state[0]
     except NotImplementedError as e:
         raise ValueError(f"{name} cannot run on the engine: {e}") from None
     except Exception as e:      # its code needs what the paged attention does not give (MPT:
