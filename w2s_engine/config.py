@@ -85,8 +85,9 @@ class EngineConfig:
     # "fp8": the large model's linear layers (not its LM head) hold float8 weights with a
     # scale per output row, and each token's input is quantized as it comes (vLLM's
     # `--quantization fp8`, models/fp8_linear.py): half the weight bytes a decode step reads,
-    # and their room goes to the KV pools. The model loads in `dtype` first (it must fit once
-    # so) and a model passed in memory is changed in place. On CUDA it needs an FP8 GPU
+    # and their room goes to the KV pools. A checkpoint the engine loads is quantized weight
+    # by weight as it loads (never whole in `dtype`: a model whose FP8 weights fit loads); a
+    # model passed in memory is quantized in place. On CUDA it needs an FP8 GPU
     # (compute capability 8.9: Ada, Hopper) and bfloat16. The small models keep their dtype:
     # the rewards are theirs. None: the weights as they load. Not yet measured on a GPU.
     quantization: str | None = None
