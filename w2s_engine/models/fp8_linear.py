@@ -13,8 +13,9 @@ own rounding, which FP8's coarse steps amplify (dequantized()).
 
 A checkpoint the engine loads itself is quantized as it loads, one weight at a time, through
 transformers' own loading (a quantizer of its kind, `streaming_config`): the bf16 model is
-never whole in memory, so a model whose FP8 weights fit loads where its bf16 ones would not
-(Llama-3-70B's 70 GB on one H200). A model passed in memory is quantized in place.
+never whole in memory, so a model whose FP8 weights fit can load where its bf16 ones would
+not (the case it is for, Llama-3-70B's 70 GB on one H200, is untried: no GPU was at hand). A
+model passed in memory is quantized in place.
 
 Only the large model: the small pair's rewards are log-probability differences that a
 coarser tuned or untuned model would change. The LM head keeps its dtype (vLLM's too), and a
