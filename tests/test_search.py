@@ -1421,3 +1421,72 @@ def test_an_eft_forward_failing_for_one_request_fails_it_alone_not_the_step(
             [h.token_ids for h in alone[k].hypotheses], k
         assert r.result.reward == pytest.approx(alone[k].reward, abs=1e-4)
     engine.check_all_free()
+
+
+@pytest.mark.parametrize("config", [dict(async_scheduling=True), dict(cuda_graphs=True),
+                                    dict()])
+def test_an_eft_request_steered_before_another_requests_failure_runs_on_alone(
+        tok, small_pair, monkeypatch, config):
+    """A decode step steers its forwarded EFT rows, then the rows of beams with no token yet
+    (a request just prefilled): when the second steering fails, the step runs again each
+    request alone, and the EFT request steered first must end as it does alone (its small
+    models stepped once, not left a token ahead)."""
+    import w2s_engine.search.small_stream as small_stream
+    params = SearchParams.eft(beta=1.5, n=1, max_new_tokens=8, seed=3)
+    alone = make_engine(tok, small_pair, **config).search(["The plot of"], params)[0]
+    engine = make_engine(tok, small_pair, **config)
+    good = engine.enqueue(engine.make_request("The plot of", params))
+    for _ in range(3):
+        engine.step()
+    bad = engine.enqueue(engine.make_request("What a", params))
+    bad_ids = bad.small_prompts[0].ids
+    next_logits = small_stream.SmallStream.next_logits
+    failures = []
+
+    def failing(self, states, tokens_from=None):
+        if any(st.ids[:len(bad_ids)] == bad_ids for st in states):
+            failures.append(len(states))
+            raise RuntimeError("injected failure in the EFT small models' forward")
+        return next_logits(self, states, tokens_from)
+    monkeypatch.setattr(small_stream.SmallStream, "next_logits", failing)
+    while engine.has_unfinished():
+        engine.step()
+    assert failures and bad.status.name == "FAILED" and "injected" in bad.error
+    assert good.status.name == "DONE", good.error
+    assert [h.token_ids for h in good.result.hypotheses] == \
+        [h.token_ids for h in alone.hypotheses]
+    assert good.result.reward == pytest.approx(alone.reward, abs=1e-4)
+    engine.check_all_free()
+
+
+@pytest.mark.parametrize("config", [dict(async_scheduling=True), dict(cuda_graphs=True),
+                                    dict()])
+def test_an_eft_request_steered_before_a_failed_sampling_steers_the_same_way_again(
+        tok, small_pair, monkeypatch, config):
+    """A failure after the steering (in sampling) gives the step back and runs each request
+    again alone: the EFT request's small models must be where they were, so that it ends as
+    it does alone."""
+    import w2s_engine.large.local as local
+    params = SearchParams.eft(beta=1.5, n=1, max_new_tokens=8, seed=3)
+    base = SearchParams.base(n=1, max_new_tokens=8, seed=2)
+    alone = make_engine(tok, small_pair, **config).search(["The plot of"], params)[0]
+    engine = make_engine(tok, small_pair, **config)
+    good = engine.enqueue(engine.make_request("The plot of", params))
+    other = engine.enqueue(engine.make_request("This film", base))
+    sample, calls = local.sample, []
+
+    def failing(logits, *args, **kw):
+        calls.append(logits.shape[0])
+        if len(calls) == 4:
+            raise RuntimeError("injected failure in sampling")
+        return sample(logits, *args, **kw)
+    monkeypatch.setattr(local, "sample", failing)
+    while engine.has_unfinished():
+        engine.step()
+    assert len(calls) > 4
+    assert good.status.name == "DONE", good.error
+    assert other.status.name == "DONE", other.error
+    assert [h.token_ids for h in good.result.hypotheses] == \
+        [h.token_ids for h in alone.hypotheses]
+    assert good.result.reward == pytest.approx(alone.reward, abs=1e-4)
+    engine.check_all_free()

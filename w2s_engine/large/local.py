@@ -262,6 +262,8 @@ class LocalLarge:
             self.runner.copy_blocks(copies)
         except Exception as e:
             raise BatchFailed(retryable=False) from e
+        # The EFT rows' small states, given back if the step fails after steering some of them
+        eft_before = self.eft.save(forward + first) if self.eft is not None else []
         try:
             rows, steered, raw = [], [], []
             if forward:
@@ -321,7 +323,8 @@ class LocalLarge:
             read = DeviceRead([sampled] + riders)
         except Exception as e:
             self._roll_back(before)
-            # (a failure inside the EFT streams' forward gave their states back: EFT.steer)
+            if self.eft is not None:    # steered rows too, not only a failed steering's
+                self.eft.restore(eft_before)
             raise BatchFailed(retryable=True) from e
         return DecodeStep(order, sampled, read, logprobs, steered, before,
                           {id(b) for _, b in fed_rows}, len(forward))

@@ -59,13 +59,11 @@ class EFT:
                 tokens_from = (tokens, np.array(carried, np.int32))
         # A failure part-way gives each state back as it was (its slots, its last hidden
         # state), so that the large model's step can run again, each request alone.
-        before = [(st, st.table.num_tokens, dict(st.last_hidden)) for st in states]
+        before = self.save(eft)
         try:
             logits_small, fed = self.stream.next_logits(states, tokens_from)
         except Exception:
-            for st, n, hidden in before:
-                self.stream.blocks.truncate(st.table, min(n, st.table.num_tokens))
-                st.last_hidden = hidden
+            self.restore(before)
             raise
         for (r, _), n in zip(eft, fed):
             for role in self.stream.roles:
@@ -90,6 +88,23 @@ class EFT:
         logits[index, :v] = combined
         return logits, [Steered(row_offset + i, b, logp, j)
                         for j, (i, (_, b)) in enumerate(zip(rows, eft))]
+
+    def save(self, items: list) -> list:
+        """The small states of the EFT rows among items ((request, beam) per row) as they are:
+        their slots, last hidden states and the tokens their requests forwarded, for
+        restore() when the step that steers them fails (a later steering or the sampling
+        too: the step runs again, each request alone, and must steer the same way)."""
+        return [(b.small[0], b.small[0].table.num_tokens, dict(b.small[0].last_hidden), r,
+                 dict(r.stats.tokens_forwarded))
+                for r, b in items if r.params.method == "eft"]
+
+    def restore(self, saved: list):
+        """Each saved state back as save() found it (the slots appended since freed)."""
+        for st, n, hidden, r, forwarded in saved:
+            self.stream.blocks.truncate(st.table, min(n, st.table.num_tokens))
+            st.last_hidden = hidden
+            r.stats.tokens_forwarded.clear()
+            r.stats.tokens_forwarded.update(forwarded)
 
     def terms(self, steered: list[Steered], sampled: torch.Tensor) -> torch.Tensor:
         """After sampling (sampled: the batch's tokens [B], on the device): each steered row's
