@@ -1384,6 +1384,24 @@ def test_allowed_token_ids_that_bad_words_all_ban_are_refused_not_answered_with_
     engine.check_all_free()
 
 
+def fail_eft_forward(monkeypatch, bad_ids: list[int], after: int = -1) -> list[int]:
+    """EFT's small-model forward raises for the steps that hold the request whose small
+    prompt is bad_ids, once some state has more than `after` tokens past it (-1: from its
+    first step); returns the failed steps' state counts (filled as they fail)."""
+    import w2s_engine.search.small_stream as small_stream
+    next_logits = small_stream.SmallStream.next_logits
+    failures = []
+
+    def failing(self, states, tokens_from=None):
+        if any(st.ids[:len(bad_ids)] == bad_ids for st in states) and \
+                any(len(st.ids) > len(bad_ids) + after for st in states):
+            failures.append(len(states))
+            raise RuntimeError("injected failure in the EFT small models' forward")
+        return next_logits(self, states, tokens_from)
+    monkeypatch.setattr(small_stream.SmallStream, "next_logits", failing)
+    return failures
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_an_eft_forward_failing_for_one_request_fails_it_alone_not_the_step(
         tok, small_pair, monkeypatch, async_scheduling):
@@ -1391,7 +1409,6 @@ def test_an_eft_forward_failing_for_one_request_fails_it_alone_not_the_step(
     for one EFT request, the step gives every state back (the EFT states too) and each request
     runs again alone: only that one fails; a CBS, a plain sampling and another EFT request in
     the same step end as they do alone (the step failed them all)."""
-    import w2s_engine.search.small_stream as small_stream
     params = {"cbs": SearchParams(w=2, k=2, l=3, max_new_tokens=8, seed=1),
               "base": SearchParams.base(n=2, max_new_tokens=8, seed=2),
               "eft": SearchParams.eft(beta=1.5, n=2, max_new_tokens=8, seed=3)}
@@ -1402,16 +1419,7 @@ def test_an_eft_forward_failing_for_one_request_fails_it_alone_not_the_step(
     good = {k: engine.enqueue(engine.make_request(prompts[k], p)) for k, p in params.items()}
     bad = engine.enqueue(engine.make_request("What a", params["eft"]))
     bad_ids = bad.small_prompts[0].ids
-    next_logits = small_stream.SmallStream.next_logits
-    failures = []
-
-    def failing(self, states, tokens_from=None):
-        if any(st.ids[:len(bad_ids)] == bad_ids for st in states) and \
-                any(len(st.ids) > len(bad_ids) + 2 for st in states):   # a few tokens in
-            failures.append(len(states))
-            raise RuntimeError("injected failure in the EFT small models' forward")
-        return next_logits(self, states, tokens_from)
-    monkeypatch.setattr(small_stream.SmallStream, "next_logits", failing)
+    failures = fail_eft_forward(monkeypatch, bad_ids, after=2)    # a few tokens in
     while engine.has_unfinished():
         engine.step()
     assert failures and bad.status.name == "FAILED" and "injected" in bad.error
@@ -1431,7 +1439,6 @@ def test_an_eft_request_steered_before_another_requests_failure_runs_on_alone(
     (a request just prefilled): when the second steering fails, the step runs again each
     request alone, and the EFT request steered first must end as it does alone (its small
     models stepped once, not left a token ahead)."""
-    import w2s_engine.search.small_stream as small_stream
     params = SearchParams.eft(beta=1.5, n=1, max_new_tokens=8, seed=3)
     alone = make_engine(tok, small_pair, **config).search(["The plot of"], params)[0]
     engine = make_engine(tok, small_pair, **config)
@@ -1439,16 +1446,7 @@ def test_an_eft_request_steered_before_another_requests_failure_runs_on_alone(
     for _ in range(3):
         engine.step()
     bad = engine.enqueue(engine.make_request("What a", params))
-    bad_ids = bad.small_prompts[0].ids
-    next_logits = small_stream.SmallStream.next_logits
-    failures = []
-
-    def failing(self, states, tokens_from=None):
-        if any(st.ids[:len(bad_ids)] == bad_ids for st in states):
-            failures.append(len(states))
-            raise RuntimeError("injected failure in the EFT small models' forward")
-        return next_logits(self, states, tokens_from)
-    monkeypatch.setattr(small_stream.SmallStream, "next_logits", failing)
+    failures = fail_eft_forward(monkeypatch, bad.small_prompts[0].ids)
     while engine.has_unfinished():
         engine.step()
     assert failures and bad.status.name == "FAILED" and "injected" in bad.error
